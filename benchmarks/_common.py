@@ -1,0 +1,37 @@
+"""Shared helpers for benchmarks: a reusable synthetic dataset, timing, and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+def synth_dataset(count: int, seed: int = 0, width: int = 600, height: int = 450) -> Path:
+    """Synthesise (once) a HAM10000-layout dataset under .bench/ and return its folder."""
+    from medpipe.data.synthetic import SynthSpec, write_synthetic
+
+    folder = ROOT.parent / ".bench" / f"ham_{count}_{width}x{height}_s{seed}"
+    if not (folder / "HAM10000_metadata.csv").is_file():
+        write_synthetic(folder, SynthSpec(count=count, width=width, height=height, seed=seed), progress=True)
+    return folder
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path

@@ -1,0 +1,462 @@
+"""Readers for every supported input format, all producing one validated record table.
+
+Formats (``detect_format`` picks one when not given):
+
+- ``ham10000``   a folder with ``HAM10000_metadata[.csv]`` and images in any subfolder;
+- ``dataverse``  ``dataverse_files.zip`` (two image zips + metadata), extracted safely;
+- ``folders``    ``root/<class>/*.jpg``;
+- ``groundtruth`` a SageMaker Ground Truth augmented manifest (JSON Lines);
+- ``csv``        a CSV manifest with ``path,label[,group]``.
+
+Every reader returns *candidates* (one per labelled row) and *defects*; :func:`ingest` then hashes
+and fully decodes every candidate in parallel, drops the bad ones with a reason, and writes
+``records.csv``, ``classes.json`` and ``ingest_report.json`` into the data directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+import pandas as pd
+
+from medpipe.data import imageio
+from medpipe.data.synthetic import HAM_CLASSES
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+RECORDS_FILE = "records.csv"
+CLASSES_FILE = "classes.json"
+REPORT_FILE = "ingest_report.json"
+FORMATS = ("auto", "ham10000", "dataverse", "folders", "groundtruth", "csv")
+BASE_COLUMNS = ["image_id", "path", "label", "class_index", "group_id", "sha256", "width", "height"]
+
+
+class IngestError(Exception):
+    """Ingest cannot produce any usable table (bad source, nothing left, or --strict with defects)."""
+
+
+@dataclass
+class Defect:
+    item: str
+    reason: str
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return {"item": self.item, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class Candidates:
+    rows: list[dict]  # image_id, path, label, group_id, + extra metadata
+    defects: list[Defect] = field(default_factory=list)
+    classes: list[str] | None = None  # fixed class list (HAM10000) or None to infer
+    fmt: str = ""
+
+
+# --------------------------------------------------------------------------- safe extraction
+
+
+def safe_extract(zip_path: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Extract ``zip_path`` into ``dest``; refuse absolute paths, ``..`` and symlink members.
+
+    The whole archive is checked before anything is written, so a hostile archive writes nothing.
+    """
+    dest = Path(dest).resolve()
+    with zipfile.ZipFile(zip_path) as zf:
+        members = zf.infolist()
+        for m in members:
+            name = m.filename
+            p = PurePosixPath(name.replace("\\", "/"))
+            mode = (m.external_attr >> 16) & 0xFFFF
+            if p.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+                raise IngestError(f"{zip_path}: member {name!r} has an absolute path; archive refused")
+            if ".." in p.parts:
+                raise IngestError(f"{zip_path}: member {name!r} escapes the target with '..'; archive refused")
+            if stat.S_ISLNK(mode):
+                raise IngestError(f"{zip_path}: member {name!r} is a symbolic link; archive refused")
+            target = (dest / p).resolve()
+            if target != dest and dest not in target.parents:
+                raise IngestError(f"{zip_path}: member {name!r} resolves outside the target; archive refused")
+        dest.mkdir(parents=True, exist_ok=True)
+        written = []
+        for m in members:
+            target = dest / PurePosixPath(m.filename.replace("\\", "/"))
+            if m.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            written.append(target)
+    return written
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _find_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not p.name.startswith("."))
+
+
+def _find_metadata(root: Path) -> Path | None:
+    for name in ("HAM10000_metadata.csv", "HAM10000_metadata"):
+        hits = sorted(root.rglob(name))
+        if hits:
+            return hits[0]
+    return None
+
+
+def read_ham10000(root: Path) -> Candidates:
+    meta_path = _find_metadata(root)
+    if meta_path is None:
+        raise IngestError(f"{root}: no HAM10000_metadata(.csv) found")
+    meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
+    missing_cols = {"image_id", "dx", "lesion_id"} - set(meta.columns)
+    if missing_cols:
+        raise IngestError(f"{meta_path}: missing columns {sorted(missing_cols)}")
+    images: dict[str, list[Path]] = {}
+    for p in _find_images(root):
+        images.setdefault(p.stem, []).append(p)
+    cand = Candidates(rows=[], classes=list(HAM_CLASSES), fmt="ham10000")
+    seen: set[str] = set()
+    extra_cols = [c for c in meta.columns if c not in ("image_id", "dx", "lesion_id")]
+    for line_no, rec in enumerate(meta.to_dict("records"), start=2):
+        image_id = rec["image_id"].strip()
+        where = f"{meta_path.name} line {line_no} ({image_id or 'no image_id'})"
+        if not image_id:
+            cand.defects.append(Defect(where, "missing_image_id", "empty image_id"))
+            continue
+        if image_id in seen:
+            cand.defects.append(Defect(where, "duplicate_id", f"image_id {image_id} already listed"))
+            continue
+        seen.add(image_id)
+        paths = images.get(image_id)
+        if not paths:
+            cand.defects.append(Defect(where, "missing_file", f"no file {image_id}.jpg under {root.name}/"))
+            continue
+        if len(paths) > 1:
+            cand.defects.append(Defect(where, "duplicate_file",
+                                       f"{len(paths)} files named {image_id}.*; using {paths[0].relative_to(root)}"))
+        row = {"image_id": image_id, "path": str(paths[0].resolve()), "label": rec["dx"].strip(),
+               "group_id": rec["lesion_id"].strip() or image_id}
+        row.update({c: rec[c] for c in extra_cols})
+        cand.rows.append(row)
+    for image_id in sorted(set(images) - seen):
+        for p in images[image_id]:
+            cand.defects.append(Defect(str(p.relative_to(root)), "orphan_file", "image file has no metadata row"))
+    return cand
+
+
+def read_dataverse(zip_path: Path, workdir: Path) -> Candidates:
+    target = workdir / "extracted"
+    if target.exists():
+        shutil.rmtree(target)
+    safe_extract(zip_path, target)
+    for inner in sorted(target.rglob("*.zip")):
+        safe_extract(inner, inner.with_suffix(""))
+        inner.unlink()
+    cand = read_ham10000(target)
+    cand.fmt = "dataverse"
+    return cand
+
+
+def read_folders(root: Path) -> Candidates:
+    cand = Candidates(rows=[], fmt="folders")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise IngestError(f"{root}: no class subfolders found")
+    seen: dict[str, Path] = {}
+    for cls in classes:
+        for p in _find_images(root / cls):
+            image_id = p.stem
+            if image_id in seen:
+                cand.defects.append(Defect(str(p.relative_to(root)), "duplicate_id",
+                                           f"image_id {image_id} already found at {seen[image_id].relative_to(root)}"))
+                continue
+            seen[image_id] = p
+            cand.rows.append({"image_id": image_id, "path": str(p.resolve()), "label": cls, "group_id": image_id})
+    for p in sorted(root.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            cand.defects.append(Defect(p.name, "orphan_file", "image outside any class folder"))
+    return cand
+
+
+def resolve_ref(ref: str, base: Path, s3_root: Path | None) -> Path:
+    """Map a manifest reference (local path, file:// URL or s3://bucket/key) to a local path."""
+    if ref.startswith("s3://"):
+        if s3_root is None:
+            raise ValueError(f"{ref}: s3:// reference but no --s3-root given to map buckets onto a local folder")
+        parsed = urlparse(ref)
+        key = PurePosixPath(parsed.netloc) / unquote(parsed.path.lstrip("/"))
+        if ".." in key.parts:
+            raise ValueError(f"{ref}: '..' in an s3 key is refused")
+        return s3_root / key
+    if ref.startswith("file://"):
+        return Path(unquote(urlparse(ref).path))
+    if "://" in ref:
+        raise ValueError(f"{ref}: only local paths, file:// and s3:// (with --s3-root) are supported")
+    p = Path(ref)
+    return p if p.is_absolute() else base / p
+
+
+def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str | None) -> Candidates:
+    cand = Candidates(rows=[], fmt="groundtruth")
+    index_to_name: dict[int, str] = {}
+    seen: set[str] = set()
+    with open(manifest, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            where = f"{manifest.name} line {line_no}"
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                cand.defects.append(Defect(where, "bad_json", str(exc)[:100]))
+                continue
+            ref = obj.get("source-ref")
+            if not isinstance(ref, str):
+                cand.defects.append(Defect(where, "missing_source_ref", "no 'source-ref' string"))
+                continue
+            attr = label_attribute or next(
+                (k[: -len("-metadata")] for k in obj if k.endswith("-metadata") and k[: -len("-metadata")] in obj), None)
+            if attr is None or attr not in obj:
+                cand.defects.append(Defect(where, "missing_label", "no label attribute with a -metadata object"))
+                continue
+            meta = obj.get(f"{attr}-metadata") or {}
+            value = obj[attr]
+            name = meta.get("class-name") if isinstance(meta, dict) else None
+            if isinstance(value, list):
+                cand.defects.append(Defect(where, "multi_label", "multi-label manifests are not supported"))
+                continue
+            if not isinstance(name, str) or not name:
+                cand.defects.append(Defect(where, "missing_label", f"'{attr}-metadata' has no class-name"))
+                continue
+            if isinstance(value, int):
+                if index_to_name.setdefault(value, name) != name:
+                    cand.defects.append(Defect(where, "inconsistent_label",
+                                               f"index {value} is {name!r} here but {index_to_name[value]!r} earlier"))
+                    continue
+            try:
+                path = resolve_ref(ref, manifest.parent, s3_root)
+            except ValueError as exc:
+                cand.defects.append(Defect(where, "bad_source_ref", str(exc)))
+                continue
+            image_id = path.stem
+            if image_id in seen:
+                cand.defects.append(Defect(where, "duplicate_id", f"image_id {image_id} already listed"))
+                continue
+            seen.add(image_id)
+            if not path.is_file():
+                cand.defects.append(Defect(where, "missing_file", f"{ref} not found"))
+                continue
+            row = {"image_id": image_id, "path": str(path.resolve()), "label": name,
+                   "group_id": str(obj.get("lesion_id") or obj.get("group_id") or image_id)}
+            for k, v in obj.items():
+                if k not in ("source-ref", attr, f"{attr}-metadata", "lesion_id", "group_id") and isinstance(v, (str, int, float)):
+                    row[k] = v
+            cand.rows.append(row)
+    if len(index_to_name) == len(set(index_to_name.values())) and index_to_name:
+        ordered = [index_to_name[i] for i in sorted(index_to_name)]
+        if sorted(index_to_name) == list(range(len(ordered))):
+            cand.classes = ordered
+    return cand
+
+
+def read_csv_manifest(path: Path) -> Candidates:
+    cand = Candidates(rows=[], fmt="csv")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not {"path", "label"} <= set(table.columns):
+        raise IngestError(f"{path}: a CSV manifest needs columns 'path' and 'label' (found {list(table.columns)})")
+    seen: set[str] = set()
+    for line_no, rec in enumerate(table.to_dict("records"), start=2):
+        where = f"{path.name} line {line_no}"
+        try:
+            p = resolve_ref(rec["path"], path.parent, None)
+        except ValueError as exc:
+            cand.defects.append(Defect(where, "bad_path", str(exc)))
+            continue
+        image_id = rec.get("image_id") or p.stem
+        if image_id in seen:
+            cand.defects.append(Defect(where, "duplicate_id", f"image_id {image_id} already listed"))
+            continue
+        seen.add(image_id)
+        if not p.is_file():
+            cand.defects.append(Defect(where, "missing_file", f"{rec['path']} not found"))
+            continue
+        row = {"image_id": image_id, "path": str(p.resolve()), "label": rec["label"].strip(),
+               "group_id": (rec.get("group") or "").strip() or image_id}
+        row.update({k: v for k, v in rec.items() if k not in ("path", "label", "group", "image_id")})
+        cand.rows.append(row)
+    return cand
+
+
+def detect_format(source: Path) -> str:
+    if source.is_file():
+        suffix = source.suffix.lower()
+        if suffix == ".zip":
+            return "dataverse"
+        if suffix in (".manifest", ".jsonl", ".json"):
+            return "groundtruth"
+        if suffix == ".csv":
+            return "csv"
+        raise IngestError(f"{source}: cannot tell the format from the name; pass --format")
+    if source.is_dir():
+        if _find_metadata(source) is not None:
+            return "ham10000"
+        if sorted(source.glob("*.zip")):
+            zips = sorted(source.glob("*.zip"))
+            raise IngestError(f"{source}: holds {zips[0].name}; pass the zip itself as SOURCE")
+        return "folders"
+    raise IngestError(f"{source}: no such file or folder")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_file(args: tuple[str, int]) -> tuple[str | None, int, int, str | None, str | None]:
+    """Worker: read once, hash, fully decode. Returns (sha256, width, height, error_code, reason)."""
+    path, max_pixels = args
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        return None, 0, 0, "unreadable_file", exc.strerror or exc.__class__.__name__
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        info = imageio.verify_image(data, max_pixels=max_pixels)
+    except imageio.ImageError as exc:
+        return digest, 0, 0, exc.code, exc.reason
+    return digest, info.width, info.height, None, None
+
+
+def check_files(paths: list[str], max_pixels: int, workers: int, progress: bool) -> list[tuple]:
+    from tqdm.auto import tqdm
+
+    jobs = [(p, max_pixels) for p in paths]
+    if workers <= 1 or len(jobs) < 8:
+        return [_check_file(j) for j in tqdm(jobs, desc="check", unit="img", disable=not progress)]
+    with ProcessPoolExecutor(workers) as pool:
+        chunk = max(1, min(64, len(jobs) // (workers * 4)))
+        return list(tqdm(pool.map(_check_file, jobs, chunksize=chunk), total=len(jobs), desc="check",
+                         unit="img", disable=not progress))
+
+
+def records_hash(table: pd.DataFrame) -> str:
+    """Content hash of a record table: ids, labels, groups and file hashes (paths excluded)."""
+    cols = ["image_id", "label", "group_id", "sha256"]
+    canon = table[cols].sort_values("image_id").to_csv(index=False)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto", classes: list[str] | None = None,
+           s3_root: str | None = None, label_attribute: str | None = None,
+           max_pixels: int = imageio.DEFAULT_MAX_PIXELS, workers: int | None = None, strict: bool = False,
+           progress: bool = False) -> dict:
+    """Read ``source``, validate every image, write the record table; return the report dict."""
+    source, out = Path(source), Path(out)
+    if fmt not in FORMATS:
+        raise IngestError(f"format must be one of {FORMATS}, got {fmt!r}")
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "ham10000":
+        cand = read_ham10000(source)
+    elif fmt == "dataverse":
+        cand = read_dataverse(source, out)
+    elif fmt == "folders":
+        cand = read_folders(source)
+    elif fmt == "groundtruth":
+        cand = read_groundtruth(source, Path(s3_root) if s3_root else None, label_attribute)
+    else:
+        cand = read_csv_manifest(source)
+
+    class_list = list(classes) if classes else cand.classes or sorted({r["label"] for r in cand.rows})
+    index = {c: i for i, c in enumerate(class_list)}
+    defects = list(cand.defects)
+    labelled = []
+    for row in cand.rows:
+        if row["label"] not in index:
+            defects.append(Defect(row["image_id"], "unknown_label",
+                                  f"label {row['label']!r} is not one of {', '.join(class_list)}"))
+        else:
+            labelled.append(row)
+
+    workers = workers or os.cpu_count() or 1
+    results = check_files([r["path"] for r in labelled], max_pixels, workers, progress)
+    kept = []
+    for row, (digest, w, h, code, reason) in zip(labelled, results):
+        if code is not None:
+            defects.append(Defect(row["image_id"], code, f"{Path(row['path']).name}: {reason}"))
+            continue
+        row.update(sha256=digest, width=w, height=h, class_index=index[row["label"]])
+        kept.append(row)
+
+    table = pd.DataFrame(kept)
+    if not table.empty:
+        extra = [c for c in table.columns if c not in BASE_COLUMNS]
+        table = table[BASE_COLUMNS + extra].sort_values("image_id").reset_index(drop=True)
+    counts = {c: int((table["label"] == c).sum()) if not table.empty else 0 for c in class_list}
+    report = {
+        "source": str(source), "format": fmt, "records": int(len(table)), "dropped": len(defects),
+        "classes": class_list, "class_counts": counts,
+        "groups": int(table["group_id"].nunique()) if not table.empty else 0,
+        "records_sha256": records_hash(table) if not table.empty else None,
+        "defects": [d.as_dict() for d in defects],
+    }
+    _atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2))
+    if table.empty:
+        raise IngestError(f"no usable images in {source} ({len(defects)} defects; see {out / REPORT_FILE})")
+    _atomic_write_text(out / RECORDS_FILE, table.to_csv(index=False))
+    _atomic_write_text(out / CLASSES_FILE, json.dumps(class_list))
+    if strict and defects:
+        raise IngestError(f"--strict: {len(defects)} defects found (see {out / REPORT_FILE})")
+    return report
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_records(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+    """Load ``records.csv`` and ``classes.json`` from an ingested data directory."""
+    data_dir = Path(data_dir)
+    rec_path, cls_path = data_dir / RECORDS_FILE, data_dir / CLASSES_FILE
+    if not rec_path.is_file() or not cls_path.is_file():
+        raise IngestError(f"{data_dir}: not an ingested data directory (run 'medpipe ingest SOURCE --out {data_dir}')")
+    table = pd.read_csv(rec_path, dtype={"image_id": str, "label": str, "group_id": str, "sha256": str},
+                        keep_default_na=False)
+    classes = json.loads(cls_path.read_text())
+    return table, classes
+
+
+def format_report(report: dict) -> str:
+    lines = [f"ingested {report['records']} images ({report['groups']} groups) from {report['source']} "
+             f"[{report['format']}]"]
+    lines.append("  classes: " + ", ".join(f"{c}={n}" for c, n in report["class_counts"].items()))
+    if report["defects"]:
+        by_reason: dict[str, int] = {}
+        for d in report["defects"]:
+            by_reason[d["reason"]] = by_reason.get(d["reason"], 0) + 1
+        lines.append(f"  dropped {report['dropped']}: " + ", ".join(f"{r}={n}" for r, n in sorted(by_reason.items())))
+        for d in report["defects"][:20]:
+            lines.append(f"    - {d['item']}: {d['reason']} ({d['detail']})")
+        if len(report["defects"]) > 20:
+            lines.append(f"    ... {len(report['defects']) - 20} more in {REPORT_FILE}")
+    else:
+        lines.append("  no defects")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic HAM10000-layout dataset (shared, read-only: copy before changing)."""
+    from medpipe.data.synthetic import SynthSpec, write_synthetic
+
+    out = tmp_path_factory.mktemp("synth") / "ham"
+    write_synthetic(out, SynthSpec(count=70, width=96, height=72, seed=3), fmt="dataverse", workers=2)
+    return out
+
+
+@pytest.fixture()
+def synth_copy(synth_dir, tmp_path) -> Path:
+    dst = tmp_path / "ham"
+    shutil.copytree(synth_dir, dst, ignore=shutil.ignore_patterns("*.zip"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def data_dir(synth_dir, tmp_path_factory) -> Path:
+    from medpipe.data.sources import ingest
+
+    out = tmp_path_factory.mktemp("data")
+    ingest(synth_dir, out, workers=1)
+    return out
