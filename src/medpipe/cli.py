@@ -142,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     except MedpipeError as exc:
         print(f"medpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # never a raw traceback for a user; -v shows it
+        if args.verbose:
+            raise
+        print(f"medpipe {args.command}: internal error: {exc.__class__.__name__}: {str(exc)[:300]} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"medpipe {args.command}: interrupted", file=sys.stderr)
         return 130

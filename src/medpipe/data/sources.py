@@ -30,6 +30,7 @@ import pandas as pd
 
 from medpipe.data import imageio
 from medpipe.data.synthetic import HAM_CLASSES
+from medpipe.utils import atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 RECORDS_FILE = "records.csv"
@@ -413,23 +414,14 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
         "records_sha256": records_hash(table) if not table.empty else None,
         "defects": [d.as_dict() for d in defects],
     }
-    _atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2))
+    atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2))
     if table.empty:
         raise IngestError(f"no usable images in {source} ({len(defects)} defects; see {out / REPORT_FILE})")
-    _atomic_write_text(out / RECORDS_FILE, table.to_csv(index=False))
-    _atomic_write_text(out / CLASSES_FILE, json.dumps(class_list))
+    atomic_write_text(out / RECORDS_FILE, table.to_csv(index=False))
+    atomic_write_text(out / CLASSES_FILE, json.dumps(class_list))
     if strict and defects:
         raise IngestError(f"--strict: {len(defects)} defects found (see {out / REPORT_FILE})")
     return report
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load_records(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medpipe.data.sources import _atomic_write_text, load_records, records_hash
+from medpipe.data.sources import load_records, records_hash
+from medpipe.utils import atomic_write_text
 
 SPLITS_FILE = "splits.csv"
 SPLITS_META = "splits.json"
@@ -77,8 +78,8 @@ def ensure_splits(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
             pass
     splits = make_splits(table, seed=seed, val=val, test=test)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(csv_path, splits.to_csv(index=False))
-    _atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    atomic_write_text(csv_path, splits.to_csv(index=False))
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return splits, False
 
 

@@ -1,0 +1,149 @@
+"""Subcommands over training and inference: train, evaluate, predict, package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from medpipe.config import TrainConfig
+from medpipe.errors import MedpipeError
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """One --option per TrainConfig field, defaulting to None so only given values override."""
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        default = f.default if f.default is not MISSING else None
+        if kind == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default {default})")
+        else:
+            p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=f"(default {default})")
+
+
+def config_overrides(args) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+
+
+def cmd_train(args) -> int:
+    from medpipe.config import make_config
+    from medpipe.train.loop import TrainingInterrupted, train
+
+    cfg = make_config(config_overrides(args), args.config)
+    try:
+        summary = train(args.data, args.out, cfg, resume=args.resume or False, progress=_progress())
+    except TrainingInterrupted as exc:
+        print(f"medpipe train: {exc}", file=sys.stderr)
+        return TrainingInterrupted.exit_code
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    print(f"model package: {summary['model_dir']} (best epoch {summary['best_epoch']}, "
+          f"temperature {summary['temperature']:.3f})")
+    print(f"SageMaker model tarball: {summary['tarball']}")
+    if "test" in summary:
+        t = summary["test"]
+        print(f"test: macro AUC {t['macro_auc']:.4f} (95% CI {t['macro_auc_ci95'][0]:.3f}-{t['macro_auc_ci95'][1]:.3f}), "
+              f"balanced accuracy {t['balanced_accuracy']:.4f}, ECE {t['ece']:.4f}")
+        print(f"report: {summary['report']}")
+        print("plots: " + ", ".join(summary["plots"]))
+
+
+def cmd_evaluate(args) -> int:
+    from medpipe.evaluate import evaluate_package
+
+    out = args.out or str(Path(args.model) / ".." / f"report_{args.split}")
+    result = evaluate_package(args.model, args.data, out, split=args.split, splits_csv=args.splits, tta=args.tta,
+                              bootstrap=args.bootstrap, progress=_progress())
+    m = result["metrics"]
+    print(f"{args.split}: n={m['n']} macro AUC {m['macro_auc']:.4f} (95% CI {m['macro_auc_ci95'][0]:.3f}-"
+          f"{m['macro_auc_ci95'][1]:.3f}) balanced accuracy {m['balanced_accuracy']:.4f} ECE {m['ece']:.4f}")
+    for c, pc in m["per_class"].items():
+        print(f"  {c:>6}: AUC {pc['auc']:.3f}  sens {pc['sensitivity']:.3f}  spec {pc['specificity']:.3f}  n={pc['support']}")
+    print(f"report: {result['report_md']}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from medpipe.data.imageio import ImageError
+
+    if args.url:
+        from medpipe.client import predict_url
+        results = predict_url(args.url, args.images)
+    else:
+        from medpipe.predictor import Predictor
+        predictor = Predictor(args.model, device=args.device)
+        results = []
+        for path in args.images:
+            try:
+                results.append({"image": path, **predictor.predict_files([path], tta=args.tta)[0].as_dict()})
+            except ImageError as exc:
+                results.append({"image": path, "error": exc.code, "message": str(exc)})
+    failed = 0
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+            continue
+        if "error" in r:
+            failed += 1
+            print(f"{r['image']}: error: {r['message']}")
+            continue
+        probs = "  ".join(f"{c}={p:.3f}" for c, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
+        print(f"{r['image']}: {r['label']} ({r['probabilities'][r['label']]:.3f})  [{probs}]")
+    if not args.json:
+        failed = sum("error" in r for r in results)
+    return 1 if failed == len(results) else 0
+
+
+def cmd_package(args) -> int:
+    from medpipe.package import build_sagemaker_tarball, load_package
+
+    load_package(args.model)  # verify before packaging
+    print(f"wrote {build_sagemaker_tarball(args.model, args.out)}")
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("train", help="train a MONAI classifier; writes RUN_DIR/{model,report,checkpoints}")
+    s.add_argument("--data", required=True, help="ingested data directory")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--config", help="YAML config (keys as in config.yaml); options given here override it")
+    s.add_argument("--resume", nargs="?", const="last", default=None,
+                   help="continue from RUN_DIR/checkpoints/last.pt, or from the checkpoint path given")
+    add_config_options(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="metrics with CIs, calibration and plots for a model package")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    s.add_argument("--splits", help="splits.csv to use (default DATA/splits.csv)")
+    s.add_argument("--out", help="report folder (default next to the model)")
+    s.add_argument("--tta", action="store_true", help="average over flips")
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("predict", help="top class and every class probability per image")
+    s.add_argument("images", nargs="+")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="model package folder (or a run folder)")
+    g.add_argument("--url", help="a running medpipe/SageMaker-compatible server, e.g. http://127.0.0.1:8080")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--tta", action="store_true")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("package", help="(re)build model.tar.gz for SageMaker from a model package")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", help="tarball path (default MODEL/model.tar.gz)")
+    s.set_defaults(func=cmd_package)

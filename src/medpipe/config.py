@@ -1,0 +1,159 @@
+"""Typed training configuration: defaults, then a YAML file, then command-line overrides.
+
+Unknown keys are errors that name the key (a typo never silently falls back to a default). The
+resolved configuration is written into every run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medpipe.errors import ConfigError
+
+IMBALANCE = ("sampler", "weighted_loss", "focal", "none")
+DEVICES = ("auto", "cpu", "cuda")
+MONITORS = ("val_auc", "val_bacc", "val_loss")
+
+
+@dataclass
+class PreprocessSpec:
+    """What the model needs from an image; stored in the package, used by every inference path."""
+
+    image_size: int = 64
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std), "input": "RGB uint8 HWC, resized to "
+                "image_size x image_size, scaled to [0,1], normalised per channel"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        return cls(image_size=int(d["image_size"]), interpolation=str(d["interpolation"]),
+                   mean=tuple(float(x) for x in d["mean"]), std=tuple(float(x) for x in d["std"]))
+
+
+@dataclass
+class TrainConfig:
+    model: str = "densenet121"
+    image_size: int = 64
+    interpolation: str = "bicubic"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0
+    imbalance: str = "sampler"
+    focal_gamma: float = 2.0
+    monitor: str = "val_auc"
+    patience: int = 10
+    seed: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    deterministic: bool = False
+    device: str = "auto"
+    workers: int = 1
+    threads: int = 0
+    init_weights: str | None = None
+    pretrained: bool = False
+    dropout: float = 0.0
+    tta: bool = False
+    bootstrap: int = 1000
+    max_steps_per_epoch: int = 0
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.imbalance in IMBALANCE, "imbalance", f"one of {IMBALANCE}"),
+            (self.device in DEVICES, "device", f"one of {DEVICES}"),
+            (self.monitor in MONITORS, "monitor", f"one of {MONITORS}"),
+            (self.epochs >= 1, "epochs", ">= 1"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.image_size >= 16, "image_size", ">= 16"),
+            (self.lr > 0, "lr", "> 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
+            (self.workers >= 0, "workers", ">= 0"),
+        ]
+        for ok, key, want in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' must be {want}, got {getattr(self, key)!r}")
+        from medpipe.data.imageio import resample_filter
+        try:
+            resample_filter(self.interpolation)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'interpolation': {exc}") from None
+        from medpipe.models import MODEL_NAMES
+        if self.model not in MODEL_NAMES:
+            raise ConfigError(f"config key 'model' must be one of {sorted(MODEL_NAMES)}, got {self.model!r}")
+        return self
+
+    def preprocess(self) -> PreprocessSpec:
+        return PreprocessSpec(image_size=self.image_size, interpolation=self.interpolation)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    typ = str(typ)
+    try:
+        if value is None:
+            return None
+        if typ == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{name}' expects {typ}, got {value!r}") from None
+
+
+def make_config(overrides: dict | None = None, yaml_path: str | Path | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- overrides. Keys may use '-' or '_'. Unknown keys raise ConfigError."""
+    known = {f.name: f.type for f in fields(TrainConfig)}
+    merged: dict[str, Any] = {}
+    sources = []
+    if yaml_path:
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {yaml_path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {yaml_path} must hold a mapping")
+        sources.append((str(yaml_path), loaded))
+    sources.append(("overrides", overrides or {}))
+    for origin, values in sources:
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown config key '{raw_key}' in {origin}{hint}")
+            typ = str(known[key]).replace("| None", "").strip()
+            merged[key] = _coerce(key, typ, value)
+    return TrainConfig(**merged).validate()
+
+
+def write_config(cfg: TrainConfig, path: Path) -> None:
+    from medpipe.utils import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+

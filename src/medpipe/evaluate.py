@@ -1,0 +1,250 @@
+"""Metrics and the human report.
+
+``compute_metrics`` gives macro and per-class ROC AUC (monai.metrics) with bootstrap 95% confidence
+intervals, balanced accuracy, per-class sensitivity and specificity, melanoma sensitivity at 80% and
+90% specificity, the confusion matrix and expected calibration error. A class absent from the
+evaluated split gets NaN with a warning (as MONAI's rocauc does), never a crash.
+
+``write_report`` writes ``report.json``, ``report.md`` and PNG plots (ROC per class, confusion
+matrix, reliability diagram).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from medpipe.utils import atomic_write_text
+
+
+def _auc_per_class(y: np.ndarray, probs: np.ndarray) -> list[float]:
+    """One-vs-rest ROC AUC per class via monai.metrics; NaN (with a warning) where undefined."""
+    import torch
+    from monai.metrics import compute_roc_auc
+
+    n_classes = probs.shape[1]
+    onehot = np.eye(n_classes, dtype=np.float32)[y]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # we warn once ourselves, naming the classes
+        vals = compute_roc_auc(torch.from_numpy(probs.astype(np.float32)), torch.from_numpy(onehot), average="none")
+    return [float(v) for v in vals]
+
+
+def _fast_auc(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Rank-based one-vs-rest AUC for all classes at once (for bootstrap); NaN where undefined."""
+    from scipy.stats import rankdata
+
+    n, c = probs.shape
+    ranks = rankdata(probs, axis=0)
+    out = np.full(c, np.nan)
+    for k in range(c):
+        pos = y == k
+        n_pos = int(pos.sum())
+        n_neg = n - n_pos
+        if n_pos and n_neg:
+            out[k] = (ranks[pos, k].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return out
+
+
+def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> tuple[float, list[dict]]:
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y).astype(float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    ece, bins = 0.0, []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if m.any():
+            acc, cf = float(correct[m].mean()), float(conf[m].mean())
+            ece += m.mean() * abs(acc - cf)
+            bins.append({"lo": float(lo), "hi": float(hi), "count": int(m.sum()), "accuracy": acc, "confidence": cf})
+    return float(ece), bins
+
+
+def sensitivity_at_specificity(y_bin: np.ndarray, score: np.ndarray, spec: float) -> float:
+    from sklearn.metrics import roc_curve
+
+    if y_bin.all() or not y_bin.any():
+        return float("nan")
+    fpr, tpr, _ = roc_curve(y_bin, score)
+    ok = fpr <= 1 - spec + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], *, bootstrap: int = 1000,
+                    seed: int = 0, positive: str = "mel") -> dict:
+    from sklearn.metrics import confusion_matrix
+
+    y = np.asarray(y, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_classes = len(classes)
+    pred = probs.argmax(axis=1)
+    per_auc = _auc_per_class(y, probs)
+    missing = [classes[k] for k, v in enumerate(per_auc) if math.isnan(v)]
+    if missing:
+        warnings.warn(f"ROC AUC undefined (NaN) for classes absent or alone in this split: {', '.join(missing)}",
+                      RuntimeWarning, stacklevel=2)
+    macro = float(np.nanmean(per_auc)) if not all(math.isnan(v) for v in per_auc) else float("nan")
+    cm = confusion_matrix(y, pred, labels=list(range(n_classes)))
+    support = cm.sum(axis=1)
+    sens = [float(cm[k, k] / support[k]) if support[k] else float("nan") for k in range(n_classes)]
+    spec = []
+    for k in range(n_classes):
+        neg = cm.sum() - support[k]
+        tn = cm.sum() - support[k] - (cm[:, k].sum() - cm[k, k])
+        spec.append(float(tn / neg) if neg else float("nan"))
+    present = [s for s in sens if not math.isnan(s)]
+    bacc = float(np.mean(present)) if present else float("nan")
+    ece, bins = expected_calibration_error(y, probs)
+
+    ci_macro, ci_per = [float("nan")] * 2, [[float("nan")] * 2 for _ in range(n_classes)]
+    if bootstrap > 0 and len(y) > 1:
+        rng = np.random.default_rng(seed)
+        boots = np.empty((bootstrap, n_classes))
+        for b in range(bootstrap):
+            idx = rng.integers(0, len(y), len(y))
+            boots[b] = _fast_auc(y[idx], probs[idx])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            macro_b = np.nanmean(boots, axis=1)
+            ci_macro = [float(np.nanpercentile(macro_b, 2.5)), float(np.nanpercentile(macro_b, 97.5))]
+            for k in range(n_classes):
+                col = boots[:, k][~np.isnan(boots[:, k])]
+                if len(col) > 10:
+                    ci_per[k] = [float(np.percentile(col, 2.5)), float(np.percentile(col, 97.5))]
+
+    out = {
+        "n": int(len(y)), "macro_auc": macro, "macro_auc_ci95": ci_macro, "balanced_accuracy": bacc,
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"), "ece": ece,
+        "per_class": {c: {"auc": per_auc[k], "auc_ci95": ci_per[k], "sensitivity": sens[k], "specificity": spec[k],
+                          "support": int(support[k])} for k, c in enumerate(classes)},
+        "confusion_matrix": cm.tolist(), "reliability_bins": bins, "bootstrap": int(bootstrap),
+    }
+    if positive in classes:
+        k = classes.index(positive)
+        yb = (y == k).astype(int)
+        out[f"{positive}_sensitivity_at_spec80"] = sensitivity_at_specificity(yb, probs[:, k], 0.80)
+        out[f"{positive}_sensitivity_at_spec90"] = sensitivity_at_specificity(yb, probs[:, k], 0.90)
+    return out
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[str], out_dir: str | Path,
+                 title: str = "medpipe evaluation") -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    y = np.asarray(y)
+    # ROC per class
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    for k, c in enumerate(classes):
+        yb = (y == k).astype(int)
+        if yb.any() and not yb.all():
+            fpr, tpr, _ = roc_curve(yb, probs[:, k])
+            ax.plot(fpr, tpr, label=f"{c} (AUC {metrics['per_class'][c]['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC per class (macro AUC {_fmt(metrics['macro_auc'])})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=110)
+    plt.close(fig)
+    # confusion matrix (row-normalised colours, counts printed)
+    cm = np.asarray(metrics["confusion_matrix"], dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45)
+    ax.set_yticks(range(len(classes)), classes)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black",
+                    fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix (balanced acc {_fmt(metrics['balanced_accuracy'])})")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=110)
+    plt.close(fig)
+    # reliability diagram
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    bins = metrics["reliability_bins"]
+    if bins:
+        mids = [(b["lo"] + b["hi"]) / 2 for b in bins]
+        ax.bar(mids, [b["accuracy"] for b in bins], width=1 / 15, edgecolor="k", alpha=0.7, label="accuracy")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="C1", label="bin mean")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class)", ylabel="accuracy",
+           title=f"Reliability (ECE {_fmt(metrics['ece'])})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
+    plt.close(fig)
+
+    atomic_write_text(out / "report.json", json.dumps(metrics, indent=2, default=float))
+    lines = [f"# {title}", "", f"Images evaluated: {metrics['n']}", "",
+             f"- Macro ROC AUC: **{_fmt(metrics['macro_auc'])}** (95% CI {_fmt(metrics['macro_auc_ci95'][0])}"
+             f" to {_fmt(metrics['macro_auc_ci95'][1])}, {metrics['bootstrap']} bootstrap resamples)",
+             f"- Balanced accuracy: **{_fmt(metrics['balanced_accuracy'])}**; accuracy {_fmt(metrics['accuracy'])}",
+             f"- Expected calibration error: {_fmt(metrics['ece'])}"]
+    if "mel_sensitivity_at_spec80" in metrics:
+        lines.append(f"- Melanoma sensitivity at 80% specificity: {_fmt(metrics['mel_sensitivity_at_spec80'])}; "
+                     f"at 90%: {_fmt(metrics['mel_sensitivity_at_spec90'])}")
+    lines += ["", "| class | support | AUC | AUC 95% CI | sensitivity | specificity |", "|---|---:|---:|---|---:|---:|"]
+    for c, m in metrics["per_class"].items():
+        lines.append(f"| {c} | {m['support']} | {_fmt(m['auc'])} | {_fmt(m['auc_ci95'][0])}-{_fmt(m['auc_ci95'][1])} "
+                     f"| {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |")
+    lines += ["", "![ROC per class](roc.png)", "", "![Confusion matrix](confusion_matrix.png)", "",
+              "![Reliability diagram](reliability.png)", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return {"report_json": str(out / "report.json"), "report_md": str(out / "report.md"),
+            "plots": [str(out / p) for p in ("roc.png", "confusion_matrix.png", "reliability.png")]}
+
+
+def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *, split: str = "test",
+                     splits_csv: str | Path | None = None, tta: bool = False, bootstrap: int = 1000,
+                     batch_size: int = 64, progress: bool = False) -> dict:
+    """Evaluate a package on a split of an ingested data dir; pixels come from the same decoder as serving."""
+    import pandas as pd
+
+    from medpipe.data.cache import build_cache
+    from medpipe.data.sources import load_records
+    from medpipe.errors import MedpipeError
+    from medpipe.predictor import Predictor
+
+    predictor = Predictor(model_dir)
+    table, classes = load_records(data_dir)
+    if classes != predictor.classes:
+        raise MedpipeError(f"data classes {classes} differ from the model's {predictor.classes}")
+    if split != "all":
+        sp_path = Path(splits_csv) if splits_csv else Path(data_dir) / "splits.csv"
+        if not sp_path.is_file():
+            raise MedpipeError(f"no split file {sp_path}; run 'medpipe split --data {data_dir}' or pass --split all")
+        sp = pd.read_csv(sp_path, dtype=str, keep_default_na=False)
+        ids = set(sp.loc[sp["split"] == split, "image_id"])
+        table = table[table["image_id"].isin(ids)]
+    if table.empty:
+        raise MedpipeError(f"split {split!r} has no images")
+    cache = build_cache(table, Path(data_dir) / "cache", predictor.size, predictor.spec.interpolation, progress=progress)
+    rows = cache.rows(table["image_id"])
+    probs = np.concatenate([predictor.probabilities(cache.pixels[rows[i:i + batch_size]], tta=tta)
+                            for i in range(0, len(rows), batch_size)])
+    y = table["class_index"].to_numpy()
+    metrics = compute_metrics(y, probs, classes, bootstrap=bootstrap)
+    metrics["split"], metrics["tta"] = split, tta
+    paths = write_report(metrics, y, probs, classes, out_dir, title=f"medpipe evaluation: {predictor.name}, {split} split")
+    pred_table = pd.DataFrame(probs, columns=classes)
+    pred_table.insert(0, "image_id", list(table["image_id"]))
+    pred_table.insert(1, "label", list(table["label"]))
+    pred_table.insert(2, "predicted", [classes[k] for k in probs.argmax(axis=1)])
+    atomic_write_text(Path(out_dir) / "predictions.csv", pred_table.to_csv(index=False))
+    return {"metrics": metrics, **paths}

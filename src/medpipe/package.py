@@ -1,0 +1,151 @@
+"""The model package: ``weights.safetensors`` + ``model.json``, and the SageMaker ``model.tar.gz``.
+
+``model.json`` carries everything needed to use the weights: architecture, class names, the
+preprocessing spec (the eval preset's parameters), the calibration temperature, validation and test
+metrics, the training config, library versions and sha256 hashes of the weights and of the record
+table. Loading checks the weight hash first and reads tensors only through safetensors: nothing is
+ever unpickled, so a pickle put where the weights belong is refused before any of its code can run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import torch
+
+from medpipe.config import PreprocessSpec
+from medpipe.errors import MedpipeError
+from medpipe.utils import atomic_write_bytes, atomic_write_text, sha256_file, versions
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "weights.safetensors"
+META = "model.json"
+TARBALL = "model.tar.gz"
+PACKAGE_FORMAT = "medpipe-package-1"
+
+
+class PackageError(MedpipeError):
+    pass
+
+
+def save_package(out_dir: str | Path, model: torch.nn.Module, *, name: str, arch: str, classes: list[str],
+                 spec: PreprocessSpec, temperature: float = 1.0, metrics: dict | None = None,
+                 config: dict | None = None, records_sha256: str | None = None, version: str = "1") -> dict:
+    from safetensors.torch import save
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(out_dir / WEIGHTS, save(state, metadata={"format": "pt", "arch": arch}))
+    meta = {
+        "format": PACKAGE_FORMAT, "name": name, "version": version, "architecture": arch,
+        "num_classes": len(classes), "classes": list(classes), "preprocessing": spec.to_dict(),
+        "calibration": {"method": "temperature", "temperature": float(temperature)},
+        "metrics": metrics or {}, "training_config": config or {}, "versions": versions(),
+        "weights_sha256": sha256_file(out_dir / WEIGHTS), "records_sha256": records_sha256,
+    }
+    atomic_write_text(out_dir / META, json.dumps(meta, indent=2, default=float))
+    return meta
+
+
+def read_meta(pkg_dir: str | Path) -> dict:
+    pkg_dir = Path(pkg_dir)
+    if (pkg_dir / "model").is_dir() and not (pkg_dir / META).is_file():
+        pkg_dir = pkg_dir / "model"  # a run directory was given
+    meta_path = pkg_dir / META
+    if not meta_path.is_file():
+        raise PackageError(f"{pkg_dir}: no {META}; not a medpipe model package")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{meta_path}: not valid JSON ({exc.__class__.__name__})") from None
+    for key in ("format", "architecture", "classes", "preprocessing", "weights_sha256"):
+        if key not in meta:
+            raise PackageError(f"{meta_path}: missing key '{key}'")
+    if meta["format"] != PACKAGE_FORMAT:
+        raise PackageError(f"{meta_path}: unsupported package format {meta['format']!r}")
+    meta["_dir"] = str(pkg_dir)
+    return meta
+
+
+def load_package(pkg_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Verify and load a package; returns (model in eval mode, metadata)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from medpipe.models import create_model
+
+    meta = read_meta(pkg_dir)
+    weights = Path(meta["_dir"]) / WEIGHTS
+    if not weights.is_file():
+        raise PackageError(f"{meta['_dir']}: {WEIGHTS} is missing")
+    digest = sha256_file(weights)
+    if digest != meta["weights_sha256"]:
+        raise PackageError(f"{weights}: sha256 {digest[:12]}... does not match model.json "
+                           f"({meta['weights_sha256'][:12]}...); the weights were changed or truncated")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, Exception) as exc:
+        raise PackageError(f"{weights}: not a valid safetensors file ({exc.__class__.__name__}); "
+                           "medpipe never unpickles weights") from None
+    model = create_model(meta["architecture"], len(meta["classes"]))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise PackageError(f"{weights}: tensors do not fit {meta['architecture']} "
+                           f"({str(exc).splitlines()[0][:160]})") from None
+    model.eval().to(device)
+    return model, meta
+
+
+def package_spec(meta: dict) -> PreprocessSpec:
+    return PreprocessSpec.from_dict(meta["preprocessing"])
+
+
+REQUIREMENTS = """# installed by the SageMaker PyTorch inference toolkit (torch is in the container)
+monai>=1.5.2
+numpy
+Pillow>=12.2
+pandas
+safetensors
+pyyaml
+tqdm
+scikit-learn
+"""
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_sagemaker_tarball(pkg_dir: str | Path, dest: str | Path | None = None) -> Path:
+    """``model.tar.gz`` in the PyTorch inference toolkit layout.
+
+    Top level: ``weights.safetensors``, ``model.json``; ``code/inference.py`` (the toolkit handlers),
+    ``code/requirements.txt``, and ``code/medpipe/`` (this package's source, so the handlers import
+    it without an index). The toolkit extracts it to ``/opt/ml/model`` and puts ``code/`` on the path.
+    """
+    import medpipe
+
+    pkg_dir = Path(pkg_dir)
+    dest = Path(dest) if dest else pkg_dir / TARBALL
+    src_root = Path(medpipe.__file__).resolve().parent
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in (WEIGHTS, META):
+            tar.add(pkg_dir / name, arcname=name)
+        _add_bytes(tar, "code/inference.py", (src_root / "sagemaker_inference.py").read_bytes())
+        _add_bytes(tar, "code/requirements.txt", REQUIREMENTS.encode())
+        for f in sorted(src_root.rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts and f.suffix in (".py", ".html", ".js", ".css", ".typed"):
+                tar.add(f, arcname=f"code/medpipe/{f.relative_to(src_root).as_posix()}")
+    atomic_write_bytes(dest, buf.getvalue())
+    return dest

@@ -1,0 +1,130 @@
+"""The one door to a trained model: load a package once; bytes or arrays in, labelled probabilities out.
+
+Used by ``medpipe predict``, ``medpipe evaluate``, the SageMaker handlers (and the server and batch
+jobs), so every path applies the same preprocessing — built from the package's spec — and the same
+calibration. Inference is deterministic (eval preset, ``inference_mode``, no shared random state).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medpipe.data import imageio
+from medpipe.errors import MedpipeError
+from medpipe.package import load_package, package_spec
+from medpipe.transforms import eval_batch
+
+log = logging.getLogger(__name__)
+
+
+class PredictionError(MedpipeError):
+    code = "prediction_failed"
+
+
+@dataclass
+class Prediction:
+    label: str
+    class_index: int
+    probabilities: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "class_index": self.class_index, "probabilities": self.probabilities}
+
+
+class Predictor:
+    def __init__(self, package: str | Path, device: str = "cpu", max_pixels: int = imageio.DEFAULT_MAX_PIXELS):
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        self.model, self.meta = load_package(package, self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.spec = package_spec(self.meta)
+        self.classes: list[str] = list(self.meta["classes"])
+        self.temperature = float(self.meta.get("calibration", {}).get("temperature", 1.0))
+        self.max_pixels = max_pixels
+        self.name = self.meta.get("name", "medpipe")
+        self.version = str(self.meta.get("version", "1"))
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.spec.image_size, self.spec.image_size)
+
+    def decode(self, data: bytes, name: str | None = None) -> np.ndarray:
+        """Bytes -> resized RGB uint8 (the same function fills the training pixel cache)."""
+        return imageio.decode_image(data, name, max_pixels=self.max_pixels, size=self.size,
+                                    interpolation=self.spec.interpolation)
+
+    def prepare_array(self, arr: np.ndarray) -> np.ndarray:
+        """An in-memory image (HWC or CHW; uint8, or float in [0,1] or [0,255]) -> resized RGB uint8."""
+        from PIL import Image
+
+        a = np.asarray(arr)
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        if a.ndim != 3:
+            raise imageio.CorruptImageError(f"array must be HxW, HxWxC or CxHxW, got shape {a.shape}")
+        if a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
+            a = np.moveaxis(a, 0, 2)
+        if a.shape[2] == 1:
+            a = np.repeat(a, 3, axis=2)
+        if a.shape[2] == 4:
+            a = a[..., :3]
+        if a.shape[2] != 3:
+            raise imageio.CorruptImageError(f"array must have 1, 3 or 4 channels, got shape {a.shape}")
+        if a.shape[0] * a.shape[1] > self.max_pixels:
+            raise imageio.ImageTooLargeError(f"{a.shape[1]}x{a.shape[0]} exceeds the pixel cap of {self.max_pixels}")
+        if a.dtype != np.uint8:
+            f = a.astype(np.float64)
+            if not np.isfinite(f).all():
+                raise imageio.CorruptImageError("array holds NaN or Inf")
+            if f.max(initial=0) <= 1.0:
+                f = f * 255.0
+            a = np.clip(f + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(np.ascontiguousarray(a), mode="RGB")
+        if img.size != (self.size[1], self.size[0]):
+            img = img.resize((self.size[1], self.size[0]), imageio.resample_filter(self.spec.interpolation),
+                             reducing_gap=None)
+        return np.asarray(img, dtype=np.uint8)
+
+    @torch.inference_mode()
+    def logits(self, pixels: list[np.ndarray] | np.ndarray, tta: bool = False) -> torch.Tensor:
+        x = eval_batch(list(pixels), self.spec).to(self.device).contiguous(memory_format=torch.channels_last)
+        with self._lock:
+            out = self.model(x).float()
+            if tta:
+                out = out + self.model(torch.flip(x, dims=[3])).float() + self.model(torch.flip(x, dims=[2])).float() \
+                    + self.model(torch.flip(x, dims=[2, 3])).float()
+                out = out / 4
+        return out.cpu()
+
+    def probabilities(self, pixels: list[np.ndarray] | np.ndarray, tta: bool = False) -> np.ndarray:
+        """Calibrated class probabilities, shape (N, C). Raises PredictionError on NaN/Inf."""
+        if len(pixels) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        logits = self.logits(pixels, tta=tta)
+        if not torch.isfinite(logits).all():
+            raise PredictionError("the model produced non-finite outputs")
+        return torch.softmax(logits / self.temperature, dim=1).numpy()
+
+    def to_predictions(self, probs: np.ndarray) -> list[Prediction]:
+        out = []
+        for row in probs:
+            k = int(np.argmax(row))
+            out.append(Prediction(self.classes[k], k, {c: float(p) for c, p in zip(self.classes, row)}))
+        return out
+
+    def predict_bytes(self, items: list[bytes], names: list[str] | None = None, tta: bool = False) -> list[Prediction]:
+        names = names or [None] * len(items)
+        pixels = [self.decode(d, n) for d, n in zip(items, names)]
+        return self.to_predictions(self.probabilities(pixels, tta=tta))
+
+    def predict_files(self, paths: list[str | Path], tta: bool = False) -> list[Prediction]:
+        pixels = [imageio.read_image(p, max_pixels=self.max_pixels, size=self.size,
+                                     interpolation=self.spec.interpolation) for p in paths]
+        return self.to_predictions(self.probabilities(pixels, tta=tta))

@@ -1,0 +1,419 @@
+"""The training loop, readable top to bottom.
+
+    medpipe train --data DATA_DIR --out RUN_DIR [--epochs 10 --image-size 64 --imbalance sampler ...]
+    medpipe train --data DATA_DIR --out RUN_DIR --resume          # continue from checkpoints/last.pt
+
+What happens:
+ 1. seeds, threads and device; the resolved config goes to RUN_DIR/config.yaml;
+ 2. the lesion-grouped split is made (or reused) and copied to RUN_DIR/splits.csv;
+ 3. every image is decoded once into the uint8 pixel cache at the training size;
+ 4. each epoch, a seeded order (class-balanced or shuffled) is cut into batches; each batch seeds the
+    MONAI train preset from (seed, epoch, batch), so an epoch is the same whether run straight,
+    resumed mid-way, or prepared in a background thread (MONAI ThreadDataLoader);
+ 5. AdamW + warm-up/cosine, optional label smoothing, gradient clipping; bf16 autocast on CUDA;
+ 6. validation each epoch: macro ROC AUC (monai.metrics), per-class AUC, balanced accuracy; one
+    parseable line per epoch; metrics.jsonl; `last` and `best` checkpoints written atomically;
+    early stopping on the monitored metric;
+ 7. SIGTERM: finish the step, save `last` (with the position inside the epoch), exit 143;
+ 8. at the end: best weights, temperature calibration on val, the model package and model.tar.gz,
+    and the evaluation report on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medpipe.config import TrainConfig, write_config
+from medpipe.data.cache import build_cache
+from medpipe.data.sources import load_records, records_hash
+from medpipe.data.splits import SPLITS_FILE, SPLITS_META, ensure_splits
+from medpipe.errors import MedpipeError
+from medpipe.evaluate import compute_metrics
+from medpipe.models import create_model
+from medpipe.train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medpipe.transforms import KEY, eval_batch, train_preset
+from medpipe.utils import seed_everything
+
+log = logging.getLogger(__name__)
+FAULT_SIGTERM_AT_STEP = "MEDPIPE_FAULT_SIGTERM_AT_STEP"  # fault injection for tests: signal self at step k
+
+
+class TrainingInterrupted(MedpipeError):
+    exit_code = 143
+
+
+class NonFiniteLoss(MedpipeError):
+    pass
+
+
+# --------------------------------------------------------------------------- data
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """Item ``b`` is batch ``b`` of an epoch: augmented images stacked, and their labels.
+
+    The train preset is re-seeded from (seed, epoch, b) for every batch, which makes an epoch
+    reproducible regardless of threads, workers or where it was resumed.
+    """
+
+    def __init__(self, pixels, rows: np.ndarray, labels: np.ndarray, batches: list[np.ndarray], transform,
+                 seed: int, epoch: int):
+        self.pixels, self.rows, self.labels = pixels, rows, labels
+        self.batches, self.transform, self.seed, self.epoch = batches, transform, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int):
+        idx = self.batches[b]
+        self.transform.set_random_state(seed=(self.seed * 1_000_003 + self.epoch * 10_007 + b) % 2**32)
+        x = torch.stack([self.transform({KEY: self.pixels[self.rows[i]]})[KEY] for i in idx])
+        return x, torch.from_numpy(self.labels[idx])
+
+
+def epoch_order(labels: np.ndarray, n_classes: int, cfg: TrainConfig, epoch: int) -> np.ndarray:
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    n = len(labels)
+    if cfg.imbalance == "sampler":
+        counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+        w = 1.0 / counts[labels]
+        return torch.multinomial(torch.from_numpy(w), n, replacement=True, generator=g).numpy()
+    return torch.randperm(n, generator=g).numpy()
+
+
+def epoch_batches(order: np.ndarray, cfg: TrainConfig) -> list[np.ndarray]:
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < max(2, cfg.batch_size // 4):
+        batches = batches[:-1]  # a tiny last batch only adds BatchNorm noise
+    if cfg.max_steps_per_epoch:
+        batches = batches[: cfg.max_steps_per_epoch]
+    return batches
+
+
+def _identity(batch):
+    return batch
+
+
+def make_loader(ds: EpochBatches, workers: int, skip: int, pin: bool):
+    """workers=0: inline; 1: one background thread (MONAI ThreadDataLoader); >1: worker processes."""
+    from monai.data import ThreadDataLoader
+
+    if skip:
+        ds = torch.utils.data.Subset(ds, range(skip, len(ds)))
+    if workers == 0:
+        return (ds[i] for i in range(len(ds)))
+    if workers == 1:
+        return ThreadDataLoader(ds, batch_size=None, shuffle=False, num_workers=0, buffer_size=2, pin_memory=pin,
+                                collate_fn=_identity)
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+                                       persistent_workers=False, prefetch_factor=2, collate_fn=_identity)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MedpipeError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def make_loss(cfg: TrainConfig, class_counts: np.ndarray, device):
+    n_classes = len(class_counts)
+    weight = None
+    if cfg.imbalance in ("weighted_loss", "focal"):
+        w = class_counts.sum() / (n_classes * np.maximum(class_counts, 1))
+        weight = torch.tensor(w, dtype=torch.float32, device=device)
+    if cfg.imbalance == "focal":
+        from monai.losses import FocalLoss
+
+        focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=cfg.focal_gamma, weight=weight)
+        return lambda logits, y: focal(logits, y[:, None])
+    return lambda logits, y: F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def make_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.inference_mode()
+def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 128) -> torch.Tensor:
+    model.eval()
+    outs = []
+    for i in range(0, len(rows), batch):
+        x = eval_batch(pixels[rows[i:i + batch]], spec).to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outs.append(model(x).float().cpu())
+    return torch.cat(outs) if outs else torch.zeros((0, 0))
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al. 2017): one scalar minimising validation NLL."""
+    if len(y) < 2:
+        return 1.0
+    logits, y = logits.detach().clone(), y.clone()  # may come from inference_mode
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    t = float(log_t.detach().exp())
+    return t if math.isfinite(t) and 0.05 < t < 20 else 1.0
+
+
+class _StopFlag:
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+        print("SIGTERM received: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume: bool | str = False,
+          checkpoint_dir: str | Path | None = None, model_dir: str | Path | None = None,
+          report_dir: str | Path | None = None, progress: bool = False, evaluate_test: bool = True) -> dict:
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints"
+    model_dir = Path(model_dir) if model_dir else run_dir / "model"
+    report_dir = Path(report_dir) if report_dir else run_dir / "report"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. seeds, threads, device, config
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    device = resolve_device(cfg.device)
+    write_config(cfg, run_dir / "config.yaml")
+
+    # 2. records and split
+    table, classes = load_records(data_dir)
+    splits, reused = ensure_splits(data_dir, data_dir, seed=cfg.split_seed, val=cfg.val_fraction, test=cfg.test_fraction)
+    for name in (SPLITS_FILE, SPLITS_META):
+        shutil.copyfile(data_dir / name, run_dir / name)
+    split_of = dict(zip(splits["image_id"], splits["split"]))
+    table = table.assign(split=table["image_id"].map(split_of))
+    train_t, val_t = table[table["split"] == "train"], table[table["split"] == "val"]
+    if train_t.empty:
+        raise MedpipeError("the training split is empty")
+    n_classes = len(classes)
+
+    # 3. pixel cache
+    spec = cfg.preprocess()
+    cache = build_cache(table, data_dir / "cache", (spec.image_size, spec.image_size), spec.interpolation,
+                        progress=progress)
+    tr_rows, va_rows = cache.rows(train_t["image_id"]), cache.rows(val_t["image_id"])
+    tr_y = train_t["class_index"].to_numpy().astype(np.int64)
+    va_y = torch.from_numpy(val_t["class_index"].to_numpy().astype(np.int64))
+    class_counts = np.bincount(tr_y, minlength=n_classes)
+    log.info("train %d / val %d / test %d images; split %s; cache %s", len(train_t), len(val_t),
+             int((table["split"] == "test").sum()), "reused" if reused else "new", cache.folder.name)
+
+    # 4-5. model, optimiser, schedule, loss
+    model = create_model(cfg.model, n_classes, pretrained=cfg.pretrained, init_weights=cfg.init_weights,
+                         dropout=cfg.dropout).to(device).to(memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = len(epoch_batches(np.arange(len(tr_y)), cfg))
+    scheduler = make_schedule(optimizer, cfg, steps_per_epoch)
+    loss_fn = make_loss(cfg, class_counts, device)
+    transform = train_preset(spec)
+    sign = -1.0 if cfg.monitor == "val_loss" else 1.0
+
+    start_epoch, skip_batches, global_step = 0, 0, 0
+    best, best_epoch, stale = -math.inf, -1, 0
+    rec_hash = records_hash(table)
+    if resume:
+        path = Path(resume) if isinstance(resume, (str, Path)) and str(resume) not in ("True", "last") \
+            else ckpt_dir / "last.pt"
+        state = load_checkpoint(path)
+        check_compatible(state, cfg.to_dict(), classes)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, skip_batches, global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
+        best, best_epoch, stale = state["best_metric"], state["best_epoch"], state["stale_epochs"]
+        set_rng_state(state["rng"])
+        print(f"resumed from {path} at epoch {start_epoch + 1}, batch {skip_batches}", flush=True)
+
+    def snapshot(epoch: int, batch_in_epoch: int) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": {}, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
+                "best_metric": best, "best_epoch": best_epoch, "stale_epochs": stale, "rng": rng_state(),
+                "config": cfg.to_dict(), "classes": classes, "records_sha256": rec_hash}
+
+    stop = _StopFlag().install()
+    fault_step = int(os.environ.get(FAULT_SIGTERM_AT_STEP, "0") or 0)
+    metrics_path = run_dir / "metrics.jsonl"
+    from tqdm.auto import tqdm
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            # 4. this epoch's batches
+            batches = epoch_batches(epoch_order(tr_y, n_classes, cfg, epoch), cfg)
+            ds = EpochBatches(cache.pixels, tr_rows, tr_y, batches, transform, cfg.seed, epoch)
+            loader = make_loader(ds, cfg.workers, skip_batches, pin=device.type == "cuda")
+            model.train()
+            t0, seen, loss_sum, n_loss, steps_done = time.perf_counter(), 0, 0.0, 0, 0
+            bar = tqdm(total=len(batches), initial=skip_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not progress, leave=False)
+            for b, (x, y) in enumerate(loader, start=skip_batches):
+                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                y = y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), y)
+                if not torch.isfinite(loss):
+                    save_checkpoint(ckpt_dir / "last.pt", snapshot(epoch, b))
+                    raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch + 1}, batch {b} "
+                                        f"(images {', '.join(train_t['image_id'].iloc[ds.batches[b][:4]])}...); "
+                                        "a checkpoint of the state before this batch was saved")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                global_step += 1
+                steps_done += 1
+                seen += len(y)
+                loss_sum += loss.item() * len(y)
+                n_loss += len(y)
+                bar.update()
+                bar.set_postfix(loss=f"{loss_sum / n_loss:.3f}")
+                if fault_step and global_step == fault_step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if stop.set:
+                    save_checkpoint(ckpt_dir / "last.pt", snapshot(epoch, b + 1))
+                    raise TrainingInterrupted(f"stopped by SIGTERM at epoch {epoch + 1}, batch {b + 1}; "
+                                              f"checkpoint saved to {ckpt_dir / 'last.pt'}; continue with --resume")
+            bar.close()
+            done = steps_done
+            if done != len(batches) - skip_batches:
+                raise MedpipeError(f"the data loader ended after {done} of {len(batches) - skip_batches} batches "
+                                   f"in epoch {epoch + 1} (an error in a loader thread; see the log above)")
+            skip_batches = 0
+            train_time = time.perf_counter() - t0
+
+            # 6. validation
+            val_logits = predict_logits(model, cache.pixels, va_rows, spec, device)
+            if len(va_y):
+                val_loss = float(F.cross_entropy(val_logits, va_y))
+                vm = compute_metrics(va_y.numpy(), torch.softmax(val_logits, 1).numpy(), classes, bootstrap=0)
+            else:
+                val_loss, vm = float("nan"), {"macro_auc": float("nan"), "balanced_accuracy": float("nan"), "per_class": {}}
+            record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_loss), "val_loss": val_loss,
+                      "val_auc": vm["macro_auc"], "val_bacc": vm["balanced_accuracy"],
+                      "val_auc_per_class": {c: m["auc"] for c, m in vm["per_class"].items()},
+                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / max(train_time, 1e-9),
+                      "epoch_seconds": train_time}
+            print(f"epoch={epoch + 1} train_loss={record['train_loss']:.4f} val_loss={val_loss:.4f} "
+                  f"val_auc={record['val_auc']:.4f} val_bacc={record['val_bacc']:.4f} lr={record['lr']:.6g} "
+                  f"images_per_s={record['images_per_s']:.1f}", flush=True)
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            score = record[cfg.monitor]
+            improved = not math.isnan(score) and sign * score > best
+            if improved:
+                best, best_epoch, stale = sign * score, epoch + 1, 0
+            else:
+                stale += 1
+            save_checkpoint(ckpt_dir / "last.pt", snapshot(epoch + 1, 0))
+            if improved or not (ckpt_dir / "best.pt").is_file():
+                shutil.copyfile(ckpt_dir / "last.pt", ckpt_dir / ".best.pt.tmp")
+                os.replace(ckpt_dir / ".best.pt.tmp", ckpt_dir / "best.pt")
+            if stale >= cfg.patience:
+                print(f"early stopping: {cfg.monitor} has not improved for {stale} epochs", flush=True)
+                break
+    finally:
+        stop.restore()
+
+    # 8. best weights -> calibration -> package -> test evaluation
+    best_state = load_checkpoint(ckpt_dir / "best.pt")
+    model.load_state_dict(best_state["model"])
+    val_logits = predict_logits(model, cache.pixels, va_rows, spec, device)
+    temperature = fit_temperature(val_logits, va_y) if len(va_y) else 1.0
+    val_metrics = compute_metrics(va_y.numpy(), torch.softmax(val_logits / temperature, 1).numpy(), classes,
+                                  bootstrap=0) if len(va_y) else {}
+    return finish_package(model.cpu(), cfg, classes, spec, temperature, val_metrics, best_epoch, rec_hash, data_dir,
+                          run_dir, model_dir, report_dir, evaluate_test=evaluate_test, progress=progress)
+
+
+def _compact(m: dict) -> dict:
+    keys = ("n", "macro_auc", "macro_auc_ci95", "balanced_accuracy", "accuracy", "ece",
+            "mel_sensitivity_at_spec80", "mel_sensitivity_at_spec90")
+    out = {k: m[k] for k in keys if k in m}
+    out["per_class_auc"] = {c: v["auc"] for c, v in m.get("per_class", {}).items()}
+    return out
+
+
+def finish_package(model, cfg, classes, spec, temperature, val_metrics, best_epoch, rec_hash, data_dir, run_dir,
+                   model_dir, report_dir, *, evaluate_test: bool, progress: bool) -> dict:
+    from medpipe.evaluate import evaluate_package
+    from medpipe.package import build_sagemaker_tarball, save_package
+    from medpipe.utils import atomic_write_text
+
+    metrics = {"best_epoch": best_epoch, "val": _compact(val_metrics) if val_metrics else {}}
+    meta = save_package(model_dir, model, name=f"{cfg.model}-ham", arch=cfg.model, classes=classes, spec=spec,
+                        temperature=temperature, metrics=metrics, config=cfg.to_dict(), records_sha256=rec_hash)
+    summary = {"run_dir": str(run_dir), "model_dir": str(model_dir), "best_epoch": best_epoch,
+               "temperature": temperature, "val": metrics["val"]}
+    if evaluate_test:
+        result = evaluate_package(model_dir, data_dir, report_dir, split="test", splits_csv=run_dir / SPLITS_FILE,
+                                  tta=cfg.tta, bootstrap=cfg.bootstrap, progress=progress)
+        metrics["test"] = _compact(result["metrics"])
+        meta["metrics"] = metrics
+        atomic_write_text(Path(model_dir) / "model.json", json.dumps(meta, indent=2, default=float))
+        summary.update(test=metrics["test"], report=result["report_md"], plots=result["plots"])
+    build_sagemaker_tarball(model_dir)
+    summary["tarball"] = str(Path(model_dir) / "model.tar.gz")
+    return summary
