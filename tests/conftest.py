@@ -31,3 +31,16 @@ def data_dir(synth_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
     ingest(synth_dir, out, workers=1)
     return out
+
+TINY = ["--image-size", "32", "--batch-size", "8", "--epochs", "2", "--bootstrap", "50", "--threads", "1",
+        "--deterministic", "--lr", "0.002", "--warmup-epochs", "0.5"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory) -> Path:
+    """One tiny real training run shared by package/predict/handler tests."""
+    from medpipe.cli import main
+
+    run = tmp_path_factory.mktemp("run")
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *TINY]) == 0
+    return run

@@ -76,4 +76,4 @@ def train_preset(spec: PreprocessSpec) -> Compose:
 def eval_batch(images: list[np.ndarray], spec: PreprocessSpec) -> torch.Tensor:
     """Eval preset over a list of HWC uint8 arrays, stacked to an NCHW float tensor."""
     tf = eval_preset(spec)
-    return torch.stack([tf({KEY: img})[KEY] for img in images])
+    return torch.stack([tf({KEY: np.array(img)})[KEY] for img in images])

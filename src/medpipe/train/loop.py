@@ -80,7 +80,7 @@ class EpochBatches(torch.utils.data.Dataset):
     def __getitem__(self, b: int):
         idx = self.batches[b]
         self.transform.set_random_state(seed=(self.seed * 1_000_003 + self.epoch * 10_007 + b) % 2**32)
-        x = torch.stack([self.transform({KEY: self.pixels[self.rows[i]]})[KEY] for i in idx])
+        x = torch.stack([self.transform({KEY: np.array(self.pixels[self.rows[i]])})[KEY] for i in idx])
         return x, torch.from_numpy(self.labels[idx])
 
 

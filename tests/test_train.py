@@ -1,0 +1,254 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medpipe.cli import main
+from medpipe.config import make_config
+from medpipe.errors import ConfigError
+from tests.conftest import TINY
+
+
+def _run(args, env_extra=None, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "medpipe", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def test_config_typo_rejected_naming_key(tmp_path):
+    with pytest.raises(ConfigError, match="'epohcs'.*did you mean 'epochs'"):
+        make_config({"epohcs": 3})
+    y = tmp_path / "c.yaml"
+    y.write_text("batch_size: 16\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        make_config(yaml_path=y)
+    with pytest.raises(ConfigError, match="imbalance"):
+        make_config({"imbalance": "magic"})
+    y.write_text("batch_size: 16\nepochs: 5\n")
+    cfg = make_config({"epochs": "3"}, y)
+    assert cfg.epochs == 3 and cfg.batch_size == 16
+
+
+def test_run_dir_contents(trained_run):
+    for name in ("config.yaml", "splits.csv", "splits.json", "metrics.jsonl", "checkpoints/last.pt",
+                 "checkpoints/best.pt", "model/weights.safetensors", "model/model.json", "model/model.tar.gz",
+                 "report/report.md", "report/report.json", "report/roc.png", "report/confusion_matrix.png",
+                 "report/reliability.png"):
+        assert (trained_run / name).is_file(), name
+    meta = json.loads((trained_run / "model" / "model.json").read_text())
+    assert meta["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert meta["preprocessing"]["image_size"] == 32 and meta["architecture"] == "densenet121"
+    assert {"val", "test"} <= set(meta["metrics"]) and np.isfinite(meta["metrics"]["test"]["macro_auc"])
+    assert set(meta["versions"]) >= {"medpipe", "monai", "torch"} and len(meta["records_sha256"]) == 64
+    lines = (trained_run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and {"val_auc", "val_bacc", "train_loss", "lr"} <= set(json.loads(lines[0]))
+    report = json.loads((trained_run / "report" / "report.json").read_text())
+    assert {"macro_auc_ci95", "mel_sensitivity_at_spec80", "ece", "confusion_matrix"} <= set(report)
+    with open(trained_run / "report" / "roc.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigterm_resume_equals_straight_run(data_dir, tmp_path):
+    """2 epochs straight == SIGTERM mid-epoch + --resume, in deterministic CPU mode (real processes, real signal)."""
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    common = ["train", "--data", str(data_dir), *TINY, "--workers", "1"]
+    r = _run([*common, "--out", str(straight)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run([*common, "--out", str(resumed), "--workers", "0"], {"MEDPIPE_FAULT_SIGTERM_AT_STEP": "3"})
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "SIGTERM" in r.stderr and "Traceback" not in r.stderr
+    state = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert state["global_step"] == 3 and state["batch_in_epoch"] > 0  # really mid-epoch
+    assert not (resumed / "model").exists()
+    r = _run([*common, "--out", str(resumed), "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    wa = load_file(straight / "model" / "weights.safetensors")
+    wb = load_file(resumed / "model" / "weights.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+    ma = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_auc"] for m in ma] == [m["val_auc"] for m in mb]
+    assert [m["train_loss"] for m in ma][-1] == [m["train_loss"] for m in mb][-1]
+
+
+def test_resume_refuses_different_config(trained_run, data_dir, capsys):
+    rc = main(["train", "--data", str(data_dir), "--out", str(trained_run), *TINY, "--image-size", "48", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "image size" in err and "32" in err and "48" in err
+    rc = main(["train", "--data", str(data_dir), "--out", str(trained_run), *TINY, "--model", "resnet18", "--resume"])
+    assert rc == 2 and "model" in capsys.readouterr().err
+
+
+def test_checkpoint_write_crash_keeps_previous(tmp_path, monkeypatch):
+    from medpipe.train import checkpoint
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(path)["epoch"] == 1
+    assert not list(tmp_path.glob(".*tmp"))  # the temp file was cleaned up
+
+
+def test_truncated_checkpoint_refused(tmp_path):
+    from medpipe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, {"epoch": 1, "w": torch.ones(100)})
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_checkpoint(p)
+
+
+def test_absent_class_gives_nan_with_warning():
+    from medpipe.evaluate import compute_metrics
+
+    y = np.array([0, 0, 1, 1, 0, 1])
+    probs = np.random.default_rng(0).dirichlet([1, 1, 1], size=6)
+    with pytest.warns(RuntimeWarning, match="c2"):
+        m = compute_metrics(y, probs, ["c0", "c1", "c2"], bootstrap=20)
+    assert np.isnan(m["per_class"]["c2"]["auc"]) and np.isfinite(m["macro_auc"])
+
+
+def test_pretrained_offline_message(monkeypatch):
+    import monai.networks.nets.densenet as dn
+
+    def blocked(*a, **k):
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(dn, "load_state_dict_from_url", blocked, raising=False)
+    from medpipe.models import create_model
+
+    with pytest.raises(ConfigError, match="--init-weights"):
+        create_model("densenet121", 7, pretrained=True)
+
+
+def test_init_weights_safetensors_and_pickle_refusal(tmp_path):
+    from safetensors.torch import save_file
+
+    from medpipe.models import create_model
+
+    src = create_model("resnet18", 7)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
+    dst = create_model("resnet18", 7, init_weights=str(tmp_path / "w.safetensors"))
+    torch.testing.assert_close(dst.state_dict()["conv1.weight"], src.state_dict()["conv1.weight"])
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    _write_evil_pickle(evil, marker)
+    with pytest.raises(ConfigError, match="refused"):
+        create_model("resnet18", 7, init_weights=str(evil))
+    assert not marker.exists()
+
+
+def _write_evil_pickle(path: Path, marker: Path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path.write_bytes(pickle.dumps({"x": Evil()}))
+
+
+def test_package_refuses_pickle_and_tampering(trained_run, tmp_path):
+    import shutil
+
+    from medpipe.package import PackageError, load_package
+    from medpipe.utils import sha256_file
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(trained_run / "model", pkg)
+    load_package(pkg)  # the genuine package loads
+    marker = tmp_path / "pwned"
+    _write_evil_pickle(pkg / "weights.safetensors", marker)
+    with pytest.raises(PackageError, match="does not match"):
+        load_package(pkg)
+    meta = json.loads((pkg / "model.json").read_text())
+    meta["weights_sha256"] = sha256_file(pkg / "weights.safetensors")  # even with a matching hash...
+    (pkg / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(PackageError, match="never unpickles"):
+        load_package(pkg)
+    assert not marker.exists()
+    (pkg / "weights.safetensors").unlink()
+    with pytest.raises(PackageError, match="missing"):
+        load_package(pkg)
+    with pytest.raises(PackageError, match="not a medpipe model package"):
+        load_package(tmp_path)
+
+
+def test_predict_cli_and_golden_parity(trained_run, data_dir, capsys):
+    import pandas as pd
+
+    from medpipe.predictor import Predictor
+
+    preds = pd.read_csv(trained_run / "report" / "predictions.csv")
+    records = pd.read_csv(data_dir / "records.csv")
+    row = preds.iloc[0]
+    path = records.set_index("image_id").loc[row["image_id"], "path"]
+    p = Predictor(trained_run / "model")
+    served = p.predict_bytes([Path(path).read_bytes()])[0]
+    for c in p.classes:  # evaluate (cache path) == predict (raw bytes path)
+        assert abs(served.probabilities[c] - row[c]) < 1e-5
+    bad = Path(str(data_dir)) / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0garbage")
+    rc = main(["predict", "--model", str(trained_run / "model"), path, str(bad)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"{path}: {served.label}" in out and "bad.jpg: error:" in out and "Traceback" not in out
+    assert all(c + "=" in out for c in p.classes)
+
+
+def test_sagemaker_tarball_handlers(trained_run, data_dir, tmp_path):
+    """The toolkit's call order against the extracted model.tar.gz, importing the vendored medpipe."""
+    import tarfile
+
+    import pandas as pd
+
+    with tarfile.open(trained_run / "model" / "model.tar.gz") as tf:
+        names = tf.getnames()
+        tf.extractall(tmp_path / "opt_ml_model", filter="data")
+    assert {"weights.safetensors", "model.json", "code/inference.py", "code/requirements.txt",
+            "code/medpipe/predictor.py"} <= set(names)
+    image = pd.read_csv(data_dir / "records.csv")["path"].iloc[0]
+    script = f"""
+import io, json, sys
+import numpy as np
+import inference, medpipe
+assert medpipe.__file__.startswith({str(tmp_path)!r}), medpipe.__file__  # the vendored copy
+model = inference.model_fn({str(tmp_path / 'opt_ml_model')!r})
+body = open(sys.argv[1], 'rb').read()
+out, ctype = inference.output_fn(inference.predict_fn(inference.input_fn(body, 'image/jpeg'), model), 'application/json')
+res = json.loads(out)
+assert ctype == 'application/json' and res['predictions'][0]['label'] in model.classes
+assert abs(sum(res['predictions'][0]['probabilities'].values()) - 1) < 1e-4
+buf = io.BytesIO(); np.save(buf, np.zeros((3, 40, 40), np.float32)); npy = buf.getvalue()
+assert len(inference.predict_fn(inference.input_fn(npy, 'application/x-npy'), model)['predictions']) == 1
+buf = io.BytesIO(); np.save(buf, np.array([{{'a': 1}}], dtype=object), allow_pickle=True)
+try:
+    inference.input_fn(buf.getvalue(), 'application/x-npy')
+    raise SystemExit('pickle accepted')
+except ValueError:
+    pass
+csv, ct = inference.output_fn(res, 'text/csv')
+assert ct == 'text/csv' and csv.startswith('label,class_index,akiec')
+print('ok')
+"""
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "opt_ml_model" / "code")}
+    r = subprocess.run([sys.executable, "-c", script, image], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
