@@ -62,7 +62,7 @@ class TrainConfig:
     test_fraction: float = 0.15
     deterministic: bool = False
     device: str = "auto"
-    workers: int = 1
+    workers: int = -1  # -1 auto: inline on CPU, background thread on CUDA
     threads: int = 0
     init_weights: str | None = None
     pretrained: bool = False
@@ -81,7 +81,7 @@ class TrainConfig:
             (self.image_size >= 16, "image_size", ">= 16"),
             (self.lr > 0, "lr", "> 0"),
             (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
-            (self.workers >= 0, "workers", ">= 0"),
+            (self.workers >= -1, "workers", ">= -1 (auto)"),
         ]
         for ok, key, want in checks:
             if not ok:
