@@ -33,6 +33,7 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -89,19 +89,15 @@ def cmd_predict(args) -> int:
                 results.append({"image": path, **predictor.predict_files([path], tta=args.tta)[0].as_dict()})
             except ImageError as exc:
                 results.append({"image": path, "error": exc.code, "message": str(exc)})
-    failed = 0
     for r in results:
         if args.json:
             print(json.dumps(r))
-            continue
-        if "error" in r:
-            failed += 1
+        elif "error" in r:
             print(f"{r['image']}: error: {r['message']}")
-            continue
-        probs = "  ".join(f"{c}={p:.3f}" for c, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
-        print(f"{r['image']}: {r['label']} ({r['probabilities'][r['label']]:.3f})  [{probs}]")
-    if not args.json:
-        failed = sum("error" in r for r in results)
+        else:
+            probs = "  ".join(f"{c}={p:.3f}" for c, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
+            print(f"{r['image']}: {r['label']} ({r['probabilities'][r['label']]:.3f})  [{probs}]")
+    failed = sum("error" in r for r in results)
     return 1 if failed == len(results) else 0
 
 
