@@ -252,3 +252,24 @@ print('ok')
     r = subprocess.run([sys.executable, "-c", script, image], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_nan_batch_skips_step_and_leaves_weights():
+    from medpipe.config import make_config
+    from medpipe.models import create_model
+    from medpipe.train.loop import make_loss, make_schedule, train_step
+
+    cfg = make_config({"image_size": 32})
+    model = create_model("resnet18", 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = make_schedule(opt, cfg, 10)
+    loss_fn = make_loss(cfg, np.array([5, 5, 5]), torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+    x = torch.randn(4, 3, 32, 32)
+    x[1, 0, 0, 0] = float("nan")  # one poisoned image
+    assert train_step(model, x, torch.tensor([0, 1, 2, 0]), loss_fn, opt, sched, 1.0, torch.device("cpu")) is None
+    after = model.state_dict()
+    for k, v in before.items():
+        if "running" not in k and "num_batches" not in k:  # BatchNorm stats move in forward; weights must not
+            torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=k)
+    assert sched.last_epoch == 0  # the schedule did not advance either

@@ -338,10 +338,11 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
             for b, (x, y) in enumerate(loader, start=skip_batches):
                 loss = train_step(model, x, y, loss_fn, optimizer, scheduler, cfg.grad_clip, device)
                 if loss is None:
-                    save_checkpoint(ckpt_dir / "last.pt", snapshot(epoch, b))
+                    # The optimiser step was skipped, but the forward pass already moved BatchNorm statistics,
+                    # so this state is not saved: checkpoints/last.pt (previous epoch end) stays the good one.
                     raise NonFiniteLoss(f"loss became non-finite at epoch {epoch + 1}, batch {b} "
                                         f"(images {', '.join(train_t['image_id'].iloc[ds.batches[b][:4]])}...); "
-                                        "the step was not applied and a checkpoint of the state before it was saved")
+                                        f"the step was not applied; the last good checkpoint is {ckpt_dir / 'last.pt'}")
                 global_step += 1
                 steps_done += 1
                 seen += len(y)
