@@ -75,7 +75,6 @@ def read_meta(pkg_dir: str | Path) -> dict:
 
 def load_package(pkg_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Verify and load a package; returns (model in eval mode, metadata)."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from medpipe.models import create_model
@@ -90,7 +89,7 @@ def load_package(pkg_dir: str | Path, device: str | torch.device = "cpu") -> tup
                            f"({meta['weights_sha256'][:12]}...); the weights were changed or truncated")
     try:
         state = load_file(str(weights))
-    except (SafetensorError, Exception) as exc:
+    except Exception as exc:  # safetensors raises its own error types; none of them unpickles
         raise PackageError(f"{weights}: not a valid safetensors file ({exc.__class__.__name__}); "
                            "medpipe never unpickles weights") from None
     model = create_model(meta["architecture"], len(meta["classes"]))

@@ -64,9 +64,14 @@ def make_splits(table: pd.DataFrame, seed: int = 0, val: float = 0.15, test: flo
 
 
 def ensure_splits(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, seed: int = 0,
-                  val: float = 0.15, test: float = 0.15, force: bool = False) -> tuple[pd.DataFrame, bool]:
-    """Return (splits, reused). Writes ``splits.csv`` + ``splits.json`` into ``out_dir`` (default data_dir)."""
-    table, _ = load_records(data_dir)
+                  val: float = 0.15, test: float = 0.15, force: bool = False,
+                  table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, bool]:
+    """Return (splits, reused). Writes ``splits.csv`` + ``splits.json`` into ``out_dir`` (default data_dir).
+
+    ``table`` is the already-loaded record table of ``data_dir``, when the caller has it.
+    """
+    if table is None:
+        table, _ = load_records(data_dir)
     out_dir = Path(out_dir or data_dir)
     meta = {"seed": int(seed), "val": float(val), "test": float(test), "records_sha256": records_hash(table)}
     csv_path, meta_path = out_dir / SPLITS_FILE, out_dir / SPLITS_META

@@ -264,7 +264,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
 
     # 2. records and split
     table, classes = load_records(data_dir)
-    splits, reused = ensure_splits(data_dir, data_dir, seed=cfg.split_seed, val=cfg.val_fraction, test=cfg.test_fraction)
+    splits, reused = ensure_splits(data_dir, data_dir, seed=cfg.split_seed, val=cfg.val_fraction,
+                                   test=cfg.test_fraction, table=table)
     for name in (SPLITS_FILE, SPLITS_META):
         shutil.copyfile(data_dir / name, run_dir / name)
     split_of = dict(zip(splits["image_id"], splits["split"]))
@@ -302,8 +303,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
     best, best_epoch, stale = -math.inf, -1, 0
     rec_hash = records_hash(table)
     if resume:
-        path = Path(resume) if isinstance(resume, (str, Path)) and str(resume) not in ("True", "last") \
-            else ckpt_dir / "last.pt"
+        path = ckpt_dir / "last.pt" if resume in (True, "last") else Path(resume)
         state = load_checkpoint(path)
         check_compatible(state, cfg.to_dict(), classes)
         model.load_state_dict(state["model"])
