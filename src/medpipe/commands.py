@@ -82,7 +82,7 @@ def cmd_predict(args) -> int:
         results = predict_url(args.url, args.images)
     else:
         from medpipe.predictor import Predictor
-        predictor = Predictor(args.model, device=args.device)
+        predictor = Predictor(args.model, device=args.device, backend=args.backend)
         results = []
         for path in args.images:
             try:
@@ -107,6 +107,33 @@ def cmd_package(args) -> int:
     load_package(args.model)  # verify before packaging
     print(f"wrote {build_sagemaker_tarball(args.model, args.out)}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    try:
+        from medpipe.serve.app import ServeConfig, serve
+    except ImportError as exc:
+        raise MedpipeError(f"serving needs the serve extra ({exc.name} is missing): pip install 'medpipe[serve]'") \
+            from None
+    values = {k: getattr(args, k) for k in ServeConfig.field_names() if getattr(args, k, None) is not None}
+    # Container form: SageMaker runs the image with the argument `serve`; the image sets MEDPIPE_HOST=0.0.0.0.
+    values.setdefault("model", os.environ.get("SM_MODEL_DIR") or ServeConfig.model)
+    values.setdefault("host", os.environ.get("MEDPIPE_HOST") or ServeConfig.host)
+    values.setdefault("port", int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or os.environ.get("MEDPIPE_PORT")
+                                  or ServeConfig.port))
+    return serve(ServeConfig(**values))
+
+
+def add_serve_options(s) -> None:
+    """One --option per ServeConfig field (see medpipe/serve/app.py for what each limit does)."""
+    from medpipe.serve.app import ServeConfig
+
+    types = {"str": str, "int": int, "float": float}
+    for f in fields(ServeConfig):
+        s.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=f.type if isinstance(f.type, type) else types[f.type], default=None,
+                       metavar=f.name.upper(), help=f"(default {f.default})")
 
 
 def register(sub) -> None:
@@ -135,9 +162,14 @@ def register(sub) -> None:
     g.add_argument("--model", help="model package folder (or a run folder)")
     g.add_argument("--url", help="a running medpipe/SageMaker-compatible server, e.g. http://127.0.0.1:8080")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--backend", default="eager", choices=["auto", "eager", "onnx"])
     s.add_argument("--tta", action="store_true")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("serve", help="HTTP inference service (SageMaker hosting contract, web page at /)")
+    add_serve_options(s)
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("package", help="(re)build model.tar.gz for SageMaker from a model package")
     s.add_argument("--model", required=True)

@@ -37,12 +37,43 @@ class Prediction:
         return {"label": self.label, "class_index": self.class_index, "probabilities": self.probabilities}
 
 
+BACKENDS = ("auto", "eager", "onnx")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: ONNX Runtime on CPU when installed (faster in benchmarks/serve_load.py), else eager."""
+    if backend not in BACKENDS:
+        raise MedpipeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if device.type != "cpu":
+        return "eager"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "eager"
+    return "onnx"
+
+
 class Predictor:
-    def __init__(self, package: str | Path, device: str = "cpu", max_pixels: int = imageio.DEFAULT_MAX_PIXELS):
+    """Load once, predict many times. ``backend``: eager PyTorch or ONNX Runtime (CPU), see BACKENDS."""
+
+    def __init__(self, package: str | Path, device: str = "cpu", max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
+                 backend: str = "eager", threads: int | None = None):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
+        self.backend = resolve_backend(backend, self.device)
+        self._session = None
+        self._explainer = None
+        if self.backend == "onnx":
+            if self.device.type != "cpu":
+                raise MedpipeError("the onnx backend runs on CPU; use --backend eager with --device cuda")
+            from medpipe.export import onnx_bytes, onnx_session
+
+            self._session = onnx_session(onnx_bytes(self.model, int(self.meta["preprocessing"]["image_size"])),
+                                         threads=threads)
         self.spec = package_spec(self.meta)
         self.classes: list[str] = list(self.meta["classes"])
         self.temperature = float(self.meta.get("calibration", {}).get("temperature", 1.0))
@@ -92,16 +123,23 @@ class Predictor:
                              reducing_gap=None)
         return np.asarray(img, dtype=np.uint8)
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._session is not None:
+            from medpipe.export import INPUT_NAME
+
+            return torch.from_numpy(self._session.run(None, {INPUT_NAME: x.contiguous().numpy()})[0])
+        return self.model(x.to(self.device).contiguous(memory_format=torch.channels_last)).float().cpu()
+
     @torch.inference_mode()
     def logits(self, pixels: list[np.ndarray] | np.ndarray, tta: bool = False) -> torch.Tensor:
-        x = eval_batch(list(pixels), self.spec).to(self.device).contiguous(memory_format=torch.channels_last)
+        x = eval_batch(list(pixels), self.spec)
         with self._lock:
-            out = self.model(x).float()
+            out = self._forward(x)
             if tta:
-                out = out + self.model(torch.flip(x, dims=[3])).float() + self.model(torch.flip(x, dims=[2])).float() \
-                    + self.model(torch.flip(x, dims=[2, 3])).float()
+                for dims in ([3], [2], [2, 3]):
+                    out = out + self._forward(torch.flip(x, dims=dims))
                 out = out / 4
-        return out.cpu()
+        return out
 
     def probabilities(self, pixels: list[np.ndarray] | np.ndarray, tta: bool = False) -> np.ndarray:
         """Calibrated class probabilities, shape (N, C). Raises PredictionError on NaN/Inf."""
@@ -111,6 +149,20 @@ class Predictor:
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
         return torch.softmax(logits / self.temperature, dim=1).numpy()
+
+    def explain(self, pixels: np.ndarray) -> tuple[Prediction, np.ndarray]:
+        """Prediction and Grad-CAM map (HxW in [0, 1], model input size) for one image, eager model."""
+        from medpipe.explain import GradCamExplainer
+
+        x = eval_batch([pixels], self.spec).to(self.device)
+        with self._lock:
+            if self._explainer is None:
+                self._explainer = GradCamExplainer(self.model, x)
+            logits, cam = self._explainer(x)
+        if not torch.isfinite(logits).all():
+            raise PredictionError("the model produced non-finite outputs")
+        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=1).numpy()
+        return self.to_predictions(probs)[0], cam
 
     def to_predictions(self, probs: np.ndarray) -> list[Prediction]:
         out = []

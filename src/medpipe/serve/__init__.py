@@ -1,0 +1,1 @@
+"""HTTP inference service (the ``serve`` extra): see :mod:`medpipe.serve.app`."""

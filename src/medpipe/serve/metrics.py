@@ -1,0 +1,40 @@
+"""Prometheus metrics for the service, in a private registry (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("medpipe_requests_total", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("medpipe_request_seconds", "Request latency by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("medpipe_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.queue = Gauge("medpipe_queue_images", "Images admitted and not yet answered", registry=r)
+        self.rejected = Counter("medpipe_rejected_total", "Requests refused with 503 because the queue was full",
+                                registry=r)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.latency.labels(route=route).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
