@@ -232,7 +232,8 @@ import inference, medpipe
 assert medpipe.__file__.startswith({str(tmp_path)!r}), medpipe.__file__  # the vendored copy
 model = inference.model_fn({str(tmp_path / 'opt_ml_model')!r})
 body = open(sys.argv[1], 'rb').read()
-out, ctype = inference.output_fn(inference.predict_fn(inference.input_fn(body, 'image/jpeg'), model), 'application/json')
+pred = inference.predict_fn(inference.input_fn(body, 'image/jpeg'), model)
+out, ctype = inference.output_fn(pred, 'application/json')
 res = json.loads(out)
 assert ctype == 'application/json' and res['predictions'][0]['label'] in model.classes
 assert abs(sum(res['predictions'][0]['probabilities'].values()) - 1) < 1e-4
@@ -244,8 +245,8 @@ try:
     raise SystemExit('pickle accepted')
 except ValueError:
     pass
-csv, ct = inference.output_fn(res, 'text/csv')
-assert ct == 'text/csv' and csv.startswith('label,class_index,akiec')
+csv, ct = inference.output_fn(pred, 'text/csv')
+assert ct == "text/csv" and csv.startswith("index,label,class_index,akiec")
 print('ok')
 """
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "opt_ml_model" / "code")}

@@ -65,8 +65,6 @@ def decode_dicom(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         pi = str(hdr.get("PhotometricInterpretation", "")).strip().upper()
     except (TypeError, ValueError):
         raise CorruptImageError("DICOM image attributes are not numbers") from None
-    if "PixelData" not in hdr and "FloatPixelData" not in hdr:
-        raise CorruptImageError("DICOM object has no pixel data")
     if rows < 1 or cols < 1:
         raise DegenerateImageError(f"DICOM declares {cols}x{rows} pixels")
     if rows * cols * max(frames, 1) > max_pixels:
@@ -76,7 +74,11 @@ def decode_dicom(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                                      "photometric interpretation)")
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise CorruptImageError("DICOM object has no pixel data")
         arr = ds.pixel_array
+    except CorruptImageError:
+        raise
     except (NotImplementedError, RuntimeError) as exc:
         raise UnsupportedFormatError(f"DICOM transfer syntax cannot be decoded here ({exc.__class__.__name__})") from None
     except Exception as exc:  # noqa: BLE001

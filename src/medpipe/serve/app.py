@@ -19,11 +19,7 @@ bound, so a bad package stops the process with a clear line and a non-zero exit.
 
 # No `from __future__ import annotations`: FastAPI must see the real Request class in route signatures.
 import asyncio
-import base64
-import binascii
 import concurrent.futures
-import io
-import json
 import logging
 import os
 import time
@@ -35,15 +31,27 @@ import numpy as np
 
 from medpipe.data import dicom, imageio
 from medpipe.serve.batcher import Batcher
+from medpipe.serve.protocol import (
+    CSV_T,
+    DICOM,
+    IMAGE_TYPES,
+    SUPPORTED_TYPES,
+    HttpError,
+    decode_item,
+    finish,
+    media_type,
+    merge,
+    negotiate,
+    parse_body,
+    to_csv,
+    unsupported,
+)
 
 log = logging.getLogger("medpipe.serve")
 
-IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "image/bmp", "image/webp")
-NPY = "application/x-npy"
-JSON_T = "application/json"
-DICOM = "application/dicom"
 ROUTES = {("GET", "/"), ("GET", "/ping"), ("POST", "/invocations"), ("POST", "/explain"),
           ("GET", "/execution-parameters"), ("GET", "/metrics")}
+CLOSE = {"Connection": "close"}  # the rest of an unread body must not be parsed as the next request
 # Test hook (documented): make each forward pass sleep, to exercise deadlines and the queue.
 FAULT_SLEEP_ENV = "MEDPIPE_FAULT_INFER_SLEEP"
 
@@ -75,44 +83,6 @@ class ServeConfig:
         return [f.name for f in fields(cls)]
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-def negotiate(accept: str | None) -> str | None:
-    """The response type for an Accept header: JSON for none or */*, CSV when asked, None if neither."""
-    if not accept or not accept.strip():
-        return JSON_T
-    best, best_q = None, 0.0
-    for part in accept.split(","):
-        bits = [b.strip() for b in part.split(";")]
-        mt, q = bits[0].lower(), 1.0
-        for b in bits[1:]:
-            if b.startswith("q="):
-                try:
-                    q = float(b[2:])
-                except ValueError:
-                    q = 0.0
-        chosen = {"application/json": JSON_T, "application/*": JSON_T, "*/*": JSON_T, "text/csv": "text/csv",
-                  "text/*": "text/csv"}.get(mt)
-        if chosen and q > best_q:
-            best, best_q = chosen, q
-    return best
-
-
-def to_csv(classes: list[str], preds: list[dict]) -> str:
-    lines = [",".join(["index", "label", "class_index", *classes, "error"])]
-    for i, p in enumerate(preds):
-        if "error" in p:
-            lines.append(",".join([str(i), "", "", *([""] * len(classes)), p["error"]]))
-        else:
-            lines.append(",".join([str(i), p["label"], str(p["class_index"]),
-                                   *(f"{p['probabilities'][c]:.6f}" for c in classes), ""]))
-    return "\n".join(lines) + "\n"
-
-
 class Service:
     """State shared by the routes: the predictor, the batcher, limits and metrics."""
 
@@ -142,9 +112,14 @@ class Service:
         # Warm-up: the first forward at each batch size the batcher will meet is slower.
         size = self.predictor.size
         blank = np.zeros((size[0], size[1], 3), np.uint8)
+        from medpipe.predictor import PredictionError
+
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.predictor.probabilities, [blank])
-        await loop.run_in_executor(None, self.predictor.probabilities, [blank] * min(4, self.cfg.max_batch))
+        try:
+            await loop.run_in_executor(None, self.predictor.probabilities, [blank])
+            await loop.run_in_executor(None, self.predictor.probabilities, [blank] * min(4, self.cfg.max_batch))
+        except PredictionError as exc:  # answered per request as 500 prediction_failed
+            log.warning("warm-up: %s on a blank image", exc)
         self.ready = True
         log.info("model %s v%s ready (%s backend, %d classes, %dx%d input)", self.predictor.name,
                  self.predictor.version, self.predictor.backend, len(self.predictor.classes), size[1], size[0])
@@ -167,77 +142,26 @@ class Service:
             except ValueError:
                 raise HttpError(400, "bad_content_length", "Content-Length is not a number") from None
             if n > cap:
-                raise HttpError(413, "body_too_large", f"body of {n} bytes is over the {cap}-byte limit")
+                raise HttpError(413, "body_too_large", f"body of {n} bytes is over the {cap}-byte limit", CLOSE)
         buf = bytearray()
         try:
             async with asyncio.timeout(self.cfg.body_timeout_s):
                 async for chunk in request.stream():
                     buf += chunk
                     if len(buf) > cap:
-                        raise HttpError(413, "body_too_large", f"body is over the {cap}-byte limit")
+                        raise HttpError(413, "body_too_large", f"body is over the {cap}-byte limit", CLOSE)
         except TimeoutError:
-            raise HttpError(408, "body_timeout", f"body not received within {self.cfg.body_timeout_s:g} s") from None
+            raise HttpError(408, "body_timeout", f"body not received within {self.cfg.body_timeout_s:g} s",
+                            CLOSE) from None
         except ClientDisconnect:
             raise HttpError(400, "client_disconnected", "client closed the connection mid-body") from None
         return bytes(buf)
 
     def parse(self, ctype: str, body: bytes) -> list[tuple[str, object]]:
-        """Body -> [(kind, payload)] with kind in bytes|array|dicom. Raises HttpError."""
-        if ctype in IMAGE_TYPES:
-            return [("bytes", body)]
-        if ctype == DICOM:
-            return [("dicom", body)]
-        if ctype == NPY:
-            try:
-                arr = np.load(io.BytesIO(body), allow_pickle=False)
-            except Exception as exc:  # noqa: BLE001 - numpy raises several types for bad files
-                raise HttpError(400, "bad_npy", f"body is not a valid .npy array ({exc.__class__.__name__})") from None
-            if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "uif" or arr.ndim not in (2, 3, 4):
-                raise HttpError(400, "bad_npy", "the .npy array must be numeric HW, HWC, CHW or NHWC/NCHW")
-            items = list(arr) if arr.ndim == 4 else [arr]
-            self.check_count(len(items))
-            return [("array", a) for a in items]
-        if ctype == JSON_T:
-            try:
-                obj = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                raise HttpError(400, "bad_json", "body is not valid JSON") from None
-            images = obj.get("images", obj.get("instances")) if isinstance(obj, dict) else None
-            if not isinstance(images, list):
-                raise HttpError(400, "bad_json", "JSON body must be {\"images\": [<base64 image>, ...]}")
-            self.check_count(len(images))
-            out = []
-            for i, x in enumerate(images):
-                s = x.get("b64") if isinstance(x, dict) else x
-                if not isinstance(s, str):
-                    raise HttpError(400, "bad_json", f"images[{i}] must be a base64 string")
-                try:
-                    out.append(("bytes", base64.b64decode(s, validate=True)))
-                except (binascii.Error, ValueError):
-                    raise HttpError(400, "bad_base64", f"images[{i}] is not valid base64") from None
-            return out
-        raise self.unsupported(ctype)
+        return parse_body(ctype, body, self.cfg.max_images)
 
-    def unsupported(self, ctype: str) -> HttpError:
-        return HttpError(415, "unsupported_media_type", f"Content-Type {ctype or '(none)'!r} is not supported; send "
-                         + ", ".join([*IMAGE_TYPES, NPY, JSON_T] + ([DICOM] if dicom.available() else [])))
-
-    def check_count(self, n: int) -> None:
-        if n == 0:
-            raise HttpError(400, "no_images", "the request holds no image")
-        if n > self.cfg.max_images:
-            raise HttpError(413, "too_many_images", f"{n} images in one request; the limit is {self.cfg.max_images}")
-
-    def decode(self, kind: str, payload) -> np.ndarray | imageio.ImageError:
-        """One item -> model-size RGB uint8, or the ImageError that says why not (never raises it)."""
-        try:
-            if kind == "bytes":
-                return self.predictor.decode(payload)
-            if kind == "dicom":
-                return self.predictor.prepare_array(dicom.decode_dicom(payload, self.cfg.max_pixels))
-            return self.predictor.prepare_array(payload)
-        except imageio.ImageError as exc:
-            return exc
+    def decode(self, kind: str, payload):
+        return decode_item(self.predictor, kind, payload, self.cfg.max_pixels)
 
     def admit(self, n: int) -> None:
         if self.admitted + n > self.cfg.max_queue:
@@ -273,13 +197,7 @@ class Service:
             raise HttpError(500, "prediction_failed", str(exc)) from None
         finally:
             self.release(len(items))
-        preds, it = [], iter(self.predictor.to_predictions(probs))
-        for d in decoded:
-            if isinstance(d, np.ndarray):
-                preds.append(next(it).as_dict())
-            else:
-                preds.append({"error": d.code, "message": d.reason, "status": d.http_status})
-        return preds
+        return merge(decoded, self.predictor.to_predictions(probs))
 
 
 def error_response(status: int, code: str, message: str, rid: str, headers: dict | None = None):
@@ -351,35 +269,25 @@ def create_app(predictor, cfg: ServeConfig):
                                        "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
             "X-Content-Type-Options": "nosniff"})
 
-    def content_type(request: Request) -> str:
-        return (request.headers.get("content-type") or "application/x-image").split(";")[0].strip().lower()
-
     @app.post("/invocations")
     async def invocations(request: Request):
         accept = negotiate(request.headers.get("accept"))
         if accept is None:
             raise HttpError(406, "not_acceptable", "Accept must allow application/json or text/csv")
-        ctype = content_type(request)
+        ctype = media_type(request.headers.get("content-type"))
         if ctype == DICOM and not dicom.available():
             raise HttpError(415, "unsupported_media_type", "application/dicom needs the dicom extra")
-        if ctype not in (*IMAGE_TYPES, NPY, JSON_T, DICOM):
-            raise svc.unsupported(ctype)
+        if ctype not in SUPPORTED_TYPES:
+            raise unsupported(ctype)
         items = svc.parse(ctype, await svc.read_body(request))
-        preds = await svc.predict(items)
-        failed = [p for p in preds if "error" in p]
-        if len(failed) == len(preds):  # nothing to answer with: the (first) item's error is the response
-            f = failed[0]
-            raise HttpError(f["status"], f["error"], f["message"] if len(preds) == 1
-                            else f"images[0]: {f['message']} (and {len(preds) - 1} more failed)")
-        for p in failed:
-            p.pop("status", None)
-        if accept == "text/csv":
+        preds = finish(await svc.predict(items))
+        if accept == CSV_T:
             return PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
         return JSONResponse({"model": predictor.name, "version": predictor.version, "predictions": preds})
 
     @app.post("/explain")
     async def explain(request: Request):
-        ctype = content_type(request)
+        ctype = media_type(request.headers.get("content-type"))
         if ctype not in IMAGE_TYPES:
             raise HttpError(415, "unsupported_media_type", "send one image (JPEG, PNG, BMP or WebP)")
         body = await svc.read_body(request)
@@ -436,6 +344,23 @@ class RequestEnvelope:
             self.svc.metrics.observe(route, status, time.perf_counter() - t0)
 
 
+def _draining_server_class():
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM (SageMaker scale-in) is a planned stop: drain, then exit 0 instead of re-raising it."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                log.info("SIGTERM: not accepting new connections; finishing in-flight requests")
+                self._captured_signals.remove(sig)
+
+    return DrainingServer
+
+
 def serve(cfg: ServeConfig) -> int:
     """Load and verify the model, then run uvicorn until SIGTERM/SIGINT. Returns the exit code."""
     import torch
@@ -453,7 +378,7 @@ def serve(cfg: ServeConfig) -> int:
     config = uvicorn.Config(app, host=cfg.host, port=int(cfg.port), log_level="info", access_log=False,
                             timeout_graceful_shutdown=cfg.graceful_s, timeout_keep_alive=5, lifespan="on",
                             server_header=False, h11_max_incomplete_event_size=64 * 1024)
-    server = uvicorn.Server(config)
+    server = _draining_server_class()(config)
     log.info("serving on http://%s:%d", cfg.host, cfg.port)
     server.run()
     return 0 if server.started else 1

@@ -1,0 +1,160 @@
+"""The request/response protocol shared by the HTTP service and the SageMaker toolkit handlers.
+
+Pure functions, no web framework: content types in, items out; predictions in, JSON or CSV out.
+
+Request bodies (``Content-Type``):
+  image/jpeg, image/png, image/bmp, image/webp, application/x-image  one image's bytes
+  application/x-npy    one array (HW, HWC or CHW) or a stack (NHWC/NCHW); uint8, or float in [0,1]/[0,255];
+                       read with ``allow_pickle=False``
+  application/json     {"images": ["<base64>", ...]} (also {"instances": [...]}, items may be {"b64": ...})
+  application/dicom    one DICOM Part 10 object (the ``dicom`` extra)
+Responses (``Accept``): application/json (also for none or */*) or text/csv; anything else is 406.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+
+import numpy as np
+
+from medpipe.data import dicom
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "image/bmp", "image/webp")
+NPY = "application/x-npy"
+JSON_T = "application/json"
+CSV_T = "text/csv"
+DICOM = "application/dicom"
+SUPPORTED_TYPES = (*IMAGE_TYPES, NPY, JSON_T, DICOM)
+
+
+class HttpError(Exception):
+    """A refusal with an HTTP status, a short machine code and a message that names the field."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def media_type(header: str | None, default: str = "application/x-image") -> str:
+    return (header or default).split(";")[0].strip().lower()
+
+
+def unsupported(ctype: str) -> HttpError:
+    return HttpError(415, "unsupported_media_type", f"Content-Type {ctype or '(none)'!r} is not supported; send "
+                     + ", ".join([*IMAGE_TYPES, NPY, JSON_T] + ([DICOM] if dicom.available() else [])))
+
+
+def negotiate(accept: str | None) -> str | None:
+    """The response type for an Accept header: JSON for none or */*, CSV when preferred, None if neither."""
+    if not accept or not accept.strip():
+        return JSON_T
+    best, best_q = None, 0.0
+    for part in accept.split(","):
+        bits = [b.strip() for b in part.split(";")]
+        mt, q = bits[0].lower(), 1.0
+        for b in bits[1:]:
+            if b.startswith("q="):
+                try:
+                    q = float(b[2:])
+                except ValueError:
+                    q = 0.0
+        chosen = {JSON_T: JSON_T, "application/*": JSON_T, "*/*": JSON_T, CSV_T: CSV_T, "text/*": CSV_T}.get(mt)
+        if chosen and q > best_q:
+            best, best_q = chosen, q
+    return best
+
+
+def check_count(n: int, max_images: int) -> None:
+    if n == 0:
+        raise HttpError(400, "no_images", "the request holds no image")
+    if n > max_images:
+        raise HttpError(413, "too_many_images", f"{n} images in one request; the limit is {max_images}")
+
+
+def parse_body(ctype: str, body: bytes, max_images: int = 16) -> list[tuple[str, object]]:
+    """Body -> [(kind, payload)], kind in bytes | array | dicom. Raises HttpError naming the problem."""
+    if ctype in IMAGE_TYPES:
+        return [("bytes", body)]
+    if ctype == DICOM:
+        return [("dicom", body)]
+    if ctype == NPY:
+        try:
+            arr = np.load(io.BytesIO(body), allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - numpy raises several types for bad files
+            raise HttpError(400, "bad_npy", f"body is not a valid .npy array ({exc.__class__.__name__})") from None
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "uif" or arr.ndim not in (2, 3, 4):
+            raise HttpError(400, "bad_npy", "the .npy array must be numeric HW, HWC, CHW or NHWC/NCHW")
+        items = list(arr) if arr.ndim == 4 else [arr]
+        check_count(len(items), max_images)
+        return [("array", a) for a in items]
+    if ctype == JSON_T:
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise HttpError(400, "bad_json", "body is not valid JSON") from None
+        images = obj.get("images", obj.get("instances")) if isinstance(obj, dict) else None
+        if not isinstance(images, list):
+            raise HttpError(400, "bad_json", "JSON body must be {\"images\": [<base64 image>, ...]}")
+        check_count(len(images), max_images)
+        out = []
+        for i, x in enumerate(images):
+            s = x.get("b64") if isinstance(x, dict) else x
+            if not isinstance(s, str):
+                raise HttpError(400, "bad_json", f"images[{i}] must be a base64 string")
+            try:
+                out.append(("bytes", base64.b64decode(s, validate=True)))
+            except (binascii.Error, ValueError):
+                raise HttpError(400, "bad_base64", f"images[{i}] is not valid base64") from None
+        return out
+    raise unsupported(ctype)
+
+
+def decode_item(predictor, kind: str, payload, max_pixels: int):
+    """One parsed item -> model-size RGB uint8, or the ImageError that says why not (returned, not raised)."""
+    from medpipe.data.imageio import ImageError
+
+    try:
+        if kind == "bytes":
+            return predictor.decode(payload)
+        if kind == "dicom":
+            return predictor.prepare_array(dicom.decode_dicom(payload, max_pixels))
+        return predictor.prepare_array(payload)
+    except ImageError as exc:
+        return exc
+
+
+def merge(decoded: list, predictions: list) -> list[dict]:
+    """Per item, its prediction dict or {"error", "message", "status"} in request order."""
+    out, it = [], iter(predictions)
+    for d in decoded:
+        if isinstance(d, np.ndarray):
+            out.append(next(it).as_dict())
+        else:
+            out.append({"error": d.code, "message": d.reason, "status": d.http_status})
+    return out
+
+
+def finish(preds: list[dict]) -> list[dict]:
+    """Raise the error when no item succeeded; else drop the internal status from error entries."""
+    failed = [p for p in preds if "error" in p]
+    if failed and len(failed) == len(preds):
+        f = failed[0]
+        raise HttpError(f["status"], f["error"], f["message"] if len(preds) == 1
+                        else f"images[0]: {f['message']} (and {len(preds) - 1} more failed)")
+    for p in failed:
+        p.pop("status", None)
+    return preds
+
+
+def to_csv(classes: list[str], preds: list[dict]) -> str:
+    lines = [",".join(["index", "label", "class_index", *classes, "error"])]
+    for i, p in enumerate(preds):
+        if "error" in p:
+            lines.append(",".join([str(i), "", "", *([""] * len(classes)), p["error"]]))
+        else:
+            lines.append(",".join([str(i), p["label"], str(p["class_index"]),
+                                   *(f"{p['probabilities'][c]:.6f}" for c in classes), ""]))
+    return "\n".join(lines) + "\n"
