@@ -136,6 +136,35 @@ def add_serve_options(s) -> None:
                        metavar=f.name.upper(), help=f"(default {f.default})")
 
 
+def cmd_batch(args) -> int:
+    from medpipe.batch import run_batch
+
+    if not args.model and not args.url:
+        raise MedpipeError("give --model MODEL or --url http://HOST:PORT")
+    s = run_batch(args.model, args.input, args.output, url=args.url, per_file=args.per_file,
+                  manifest_out=args.manifest_out, label_attribute=args.label_attribute, batch_size=args.batch_size,
+                  shard_size=args.shard_size, workers=args.workers, backend=args.backend, device=args.device,
+                  concurrency=args.concurrency, max_error_rate=args.max_error_rate, progress=_progress())
+    print(f"batch: {s['predicted']} predicted, {s['errors']} errors of {s['items']} "
+          f"-> {s['outputs']['jsonl']}, {s['outputs']['csv']}")
+    if s["errors"]:
+        print(f"error rows carry the reason; see {s['outputs']['csv']}", file=sys.stderr)
+    if s["threshold_exceeded"]:
+        print(f"medpipe batch: error rate {s['error_rate']:.1%} is over --max-error-rate "
+              f"{args.max_error_rate:.1%}", file=sys.stderr)
+        return 3
+    return 1 if s["predicted"] == 0 else 0
+
+
+def cmd_export(args) -> int:
+    from medpipe.export import export_model
+
+    r = export_model(args.model, args.format, args.out)
+    check = f" (max |export - eager| {r['max_abs_diff']:.1e})" if "max_abs_diff" in r else ""
+    print(f"wrote {args.format}: {r['out']}{check}")
+    return 0
+
+
 def register(sub) -> None:
     s = sub.add_parser("train", help="train a MONAI classifier; writes RUN_DIR/{model,report,checkpoints}")
     s.add_argument("--data", required=True, help="ingested data directory")
@@ -170,6 +199,33 @@ def register(sub) -> None:
     s = sub.add_parser("serve", help="HTTP inference service (SageMaker hosting contract, web page at /)")
     add_serve_options(s)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("batch", help="predictions for a folder, manifest or record table (resumable)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--model", help="model package folder (or a run folder)")
+    g.add_argument("--url", help="send each file to a running server's /invocations instead")
+    s.add_argument("--input", required=True, help="image folder (recursive), CSV or Ground Truth manifest, "
+                                                  "or an ingested data folder")
+    s.add_argument("--output", required=True, help="output folder (re-run with the same one to resume)")
+    s.add_argument("--per-file", action="store_true", help="also write <input>.out per file (batch transform)")
+    s.add_argument("--manifest-out", help="write a Ground Truth output manifest of the predictions here")
+    s.add_argument("--label-attribute", default="medpipe-label")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--shard-size", type=int, default=256, help="items per atomically written output shard")
+    s.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
+    s.add_argument("--backend", default="auto", choices=["auto", "eager", "onnx"])
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--concurrency", type=int, default=None, help="with --url: requests in flight "
+                                                                 "(default: the server's MaxConcurrentTransforms)")
+    s.add_argument("--max-error-rate", type=float, default=None,
+                   help="exit 3 when the share of error rows is above this (e.g. 0.05)")
+    s.set_defaults(func=cmd_batch)
+
+    s = sub.add_parser("export", help="export a package: onnx, torchscript, MONAI bundle or SageMaker tarball")
+    s.add_argument("--model", required=True)
+    s.add_argument("--format", required=True, choices=["onnx", "torchscript", "bundle", "sagemaker"])
+    s.add_argument("--out", required=True, help="file (onnx, torchscript, sagemaker) or folder (bundle)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("package", help="(re)build model.tar.gz for SageMaker from a model package")
     s.add_argument("--model", required=True)

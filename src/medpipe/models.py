@@ -68,6 +68,22 @@ MODEL_NAMES = {
 }
 
 
+def bundle_target(name: str, num_classes: int) -> dict:
+    """The MONAI bundle ``network_def`` that rebuilds ``name`` (for ``medpipe export --format bundle``)."""
+    if name.startswith("densenet"):
+        return {"_target_": f"DenseNet{name[8:]}", "spatial_dims": 2, "in_channels": 3, "out_channels": num_classes}
+    if name.startswith("resnet"):
+        return {"_target_": f"monai.networks.nets.{name}", "spatial_dims": 2, "n_input_channels": 3,
+                "num_classes": num_classes}
+    if name.startswith("efficientnet"):
+        return {"_target_": "EfficientNetBN", "model_name": name, "pretrained": False, "spatial_dims": 2,
+                "in_channels": 3, "num_classes": num_classes}
+    if name in ("seresnet50", "seresnext50"):
+        return {"_target_": {"seresnet50": "SEResNet50", "seresnext50": "SEResNext50"}[name], "spatial_dims": 2,
+                "in_channels": 3, "num_classes": num_classes, "pretrained": False}
+    raise ConfigError(f"unknown model {name!r}")
+
+
 def create_model(name: str, num_classes: int, *, pretrained: bool = False, init_weights: str | None = None,
                  dropout: float = 0.0) -> nn.Module:
     if name not in MODEL_NAMES:

@@ -1,0 +1,412 @@
+"""Batch transform: predictions for a folder, a manifest or an ingested record table.
+
+    medpipe batch --model RUN/model --input IMAGES/ --output OUT/ [--per-file] [--manifest-out OUT/gt.manifest]
+    medpipe batch --url http://127.0.0.1:8080 --input IMAGES/ --output OUT/      # via a running server
+
+Output (``OUT/``): ``predictions.jsonl`` and ``predictions.csv`` (id, path, label, class index, every
+class probability; error rows carry ``error`` and ``message``), ``batch.json`` (model, input listing
+hash, counts), with ``--per-file`` one ``<relative path>.out`` per input (the server's JSON, as
+SageMaker batch transform writes), with ``--manifest-out`` a Ground Truth image-classification
+output manifest (label = class index, ``-metadata`` with class-name and confidence).
+
+Resumable: items are listed in a fixed order and processed in shards; each shard is written
+atomically to ``OUT/shards/`` when done, and a restart with the same input skips finished shards,
+so an interrupted job ends with exactly the rows of an uninterrupted one. Per-item problems
+(unreadable, corrupt, outside the input root) become error rows; the job goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medpipe.errors import MedpipeError
+from medpipe.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".dcm"}
+SHARD_DIR = "shards"
+STATE = "batch.json"
+FAULT_SLEEP_ENV = "MEDPIPE_FAULT_BATCH_SHARD_SLEEP"  # test hook: pause after each shard
+
+
+class BatchError(MedpipeError):
+    pass
+
+
+@dataclass
+class Item:
+    index: int
+    id: str
+    path: str            # as listed (relative to the input root where possible)
+    file: Path | None    # resolved local file, None when refused at listing
+    error: tuple[str, str] | None = None
+    extra: dict | None = None  # Ground Truth keys passed through
+
+
+# -- listing -------------------------------------------------------------------------------------
+
+def _confine(ref: str, root: Path, base: Path) -> tuple[Path | None, tuple[str, str] | None]:
+    """Resolve ``ref`` against ``base``; refuse anything (``..``, absolute, symlink) that lands outside ``root``."""
+    from medpipe.data.sources import resolve_ref
+
+    try:
+        p = resolve_ref(ref, base, None)
+    except ValueError as exc:
+        return None, ("unsupported_reference", str(exc))
+    real = Path(os.path.realpath(p))
+    if not real.is_relative_to(root):
+        return None, ("outside_input_root", f"{ref}: resolves outside the input root; refused")
+    return real, None
+
+
+def list_items(input_path: str | os.PathLike) -> tuple[list[Item], Path]:
+    """Items in a stable order, and the input root paths are confined to."""
+    src = Path(input_path)
+    if not src.exists():
+        raise BatchError(f"{src}: no such file or folder")
+    if src.is_dir() and (src / "records.csv").is_file():
+        import pandas as pd
+
+        root = Path(os.path.realpath(src))
+        table = pd.read_csv(src / "records.csv", dtype=str)
+        rows = [(r["image_id"], r["path"], None) for _, r in table.iterrows()]
+        # An ingested table lists absolute paths to where ingest found the images: confine to their common root.
+        files = [Path(os.path.realpath(p)) for _, p, _ in rows]
+        root = Path(os.path.commonpath(files)) if files else root
+        base = root
+    elif src.is_dir():
+        root = Path(os.path.realpath(src))
+        rows = []
+        for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    rel = (Path(dirpath) / name).relative_to(src).as_posix()
+                    rows.append((rel, rel, None))
+        base = src
+    elif src.suffix.lower() == ".csv":
+        import pandas as pd
+
+        root = Path(os.path.realpath(src.parent))
+        table = pd.read_csv(src, dtype=str).fillna("")
+        col = next((c for c in ("path", "image", "file", "source-ref", "image_path") if c in table.columns), None)
+        if col is None:
+            raise BatchError(f"{src}: no path column (expected one of path, image, file, source-ref)")
+        idcol = next((c for c in ("id", "image_id") if c in table.columns), col)
+        rows = [(r[idcol], r[col], None) for _, r in table.iterrows()]
+        base = src.parent
+    else:  # Ground Truth manifest: JSON lines with source-ref
+        root = Path(os.path.realpath(src.parent))
+        rows = []
+        for n, line in enumerate(src.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                ref = obj["source-ref"]
+            except (ValueError, KeyError, TypeError):
+                rows.append((f"line{n}", f"{src.name}:{n}", {"_error": ("bad_manifest_line",
+                             f"{src.name} line {n}: not JSON with a source-ref")}))
+                continue
+            rows.append((Path(ref).name, ref, obj))
+        base = src.parent
+    items = []
+    for i, (iid, ref, extra) in enumerate(rows):
+        if extra and "_error" in extra:
+            items.append(Item(i, iid, ref, None, extra["_error"]))
+            continue
+        f, err = _confine(ref, root, base)
+        items.append(Item(i, str(iid), ref, f, err, extra))
+    return items, root
+
+
+def listing_hash(items: list[Item]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.id}\t{it.path}\n".encode())
+    return h.hexdigest()
+
+
+# -- predicting ----------------------------------------------------------------------------------
+
+class LocalEngine:
+    """Decode in parallel threads, forward in batches; halve the batch on out-of-memory."""
+
+    def __init__(self, model: str, backend: str, device: str, batch_size: int, workers: int):
+        from medpipe.predictor import Predictor
+
+        self.predictor = Predictor(model, device=device, backend=backend)
+        self.batch_size = max(1, batch_size)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="medpipe-decode")
+        self.meta = {"model": self.predictor.name, "version": self.predictor.version,
+                     "classes": self.predictor.classes, "backend": self.predictor.backend}
+
+    def _decode(self, it: Item):
+        from medpipe.data import dicom
+        from medpipe.data.imageio import ImageError
+
+        p = self.predictor
+        try:
+            data = it.file.read_bytes()
+        except OSError as exc:
+            return ImageError(f"cannot read file ({exc.strerror})")
+        try:
+            if it.file.suffix.lower() == ".dcm":
+                return p.prepare_array(dicom.decode_dicom(data, p.max_pixels))
+            return p.decode(data)
+        except ImageError as exc:
+            return exc
+
+    def submit(self, items: list[Item]):
+        return [self.pool.submit(self._decode, it) if it.error is None else None for it in items]
+
+    def forward(self, pixels: list):
+        import numpy as np
+        import torch
+
+        out, i = [], 0
+        while i < len(pixels):
+            chunk = pixels[i:i + self.batch_size]
+            try:
+                out.append(self.predictor.probabilities(chunk))
+                i += len(chunk)
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                if self.batch_size == 1:
+                    raise BatchError(f"out of memory at batch size 1 ({exc.__class__.__name__})") from None
+                self.batch_size = max(1, self.batch_size // 2)
+                log.warning("out of memory on a batch of %d; retrying with batch size %d", len(chunk), self.batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return np.concatenate(out) if out else np.zeros((0, len(self.predictor.classes)), np.float32)
+
+    def run(self, items: list[Item], futures) -> list[dict]:
+        from medpipe.data.imageio import ImageError
+        from medpipe.predictor import PredictionError
+
+        decoded = [f.result() if f is not None else None for f in futures]
+        good = [d for d in decoded if d is not None and not isinstance(d, ImageError)]
+        try:
+            probs = self.forward(good)
+        except PredictionError as exc:
+            return [_row(it, error=("prediction_failed", str(exc))) for it in items]
+        rows, k = [], 0
+        classes = self.predictor.classes
+        for it, d in zip(items, decoded):
+            if it.error:
+                rows.append(_row(it, error=it.error))
+            elif isinstance(d, ImageError):
+                rows.append(_row(it, error=(d.code, d.reason)))
+            else:
+                rows.append(_row(it, probs=dict(zip(classes, map(float, probs[k])))))
+                k += 1
+        return rows
+
+
+class RemoteEngine:
+    """Send each file to a server's /invocations, as SageMaker batch transform does (SplitType None)."""
+
+    def __init__(self, url: str, concurrency: int | None):
+        if not url.startswith(("http://", "https://")):
+            raise BatchError(f"--url must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        params = {}
+        try:
+            params = self._get("/execution-parameters")
+        except BatchError:
+            log.info("%s has no /execution-parameters; using defaults", self.url)
+        self.concurrency = concurrency or int(params.get("MaxConcurrentTransforms", 4))
+        self.max_payload = int(float(params.get("MaxPayloadInMB", 6)) * 1024 * 1024)
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="medpipe-client")
+        self.meta = {"url": self.url, "concurrency": self.concurrency}
+
+    def _get(self, path: str) -> dict:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=30) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise BatchError(f"cannot reach {self.url}{path}: {getattr(exc, 'reason', exc)}") from None
+
+    def _post(self, it: Item) -> dict:
+        import urllib.error
+        import urllib.request
+
+        from medpipe.client import CONTENT_TYPES
+
+        try:
+            data = it.file.read_bytes()
+        except OSError as exc:
+            return _row(it, error=("unreadable_file", f"cannot read file ({exc.strerror})"))
+        if len(data) > self.max_payload:
+            return _row(it, error=("payload_too_large", f"{len(data)} bytes is over MaxPayloadInMB"))
+        ctype = "application/dicom" if it.file.suffix.lower() == ".dcm" else \
+            CONTENT_TYPES.get(it.file.suffix.lower(), "application/x-image")
+        req = urllib.request.Request(self.url + "/invocations", data=data, method="POST",
+                                     headers={"Content-Type": ctype, "Accept": "application/json"})
+        for attempt in range(5):
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    p = json.loads(r.read())["predictions"][0]
+                self.meta.setdefault("classes", list(p["probabilities"]))
+                return _row(it, probs=p["probabilities"])
+            except urllib.error.HTTPError as exc:
+                if exc.code == 503 and attempt < 4:  # overloaded: honour Retry-After
+                    time.sleep(float(exc.headers.get("Retry-After", "1") or 1))
+                    continue
+                try:
+                    err = json.loads(exc.read())
+                except ValueError:
+                    err = {}
+                return _row(it, error=(err.get("error", f"http_{exc.code}"), err.get("message", str(exc.reason))))
+            except (urllib.error.URLError, OSError) as exc:
+                raise BatchError(f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None
+        return _row(it, error=("overloaded", "server stayed overloaded"))
+
+    def submit(self, items: list[Item]):
+        return [self.pool.submit(self._post, it) if it.error is None else None for it in items]
+
+    def run(self, items: list[Item], futures) -> list[dict]:
+        return [_row(it, error=it.error) if f is None else f.result() for it, f in zip(items, futures)]
+
+
+def _row(it: Item, probs: dict | None = None, error: tuple[str, str] | None = None) -> dict:
+    row = {"index": it.index, "id": it.id, "path": it.path}
+    if error:
+        row.update(error=error[0], message=error[1])
+    else:
+        label = max(probs, key=probs.get)
+        row.update(label=label, class_index=list(probs).index(label), probabilities=probs)
+    return row
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+def run_batch(model: str | None, input_path: str, output: str, *, url: str | None = None, per_file: bool = False,
+              manifest_out: str | None = None, label_attribute: str = "medpipe-label", batch_size: int = 32,
+              shard_size: int = 256, workers: int | None = None, backend: str = "auto", device: str = "cpu",
+              concurrency: int | None = None, max_error_rate: float | None = None, progress: bool = False) -> dict:
+    out = Path(output)
+    items, root = list_items(input_path)
+    if not items:
+        raise BatchError(f"{input_path}: no images found")
+    digest = listing_hash(items)
+    shards = out / SHARD_DIR
+    shards.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state.get("listing_sha256") != digest or state.get("shard_size") != shard_size:
+            raise BatchError(f"{out} holds a batch job over a different input listing or shard size; "
+                             "use a new --output folder")
+    engine = RemoteEngine(url, concurrency) if url else LocalEngine(model, backend, device, batch_size,
+                                                                   workers or (os.cpu_count() or 1))
+    state = {"input": str(input_path), "listing_sha256": digest, "items": len(items), "shard_size": shard_size,
+             **{k: v for k, v in engine.meta.items() if k != "classes"}}
+    atomic_write_text(state_path, json.dumps(state, indent=2))
+
+    groups = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    todo = [(k, g) for k, g in enumerate(groups) if not _shard_done(shards / f"part-{k:05d}.jsonl", len(g))]
+    done_items = len(items) - sum(len(g) for _, g in todo)
+    if done_items:
+        log.info("resuming: %d of %d items already done", done_items, len(items))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), initial=done_items, unit="img", desc="batch", dynamic_ncols=True)
+    fault_sleep = float(os.environ.get(FAULT_SLEEP_ENV, "0") or 0)
+    pending = engine.submit(todo[0][1]) if todo else None
+    for n, (k, group) in enumerate(todo):
+        futures = pending
+        pending = engine.submit(todo[n + 1][1]) if n + 1 < len(todo) else None  # decode ahead
+        rows = engine.run(group, futures)
+        atomic_write_text(shards / f"part-{k:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if bar:
+            bar.update(len(group))
+        if fault_sleep:
+            time.sleep(fault_sleep)
+    if bar:
+        bar.close()
+
+    rows = [json.loads(line) for k in range(len(groups))
+            for line in (shards / f"part-{k:05d}.jsonl").read_text().splitlines()]
+    classes = engine.meta.get("classes") or next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
+    _write_outputs(out, rows, classes)
+    if per_file:
+        _write_per_file(out, rows, engine.meta)
+    if manifest_out:
+        _write_manifest(Path(manifest_out), rows, items, label_attribute)
+    errors = sum("error" in r for r in rows)
+    summary = {**state, "predicted": len(rows) - errors, "errors": errors, "error_rate": errors / len(rows),
+               "outputs": {"jsonl": str(out / "predictions.jsonl"), "csv": str(out / "predictions.csv")}}
+    atomic_write_text(state_path, json.dumps(summary, indent=2))
+    summary["threshold_exceeded"] = max_error_rate is not None and summary["error_rate"] > max_error_rate
+    return summary
+
+
+def _shard_done(path: Path, n: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return len([json.loads(x) for x in path.read_text().splitlines()]) == n
+    except ValueError:
+        return False
+
+
+def _write_outputs(out: Path, rows: list[dict], classes: list[str]) -> None:
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps({k: v for k, v in r.items() if k != "index"}) + "\n"
+                                                         for r in rows))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "path", "label", "class_index", *classes, "error", "message"])
+    for r in rows:
+        if "error" in r:
+            w.writerow([r["id"], r["path"], "", "", *([""] * len(classes)), r["error"], r["message"]])
+        else:
+            w.writerow([r["id"], r["path"], r["label"], r["class_index"],
+                        *(f"{r['probabilities'][c]:.6f}" for c in classes), "", ""])
+    atomic_write_text(out / "predictions.csv", buf.getvalue())
+
+
+def _write_per_file(out: Path, rows: list[dict], meta: dict) -> None:
+    for r in rows:
+        if "error" in r:
+            continue
+        rel = Path(r["path"])
+        if rel.is_absolute() or ".." in rel.parts or "://" in r["path"]:
+            rel = Path(r["id"])
+        dest = out / (rel.as_posix() + ".out")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        pred = {"label": r["label"], "class_index": r["class_index"], "probabilities": r["probabilities"]}
+        atomic_write_text(dest, json.dumps({"model": meta.get("model"), "version": meta.get("version"),
+                                            "predictions": [pred]}))
+
+
+def _write_manifest(dest: Path, rows: list[dict], items: list[Item], attr: str) -> None:
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    lines = []
+    for r, it in zip(rows, items):
+        if "error" in r:
+            continue
+        obj = dict(it.extra) if it.extra else {"source-ref": str(it.file)}
+        obj[attr] = r["class_index"]
+        obj[f"{attr}-metadata"] = {"class-name": r["label"], "confidence": round(r["probabilities"][r["label"]], 6),
+                                   "type": "groundtruth/image-classification", "job-name": f"medpipe-batch/{attr}",
+                                   "human-annotated": "no", "creation-date": now}
+        lines.append(json.dumps(obj))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dest, "\n".join(lines) + ("\n" if lines else ""))
