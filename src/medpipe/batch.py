@@ -159,7 +159,9 @@ class LocalEngine:
         try:
             data = it.file.read_bytes()
         except OSError as exc:
-            return ImageError(f"cannot read file ({exc.strerror})")
+            err = ImageError(f"cannot read file ({exc.strerror})")
+            err.code = "unreadable_file"
+            return err
         try:
             if it.file.suffix.lower() == ".dcm":
                 return p.prepare_array(dicom.decode_dicom(data, p.max_pixels))

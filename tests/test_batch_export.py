@@ -1,0 +1,254 @@
+"""Batch transform and exports."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medpipe.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def folder50(data_dir, tmp_path_factory):
+    """50 images in nested folders, 2 of them corrupt."""
+    out = tmp_path_factory.mktemp("batch_in") / "images"
+    paths = pd.read_csv(data_dir / "records.csv")["path"].tolist()[:48]
+    for i, p in enumerate(paths):
+        d = out / f"site{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, d / Path(p).name)
+    (out / "site0" / "broken.jpg").write_bytes(Path(paths[0]).read_bytes()[:300])
+    (out / "site1" / "empty.png").write_bytes(b"")
+    return out
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_folder_with_two_corrupt_files(trained_run, folder50, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["batch", "--model", str(trained_run / "model"), "--input", str(folder50), "--output", str(out),
+               "--per-file", "--manifest-out", str(out / "review.manifest"), "--shard-size", "16", "--batch-size", "8"])
+    assert rc == 0
+    rows = _rows(out)
+    assert len(rows) == 50 and len({r["id"] for r in rows}) == 50
+    errors = [r for r in rows if "error" in r]
+    assert sorted(r["path"] for r in errors) == ["site0/broken.jpg", "site1/empty.png"]
+    assert {r["error"] for r in errors} == {"corrupt_image", "empty_image"}
+    assert sum("label" in r for r in rows) == 48
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == 50 and table["error"].notna().sum() == 2
+    assert {"id", "path", "label", "class_index", "akiec", "vasc", "error", "message"} <= set(table.columns)
+    good = next(r for r in rows if "label" in r)
+    per_file = json.loads((out / (good["path"] + ".out")).read_text())
+    assert per_file["predictions"][0]["probabilities"] == good["probabilities"]
+    assert not (out / "site0" / "broken.jpg.out").exists()
+    manifest = [json.loads(x) for x in (out / "review.manifest").read_text().splitlines()]
+    assert len(manifest) == 48
+    m = manifest[0]
+    assert isinstance(m["medpipe-label"], int) and m["medpipe-label-metadata"]["class-name"] in good["probabilities"]
+    assert m["medpipe-label-metadata"]["type"] == "groundtruth/image-classification"
+    # the error-rate threshold turns 2/50 into a failing exit code, and the rows stay
+    assert main(["batch", "--model", str(trained_run / "model"), "--input", str(folder50), "--output", str(out),
+                 "--shard-size", "16", "--max-error-rate", "0.01"]) == 3
+    assert len(_rows(out)) == 50
+
+
+def test_batch_equals_predictor_and_server_path(trained_run, folder50, tmp_path):
+    from medpipe.predictor import Predictor
+
+    out = tmp_path / "out"
+    assert main(["batch", "--model", str(trained_run / "model"), "--input", str(folder50), "--output", str(out),
+                 "--backend", "eager", "--batch-size", "1"]) == 0
+    p = Predictor(trained_run / "model")
+    for r in _rows(out)[:6]:
+        if "label" in r:
+            ref = p.predict_bytes([(folder50 / r["path"]).read_bytes()])[0].probabilities
+            assert all(abs(r["probabilities"][c] - ref[c]) < 1e-6 for c in ref)
+
+
+def test_kill_and_restart_gives_the_uninterrupted_rows(trained_run, folder50, tmp_path):
+    straight = tmp_path / "straight"
+    assert main(["batch", "--model", str(trained_run / "model"), "--input", str(folder50), "--output", str(straight),
+                 "--shard-size", "5", "--backend", "eager"]) == 0
+    out = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "medpipe", "batch", "--model", str(trained_run / "model"), "--input", str(folder50),
+           "--output", str(out), "--shard-size", "5", "--backend", "eager"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDPIPE_FAULT_BATCH_SHARD_SLEEP": "0.4"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "shards").glob("part-*.jsonl"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    done = len(list((out / "shards").glob("part-*.jsonl")))
+    assert 3 <= done < 10, done  # killed halfway
+    assert not (out / "predictions.jsonl").exists()
+    r = subprocess.run(cmd, env={**env, "MEDPIPE_FAULT_BATCH_SHARD_SLEEP": "0"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _rows(out) == _rows(straight)
+    assert (out / "predictions.csv").read_text() == (straight / "predictions.csv").read_text()
+
+
+def test_manifest_paths_are_confined_to_the_input_root(trained_run, folder50, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    good = next(folder50.rglob("*.jpg"))
+    shutil.copy(good, root / "ok.jpg")
+    outside = tmp_path / "secret.jpg"
+    shutil.copy(good, outside)
+    (root / "link.jpg").symlink_to(outside)
+    lines = [{"source-ref": "ok.jpg", "lesion_id": "L1"}, {"source-ref": "../secret.jpg"},
+             {"source-ref": str(outside)}, {"source-ref": "link.jpg"}, {"source-ref": "missing.jpg"}]
+    manifest = root / "input.manifest"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    out = tmp_path / "out"
+    assert main(["batch", "--model", str(trained_run / "model"), "--input", str(manifest), "--output", str(out),
+                 "--manifest-out", str(out / "gt.manifest")]) == 0
+    rows = _rows(out)
+    assert [r.get("error") for r in rows] == [None, "outside_input_root", "outside_input_root", "outside_input_root",
+                                              "unreadable_file", "bad_manifest_line"]
+    gt = [json.loads(x) for x in (out / "gt.manifest").read_text().splitlines()]
+    assert len(gt) == 1 and gt[0]["source-ref"] == "ok.jpg" and gt[0]["lesion_id"] == "L1"  # keys pass through
+
+
+def test_out_of_memory_halves_the_batch(trained_run, folder50, tmp_path, caplog):
+    from medpipe.batch import LocalEngine, list_items
+
+    engine = LocalEngine(str(trained_run / "model"), "eager", "cpu", batch_size=16, workers=2)
+    real = engine.predictor.probabilities
+    seen = []
+
+    def flaky(pixels, tta=False):
+        seen.append(len(pixels))
+        if len(pixels) > 4:
+            raise torch.OutOfMemoryError("simulated")
+        return real(pixels)
+
+    engine.predictor.probabilities = flaky
+    items, _ = list_items(folder50)
+    items = [it for it in items if it.path.endswith(".jpg") and "broken" not in it.path][:12]
+    with caplog.at_level("WARNING"):
+        rows = engine.run(items, engine.submit(items))
+    assert all("label" in r for r in rows) and len(rows) == 12
+    assert seen[:3] == [12, 8, 4] and engine.batch_size == 4
+    assert "out of memory on a batch of 12; retrying with batch size 8" in caplog.text
+
+
+def test_batch_via_url_matches_local(trained_run, folder50, tmp_path):
+    pytest.importorskip("fastapi")
+    from tests._server import Server
+
+    s = Server(trained_run / "model", "--backend", "eager", log=tmp_path / "log").wait_ready()
+    try:
+        out = tmp_path / "remote"
+        assert main(["batch", "--url", s.url, "--input", str(folder50), "--output", str(out)]) == 0
+        state = json.loads((out / "batch.json").read_text())
+        assert state["concurrency"] == 4  # from the server's /execution-parameters
+    finally:
+        s.stop()
+    local = tmp_path / "local"
+    assert main(["batch", "--model", str(trained_run / "model"), "--input", str(folder50), "--output", str(local),
+                 "--backend", "eager"]) == 0
+    remote_rows, local_rows = _rows(out), _rows(local)
+    assert [r["id"] for r in remote_rows] == [r["id"] for r in local_rows]
+    for a, b in zip(remote_rows, local_rows):
+        assert a.get("error") == b.get("error")
+        if "label" in a:
+            assert a["label"] == b["label"]
+            assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-5
+
+
+# -- exports -------------------------------------------------------------------------------------
+
+def test_onnx_backend_matches_eager(trained_run, folder50):
+    from medpipe.data.imageio import read_image
+    from medpipe.predictor import Predictor
+
+    eager = Predictor(trained_run / "model", backend="eager")
+    onnx = Predictor(trained_run / "model", backend="onnx")
+    pixels = [read_image(p, size=eager.size) for p in sorted(folder50.rglob("ISIC*.jpg"))[:5]]
+    rng = np.random.default_rng(0)
+    pixels += [rng.integers(0, 256, (*eager.size, 3), dtype=np.uint8) for _ in range(3)]
+    assert np.abs(eager.logits(pixels).numpy() - onnx.logits(pixels).numpy()).max() < 1e-4
+    assert np.abs(eager.probabilities(pixels) - onnx.probabilities(pixels)).max() < 1e-4
+
+
+def test_onnx_and_torchscript_exports(trained_run, tmp_path):
+    import onnxruntime as ort
+
+    from medpipe.package import load_package
+
+    model, meta = load_package(trained_run / "model")
+    size = meta["preprocessing"]["image_size"]
+    x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = model(x).numpy()
+    assert main(["export", "--model", str(trained_run / "model"), "--format", "onnx", "--out",
+                 str(tmp_path / "m.onnx")]) == 0
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[0] == "batch"  # dynamic batch axis
+    assert np.abs(sess.run(None, {"image": x.numpy()})[0] - ref).max() < 1e-4
+    assert json.loads((tmp_path / "m.json").read_text())["classes"] == meta["classes"]
+    assert main(["export", "--model", str(trained_run / "model"), "--format", "torchscript", "--out",
+                 str(tmp_path / "m.ts")]) == 0
+    extra = {"medpipe_model.json": ""}
+    ts = torch.jit.load(str(tmp_path / "m.ts"), _extra_files=extra)
+    assert np.abs(ts(x).detach().numpy() - ref).max() < 1e-4
+    assert json.loads(extra["medpipe_model.json"])["classes"] == meta["classes"]
+
+
+def test_monai_bundle_export(trained_run, tmp_path):
+    from monai.bundle import ConfigParser
+
+    from medpipe.export import check_bundle_metadata
+    from medpipe.package import load_package
+
+    out = tmp_path / "bundle"
+    assert main(["export", "--model", str(trained_run / "model"), "--format", "bundle", "--out", str(out)]) == 0
+    for f in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "docs/README.md", "LICENSE"):
+        assert (out / f).is_file(), f
+    md = json.loads((out / "configs" / "metadata.json").read_text())
+    assert check_bundle_metadata(md) == []
+    model, meta = load_package(trained_run / "model")
+    pred = md["network_data_format"]["outputs"]["pred"]
+    assert pred["channel_def"] == {str(i): c for i, c in enumerate(meta["classes"])}
+    assert md["network_data_format"]["inputs"]["image"]["spatial_shape"] == [meta["preprocessing"]["image_size"]] * 2
+    bad = dict(md)
+    del bad["copyright"]
+    assert check_bundle_metadata(bad) == ["missing key 'copyright'"]
+    # monai.bundle parses the config, builds the network, loads the weights (weights_only) and matches
+    parser = ConfigParser()
+    parser.read_config(str(out / "configs" / "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True))
+    net.eval()
+    size = meta["preprocessing"]["image_size"]
+    x = torch.randn(3, 3, size, size)
+    with torch.inference_mode():
+        assert (net(x) - model(x)).abs().max() < 1e-5
+    pre = parser.get_parsed_content("preprocessing")
+    assert pre is not None and parser.get_parsed_content("class_names") == meta["classes"]
+
+
+def test_sagemaker_export_is_importable_by_handlers(trained_run, tmp_path):
+    import tarfile
+
+    assert main(["export", "--model", str(trained_run / "model"), "--format", "sagemaker", "--out",
+                 str(tmp_path / "model.tar.gz")]) == 0
+    with tarfile.open(tmp_path / "model.tar.gz") as tf:
+        assert {"weights.safetensors", "model.json", "code/inference.py", "code/requirements.txt",
+                "code/medpipe/serve/protocol.py"} <= set(tf.getnames())
