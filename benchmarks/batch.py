@@ -1,0 +1,78 @@
+"""Batch inference throughput: `medpipe batch` against a naive one-image-at-a-time loop, same run.
+
+    python benchmarks/batch.py [--count 2000] [--size 224]
+
+Both sides use the same package (an untrained DenseNet121 at --size; weights do not change speed)
+and the same 600x450 synthetic JPEGs. Naive: for each file, Pillow full decode, resize, the MONAI
+eval transforms and one eager NCHW forward at batch 1 (in the main thread). medpipe: `run_batch`
+(parallel decoding with JPEG draft mode, batched forward on the default backend, shards written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import synth_dataset, write_result  # noqa: E402
+from serve_load import make_package  # noqa: E402
+
+
+def naive(pkg: Path, files: list[Path]) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from medpipe.package import load_package, package_spec
+    from medpipe.transforms import KEY, eval_preset
+
+    model, meta = load_package(pkg)
+    spec = package_spec(meta)
+    preset = eval_preset(spec)
+    n = 0
+    with torch.no_grad():
+        for f in files:
+            img = Image.open(f).convert("RGB").resize((spec.image_size, spec.image_size), Image.BICUBIC)
+            x = preset({KEY: np.asarray(img)})[KEY][None]
+            torch.softmax(model(x), dim=1)
+            n += 1
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+
+    from medpipe.batch import run_batch
+
+    folder = synth_dataset(args.count)
+    files = sorted(folder.rglob("*.jpg"))[: args.count]
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = make_package(Path(tmp) / "pkg", args.size)
+        naive(pkg, files[:5])  # warm-up
+        t = time.perf_counter()
+        n = naive(pkg, files)
+        naive_s = time.perf_counter() - t
+        print(f"naive:   {n / naive_s:7.1f} images/s ({n} in {naive_s:.1f} s)", flush=True)
+        t = time.perf_counter()
+        summary = run_batch(str(pkg), str(folder), str(Path(tmp) / "out"), batch_size=args.batch_size)
+        med_s = time.perf_counter() - t
+        m = summary["predicted"]
+        print(f"medpipe: {m / med_s:7.1f} images/s ({m} in {med_s:.1f} s, backend {summary['backend']}, "
+              f"{summary['errors']} errors)")
+    ratio = (m / med_s) / (n / naive_s)
+    print(f"medpipe batch / naive loop = {ratio:.2f}x (target >= 2.5)")
+    path = write_result("batch", {"settings": vars(args), "naive_images_per_s": n / naive_s,
+                                  "medpipe_images_per_s": m / med_s, "medpipe_backend": summary["backend"],
+                                  "ratio": ratio, "target": 2.5})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
