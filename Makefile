@@ -34,6 +34,8 @@ test: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/batch.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
