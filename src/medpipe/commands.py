@@ -43,7 +43,8 @@ def cmd_train(args) -> int:
     except TrainingInterrupted as exc:
         print(f"medpipe train: {exc}", file=sys.stderr)
         return TrainingInterrupted.exit_code
-    print_summary(summary)
+    if "model_dir" in summary:  # under torchrun only rank 0 packages the model
+        print_summary(summary)
     return 0
 
 

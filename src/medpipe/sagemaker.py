@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +142,18 @@ def run(argv: list[str] | None = None, environ: dict | None = None) -> int:
         source = entries[0]
     work = Path(ingest_opts["work_dir"] or os.environ.get("MEDPIPE_SM_WORK", "/tmp/medpipe-sagemaker"))
     data_dir, run_dir = work / "data", work / "run"
-    report = ingest(source, data_dir, fmt=ingest_opts["data_format"], s3_root=ingest_opts["s3_root"],
-                    label_attribute=ingest_opts["label_attribute"])
+    done = work / "ingest.done"
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:  # once per host, also under torchrun
+        report = ingest(source, data_dir, fmt=ingest_opts["data_format"], s3_root=ingest_opts["s3_root"],
+                        label_attribute=ingest_opts["label_attribute"])
+        done.write_text(json.dumps(report))
+    else:
+        deadline = time.time() + 3600
+        while not done.is_file():
+            if time.time() > deadline:
+                raise TimeoutError(f"local rank 0 did not finish ingesting into {data_dir}")
+            time.sleep(1)
+        report = json.loads(done.read_text())
     print(format_report(report), flush=True)
     sm.output_data_dir.mkdir(parents=True, exist_ok=True)
     (sm.output_data_dir / "ingest_report.json").write_text(json.dumps(report, indent=2))

@@ -43,12 +43,14 @@ from medpipe.data.splits import SPLITS_FILE, SPLITS_META, ensure_splits
 from medpipe.errors import MedpipeError
 from medpipe.evaluate import compute_metrics
 from medpipe.models import create_model
+from medpipe.train import distributed
 from medpipe.train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medpipe.transforms import KEY, eval_batch, train_preset
 from medpipe.utils import seed_everything
 
 log = logging.getLogger(__name__)
 FAULT_SIGTERM_AT_STEP = "MEDPIPE_FAULT_SIGTERM_AT_STEP"  # fault injection for tests: signal self at step k
+FAULT_KILL_RANK = "MEDPIPE_FAULT_KILL_RANK_AT_STEP"  # "rank:step": SIGKILL that rank at that step (first attempt)
 
 
 class TrainingInterrupted(MedpipeError):
@@ -200,6 +202,22 @@ def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 1
     return torch.cat(outs) if outs else torch.zeros((0, 0))
 
 
+def predict_logits_dist(model, pixels, rows: np.ndarray, spec, device, dd) -> torch.Tensor:
+    """Validation logits in row order; with several ranks each predicts rows[rank::world] and the
+    pieces are gathered and put back in order, so metrics equal the single-process ones exactly."""
+    if not dd.enabled:
+        return predict_logits(model, pixels, rows, spec, device)
+    mine = np.arange(dd.rank, len(rows), dd.world)
+    logits = predict_logits(model, pixels, rows[mine], spec, device)
+    parts = dd.gather((mine, logits.numpy() if len(mine) else None))
+    n_classes = next(p[1].shape[1] for p in parts if p[1] is not None) if len(rows) else 0
+    out = np.zeros((len(rows), n_classes), np.float32)
+    for idx, part in parts:
+        if part is not None:
+            out[idx] = part
+    return torch.from_numpy(out)
+
+
 def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     """Temperature scaling (Guo et al. 2017): one scalar minimising validation NLL."""
     if len(y) < 2:
@@ -260,14 +278,24 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     device = resolve_device(cfg.device)
-    write_config(cfg, run_dir / "config.yaml")
+    dd = distributed.init(device)
+    if dd.enabled and device.type == "cuda":
+        device = torch.device("cuda", dd.local_rank)
+    if dd.main:
+        write_config(cfg, run_dir / "config.yaml")
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not resume and restarts > 0 and (ckpt_dir / "last.pt").is_file():
+        resume = True  # torchrun restarted the workers after a failure: continue from the last checkpoint
+    if not dd.main:
+        dd.barrier()  # rank 0 prepares split and cache first; the others then reuse them
 
     # 2. records and split
     table, classes = load_records(data_dir)
     splits, reused = ensure_splits(data_dir, data_dir, seed=cfg.split_seed, val=cfg.val_fraction,
                                    test=cfg.test_fraction, table=table)
-    for name in (SPLITS_FILE, SPLITS_META):
-        shutil.copyfile(data_dir / name, run_dir / name)
+    if dd.main:
+        for name in (SPLITS_FILE, SPLITS_META):
+            shutil.copyfile(data_dir / name, run_dir / name)
     split_of = dict(zip(splits["image_id"], splits["split"]))
     table = table.assign(split=table["image_id"].map(split_of))
     train_t, val_t = table[table["split"] == "train"], table[table["split"] == "val"]
@@ -279,6 +307,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
     spec = cfg.preprocess()
     cache = build_cache(table, data_dir / "cache", (spec.image_size, spec.image_size), spec.interpolation,
                         progress=progress)
+    if dd.main:
+        dd.barrier()
     tr_rows, va_rows = cache.rows(train_t["image_id"]), cache.rows(val_t["image_id"])
     tr_y = train_t["class_index"].to_numpy().astype(np.int64)
     va_y = torch.from_numpy(val_t["class_index"].to_numpy().astype(np.int64))
@@ -293,7 +323,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = len(epoch_batches(np.arange(len(tr_y)), cfg))
+    steps_per_epoch = len(epoch_batches(np.arange(len(tr_y)), cfg)) // dd.world
     scheduler = make_schedule(optimizer, cfg, steps_per_epoch)
     loss_fn = make_loss(cfg, class_counts, device)
     transform = train_preset(spec)
@@ -314,14 +344,21 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
         set_rng_state(state["rng"])
         print(f"resumed from {path} at epoch {start_epoch + 1}, batch {skip_batches}", flush=True)
 
+    net = model  # the module itself; `model` is its DDP wrapper when distributed
+    if dd.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(net, device_ids=[dd.local_rank] if device.type == "cuda" else None)
+
     def snapshot(epoch: int, batch_in_epoch: int) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": {}, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
                 "best_metric": best, "best_epoch": best_epoch, "stale_epochs": stale, "rng": rng_state(),
                 "config": cfg.to_dict(), "classes": classes, "records_sha256": rec_hash}
 
     stop = _StopFlag().install()
     fault_step = int(os.environ.get(FAULT_SIGTERM_AT_STEP, "0") or 0)
+    kill_rank, kill_step = (int(v) for v in (os.environ.get(FAULT_KILL_RANK) or "-1:-1").split(":"))
     metrics_path = run_dir / "metrics.jsonl"
     from tqdm.auto import tqdm
 
@@ -329,6 +366,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
         for epoch in range(start_epoch, cfg.epochs):
             # 4. this epoch's batches
             batches = epoch_batches(epoch_order(tr_y, n_classes, cfg, epoch), cfg)
+            if dd.enabled:  # one global (class-balanced) order; each rank takes every world-th batch
+                batches = batches[dd.rank:len(batches) // dd.world * dd.world:dd.world]
             ds = EpochBatches(cache.pixels, tr_rows, tr_y, batches, transform, cfg.seed, epoch)
             loader = make_loader(ds, cfg.workers, skip_batches, pin=device.type == "cuda")
             model.train()
@@ -352,8 +391,12 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
                 bar.set_postfix(loss=f"{loss_sum / n_loss:.3f}")
                 if fault_step and global_step == fault_step:
                     os.kill(os.getpid(), signal.SIGTERM)
-                if stop.set:
-                    save_checkpoint(ckpt_dir / "last.pt", snapshot(epoch, b + 1))
+                if dd.rank == kill_rank and global_step == kill_step and restarts == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if dd.any(stop.set):  # every rank stops at the same step
+                    if dd.main:
+                        save_checkpoint(ckpt_dir / "last.pt", snapshot(epoch, b + 1))
+                    dd.barrier()
                     raise TrainingInterrupted(f"stopped by SIGTERM at epoch {epoch + 1}, batch {b + 1}; "
                                               f"checkpoint saved to {ckpt_dir / 'last.pt'}; continue with --resume")
             bar.close()
@@ -364,8 +407,9 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
             skip_batches = 0
             train_time = time.perf_counter() - t0
 
-            # 6. validation
-            val_logits = predict_logits(model, cache.pixels, va_rows, spec, device)
+            # 6. validation (each rank predicts its share; gathered exactly, no padding)
+            dd.sync_buffers(net)
+            val_logits = predict_logits_dist(net, cache.pixels, va_rows, spec, device, dd)
             if len(va_y):
                 val_loss = float(F.cross_entropy(val_logits, va_y))
                 vm = compute_metrics(va_y.numpy(), torch.softmax(val_logits, 1).numpy(), classes, bootstrap=0)
@@ -376,28 +420,50 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
                       "val_auc_per_class": {c: m["auc"] for c, m in vm["per_class"].items()},
                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / max(train_time, 1e-9),
                       "epoch_seconds": train_time}
-            print(f"epoch={epoch + 1} train_loss={record['train_loss']:.4f} val_loss={val_loss:.4f} "
-                  f"val_auc={record['val_auc']:.4f} val_bacc={record['val_bacc']:.4f} lr={record['lr']:.6g} "
-                  f"images_per_s={record['images_per_s']:.1f}", flush=True)
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            if dd.enabled:  # the training loss is averaged over ranks; throughput summed
+                parts = dd.gather((loss_sum, n_loss, seen))
+                record["train_loss"] = sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
+                record["images_per_s"] = sum(p[2] for p in parts) / max(train_time, 1e-9)
+                record["world_size"] = dd.world
+            if dd.main:
+                print(f"epoch={epoch + 1} train_loss={record['train_loss']:.4f} val_loss={val_loss:.4f} "
+                      f"val_auc={record['val_auc']:.4f} val_bacc={record['val_bacc']:.4f} lr={record['lr']:.6g} "
+                      f"images_per_s={record['images_per_s']:.1f}", flush=True)
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             score = record[cfg.monitor]
             improved = not math.isnan(score) and sign * score > best
             if improved:
                 best, best_epoch, stale = sign * score, epoch + 1, 0
             else:
                 stale += 1
-            save_checkpoint(ckpt_dir / "last.pt", snapshot(epoch + 1, 0))
-            if improved or not (ckpt_dir / "best.pt").is_file():
-                shutil.copyfile(ckpt_dir / "last.pt", ckpt_dir / ".best.pt.tmp")
-                os.replace(ckpt_dir / ".best.pt.tmp", ckpt_dir / "best.pt")
+            if dd.main:
+                save_checkpoint(ckpt_dir / "last.pt", snapshot(epoch + 1, 0))
+                if improved or not (ckpt_dir / "best.pt").is_file():
+                    shutil.copyfile(ckpt_dir / "last.pt", ckpt_dir / ".best.pt.tmp")
+                    os.replace(ckpt_dir / ".best.pt.tmp", ckpt_dir / "best.pt")
+            dd.barrier()
             if stale >= cfg.patience:
                 print(f"early stopping: {cfg.monitor} has not improved for {stale} epochs", flush=True)
                 break
     finally:
         stop.restore()
 
-    # 8. best weights -> calibration -> package -> test evaluation
+    if dd.enabled:
+        digests = dd.gather(distributed.params_digest(net))
+        if dd.main:
+            from medpipe.utils import atomic_write_text
+
+            atomic_write_text(run_dir / "distributed.json", json.dumps(
+                {"world_size": dd.world, "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests},
+                indent=2))
+        dd.barrier()
+        dd.close()
+        if not dd.main:
+            return {"rank": dd.rank, "world_size": dd.world}
+    model = net
+
+    # 8. best weights -> calibration -> package -> test evaluation (rank 0 only)
     best_state = load_checkpoint(ckpt_dir / "best.pt")
     model.load_state_dict(best_state["model"])
     val_logits = predict_logits(model, cache.pixels, va_rows, spec, device)
