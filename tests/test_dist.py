@@ -132,3 +132,16 @@ def test_emulated_two_host_sagemaker_launch(synth_dir, tmp_path):
     d = json.loads((tmp_path / "algo-1" / "work" / "run" / "distributed.json").read_text())
     assert d["world_size"] == 2 and d["ranks_in_sync"]
     assert outs[0][0].count("epoch=2 train_loss=") == 1 and "epoch=" not in outs[1][0]
+
+
+def test_torchrun_streams_shards(data_dir, tmp_path):
+    data = _copy_data(data_dir, tmp_path)
+    shards = tmp_path / "shards"
+    r = subprocess.run([sys.executable, "-m", "medpipe", "shard", "--data", str(data), "--out", str(shards),
+                        "--size", "32", "--per-shard", "4"], capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "run"
+    r = _torchrun(["-m", "medpipe", "train", "--data", str(shards), "--out", str(run), *TINY])
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert json.loads((run / "distributed.json").read_text())["ranks_in_sync"]
+    assert (run / "model" / "model.json").is_file()

@@ -157,6 +157,17 @@ def cmd_batch(args) -> int:
     return 1 if s["predicted"] == 0 else 0
 
 
+def cmd_shard(args) -> int:
+    from medpipe.data.shards import write_shards
+
+    index = write_shards(args.data, args.out, size=args.size, interpolation=args.interpolation,
+                         per_shard=args.per_shard, split_seed=args.split_seed, progress=_progress())
+    print(f"wrote {len(index['shards'])} shards to {args.out} (train {index['counts']['train']}, val "
+          f"{index['counts']['val']}, test {index['counts']['test']} images at {args.size}x{args.size}); "
+          f"train with: medpipe train --data {args.out} --image-size {args.size}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from medpipe.export import export_model
 
@@ -221,6 +232,15 @@ def register(sub) -> None:
     s.add_argument("--max-error-rate", type=float, default=None,
                    help="exit 3 when the share of error rows is above this (e.g. 0.05)")
     s.set_defaults(func=cmd_batch)
+
+    s = sub.add_parser("shard", help="pack records + cached pixels into tar shards for streaming training")
+    s.add_argument("--data", required=True, help="ingested data folder")
+    s.add_argument("--out", required=True, help="shard folder (copy it to any fsspec store, e.g. s3://...)")
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--interpolation", default="bicubic")
+    s.add_argument("--per-shard", type=int, default=1000)
+    s.add_argument("--split-seed", type=int, default=0)
+    s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("export", help="export a package: onnx, torchscript, MONAI bundle or SageMaker tarball")
     s.add_argument("--model", required=True)

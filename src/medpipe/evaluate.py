@@ -235,16 +235,25 @@ def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str |
     if table.empty:
         raise MedpipeError(f"split {split!r} has no images")
     cache = build_cache(table, Path(data_dir) / "cache", predictor.size, predictor.spec.interpolation, progress=progress)
-    rows = cache.rows(table["image_id"])
-    probs = np.concatenate([predictor.probabilities(cache.pixels[rows[i:i + batch_size]], tta=tta)
+    return evaluate_arrays(predictor, cache.pixels, cache.rows(table["image_id"]), table["class_index"].to_numpy(),
+                           list(table["image_id"]), list(table["label"]), out_dir, split=split, tta=tta,
+                           bootstrap=bootstrap, batch_size=batch_size)
+
+
+def evaluate_arrays(predictor, pixels, rows, y, image_ids, labels, out_dir, *, split: str, tta: bool = False,
+                    bootstrap: int = 1000, batch_size: int = 64) -> dict:
+    """Metrics, report, plots and predictions.csv for pixels[rows] (uint8 at the model's size)."""
+    import pandas as pd
+
+    classes = predictor.classes
+    probs = np.concatenate([predictor.probabilities(pixels[rows[i:i + batch_size]], tta=tta)
                             for i in range(0, len(rows), batch_size)])
-    y = table["class_index"].to_numpy()
     metrics = compute_metrics(y, probs, classes, bootstrap=bootstrap)
     metrics["split"], metrics["tta"] = split, tta
     paths = write_report(metrics, y, probs, classes, out_dir, title=f"medpipe evaluation: {predictor.name}, {split} split")
     pred_table = pd.DataFrame(probs, columns=classes)
-    pred_table.insert(0, "image_id", list(table["image_id"]))
-    pred_table.insert(1, "label", list(table["label"]))
+    pred_table.insert(0, "image_id", list(image_ids))
+    pred_table.insert(1, "label", list(labels))
     pred_table.insert(2, "predicted", [classes[k] for k in probs.argmax(axis=1)])
     atomic_write_text(Path(out_dir) / "predictions.csv", pred_table.to_csv(index=False))
     return {"metrics": metrics, **paths}

@@ -257,12 +257,92 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
+class _Memory:
+    """In-memory pixels with the PixelCache access the loop uses (``pixels[rows]``)."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels
+
+
+def _prepare_shards(root: str, spec, dd):
+    import pandas as pd
+
+    from medpipe.data import shards as shardmod
+    from medpipe.errors import ConfigError
+
+    index = shardmod.read_index(root)
+    if index["image_size"] != spec.image_size or index["interpolation"] != spec.interpolation:
+        raise ConfigError(f"{root} holds {index['image_size']}x{index['image_size']} {index['interpolation']} "
+                          f"pixels; train with --image-size {index['image_size']} --interpolation "
+                          f"{index['interpolation']} or re-shard")
+    val_meta, val_px = shardmod.load_split(index, "val")
+    test_meta, test_px = shardmod.load_split(index, "test")
+    cols = ["image_id", "lesion_id", "label", "class_index"]
+    val_t = pd.DataFrame(val_meta, columns=cols)
+    test_t = pd.DataFrame(test_meta, columns=cols)
+    counts = np.sum([s["class_counts"] for s in index["shards"] if s["split"] == "train"], axis=0)
+    # the train table is only counts here (its rows are streamed): one row per image, by class
+    train_t = pd.DataFrame({"image_id": [""] * int(counts.sum()),
+                            "class_index": np.repeat(np.arange(len(counts)), counts)})
+    if train_t.empty:
+        raise MedpipeError(f"{root}: the training split is empty")
+    return index, train_t, val_t, _Memory(val_px), (test_t, test_px)
+
+
+def stream_batches(index: dict, cfg: TrainConfig, epoch: int, dd, transform, skip: int):
+    """(batch list for counting, iterator of (x, y)) for one streamed epoch on this rank.
+
+    Every rank runs the same number of steps (needed by DDP): the smallest rank's sample count this
+    epoch, in whole batches. With one process and no balancing that is every training record once.
+    """
+    from medpipe.data.shards import ShardStream
+
+    train = [s for s in index["shards"] if s["split"] == "train"]
+    balanced = cfg.imbalance == "sampler"
+    if balanced:
+        per_rank = [sum(s["n"] for s in train) // dd.world] * dd.world
+    else:
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
+        names = [train[i] for i in order]
+        per_rank = [sum(s["n"] for s in names[r::dd.world]) for r in range(dd.world)]
+    n = min(per_rank)
+    sizes = [cfg.batch_size] * (n // cfg.batch_size)
+    rest = n % cfg.batch_size
+    if rest and (rest >= max(2, cfg.batch_size // 4) or not sizes):  # same rule as epoch_batches
+        sizes.append(rest)
+    if cfg.max_steps_per_epoch:
+        sizes = sizes[: cfg.max_steps_per_epoch]
+    stream = ShardStream(index, epoch=epoch, seed=cfg.seed, rank=dd.rank, world=dd.world, balanced=balanced,
+                         n_samples=sum(sizes) if balanced else None)
+
+    def gen():
+        it = iter(stream)
+        for b, size in enumerate(sizes):
+            chunk = [next(it) for _ in range(size)]
+            if b < skip:
+                continue
+            transform.set_random_state(seed=(cfg.seed * 1_000_003 + epoch * 10_007 + b) % 2**32)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                x = torch.stack([transform({KEY: px.copy()})[KEY] for _, px in chunk])
+            finally:
+                torch.set_num_threads(threads)
+            yield x, torch.tensor([m["class_index"] for m, _ in chunk], dtype=torch.int64)
+
+    return sizes, gen()
+
+
 # --------------------------------------------------------------------------- main entry
 
 
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume: bool | str = False,
           checkpoint_dir: str | Path | None = None, model_dir: str | Path | None = None,
           report_dir: str | Path | None = None, progress: bool = False, evaluate_test: bool = True) -> dict:
+    from medpipe.data import shards as shardmod
+
+    streaming = shardmod.is_shards(data_dir)  # a shard set (local folder or fsspec URL) instead of a data folder
+    data_src = str(data_dir)
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints"
@@ -289,32 +369,47 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
     if not dd.main:
         dd.barrier()  # rank 0 prepares split and cache first; the others then reuse them
 
-    # 2. records and split
-    table, classes = load_records(data_dir)
-    splits, reused = ensure_splits(data_dir, data_dir, seed=cfg.split_seed, val=cfg.val_fraction,
-                                   test=cfg.test_fraction, table=table)
-    if dd.main:
-        for name in (SPLITS_FILE, SPLITS_META):
-            shutil.copyfile(data_dir / name, run_dir / name)
-    split_of = dict(zip(splits["image_id"], splits["split"]))
-    table = table.assign(split=table["image_id"].map(split_of))
-    train_t, val_t = table[table["split"] == "train"], table[table["split"] == "val"]
-    if train_t.empty:
-        raise MedpipeError("the training split is empty")
-    n_classes = len(classes)
-
-    # 3. pixel cache
+    # 2-3. records, split and pixels: an ingested folder (split + pixel cache) or a shard set (streamed)
     spec = cfg.preprocess()
-    cache = build_cache(table, data_dir / "cache", (spec.image_size, spec.image_size), spec.interpolation,
-                        progress=progress)
+    if streaming:
+        index, train_t, val_t, cache, test_data = _prepare_shards(data_src, spec, dd)
+        classes, rec_hash = index["classes"], index["records_sha256"]
+        tr_y = train_t["class_index"].to_numpy().astype(np.int64)
+        class_counts = np.sum([s["class_counts"] for s in index["shards"] if s["split"] == "train"], axis=0)
+        tr_rows, va_rows = None, np.arange(len(val_t))
+        va_y = torch.from_numpy(val_t["class_index"].to_numpy().astype(np.int64))
+        n_classes = len(classes)
+        if dd.main:
+            (run_dir / "shards_index.json").write_text(json.dumps(index, indent=2))
+        log.info("streaming %d train shards from %s; val %d / test %d in memory",
+                 sum(s["split"] == "train" for s in index["shards"]), data_src, len(val_t), len(test_data[1]))
+    else:
+        index = test_data = None
+        table, classes = load_records(data_dir)
+        splits, reused = ensure_splits(data_dir, data_dir, seed=cfg.split_seed, val=cfg.val_fraction,
+                                       test=cfg.test_fraction, table=table)
+        if dd.main:
+            for name in (SPLITS_FILE, SPLITS_META):
+                shutil.copyfile(data_dir / name, run_dir / name)
+        split_of = dict(zip(splits["image_id"], splits["split"]))
+        table = table.assign(split=table["image_id"].map(split_of))
+        train_t, val_t = table[table["split"] == "train"], table[table["split"] == "val"]
+        if train_t.empty:
+            raise MedpipeError("the training split is empty")
+        n_classes = len(classes)
+
+        # 3. pixel cache
+        cache = build_cache(table, data_dir / "cache", (spec.image_size, spec.image_size), spec.interpolation,
+                            progress=progress)
+        rec_hash = records_hash(table)
+        tr_rows, va_rows = cache.rows(train_t["image_id"]), cache.rows(val_t["image_id"])
+        tr_y = train_t["class_index"].to_numpy().astype(np.int64)
+        va_y = torch.from_numpy(val_t["class_index"].to_numpy().astype(np.int64))
+        class_counts = np.bincount(tr_y, minlength=n_classes)
+        log.info("train %d / val %d / test %d images; split %s; cache %s", len(train_t), len(val_t),
+                 int((table["split"] == "test").sum()), "reused" if reused else "new", cache.folder.name)
     if dd.main:
         dd.barrier()
-    tr_rows, va_rows = cache.rows(train_t["image_id"]), cache.rows(val_t["image_id"])
-    tr_y = train_t["class_index"].to_numpy().astype(np.int64)
-    va_y = torch.from_numpy(val_t["class_index"].to_numpy().astype(np.int64))
-    class_counts = np.bincount(tr_y, minlength=n_classes)
-    log.info("train %d / val %d / test %d images; split %s; cache %s", len(train_t), len(val_t),
-             int((table["split"] == "test").sum()), "reused" if reused else "new", cache.folder.name)
 
     # 4-5. model, optimiser, schedule, loss
     model = create_model(cfg.model, n_classes, pretrained=cfg.pretrained, init_weights=cfg.init_weights,
@@ -323,7 +418,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = len(epoch_batches(np.arange(len(tr_y)), cfg)) // dd.world
+    steps_per_epoch = len(epoch_batches(np.arange(len(tr_y) // dd.world * dd.world), cfg)) // dd.world
     scheduler = make_schedule(optimizer, cfg, steps_per_epoch)
     loss_fn = make_loss(cfg, class_counts, device)
     transform = train_preset(spec)
@@ -331,7 +426,6 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
 
     start_epoch, skip_batches, global_step = 0, 0, 0
     best, best_epoch, stale = -math.inf, -1, 0
-    rec_hash = records_hash(table)
     if resume:
         path = ckpt_dir / "last.pt" if resume in (True, "last") else Path(resume)
         state = load_checkpoint(path)
@@ -365,11 +459,15 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
     try:
         for epoch in range(start_epoch, cfg.epochs):
             # 4. this epoch's batches
-            batches = epoch_batches(epoch_order(tr_y, n_classes, cfg, epoch), cfg)
-            if dd.enabled:  # one global (class-balanced) order; each rank takes every world-th batch
-                batches = batches[dd.rank:len(batches) // dd.world * dd.world:dd.world]
-            ds = EpochBatches(cache.pixels, tr_rows, tr_y, batches, transform, cfg.seed, epoch)
-            loader = make_loader(ds, cfg.workers, skip_batches, pin=device.type == "cuda")
+            if streaming:
+                batches, loader = stream_batches(index, cfg, epoch, dd, transform, skip_batches)
+                ds = None
+            else:
+                batches = epoch_batches(epoch_order(tr_y, n_classes, cfg, epoch), cfg)
+                if dd.enabled:  # one global (class-balanced) order; each rank takes every world-th batch
+                    batches = batches[dd.rank:len(batches) // dd.world * dd.world:dd.world]
+                ds = EpochBatches(cache.pixels, tr_rows, tr_y, batches, transform, cfg.seed, epoch)
+                loader = make_loader(ds, cfg.workers, skip_batches, pin=device.type == "cuda")
             model.train()
             t0, seen, loss_sum, n_loss, steps_done = time.perf_counter(), 0, 0.0, 0, 0
             bar = tqdm(total=len(batches), initial=skip_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -379,8 +477,9 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
                 if loss is None:
                     # The optimiser step was skipped, but the forward pass already moved BatchNorm statistics,
                     # so this state is not saved: checkpoints/last.pt (previous epoch end) stays the good one.
+                    shown = train_t["image_id"].iloc[ds.batches[b][:4]] if ds is not None else ["(streamed)"]
                     raise NonFiniteLoss(f"loss became non-finite at epoch {epoch + 1}, batch {b} "
-                                        f"(images {', '.join(train_t['image_id'].iloc[ds.batches[b][:4]])}...); "
+                                        f"(images {', '.join(shown)}...); "
                                         f"the step was not applied; the last good checkpoint is {ckpt_dir / 'last.pt'}")
                 global_step += 1
                 steps_done += 1
@@ -471,7 +570,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
     val_metrics = compute_metrics(va_y.numpy(), torch.softmax(val_logits / temperature, 1).numpy(), classes,
                                   bootstrap=0) if len(va_y) else {}
     return finish_package(model.cpu(), cfg, classes, spec, temperature, val_metrics, best_epoch, rec_hash, data_dir,
-                          run_dir, model_dir, report_dir, evaluate_test=evaluate_test, progress=progress)
+                          run_dir, model_dir, report_dir, evaluate_test=evaluate_test, progress=progress,
+                          test_data=test_data)
 
 
 def _compact(m: dict) -> dict:
@@ -483,7 +583,7 @@ def _compact(m: dict) -> dict:
 
 
 def finish_package(model, cfg, classes, spec, temperature, val_metrics, best_epoch, rec_hash, data_dir, run_dir,
-                   model_dir, report_dir, *, evaluate_test: bool, progress: bool) -> dict:
+                   model_dir, report_dir, *, evaluate_test: bool, progress: bool, test_data=None) -> dict:
     from medpipe.evaluate import evaluate_package
     from medpipe.package import build_sagemaker_tarball, save_package
     from medpipe.utils import atomic_write_text
@@ -493,9 +593,18 @@ def finish_package(model, cfg, classes, spec, temperature, val_metrics, best_epo
                         temperature=temperature, metrics=metrics, config=cfg.to_dict(), records_sha256=rec_hash)
     summary = {"run_dir": str(run_dir), "model_dir": str(model_dir), "best_epoch": best_epoch,
                "temperature": temperature, "val": metrics["val"]}
-    if evaluate_test:
+    if evaluate_test and test_data is not None:  # streamed shards: the test split is in memory
+        from medpipe.evaluate import evaluate_arrays
+        from medpipe.predictor import Predictor
+
+        t, px = test_data
+        result = evaluate_arrays(Predictor(model_dir), px, np.arange(len(t)), t["class_index"].to_numpy(),
+                                 list(t["image_id"]), list(t["label"]), report_dir, split="test", tta=cfg.tta,
+                                 bootstrap=cfg.bootstrap)
+    elif evaluate_test:
         result = evaluate_package(model_dir, data_dir, report_dir, split="test", splits_csv=run_dir / SPLITS_FILE,
                                   tta=cfg.tta, bootstrap=cfg.bootstrap, progress=progress)
+    if evaluate_test:
         metrics["test"] = _compact(result["metrics"])
         meta["metrics"] = metrics
         atomic_write_text(Path(model_dir) / "model.json", json.dumps(meta, indent=2, default=float))
