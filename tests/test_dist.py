@@ -26,8 +26,10 @@ def _env(**extra):
 
 
 def _torchrun(args, *, max_restarts=0, env=None, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), "--max-restarts", str(max_restarts), *args]
+    # c10d rendezvous (not a static master port): each restart forms a fresh round with its own store keys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{_port()}", "--rdzv-id", "medpipe-test", "--max-restarts",
+           str(max_restarts), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=timeout, cwd=ROOT)
 
 
