@@ -102,8 +102,13 @@ def init(device: torch.device) -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "300"))))
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "300")))
+        # torchrun keeps one store across restarts: namespace this round's keys, or a restarted worker
+        # reads the dead round's peer addresses and cannot connect.
+        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"medpipe/round{restart}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return Dist(rank, world, local)
 
 
