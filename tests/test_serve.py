@@ -352,7 +352,9 @@ def test_concurrent_identical_requests_match_serial(server, golden):
         assert max(abs(got["probabilities"][c] - v) for c, v in ref["probabilities"].items()) < 1e-5
 
 
-def test_routes_metrics_and_execution_parameters(server):
+def test_routes_metrics_and_execution_parameters(server, golden):
+    assert server.invoke(golden["bytes"])[0] == 200  # at least one of each for the counters below
+    assert server.invoke(b"abc", ctype="text/plain")[0] == 415
     for method, path in (("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/redoc"), ("GET", "/nothing"),
                          ("POST", "/models/x/invoke"), ("GET", "/../etc/passwd")):
         st, h, b = server.request(method, path)

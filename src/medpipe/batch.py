@@ -77,13 +77,11 @@ def list_items(input_path: str | os.PathLike) -> tuple[list[Item], Path]:
     if src.is_dir() and (src / "records.csv").is_file():
         import pandas as pd
 
-        root = Path(os.path.realpath(src))
         table = pd.read_csv(src / "records.csv", dtype=str)
         rows = [(r["image_id"], r["path"], None) for _, r in table.iterrows()]
         # An ingested table lists absolute paths to where ingest found the images: confine to their common root.
-        files = [Path(os.path.realpath(p)) for _, p, _ in rows]
-        root = Path(os.path.commonpath(files)) if files else root
-        base = root
+        files = [os.path.realpath(p) for _, p, _ in rows]
+        root = base = Path(os.path.commonpath(files)) if files else Path(os.path.realpath(src))
     elif src.is_dir():
         root = Path(os.path.realpath(src))
         rows = []

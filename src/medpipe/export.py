@@ -195,15 +195,10 @@ def check_bundle_metadata(md: dict) -> list[str]:
     return problems
 
 
-def _network_def(meta: dict) -> dict:
-    from medpipe.models import bundle_target
-
-    return bundle_target(meta["architecture"], len(meta["classes"]))
-
-
 def write_bundle(model: torch.nn.Module, meta: dict, out: Path) -> dict:
     import json
 
+    from medpipe.models import bundle_target
     from medpipe.utils import atomic_write_bytes, atomic_write_text
 
     out = Path(out)
@@ -217,7 +212,7 @@ def write_bundle(model: torch.nn.Module, meta: dict, out: Path) -> dict:
         "imports": ["$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "network_def": _network_def(meta),
+        "network_def": bundle_target(meta["architecture"], len(meta["classes"])),
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "LoadImaged", "keys": "image", "reader": "PILReader", "reverse_indexing": False,

@@ -317,7 +317,6 @@ class RequestEnvelope:
 
     def __init__(self, app, svc: Service):
         self.app, self.svc = app, svc
-        self.state = app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
