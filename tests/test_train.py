@@ -274,3 +274,19 @@ def test_nan_batch_skips_step_and_leaves_weights():
         if "running" not in k and "num_batches" not in k:  # BatchNorm stats move in forward; weights must not
             torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=k)
     assert sched.last_epoch == 0  # the schedule did not advance either
+
+
+def test_nan_batch_in_a_real_run_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    """A NaN batch injected at step 8 (epoch 2): the run stops naming the batch and its images; last.pt is
+    still the end of epoch 1, loads, and holds finite weights."""
+    from medpipe.train.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    r = _run(["train", "--data", str(data_dir), "--out", str(run), *TINY], {"MEDPIPE_FAULT_NAN_AT_STEP": "8"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "loss became non-finite at epoch 2" in r.stderr and "ISIC_" in r.stderr and "Traceback" not in r.stderr
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (run / "model").exists()

@@ -50,6 +50,7 @@ from medpipe.utils import seed_everything
 
 log = logging.getLogger(__name__)
 FAULT_SIGTERM_AT_STEP = "MEDPIPE_FAULT_SIGTERM_AT_STEP"  # fault injection for tests: signal self at step k
+FAULT_NAN_AT_STEP = "MEDPIPE_FAULT_NAN_AT_STEP"  # fault injection for tests: a NaN input batch at step k
 FAULT_KILL_RANK = "MEDPIPE_FAULT_KILL_RANK_AT_STEP"  # "rank:step": SIGKILL that rank at that step (first attempt)
 
 
@@ -452,6 +453,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
 
     stop = _StopFlag().install()
     fault_step = int(os.environ.get(FAULT_SIGTERM_AT_STEP, "0") or 0)
+    nan_step = int(os.environ.get(FAULT_NAN_AT_STEP, "0") or 0)
     kill_rank, kill_step = (int(v) for v in (os.environ.get(FAULT_KILL_RANK) or "-1:-1").split(":"))
     metrics_path = run_dir / "metrics.jsonl"
     from tqdm.auto import tqdm
@@ -473,6 +475,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
             bar = tqdm(total=len(batches), initial=skip_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not progress, leave=False)
             for b, (x, y) in enumerate(loader, start=skip_batches):
+                if nan_step and global_step + 1 == nan_step:
+                    x = torch.full_like(x, float("nan"))
                 loss = train_step(model, x, y, loss_fn, optimizer, scheduler, cfg.grad_clip, device)
                 if loss is None:
                     # The optimiser step was skipped, but the forward pass already moved BatchNorm statistics,
