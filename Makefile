@@ -18,6 +18,10 @@ $(VENV)/.core: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+$(VENV)/.serve: $(VENV)/.core
+	$(PIP) install -q -e ".[serve]" $(TORCH)
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.core
 	$(PIP) install -q -e ".[dev]" $(TORCH)
 	touch $@
@@ -25,7 +29,7 @@ $(VENV)/.dev: $(VENV)/.core
 venv: $(VENV)/.core
 dev: $(VENV)/.dev
 
-demo: $(VENV)/.core
+demo: $(VENV)/.serve
 	bash scripts/demo.sh $(VENV)/bin/medpipe $(DEMO)
 
 test: $(VENV)/.dev
