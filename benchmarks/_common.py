@@ -22,6 +22,14 @@ def synth_dataset(count: int, seed: int = 0, width: int = 600, height: int = 450
     return folder
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def machine() -> dict:
     import torch
 

@@ -13,20 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import synth_dataset, write_result  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import free_port, synth_dataset, write_result  # noqa: E402
 
 
 def run(data: Path, out: Path, nproc: int, threads: int, batch: int, args, device: str) -> float:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,15 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import synth_dataset, write_result  # noqa: E402
+from _common import free_port, synth_dataset, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_package(out: Path, size: int) -> Path:
