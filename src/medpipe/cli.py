@@ -11,7 +11,6 @@ Every subcommand is ``main([...])``-callable in-process (tests do that).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 

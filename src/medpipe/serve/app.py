@@ -157,9 +157,6 @@ class Service:
             raise HttpError(400, "client_disconnected", "client closed the connection mid-body") from None
         return bytes(buf)
 
-    def parse(self, ctype: str, body: bytes) -> list[tuple[str, object]]:
-        return parse_body(ctype, body, self.cfg.max_images)
-
     def decode(self, kind: str, payload):
         return decode_item(self.predictor, kind, payload, self.cfg.max_pixels)
 
@@ -279,7 +276,7 @@ def create_app(predictor, cfg: ServeConfig):
             raise HttpError(415, "unsupported_media_type", "application/dicom needs the dicom extra")
         if ctype not in SUPPORTED_TYPES:
             raise unsupported(ctype)
-        items = svc.parse(ctype, await svc.read_body(request))
+        items = parse_body(ctype, await svc.read_body(request), cfg.max_images)
         preds = finish(await svc.predict(items))
         if accept == CSV_T:
             return PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
