@@ -5,7 +5,7 @@ Per request: full Pillow decode, resize, the MONAI eval transforms, one eager NC
 process runs its handler; on this machine an eager forward in a non-main thread is ~2x slower, which
 would flatter medpipe). No batching, no ONNX, no JPEG draft decoding. Not part of medpipe.
 
-    python benchmarks/_naive_server.py MODEL_DIR PORT
+    python benchmarks/_naive_server.py MODEL_DIR PORT [DEVICE]
 """
 
 import io
@@ -20,16 +20,17 @@ from PIL import Image
 from medpipe.package import load_package, package_spec
 from medpipe.transforms import KEY, eval_preset
 
-model, meta = load_package(sys.argv[1])
+device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
+model, meta = load_package(sys.argv[1], device)
 spec = package_spec(meta)
 preset = eval_preset(spec)
 
 
 def predict(body: bytes) -> dict:
     img = Image.open(io.BytesIO(body)).convert("RGB").resize((spec.image_size, spec.image_size), Image.BICUBIC)
-    x = preset({KEY: np.asarray(img)})[KEY][None]
+    x = preset({KEY: np.asarray(img)})[KEY][None].to(device)
     with torch.no_grad():
-        probs = torch.softmax(model(x), dim=1)[0].tolist()
+        probs = torch.softmax(model(x), dim=1)[0].cpu().tolist()
     k = int(np.argmax(probs))
     return {"predictions": [{"label": meta["classes"][k], "class_index": k,
                              "probabilities": dict(zip(meta["classes"], probs))}]}

@@ -21,7 +21,7 @@ from _common import synth_dataset, write_result  # noqa: E402
 from serve_load import make_package  # noqa: E402
 
 
-def naive(pkg: Path, files: list[Path]) -> int:
+def naive(pkg: Path, files: list[Path], device) -> int:
     import numpy as np
     import torch
     from PIL import Image
@@ -29,15 +29,15 @@ def naive(pkg: Path, files: list[Path]) -> int:
     from medpipe.package import load_package, package_spec
     from medpipe.transforms import KEY, eval_preset
 
-    model, meta = load_package(pkg)
+    model, meta = load_package(pkg, device)
     spec = package_spec(meta)
     preset = eval_preset(spec)
     n = 0
     with torch.no_grad():
         for f in files:
             img = Image.open(f).convert("RGB").resize((spec.image_size, spec.image_size), Image.BICUBIC)
-            x = preset({KEY: np.asarray(img)})[KEY][None]
-            torch.softmax(model(x), dim=1)
+            x = preset({KEY: np.asarray(img)})[KEY][None].to(device)
+            torch.softmax(model(x), dim=1).cpu()
             n += 1
     return n
 
@@ -47,28 +47,34 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="auto", help="both sides run on this device (auto: CUDA when available)")
     args = ap.parse_args()
 
     from medpipe.batch import run_batch
+    from medpipe.utils import resolve_device
+
+    device = resolve_device(args.device)
 
     folder = synth_dataset(args.count)
     files = sorted(folder.rglob("*.jpg"))[: args.count]
     with tempfile.TemporaryDirectory() as tmp:
         pkg = make_package(Path(tmp) / "pkg", args.size)
-        naive(pkg, files[:5])  # warm-up
+        naive(pkg, files[:5], device)  # warm-up
         t = time.perf_counter()
-        n = naive(pkg, files)
+        n = naive(pkg, files, device)
         naive_s = time.perf_counter() - t
         print(f"naive:   {n / naive_s:7.1f} images/s ({n} in {naive_s:.1f} s)", flush=True)
         t = time.perf_counter()
-        summary = run_batch(str(pkg), str(folder), str(Path(tmp) / "out"), batch_size=args.batch_size)
+        summary = run_batch(str(pkg), str(folder), str(Path(tmp) / "out"), batch_size=args.batch_size,
+                            device=str(device))
         med_s = time.perf_counter() - t
         m = summary["predicted"]
         print(f"medpipe: {m / med_s:7.1f} images/s ({m} in {med_s:.1f} s, backend {summary['backend']}, "
               f"{summary['errors']} errors)")
     ratio = (m / med_s) / (n / naive_s)
-    print(f"medpipe batch / naive loop = {ratio:.2f}x (target >= 2.5)")
-    path = write_result("batch", {"settings": vars(args), "naive_images_per_s": n / naive_s,
+    print(f"medpipe batch / naive loop = {ratio:.2f}x (target >= 2.5) [{device.type}]")
+    name = "batch" if device.type == "cpu" else f"batch_{device.type}"
+    path = write_result(name, {"settings": vars(args), "naive_images_per_s": n / naive_s,
                                   "medpipe_images_per_s": m / med_s, "medpipe_backend": summary["backend"],
                                   "ratio": ratio, "target": 2.5})
     print(f"wrote {path}")

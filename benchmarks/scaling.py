@@ -67,7 +67,8 @@ def main() -> None:
     for r in rows:
         r["speedup"] = r["images_per_s"] / base
         print(f"{r['setup']:<28}{r['images_per_s']:>10.1f}{r['speedup']:>9.2f}x")
-    print(f"wrote {write_result('scaling', {'settings': vars(args), 'rows': rows})}")
+    name = "scaling_cuda" if torch.cuda.is_available() else "scaling"
+    print(f"wrote {write_result(name, {'settings': vars(args), 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def drive(port: int, images: list[bytes], clients: int, total: int) -> dict:
 
 def measure(name: str, cmd: list[str], port: int, images: list[bytes], args) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(ROOT.parent / "src")})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                filter(None, [str(ROOT.parent / "src"), os.environ.get("PYTHONPATH")]))})
     try:
         wait_ready(port, proc)
         drive(port, images, 1, 10)  # warm-up
@@ -141,28 +142,37 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=320)
     ap.add_argument("--lone", type=int, default=40)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--backends", default="onnx,eager", help="medpipe backends to measure, comma-separated")
+    ap.add_argument("--backends", default=None,
+                    help="medpipe backends to measure, comma-separated (default: onnx,eager on CPU, eager on CUDA)")
+    ap.add_argument("--device", default="auto", help="both servers run on this device (auto: CUDA when available)")
     args = ap.parse_args()
+
+    from medpipe.utils import resolve_device
+
+    device = resolve_device(args.device).type
+    args.device = device
+    args.backends = args.backends or ("onnx,eager" if device == "cpu" else "eager")
 
     folder = synth_dataset(200)
     images = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:32]]
     with tempfile.TemporaryDirectory() as tmp:
         pkg = make_package(Path(tmp) / "pkg", args.size)
         port = free_port()
-        naive = measure("naive", [sys.executable, str(ROOT / "_naive_server.py"), str(pkg), str(port)],
+        naive = measure("naive", [sys.executable, str(ROOT / "_naive_server.py"), str(pkg), str(port), device],
                         port, images, args)
         rows = {}
         for backend in args.backends.split(","):
             port = free_port()
             rows[backend] = measure(f"medpipe/{backend}", [sys.executable, "-m", "medpipe", "serve", "--model",
-                                    str(pkg), "--port", str(port), "--backend", backend], port, images, args)
+                                    str(pkg), "--port", str(port), "--backend", backend, "--device", device],
+                                    port, images, args)
     best = max(rows, key=lambda b: rows[b]["rps"])
     med = rows[best]
     ratios = {"throughput": med["rps"] / naive["rps"], "lone_p50": med["lone_p50_ms"] / naive["lone_p50_ms"]}
     print(f"fastest backend: {best}.  throughput medpipe/naive = {ratios['throughput']:.2f}x (target >= 2)   "
           f"lone p50 medpipe/naive = {ratios['lone_p50']:.2f} (target <= 0.65)   "
           f"/ping p99 under load {med['ping_p99_ms']:.0f} ms (target < 2000)")
-    path = write_result("serve_load", {"settings": vars(args), "naive": naive, "medpipe": rows, "best": best,
+    path = write_result("serve_load" if device == "cpu" else f"serve_load_{device}", {"settings": vars(args), "naive": naive, "medpipe": rows, "best": best,
                                        "ratios": ratios,
                                        "targets": {"throughput": 2.0, "lone_p50": 0.65, "ping_p99_ms": 2000}})
     print(f"wrote {path}")

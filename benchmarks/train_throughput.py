@@ -46,8 +46,9 @@ def main() -> None:
     from medpipe.data.sources import ingest, load_records
     from medpipe.models import create_model
     from medpipe.train.loop import EpochBatches, epoch_batches, epoch_order, make_loader, make_loss, make_schedule, \
-        resolve_device, train_step
+        train_step
     from medpipe.transforms import train_preset
+    from medpipe.utils import resolve_device
 
     device = resolve_device(args.device)
     folder = synth_dataset(args.count)

@@ -295,7 +295,7 @@ def _row(it: Item, probs: dict | None = None, error: tuple[str, str] | None = No
 
 def run_batch(model: str | None, input_path: str, output: str, *, url: str | None = None, per_file: bool = False,
               manifest_out: str | None = None, label_attribute: str = "medpipe-label", batch_size: int = 32,
-              shard_size: int = 256, workers: int | None = None, backend: str = "auto", device: str = "cpu",
+              shard_size: int = 256, workers: int | None = None, backend: str = "auto", device: str = "auto",
               concurrency: int | None = None, max_error_rate: float | None = None, progress: bool = False) -> dict:
     out = Path(output)
     items, root = list_items(input_path)

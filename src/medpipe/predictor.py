@@ -19,6 +19,7 @@ from medpipe.data import imageio
 from medpipe.errors import MedpipeError
 from medpipe.package import load_package, package_spec
 from medpipe.transforms import eval_batch
+from medpipe.utils import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 class Predictor:
     """Load once, predict many times. ``backend``: eager PyTorch or ONNX Runtime (CPU), see BACKENDS."""
 
-    def __init__(self, package: str | Path, device: str = "cpu", max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
+    def __init__(self, package: str | Path, device: str = "auto", max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
                  backend: str = "eager", threads: int | None = None):
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = resolve_device(device)
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.backend = resolve_backend(backend, self.device)

@@ -58,3 +58,19 @@ def versions() -> dict:
 
     return {"medpipe": medpipe.__version__, "monai": monai.__version__, "torch": torch.__version__,
             "numpy": np.__version__}
+
+
+def resolve_device(name: str):
+    """``auto``: CUDA when available, else CPU; ``cuda`` without a device is a clear error."""
+    import torch
+
+    from medpipe.errors import MedpipeError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MedpipeError(f"--device {name} was asked for but no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise MedpipeError(f"unknown device {name!r}; use auto, cpu or cuda") from None

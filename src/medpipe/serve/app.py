@@ -64,7 +64,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     backend: str = "auto"          # auto | eager | onnx
-    device: str = "cpu"
+    device: str = "auto"           # auto | cpu | cuda (auto: CUDA when available)
     threads: int = 0               # inference threads; 0 = all cores
     max_body_mb: float = 6.0       # SageMaker's real-time payload limit
     max_pixels: int = imageio.DEFAULT_MAX_PIXELS

@@ -46,7 +46,7 @@ from medpipe.models import create_model
 from medpipe.train import distributed
 from medpipe.train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medpipe.transforms import KEY, eval_batch, train_preset
-from medpipe.utils import seed_everything
+from medpipe.utils import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 FAULT_SIGTERM_AT_STEP = "MEDPIPE_FAULT_SIGTERM_AT_STEP"  # fault injection for tests: signal self at step k
@@ -137,14 +137,6 @@ def make_loader(ds: EpochBatches, workers: int, skip: int, pin: bool):
 
 
 # --------------------------------------------------------------------------- pieces
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MedpipeError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
 
 
 def make_loss(cfg: TrainConfig, class_counts: np.ndarray, device):
