@@ -290,3 +290,40 @@ def test_nan_batch_in_a_real_run_stops_and_keeps_last_good_checkpoint(data_dir, 
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert not (run / "model").exists()
+
+
+def test_every_loader_mode_yields_the_same_batches():
+    """Inline, one thread and worker processes (the CUDA default) give identical augmented batches."""
+    from medpipe.config import PreprocessSpec
+    from medpipe.train.loop import EpochBatches, auto_workers, make_loader
+    from medpipe.transforms import train_batch_preset
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 24)
+    batches = [np.arange(i, i + 6) for i in range(0, 24, 6)]
+    ds = EpochBatches(pixels, np.arange(24), labels, batches, train_batch_preset(PreprocessSpec(image_size=32)), 7, 1)
+    ref = list(make_loader(ds, 0, 0, pin=False))
+    for workers in (1, 2):
+        got = list(make_loader(ds, workers, 1, pin=False))
+        assert len(got) == len(ref) - 1
+        for (x, y), (rx, ry) in zip(got, ref[1:]):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+    assert auto_workers(cuda=False) == 1 and auto_workers(cuda=True) >= 1
+
+
+def test_batch_presets_equal_the_per_image_presets():
+    """Head and tail run once on the batch; the result is the per-image MONAI preset, bit for bit."""
+    from medpipe.config import PreprocessSpec
+    from medpipe.transforms import KEY, eval_batch, eval_preset, train_batch_preset, train_preset
+
+    spec = PreprocessSpec(image_size=40)
+    imgs = np.random.default_rng(2).integers(0, 256, (12, 40, 40, 3), dtype=np.uint8)
+    per_image = train_preset(spec)
+    per_image.set_random_state(seed=11)
+    ref = torch.stack([per_image({KEY: np.array(im)})[KEY] for im in imgs])
+    got = train_batch_preset(spec).set_random_state(11)(imgs)
+    assert torch.equal(got, ref)
+    assert float(got.abs().max()) > 0.5 and not torch.equal(got, eval_batch(imgs, spec))  # it did augment
+    ev = eval_preset(spec)
+    assert torch.equal(eval_batch(list(imgs), spec), torch.stack([ev({KEY: np.array(im)})[KEY] for im in imgs]))

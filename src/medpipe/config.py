@@ -62,7 +62,7 @@ class TrainConfig:
     test_fraction: float = 0.15
     deterministic: bool = False
     device: str = "auto"
-    workers: int = -1  # -1 auto: inline on CPU, background thread on CUDA
+    workers: int = -1  # -1 auto: a loader thread on CPU, worker processes on CUDA (train.loop.auto_workers)
     threads: int = 0
     init_weights: str | None = None
     pretrained: bool = False
