@@ -31,9 +31,18 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     args = ap.parse_args()
 
+    import torch
+
     from medpipe.config import make_config
     from medpipe.data.sources import ingest
     from medpipe.train.loop import train
+
+    name = "imbalance" if not torch.cuda.is_available() else "imbalance_cuda"
+
+    def summarise(results: dict) -> dict:
+        return {m: {"runs": len(rs), "val_bacc_mean": statistics.mean(r["val_bacc"] for r in rs),
+                    "val_bacc_sd": statistics.stdev(r["val_bacc"] for r in rs) if len(rs) > 1 else None,
+                    "val_auc_mean": statistics.mean(r["val_auc"] for r in rs)} for m, rs in results.items() if rs}
 
     folder = synth_dataset(args.count)
     modes = [m for m in args.modes.split(",") if m]
@@ -53,14 +62,18 @@ def main() -> None:
                                       "epoch": best["epoch"]})
                 print(f"{mode:>14} seed {seed}: best val balanced accuracy {best['val_bacc']:.4f} "
                       f"(macro AUC {best['val_auc']:.4f}, epoch {best['epoch']})", flush=True)
-    summary = {m: {"val_bacc_mean": statistics.mean(r["val_bacc"] for r in rs),
-                   "val_auc_mean": statistics.mean(r["val_auc"] for r in rs)} for m, rs in results.items()}
+            # after every seed, so a run cut short still leaves its complete pairs
+            write_result(name, {"settings": vars(args), "complete": False, "runs": results,
+                                "summary": summarise(results)})
+    summary = summarise(results)
     winner = max(summary, key=lambda m: summary[m]["val_bacc_mean"])
     print(f"{'mode':>14}  val_bacc  val_auc")
     for m in modes:
         print(f"{m:>14}  {summary[m]['val_bacc_mean']:.4f}   {summary[m]['val_auc_mean']:.4f}")
     print(f"best validation balanced accuracy: {winner}")
-    print(f"wrote {write_result('imbalance', {'settings': vars(args), 'runs': results, 'summary': summary, 'winner': winner})}")
+    path = write_result(name, {"settings": vars(args), "complete": True, "runs": results, "summary": summary,
+                               "winner": winner})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
