@@ -50,7 +50,7 @@ def main() -> None:
     from medpipe.data.cache import build_cache
     from medpipe.data.sources import ingest, load_records
     from medpipe.models import create_model
-    from medpipe.train.loop import EpochBatches, epoch_batches, epoch_order, make_loader, make_loss, make_optimizer, \
+    from medpipe.train.loop import BatchLoader, BatchSource, epoch_batches, epoch_order, make_loss, make_optimizer, \
         make_schedule, train_step
     from medpipe.transforms import train_batch_preset
     from medpipe.utils import resolve_device
@@ -93,13 +93,18 @@ def main() -> None:
         return n / (time.perf_counter() - t)
 
     # (a) medpipe
-    order = np.concatenate([epoch_order(labels, len(classes), cfg, e) for e in range(math.ceil(n_needed / len(labels)))])
-    ds = EpochBatches(cache.pixels, rows, labels, epoch_batches(order[:n_needed], cfg), train_batch_preset(cfg.preprocess()),
-                      0, 0)
-    a = timed(make_loader(ds, workers=args.workers, skip=0, pin=device.type == "cuda"))
+    order = np.concatenate([epoch_order(labels, len(classes), cfg, e)
+                            for e in range(math.ceil(n_needed / len(labels)))])
+    source = BatchSource(cache.pixels, rows, labels, train_batch_preset(cfg.preprocess()), 0)
+    loader = BatchLoader(source, args.workers, pin=device.type == "cuda")
+    batches = epoch_batches(order[:n_needed], cfg)
+    try:
+        a = timed(loader.epoch(0, batches))
+    finally:
+        loader.close()
 
     # (b) pure compute: one in-memory batch, reused
-    xb, yb = ds[0]
+    xb, yb = source[(0, 0, batches[0])]
 
     def same_batch():
         while True:

@@ -55,7 +55,8 @@ def test_run_dir_contents(trained_run):
 
 
 def test_sigterm_resume_equals_straight_run(data_dir, tmp_path):
-    """2 epochs straight == SIGTERM mid-epoch + --resume, in deterministic CPU mode (real processes, real signal)."""
+    """2 epochs straight == SIGTERM mid-epoch + --resume, in deterministic CPU mode (real processes, real
+    signal), with a loader thread, inline and worker processes in the three runs."""
     straight, resumed = tmp_path / "a", tmp_path / "b"
     common = ["train", "--data", str(data_dir), *TINY, "--workers", "1"]
     r = _run([*common, "--out", str(straight)])
@@ -66,7 +67,8 @@ def test_sigterm_resume_equals_straight_run(data_dir, tmp_path):
     state = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
     assert state["global_step"] == 3 and state["batch_in_epoch"] > 0  # really mid-epoch
     assert not (resumed / "model").exists()
-    r = _run([*common, "--out", str(resumed), "--resume"])
+    # resumed with worker processes that live across the rest of epoch 1 and all of epoch 2
+    r = _run([*common, "--out", str(resumed), "--resume", "--workers", "2"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout
     wa = load_file(straight / "model" / "weights.safetensors")
@@ -293,22 +295,29 @@ def test_nan_batch_in_a_real_run_stops_and_keeps_last_good_checkpoint(data_dir, 
 
 
 def test_every_loader_mode_yields_the_same_batches():
-    """Inline, one thread and worker processes (the CUDA default) give identical augmented batches."""
+    """Inline, one thread and worker processes (the CUDA default, kept across epochs) give identical
+    augmented batches, also when resuming mid-epoch."""
     from medpipe.config import PreprocessSpec
-    from medpipe.train.loop import EpochBatches, auto_workers, make_loader
+    from medpipe.train.loop import BatchLoader, BatchSource, auto_workers
     from medpipe.transforms import train_batch_preset
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 3, 24)
-    batches = [np.arange(i, i + 6) for i in range(0, 24, 6)]
-    ds = EpochBatches(pixels, np.arange(24), labels, batches, train_batch_preset(PreprocessSpec(image_size=32)), 7, 1)
-    ref = list(make_loader(ds, 0, 0, pin=False))
+    source = BatchSource(pixels, np.arange(24), labels, train_batch_preset(PreprocessSpec(image_size=32)), 7)
+    epochs = {e: [rng.permutation(24)[i:i + 6] for i in range(0, 24, 6)] for e in (0, 1)}
+    ref = {e: list(BatchLoader(source, 0, pin=False).epoch(e, bs)) for e, bs in epochs.items()}
+    assert not torch.equal(ref[0][0][0], ref[1][0][0])
     for workers in (1, 2):
-        got = list(make_loader(ds, workers, 1, pin=False))
-        assert len(got) == len(ref) - 1
-        for (x, y), (rx, ry) in zip(got, ref[1:]):
-            assert torch.equal(x, rx) and torch.equal(y, ry)
+        loader = BatchLoader(source, workers, pin=False)
+        try:
+            for e, bs in epochs.items():
+                got = list(loader.epoch(e, bs, skip=1))
+                assert len(got) == len(ref[e]) - 1
+                for (x, y), (rx, ry) in zip(got, ref[e][1:]):
+                    assert torch.equal(x, rx) and torch.equal(y, ry)
+        finally:
+            loader.close()
     assert auto_workers(cuda=False) == 1 and auto_workers(cuda=True) >= 1
 
 

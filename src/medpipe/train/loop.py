@@ -65,24 +65,19 @@ class NonFiniteLoss(MedpipeError):
 # --------------------------------------------------------------------------- data
 
 
-class EpochBatches(torch.utils.data.Dataset):
-    """Item ``b`` is batch ``b`` of an epoch: augmented images stacked, and their labels.
+class BatchSource(torch.utils.data.Dataset):
+    """Key ``(epoch, b, rows)`` -> the augmented images of those cache rows stacked, and their labels.
 
     The train preset is re-seeded from (seed, epoch, b) for every batch, which makes an epoch
     reproducible regardless of threads, workers or where it was resumed.
     """
 
-    def __init__(self, pixels, rows: np.ndarray, labels: np.ndarray, batches: list[np.ndarray], transform,
-                 seed: int, epoch: int):
-        self.pixels, self.rows, self.labels = pixels, rows, labels
-        self.batches, self.transform, self.seed, self.epoch = batches, transform, seed, epoch
+    def __init__(self, pixels, rows: np.ndarray, labels: np.ndarray, transform, seed: int):
+        self.pixels, self.rows, self.labels, self.transform, self.seed = pixels, rows, labels, transform, seed
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, b: int):
-        idx = self.batches[b]
-        self.transform.set_random_state(seed=(self.seed * 1_000_003 + self.epoch * 10_007 + b) % 2**32)
+    def __getitem__(self, key: tuple[int, int, np.ndarray]):
+        epoch, b, idx = key
+        self.transform.set_random_state(seed=(self.seed * 1_000_003 + epoch * 10_007 + b) % 2**32)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # per-image tensors are tiny: a parallel region costs more than it saves
         try:
@@ -90,6 +85,30 @@ class EpochBatches(torch.utils.data.Dataset):
         finally:
             torch.set_num_threads(threads)
         return x, torch.from_numpy(self.labels[idx])
+
+
+class _Keyed(torch.utils.data.Dataset):
+    def __init__(self, source: BatchSource, keys: list):
+        self.source, self.keys = source, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        return self.source[self.keys[i]]
+
+
+class _KeySampler(torch.utils.data.Sampler):
+    """This epoch's batch keys; replaced between epochs while the worker processes stay up."""
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 def epoch_order(labels: np.ndarray, n_classes: int, cfg: TrainConfig, epoch: int) -> np.ndarray:
@@ -127,23 +146,40 @@ def auto_workers(cuda: bool) -> int:
     return max(1, min(8, per_rank // 2))
 
 
-def make_loader(ds: EpochBatches, workers: int, skip: int, pin: bool):
-    """workers=0: inline; 1: one background thread (MONAI ThreadDataLoader); >1: worker processes;
-    -1: :func:`auto_workers`. Batches are seeded per (epoch, batch), so every choice gives the same data."""
-    from monai.data import ThreadDataLoader
+class BatchLoader:
+    """An epoch's (images, labels) batches. ``workers``: 0 inline; 1 one background thread (MONAI
+    ThreadDataLoader); >1 worker processes, started once and kept across epochs (a fork per epoch
+    cost a quarter of a short epoch on a GPU); -1 :func:`auto_workers`. Batches are seeded per
+    (epoch, batch), so every choice yields the same data (test)."""
 
-    if workers < 0:
-        workers = auto_workers(pin)
+    def __init__(self, source: BatchSource, workers: int, pin: bool):
+        self.source, self.pin = source, pin
+        self.workers = auto_workers(pin) if workers < 0 else workers
+        self._sampler = _KeySampler()
+        self._procs: torch.utils.data.DataLoader | None = None
 
-    if skip:
-        ds = torch.utils.data.Subset(ds, range(skip, len(ds)))
-    if workers == 0:
-        return (ds[i] for i in range(len(ds)))
-    if workers == 1:
-        return ThreadDataLoader(ds, batch_size=None, shuffle=False, num_workers=0, buffer_size=2, pin_memory=pin,
-                                collate_fn=_identity)
-    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
-                                       persistent_workers=False, prefetch_factor=2, collate_fn=_identity)
+    def epoch(self, epoch: int, batches: list[np.ndarray], skip: int = 0):
+        keys = [(epoch, b, batches[b]) for b in range(skip, len(batches))]
+        if self.workers == 0:
+            return (self.source[k] for k in keys)
+        if self.workers == 1:
+            from monai.data import ThreadDataLoader
+
+            return ThreadDataLoader(_Keyed(self.source, keys), batch_size=None, shuffle=False, num_workers=0,
+                                    buffer_size=2, pin_memory=self.pin, collate_fn=_identity)
+        if self._procs is None:
+            self._procs = torch.utils.data.DataLoader(
+                self.source, batch_size=None, sampler=self._sampler, num_workers=self.workers,
+                pin_memory=self.pin, persistent_workers=True, prefetch_factor=2, collate_fn=_identity)
+        self._sampler.keys = keys
+        return self._procs
+
+    def close(self) -> None:
+        """Stop the worker processes (a run in a long-lived process must not leave them behind)."""
+        it = getattr(self._procs, "_iterator", None)
+        self._procs = None
+        if it is not None:
+            it._shutdown_workers()
 
 
 # --------------------------------------------------------------------------- pieces
@@ -467,18 +503,18 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
     metrics_path = run_dir / "metrics.jsonl"
     from tqdm.auto import tqdm
 
+    batch_loader = None if streaming else BatchLoader(
+        BatchSource(cache.pixels, tr_rows, tr_y, transform, cfg.seed), cfg.workers, pin=device.type == "cuda")
     try:
         for epoch in range(start_epoch, cfg.epochs):
             # 4. this epoch's batches
             if streaming:
                 batches, loader = stream_batches(index, cfg, epoch, dd, transform, skip_batches)
-                ds = None
             else:
                 batches = epoch_batches(epoch_order(tr_y, n_classes, cfg, epoch), cfg)
                 if dd.enabled:  # one global (class-balanced) order; each rank takes every world-th batch
                     batches = batches[dd.rank:len(batches) // dd.world * dd.world:dd.world]
-                ds = EpochBatches(cache.pixels, tr_rows, tr_y, batches, transform, cfg.seed, epoch)
-                loader = make_loader(ds, cfg.workers, skip_batches, pin=device.type == "cuda")
+                loader = batch_loader.epoch(epoch, batches, skip_batches)
             model.train()
             t0, seen, loss_sum, n_loss, steps_done = time.perf_counter(), 0, 0.0, 0, 0
             bar = tqdm(total=len(batches), initial=skip_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -490,7 +526,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
                 if loss is None:
                     # The optimiser step was skipped, but the forward pass already moved BatchNorm statistics,
                     # so this state is not saved: checkpoints/last.pt (previous epoch end) stays the good one.
-                    shown = train_t["image_id"].iloc[ds.batches[b][:4]] if ds is not None else ["(streamed)"]
+                    shown = train_t["image_id"].iloc[batches[b][:4]] if not streaming else ["(streamed)"]
                     raise NonFiniteLoss(f"loss became non-finite at epoch {epoch + 1}, batch {b} "
                                         f"(images {', '.join(shown)}...); "
                                         f"the step was not applied; the last good checkpoint is {ckpt_dir / 'last.pt'}")
@@ -560,6 +596,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
                 break
     finally:
         stop.restore()
+        if batch_loader is not None:
+            batch_loader.close()
 
     if dd.enabled:
         digests = dd.gather(distributed.params_digest(net))
