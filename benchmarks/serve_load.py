@@ -143,7 +143,8 @@ def main() -> None:
     ap.add_argument("--lone", type=int, default=40)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--backends", default=None,
-                    help="medpipe backends to measure, comma-separated (default: onnx,eager on CPU, eager on CUDA)")
+                    help="medpipe backends to measure, comma-separated (default: onnx,eager on CPU; eager,cudagraph "
+                         "on CUDA)")
     ap.add_argument("--device", default="auto", help="both servers run on this device (auto: CUDA when available)")
     args = ap.parse_args()
 
@@ -151,7 +152,7 @@ def main() -> None:
 
     device = resolve_device(args.device).type
     args.device = device
-    args.backends = args.backends or ("onnx,eager" if device == "cpu" else "eager")
+    args.backends = args.backends or ("onnx,eager" if device == "cpu" else "eager,cudagraph")
 
     folder = synth_dataset(200)
     images = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:32]]

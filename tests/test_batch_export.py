@@ -252,3 +252,14 @@ def test_sagemaker_export_is_importable_by_handlers(trained_run, tmp_path):
     with tarfile.open(tmp_path / "model.tar.gz") as tf:
         assert {"weights.safetensors", "model.json", "code/inference.py", "code/requirements.txt",
                 "code/medpipe/serve/protocol.py"} <= set(tf.getnames())
+
+
+def test_gpu_only_backends_fail_clearly_on_cpu(trained_run, capsys):
+    from medpipe.errors import MedpipeError
+    from medpipe.predictor import Predictor
+
+    with pytest.raises(MedpipeError, match="cudagraph backend needs --device cuda"):
+        Predictor(trained_run / "model", device="cpu", backend="cudagraph")
+    if not torch.cuda.is_available():
+        assert main(["predict", "--model", str(trained_run / "model"), "--device", "cuda", "x.jpg"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

@@ -143,7 +143,7 @@ class LocalEngine:
     def __init__(self, model: str, backend: str, device: str, batch_size: int, workers: int):
         from medpipe.predictor import Predictor
 
-        self.predictor = Predictor(model, device=device, backend=backend)
+        self.predictor = Predictor(model, device=device, backend=backend, max_batch=max(1, batch_size))
         self.batch_size = max(1, batch_size)
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="medpipe-decode")
         self.meta = {"model": self.predictor.name, "version": self.predictor.version,

@@ -203,7 +203,7 @@ def register(sub) -> None:
     g.add_argument("--model", help="model package folder (or a run folder)")
     g.add_argument("--url", help="a running medpipe/SageMaker-compatible server, e.g. http://127.0.0.1:8080")
     s.add_argument("--device", default="auto", help="auto: CUDA when available, else CPU")
-    s.add_argument("--backend", default="eager", choices=["auto", "eager", "onnx"])
+    s.add_argument("--backend", default="eager", choices=["auto", "eager", "onnx", "cudagraph"])
     s.add_argument("--tta", action="store_true")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_predict)
@@ -225,7 +225,7 @@ def register(sub) -> None:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--shard-size", type=int, default=256, help="items per atomically written output shard")
     s.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
-    s.add_argument("--backend", default="auto", choices=["auto", "eager", "onnx"])
+    s.add_argument("--backend", default="auto", choices=["auto", "eager", "onnx", "cudagraph"])
     s.add_argument("--device", default="auto", help="auto: CUDA when available, else CPU")
     s.add_argument("--concurrency", type=int, default=None, help="with --url: requests in flight "
                                                                  "(default: the server's MaxConcurrentTransforms)")

@@ -38,13 +38,17 @@ class Prediction:
         return {"label": self.label, "class_index": self.class_index, "probabilities": self.probabilities}
 
 
-BACKENDS = ("auto", "eager", "onnx")
+BACKENDS = ("auto", "eager", "onnx", "cudagraph")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto``: ONNX Runtime on CPU when installed (faster in benchmarks/serve_load.py), else eager."""
     if backend not in BACKENDS:
         raise MedpipeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "onnx" and device.type != "cpu":
+        raise MedpipeError("the onnx backend runs on CPU; use --backend eager or cudagraph with --device cuda")
+    if backend == "cudagraph" and device.type != "cuda":
+        raise MedpipeError("the cudagraph backend needs --device cuda (and a GPU)")
     if backend != "auto":
         return backend
     if device.type != "cpu":
@@ -56,20 +60,65 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "onnx"
 
 
+class CudaGraphRunner:
+    """The eval-mode model captured as one CUDA graph per batch-size bucket (1, 2, 4, ..., max_batch).
+
+    A replay launches the whole network at once, where eager PyTorch launches several hundred kernels
+    one after another from Python; DenseNet121 at small batches is launch-bound on a GPU. A batch is
+    padded up to its bucket (rows are independent in eval mode); larger batches run in chunks. All
+    graphs share one memory pool; inputs are copied into static buffers, outputs copied out.
+    """
+
+    def __init__(self, model: torch.nn.Module, image_size: int, device: torch.device, max_batch: int = 16):
+        self.buckets = sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple] = {}
+        side = torch.cuda.Stream(device)
+        for bs in reversed(self.buckets):  # largest first: the shared pool is sized once
+            inp = torch.zeros(bs, 3, image_size, image_size, device=device).contiguous(
+                memory_format=torch.channels_last)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):  # warm-up outside capture (cuDNN handles, workspaces)
+                    model(inp)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
+                out = model(inp)
+            self.graphs[bs] = (graph, inp, out)
+        torch.cuda.synchronize(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outs, top = [], self.buckets[-1]
+        for i in range(0, len(x), top):
+            chunk = x[i:i + top]
+            n = len(chunk)
+            graph, inp, out = self.graphs[next(b for b in self.buckets if b >= n)]
+            inp[:n].copy_(chunk)
+            if n < len(inp):
+                inp[n:].zero_()
+            graph.replay()
+            outs.append(out[:n].float().cpu())
+        return torch.cat(outs)
+
+
 class Predictor:
-    """Load once, predict many times. ``backend``: eager PyTorch or ONNX Runtime (CPU), see BACKENDS."""
+    """Load once, predict many times. ``backend``: eager PyTorch, ONNX Runtime (CPU) or CUDA graphs
+    of the eager model (CUDA), see BACKENDS."""
 
     def __init__(self, package: str | Path, device: str = "auto", max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
-                 backend: str = "eager", threads: int | None = None):
+                 backend: str = "eager", threads: int | None = None, max_batch: int = 16):
         self.device = resolve_device(device)
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.backend = resolve_backend(backend, self.device)
         self._session = None
+        self._graphs = None
         self._explainer = None
+        if self.backend == "cudagraph":
+            self._graphs = CudaGraphRunner(self.model, int(self.meta["preprocessing"]["image_size"]), self.device,
+                                           max(1, int(max_batch)))
         if self.backend == "onnx":
-            if self.device.type != "cpu":
-                raise MedpipeError("the onnx backend runs on CPU; use --backend eager with --device cuda")
             from medpipe.export import onnx_bytes, onnx_session
 
             self._session = onnx_session(onnx_bytes(self.model, int(self.meta["preprocessing"]["image_size"])),
@@ -128,6 +177,8 @@ class Predictor:
             from medpipe.export import INPUT_NAME
 
             return torch.from_numpy(self._session.run(None, {INPUT_NAME: x.contiguous().numpy()})[0])
+        if self._graphs is not None:
+            return self._graphs(x)
         return self.model(x.to(self.device).contiguous(memory_format=torch.channels_last)).float().cpu()
 
     @torch.inference_mode()
