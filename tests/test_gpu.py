@@ -54,11 +54,11 @@ def test_training_on_cuda_writes_a_package_that_loads_on_cpu(gpu_run, data_dir):
         assert max(abs(g.probabilities[k] - c.probabilities[k]) for k in c.probabilities) < CROSS_DEVICE_ATOL
 
 
-def test_auto_picks_cuda_and_eager(gpu_run):
+def test_auto_picks_cuda_and_cuda_graphs(gpu_run):
     from medpipe.predictor import Predictor
 
-    p = Predictor(gpu_run / "model")
-    assert p.device.type == "cuda" and p.backend == "eager"
+    assert Predictor(gpu_run / "model").device.type == "cuda"
+    assert Predictor(gpu_run / "model", backend="auto").backend == "cudagraph"
 
 
 def test_cudagraph_backend_matches_eager(gpu_run, data_dir):

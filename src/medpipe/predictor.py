@@ -42,7 +42,8 @@ BACKENDS = ("auto", "eager", "onnx", "cudagraph")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: ONNX Runtime on CPU when installed (faster in benchmarks/serve_load.py), else eager."""
+    """``auto``: ONNX Runtime on CPU when installed, CUDA graphs on a GPU (each the fastest measured in
+    benchmarks/serve_load.py), else eager."""
     if backend not in BACKENDS:
         raise MedpipeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "onnx" and device.type != "cpu":
@@ -51,6 +52,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise MedpipeError("the cudagraph backend needs --device cuda (and a GPU)")
     if backend != "auto":
         return backend
+    if device.type == "cuda":
+        return "cudagraph"
     if device.type != "cpu":
         return "eager"
     try:
@@ -116,8 +119,15 @@ class Predictor:
         self._graphs = None
         self._explainer = None
         if self.backend == "cudagraph":
-            self._graphs = CudaGraphRunner(self.model, int(self.meta["preprocessing"]["image_size"]), self.device,
-                                           max(1, int(max_batch)))
+            try:
+                self._graphs = CudaGraphRunner(self.model, int(self.meta["preprocessing"]["image_size"]),
+                                               self.device, max(1, int(max_batch)))
+            except RuntimeError as exc:
+                if backend != "auto":
+                    raise MedpipeError(f"cannot capture this model as CUDA graphs ({exc}); "
+                                       "use --backend eager") from None
+                log.warning("CUDA graph capture failed (%s); using the eager backend", exc)
+                self.backend = "eager"
         if self.backend == "onnx":
             from medpipe.export import onnx_bytes, onnx_session
 
