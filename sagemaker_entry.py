@@ -12,7 +12,8 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
+from medpipe.cli import exit_process
 from medpipe.sagemaker import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

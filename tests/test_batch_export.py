@@ -263,3 +263,21 @@ def test_gpu_only_backends_fail_clearly_on_cpu(trained_run, capsys):
     if not torch.cuda.is_available():
         assert main(["predict", "--model", str(trained_run / "model"), "--device", "cuda", "x.jpg"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_auto_backend_falls_back_to_eager_when_the_fast_one_cannot_start(trained_run, monkeypatch, caplog):
+    """`auto` must never stop a server that eager could run; an explicit backend fails loudly instead."""
+    import medpipe.export
+    from medpipe.errors import MedpipeError
+    from medpipe.export import ExportError
+    from medpipe.predictor import Predictor
+
+    def broken(*a, **k):
+        raise ExportError("simulated exporter failure")
+
+    monkeypatch.setattr(medpipe.export, "onnx_bytes", broken)
+    p = Predictor(trained_run / "model", device="cpu", backend="auto")
+    assert p.backend == "eager" and "simulated exporter failure" in caplog.text
+    assert p.probabilities([p.prepare_array(np.zeros((40, 40, 3), np.uint8))]).shape == (1, len(p.classes))
+    with pytest.raises(MedpipeError, match="onnx backend could not start.*simulated"):
+        Predictor(trained_run / "model", device="cpu", backend="onnx")

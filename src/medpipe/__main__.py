@@ -1,3 +1,3 @@
-from medpipe.cli import main
+from medpipe.cli import exit_process, main
 
-raise SystemExit(main())
+exit_process(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from medpipe import __version__
@@ -152,5 +153,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def exit_process(rc: int):
+    """End a command-line process with ``rc``. Inside a multi-process launch (WORLD_SIZE > 1) every
+    output is written (atomically, fsynced) by now, so the interpreter's teardown is skipped: a
+    communication library's destructor that blocks on a peer which has already exited must not turn
+    a finished job into a hung one (seen once: rank 0 of a gloo job stuck at exit after writing
+    everything)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    exit_process(main())

@@ -118,21 +118,14 @@ class Predictor:
         self._session = None
         self._graphs = None
         self._explainer = None
-        if self.backend == "cudagraph":
-            try:
-                self._graphs = CudaGraphRunner(self.model, int(self.meta["preprocessing"]["image_size"]),
-                                               self.device, max(1, int(max_batch)))
-            except RuntimeError as exc:
-                if backend != "auto":
-                    raise MedpipeError(f"cannot capture this model as CUDA graphs ({exc}); "
-                                       "use --backend eager") from None
-                log.warning("CUDA graph capture failed (%s); using the eager backend", exc)
-                self.backend = "eager"
-        if self.backend == "onnx":
-            from medpipe.export import onnx_bytes, onnx_session
-
-            self._session = onnx_session(onnx_bytes(self.model, int(self.meta["preprocessing"]["image_size"])),
-                                         threads=threads)
+        try:
+            self._start_backend(threads, max_batch)
+        except (RuntimeError, MedpipeError) as exc:
+            if backend != "auto":
+                raise MedpipeError(f"the {self.backend} backend could not start ({exc}); use --backend eager") \
+                    from None
+            log.warning("the %s backend could not start (%s); using the eager backend", self.backend, exc)
+            self.backend, self._session, self._graphs = "eager", None, None
         self.spec = package_spec(self.meta)
         self.classes: list[str] = list(self.meta["classes"])
         self.temperature = float(self.meta.get("calibration", {}).get("temperature", 1.0))
@@ -140,6 +133,15 @@ class Predictor:
         self.name = self.meta.get("name", "medpipe")
         self.version = str(self.meta.get("version", "1"))
         self._lock = threading.Lock()
+
+    def _start_backend(self, threads: int | None, max_batch: int) -> None:
+        size = int(self.meta["preprocessing"]["image_size"])
+        if self.backend == "cudagraph":
+            self._graphs = CudaGraphRunner(self.model, size, self.device, max(1, int(max_batch)))
+        elif self.backend == "onnx":
+            from medpipe.export import onnx_bytes, onnx_session
+
+            self._session = onnx_session(onnx_bytes(self.model, size), threads=threads)
 
     @property
     def size(self) -> tuple[int, int]:

@@ -35,9 +35,14 @@ class BadRequest(ValueError):
 
 
 def model_fn(model_dir):
+    """The fastest backend the container allows (``auto``: CUDA graphs on a GPU, ONNX Runtime on CPU
+    when installed, else eager; a backend that cannot start falls back to eager). The endpoint's
+    environment can pin one: MEDPIPE_BACKEND=eager|onnx|cudagraph."""
+    import os
+
     from medpipe.predictor import Predictor
 
-    return Predictor(model_dir)
+    return Predictor(model_dir, backend=os.environ.get("MEDPIPE_BACKEND", "auto"))
 
 
 def input_fn(request_body, content_type="application/x-image"):

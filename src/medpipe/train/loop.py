@@ -608,6 +608,10 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
                 {"world_size": dd.world, "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests},
                 indent=2))
         dd.barrier()
+        model = net  # drop the DDP wrapper first: its reducer holds the process group
+        import gc
+
+        gc.collect()
         dd.close()
         if not dd.main:
             return {"rank": dd.rank, "world_size": dd.world}
