@@ -77,25 +77,20 @@ class BatchSource(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int, np.ndarray]):
         epoch, b, idx = key
-        self.transform.set_random_state(seed=(self.seed * 1_000_003 + epoch * 10_007 + b) % 2**32)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # per-image tensors are tiny: a parallel region costs more than it saves
-        try:
-            x = self.transform(np.asarray(self.pixels[self.rows[idx]]))
-        finally:
-            torch.set_num_threads(threads)
+        x = augment_batch(self.transform, np.asarray(self.pixels[self.rows[idx]]), self.seed, epoch, b)
         return x, torch.from_numpy(self.labels[idx])
 
 
-class _Keyed(torch.utils.data.Dataset):
-    def __init__(self, source: BatchSource, keys: list):
-        self.source, self.keys = source, keys
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int):
-        return self.source[self.keys[i]]
+def augment_batch(transform, images: np.ndarray, seed: int, epoch: int, b: int) -> torch.Tensor:
+    """The train preset over batch ``b`` of ``epoch`` (NHWC uint8), seeded from (seed, epoch, b): the
+    same images get the same augmentation wherever and whenever the batch is prepared."""
+    transform.set_random_state(seed=(seed * 1_000_003 + epoch * 10_007 + b) % 2**32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-image tensors are tiny: a parallel region costs more than it saves
+    try:
+        return transform(images)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _KeySampler(torch.utils.data.Sampler):
@@ -165,8 +160,8 @@ class BatchLoader:
         if self.workers == 1:
             from monai.data import ThreadDataLoader
 
-            return ThreadDataLoader(_Keyed(self.source, keys), batch_size=None, shuffle=False, num_workers=0,
-                                    buffer_size=2, pin_memory=self.pin, collate_fn=_identity)
+            return ThreadDataLoader(self.source, batch_size=None, sampler=keys, num_workers=0, buffer_size=2,
+                                    pin_memory=self.pin, collate_fn=_identity)
         if self._procs is None:
             self._procs = torch.utils.data.DataLoader(
                 self.source, batch_size=None, sampler=self._sampler, num_workers=self.workers,
@@ -370,13 +365,7 @@ def stream_batches(index: dict, cfg: TrainConfig, epoch: int, dd, transform, ski
             chunk = [next(it) for _ in range(size)]
             if b < skip:
                 continue
-            transform.set_random_state(seed=(cfg.seed * 1_000_003 + epoch * 10_007 + b) % 2**32)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                x = transform(np.stack([px for _, px in chunk]))
-            finally:
-                torch.set_num_threads(threads)
+            x = augment_batch(transform, np.stack([px for _, px in chunk]), cfg.seed, epoch, b)
             yield x, torch.tensor([m["class_index"] for m, _ in chunk], dtype=torch.int64)
 
     return sizes, gen()
@@ -615,7 +604,6 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
         dd.close()
         if not dd.main:
             return {"rank": dd.rank, "world_size": dd.world}
-    model = net
 
     # 8. best weights -> calibration -> package -> test evaluation (rank 0 only)
     best_state = load_checkpoint(ckpt_dir / "best.pt")
