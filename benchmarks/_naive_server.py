@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from medpipe.package import load_package, package_spec
-from medpipe.transforms import KEY, eval_preset
+from medpipe.preprocess import KEY, eval_preset
 
 device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
 model, meta = load_package(sys.argv[1], device)

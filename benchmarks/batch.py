@@ -27,7 +27,7 @@ def naive(pkg: Path, files: list[Path], device) -> int:
     from PIL import Image
 
     from medpipe.package import load_package, package_spec
-    from medpipe.transforms import KEY, eval_preset
+    from medpipe.preprocess import KEY, eval_preset
 
     model, meta = load_package(pkg, device)
     spec = package_spec(meta)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 def make_package(out: Path, size: int) -> Path:
-    from medpipe.config import PreprocessSpec
+    from medpipe.preprocess import PreprocessSpec
     from medpipe.models import create_model
     from medpipe.package import save_package
 

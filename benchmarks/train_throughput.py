@@ -52,7 +52,7 @@ def main() -> None:
     from medpipe.models import create_model
     from medpipe.train.loop import BatchLoader, BatchSource, epoch_batches, epoch_order, make_loss, make_optimizer, \
         make_schedule, train_step
-    from medpipe.transforms import train_batch_preset
+    from medpipe.preprocess import train_batch_preset
     from medpipe.utils import resolve_device
 
     device = resolve_device(args.device)

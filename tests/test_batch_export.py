@@ -67,7 +67,7 @@ def test_folder_with_two_corrupt_files(trained_run, folder50, tmp_path, capsys):
 
 
 def test_batch_equals_predictor_and_server_path(trained_run, folder50, tmp_path):
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     out = tmp_path / "out"
     assert main(["batch", "--model", str(trained_run / "model"), "--input", str(folder50), "--output", str(out),
@@ -176,7 +176,7 @@ def test_batch_via_url_matches_local(trained_run, folder50, tmp_path):
 
 def test_onnx_backend_matches_eager(trained_run, folder50):
     from medpipe.data.imageio import read_image
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     eager = Predictor(trained_run / "model", backend="eager")
     onnx = Predictor(trained_run / "model", backend="onnx")
@@ -251,12 +251,12 @@ def test_sagemaker_export_is_importable_by_handlers(trained_run, tmp_path):
                  str(tmp_path / "model.tar.gz")]) == 0
     with tarfile.open(tmp_path / "model.tar.gz") as tf:
         assert {"weights.safetensors", "model.json", "code/inference.py", "code/requirements.txt",
-                "code/medpipe/serve/protocol.py"} <= set(tf.getnames())
+                "code/medpipe/infer/protocol.py"} <= set(tf.getnames())
 
 
 def test_gpu_only_backends_fail_clearly_on_cpu(trained_run, capsys):
     from medpipe.errors import MedpipeError
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     with pytest.raises(MedpipeError, match="cudagraph backend needs --device cuda"):
         Predictor(trained_run / "model", device="cpu", backend="cudagraph")
@@ -270,7 +270,7 @@ def test_auto_backend_falls_back_to_eager_when_the_fast_one_cannot_start(trained
     import medpipe.export
     from medpipe.errors import MedpipeError
     from medpipe.export import ExportError
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     def broken(*a, **k):
         raise ExportError("simulated exporter failure")

@@ -61,7 +61,7 @@ def test_gathered_validation_auc_equals_single_process(tmp_path):
 import json, os, sys
 import numpy as np, torch
 sys.path.insert(0, {str(ROOT / 'src')!r})
-from medpipe.config import PreprocessSpec
+from medpipe.preprocess import PreprocessSpec
 from medpipe.evaluate import compute_metrics
 from medpipe.models import create_model
 from medpipe.train import distributed

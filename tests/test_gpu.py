@@ -39,7 +39,7 @@ def _images(data_dir, n=6):
 
 
 def test_training_on_cuda_writes_a_package_that_loads_on_cpu(gpu_run, data_dir):
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     lines = [json.loads(x) for x in (gpu_run / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(np.isfinite(x["train_loss"]) for x in lines)
@@ -55,7 +55,7 @@ def test_training_on_cuda_writes_a_package_that_loads_on_cpu(gpu_run, data_dir):
 
 
 def test_auto_picks_cuda_and_cuda_graphs(gpu_run):
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     assert Predictor(gpu_run / "model").device.type == "cuda"
     assert Predictor(gpu_run / "model", backend="auto").backend == "cudagraph"
@@ -63,7 +63,7 @@ def test_auto_picks_cuda_and_cuda_graphs(gpu_run):
 
 def test_cudagraph_backend_matches_eager(gpu_run, data_dir):
     """CUDA graphs per batch bucket (padded, chunked past the largest) give the eager model's answers."""
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     eager = Predictor(gpu_run / "model", device="cuda", backend="eager")
     graphs = Predictor(gpu_run / "model", device="cuda", backend="cudagraph", max_batch=4)
@@ -80,7 +80,7 @@ def test_cudagraph_backend_matches_eager(gpu_run, data_dir):
 
 
 def test_batch_on_cuda_equals_the_cuda_predictor(gpu_run, data_dir, tmp_path):
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -98,7 +98,7 @@ def test_batch_on_cuda_equals_the_cuda_predictor(gpu_run, data_dir, tmp_path):
 
 
 def test_server_on_cuda_answers_like_the_cpu_predictor(gpu_run, data_dir, tmp_path):
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
     from tests._server import Server, as_json
 
     images = _images(data_dir, 3)

@@ -106,7 +106,7 @@ def test_ping_json_csv_and_sagemaker_headers(server, golden):
 
 
 def test_golden_served_equals_predict_and_evaluate(server, golden, trained_run):
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     served = as_json(server.invoke(golden["bytes"])[2])["predictions"][0]["probabilities"]
     predicted = Predictor(trained_run / "model").predict_files([golden["path"]])[0].probabilities
@@ -377,7 +377,7 @@ def test_routes_metrics_and_execution_parameters(server, golden):
 
 
 def test_route_set_is_exactly_the_documented_one(trained_run):
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
     from medpipe.serve.app import ROUTES, ServeConfig, create_app
 
     app = create_app(Predictor(trained_run / "model"), ServeConfig()).app
@@ -505,10 +505,10 @@ def test_nan_model_is_500_with_code(tmp_path):
     import torch
     from fastapi.testclient import TestClient
 
-    from medpipe.config import PreprocessSpec
+    from medpipe.preprocess import PreprocessSpec
     from medpipe.models import create_model
     from medpipe.package import save_package
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
     from medpipe.serve.app import ServeConfig, create_app
 
     model = create_model("densenet121", 7)
@@ -556,7 +556,7 @@ def test_fuzz_api_never_500(trained_run):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
     from medpipe.serve.app import ServeConfig, create_app
 
     app = create_app(Predictor(trained_run / "model"), ServeConfig(max_images=4))

@@ -196,7 +196,7 @@ def test_package_refuses_pickle_and_tampering(trained_run, tmp_path):
 def test_predict_cli_and_golden_parity(trained_run, data_dir, capsys):
     import pandas as pd
 
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     preds = pd.read_csv(trained_run / "report" / "predictions.csv")
     records = pd.read_csv(data_dir / "records.csv")
@@ -225,7 +225,7 @@ def test_sagemaker_tarball_handlers(trained_run, data_dir, tmp_path):
         names = tf.getnames()
         tf.extractall(tmp_path / "opt_ml_model", filter="data")
     assert {"weights.safetensors", "model.json", "code/inference.py", "code/requirements.txt",
-            "code/medpipe/predictor.py"} <= set(names)
+            "code/medpipe/infer/predictor.py"} <= set(names)
     image = pd.read_csv(data_dir / "records.csv")["path"].iloc[0]
     script = f"""
 import io, json, sys
@@ -297,9 +297,9 @@ def test_nan_batch_in_a_real_run_stops_and_keeps_last_good_checkpoint(data_dir, 
 def test_every_loader_mode_yields_the_same_batches():
     """Inline, one thread and worker processes (the CUDA default, kept across epochs) give identical
     augmented batches, also when resuming mid-epoch."""
-    from medpipe.config import PreprocessSpec
+    from medpipe.preprocess import PreprocessSpec
     from medpipe.train.loop import BatchLoader, BatchSource, auto_workers
-    from medpipe.transforms import train_batch_preset
+    from medpipe.preprocess import train_batch_preset
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
@@ -323,8 +323,8 @@ def test_every_loader_mode_yields_the_same_batches():
 
 def test_batch_presets_equal_the_per_image_presets():
     """Head and tail run once on the batch; the result is the per-image MONAI preset, bit for bit."""
-    from medpipe.config import PreprocessSpec
-    from medpipe.transforms import KEY, eval_batch, eval_preset, train_batch_preset, train_preset
+    from medpipe.preprocess import PreprocessSpec
+    from medpipe.preprocess import KEY, eval_batch, eval_preset, train_batch_preset, train_preset
 
     spec = PreprocessSpec(image_size=40)
     imgs = np.random.default_rng(2).integers(0, 256, (12, 40, 40, 3), dtype=np.uint8)

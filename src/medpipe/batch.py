@@ -141,7 +141,7 @@ class LocalEngine:
     """Decode in parallel threads, forward in batches; halve the batch on out-of-memory."""
 
     def __init__(self, model: str, backend: str, device: str, batch_size: int, workers: int):
-        from medpipe.predictor import Predictor
+        from medpipe.infer.predictor import Predictor
 
         self.predictor = Predictor(model, device=device, backend=backend, max_batch=max(1, batch_size))
         self.batch_size = max(1, batch_size)
@@ -191,7 +191,7 @@ class LocalEngine:
 
     def run(self, items: list[Item], futures) -> list[dict]:
         from medpipe.data.imageio import ImageError
-        from medpipe.predictor import PredictionError
+        from medpipe.infer.predictor import PredictionError
 
         decoded = [f.result() if f is not None else None for f in futures]
         good = [d for d in decoded if d is not None and not isinstance(d, ImageError)]
@@ -243,7 +243,7 @@ class RemoteEngine:
         import urllib.error
         import urllib.request
 
-        from medpipe.client import CONTENT_TYPES
+        from medpipe.infer.client import CONTENT_TYPES
 
         try:
             data = it.file.read_bytes()

@@ -79,10 +79,10 @@ def cmd_predict(args) -> int:
     from medpipe.data.imageio import ImageError
 
     if args.url:
-        from medpipe.client import predict_url
+        from medpipe.infer.client import predict_url
         results = predict_url(args.url, args.images)
     else:
-        from medpipe.predictor import Predictor
+        from medpipe.infer.predictor import Predictor
         predictor = Predictor(args.model, device=args.device, backend=args.backend)
         results = []
         for path in args.images:

@@ -14,30 +14,11 @@ from typing import Any
 import yaml
 
 from medpipe.errors import ConfigError
+from medpipe.preprocess import PreprocessSpec
 
 IMBALANCE = ("sampler", "weighted_loss", "focal", "none")
 DEVICES = ("auto", "cpu", "cuda")
 MONITORS = ("val_auc", "val_bacc", "val_loss")
-
-
-@dataclass
-class PreprocessSpec:
-    """What the model needs from an image; stored in the package, used by every inference path."""
-
-    image_size: int = 64
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-    def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "interpolation": self.interpolation,
-                "mean": list(self.mean), "std": list(self.std), "input": "RGB uint8 HWC, resized to "
-                "image_size x image_size, scaled to [0,1], normalised per channel"}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
-        return cls(image_size=int(d["image_size"]), interpolation=str(d["interpolation"]),
-                   mean=tuple(float(x) for x in d["mean"]), std=tuple(float(x) for x in d["std"]))
 
 
 @dataclass

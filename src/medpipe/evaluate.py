@@ -219,7 +219,7 @@ def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str |
     from medpipe.data.cache import build_cache
     from medpipe.data.sources import load_records
     from medpipe.errors import MedpipeError
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     predictor = Predictor(model_dir)
     table, classes = load_records(data_dir)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from medpipe.config import PreprocessSpec
+from medpipe.preprocess import PreprocessSpec
 from medpipe.errors import MedpipeError
 from medpipe.utils import atomic_write_bytes, atomic_write_text, sha256_file, versions
 

@@ -2,7 +2,7 @@
 
 The toolkit calls ``model_fn(model_dir)`` once, then per request ``input_fn(body, content_type)``,
 ``predict_fn(data, model)`` and ``output_fn(prediction, accept)``. They speak the same protocol as
-``medpipe serve`` (medpipe.serve.protocol: image bytes, .npy, base64 JSON or DICOM in; labelled,
+``medpipe serve`` (medpipe.infer.protocol: image bytes, .npy, base64 JSON or DICOM in; labelled,
 calibrated JSON or CSV out), so clients never preprocess. ``application/x-npy`` is read with
 ``allow_pickle=False`` (the toolkit's default decoder allows pickle; this one never does). Errors are
 raised as ValueError subclasses whose message names the problem.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from medpipe.data.imageio import DEFAULT_MAX_PIXELS
-from medpipe.serve.protocol import (
+from medpipe.infer.protocol import (
     CSV_T,
     HttpError,
     decode_item,
@@ -40,7 +40,7 @@ def model_fn(model_dir):
     environment can pin one: MEDPIPE_BACKEND=eager|onnx|cudagraph."""
     import os
 
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     return Predictor(model_dir, backend=os.environ.get("MEDPIPE_BACKEND", "auto"))
 

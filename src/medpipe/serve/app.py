@@ -31,7 +31,7 @@ import numpy as np
 
 from medpipe.data import dicom, imageio
 from medpipe.serve.batcher import Batcher
-from medpipe.serve.protocol import (
+from medpipe.infer.protocol import (
     CSV_T,
     DICOM,
     IMAGE_TYPES,
@@ -112,7 +112,7 @@ class Service:
         # Warm-up: the first forward at each batch size the batcher will meet is slower.
         size = self.predictor.size
         blank = np.zeros((size[0], size[1], 3), np.uint8)
-        from medpipe.predictor import PredictionError
+        from medpipe.infer.predictor import PredictionError
 
         loop = asyncio.get_running_loop()
         try:
@@ -174,7 +174,7 @@ class Service:
 
     async def predict(self, items: list[tuple[str, object]]) -> list[dict]:
         """Decode off the event loop, batch, and return one dict per item (prediction or error)."""
-        from medpipe.predictor import PredictionError
+        from medpipe.infer.predictor import PredictionError
 
         loop = asyncio.get_running_loop()
         self.admit(len(items))
@@ -362,7 +362,7 @@ def serve(cfg: ServeConfig) -> int:
     import torch
     import uvicorn
 
-    from medpipe.predictor import Predictor
+    from medpipe.infer.predictor import Predictor
 
     threads = cfg.threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)

@@ -45,7 +45,7 @@ from medpipe.evaluate import compute_metrics
 from medpipe.models import create_model
 from medpipe.train import distributed
 from medpipe.train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from medpipe.transforms import eval_batch, train_batch_preset
+from medpipe.preprocess import eval_batch, train_batch_preset
 from medpipe.utils import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -638,7 +638,7 @@ def finish_package(model, cfg, classes, spec, temperature, val_metrics, best_epo
                "temperature": temperature, "val": metrics["val"]}
     if evaluate_test and test_data is not None:  # streamed shards: the test split is in memory
         from medpipe.evaluate import evaluate_arrays
-        from medpipe.predictor import Predictor
+        from medpipe.infer.predictor import Predictor
 
         t, px = test_data
         result = evaluate_arrays(Predictor(model_dir), px, np.arange(len(t)), t["class_index"].to_numpy(),

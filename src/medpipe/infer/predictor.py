@@ -18,7 +18,7 @@ import torch
 from medpipe.data import imageio
 from medpipe.errors import MedpipeError
 from medpipe.package import load_package, package_spec
-from medpipe.transforms import eval_batch
+from medpipe.preprocess import eval_batch
 from medpipe.utils import resolve_device
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class Predictor:
 
     def explain(self, pixels: np.ndarray) -> tuple[Prediction, np.ndarray]:
         """Prediction and Grad-CAM map (HxW in [0, 1], model input size) for one image, eager model."""
-        from medpipe.explain import GradCamExplainer
+        from medpipe.infer.explain import GradCamExplainer
 
         x = eval_batch([pixels], self.spec).to(self.device)
         with self._lock:

@@ -1,9 +1,9 @@
-"""Train and eval presets: the single source of transforms (MONAI dictionary transforms).
+"""The preprocessing contract: the spec stored in every package, and the train/eval presets built from it.
 
 Both presets start from the pixels :func:`medpipe.data.imageio.decode_image` returns (RGB uint8,
 HWC, already resized to ``spec.image_size`` — in the pixel cache or from raw bytes, identically)
 under the key ``"image"`` and end with a normalised float32 CHW tensor. The eval preset is
-deterministic; its parameters are the :class:`~medpipe.config.PreprocessSpec` stored in every model
+deterministic; its parameters are the :class:`PreprocessSpec` stored in every model
 package, so evaluate, predict, serve and batch all build it from the package, never by hand.
 
 Dermoscopy has no canonical orientation, so the train preset flips on both axes, rotates by
@@ -13,6 +13,7 @@ multiples of 90 degrees, applies a small affine (rotation, zoom) and jitters col
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import math
 
 import numpy as np
@@ -34,7 +35,26 @@ from monai.transforms import (
 
 from monai.data import set_track_meta
 
-from medpipe.config import PreprocessSpec
+
+@dataclass
+class PreprocessSpec:
+    """What the model needs from an image; stored in the package, used by every inference path."""
+
+    image_size: int = 64
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std), "input": "RGB uint8 HWC, resized to "
+                "image_size x image_size, scaled to [0,1], normalised per channel"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        return cls(image_size=int(d["image_size"]), interpolation=str(d["interpolation"]),
+                   mean=tuple(float(x) for x in d["mean"]), std=tuple(float(x) for x in d["std"]))
+
 
 KEY = "image"
 # medpipe never needs MONAI's per-tensor metadata; tracking it costs ~4x per item on small images.
