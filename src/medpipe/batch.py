@@ -200,14 +200,14 @@ class LocalEngine:
         except PredictionError as exc:
             return [_row(it, error=("prediction_failed", str(exc))) for it in items]
         rows, k = [], 0
-        classes = self.predictor.classes
+        preds = self.predictor.to_predictions(probs)  # labels by the package's decision rule
         for it, d in zip(items, decoded):
             if it.error:
                 rows.append(_row(it, error=it.error))
             elif isinstance(d, ImageError):
                 rows.append(_row(it, error=(d.code, d.reason)))
             else:
-                rows.append(_row(it, probs=dict(zip(classes, map(float, probs[k])))))
+                rows.append(_row(it, pred=preds[k].as_dict()))
                 k += 1
         return rows
 
@@ -260,7 +260,7 @@ class RemoteEngine:
                 with urllib.request.urlopen(req, timeout=120) as r:
                     p = json.loads(r.read())["predictions"][0]
                 self.meta.setdefault("classes", list(p["probabilities"]))
-                return _row(it, probs=p["probabilities"])
+                return _row(it, pred=p)
             except urllib.error.HTTPError as exc:
                 if exc.code == 503 and attempt < 4:  # overloaded: honour Retry-After
                     time.sleep(float(exc.headers.get("Retry-After", "1") or 1))
@@ -281,13 +281,16 @@ class RemoteEngine:
         return [_row(it, error=it.error) if f is None else f.result() for it, f in zip(items, futures)]
 
 
-def _row(it: Item, probs: dict | None = None, error: tuple[str, str] | None = None) -> dict:
+def _row(it: Item, pred: dict | None = None, error: tuple[str, str] | None = None) -> dict:
+    """``pred``: one prediction as the Predictor or a server gives it (label chosen by its decision rule)."""
     row = {"index": it.index, "id": it.id, "path": it.path}
     if error:
         row.update(error=error[0], message=error[1])
     else:
-        label = max(probs, key=probs.get)
-        row.update(label=label, class_index=list(probs).index(label), probabilities=probs)
+        probs = pred["probabilities"]
+        label = pred.get("label") or max(probs, key=probs.get)
+        row.update(label=label, class_index=list(probs).index(label), probabilities=probs,
+                   decision_rule=pred.get("decision_rule", "argmax"))
     return row
 
 
@@ -389,7 +392,8 @@ def _write_per_file(out: Path, rows: list[dict], meta: dict) -> None:
             rel = Path(r["id"])
         dest = out / (rel.as_posix() + ".out")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        pred = {"label": r["label"], "class_index": r["class_index"], "probabilities": r["probabilities"]}
+        pred = {"label": r["label"], "class_index": r["class_index"], "probabilities": r["probabilities"],
+                "decision_rule": r.get("decision_rule", "argmax")}
         atomic_write_text(dest, json.dumps({"model": meta.get("model"), "version": meta.get("version"),
                                             "predictions": [pred]}))
 

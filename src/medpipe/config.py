@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from medpipe.decision import RULES as DECISION_RULES
 from medpipe.errors import ConfigError
 from medpipe.preprocess import PreprocessSpec
 
@@ -51,6 +52,7 @@ class TrainConfig:
     tta: bool = False
     bootstrap: int = 1000
     max_steps_per_epoch: int = 0
+    decision_rule: str = "argmax"  # the label rule the package uses by default (medpipe.decision.RULES)
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -63,6 +65,7 @@ class TrainConfig:
             (self.lr > 0, "lr", "> 0"),
             (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
             (self.workers >= -1, "workers", ">= -1 (auto)"),
+            (self.decision_rule in DECISION_RULES, "decision_rule", f"one of {DECISION_RULES}"),
         ]
         for ok, key, want in checks:
             if not ok:

@@ -75,13 +75,16 @@ def sensitivity_at_specificity(y_bin: np.ndarray, score: np.ndarray, spec: float
 
 
 def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], *, bootstrap: int = 1000,
-                    seed: int = 0, positive: str = "mel") -> dict:
+                    seed: int = 0, positive: str = "mel", pred: np.ndarray | None = None) -> dict:
+    """``pred``: the labels a decision rule gave (medpipe.decision); argmax of ``probs`` when None.
+    The label figures (balanced accuracy, sensitivity, specificity, confusion matrix) use them; AUC and
+    calibration depend on the probabilities only."""
     from sklearn.metrics import confusion_matrix
 
     y = np.asarray(y, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = len(classes)
-    pred = probs.argmax(axis=1)
+    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred, dtype=np.int64)
     per_auc = _auc_per_class(y, probs)
     missing = [classes[k] for k, v in enumerate(per_auc) if math.isnan(v)]
     if missing:
@@ -128,6 +131,24 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], *, boo
         yb = (y == k).astype(int)
         out[f"{positive}_sensitivity_at_spec80"] = sensitivity_at_specificity(yb, probs[:, k], 0.80)
         out[f"{positive}_sensitivity_at_spec90"] = sensitivity_at_specificity(yb, probs[:, k], 0.90)
+    return out
+
+
+def decision_rule_rows(y: np.ndarray, probs: np.ndarray, classes: list[str], decision: dict | None) -> dict:
+    """The label figures under every decision rule a package holds (medpipe.decision), on these images:
+    balanced accuracy, accuracy, per-class sensitivity and the validation balanced accuracy it was fitted to."""
+    from medpipe.decision import apply_offsets, balanced_accuracy, resolve
+
+    y = np.asarray(y, dtype=np.int64)
+    rules = (decision or {}).get("rules", {})
+    out = {}
+    for name in ["argmax", *[r for r in rules if r != "argmax"]]:
+        pred = apply_offsets(probs, resolve(decision, name, len(classes))[1])
+        out[name] = {"balanced_accuracy": balanced_accuracy(y, pred, len(classes)),
+                     "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+                     "sensitivity": {c: float((pred[y == k] == k).mean()) if (y == k).any() else float("nan")
+                                     for k, c in enumerate(classes)},
+                     "val_balanced_accuracy": rules.get(name, {}).get("val_balanced_accuracy", float("nan"))}
     return out
 
 
@@ -199,6 +220,17 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
     if "mel_sensitivity_at_spec80" in metrics:
         lines.append(f"- Melanoma sensitivity at 80% specificity: {_fmt(metrics['mel_sensitivity_at_spec80'])}; "
                      f"at 90%: {_fmt(metrics['mel_sensitivity_at_spec90'])}")
+    if metrics.get("decision_rules"):
+        rules = metrics["decision_rules"]
+        lines += ["", f"Labels by the decision rule **{metrics.get('decision_rule', 'argmax')}** (probabilities "
+                  "are the same under every rule; rules fitted on the validation split, see medpipe.decision):",
+                  "", "| decision rule | balanced accuracy | accuracy | val balanced accuracy | "
+                  + " | ".join(f"sens {c}" for c in metrics["per_class"]) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(metrics["per_class"])]
+        for name, r in rules.items():
+            lines.append(f"| {name} | {_fmt(r['balanced_accuracy'])} | {_fmt(r['accuracy'])} | "
+                         f"{_fmt(r['val_balanced_accuracy'])} | "
+                         + " | ".join(_fmt(r["sensitivity"][c]) for c in metrics["per_class"]) + " |")
     lines += ["", "| class | support | AUC | AUC 95% CI | sensitivity | specificity |", "|---|---:|---:|---|---:|---:|"]
     for c, m in metrics["per_class"].items():
         lines.append(f"| {c} | {m['support']} | {_fmt(m['auc'])} | {_fmt(m['auc_ci95'][0])}-{_fmt(m['auc_ci95'][1])} "
@@ -248,12 +280,15 @@ def evaluate_arrays(predictor, pixels, rows, y, image_ids, labels, out_dir, *, s
     classes = predictor.classes
     probs = np.concatenate([predictor.probabilities(pixels[rows[i:i + batch_size]], tta=tta)
                             for i in range(0, len(rows), batch_size)])
-    metrics = compute_metrics(y, probs, classes, bootstrap=bootstrap)
+    pred = predictor.labels(probs)
+    metrics = compute_metrics(y, probs, classes, bootstrap=bootstrap, pred=pred)
     metrics["split"], metrics["tta"] = split, tta
+    metrics["decision_rule"] = predictor.decision_rule
+    metrics["decision_rules"] = decision_rule_rows(y, probs, classes, predictor.meta.get("decision"))
     paths = write_report(metrics, y, probs, classes, out_dir, title=f"medpipe evaluation: {predictor.name}, {split} split")
     pred_table = pd.DataFrame(probs, columns=classes)
     pred_table.insert(0, "image_id", list(image_ids))
     pred_table.insert(1, "label", list(labels))
-    pred_table.insert(2, "predicted", [classes[k] for k in probs.argmax(axis=1)])
+    pred_table.insert(2, "predicted", [classes[k] for k in pred])
     atomic_write_text(Path(out_dir) / "predictions.csv", pred_table.to_csv(index=False))
     return {"metrics": metrics, **paths}

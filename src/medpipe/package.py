@@ -1,7 +1,8 @@
 """The model package: ``weights.safetensors`` + ``model.json``, and the SageMaker ``model.tar.gz``.
 
 ``model.json`` carries everything needed to use the weights: architecture, class names, the
-preprocessing spec (the eval preset's parameters), the calibration temperature, validation and test
+preprocessing spec (the eval preset's parameters), the calibration temperature, the decision rules
+(``medpipe.decision``: which label to give, fitted on validation), validation and test
 metrics, the training config, library versions and sha256 hashes of the weights and of the record
 table. Loading checks the weight hash first and reads tensors only through safetensors: nothing is
 ever unpickled, so a pickle put where the weights belong is refused before any of its code can run.
@@ -35,7 +36,8 @@ class PackageError(MedpipeError):
 
 def save_package(out_dir: str | Path, model: torch.nn.Module, *, name: str, arch: str, classes: list[str],
                  spec: PreprocessSpec, temperature: float = 1.0, metrics: dict | None = None,
-                 config: dict | None = None, records_sha256: str | None = None, version: str = "1") -> dict:
+                 config: dict | None = None, records_sha256: str | None = None, version: str = "1",
+                 decision: dict | None = None) -> dict:
     from safetensors.torch import save
 
     out_dir = Path(out_dir)
@@ -49,6 +51,8 @@ def save_package(out_dir: str | Path, model: torch.nn.Module, *, name: str, arch
         "metrics": metrics or {}, "training_config": config or {}, "versions": versions(),
         "weights_sha256": sha256_file(out_dir / WEIGHTS), "records_sha256": records_sha256,
     }
+    if decision is not None:  # medpipe.decision.fit_rules: label rules fitted on val; read by the Predictor
+        meta["decision"] = decision
     atomic_write_text(out_dir / META, json.dumps(meta, indent=2, default=float))
     return meta
 

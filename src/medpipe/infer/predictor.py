@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medpipe import decision
 from medpipe.data import imageio
 from medpipe.errors import MedpipeError
 from medpipe.package import load_package, package_spec
@@ -33,9 +34,11 @@ class Prediction:
     label: str
     class_index: int
     probabilities: dict[str, float]
+    decision_rule: str = "argmax"  # which rule of medpipe.decision chose the label
 
     def as_dict(self) -> dict:
-        return {"label": self.label, "class_index": self.class_index, "probabilities": self.probabilities}
+        return {"label": self.label, "class_index": self.class_index, "probabilities": self.probabilities,
+                "decision_rule": self.decision_rule}
 
 
 BACKENDS = ("auto", "eager", "onnx", "cudagraph")
@@ -107,10 +110,12 @@ class CudaGraphRunner:
 
 class Predictor:
     """Load once, predict many times. ``backend``: eager PyTorch, ONNX Runtime (CPU) or CUDA graphs
-    of the eager model (CUDA), see BACKENDS."""
+    of the eager model (CUDA), see BACKENDS. ``decision_rule``: the rule that picks each label
+    (medpipe.decision; None: the package's default); the probabilities are the same under every rule."""
 
     def __init__(self, package: str | Path, device: str = "auto", max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
-                 backend: str = "eager", threads: int | None = None, max_batch: int = 16):
+                 backend: str = "eager", threads: int | None = None, max_batch: int = 16,
+                 decision_rule: str | None = None):
         self.device = resolve_device(device)
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
@@ -129,6 +134,8 @@ class Predictor:
         self.spec = package_spec(self.meta)
         self.classes: list[str] = list(self.meta["classes"])
         self.temperature = float(self.meta.get("calibration", {}).get("temperature", 1.0))
+        self.decision_rule, self._offsets = decision.resolve(self.meta.get("decision"), decision_rule,
+                                                             len(self.classes))
         self.max_pixels = max_pixels
         self.name = self.meta.get("name", "medpipe")
         self.version = str(self.meta.get("version", "1"))
@@ -227,11 +234,16 @@ class Predictor:
         probs = torch.softmax(logits.float().cpu() / self.temperature, dim=1).numpy()
         return self.to_predictions(probs)[0], cam
 
+    def labels(self, probs: np.ndarray) -> np.ndarray:
+        """Class indices chosen by this predictor's decision rule from calibrated probabilities."""
+        return decision.apply_offsets(probs, self._offsets)
+
     def to_predictions(self, probs: np.ndarray) -> list[Prediction]:
         out = []
-        for row in probs:
-            k = int(np.argmax(row))
-            out.append(Prediction(self.classes[k], k, {c: float(p) for c, p in zip(self.classes, row)}))
+        for row, k in zip(probs, self.labels(probs)):
+            k = int(k)
+            out.append(Prediction(self.classes[k], k, {c: float(p) for c, p in zip(self.classes, row)},
+                                  self.decision_rule))
         return out
 
     def predict_bytes(self, items: list[bytes], names: list[str] | None = None, tta: bool = False) -> list[Prediction]:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from medpipe.config import TrainConfig, write_config
 from medpipe.data.cache import build_cache
+from medpipe.decision import fit_rules
 from medpipe.data.sources import load_records, records_hash
 from medpipe.data.splits import SPLITS_FILE, SPLITS_META, ensure_splits
 from medpipe.errors import MedpipeError
@@ -610,11 +611,12 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
     model.load_state_dict(best_state["model"])
     val_logits = predict_logits(model, cache.pixels, va_rows, spec, device)
     temperature = fit_temperature(val_logits, va_y) if len(va_y) else 1.0
-    val_metrics = compute_metrics(va_y.numpy(), torch.softmax(val_logits / temperature, 1).numpy(), classes,
-                                  bootstrap=0) if len(va_y) else {}
+    val_probs = torch.softmax(val_logits / temperature, 1).numpy()
+    val_metrics = compute_metrics(va_y.numpy(), val_probs, classes, bootstrap=0) if len(va_y) else {}
+    rules = fit_rules(val_probs, va_y.numpy(), classes, default=cfg.decision_rule) if len(va_y) else None  # chosen on val
     return finish_package(model.cpu(), cfg, classes, spec, temperature, val_metrics, best_epoch, rec_hash, data_dir,
                           run_dir, model_dir, report_dir, evaluate_test=evaluate_test, progress=progress,
-                          test_data=test_data)
+                          test_data=test_data, decision=rules)
 
 
 def _compact(m: dict) -> dict:
@@ -626,14 +628,16 @@ def _compact(m: dict) -> dict:
 
 
 def finish_package(model, cfg, classes, spec, temperature, val_metrics, best_epoch, rec_hash, data_dir, run_dir,
-                   model_dir, report_dir, *, evaluate_test: bool, progress: bool, test_data=None) -> dict:
+                   model_dir, report_dir, *, evaluate_test: bool, progress: bool, test_data=None,
+                   decision: dict | None = None) -> dict:
     from medpipe.evaluate import evaluate_package
     from medpipe.package import build_sagemaker_tarball, save_package
     from medpipe.utils import atomic_write_text
 
     metrics = {"best_epoch": best_epoch, "val": _compact(val_metrics) if val_metrics else {}}
     meta = save_package(model_dir, model, name=f"{cfg.model}-ham", arch=cfg.model, classes=classes, spec=spec,
-                        temperature=temperature, metrics=metrics, config=cfg.to_dict(), records_sha256=rec_hash)
+                        temperature=temperature, metrics=metrics, config=cfg.to_dict(), records_sha256=rec_hash,
+                        decision=decision)
     summary = {"run_dir": str(run_dir), "model_dir": str(model_dir), "best_epoch": best_epoch,
                "temperature": temperature, "val": metrics["val"]}
     if evaluate_test and test_data is not None:  # streamed shards: the test split is in memory

@@ -1,0 +1,131 @@
+"""Decision rules: which label to give once the calibrated probabilities are known.
+
+The probabilities a package returns are calibrated (temperature scaling on the validation split) and
+stay exactly as they are; a decision rule only chooses the label. Every rule here is one vector of
+per-class offsets ``b`` added to the log-probabilities::
+
+    label = argmax_k ( log p_k + b_k )
+
+- ``argmax``: ``b = 0``, the most probable class. On HAM10000 (nv about 67%) it favours nevi.
+- ``prior``: logit adjustment (Menon et al. 2021, "Long-tail learning via logit adjustment"):
+  ``b = -tau * log(prior)``, the prior being the validation split's class frequencies. With
+  calibrated probabilities ``tau = 1`` is the Bayes rule for balanced accuracy; ``tau`` is the one
+  number chosen on the validation split (a grid from -1 to 2) to maximise its balanced accuracy.
+- ``class_bias``: starts from ``prior`` and moves each class's offset in turn (coordinate ascent on
+  a grid) while the validation balanced accuracy strictly improves. More freedom, so it fits the
+  validation split more closely; with few positives per class it can over-fit (compare both in the
+  report on the test split).
+
+Rules are fitted on the validation split at the end of training and stored in ``model.json``
+under ``"decision"``: every fitted rule with its offsets, the validation balanced accuracy each
+reached, and ``"default"``, the rule predict, serve, batch and the exports use unless told
+otherwise (config key ``decision_rule``; ``argmax`` unless set). Each prediction says which rule
+produced its label.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from medpipe.errors import MedpipeError
+
+RULES = ("argmax", "prior", "class_bias")
+TAU_GRID = np.round(np.arange(-1.0, 2.0001, 0.05), 4)
+BIAS_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 4)
+_EPS = 1e-12
+
+
+class DecisionRuleError(MedpipeError):
+    """An unknown rule was asked for, or a package's rule is malformed."""
+
+
+def apply_offsets(probs: np.ndarray, offsets: np.ndarray | list[float] | None) -> np.ndarray:
+    """Labels (N,) from probabilities (N, C) under a rule's offsets (None or zeros: argmax)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if offsets is None:
+        return probs.argmax(axis=1)
+    return (np.log(np.clip(probs, _EPS, 1.0)) + np.asarray(offsets, dtype=np.float64)[None, :]).argmax(axis=1)
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    """Mean recall over the classes present in ``y`` (NaN when ``y`` is empty)."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    recalls = [float((pred[y == k] == k).mean()) for k in range(n_classes) if (y == k).any()]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def _fit_prior(log_p: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[float, np.ndarray, float]:
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    log_prior = np.log((counts + 1.0) / (counts.sum() + n_classes))  # add-one: a class absent from val stays finite
+    best = (-math.inf, 0.0)
+    for tau in TAU_GRID:  # ties go to the smallest |tau| (closest to argmax)
+        score = balanced_accuracy(y, (log_p - tau * log_prior).argmax(axis=1), n_classes)
+        if score > best[0] + 1e-12 or (abs(score - best[0]) <= 1e-12 and abs(tau) < abs(best[1])):
+            best = (score, float(tau))
+    return best[1], -best[1] * log_prior, best[0]
+
+
+def _fit_class_bias(log_p: np.ndarray, y: np.ndarray, n_classes: int, start: np.ndarray,
+                    sweeps: int = 3) -> tuple[np.ndarray, float]:
+    b = start.copy()
+    score = balanced_accuracy(y, (log_p + b).argmax(axis=1), n_classes)
+    for _ in range(sweeps):
+        moved = False
+        for k in range(n_classes):
+            best_v, best_s = b[k], score
+            for v in b[k] + BIAS_GRID:
+                trial = b.copy()
+                trial[k] = v
+                s = balanced_accuracy(y, (log_p + trial).argmax(axis=1), n_classes)
+                if s > best_s + 1e-9:  # strictly better only: no drift on plateaus
+                    best_v, best_s = v, s
+            if best_v != b[k]:
+                b[k], score, moved = best_v, best_s, True
+        if not moved:
+            break
+    return b - b.mean(), score  # offsets are defined up to a constant
+
+
+def fit_rules(probs: np.ndarray, y: np.ndarray, classes: list[str], default: str = "argmax") -> dict:
+    """Fit every rule on validation probabilities (calibrated) and labels; the dict stored in model.json."""
+    if default not in RULES:
+        raise DecisionRuleError(f"decision rule must be one of {RULES}, got {default!r}")
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    n = len(classes)
+    if probs.ndim != 2 or probs.shape[1] != n or len(y) != len(probs):
+        raise DecisionRuleError(f"probabilities of shape {probs.shape} do not match {len(y)} labels of {n} classes")
+    rules: dict[str, dict] = {"argmax": {"offsets": [0.0] * n}}
+    val_bacc = {"argmax": balanced_accuracy(y, probs.argmax(axis=1), n)}
+    if len(y):
+        log_p = np.log(np.clip(probs, _EPS, 1.0))
+        tau, prior_b, prior_s = _fit_prior(log_p, y, n)
+        rules["prior"] = {"offsets": [float(v) for v in prior_b], "tau": tau}
+        val_bacc["prior"] = prior_s
+        bias_b, bias_s = _fit_class_bias(log_p, y, n, prior_b)
+        rules["class_bias"] = {"offsets": [float(v) for v in bias_b]}
+        val_bacc["class_bias"] = bias_s
+    if default not in rules:  # no validation images: only argmax exists
+        default = "argmax"
+    for name, rule in rules.items():
+        rule["val_balanced_accuracy"] = val_bacc[name]
+    return {"default": default, "fitted_on": "val", "n_val": int(len(y)), "rules": rules}
+
+
+def resolve(decision: dict | None, rule: str | None, n_classes: int) -> tuple[str, np.ndarray | None]:
+    """(rule name, offsets or None) from a package's ``decision`` entry; ``rule`` None means its default.
+    A package without the entry (older packages) only has ``argmax``."""
+    decision = decision or {"default": "argmax", "rules": {"argmax": {"offsets": [0.0] * n_classes}}}
+    name = rule or decision.get("default", "argmax")
+    rules = decision.get("rules", {})
+    if name == "argmax":
+        return "argmax", None
+    if name not in rules:
+        have = ", ".join(sorted({"argmax", *rules}))
+        raise DecisionRuleError(f"decision rule {name!r} is not in this package (it has: {have})")
+    offsets = np.asarray(rules[name]["offsets"], dtype=np.float64)
+    if offsets.shape != (n_classes,) or not np.isfinite(offsets).all():
+        raise DecisionRuleError(f"decision rule {name!r}: offsets must be {n_classes} finite numbers")
+    return name, offsets

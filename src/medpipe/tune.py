@@ -1,0 +1,433 @@
+"""Hyperparameter search with Optuna (``tune`` extra): the counterpart of SageMaker Automatic Model Tuning.
+
+    medpipe tune --data DATA --out STUDY --space space.yaml [--trials 20]
+    medpipe tune --data DATA --out STUDY --space space.yaml --processes 2   # two worker processes, one study
+    medpipe train --data DATA --out RUN --config STUDY/best_config.yaml   # train the winner
+
+The search space is YAML (``yaml.safe_load``)::
+
+    objective: val_auc          # val_auc | val_bacc | val_loss: the validation metric to optimise
+    trials: 20                  # finished (complete or pruned) trials the study should hold
+    base:                       # fixed training options for every trial (any `medpipe train` config key)
+      epochs: 12
+      image_size: 64
+    params:                     # searched options: `choices` (categorical) or `low`/`high` [`log`, `step`]
+      lr: {low: 3.0e-4, high: 3.0e-3, log: true}
+      label_smoothing: {low: 0.0, high: 0.15}
+      imbalance: {choices: [sampler, weighted_loss]}
+    pruner: {type: median, startup_trials: 3, warmup_epochs: 2}   # median | percentile | threshold | none
+    sampler: {type: tpe, seed: 0}                                 # tpe | random
+
+How it works:
+
+- The study lives in ``STUDY/study.db`` (SQLite, embedded: no server). Running the command again
+  continues the same study until it holds ``trials`` finished trials; several processes (``--processes``,
+  or the same command started in other shells) share it, each asking Optuna for the next trial.
+- Each trial is a real ``medpipe train`` run in ``STUDY/trials/trial-N`` (same pipeline, test split not
+  evaluated: the search sees validation figures only). Its ``monitor`` is the objective; the trial's value
+  is the objective at its best epoch.
+- Pruning: a handler on the engine's ``VALIDATION_COMPLETED`` event reports each epoch's objective to
+  the trial and stops the run when the pruner says so.
+- A process killed mid-trial (SIGKILL, a lost machine) stops its heartbeat; once the grace period has
+  passed, the next trial start in any process marks that trial failed and queues it again with the same
+  parameters (``RetryHeartbeatStaleTrialCallback``). The retry continues the killed run from its
+  ``checkpoints/last.pt`` (the run folder is keyed by the original trial number).
+- The best trial's configuration (``base`` + its parameters) is written to ``STUDY/best_config.yaml``,
+  which ``medpipe train --config`` accepts, and every trial to ``STUDY/trials.csv``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from medpipe.config import MONITORS, TrainConfig, make_config
+from medpipe.errors import ConfigError, MedpipeError
+
+log = logging.getLogger(__name__)
+
+STUDY_DB = "study.db"
+BEST_CONFIG = "best_config.yaml"
+TRIALS_CSV = "trials.csv"
+PRUNERS = ("median", "percentile", "threshold", "none")
+SAMPLERS = ("tpe", "random")
+# options a search must not vary: where data goes and how the run is executed, not what it learns
+NOT_SEARCHABLE = ("device", "workers", "threads", "monitor", "deterministic", "init_weights")
+
+
+class TuneError(MedpipeError):
+    pass
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise TuneError("medpipe tune needs Optuna: pip install 'medpipe[tune]'") from None
+    return optuna
+
+
+# --------------------------------------------------------------------------- the search space
+
+
+@dataclass
+class Param:
+    name: str
+    choices: list | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    integer: bool = False
+
+    def suggest(self, trial):
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+
+@dataclass
+class Space:
+    objective: str = "val_auc"
+    trials: int = 20
+    base: dict = field(default_factory=dict)
+    params: list[Param] = field(default_factory=list)
+    pruner: dict = field(default_factory=lambda: {"type": "median"})
+    sampler: dict = field(default_factory=lambda: {"type": "tpe", "seed": 0})
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if self.objective == "val_loss" else "maximize"
+
+    def config(self, values: dict) -> TrainConfig:
+        """The training config of one trial (base + searched values; the objective is the monitor)."""
+        return make_config({**self.base, **values, "monitor": self.objective})
+
+
+def _closest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and check a search-space YAML file; every error names the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read search space {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"search space {path} must hold a mapping")
+    allowed = {"objective", "trials", "base", "params", "pruner", "sampler"}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{path}: unknown key '{key}'{_closest(str(key), allowed)}")
+    space = Space()
+    space.objective = str(raw.get("objective", space.objective))
+    if space.objective not in MONITORS:
+        raise ConfigError(f"{path}: objective must be one of {MONITORS}, got {space.objective!r}")
+    space.trials = raw.get("trials", space.trials)
+    if not isinstance(space.trials, int) or space.trials < 1:
+        raise ConfigError(f"{path}: trials must be a positive integer, got {space.trials!r}")
+    space.base = dict(raw.get("base") or {})
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    params = raw.get("params") or {}
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"{path}: 'params' must map at least one training option to its range")
+    for raw_name, spec in params.items():
+        name = str(raw_name).replace("-", "_")
+        where = f"{path}: params.{raw_name}"
+        if name not in types:
+            raise ConfigError(f"{where}: not a training option{_closest(name, types)}")
+        if name in NOT_SEARCHABLE:
+            raise ConfigError(f"{where}: {name} is not searchable (it does not change what is learned)")
+        if name in space.base:
+            raise ConfigError(f"{where}: also fixed in 'base'; keep it in one place")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: give {{choices: [...]}} or {{low: .., high: ..}}")
+        unknown = set(spec) - {"choices", "low", "high", "log", "step"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
+        if "choices" in spec:
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise ConfigError(f"{where}: choices must be a non-empty list")
+            space.params.append(Param(name, choices=list(spec["choices"])))
+            continue
+        if "low" not in spec or "high" not in spec:
+            raise ConfigError(f"{where}: needs low and high (or choices)")
+        try:
+            low, high = float(spec["low"]), float(spec["high"])
+            step = None if spec.get("step") is None else float(spec["step"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: low, high and step must be numbers") from None
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise ConfigError(f"{where}: low must be below high, got {low} and {high}")
+        log_scale = bool(spec.get("log", False))
+        if log_scale and low <= 0:
+            raise ConfigError(f"{where}: a log range needs low > 0")
+        integer = types[name].startswith("int")
+        if not (integer or types[name].startswith("float")):
+            raise ConfigError(f"{where}: {name} is not numeric; give choices")
+        space.params.append(Param(name, low=low, high=high, log=log_scale, step=step, integer=integer))
+    for key in ("pruner", "sampler"):
+        value = raw.get(key)
+        if value is not None:
+            if isinstance(value, str):
+                value = {"type": value}
+            if not isinstance(value, dict) or "type" not in value:
+                raise ConfigError(f"{path}: {key} must be a mapping with a 'type'")
+            setattr(space, key, dict(value))
+    if space.pruner["type"] not in PRUNERS:
+        raise ConfigError(f"{path}: pruner type must be one of {PRUNERS}, got {space.pruner['type']!r}")
+    if space.sampler["type"] not in SAMPLERS:
+        raise ConfigError(f"{path}: sampler type must be one of {SAMPLERS}, got {space.sampler['type']!r}")
+    # every corner of the space must be a valid training config (fails here, not in trial 17)
+    for p in space.params:
+        for v in (p.choices or [int(p.low) if p.integer else p.low, int(p.high) if p.integer else p.high]):
+            try:
+                space.config({p.name: v})
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: params.{p.name} = {v!r} is not a valid training option: {exc}") from None
+    return space
+
+
+def make_pruner(spec: dict):
+    optuna = _optuna()
+    kind = spec.get("type", "median")
+    args = {k: v for k, v in spec.items() if k != "type"}
+    try:
+        if kind == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=int(args.get("startup_trials", 3)),
+                                               n_warmup_steps=int(args.get("warmup_epochs", 1)))
+        if kind == "percentile":
+            return optuna.pruners.PercentilePruner(float(args.get("percentile", 25.0)),
+                                                   n_startup_trials=int(args.get("startup_trials", 3)),
+                                                   n_warmup_steps=int(args.get("warmup_epochs", 1)))
+        if kind == "threshold":
+            return optuna.pruners.ThresholdPruner(lower=args.get("lower"), upper=args.get("upper"),
+                                                  n_warmup_steps=int(args.get("warmup_epochs", 0)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"pruner {spec}: {exc}") from None
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(spec: dict):
+    optuna = _optuna()
+    seed = spec.get("seed")
+    if spec.get("type") == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+# --------------------------------------------------------------------------- pruning handler
+
+
+class PruningHandler:
+    """Engine handler: report each epoch's objective to the Optuna trial, stop the run when it is pruned."""
+
+    def __init__(self, trial, objective: str, first_epoch: int = 0):
+        self.trial, self.objective, self.first_epoch = trial, objective, first_epoch
+
+    def attach(self, engine) -> None:
+        from medpipe.train.engine import Events
+
+        engine.on(Events.VALIDATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        optuna = _optuna()
+        m = engine.state.metrics
+        value, epoch = m.get(self.objective), int(m.get("epoch", engine.state.epoch))
+        if value is None or not math.isfinite(value):
+            return
+        self.trial.report(float(value), epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}: {self.objective}={value:.4f}")
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def _study(out: Path, space: Space, heartbeat: int, grace: int, name: str):
+    optuna = _optuna()
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    storage = RDBStorage(f"sqlite:///{(out / STUDY_DB).resolve()}",
+                         engine_kwargs={"connect_args": {"timeout": 60}},  # several processes share the file
+                         heartbeat_interval=heartbeat, grace_period=grace,
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+    study = optuna.create_study(study_name=name, storage=storage, direction=space.direction,
+                                sampler=make_sampler(space.sampler), pruner=make_pruner(space.pruner),
+                                load_if_exists=True)
+    if study.direction.name.lower() != space.direction:
+        raise TuneError(f"{out / STUDY_DB}: study {name!r} was created to {study.direction.name.lower()}; "
+                        f"objective {space.objective} needs {space.direction} (use another --out or --study-name)")
+    return study
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def _metrics_lines(run_dir: Path) -> list[dict]:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def _stop_when_done(target: int):
+    """Stop once the study holds ``target`` finished (complete or pruned) trials, or as many trials failed
+    with an error (a space where every trial fails must not loop forever)."""
+    from optuna.trial import TrialState
+
+    def callback(study, trial) -> None:
+        errors = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
+        if _finished(study) >= target or len(errors) >= target:
+            study.stop()
+
+    return callback
+
+
+def run_trial(trial, space: Space, data: str, out: Path) -> float:
+    """One trial: a real training run, pruned from its epoch metrics; returns the objective at the best epoch."""
+    optuna = _optuna()
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from medpipe.pipeline import run
+
+    values = {p.name: p.suggest(trial) for p in space.params}
+    cfg = space.config(values)
+    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    number = trial.number if original is None else original
+    run_dir = out / "trials" / f"trial-{number}"
+    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("pid", os.getpid())
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    done = _metrics_lines(run_dir) if resume else []
+    for rec in done:  # the killed attempt's epochs, so the pruner sees the whole curve
+        if rec.get(space.objective) is not None and math.isfinite(rec[space.objective]):
+            trial.report(float(rec[space.objective]), int(rec["epoch"]))
+    print(f"trial {trial.number}: {values}" + (f" (retry of trial {original}, resuming {run_dir})" if resume else ""),
+          flush=True)
+    try:
+        run(data, run_dir, cfg, resume=resume, force=not resume and run_dir.exists(), evaluate_test=False,
+            handlers=[PruningHandler(trial, space.objective)])
+    except optuna.TrialPruned:
+        raise
+    except MedpipeError as exc:  # a bad corner of the space (e.g. NaN loss): this trial fails, the study goes on
+        trial.set_user_attr("error", str(exc))
+        raise
+    history = [r[space.objective] for r in _metrics_lines(run_dir)
+               if r.get(space.objective) is not None and math.isfinite(r[space.objective])]
+    if not history:
+        raise TuneError(f"trial {trial.number}: no finite {space.objective} in {run_dir / 'metrics.jsonl'}")
+    return min(history) if space.direction == "minimize" else max(history)
+
+
+def write_results(study, space: Space, out: Path) -> dict:
+    """best_config.yaml (base + the best trial's parameters, a `medpipe train --config` file) and trials.csv."""
+    from optuna.trial import TrialState
+
+    from medpipe.utils import atomic_write_text
+
+    df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
+    atomic_write_text(out / TRIALS_CSV, df.to_csv(index=False))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    summary = {"study": str(out / STUDY_DB), "trials": len(study.trials), "finished": _finished(study),
+               "complete": len(complete), "objective": space.objective, "best_config": None}
+    if complete:
+        best = study.best_trial
+        cfg = space.config(best.params).to_dict()
+        cfg = {k: v for k, v in cfg.items() if k in space.base or k in best.params or k == "monitor"}
+        text = (f"# medpipe tune: best of {len(complete)} complete trials in {out / STUDY_DB}\n"
+                f"# trial {best.number}: {space.objective} = {best.value:.6f} (validation split, best epoch)\n"
+                + yaml.safe_dump(cfg, sort_keys=True))
+        atomic_write_text(out / BEST_CONFIG, text)
+        summary.update(best_config=str(out / BEST_CONFIG), best_trial=best.number, best_value=best.value,
+                       best_params=best.params)
+    return summary
+
+
+def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | None = None, processes: int = 1,
+         study_name: str = "medpipe", heartbeat: int = 30, grace: int = 90) -> dict:
+    """Run (or continue) the study until it holds ``trials`` finished trials; returns the summary."""
+    optuna = _optuna()
+    space = load_space(space_path)
+    if trials is not None:
+        space.trials = int(trials)
+    if grace <= heartbeat:
+        raise ConfigError(f"--grace ({grace}s) must be longer than --heartbeat ({heartbeat}s)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    study = _study(out, space, heartbeat, grace, study_name)  # created once, before any worker starts
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if processes > 1:  # more workers on the same study: this same command as child processes
+        cmd = [sys.executable, "-m", "medpipe", "tune", "--data", str(data), "--out", str(out), "--space",
+               str(space_path), "--trials", str(space.trials), "--study-name", study_name,
+               "--heartbeat", str(heartbeat), "--grace", str(grace)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
+        children = [subprocess.Popen(cmd, env=env) for _ in range(processes)]
+        try:
+            codes = [c.wait() for c in children]
+        finally:
+            for c in children:
+                if c.poll() is None:
+                    c.terminate()
+        if any(codes):
+            raise TuneError(f"{sum(1 for c in codes if c)} of {processes} tune processes failed (exit {codes})")
+        return write_results(study, space, out)
+    if _finished(study) < space.trials:
+        study.optimize(lambda t: run_trial(t, space, str(data), out), n_trials=None,
+                       callbacks=[_stop_when_done(space.trials)], catch=(MedpipeError,), gc_after_trial=True)
+    summary = write_results(study, space, out)
+    if not summary["complete"]:
+        raise TuneError(f"no trial of {out / STUDY_DB} completed ({summary['finished']} finished, the rest "
+                        f"pruned or failed; see {out / TRIALS_CSV}); nothing to write to {BEST_CONFIG}")
+    return summary
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable SQLite study, pruning)",
+                       description=__doc__.split("\n\n")[0])
+    s.add_argument("--data", required=True, help="ingested data folder or shard set (as for train)")
+    s.add_argument("--out", required=True, help="study folder: study.db, trials/, best_config.yaml, trials.csv")
+    s.add_argument("--space", required=True, help="search space YAML (see `medpipe.tune`)")
+    s.add_argument("--trials", type=int, help="finished trials the study should hold (overrides the YAML)")
+    s.add_argument("--processes", type=int, default=1, help="worker processes sharing the study (default 1)")
+    s.add_argument("--study-name", default="medpipe")
+    s.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
+    s.add_argument("--grace", type=int, default=90,
+                   help="seconds without a heartbeat after which a trial counts as killed and is retried")
+    s.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    t0 = time.perf_counter()
+    s = tune(args.data, args.out, args.space, trials=args.trials, processes=args.processes,
+             study_name=args.study_name, heartbeat=args.heartbeat, grace=args.grace)
+    print(f"tune: {s['finished']} finished trials ({s['complete']} complete) in {s['study']}; "
+          f"{time.perf_counter() - t0:.0f} s")
+    if s.get("best_config"):
+        print(f"best: trial {s['best_trial']} {s['objective']}={s['best_value']:.4f} {s['best_params']}")
+        print(f"train it: medpipe train --data {args.data} --out RUN --config {s['best_config']}")
+    return 0
