@@ -15,7 +15,7 @@ import yaml
 
 from medpipe.decision import RULES as DECISION_RULES
 from medpipe.errors import ConfigError
-from medpipe.preprocess import PreprocessSpec
+from medpipe.preprocess import COLOR_CONSTANCY, Augmentation, PreprocessSpec
 
 IMBALANCE = ("sampler", "weighted_loss", "focal", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,6 +53,11 @@ class TrainConfig:
     bootstrap: int = 1000
     max_steps_per_epoch: int = 0
     decision_rule: str = "argmax"  # the label rule the package uses by default (medpipe.decision.RULES)
+    # recipe options (issue 15; off unless set): colour constancy is part of the package's preprocessing,
+    # crop_scale / color_jitter only of the train preset (preprocess.Augmentation)
+    color_constancy: str = "none"
+    crop_scale: float = 1.0
+    color_jitter: float = 1.0
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -66,6 +71,9 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
             (self.workers >= -1, "workers", ">= -1 (auto)"),
             (self.decision_rule in DECISION_RULES, "decision_rule", f"one of {DECISION_RULES}"),
+            (self.color_constancy in COLOR_CONSTANCY, "color_constancy", f"one of {COLOR_CONSTANCY}"),
+            (0.05 <= self.crop_scale <= 1.0, "crop_scale", "in [0.05, 1] (1 = no random resized crop)"),
+            (0.0 <= self.color_jitter <= 5.0, "color_jitter", "in [0, 5] (1 = the default jitter)"),
         ]
         for ok, key, want in checks:
             if not ok:
@@ -81,7 +89,11 @@ class TrainConfig:
         return self
 
     def preprocess(self) -> PreprocessSpec:
-        return PreprocessSpec(image_size=self.image_size, interpolation=self.interpolation)
+        return PreprocessSpec(image_size=self.image_size, interpolation=self.interpolation,
+                              color_constancy=self.color_constancy)
+
+    def augmentation(self) -> Augmentation:
+        return Augmentation(crop_scale=self.crop_scale, color_jitter=self.color_jitter)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -457,7 +457,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *, resume
     steps_per_epoch = len(epoch_batches(np.arange(len(tr_y) // dd.world * dd.world), cfg)) // dd.world
     scheduler = make_schedule(optimizer, cfg, steps_per_epoch)
     loss_fn = make_loss(cfg, class_counts, device)
-    transform = train_batch_preset(spec)
+    transform = train_batch_preset(spec, cfg.augmentation())
     sign = -1.0 if cfg.monitor == "val_loss" else 1.0
 
     start_epoch, skip_batches, global_step = 0, 0, 0

@@ -1,0 +1,120 @@
+"""Recipe options of issue 15 (each off by default): Shades-of-Gray colour constancy (part of the package's
+preprocessing), random resized crop and colour-jitter strength (train preset only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medpipe.preprocess import (KEY, Augmentation, PreprocessSpec, eval_batch, eval_preset, shades_of_gray,
+                                train_batch_preset, train_preset)
+
+
+def _lesion_like(seed: int = 0, n: int = 6, size: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        r = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) ** 0.5
+        skin = np.array([200, 160, 140]) + rng.normal(0, 8, (size, size, 3))
+        lesion = np.array([110, 70, 50]) + rng.normal(0, 8, (size, size, 3))
+        img = np.where((r < rng.uniform(6, 14))[..., None], lesion, skin)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def test_shades_of_gray_removes_a_colour_cast():
+    """The same lesion photographed under a warm and a cool illuminant gives the same corrected colours
+    (up to overall brightness, which Shades-of-Gray keeps), and each corrected image's channel p-means
+    are equal (a grey illuminant)."""
+    imgs = torch.from_numpy(_lesion_like()).permute(0, 3, 1, 2).float() / 255
+    warm = (imgs * torch.tensor([1.0, 0.85, 0.7])[:, None, None]).clamp(0, 1)
+    cool = (imgs * torch.tensor([0.7, 0.85, 1.0])[:, None, None]).clamp(0, 1)
+    a, b = shades_of_gray(warm), shades_of_gray(cool)
+
+    def chroma(x):
+        return x / x.mean(dim=(1, 2, 3), keepdim=True)
+
+    assert float((chroma(warm) - chroma(cool)).abs().mean()) > 0.2
+    assert float((chroma(a) - chroma(b)).abs().mean()) < 0.01
+    e = a.pow(6).mean(dim=(-2, -1)).pow(1 / 6)
+    assert float((e.max(1).values - e.min(1).values).max()) < 0.02
+    # one image (CHW) gets the same as in a batch
+    assert torch.allclose(shades_of_gray(warm[2]), a[2])
+
+
+def test_spec_round_trip_and_old_packages():
+    spec = PreprocessSpec(image_size=40, color_constancy="shades_of_gray")
+    d = spec.to_dict()
+    assert d["color_constancy"] == "shades_of_gray"
+    assert PreprocessSpec.from_dict(d) == spec
+    old = {k: v for k, v in d.items() if not k.startswith("color_constancy")}
+    assert PreprocessSpec.from_dict(old).color_constancy == "none"
+
+
+def test_batch_presets_equal_per_image_presets_with_every_option():
+    """The per-batch path stays bit-identical to the per-image MONAI preset with the recipe options on."""
+    spec = PreprocessSpec(image_size=40, color_constancy="shades_of_gray")
+    aug = Augmentation(crop_scale=0.35, color_jitter=2.0)
+    imgs = _lesion_like(1, n=10)
+    per_image = train_preset(spec, aug)
+    per_image.set_random_state(seed=5)
+    ref = torch.stack([per_image({KEY: np.array(im)})[KEY] for im in imgs])
+    got = train_batch_preset(spec, aug).set_random_state(5)(imgs)
+    assert got.shape == (10, 3, 40, 40) and torch.equal(got, ref)
+    plain = train_batch_preset(spec).set_random_state(5)(imgs)
+    assert not torch.equal(got, plain)  # the crop and the stronger jitter changed the batch
+    ev = eval_preset(spec)
+    assert torch.equal(eval_batch(imgs, spec), torch.stack([ev({KEY: np.array(im)})[KEY] for im in imgs]))
+    assert not torch.equal(eval_batch(imgs, spec), eval_batch(imgs, PreprocessSpec(image_size=40)))
+
+
+def test_random_resized_crop_zooms_in():
+    """With crop_scale < 1 images are crops blown up: neighbouring pixels get closer in value (an upsampled
+    crop is smoother than the original noise), while the default preset keeps the pixel grid."""
+    rng = np.random.default_rng(3)
+    noise = rng.integers(0, 256, (16, 40, 40, 3), dtype=np.uint8)
+    spec = PreprocessSpec(image_size=40)
+    quiet = Augmentation(crop_scale=0.25, color_jitter=0.0)
+    cropped = train_batch_preset(spec, quiet).set_random_state(0)(noise)
+    plain = train_batch_preset(spec, Augmentation(color_jitter=0.0)).set_random_state(0)(noise)
+
+    def roughness(x):
+        return float((x[..., 1:] - x[..., :-1]).abs().mean())
+
+    assert roughness(cropped) < 0.8 * roughness(plain)
+
+
+def test_config_keys_validated_by_name():
+    from medpipe.config import make_config
+    from medpipe.errors import ConfigError
+
+    cfg = make_config({"color-constancy": "shades_of_gray", "crop_scale": 0.4, "color_jitter": 2})
+    assert cfg.preprocess().color_constancy == "shades_of_gray"
+    assert cfg.augmentation() == Augmentation(crop_scale=0.4, color_jitter=2.0)
+    assert make_config({}).augmentation() == Augmentation()  # off by default
+    for key, bad in (("color_constancy", "grey_world"), ("crop_scale", 0.0), ("color_jitter", -1)):
+        with pytest.raises(ConfigError, match=key):
+            make_config({key: bad})
+
+
+def test_predictor_applies_colour_constancy_from_the_package(tmp_path):
+    """Serving builds its preprocessing from the package: a package trained with colour constancy
+    corrects each request's colours the same way."""
+    from medpipe.infer.predictor import Predictor
+    from medpipe.models import create_model
+    from medpipe.package import save_package
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 7).eval()
+    spec = PreprocessSpec(image_size=40, color_constancy="shades_of_gray")
+    save_package(tmp_path / "pkg", model, name="t", arch="resnet18", classes=list("abcdefg"), spec=spec)
+    pred = Predictor(tmp_path / "pkg", device="cpu")
+    assert pred.spec.color_constancy == "shades_of_gray"
+    imgs = _lesion_like(4, n=3)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    x = (shades_of_gray(x) - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
+    with torch.inference_mode():
+        ref = model(x)
+    assert torch.allclose(pred.logits(imgs), ref, atol=1e-4)
