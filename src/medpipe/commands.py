@@ -171,7 +171,7 @@ def cmd_shard(args) -> int:
 def cmd_export(args) -> int:
     from medpipe.export import export_model
 
-    r = export_model(args.model, args.format, args.out)
+    r = export_model(args.model, args.format, args.out, force=args.force)
     check = f" (max |export - eager| {r['max_abs_diff']:.1e})" if "max_abs_diff" in r else ""
     print(f"wrote {args.format}: {r['out']}{check}")
     return 0
@@ -245,7 +245,9 @@ def register(sub) -> None:
     s = sub.add_parser("export", help="export a package: onnx, torchscript, MONAI bundle or SageMaker tarball")
     s.add_argument("--model", required=True)
     s.add_argument("--format", required=True, choices=["onnx", "torchscript", "bundle", "sagemaker"])
-    s.add_argument("--out", required=True, help="file (onnx, torchscript, sagemaker) or folder (bundle)")
+    s.add_argument("--out", required=True, help="file (onnx, torchscript, sagemaker) or folder (bundle); "
+                                                "never inside a model package")
+    s.add_argument("--force", action="store_true", help="replace an existing --out (and its sidecar)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("package", help="(re)build model.tar.gz for SageMaker from a model package")

@@ -1,15 +1,26 @@
-"""Exports of a model package: ONNX (dynamic batch axis), TorchScript, a MONAI bundle, a SageMaker tarball.
+"""Exports of a model package, each proven with the runtime that consumes it.
 
-Every export takes normalised NCHW float32 input — the output of the package's eval preset — and
-returns logits, exactly like the eager model; the preprocessing spec and class names travel with it
-(``model.json`` next to an ONNX/TorchScript file, ``metadata.json`` in a bundle).
+    medpipe export --model RUN/model --format onnx --out exports/model.onnx
+    medpipe export --model RUN/model --format bundle --out exports/bundle
+    cd exports/bundle && python -m monai.bundle run --config_file configs/inference.json --dataset_dir IMAGES
 
-    medpipe export --model RUN/model --format onnx --out model.onnx
+| format      | consumer                                   | carries                                        |
+|-------------|--------------------------------------------|------------------------------------------------|
+| onnx        | onnxruntime (no medpipe needed)            | metadata_props: classes, preprocessing, temperature, weights_sha256, medpipe version |
+| torchscript | ``torch.jit.load``                         | ``medpipe_model.json`` extra file              |
+| bundle      | ``python -m monai.bundle run`` / ``ConfigWorkflow`` (medpipe installed: its decoder is the loader) | configs/metadata.json, models/model.pt + model.ts, docs/README.md (model card) |
+| sagemaker   | SageMaker PyTorch inference toolkit        | model.tar.gz with code/                        |
+
+The networks take normalised NCHW float32 input (the package's eval preset) and return logits;
+``softmax(logits / temperature)`` gives the calibrated probabilities. An export writes only its target
+and a ``<out>.medpipe.json`` sidecar; it refuses to write into a model package or over an existing
+path unless ``force=True`` (``--force``), and creates the parent folder.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -17,6 +28,7 @@ from pathlib import Path
 import torch
 
 from medpipe.errors import MedpipeError
+from medpipe.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +85,12 @@ def onnx_session(data: bytes | str, threads: int | None = None):
 
 
 FORMATS = ("onnx", "torchscript", "bundle", "sagemaker")
-BUNDLE_REQUIRED = ("version", "monai_version", "pytorch_version", "numpy_version", "optional_packages_version",
+SIDECAR_SUFFIX = ".medpipe.json"
+BUNDLE_REQUIRED = ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
                    "task", "description", "authors", "copyright", "network_data_format")
 TENSOR_REQUIRED = ("type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range",
                    "is_patch_data", "channel_def")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def _random_check(model: torch.nn.Module, run, image_size: int, tol: float = 1e-4) -> float:
@@ -94,7 +108,48 @@ def _random_check(model: torch.nn.Module, run, image_size: int, tol: float = 1e-
     return worst
 
 
-def export_model(package: str, fmt: str, out: str) -> dict:
+# -- where an export may write ------------------------------------------------------------------
+def sidecar_path(out: Path) -> Path:
+    return out.with_name(out.name + SIDECAR_SUFFIX)
+
+
+def _package_folder(path: Path) -> Path | None:
+    """The model package folder ``path`` is in (or is), if any."""
+    from medpipe.package import META, WEIGHTS
+
+    for folder in (path, *path.parents):
+        if (folder / META).is_file() and (folder / WEIGHTS).is_file():
+            return folder
+    return None
+
+
+def check_target(out: Path, fmt: str, force: bool = False) -> list[Path]:
+    """Refuse an export target that would damage something; returns the paths the export will write.
+
+    Never: over a package's own files. Without ``force``: into a model package folder, over an
+    existing file (or a non-empty bundle folder), or with an existing sidecar."""
+    from medpipe.package import META, WEIGHTS
+
+    out = Path(out).absolute()
+    targets = [out] if fmt in ("bundle", "sagemaker", "torchscript") else [out, sidecar_path(out)]
+    if fmt != "bundle" and out.is_dir():
+        raise ExportError(f"--out {out} is a directory; give a file name, e.g. {out / ('model.' + fmt)}")
+    if fmt == "bundle" and out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; a bundle is written as a folder")
+    for t in targets:
+        pkg = _package_folder(t if fmt == "bundle" and t == out else t.parent)
+        if pkg is not None and (t.name in (META, WEIGHTS) and t.parent == pkg or t == pkg):
+            raise ExportError(f"--out {t} would overwrite the model package in {pkg}; export somewhere else")
+        if pkg is not None and not force:
+            raise ExportError(f"--out {t} is inside the model package {pkg}; export somewhere else "
+                              "(or --force to add the file to that folder)")
+        if t.exists() and not force and not (t.is_dir() and not any(t.iterdir())):
+            raise ExportError(f"--out {t} exists; choose another path or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return targets
+
+
+def export_model(package: str, fmt: str, out: str, force: bool = False) -> dict:
     """Write ``package`` as ``fmt`` to ``out``; every format is checked against the eager model."""
     from medpipe.package import build_sagemaker_tarball, load_package
     from medpipe.utils import atomic_write_bytes, atomic_write_text
@@ -102,15 +157,17 @@ def export_model(package: str, fmt: str, out: str) -> dict:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model, meta = load_package(package)
-    size = int(meta["preprocessing"]["image_size"])
+    size = PreprocessSpec.from_meta(meta).image_size
     out_path = Path(out)
+    check_target(out_path, fmt, force)
     result = {"format": fmt, "out": str(out_path)}
     if fmt == "onnx":
         data = onnx_bytes(model, size)
         sess = onnx_session(data)
         result["max_abs_diff"] = _random_check(model, lambda x: sess.run(None, {INPUT_NAME: x.numpy()})[0], size)
-        atomic_write_bytes(out_path, data)
-        atomic_write_text(out_path.with_suffix(".json"), _sidecar(meta, fmt))
+        atomic_write_bytes(out_path, with_onnx_metadata(data, meta))
+        atomic_write_text(sidecar_path(out_path), _sidecar(meta, fmt))
+        result["sidecar"] = str(sidecar_path(out_path))
     elif fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -127,61 +184,119 @@ def export_model(package: str, fmt: str, out: str) -> dict:
     return result
 
 
-def _sidecar(meta: dict, fmt: str) -> str:
-    import json
+def _about(meta: dict) -> dict:
+    """What every export says about itself: identity, classes, the preprocessing contract, calibration."""
+    from medpipe import __version__
 
-    keep = ("name", "version", "architecture", "classes", "preprocessing", "calibration", "weights_sha256")
+    return {"name": meta.get("name", "medpipe"), "version": str(meta.get("version", "1")),
+            "architecture": meta["architecture"], "classes": list(meta["classes"]),
+            "preprocessing": PreprocessSpec.from_meta(meta).describe(),
+            "temperature": float(meta.get("calibration", {}).get("temperature", 1.0)),
+            "weights_sha256": meta.get("weights_sha256"), "medpipe_version": __version__}
+
+
+def _sidecar(meta: dict, fmt: str) -> str:
     return json.dumps({"exported_as": fmt, "input": f"{INPUT_NAME}: float32 N x 3 x H x W, the eval preset's "
                        "output", "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
-                       "calibrated probabilities)", **{k: meta[k] for k in keep if k in meta}}, indent=2)
+                       "calibrated probabilities)", **_about(meta), "calibration": meta.get("calibration", {})},
+                      indent=2)
+
+
+def with_onnx_metadata(data: bytes, meta: dict) -> bytes:
+    """The ONNX model with ``metadata_props`` that make it self-describing (read them with
+    ``InferenceSession.get_modelmeta().custom_metadata_map``); strings, JSON where structured."""
+    import onnx
+
+    m = onnx.load_from_string(data)
+    about = _about(meta)
+    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in about.items()}
+    props["input"] = f"{INPUT_NAME}: float32 N x 3 x S x S, see preprocessing"
+    props["output"] = f"{OUTPUT_NAME}: float32 N x {len(about['classes'])}; probabilities = softmax(logits / temperature)"
+    del m.metadata_props[:]
+    for k, v in props.items():
+        m.metadata_props.add(key=k, value=v)
+    m.doc_string = f"{about['name']} v{about['version']} ({about['architecture']}), exported by medpipe " \
+                   f"{about['medpipe_version']}"
+    return m.SerializeToString()
+
+
+# -- MONAI bundle -------------------------------------------------------------------------------
+_CONFIG_SPECIAL = ("$", "@", "%", "#", "::")
+
+
+def config_literal(text: str) -> str:
+    """A string from outside (class name, model name) made inert for MONAI's ``ConfigParser``.
+
+    The parser evaluates strings starting with ``$``, resolves ``@id`` references and ``%`` macros
+    (which read other files) and rewrites ``::``; a string with any of those characters is written as
+    an expression that only decodes its own hex digits back to the same text."""
+    text = str(text)
+    if not any(c in text for c in _CONFIG_SPECIAL):
+        return text
+    return f"$bytes.fromhex('{text.encode().hex()}').decode()"
+
+
+def _escape_tree(obj):
+    if isinstance(obj, str):
+        return config_literal(obj)
+    if isinstance(obj, list):
+        return [_escape_tree(v) for v in obj]
+    if isinstance(obj, dict):
+        return {config_literal(k) if isinstance(k, str) else k: _escape_tree(v) for k, v in obj.items()}
+    return obj
 
 
 def bundle_metadata(meta: dict) -> dict:
     import monai
     import numpy as np
 
-    from medpipe import __version__
+    about = _about(meta)
+    spec = PreprocessSpec.from_meta(meta)
+    size, classes = spec.image_size, about["classes"]
+    lo = [round((0.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
+    hi = [round((1.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
+    required = {"medpipe": about["medpipe_version"]}
+    try:
+        import ignite
 
-    spec = meta["preprocessing"]
-    size = int(spec["image_size"])
-    classes = list(meta["classes"])
-    lo = [round((0.0 - m) / s, 4) for m, s in zip(spec["mean"], spec["std"])]
-    hi = [round((1.0 - m) / s, 4) for m, s in zip(spec["mean"], spec["std"])]
+        required["pytorch-ignite"] = ignite.__version__
+    except ImportError:
+        pass
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
-                  "meta_schema_20220324.json",
-        "version": f"{meta.get('version', '1')}.0.0",
-        "changelog": {f"{meta.get('version', '1')}.0.0": "exported by medpipe"},
+                  "meta_schema_20240725.json",
+        "version": f"{about['version']}.0.0",
+        "changelog": {f"{about['version']}.0.0": "exported by medpipe"},
         "monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__, "optional_packages_version": {"medpipe": __version__},
-        "name": meta.get("name", "medpipe"),
-        "task": f"2D image classification into {len(classes)} classes: {', '.join(classes)}",
-        "description": f"MONAI {meta['architecture']} trained with medpipe on dermatoscopy images; outputs "
-                       "logits, softmax(logits / temperature) gives calibrated class probabilities "
-                       f"(temperature {meta.get('calibration', {}).get('temperature', 1.0):.4f}).",
+        "numpy_version": np.__version__, "required_packages_version": required,
+        "name": about["name"],
+        "task": f"2D image classification into {len(classes)} classes",
+        "description": f"MONAI {about['architecture']} trained with medpipe on dermatoscopy images; "
+                       f"softmax(logits / {about['temperature']:.4f}) gives calibrated class probabilities.",
         "authors": "medpipe", "copyright": "Copyright (c) the model's trainer",
         "intended_use": "Research only; not for diagnostic use.",
-        "data_type": "RGB dermatoscopy images",
+        "data_source": "see docs/README.md", "data_type": "RGB dermatoscopy images (JPEG, PNG, BMP, WebP)",
+        "image_classes": "RGB, 3 channels",
+        "label_classes": "one class per output channel, see channel_def",
         "network_data_format": {
             "inputs": {"image": {
                 "type": "image", "format": "magnitude", "modality": "dermoscopy", "num_channels": 3,
                 "spatial_shape": [size, size], "dtype": "float32", "value_range": [min(lo), max(hi)],
-                "is_patch_data": False, "channel_def": {"0": "R", "1": "G", "2": "B"},
-                "preprocessing": f"RGB resized to {size}x{size} ({spec['interpolation']}), scaled to [0, 1], "
-                                 f"normalised with mean {spec['mean']} and std {spec['std']}"}},
+                "is_patch_data": False, "channel_def": {"0": "R", "1": "G", "2": "B"}}},
             "outputs": {"pred": {
-                "type": "probabilities", "format": "classes", "modality": "n/a", "num_channels": len(classes), "spatial_shape": [],
-                "dtype": "float32", "value_range": [], "is_patch_data": False,
+                "type": "probabilities", "format": "classes", "modality": "n/a", "num_channels": len(classes),
+                "spatial_shape": [len(classes)], "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
                 "channel_def": {str(i): c for i, c in enumerate(classes)}}},
         },
-        "medpipe": {"classes": classes, "preprocessing": spec, "calibration": meta.get("calibration", {}),
-                    "weights_sha256": meta.get("weights_sha256")},
+        "medpipe": {**about, "calibration": meta.get("calibration", {})},
     }
 
 
 def check_bundle_metadata(md: dict) -> list[str]:
     """Problems with a bundle's metadata.json against the MONAI bundle specification's required keys."""
     problems = [f"missing key {k!r}" for k in BUNDLE_REQUIRED if k not in md]
+    if "optional_packages_version" in md:
+        problems.append("'optional_packages_version' is deprecated; use 'required_packages_version'")
     ndf = md.get("network_data_format", {})
     for side in ("inputs", "outputs"):
         if not isinstance(ndf.get(side), dict) or not ndf[side]:
@@ -195,61 +310,185 @@ def check_bundle_metadata(md: dict) -> list[str]:
     return problems
 
 
-def write_bundle(model: torch.nn.Module, meta: dict, out: Path) -> dict:
-    import json
+def bundle_inference_config(meta: dict) -> dict:
+    """``configs/inference.json``: MONAI's standard inference workflow (dataset -> evaluator -> run).
 
+    The loader is medpipe's decoder (``LoadPreprocessd``, the spec's decode + resize: pixels identical to
+    ``medpipe predict``); the rest of the eval preset is MONAI transforms; the calibration temperature is
+    applied before the softmax; ``BundlePredictionWriter`` writes one JSON line per image."""
     from medpipe.models import bundle_target
+
+    spec = PreprocessSpec.from_meta(meta)
+    about = _about(meta)
+    exts = ", ".join(repr(e) for e in IMAGE_SUFFIXES)
+    return {
+        "imports": ["$import functools", "$import glob", "$import os", "$import medpipe.preprocess",
+                    "$import medpipe.export"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": "/workspace/data",
+        "datalist": "$sorted(f for f in glob.glob(os.path.join(@dataset_dir, '**', '*'), recursive=True) "
+                    f"if f.lower().endswith(({exts})))",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "temperature": about["temperature"],
+        "class_names": _escape_tree(about["classes"]),
+        "network_def": bundle_target(meta["architecture"], len(about["classes"])),
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "medpipe.preprocess.LoadPreprocessd", "keys": "image", "image_size": spec.image_size,
+             "interpolation": spec.interpolation},
+            {"_target_": "Transposed", "keys": "image", "indices": [2, 0, 1]},
+            {"_target_": "EnsureTyped", "keys": "image", "data_type": "tensor", "dtype": "$torch.float32",
+             "track_meta": False},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0,
+             "b_max": 1.0, "clip": True},
+            *([] if spec.color_constancy == "none" else [
+                {"_target_": "Lambdad", "keys": "image", "func": "$functools.partial(medpipe.preprocess.shades_of_gray, "
+                 f"power={float(spec.color_constancy_power)!r})"}]),
+            {"_target_": "NormalizeIntensityd", "keys": "image", "subtrahend": list(spec.mean),
+             "divisor": list(spec.std), "channel_wise": True},
+        ]},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': f, 'path': f} for f in @datalist]",
+                    "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 8, "shuffle": False,
+                       "num_workers": 0},
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: x / @temperature"},
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+        ]},
+        "handlers": [
+            {"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'",
+             "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {"_target_": "medpipe.export.BundlePredictionWriter", "output_dir": "@output_dir",
+             "class_names": "@class_names"},
+        ],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers", "amp": False},
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@evaluator.run()"],
+    }
+
+
+class BundlePredictionWriter:
+    """Ignite handler of the exported bundle: ``OUTPUT_DIR/predictions.jsonl``, one line per image
+    (path, label, class_index, probabilities by class), written atomically when the run completes."""
+
+    def __init__(self, output_dir: str, class_names: list[str], filename: str = "predictions.jsonl"):
+        self.path = Path(output_dir) / filename
+        self.classes = [str(c) for c in class_names]
+        self.rows: list[str] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def __call__(self, engine) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):
+            p = [float(v) for v in torch.as_tensor(out["pred"]).flatten()]
+            k = max(range(len(p)), key=p.__getitem__)
+            self.rows.append(json.dumps({"image": str(item["path"]), "label": self.classes[k], "class_index": k,
+                                         "probabilities": dict(zip(self.classes, p))}))
+
+    def write(self, _engine=None) -> None:
+        from medpipe.utils import atomic_write_text
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, "".join(r + "\n" for r in self.rows))
+        log.info("bundle: %d predictions written to %s", len(self.rows), self.path)
+
+
+def _model_card(meta: dict, md: dict) -> str:
+    about = _about(meta)
+    spec = about["preprocessing"]
+    lines = [f"# {about['name']} (v{about['version']}): {about['architecture']} dermatoscopy classifier", "",
+             "## What it is", "",
+             f"A MONAI {about['architecture']} that classifies one RGB dermatoscopy image into "
+             f"{len(about['classes'])} classes, trained with medpipe {about['medpipe_version']}. "
+             f"Output channel order: {', '.join(f'`{c}`' for c in about['classes'])}. "
+             f"Probabilities are `softmax(logits / {about['temperature']:.4f})` (temperature scaling fitted on "
+             "the validation split).", "",
+             "## How to run it", "",
+             "```", "pip install medpipe pytorch-ignite   # medpipe's decoder is this bundle's image loader",
+             "python -m monai.bundle run --config_file configs/inference.json --dataset_dir /path/to/images",
+             "```", "",
+             "This writes `eval/predictions.jsonl` (one line per image: path, label, probabilities). "
+             "`models/model.pt` is a plain state dict (loaded with `torch.load(weights_only=True)`); "
+             "`models/model.ts` is the same network as TorchScript (input: normalised float32 N x 3 x "
+             f"{spec['image_size']} x {spec['image_size']}, output: logits).", "",
+             "## Preprocessing", "",
+             *[f"- {k}: {spec[k]}" for k in ("decode", "resize", "normalise")],
+             f"- mean {spec['mean']}, std {spec['std']}", "",
+             "## Data", ""]
+    cfg = meta.get("training_config") or {}
+    lines.append(f"Trained on the record table with sha256 `{meta.get('records_sha256') or 'unknown'}`"
+                 + (f" (data folder `{cfg['data']}`)" if isinstance(cfg.get("data"), str) else "")
+                 + ". HAM10000 (ISIC 2018 task 3) is the intended source: 10,015 dermatoscopy images of 7 classes, "
+                   "CC BY-NC 4.0, split by lesion so no lesion is in two splits.")
+    lines += ["", "## Metrics", ""]
+    lines += _metric_lines(meta.get("metrics") or {})
+    lines += ["", "## Limits", "",
+              "- Research use only; not a medical device and not for diagnosis.",
+              "- Dermatoscopy images only; other modalities, clinical photos and non-skin images get a "
+              "confident but meaningless answer.",
+              "- HAM10000 is dominated by nevi (about 67%) and by light skin types; rare classes are estimated "
+              "from few images: read the per-class confidence intervals above.",
+              "- An unreadable image stops the bundle run with an error naming the file; `medpipe batch` "
+              "skips such files and reports them instead.",
+              "", f"Weights sha256: `{about['weights_sha256']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def _metric_lines(metrics: dict) -> list[str]:
+    def fmt(v) -> str:
+        if isinstance(v, dict):
+            value = v.get("value", v.get("estimate"))
+            lo, hi = v.get("ci_low", v.get("lo")), v.get("ci_high", v.get("hi"))
+            if isinstance(value, (int, float)) and isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+                return f"{value:.3f} (95% CI {lo:.3f}-{hi:.3f})"
+            return ", ".join(f"{k} {fmt(x)}" for k, x in v.items() if not isinstance(x, (list, dict)) or
+                             isinstance(x, dict) and len(str(x)) < 200)
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    out = []
+    for split, m in metrics.items():
+        if isinstance(m, dict):
+            out.append(f"- **{split}**:")
+            out += [f"  - {k}: {fmt(v)}" for k, v in m.items() if not isinstance(v, list)]
+        else:
+            out.append(f"- {split}: {fmt(m)}")
+    return out or ["No metrics were recorded in the package (run `medpipe evaluate`)."]
+
+
+def write_bundle(model: torch.nn.Module, meta: dict, out: Path) -> dict:
     from medpipe.utils import atomic_write_bytes, atomic_write_text
 
     out = Path(out)
-    spec = meta["preprocessing"]
-    size = int(spec["image_size"])
+    size = PreprocessSpec.from_meta(meta).image_size
     md = bundle_metadata(meta)
     problems = check_bundle_metadata(md)
     if problems:
         raise ExportError("bundle metadata: " + "; ".join(problems))
-    inference = {
-        "imports": ["$import torch"],
-        "bundle_root": ".",
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "network_def": bundle_target(meta["architecture"], len(meta["classes"])),
-        "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "LoadImaged", "keys": "image", "reader": "PILReader", "reverse_indexing": False,
-             "image_only": True},
-            {"_target_": "EnsureChannelFirstd", "keys": "image", "channel_dim": -1},
-            {"_target_": "Resized", "keys": "image", "spatial_size": [size, size], "mode": "bicubic"},
-            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0,
-             "b_max": 1.0, "clip": True},
-            {"_target_": "NormalizeIntensityd", "keys": "image", "subtrahend": [[[m]] for m in spec["mean"]],
-             "divisor": [[[s]] for s in spec["std"]]},
-        ]},
-        "postprocessing": {"_target_": "Activations", "softmax": True},
-        "temperature": float(meta.get("calibration", {}).get("temperature", 1.0)),
-        "class_names": list(meta["classes"]),
-    }
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "models").mkdir(parents=True, exist_ok=True)
-    (out / "docs").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "configs" / "metadata.json", json.dumps(md, indent=2))
-    atomic_write_text(out / "configs" / "inference.json", json.dumps(inference, indent=2))
+    for sub in ("configs", "models", "docs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "configs" / "metadata.json", json.dumps(_escape_tree(md), indent=2))
+    atomic_write_text(out / "configs" / "inference.json", json.dumps(bundle_inference_config(meta), indent=2))
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
     atomic_write_bytes(out / "models" / "model.pt", buf.getvalue())
-    atomic_write_text(out / "docs" / "README.md", f"""# {md['name']}
-
-{md['description']}
-
-Classes (output channel order): {', '.join(meta['classes'])}.
-
-Input: {md['network_data_format']['inputs']['image']['preprocessing']}. `configs/inference.json`
-holds the network definition and MONAI preprocessing (its resize is MONAI's bicubic, not Pillow's,
-so probabilities can differ slightly from medpipe's, which decodes with Pillow). For identical
-results use the medpipe package this bundle was exported from.
-
-`models/model.pt` is a plain state dict: load it with `torch.load(path, weights_only=True)`.
-Research use only; not for diagnosis. Exported by medpipe.
-""")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model.eval(), torch.zeros(2, 3, size, size), check_trace=False)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf, _extra_files={"metadata.json": json.dumps(md)})
+    atomic_write_bytes(out / "models" / "model.ts", buf.getvalue())
+    atomic_write_text(out / "docs" / "README.md", _model_card(meta, md))
     atomic_write_text(out / "LICENSE", "The model weights carry the licence of their training data and of their "
                       "trainer. HAM10000 is CC BY-NC 4.0.\n")
     # round trip through monai.bundle: parse the config, build the network, load the weights, compare
@@ -260,4 +499,7 @@ Research use only; not for diagnosis. Exported by medpipe.
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True))
     net.eval()
-    return {"max_abs_diff": _random_check(model, lambda x: net(x).detach(), size)}
+    ts = torch.jit.load(str(out / "models" / "model.ts"))
+    worst = max(_random_check(model, lambda x: net(x).detach(), size),
+                _random_check(model, lambda x: ts(x).detach(), size))
+    return {"max_abs_diff": worst}

@@ -1,4 +1,5 @@
-"""``create_model(name, num_classes)`` over MONAI's 2D classifiers.
+"""One model registry: name -> MONAI class + keyword arguments, read by ``create_model`` (training,
+package loading) and by every export (the MONAI bundle's ``network_def``). Adding a model is one entry.
 
 Weights: ``init_weights`` loads a local ``.safetensors`` file or a ``torch.save`` state dict (read
 with ``weights_only=True``); ``pretrained=True`` uses MONAI's own download (ImageNet weights for the
@@ -10,6 +11,7 @@ not match ``num_classes`` is left at its fresh initialisation, as timm does.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,76 +22,73 @@ from medpipe.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def _densenet(cls_name):
-    def make(num_classes, pretrained, dropout):
-        from monai.networks import nets
-        return getattr(nets, cls_name)(spatial_dims=2, in_channels=3, out_channels=num_classes,
-                                       pretrained=pretrained, dropout_prob=dropout)
-    return make
+@dataclass(frozen=True)
+class ModelDef:
+    """How to build one architecture: a MONAI class (its import path, which is also the bundle's
+    ``_target_``), the fixed keyword arguments, and the names its constructor gives to the number of
+    classes, dropout and ImageNet weights (``None`` where it has no such argument)."""
+
+    target: str
+    kwargs: dict = field(default_factory=dict)
+    classes_arg: str = "num_classes"
+    dropout_arg: str | None = None
+    pretrained_arg: str | None = "pretrained"
+    dropout_none_when_zero: bool = False  # SE-ResNets take None, not 0.0, for "no dropout"
+
+    def build_kwargs(self, num_classes: int, pretrained: bool = False, dropout: float = 0.0) -> dict:
+        kw = {**self.kwargs, self.classes_arg: int(num_classes)}
+        if self.pretrained_arg:
+            kw[self.pretrained_arg] = bool(pretrained)
+        if self.dropout_arg:
+            kw[self.dropout_arg] = (dropout or None) if self.dropout_none_when_zero else float(dropout)
+        return kw
 
 
-def _resnet(fn_name):
-    def make(num_classes, pretrained, dropout):
-        from monai.networks import nets
-        if pretrained:
-            raise ConfigError(f"--pretrained is not available for {fn_name}: MONAI's ResNet weights are 3D "
-                              "(MedicalNet); pass --init-weights FILE with a 2D state dict instead")
-        return getattr(nets, fn_name)(spatial_dims=2, n_input_channels=3, num_classes=num_classes)
-    return make
-
-
-def _efficientnet(variant):
-    def make(num_classes, pretrained, dropout):
-        from monai.networks.nets import EfficientNetBN
-        return EfficientNetBN(variant, pretrained=pretrained, spatial_dims=2, in_channels=3, num_classes=num_classes)
-    return make
-
-
-def _seresnet(cls_name):
-    def make(num_classes, pretrained, dropout):
-        from monai.networks import nets
-        return getattr(nets, cls_name)(spatial_dims=2, in_channels=3, num_classes=num_classes,
-                                       pretrained=pretrained, dropout_prob=dropout or None)
-    return make
-
-
-MODEL_NAMES = {
-    "densenet121": _densenet("DenseNet121"),
-    "densenet169": _densenet("DenseNet169"),
-    "densenet201": _densenet("DenseNet201"),
-    "resnet18": _resnet("resnet18"),
-    "resnet34": _resnet("resnet34"),
-    "resnet50": _resnet("resnet50"),
-    "efficientnet-b0": _efficientnet("efficientnet-b0"),
-    "efficientnet-b1": _efficientnet("efficientnet-b1"),
-    "efficientnet-b2": _efficientnet("efficientnet-b2"),
-    "seresnet50": _seresnet("SEResNet50"),
-    "seresnext50": _seresnet("SEResNext50"),
+_NETS = "monai.networks.nets."
+_DENSE = dict(spatial_dims=2, in_channels=3)
+REGISTRY: dict[str, ModelDef] = {
+    **{f"densenet{d}": ModelDef(f"{_NETS}DenseNet{d}", _DENSE, "out_channels", "dropout_prob")
+       for d in (121, 169, 201)},
+    # MONAI's ResNet weights are 3D (MedicalNet): --pretrained is refused for them
+    **{f"resnet{d}": ModelDef(f"{_NETS}resnet{d}", dict(spatial_dims=2, n_input_channels=3), pretrained_arg=None)
+       for d in (18, 34, 50)},
+    **{f"efficientnet-b{i}": ModelDef(f"{_NETS}EfficientNetBN", dict(model_name=f"efficientnet-b{i}", **_DENSE))
+       for i in (0, 1, 2)},
+    "seresnet50": ModelDef(f"{_NETS}SEResNet50", _DENSE, dropout_arg="dropout_prob", dropout_none_when_zero=True),
+    "seresnext50": ModelDef(f"{_NETS}SEResNext50", _DENSE, dropout_arg="dropout_prob", dropout_none_when_zero=True),
 }
+MODEL_NAMES = tuple(REGISTRY)
+
+
+def model_def(name: str) -> ModelDef:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(REGISTRY)}") from None
 
 
 def bundle_target(name: str, num_classes: int) -> dict:
-    """The MONAI bundle ``network_def`` that rebuilds ``name`` (for ``medpipe export --format bundle``)."""
-    if name.startswith("densenet"):
-        return {"_target_": f"DenseNet{name[8:]}", "spatial_dims": 2, "in_channels": 3, "out_channels": num_classes}
-    if name.startswith("resnet"):
-        return {"_target_": f"monai.networks.nets.{name}", "spatial_dims": 2, "n_input_channels": 3,
-                "num_classes": num_classes}
-    if name.startswith("efficientnet"):
-        return {"_target_": "EfficientNetBN", "model_name": name, "pretrained": False, "spatial_dims": 2,
-                "in_channels": 3, "num_classes": num_classes}
-    if name in ("seresnet50", "seresnext50"):
-        return {"_target_": {"seresnet50": "SEResNet50", "seresnext50": "SEResNext50"}[name], "spatial_dims": 2,
-                "in_channels": 3, "num_classes": num_classes, "pretrained": False}
-    raise ConfigError(f"unknown model {name!r}")
+    """The MONAI bundle ``network_def`` that rebuilds ``name`` (read from the same registry as
+    :func:`create_model`; never pretrained: the bundle loads its own weights)."""
+    d = model_def(name)
+    return {"_target_": d.target, **d.build_kwargs(num_classes)}
+
+
+def _build(d: ModelDef, kwargs: dict) -> nn.Module:
+    import importlib
+
+    module, _, cls = d.target.rpartition(".")
+    return getattr(importlib.import_module(module), cls)(**kwargs)
 
 
 def create_model(name: str, num_classes: int, *, pretrained: bool = False, init_weights: str | None = None,
                  dropout: float = 0.0) -> nn.Module:
-    if name not in MODEL_NAMES:
-        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODEL_NAMES)}")
+    d = model_def(name)
+    if pretrained and not d.pretrained_arg:
+        raise ConfigError(f"--pretrained is not available for {name}: MONAI's ResNet weights are 3D "
+                          "(MedicalNet); pass --init-weights FILE with a 2D state dict instead")
     try:
-        model = MODEL_NAMES[name](num_classes, pretrained, dropout)
+        model = _build(d, d.build_kwargs(num_classes, pretrained, dropout))
     except ConfigError:
         raise
     except Exception as exc:  # network failures surface from deep inside hub/urllib

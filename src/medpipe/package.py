@@ -107,7 +107,7 @@ def load_package(pkg_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 def package_spec(meta: dict) -> PreprocessSpec:
-    return PreprocessSpec.from_dict(meta["preprocessing"])
+    return PreprocessSpec.from_meta(meta)
 
 
 REQUIREMENTS = """# installed by the SageMaker PyTorch inference toolkit (torch is in the container)

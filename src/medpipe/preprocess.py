@@ -1,4 +1,6 @@
-"""The preprocessing contract: the spec stored in every package, and the train/eval presets built from it.
+"""The preprocessing contract, one object: the spec stored in every package (decode, resize and
+normalise rules), array preparation, and the train/eval presets built from it. Nothing else reads
+the spec out of a package's ``model.json``.
 
 Both presets start from the pixels :func:`medpipe.data.imageio.decode_image` returns (RGB uint8,
 HWC, already resized to ``spec.image_size`` — in the pixel cache or from raw bytes, identically)
@@ -36,11 +38,30 @@ from monai.transforms import (
 )
 
 from monai.data import set_track_meta
+from monai.transforms import MapTransform
+
+from medpipe.data import imageio
 
 
-@dataclass
+SPEC_KEY = "preprocessing"  # where a package's model.json keeps the spec; only this module reads it
+INTERPOLATIONS = tuple(sorted(imageio.RESAMPLE_NAMES))
+
+
+@dataclass(frozen=True)
 class PreprocessSpec:
-    """What the model needs from an image; stored in the package, used by every inference path."""
+    """What the model needs from an image; stored in the package, used by every inference path.
+
+    The whole contract, in the order it is applied (``describe()`` writes the same as text for
+    exports that travel without medpipe, e.g. the ONNX file's metadata):
+
+    1. decode with Pillow (:func:`medpipe.data.imageio.decode_image`); for a JPEG first
+       ``img.draft("RGB", (image_size, image_size))`` (libjpeg decodes at the smallest DCT scale
+       1/1, 1/2, 1/4 or 1/8 that keeps both sides >= image_size), then EXIF orientation, then RGB;
+    2. resize to image_size x image_size with Pillow's ``interpolation`` filter, ``reducing_gap=None``
+       (skipped when the image already has that size);
+    3. uint8 HWC -> float32 CHW, divided by 255; Shades-of-Gray colour constancy when
+       ``color_constancy`` says so (:func:`shades_of_gray`); then ``(x - mean) / std`` per channel.
+    """
 
     image_size: int = 64
     interpolation: str = "bicubic"
@@ -49,6 +70,21 @@ class PreprocessSpec:
     # "shades_of_gray": Shades-of-Gray colour constancy (Minkowski p-norm) on every image, train and eval
     color_constancy: str = "none"
     color_constancy_power: float = 6.0
+
+    def __post_init__(self):
+        if self.interpolation not in imageio.RESAMPLE_NAMES:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if not 8 <= int(self.image_size) <= 4096:
+            raise ValueError(f"image_size must be between 8 and 4096, got {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std must each have 3 values, std > 0")
+        if self.color_constancy not in COLOR_CONSTANCY:
+            raise ValueError(f"color_constancy must be one of {COLOR_CONSTANCY}, got {self.color_constancy!r}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        return (int(self.image_size), int(self.image_size))
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "interpolation": self.interpolation,
@@ -62,6 +98,83 @@ class PreprocessSpec:
                    mean=tuple(float(x) for x in d["mean"]), std=tuple(float(x) for x in d["std"]),
                    color_constancy=str(d.get("color_constancy", "none")),  # packages from before the key
                    color_constancy_power=float(d.get("color_constancy_power", 6.0)))
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "PreprocessSpec":
+        """The spec stored in a package's ``model.json``."""
+        return cls.from_dict(meta[SPEC_KEY])
+
+    def describe(self) -> dict:
+        """The contract as plain data, for exports read without medpipe (ONNX metadata, bundle docs)."""
+        s = self.image_size
+        return {**self.to_dict(),
+                "decode": f"Pillow; JPEG: Image.draft('RGB', ({s}, {s})) before load (DCT-domain downscale to the "
+                          f"smallest scale keeping both sides >= {s}); then ImageOps.exif_transpose, convert('RGB')",
+                "resample": imageio.resample_filter(self.interpolation).name,
+                "resize": f"Image.resize(({s}, {s}), Image.Resampling.{imageio.resample_filter(self.interpolation).name}"
+                          ", reducing_gap=None), skipped when already that size",
+                "normalise": "float32 CHW = (uint8 HWC transposed / 255 - mean) / std per channel"
+                             + ("" if self.color_constancy == "none" else
+                                f"; before subtracting the mean, Shades-of-Gray: e = per-channel mean(x ** "
+                                f"{self.color_constancy_power:g}) ** (1 / {self.color_constancy_power:g}), "
+                                "e /= ||e||, x = clip(x / (e * sqrt(3)), 0, 1)"),
+                "layout": f"NCHW float32, N x 3 x {s} x {s}"}
+
+    # -- the decode half of the contract -------------------------------------------------------
+    def decode(self, data: bytes, name: str | None = None, *,
+               max_pixels: int = imageio.DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Encoded image bytes -> resized RGB uint8 HWC (the same function fills the training cache)."""
+        return imageio.decode_image(data, name, max_pixels=max_pixels, size=self.size,
+                                    interpolation=self.interpolation)
+
+    def read(self, path, *, max_pixels: int = imageio.DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """A file -> resized RGB uint8 HWC; errors name the file."""
+        return imageio.read_image(path, max_pixels=max_pixels, size=self.size, interpolation=self.interpolation)
+
+    def prepare_array(self, arr: np.ndarray, *, max_pixels: int = imageio.DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """An in-memory image (HW, HWC or CHW; uint8, or float in [0,1] or [0,255]) -> resized RGB uint8 HWC."""
+        a = np.asarray(arr)
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        if a.ndim != 3:
+            raise imageio.CorruptImageError(f"array must be HxW, HxWxC or CxHxW, got shape {a.shape}")
+        if a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
+            a = np.moveaxis(a, 0, 2)
+        if a.shape[2] == 1:
+            a = np.repeat(a, 3, axis=2)
+        if a.shape[2] == 4:
+            a = a[..., :3]
+        if a.shape[2] != 3:
+            raise imageio.CorruptImageError(f"array must have 1, 3 or 4 channels, got shape {a.shape}")
+        if a.shape[0] * a.shape[1] > max_pixels:
+            raise imageio.ImageTooLargeError(f"{a.shape[1]}x{a.shape[0]} exceeds the pixel cap of {max_pixels}")
+        if a.dtype != np.uint8:
+            f = a.astype(np.float64)
+            if not np.isfinite(f).all():
+                raise imageio.CorruptImageError("array holds NaN or Inf")
+            if f.max(initial=0) <= 1.0:
+                f = f * 255.0
+            a = np.clip(f + 0.5, 0, 255).astype(np.uint8)
+        return imageio.resize_rgb(np.ascontiguousarray(a), self.size, self.interpolation)
+
+
+class LoadPreprocessd(MapTransform):
+    """MONAI dictionary transform: an image file path -> the spec's decoded, resized RGB uint8 HWC pixels.
+
+    The MONAI bundle export uses it as its loader, so a bundle run reproduces medpipe's pixels exactly
+    (MONAI's ``LoadImaged`` + ``Resized`` resize with torch, not Pillow, and skip the JPEG draft decode)."""
+
+    def __init__(self, keys, image_size: int, interpolation: str, mean=PreprocessSpec.mean, std=PreprocessSpec.std,
+                 max_pixels: int = imageio.DEFAULT_MAX_PIXELS, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.spec = PreprocessSpec(int(image_size), str(interpolation), tuple(mean), tuple(std))
+        self.max_pixels = int(max_pixels)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.spec.read(d[key], max_pixels=self.max_pixels)
+        return d
 
 
 KEY = "image"

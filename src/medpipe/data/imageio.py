@@ -37,6 +37,9 @@ _RESAMPLE = {
 }
 
 
+RESAMPLE_NAMES = frozenset(_RESAMPLE)
+
+
 class ImageError(ValueError):
     """Base class: the bytes are not an image medpipe will use."""
 
@@ -190,6 +193,15 @@ def decode_image(
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise CorruptImageError(f"unexpected decoded shape {arr.shape}", name)
     return arr
+
+
+def resize_rgb(arr: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
+    """RGB uint8 HWC -> (height, width) = ``size`` with the same Pillow call :func:`decode_image` uses."""
+    img = Image.fromarray(arr)
+    h, w = size
+    if img.size != (w, h):
+        img = img.resize((w, h), resample=resample_filter(interpolation), reducing_gap=None)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def read_image(path: str | os.PathLike, **kwargs) -> np.ndarray:

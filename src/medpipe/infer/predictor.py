@@ -123,6 +123,7 @@ class Predictor:
         self._session = None
         self._graphs = None
         self._explainer = None
+        self.spec = package_spec(self.meta)
         try:
             self._start_backend(threads, max_batch)
         except (RuntimeError, MedpipeError) as exc:
@@ -131,7 +132,6 @@ class Predictor:
                     from None
             log.warning("the %s backend could not start (%s); using the eager backend", self.backend, exc)
             self.backend, self._session, self._graphs = "eager", None, None
-        self.spec = package_spec(self.meta)
         self.classes: list[str] = list(self.meta["classes"])
         self.temperature = float(self.meta.get("calibration", {}).get("temperature", 1.0))
         self.decision_rule, self._offsets = decision.resolve(self.meta.get("decision"), decision_rule,
@@ -142,7 +142,7 @@ class Predictor:
         self._lock = threading.Lock()
 
     def _start_backend(self, threads: int | None, max_batch: int) -> None:
-        size = int(self.meta["preprocessing"]["image_size"])
+        size = self.spec.image_size
         if self.backend == "cudagraph":
             self._graphs = CudaGraphRunner(self.model, size, self.device, max(1, int(max_batch)))
         elif self.backend == "onnx":
@@ -152,44 +152,15 @@ class Predictor:
 
     @property
     def size(self) -> tuple[int, int]:
-        return (self.spec.image_size, self.spec.image_size)
+        return self.spec.size
 
     def decode(self, data: bytes, name: str | None = None) -> np.ndarray:
         """Bytes -> resized RGB uint8 (the same function fills the training pixel cache)."""
-        return imageio.decode_image(data, name, max_pixels=self.max_pixels, size=self.size,
-                                    interpolation=self.spec.interpolation)
+        return self.spec.decode(data, name, max_pixels=self.max_pixels)
 
     def prepare_array(self, arr: np.ndarray) -> np.ndarray:
-        """An in-memory image (HWC or CHW; uint8, or float in [0,1] or [0,255]) -> resized RGB uint8."""
-        from PIL import Image
-
-        a = np.asarray(arr)
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=2)
-        if a.ndim != 3:
-            raise imageio.CorruptImageError(f"array must be HxW, HxWxC or CxHxW, got shape {a.shape}")
-        if a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
-            a = np.moveaxis(a, 0, 2)
-        if a.shape[2] == 1:
-            a = np.repeat(a, 3, axis=2)
-        if a.shape[2] == 4:
-            a = a[..., :3]
-        if a.shape[2] != 3:
-            raise imageio.CorruptImageError(f"array must have 1, 3 or 4 channels, got shape {a.shape}")
-        if a.shape[0] * a.shape[1] > self.max_pixels:
-            raise imageio.ImageTooLargeError(f"{a.shape[1]}x{a.shape[0]} exceeds the pixel cap of {self.max_pixels}")
-        if a.dtype != np.uint8:
-            f = a.astype(np.float64)
-            if not np.isfinite(f).all():
-                raise imageio.CorruptImageError("array holds NaN or Inf")
-            if f.max(initial=0) <= 1.0:
-                f = f * 255.0
-            a = np.clip(f + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(np.ascontiguousarray(a), mode="RGB")
-        if img.size != (self.size[1], self.size[0]):
-            img = img.resize((self.size[1], self.size[0]), imageio.resample_filter(self.spec.interpolation),
-                             reducing_gap=None)
-        return np.asarray(img, dtype=np.uint8)
+        """An in-memory image -> resized RGB uint8 (see :meth:`PreprocessSpec.prepare_array`)."""
+        return self.spec.prepare_array(arr, max_pixels=self.max_pixels)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._session is not None:
@@ -202,7 +173,10 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, pixels: list[np.ndarray] | np.ndarray, tta: bool = False) -> torch.Tensor:
-        x = eval_batch(list(pixels), self.spec)
+        return self._logits(eval_batch(list(pixels), self.spec), tta)
+
+    @torch.inference_mode()
+    def _logits(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
         with self._lock:
             out = self._forward(x)
             if tta:
@@ -216,6 +190,17 @@ class Predictor:
         if len(pixels) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         logits = self.logits(pixels, tta=tta)
+        if not torch.isfinite(logits).all():
+            raise PredictionError("the model produced non-finite outputs")
+        return torch.softmax(logits / self.temperature, dim=1).numpy()
+
+    def probabilities_preprocessed(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities for a batch already through the eval preset (float32 N x 3 x S x S)."""
+        x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, *self.size):
+            raise PredictionError(f"preprocessed input must be N x 3 x {self.size[0]} x {self.size[1]}, "
+                                  f"got {tuple(x.shape)}")
+        logits = self._logits(x)
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
         return torch.softmax(logits / self.temperature, dim=1).numpy()
@@ -252,6 +237,5 @@ class Predictor:
         return self.to_predictions(self.probabilities(pixels, tta=tta))
 
     def predict_files(self, paths: list[str | Path], tta: bool = False) -> list[Prediction]:
-        pixels = [imageio.read_image(p, max_pixels=self.max_pixels, size=self.size,
-                                     interpolation=self.spec.interpolation) for p in paths]
+        pixels = [self.spec.read(p, max_pixels=self.max_pixels) for p in paths]
         return self.to_predictions(self.probabilities(pixels, tta=tta))
