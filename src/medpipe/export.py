@@ -318,8 +318,11 @@ def bundle_inference_config(meta: dict) -> dict:
     applied before the softmax; ``BundlePredictionWriter`` writes one JSON line per image."""
     from medpipe.models import bundle_target
 
+    from medpipe import decision
+
     spec = PreprocessSpec.from_meta(meta)
     about = _about(meta)
+    rule, offsets = decision.resolve(meta.get("decision"), None, len(about["classes"]))
     exts = ", ".join(repr(e) for e in IMAGE_SUFFIXES)
     return {
         "imports": ["$import functools", "$import glob", "$import os", "$import medpipe.preprocess",
@@ -332,6 +335,9 @@ def bundle_inference_config(meta: dict) -> dict:
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "temperature": about["temperature"],
         "class_names": _escape_tree(about["classes"]),
+        # the package's decision rule picks the label (medpipe.decision); probabilities are unaffected
+        "decision_rule": config_literal(rule),
+        "decision_offsets": None if offsets is None else [float(v) for v in offsets],
         "network_def": bundle_target(meta["architecture"], len(about["classes"])),
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
@@ -361,7 +367,8 @@ def bundle_inference_config(meta: dict) -> dict:
             {"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'",
              "load_dict": {"model": "@network"}, "map_location": "@device"},
             {"_target_": "medpipe.export.BundlePredictionWriter", "output_dir": "@output_dir",
-             "class_names": "@class_names"},
+             "class_names": "@class_names", "decision_rule": "@decision_rule",
+             "decision_offsets": "@decision_offsets"},
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
@@ -375,9 +382,11 @@ class BundlePredictionWriter:
     """Ignite handler of the exported bundle: ``OUTPUT_DIR/predictions.jsonl``, one line per image
     (path, label, class_index, probabilities by class), written atomically when the run completes."""
 
-    def __init__(self, output_dir: str, class_names: list[str], filename: str = "predictions.jsonl"):
+    def __init__(self, output_dir: str, class_names: list[str], decision_rule: str = "argmax",
+                 decision_offsets: list[float] | None = None, filename: str = "predictions.jsonl"):
         self.path = Path(output_dir) / filename
         self.classes = [str(c) for c in class_names]
+        self.rule, self.offsets = str(decision_rule), decision_offsets
         self.rows: list[str] = []
 
     def attach(self, engine) -> None:
@@ -388,11 +397,13 @@ class BundlePredictionWriter:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def __call__(self, engine) -> None:
+        from medpipe.decision import apply_offsets
+
         for item, out in zip(engine.state.batch, engine.state.output):
             p = [float(v) for v in torch.as_tensor(out["pred"]).flatten()]
-            k = max(range(len(p)), key=p.__getitem__)
+            k = int(apply_offsets([p], self.offsets)[0])
             self.rows.append(json.dumps({"image": str(item["path"]), "label": self.classes[k], "class_index": k,
-                                         "probabilities": dict(zip(self.classes, p))}))
+                                         "probabilities": dict(zip(self.classes, p)), "decision_rule": self.rule}))
 
     def write(self, _engine=None) -> None:
         from medpipe.utils import atomic_write_text
@@ -444,26 +455,32 @@ def _model_card(meta: dict, md: dict) -> str:
 
 
 def _metric_lines(metrics: dict) -> list[str]:
-    def fmt(v) -> str:
-        if isinstance(v, dict):
-            value = v.get("value", v.get("estimate"))
-            lo, hi = v.get("ci_low", v.get("lo")), v.get("ci_high", v.get("hi"))
-            if isinstance(value, (int, float)) and isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
-                return f"{value:.3f} (95% CI {lo:.3f}-{hi:.3f})"
-            return ", ".join(f"{k} {fmt(x)}" for k, x in v.items() if not isinstance(x, (list, dict)) or
-                             isinstance(x, dict) and len(str(x)) < 200)
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        return str(v)
+    """A markdown table of the package's split metrics, each with its 95% bootstrap CI where recorded."""
+    import math
 
-    out = []
-    for split, m in metrics.items():
-        if isinstance(m, dict):
-            out.append(f"- **{split}**:")
-            out += [f"  - {k}: {fmt(v)}" for k, v in m.items() if not isinstance(v, list)]
-        else:
-            out.append(f"- {split}: {fmt(m)}")
-    return out or ["No metrics were recorded in the package (run `medpipe evaluate`)."]
+    splits = {k: v for k, v in metrics.items() if isinstance(v, dict)}
+    if not splits:
+        return ["No metrics were recorded in the package (run `medpipe evaluate`)."]
+
+    def cell(m: dict, key: str) -> str:
+        v = m.get(key)
+        if isinstance(v, dict):  # per-class figures
+            return ", ".join(f"{c} {x:.3f}" for c, x in v.items() if isinstance(x, (int, float)))
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return "" if v is None else str(v)
+        text = f"{v:.3f}" if isinstance(v, float) else str(v)
+        ci = m.get(f"{key}_ci95")
+        if isinstance(ci, list) and len(ci) == 2:
+            ok = all(isinstance(x, (int, float)) and math.isfinite(x) for x in ci)
+            text += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ok else " (95% CI not estimable: too few images)"
+        return text
+
+    keys = [k for k in dict.fromkeys(k for m in splits.values() for k in m) if not k.endswith("_ci95")]
+    lines = ["| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    lines += [f"| {k} | " + " | ".join(cell(m, k) for m in splits.values()) + " |" for k in keys]
+    lines += ["", "Figures from a handful of images per class are unreliable whatever their value; `n` is the number "
+              "of images in each split."]
+    return lines
 
 
 def write_bundle(model: torch.nn.Module, meta: dict, out: Path) -> dict:

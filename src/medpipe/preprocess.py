@@ -173,7 +173,8 @@ class LoadPreprocessd(MapTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.spec.read(d[key], max_pixels=self.max_pixels)
+            pixels = self.spec.read(d[key], max_pixels=self.max_pixels)
+            d[key] = pixels if pixels.flags.writeable else pixels.copy()  # torch warns on read-only arrays
         return d
 
 
