@@ -65,7 +65,7 @@ def cmd_evaluate(args) -> int:
 
     out = args.out or str(Path(args.model) / ".." / f"report_{args.split}")
     result = evaluate_package(args.model, args.data, out, split=args.split, splits_csv=args.splits, tta=args.tta,
-                              bootstrap=args.bootstrap, progress=_progress())
+                              bootstrap=args.bootstrap, progress=_progress(), backend=args.backend)
     m = result["metrics"]
     print(f"{args.split}: n={m['n']} macro AUC {m['macro_auc']:.4f} (95% CI {m['macro_auc_ci95'][0]:.3f}-"
           f"{m['macro_auc_ci95'][1]:.3f}) balanced accuracy {m['balanced_accuracy']:.4f} ECE {m['ece']:.4f}")
@@ -171,13 +171,40 @@ def cmd_shard(args) -> int:
 def cmd_export(args) -> int:
     from medpipe.export import export_model
 
-    r = export_model(args.model, args.format, args.out, force=args.force)
+    r = export_model(args.model, args.format, args.out, force=args.force, data=args.data,
+                     calibration=args.calibration)
     check = f" (max |export - eager| {r['max_abs_diff']:.1e})" if "max_abs_diff" in r else ""
     print(f"wrote {args.format}: {r['out']}{check}")
+    if "int8" in r:
+        from medpipe.infer.quantize import format_gate
+
+        print(format_gate(r["int8"]))
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from medpipe.infer.quantize import format_gate, install_int8, quantize_package
+
+    int8, info = quantize_package(args.model, args.data, calibration=args.calibration, force=args.force)
+    print(f"wrote {install_int8(args.model, int8, info)} ({len(int8) / 1e6:.1f} MB)")
+    print(format_gate(info))
+    return 0
+
+
+def add_int8_options(s, force: bool = True) -> None:
+    s.add_argument("--data", help="the ingested data folder the model was trained on (its validation "
+                                  "split calibrates and gates the INT8 model)")
+    s.add_argument("--calibration", help="calibrate on this image folder instead (the gate still "
+                                         "uses the validation split)")
+    if force:
+        s.add_argument("--force", action="store_true", help="write the INT8 model even if it fails the accuracy "
+                                                            "gate (marked failed; --backend auto never picks it)")
+
+
 def register(sub) -> None:
+    from medpipe.export import FORMATS
+    from medpipe.infer.predictor import BACKENDS
+
     s = sub.add_parser("train", help="train a MONAI classifier; writes RUN_DIR/{model,report,checkpoints}")
     s.add_argument("--data", required=True, help="ingested data directory")
     s.add_argument("--out", required=True, help="run directory")
@@ -195,6 +222,7 @@ def register(sub) -> None:
     s.add_argument("--out", help="report folder (default next to the model)")
     s.add_argument("--tta", action="store_true", help="average over flips")
     s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--backend", default="eager", choices=BACKENDS, help="int8: the package's INT8 model")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("predict", help="top class and every class probability per image")
@@ -203,7 +231,7 @@ def register(sub) -> None:
     g.add_argument("--model", help="model package folder (or a run folder)")
     g.add_argument("--url", help="a running medpipe/SageMaker-compatible server, e.g. http://127.0.0.1:8080")
     s.add_argument("--device", default="auto", help="auto: CUDA when available, else CPU")
-    s.add_argument("--backend", default="eager", choices=["auto", "eager", "onnx", "cudagraph"])
+    s.add_argument("--backend", default="eager", choices=BACKENDS)
     s.add_argument("--tta", action="store_true")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(func=cmd_predict)
@@ -225,7 +253,7 @@ def register(sub) -> None:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--shard-size", type=int, default=256, help="items per atomically written output shard")
     s.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
-    s.add_argument("--backend", default="auto", choices=["auto", "eager", "onnx", "cudagraph"])
+    s.add_argument("--backend", default="auto", choices=BACKENDS)
     s.add_argument("--device", default="auto", help="auto: CUDA when available, else CPU")
     s.add_argument("--concurrency", type=int, default=None, help="with --url: requests in flight "
                                                                  "(default: the server's MaxConcurrentTransforms)")
@@ -244,11 +272,18 @@ def register(sub) -> None:
 
     s = sub.add_parser("export", help="export a package: onnx, torchscript, MONAI bundle or SageMaker tarball")
     s.add_argument("--model", required=True)
-    s.add_argument("--format", required=True, choices=["onnx", "torchscript", "bundle", "sagemaker"])
-    s.add_argument("--out", required=True, help="file (onnx, torchscript, sagemaker) or folder (bundle); "
+    s.add_argument("--format", required=True, choices=FORMATS)
+    s.add_argument("--out", required=True, help="file (onnx, onnx-int8, torchscript, sagemaker) or folder (bundle); "
                                                 "never inside a model package")
-    s.add_argument("--force", action="store_true", help="replace an existing --out (and its sidecar)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out (and its sidecar); onnx-int8: "
+                                                        "also write a model that fails the accuracy gate")
+    add_int8_options(s, force=False)
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("quantize", help="INT8 model for CPUs, checked by an accuracy gate, stored in the package")
+    s.add_argument("--model", required=True)
+    add_int8_options(s)
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("package", help="(re)build model.tar.gz for SageMaker from a model package")
     s.add_argument("--model", required=True)

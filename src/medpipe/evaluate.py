@@ -244,7 +244,7 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
 
 def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *, split: str = "test",
                      splits_csv: str | Path | None = None, tta: bool = False, bootstrap: int = 1000,
-                     batch_size: int = 64, progress: bool = False) -> dict:
+                     batch_size: int = 64, progress: bool = False, backend: str = "eager") -> dict:
     """Evaluate a package on a split of an ingested data dir; pixels come from the same decoder as serving."""
     import pandas as pd
 
@@ -253,7 +253,7 @@ def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str |
     from medpipe.errors import MedpipeError
     from medpipe.infer.predictor import Predictor
 
-    predictor = Predictor(model_dir)
+    predictor = Predictor(model_dir, backend=backend)
     table, classes = load_records(data_dir)
     if classes != predictor.classes:
         raise MedpipeError(f"data classes {classes} differ from the model's {predictor.classes}")
@@ -285,6 +285,9 @@ def evaluate_arrays(predictor, pixels, rows, y, image_ids, labels, out_dir, *, s
     metrics["split"], metrics["tta"] = split, tta
     metrics["decision_rule"] = predictor.decision_rule
     metrics["decision_rules"] = decision_rule_rows(y, probs, classes, predictor.meta.get("decision"))
+    metrics["backend"] = getattr(predictor, "backend", "eager")
+    if getattr(predictor, "int8", None):  # the INT8 model's accuracy gate travels with its evaluation
+        metrics["int8_gate"] = predictor.int8["gate"]
     paths = write_report(metrics, y, probs, classes, out_dir, title=f"medpipe evaluation: {predictor.name}, {split} split")
     pred_table = pd.DataFrame(probs, columns=classes)
     pred_table.insert(0, "image_id", list(image_ids))

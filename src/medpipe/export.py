@@ -84,7 +84,7 @@ def onnx_session(data: bytes | str, threads: int | None = None):
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
-FORMATS = ("onnx", "torchscript", "bundle", "sagemaker")
+FORMATS = ("onnx", "onnx-int8", "torchscript", "bundle", "sagemaker")
 SIDECAR_SUFFIX = ".medpipe.json"
 BUNDLE_REQUIRED = ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
                    "task", "description", "authors", "copyright", "network_data_format")
@@ -149,13 +149,18 @@ def check_target(out: Path, fmt: str, force: bool = False) -> list[Path]:
     return targets
 
 
-def export_model(package: str, fmt: str, out: str, force: bool = False) -> dict:
-    """Write ``package`` as ``fmt`` to ``out``; every format is checked against the eager model."""
+def export_model(package: str, fmt: str, out: str, force: bool = False, **int8_options) -> dict:
+    """Write ``package`` as ``fmt`` to ``out``; every format is checked against the eager model (onnx-int8
+    against FP32 by its accuracy gate; ``int8_options``: data, calibration, see infer/quantize.py)."""
     from medpipe.package import build_sagemaker_tarball, load_package
     from medpipe.utils import atomic_write_bytes, atomic_write_text
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx-int8":
+        from medpipe.infer.quantize import export_int8
+
+        return export_int8(package, out, force=force, **int8_options)
     model, meta = load_package(package)
     size = PreprocessSpec.from_meta(meta).image_size
     out_path = Path(out)

@@ -41,29 +41,37 @@ class Prediction:
                 "decision_rule": self.decision_rule}
 
 
-BACKENDS = ("auto", "eager", "onnx", "cudagraph")
+BACKENDS = ("auto", "eager", "onnx", "int8", "cudagraph")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: ONNX Runtime on CPU when installed, CUDA graphs on a GPU (each the fastest measured in
-    benchmarks/serve_load.py), else eager."""
+def resolve_backend(backend: str, device: torch.device, meta: dict | None = None) -> tuple[str, str]:
+    """The backend to run and why. ``auto``: on CPU the package's gated INT8 model where the CPU has
+    VNNI/AMX (infer/quantize.py), else ONNX Runtime when installed, else eager; CUDA graphs on a GPU
+    (each the fastest measured in benchmarks/serve_load.py)."""
     if backend not in BACKENDS:
         raise MedpipeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "onnx" and device.type != "cpu":
-        raise MedpipeError("the onnx backend runs on CPU; use --backend eager or cudagraph with --device cuda")
+    if backend in ("onnx", "int8") and device.type != "cpu":
+        raise MedpipeError(f"the {backend} backend runs on CPU; use --backend eager or cudagraph with --device cuda")
     if backend == "cudagraph" and device.type != "cuda":
         raise MedpipeError("the cudagraph backend needs --device cuda (and a GPU)")
     if backend != "auto":
-        return backend
+        return backend, "asked for"
     if device.type == "cuda":
-        return "cudagraph"
+        return "cudagraph", "auto on a CUDA device"
     if device.type != "cpu":
-        return "eager"
+        return "eager", f"auto on {device.type}"
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return "eager"
-    return "onnx"
+        return "eager", "auto: onnxruntime is not installed"
+    if meta is not None:
+        from medpipe.infer.quantize import auto_int8_status
+
+        ok, why = auto_int8_status(meta)
+        if ok:
+            return "int8", f"auto: {why}"
+        return "onnx", f"auto: ONNX Runtime FP32, not INT8 because {why}"
+    return "onnx", "auto: ONNX Runtime FP32"
 
 
 class CudaGraphRunner:
@@ -119,11 +127,12 @@ class Predictor:
         self.device = resolve_device(device)
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
-        self.backend = resolve_backend(backend, self.device)
+        self.backend, self.backend_reason = resolve_backend(backend, self.device, self.meta)
         self._session = None
         self._graphs = None
         self._explainer = None
         self.spec = package_spec(self.meta)
+        self.int8 = None  # the INT8 record (gate figures, temperature) when that backend runs
         try:
             self._start_backend(threads, max_batch)
         except (RuntimeError, MedpipeError) as exc:
@@ -132,8 +141,11 @@ class Predictor:
                     from None
             log.warning("the %s backend could not start (%s); using the eager backend", self.backend, exc)
             self.backend, self._session, self._graphs = "eager", None, None
+            self.backend_reason = f"auto: fell back because the faster backend could not start ({exc})"
+        log.info("backend %s (%s)", self.backend, self.backend_reason)
         self.classes: list[str] = list(self.meta["classes"])
-        self.temperature = float(self.meta.get("calibration", {}).get("temperature", 1.0))
+        self.temperature = float(self.int8["temperature"] if self.int8 else
+                                 self.meta.get("calibration", {}).get("temperature", 1.0))
         self.decision_rule, self._offsets = decision.resolve(self.meta.get("decision"), decision_rule,
                                                              len(self.classes))
         self.max_pixels = max_pixels
@@ -149,6 +161,16 @@ class Predictor:
             from medpipe.export import onnx_bytes, onnx_session
 
             self._session = onnx_session(onnx_bytes(self.model, size), threads=threads)
+        elif self.backend == "int8":
+            from medpipe.export import onnx_session
+            from medpipe.infer.quantize import load_int8
+
+            data, info = load_int8(self.meta)
+            if not info["gate"].get("passed"):
+                log.warning("the INT8 model FAILED its accuracy gate (written with --force): %s",
+                            "; ".join(info["gate"].get("failures", [])))
+            self._session = onnx_session(data, threads=threads)
+            self.int8 = info
 
     @property
     def size(self) -> tuple[int, int]:

@@ -11,7 +11,6 @@ Routes (exactly these; anything else is a JSON 404/405):
     POST /explain                one image -> prediction + Grad-CAM heatmap (used by the page)
     GET  /execution-parameters   SageMaker batch transform settings
     GET  /metrics                Prometheus text
-    /v2/...                      the Open Inference Protocol (KServe v2), see medpipe.serve.oip
 
 Every error is JSON ``{"error": code, "message": ..., "request_id": ...}``; no stack trace, file
 path or image bytes is ever sent or logged. The model is loaded (and verified) before the port is
@@ -32,7 +31,6 @@ import numpy as np
 
 from medpipe.data import dicom, imageio
 from medpipe.serve.batcher import Batcher
-from medpipe.serve.oip import metric_route
 from medpipe.infer.protocol import (
     CSV_T,
     DICOM,
@@ -65,7 +63,7 @@ class ServeConfig:
     model: str = "/opt/ml/model"
     host: str = "127.0.0.1"
     port: int = 8080
-    backend: str = "auto"          # auto | eager | onnx | cudagraph
+    backend: str = "auto"          # auto | eager | onnx | int8 | cudagraph
     device: str = "auto"           # auto | cpu | cuda (auto: CUDA when available)
     threads: int = 0               # inference threads; 0 = all cores
     max_body_mb: float = 6.0       # SageMaker's real-time payload limit
@@ -308,9 +306,6 @@ def create_app(predictor, cfg: ServeConfig):
         return JSONResponse({"model": predictor.name, "version": predictor.version, **pred.as_dict(),
                              "image": png_data_url(pixels), "heatmap": heatmap_png(cam)})
 
-    from medpipe.serve.oip import add_routes
-
-    add_routes(app, svc)  # the Open Inference Protocol (KServe v2) routes, under the same limits
     return RequestEnvelope(app, svc)
 
 
@@ -325,7 +320,7 @@ class RequestEnvelope:
             return await self.app(scope, receive, send)
         rid = uuid.uuid4().hex[:16]
         scope["medpipe.rid"] = rid
-        route = scope["path"] if (scope["method"], scope["path"]) in ROUTES else metric_route(scope["path"])
+        route = scope["path"] if (scope["method"], scope["path"]) in ROUTES else "other"
         started, status, t0 = False, 500, time.perf_counter()
 
         async def send_wrapped(msg):
@@ -373,7 +368,7 @@ def serve(cfg: ServeConfig) -> int:
     torch.set_num_threads(threads)
     predictor = Predictor(cfg.model, device=cfg.device, max_pixels=cfg.max_pixels, backend=cfg.backend,
                           threads=threads, max_batch=cfg.max_batch)
-    if predictor.backend == "onnx":
+    if predictor.backend in ("onnx", "int8"):
         torch.set_num_threads(1)  # torch only runs the eval preset and Grad-CAM: leave the cores to ORT
     app = create_app(predictor, cfg)
     config = uvicorn.Config(app, host=cfg.host, port=int(cfg.port), log_level="info", access_log=False,

@@ -1,0 +1,369 @@
+"""INT8 inference: ONNX Runtime static quantization (QDQ), calibrated on the package's own validation
+images, behind an accuracy gate that cannot be skipped.
+
+    medpipe quantize --model RUN/model --data DATA          # gate, then RUN/model/model.int8.onnx + int8.json
+    medpipe export --model RUN/model --format onnx-int8 --out m.int8.onnx [--data DATA]
+    medpipe serve --model RUN/model --backend int8           # `auto` picks it on a VNNI/AMX CPU once gated
+
+Quantization: the FP32 ONNX graph of the package (the same one the ``onnx`` backend runs) goes
+through ``quant_pre_process`` (shape inference, graph optimisation) and ``quantize_static`` in QDQ
+form: uint8 activations with MinMax ranges from the calibration images, int8 per-channel weights
+(the U8S8 form ONNX Runtime's VNNI/AMX kernels run). The calibration images are the validation
+split of the package's run (``RUN/splits.csv``, else ``DATA/splits.csv``), or a folder given with
+``--calibration``.
+
+The gate compares INT8 with FP32 on the validation split, each with its own temperature (INT8 gets
+its own, fitted on the same split): macro ROC AUC within ``MAX_AUC_DIFF``, top-1 agreement at least
+``MIN_AGREEMENT``, the largest probability difference reported. A model that fails is not written
+(the error names the figure) unless ``force=True``; a forced model records that it failed, and the
+``auto`` backend never picks it.
+
+In the package the INT8 model is an optional pair of files: ``model.int8.onnx`` and ``int8.json``
+(format, sha256 of the ONNX file, sha256 of the FP32 weights it was made from, temperature, gate
+figures, toolchain versions). Loading checks both hashes, so a stale or altered INT8 model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from medpipe.errors import MedpipeError
+
+log = logging.getLogger(__name__)
+
+INT8_FILE = "model.int8.onnx"
+INT8_META = "int8.json"
+INT8_FORMAT = "medpipe-int8-1"
+MAX_AUC_DIFF = 0.005
+MIN_AGREEMENT = 0.98
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+MAX_CALIBRATION = 512  # images; the validation split is strided down to this many
+
+
+class QuantizeError(MedpipeError):
+    pass
+
+
+class GateError(QuantizeError):
+    """The INT8 model failed the accuracy gate; nothing was written."""
+
+
+def cpu_int8_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """The INT8 dot-product features this CPU reports (VNNI, AMX); empty where unknown."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return [f for f in VNNI_FLAGS if f in flags]
+
+
+# -- the INT8 model inside a package ---------------------------------------------------------------
+
+def int8_paths(pkg_dir: str | Path) -> tuple[Path, Path]:
+    return Path(pkg_dir) / INT8_FILE, Path(pkg_dir) / INT8_META
+
+
+def load_int8(meta: dict) -> tuple[bytes, dict]:
+    """The package's INT8 model and its record, both verified; QuantizeError naming what is wrong."""
+    import hashlib
+
+    onnx_path, info_path = int8_paths(meta["_dir"])
+    if not info_path.is_file():
+        raise QuantizeError(f"{meta['_dir']} has no INT8 model; make one with "
+                            f"'medpipe quantize --model {meta['_dir']} --data DATA'")
+    try:
+        info = json.loads(info_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise QuantizeError(f"{info_path}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(info, dict) or info.get("format") != INT8_FORMAT:
+        raise QuantizeError(f"{info_path}: not a medpipe INT8 record (format {info.get('format')!r})"
+                            if isinstance(info, dict) else f"{info_path}: not a medpipe INT8 record")
+    for key in ("sha256", "weights_sha256", "temperature", "gate"):
+        if key not in info:
+            raise QuantizeError(f"{info_path}: missing key '{key}'")
+    if info["weights_sha256"] != meta["weights_sha256"]:
+        raise QuantizeError(f"{info_path}: made from other weights ({str(info['weights_sha256'])[:12]}...) than "
+                            f"this package's ({meta['weights_sha256'][:12]}...); run 'medpipe quantize' again")
+    if not onnx_path.is_file():
+        raise QuantizeError(f"{onnx_path} is missing ({INT8_META} refers to it)")
+    data = onnx_path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != info["sha256"]:
+        raise QuantizeError(f"{onnx_path}: sha256 {digest[:12]}... does not match {INT8_META} "
+                            f"({str(info['sha256'])[:12]}...); the file was changed or truncated")
+    t = info["temperature"]
+    if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise QuantizeError(f"{info_path}: temperature {t!r} is not a positive number")
+    return data, info
+
+
+def auto_int8_status(meta: dict) -> tuple[bool, str]:
+    """Whether ``auto`` may pick the package's INT8 model on this CPU, and why (for the log)."""
+    flags = cpu_int8_flags()
+    if not flags:
+        return False, "this CPU reports no INT8 dot-product instructions (avx512_vnni, avx_vnni or amx_int8)"
+    if not int8_paths(meta["_dir"])[1].is_file():
+        return False, f"the package has no INT8 model (medpipe quantize makes one); CPU has {'+'.join(flags)}"
+    try:
+        _, info = load_int8(meta)
+    except QuantizeError as exc:
+        return False, f"its INT8 model is not usable: {exc}"
+    if not info["gate"].get("passed"):
+        return False, "its INT8 model failed the accuracy gate (written with --force): " + \
+            "; ".join(info["gate"].get("failures", []))
+    return True, (f"gated INT8 model (agreement {info['gate']['agreement']:.1%}, macro AUC difference "
+                  f"{info['gate']['auc_diff']:.4f}) on a CPU with {'+'.join(flags)}")
+
+
+# -- quantization ----------------------------------------------------------------------------------
+
+def _float_nodes(path: Path) -> list[str]:
+    """Nodes kept in FP32, as is usual for post-training quantization: the first convolution (it sees raw
+    normalised pixels) and the node(s) producing the logits (uint8 logits would be coarse steps)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    outputs = {o.name for o in graph.output}
+    head = [n.name for n in graph.node if set(n.output) & outputs]
+    first = next((n.name for n in graph.node if n.op_type == "Conv"), None)
+    return head + ([first] if first else [])
+
+
+def quantize_onnx(fp32: bytes, calibration: list[np.ndarray]) -> bytes:
+    """Static QDQ quantization of an FP32 ONNX graph; ``calibration`` is a list of NCHW float32 batches."""
+    from medpipe.export import INPUT_NAME
+
+    try:
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                              quant_pre_process, quantize_static)
+    except ImportError:
+        raise QuantizeError("INT8 quantization needs onnxruntime: pip install 'medpipe[onnx]'") from None
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(calibration)
+
+        def get_next(self):
+            x = next(self._it, None)
+            return None if x is None else {INPUT_NAME: x}
+
+    with tempfile.TemporaryDirectory(prefix="medpipe-int8-") as tmp:
+        src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(fp32)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer logs one warning per BatchNorm weight
+        try:
+            quant_pre_process(str(src), str(pre))
+            keep = _float_nodes(pre)
+            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep)
+        finally:
+            root.setLevel(level)
+        return out.read_bytes()
+
+
+def _macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
+    import warnings
+
+    from medpipe.evaluate import _auc_per_class
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per = _auc_per_class(y, probs)
+        return float(np.nanmean(per)) if not all(math.isnan(v) for v in per) else float("nan")
+
+
+def _softmax(logits: np.ndarray, t: float) -> np.ndarray:
+    z = logits / t
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def gate(y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float, int8_logits: np.ndarray) -> dict:
+    """The accuracy gate's figures on the validation split, INT8's own temperature, and what failed."""
+    import torch
+
+    from medpipe.train.loop import fit_temperature
+
+    y = np.array(y, dtype=np.int64)  # a writable copy
+    t8 = fit_temperature(torch.from_numpy(int8_logits.astype(np.float32)), torch.from_numpy(y))
+    p32, p8 = _softmax(fp32_logits, fp32_temperature), _softmax(int8_logits, t8)
+    auc32, auc8 = _macro_auc(y, p32), _macro_auc(y, p8)
+    agreement = float((p32.argmax(1) == p8.argmax(1)).mean())
+    figures = {"n": int(len(y)), "fp32_macro_auc": auc32, "int8_macro_auc": auc8,
+               "auc_diff": abs(auc8 - auc32) if math.isfinite(auc32) and math.isfinite(auc8) else float("nan"),
+               "agreement": agreement, "max_prob_diff": float(np.abs(p32 - p8).max()),
+               "temperature": float(t8), "thresholds": {"max_auc_diff": MAX_AUC_DIFF, "min_agreement": MIN_AGREEMENT}}
+    failures = []
+    if not math.isfinite(figures["auc_diff"]):
+        failures.append(f"macro AUC is undefined on these {len(y)} validation images (a class needs positives "
+                        "and negatives), so the gate cannot be checked")
+    elif figures["auc_diff"] > MAX_AUC_DIFF:
+        failures.append(f"macro AUC differs from FP32 by {figures['auc_diff']:.4f} (FP32 {auc32:.4f}, INT8 "
+                        f"{auc8:.4f}; allowed {MAX_AUC_DIFF})")
+    if agreement < MIN_AGREEMENT:
+        failures.append(f"top-1 agreement with FP32 is {agreement:.1%} (at least {MIN_AGREEMENT:.0%} required)")
+    figures["failures"] = failures
+    figures["passed"] = not failures
+    return figures
+
+
+def _validation_pixels(meta: dict, data: str | Path, size: int, interpolation: str):
+    """uint8 pixels and class indices of the package's validation split, decoded like serving does."""
+    import pandas as pd
+
+    from medpipe.data.cache import build_cache
+    from medpipe.data.sources import load_records
+
+    data = Path(data)
+    table, classes = load_records(data)
+    if list(classes) != list(meta["classes"]):
+        raise QuantizeError(f"--data {data}: classes {classes} differ from the model's {meta['classes']}")
+    run_splits = Path(meta["_dir"]).parent / "splits.csv"
+    sp_path = run_splits if run_splits.is_file() else data / "splits.csv"
+    if not sp_path.is_file():
+        raise QuantizeError(f"no split file: neither {run_splits} nor {data / 'splits.csv'} exists "
+                            f"(run 'medpipe split --data {data}')")
+    sp = pd.read_csv(sp_path, dtype=str, keep_default_na=False)
+    ids = set(sp.loc[sp["split"] == "val", "image_id"])
+    table = table[table["image_id"].isin(ids)]
+    if len(table) < 2:
+        raise QuantizeError(f"{sp_path}: the validation split of {data} has {len(table)} images; the gate needs "
+                            "a validation split")
+    cache = build_cache(table, data / "cache", (size, size), interpolation)
+    return np.asarray(cache.pixels[cache.rows(table["image_id"])]), table["class_index"].to_numpy()
+
+
+def _folder_pixels(folder: str | Path, spec) -> np.ndarray:
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in
+                   (".jpg", ".jpeg", ".png", ".bmp", ".webp"))
+    if not files:
+        raise QuantizeError(f"--calibration {folder}: no images (jpg, png, bmp, webp) found")
+    return np.stack([spec.read(f) for f in files])
+
+
+def _logits(session, pixels: np.ndarray, spec, batch: int = 32) -> np.ndarray:
+    from medpipe.export import INPUT_NAME
+    from medpipe.preprocess import eval_batch
+
+    return np.concatenate([session.run(None, {INPUT_NAME: eval_batch(list(pixels[i:i + batch]), spec).numpy()})[0]
+                           for i in range(0, len(pixels), batch)])
+
+
+def quantize_package(package: str | Path, data: str | Path | None, *, calibration: str | Path | None = None,
+                     force: bool = False, max_calibration: int = MAX_CALIBRATION) -> tuple[bytes, dict]:
+    """Quantize ``package`` and run the gate; returns (INT8 ONNX bytes, the int8.json record).
+
+    Raises GateError (naming each failed figure) unless the gate passes or ``force`` is set.
+    """
+    import hashlib
+
+    import onnxruntime
+
+    from medpipe.export import onnx_bytes, onnx_session
+    from medpipe.package import load_package, package_spec
+
+    model, meta = load_package(package)
+    spec = package_spec(meta)
+    if data is None:
+        raise QuantizeError("give --data DATA: the ingested data folder the package was trained on (its "
+                            "validation split calibrates the INT8 model and checks the gate)")
+    val_px, val_y = _validation_pixels(meta, data, spec.image_size, spec.interpolation)
+    calib_px = _folder_pixels(calibration, spec) if calibration else val_px
+    if len(calib_px) > max_calibration:
+        calib_px = calib_px[np.linspace(0, len(calib_px) - 1, max_calibration).round().astype(int)]
+    from medpipe.preprocess import eval_batch
+
+    calib = [eval_batch(list(calib_px[i:i + 16]), spec).numpy() for i in range(0, len(calib_px), 16)]
+    fp32 = onnx_bytes(model, spec.image_size)
+    int8 = quantize_onnx(fp32, calib)
+    t32 = float(meta.get("calibration", {}).get("temperature", 1.0))
+    figures = gate(val_y, _logits(onnx_session(fp32), val_px, spec), t32, _logits(onnx_session(int8), val_px, spec))
+    if not figures["passed"] and not force:
+        raise GateError("the INT8 model failed the accuracy gate on the validation split: "
+                        + "; ".join(figures["failures"]) + ". Nothing was written (--force writes it anyway, "
+                        "marked as failed; --backend auto never picks it)")
+    if not figures["passed"]:
+        log.warning("writing an INT8 model that FAILED the accuracy gate (--force): %s", "; ".join(figures["failures"]))
+    t8 = figures.pop("temperature")
+    int8 = _self_describing(int8, meta, t8, figures)
+    info = {"format": INT8_FORMAT, "file": INT8_FILE, "sha256": hashlib.sha256(int8).hexdigest(),
+            "weights_sha256": meta["weights_sha256"], "temperature": t8,
+            "gate": figures, "forced": bool(force and not figures["passed"]),
+            "method": {"toolchain": f"onnxruntime {onnxruntime.__version__}", "format": "QDQ",
+                       "activations": "uint8, per tensor, MinMax", "weights": "int8, per channel",
+                       "calibration_images": int(len(calib_px)),
+                       "calibration_source": str(calibration) if calibration else f"validation split of {data}"},
+            "cpu_int8_flags": cpu_int8_flags()}
+    return int8, info
+
+
+def _self_describing(int8: bytes, meta: dict, temperature: float, figures: dict) -> bytes:
+    """The INT8 graph with the same metadata_props as an FP32 ONNX export (its own temperature) + the gate."""
+    import onnx
+
+    from medpipe.export import with_onnx_metadata
+
+    m = onnx.load_from_string(with_onnx_metadata(int8, {**meta, "calibration": {"method": "temperature",
+                                                                               "temperature": temperature}}))
+    m.metadata_props.add(key="int8_gate", value=json.dumps(figures, default=float))
+    return m.SerializeToString()
+
+
+def install_int8(package: str | Path, int8: bytes, info: dict) -> Path:
+    """Write the INT8 model into the package folder (ONNX first, then its record)."""
+    from medpipe.package import read_meta
+    from medpipe.utils import atomic_write_bytes, atomic_write_text
+
+    onnx_path, info_path = int8_paths(read_meta(package)["_dir"])
+    atomic_write_bytes(onnx_path, int8)
+    atomic_write_text(info_path, json.dumps(info, indent=2, default=float))
+    return onnx_path
+
+
+def format_gate(info: dict) -> str:
+    g = info["gate"]
+    return (f"gate on {g['n']} validation images: macro AUC FP32 {g['fp32_macro_auc']:.4f} / INT8 "
+            f"{g['int8_macro_auc']:.4f} (difference {g['auc_diff']:.4f}, allowed {MAX_AUC_DIFF}), top-1 agreement "
+            f"{g['agreement']:.1%} (>= {MIN_AGREEMENT:.0%}), max probability difference {g['max_prob_diff']:.4f}; "
+            f"INT8 temperature {info['temperature']:.3f}; " + ("PASSED" if g["passed"] else "FAILED (forced)"))
+
+
+def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None = None,
+                calibration: str | Path | None = None, force: bool = False) -> dict:
+    """``medpipe export --format onnx-int8``: the package's gated INT8 model (made now if it has none, or
+    if --data/--calibration ask for a fresh one) written to ``out`` with a JSON sidecar holding the gate."""
+    from medpipe.export import _sidecar, check_target, sidecar_path
+    from medpipe.package import read_meta
+    from medpipe.utils import atomic_write_bytes, atomic_write_text
+
+    meta = read_meta(package)
+    out = Path(out)
+    check_target(out, "onnx-int8", force)
+    int8 = info = None
+    if data is None and calibration is None and int8_paths(meta["_dir"])[1].is_file():
+        int8, info = load_int8(meta)
+        if not info["gate"].get("passed") and not force:
+            raise GateError(f"the package's INT8 model failed its accuracy gate ({'; '.join(info['gate']['failures'])}); "
+                            "not exported (--force exports it anyway)")
+    if int8 is None:
+        int8, info = quantize_package(package, data, calibration=calibration, force=force)
+    sidecar = json.loads(_sidecar(meta, "onnx-int8"))
+    sidecar["calibration"] = {"method": "temperature", "temperature": info["temperature"]}
+    sidecar["int8"] = info
+    atomic_write_bytes(out, int8)
+    atomic_write_text(sidecar_path(out), json.dumps(sidecar, indent=2, default=float))
+    return {"format": "onnx-int8", "out": str(out), "int8": info}

@@ -1,0 +1,213 @@
+"""INT8 backend (issue 16): quantization behind its accuracy gate, the backends that use it, `auto`'s choice.
+
+One tiny model is trained here on purpose (not the shared DenseNet run): a ResNet18 at 32x32 on
+seven well-separated colour classes, so FP32 scores have margins and the gate's figures (macro AUC
+within 0.005, agreement >= 98%) measure quantization, not near-ties between a dozen images.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medpipe.cli import main
+
+pytest.importorskip("onnxruntime.quantization")
+
+CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (200, 40, 200), (40, 200, 200), (120, 120, 120)]
+
+
+def _colour_images(root: Path, per_class: int, size: int = 40, seed: int = 0) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, (name, rgb) in enumerate(zip(CLASSES, COLOURS)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.array(rgb, float) + rng.normal(0, 12, 3)
+            img = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{name}_{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory) -> dict:
+    """A trained package, its data folder, and its INT8 model made by `medpipe quantize`."""
+    root = tmp_path_factory.mktemp("int8")
+    _colour_images(root / "src", per_class=12)
+    data, run = root / "data", root / "run"
+    assert main(["ingest", str(root / "src"), "--out", str(data), "--format", "folders"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), "--model", "resnet18", "--image-size", "32",
+                 "--batch-size", "8", "--epochs", "3", "--lr", "0.003", "--warmup-epochs", "0.5",
+                 "--val-fraction", "0.3", "--test-fraction", "0.15", "--bootstrap", "20", "--threads", "1",
+                 "--deterministic"]) == 0
+    assert main(["quantize", "--model", str(run / "model"), "--data", str(data)]) == 0
+    images = sorted((root / "src").rglob("*.png"))
+    return {"root": root, "data": data, "run": run, "model": run / "model", "images": images}
+
+
+def _copy_run(run: Path, dst: Path) -> Path:
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("checkpoints", "report", "*.tar.gz"))
+    return dst / "model"
+
+
+def test_quantize_passes_the_gate_and_records_it(int8_run, tmp_path, capsys):
+    from medpipe.infer.quantize import INT8_FILE, INT8_META, MAX_AUC_DIFF, MIN_AGREEMENT, load_int8
+    from medpipe.package import read_meta
+
+    meta = read_meta(int8_run["model"])
+    data, info = load_int8(meta)
+    g = info["gate"]
+    assert g["passed"] and not info["forced"] and g["failures"] == []
+    assert g["auc_diff"] <= MAX_AUC_DIFF and g["agreement"] >= MIN_AGREEMENT and 0 <= g["max_prob_diff"] < 1
+    assert g["n"] >= 10 and info["weights_sha256"] == meta["weights_sha256"] and info["temperature"] > 0
+    assert (int8_run["model"] / INT8_FILE).stat().st_size < (int8_run["model"] / "weights.safetensors").stat().st_size / 2
+
+    # export: the same gated model outside the package, its gate and INT8 temperature in the sidecar,
+    # and onnxruntime alone runs it
+    out = tmp_path / "m.int8.onnx"
+    assert main(["export", "--model", str(int8_run["model"]), "--format", "onnx-int8", "--out", str(out)]) == 0
+    assert "PASSED" in capsys.readouterr().out and out.read_bytes() == data
+    side = json.loads(Path(f"{out}.medpipe.json").read_text())
+    assert side["int8"]["gate"] == g and side["calibration"]["temperature"] == info["temperature"]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"image": np.zeros((2, 3, 32, 32), np.float32)})[0].shape == (2, 7)
+
+    # evaluate on the INT8 backend: the report carries the backend and the gate figures
+    assert main(["evaluate", "--model", str(int8_run["model"]), "--data", str(int8_run["data"]), "--split", "val",
+                 "--backend", "int8", "--bootstrap", "0", "--out", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["backend"] == "int8" and rep["int8_gate"]["agreement"] == g["agreement"]
+
+
+def test_int8_answers_like_fp32_through_predict_batch_and_serve(int8_run, tmp_path, capsys):
+    from medpipe.infer.quantize import MIN_AGREEMENT, cpu_int8_flags
+    from tests._server import Server, as_json
+
+    images = int8_run["images"][::4]  # 21 images, every class
+    model = str(int8_run["model"])
+
+    def predict(backend):
+        assert main(["predict", "--model", model, "--backend", backend, "--json", *map(str, images)]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    fp32, int8 = predict("onnx"), predict("int8")
+    agree = np.mean([a["label"] == b["label"] for a, b in zip(fp32, int8)])
+    assert agree >= MIN_AGREEMENT
+    # batch on the INT8 backend gives the same answers as predict on it
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in images:
+        shutil.copy(p, folder / p.name)
+    assert main(["batch", "--model", model, "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "--backend", "int8", "--batch-size", "8"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    by_name = {Path(r["image"]).name: r for r in int8}
+    assert len(rows) == len(images)
+    for row in rows:
+        ref = by_name[Path(row["path"]).name]
+        assert row["label"] == ref["label"]
+        assert max(abs(row["probabilities"][c] - ref["probabilities"][c]) for c in CLASSES) < 1e-4
+    # serve: `auto` picks INT8 on a VNNI/AMX CPU (the log says which and why); answers equal predict's
+    srv = Server(int8_run["model"], "--backend", "auto", "--threads", "1", log=tmp_path / "serve.log").wait_ready()
+    try:
+        for img, ref in zip(images[:6], int8 if cpu_int8_flags() else fp32):
+            status, _, body = srv.invoke(img.read_bytes(), ctype="image/png")
+            assert status == 200
+            got = as_json(body)
+            got = got.get("predictions", [got])[0] if isinstance(got, dict) else got[0]
+            assert got["label"] == ref["label"]
+            assert max(abs(got["probabilities"][c] - ref["probabilities"][c]) for c in CLASSES) < 1e-4
+    finally:
+        srv.stop()
+    log = srv.log_text()
+    if cpu_int8_flags():
+        assert "backend int8 (auto: gated INT8 model" in log
+    else:
+        assert "backend onnx (auto: ONNX Runtime FP32, not INT8 because this CPU reports no INT8" in log
+
+
+def test_broken_calibration_is_refused_by_the_gate_and_forced_models_are_never_auto(int8_run, tmp_path, capsys,
+                                                                                     monkeypatch):
+    from PIL import Image
+
+    import medpipe.infer.quantize as q
+    from medpipe.infer.predictor import Predictor
+
+    model = _copy_run(int8_run["run"], tmp_path / "run")
+    (model / q.INT8_FILE).unlink()
+    (model / q.INT8_META).unlink()
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(8):  # every activation range collapses to a point: real images saturate
+        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(grey / f"g{i}.png")
+    args = ["quantize", "--model", str(model), "--data", str(int8_run["data"]), "--calibration", str(grey)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "failed the accuracy gate" in err and ("top-1 agreement" in err or "macro AUC" in err)
+    assert "Nothing was written" in err and not (model / q.INT8_FILE).exists() and not (model / q.INT8_META).exists()
+
+    # --force writes it, marked failed; auto never picks it, even on a VNNI CPU; asking for it still works
+    assert main([*args, "--force"]) == 0
+    info = json.loads((model / q.INT8_META).read_text())
+    assert info["forced"] and not info["gate"]["passed"] and info["gate"]["failures"]
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["avx512_vnni"])
+    p = Predictor(model, device="cpu", backend="auto")
+    assert p.backend == "onnx" and "failed the accuracy gate" in p.backend_reason
+    assert Predictor(model, device="cpu", backend="int8").backend == "int8"
+    assert main(["export", "--model", str(model), "--format", "onnx-int8", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "failed its accuracy gate" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+
+
+def test_auto_picks_only_a_verified_gated_int8_model_on_a_vnni_cpu(int8_run, tmp_path, monkeypatch):
+    import torch
+
+    import medpipe.infer.quantize as q
+    from medpipe.errors import MedpipeError
+    from medpipe.infer.predictor import Predictor, resolve_backend
+    from medpipe.package import read_meta
+
+    model = _copy_run(int8_run["run"], tmp_path / "run")
+    cpu = torch.device("cpu")
+
+    def auto():
+        return resolve_backend("auto", cpu, read_meta(model))
+
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["avx512_vnni"])
+    p = Predictor(model, device="cpu", backend="auto")
+    assert p.backend == "int8" and p.temperature == p.int8["temperature"] != read_meta(model)["calibration"]["temperature"]
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: [])
+    assert auto()[0] == "onnx" and "no INT8 dot-product" in auto()[1]
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["amx_int8"])
+    assert auto()[0] == "int8"
+    # altered INT8 file: refused by hash, auto falls back to FP32 ONNX, an explicit request fails clearly
+    data = (model / q.INT8_FILE).read_bytes()
+    (model / q.INT8_FILE).write_bytes(data[:-10])
+    assert auto()[0] == "onnx" and "does not match int8.json" in auto()[1]
+    with pytest.raises(MedpipeError, match="does not match int8.json"):
+        Predictor(model, device="cpu", backend="int8")
+    (model / q.INT8_FILE).write_bytes(data)
+    # an INT8 model made from other weights (package retrained in place) is stale
+    info = json.loads((model / q.INT8_META).read_text())
+    (model / q.INT8_META).write_text(json.dumps({**info, "weights_sha256": "0" * 64}))
+    assert auto()[0] == "onnx" and "made from other weights" in auto()[1]
+    (model / q.INT8_META).unlink()
+    assert auto()[0] == "onnx" and "no INT8 model" in auto()[1]
+    with pytest.raises(MedpipeError, match="medpipe quantize"):
+        Predictor(model, device="cpu", backend="int8")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from medpipe.infer.quantize import cpu_int8_flags
+
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni amx_int8\n")
+    assert cpu_int8_flags(f) == ["avx512_vnni", "amx_int8"]
+    f.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    assert cpu_int8_flags(f) == [] and cpu_int8_flags(tmp_path / "missing") == []
