@@ -379,10 +379,11 @@ def test_routes_metrics_and_execution_parameters(server, golden):
 def test_route_set_is_exactly_the_documented_one(trained_run):
     from medpipe.infer.predictor import Predictor
     from medpipe.serve.app import ROUTES, ServeConfig, create_app
+    from medpipe.serve.oip import OIP_ROUTES
 
     app = create_app(Predictor(trained_run / "model"), ServeConfig()).app
     found = {(m, r.path) for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"}
-    assert found == ROUTES
+    assert found == ROUTES | OIP_ROUTES
 
 
 def test_client_mode_predict_url(server, golden, capsys):

@@ -11,6 +11,7 @@ Routes (exactly these; anything else is a JSON 404/405):
     POST /explain                one image -> prediction + Grad-CAM heatmap (used by the page)
     GET  /execution-parameters   SageMaker batch transform settings
     GET  /metrics                Prometheus text
+    /v2/...                      the Open Inference Protocol (KServe v2), see medpipe.serve.oip
 
 Every error is JSON ``{"error": code, "message": ..., "request_id": ...}``; no stack trace, file
 path or image bytes is ever sent or logged. The model is loaded (and verified) before the port is
@@ -31,6 +32,7 @@ import numpy as np
 
 from medpipe.data import dicom, imageio
 from medpipe.serve.batcher import Batcher
+from medpipe.serve.oip import metric_route
 from medpipe.infer.protocol import (
     CSV_T,
     DICOM,
@@ -306,6 +308,9 @@ def create_app(predictor, cfg: ServeConfig):
         return JSONResponse({"model": predictor.name, "version": predictor.version, **pred.as_dict(),
                              "image": png_data_url(pixels), "heatmap": heatmap_png(cam)})
 
+    from medpipe.serve.oip import add_routes
+
+    add_routes(app, svc)  # the Open Inference Protocol (KServe v2) routes, under the same limits
     return RequestEnvelope(app, svc)
 
 
@@ -320,7 +325,7 @@ class RequestEnvelope:
             return await self.app(scope, receive, send)
         rid = uuid.uuid4().hex[:16]
         scope["medpipe.rid"] = rid
-        route = scope["path"] if (scope["method"], scope["path"]) in ROUTES else "other"
+        route = scope["path"] if (scope["method"], scope["path"]) in ROUTES else metric_route(scope["path"])
         started, status, t0 = False, 500, time.perf_counter()
 
         async def send_wrapped(msg):

@@ -1,0 +1,319 @@
+"""The Open Inference Protocol (KServe v2, spoken by Triton, KServe and Seldon clients) on ``medpipe serve``.
+
+Routes, next to the SageMaker ones and under the same limits (body size, images per request, queue,
+deadline), the same dynamic batcher and the same metrics::
+
+    GET  /v2/health/live                 {"live": true}
+    GET  /v2/health/ready                {"ready": true} once the model is warmed up, else 503
+    GET  /v2                             server metadata
+    GET  /v2/models/{name}[/versions/{v}]          model metadata (inputs, outputs, class names)
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    POST /v2/models/{name}[/versions/{v}]/infer
+
+An inference request has exactly one input:
+
+- ``image_bytes``, ``BYTES`` ``[N]``: encoded images (JPEG, PNG, BMP, WebP), base64 strings in JSON
+  ``data`` or raw bytes with the binary tensor extension; decoded and resized by the package's spec;
+- ``image``, ``FP32`` ``[N, 3, S, S]``: already preprocessed (the eval preset's output).
+
+Outputs: ``probabilities`` ``FP32 [N, C]`` (calibrated, class order in the model metadata's
+``parameters.classes``) and ``label`` ``BYTES [N]``. Binary outputs are returned when the request
+asks for them (``outputs[].parameters.binary_data`` or ``parameters.binary_data_output``), as
+``tritonclient`` does by default. Errors are ``{"error": "<message>"}`` (with ``code`` and
+``request_id``) and a 4xx/5xx status; no traceback is ever sent.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the real Request class in route signatures.
+import asyncio
+import base64
+import binascii
+import json
+import re
+import struct
+
+import numpy as np
+
+from medpipe.infer.protocol import HttpError
+
+HEADER_LENGTH = "inference-header-content-length"
+BYTES_INPUT, FP32_INPUT = "image_bytes", "image"
+PROBS_OUTPUT, LABEL_OUTPUT = "probabilities", "label"
+_MODEL_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?(/ready|/infer)?$")
+
+
+def metric_route(path: str) -> str:
+    """The route label for metrics (model names and versions folded into a template)."""
+    if path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+        return path
+    m = _MODEL_PATH.match(path)
+    if not m:
+        return "other"
+    return "/v2/models/{name}" + ("/versions/{version}" if m.group(1) else "") + (m.group(2) or "")
+
+
+def _error(status: int, code: str, message: str, rid: str, headers: dict | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message, "code": code, "request_id": rid}, status_code=status, headers=headers)
+
+
+def _check_model(predictor, name: str, version: str | None) -> None:
+    if name != predictor.name:
+        raise HttpError(404, "model_not_found", f"model {name!r} is not served here; this server serves "
+                        f"{predictor.name!r}")
+    if version not in (None, "", predictor.version):
+        raise HttpError(404, "version_not_found", f"model {name!r} has no version {version!r}; the served "
+                        f"version is {predictor.version!r}")
+
+
+def model_metadata(predictor) -> dict:
+    s = predictor.spec.image_size
+    return {
+        "name": predictor.name, "versions": [predictor.version], "platform": "medpipe_monai",
+        "inputs": [{"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
+                   {"name": FP32_INPUT, "datatype": "FP32", "shape": [-1, 3, s, s]}],
+        "outputs": [{"name": PROBS_OUTPUT, "datatype": "FP32", "shape": [-1, len(predictor.classes)]},
+                    {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]}],
+        "parameters": {"classes": json.dumps(predictor.classes), "temperature": predictor.temperature,
+                       "preprocessing": json.dumps(predictor.spec.describe()),
+                       "inputs": "exactly one of image_bytes (encoded images; base64 strings in JSON) or image "
+                                 "(preprocessed float32 N x 3 x S x S)"},
+    }
+
+
+# -- request decoding ---------------------------------------------------------------------------
+def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    """(JSON request, binary tail) of an inference request, with or without the binary extension."""
+    n = len(body)
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise HttpError(400, "bad_header", "Inference-Header-Content-Length is not a number") from None
+        if not 0 < n <= len(body):
+            raise HttpError(400, "bad_header", f"Inference-Header-Content-Length {n} does not fit the "
+                            f"{len(body)}-byte body")
+    try:
+        req = json.loads(body[:n])
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise HttpError(400, "bad_json", "the inference request is not valid JSON") from None
+    if not isinstance(req, dict):
+        raise HttpError(400, "bad_json", "the inference request must be a JSON object")
+    return req, body[n:]
+
+
+def _params(obj: dict, where: str) -> dict:
+    p = obj.get("parameters", {})
+    if not isinstance(p, dict):
+        raise HttpError(400, "bad_request", f"{where}.parameters must be an object")
+    return p
+
+
+def deserialize_bytes(raw: bytes, where: str) -> list[bytes]:
+    """Triton's binary BYTES layout: each element is a little-endian uint32 length, then the bytes."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise HttpError(400, "bad_binary", f"{where}: truncated element length")
+        (k,) = struct.unpack_from("<I", raw, i)
+        i += 4
+        if i + k > len(raw):
+            raise HttpError(400, "bad_binary", f"{where}: element of {k} bytes runs past the data")
+        out.append(raw[i:i + k])
+        i += k
+    return out
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def parse_input(req: dict, binary: bytes, spec_size: int, max_images: int):
+    """The one input of an inference request -> ("bytes", [encoded images]) or ("tensor", N x 3 x S x S)."""
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise HttpError(400, "bad_request", f"send exactly one input, {BYTES_INPUT!r} (BYTES) or "
+                        f"{FP32_INPUT!r} (FP32)")
+    inp = inputs[0]
+    name, dtype, shape = inp.get("name"), inp.get("datatype"), inp.get("shape")
+    if name not in (BYTES_INPUT, FP32_INPUT):
+        raise HttpError(400, "unknown_input", f"unknown input {name!r}; use {BYTES_INPUT!r} (BYTES) or "
+                        f"{FP32_INPUT!r} (FP32)")
+    want = "BYTES" if name == BYTES_INPUT else "FP32"
+    if dtype != want:
+        raise HttpError(400, "bad_datatype", f"input {name!r} must be {want}, got {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise HttpError(400, "bad_shape", f"input {name!r}: shape must be a list of non-negative integers")
+    expected = "[N]" if name == BYTES_INPUT else f"[N, 3, {spec_size}, {spec_size}]"
+    if (name == BYTES_INPUT and len(shape) != 1) or (name == FP32_INPUT and shape[1:] != [3, spec_size, spec_size]):
+        raise HttpError(400, "bad_shape", f"input {name!r} must have shape {expected}, got {shape}")
+    n = shape[0]
+    if n == 0:
+        raise HttpError(400, "no_images", f"input {name!r} holds no image")
+    if n > max_images:
+        raise HttpError(413, "too_many_images", f"{n} images in one request; the limit is {max_images}")
+    size = _params(inp, f"input {name!r}").get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or size > len(binary):
+            raise HttpError(400, "bad_binary", f"input {name!r}: binary_data_size {size!r} does not fit the "
+                            f"{len(binary)} bytes after the JSON header")
+        raw = binary[:size]
+        if name == BYTES_INPUT:
+            items = deserialize_bytes(raw, f"input {name!r}")
+        elif size != n * 3 * spec_size * spec_size * 4:
+            raise HttpError(400, "bad_shape", f"input {name!r}: {size} bytes of FP32 data for shape {shape}")
+        else:
+            return "tensor", np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+    else:
+        data = inp.get("data")
+        if not isinstance(data, list):
+            raise HttpError(400, "bad_request", f"input {name!r} has neither data nor binary_data_size")
+        if name == BYTES_INPUT:
+            items = []
+            for i, s in enumerate(data):
+                if not isinstance(s, str):
+                    raise HttpError(400, "bad_request", f"input {name!r} element {i} must be a base64 string")
+                try:
+                    items.append(base64.b64decode(s, validate=True))
+                except (binascii.Error, ValueError):
+                    raise HttpError(400, "bad_base64", f"input {name!r} element {i} is not valid base64") from None
+        else:
+            try:
+                arr = np.asarray(data, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise HttpError(400, "bad_request", f"input {name!r}: data must be numbers") from None
+            if arr.size != n * 3 * spec_size * spec_size:
+                raise HttpError(400, "bad_shape", f"input {name!r}: {arr.size} values for shape {shape}")
+            arr = arr.reshape(shape)
+            if not np.isfinite(arr).all():
+                raise HttpError(400, "bad_request", f"input {name!r} holds NaN or Inf")
+            return "tensor", arr
+    if len(items) != n:
+        raise HttpError(400, "bad_shape", f"input {name!r}: {len(items)} elements for shape {shape}")
+    return "bytes", items
+
+
+def requested_outputs(req: dict) -> list[tuple[str, bool]]:
+    """[(output name, binary?)] in the order asked for; both outputs when none are named."""
+    default_binary = bool(_params(req, "request").get("binary_data_output", False))
+    outs = req.get("outputs")
+    if outs is None:
+        return [(PROBS_OUTPUT, default_binary), (LABEL_OUTPUT, default_binary)]
+    if not isinstance(outs, list) or not all(isinstance(o, dict) for o in outs):
+        raise HttpError(400, "bad_request", "outputs must be a list of objects")
+    result = []
+    for o in outs:
+        if o.get("name") not in (PROBS_OUTPUT, LABEL_OUTPUT):
+            raise HttpError(400, "unknown_output", f"unknown output {o.get('name')!r}; use {PROBS_OUTPUT!r} "
+                            f"or {LABEL_OUTPUT!r}")
+        result.append((o["name"], bool(_params(o, f"output {o['name']!r}").get("binary_data", default_binary))))
+    return result
+
+
+def encode_response(req: dict, predictor, probs: np.ndarray, outputs: list[tuple[str, bool]]):
+    """(JSON bytes, binary tail) of the inference response."""
+    labels = [predictor.classes[int(k)] for k in predictor.labels(probs)] if len(probs) else []  # decision rule
+    body = {"model_name": predictor.name, "model_version": predictor.version, "outputs": []}
+    if isinstance(req.get("id"), str):
+        body["id"] = req["id"]
+    tail = b""
+    for name, binary in outputs:
+        if name == PROBS_OUTPUT:
+            out = {"name": name, "datatype": "FP32", "shape": list(probs.shape)}
+            raw = probs.astype("<f4").tobytes()
+            values = [float(v) for v in probs.astype(np.float32).ravel()]
+        else:
+            out = {"name": name, "datatype": "BYTES", "shape": [len(labels)]}
+            raw = serialize_bytes([lb.encode() for lb in labels])
+            values = labels
+        if binary:
+            out["parameters"] = {"binary_data_size": len(raw)}
+            tail += raw
+        else:
+            out["data"] = values
+        body["outputs"].append(out)
+    return json.dumps(body).encode(), tail
+
+
+# -- routes -------------------------------------------------------------------------------------
+def add_routes(app, svc) -> None:
+    """Register the /v2 routes on the service's FastAPI app."""
+    from fastapi import Request
+    from starlette.responses import JSONResponse, Response
+
+    from medpipe import __version__
+    from medpipe.infer.predictor import PredictionError
+
+    predictor, cfg = svc.predictor, svc.cfg
+
+    def rid_of(request: Request) -> str:
+        return request.scope.get("medpipe.rid", "-")
+
+    def guarded(fn):
+        async def route(request: Request, name: str | None = None, version: str | None = None):
+            try:
+                if name is not None:
+                    _check_model(predictor, name, version)
+                return await fn(request)
+            except HttpError as exc:
+                return _error(exc.status, exc.code, exc.message, rid_of(request), exc.headers)
+        route.__name__ = fn.__name__
+        return route
+
+    async def live(request):
+        return JSONResponse({"live": True})
+
+    async def ready(request):
+        return JSONResponse({"ready": svc.ready}, status_code=200 if svc.ready else 503)
+
+    async def server_metadata(request):
+        return JSONResponse({"name": "medpipe", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def metadata(request):
+        return JSONResponse(model_metadata(predictor))
+
+    async def model_ready(request):
+        return JSONResponse({"name": predictor.name, "ready": svc.ready}, status_code=200 if svc.ready else 503)
+
+    async def infer(request):
+        req, binary = split_body(await svc.read_body(request), request.headers.get(HEADER_LENGTH))
+        kind, payload = parse_input(req, binary, predictor.spec.image_size, cfg.max_images)
+        outputs = requested_outputs(req)
+        if kind == "bytes":
+            preds = await svc.predict([("bytes", b) for b in payload])
+            for i, p in enumerate(preds):
+                if "error" in p:
+                    raise HttpError(p["status"], p["error"], f"input {BYTES_INPUT!r} element {i}: {p['message']}")
+            probs = np.array([[p["probabilities"][c] for c in predictor.classes] for p in preds], np.float32)
+        else:
+            svc.admit(len(payload))
+            try:
+                async with asyncio.timeout(cfg.deadline_s):
+                    probs = await svc.batcher.run_exclusive(predictor.probabilities_preprocessed, payload)
+            except TimeoutError:
+                raise HttpError(504, "deadline_exceeded", f"no answer within {cfg.deadline_s:g} s") from None
+            except PredictionError as exc:
+                raise HttpError(500, "prediction_failed", str(exc)) from None
+            finally:
+                svc.release(len(payload))
+        head, tail = encode_response(req, predictor, probs, outputs)
+        if not tail:
+            return Response(head, media_type="application/json")
+        return Response(head + tail, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(len(head))})
+
+    for path, fn, methods in _route_table(live, ready, server_metadata, metadata, model_ready, infer):
+        app.add_api_route(path, guarded(fn), methods=methods)
+
+
+def _route_table(live, ready, server_metadata, metadata, model_ready, infer):
+    return (
+        ("/v2/health/live", live, ["GET"]), ("/v2/health/ready", ready, ["GET"]), ("/v2", server_metadata, ["GET"]),
+        ("/v2/models/{name}", metadata, ["GET"]), ("/v2/models/{name}/versions/{version}", metadata, ["GET"]),
+        ("/v2/models/{name}/ready", model_ready, ["GET"]),
+        ("/v2/models/{name}/versions/{version}/ready", model_ready, ["GET"]),
+        ("/v2/models/{name}/infer", infer, ["POST"]), ("/v2/models/{name}/versions/{version}/infer", infer, ["POST"]),
+    )
+
+
+OIP_ROUTES = {(m, path) for path, _, methods in _route_table(*[None] * 6) for m in methods}
