@@ -35,7 +35,7 @@ def main() -> None:
 
     from medpipe.config import make_config
     from medpipe.data.sources import ingest
-    from medpipe.train.loop import train
+    from medpipe.pipeline import run as train
 
     name = "imbalance" if not torch.cuda.is_available() else "imbalance_cuda"
 

@@ -5,7 +5,8 @@
 All in one run, same model (MONAI DenseNet121), optimiser (AdamW) and batch size:
  (a) medpipe: pixel cache -> seeded MONAI train preset per batch (deterministic head and tail on the
      whole batch, random transforms per image) through medpipe's loader (--workers; default inline on
-     CPU, worker processes on CUDA) -> medpipe.train.loop.train_step;
+     CPU, worker processes on CUDA): the training source the engine uses (medpipe.train.data.CachedSource,
+     train split) -> medpipe.train.engine.train_step on a model/optimiser/loss from Engine.create;
  (b) pure compute: the same train_step on a batch already in memory (no input pipeline at all);
  (c) naive, as in the 2020 sample on current MONAI: every item goes through LoadImage (PIL reader,
      full 600x450 JPEG), EnsureChannelFirst, ScaleIntensity, RandRotate, RandFlip, RandZoom at full
@@ -46,13 +47,12 @@ def main() -> None:
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, RandFlip, RandRotate, RandZoom, Resize, \
         ScaleIntensity, ToTensor
 
+    import itertools
+
     from medpipe.config import make_config
-    from medpipe.data.cache import build_cache
     from medpipe.data.sources import ingest, load_records
-    from medpipe.models import create_model
-    from medpipe.train.loop import BatchLoader, BatchSource, epoch_batches, epoch_order, make_loss, make_optimizer, \
-        make_schedule, train_step
-    from medpipe.preprocess import train_batch_preset
+    from medpipe.train.data import CachedSource, epoch_order
+    from medpipe.train.engine import Engine, train_step
     from medpipe.utils import resolve_device
 
     device = resolve_device(args.device)
@@ -60,20 +60,19 @@ def main() -> None:
     data = Path(tempfile.mkdtemp()) / "data"
     ingest(folder, data)
     table, classes = load_records(data)
-    cfg = make_config({"image_size": args.size, "batch_size": args.batch})
-    cache = build_cache(table, data / "cache", (args.size, args.size), cfg.interpolation)
-    rows = cache.rows(table["image_id"])
+    cfg = make_config({"image_size": args.size, "batch_size": args.batch, "workers": args.workers,
+                       "device": device.type})
+    source = CachedSource(data, cfg, pin=device.type == "cuda")  # split + pixel cache + loader, as in training
     labels = table["class_index"].to_numpy().astype(np.int64)
     n_needed = (args.steps + 2) * args.batch
+    # the naive baselines read the same kind of class-balanced order, straight from the files
+    order = np.concatenate([epoch_order(labels, len(classes), cfg, e) for e in range(math.ceil(n_needed / len(labels)))])
 
     def fresh():
         torch.manual_seed(0)
-        model = create_model("densenet121", len(classes)).to(device).to(memory_format=torch.channels_last)
-        opt = make_optimizer(model, cfg)
-        sched = make_schedule(opt, cfg, 100)
-        loss_fn = make_loss(cfg, np.bincount(labels, minlength=len(classes)), device)
-        model.train()
-        return model, opt, sched, loss_fn
+        engine = Engine.create(cfg, source, device)
+        engine.model.train()
+        return engine.model, engine.optimizer, engine.scheduler, engine.loss_fn
 
     def timed(batches_iter):
         model, opt, sched, loss_fn = fresh()
@@ -92,19 +91,14 @@ def main() -> None:
             torch.cuda.synchronize()
         return n / (time.perf_counter() - t)
 
-    # (a) medpipe
-    order = np.concatenate([epoch_order(labels, len(classes), cfg, e)
-                            for e in range(math.ceil(n_needed / len(labels)))])
-    source = BatchSource(cache.pixels, rows, labels, train_batch_preset(cfg.preprocess()), 0)
-    loader = BatchLoader(source, args.workers, pin=device.type == "cuda")
-    batches = epoch_batches(order[:n_needed], cfg)
+    # (a) medpipe: the source's epochs back to back (the train split is smaller than the timed steps need)
     try:
-        a = timed(loader.epoch(0, batches))
+        a = timed(itertools.chain.from_iterable(source.epoch(e) for e in itertools.count()))
+        xb, yb = next(iter(source.epoch(0)))
     finally:
-        loader.close()
+        source.close()
 
     # (b) pure compute: one in-memory batch, reused
-    xb, yb = source[(0, 0, batches[0])]
 
     def same_batch():
         while True:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MEDPIPE_DIST_TIMEOUT_S": "60", **extra}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MEDPIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT), **extra}
 
 
 def _torchrun(args, *, max_restarts=0, env=None, timeout=600):
@@ -65,7 +65,7 @@ from medpipe.preprocess import PreprocessSpec
 from medpipe.evaluate import compute_metrics
 from medpipe.models import create_model
 from medpipe.train import distributed
-from medpipe.train.loop import predict_logits, predict_logits_dist
+from medpipe.train.engine import predict_logits, predict_logits_dist
 
 dd = distributed.init(torch.device("cpu"))
 torch.manual_seed(0)
@@ -96,8 +96,8 @@ def test_killed_rank_restarts_from_checkpoint_and_finishes(data_dir, tmp_path):
     run = tmp_path / "run"
     args = TINY[:TINY.index("--epochs")] + ["--epochs", "3"] + TINY[TINY.index("--epochs") + 2:]
     # rank 1 is SIGKILLed at global step 5 (in epoch 2) on the first attempt
-    r = _torchrun(["-m", "medpipe", "train", "--data", str(data), "--out", str(run), *args], max_restarts=1,
-                  env=_env(MEDPIPE_FAULT_KILL_RANK_AT_STEP="1:5"))
+    r = _torchrun(["-m", "medpipe", "train", "--data", str(data), "--out", str(run), *args,
+                   "--handler", "tests.faults:KillRankAtStep:1,5"], max_restarts=1)
     assert r.returncode == 0, "\n".join(x for x in (r.stdout + r.stderr).splitlines() if "medpipe" in x.lower()
                                         or "error" in x.lower())[-6000:]
     assert "resumed from" in r.stdout

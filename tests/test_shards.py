@@ -75,3 +75,27 @@ def test_train_streams_from_shards_by_url(shard_dir, tmp_path):
     assert len(m) == 2 and all(np.isfinite(x["train_loss"]) for x in m)
     assert main(["train", "--data", str(shard_dir), "--out", str(tmp_path / "bad"), *TINY[:0],
                  "--image-size", "48", "--epochs", "1"]) == 2  # shards at 32 px: refused with a clear message
+
+
+def test_shard_metadata_carries_the_records_group(shard_dir):
+    """Each sample's group is the record table's group_id (the lesion), not the image id."""
+    import pandas as pd
+
+    from medpipe.data.shards import load_split, read_index
+
+    records = pd.read_csv(shard_dir.parent / "data" / "records.csv", dtype=str).set_index("image_id")
+    metas = load_split(read_index(shard_dir), "test")[0] + load_split(read_index(shard_dir), "val")[0]
+    assert metas and all(m["group_id"] == records.loc[m["image_id"], "group_id"] for m in metas)
+    assert any(m["group_id"] != m["image_id"] for m in metas)  # lesions with several images exist
+
+
+def test_shards_refuse_other_split_settings(shard_dir, tmp_path, capsys):
+    """A shard set is split once; a run asking for another split seed or fractions is refused by name."""
+    index = json.loads((shard_dir / "index.json").read_text())
+    assert (index["split_seed"], index["val_fraction"], index["test_fraction"]) == (0, 0.15, 0.15)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(shard_dir), "--out", str(run), *TINY, "--split-seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "split_seed 3" in err and "--split-seed" in err and not run.exists()
+    assert main(["train", "--data", str(shard_dir), "--out", str(run), *TINY, "--val-fraction", "0.2"]) == 2
+    assert "val_fraction 0.2" in capsys.readouterr().err

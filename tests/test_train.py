@@ -15,8 +15,11 @@ from medpipe.errors import ConfigError
 from tests.conftest import TINY
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def _run(args, env_extra=None, cwd=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "medpipe", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)
 
@@ -61,7 +64,7 @@ def test_sigterm_resume_equals_straight_run(data_dir, tmp_path):
     common = ["train", "--data", str(data_dir), *TINY, "--workers", "1"]
     r = _run([*common, "--out", str(straight)])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _run([*common, "--out", str(resumed), "--workers", "0"], {"MEDPIPE_FAULT_SIGTERM_AT_STEP": "3"})
+    r = _run([*common, "--out", str(resumed), "--workers", "0", "--handler", "tests.faults:SigtermAtStep:3"])
     assert r.returncode == 143, r.stderr[-2000:]
     assert "SIGTERM" in r.stderr and "Traceback" not in r.stderr
     state = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
@@ -260,7 +263,7 @@ print('ok')
 def test_nan_batch_skips_step_and_leaves_weights():
     from medpipe.config import make_config
     from medpipe.models import create_model
-    from medpipe.train.loop import make_loss, make_schedule, train_step
+    from medpipe.train.engine import make_loss, make_schedule, train_step
 
     cfg = make_config({"image_size": 32})
     model = create_model("resnet18", 3)
@@ -284,7 +287,7 @@ def test_nan_batch_in_a_real_run_stops_and_keeps_last_good_checkpoint(data_dir, 
     from medpipe.train.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
-    r = _run(["train", "--data", str(data_dir), "--out", str(run), *TINY], {"MEDPIPE_FAULT_NAN_AT_STEP": "8"})
+    r = _run(["train", "--data", str(data_dir), "--out", str(run), *TINY, "--handler", "tests.faults:NanAtStep:8"])
     assert r.returncode == 2, r.stderr[-2000:]
     assert "loss became non-finite at epoch 2" in r.stderr and "ISIC_" in r.stderr and "Traceback" not in r.stderr
     state = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -298,7 +301,7 @@ def test_every_loader_mode_yields_the_same_batches():
     """Inline, one thread and worker processes (the CUDA default, kept across epochs) give identical
     augmented batches, also when resuming mid-epoch."""
     from medpipe.preprocess import PreprocessSpec
-    from medpipe.train.loop import BatchLoader, BatchSource, auto_workers
+    from medpipe.train.data import BatchLoader, BatchSource, auto_workers
     from medpipe.preprocess import train_batch_preset
 
     rng = np.random.default_rng(0)

@@ -34,16 +34,22 @@ def config_overrides(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from medpipe.config import make_config
-    from medpipe.train.loop import TrainingInterrupted, train
+    from medpipe.config import make_config, resume_config
+    from medpipe.pipeline import load_handler, run, saved_config
+    from medpipe.train.engine import TrainingInterrupted
 
-    cfg = make_config(config_overrides(args), args.config)
+    if args.resume:
+        cfg = resume_config(saved_config(args.out, args.resume), config_overrides(args), args.config)
+    else:
+        cfg = make_config(config_overrides(args), args.config)
+    handlers = [load_handler(h) for h in args.handler or []]
     try:
-        summary = train(args.data, args.out, cfg, resume=args.resume or False, progress=_progress())
+        summary = run(args.data, args.out, cfg, resume=args.resume or False, force=args.force, handlers=handlers,
+                      progress=_progress())
     except TrainingInterrupted as exc:
         print(f"medpipe train: {exc}", file=sys.stderr)
         return TrainingInterrupted.exit_code
-    if "model_dir" in summary:  # under torchrun only rank 0 packages the model
+    if summary["model_dir"]:  # under torchrun only rank 0 packages the model
         print_summary(summary)
     return 0
 
@@ -161,7 +167,8 @@ def cmd_shard(args) -> int:
     from medpipe.data.shards import write_shards
 
     index = write_shards(args.data, args.out, size=args.size, interpolation=args.interpolation,
-                         per_shard=args.per_shard, split_seed=args.split_seed, progress=_progress())
+                         per_shard=args.per_shard, split_seed=args.split_seed, val=args.val, test=args.test,
+                         progress=_progress())
     print(f"wrote {len(index['shards'])} shards to {args.out} (train {index['counts']['train']}, val "
           f"{index['counts']['val']}, test {index['counts']['test']} images at {args.size}x{args.size}); "
           f"train with: medpipe train --data {args.out} --image-size {args.size}")
@@ -210,7 +217,11 @@ def register(sub) -> None:
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--config", help="YAML config (keys as in config.yaml); options given here override it")
     s.add_argument("--resume", nargs="?", const="last", default=None,
-                   help="continue from RUN_DIR/checkpoints/last.pt, or from the checkpoint path given")
+                   help="continue from RUN_DIR/checkpoints/last.pt (or the checkpoint path given) with the run's own "
+                        "config; options given again must match it")
+    s.add_argument("--force", action="store_true", help="start over in a run folder that holds a previous run")
+    s.add_argument("--handler", action="append", metavar="MODULE:NAME[:ARG,...]",
+                   help="add a training event handler: NAME(ARG, ...) from MODULE, an object with attach(engine)")
     add_config_options(s)
     s.set_defaults(func=cmd_train)
 
@@ -268,6 +279,8 @@ def register(sub) -> None:
     s.add_argument("--interpolation", default="bicubic")
     s.add_argument("--per-shard", type=int, default=1000)
     s.add_argument("--split-seed", type=int, default=0)
+    s.add_argument("--val", type=float, default=0.15, help="validation fraction of the split")
+    s.add_argument("--test", type=float, default=0.15, help="test fraction of the split")
     s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("export", help="export a package: onnx, torchscript, MONAI bundle or SageMaker tarball")

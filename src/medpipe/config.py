@@ -7,6 +7,7 @@ resolved configuration is written into every run directory as ``config.yaml``.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class TrainConfig:
     image_size: int = 64
     interpolation: str = "bicubic"
     epochs: int = 10
+    budget: str | None = None  # training time, e.g. 90s, 25m, 2h: sets the epoch count after the first epoch
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -78,6 +80,8 @@ class TrainConfig:
         for ok, key, want in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' must be {want}, got {getattr(self, key)!r}")
+        if self.budget is not None:
+            self.budget_seconds()
         from medpipe.data.imageio import resample_filter
         try:
             resample_filter(self.interpolation)
@@ -87,6 +91,15 @@ class TrainConfig:
         if self.model not in MODEL_NAMES:
             raise ConfigError(f"config key 'model' must be one of {sorted(MODEL_NAMES)}, got {self.model!r}")
         return self
+
+    def budget_seconds(self) -> float | None:
+        """``budget`` in seconds: a number with an optional unit s, m or h (``90s``, ``25m``, ``2h``)."""
+        if self.budget is None:
+            return None
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(self.budget).lower())
+        if not m or float(m.group(1)) <= 0:
+            raise ConfigError(f"config key 'budget' must be a positive time such as 90s, 25m or 2h, got {self.budget!r}")
+        return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
     def preprocess(self) -> PreprocessSpec:
         return PreprocessSpec(image_size=self.image_size, interpolation=self.interpolation,
@@ -153,3 +166,33 @@ def write_config(cfg: TrainConfig, path: Path) -> None:
     from medpipe.utils import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=True))
 
+
+
+# Keys a resumed run may take anew: where and how fast it runs, not what it trains.
+RUNTIME_KEYS = ("device", "workers", "threads")
+
+
+def given_keys(overrides: dict | None = None, yaml_path: str | Path | None = None) -> set[str]:
+    """The config keys a user set explicitly (command line or YAML file)."""
+    keys = {str(k).replace("-", "_") for k in (overrides or {})}
+    if yaml_path:
+        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        keys |= {str(k).replace("-", "_") for k in loaded} if isinstance(loaded, dict) else set()
+    return keys
+
+
+def resume_config(saved: dict, overrides: dict | None = None, yaml_path: str | Path | None = None) -> TrainConfig:
+    """The config a ``--resume`` continues with: the run's own (``saved``, from its checkpoint). Keys given
+    again must match it, except :data:`RUNTIME_KEYS`; each difference is named."""
+    given = make_config(overrides, yaml_path)  # validates and coerces what was given
+    keys = given_keys(overrides, yaml_path)
+    known = {f.name for f in fields(TrainConfig)}
+    base = make_config({k: v for k, v in saved.items() if k in known})
+    diffs = [f"{k.replace('_', ' ')} ('{k}'): run {getattr(base, k)!r}, given {getattr(given, k)!r}"
+             for k in sorted(keys - set(RUNTIME_KEYS)) if getattr(base, k) != getattr(given, k)]
+    if diffs:
+        raise ConfigError("--resume continues the run with its own config, and options given again must match it: "
+                          + "; ".join(diffs) + " (drop them, or start a new run with --force or another --out)")
+    for k in keys & set(RUNTIME_KEYS):
+        setattr(base, k, getattr(given, k))
+    return base.validate()

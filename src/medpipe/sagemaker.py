@@ -121,7 +121,8 @@ def write_failure(sm: SageMakerEnv, reason: str) -> None:
 def run(argv: list[str] | None = None, environ: dict | None = None) -> int:
     from medpipe.config import make_config
     from medpipe.data.sources import format_report, ingest
-    from medpipe.train.loop import TrainingInterrupted, train
+    from medpipe.pipeline import run as train
+    from medpipe.train.engine import TrainingInterrupted
 
     sm = load_env(environ)
     hps = {k.replace("-", "_"): v for k, v in sm.hyperparameters.items()}
@@ -162,7 +163,7 @@ def run(argv: list[str] | None = None, environ: dict | None = None) -> int:
         print(f"found {sm.checkpoint_dir / 'last.pt'}: resuming (Spot restart)", flush=True)
     write_model = sm.is_primary
     try:
-        summary = train(data_dir, run_dir, cfg, resume=resume, checkpoint_dir=sm.checkpoint_dir,
+        summary = train(data_dir, run_dir, cfg, resume=resume, force=not resume, checkpoint_dir=sm.checkpoint_dir,
                         model_dir=sm.model_dir if write_model else run_dir / "model",
                         report_dir=sm.output_data_dir / "report")
     except TrainingInterrupted as exc:

@@ -4,11 +4,12 @@
     medpipe train --data SHARDS --out RUN ...            # SHARDS: a folder or any fsspec URL (s3://, gs://, ...)
 
 Format (WebDataset conventions): each sample is ``<key>.png`` (the cached RGB pixels at the training
-size, lossless) and ``<key>.json`` (image_id, lesion_id, label, class_index, split), consecutive in
+size, lossless) and ``<key>.json`` (image_id, group_id (the lesion or patient), label, class_index, split), consecutive in
 the tar. Training shards are written per class (``train-<class>-NNNNN.tar``) so a class-balanced
 stream can draw classes evenly without reading everything; val and test are ``val-NNNNN.tar`` and
 ``test-NNNNN.tar``. ``index.json`` lists shards with their per-class counts, the classes, the
-preprocessing (size, interpolation), the record-table hash and the seeded split.
+preprocessing (size, interpolation), the record-table hash and the seeded split (seed and fractions;
+training with other split settings is refused, see ``medpipe.train.data``).
 
 Reading never touches the local disk beyond the stream: fsspec opens each shard and ``tarfile``
 reads it sequentially (``r|``). Shards are divided across ranks and DataLoader workers; a seeded
@@ -52,7 +53,8 @@ def is_shards(root: str | Path) -> bool:
 
 
 def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, interpolation: str = "bicubic",
-                 per_shard: int = 1000, split_seed: int = 0, progress: bool = False) -> dict:
+                 per_shard: int = 1000, split_seed: int = 0, val: float = 0.15, test: float = 0.15,
+                 progress: bool = False) -> dict:
     """Pack an ingested data folder (records, split, pixel cache at ``size``) into shards under ``out``."""
     from medpipe.data.cache import build_cache
     from medpipe.data.sources import load_records, records_hash
@@ -61,7 +63,7 @@ def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, inter
 
     data_dir, out = Path(data_dir), Path(out)
     table, classes = load_records(data_dir)
-    splits, _ = ensure_splits(data_dir, data_dir, seed=split_seed, table=table)
+    splits, _ = ensure_splits(data_dir, data_dir, seed=split_seed, val=val, test=test, table=table)
     table = table.assign(split=table["image_id"].map(dict(zip(splits["image_id"], splits["split"]))))
     cache = build_cache(table, data_dir / "cache", (size, size), interpolation, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,7 @@ def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, inter
                 for _, r in chunk.iterrows():
                     png = io.BytesIO()
                     Image.fromarray(cache.get(r["image_id"])).save(png, format="PNG", compress_level=1)
-                    meta = {"image_id": r["image_id"], "lesion_id": r.get("lesion_id", r["image_id"]),
+                    meta = {"image_id": r["image_id"], "group_id": r["group_id"],
                             "label": r["label"], "class_index": int(r["class_index"]), "split": split}
                     key = r["image_id"].replace(".", "_")
                     for ext, data in (("png", png.getvalue()), ("json", json.dumps(meta).encode())):
@@ -94,7 +96,8 @@ def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, inter
             shards.append({"name": name, "split": split, "n": len(chunk),
                            "class_counts": [int(counts.get(i, 0)) for i in range(len(classes))]})
     index = {"format": FORMAT, "classes": classes, "image_size": size, "interpolation": interpolation,
-             "records_sha256": records_hash(table), "split_seed": split_seed, "shards": shards,
+             "records_sha256": records_hash(table), "split_seed": split_seed, "val_fraction": val,
+             "test_fraction": test, "shards": shards,
              "counts": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")}}
     atomic_write_text(out / INDEX, json.dumps(index, indent=2))
     return index

@@ -1,0 +1,411 @@
+"""The training engine: fit / train_one_epoch / validate, with events that handlers hang on.
+
+    from medpipe.train.data import open_source
+    from medpipe.train.engine import Engine, Events
+
+    source = open_source("DATA", cfg)                    # ingested folder (pixel cache) or shard set
+    engine = Engine.create(cfg, source, torch.device("cpu"))
+    engine.on(Events.VALIDATION_COMPLETED, lambda e: print(e.state.metrics["val_auc"]))
+    state = engine.fit()                                  # cfg.epochs epochs (or until a handler terminates)
+
+``medpipe.pipeline.run`` is the full job (handlers for checkpoints, early stopping, the epoch line,
+metrics.jsonl and the progress bar, then calibration, package and test report). Local training for
+federated learning, "k epochs from these weights on this site's data":
+
+    weights, metrics = local_fit(cfg, source, epochs=k, weights=global_weights,
+                                 loss_terms=[proximal_term(global_weights, mu=0.01)])   # FedProx
+    # weights: state dict (CPU tensors); metrics: one record per epoch (train_loss, val_auc, ..., n_train)
+
+Events (MONAI/ignite names; each handler gets the engine, ``engine.state`` holds the figures):
+
+    STARTED               fit() begins; state.epoch = epochs already done (after a resume)
+    EPOCH_STARTED         state.epoch = the epoch about to run (0-based), state.batch_in_epoch = first batch
+    ITERATION_STARTED     state.batch = (x, y); a handler may replace it (fault injection in tests)
+    ITERATION_COMPLETED   state.loss, state.iteration (global step), state.batch_in_epoch (batches done)
+    EPOCH_COMPLETED       state.metrics: epoch, train_loss, lr, images_per_s, epoch_seconds
+    VALIDATION_COMPLETED  state.metrics + val_loss, val_auc, val_bacc, val_auc_per_class; best/stale updated
+    BEST_IMPROVED         the monitored metric improved this epoch (state.best_epoch)
+    CHECKPOINT_SAVED      state.checkpoint = the path written
+    COMPLETED             fit() ends normally (also after early stopping; state.stop_reason)
+    EXCEPTION_RAISED      fit() fails; state.exception (NaN loss, SIGTERM/SIGINT, any error); re-raised
+
+One epoch, top to bottom: this rank's seeded batches from the source -> forward (bf16 autocast on
+CUDA) -> loss (+ any added loss terms) -> a non-finite loss stops the run naming the batch -> backward,
+clipping, AdamW, warm-up+cosine step -> validation (exact across ranks) -> best/stale bookkeeping.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medpipe.config import TrainConfig
+from medpipe.errors import MedpipeError
+from medpipe.preprocess import eval_batch
+from medpipe.train.distributed import Dist
+
+log = logging.getLogger(__name__)
+
+
+class Events(str, enum.Enum):
+    STARTED = "started"
+    EPOCH_STARTED = "epoch_started"
+    ITERATION_STARTED = "iteration_started"
+    ITERATION_COMPLETED = "iteration_completed"
+    EPOCH_COMPLETED = "epoch_completed"
+    VALIDATION_COMPLETED = "validation_completed"
+    BEST_IMPROVED = "best_improved"
+    CHECKPOINT_SAVED = "checkpoint_saved"
+    COMPLETED = "completed"
+    EXCEPTION_RAISED = "exception_raised"
+
+
+class TrainingInterrupted(MedpipeError):
+    exit_code = 143
+
+
+class NonFiniteLoss(MedpipeError):
+    pass
+
+
+@dataclass
+class State:
+    max_epochs: int
+    epoch: int = 0  # epochs completed (during an epoch: the 0-based epoch running)
+    iteration: int = 0  # optimisation steps done, all epochs
+    batch_in_epoch: int = 0
+    batch: tuple | None = None
+    loss: float | None = None
+    metrics: dict = field(default_factory=dict)
+    best_metric: float = -math.inf  # signed: higher is better (val_loss is negated)
+    best_epoch: int = -1
+    stale: int = 0
+    improved: bool = False
+    resumed: bool = False
+    should_terminate: bool = False
+    stop_reason: str = ""
+    checkpoint: str | None = None
+    exception: BaseException | None = None
+
+
+# --------------------------------------------------------------------------- the pieces of a step
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, no weight decay on biases and norm parameters. The fused kernel (CPU and CUDA) is half
+    the optimiser time of the default on DenseNet121 (8 vs 16 ms a step on 2 CPU cores)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in model.parameters())
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=fused or None)
+
+
+def make_loss(cfg: TrainConfig, class_counts: np.ndarray, device):
+    n_classes = len(class_counts)
+    weight = None
+    if cfg.imbalance in ("weighted_loss", "focal"):
+        w = class_counts.sum() / (n_classes * np.maximum(class_counts, 1))
+        weight = torch.tensor(w, dtype=torch.float32, device=device)
+    if cfg.imbalance == "focal":
+        from monai.losses import FocalLoss
+
+        focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=cfg.focal_gamma, weight=weight)
+        return lambda logits, y: focal(logits, y[:, None])
+    return lambda logits, y: F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def make_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int | None = None):
+    """Linear warm-up for ``warmup_epochs``, then cosine down to 1% of the learning rate at the last step."""
+    total = max(1, (epochs or cfg.epochs) * steps_per_epoch)
+    warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warm), eta_min=cfg.lr * 0.01)
+    if warm <= 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warm, end_factor=1.0, total_iters=warm)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warm])
+
+
+def stretch_schedule(scheduler, cfg: TrainConfig, steps_per_epoch: int, epochs: int) -> None:
+    """Make the cosine end at the last step of ``epochs`` (the time budget sets the epoch count after the
+    first epoch). Through the scheduler's state dict, the same form a checkpoint stores."""
+    total = max(1, epochs * steps_per_epoch)
+    state = scheduler.state_dict()
+    if "_schedulers" in state:  # SequentialLR: [linear warm-up, cosine]
+        state["_schedulers"][-1]["T_max"] = max(1, total - state["_milestones"][-1])
+    else:
+        state["T_max"] = total
+    scheduler.load_state_dict(state)
+
+
+def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, device):
+    """One optimisation step; returns the loss, or None (step skipped) when it is not finite."""
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    y = y.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(x)
+    loss = loss_fn(logits.float(), y)
+    if not torch.isfinite(loss):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+@torch.inference_mode()
+def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 128) -> torch.Tensor:
+    model.eval()
+    outs = []
+    for i in range(0, len(rows), batch):
+        x = eval_batch(pixels[rows[i:i + batch]], spec).to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outs.append(model(x).float().cpu())
+    return torch.cat(outs) if outs else torch.zeros((0, 0))
+
+
+def predict_logits_dist(model, pixels, rows: np.ndarray, spec, device, dd: Dist) -> torch.Tensor:
+    """Validation logits in row order; with several ranks each predicts rows[rank::world] and the
+    pieces are gathered and put back in order, so metrics equal the single-process ones exactly."""
+    if not dd.enabled:
+        return predict_logits(model, pixels, rows, spec, device)
+    mine = np.arange(dd.rank, len(rows), dd.world)
+    logits = predict_logits(model, pixels, rows[mine], spec, device)
+    parts = dd.gather((mine, logits.numpy() if len(mine) else None))
+    n_classes = next(p[1].shape[1] for p in parts if p[1] is not None) if len(rows) else 0
+    out = np.zeros((len(rows), n_classes), np.float32)
+    for idx, part in parts:
+        if part is not None:
+            out[idx] = part
+    return torch.from_numpy(out)
+
+
+def proximal_term(reference: dict[str, torch.Tensor], mu: float) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """FedProx's proximal term ``mu/2 * ||w - w_ref||^2`` over the trainable parameters, as a loss term
+    for :meth:`Engine.add_loss_term` / :func:`local_fit`."""
+    ref: dict[str, torch.Tensor] = {}
+
+    def term(model: torch.nn.Module) -> torch.Tensor:
+        total = 0.0
+        for name, p in model.named_parameters():
+            if name not in ref:
+                ref[name] = reference[name].detach().to(p.device, p.dtype)
+            total = total + (p - ref[name]).pow(2).sum()
+        return 0.5 * mu * total
+
+    return term
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Runs epochs of a model over a training source and raises :class:`Events` to handlers."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, loss_fn, source, cfg: TrainConfig,
+                 device: torch.device, dd: Dist | None = None):
+        self.net, self.optimizer, self.scheduler, self.source, self.cfg = model, optimizer, scheduler, source, cfg
+        self.device, self.dd = device, dd or Dist()
+        self.model = model  # the DDP wrapper when distributed
+        if self.dd.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(model, device_ids=[self.dd.local_rank] if device.type == "cuda" else None)
+        self._base_loss, self.loss_terms = loss_fn, []
+        self.classes = list(source.classes)
+        self.spec = cfg.preprocess()
+        self.sign = -1.0 if cfg.monitor == "val_loss" else 1.0
+        self.state = State(max_epochs=cfg.epochs)
+        self._handlers: dict[Events, list] = defaultdict(list)
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, source, device: torch.device, dd: Dist | None = None,
+               weights: dict | None = None, epochs: int | None = None) -> "Engine":
+        """Model (from the registry), AdamW, warm-up+cosine over ``epochs`` (default cfg.epochs), loss."""
+        from medpipe.models import create_model
+
+        model = create_model(cfg.model, len(source.classes), pretrained=cfg.pretrained and weights is None,
+                             init_weights=None if weights is not None else cfg.init_weights, dropout=cfg.dropout)
+        if weights is not None:
+            model.load_state_dict(weights)
+        model = model.to(device).to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_schedule(optimizer, cfg, source.steps_per_epoch, epochs)
+        engine = cls(model, optimizer, scheduler, make_loss(cfg, source.class_counts, device), source, cfg, device, dd)
+        engine.state.max_epochs = epochs or cfg.epochs
+        return engine
+
+    # handlers -------------------------------------------------------------------------------------------
+
+    def on(self, event: Events, handler: Callable[["Engine"], None]) -> None:
+        self._handlers[Events(event)].append(handler)
+
+    def attach(self, *handler_objects) -> "Engine":
+        """Attach handler objects (each has ``attach(engine)``, as MONAI's handlers do)."""
+        for h in handler_objects:
+            h.attach(self)
+        return self
+
+    def fire(self, event: Events) -> None:
+        for handler in self._handlers[event]:
+            handler(self)
+
+    def add_loss_term(self, term: Callable[[torch.nn.Module], torch.Tensor]) -> None:
+        """Add ``term(model)`` to every step's loss (e.g. FedProx's :func:`proximal_term`)."""
+        self.loss_terms.append(term)
+
+    def terminate(self, reason: str) -> None:
+        """Stop after the current epoch (early stopping)."""
+        self.state.should_terminate, self.state.stop_reason = True, reason
+
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self._base_loss(logits, y)
+        for term in self.loss_terms:
+            loss = loss + term(self.net)
+        return loss
+
+    # checkpoint state -----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Everything a resume needs, as tensors and plain values (loaded with weights_only=True)."""
+        from medpipe.train.checkpoint import rng_state
+
+        s = self.state
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": {}, "epoch": s.epoch,
+                "batch_in_epoch": s.batch_in_epoch, "global_step": s.iteration, "max_epochs": s.max_epochs,
+                "best_metric": s.best_metric, "best_epoch": s.best_epoch, "stale_epochs": s.stale,
+                "rng": rng_state(), "config": self.cfg.to_dict(), "classes": self.classes,
+                "records_sha256": self.source.records_sha256}
+
+    def restore(self, snap: dict) -> None:
+        from medpipe.train.checkpoint import set_rng_state
+
+        self.net.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+        s = self.state
+        s.epoch, s.batch_in_epoch, s.iteration = snap["epoch"], snap["batch_in_epoch"], snap["global_step"]
+        s.max_epochs = int(snap.get("max_epochs", s.max_epochs))
+        s.best_metric, s.best_epoch, s.stale = snap["best_metric"], snap["best_epoch"], snap["stale_epochs"]
+        s.resumed = True
+        set_rng_state(snap["rng"])
+
+    # the loop -------------------------------------------------------------------------------------------
+
+    def fit(self) -> State:
+        """Train from ``state.epoch`` to ``state.max_epochs`` (a handler may change either, or terminate)."""
+        s = self.state
+        try:
+            self.fire(Events.STARTED)
+            while s.epoch < s.max_epochs and not s.should_terminate:
+                self.fire(Events.EPOCH_STARTED)
+                s.metrics = self.train_one_epoch()
+                self.fire(Events.EPOCH_COMPLETED)
+                s.metrics.update(self.validate())
+                self._update_best()
+                s.epoch += 1
+                s.batch_in_epoch = 0
+                self.fire(Events.VALIDATION_COMPLETED)
+                if s.improved:
+                    self.fire(Events.BEST_IMPROVED)
+            self.fire(Events.COMPLETED)
+        except BaseException as exc:
+            s.exception = exc
+            self.fire(Events.EXCEPTION_RAISED)
+            raise
+        return s
+
+    def train_one_epoch(self) -> dict:
+        s, dd = self.state, self.dd
+        epoch, skip = s.epoch, s.batch_in_epoch
+        expected = self.source.steps_per_epoch - skip
+        self.model.train()
+        t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
+        for b, batch in enumerate(self.source.epoch(epoch, skip), start=skip):
+            s.batch = batch
+            self.fire(Events.ITERATION_STARTED)
+            x, y = s.batch
+            loss = train_step(self.model, x, y, self.loss_fn, self.optimizer, self.scheduler, self.cfg.grad_clip,
+                              self.device)
+            if loss is None:
+                # The optimiser step was skipped, but the forward pass already moved BatchNorm statistics,
+                # so this state is not saved: the last checkpoint (previous epoch end) stays the good one.
+                raise NonFiniteLoss(f"loss became non-finite at epoch {epoch + 1}, batch {b} "
+                                    f"(images {self.source.describe_batch(epoch, b)}...); the step was not applied")
+            s.iteration, s.batch_in_epoch, s.loss = s.iteration + 1, b + 1, float(loss)
+            seen, loss_sum, n_loss = seen + len(y), loss_sum + s.loss * len(y), n_loss + len(y)
+            self.fire(Events.ITERATION_COMPLETED)
+        if s.batch_in_epoch - skip != expected:
+            raise MedpipeError(f"the data loader ended after {s.batch_in_epoch - skip} of {expected} batches in "
+                               f"epoch {epoch + 1} (an error in a loader thread; see the log above)")
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_loss), "lr": self.optimizer.param_groups[0]["lr"],
+                  "images_per_s": seen / max(seconds, 1e-9), "epoch_seconds": seconds}
+        if dd.enabled:  # the training loss is averaged over ranks; throughput summed
+            parts = dd.gather((loss_sum, n_loss, seen))
+            record["train_loss"] = sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
+            record["images_per_s"] = sum(p[2] for p in parts) / max(seconds, 1e-9)
+            record["world_size"] = dd.world
+        return record
+
+    def validate(self) -> dict:
+        """Validation loss, macro ROC AUC, per-class AUC and balanced accuracy (each rank predicts its share;
+        gathered exactly, no padding)."""
+        from medpipe.evaluate import compute_metrics
+
+        val = self.source.val
+        self.dd.sync_buffers(self.net)
+        logits = predict_logits_dist(self.net, val.pixels, val.rows, self.spec, self.device, self.dd)
+        if not len(val):
+            return {"val_loss": float("nan"), "val_auc": float("nan"), "val_bacc": float("nan"),
+                    "val_auc_per_class": {}}
+        y = torch.from_numpy(val.labels)
+        vm = compute_metrics(val.labels, torch.softmax(logits, 1).numpy(), self.classes, bootstrap=0)
+        return {"val_loss": float(F.cross_entropy(logits, y)), "val_auc": vm["macro_auc"],
+                "val_bacc": vm["balanced_accuracy"], "val_auc_per_class": {c: m["auc"] for c, m in vm["per_class"].items()}}
+
+    def _update_best(self) -> None:
+        s = self.state
+        score = s.metrics[self.cfg.monitor]
+        s.improved = not math.isnan(score) and self.sign * score > s.best_metric
+        if s.improved:
+            s.best_metric, s.best_epoch, s.stale = self.sign * score, s.epoch + 1, 0
+        else:
+            s.stale += 1
+
+
+# --------------------------------------------------------------------------- local training (federated learning)
+
+
+def local_fit(cfg: TrainConfig, source, *, epochs: int, weights: dict | None = None, device: str | torch.device = "cpu",
+              loss_terms=(), handlers=(), epoch_offset: int = 0) -> tuple[dict, list[dict]]:
+    """Train ``epochs`` epochs from ``weights`` on ``source`` (this site's data); return (weights, metrics).
+
+    A fresh optimiser and warm-up+cosine schedule over these epochs each call (FedAvg's local training);
+    ``epoch_offset`` numbers the epochs (e.g. round * epochs) so each round draws new orders and
+    augmentations. Every record in ``metrics`` also holds ``n_train``, the weight FedAvg gives this site.
+    Writes nothing to disk."""
+    device = torch.device(device)
+    engine = Engine.create(cfg, source, device, weights=weights, epochs=epochs)
+    engine.state.epoch, engine.state.max_epochs = epoch_offset, epoch_offset + epochs
+    for term in loss_terms:
+        engine.add_loss_term(term)
+    engine.attach(*handlers)
+    records: list[dict] = []
+    n_train = int(np.sum(source.class_counts))
+    engine.on(Events.VALIDATION_COMPLETED, lambda e: records.append({**e.state.metrics, "n_train": n_train}))
+    engine.fit()
+    return {k: v.detach().cpu().clone() for k, v in engine.net.state_dict().items()}, records

@@ -1,0 +1,146 @@
+"""The training engine: events, local training for federated learning, run-folder rules, the time budget."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medpipe.cli import main
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = [*TINY, "--max-steps-per-epoch", "2", "--bootstrap", "0"]
+
+
+def _run(args, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "medpipe", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def source(data_dir):
+    from medpipe.config import make_config
+    from medpipe.train.data import CachedSource
+
+    cfg = make_config({"image_size": 32, "batch_size": 8, "max_steps_per_epoch": 2, "model": "resnet18",
+                       "workers": 0, "epochs": 2, "warmup_epochs": 0.5})
+    src = CachedSource(data_dir, cfg)
+    yield cfg, src
+    src.close()
+
+
+def test_events_in_order_and_a_third_party_handler(source):
+    from medpipe.train.engine import Engine, Events
+
+    cfg, src = source
+    engine = Engine.create(cfg, src, torch.device("cpu"))
+    seen = []
+    for ev in Events:
+        engine.on(ev, lambda e, ev=ev: seen.append((ev.name, e.state.epoch)))
+    state = engine.fit()
+    names = [n for n, _ in seen]
+    one_epoch = ["EPOCH_STARTED", "ITERATION_STARTED", "ITERATION_COMPLETED", "ITERATION_STARTED",
+                 "ITERATION_COMPLETED", "EPOCH_COMPLETED", "VALIDATION_COMPLETED"]
+    assert names[0] == "STARTED" and names[-1] == "COMPLETED"
+    assert names[1:8] == one_epoch and names[8] == "BEST_IMPROVED"  # the first validated epoch is the best so far
+    assert names.count("EPOCH_COMPLETED") == 2 and "EXCEPTION_RAISED" not in names
+    assert state.epoch == 2 and state.iteration == 4 and {"val_auc", "train_loss", "lr"} <= set(state.metrics)
+
+
+def test_local_fit_from_weights_and_fedprox_term(source):
+    """k epochs from given weights on this site's data; a strong proximal term keeps the weights near them."""
+    from medpipe.train.engine import Engine, local_fit, proximal_term
+
+    cfg, src = source
+    torch.manual_seed(0)
+    start = {k: v.clone() for k, v in Engine.create(cfg, src, torch.device("cpu")).net.state_dict().items()}
+
+    def drift(w):
+        return sum(float((w[k].float() - start[k].float()).pow(2).sum()) for k in start if "running" not in k
+                   and "num_batches" not in k)
+
+    plain, records = local_fit(cfg, src, epochs=1, weights=start)
+    prox, _ = local_fit(cfg, src, epochs=1, weights=start, loss_terms=[proximal_term(start, mu=100.0)])
+    assert plain.keys() == start.keys() and all(v.device.type == "cpu" for v in plain.values())
+    assert len(records) == 1 and records[0]["n_train"] == len(src.train) and np.isfinite(records[0]["train_loss"])
+    assert drift(plain) > 0 and drift(prox) < 0.5 * drift(plain)
+    again, _ = local_fit(cfg, src, epochs=1, weights=start)  # same weights, same epoch: the same result
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+
+
+def test_failed_start_leaves_no_run_folder(data_dir, synth_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK, "--device", "cuda"]) == 2 \
+        or torch.cuda.is_available()
+    assert not run.exists()
+    assert main(["train", "--data", str(synth_dir), "--out", str(run), *QUICK]) != 0  # a raw dataset as --data
+    assert not run.exists() and "Traceback" not in capsys.readouterr().err
+
+
+def test_run_folder_rules(data_dir, tmp_path, capsys):
+    """A second run needs --resume or --force; a refused --resume rewrites nothing; --force starts over."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK]) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK, "--lr", "0.01", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "'lr'" in err and "0.002" in err and "0.01" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing rewritten
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK, "--force"]) == 2  # not medpipe's file
+    assert (run / "notes.txt").read_text() == "mine"
+    (run / "notes.txt").unlink()
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK, "--epochs", "1", "--force"]) == 0
+    assert [m["epoch"] for m in _metrics(run)] == [1]
+
+
+def test_sigint_then_failed_checkpoint_write_then_resume(data_dir, tmp_path):
+    """Ctrl-C saves a checkpoint and says how to continue; a resume whose checkpoint write fails after the
+    epoch's metrics line, resumed again, leaves every epoch in metrics.jsonl exactly once. The resumed
+    run takes its own config (only the runtime option --workers is given anew)."""
+    from medpipe.train.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data_dir), "--out", str(run), *QUICK, "--epochs", "3"]
+    r = _run([*args, "--handler", "tests.faults:SigtermAtStep:3,SIGINT"])
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "SIGINT" in r.stderr and "--resume" in r.stderr and "Traceback" not in r.stderr
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["global_step"] == 3
+    resume = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--workers", "0"]
+    r = _run([*resume, "--handler", "tests.faults:FailCheckpointWrite:1"])  # epoch 2's last.pt write fails
+    assert r.returncode != 0 and "No space left" in r.stderr
+    assert [m["epoch"] for m in _metrics(run)] == [1, 2]  # the line was written before the checkpoint failed
+    r = _run(resume)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["epoch"] for m in _metrics(run)] == [1, 2, 3]
+
+
+def test_time_budget_sets_the_epoch_count(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK, "--epochs", "50", "--budget", "4s"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("budget"))
+    epochs = int(line.split("training ")[1].split()[0])
+    m = _metrics(run)
+    assert 1 <= epochs < 50 and len(m) == epochs  # the budget, not --epochs, decided
+    if epochs >= 2:  # the cosine was stretched to end at the last step of the budgeted epochs
+        assert m[-1]["lr"] == pytest.approx(0.002 * 0.01, rel=1e-6)
+    from medpipe.config import ConfigError, make_config
+
+    assert make_config({"budget": "2h"}).budget_seconds() == 7200
+    assert make_config({"budget": "90"}).budget_seconds() == 90
+    with pytest.raises(ConfigError, match="budget"):
+        make_config({"budget": "soon"})
