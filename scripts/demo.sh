@@ -23,8 +23,8 @@ echo "== 7/9 batch inference over the image folder (resumable shards, CSV + JSON
 rm -rf "$OUT/batch"
 "$MP" batch --model "$OUT/run/model" --input "$OUT/ham/HAM10000_images_part_1" --output "$OUT/batch" --per-file
 echo "== 8/9 export to ONNX and a MONAI bundle (each checked against the eager model)"
-"$MP" export --model "$OUT/run/model" --format onnx --out "$OUT/export/model.onnx"
-"$MP" export --model "$OUT/run/model" --format bundle --out "$OUT/export/bundle"
+"$MP" export --model "$OUT/run/model" --format onnx --out "$OUT/export/model.onnx" --force
+"$MP" export --model "$OUT/run/model" --format bundle --out "$OUT/export/bundle" --force
 echo "== 9/9 serve it on 127.0.0.1 and send the image over HTTP, as a client would"
 PORT=${DEMO_PORT:-8765}
 "$MP" serve --model "$OUT/run/model" --port "$PORT" > "$OUT/serve.log" 2>&1 &

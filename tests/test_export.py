@@ -116,6 +116,28 @@ def test_readme_onnx_client_reproduces_predict_without_medpipe(trained_run, jpeg
         assert diff < 1e-4 and g["label"] == e["label"], (e["image"], diff)
 
 
+def test_onnx_with_preprocessing_takes_resized_uint8_pixels(trained_run, jpegs, tmp_path):
+    """--with-preprocessing: the graph takes the decoded, resized uint8 pixels and does the rest itself."""
+    import onnxruntime as ort
+
+    from medpipe.infer.predictor import Predictor
+
+    out = tmp_path / "px.onnx"
+    assert main(["export", "--model", str(trained_run / "model"), "--format", "onnx", "--out", str(out),
+                 "--with-preprocessing"]) == 0
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    props = sess.get_modelmeta().custom_metadata_map
+    assert "uint8" in props["input"] and sess.get_inputs()[0].type == "tensor(uint8)"
+    p = Predictor(trained_run / "model", backend="eager")
+    pixels = np.stack([p.spec.read(j) for j in jpegs])
+    z = sess.run(None, {"image": pixels})[0] / float(props["temperature"])
+    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    assert np.abs(probs - p.probabilities(list(pixels))).max() < 1e-4
+    assert main(["export", "--model", str(trained_run / "model"), "--format", "bundle", "--out",
+                 str(tmp_path / "b"), "--with-preprocessing"]) == 2
+
+
 def test_registry_feeds_create_model_and_bundle_network_def():
     """One registry: every name builds through create_model and through the bundle's network_def, and the
     two networks have the same tensors (one representative per family; every target resolves)."""

@@ -179,7 +179,7 @@ def cmd_export(args) -> int:
     from medpipe.export import export_model
 
     r = export_model(args.model, args.format, args.out, force=args.force, data=args.data,
-                     calibration=args.calibration)
+                     calibration=args.calibration, with_preprocessing=args.with_preprocessing)
     check = f" (max |export - eager| {r['max_abs_diff']:.1e})" if "max_abs_diff" in r else ""
     print(f"wrote {args.format}: {r['out']}{check}")
     if "int8" in r:
@@ -291,6 +291,8 @@ def register(sub) -> None:
     s.add_argument("--force", action="store_true", help="replace an existing --out (and its sidecar); onnx-int8: "
                                                         "also write a model that fails the accuracy gate")
     add_int8_options(s, force=False)
+    s.add_argument("--with-preprocessing", action="store_true",
+                   help="onnx: take uint8 RGB N x S x S x 3 pixels (decoded and resized by the package's rule)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("quantize", help="INT8 model for CPUs, checked by an accuracy gate, stored in the package")

@@ -41,14 +41,14 @@ class ExportError(MedpipeError):
     pass
 
 
-def onnx_bytes(model: torch.nn.Module, image_size: int) -> bytes:
+def onnx_bytes(model: torch.nn.Module, image_size: int, example: torch.Tensor | None = None) -> bytes:
     """Serialise ``model`` (eval mode, on CPU) to ONNX with a dynamic batch axis.
 
     Uses the TorchScript-based exporter (about 1 s for DenseNet121) and falls back to the
     ``torch.export`` one where the former is unavailable.
     """
     model = model.eval()
-    example = torch.zeros(2, 3, image_size, image_size)
+    example = torch.zeros(2, 3, image_size, image_size) if example is None else example
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -149,9 +149,48 @@ def check_target(out: Path, fmt: str, force: bool = False) -> list[Path]:
     return targets
 
 
-def export_model(package: str, fmt: str, out: str, force: bool = False, **int8_options) -> dict:
+class WithPreprocessing(torch.nn.Module):
+    """The network with the float half of the eval preset in front: uint8 RGB N x S x S x 3, already decoded
+    and resized by the spec's rule (``PreprocessSpec.decode``), -> logits."""
+
+    def __init__(self, model: torch.nn.Module, spec: PreprocessSpec):
+        super().__init__()
+        self.model, self.spec = model, spec
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from medpipe.preprocess import shades_of_gray
+
+        x = x.permute(0, 3, 1, 2).float() / 255.0
+        if self.spec.color_constancy == "shades_of_gray":
+            x = shades_of_gray(x, self.spec.color_constancy_power)
+        return self.model((x - self.mean) / self.std)
+
+
+def _uint8_check(model: torch.nn.Module, spec: PreprocessSpec, run, tol: float = 1e-4) -> float:
+    """Max |exported(uint8 pixels) - eager(eval preset(pixels))| over random images; raises over ``tol``."""
+    import numpy as np
+
+    from medpipe.preprocess import eval_batch
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, *spec.size, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        ref = model(eval_batch(pixels, spec)).float()
+    worst = float((torch.as_tensor(run(pixels)).float() - ref).abs().max())
+    if worst > tol:
+        raise ExportError(f"exported model differs from eager by {worst:.2e} (> {tol:g})")
+    return worst
+
+
+def export_model(package: str, fmt: str, out: str, force: bool = False, with_preprocessing: bool = False,
+                 **int8_options) -> dict:
     """Write ``package`` as ``fmt`` to ``out``; every format is checked against the eager model (onnx-int8
-    against FP32 by its accuracy gate; ``int8_options``: data, calibration, see infer/quantize.py)."""
+    against FP32 by its accuracy gate; ``int8_options``: data, calibration, see infer/quantize.py).
+    ``with_preprocessing`` (ONNX only): the graph takes uint8 RGB N x S x S x 3 pixels, already decoded and
+    resized by the package's rule, and does the rest of the eval preset itself."""
+    if with_preprocessing and fmt != "onnx":
+        raise ExportError("--with-preprocessing applies to --format onnx only")
     from medpipe.package import build_sagemaker_tarball, load_package
     from medpipe.utils import atomic_write_bytes, atomic_write_text
 
@@ -166,7 +205,16 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, **int8_o
     out_path = Path(out)
     check_target(out_path, fmt, force)
     result = {"format": fmt, "out": str(out_path)}
-    if fmt == "onnx":
+    if fmt == "onnx" and with_preprocessing:
+        spec = PreprocessSpec.from_meta(meta)
+        wrapped = WithPreprocessing(model, spec).eval()
+        data = onnx_bytes(wrapped, size, torch.zeros(2, size, size, 3, dtype=torch.uint8))
+        sess = onnx_session(data)
+        result["max_abs_diff"] = _uint8_check(model, spec, lambda x: sess.run(None, {INPUT_NAME: x})[0])
+        atomic_write_bytes(out_path, with_onnx_metadata(data, meta, with_preprocessing=True))
+        atomic_write_text(sidecar_path(out_path), _sidecar(meta, fmt, with_preprocessing=True))
+        result["sidecar"] = str(sidecar_path(out_path))
+    elif fmt == "onnx":
         data = onnx_bytes(model, size)
         sess = onnx_session(data)
         result["max_abs_diff"] = _random_check(model, lambda x: sess.run(None, {INPUT_NAME: x.numpy()})[0], size)
@@ -200,14 +248,20 @@ def _about(meta: dict) -> dict:
             "weights_sha256": meta.get("weights_sha256"), "medpipe_version": __version__}
 
 
-def _sidecar(meta: dict, fmt: str) -> str:
-    return json.dumps({"exported_as": fmt, "input": f"{INPUT_NAME}: float32 N x 3 x H x W, the eval preset's "
-                       "output", "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
+def _input_text(with_preprocessing: bool) -> str:
+    if with_preprocessing:
+        return (f"{INPUT_NAME}: uint8 N x S x S x 3 RGB, decoded and resized as preprocessing.decode/resize say; "
+                "scaling, colour constancy and normalisation are inside the graph")
+    return f"{INPUT_NAME}: float32 N x 3 x S x S, the eval preset's output (see preprocessing)"
+
+
+def _sidecar(meta: dict, fmt: str, with_preprocessing: bool = False) -> str:
+    return json.dumps({"exported_as": fmt, "input": _input_text(with_preprocessing), "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
                        "calibrated probabilities)", **_about(meta), "calibration": meta.get("calibration", {})},
                       indent=2)
 
 
-def with_onnx_metadata(data: bytes, meta: dict) -> bytes:
+def with_onnx_metadata(data: bytes, meta: dict, with_preprocessing: bool = False) -> bytes:
     """The ONNX model with ``metadata_props`` that make it self-describing (read them with
     ``InferenceSession.get_modelmeta().custom_metadata_map``); strings, JSON where structured."""
     import onnx
@@ -215,7 +269,7 @@ def with_onnx_metadata(data: bytes, meta: dict) -> bytes:
     m = onnx.load_from_string(data)
     about = _about(meta)
     props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in about.items()}
-    props["input"] = f"{INPUT_NAME}: float32 N x 3 x S x S, see preprocessing"
+    props["input"] = _input_text(with_preprocessing)
     props["output"] = f"{OUTPUT_NAME}: float32 N x {len(about['classes'])}; probabilities = softmax(logits / temperature)"
     del m.metadata_props[:]
     for k, v in props.items():
