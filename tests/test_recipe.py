@@ -118,3 +118,40 @@ def test_predictor_applies_colour_constancy_from_the_package(tmp_path):
     with torch.inference_mode():
         ref = model(x)
     assert torch.allclose(pred.logits(imgs), ref, atol=1e-4)
+
+
+def test_mixup_and_cutmix_targets_match_what_was_mixed():
+    """Image i is 1 in channel i only, so a mixed image shows which images went in and in what share;
+    its soft target must be the same blend of their labels."""
+    from medpipe.recipe import MixBatches
+
+    n = 8
+    x = torch.zeros(n, n, 16, 16)
+    x[torch.arange(n), torch.arange(n)] = 1.0
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0])
+    onehot = torch.nn.functional.one_hot(y, 7).float()
+    for handler in (MixBatches(7, mixup_alpha=0.4, seed=1), MixBatches(7, cutmix_alpha=1.0, seed=2)):
+        for step in range(4):
+            xm, ym = handler.mix(x, y, step=step)
+            assert ym.shape == (n, 7) and torch.allclose(ym.sum(1), torch.ones(n))
+            share = xm.mean(dim=(2, 3))  # (n images, n sources): how much of each source image is in each
+            assert torch.allclose(share.sum(1), torch.ones(n))
+            assert torch.allclose(ym, share @ onehot, atol=1e-5)
+            assert (share.max(1).values < 1).any()  # something was mixed
+    mixup = MixBatches(7, mixup_alpha=0.4, seed=1)
+    a, b, c = mixup.mix(x, y, step=3)[0], mixup.mix(x, y, step=3)[0], mixup.mix(x, y, step=4)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)  # seeded by the global step: a resume mixes the same
+    off = MixBatches(7, mixup_alpha=0.4, prob=0.0)
+    assert off.mix(x, y, step=0)[1] is y
+
+
+def test_recipe_handlers_from_config():
+    from medpipe.config import make_config
+    from medpipe.errors import ConfigError
+    from medpipe.recipe import MixBatches, handlers
+
+    assert handlers(make_config({}), 7) == []
+    hs = handlers(make_config({"cutmix_alpha": 1.0, "mix_prob": 0.5}), 7)
+    assert len(hs) == 1 and isinstance(hs[0], MixBatches) and hs[0].prob == 0.5
+    with pytest.raises(ConfigError, match="focal"):
+        make_config({"imbalance": "focal", "mixup_alpha": 0.2})

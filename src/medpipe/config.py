@@ -60,6 +60,9 @@ class TrainConfig:
     color_constancy: str = "none"
     crop_scale: float = 1.0
     color_jitter: float = 1.0
+    mixup_alpha: float = 0.0  # batch mixing (medpipe.recipe): 0 = off
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -76,6 +79,11 @@ class TrainConfig:
             (self.color_constancy in COLOR_CONSTANCY, "color_constancy", f"one of {COLOR_CONSTANCY}"),
             (0.05 <= self.crop_scale <= 1.0, "crop_scale", "in [0.05, 1] (1 = no random resized crop)"),
             (0.0 <= self.color_jitter <= 5.0, "color_jitter", "in [0, 5] (1 = the default jitter)"),
+            (self.mixup_alpha >= 0, "mixup_alpha", ">= 0 (0 = off)"),
+            (self.cutmix_alpha >= 0, "cutmix_alpha", ">= 0 (0 = off)"),
+            (0 <= self.mix_prob <= 1, "mix_prob", "in [0, 1]"),
+            (not (self.imbalance == "focal" and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)), "imbalance",
+             "other than focal with mixup/cutmix (focal loss takes class indices, not mixed targets)"),
         ]
         for ok, key, want in checks:
             if not ok:

@@ -1,0 +1,260 @@
+"""Model quality on real dermatoscopy: today's default recipe against a candidate, several split seeds.
+
+    python benchmarks/quality.py                                   # the full measurement (quiet machine)
+    python benchmarks/quality.py --candidate STUDY/best_config.yaml  # a candidate from `medpipe tune`
+    python benchmarks/quality.py --subset 140 --budget 20s --seeds 1 --out benchmarks/results/quality_smoke.json
+
+Ingests the real HAM10000 dev set (../shared/data/ham10000-dev: 1,984 images, official layout) once
+into ``--work``, then for each split seed (lesion-grouped 70/15/15, default 3 seeds) trains each
+recipe from scratch at 64x64 under the same budget (``--budget 25m``: the training run measures its
+first epoch and sets the epoch count so the schedule ends at the budget; or ``--epochs N``), and
+evaluates the package on that seed's test split. Per recipe it prints mean and SD over seeds of test
+macro AUC, balanced accuracy (under the package's decision rule and under every rule the package
+holds), melanoma sensitivity at 80% and 90% specificity and ECE, then whether the candidate beats the
+default on mean macro AUC and mean balanced accuracy by more than their spread (SD), and whether it
+reaches the issue's target (AUC >= 0.94, balanced accuracy >= 0.65).
+
+Results (every run and the summary) go to ``--out`` after each run, so a run cut short keeps its
+finished seeds. A tracked result file is not overwritten unless ``--overwrite``.
+
+Recipes: ``default`` is the training config's defaults (nothing set). ``candidate`` is the set of
+recipe options below (each a training config key documented in the README) unless ``--candidate``
+gives a YAML training config instead. Nothing here changes a default: a default changes only when
+this benchmark's full run says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine  # noqa: E402
+
+DEV_SET = ROOT.parent.parent / "shared" / "data" / "ham10000-dev"
+CANDIDATE = {
+    "color_constancy": "shades_of_gray",  # illuminant normalised per image (train and serve)
+    "crop_scale": 0.35,                   # random resized crop, 35-100% of the area
+    "color_jitter": 1.5,                  # 1.5x the default colour/brightness/contrast jitter
+    "label_smoothing": 0.1,
+    "decision_rule": "prior",             # logit adjustment chosen on validation (labels only)
+    "tta": True,                          # flip TTA in the test evaluation
+}
+METRICS = ("macro_auc", "balanced_accuracy", "mel_sensitivity_at_spec80", "mel_sensitivity_at_spec90", "ece")
+TARGET = {"macro_auc": 0.94, "balanced_accuracy": 0.65}
+
+
+def subset_dataset(src: Path, dest: Path, n: int, seed: int = 0) -> Path:
+    """A stratified sample of ``n`` images of a HAM10000-layout folder, copied (not linked) to ``dest``."""
+    import numpy as np
+    import pandas as pd
+
+    meta = pd.read_csv(src / "HAM10000_metadata.csv")
+    rng = np.random.default_rng(seed)
+    frac = min(1.0, n / len(meta))
+    keep = [g.iloc[rng.permutation(len(g))[:max(3, round(len(g) * frac))]] for _, g in meta.groupby("dx")]
+    sub = pd.concat(keep).sort_values("image_id")
+    files = {p.stem: p for p in src.rglob("*.jpg")}
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    for image_id in sub["image_id"]:
+        shutil.copyfile(files[image_id], dest / "images" / f"{image_id}.jpg")
+    sub.to_csv(dest / "HAM10000_metadata.csv", index=False)
+    return dest
+
+
+def prepare(source: Path, work: Path, subset: int | None) -> Path:
+    """Ingest (once per source and subset) into WORK/data-<n>; returns the data folder."""
+    from medpipe.data.sources import ingest
+
+    tag = f"subset{subset}" if subset else "all"
+    data = work / f"data-{tag}"
+    if (data / "records.csv").is_file():
+        print(f"reusing ingested {data}", flush=True)
+        return data
+    if subset:
+        source = subset_dataset(source, work / f"source-{tag}", subset)
+    report = ingest(source, data, progress=True)
+    print(f"ingested {source}: {json.dumps(report.get('counts', report.get('summary', {})), default=str)[:200]}",
+          flush=True)
+    return data
+
+
+def train_run(data: Path, run_dir: Path, overrides: dict) -> dict:
+    """One training run through the real pipeline (fit, calibrate, decision rules, package, test report)."""
+    from medpipe.config import make_config
+    from medpipe.pipeline import run
+
+    cfg = make_config(overrides)
+    t0 = time.perf_counter()
+    summary = run(data, run_dir, cfg, force=run_dir.exists())
+    seconds = time.perf_counter() - t0
+    report = json.loads((Path(summary["report"]).with_suffix(".json")).read_text())
+    out = {m: report.get(m) for m in METRICS}
+    out["decision_rule"] = report.get("decision_rule", "argmax")
+    out["balanced_accuracy_by_rule"] = {r: v["balanced_accuracy"] for r, v in report.get("decision_rules", {}).items()}
+    out["support"] = {c: v["support"] for c, v in report["per_class"].items()}
+    epochs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    out.update(best_epoch=summary.get("best_epoch"), epochs=len(epochs), seconds=round(seconds, 1),
+               train_seconds=round(sum(e.get("epoch_seconds", 0.0) for e in epochs), 1),
+               val_auc_best=max((e["val_auc"] for e in epochs if e.get("val_auc") is not None), default=None))
+    return out
+
+
+def _stats(values: list) -> dict:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else None,
+            "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def summarise(runs: dict) -> dict:
+    out = {}
+    for recipe, rs in runs.items():
+        if not rs:
+            continue
+        s = {m: _stats([r[m] for r in rs]) for m in METRICS}
+        rules = sorted({k for r in rs for k in r["balanced_accuracy_by_rule"]})
+        s["balanced_accuracy_by_rule"] = {k: _stats([r["balanced_accuracy_by_rule"].get(k) for r in rs]) for k in rules}
+        s["epochs"] = _stats([r["epochs"] for r in rs])
+        out[recipe] = s
+    return out
+
+
+def verdict(summary: dict) -> dict:
+    """Does the candidate beat the default by more than the spread; does it reach the target?"""
+    if "default" not in summary or "candidate" not in summary:
+        return {}
+    out = {}
+    for m in ("macro_auc", "balanced_accuracy"):
+        a, b = summary["default"][m], summary["candidate"][m]
+        if a["mean"] is None or b["mean"] is None:
+            continue
+        spread = max(a["sd"] or 0.0, b["sd"] or 0.0)
+        out[m] = {"difference": b["mean"] - a["mean"], "spread": spread,
+                  "beats_by_more_than_spread": (b["mean"] - a["mean"]) > spread and a["n"] > 1,
+                  "candidate_reaches_target": b["mean"] >= TARGET[m], "target": TARGET[m]}
+    return out
+
+
+def _fmt(s: dict) -> str:
+    if s["mean"] is None:
+        return "n/a".rjust(13)
+    return f"{s['mean']:.3f} ± {s['sd']:.3f}" if s["sd"] is not None else f"{s['mean']:.3f}        "
+
+
+def print_table(summary: dict) -> None:
+    rules = sorted({k for s in summary.values() for k in s["balanced_accuracy_by_rule"]})
+    head = (f"{'recipe':>10} | {'macro AUC':>13} | {'bal. acc':>13} | "
+            + " | ".join(f"{'bacc ' + r:>13}" for r in rules)
+            + f" | {'mel sens@80':>13} | {'mel sens@90':>13} | {'ECE':>13} | epochs")
+    print(head)
+    print("-" * len(head))
+    for recipe, s in summary.items():
+        print(f"{recipe:>10} | {_fmt(s['macro_auc'])} | {_fmt(s['balanced_accuracy'])} | "
+              + " | ".join(_fmt(s["balanced_accuracy_by_rule"].get(r, {"mean": None})) for r in rules)
+              + f" | {_fmt(s['mel_sensitivity_at_spec80'])} | {_fmt(s['mel_sensitivity_at_spec90'])} | "
+              f"{_fmt(s['ece'])} | {s['epochs']['mean']:.1f}")
+
+
+def _tracked(path: Path) -> bool:
+    try:
+        return subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=ROOT, capture_output=True,
+                              check=False).returncode == 0
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEV_SET, help="HAM10000-layout folder (default: the dev set)")
+    ap.add_argument("--work", type=Path, default=ROOT.parent / ".bench" / "quality",
+                    help="ingested data, pixel cache and run folders (kept between runs)")
+    ap.add_argument("--seeds", type=int, default=3, help="split seeds 0..N-1 (each also the training seed)")
+    ap.add_argument("--budget", default="25m", help="training budget per run (25m, 90s, 2h); see --epochs")
+    ap.add_argument("--epochs", type=int, help="a fixed epoch count instead of the budget")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--subset", type=int, help="a stratified sample of this many images (to prove the script)")
+    ap.add_argument("--recipes", default="default,candidate", help="which of default,candidate to run")
+    ap.add_argument("--candidate", type=Path, help="YAML training config used as the candidate recipe")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training option for every run (e.g. threads=2, batch_size=64)")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "quality.json")
+    ap.add_argument("--overwrite", action="store_true", help="allow replacing a tracked result file")
+    args = ap.parse_args(argv)
+
+    import yaml
+
+    from medpipe.config import TrainConfig
+
+    if args.out.exists() and _tracked(args.out) and not args.overwrite:
+        ap.error(f"{args.out} is a tracked result; pass --overwrite to replace it or choose another --out")
+    if not (args.data / "HAM10000_metadata.csv").is_file():
+        ap.error(f"{args.data}: no HAM10000_metadata.csv (the dev set is in ../shared/data/ham10000-dev)")
+    keys = {f.name for f in fields(TrainConfig)}
+    common: dict = {"image_size": args.image_size, "bootstrap": 200}
+    if args.epochs:
+        common.update(epochs=args.epochs, patience=args.epochs)
+    elif "budget" in keys:
+        common.update(budget=args.budget, patience=10_000)  # the budget decides the length; no early stop
+    else:
+        ap.error("this medpipe has no 'budget' training option; pass --epochs N")
+    for item in args.set:
+        k, _, v = item.partition("=")
+        common[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    recipes = {"default": {}, "candidate": dict(CANDIDATE)}
+    if args.candidate:
+        loaded = yaml.safe_load(args.candidate.read_text()) or {}
+        recipes["candidate"] = {k: v for k, v in loaded.items() if k not in ("seed", "split_seed")}
+    chosen = [r for r in args.recipes.split(",") if r]
+    for r in chosen:
+        if r not in recipes:
+            ap.error(f"unknown recipe {r!r}; choose from {', '.join(recipes)}")
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = prepare(args.data, args.work, args.subset)
+    runs: dict = {r: [] for r in chosen}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    payload = {"benchmark": "quality", "settings": settings, "common": common,
+               "recipes": {r: recipes[r] for r in chosen}, "machine": machine()}
+    for seed in range(args.seeds):
+        for recipe in chosen:
+            overrides = {**common, **recipes[recipe], "split_seed": seed, "seed": seed}
+            run_dir = args.work / "runs" / f"{recipe}-seed{seed}"
+            print(f"== {recipe}, split seed {seed}: {overrides}", flush=True)
+            res = train_run(data, run_dir, overrides)
+            res["seed"] = seed
+            runs[recipe].append(res)
+            print(f"   test macro AUC {res['macro_auc']:.4f}, balanced accuracy {res['balanced_accuracy']:.4f} "
+                  f"({res['decision_rule']}), {res['epochs']} epochs, {res['seconds']:.0f} s", flush=True)
+            summary = summarise(runs)
+            payload.update(complete=False, runs=runs, summary=summary, verdict=verdict(summary),
+                           when=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(payload, indent=2, default=float))
+    summary = summarise(runs)
+    payload.update(complete=True, summary=summary, verdict=verdict(summary))
+    args.out.write_text(json.dumps(payload, indent=2, default=float))
+    print()
+    print(f"test split, {args.seeds} split seed(s), mean ± SD; {args.image_size}x{args.image_size}, from scratch, "
+          + (f"{args.epochs} epochs" if args.epochs else f"budget {args.budget}")
+          + (f", subset of {args.subset} images" if args.subset else ""))
+    print_table(summary)
+    for m, v in payload["verdict"].items():
+        print(f"{m}: candidate - default = {v['difference']:+.4f} (spread {v['spread']:.4f}): "
+              f"{'beats the default by more than the spread' if v['beats_by_more_than_spread'] else 'not separated'}; "
+              f"target {v['target']}: {'reached' if v['candidate_reaches_target'] else 'not reached'}")
+    print(f"wrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Training-recipe options that act on batches, as handlers of the training engine's events.
+
+- ``mixup_alpha`` > 0: mixup (Zhang et al. 2018): each batch is blended with a shuffled copy of itself,
+  ``x = lam * x + (1 - lam) * x[perm]``, ``lam ~ Beta(alpha, alpha)``, and the targets become the same
+  blend of the two one-hot labels.
+- ``cutmix_alpha`` > 0: CutMix (Yun et al. 2019): a random box of area ``1 - lam`` is pasted from the
+  shuffled copy; the targets are mixed by the box's actual area.
+- both > 0: each mixed batch uses one of them, half the time each; ``mix_prob`` is the share of batches
+  mixed at all (the rest train on plain labels).
+
+The draw for a batch is seeded from (seed, global step), so a resumed run mixes exactly as a straight
+one. Soft targets go to the same cross-entropy (class weights and label smoothing still apply);
+focal loss takes class indices only, so the combination is refused by the config.
+
+The colour, crop and colour-constancy options act on images and live in :mod:`medpipe.preprocess`;
+the decision rule lives in :mod:`medpipe.decision`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+class MixBatches:
+    """``Events.ITERATION_STARTED`` handler: replace ``state.batch`` (x, class indices) with a mixed batch
+    (x, soft targets of shape (N, C))."""
+
+    def __init__(self, n_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0,
+                 seed: int = 0):
+        self.n_classes, self.mixup_alpha, self.cutmix_alpha = n_classes, float(mixup_alpha), float(cutmix_alpha)
+        self.prob, self.seed = float(prob), int(seed)
+
+    def attach(self, engine) -> None:
+        from medpipe.train.engine import Events
+
+        engine.on(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine) -> None:
+        engine.state.batch = self.mix(*engine.state.batch, step=engine.state.iteration)
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, 0x6D6978])  # (seed, global step): same draw after a resume
+        if len(y) < 2 or rng.random() >= self.prob:
+            return x, y
+        kinds = [k for k, a in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha)) if a > 0]
+        if not kinds:
+            return x, y
+        kind = kinds[int(rng.integers(len(kinds)))]
+        alpha = self.mixup_alpha if kind == "mixup" else self.cutmix_alpha
+        lam = float(rng.beta(alpha, alpha))
+        perm = torch.from_numpy(rng.permutation(len(y)))
+        if kind == "mixup":
+            x = lam * x + (1.0 - lam) * x[perm]
+        else:
+            h, w = x.shape[-2:]
+            cut = math.sqrt(1.0 - lam)
+            bh, bw = int(round(h * cut)), int(round(w * cut))
+            cy, cx = int(rng.integers(h)), int(rng.integers(w))
+            y0, y1 = max(0, cy - bh // 2), min(h, cy + (bh - bh // 2))
+            x0, x1 = max(0, cx - bw // 2), min(w, cx + (bw - bw // 2))
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)  # the box actually pasted (clipped at the border)
+        onehot = torch.nn.functional.one_hot(y.long(), self.n_classes).float()
+        return x, lam * onehot + (1.0 - lam) * onehot[perm]
+
+
+def handlers(cfg, n_classes: int) -> list:
+    """The recipe handlers a training config asks for (none with the defaults)."""
+    out = []
+    if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+        out.append(MixBatches(n_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.seed))
+    return out
