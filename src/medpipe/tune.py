@@ -38,6 +38,7 @@ How it works:
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import logging
 import math
@@ -369,8 +370,9 @@ def write_results(study, space: Space, out: Path) -> dict:
 
 
 def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | None = None, processes: int = 1,
-         study_name: str = "medpipe", heartbeat: int = 30, grace: int = 90) -> dict:
-    """Run (or continue) the study until it holds ``trials`` finished trials; returns the summary."""
+         study_name: str = "medpipe", heartbeat: int = 30, grace: int = 90, worker: bool = False) -> dict:
+    """Run (or continue) the study until it holds ``trials`` finished trials; returns the summary.
+    ``worker``: one of the ``processes`` children (the parent writes the results and judges them)."""
     optuna = _optuna()
     space = load_space(space_path)
     if trials is not None:
@@ -384,7 +386,7 @@ def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | No
     if processes > 1:  # more workers on the same study: this same command as child processes
         cmd = [sys.executable, "-m", "medpipe", "tune", "--data", str(data), "--out", str(out), "--space",
                str(space_path), "--trials", str(space.trials), "--study-name", study_name,
-               "--heartbeat", str(heartbeat), "--grace", str(grace)]
+               "--heartbeat", str(heartbeat), "--grace", str(grace), "--worker"]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
         children = [subprocess.Popen(cmd, env=env) for _ in range(processes)]
         try:
@@ -395,10 +397,11 @@ def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | No
                     c.terminate()
         if any(codes):
             raise TuneError(f"{sum(1 for c in codes if c)} of {processes} tune processes failed (exit {codes})")
-        return write_results(study, space, out)
-    if _finished(study) < space.trials:
+    elif _finished(study) < space.trials:
         study.optimize(lambda t: run_trial(t, space, str(data), out), n_trials=None,
                        callbacks=[_stop_when_done(space.trials)], catch=(MedpipeError,), gc_after_trial=True)
+    if worker:
+        return {}
     summary = write_results(study, space, out)
     if not summary["complete"]:
         raise TuneError(f"no trial of {out / STUDY_DB} completed ({summary['finished']} finished, the rest "
@@ -418,13 +421,16 @@ def add_parser(sub) -> None:
     s.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
     s.add_argument("--grace", type=int, default=90,
                    help="seconds without a heartbeat after which a trial counts as killed and is retried")
+    s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a child of --processes
     s.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args) -> int:
     t0 = time.perf_counter()
     s = tune(args.data, args.out, args.space, trials=args.trials, processes=args.processes,
-             study_name=args.study_name, heartbeat=args.heartbeat, grace=args.grace)
+             study_name=args.study_name, heartbeat=args.heartbeat, grace=args.grace, worker=args.worker)
+    if args.worker:
+        return 0
     print(f"tune: {s['finished']} finished trials ({s['complete']} complete) in {s['study']}; "
           f"{time.perf_counter() - t0:.0f} s")
     if s.get("best_config"):

@@ -1,0 +1,116 @@
+"""`medpipe tune` (Optuna): a real two-trial study killed with SIGKILL mid-trial and resumed; two worker
+processes on one study with pruning; the search-space file checked by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+optuna = pytest.importorskip("optuna", reason="the tune extra (optuna) is not installed")
+
+TINY_BASE = {"image_size": 32, "batch_size": 8, "epochs": 3, "bootstrap": 0, "threads": 1, "workers": 0,
+             "max_steps_per_epoch": 3, "warmup_epochs": 0.5}
+
+
+def _space(tmp_path: Path, **over) -> Path:
+    space = {"objective": "val_auc", "trials": 2, "base": TINY_BASE,
+             "params": {"lr": {"low": 1.0e-3, "high": 3.0e-3, "log": True}, "label_smoothing": {"choices": [0.0, 0.1]}},
+             "pruner": {"type": "none"}, "sampler": {"type": "random", "seed": 0}, **over}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def _cmd(data_dir, study: Path, space: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "medpipe", "tune", "--data", str(data_dir), "--out", str(study), "--space", str(space),
+            "--heartbeat", "1", "--grace", "3", *extra]
+
+
+def _load(study: Path):
+    return optuna.load_study(study_name="medpipe", storage=f"sqlite:///{study / 'study.db'}")
+
+
+def test_study_killed_mid_trial_resumes_and_writes_a_trainable_config(data_dir, tmp_path):
+    from medpipe.config import make_config
+
+    study = tmp_path / "study"
+    cmd = _cmd(data_dir, study, _space(tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = study / "trials" / "trial-0" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.is_file(), proc.communicate()[0] if proc.poll() is not None else "no checkpoint in time"
+    proc.kill()  # SIGKILL mid-trial: no handler runs, the trial is left RUNNING in the study
+    proc.communicate()
+    states = [t.state for t in _load(study).trials]
+    assert states == [optuna.trial.TrialState.RUNNING]
+
+    time.sleep(4)  # past the grace period: the heartbeat has stopped
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "retry of trial 0, resuming" in done.stdout
+    trials = _load(study).trials
+    by_state = {s: [t for t in trials if t.state == s] for s in optuna.trial.TrialState}
+    assert [t.number for t in by_state[optuna.trial.TrialState.FAIL]] == [0]  # the killed attempt
+    complete = by_state[optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2
+    retry = next(t for t in complete if t.system_attrs.get("failed_trial") == 0)
+    assert retry.params == trials[0].params and retry.user_attrs["run_dir"].endswith("trial-0")
+    # the retry continued the killed run: every epoch once in its metrics, 3 epochs in all
+    import json
+
+    epochs = [json.loads(x)["epoch"] for x in (study / "trials" / "trial-0" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+    best = study / "best_config.yaml"
+    cfg = make_config(yaml_path=best)  # what `medpipe train --config` reads
+    s = _load(study)
+    assert cfg.lr == pytest.approx(s.best_params["lr"]) and cfg.monitor == "val_auc"
+    assert cfg.image_size == 32 and cfg.epochs == 3
+    assert (study / "trials.csv").read_text().count("\n") == len(trials) + 1
+    # a third run finds the study complete and trains nothing more
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and len(_load(study).trials) == len(trials)
+
+
+def test_two_processes_share_one_study_and_prune(data_dir, tmp_path):
+    """--processes 2: two worker processes take trials from the same SQLite study; a threshold pruner
+    stops every trial after its first epoch (val_auc can never exceed 1.01)."""
+    study = tmp_path / "study"
+    space = _space(tmp_path, trials=4, base={**TINY_BASE, "epochs": 2, "max_steps_per_epoch": 2},
+                   pruner={"type": "threshold", "lower": 1.01})
+    done = subprocess.run(_cmd(data_dir, study, space, "--processes", "2"), capture_output=True, text=True,
+                          timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    trials = _load(study).trials
+    assert {t.state for t in trials} == {optuna.trial.TrialState.PRUNED} and len(trials) >= 2, done.stdout + done.stderr
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # two processes ran trials
+    assert all(len(t.intermediate_values) == 1 for t in trials)  # stopped after epoch 1
+    # no trial completed: the command says so and fails instead of writing a best config
+    assert done.returncode != 0 and "no trial" in (done.stdout + done.stderr)
+    assert not (study / "best_config.yaml").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"params": {"lrr": {"low": 0.1, "high": 1}}}, "params.lrr: not a training option.*did you mean 'lr'"),
+    ({"params": {"lr": {"low": 1, "high": 0.1}}}, "params.lr: low must be below high"),
+    ({"params": {"imbalance": {"choices": ["sampler", "nope"]}}}, "params.imbalance = 'nope' is not a valid"),
+    ({"params": {"device": {"choices": ["cpu"]}}}, "not searchable"),
+    ({"objective": "accuracy", "params": {"lr": {"low": 0.001, "high": 0.01}}}, "objective must be one of"),
+    ({"params": {"lr": {"low": 0.001, "high": 0.01}}, "prunner": "median"}, "unknown key 'prunner'.*'pruner'"),
+])
+def test_search_space_errors_name_the_key(tmp_path, body, message):
+    from medpipe.errors import ConfigError
+    from medpipe.tune import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError, match=message):
+        load_space(path)
