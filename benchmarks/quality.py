@@ -82,8 +82,8 @@ def prepare(source: Path, work: Path, subset: int | None) -> Path:
     if subset:
         source = subset_dataset(source, work / f"source-{tag}", subset)
     report = ingest(source, data, progress=True)
-    print(f"ingested {source}: {json.dumps(report.get('counts', report.get('summary', {})), default=str)[:200]}",
-          flush=True)
+    print(f"ingested {source}: {report['records']} images, {report['dropped']} dropped, classes "
+          f"{json.dumps(report['class_counts'])}", flush=True)
     return data
 
 

@@ -318,7 +318,8 @@ def run_trial(trial, space: Space, data: str, out: Path) -> float:
 
     values = {p.name: p.suggest(trial) for p in space.params}
     cfg = space.config(values)
-    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)  # a retry of a killed trial?
     number = trial.number if original is None else original
     run_dir = out / "trials" / f"trial-{number}"
     trial.set_user_attr("run_dir", str(run_dir))
