@@ -3,6 +3,8 @@ preprocessing), random resized crop and colour-jitter strength (train preset onl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +157,30 @@ def test_recipe_handlers_from_config():
     assert len(hs) == 1 and isinstance(hs[0], MixBatches) and hs[0].prob == 0.5
     with pytest.raises(ConfigError, match="focal"):
         make_config({"imbalance": "focal", "mixup_alpha": 0.2})
+
+
+def test_a_real_run_with_every_recipe_option(data_dir, tmp_path):
+    """The options reach a real training run: batches are mixed (soft targets reach the loss), the package's
+    spec carries the colour constancy, and its decision rule is the configured one."""
+    import json
+
+    from medpipe.config import make_config
+    from medpipe.pipeline import run
+    from medpipe.train.engine import Events
+
+    seen = []
+
+    class Spy:
+        def attach(self, engine):
+            engine.on(Events.ITERATION_STARTED, lambda e: seen.append(tuple(e.state.batch[1].shape)))
+
+    cfg = make_config({"model": "resnet18", "image_size": 32, "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 3,
+                       "bootstrap": 0, "threads": 1, "workers": 0, "color_constancy": "shades_of_gray",
+                       "crop_scale": 0.5, "color_jitter": 1.5, "mixup_alpha": 0.4, "cutmix_alpha": 1.0,
+                       "label_smoothing": 0.1, "decision_rule": "prior"})
+    out = run(data_dir, tmp_path / "run", cfg, handlers=[Spy()], evaluate_test=False)
+    assert seen and all(len(s) == 2 and s[1] == 7 for s in seen)  # (N, 7) soft targets on every step
+    meta = json.loads((Path(out["model_dir"]) / "model.json").read_text())
+    assert meta["preprocessing"]["color_constancy"] == "shades_of_gray"
+    assert meta["decision"]["default"] == "prior" and set(meta["decision"]["rules"]) >= {"argmax", "prior"}
+    assert meta["training_config"]["mixup_alpha"] == 0.4

@@ -131,6 +131,9 @@ def _add_late_commands(sub) -> None:
     except ImportError:  # pragma: no cover
         return
     commands.register(sub)
+    from medpipe import tune
+
+    tune.add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

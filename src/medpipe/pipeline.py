@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medpipe import recipe
 from medpipe.config import TrainConfig, write_config
 from medpipe.errors import ConfigError
 from medpipe.train import distributed
@@ -185,6 +186,7 @@ def run(data, run_dir, cfg: TrainConfig, *, resume: bool | str = False, force: b
         checkpointer = Checkpointer(layout.checkpoints)
         if cfg.budget and snap is None:
             engine.attach(TimeBudget(cfg.budget_seconds()))  # before the checkpoint, which stores its decision
+        engine.attach(*recipe.handlers(cfg, len(source.classes)))  # batch mixing (medpipe.recipe), if configured
         engine.attach(EpochLine(), MetricsFile(layout.run_dir / "metrics.jsonl"), checkpointer,
                       EarlyStopping(cfg.patience, cfg.monitor), *handlers, GracefulStop(checkpointer))
         if progress:
