@@ -3,6 +3,10 @@ against the real server process: health, metadata, inference with encoded images
 preprocessed tensors (FP32), JSON and binary tensors, the same probabilities as /invocations, and errors."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -125,3 +129,19 @@ def test_errors_for_wrong_name_shape_datatype_and_bad_image(served, jpegs):
     assert client.is_server_ready()
     status, _, body = srv.request("GET", "/metrics")
     assert b'route="/v2/models/{name}/infer"' in body
+
+
+def test_readme_client_snippet(served, data_dir, tmp_path):
+    """The README's tritonclient snippet, run as written in its own process, gets /invocations' answer."""
+    srv, _, meta = served
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"<!-- oip-client -->\s*```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "client.py").write_text(snippet)
+    image = pd.read_csv(data_dir / "records.csv")["path"][0]
+    r = subprocess.run([sys.executable, str(tmp_path / "client.py"), f"127.0.0.1:{srv.port}", meta["name"], image],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    label, probs = r.stdout.strip().split(" ", 1)
+    ref = _invocations(srv, open(image, "rb").read())
+    assert label == ref["label"]
+    assert np.abs(np.array(json.loads(probs)) - [ref["probabilities"][c] for c in meta["classes"]]).max() < 1e-5
