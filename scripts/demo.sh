@@ -3,6 +3,13 @@
 set -euo pipefail
 MP=${1:-medpipe}
 OUT=${2:-demo_out}
+PORT=${DEMO_PORT:-8765}
+# Step 9 serves on this port: refuse now (not after minutes of work) if something already listens there,
+# or the served answer could come from that other program.
+if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+  echo "demo: port $PORT on 127.0.0.1 is already in use; stop that program or set DEMO_PORT" >&2
+  exit 1
+fi
 mkdir -p "$OUT"
 echo "== 1/9 synthesise a HAM10000-format dataset (600x450 JPEGs, 7 classes, lesions with several images)"
 "$MP" synth "$OUT/ham" --count 600 --seed 0
@@ -26,14 +33,19 @@ echo "== 8/9 export to ONNX and a MONAI bundle (each checked against the eager m
 "$MP" export --model "$OUT/run/model" --format onnx --out "$OUT/export/model.onnx" --force
 "$MP" export --model "$OUT/run/model" --format bundle --out "$OUT/export/bundle" --force
 echo "== 9/9 serve it on 127.0.0.1 and send the image over HTTP, as a client would"
-PORT=${DEMO_PORT:-8765}
 "$MP" serve --model "$OUT/run/model" --port "$PORT" > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
+SERVED=0
 for _ in $(seq 1 120); do
-  if "$MP" predict --url "http://127.0.0.1:$PORT" "$IMG" > "$OUT/served.txt" 2>/dev/null; then break; fi
+  if ! kill -0 $SERVER 2>/dev/null; then
+    echo "demo: the server stopped; its log:" >&2; cat "$OUT/serve.log" >&2; exit 1
+  fi
+  if grep -q "serving on" "$OUT/serve.log" && \
+     "$MP" predict --url "http://127.0.0.1:$PORT" "$IMG" > "$OUT/served.txt" 2>/dev/null; then SERVED=1; break; fi
   sleep 1
 done
+if [ "$SERVED" != 1 ]; then echo "demo: no answer from the server on port $PORT" >&2; exit 1; fi
 cat "$OUT/served.txt"
 kill -TERM $SERVER && wait $SERVER || true
 echo

@@ -131,3 +131,158 @@ def test_read_image_names_missing_file(tmp_path):
     with pytest.raises(imageio.CorruptImageError) as err:
         imageio.read_image(tmp_path / "nope.jpg")
     assert "nope.jpg" in str(err.value)
+
+
+# -- hostile files (issue 12): bombs that are small on the wire and costly to decode ------------------
+
+def jpeg_scan_bomb(width: int, height: int, scans: int) -> bytes:
+    """A greyscale progressive JPEG of ``scans`` tiny AC scans (a few bytes of EOB runs over every
+    block each). libjpeg only warns about the bogus progression and decodes every scan over the
+    whole coefficient buffer: minutes for 20,000 scans at 40 MP, from about 1 MB."""
+    def seg(marker: int, payload: bytes) -> bytes:
+        return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    out = [b"\xff\xd8", seg(0xDB, b"\x00" + bytes([1] * 64)),
+           seg(0xC2, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00"),
+           seg(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\xe0")]  # AC table: one symbol (EOB run class 14)
+    bits, left = "", ((width + 7) // 8) * ((height + 7) // 8)
+    while left > 0:
+        run = max(min(left, 32767), 16384)
+        bits += "0" + format(run - 16384, "014b")
+        left -= run
+    bits += "1" * (-len(bits) % 8)
+    data = int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00")
+    out += [seg(0xDA, b"\x01\x01\x00\x01\x3f\x00") + data] * scans + [b"\xff\xd9"]
+    return b"".join(out)
+
+
+def test_jpeg_scan_bomb_refused_before_decoding():
+    import time
+
+    bomb = jpeg_scan_bomb(6000, 6000, 20000)
+    assert len(bomb) < 1_500_000 and Image.open(io.BytesIO(bomb)).size == (6000, 6000)
+    t = time.perf_counter()
+    with pytest.raises(imageio.DecodeBudgetError, match="20000 scans"):
+        imageio.decode_image(bomb, size=(32, 32))
+    assert time.perf_counter() - t < 1
+    assert imageio.DecodeBudgetError("x").http_status == 422
+    # a real progressive JPEG (Pillow/libjpeg's standard script) is far under the limit and decodes
+    prog = _encode(Image.fromarray(_golden(64, 48)), "JPEG", progressive=True, quality=90)
+    assert 1 < imageio.count_jpeg_scans(prog) <= 12
+    assert imageio.decode_image(prog).shape == (48, 64, 3)
+    # under the limit the bomb is a valid (slow) image: the service's decode budget handles that
+    assert imageio.decode_image(jpeg_scan_bomb(64, 64, 50), size=(8, 8)).shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (5, 0, 3), (0, 4, 3), (3, 0, 5)])
+def test_zero_size_arrays_are_refused(shape):
+    with pytest.raises(imageio.DegenerateImageError, match="no pixels"):
+        imageio.prepare_array(np.zeros(shape, np.uint8), (8, 8))
+
+
+# -- DICOM -----------------------------------------------------------------------------------------
+
+def _dicom_dataset(rows=16, cols=16, pi="MONOCHROME2", spp=1, frames=None, pixels: bytes | None = None):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "Secret^Patient"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = spp, pi
+    if spp == 3:
+        ds.PlanarConfiguration = 0
+    if frames is not None:
+        ds.NumberOfFrames = frames
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels if pixels is not None else (np.arange(rows * cols * spp) % 251).astype(np.uint8).tobytes()
+    return ds
+
+
+def _dicom_bytes(ds, deflated: bool = False) -> bytes:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    if deflated:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def dicom_deflate_bomb(pixel_bytes: int = 1 << 30) -> bytes:
+    """A deflated-transfer-syntax DICOM declaring 16x16 pixels whose pixel element is ``pixel_bytes``
+    of zeros: about 1 MB on the wire per GiB inflated."""
+    ds = _dicom_dataset()
+    del ds.PixelData
+    head = _dicom_bytes(ds, deflated=True)  # preamble + meta + the deflated header elements
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = io.BytesIO(head)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    meta_end = fp.tell()
+    header = zlib.decompress(head[meta_end:], -zlib.MAX_WBITS)
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    first = comp.compress(header + b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", pixel_bytes))
+    first += comp.flush(zlib.Z_FULL_FLUSH)
+    zeros = bytes(1 << 22)
+    # After a full flush the compressor starts afresh, so every 4 MiB of zeros deflates to the same
+    # bytes: compress two, check, repeat the second (a GiB bomb in milliseconds).
+    c1 = comp.compress(zeros) + comp.flush(zlib.Z_FULL_FLUSH)
+    c2 = comp.compress(zeros) + comp.flush(zlib.Z_FULL_FLUSH)
+    assert c1 == c2 and pixel_bytes % len(zeros) == 0
+    return head[:meta_end] + first + c2 * (pixel_bytes // len(zeros)) + comp.flush()
+
+
+def test_dicom_deflate_bomb_refused_within_budget():
+    import time
+    import tracemalloc
+
+    from medpipe.data import dicom
+
+    bomb = dicom_deflate_bomb(1 << 30)  # 1 GiB of pixel data behind a 16x16 header
+    assert len(bomb) < 1_500_000
+    tracemalloc.start()
+    t = time.perf_counter()
+    try:
+        with pytest.raises(imageio.ImageTooLargeError, match="inflates past its declared"):
+            dicom.decode_dicom(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak  # never inflated more than the header budget + the declared pixels
+    assert time.perf_counter() - t < 5
+
+
+def test_dicom_deflated_ok_and_read_once():
+    from medpipe.data import dicom
+
+    ds = _dicom_dataset(20, 12)
+    native = dicom.decode_dicom(_dicom_bytes(ds))
+    assert native.shape == (20, 12, 3)
+    np.testing.assert_array_equal(dicom.decode_dicom(_dicom_bytes(_dicom_dataset(20, 12), deflated=True)), native)
+
+
+def test_dicom_pixel_data_past_declared_frames_is_refused():
+    from medpipe.data import dicom
+
+    one = (np.arange(16 * 16) % 200).astype(np.uint8).tobytes()
+    ok = dicom.decode_dicom(_dicom_bytes(_dicom_dataset(frames=2, pixels=one * 2)))
+    assert ok.shape == (16, 16, 3)  # the first frame only
+    with pytest.raises(imageio.ImageTooLargeError, match="declare"):
+        dicom.decode_dicom(_dicom_bytes(_dicom_dataset(frames=1, pixels=one * 50)))
+
+
+def test_palette_dicom_without_lut_is_a_clear_error():
+    from medpipe.data import dicom
+
+    with pytest.raises(imageio.CorruptImageError, match="lookup table") as e:
+        dicom.decode_dicom(_dicom_bytes(_dicom_dataset(pi="PALETTE COLOR")))
+    assert e.value.http_status == 400 and "Secret" not in str(e.value)

@@ -132,30 +132,11 @@ class PreprocessSpec:
         return imageio.read_image(path, max_pixels=max_pixels, size=self.size, interpolation=self.interpolation)
 
     def prepare_array(self, arr: np.ndarray, *, max_pixels: int = imageio.DEFAULT_MAX_PIXELS) -> np.ndarray:
-        """An in-memory image (HW, HWC or CHW; uint8, or float in [0,1] or [0,255]) -> resized RGB uint8 HWC."""
-        a = np.asarray(arr)
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=2)
-        if a.ndim != 3:
-            raise imageio.CorruptImageError(f"array must be HxW, HxWxC or CxHxW, got shape {a.shape}")
-        if a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
-            a = np.moveaxis(a, 0, 2)
-        if a.shape[2] == 1:
-            a = np.repeat(a, 3, axis=2)
-        if a.shape[2] == 4:
-            a = a[..., :3]
-        if a.shape[2] != 3:
-            raise imageio.CorruptImageError(f"array must have 1, 3 or 4 channels, got shape {a.shape}")
-        if a.shape[0] * a.shape[1] > max_pixels:
-            raise imageio.ImageTooLargeError(f"{a.shape[1]}x{a.shape[0]} exceeds the pixel cap of {max_pixels}")
-        if a.dtype != np.uint8:
-            f = a.astype(np.float64)
-            if not np.isfinite(f).all():
-                raise imageio.CorruptImageError("array holds NaN or Inf")
-            if f.max(initial=0) <= 1.0:
-                f = f * 255.0
-            a = np.clip(f + 0.5, 0, 255).astype(np.uint8)
-        return imageio.resize_rgb(np.ascontiguousarray(a), self.size, self.interpolation)
+        """An in-memory image (HW, HWC or CHW; uint8, or float in [0,1] or [0,255]) -> resized RGB uint8 HWC.
+
+        The rules live in :func:`medpipe.data.imageio.prepare_array` (torch-free: the service's decode
+        processes run them too); an array with an empty side is refused."""
+        return imageio.prepare_array(arr, self.size, self.interpolation, max_pixels)
 
 
 class LoadPreprocessd(MapTransform):

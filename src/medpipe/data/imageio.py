@@ -4,6 +4,9 @@ Rules (see RELIABILITY.md):
 - an allow-list of Pillow decoders (JPEG, PNG, BMP, WebP); nothing else is ever tried;
 - the declared size is checked against a pixel cap *before* any pixel is allocated
   (decompression bombs are refused from the header);
+- a JPEG with more scans than ``max_jpeg_scans`` is refused before decoding (a progressive JPEG
+  with thousands of tiny scans takes minutes to decode under the pixel cap); the service also
+  decodes in worker processes with a hard time and memory budget (medpipe/serve/decodepool.py);
 - the full image is decoded (a truncated file is an error, never a half-grey image);
 - EXIF orientation is applied and every mode (L, LA, P, RGBA, CMYK, I;16, I, F) becomes 8-bit RGB.
 
@@ -23,6 +26,9 @@ from PIL import Image, ImageOps
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "WEBP")
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: far above any dermatoscope, far below a bomb
+# libjpeg's standard progressive script writes 10 scans (6 for greyscale); an EXIF thumbnail adds a
+# few more. 100 is far above any real camera or encoder and far below a scan bomb (thousands).
+DEFAULT_MAX_JPEG_SCANS = 100
 MIN_SIDE = 1
 
 # Pillow's own bomb guard stays on as a second line, but we check first and raise our error.
@@ -89,7 +95,24 @@ def resample_filter(name: str) -> Image.Resampling:
         raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {name!r}") from None
 
 
-def _open(data: bytes, name: str | None, max_pixels: int) -> Image.Image:
+class DecodeBudgetError(ImageError):
+    """The image is well-formed but decoding it would cost more than its budget (scans, time)."""
+
+    code = "decode_budget_exceeded"
+    http_status = 422
+
+
+def count_jpeg_scans(data: bytes) -> int:
+    """Start-of-scan markers in a JPEG stream: an upper bound on its scans, found without decoding.
+
+    Inside entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so every
+    FF DA is a real SOS marker (or one inside an embedded thumbnail, which is counted too).
+    """
+    return data.count(b"\xff\xda")
+
+
+def _open(data: bytes, name: str | None, max_pixels: int,
+          max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
     if not data:
         raise EmptyImageError("zero-byte file", name)
     try:
@@ -109,6 +132,9 @@ def _open(data: bytes, name: str | None, max_pixels: int) -> Image.Image:
         raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels exceeds the cap of {max_pixels}", name)
     if w < MIN_SIDE or h < MIN_SIDE:
         raise DegenerateImageError(f"size {w}x{h} has an empty side", name)
+    if img.format == "JPEG" and max_jpeg_scans and (scans := count_jpeg_scans(data)) > max_jpeg_scans:
+        raise DecodeBudgetError(f"JPEG has {scans} scans, over the limit of {max_jpeg_scans} "
+                                "(a progressive-JPEG scan bomb takes minutes to decode)", name)
     return img
 
 
@@ -162,6 +188,7 @@ def decode_image(
     size: tuple[int, int] | None = None,
     interpolation: str = "bicubic",
     draft: bool = True,
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
 ) -> np.ndarray:
     """Decode ``data`` to an RGB ``uint8`` array of shape (H, W, 3).
 
@@ -169,7 +196,7 @@ def decode_image(
     ``draft`` lets libjpeg decode at a reduced DCT scale first (still reading the whole stream, so
     truncation is still detected), which is several times faster for 600x450 -> 64x64.
     """
-    img = _open(data, name, max_pixels)
+    img = _open(data, name, max_pixels, max_jpeg_scans)
     try:
         if size is not None and draft and img.format == "JPEG":
             # orientation may swap axes, so ask for a draft big enough for either orientation
@@ -193,6 +220,40 @@ def decode_image(
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise CorruptImageError(f"unexpected decoded shape {arr.shape}", name)
     return arr
+
+
+def prepare_array(arr: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic",
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An in-memory image (HW, HWC or CHW; uint8, or float in [0,1] or [0,255]) -> RGB uint8 of ``size``.
+
+    ``size`` is (height, width). An array with an empty side is refused (never a prediction for an
+    empty image).
+    """
+    a = np.asarray(arr)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3:
+        raise CorruptImageError(f"array must be HxW, HxWxC or CxHxW, got shape {a.shape}")
+    if a.size == 0:
+        raise DegenerateImageError(f"array of shape {a.shape} holds no pixels")
+    if a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, 2)
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    if a.shape[2] == 4:
+        a = a[..., :3]
+    if a.shape[2] != 3:
+        raise CorruptImageError(f"array must have 1, 3 or 4 channels, got shape {a.shape}")
+    if a.shape[0] * a.shape[1] > max_pixels:
+        raise ImageTooLargeError(f"{a.shape[1]}x{a.shape[0]} exceeds the pixel cap of {max_pixels}")
+    if a.dtype != np.uint8:
+        f = a.astype(np.float64)
+        if not np.isfinite(f).all():
+            raise CorruptImageError("array holds NaN or Inf")
+        if f.max(initial=0) <= 1.0:
+            f = f * 255.0
+        a = np.clip(f + 0.5, 0, 255).astype(np.uint8)
+    return resize_rgb(np.ascontiguousarray(a), size, interpolation)
 
 
 def resize_rgb(arr: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:

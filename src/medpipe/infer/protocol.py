@@ -87,6 +87,8 @@ def parse_body(ctype: str, body: bytes, max_images: int = 16) -> list[tuple[str,
             raise HttpError(400, "bad_npy", f"body is not a valid .npy array ({exc.__class__.__name__})") from None
         if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "uif" or arr.ndim not in (2, 3, 4):
             raise HttpError(400, "bad_npy", "the .npy array must be numeric HW, HWC, CHW or NHWC/NCHW")
+        if arr.size == 0:
+            raise HttpError(400, "bad_npy", f"the .npy array of shape {arr.shape} holds no pixels")
         items = list(arr) if arr.ndim == 4 else [arr]
         check_count(len(items), max_images)
         return [("array", a) for a in items]
@@ -95,6 +97,8 @@ def parse_body(ctype: str, body: bytes, max_images: int = 16) -> list[tuple[str,
             obj = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise HttpError(400, "bad_json", "body is not valid JSON") from None
+        except RecursionError:
+            raise HttpError(400, "bad_json", "JSON body is nested too deeply") from None
         images = obj.get("images", obj.get("instances")) if isinstance(obj, dict) else None
         if not isinstance(images, list):
             raise HttpError(400, "bad_json", "JSON body must be {\"images\": [<base64 image>, ...]}")

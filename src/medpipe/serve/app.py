@@ -15,14 +15,25 @@ Routes (exactly these; anything else is a JSON 404/405):
 
 Every error is JSON ``{"error": code, "message": ..., "request_id": ...}``; no stack trace, file
 path or image bytes is ever sent or logged. The model is loaded (and verified) before the port is
-bound, so a bad package stops the process with a clear line and a non-zero exit.
+bound, so a bad package stops the process with a clear line and a non-zero exit; a busy port is a
+clear error too, and "serving on" is logged only once the port is bound and the model warmed up.
+
+Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``):
+  connections   header_timeout_s, max_connections (medpipe/serve/connections.py: a uvicorn protocol
+                subclass); malformed HTTP -> 400 JSON
+  request       Content-Length with Transfer-Encoding -> 400 and close; max_body_mb (413 before
+                reading when declared); max_requests requests holding a body at once and the
+                memory_ceiling_mb, both decided *before* the body is read (503); body_timeout_s (408)
+  decode        in worker processes (medpipe/serve/decodepool.py): decode_timeout_s (422, worker
+                replaced), decode_memory_mb (413), max_pixels (413), max_jpeg_scans (422)
+  inference     max_queue images admitted (503), max_batch, deadline_s (504)
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real Request class in route signatures.
 import asyncio
-import concurrent.futures
 import logging
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, fields
@@ -32,6 +43,7 @@ import numpy as np
 
 from medpipe.data import dicom, imageio
 from medpipe.serve.batcher import Batcher
+from medpipe.serve.decodepool import DecodePool, DecodeSpec
 from medpipe.serve.oip import metric_route
 from medpipe.infer.protocol import (
     CSV_T,
@@ -39,7 +51,6 @@ from medpipe.infer.protocol import (
     IMAGE_TYPES,
     SUPPORTED_TYPES,
     HttpError,
-    decode_item,
     finish,
     media_type,
     merge,
@@ -76,7 +87,15 @@ class ServeConfig:
     max_queue: int = 64            # images admitted at once (decoding, queued or running); more -> 503
     deadline_s: float = 55.0       # per request, from admission to answer; -> 504
     body_timeout_s: float = 20.0   # whole body must arrive within this; -> 408 and the connection closes
-    decode_workers: int = 2
+    header_timeout_s: float = 10.0  # request line + headers must arrive within this; else closed (408 if partial)
+    max_connections: int = 256     # open connections; at the cap the longest header wait is dropped, else 503
+    max_requests: int = 32         # requests holding a body (reading, decoding, queued, running); more -> 503
+    memory_ceiling_mb: float = 0.0  # RSS (server + decode workers) above which bodies are refused (503);
+    #                                 0 = the RSS once the model is loaded and warmed up + 1024 MB
+    decode_workers: int = 2        # decode processes
+    decode_timeout_s: float = 10.0  # per image; a decode running longer is killed -> 422, worker replaced
+    decode_memory_mb: int = 1024   # address-space limit of each decode process; over -> 413
+    max_jpeg_scans: int = imageio.DEFAULT_MAX_JPEG_SCANS  # more scans -> 422 before decoding (scan bombs)
     max_concurrent_transforms: int = 4  # advertised to SageMaker batch transform
     graceful_s: float = 25.0       # SIGTERM: finish in-flight requests for at most this long
 
@@ -95,10 +114,12 @@ class Service:
         self.cfg = cfg
         self.metrics = Metrics()
         self.admitted = 0
+        self.requests_with_body = 0
         self.ready = False
         self.batcher: Batcher | None = None
-        self.decode_pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.decode_workers),
-                                                                 thread_name_prefix="medpipe-decode")
+        self.decode_pool: DecodePool | None = None
+        self.memory = MemoryWatch()
+        self.metrics.rss.set_function(self.memory.rss_mb)
         self.fault_sleep = float(os.environ.get(FAULT_SLEEP_ENV, "0") or 0)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -108,6 +129,12 @@ class Service:
         return self.predictor.probabilities(pixels)
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        spec = DecodeSpec(self.predictor.size, self.predictor.spec.interpolation, self.cfg.max_pixels,
+                          self.cfg.max_jpeg_scans)
+        self.decode_pool = DecodePool(spec, self.cfg.decode_workers, self.cfg.decode_timeout_s,
+                                      self.cfg.decode_memory_mb)
+        await loop.run_in_executor(None, self.decode_pool.warm_up)
         self.batcher = Batcher(self.infer, self.cfg.max_batch, self.cfg.max_wait_ms / 1000.0,
                                on_batch=self.metrics.batch_size.observe)
         self.batcher.start()
@@ -116,13 +143,16 @@ class Service:
         blank = np.zeros((size[0], size[1], 3), np.uint8)
         from medpipe.infer.predictor import PredictionError
 
-        loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, self.predictor.probabilities, [blank])
             await loop.run_in_executor(None, self.predictor.probabilities, [blank] * min(4, self.cfg.max_batch))
         except PredictionError as exc:  # answered per request as 500 prediction_failed
             log.warning("warm-up: %s on a blank image", exc)
+        self.memory.set_ceiling(self.cfg.memory_ceiling_mb)
+        self.metrics.ceiling.set(self.memory.ceiling_mb)
         self.ready = True
+        log.info("memory: %.0f MB after warm-up; bodies are refused above %.0f MB (memory_ceiling_mb)",
+                 self.memory.rss_mb(), self.memory.ceiling_mb)
         log.info("model %s v%s ready (%s backend, %d classes, %dx%d input)", self.predictor.name,
                  self.predictor.version, self.predictor.backend, len(self.predictor.classes), size[1], size[0])
 
@@ -130,7 +160,8 @@ class Service:
         self.ready = False
         if self.batcher is not None:
             await self.batcher.close()
-        self.decode_pool.shutdown(wait=True)
+        if self.decode_pool is not None:
+            self.decode_pool.close()
 
     # -- request steps (each a small function, testable alone) ----------------------------------
     async def read_body(self, request) -> bytes:
@@ -159,8 +190,34 @@ class Service:
             raise HttpError(400, "client_disconnected", "client closed the connection mid-body") from None
         return bytes(buf)
 
-    def decode(self, kind: str, payload):
-        return decode_item(self.predictor, kind, payload, self.cfg.max_pixels)
+    async def decode(self, kind: str, payload):
+        """One item -> model-size RGB uint8 or the ImageError saying why not, in a decode process."""
+        result = await self.decode_pool.decode(kind, payload)
+        if isinstance(result, imageio.DecodeBudgetError):
+            self.metrics.decode_abandoned.inc()
+        return result
+
+    def admit_body(self, headers: dict) -> None:
+        """Decide, before a single body byte is read, whether this request may bring its body."""
+        cap = int(self.cfg.max_body_mb * 1024 * 1024)
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                raise HttpError(400, "bad_content_length", "Content-Length is not a number", CLOSE) from None
+            if n > cap:
+                raise HttpError(413, "body_too_large", f"body of {n} bytes is over the {cap}-byte limit", CLOSE)
+            if n == 0:
+                return
+        if self.requests_with_body >= self.cfg.max_requests:
+            self.metrics.rejected.inc()
+            raise HttpError(503, "overloaded", f"{self.requests_with_body} requests are in progress (max_requests "
+                            f"{self.cfg.max_requests}). Retry shortly.", {"Retry-After": "1", **CLOSE})
+        if self.memory.over_ceiling():
+            self.metrics.rejected.inc()
+            raise HttpError(503, "memory_pressure", f"the server is above its memory ceiling of "
+                            f"{self.memory.ceiling_mb:.0f} MB. Retry shortly.", {"Retry-After": "1", **CLOSE})
 
     def admit(self, n: int) -> None:
         if self.admitted + n > self.cfg.max_queue:
@@ -178,14 +235,12 @@ class Service:
         """Decode off the event loop, batch, and return one dict per item (prediction or error)."""
         from medpipe.infer.predictor import PredictionError
 
-        loop = asyncio.get_running_loop()
         self.admit(len(items))
         try:
             async with asyncio.timeout(self.cfg.deadline_s):
                 self.batcher.decoding += 1
                 try:
-                    decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self.decode, k, p)
-                                                     for k, p in items))
+                    decoded = await asyncio.gather(*(self.decode(k, p) for k, p in items))
                 finally:
                     self.batcher.decoding -= 1
                 good = [d for d in decoded if isinstance(d, np.ndarray)]
@@ -224,7 +279,9 @@ def create_app(predictor, cfg: ServeConfig):
         finally:
             await svc.stop()
 
-    app = FastAPI(title="medpipe", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    # redirect_slashes=False: Starlette would answer `/ping/` with a redirect built from the Host header.
+    app = FastAPI(title="medpipe", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+                  redirect_slashes=False)
     app.state.service = svc
 
     def rid_of(request: Request) -> str:
@@ -290,10 +347,9 @@ def create_app(predictor, cfg: ServeConfig):
         if ctype not in IMAGE_TYPES:
             raise HttpError(415, "unsupported_media_type", "send one image (JPEG, PNG, BMP or WebP)")
         body = await svc.read_body(request)
-        loop = asyncio.get_running_loop()
         svc.admit(1)
         try:
-            pixels = await loop.run_in_executor(svc.decode_pool, svc.decode, "bytes", body)
+            pixels = await svc.decode("bytes", body)
             if isinstance(pixels, imageio.ImageError):
                 raise HttpError(pixels.http_status, pixels.code, pixels.reason)
             try:
@@ -315,7 +371,15 @@ def create_app(predictor, cfg: ServeConfig):
 
 
 class RequestEnvelope:
-    """Outermost ASGI layer: request id, metrics, and a last-resort JSON 500 without a traceback."""
+    """Outermost ASGI layer: request id, metrics, request-level limits, and a last-resort JSON error.
+
+    Before the app runs (so every route, including ones added later, gets it): Content-Length
+    together with Transfer-Encoding is refused (400, connection closed: the two framings disagree,
+    the classic request-smuggling shape); a request that may carry a body is admitted or refused
+    (413/503) before any of it is read (:meth:`Service.admit_body`), and holds its slot until answered.
+    """
+
+    BODY_METHODS = {"POST", "PUT", "PATCH"}
 
     def __init__(self, app, svc: Service):
         self.app, self.svc = app, svc
@@ -335,14 +399,91 @@ class RequestEnvelope:
                 msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(msg)
 
+        async def refuse(exc: HttpError):
+            await error_response(exc.status, exc.code, exc.message, rid, exc.headers)(scope, receive, send_wrapped)
+
+        holds_body = False
         try:
+            headers = dict(scope["headers"])  # uvicorn lower-cases header names
+            if b"transfer-encoding" in headers and b"content-length" in headers:
+                return await refuse(HttpError(400, "ambiguous_framing", "Content-Length and Transfer-Encoding "
+                                              "together are refused", CLOSE))
+            if scope["method"] in self.BODY_METHODS:
+                try:
+                    self.svc.admit_body(headers)
+                except HttpError as exc:
+                    return await refuse(exc)
+                holds_body = True
+                self.svc.requests_with_body += 1
             await self.app(scope, receive, send_wrapped)
+        except asyncio.CancelledError:
+            # Only at shutdown past graceful_s: answer in JSON and end quietly (uvicorn would log a
+            # traceback and answer plain text).
+            if not started:
+                await error_response(503, "shutting_down", "the server is shutting down", rid, CLOSE)(
+                    scope, receive, send_wrapped)
+            log.warning("request %s cancelled at shutdown", rid)
         except Exception as exc:  # noqa: BLE001 - already answered by the handler; log one line, no traceback
             if not started:
                 await error_response(500, "internal_error", "internal error", rid)(scope, receive, send_wrapped)
             log.error("request %s: %s", rid, exc.__class__.__name__)
         finally:
+            if holds_body:
+                self.svc.requests_with_body -= 1
             self.svc.metrics.observe(route, status, time.perf_counter() - t0)
+
+
+class MemoryWatch:
+    """Resident memory of this process and its children (the decode workers), read from /proc."""
+
+    def __init__(self, every_s: float = 0.2):
+        self.every_s, self._t, self._mb = every_s, 0.0, 0.0
+        self.ceiling_mb = float("inf")
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss_pages(self, pid: int | str) -> int:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                return int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _children(self) -> list[str]:
+        kids = []
+        try:
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/children") as f:
+                    kids += f.read().split()
+        except OSError:
+            pass
+        return kids
+
+    def rss_mb(self) -> float:
+        now = time.monotonic()
+        if now - self._t >= self.every_s:
+            pages = self._rss_pages("self") + sum(self._rss_pages(k) for k in self._children())
+            self._mb, self._t = pages * self._page / 2**20, now
+        return self._mb
+
+    def set_ceiling(self, ceiling_mb: float) -> None:
+        self._t = 0.0
+        self.ceiling_mb = float(ceiling_mb) if ceiling_mb and ceiling_mb > 0 else self.rss_mb() + 1024.0
+
+    def over_ceiling(self) -> bool:
+        if self.rss_mb() <= self.ceiling_mb:
+            return False
+        _trim_heap()  # freed buffers may still be counted: give them back and look again
+        self._t = 0.0
+        return self.rss_mb() > self.ceiling_mb
+
+
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _draining_server_class():
@@ -359,15 +500,46 @@ def _draining_server_class():
                 log.info("SIGTERM: not accepting new connections; finishing in-flight requests")
                 self._captured_signals.remove(sig)
 
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # the socket is listening and the model is warmed up
+                log.info("serving on %s", self.listen_url)
+
     return DrainingServer
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket ourselves, so a busy port is a clear error before anything starts."""
+    from medpipe.errors import MedpipeError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise MedpipeError(f"cannot serve on host {host!r}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        import errno
+
+        if exc.errno == errno.EADDRINUSE:
+            raise MedpipeError(f"port {port} on {host} is already in use (another server?); stop it or choose "
+                               "another with --port") from None
+        raise MedpipeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(cfg: ServeConfig) -> int:
-    """Load and verify the model, then run uvicorn until SIGTERM/SIGINT. Returns the exit code."""
+    """Load and verify the model, bind the port, then run uvicorn until SIGTERM/SIGINT. Returns the exit code."""
     import torch
     import uvicorn
 
     from medpipe.infer.predictor import Predictor
+    from medpipe.serve.connections import ConnectionLimits, protocol_class
 
     threads = cfg.threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
@@ -375,11 +547,29 @@ def serve(cfg: ServeConfig) -> int:
                           threads=threads, max_batch=cfg.max_batch)
     if predictor.backend in ("onnx", "int8"):
         torch.set_num_threads(1)  # torch only runs the eval preset and Grad-CAM: leave the cores to ORT
+    sock = bind_socket(cfg.host, int(cfg.port))
     app = create_app(predictor, cfg)
+    svc = app.svc
+    http = protocol_class(ConnectionLimits(cfg.header_timeout_s, cfg.max_connections),
+                          on_close=lambda reason: svc.metrics.connections_closed.labels(reason=reason).inc())
+    # h11 with medpipe's protocol subclass (connections.py): header timeout, connection cap, JSON 400s.
+    # limit_concurrency is not used: it answers plain-text 503 only after reading the headers.
     config = uvicorn.Config(app, host=cfg.host, port=int(cfg.port), log_level="info", access_log=False,
-                            timeout_graceful_shutdown=cfg.graceful_s, timeout_keep_alive=5, lifespan="on",
-                            server_header=False, h11_max_incomplete_event_size=64 * 1024)
+                            http=http, timeout_graceful_shutdown=cfg.graceful_s, timeout_keep_alive=5,
+                            lifespan="on", server_header=False, h11_max_incomplete_event_size=64 * 1024,
+                            backlog=max(128, cfg.max_connections))
     server = _draining_server_class()(config)
-    log.info("serving on http://%s:%d", cfg.host, cfg.port)
-    server.run()
-    return 0 if server.started else 1
+    server.listen_url = f"http://{cfg.host}:{cfg.port}"
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    code = 0 if server.started else 1
+    # Everything is answered and the server writes no files: skip the interpreter's teardown, which
+    # spends seconds garbage-collecting the model and would eat into SIGTERM's 30 s.
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

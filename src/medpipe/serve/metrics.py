@@ -29,8 +29,17 @@ class Metrics:
         self.batch_size = Histogram("medpipe_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS,
                                     registry=r)
         self.queue = Gauge("medpipe_queue_images", "Images admitted and not yet answered", registry=r)
-        self.rejected = Counter("medpipe_rejected_total", "Requests refused with 503 because the queue was full",
+        self.rejected = Counter("medpipe_rejected_total", "Requests refused with 503 (queue, requests or memory full)",
                                 registry=r)
+        self.connections_closed = Counter("medpipe_connections_closed_total", "Connections the server closed "
+                                          "itself, by reason (header_timeout, evicted, over_capacity, "
+                                          "malformed_http)", ["reason"], registry=r)
+        self.decode_abandoned = Counter("medpipe_decode_abandoned_total", "Decodes stopped at their time "
+                                        "budget or refused for too many JPEG scans", registry=r)
+        self.ceiling = Gauge("medpipe_memory_ceiling_megabytes", "memory_ceiling_mb in force: bodies are refused "
+                             "above it", registry=r)
+        self.rss = Gauge("medpipe_memory_rss_megabytes", "Resident memory of the server and its decode "
+                         "processes", registry=r)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

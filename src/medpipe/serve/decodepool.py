@@ -1,0 +1,113 @@
+"""Untrusted bytes are decoded in worker processes with a hard time and memory budget.
+
+A thread cannot be stopped: an image whose decode is pathologically slow under the pixel cap (a
+progressive JPEG with thousands of scans, a codec bug) used to hold a decode thread for minutes, past
+every deadline and past SIGTERM. Here each decode runs in a process of a ``pebble.ProcessPool``:
+
+- a decode that runs longer than ``timeout_s`` is abandoned, its worker process is killed and
+  replaced, and the item is answered 422 ``decode_budget_exceeded``;
+- a request whose deadline passes, or a client that goes away, cancels its decodes the same way;
+- each worker's address space is capped (``RLIMIT_AS`` = ``memory_mb``), so a decode that would
+  allocate more fails with MemoryError (413) instead of growing the service;
+- a worker that dies (killed by the kernel, a crash in a codec) is replaced; the item gets 422.
+
+The workers import only numpy, Pillow and pydicom (no torch): a few tens of MB each. They are
+started with ``spawn`` (never ``fork`` of a process that holds torch threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from medpipe.data import imageio
+
+log = logging.getLogger("medpipe.serve")
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    size: tuple[int, int]            # (height, width) of the model input
+    interpolation: str
+    max_pixels: int = imageio.DEFAULT_MAX_PIXELS
+    max_jpeg_scans: int = imageio.DEFAULT_MAX_JPEG_SCANS
+
+
+def decode_item(spec: DecodeSpec, kind: str, payload) -> np.ndarray | imageio.ImageError:
+    """One parsed item (bytes, dicom or array) -> model-size RGB uint8, or the ImageError that says why not."""
+    try:
+        if kind == "bytes":
+            return imageio.decode_image(payload, max_pixels=spec.max_pixels, size=spec.size,
+                                        interpolation=spec.interpolation, max_jpeg_scans=spec.max_jpeg_scans)
+        if kind == "dicom":
+            from medpipe.data import dicom
+
+            return imageio.prepare_array(dicom.decode_dicom(payload, spec.max_pixels), spec.size,
+                                         spec.interpolation, spec.max_pixels)
+        return imageio.prepare_array(payload, spec.size, spec.interpolation, spec.max_pixels)
+    except imageio.ImageError as exc:
+        return exc
+    except MemoryError:
+        return imageio.ImageTooLargeError("not enough memory to decode within the decode memory limit")
+
+
+def _init_worker(memory_mb: int) -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the parent's to handle
+    if memory_mb > 0:
+        limit = int(memory_mb) << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+class DecodePool:
+    """``await pool.decode(kind, payload)`` -> array or ImageError; never blocks the event loop."""
+
+    def __init__(self, spec: DecodeSpec, workers: int = 2, timeout_s: float = 10.0, memory_mb: int = 1024):
+        import pebble
+
+        self.spec, self.timeout_s = spec, float(timeout_s)
+        # One thread per native library in the worker: a decode is one image, and fewer threads
+        # keep the address space (RLIMIT_AS) small.
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+        self.workers = max(1, int(workers))
+        self._pool = pebble.ProcessPool(max_workers=self.workers, initializer=_init_worker,
+                                        initargs=(int(memory_mb),), context=multiprocessing.get_context("spawn"))
+        self.killed = 0  # workers stopped for running past their budget (a metric)
+
+    def warm_up(self) -> None:
+        """Start every worker now (spawn takes a moment), before the service says it is ready."""
+        blank = np.zeros((1, 1, 3), np.uint8)
+        futures = [self._pool.schedule(decode_item, args=(self.spec, "array", blank))
+                   for _ in range(self.workers)]
+        for f in futures:
+            f.result(timeout=120)
+
+    async def decode(self, kind: str, payload) -> np.ndarray | imageio.ImageError:
+        import pebble
+
+        fut = self._pool.schedule(decode_item, args=(self.spec, kind, payload), timeout=self.timeout_s)
+        try:
+            return await asyncio.wrap_future(fut)
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            self.killed += 1
+            return imageio.DecodeBudgetError(f"decoding took longer than its {self.timeout_s:g} s budget and "
+                                             "was abandoned")
+        except pebble.ProcessExpired as exc:
+            log.warning("decode worker died (exit code %s); replaced", exc.exitcode)
+            return imageio.DecodeBudgetError("the decoder process died on this image")
+        except concurrent.futures.CancelledError:
+            # The pool was stopped (shutdown) while this item waited; the request answers 503.
+            raise asyncio.CancelledError from None
+
+    def close(self) -> None:
+        self._pool.stop()
+        self._pool.join(timeout=10)

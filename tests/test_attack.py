@@ -1,0 +1,379 @@
+"""Hostile clients against the real `medpipe serve` process on loopback (issue 12; RELIABILITY.md
+"Added after the first review / Inference service"). Raw sockets, bounded loops, small limits so
+each attack takes seconds; a random-weight 32x32 package (the answers' values do not matter here).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests._server import Server, as_json
+from tests.test_imageio import _dicom_bytes, _dicom_dataset, dicom_deflate_bomb, jpeg_scan_bomb
+
+pytest.importorskip("fastapi")
+pytest.importorskip("pebble")
+pytestmark = pytest.mark.slow
+
+MAX_CONNECTIONS = 48
+MAX_REQUESTS = 6
+MAX_BODY_MB = 2
+LIMITS = ("--backend", "eager", "--header-timeout-s", "1", "--max-connections", str(MAX_CONNECTIONS),
+          "--max-requests", str(MAX_REQUESTS), "--body-timeout-s", "2", "--max-body-mb", str(MAX_BODY_MB),
+          "--decode-timeout-s", "1", "--max-jpeg-scans", "600", "--decode-workers", "2", "--threads", "1")
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    import torch
+
+    from medpipe.models import create_model
+    from medpipe.package import save_package
+    from medpipe.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("attack") / "pkg"
+    save_package(out, create_model("densenet121", 7), name="attack", arch="densenet121",
+                 classes=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], spec=PreprocessSpec(image_size=32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(package, tmp_path_factory):
+    s = Server(package, *LIMITS, log=tmp_path_factory.mktemp("attack-log") / "server.log").wait_ready()
+    yield s
+    s.stop()
+    text = s.log_text()
+    assert "Traceback" not in text, text[-3000:]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def png(side: int = 48) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(side * side * 3) % 251).astype(np.uint8).reshape(side, side, 3)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, read from /proc."""
+    total, todo = 0, [str(pid)]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1])
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += f.read().split()
+        except (OSError, ValueError):
+            continue
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssSampler:
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_mb(self.pid))
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def read_all(s: socket.socket, timeout: float, closed: list | None = None) -> bytes:
+    """Read until the server closes (or the timeout): b'' means closed without an answer.
+    ``closed`` (a list) gets True when the server closed the connection, False on timeout."""
+    s.settimeout(timeout)
+    data, was_closed = b"", True
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        was_closed = False
+    except ConnectionResetError:
+        pass
+    if closed is not None:
+        closed.append(was_closed)
+    return data
+
+
+def raw(server, data: bytes, timeout: float = 10.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as s:
+        s.sendall(data)
+        return read_all(s, timeout)
+
+
+def json_error(reply: bytes) -> tuple[int, dict]:
+    """Status and JSON body of one raw HTTP response; the body must be the JSON error shape."""
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"content-type: application/json" in head.lower(), reply[:300]
+    err = json.loads(body)
+    assert set(err) == {"error", "message", "request_id"}, err
+    return status, err
+
+
+def timed_ping(server) -> tuple[int, float]:
+    t = time.perf_counter()
+    st = server.request("GET", "/ping", timeout=5)[0]
+    return st, time.perf_counter() - t
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    text = server.request("GET", "/metrics")[2].decode()
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+# -- requests that used to be 500, 200 or plain text ----------------------------------------------
+
+def test_bad_framing_malformed_http_and_redirects(server):
+    # Content-Length with Transfer-Encoding: 400 JSON, the connection closed, the pipelined request unanswered
+    reply = raw(server, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, err = json_error(reply)
+    assert status == 400 and err["error"] == "ambiguous_framing" and reply.count(b"HTTP/1.1") == 1
+    assert b"connection: close" in reply.lower()
+    # malformed request line / header / unknown transfer coding: JSON, not uvicorn's plain text
+    for bad in (b"GARBAGE\r\n\r\n", b"GET /ping HTTP/1.1\r\nHost x\r\n\r\n",
+                b"POST /invocations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"):
+        status, err = json_error(raw(server, bad))
+        assert status == 400 and err["error"] == "malformed_http"
+    # /ping/ is not redirected to a URL built from the Host header
+    st, h, b = server.request("GET", "/ping/", headers={"Host": "evil.example"})
+    assert st == 404 and "location" not in h and b"evil" not in b
+    assert server.request("GET", "/ping")[0] == 200
+
+
+def test_deep_json_empty_arrays_and_palette_dicom_are_400(server):
+    deep = b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    st, h, b = server.invoke(deep, ctype="application/json")
+    assert st == 400 and as_json(b)["error"] == "bad_json" and "nested" in as_json(b)["message"]
+    for shape in ((0, 0), (5, 0, 3), (0, 3, 8, 8)):
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(shape, np.uint8))
+        st, h, b = server.invoke(buf.getvalue(), ctype="application/x-npy")
+        assert st == 400 and as_json(b)["error"] == "bad_npy" and "no pixels" in as_json(b)["message"], shape
+    pytest.importorskip("pydicom")
+    st, h, b = server.invoke(_dicom_bytes(_dicom_dataset(pi="PALETTE COLOR")), ctype="application/dicom")
+    assert st == 400 and "lookup table" in as_json(b)["message"] and b"Secret" not in b
+    assert server.invoke(png(), ctype="image/png")[0] == 200
+
+
+# -- hostile files -------------------------------------------------------------------------------
+
+def test_dicom_deflate_bomb_is_413_and_memory_stays_flat(server):
+    pytest.importorskip("pydicom")
+    bomb = dicom_deflate_bomb(1 << 30)  # ~1 MB on the wire, 1 GiB inflated
+    before = tree_rss_mb(server.proc.pid)
+    with RssSampler(server.proc.pid) as rss:
+        for _ in range(3):
+            t = time.perf_counter()
+            st, h, b = server.invoke(bomb, ctype="application/dicom")
+            assert st == 413 and "inflates past" in as_json(b)["message"] and time.perf_counter() - t < 10
+            assert timed_ping(server)[1] < 2
+    assert rss.peak - before < 150, (before, rss.peak)  # old main: +3 GB per bomb
+
+
+def test_scan_bomb_is_abandoned_at_its_budget_and_workers_recover(server):
+    slow = jpeg_scan_bomb(6000, 6600, 500)  # 39.6 MP, under the scan limit: many seconds to decode
+    with ThreadPoolExecutor(4) as ex:
+        t = time.perf_counter()
+        bombs = [ex.submit(server.invoke, slow, ctype="image/jpeg") for _ in range(2)]
+        time.sleep(0.3)  # both decode workers are now busy with a bomb
+        normal = [ex.submit(server.invoke, png(), ctype="image/png") for _ in range(2)]
+        for f in bombs:
+            st, h, b = f.result(timeout=60)
+            assert st == 422 and as_json(b)["error"] == "decode_budget_exceeded", b
+        bomb_s = time.perf_counter() - t
+        assert all(f.result(timeout=60)[0] == 200 for f in normal)  # served once a worker was replaced
+    assert bomb_s < 8, bomb_s  # abandoned at the 1 s budget (plus start-up of the replacement)
+    # the replaced workers serve normally
+    for _ in range(4):
+        assert server.invoke(png(), ctype="image/png")[0] == 200
+    # far over the scan limit: refused before any decode, at once
+    t = time.perf_counter()
+    st, h, b = server.invoke(jpeg_scan_bomb(6000, 6600, 20000), ctype="image/jpeg")
+    assert st == 422 and "20000 scans" in as_json(b)["message"] and time.perf_counter() - t < 3
+    assert metric(server, "medpipe_decode_abandoned_total") >= 3
+
+
+# -- connections ---------------------------------------------------------------------------------
+
+def test_slow_headers_are_cut_and_the_connection_cap_keeps_ping_answering(server):
+    fds_before = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    attackers = []
+    for _ in range(3 * MAX_CONNECTIONS):  # far over the cap, every one holding its headers open
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        attackers.append(s)
+    tricklers = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(4)]
+    pings, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < 2.5:  # tricklers send a byte every 0.2 s: still cut at 1 s
+        for s in tricklers:
+            try:
+                s.sendall(b"X")
+            except OSError:
+                pass
+        pings.append(timed_ping(server))
+        assert len(os.listdir(f"/proc/{server.proc.pid}/fd")) <= fds_before + MAX_CONNECTIONS + 8
+        time.sleep(0.2)
+    assert all(st == 200 for st, _ in pings) and max(s for _, s in pings) < 2, pings
+    closed: list[bool] = []
+    answers = [read_all(s, 3, closed) for s in attackers + tricklers]
+    for s in attackers + tricklers:
+        s.close()
+    # every connection was closed by the server; what it answered (if the close did not reset it) is JSON
+    assert all(closed)
+    for a in answers:
+        if a:
+            status, err = json_error(a)
+            assert status == 408 and err["error"] in ("header_timeout", "evicted")
+    assert all(json_error(a)[1]["error"] == "header_timeout" for a in answers[-len(tricklers):])
+    assert metric(server, "medpipe_connections_closed_total", '{reason="header_timeout"}') >= 4
+    assert metric(server, "medpipe_connections_closed_total", '{reason="evicted"}') >= MAX_CONNECTIONS
+
+
+def test_bodies_are_admitted_before_they_are_read(server):
+    declared = MAX_BODY_MB * 2**20
+    head = (f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    holders = []
+    for _ in range(MAX_REQUESTS + 10):  # each sends 64 KB of its 2 MB body and holds
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.sendall(head + b"\x00" * 65536)
+        holders.append(s)
+    time.sleep(0.5)
+    refused = []
+    for s in holders:
+        s.settimeout(0.05)
+        try:
+            refused.append(s.recv(65536))
+        except socket.timeout:
+            refused.append(b"")
+    overloaded = [r for r in refused if r]
+    assert len(overloaded) == 10, [r[:60] for r in refused]  # MAX_REQUESTS admitted, the rest refused unread
+    for r in overloaded:
+        status, err = json_error(r + read_all(holders[refused.index(r)], 2))
+        assert status == 503 and err["error"] == "overloaded"
+    st, secs = timed_ping(server)
+    assert st == 200 and secs < 2
+    # the admitted ones are cut at the body timeout (2 s) and the service is free again
+    late = [read_all(s, 5) for s, r in zip(holders, refused) if not r]
+    for s in holders:
+        s.close()
+    assert len(late) == MAX_REQUESTS and all(json_error(a)[0] == 408 for a in late)
+    assert server.invoke(png(), ctype="image/png")[0] == 200
+
+
+def test_memory_stays_under_the_ceiling_during_a_body_flood(server):
+    body = b"\xff" * (MAX_BODY_MB * 2**20 - 100)
+    head = (f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    ceiling = metric(server, "medpipe_memory_ceiling_megabytes")
+    before = tree_rss_mb(server.proc.pid)
+    assert before < ceiling
+
+    def flood(_):
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                s.sendall(head)
+                try:
+                    s.sendall(body)
+                except OSError:
+                    pass  # refused before its body was read: the server closed
+                r = read_all(s, 10)
+                return json_error(r)[0] if r else 0
+        except OSError:
+            return 0
+
+    with RssSampler(server.proc.pid) as rss, ThreadPoolExecutor(64) as ex:
+        statuses = list(ex.map(flood, range(160)))  # 320 MB sent, 64 at a time
+    assert set(statuses) <= {0, 400, 415, 503} and statuses.count(503) > 50, statuses
+    assert rss.peak < ceiling and rss.peak - before < 160, (before, rss.peak, ceiling)
+    assert timed_ping(server)[0] == 200 and server.invoke(png(), ctype="image/png")[0] == 200
+
+
+# -- SIGTERM mid-attack and the port ---------------------------------------------------------------
+
+def test_sigterm_during_a_stuck_decode_and_attack_exits_0_with_json(package, tmp_path):
+    s = Server(package, "--backend", "eager", "--decode-timeout-s", "300", "--max-jpeg-scans", "0",
+               "--graceful-s", "3", "--header-timeout-s", "20", "--threads", "1",
+               log=tmp_path / "server.log").wait_ready()
+    try:
+        bomb = jpeg_scan_bomb(6000, 6600, 20000)  # minutes to decode: stuck when SIGTERM comes
+        slow = []
+        for _ in range(30):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+            c.sendall(b"GET /ping HTTP/1.1\r\nHo")
+            slow.append(c)
+        with ThreadPoolExecutor(2) as ex:
+            stuck = [ex.submit(s.invoke, bomb, ctype="image/jpeg", timeout=40) for _ in range(2)]
+            time.sleep(1.5)
+            t = time.perf_counter()
+            s.proc.send_signal(signal.SIGTERM)
+            code = s.proc.wait(40)
+            elapsed = time.perf_counter() - t
+            answers = [f.result(timeout=5) for f in stuck]
+        assert code == 0 and elapsed < 30, (code, elapsed)
+        for st, h, b in answers:  # JSON answers only
+            assert st == 503 and h["content-type"] == "application/json" and as_json(b)["error"] == "shutting_down"
+        for c in slow:
+            assert read_all(c, 2) == b""
+            c.close()
+    finally:
+        s.stop()
+    text = s.log_text()
+    assert "Traceback" not in text and "Exception in ASGI" not in text, text[-3000:]
+
+
+def test_busy_port_is_a_clear_error_and_serving_is_logged_after_binding(server, package):
+    assert f"serving on http://127.0.0.1:{server.port}" in server.log_text()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "medpipe", "serve", "--model", str(package), "--port", str(port)],
+                           capture_output=True, text=True, timeout=180)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in out
+    assert "serving on" not in out and "Traceback" not in out
+
+
+def test_demo_refuses_a_taken_port(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(["bash", "scripts/demo.sh", "false", str(tmp_path / "demo")], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "DEMO_PORT": str(port)},
+                           cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode != 0 and f"port {port}" in r.stderr and "already in use" in r.stderr
+    assert not (tmp_path / "demo" / "ham").exists()  # refused before any work
