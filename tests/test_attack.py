@@ -377,3 +377,20 @@ def test_demo_refuses_a_taken_port(tmp_path):
                            cwd=Path(__file__).resolve().parents[1])
     assert r.returncode != 0 and f"port {port}" in r.stderr and "already in use" in r.stderr
     assert not (tmp_path / "demo" / "ham").exists()  # refused before any work
+
+
+def test_palette_dicom_is_an_error_row_in_batch(package, tmp_path):
+    pytest.importorskip("pydicom")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(3):
+        (inp / f"ok{i}.png").write_bytes(png(40 + i))
+    (inp / "palette.dcm").write_bytes(_dicom_bytes(_dicom_dataset(pi="PALETTE COLOR")))
+    r = subprocess.run([sys.executable, "-m", "medpipe", "batch", "--model", str(package), "--input", str(inp),
+                        "--output", str(tmp_path / "out"), "--max-error-rate", "0.5"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    by_name = {row["id"]: row for row in rows}
+    assert "lookup table" in json.dumps(by_name["palette.dcm"]) and "label" not in by_name["palette.dcm"]
+    assert all("label" in by_name[f"ok{i}.png"] for i in range(3))

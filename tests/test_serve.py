@@ -493,7 +493,9 @@ def test_bad_package_refuses_to_start(trained_run, tmp_path, defect):
             def __reduce__(self):
                 return (os.system, (f"touch {marker}",))
         (pkg / "weights.safetensors").write_bytes(pickle.dumps(Evil()))
-    r = subprocess.run([sys.executable, "-m", "medpipe", "serve", "--model", str(pkg), "--port", "1"],
+    from tests._server import free_port
+
+    r = subprocess.run([sys.executable, "-m", "medpipe", "serve", "--model", str(pkg), "--port", str(free_port())],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "medpipe serve: error:" in r.stderr and "Traceback" not in r.stderr
     assert {"missing": "missing", "hash": "does not match", "pickle": "does not match"}[defect] in r.stderr

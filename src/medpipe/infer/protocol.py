@@ -117,17 +117,13 @@ def parse_body(ctype: str, body: bytes, max_images: int = 16) -> list[tuple[str,
 
 
 def decode_item(predictor, kind: str, payload, max_pixels: int):
-    """One parsed item -> model-size RGB uint8, or the ImageError that says why not (returned, not raised)."""
-    from medpipe.data.imageio import ImageError
+    """One parsed item -> model-size RGB uint8, or the ImageError that says why not (returned, not raised).
 
-    try:
-        if kind == "bytes":
-            return predictor.decode(payload)
-        if kind == "dicom":
-            return predictor.prepare_array(dicom.decode_dicom(payload, max_pixels))
-        return predictor.prepare_array(payload)
-    except ImageError as exc:
-        return exc
+    In this process; the service runs the same function in its decode processes (medpipe/serve/decodepool.py).
+    """
+    from medpipe.serve.decodepool import DecodeSpec, decode_item as decode_with
+
+    return decode_with(DecodeSpec(predictor.size, predictor.spec.interpolation, max_pixels), kind, payload)
 
 
 def merge(decoded: list, predictions: list) -> list[dict]:

@@ -14,9 +14,10 @@ Routes (exactly these; anything else is a JSON 404/405):
     /v2/...                      the Open Inference Protocol (KServe v2), see medpipe.serve.oip
 
 Every error is JSON ``{"error": code, "message": ..., "request_id": ...}``; no stack trace, file
-path or image bytes is ever sent or logged. The model is loaded (and verified) before the port is
-bound, so a bad package stops the process with a clear line and a non-zero exit; a busy port is a
-clear error too, and "serving on" is logged only once the port is bound and the model warmed up.
+path or image bytes is ever sent or logged. The port is bound first (a busy port is a clear error at
+once), then the model is loaded and verified before the port listens, so a bad package stops the
+process with a clear line and a non-zero exit; "serving on" is logged only once the port listens
+and the model is warmed up.
 
 Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``):
   connections   header_timeout_s, max_connections (medpipe/serve/connections.py: a uvicorn protocol
@@ -541,13 +542,13 @@ def serve(cfg: ServeConfig) -> int:
     from medpipe.infer.predictor import Predictor
     from medpipe.serve.connections import ConnectionLimits, protocol_class
 
+    sock = bind_socket(cfg.host, int(cfg.port))  # reserved first: a busy port fails before the model loads
     threads = cfg.threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     predictor = Predictor(cfg.model, device=cfg.device, max_pixels=cfg.max_pixels, backend=cfg.backend,
                           threads=threads, max_batch=cfg.max_batch)
     if predictor.backend in ("onnx", "int8"):
         torch.set_num_threads(1)  # torch only runs the eval preset and Grad-CAM: leave the cores to ORT
-    sock = bind_socket(cfg.host, int(cfg.port))
     app = create_app(predictor, cfg)
     svc = app.svc
     http = protocol_class(ConnectionLimits(cfg.header_timeout_s, cfg.max_connections),

@@ -33,6 +33,9 @@ log = logging.getLogger("medpipe.serve")
 
 @dataclass(frozen=True)
 class DecodeSpec:
+    """The decode half of the package's PreprocessSpec (what PreprocessSpec.decode/prepare_array
+    use), plus the decode limits; torch-free so the workers stay small."""
+
     size: tuple[int, int]            # (height, width) of the model input
     interpolation: str
     max_pixels: int = imageio.DEFAULT_MAX_PIXELS

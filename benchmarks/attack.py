@@ -1,0 +1,305 @@
+"""A bounded mixed attack on `medpipe serve` alongside normal clients (issue 12's acceptance run).
+
+    python benchmarks/attack.py [--duration 30] [--size 64] [--backend auto]
+
+The real server runs as a process on loopback with its *default* limits and an untrained
+DenseNet121 package at --size. For --duration seconds, at the same time:
+  normal      --clients threads send 600x450 JPEGs to /invocations, one after another
+  ping        one thread times GET /ping every 100 ms
+  slow        --slow connections send half a request line and then a byte a second (reconnecting when cut)
+  held        --held connections declare a 6 MB body, send 64 KB and stall (reconnecting when cut)
+  bombs       a progressive JPEG of 20,000 scans (39.6 MP) and a deflated DICOM whose pixel element
+              inflates to 1 GiB, sent in turn by --bombers threads
+  bursts      every 2 s, --burst connections opened at once, each asking /ping
+Then SIGTERM. Prints and writes benchmarks/results/attack.json: normal-request success rate (200
+within the deadline) and p99, /ping p99, peak RSS of the server and its decode processes against
+the memory ceiling it reports, the answers each attacker got, and the SIGTERM exit code and time.
+Targets (issue 12): normal >= 99% answered 200, /ping p99 < 2 s, peak RSS under the ceiling.
+Numbers from a machine shared with other work are not meaningful; run it on a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import http.client
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import free_port, write_result  # noqa: E402
+from serve_load import make_package, pct, wait_ready  # noqa: E402
+
+
+def tree_rss_mb(pid: int) -> float:
+    total, todo = 0, [str(pid)]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1])
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += f.read().split()
+        except (OSError, ValueError):
+            continue
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def status_of(reply: bytes) -> str:
+    try:
+        return reply.split(b" ", 2)[1].decode() if reply.startswith(b"HTTP/") else ("closed" if not reply else "junk")
+    except IndexError:
+        return "junk"
+
+
+class Attack:
+    def __init__(self, port: int, args):
+        self.port, self.args = port, args
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.normal: list[tuple[int, float]] = []
+        self.pings: list[float] = []
+        self.answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    def note(self, kind: str, what: str) -> None:
+        with self.lock:
+            self.answers[kind][what] += 1
+
+    def connect(self, timeout: float = 5) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
+    # -- the clients ---------------------------------------------------------------------------
+    def normal_client(self, jpeg: bytes) -> None:
+        conn = None
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            try:
+                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                conn.request("POST", "/invocations", jpeg, {"Content-Type": "image/jpeg"})
+                r = conn.getresponse()
+                r.read()
+                st = r.status
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except OSError as exc:
+                st = 0
+                self.note("normal", exc.__class__.__name__)
+                if conn is not None:
+                    conn.close()
+                conn = None
+            with self.lock:
+                self.normal.append((st, time.perf_counter() - t))
+            self.note("normal", str(st))
+
+    def pinger(self) -> None:
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                c.request("GET", "/ping")
+                st = c.getresponse().status
+                c.close()
+            except OSError as exc:
+                st = exc.__class__.__name__
+            with self.lock:
+                self.pings.append(time.perf_counter() - t)
+            self.note("ping", str(st))
+            time.sleep(0.1)
+
+    def slow_headers(self) -> None:
+        socks: list[socket.socket] = []
+        while not self.stop.is_set():
+            while len(socks) < self.args.slow and not self.stop.is_set():
+                try:
+                    s = self.connect()
+                    s.sendall(b"GET /ping HTTP/1.1\r\nHo")
+                    s.setblocking(False)
+                    socks.append(s)
+                except OSError as exc:
+                    self.note("slow", exc.__class__.__name__)
+                    break
+            time.sleep(1)
+            alive = []
+            for s in socks:
+                try:
+                    s.send(b"s")
+                    data = s.recv(65536)
+                    self.note("slow", status_of(data))  # answered (408) or closed: reconnect
+                    s.close()
+                except BlockingIOError:
+                    alive.append(s)
+                except OSError as exc:
+                    self.note("slow", exc.__class__.__name__)
+                    s.close()
+            socks = alive
+        for s in socks:
+            s.close()
+
+    def held_bodies(self) -> None:
+        head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: 6000000\r\n\r\n") + b"\xff" * 65536
+        socks: list[socket.socket] = []
+        while not self.stop.is_set():
+            while len(socks) < self.args.held and not self.stop.is_set():
+                try:
+                    s = self.connect()
+                    s.sendall(head)
+                    s.setblocking(False)
+                    socks.append(s)
+                except OSError as exc:
+                    self.note("held", exc.__class__.__name__)
+                    break
+            time.sleep(0.5)
+            alive = []
+            for s in socks:
+                try:
+                    data = s.recv(65536)
+                    self.note("held", status_of(data))
+                    s.close()
+                except BlockingIOError:
+                    alive.append(s)
+                except OSError as exc:
+                    self.note("held", exc.__class__.__name__)
+                    s.close()
+            socks = alive
+        for s in socks:
+            s.close()
+
+    def bomber(self, bombs: list[tuple[str, str, bytes]]) -> None:
+        i = 0
+        while not self.stop.is_set():
+            name, ctype, body = bombs[i % len(bombs)]
+            i += 1
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                c.request("POST", "/invocations", body, {"Content-Type": ctype})
+                st = c.getresponse().status
+                c.close()
+                self.note(name, str(st))
+            except OSError as exc:
+                self.note(name, exc.__class__.__name__)
+
+    def bursts(self) -> None:
+        while not self.stop.wait(2.0):
+            socks = []
+            for _ in range(self.args.burst):
+                try:
+                    s = self.connect(timeout=5)
+                    s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    socks.append(s)
+                except OSError as exc:
+                    self.note("burst", exc.__class__.__name__)
+            for s in socks:
+                try:
+                    self.note("burst", status_of(s.recv(65536)))
+                except OSError as exc:
+                    self.note("burst", exc.__class__.__name__)
+                s.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--slow", type=int, default=200)
+    ap.add_argument("--held", type=int, default=16)
+    ap.add_argument("--bombers", type=int, default=2)
+    ap.add_argument("--burst", type=int, default=100)
+    args = ap.parse_args()
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_imageio import dicom_deflate_bomb, jpeg_scan_bomb
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (450, 600, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    bombs = [("scan_bomb", "image/jpeg", jpeg_scan_bomb(6000, 6600, 20000))]
+    try:
+        bombs.append(("deflate_bomb", "application/dicom", dicom_deflate_bomb(1 << 30)))
+    except Exception as exc:  # noqa: BLE001 - pydicom missing: say so and go on with the JPEG bomb
+        print(f"(no DICOM bomb: {exc.__class__.__name__})")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = make_package(Path(tmp) / "pkg", args.size)
+        port = free_port()
+        log = Path(tmp) / "server.log"
+        with open(log, "wb") as logf:
+            proc = subprocess.Popen([sys.executable, "-m", "medpipe", "serve", "--model", str(pkg), "--port", str(port),
+                                     "--backend", args.backend], stdout=logf, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(port, proc)
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            c.request("GET", "/metrics")
+            metrics = c.getresponse().read().decode()
+            ceiling = float(next(line.split()[1] for line in metrics.splitlines()
+                                 if line.startswith("medpipe_memory_ceiling_megabytes ")))
+            idle_rss = tree_rss_mb(proc.pid)
+            atk = Attack(port, args)
+            threads = [threading.Thread(target=atk.normal_client, args=(jpeg,)) for _ in range(args.clients)]
+            threads += [threading.Thread(target=atk.pinger), threading.Thread(target=atk.slow_headers),
+                        threading.Thread(target=atk.held_bodies), threading.Thread(target=atk.bursts)]
+            threads += [threading.Thread(target=atk.bomber, args=(bombs,)) for _ in range(args.bombers)]
+            peak = idle_rss
+            for t in threads:
+                t.start()
+            t_end = time.time() + args.duration
+            while time.time() < t_end:
+                peak = max(peak, tree_rss_mb(proc.pid))
+                time.sleep(0.1)
+            # SIGTERM while the attack is still running
+            t = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = "killed after 60 s"
+            term_s = time.perf_counter() - t
+            atk.stop.set()
+            for th in threads:
+                th.join(timeout=70)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        text = log.read_text(errors="replace")
+
+    ok = [s for st, s in atk.normal if st == 200 and s < 55]
+    result = {
+        "args": vars(args),
+        "normal_requests": len(atk.normal),
+        "normal_success_rate": round(len(ok) / max(1, len(atk.normal)), 4),
+        "normal_p99_ms": round(pct([s for _, s in atk.normal], 99) * 1000, 1),
+        "ping_p99_ms": round(pct(atk.pings, 99) * 1000, 1),
+        "rss_idle_mb": round(idle_rss, 1), "rss_peak_mb": round(peak, 1), "rss_ceiling_mb": round(ceiling, 1),
+        "answers": {k: dict(v) for k, v in atk.answers.items()},
+        "sigterm_exit_code": code, "sigterm_seconds": round(term_s, 2),
+        "traceback_in_log": "Traceback" in text,
+    }
+    print(f"normal requests: {result['normal_requests']}, {100 * result['normal_success_rate']:.1f}% answered 200 "
+          f"(target >= 99%), p99 {result['normal_p99_ms']} ms")
+    print(f"/ping p99 {result['ping_p99_ms']} ms (target < 2000)")
+    print(f"RSS (server + decode processes): idle {idle_rss:.0f} MB, peak {peak:.0f} MB, ceiling {ceiling:.0f} MB")
+    for kind, counts in result["answers"].items():
+        print(f"  {kind:13s} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    print(f"SIGTERM mid-attack: exit {code} after {term_s:.1f} s; traceback in log: {result['traceback_in_log']}")
+    print(f"wrote {write_result('attack', result)}")
+
+
+if __name__ == "__main__":
+    main()
