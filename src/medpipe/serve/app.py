@@ -72,7 +72,7 @@ FAULT_SLEEP_ENV = "MEDPIPE_FAULT_INFER_SLEEP"
 
 @dataclass
 class ServeConfig:
-    """Every limit has a name, a default and a test (tests/test_serve.py)."""
+    """Every limit has a name, a default and a test (tests/test_serve.py, tests/test_attack.py)."""
 
     model: str = "/opt/ml/model"
     host: str = "127.0.0.1"
