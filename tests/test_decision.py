@@ -135,3 +135,30 @@ def test_batch_and_report_follow_the_rule(tmp_path):
     assert m["decision_rules"]["class_bias"]["accuracy"] == 0.5
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| class_bias | " in md and "| argmax | " in md and "decision rule **class_bias**" in md
+
+
+def test_onnx_export_carries_the_rule(tmp_path):
+    """An ONNX consumer without medpipe gets the package's rule from the file's metadata and reproduces
+    medpipe's labels."""
+    import onnxruntime as ort
+    import torch
+
+    from medpipe.export import export_model
+    from medpipe.infer.predictor import Predictor
+    from medpipe.preprocess import eval_batch
+
+    offsets = [0.0] * 7
+    offsets[3] = 50.0
+    _package(tmp_path, {"default": "class_bias", "fitted_on": "val", "n_val": 10,
+                        "rules": {"argmax": {"offsets": [0.0] * 7}, "class_bias": {"offsets": offsets}}})
+    export_model(str(tmp_path / "pkg"), "onnx", str(tmp_path / "m.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    props = sess.get_modelmeta().custom_metadata_map
+    rule = json.loads(props["decision"])
+    assert rule["rule"] == "class_bias" and rule["offsets"] == offsets
+    images = np.random.default_rng(2).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    pred = Predictor(tmp_path / "pkg", device="cpu")
+    logits = sess.run(None, {"image": eval_batch(images, pred.spec).numpy()})[0]
+    probs = torch.softmax(torch.from_numpy(logits) / float(props["temperature"]), 1).numpy()
+    labels = (np.log(probs) + np.array(rule["offsets"])).argmax(1)
+    assert list(labels) == [p.class_index for p in pred.to_predictions(pred.probabilities(images))] == [3, 3, 3]

@@ -239,12 +239,16 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
 
 def _about(meta: dict) -> dict:
     """What every export says about itself: identity, classes, the preprocessing contract, calibration."""
-    from medpipe import __version__
+    from medpipe import __version__, decision
 
+    rule, offsets = decision.resolve(meta.get("decision"), None, len(meta["classes"]))
     return {"name": meta.get("name", "medpipe"), "version": str(meta.get("version", "1")),
             "architecture": meta["architecture"], "classes": list(meta["classes"]),
             "preprocessing": PreprocessSpec.from_meta(meta).describe(),
             "temperature": float(meta.get("calibration", {}).get("temperature", 1.0)),
+            # the package's label rule (medpipe.decision), for consumers that want medpipe's labels
+            "decision": {"rule": rule, "offsets": [0.0] * len(meta["classes"]) if offsets is None else
+                         [float(v) for v in offsets], "label": "argmax(log(probabilities) + offsets)"},
             "weights_sha256": meta.get("weights_sha256"), "medpipe_version": __version__}
 
 
