@@ -184,3 +184,66 @@ def test_a_real_run_with_every_recipe_option(data_dir, tmp_path):
     assert meta["preprocessing"]["color_constancy"] == "shades_of_gray"
     assert meta["decision"]["default"] == "prior" and set(meta["decision"]["rules"]) >= {"argmax", "prior"}
     assert meta["training_config"]["mixup_alpha"] == 0.4
+
+
+def _ema_cfg():
+    from medpipe.config import make_config
+
+    return make_config({"model": "resnet18", "image_size": 32, "batch_size": 8, "epochs": 2, "max_steps_per_epoch": 3,
+                        "bootstrap": 0, "threads": 1, "workers": 0, "deterministic": True, "ema_decay": 0.9,
+                        "warmup_epochs": 0.5})
+
+
+class _CrashAfterEpoch:
+    """Fail the run right after epoch ``n``'s checkpoint (attached after the checkpointer)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def attach(self, engine):
+        from medpipe.train.engine import Events
+
+        engine.on(Events.VALIDATION_COMPLETED, self)
+
+    def __call__(self, engine):
+        if engine.state.epoch == self.n:
+            raise RuntimeError("simulated crash after the epoch-end checkpoint")
+
+
+def test_weight_ema_is_validated_packaged_and_resumes_exactly(data_dir, tmp_path):
+    """With ema_decay the package holds the averaged weights (not the raw ones training continued from);
+    a run stopped after an epoch end, and one stopped mid-epoch by SIGTERM, resume to the same weights as
+    a straight run."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from medpipe.pipeline import run
+    from medpipe.train.checkpoint import load_checkpoint
+    from medpipe.train.engine import TrainingInterrupted
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from faults import SigtermAtStep
+
+    straight = run(data_dir, tmp_path / "a", _ema_cfg(), evaluate_test=False)
+    ema = load_checkpoint(tmp_path / "a" / "checkpoints" / "ema.pt")
+    last = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    k = "class_layers.out.weight" if "class_layers.out.weight" in ema["ema"] else next(
+        n for n, v in ema["ema"].items() if v.dtype.is_floating_point and v.ndim == 2)
+    assert torch.equal(last["model"][k], ema["ema"][k])  # the epoch-end checkpoint holds the average...
+    assert not torch.equal(ema["raw"][k], ema["ema"][k])  # ...which differs from the raw weights
+    packaged = load_file(Path(straight["model_dir"]) / "weights.safetensors")
+    best = load_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt")
+    assert torch.equal(packaged[k], best["model"][k])
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(data_dir, tmp_path / "b", _ema_cfg(), evaluate_test=False, handlers=[_CrashAfterEpoch(1)])
+    run(data_dir, tmp_path / "b", _ema_cfg(), evaluate_test=False, resume=True)
+    with pytest.raises(TrainingInterrupted):
+        run(data_dir, tmp_path / "c", _ema_cfg(), evaluate_test=False, handlers=[SigtermAtStep(5)])
+    assert load_checkpoint(tmp_path / "c" / "checkpoints" / "ema.pt")["raw"] is None  # saved mid-epoch
+    run(data_dir, tmp_path / "c", _ema_cfg(), evaluate_test=False, resume=True)
+    for other in ("b", "c"):
+        got = load_file(tmp_path / other / "model" / "weights.safetensors")
+        for name in packaged:
+            torch.testing.assert_close(got[name], packaged[name], rtol=0, atol=0, msg=f"{other}: {name}")

@@ -63,6 +63,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0  # batch mixing (medpipe.recipe): 0 = off
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
+    ema_decay: float = 0.0  # exponential moving average of the weights (medpipe.recipe): 0 = off, e.g. 0.999
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -82,6 +83,7 @@ class TrainConfig:
             (self.mixup_alpha >= 0, "mixup_alpha", ">= 0 (0 = off)"),
             (self.cutmix_alpha >= 0, "cutmix_alpha", ">= 0 (0 = off)"),
             (0 <= self.mix_prob <= 1, "mix_prob", "in [0, 1]"),
+            (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)"),
             (not (self.imbalance == "focal" and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)), "imbalance",
              "other than focal with mixup/cutmix (focal loss takes class indices, not mixed targets)"),
         ]

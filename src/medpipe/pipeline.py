@@ -186,7 +186,7 @@ def run(data, run_dir, cfg: TrainConfig, *, resume: bool | str = False, force: b
         checkpointer = Checkpointer(layout.checkpoints)
         if cfg.budget and snap is None:
             engine.attach(TimeBudget(cfg.budget_seconds()))  # before the checkpoint, which stores its decision
-        engine.attach(*recipe.handlers(cfg, len(source.classes)))  # batch mixing (medpipe.recipe), if configured
+        engine.attach(*recipe.handlers(cfg, len(source.classes), layout.checkpoints))  # mixing, EMA (medpipe.recipe)
         engine.attach(EpochLine(), MetricsFile(layout.run_dir / "metrics.jsonl"), checkpointer,
                       EarlyStopping(cfg.patience, cfg.monitor), *handlers, GracefulStop(checkpointer))
         if progress:

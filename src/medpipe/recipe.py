@@ -12,6 +12,13 @@ The draw for a batch is seeded from (seed, global step), so a resumed run mixes 
 one. Soft targets go to the same cross-entropy (class weights and label smoothing still apply);
 focal loss takes class indices only, so the combination is refused by the config.
 
+- ``ema_decay`` > 0: an exponential moving average of the weights (and BatchNorm statistics), updated
+  after every step with decay ``min(ema_decay, (1 + step) / (10 + step))`` (a warm-up so short runs are
+  not dominated by the random initialisation). Validation, the best-epoch choice, the checkpoints'
+  ``model`` and so the package use the averaged weights; training continues on the raw ones.
+  ``checkpoints/ema.pt`` holds the average and, at an epoch end, the raw weights, so ``--resume``
+  continues exactly (tested against a straight run, from an epoch end and from mid-epoch).
+
 The colour, crop and colour-constancy options act on images and live in :mod:`medpipe.preprocess`;
 the decision rule lives in :mod:`medpipe.decision`.
 """
@@ -68,9 +75,89 @@ class MixBatches:
         return x, lam * onehot + (1.0 - lam) * onehot[perm]
 
 
-def handlers(cfg, n_classes: int) -> list:
-    """The recipe handlers a training config asks for (none with the defaults)."""
+class WeightEMA:
+    """Exponential moving average of the weights, validated and checkpointed in place of the raw weights.
+
+    Events: STARTED (start the average, or reload it after a resume), ITERATION_COMPLETED (update),
+    EPOCH_COMPLETED (put the average into the model before validation and the epoch-end checkpoint),
+    EPOCH_STARTED (put the raw weights back for training), CHECKPOINT_SAVED of ``last.pt`` (write
+    ``ema.pt`` beside it: the average, and the raw weights when the model holds the average)."""
+
+    FILE = "ema.pt"
+
+    def __init__(self, decay: float, folder):
+        from pathlib import Path
+
+        self.decay, self.folder = float(decay), Path(folder)
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.raw: dict[str, torch.Tensor] | None = None  # set while the model holds the average
+
+    def attach(self, engine) -> None:
+        from medpipe.train.engine import Events
+
+        engine.on(Events.STARTED, self.start)
+        engine.on(Events.ITERATION_COMPLETED, self.update)
+        engine.on(Events.EPOCH_COMPLETED, self.swap_in)
+        engine.on(Events.EPOCH_STARTED, self.swap_out)
+        engine.on(Events.CHECKPOINT_SAVED, self.save)
+
+    @staticmethod
+    def _copy(state: dict) -> dict:
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def start(self, engine) -> None:
+        from medpipe.train.checkpoint import load_checkpoint
+
+        path = self.folder / self.FILE
+        if engine.state.resumed and path.is_file():
+            saved = load_checkpoint(path)
+            if saved.get("global_step") == engine.state.iteration:
+                self.ema = {k: v.to(engine.device) for k, v in saved["ema"].items()}
+                if saved.get("raw") is not None:  # the checkpoint's model is the average: train on from the raw
+                    engine.net.load_state_dict(saved["raw"])
+                return
+            print(f"{path} is from step {saved.get('global_step')}, the checkpoint from step {engine.state.iteration}: "
+                  "the weight average starts again from the current weights", flush=True)
+        self.ema = self._copy(engine.net.state_dict())
+
+    @torch.no_grad()
+    def update(self, engine) -> None:
+        step = engine.state.iteration
+        d = min(self.decay, (1.0 + step) / (10.0 + step))
+        for k, v in engine.net.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.ema[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+            else:
+                self.ema[k].copy_(v)
+
+    def swap_in(self, engine) -> None:
+        self.raw = self._copy(engine.net.state_dict())
+        engine.net.load_state_dict(self.ema)
+
+    def swap_out(self, engine) -> None:
+        if self.raw is not None:
+            engine.net.load_state_dict(self.raw)
+            self.raw = None
+
+    def save(self, engine) -> None:
+        from pathlib import Path
+
+        from medpipe.train.checkpoint import save_checkpoint
+
+        if Path(engine.state.checkpoint or "").name != "last.pt" or self.ema is None:
+            return
+        save_checkpoint(self.folder / self.FILE, {"global_step": engine.state.iteration, "ema": self.ema,
+                                                  "raw": self.raw})
+
+
+def handlers(cfg, n_classes: int, checkpoints=None) -> list:
+    """The recipe handlers a training config asks for (none with the defaults). ``checkpoints``: the run's
+    checkpoint folder (the weight average is saved there)."""
     out = []
     if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
         out.append(MixBatches(n_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.seed))
+    if cfg.ema_decay > 0:
+        if checkpoints is None:
+            raise ValueError("ema_decay needs the run's checkpoint folder")
+        out.append(WeightEMA(cfg.ema_decay, checkpoints))
     return out
