@@ -70,10 +70,14 @@ class Attack:
         self.normal: list[tuple[int, float]] = []
         self.pings: list[float] = []
         self.answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.after_term: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.terminating = False
 
     def note(self, kind: str, what: str) -> None:
         with self.lock:
-            self.answers[kind][what] += 1
+            (self.after_term if self.terminating else self.answers)[kind][what] += 1
+        if what.endswith("Error"):
+            time.sleep(0.05)  # a refused connection (during shutdown) must not spin
 
     def connect(self, timeout: float = 5) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
@@ -99,7 +103,8 @@ class Attack:
                     conn.close()
                 conn = None
             with self.lock:
-                self.normal.append((st, time.perf_counter() - t))
+                if not self.terminating:
+                    self.normal.append((st, time.perf_counter() - t))
             self.note("normal", str(st))
 
     def pinger(self) -> None:
@@ -113,7 +118,8 @@ class Attack:
             except OSError as exc:
                 st = exc.__class__.__name__
             with self.lock:
-                self.pings.append(time.perf_counter() - t)
+                if not self.terminating:
+                    self.pings.append(time.perf_counter() - t)
             self.note("ping", str(st))
             time.sleep(0.1)
 
@@ -264,6 +270,8 @@ def main() -> None:
                 time.sleep(0.1)
             # SIGTERM while the attack is still running
             t = time.perf_counter()
+            with atk.lock:
+                atk.terminating = True  # what follows is counted apart: the attack goes on during shutdown
             proc.send_signal(signal.SIGTERM)
             try:
                 code = proc.wait(60)
@@ -288,6 +296,7 @@ def main() -> None:
         "ping_p99_ms": round(pct(atk.pings, 99) * 1000, 1),
         "rss_idle_mb": round(idle_rss, 1), "rss_peak_mb": round(peak, 1), "rss_ceiling_mb": round(ceiling, 1),
         "answers": {k: dict(v) for k, v in atk.answers.items()},
+        "answers_after_sigterm": {k: dict(v) for k, v in atk.after_term.items()},
         "sigterm_exit_code": code, "sigterm_seconds": round(term_s, 2),
         "traceback_in_log": "Traceback" in text,
     }
@@ -296,6 +305,9 @@ def main() -> None:
     print(f"/ping p99 {result['ping_p99_ms']} ms (target < 2000)")
     print(f"RSS (server + decode processes): idle {idle_rss:.0f} MB, peak {peak:.0f} MB, ceiling {ceiling:.0f} MB")
     for kind, counts in result["answers"].items():
+        print(f"  {kind:13s} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    print("after SIGTERM (refused connections are expected once the port closes):")
+    for kind, counts in result["answers_after_sigterm"].items():
         print(f"  {kind:13s} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     print(f"SIGTERM mid-attack: exit {code} after {term_s:.1f} s; traceback in log: {result['traceback_in_log']}")
     print(f"wrote {write_result('attack', result)}")
