@@ -44,8 +44,15 @@ def _metrics(run: Path) -> list[dict]:
 def test_torchrun_two_processes_train_one_model(data_dir, tmp_path):
     data = _copy_data(data_dir, tmp_path)
     run = tmp_path / "run"
-    r = _torchrun(["-m", "medpipe", "train", "--data", str(data), "--out", str(run), *TINY])
+    import mlflow  # the track extra, part of dev
+
+    track = ["--track", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    r = _torchrun(["-m", "medpipe", "train", "--data", str(data), "--out", str(run), *TINY, *track])
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    client = mlflow.MlflowClient(tracking_uri=track[1])  # rank 0 logs: exactly one MLflow run for the job
+    runs = client.search_runs([client.get_experiment_by_name("medpipe").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["world_size"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_auc")) == [1, 2]
     d = json.loads((run / "distributed.json").read_text())
     assert d["world_size"] == 2 and d["ranks_in_sync"] and len(set(d["weights_sha256"])) == 1
     m = _metrics(run)

@@ -25,6 +25,9 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         if kind == "bool":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"(default {default})")
+        elif f.name == "track":  # --track alone: the default store (medpipe.track.resolve_uri)
+            p.add_argument(flag, dest=f.name, nargs="?", const="auto", default=None, metavar="URI",
+                           help="log to MLflow: a tracking URI, or alone for $MLFLOW_TRACKING_URI or RUN/../mlflow.db")
         else:
             p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=f"(default {default})")
 
@@ -208,6 +211,27 @@ def add_int8_options(s, force: bool = True) -> None:
                                                             "gate (marked failed; --backend auto never picks it)")
 
 
+def cmd_runs(args) -> int:
+    import os
+
+    from medpipe.track import list_runs
+
+    uri = args.track or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise MedpipeError("give --track URI (e.g. sqlite:///runs/mlflow.db) or set MLFLOW_TRACKING_URI")
+    rows = list_runs(uri, args.experiment, metric=args.metric, plot=args.plot)
+    print(f"{'run':<34}{'name':<20}{'status':<10}{args.metric:>14}{'best epoch':>12}{'test AUC':>10}{'test bacc':>10}")
+    for r in rows:
+        cells = [r[args.metric], r["best_epoch"], r["test_macro_auc"], r["test_balanced_accuracy"]]
+        text = [f"{v:.4f}" if isinstance(v, float) and not float(v).is_integer() else
+                ("-" if v is None else f"{v:g}") for v in cells]
+        print(f"{r['run_id']:<34}{str(r['name'])[:19]:<20}{r['status']:<10}{text[0]:>14}{text[1]:>12}{text[2]:>10}"
+              f"{text[3]:>10}")
+    if args.plot and rows:
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def register(sub) -> None:
     from medpipe.export import FORMATS
     from medpipe.infer.predictor import BACKENDS
@@ -224,6 +248,13 @@ def register(sub) -> None:
                    help="add a training event handler: NAME(ARG, ...) from MODULE, an object with attach(engine)")
     add_config_options(s)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("runs", help="tracked training runs (MLflow) with their key metrics, best first")
+    s.add_argument("--track", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    s.add_argument("--experiment", default="medpipe")
+    s.add_argument("--metric", default="best_val_auc", help="sort by this metric, highest first")
+    s.add_argument("--plot", help="also write a PNG of validation AUC per epoch for these runs")
+    s.set_defaults(func=cmd_runs)
 
     s = sub.add_parser("evaluate", help="metrics with CIs, calibration and plots for a model package")
     s.add_argument("--model", required=True)

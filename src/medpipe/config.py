@@ -54,6 +54,10 @@ class TrainConfig:
     tta: bool = False
     bootstrap: int = 1000
     max_steps_per_epoch: int = 0
+    # experiment tracking (medpipe.track, the track extra): "auto" = $MLFLOW_TRACKING_URI or RUN/../mlflow.db
+    track: str | None = None
+    experiment: str = "medpipe"
+    register: str | None = None  # register the logged model under this name
     decision_rule: str = "argmax"  # the label rule the package uses by default (medpipe.decision.RULES)
     # recipe options (issue 15; off unless set): colour constancy is part of the package's preprocessing,
     # crop_scale / color_jitter only of the train preset (preprocess.Augmentation)
@@ -178,8 +182,8 @@ def write_config(cfg: TrainConfig, path: Path) -> None:
 
 
 
-# Keys a resumed run may take anew: where and how fast it runs, not what it trains.
-RUNTIME_KEYS = ("device", "workers", "threads")
+# Keys a resumed run may take anew: where and how fast it runs and where it is tracked, not what it trains.
+RUNTIME_KEYS = ("device", "workers", "threads", "track", "experiment", "register")
 
 
 def given_keys(overrides: dict | None = None, yaml_path: str | Path | None = None) -> set[str]:

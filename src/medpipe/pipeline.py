@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # What a run folder holds; --force removes these and nothing else.
 RUN_ENTRIES = ("config.yaml", "splits.csv", "splits.json", "shards_index.json", "metrics.jsonl", "distributed.json",
-               "checkpoints", "model", "report")
+               "mlflow_run.json", "checkpoints", "model", "report")
 
 
 @dataclass
@@ -156,6 +156,7 @@ def run(data, run_dir, cfg: TrainConfig, *, resume: bool | str = False, force: b
     from medpipe.train.data import open_source
 
     layout = RunLayout.of(run_dir, checkpoint_dir, model_dir, report_dir)
+    tracker = _tracker(cfg, layout)  # before anything is written: --track without MLflow is refused here
     device, dd = _setup(cfg)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if not resume and restarts > 0 and (layout.checkpoints / "last.pt").is_file():
@@ -183,14 +184,7 @@ def run(data, run_dir, cfg: TrainConfig, *, resume: bool | str = False, force: b
             layout.checkpoints.mkdir(parents=True, exist_ok=True)
             write_config(cfg, layout.run_dir / "config.yaml")
             source.write_provenance(layout.run_dir)
-        checkpointer = Checkpointer(layout.checkpoints)
-        if cfg.budget and snap is None:
-            engine.attach(TimeBudget(cfg.budget_seconds()))  # before the checkpoint, which stores its decision
-        engine.attach(*recipe.handlers(cfg, len(source.classes), layout.checkpoints))  # mixing, EMA (medpipe.recipe)
-        engine.attach(EpochLine(), MetricsFile(layout.run_dir / "metrics.jsonl"), checkpointer,
-                      EarlyStopping(cfg.patience, cfg.monitor), *handlers, GracefulStop(checkpointer))
-        if progress:
-            engine.attach(ProgressBar())
+        _attach_handlers(engine, layout, [*handlers, *([tracker] if tracker else [])], progress)
         state = engine.fit()
     except BaseException as exc:
         _after_failure(exc, layout, created, dd)
@@ -203,8 +197,36 @@ def run(data, run_dir, cfg: TrainConfig, *, resume: bool | str = False, force: b
               "best_epoch": state.best_epoch, "model_dir": None, "temperature": None, "val": None, "test": None,
               "report": None, "plots": None, "tarball": None}
     if dd.main:
-        result.update(package_and_report(engine, layout, evaluate_test=evaluate_test, progress=progress))
+        try:
+            result.update(package_and_report(engine, layout, evaluate_test=evaluate_test, progress=progress))
+        except BaseException as exc:
+            if tracker and tracker.tracker:
+                tracker.tracker.end("FAILED", f"{exc.__class__.__name__}: {exc}")
+                tracker.tracker.flush(seconds=10)
+            raise
+        if tracker:
+            tracker.finish(result, layout.run_dir, layout.report)
     return result
+
+
+def _tracker(cfg: TrainConfig, layout: RunLayout):
+    if not cfg.track:
+        return None
+    from medpipe.track import MLflowHandler, resolve_uri
+
+    return MLflowHandler(resolve_uri(cfg.track, layout.run_dir), cfg.experiment, cfg.register, layout.run_dir)
+
+
+def _attach_handlers(engine: Engine, layout: RunLayout, extra: list, progress: bool) -> None:
+    """The standard handlers, in the order they must act on an event, with ``extra`` before the signal stop."""
+    cfg, checkpointer = engine.cfg, Checkpointer(layout.checkpoints)
+    if cfg.budget and not engine.state.resumed:
+        engine.attach(TimeBudget(cfg.budget_seconds()))  # before the checkpoint, which stores its decision
+    engine.attach(*recipe.handlers(cfg, len(engine.classes), layout.checkpoints))  # mixing, EMA (medpipe.recipe)
+    engine.attach(EpochLine(), MetricsFile(layout.run_dir / "metrics.jsonl"), checkpointer,
+                  EarlyStopping(cfg.patience, cfg.monitor), *extra, GracefulStop(checkpointer))
+    if progress:
+        engine.attach(ProgressBar())
 
 
 def _after_failure(exc: BaseException, layout: RunLayout, created: bool, dd) -> None:

@@ -1,0 +1,156 @@
+"""Experiment tracking with a real MLflow: the embedded SQLite store, a real `mlflow server` process killed
+mid-run, the pyfunc model against medpipe predict, and the missing-extra error. (torchrun: test_dist.py.)"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medpipe.cli import main
+from tests._server import free_port
+from tests.conftest import TINY
+
+mlflow = pytest.importorskip("mlflow", reason="the track extra (mlflow) is not installed")
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = [*TINY, "--max-steps-per-epoch", "2", "--bootstrap", "0"]
+
+
+def _runs(uri: str):
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("medpipe")
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def test_embedded_store_run_params_metrics_artifacts_model(data_dir, tmp_path, capsys):
+    import pandas as pd
+
+    from medpipe.infer.predictor import Predictor
+
+    run = tmp_path / "runs" / "r1"
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK, "--track", "--register", "ham"]) == 0
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    client, runs = _runs(uri)
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FINISHED" and r.info.run_name == "r1"
+    assert r.data.params["lr"] == "0.002" and len(r.data.params["data.records_sha256"]) == 64
+    assert r.data.params["data.split_seed"] == "0" and "akiec" in r.data.params["data.class_counts_train"]
+    history = client.get_metric_history(r.info.run_id, "val_auc")
+    assert sorted(m.step for m in history) == [1, 2]  # one step per epoch
+    assert {"train_loss", "val_bacc", "lr", "images_per_s", "best_epoch", "test_macro_auc"} <= set(r.data.metrics)
+    files = {a.path for a in client.list_artifacts(r.info.run_id, "report")}
+    assert {"report/report.md", "report/report.json", "report/roc.png"} <= files
+    assert "run/metrics.jsonl" in {a.path for a in client.list_artifacts(r.info.run_id, "run")}
+    assert (tmp_path / "runs" / "mlartifacts").is_dir()  # artifacts beside the store, not in the cwd
+    assert [m.name for m in client.search_registered_models()] == ["ham"]
+
+    # the pyfunc model equals medpipe predict, on raw image bytes
+    records = pd.read_csv(data_dir / "records.csv")
+    paths = list(records["path"][:4])
+    model = mlflow.pyfunc.load_model(f"runs:/{r.info.run_id}/model")
+    out = model.predict(pd.DataFrame({"image": [Path(p).read_bytes() for p in paths]}))
+    ref = Predictor(run / "model").predict_files(paths)
+    for i, p in enumerate(ref):
+        assert out["label"][i] == p.label
+        assert np.allclose([out[c][i] for c in p.probabilities], list(p.probabilities.values()), atol=1e-6, rtol=0)
+
+    # the package inside the MLflow model is hash-checked: a changed model.json is refused on load
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{r.info.run_id}/model", dst_path=str(tmp_path / "dl")))
+    meta = next(local.rglob("package/model.json"))
+    meta.write_text(meta.read_text().replace('"temperature"', '"temperature" ', 1))
+    with pytest.raises(Exception, match="differs from the one logged"):
+        mlflow.pyfunc.load_model(str(local))
+
+    # a failed run is recorded as FAILED with its reason (a NaN loss at the first step)
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "runs" / "r2"), *QUICK, "--track",
+                 "--handler", "tests.faults:NanAtStep:1"]) != 0
+    failed = [x for x in _runs(uri)[1] if x.info.run_name == "r2"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert "non-finite" in failed[0].data.tags["failure_reason"]
+
+    capsys.readouterr()
+    assert main(["runs", "--track", uri, "--plot", str(tmp_path / "auc.png")]) == 0
+    out = capsys.readouterr().out
+    assert r.info.run_id in out and "FINISHED" in out and (tmp_path / "auc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_track_without_mlflow_names_the_extra(data_dir, tmp_path):
+    script = ("import sys; sys.modules['mlflow'] = None\n"  # as if the extra were not installed
+              "from medpipe.cli import main\n"
+              f"sys.exit(main(['train', '--data', {str(data_dir)!r}, '--out', {str(tmp_path / 'run')!r}, '--track']))")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "pip install 'medpipe[track]'" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run").exists() and "Traceback" not in r.stderr
+
+
+class _MlflowServer:
+    def __init__(self, db: Path, artifacts: Path):
+        self.port, self.db, self.artifacts, self.proc = free_port(), db, artifacts, None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
+               "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers (our own process group)
+            self.proc.wait(timeout=30)
+
+
+class _KillThenRevive:
+    """Kill the tracking server after epoch 1 is logged; bring it back once training has completed."""
+
+    def __init__(self, server: _MlflowServer):
+        self.server = server
+
+    def attach(self, engine):
+        from medpipe.train.engine import Events
+
+        engine.on(Events.VALIDATION_COMPLETED, lambda e: self.server.kill() if e.state.epoch == 1 else None)
+        engine.on(Events.COMPLETED, lambda e: self.server.start())
+
+
+def test_server_killed_mid_run_training_finishes_and_run_completes(data_dir, tmp_path, caplog):
+    from medpipe.config import make_config
+    from medpipe.pipeline import run
+
+    server = _MlflowServer(tmp_path / "mlflow.db", tmp_path / "artifacts")
+    server.start()
+    try:
+        cfg = make_config({"image_size": 32, "batch_size": 8, "epochs": 3, "bootstrap": 0, "threads": 1,
+                           "max_steps_per_epoch": 2, "track": server.uri})
+        with caplog.at_level(logging.WARNING, logger="medpipe.track"):
+            result = run(data_dir, tmp_path / "run", cfg, handlers=[_KillThenRevive(server)])
+        assert result["model_dir"] and (tmp_path / "run" / "model" / "model.json").is_file()
+        warnings = [x for x in caplog.records if x.name == "medpipe.track"]
+        assert len(warnings) == 1 and "not answering" in warnings[0].getMessage()  # warned once
+        client, runs = _runs(server.uri)
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_auc"))
+        assert steps == [1, 2, 3]  # epochs 2 and 3 were kept while the server was away, then sent
+        assert client.list_artifacts(runs[0].info.run_id, "report")
+    finally:
+        server.kill()
