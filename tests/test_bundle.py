@@ -28,6 +28,8 @@ def images(tmp_path_factory) -> Path:
     for p in sorted((root / "ham").rglob("*.jpg")):
         shutil.copy(p, out / p.name)
     assert len(list(out.iterdir())) == 20
+    (out / "truncated.jpg").write_bytes((out / p.name).read_bytes()[:400])  # bad files: reported, run goes on
+    (out / "empty.png").write_bytes(b"")
     return out
 
 
@@ -50,8 +52,12 @@ def _expected(trained_run, images, capsys) -> dict[str, dict]:
 
 def _assert_same(got: dict, expected: dict) -> None:
     assert sorted(got) == sorted(expected)
+    assert sum("error" in e for e in expected.values()) == 2
     for name, e in expected.items():
         g = got[name]
+        if "error" in e:
+            assert g["error"] == e["error"] and name in g["message"], (g, e)
+            continue
         diff = max(abs(g["probabilities"][c] - p) for c, p in e["probabilities"].items())
         assert diff < 1e-4, (name, diff)
         assert g["label"] == e["label"], name
@@ -59,7 +65,8 @@ def _assert_same(got: dict, expected: dict) -> None:
 
 def test_monai_bundle_cli_run_equals_medpipe_predict(trained_run, bundle, images, capsys):
     """The bundle's layout and metadata are what MONAI expects, and MONAI's own CLI runs it on a folder of
-    images, writing one prediction per image equal to `medpipe predict` within 1e-4 (temperature applied)."""
+    20 images, writing one prediction per image equal to `medpipe predict` within 1e-4 (temperature applied);
+    a truncated and an empty file get the same error codes as `medpipe predict` and stop nothing."""
     from medpipe.export import check_bundle_metadata
 
     for f in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "models/model.ts",

@@ -405,7 +405,7 @@ def bundle_inference_config(meta: dict) -> dict:
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "medpipe.preprocess.LoadPreprocessd", "keys": "image", "image_size": spec.image_size,
-             "interpolation": spec.interpolation},
+             "interpolation": spec.interpolation, "error_key": "error"},
             {"_target_": "Transposed", "keys": "image", "indices": [2, 0, 1]},
             {"_target_": "EnsureTyped", "keys": "image", "data_type": "tensor", "dtype": "$torch.float32",
              "track_meta": False},
@@ -443,7 +443,8 @@ def bundle_inference_config(meta: dict) -> dict:
 
 class BundlePredictionWriter:
     """Ignite handler of the exported bundle: ``OUTPUT_DIR/predictions.jsonl``, one line per image
-    (path, label, class_index, probabilities by class), written atomically when the run completes."""
+    (path, label, class_index, probabilities by class; or error and message for an unreadable file, as
+    ``medpipe predict`` writes them), written atomically when the run completes."""
 
     def __init__(self, output_dir: str, class_names: list[str], decision_rule: str = "argmax",
                  decision_offsets: list[float] | None = None, filename: str = "predictions.jsonl"):
@@ -463,6 +464,10 @@ class BundlePredictionWriter:
         from medpipe.decision import apply_offsets
 
         for item, out in zip(engine.state.batch, engine.state.output):
+            if item.get("error"):  # unreadable image: reported, the run goes on
+                code, _, message = str(item["error"]).partition(": ")
+                self.rows.append(json.dumps({"image": str(item["path"]), "error": code, "message": message}))
+                continue
             p = [float(v) for v in torch.as_tensor(out["pred"]).flatten()]
             k = int(apply_offsets([p], self.offsets)[0])
             self.rows.append(json.dumps({"image": str(item["path"]), "label": self.classes[k], "class_index": k,
@@ -511,8 +516,8 @@ def _model_card(meta: dict, md: dict) -> str:
               "confident but meaningless answer.",
               "- HAM10000 is dominated by nevi (about 67%) and by light skin types; rare classes are estimated "
               "from few images: read the per-class confidence intervals above.",
-              "- An unreadable image stops the bundle run with an error naming the file; `medpipe batch` "
-              "skips such files and reports them instead.",
+              "- An unreadable image gets an error line (code and reason naming the file) in "
+              "`eval/predictions.jsonl`; the other images are still predicted.",
               "", f"Weights sha256: `{about['weights_sha256']}`."]
     return "\n".join(lines) + "\n"
 

@@ -143,18 +143,30 @@ class LoadPreprocessd(MapTransform):
     """MONAI dictionary transform: an image file path -> the spec's decoded, resized RGB uint8 HWC pixels.
 
     The MONAI bundle export uses it as its loader, so a bundle run reproduces medpipe's pixels exactly
-    (MONAI's ``LoadImaged`` + ``Resized`` resize with torch, not Pillow, and skip the JPEG draft decode)."""
+    (MONAI's ``LoadImaged`` + ``Resized`` resize with torch, not Pillow, and skip the JPEG draft decode).
+    With ``error_key``, an unreadable image does not stop the run: its pixels are black and
+    ``data[error_key]`` holds the reason naming the file (``""`` for a good image), for the writer to report."""
 
     def __init__(self, keys, image_size: int, interpolation: str, mean=PreprocessSpec.mean, std=PreprocessSpec.std,
-                 max_pixels: int = imageio.DEFAULT_MAX_PIXELS, allow_missing_keys: bool = False):
+                 max_pixels: int = imageio.DEFAULT_MAX_PIXELS, error_key: str | None = None,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.spec = PreprocessSpec(int(image_size), str(interpolation), tuple(mean), tuple(std))
         self.max_pixels = int(max_pixels)
+        self.error_key = error_key
 
     def __call__(self, data):
         d = dict(data)
+        if self.error_key:
+            d[self.error_key] = ""
         for key in self.key_iterator(d):
-            pixels = self.spec.read(d[key], max_pixels=self.max_pixels)
+            try:
+                pixels = self.spec.read(d[key], max_pixels=self.max_pixels)
+            except imageio.ImageError as exc:
+                if not self.error_key:
+                    raise
+                d[self.error_key] = f"{exc.code}: {exc}"
+                pixels = np.zeros((*self.spec.size, 3), np.uint8)
             d[key] = pixels if pixels.flags.writeable else pixels.copy()  # torch warns on read-only arrays
         return d
 
