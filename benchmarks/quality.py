@@ -21,6 +21,10 @@ Recipes: ``default`` is the training config's defaults (nothing set). ``candidat
 recipe options below (each a training config key documented in the README) unless ``--candidate``
 gives a YAML training config instead. Nothing here changes a default: a default changes only when
 this benchmark's full run says so.
+
+To search for a candidate rather than guess one (validation split only; the test split stays for
+this script): ``medpipe tune --data .bench/quality/data-all --out .bench/quality/study --space
+benchmarks/quality_space.yaml``, then ``--candidate .bench/quality/study/best_config.yaml`` here.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ CANDIDATE = {
     "crop_scale": 0.35,                   # random resized crop, 35-100% of the area
     "color_jitter": 1.5,                  # 1.5x the default colour/brightness/contrast jitter
     "label_smoothing": 0.1,
+    "ema_decay": 0.999,                   # weights averaged over about the last 1,000 steps
     "decision_rule": "prior",             # logit adjustment chosen on validation (labels only)
     "tta": True,                          # flip TTA in the test evaluation
 }

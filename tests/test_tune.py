@@ -114,3 +114,11 @@ def test_search_space_errors_name_the_key(tmp_path, body, message):
     path.write_text(yaml.safe_dump(body))
     with pytest.raises(ConfigError, match=message):
         load_space(path)
+
+
+def test_the_shipped_search_space_is_valid():
+    """benchmarks/quality_space.yaml (the recipe search on the dev set) loads: every option and corner is valid."""
+    from medpipe.tune import load_space
+
+    space = load_space(Path(__file__).resolve().parent.parent / "benchmarks" / "quality_space.yaml")
+    assert space.objective == "val_bacc" and space.base["budget"] == "6m" and len(space.params) >= 5
