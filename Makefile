@@ -8,8 +8,15 @@ PIP    := $(PY) -m pip
 # torch is pinned so this CPU machine's wheel is used (a GPU machine gets the CUDA build of the same pin)
 TORCH  := torch==2.13.0
 DEMO   ?= demo_out
+# The real SageMaker pieces (training + inference toolkits, TorchServe, SDK 2.x) pin old packages: their own
+# venv, with the container-side dependency list and the same torch. A failed install is recorded in
+# $(SMVENV)/FAILED and the tests that need it skip with that reason.
+SMVENV ?= .venv-sm
+SM_PKGS := sagemaker-training==5.1.4 sagemaker-pytorch-training==3.0.0 sagemaker-inference==1.10.1 \
+           sagemaker-pytorch-inference==2.0.25 torchserve==0.12.0 torch-model-archiver==0.12.0 "sagemaker>=2.257,<3" \
+           "setuptools<81"  # the inference toolkit imports pkg_resources, gone from setuptools 81
 
-.PHONY: demo test venv dev bench clean
+.PHONY: demo test venv dev bench clean sagemaker-venv
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +33,21 @@ $(VENV)/.dev: $(VENV)/.core
 	$(PIP) install -q -e ".[dev]" $(TORCH)
 	touch $@
 
+$(SMVENV)/.done: src/medpipe/sagemaker/requirements.txt
+	rm -rf $(SMVENV) && $(PYTHON) -m venv $(SMVENV)
+	( $(SMVENV)/bin/python -m pip install -q --upgrade pip && \
+	  $(SMVENV)/bin/python -m pip install -q $(TORCH) $(SM_PKGS) -r src/medpipe/sagemaker/requirements.txt ) \
+	  > $(SMVENV)/install.log 2>&1 || tail -5 $(SMVENV)/install.log > $(SMVENV)/FAILED
+	touch $@
+
 venv: $(VENV)/.core
 dev: $(VENV)/.dev
+sagemaker-venv: $(SMVENV)/.done
 
 demo: $(VENV)/.serve
 	bash scripts/demo.sh $(VENV)/bin/medpipe $(DEMO)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(SMVENV)/.done
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.dev
@@ -42,4 +57,4 @@ bench: $(VENV)/.dev
 	$(PY) benchmarks/batch.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(SMVENV) $(DEMO) .pytest_cache

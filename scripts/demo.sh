@@ -50,6 +50,6 @@ cat "$OUT/served.txt"
 kill -TERM $SERVER && wait $SERVER || true
 echo
 echo "report:  $OUT/run/report/report.md  (plots: roc.png, confusion_matrix.png, reliability.png)"
-echo "model:   $OUT/run/model/ (weights.safetensors, model.json, model.tar.gz for SageMaker)"
+echo "model:   $OUT/run/model/ (weights.safetensors, model.json; SageMaker: medpipe package --model $OUT/run/model --out model.tar.gz)"
 echo "batch:   $OUT/batch/predictions.csv   exports: $OUT/export/"
 echo "serve:   $MP serve --model $OUT/run/model   then open http://127.0.0.1:8080/"

@@ -58,7 +58,7 @@ def test_torchrun_two_processes_train_one_model(data_dir, tmp_path):
     m = _metrics(run)
     assert [x["epoch"] for x in m] == [1, 2] and all(x["world_size"] == 2 for x in m)  # written once
     assert r.stdout.count("epoch=1 train_loss=") == 1
-    assert (run / "model" / "model.json").is_file() and (run / "model" / "model.tar.gz").is_file()
+    assert (run / "model" / "model.json").is_file()
 
 
 def test_gathered_validation_auc_equals_single_process(tmp_path):
@@ -133,7 +133,7 @@ def test_emulated_two_host_sagemaker_launch(synth_dir, tmp_path):
         bases.append(base)
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    assert (bases[0] / "model" / "model.json").is_file() and (bases[0] / "model" / "model.tar.gz").is_file()
+    assert (bases[0] / "model" / "model.json").is_file() and (bases[0] / "model" / "code" / "inference.py").is_file()
     assert not (bases[1] / "model").exists() or not any((bases[1] / "model").iterdir())  # written once
     d = json.loads((tmp_path / "algo-1" / "work" / "run" / "distributed.json").read_text())
     assert d["world_size"] == 2 and d["ranks_in_sync"]

@@ -225,7 +225,7 @@ def test_bundle_preprocessing_follows_the_package_interpolation(tmp_path, jpegs)
         assert not torch.equal(torch.as_tensor(got), other)  # the interpolation really matters here
 
 
-def test_sagemaker_export_is_importable_by_handlers(trained_run, tmp_path):
+def test_sagemaker_export_is_the_package_layout(trained_run, tmp_path):
     import tarfile
 
     assert main(["export", "--model", str(trained_run / "model"), "--format", "sagemaker", "--out",
@@ -233,6 +233,9 @@ def test_sagemaker_export_is_importable_by_handlers(trained_run, tmp_path):
     with tarfile.open(tmp_path / "model.tar.gz") as tf:
         assert {"weights.safetensors", "model.json", "code/inference.py", "code/requirements.txt",
                 "code/medpipe/infer/protocol.py"} <= set(tf.getnames())
+    # `medpipe package` writes the same bytes (the tarball is reproducible)
+    assert main(["package", "--model", str(trained_run / "model"), "--out", str(tmp_path / "p.tar.gz")]) == 0
+    assert (tmp_path / "p.tar.gz").read_bytes() == (tmp_path / "model.tar.gz").read_bytes()
 
 
 def test_gpu_only_backends_fail_clearly_on_cpu(trained_run, capsys):

@@ -40,7 +40,7 @@ def test_config_typo_rejected_naming_key(tmp_path):
 
 def test_run_dir_contents(trained_run):
     for name in ("config.yaml", "splits.csv", "splits.json", "metrics.jsonl", "checkpoints/last.pt",
-                 "checkpoints/best.pt", "model/weights.safetensors", "model/model.json", "model/model.tar.gz",
+                 "checkpoints/best.pt", "model/weights.safetensors", "model/model.json",
                  "report/report.md", "report/report.json", "report/roc.png", "report/confusion_matrix.png",
                  "report/reliability.png"):
         assert (trained_run / name).is_file(), name
@@ -216,48 +216,6 @@ def test_predict_cli_and_golden_parity(trained_run, data_dir, capsys):
     assert rc == 0
     assert f"{path}: {served.label}" in out and "bad.jpg: error:" in out and "Traceback" not in out
     assert all(c + "=" in out for c in p.classes)
-
-
-def test_sagemaker_tarball_handlers(trained_run, data_dir, tmp_path):
-    """The toolkit's call order against the extracted model.tar.gz, importing the vendored medpipe."""
-    import tarfile
-
-    import pandas as pd
-
-    with tarfile.open(trained_run / "model" / "model.tar.gz") as tf:
-        names = tf.getnames()
-        tf.extractall(tmp_path / "opt_ml_model", filter="data")
-    assert {"weights.safetensors", "model.json", "code/inference.py", "code/requirements.txt",
-            "code/medpipe/infer/predictor.py"} <= set(names)
-    image = pd.read_csv(data_dir / "records.csv")["path"].iloc[0]
-    script = f"""
-import io, json, sys
-import numpy as np
-import inference, medpipe
-assert medpipe.__file__.startswith({str(tmp_path)!r}), medpipe.__file__  # the vendored copy
-model = inference.model_fn({str(tmp_path / 'opt_ml_model')!r})
-body = open(sys.argv[1], 'rb').read()
-pred = inference.predict_fn(inference.input_fn(body, 'image/jpeg'), model)
-out, ctype = inference.output_fn(pred, 'application/json')
-res = json.loads(out)
-assert ctype == 'application/json' and res['predictions'][0]['label'] in model.classes
-assert abs(sum(res['predictions'][0]['probabilities'].values()) - 1) < 1e-4
-buf = io.BytesIO(); np.save(buf, np.zeros((3, 40, 40), np.float32)); npy = buf.getvalue()
-assert len(inference.predict_fn(inference.input_fn(npy, 'application/x-npy'), model)['predictions']) == 1
-buf = io.BytesIO(); np.save(buf, np.array([{{'a': 1}}], dtype=object), allow_pickle=True)
-try:
-    inference.input_fn(buf.getvalue(), 'application/x-npy')
-    raise SystemExit('pickle accepted')
-except ValueError:
-    pass
-csv, ct = inference.output_fn(pred, 'text/csv')
-assert ct == "text/csv" and csv.startswith("index,label,class_index,akiec")
-print('ok')
-"""
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "opt_ml_model" / "code")}
-    r = subprocess.run([sys.executable, "-c", script, image], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
 def test_nan_batch_skips_step_and_leaves_weights():

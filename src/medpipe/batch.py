@@ -55,22 +55,25 @@ class Item:
 
 # -- listing -------------------------------------------------------------------------------------
 
-def _confine(ref: str, root: Path, base: Path) -> tuple[Path | None, tuple[str, str] | None]:
-    """Resolve ``ref`` against ``base``; refuse anything (``..``, absolute, symlink) that lands outside ``root``."""
+def _confine(ref: str, root: Path, base: Path, s3_root: Path | None = None) -> tuple[Path | None, tuple[str, str] | None]:
+    """Resolve ``ref`` against ``base``; refuse anything (``..``, absolute, symlink) that lands outside ``root``
+    (``s3://`` references: outside ``s3_root``)."""
     from medpipe.data.sources import resolve_ref
 
     try:
-        p = resolve_ref(ref, base, None)
+        p = resolve_ref(ref, base, s3_root)
     except ValueError as exc:
-        return None, ("unsupported_reference", str(exc))
+        reason = "outside_input_root" if "refused" in str(exc) else "unsupported_reference"
+        return None, (reason, str(exc))
     real = Path(os.path.realpath(p))
-    if not real.is_relative_to(root):
+    if not real.is_relative_to(Path(os.path.realpath(s3_root)) if ref.startswith("s3://") else root):
         return None, ("outside_input_root", f"{ref}: resolves outside the input root; refused")
     return real, None
 
 
-def list_items(input_path: str | os.PathLike) -> tuple[list[Item], Path]:
-    """Items in a stable order, and the input root paths are confined to."""
+def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None = None) -> tuple[list[Item], Path]:
+    """Items in a stable order, and the input root paths are confined to (``s3://bucket/key`` references of a
+    Ground Truth manifest map to ``s3_root/bucket/key`` and are confined to ``s3_root``)."""
     src = Path(input_path)
     if not src.exists():
         raise BatchError(f"{src}: no such file or folder")
@@ -123,7 +126,7 @@ def list_items(input_path: str | os.PathLike) -> tuple[list[Item], Path]:
         if extra and "_error" in extra:
             items.append(Item(i, iid, ref, None, extra["_error"]))
             continue
-        f, err = _confine(ref, root, base)
+        f, err = _confine(ref, root, base, Path(s3_root) if s3_root else None)
         items.append(Item(i, str(iid), ref, f, err, extra))
     return items, root
 
@@ -299,9 +302,10 @@ def _row(it: Item, pred: dict | None = None, error: tuple[str, str] | None = Non
 def run_batch(model: str | None, input_path: str, output: str, *, url: str | None = None, per_file: bool = False,
               manifest_out: str | None = None, label_attribute: str = "medpipe-label", batch_size: int = 32,
               shard_size: int = 256, workers: int | None = None, backend: str = "auto", device: str = "auto",
-              concurrency: int | None = None, max_error_rate: float | None = None, progress: bool = False) -> dict:
+              concurrency: int | None = None, max_error_rate: float | None = None, progress: bool = False,
+              s3_root: str | None = None) -> dict:
     out = Path(output)
-    items, root = list_items(input_path)
+    items, root = list_items(input_path, s3_root)
     if not items:
         raise BatchError(f"{input_path}: no images found")
     digest = listing_hash(items)

@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
 def print_summary(summary: dict) -> None:
     print(f"model package: {summary['model_dir']} (best epoch {summary['best_epoch']}, "
           f"temperature {summary['temperature']:.3f})")
-    print(f"SageMaker model tarball: {summary['tarball']}")
+    print(f"SageMaker: medpipe package --model {summary['model_dir']} --out model.tar.gz")
     if "test" in summary:
         t = summary["test"]
         print(f"test: macro AUC {t['macro_auc']:.4f} (95% CI {t['macro_auc_ci95'][0]:.3f}-{t['macro_auc_ci95'][1]:.3f}), "
@@ -112,10 +112,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_package(args) -> int:
-    from medpipe.package import build_sagemaker_tarball, load_package
+    from medpipe.export import check_target
+    from medpipe.package import load_package
+    from medpipe.sagemaker.layout import download_wheels, package
 
     load_package(args.model)  # verify before packaging
-    print(f"wrote {build_sagemaker_tarball(args.model, args.out)}")
+    check_target(Path(args.out), "sagemaker" if args.out.endswith((".tar.gz", ".tgz")) else "bundle", args.force)
+    wheels = download_wheels(Path(args.out).parent / ".wheels", args.python_version) if args.offline else None
+    print(f"wrote {package(args.model, args.out, wheels)}")
     return 0
 
 
@@ -129,10 +133,11 @@ def cmd_serve(args) -> int:
             from None
     values = {k: getattr(args, k) for k in ServeConfig.field_names() if getattr(args, k, None) is not None}
     # Container form: SageMaker runs the image with the argument `serve`; the image sets MEDPIPE_HOST=0.0.0.0.
-    values.setdefault("model", os.environ.get("SM_MODEL_DIR") or ServeConfig.model)
+    from medpipe.sagemaker.env import model_server_dir, serve_port
+
+    values.setdefault("model", str(model_server_dir()))
     values.setdefault("host", os.environ.get("MEDPIPE_HOST") or ServeConfig.host)
-    values.setdefault("port", int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or os.environ.get("MEDPIPE_PORT")
-                                  or ServeConfig.port))
+    values.setdefault("port", serve_port(default=ServeConfig.port))
     return serve(ServeConfig(**values))
 
 
@@ -154,7 +159,8 @@ def cmd_batch(args) -> int:
     s = run_batch(args.model, args.input, args.output, url=args.url, per_file=args.per_file,
                   manifest_out=args.manifest_out, label_attribute=args.label_attribute, batch_size=args.batch_size,
                   shard_size=args.shard_size, workers=args.workers, backend=args.backend, device=args.device,
-                  concurrency=args.concurrency, max_error_rate=args.max_error_rate, progress=_progress())
+                  concurrency=args.concurrency, max_error_rate=args.max_error_rate, progress=_progress(),
+                  s3_root=args.s3_root)
     print(f"batch: {s['predicted']} predicted, {s['errors']} errors of {s['items']} "
           f"-> {s['outputs']['jsonl']}, {s['outputs']['csv']}")
     if s["errors"]:
@@ -291,6 +297,8 @@ def register(sub) -> None:
     s.add_argument("--output", required=True, help="output folder (re-run with the same one to resume)")
     s.add_argument("--per-file", action="store_true", help="also write <input>.out per file (batch transform)")
     s.add_argument("--manifest-out", help="write a Ground Truth output manifest of the predictions here")
+    s.add_argument("--s3-root", help="local folder holding s3://bucket/key references of a Ground Truth manifest "
+                                     "as S3_ROOT/bucket/key (as for ingest)")
     s.add_argument("--label-attribute", default="medpipe-label")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--shard-size", type=int, default=256, help="items per atomically written output shard")
@@ -331,7 +339,11 @@ def register(sub) -> None:
     add_int8_options(s)
     s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("package", help="(re)build model.tar.gz for SageMaker from a model package")
+    s = sub.add_parser("package", help="the SageMaker deployable layout of a model package (folder or model.tar.gz)")
     s.add_argument("--model", required=True)
-    s.add_argument("--out", help="tarball path (default MODEL/model.tar.gz)")
+    s.add_argument("--out", required=True, help="model.tar.gz path, or a new folder")
+    s.add_argument("--offline", action="store_true", help="vendor every wheel into code/wheels (network-isolated "
+                   "endpoints; installed with --no-index)")
+    s.add_argument("--python-version", default="3.11", help="the container's Python for --offline (default 3.11)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
     s.set_defaults(func=cmd_package)

@@ -191,7 +191,7 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     resized by the package's rule, and does the rest of the eval preset itself."""
     if with_preprocessing and fmt != "onnx":
         raise ExportError("--with-preprocessing applies to --format onnx only")
-    from medpipe.package import build_sagemaker_tarball, load_package
+    from medpipe.package import load_package
     from medpipe.utils import atomic_write_bytes, atomic_write_text
 
     if fmt not in FORMATS:
@@ -233,7 +233,9 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     elif fmt == "bundle":
         result.update(write_bundle(model, meta, out_path))
     else:
-        result["out"] = str(build_sagemaker_tarball(meta["_dir"], out_path))
+        from medpipe.sagemaker.layout import package
+
+        result["out"] = str(package(meta["_dir"], out_path))
     return result
 
 

@@ -1,4 +1,4 @@
-"""The model package: ``weights.safetensors`` + ``model.json``, and the SageMaker ``model.tar.gz``.
+"""The model package: ``weights.safetensors`` + ``model.json`` (its SageMaker layout: medpipe.sagemaker.layout).
 
 ``model.json`` carries everything needed to use the weights: architecture, class names, the
 preprocessing spec (the eval preset's parameters), the calibration temperature, the decision rules
@@ -10,10 +10,8 @@ ever unpickled, so a pickle put where the weights belong is refused before any o
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tarfile
 from pathlib import Path
 
 import torch
@@ -26,7 +24,6 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.safetensors"
 META = "model.json"
-TARBALL = "model.tar.gz"
 PACKAGE_FORMAT = "medpipe-package-1"
 
 
@@ -108,47 +105,3 @@ def load_package(pkg_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
 def package_spec(meta: dict) -> PreprocessSpec:
     return PreprocessSpec.from_meta(meta)
-
-
-REQUIREMENTS = """# installed by the SageMaker PyTorch inference toolkit (torch is in the container)
-monai>=1.5.2
-numpy
-Pillow>=12.2
-pandas
-safetensors
-pyyaml
-tqdm
-scikit-learn
-"""
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def build_sagemaker_tarball(pkg_dir: str | Path, dest: str | Path | None = None) -> Path:
-    """``model.tar.gz`` in the PyTorch inference toolkit layout.
-
-    Top level: ``weights.safetensors``, ``model.json``; ``code/inference.py`` (the toolkit handlers),
-    ``code/requirements.txt``, and ``code/medpipe/`` (this package's source, so the handlers import
-    it without an index). The toolkit extracts it to ``/opt/ml/model`` and puts ``code/`` on the path.
-    """
-    import medpipe
-
-    pkg_dir = Path(pkg_dir)
-    dest = Path(dest) if dest else pkg_dir / TARBALL
-    src_root = Path(medpipe.__file__).resolve().parent
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name in (WEIGHTS, META):
-            tar.add(pkg_dir / name, arcname=name)
-        _add_bytes(tar, "code/inference.py", (src_root / "sagemaker_inference.py").read_bytes())
-        _add_bytes(tar, "code/requirements.txt", REQUIREMENTS.encode())
-        for f in sorted(src_root.rglob("*")):
-            if f.is_file() and "__pycache__" not in f.parts and f.suffix in (".py", ".html", ".js", ".css", ".typed"):
-                tar.add(f, arcname=f"code/medpipe/{f.relative_to(src_root).as_posix()}")
-    atomic_write_bytes(dest, buf.getvalue())
-    return dest

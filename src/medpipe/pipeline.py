@@ -7,7 +7,8 @@
     result = run("DATA", "RUN", cfg)            # the same keys on every rank (None where rank 0 only)
 
 The run folder: ``config.yaml`` (resolved), ``splits.csv``/``splits.json`` (or ``shards_index.json``),
-``metrics.jsonl``, ``checkpoints/{last,best}.pt``, ``model/`` (package + ``model.tar.gz``), ``report/``.
+``metrics.jsonl``, ``checkpoints/{last,best}.pt``, ``model/`` (the package), ``report/``. The deployable
+SageMaker layout of ``model/``: medpipe.sagemaker.layout (a SageMaker job writes it into SM_MODEL_DIR).
 Rules: a non-empty run folder needs ``resume`` (continue, with the run's own config) or ``force``
 (start over; only files medpipe writes are removed); a refused start writes nothing; a run that fails
 before its first checkpoint leaves no folder behind.
@@ -195,7 +196,7 @@ def run(data, run_dir, cfg: TrainConfig, *, resume: bool | str = False, force: b
     _finish_distributed(engine, layout, dd)
     result = {"run_dir": str(layout.run_dir), "rank": dd.rank, "world_size": dd.world, "epochs": state.epoch,
               "best_epoch": state.best_epoch, "model_dir": None, "temperature": None, "val": None, "test": None,
-              "report": None, "plots": None, "tarball": None}
+              "report": None, "plots": None}
     if dd.main:
         try:
             result.update(package_and_report(engine, layout, evaluate_test=evaluate_test, progress=progress))
@@ -266,11 +267,11 @@ def _compact(m: dict) -> dict:
 
 
 def package_and_report(engine: Engine, layout: RunLayout, *, evaluate_test: bool, progress: bool) -> dict:
-    """Best weights -> temperature on val -> the package -> test report -> model.tar.gz (rank 0)."""
+    """Best weights -> temperature on val -> the package -> test report (rank 0)."""
     from medpipe.decision import fit_rules
     from medpipe.evaluate import compute_metrics, evaluate_arrays
     from medpipe.infer.predictor import Predictor
-    from medpipe.package import build_sagemaker_tarball, save_package
+    from medpipe.package import save_package
     from medpipe.train.checkpoint import load_checkpoint
     from medpipe.utils import atomic_write_text
 
@@ -297,5 +298,4 @@ def package_and_report(engine: Engine, layout: RunLayout, *, evaluate_test: bool
         meta["metrics"] = metrics
         atomic_write_text(layout.model / "model.json", json.dumps(meta, indent=2, default=float))
         out.update(test=metrics["test"], report=result["report_md"], plots=result["plots"])
-    out["tarball"] = str(build_sagemaker_tarball(layout.model))
     return out

@@ -60,6 +60,7 @@ class Candidates:
     defects: list[Defect] = field(default_factory=list)
     classes: list[str] | None = None  # fixed class list (HAM10000) or None to infer
     fmt: str = ""
+    label_attribute: str | None = None  # Ground Truth: the attribute the labels came from
 
 
 # --------------------------------------------------------------------------- safe extraction
@@ -191,16 +192,29 @@ def read_folders(root: Path) -> Candidates:
     return cand
 
 
+def s3_path(ref: str, s3_root: Path | None) -> Path:
+    """``s3://bucket/key`` -> ``s3_root/bucket/key``, confined to ``s3_root``: the key is URL-decoded
+    first (``%2F`` is a slash, ``%2E%2E`` is ``..``), then absolute keys, ``..`` and empty parts are
+    refused, and the resolved file (symlinks followed) must still lie under ``s3_root``."""
+    if s3_root is None:
+        raise ValueError(f"{ref}: s3:// reference but no --s3-root given to map buckets onto a local folder")
+    parsed = urlparse(ref)
+    bucket, key = unquote(parsed.netloc), unquote(parsed.path)[1:]
+    parts = [bucket, *key.split("/")]
+    if "\\" in bucket + key or "\0" in bucket + key or any(x in ("", ".", "..") for x in parts) or "/" in bucket:
+        raise ValueError(f"{ref}: the bucket/key must be a plain relative path (no '..', '.', empty or "
+                         "absolute parts, also when URL-encoded); refused")
+    root = Path(os.path.realpath(s3_root))
+    path = root.joinpath(*parts)
+    if not Path(os.path.realpath(path)).is_relative_to(root):
+        raise ValueError(f"{ref}: resolves outside --s3-root (a symlink under it points elsewhere); refused")
+    return path
+
+
 def resolve_ref(ref: str, base: Path, s3_root: Path | None) -> Path:
     """Map a manifest reference (local path, file:// URL or s3://bucket/key) to a local path."""
     if ref.startswith("s3://"):
-        if s3_root is None:
-            raise ValueError(f"{ref}: s3:// reference but no --s3-root given to map buckets onto a local folder")
-        parsed = urlparse(ref)
-        key = PurePosixPath(parsed.netloc) / unquote(parsed.path.lstrip("/"))
-        if ".." in key.parts:
-            raise ValueError(f"{ref}: '..' in an s3 key is refused")
-        return s3_root / key
+        return s3_path(ref, s3_root)
     if ref.startswith("file://"):
         return Path(unquote(urlparse(ref).path))
     if "://" in ref:
@@ -209,8 +223,38 @@ def resolve_ref(ref: str, base: Path, s3_root: Path | None) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def label_attributes(obj: dict) -> list[str]:
+    """Label attributes of a Ground Truth line: keys ``X`` with an ``X-metadata`` object beside them.
+    A chained job (a labelling job run on another job's output manifest) has several."""
+    return [k[: -len("-metadata")] for k in obj
+            if k.endswith("-metadata") and isinstance(obj[k], dict) and k[: -len("-metadata")] in obj]
+
+
+def choose_label_attribute(manifest: Path, label_attribute: str | None) -> str | None:
+    """The attribute to train on: the given one, or the only one the manifest has. A manifest with
+    several (chained jobs) and none given is refused, naming them; the choice goes into the report."""
+    if label_attribute:
+        return label_attribute
+    found: dict[str, int] = {}
+    with open(manifest, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                for a in label_attributes(obj):
+                    found[a] = found.get(a, 0) + 1
+    if len(found) > 1:
+        listed = ", ".join(f"{a!r} ({n} lines)" for a, n in sorted(found.items()))
+        raise IngestError(f"{manifest}: a chained Ground Truth manifest with several label attributes ({listed}); "
+                          "choose one with --label-attribute (hyperparameter label-attribute in SageMaker)")
+    return next(iter(found), None)
+
+
 def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str | None) -> Candidates:
-    cand = Candidates(rows=[], fmt="groundtruth")
+    label_attribute = choose_label_attribute(manifest, label_attribute)
+    cand = Candidates(rows=[], fmt="groundtruth", label_attribute=label_attribute)
     index_to_name: dict[int, str] = {}
     seen: set[str] = set()
     with open(manifest, encoding="utf-8") as fh:
@@ -229,10 +273,10 @@ def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str 
             if not isinstance(ref, str):
                 cand.defects.append(Defect(where, "missing_source_ref", "no 'source-ref' string"))
                 continue
-            attr = label_attribute or next(
-                (k[: -len("-metadata")] for k in obj if k.endswith("-metadata") and k[: -len("-metadata")] in obj), None)
+            attr = label_attribute
             if attr is None or attr not in obj:
-                cand.defects.append(Defect(where, "missing_label", "no label attribute with a -metadata object"))
+                cand.defects.append(Defect(where, "missing_label", f"no label attribute {attr!r}" if attr else
+                                           "no label attribute with a -metadata object"))
                 continue
             meta = obj.get(f"{attr}-metadata") or {}
             value = obj[attr]
@@ -414,6 +458,8 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
         "records_sha256": records_hash(table) if not table.empty else None,
         "defects": [d.as_dict() for d in defects],
     }
+    if cand.label_attribute:
+        report["label_attribute"] = cand.label_attribute
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2))
     if table.empty:
         raise IngestError(f"no usable images in {source} ({len(defects)} defects; see {out / REPORT_FILE})")
@@ -439,6 +485,8 @@ def load_records(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
 def format_report(report: dict) -> str:
     lines = [f"ingested {report['records']} images ({report['groups']} groups) from {report['source']} "
              f"[{report['format']}]"]
+    if report.get("label_attribute"):
+        lines.append(f"  labels from the attribute {report['label_attribute']!r}")
     lines.append("  classes: " + ", ".join(f"{c}={n}" for c, n in report["class_counts"].items()))
     if report["defects"]:
         by_reason: dict[str, int] = {}

@@ -28,6 +28,7 @@ JSON_T = "application/json"
 CSV_T = "text/csv"
 DICOM = "application/dicom"
 SUPPORTED_TYPES = (*IMAGE_TYPES, NPY, JSON_T, DICOM)
+DEFAULT_MAX_IMAGES = 16  # images in one request (medpipe serve and the SageMaker handlers)
 
 
 class HttpError(Exception):
@@ -74,7 +75,7 @@ def check_count(n: int, max_images: int) -> None:
         raise HttpError(413, "too_many_images", f"{n} images in one request; the limit is {max_images}")
 
 
-def parse_body(ctype: str, body: bytes, max_images: int = 16) -> list[tuple[str, object]]:
+def parse_body(ctype: str, body: bytes, max_images: int = DEFAULT_MAX_IMAGES) -> list[tuple[str, object]]:
     """Body -> [(kind, payload)], kind in bytes | array | dicom. Raises HttpError naming the problem."""
     if ctype in IMAGE_TYPES:
         return [("bytes", body)]

@@ -48,6 +48,7 @@ from medpipe.serve.decodepool import DecodePool, DecodeSpec
 from medpipe.serve.oip import metric_route
 from medpipe.infer.protocol import (
     CSV_T,
+    DEFAULT_MAX_IMAGES,
     DICOM,
     IMAGE_TYPES,
     SUPPORTED_TYPES,
@@ -82,7 +83,7 @@ class ServeConfig:
     threads: int = 0               # inference threads; 0 = all cores
     max_body_mb: float = 6.0       # SageMaker's real-time payload limit
     max_pixels: int = imageio.DEFAULT_MAX_PIXELS
-    max_images: int = 16           # images in one request
+    max_images: int = DEFAULT_MAX_IMAGES  # images in one request
     max_batch: int = 16            # images in one forward pass
     max_wait_ms: float = 5.0       # wait for more images, only while other requests are decoding
     max_queue: int = 64            # images admitted at once (decoding, queued or running); more -> 503

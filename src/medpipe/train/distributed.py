@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -76,20 +75,12 @@ class Dist:
 
 def sagemaker_env() -> None:
     """Fill RANK/WORLD_SIZE/MASTER_* from SM_HOSTS when SageMaker started one process per host."""
-    if "WORLD_SIZE" in os.environ or "SM_HOSTS" not in os.environ:
-        return
-    try:
-        hosts = sorted(json.loads(os.environ["SM_HOSTS"]))
-    except ValueError:
-        return
-    current = os.environ.get("SM_CURRENT_HOST", "")
-    if len(hosts) < 2 or current not in hosts:
-        return
-    os.environ.update(RANK=str(hosts.index(current)), WORLD_SIZE=str(len(hosts)), LOCAL_RANK="0")
-    os.environ.setdefault("MASTER_ADDR", hosts[0])
-    os.environ.setdefault("MASTER_PORT", "29500")
-    log.info("SageMaker multi-host: rank %s of %d (master %s)", os.environ["RANK"], len(hosts),
-             os.environ["MASTER_ADDR"])
+    from medpipe.sagemaker.env import host_rank_env
+
+    env = host_rank_env()
+    if env:
+        os.environ.update(env)
+        log.info("SageMaker multi-host: rank %s of %s (master %s)", env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"])
 
 
 def init(device: torch.device) -> Dist:
