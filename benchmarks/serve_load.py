@@ -1,6 +1,7 @@
-"""Load test: medpipe serve (dynamic batching, best backend) against a naive per-request handler.
+"""Load test: medpipe serve (dynamic batching, each CPU backend) against a naive per-request handler and
+TorchServe, in one run.
 
-    python benchmarks/serve_load.py [--clients 8] [--requests 320] [--size 224]
+    python benchmarks/serve_load.py [--clients 8] [--requests 320] [--size 224] [--ts-configs 1x8x10]
 
 Both servers run as real processes on loopback and load the same package (an untrained DenseNet121
 at --size; weights do not change speed). Each gets the same two phases from the same client code,
@@ -10,7 +11,13 @@ sending 600x450 synthetic dermatoscopy JPEGs over keep-alive connections:
          and p50/p95/p99 latency, while a separate client times GET /ping every 100 ms.
 medpipe runs once per backend (--backends); the fastest one is compared and should be the `auto` default.
 The naive side is benchmarks/_naive_server.py (full decode, eager NCHW forward at batch 1, as many
-forwards at once as CPUs: the default inference-toolkit behaviour). Ratios come from one run.
+forwards at once as CPUs: the default inference-toolkit behaviour). TorchServe (the version the
+SageMaker PyTorch inference toolkit uses, from the `.venv-sm` venv that `make test` builds; needs a
+JRE, which .ci/run installs) runs benchmarks/_ts_handler.py: the same decoder, eval preset and eager
+model, batched by TorchServe; --ts-configs lists WORKERSxBATCHxDELAY_MS settings (best one compared).
+The int8 backend needs an INT8 model: the benchmark's package is untrained (speed does not depend on
+the weights), so its INT8 model is made with force=True on a synthetic validation split; its gate
+figures mean nothing here (README: gate figures on real data). Ratios come from one run.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,7 +73,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
-def drive(port: int, images: list[bytes], clients: int, total: int) -> dict:
+def drive(port: int, images: list[bytes], clients: int, total: int, path: str = "/invocations") -> dict:
     """`clients` threads share `total` requests; returns throughput and latency percentiles (ms)."""
     lock = threading.Lock()
     state = {"next": 0}
@@ -80,7 +89,7 @@ def drive(port: int, images: list[bytes], clients: int, total: int) -> dict:
                     break
                 state["next"] += 1
             t = time.perf_counter()
-            conn.request("POST", "/invocations", images[i % len(images)], {"Content-Type": "image/jpeg"})
+            conn.request("POST", path, images[i % len(images)], {"Content-Type": "image/jpeg"})
             r = conn.getresponse()
             r.read()
             dt = time.perf_counter() - t
@@ -100,14 +109,18 @@ def drive(port: int, images: list[bytes], clients: int, total: int) -> dict:
             "p50_ms": 1000 * pct(lat, 50), "p95_ms": 1000 * pct(lat, 95), "p99_ms": 1000 * pct(lat, 99)}
 
 
-def measure(name: str, cmd: list[str], port: int, images: list[bytes], args) -> dict:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+def measure(name: str, cmd: list[str], port: int, images: list[bytes], args, path: str = "/invocations",
+            env: dict | None = None, after_ready=None) -> dict:
+    """Start ``cmd`` (its own process group), wait for /ping, run the lone and load phases, stop it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env or {**os.environ, "PYTHONPATH": os.pathsep.join(
                                 filter(None, [str(ROOT.parent / "src"), os.environ.get("PYTHONPATH")]))})
     try:
         wait_ready(port, proc)
-        drive(port, images, 1, 10)  # warm-up
-        lone = drive(port, images, 1, args.lone)
+        if after_ready:
+            after_ready()
+        drive(port, images, 1, 10, path)  # warm-up
+        lone = drive(port, images, 1, args.lone, path)
         pings: list[float] = []
         stop = threading.Event()
 
@@ -121,19 +134,82 @@ def measure(name: str, cmd: list[str], port: int, images: list[bytes], args) -> 
                 time.sleep(0.1)
         pt = threading.Thread(target=pinger)
         pt.start()
-        load = drive(port, images, args.clients, args.requests)
+        load = drive(port, images, args.clients, args.requests, path)
         stop.set()
         pt.join()
         row = {"name": name, "lone_p50_ms": lone["p50_ms"], "rps": load["rps"], "p50_ms": load["p50_ms"],
                "p95_ms": load["p95_ms"], "p99_ms": load["p99_ms"], "errors": load["errors"] + lone["errors"],
                "ping_p99_ms": 1000 * pct(pings, 99), "ping_max_ms": 1000 * max(pings), "pings": len(pings)}
-        print(f"{name:>14}: {row['rps']:6.1f} req/s  p50 {row['p50_ms']:6.1f}  p95 {row['p95_ms']:6.1f}  "
+        print(f"{name:>18}: {row['rps']:6.1f} req/s  p50 {row['p50_ms']:6.1f}  p95 {row['p95_ms']:6.1f}  "
               f"p99 {row['p99_ms']:6.1f} ms  lone p50 {row['lone_p50_ms']:5.1f} ms  "
               f"/ping p99 {row['ping_p99_ms']:.1f} ms  errors {row['errors']}", flush=True)
         return row
     finally:
-        proc.terminate()
-        proc.wait(60)
+        try:  # the whole group: TorchServe's frontend (java) and its Python workers too
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(10)
+
+
+def torchserve_missing(venv: Path) -> str | None:
+    if not (venv / "bin" / "torchserve").is_file():
+        return f"no TorchServe in {venv} (make sagemaker-venv builds it)"
+    if not shutil.which("java"):
+        return "no java on PATH (TorchServe needs a JRE: apt-get install default-jre-headless)"
+    return None
+
+
+def measure_torchserve(pkg: Path, tmp: Path, venv: Path, config: str, device: str, images, args) -> dict:
+    """TorchServe with the same model and preprocessing; ``config`` = WORKERSxBATCHxDELAY_MS."""
+    workers, batch, delay = (int(v) for v in config.split("x"))
+    store = tmp / f"ts_store_{config}"
+    store.mkdir()
+    subprocess.run([str(venv / "bin" / "torch-model-archiver"), "--model-name", "medpipe", "--version", "1.0",
+                    "--handler", str(ROOT / '_ts_handler.py'), "--extra-files",
+                    f"{pkg / 'weights.safetensors'},{pkg / 'model.json'}", "--export-path", str(store),
+                    "--archive-format", "no-archive", "--force"], check=True)
+    port, mport, xport = free_port(), free_port(), free_port()
+    cfg = tmp / f"ts_{config}.properties"
+    cfg.write_text(f"inference_address=http://127.0.0.1:{port}\nmanagement_address=http://127.0.0.1:{mport}\n"
+                   f"metrics_address=http://127.0.0.1:{xport}\nmodel_store={store}\ninstall_py_dep_per_model=false\n"
+                   "default_response_timeout=120\n" + ("number_of_gpu=0\n" if device == "cpu" else ""))
+    ts_tmp = tmp / f"ts_tmp_{config}"  # TorchServe keeps its pid file in TMPDIR: one per server
+    ts_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(ts_tmp), "JAVA_TOOL_OPTIONS": "-Xmx2g", "LOG_LOCATION": str(ts_tmp / "logs"),
+           "METRICS_LOCATION": str(ts_tmp / "logs"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT.parent / "src"), os.environ.get("PYTHONPATH")]))}
+
+    def register():
+        c = http.client.HTTPConnection("127.0.0.1", mport, timeout=300)
+        c.request("POST", f"/models?url=medpipe&model_name=medpipe&batch_size={batch}&max_batch_delay={delay}"
+                          f"&initial_workers={workers}&synchronous=true&response_timeout=120")
+        r = c.getresponse()
+        body = r.read()
+        if r.status != 200:
+            raise SystemExit(f"TorchServe did not register the model: {r.status} {body[:300]!r}")
+
+    cmd = [str(venv / "bin" / "torchserve"), "--start", "--foreground", "--ncs", "--disable-token-auth",
+           "--enable-model-api", "--model-store", str(store), "--ts-config", str(cfg)]
+    return measure(f"torchserve/{config}", cmd, port, images, args, path="/predictions/medpipe", env=env,
+                   after_ready=register)
+
+
+def add_int8_model(pkg: Path, tmp: Path) -> None:
+    """An INT8 model for the (untrained) benchmark package, calibrated on a synthetic validation split."""
+    from medpipe.data.sources import ingest
+    from medpipe.data.splits import ensure_splits
+    from medpipe.infer.quantize import install_int8, quantize_package
+
+    data = tmp / "int8_data"
+    ingest(synth_dataset(200), data, workers=None)
+    ensure_splits(data, seed=0, val=0.15, test=0.15)
+    int8, info = quantize_package(pkg, data, force=True)
+    install_int8(pkg, int8, info)
 
 
 def main() -> None:
@@ -143,24 +219,37 @@ def main() -> None:
     ap.add_argument("--lone", type=int, default=40)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--backends", default=None,
-                    help="medpipe backends to measure, comma-separated (default: onnx,eager on CPU; eager,cudagraph "
-                         "on CUDA)")
-    ap.add_argument("--device", default="auto", help="both servers run on this device (auto: CUDA when available)")
+                    help="medpipe backends to measure, comma-separated (default: int8,onnx,eager on CPU; "
+                         "eager,cudagraph on CUDA)")
+    ap.add_argument("--ts-configs", default="1x8x10",
+                    help="TorchServe settings WORKERSxBATCHxDELAY_MS, comma-separated ('' skips TorchServe)")
+    ap.add_argument("--ts-venv", default=str(ROOT.parent / ".venv-sm"), help="venv holding torchserve")
+    ap.add_argument("--device", default="auto", help="every server runs on this device (auto: CUDA when available)")
     args = ap.parse_args()
 
     from medpipe.utils import resolve_device
 
     device = resolve_device(args.device).type
     args.device = device
-    args.backends = args.backends or ("onnx,eager" if device == "cpu" else "eager,cudagraph")
+    args.backends = args.backends or ("int8,onnx,eager" if device == "cpu" else "eager,cudagraph")
 
     folder = synth_dataset(200)
     images = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:32]]
+    ts_rows, ts_skipped = {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        pkg = make_package(Path(tmp) / "pkg", args.size)
+        tmp = Path(tmp)
+        pkg = make_package(tmp / "pkg", args.size)
+        if "int8" in args.backends.split(","):
+            add_int8_model(pkg, tmp)
         port = free_port()
         naive = measure("naive", [sys.executable, str(ROOT / "_naive_server.py"), str(pkg), str(port), device],
                         port, images, args)
+        ts_skipped = torchserve_missing(Path(args.ts_venv)) if args.ts_configs else "not asked for"
+        if ts_skipped:
+            print(f"TorchServe skipped: {ts_skipped}")
+        else:
+            for config in args.ts_configs.split(","):
+                ts_rows[config] = measure_torchserve(pkg, tmp, Path(args.ts_venv), config, device, images, args)
         rows = {}
         for backend in args.backends.split(","):
             port = free_port()
@@ -170,12 +259,21 @@ def main() -> None:
     best = max(rows, key=lambda b: rows[b]["rps"])
     med = rows[best]
     ratios = {"throughput": med["rps"] / naive["rps"], "lone_p50": med["lone_p50_ms"] / naive["lone_p50_ms"]}
-    print(f"fastest backend: {best}.  throughput medpipe/naive = {ratios['throughput']:.2f}x (target >= 2)   "
-          f"lone p50 medpipe/naive = {ratios['lone_p50']:.2f} (target <= 0.65)   "
-          f"/ping p99 under load {med['ping_p99_ms']:.0f} ms (target < 2000)")
-    path = write_result("serve_load" if device == "cpu" else f"serve_load_{device}", {"settings": vars(args), "naive": naive, "medpipe": rows, "best": best,
-                                       "ratios": ratios,
-                                       "targets": {"throughput": 2.0, "lone_p50": 0.65, "ping_p99_ms": 2000}})
+    print(f"fastest medpipe backend: {best}.  throughput medpipe/naive = {ratios['throughput']:.2f}x   "
+          f"lone p50 medpipe/naive = {ratios['lone_p50']:.2f}   /ping p99 under load {med['ping_p99_ms']:.0f} ms "
+          "(target < 2000)")
+    if ts_rows:
+        ts_best = max(ts_rows, key=lambda c: ts_rows[c]["rps"])
+        ts = ts_rows[ts_best]
+        ratios["throughput_vs_torchserve"] = med["rps"] / ts["rps"]
+        ratios["lone_p50_vs_torchserve"] = med["lone_p50_ms"] / ts["lone_p50_ms"]
+        print(f"best TorchServe: {ts_best}.  throughput medpipe/TorchServe = {ratios['throughput_vs_torchserve']:.2f}x "
+              f"(target >= 2)   lone p50 medpipe/TorchServe = {ratios['lone_p50_vs_torchserve']:.2f} (target <= 0.6)")
+    path = write_result("serve_load" if device == "cpu" else f"serve_load_{device}",
+                        {"settings": vars(args), "naive": naive, "torchserve": ts_rows, "torchserve_skipped": ts_skipped,
+                         "medpipe": rows, "best": best, "ratios": ratios,
+                         "targets": {"throughput_vs_torchserve": 2.0, "lone_p50_vs_torchserve": 0.6,
+                                     "ping_p99_ms": 2000}})
     print(f"wrote {path}")
 
 

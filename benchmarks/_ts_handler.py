@@ -1,0 +1,59 @@
+"""The TorchServe handler serve_load.py runs TorchServe with: the same preprocessing and model as medpipe.
+
+A good TorchServe deployment of the package, not a straw man: TorchServe batches requests
+(``batch_size``/``max_batch_delay`` at registration), the handler decodes each image with the
+package's own decoder (JPEG draft mode, the same resize), runs the eval preset on the whole batch
+and one eager forward (channels_last, ``inference_mode``), applies the temperature and returns one
+JSON object per request. The model archive carries ``weights.safetensors`` and ``model.json``.
+"""
+
+import json
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class MedpipeHandler:
+    def __init__(self):
+        self.initialized = False
+
+    def initialize(self, context):
+        from medpipe.package import load_package, package_spec
+
+        props = context.system_properties
+        gpu = props.get("gpu_id")
+        self.device = torch.device(f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu")
+        model, self.meta = load_package(props["model_dir"], self.device)
+        self.model = model.to(memory_format=torch.channels_last)
+        self.spec = package_spec(self.meta)
+        self.classes = list(self.meta["classes"])
+        self.temperature = float(self.meta.get("calibration", {}).get("temperature", 1.0))
+        log.info("medpipe handler on %s, torch threads %d", self.device, torch.get_num_threads())
+        self.initialized = True
+
+    def handle(self, data, context):
+        from medpipe.preprocess import eval_batch
+
+        pixels = [self.spec.decode(bytes(row.get("data") or row.get("body"))) for row in data]
+        x = eval_batch(pixels, self.spec).to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(x).float() / self.temperature, dim=1).cpu().numpy()
+        out = []
+        for row in probs:
+            k = int(row.argmax())
+            out.append(json.dumps({"label": self.classes[k], "class_index": k,
+                                   "probabilities": dict(zip(self.classes, map(float, row)))}))
+        return out
+
+
+_service = MedpipeHandler()
+
+
+def handle(data, context):
+    if not _service.initialized:
+        _service.initialize(context)
+    if data is None:
+        return None
+    return _service.handle(data, context)
