@@ -147,7 +147,9 @@ def test_torchrun_streams_shards(data_dir, tmp_path):
                         "--size", "32", "--per-shard", "4"], capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr[-2000:]
     run = tmp_path / "run"
-    r = _torchrun(["-m", "medpipe", "train", "--data", str(shards), "--out", str(run), *TINY])
+    # with a time budget: rank 0's epoch count is every rank's (a budget shorter than an epoch gives 1)
+    r = _torchrun(["-m", "medpipe", "train", "--data", str(shards), "--out", str(run), *TINY, "--budget", "1s"])
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert r.stdout.count("budget 1s: first epoch took") == 1 and [x["epoch"] for x in _metrics(run)] == [1]
     assert json.loads((run / "distributed.json").read_text())["ranks_in_sync"]
     assert (run / "model" / "model.json").is_file()

@@ -154,3 +154,24 @@ def test_server_killed_mid_run_training_finishes_and_run_completes(data_dir, tmp
         assert client.list_artifacts(runs[0].info.run_id, "report")
     finally:
         server.kill()
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
+    """What --resume does with tracking (medpipe.track.MLflowHandler keeps RUN/mlflow_run.json): the same MLflow
+    run goes on and ends FINISHED, without the earlier failure's reason."""
+    from medpipe.track import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, "medpipe")
+    first.start("r1")
+    first.metrics({"val_auc": 0.5}, step=1)
+    first.end("KILLED", "TrainingInterrupted: stopped by SIGINT")
+    assert first.flush(seconds=5)
+    again = Tracker(uri, "medpipe")
+    again.start("r1", run_id=first.run_id)
+    again.metrics({"val_auc": 0.6}, step=2)
+    again.end("FINISHED")
+    assert again.flush(seconds=5)
+    client, runs = _runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "failure_reason" not in runs[0].data.tags
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "val_auc")) == [1, 2]

@@ -122,8 +122,10 @@ class Tracker:
         def create():
             if self.run_id is not None:
                 return
-            if run_id is not None:
+            if run_id is not None:  # a resumed run: the same MLflow run goes on
                 self.client.update_run(run_id, status="RUNNING")
+                if "failure_reason" in self.client.get_run(run_id).data.tags:
+                    self.client.delete_tag(run_id, "failure_reason")
                 self.run_id = run_id
                 return
             exp = self.client.get_experiment_by_name(self.experiment)
