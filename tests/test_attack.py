@@ -383,3 +383,28 @@ def test_palette_dicom_is_an_error_row_in_batch(package, tmp_path):
     by_name = {row["id"]: row for row in rows}
     assert "lookup table" in json.dumps(by_name["palette.dcm"]) and "label" not in by_name["palette.dcm"]
     assert all("label" in by_name[f"ok{i}.png"] for i in range(3))
+
+
+def test_decode_process_out_of_memory_is_413_and_the_worker_lives_on():
+    import asyncio
+
+    from medpipe.data.imageio import ImageTooLargeError
+    from medpipe.serve.decodepool import DecodePool, DecodeSpec
+
+    big = np.zeros((4000, 5000, 4), np.uint8)
+    big[::9, ::7] = 200
+    buf = io.BytesIO()
+    Image.fromarray(big, "RGBA").save(buf, "PNG", compress_level=1)  # 20 MP RGBA: ~0.5 GB to decode and flatten
+    pool = DecodePool(DecodeSpec((32, 32), "bicubic"), workers=1, timeout_s=60, memory_mb=384)
+    try:
+        pool.warm_up()
+
+        async def run():
+            return [await pool.decode("bytes", buf.getvalue()),
+                    await pool.decode("array", np.full((3000, 5000, 3), 7, np.uint8))]  # 45 MB to receive
+
+        refused, fine = asyncio.run(run())
+        assert isinstance(refused, ImageTooLargeError) and "memory" in refused.reason
+        assert fine.shape == (32, 32, 3) and pool.restarts == 0  # the same worker took the next image
+    finally:
+        pool.close()

@@ -101,6 +101,21 @@ class ServeConfig:
     max_concurrent_transforms: int = 4  # advertised to SageMaker batch transform
     graceful_s: float = 25.0       # SIGTERM: finish in-flight requests for at most this long
 
+    def __post_init__(self):
+        from medpipe.errors import ConfigError
+
+        positive = ("max_body_mb", "max_pixels", "max_images", "max_batch", "max_queue", "deadline_s",
+                    "body_timeout_s", "header_timeout_s", "max_connections", "max_requests", "decode_workers",
+                    "decode_timeout_s")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.decode_memory_mb and self.decode_memory_mb < 256:
+            raise ConfigError(f"--decode-memory-mb must be 0 (no limit) or at least 256 (a decode process needs "
+                              f"about 120 MB before it decodes anything), got {self.decode_memory_mb}")
+        if self.max_jpeg_scans < 0 or self.memory_ceiling_mb < 0:
+            raise ConfigError("--max-jpeg-scans and --memory-ceiling-mb must be >= 0 (0: no limit / automatic)")
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]

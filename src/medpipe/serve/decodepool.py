@@ -55,9 +55,27 @@ def decode_item(spec: DecodeSpec, kind: str, payload) -> np.ndarray | imageio.Im
                                          spec.interpolation, spec.max_pixels)
         return imageio.prepare_array(payload, spec.size, spec.interpolation, spec.max_pixels)
     except imageio.ImageError as exc:
+        # Drop the chained exception and its frames (they hold the half-decoded image) before the
+        # worker waits for its next task; give freed memory back when it ran out half-way.
+        exc.__context__ = exc.__cause__ = exc.__traceback__ = None
+        if isinstance(exc, imageio.ImageTooLargeError):
+            _release_memory()
         return exc
     except MemoryError:
+        _release_memory()  # the worker lives on: give back what the failed decode left mapped
         return imageio.ImageTooLargeError("not enough memory to decode within the decode memory limit")
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _init_worker(memory_mb: int) -> None:
@@ -81,10 +99,35 @@ class DecodePool:
         # keep the address space (RLIMIT_AS) small.
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, "1")
-        self.workers = max(1, int(workers))
-        self._pool = pebble.ProcessPool(max_workers=self.workers, initializer=_init_worker,
-                                        initargs=(int(memory_mb),), context=multiprocessing.get_context("spawn"))
-        self.killed = 0  # workers stopped for running past their budget (a metric)
+        self.workers, self.memory_mb = max(1, int(workers)), int(memory_mb)
+        self._closing = False
+        self._pool = self._new_pool()
+        self.restarts = 0
+
+    def _new_pool(self):
+        import pebble
+
+        return pebble.ProcessPool(max_workers=self.workers, initializer=_init_worker, initargs=(self.memory_mb,),
+                                  context=multiprocessing.get_context("spawn"))
+
+    def _restart(self, why: str) -> None:
+        """pebble gives up on a pool whose worker dies between tasks (e.g. out of memory right after
+        a refused decode): replace the whole pool rather than fail every later request."""
+        if self._closing:
+            return
+        log.warning("decode pool restarted (%s)", why)
+        old, self._pool = self._pool, self._new_pool()
+        self.restarts += 1
+        old.stop()
+
+    def _schedule(self, kind: str, payload):
+        try:
+            return self._pool.schedule(decode_item, args=(self.spec, kind, payload), timeout=self.timeout_s)
+        except RuntimeError as exc:  # "Unexpected error within the Pool" / "not active"
+            if self._closing:
+                raise asyncio.CancelledError from None
+            self._restart(str(exc))
+            return self._pool.schedule(decode_item, args=(self.spec, kind, payload), timeout=self.timeout_s)
 
     def warm_up(self) -> None:
         """Start every worker now (spawn takes a moment), before the service says it is ready."""
@@ -94,23 +137,30 @@ class DecodePool:
         for f in futures:
             f.result(timeout=120)
 
-    async def decode(self, kind: str, payload) -> np.ndarray | imageio.ImageError:
+    async def decode(self, kind: str, payload, retry: bool = True) -> np.ndarray | imageio.ImageError:
         import pebble
 
-        fut = self._pool.schedule(decode_item, args=(self.spec, kind, payload), timeout=self.timeout_s)
+        fut = self._schedule(kind, payload)
         try:
             return await asyncio.wrap_future(fut)
         except (TimeoutError, concurrent.futures.TimeoutError):
-            self.killed += 1
             return imageio.DecodeBudgetError(f"decoding took longer than its {self.timeout_s:g} s budget and "
                                              "was abandoned")
         except pebble.ProcessExpired as exc:
             log.warning("decode worker died (exit code %s); replaced", exc.exitcode)
+            return imageio.DecodeBudgetError("the decoder process died on this image")
+        except concurrent.futures.BrokenExecutor as exc:
+            # A worker died outside a task and pebble aborted every pending task, this one perhaps
+            # innocent: restart the pool and try it once more.
+            self._restart(exc.__class__.__name__)
+            if retry:
+                return await self.decode(kind, payload, retry=False)
             return imageio.DecodeBudgetError("the decoder process died on this image")
         except concurrent.futures.CancelledError:
             # The pool was stopped (shutdown) while this item waited; the request answers 503.
             raise asyncio.CancelledError from None
 
     def close(self) -> None:
+        self._closing = True
         self._pool.stop()
         self._pool.join(timeout=10)
