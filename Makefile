@@ -16,7 +16,11 @@ SM_PKGS := sagemaker-training==5.1.4 sagemaker-pytorch-training==3.0.0 sagemaker
            sagemaker-pytorch-inference==2.0.25 torchserve==0.12.0 torch-model-archiver==0.12.0 "sagemaker>=2.257,<3" \
            "setuptools<81"  # the inference toolkit imports pkg_resources, gone from setuptools 81
 
-.PHONY: demo test venv dev bench clean sagemaker-venv
+# Flower's pins conflict with the dev extra (fastapi, starlette, uvicorn, protobuf, packaging): its own venv
+# (medpipe + the fl extra); a failed install is recorded in $(FLVENV)/FAILED and tests/test_fl.py skips
+FLVENV ?= .venv-fl
+
+.PHONY: demo test venv dev fl bench clean sagemaker-venv
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,14 +44,22 @@ $(SMVENV)/.done: src/medpipe/sagemaker/requirements.txt
 	  > $(SMVENV)/install.log 2>&1 || tail -5 $(SMVENV)/install.log > $(SMVENV)/FAILED
 	touch $@
 
+$(FLVENV)/.done: pyproject.toml
+	rm -rf $(FLVENV) && $(PYTHON) -m venv $(FLVENV)
+	( $(FLVENV)/bin/python -m pip install -q --upgrade pip && \
+	  $(FLVENV)/bin/python -m pip install -q $(TORCH) && $(FLVENV)/bin/python -m pip install -q -e ".[fl]" $(TORCH) ) \
+	  > $(FLVENV)/install.log 2>&1 || tail -5 $(FLVENV)/install.log > $(FLVENV)/FAILED
+	touch $@
+
 venv: $(VENV)/.core
 dev: $(VENV)/.dev
 sagemaker-venv: $(SMVENV)/.done
+fl: $(FLVENV)/.done
 
 demo: $(VENV)/.serve
 	bash scripts/demo.sh $(VENV)/bin/medpipe $(DEMO)
 
-test: $(VENV)/.dev $(SMVENV)/.done
+test: $(VENV)/.dev $(SMVENV)/.done $(FLVENV)/.done
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.dev
@@ -57,4 +69,4 @@ bench: $(VENV)/.dev
 	$(PY) benchmarks/batch.py
 
 clean:
-	rm -rf $(VENV) $(SMVENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(SMVENV) $(FLVENV) $(DEMO) .pytest_cache

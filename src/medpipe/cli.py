@@ -134,6 +134,9 @@ def _add_late_commands(sub) -> None:
     from medpipe import tune
 
     tune.add_parser(sub)
+    from medpipe.fl import cli as fl_cli  # medpipe fl ...: imports Flower only when a command runs
+
+    fl_cli.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,92 @@
+"""The Flower ServerApp and ClientApp (Message API). Flower runs them: the SuperLink starts the
+ServerApp for a run, each SuperNode starts the ClientApp for each message it receives.
+
+Wire format: model weights travel as Flower ``ArrayRecord``s (NumPy arrays serialised with
+``np.save(allow_pickle=False)``); configuration and metrics as ``ConfigRecord``/``MetricRecord``
+(protobuf scalars and lists). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import numpy as np
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server_app = ServerApp()
+client_app = ClientApp()
+_SITES: dict = {}  # one Site per (data dir, config) for the life of this ClientApp process
+
+
+def arrays_to_record(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def _logging() -> None:
+    if not logging.getLogger("medpipe").handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("medpipe").addHandler(h)
+        logging.getLogger("medpipe").setLevel(logging.INFO)
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    from pathlib import Path
+
+    from medpipe.fl.server import Coordinator
+
+    _logging()
+    Coordinator(Path(str(context.run_config["run-dir"])), grid).run()
+
+
+def _site(message: Message, context: Context):
+    from medpipe.fl.site import Site
+
+    cfg = message.content["config"]
+    node = context.node_config
+    data_dir, name = str(node["data-dir"]), str(node.get("site", "site"))
+    overrides = json.loads(str(node.get("overrides", "{}")))
+    key = (data_dir, str(cfg["train-config"]), str(cfg["classes"]))
+    if key not in _SITES:
+        _SITES[key] = Site(data_dir, name, json.loads(str(cfg["train-config"])), list(cfg["classes"]),
+                           overrides=overrides)
+    return _SITES[key], cfg
+
+
+@client_app.train()
+def client_train(message: Message, context: Context) -> Message:
+    _logging()
+    log = logging.getLogger("medpipe.fl")
+    site, cfg = _site(message, context)
+    rnd = int(cfg["server-round"])
+    log.info("site %s: round %d local training started (%d epochs, mu=%g)", site.name, rnd,
+             int(cfg["local-epochs"]), float(cfg["mu"]))
+    arrays, m = site.fit(record_to_arrays(message.content["arrays"]), rnd, int(cfg["local-epochs"]), float(cfg["mu"]))
+    log.info("site %s: round %d local training done (train_loss %.4f)", site.name, rnd, m["train_loss"])
+    content = RecordDict({"arrays": arrays_to_record(arrays),
+                          "metrics": MetricRecord({"num-examples": m["n_train"], "train_loss": m["train_loss"]}),
+                          "site": ConfigRecord({"name": site.name})})
+    return Message(content, reply_to=message)
+
+
+@client_app.evaluate()
+def client_evaluate(message: Message, context: Context) -> Message:
+    _logging()
+    site, cfg = _site(message, context)
+    r = site.evaluate(record_to_arrays(message.content["arrays"]))
+    metrics = {"num-examples": r["n_val"], "val_loss": r["val_loss"], "macro_auc": r["macro_auc"],
+               "balanced_accuracy": r["balanced_accuracy"], "hist_pos": r["hist_pos"], "hist_neg": r["hist_neg"],
+               "confusion": r["confusion"]}
+    content = RecordDict({"metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({"name": site.name, "nan_classes": r["nan_classes"] or [""]})})
+    return Message(content, reply_to=message)

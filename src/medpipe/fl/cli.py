@@ -1,0 +1,129 @@
+"""``medpipe fl ...``: federated training on Flower (see medpipe.fl)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from medpipe.errors import MedpipeError
+
+
+def _train_overrides(args) -> dict:
+    from medpipe.commands import config_overrides
+    from medpipe.config import make_config
+
+    return make_config(config_overrides(args), args.config).to_dict()
+
+
+def cmd_certs(args) -> int:
+    from medpipe.fl.certs import make_certs
+
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    out = make_certs(args.out, sites, args.host or None, days=args.days)
+    print(f"CA {out['ca']}; server certificate {out['server_cert']} for {', '.join(out['hosts'])}")
+    for s, k in out["sites"].items():
+        print(f"  site {s}: private key {k['private_key']} (give to the site), public key {k['public_key']}")
+    return 0
+
+
+def cmd_partition(args) -> int:
+    from medpipe.fl.partition import partition
+
+    s = partition(args.data, args.out, by=args.by, sites=args.sites, dirichlet=args.dirichlet, seed=args.seed)
+    for name, v in s["sites"].items():
+        print(f"  {name}: {v['images']} images, {v['groups']} groups, " +
+              " ".join(f"{c}={n}" for c, n in v["class_counts"].items()))
+    for name, why in s["skipped"].items():
+        print(f"  skipped {name}: {why}")
+    print(f"wrote {len(s['sites'])} site folders under {args.out} (partition.json)")
+    return 0
+
+
+def _server_kwargs(args) -> dict:
+    return dict(rounds=args.rounds, min_sites=args.min_sites, fraction=args.fraction, strategy=args.strategy,
+                mu=args.mu, local_epochs=args.local_epochs,
+                classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+                train_config=_train_overrides(args), round_timeout=args.round_timeout,
+                straggler_wait=args.straggler_wait, wait_for_sites=args.wait_for_sites, host=args.host, port=args.port)
+
+
+def cmd_server(args) -> int:
+    from medpipe.fl.deploy import run_server
+
+    keys = list(args.site_keys or [])
+    s = run_server(args.run_dir, certs=args.certs, site_keys=keys, insecure=args.insecure, **_server_kwargs(args))
+    print(f"federated run finished: {s['rounds']} rounds, best round {s['best_round']} "
+          f"(pooled val macro AUC {s['best_pooled_auc']}); model package {s['model_dir']}")
+    return 0
+
+
+def cmd_site(args) -> int:
+    from medpipe.fl.deploy import run_site
+
+    overrides = {"threads": args.threads} if args.threads else {}
+    if args.device:
+        overrides["device"] = args.device
+    return run_site(args.data, server=args.server, ca=args.ca, key=args.key, name=args.name,
+                    runtime_port=args.runtime_port, overrides=overrides, insecure=args.insecure)
+
+
+def add_server_options(s: argparse.ArgumentParser) -> None:
+    from medpipe.commands import add_config_options
+
+    s.add_argument("--rounds", type=int, default=5)
+    s.add_argument("--min-sites", type=int, default=2, help="sites needed to start and to complete a round")
+    s.add_argument("--fraction", type=float, default=1.0, help="share of connected sites sampled per round")
+    s.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
+    s.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight")
+    s.add_argument("--local-epochs", type=int, default=1, help="local epochs per round at each site")
+    s.add_argument("--classes", help="the run's class vocabulary, comma-separated (default the 7 HAM10000 classes)")
+    s.add_argument("--round-timeout", type=float, default=3600.0, help="seconds a round waits for sites at most")
+    s.add_argument("--straggler-wait", type=float, default=120.0,
+                   help="seconds to wait for the remaining sites once --min-sites have answered")
+    s.add_argument("--wait-for-sites", type=float, default=600.0, help="seconds to wait for --min-sites to connect")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=9092)
+    s.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (loopback experiments)")
+    s.add_argument("--config", help="YAML training config for the sites' local training")
+    add_config_options(s)
+
+
+def register(sub) -> None:
+    fl = sub.add_parser("fl", help="federated training across sites (Flower; fl extra)")
+    fsub = fl.add_subparsers(dest="fl_command", required=True)
+
+    s = fsub.add_parser("certs", help="CA, server TLS certificate and per-site authentication keys")
+    s.add_argument("--out", required=True)
+    s.add_argument("--sites", required=True, help="site names, comma-separated")
+    s.add_argument("--host", action="append", help="server name or IP in the certificate (repeat; default loopback)")
+    s.add_argument("--days", type=int, default=365)
+    s.set_defaults(func=cmd_certs)
+
+    s = fsub.add_parser("partition", help="cut one ingested dataset into site folders (simulation)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--by", help="metadata column: one site per value (e.g. dataset, localization)")
+    s.add_argument("--sites", type=int, default=0, help="number of sites (Dirichlet), or the most sites for --by")
+    s.add_argument("--dirichlet", type=float, help="alpha of the per-class Dirichlet split (small = non-IID)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_partition)
+
+    s = fsub.add_parser("server", help="run the federation's server (Flower SuperLink + medpipe ServerApp)")
+    s.add_argument("--run-dir", required=True, help="output run folder (checkpoints, log, model package)")
+    s.add_argument("--certs", help="folder from 'medpipe fl certs' (ca.crt, server.pem, server.key)")
+    s.add_argument("--site-keys", nargs="*", help="public keys of the sites allowed to join (NAME.pub)")
+    add_server_options(s)
+    s.set_defaults(func=cmd_server)
+
+    s = fsub.add_parser("site", help="run a site (Flower SuperNode + medpipe ClientApp) on its own data")
+    s.add_argument("--data", required=True, help="this site's ingested data folder")
+    s.add_argument("--server", default="127.0.0.1:9092", help="server address host:port")
+    s.add_argument("--ca", help="the federation's CA certificate (ca.crt)")
+    s.add_argument("--key", help="this site's private key (CERTS/sites/NAME)")
+    s.add_argument("--name", help="site name (default: the key file's name)")
+    s.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's runtime API")
+    s.add_argument("--threads", type=int, default=0, help="torch threads for local training (0: torch default)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--insecure", action="store_true")
+    s.set_defaults(func=cmd_site)

@@ -1,0 +1,327 @@
+"""The coordinator that runs inside Flower's ServerApp: rounds, checks, aggregation, checkpoints.
+
+Each round, top to bottom:
+ 1. wait until at least ``min_sites`` sites are connected; sample ``max(min_sites, fraction * connected)``;
+ 2. send them the global weights (a TRAIN message); collect replies until every sampled site has
+    answered, or a site is reported offline, or ``straggler_wait`` seconds have passed since enough
+    sites answered, or ``round_timeout`` passed; every site that did not answer is logged by name as
+    dropped (it may rejoin in a later round);
+ 3. check each update (same tensors and shapes, finite values); a bad one is excluded with its reason;
+ 4. FedAvg/FedProx: the sample-count weighted mean of the valid updates (``medpipe.fl.aggregate``);
+    fewer than ``min_sites`` valid updates repeat the round (at most 3 tries) with the global unchanged;
+ 5. every connected site evaluates the new global model on its own validation split (an EVALUATE
+    message); per-site metrics and pooled ones (summed score histograms) are logged;
+ 6. checkpoint: ``checkpoints/global.safetensors`` then ``fl_state.json`` (round, history, best),
+    both written atomically; ``best.safetensors`` when the pooled macro AUC improved; one line in
+    ``metrics.jsonl``; the round callbacks are called with the round record.
+A restarted server finds ``fl_state.json`` and continues after its round. At the end the best
+round's weights become the usual model package, with the federated provenance in ``model.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medpipe.errors import MedpipeError
+from medpipe.fl.aggregate import check_update, pooled_metrics, restore_scalars, weighted_average
+from medpipe.utils import atomic_write_bytes, atomic_write_text
+
+CONFIG_FILE, STATE_FILE, SITES_FILE, LOG_FILE = "fl_config.json", "fl_state.json", "sites.json", "fl_server.log"
+RESUME_KEYS = ("classes", "strategy", "mu", "local_epochs", "train_config")
+log = logging.getLogger("medpipe.fl.server")
+
+
+def config_digest(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps({k: cfg.get(k) for k in RESUME_KEYS}, sort_keys=True).encode()).hexdigest()
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> str:
+    from safetensors.numpy import save
+
+    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata={k: str(v) for k, v in meta.items()})
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_arrays(path: Path, sha256: str | None = None) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    data = path.read_bytes()
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise MedpipeError(f"{path}: sha256 does not match {STATE_FILE}; the checkpoint was changed or truncated")
+    return load(data)
+
+
+class Coordinator:
+    def __init__(self, run_dir: Path, grid, callbacks=()):
+        from flwr.app import Message, MessageType  # noqa: F401  (Flower must be importable here)
+
+        self.run_dir, self.grid = Path(run_dir), grid
+        self.cfg = json.loads((self.run_dir / CONFIG_FILE).read_text())
+        sites_path = self.run_dir / SITES_FILE
+        self.names = {int(k): v for k, v in json.loads(sites_path.read_text()).items()} if sites_path.is_file() else {}
+        self.callbacks = list(callbacks) + [self._load_callback(c) for c in self.cfg.get("round_callbacks", [])]
+        handler = logging.FileHandler(self.run_dir / LOG_FILE)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+    @staticmethod
+    def _load_callback(ref: str):
+        module, _, name = ref.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def name(self, node_id: int) -> str:
+        return self.names.get(int(node_id), f"node-{node_id}")
+
+    # ------------------------------------------------------------------------------------ messaging
+
+    def _wait_for_sites(self, need: int) -> list[int]:
+        """At least ``need`` connected sites (else an error after ``wait_for_sites``); then up to
+        ``straggler_wait`` more seconds for the other registered sites to connect."""
+        deadline = time.time() + float(self.cfg["wait_for_sites"])
+        enough_at = None
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= need:
+                enough_at = enough_at or time.time()
+                if len(nodes) >= len(self.names) or time.time() - enough_at > float(self.cfg["straggler_wait"]):
+                    return nodes
+            elif time.time() > deadline:
+                raise MedpipeError(f"only {len(nodes)} site(s) connected after {self.cfg['wait_for_sites']}s; "
+                                   f"--min-sites is {need}")
+            time.sleep(1.0)
+
+    def _exchange(self, content_for, nodes: list[int], message_type: str, rnd: int, quorum: int):
+        """Send one message per node, gather replies; returns (replies {node: Message}, dropped {node: reason})."""
+        from flwr.app import Message
+
+        msgs = [Message(content_for(n), dst_node_id=n, message_type=message_type) for n in nodes]
+        ids = list(self.grid.push_messages(msgs))
+        pending = {mid: n for mid, n in zip(ids, nodes) if mid}
+        dropped = {n: "the message could not be delivered" for mid, n in zip(ids, nodes) if not mid}
+        replies, start, quorum_at = {}, time.time(), None
+        wait, timeout = float(self.cfg["straggler_wait"]), float(self.cfg["round_timeout"])
+        while pending:
+            for m in self.grid.pull_messages(list(pending)):
+                n = pending.pop(m.metadata.reply_to_message_id, None)
+                if n is not None:
+                    replies[n] = m
+            if not pending:
+                break
+            now = time.time()
+            online = set(self.grid.get_node_ids())
+            for mid, n in list(pending.items()):
+                if n not in online:
+                    dropped[n] = "disconnected (the SuperLink reports it offline)"
+                    del pending[mid]
+            if quorum_at is None and len(replies) >= quorum:
+                quorum_at = now
+            if quorum_at is not None and now - quorum_at > wait:
+                reason = f"no reply {wait:g}s after {len(replies)} site(s) had answered"
+            elif now - start > timeout:
+                reason = f"no reply within the round timeout ({timeout:g}s)"
+            else:
+                time.sleep(0.5)
+                continue
+            dropped.update({n: reason for n in pending.values()})
+            pending.clear()
+        for n, reason in dropped.items():
+            log.warning("round %d %s: site %s dropped: %s", rnd, message_type, self.name(n), reason)
+        return replies, dropped
+
+    # ------------------------------------------------------------------------------------ state
+
+    def _state(self) -> dict | None:
+        path = self.run_dir / STATE_FILE
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        if state.get("config_digest") != config_digest(self.cfg):
+            raise MedpipeError(f"{path}: this run folder was started with a different configuration "
+                               f"({', '.join(RESUME_KEYS)} must match to resume); use a new --run-dir")
+        return state
+
+    def _checkpoint(self, state: dict, arrays: dict, improved: bool) -> None:
+        ck = self.run_dir / "checkpoints"
+        ck.mkdir(exist_ok=True)
+        state["global_sha256"] = save_arrays(ck / "global.safetensors", arrays, {"round": state["round"]})
+        if improved or not (ck / "best.safetensors").is_file():
+            state["best_sha256"] = save_arrays(ck / "best.safetensors", arrays, {"round": state["round"]})
+        atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=2, default=float))
+
+    # ------------------------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        import torch
+        from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict  # noqa: F401
+
+        from medpipe.config import make_config
+        from medpipe.fl.apps import arrays_to_record, record_to_arrays
+        from medpipe.fl.site import to_numpy
+        from medpipe.models import create_model
+
+        cfg = self.cfg
+        classes, rounds, min_sites = list(cfg["classes"]), int(cfg["rounds"]), int(cfg["min_sites"])
+        tc = make_config(cfg["train_config"]).validate()
+        torch.manual_seed(tc.seed)
+        reference = to_numpy(create_model(tc.model, len(classes), init_weights=tc.init_weights).state_dict())
+        state = self._state()
+        if state is None:
+            state = {"config_digest": config_digest(cfg), "round": 0, "status": "running", "history": [],
+                     "best_round": 0, "best_pooled_auc": None, "sites": {}}
+            arrays = reference
+            log.info("federated run: %d rounds, strategy %s, at least %d sites, classes %s", rounds,
+                     cfg["strategy"], min_sites, classes)
+        else:
+            arrays = restore_scalars(load_arrays(self.run_dir / "checkpoints" / "global.safetensors",
+                                                 state.get("global_sha256")), reference)
+            state["status"] = "running"
+            log.info("resuming from the round %d checkpoint (%s)", state["round"],
+                     self.run_dir / "checkpoints" / "global.safetensors")
+        mu = float(cfg["mu"]) if cfg["strategy"] == "fedprox" else 0.0
+        train_cfg = json.dumps(tc.to_dict())
+        rng = random.Random(tc.seed)
+
+        def config(rnd: int) -> ConfigRecord:
+            return ConfigRecord({"server-round": rnd, "local-epochs": int(cfg["local_epochs"]), "mu": mu,
+                                 "classes": classes, "train-config": train_cfg})
+
+        rnd, tries = state["round"] + 1, 0
+        while rnd <= rounds:
+            nodes = self._wait_for_sites(min_sites)
+            k = max(min_sites, int(math.ceil(float(cfg["fraction"]) * len(nodes))))
+            chosen = sorted(rng.sample(nodes, min(k, len(nodes))))
+            log.info("round %d: training on %d of %d connected sites: %s", rnd, len(chosen), len(nodes),
+                     ", ".join(self.name(n) for n in chosen))
+            record = arrays_to_record(arrays)
+            replies, dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
+                                              chosen, MessageType.TRAIN, rnd, min_sites)
+            updates, used, excluded = [], {}, {}
+            for n, msg in sorted(replies.items()):
+                if msg.has_error():
+                    excluded[self.name(n)] = f"the site reported an error: {msg.error.reason}"
+                    continue
+                try:
+                    upd = restore_scalars(record_to_arrays(msg.content["arrays"]), reference)
+                    count = int(msg.content["metrics"]["num-examples"])
+                except (KeyError, ValueError, TypeError) as exc:
+                    excluded[self.name(n)] = f"malformed reply ({exc.__class__.__name__}: {exc})"
+                    continue
+                reason = check_update(upd, reference) or (None if count > 0 else f"sample count {count} is not positive")
+                if reason:
+                    excluded[self.name(n)] = reason
+                    continue
+                updates.append((upd, count))
+                used[self.name(n)] = {"n_train": count, "train_loss": float(msg.content["metrics"]["train_loss"])}
+            for name, reason in excluded.items():
+                log.warning("round %d: update from site %s excluded: %s", rnd, name, reason)
+            if len(updates) < min_sites:
+                tries += 1
+                log.error("round %d: %d valid update(s), fewer than --min-sites %d; global model unchanged "
+                          "(try %d of 3)", rnd, len(updates), min_sites, tries)
+                if tries >= 3:
+                    state["status"] = "failed"
+                    atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=2, default=float))
+                    raise MedpipeError(f"round {rnd} failed 3 times: not enough valid site updates")
+                continue
+            arrays = weighted_average(updates)
+            log.info("round %d: aggregated %d update(s) (%s) weighted by samples %s", rnd, len(updates),
+                     cfg["strategy"], {k: v["n_train"] for k, v in used.items()})
+
+            # federated evaluation of the new global model on every connected site's validation split
+            record = arrays_to_record(arrays)
+            ev_nodes = sorted(self.grid.get_node_ids())
+            ev, ev_dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
+                                            ev_nodes, MessageType.EVALUATE, rnd, min(min_sites, len(ev_nodes)))
+            per_site, stats = {}, []
+            for n, msg in sorted(ev.items()):
+                if msg.has_error():
+                    log.warning("round %d: site %s could not evaluate: %s", rnd, self.name(n), msg.error.reason)
+                    continue
+                m = msg.content["metrics"]
+                stats.append({k: list(m[k]) for k in ("hist_pos", "hist_neg", "confusion")})
+                per_site[self.name(n)] = {"n_val": int(m["num-examples"]), "macro_auc": float(m["macro_auc"]),
+                                          "balanced_accuracy": float(m["balanced_accuracy"]),
+                                          "val_loss": float(m["val_loss"])}
+            pooled = pooled_metrics(stats, classes) if stats else {"n": 0, "macro_auc": math.nan,
+                                                                   "balanced_accuracy": math.nan, "per_class_auc": {}}
+            for name, m in per_site.items():
+                log.info("round %d: site %s val n=%d auc=%.4f bacc=%.4f", rnd, name, m["n_val"], m["macro_auc"],
+                         m["balanced_accuracy"])
+            log.info("round %d: pooled val n=%d auc=%.4f bacc=%.4f", rnd, pooled["n"], pooled["macro_auc"],
+                     pooled["balanced_accuracy"])
+            improved = not math.isnan(pooled["macro_auc"]) and (state["best_pooled_auc"] is None or
+                                                                pooled["macro_auc"] > state["best_pooled_auc"])
+            if improved:
+                state["best_round"], state["best_pooled_auc"] = rnd, pooled["macro_auc"]
+            rec = {"round": rnd, "strategy": cfg["strategy"], "trained": used, "excluded": excluded,
+                   "dropped": {self.name(n): r for n, r in {**dropped, **ev_dropped}.items()},
+                   "val_sites": per_site, "val_pooled": pooled,
+                   "bytes_per_site": int(sum(v.nbytes for v in arrays.values()))}
+            for name, u in used.items():
+                s = state["sites"].setdefault(name, {"rounds": 0})
+                s.update(train_samples=u["n_train"], rounds=s["rounds"] + 1)
+            for name, m in per_site.items():
+                state["sites"].setdefault(name, {"rounds": 0})["val_samples"] = m["n_val"]
+            state["round"] = rnd
+            state["history"].append(rec)
+            self._checkpoint(state, arrays, improved)
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(rec, default=float) + "\n")
+            log.info("round %d: checkpoint written%s", rnd, " (best so far)" if improved else "")
+            for cb in self.callbacks:
+                try:
+                    cb(rec)
+                except Exception as exc:  # a tracking callback must not end the run
+                    log.warning("round callback %r failed: %s", cb, exc)
+            rnd, tries = rnd + 1, 0
+
+        summary = self._package(state, classes, tc)
+        state["status"] = "finished"
+        atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=2, default=float))
+        log.info("finished: best round %d (pooled val auc %s); package %s", state["best_round"],
+                 state["best_pooled_auc"], summary["model_dir"])
+        return summary
+
+    def _package(self, state: dict, classes: list[str], tc) -> dict:
+        import flwr
+        import torch
+
+        from medpipe.fl.site import to_torch
+        from medpipe.models import create_model
+        from medpipe.package import build_sagemaker_tarball, save_package
+
+        best = load_arrays(self.run_dir / "checkpoints" / "best.safetensors", state.get("best_sha256"))
+        model = create_model(tc.model, len(classes))
+        model.load_state_dict(to_torch(best))
+        hist = {h["round"]: h for h in state["history"]}
+        pooled = hist.get(state["best_round"], {}).get("val_pooled", {})
+        model_dir = self.run_dir / "model"
+        metrics = {"best_round": state["best_round"], "val": pooled,
+                   "val_sites": hist.get(state["best_round"], {}).get("val_sites", {})}
+        meta = save_package(model_dir, model.eval(), name=f"{tc.model}-federated", arch=tc.model, classes=classes,
+                            spec=tc.preprocess(), temperature=1.0, metrics=metrics, config=tc.to_dict())
+        cfg = self.cfg
+        meta["federated"] = {
+            "engine": "flower", "engine_version": flwr.__version__, "strategy": cfg["strategy"],
+            "mu": float(cfg["mu"]) if cfg["strategy"] == "fedprox" else 0.0, "rounds": int(cfg["rounds"]),
+            "local_epochs": int(cfg["local_epochs"]), "min_sites": int(cfg["min_sites"]),
+            "fraction": float(cfg["fraction"]), "best_round": state["best_round"],
+            "batchnorm": "aggregated: running statistics averaged like the weights (one model for every site)",
+            "pooled_auc": "summed per-site histograms of predicted probabilities (1000 bins); no images moved",
+            "calibration": "none (temperature 1.0): validation images stay at the sites",
+            "sites": state["sites"], "torch": torch.__version__,
+        }
+        atomic_write_text(model_dir / "model.json", json.dumps(meta, indent=2, default=float))
+        build_sagemaker_tarball(model_dir)
+        return {"model_dir": str(model_dir), "best_round": state["best_round"]}

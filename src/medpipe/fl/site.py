@@ -1,0 +1,109 @@
+"""A site's side of a round: local training from the global weights, and evaluation of them.
+
+The site's data folder is an ordinary ingested folder (``medpipe ingest`` + ``medpipe split``): the
+lesion-grouped split is the site's own and the pixel cache sits in it, so each round's process only
+memory-maps it. Local training is one call of the training engine, "k epochs from these weights on
+this site's data" (class-balanced sampling over the site's own labels by default), with FedProx's
+proximal term added to the loss when the strategy asks for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medpipe.config import TrainConfig, make_config
+from medpipe.errors import MedpipeError
+from medpipe.fl.aggregate import restore_scalars, site_statistics
+
+try:  # the training engine (redesign issue); the stand-in mirrors its signatures until it lands
+    from medpipe.train.data import open_source
+    from medpipe.train.engine import local_fit, predict_logits, proximal_term
+except ImportError:  # pragma: no cover - depends on which engine is on main
+    from medpipe.fl._engine_compat import local_fit, open_source, predict_logits, proximal_term
+
+log = logging.getLogger(__name__)
+FAULT = "MEDPIPE_FL_FAULT"  # tests only: "nan@ROUND" or "shape@ROUND" corrupts this site's update in that round
+
+
+def to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def to_torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+class Site:
+    """One site's data under the run's configuration and fixed class vocabulary."""
+
+    def __init__(self, data_dir: str | os.PathLike, name: str, train_config: dict, classes: list[str], *,
+                 overrides: dict | None = None):
+        self.name, self.data_dir = name, Path(data_dir)
+        cfg = make_config({**train_config, **(overrides or {})}).validate()
+        self.cfg: TrainConfig = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        from medpipe.data.sources import load_records
+
+        _, site_classes = load_records(self.data_dir)
+        if list(site_classes) != list(classes):
+            raise MedpipeError(f"site {name}: {self.data_dir}/classes.json is {site_classes}, but this run's class "
+                               f"vocabulary is {classes}; ingest with --classes {','.join(classes)}")
+        self.classes = list(classes)
+        self.source = open_source(self.data_dir, cfg)
+        from medpipe.models import create_model
+
+        self.reference = to_numpy(create_model(cfg.model, len(self.classes)).state_dict())
+        self.n_train = int(np.sum(self.source.class_counts))
+        absent = [c for c, n in zip(self.classes, self.source.class_counts) if n == 0]
+        if absent:
+            log.warning("site %s has no training images of %s; it still trains on the others", name, absent)
+
+    def fit(self, arrays: dict[str, np.ndarray], server_round: int, epochs: int, mu: float = 0.0) -> tuple[dict, dict]:
+        """Local training from the global weights; returns (weights, metrics incl. ``n_train``)."""
+        weights = to_torch(restore_scalars(arrays, self.reference))
+        terms = [proximal_term(weights, mu)] if mu > 0 else []
+        cfg = dataclasses.replace(self.cfg, epochs=epochs)
+        new, records = local_fit(cfg, self.source, epochs=epochs, weights=weights, device=self.cfg.device
+                                 if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
+                                 loss_terms=terms, epoch_offset=(server_round - 1) * epochs)
+        out = to_numpy(new)
+        fault = os.environ.get(FAULT, "")
+        if fault in (f"nan@{server_round}", f"shape@{server_round}"):
+            name = next(k for k, v in out.items() if v.dtype.kind == "f" and v.ndim > 1)
+            out[name] = np.full_like(out[name], np.nan) if fault.startswith("nan") else out[name][:1]
+        last = records[-1] if records else {}
+        return out, {"n_train": self.n_train, "train_loss": float(last.get("train_loss", float("nan")))}
+
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
+        """The global model on this site's validation split: site metrics and the pooling statistics."""
+        from medpipe.evaluate import compute_metrics
+        from medpipe.models import create_model
+
+        val = self.source.val
+        model = create_model(self.cfg.model, len(self.classes))
+        model.load_state_dict(to_torch(restore_scalars(arrays, self.reference)))
+        model = model.to(memory_format=torch.channels_last)
+        device = torch.device("cpu")
+        logits = predict_logits(model, val.pixels, val.rows, self.cfg.preprocess(), device)
+        n = len(val)
+        if n == 0:
+            raise MedpipeError(f"site {self.name}: the validation split is empty")
+        probs = torch.softmax(logits, 1).numpy()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = compute_metrics(val.labels, probs, self.classes, bootstrap=0)
+        absent = [c for c, v in m["per_class"].items() if not np.isfinite(v["auc"])]
+        if absent:
+            log.warning("site %s: AUC undefined (NaN) for %s (absent from its validation split)", self.name, absent)
+        loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(val.labels)))
+        return {"n_val": n, "val_loss": loss, "macro_auc": float(m["macro_auc"]),
+                "balanced_accuracy": float(m["balanced_accuracy"]), "nan_classes": absent,
+                **site_statistics(val.labels, probs, len(self.classes))}

@@ -1,0 +1,248 @@
+"""Federated training on Flower: the pure parts in-process, then real deployments on loopback.
+
+The deployments run the real Flower processes from ``.venv-fl`` (``make fl``; Flower's pins conflict
+with the dev venv): ``medpipe fl server`` (flower-superlink + the ServerApp it spawns) and three
+``medpipe fl site`` processes (flower-supernode + the ClientApps), with TLS from ``medpipe fl certs`` and
+SuperNode authentication. Without ``.venv-fl`` those tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medpipe.fl.aggregate import check_update, pooled_metrics, site_statistics, weighted_average
+
+ROOT = Path(__file__).resolve().parents[1]
+FL_BIN = Path(os.environ.get("MEDPIPE_FL_VENV", ROOT / ".venv-fl")) / "bin"
+HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+TRAIN = ["--model", "resnet18", "--image-size", "32", "--batch-size", "16", "--threads", "1", "--workers", "0",
+         "--lr", "0.002"]
+
+# ----------------------------------------------------------------------------------------- pure parts
+
+
+def test_check_update_names_the_problem():
+    ref = {"w": np.zeros((2, 3), np.float32), "n": np.zeros((), np.int64)}
+    assert check_update({"w": np.ones((2, 3), np.float32), "n": np.ones((), np.int64)}, ref) is None
+    bad = np.ones((2, 3), np.float32)
+    bad[0, 1] = np.nan
+    assert "non-finite" in check_update({"w": bad, "n": ref["n"]}, ref) and "w" in check_update({"w": bad, "n": ref["n"]}, ref)
+    assert "shape (3, 2)" in check_update({"w": np.ones((3, 2), np.float32), "n": ref["n"]}, ref)
+    assert "missing 1 tensors" in check_update({"w": ref["w"]}, ref)
+    assert "unknown" in check_update({**ref, "x": ref["w"]}, ref)
+
+
+def test_weighted_average_by_sample_counts():
+    a = {"w": np.full(3, 1.0, np.float32), "n": np.array(5)}
+    b = {"w": np.full(3, 4.0, np.float32), "n": np.array(9)}
+    out = weighted_average([(a, 2), (b, 1)])
+    np.testing.assert_allclose(out["w"], 2.0)
+    assert out["w"].dtype == np.float32 and isinstance(out["n"], np.ndarray) and int(out["n"]) == 9
+
+
+def test_pooled_metrics_from_site_histograms_match_pooled_predictions():
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    ys, ps, stats = [], [], []
+    for site in range(3):  # different class mixes per site
+        y = rng.choice(4, size=80, p=np.roll([0.55, 0.25, 0.15, 0.05], site))
+        logits = rng.normal(size=(80, 4)) + 1.5 * np.eye(4)[y]
+        p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        ys.append(y), ps.append(p), stats.append(site_statistics(y, p, 4))
+    y, p = np.concatenate(ys), np.concatenate(ps)
+    pooled = pooled_metrics(stats, ["a", "b", "c", "d"])
+    exact = roc_auc_score(y, p, multi_class="ovr", average="macro")
+    assert abs(pooled["macro_auc"] - exact) < 2e-3
+    assert pooled["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
+    assert pooled["n"] == len(y)
+
+
+def test_partition_keeps_lesions_whole(data_dir, tmp_path):
+    import pandas as pd
+
+    from medpipe.errors import MedpipeError
+    from medpipe.fl.partition import partition
+
+    s = partition(data_dir, tmp_path / "d", sites=3, dirichlet=0.5, seed=1, min_images=1)
+    tables = {n: pd.read_csv(Path(v["dir"]) / "records.csv", dtype=str) for n, v in s["sites"].items()}
+    groups = [set(t["group_id"]) for t in tables.values()]
+    assert sum(map(len, groups)) == len(set().union(*groups))  # no lesion at two sites
+    assert sum(len(t) for t in tables.values()) == len(pd.read_csv(data_dir / "records.csv"))
+    for v in s["sites"].values():  # the run's vocabulary everywhere, even for absent classes
+        assert json.loads((Path(v["dir"]) / "classes.json").read_text()) == HAM
+    s2 = partition(data_dir, tmp_path / "b", by="localization", sites=3, min_images=1)
+    assert 2 <= len(s2["sites"]) + len(s2["skipped"]) <= 3
+    with pytest.raises(MedpipeError, match="no column 'hospital'"):
+        partition(data_dir, tmp_path / "c", by="hospital")
+
+
+# ----------------------------------------------------------------------------------------- deployments
+
+needs_flower = pytest.mark.skipif(not (FL_BIN / "flower-superlink").is_file(),
+                                  reason=f"Flower is not installed in {FL_BIN.parent} (make fl)")
+
+
+def _port() -> int:
+    from tests._server import free_port
+
+    return free_port()
+
+
+def _spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A real process in its own process group (so SIGKILL reaches everything it started)."""
+    fh = open(log, "ab")
+    return subprocess.Popen([str(FL_BIN / "medpipe"), *args], stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(30)
+
+
+def _wait(cond, timeout: float, what: str, procs=()):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """Ingested synthetic data cut into three non-IID sites, and the federation's credentials."""
+    if not (FL_BIN / "flower-superlink").is_file():
+        pytest.skip(f"Flower is not installed in {FL_BIN.parent} (make fl)")
+    from medpipe.cli import main
+    from medpipe.fl.partition import partition
+
+    root = tmp_path_factory.mktemp("fl")
+    assert main(["synth", str(root / "raw"), "--count", "180", "--width", "48", "--height", "36",
+                 "--workers", "2"]) == 0
+    assert main(["ingest", str(root / "raw"), "--out", str(root / "data"), "--workers", "2"]) == 0
+    summary = partition(root / "data", root / "sites", sites=3, dirichlet=1.0, seed=4)
+    assert len(summary["sites"]) == 3
+    sites = sorted(summary["sites"])
+    subprocess.run([str(FL_BIN / "medpipe"), "fl", "certs", "--out", str(root / "certs"), "--sites", ",".join(sites)],
+                   check=True, capture_output=True)
+    return {"root": root, "sites": sites, "certs": root / "certs"}
+
+
+def _server_args(fed, run: Path, port: int, *extra: str) -> list[str]:
+    c = fed["certs"]
+    return ["fl", "server", "--run-dir", str(run), "--certs", str(c), "--port", str(port),
+            "--site-keys", *[str(c / "sites" / f"{s}.pub") for s in fed["sites"]], "--rounds", "2",
+            "--straggler-wait", "5", "--round-timeout", "240", "--wait-for-sites", "240", *TRAIN, *extra]
+
+
+def _site(fed, name: str, port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
+    c = fed["certs"]
+    return _spawn(["fl", "site", "--data", str(fed["root"] / "sites" / name), "--server", f"127.0.0.1:{port}",
+                   "--ca", str(c / "ca.crt"), "--key", str(c / "sites" / name), "--runtime-port", str(_port()),
+                   "--threads", "1"], log, env)
+
+
+@pytest.fixture(scope="module")
+def deployment(federation):
+    """One server and three sites with TLS and site authentication, two FedProx rounds; the third site
+    sends NaN weights in round 2."""
+    fed, run = federation, federation["root"] / "run_tls"
+    port = _port()
+    server = _spawn(_server_args(fed, run, port, "--strategy", "fedprox", "--min-sites", "2"), fed["root"] / "server.log")
+    bad = fed["sites"][2]
+    sites = [_site(fed, s, port, fed["root"] / f"site_{s}.log", {"MEDPIPE_FL_FAULT": "nan@2"} if s == bad else None)
+             for s in fed["sites"]]
+    try:
+        server.wait(420)
+    finally:
+        for p in [server, *sites]:
+            _kill(p)
+    return {"run": run, "rc": server.returncode, "bad": bad, "log": fed["root"] / "server.log", **fed}
+
+
+@needs_flower
+def test_deployment_with_tls_writes_a_package_that_predicts(deployment, capsys):
+    from medpipe.cli import main
+
+    run = deployment["run"]
+    assert deployment["rc"] == 0, deployment["log"].read_text()[-3000:]
+    assert "https://127.0.0.1" in (run / "superlink.log").read_text()  # TLS on the SuperLink
+    meta = json.loads((run / "model" / "model.json").read_text())
+    fed = meta["federated"]
+    assert fed["engine"] == "flower" and fed["strategy"] == "fedprox" and fed["rounds"] == 2
+    assert set(fed["sites"]) == set(deployment["sites"]) and all(v["train_samples"] > 0 for v in fed["sites"].values())
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(set(r["val_sites"]) == set(deployment["sites"]) and 0 <= r["val_pooled"]["macro_auc"] <= 1
+               for r in rounds)
+    image = next((deployment["root"] / "raw").rglob("*.jpg"))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run / "model"), str(image), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert any(c in out for c in HAM)
+
+
+@needs_flower
+def test_nan_update_is_excluded_with_a_reason(deployment):
+    run, bad = deployment["run"], deployment["bad"]
+    log = (run / "fl_server.log").read_text()
+    assert f"round 2: update from site {bad} excluded: tensor" in log and "non-finite values" in log
+    r2 = json.loads((run / "metrics.jsonl").read_text().splitlines()[1])
+    assert bad in r2["excluded"] and bad not in r2["trained"] and len(r2["trained"]) == 2
+
+
+@needs_flower
+def test_killed_site_and_killed_server(federation):
+    """Min 2 of 3 sites: a site SIGKILLed mid-round 1 does not stop the round and is named as dropped;
+    the server SIGKILLed after round 1 resumes from its checkpoint; the killed site rejoins."""
+    fed, run = federation, federation["root"] / "run_faults"
+    port = _port()
+    root = fed["root"]
+    server = _spawn(_server_args(fed, run, port, "--min-sites", "2"), root / "f_server.log")
+    victim = fed["sites"][0]
+    sites = {s: _site(fed, s, port, root / f"f_site_{s}.log") for s in fed["sites"]}
+    procs = [server, *sites.values()]
+    try:
+        vlog = root / f"f_site_{victim}.log"
+        _wait(lambda: vlog.is_file() and "round 1 local training started" in vlog.read_text(), 240,
+              "the site to start round 1")
+        _kill(sites[victim])
+        state = run / "fl_state.json"
+        _wait(lambda: state.is_file() and json.loads(state.read_text())["round"] >= 1, 240, "round 1's checkpoint")
+        _kill(server)
+        log = (run / "fl_server.log").read_text()
+        assert f"round 1 train: site {victim} dropped" in log, log
+        r1 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert victim in r1["dropped"] and len(r1["trained"]) == 2
+        # restart the server (all three sites now required) and the killed site: it rejoins
+        server = _spawn(_server_args(fed, run, port, "--min-sites", "3"), root / "f_server2.log")
+        sites[victim] = _site(fed, victim, port, root / f"f_site_{victim}_2.log")
+        procs += [server, sites[victim]]
+        server.wait(420)
+        assert server.returncode == 0, (root / "f_server2.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            _kill(p)
+    log = (run / "fl_server.log").read_text()
+    assert "resuming from the round 1 checkpoint" in log
+    rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2]
+    r2 = json.loads((run / "metrics.jsonl").read_text().splitlines()[1])
+    assert victim in r2["trained"]
+    assert json.loads((run / "fl_state.json").read_text())["status"] == "finished"
+    assert (run / "model" / "weights.safetensors").is_file()
