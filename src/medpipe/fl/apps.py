@@ -1,8 +1,8 @@
 """The Flower ServerApp and ClientApp (Message API). Flower runs them: the SuperLink starts the
 ServerApp for a run, each SuperNode starts the ClientApp for each message it receives.
 
-Wire format: model weights travel as Flower ``ArrayRecord``s (NumPy arrays serialised with
-``np.save(allow_pickle=False)``); configuration and metrics as ``ConfigRecord``/``MetricRecord``
+Wire format: model weights travel as a Flower ``ArrayRecord`` holding one safetensors blob
+(:func:`arrays_to_record`); configuration and metrics as ``ConfigRecord``/``MetricRecord``
 (protobuf scalars and lists). Nothing is pickled.
 """
 
@@ -23,12 +23,31 @@ client_app = ClientApp()
 _SITES: dict = {}  # one Site per (data dir, config) for the life of this ClientApp process
 
 
+WIRE_KEY, WIRE_STYPE = "weights", "safetensors"
+
+
 def arrays_to_record(arrays: dict) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    """The whole state dict as ONE Flower ``Array`` holding a safetensors blob (names, dtypes, shapes
+    and data; no pickle). One object instead of one per tensor: Flower transfers every object of a
+    message with its own requests, and a DenseNet's ~600 tensors made each message wave several
+    times slower than the same bytes in one object (chunked by Flower at 5 MB)."""
+    from safetensors.numpy import save
+
+    blob = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    return ArrayRecord({WIRE_KEY: Array(dtype="uint8", shape=(len(blob),), stype=WIRE_STYPE, data=blob)})
 
 
 def record_to_arrays(record: ArrayRecord) -> dict:
-    return {k: a.numpy() for k, a in record.items()}
+    """Inverse of :func:`arrays_to_record`; a record in any other form is a ValueError."""
+    from safetensors.numpy import load
+
+    arr = record.get(WIRE_KEY) if hasattr(record, "get") else None
+    if arr is None or arr.stype != WIRE_STYPE or len(record) != 1:
+        raise ValueError(f"expected one '{WIRE_KEY}' array of stype '{WIRE_STYPE}'")
+    try:
+        return load(arr.data)
+    except Exception as exc:  # safetensors' own errors: the blob is not a valid safetensors file
+        raise ValueError(f"the weights are not a valid safetensors blob ({exc.__class__.__name__})") from None
 
 
 def _logging() -> None:

@@ -21,12 +21,8 @@ import torch
 from medpipe.config import TrainConfig, make_config
 from medpipe.errors import MedpipeError
 from medpipe.fl.aggregate import restore_scalars, site_statistics
-
-try:  # the training engine (redesign issue); the stand-in mirrors its signatures until it lands
-    from medpipe.train.data import open_source
-    from medpipe.train.engine import local_fit, predict_logits, proximal_term
-except ImportError:  # pragma: no cover - depends on which engine is on main
-    from medpipe.fl._engine_compat import local_fit, open_source, predict_logits, proximal_term
+from medpipe.train.data import open_source
+from medpipe.train.engine import local_fit, predict_logits, proximal_term
 
 log = logging.getLogger(__name__)
 FAULT = "MEDPIPE_FL_FAULT"  # tests only: "nan@ROUND" or "shape@ROUND" corrupts this site's update in that round
