@@ -24,7 +24,7 @@ from medpipe.fl.aggregate import check_update, pooled_metrics, site_statistics, 
 ROOT = Path(__file__).resolve().parents[1]
 FL_BIN = Path(os.environ.get("MEDPIPE_FL_VENV", ROOT / ".venv-fl")) / "bin"
 HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-TRAIN = ["--model", "resnet18", "--image-size", "32", "--batch-size", "16", "--threads", "1", "--workers", "0",
+TRAIN = ["--model", "efficientnet-b0", "--image-size", "32", "--batch-size", "16", "--threads", "1", "--workers", "0",
          "--lr", "0.002"]
 
 # ----------------------------------------------------------------------------------------- pure parts
@@ -114,6 +114,22 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
+def _kill_orphans(port: int) -> None:
+    """Flower starts its SuperExec/ServerApp detached (own session): after SIGKILL of a server's process
+    group they outlive it; end the ones of this test's SuperLink (found by its port)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(FL_BIN) in cmd and f"127.0.0.1:{port}" in cmd and ("flwr-serverapp" in cmd or "superexec" in cmd):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 def _wait(cond, timeout: float, what: str, procs=()):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -163,7 +179,8 @@ def deployment(federation):
     sends NaN weights in round 2."""
     fed, run = federation, federation["root"] / "run_tls"
     port = _port()
-    server = _spawn(_server_args(fed, run, port, "--strategy", "fedprox", "--min-sites", "2"), fed["root"] / "server.log")
+    server = _spawn(_server_args(fed, run, port, "--strategy", "fedprox", "--min-sites", "2", "--straggler-wait", "60"),
+                    fed["root"] / "server.log")
     bad = fed["sites"][2]
     sites = [_site(fed, s, port, fed["root"] / f"site_{s}.log", {"MEDPIPE_FL_FAULT": "nan@2"} if s == bad else None)
              for s in fed["sites"]]
@@ -172,6 +189,7 @@ def deployment(federation):
     finally:
         for p in [server, *sites]:
             _kill(p)
+        _kill_orphans(port)
     return {"run": run, "rc": server.returncode, "bad": bad, "log": fed["root"] / "server.log", **fed}
 
 
@@ -225,6 +243,7 @@ def test_killed_site_and_killed_server(federation):
         state = run / "fl_state.json"
         _wait(lambda: state.is_file() and json.loads(state.read_text())["round"] >= 1, 240, "round 1's checkpoint")
         _kill(server)
+        _kill_orphans(port)
         log = (run / "fl_server.log").read_text()
         assert f"round 1 train: site {victim} dropped" in log, log
         r1 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
@@ -238,6 +257,7 @@ def test_killed_site_and_killed_server(federation):
     finally:
         for p in procs:
             _kill(p)
+        _kill_orphans(port)
     log = (run / "fl_server.log").read_text()
     assert "resuming from the round 1 checkpoint" in log
     rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -25,6 +25,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from medpipe.fl.aggregate import check_update, pooled_metrics, restore_scalars, 
 from medpipe.utils import atomic_write_bytes, atomic_write_text
 
 CONFIG_FILE, STATE_FILE, SITES_FILE, LOG_FILE = "fl_config.json", "fl_state.json", "sites.json", "fl_server.log"
+OWNER_FILE = ".fl_owner"
 RESUME_KEYS = ("classes", "strategy", "mu", "local_epochs", "train_config")
 log = logging.getLogger("medpipe.fl.server")
 
@@ -70,6 +72,8 @@ class Coordinator:
         sites_path = self.run_dir / SITES_FILE
         self.names = {int(k): v for k, v in json.loads(sites_path.read_text()).items()} if sites_path.is_file() else {}
         self.callbacks = list(callbacks) + [self._load_callback(c) for c in self.cfg.get("round_callbacks", [])]
+        self.owner = f"{os.getpid()}-{time.time_ns()}"
+        atomic_write_text(self.run_dir / OWNER_FILE, self.owner)  # a newer server for this folder takes over
         handler = logging.FileHandler(self.run_dir / LOG_FILE)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
@@ -101,21 +105,23 @@ class Coordinator:
                                    f"--min-sites is {need}")
             time.sleep(1.0)
 
-    def _exchange(self, content_for, nodes: list[int], message_type: str, rnd: int, quorum: int):
-        """Send one message per node, gather replies; returns (replies {node: Message}, dropped {node: reason})."""
+    def _exchange(self, content_for, nodes: list[int], message_type: str, rnd: int, quorum: int, valid=None):
+        """Send one message per node, gather replies; returns (replies {node: Message}, dropped {node: reason}).
+        ``quorum`` counts the replies for which ``valid(node, message)`` is true (all, by default)."""
         from flwr.app import Message
 
         msgs = [Message(content_for(n), dst_node_id=n, message_type=message_type) for n in nodes]
         ids = list(self.grid.push_messages(msgs))
         pending = {mid: n for mid, n in zip(ids, nodes) if mid}
         dropped = {n: "the message could not be delivered" for mid, n in zip(ids, nodes) if not mid}
-        replies, start, quorum_at = {}, time.time(), None
+        replies, start, quorum_at, n_valid = {}, time.time(), None, 0
         wait, timeout = float(self.cfg["straggler_wait"]), float(self.cfg["round_timeout"])
         while pending:
             for m in self.grid.pull_messages(list(pending)):
                 n = pending.pop(m.metadata.reply_to_message_id, None)
                 if n is not None:
                     replies[n] = m
+                    n_valid += 1 if valid is None or valid(n, m) else 0
             if not pending:
                 break
             now = time.time()
@@ -124,10 +130,10 @@ class Coordinator:
                 if n not in online:
                     dropped[n] = "disconnected (the SuperLink reports it offline)"
                     del pending[mid]
-            if quorum_at is None and len(replies) >= quorum:
+            if quorum_at is None and n_valid >= quorum:
                 quorum_at = now
             if quorum_at is not None and now - quorum_at > wait:
-                reason = f"no reply {wait:g}s after {len(replies)} site(s) had answered"
+                reason = f"no reply {wait:g}s after {n_valid} site(s) had sent a valid answer"
             elif now - start > timeout:
                 reason = f"no reply within the round timeout ({timeout:g}s)"
             else:
@@ -152,6 +158,8 @@ class Coordinator:
         return state
 
     def _checkpoint(self, state: dict, arrays: dict, improved: bool) -> None:
+        if (self.run_dir / OWNER_FILE).read_text() != self.owner:  # e.g. a ServerApp orphaned by a killed server
+            raise MedpipeError(f"another server has taken over {self.run_dir}; this one stops without writing")
         ck = self.run_dir / "checkpoints"
         ck.mkdir(exist_ok=True)
         state["global_sha256"] = save_arrays(ck / "global.safetensors", arrays, {"round": state["round"]})
@@ -204,25 +212,32 @@ class Coordinator:
             log.info("round %d: training on %d of %d connected sites: %s", rnd, len(chosen), len(nodes),
                      ", ".join(self.name(n) for n in chosen))
             record = arrays_to_record(arrays)
-            replies, dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
-                                              chosen, MessageType.TRAIN, rnd, min_sites)
-            updates, used, excluded = [], {}, {}
-            for n, msg in sorted(replies.items()):
+            checked: dict[int, tuple] = {}  # node -> (update, count) or (None, reason)
+
+            def check(n, msg) -> bool:
                 if msg.has_error():
-                    excluded[self.name(n)] = f"the site reported an error: {msg.error.reason}"
-                    continue
+                    checked[n] = (None, f"the site reported an error: {msg.error.reason}")
+                    return False
                 try:
                     upd = restore_scalars(record_to_arrays(msg.content["arrays"]), reference)
                     count = int(msg.content["metrics"]["num-examples"])
                 except (KeyError, ValueError, TypeError) as exc:
-                    excluded[self.name(n)] = f"malformed reply ({exc.__class__.__name__}: {exc})"
-                    continue
+                    checked[n] = (None, f"malformed reply ({exc.__class__.__name__}: {exc})")
+                    return False
                 reason = check_update(upd, reference) or (None if count > 0 else f"sample count {count} is not positive")
-                if reason:
-                    excluded[self.name(n)] = reason
+                checked[n] = (None, reason) if reason else (upd, count)
+                return not reason
+
+            replies, dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
+                                              chosen, MessageType.TRAIN, rnd, min_sites, check)
+            updates, used, excluded = [], {}, {}
+            for n, msg in sorted(replies.items()):
+                upd, info = checked[n]
+                if upd is None:
+                    excluded[self.name(n)] = info
                     continue
-                updates.append((upd, count))
-                used[self.name(n)] = {"n_train": count, "train_loss": float(msg.content["metrics"]["train_loss"])}
+                updates.append((upd, info))
+                used[self.name(n)] = {"n_train": info, "train_loss": float(msg.content["metrics"]["train_loss"])}
             for name, reason in excluded.items():
                 log.warning("round %d: update from site %s excluded: %s", rnd, name, reason)
             if len(updates) < min_sites:
