@@ -88,8 +88,16 @@ def test_partition_keeps_lesions_whole(data_dir, tmp_path):
 
 # ----------------------------------------------------------------------------------------- deployments
 
-needs_flower = pytest.mark.skipif(not (FL_BIN / "flower-superlink").is_file(),
-                                  reason=f"Flower is not installed in {FL_BIN.parent} (make fl)")
+def _flower_missing() -> str | None:
+    failed = FL_BIN.parent / "FAILED"
+    if failed.is_file():
+        return f"installing Flower into {FL_BIN.parent} failed (make fl): {failed.read_text().strip()[-300:]}"
+    if not (FL_BIN / "flower-superlink").is_file():
+        return f"Flower is not installed in {FL_BIN.parent} (make fl)"
+    return None
+
+
+needs_flower = pytest.mark.skipif(_flower_missing() is not None, reason=str(_flower_missing()))
 
 
 def _port() -> int:
@@ -142,8 +150,8 @@ def _wait(cond, timeout: float, what: str, procs=()):
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """Ingested synthetic data cut into three non-IID sites, and the federation's credentials."""
-    if not (FL_BIN / "flower-superlink").is_file():
-        pytest.skip(f"Flower is not installed in {FL_BIN.parent} (make fl)")
+    if _flower_missing():
+        pytest.skip(_flower_missing())
     from medpipe.cli import main
     from medpipe.fl.partition import partition
 
