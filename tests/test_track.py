@@ -61,8 +61,11 @@ def test_embedded_store_run_params_metrics_artifacts_model(data_dir, tmp_path, c
         assert out["label"][i] == p.label
         assert np.allclose([out[c][i] for c in p.probabilities], list(p.probabilities.values()), atol=1e-6, rtol=0)
 
-    # the package inside the MLflow model is hash-checked: a changed model.json is refused on load
+    # `mlflow models serve` answers with the same probabilities (JSON: base64 in the binary image column)
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{r.info.run_id}/model", dst_path=str(tmp_path / "dl")))
+    _served_equals(local, paths[:2], ref[:2])
+
+    # the package inside the MLflow model is hash-checked: a changed model.json is refused on load
     meta = next(local.rglob("package/model.json"))
     meta.write_text(meta.read_text().replace('"temperature"', '"temperature" ', 1))
     with pytest.raises(Exception, match="differs from the one logged"):
@@ -79,6 +82,37 @@ def test_embedded_store_run_params_metrics_artifacts_model(data_dir, tmp_path, c
     assert main(["runs", "--track", uri, "--plot", str(tmp_path / "auc.png")]) == 0
     out = capsys.readouterr().out
     assert r.info.run_id in out and "FINISHED" in out and (tmp_path / "auc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _served_equals(model_dir: Path, paths: list, ref: list) -> None:
+    import base64
+    import json
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager",
+                             "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    try:  # (MLflow starts the venv's uvicorn by name: the venv's bin folder on PATH)
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode(Path(p).read_bytes()).decode()] for p in paths]}}).encode()
+        deadline, answer = time.monotonic() + 180, None
+        while answer is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    answer = json.loads(resp.read())["predictions"]
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, "mlflow models serve did not answer"
+        for got, p in zip(answer, ref):
+            assert got["label"] == p.label
+            assert np.allclose([got[c] for c in p.probabilities], list(p.probabilities.values()), atol=1e-6, rtol=0)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the scoring server and its workers (our process group)
+        proc.wait(timeout=30)
 
 
 def test_track_without_mlflow_names_the_extra(data_dir, tmp_path):
