@@ -314,3 +314,26 @@ def test_batch_reads_a_groundtruth_manifest_with_s3_root(s3_tree, trained_run, t
     rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert sum("error" not in r for r in rows) == len(names)
     assert [r["error"] for r in rows if "error" in r] == ["outside_input_root"] * 2
+
+
+def test_offline_layout_installs_from_vendored_wheels_only(trained_run, tmp_path):
+    """The offline form's requirements use --no-index with the vendored wheels; the vendored set is what
+    the list needs except torch and what only torch needs (the container has them)."""
+    from medpipe.sagemaker.layout import not_torch_closure, write_layout
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "monai-1.5.2-py3-none-any.whl").write_bytes(b"wheel")
+    out = write_layout(trained_run / "model", tmp_path / "layout", wheels=wheels)
+    reqs = (out / "code" / "requirements.txt").read_text().splitlines()
+    assert "--no-index" in reqs and "--find-links ./wheels" in reqs
+    assert (out / "code" / "wheels" / "monai-1.5.2-py3-none-any.whl").is_file()
+
+    def item(name, requires=(), requested=False):
+        return {"requested": requested, "metadata": {"name": name, "version": "1", "requires_dist": list(requires)}}
+
+    report = [item("monai", ["torch>=2.4.1", "numpy<3,>=1.24"], True), item("torch", ["sympy", "filelock"]),
+              item("sympy", ["mpmath"]), item("mpmath"), item("filelock"), item("numpy"),
+              item("pandas", ["numpy>=1.26", "tzdata; python_version >= '3'", "pytest; extra == 'test'"], True),
+              item("tzdata"), item("pytest")]
+    assert [i["metadata"]["name"] for i in not_torch_closure(report)] == ["monai", "numpy", "pandas", "tzdata"]

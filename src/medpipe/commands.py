@@ -118,8 +118,13 @@ def cmd_package(args) -> int:
 
     load_package(args.model)  # verify before packaging
     check_target(Path(args.out), "sagemaker" if args.out.endswith((".tar.gz", ".tgz")) else "bundle", args.force)
-    wheels = download_wheels(Path(args.out).parent / ".wheels", args.python_version) if args.offline else None
-    print(f"wrote {package(args.model, args.out, wheels)}")
+    if not args.offline:
+        print(f"wrote {package(args.model, args.out)}")
+        return 0
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"wrote {package(args.model, args.out, download_wheels(tmp, args.python_version))}")
     return 0
 
 
