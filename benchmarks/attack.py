@@ -39,20 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import free_port, write_result  # noqa: E402
 from serve_load import make_package, pct, wait_ready  # noqa: E402
 
-
-def tree_rss_mb(pid: int) -> float:
-    total, todo = 0, [str(pid)]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1])
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += f.read().split()
-        except (OSError, ValueError):
-            continue
-    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+from medpipe.serve.metrics import process_tree_rss_mb as tree_rss_mb  # noqa: E402
 
 
 def status_of(reply: bytes) -> str:
@@ -123,64 +110,43 @@ class Attack:
             self.note("ping", str(st))
             time.sleep(0.1)
 
-    def slow_headers(self) -> None:
+    def hold(self, kind: str, count: int, opening: bytes, trickle: bytes) -> None:
+        """Keep ``count`` connections open that sent ``opening`` and then only ``trickle`` each second;
+        when the server answers or closes one, note it and open another."""
         socks: list[socket.socket] = []
         while not self.stop.is_set():
-            while len(socks) < self.args.slow and not self.stop.is_set():
+            while len(socks) < count and not self.stop.is_set():
                 try:
                     s = self.connect()
-                    s.sendall(b"GET /ping HTTP/1.1\r\nHo")
+                    s.sendall(opening)
                     s.setblocking(False)
                     socks.append(s)
                 except OSError as exc:
-                    self.note("slow", exc.__class__.__name__)
+                    self.note(kind, exc.__class__.__name__)
                     break
             time.sleep(1)
             alive = []
             for s in socks:
                 try:
-                    s.send(b"s")
-                    data = s.recv(65536)
-                    self.note("slow", status_of(data))  # answered (408) or closed: reconnect
+                    if trickle:
+                        s.send(trickle)
+                    self.note(kind, status_of(s.recv(65536)))  # answered (408, 503) or closed
                     s.close()
                 except BlockingIOError:
                     alive.append(s)
                 except OSError as exc:
-                    self.note("slow", exc.__class__.__name__)
+                    self.note(kind, exc.__class__.__name__)
                     s.close()
             socks = alive
         for s in socks:
             s.close()
 
+    def slow_headers(self) -> None:
+        self.hold("slow", self.args.slow, b"GET /ping HTTP/1.1\r\nHo", b"s")
+
     def held_bodies(self) -> None:
-        head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                b"Content-Length: 6000000\r\n\r\n") + b"\xff" * 65536
-        socks: list[socket.socket] = []
-        while not self.stop.is_set():
-            while len(socks) < self.args.held and not self.stop.is_set():
-                try:
-                    s = self.connect()
-                    s.sendall(head)
-                    s.setblocking(False)
-                    socks.append(s)
-                except OSError as exc:
-                    self.note("held", exc.__class__.__name__)
-                    break
-            time.sleep(0.5)
-            alive = []
-            for s in socks:
-                try:
-                    data = s.recv(65536)
-                    self.note("held", status_of(data))
-                    s.close()
-                except BlockingIOError:
-                    alive.append(s)
-                except OSError as exc:
-                    self.note("held", exc.__class__.__name__)
-                    s.close()
-            socks = alive
-        for s in socks:
-            s.close()
+        self.hold("held", self.args.held, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                  b"Content-Length: 6000000\r\n\r\n" + b"\xff" * 65536, b"")
 
     def bomber(self, bombs: list[tuple[str, str, bytes]]) -> None:
         i = 0

@@ -179,28 +179,13 @@ def test_too_many_images_is_413(server, golden):
 
 
 def test_dicom_input_equals_png_of_same_pixels(server, golden):
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
+    pytest.importorskip("pydicom")
     from medpipe.data.imageio import decode_image
+    from tests.test_imageio import _dicom_bytes, _dicom_dataset
 
     rgb = decode_image(golden["bytes"])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName = "Secret^Patient"
-    ds.Rows, ds.Columns = rgb.shape[:2]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = rgb.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    st, _, body = server.invoke(buf.getvalue(), ctype="application/dicom")
+    ds = _dicom_dataset(rgb.shape[0], rgb.shape[1], pi="RGB", spp=3, pixels=rgb.tobytes())
+    st, _, body = server.invoke(_dicom_bytes(ds), ctype="application/dicom")
     assert st == 200, body
     got = as_json(body)["predictions"][0]["probabilities"]
     ref = as_json(server.invoke(_png(rgb), ctype="image/png")[2])["predictions"][0]["probabilities"]

@@ -136,6 +136,8 @@ class Service:
         self.batcher: Batcher | None = None
         self.decode_pool: DecodePool | None = None
         self.memory = MemoryWatch()
+        self.draining = False
+        self._body_timers: set = set()
         self.metrics.rss.set_function(self.memory.rss_mb)
         self.fault_sleep = float(os.environ.get(FAULT_SLEEP_ENV, "0") or 0)
 
@@ -195,12 +197,19 @@ class Service:
                 raise HttpError(413, "body_too_large", f"body of {n} bytes is over the {cap}-byte limit", CLOSE)
         buf = bytearray()
         try:
-            async with asyncio.timeout(self.cfg.body_timeout_s):
-                async for chunk in request.stream():
-                    buf += chunk
-                    if len(buf) > cap:
-                        raise HttpError(413, "body_too_large", f"body is over the {cap}-byte limit", CLOSE)
+            async with asyncio.timeout(0 if self.draining else self.cfg.body_timeout_s) as timer:
+                self._body_timers.add(timer)
+                try:
+                    async for chunk in request.stream():
+                        buf += chunk
+                        if len(buf) > cap:
+                            raise HttpError(413, "body_too_large", f"body is over the {cap}-byte limit", CLOSE)
+                finally:
+                    self._body_timers.discard(timer)
         except TimeoutError:
+            if self.draining:
+                raise HttpError(503, "shutting_down", "the server is shutting down; send the request again "
+                                "(to another instance)", CLOSE) from None
             raise HttpError(408, "body_timeout", f"body not received within {self.cfg.body_timeout_s:g} s",
                             CLOSE) from None
         except ClientDisconnect:
@@ -235,6 +244,14 @@ class Service:
             self.metrics.rejected.inc()
             raise HttpError(503, "memory_pressure", f"the server is above its memory ceiling of "
                             f"{self.memory.ceiling_mb:.0f} MB. Retry shortly.", {"Retry-After": "1", **CLOSE})
+
+    def begin_drain(self) -> None:
+        """SIGTERM: bodies still arriving are answered 503 now (not after body_timeout_s), so the drain
+        waits only for work that is really in progress."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        for timer in list(self._body_timers):
+            timer.reschedule(loop.time())
 
     def admit(self, n: int) -> None:
         if self.admitted + n > self.cfg.max_queue:
@@ -451,35 +468,19 @@ class RequestEnvelope:
 
 
 class MemoryWatch:
-    """Resident memory of this process and its children (the decode workers), read from /proc."""
+    """Resident memory of this process and its children (the decode workers), read from /proc at most
+    every ``every_s``, against the ceiling."""
 
     def __init__(self, every_s: float = 0.2):
         self.every_s, self._t, self._mb = every_s, 0.0, 0.0
         self.ceiling_mb = float("inf")
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss_pages(self, pid: int | str) -> int:
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                return int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    def _children(self) -> list[str]:
-        kids = []
-        try:
-            for task in os.listdir("/proc/self/task"):
-                with open(f"/proc/self/task/{task}/children") as f:
-                    kids += f.read().split()
-        except OSError:
-            pass
-        return kids
 
     def rss_mb(self) -> float:
+        from medpipe.serve.metrics import process_tree_rss_mb
+
         now = time.monotonic()
         if now - self._t >= self.every_s:
-            pages = self._rss_pages("self") + sum(self._rss_pages(k) for k in self._children())
-            self._mb, self._t = pages * self._page / 2**20, now
+            self._mb, self._t = process_tree_rss_mb(), now
         return self._mb
 
     def set_ceiling(self, ceiling_mb: float) -> None:
@@ -516,6 +517,9 @@ def _draining_server_class():
             if sig == signal.SIGTERM:
                 log.info("SIGTERM: not accepting new connections; finishing in-flight requests")
                 self._captured_signals.remove(sig)
+            svc = getattr(self.config.app, "svc", None)
+            if svc is not None and self.started:
+                asyncio.get_event_loop().call_soon_threadsafe(svc.begin_drain)
 
         async def startup(self, sockets=None):
             await super().startup(sockets)
