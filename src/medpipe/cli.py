@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["auto", "ham10000", "dataverse", "folders", "groundtruth", "csv"])
     s.add_argument("--classes", help="comma-separated class list (others are 'unknown_label')")
     s.add_argument("--s3-root", help="local folder that s3://bucket/key references map onto (bucket/key)")
-    s.add_argument("--label-attribute", help="Ground Truth label attribute name (default: detected)")
+    s.add_argument("--label-attribute", help="Ground Truth label attribute (default: the only one; required when a "
+                                             "chained manifest has several)")
     s.add_argument("--max-pixels", type=int, default=40_000_000)
     s.add_argument("--workers", type=int, default=None)
     s.add_argument("--strict", action="store_true", help="exit non-zero on any defect")
