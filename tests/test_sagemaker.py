@@ -337,3 +337,30 @@ def test_offline_layout_installs_from_vendored_wheels_only(trained_run, tmp_path
               item("pandas", ["numpy>=1.26", "tzdata; python_version >= '3'", "pytest; extra == 'test'"], True),
               item("tzdata"), item("pytest")]
     assert [i["metadata"]["name"] for i in not_torch_closure(report)] == ["monai", "numpy", "pandas", "tzdata"]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")
+def test_model_fn_on_the_worker_gpu(trained_run, data_dir):
+    """On a GPU instance each TorchServe worker's model sits on the GPU its context names (CUDA graphs)."""
+    import pandas as pd
+    import torch
+
+    from medpipe.infer.predictor import Predictor
+    from medpipe.sagemaker.inference import model_fn, transform_fn
+
+    gpu = torch.cuda.device_count() - 1
+    model = model_fn(str(trained_run / "model"), FakeContext(gpu_id=gpu))
+    assert model.device == torch.device(f"cuda:{gpu}") and model.backend == "cudagraph"
+    image = Path(pd.read_csv(data_dir / "records.csv")["path"].iloc[0]).read_bytes()
+    body, _ = transform_fn(model, image, "image/jpeg", None, FakeContext())
+    got = json.loads(body)["predictions"][0]["probabilities"]
+    ref = json.loads(transform_fn(Predictor(trained_run / "model", device="cpu", backend="eager"), image,
+                                  "image/jpeg", None, FakeContext())[0])["predictions"][0]["probabilities"]
+    assert max(abs(got[c] - ref[c]) for c in ref) < 5e-3
