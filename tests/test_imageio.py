@@ -165,6 +165,9 @@ def test_jpeg_scan_bomb_refused_before_decoding():
     with pytest.raises(imageio.DecodeBudgetError, match="20000 scans"):
         imageio.decode_image(bomb, size=(32, 32))
     assert time.perf_counter() - t < 1
+    from medpipe.errors import http_status
+
+    assert http_status(imageio.DecodeBudgetError("x")) == 422  # the status comes from errors.TABLE
     # a real progressive JPEG (Pillow/libjpeg's standard script) is far under the limit and decodes
     prog = _encode(Image.fromarray(_golden(64, 48)), "JPEG", progressive=True, quality=90)
     assert 1 < imageio.count_jpeg_scans(prog) <= 12
@@ -284,4 +287,6 @@ def test_palette_dicom_without_lut_is_a_clear_error():
 
     with pytest.raises(imageio.CorruptImageError, match="lookup table") as e:
         dicom.decode_dicom(_dicom_bytes(_dicom_dataset(pi="PALETTE COLOR")))
-    assert "Secret" not in str(e.value)
+    from medpipe.errors import http_status
+
+    assert http_status(e.value) == 400 and "Secret" not in str(e.value)

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import BatchError
 from medpipe.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".dcm"}
 SHARD_DIR = "shards"
 STATE = "batch.json"
 FAULT_SLEEP_ENV = "MEDPIPE_FAULT_BATCH_SHARD_SLEEP"  # test hook: pause after each shard
-
-
-class BatchError(MedpipeError):
-    pass
 
 
 @dataclass
@@ -155,14 +151,13 @@ class LocalEngine:
     def _decode(self, it: Item):
         from medpipe.data import dicom
         from medpipe.data.imageio import ImageError
+        from medpipe.errors import UnreadableFileError
 
         p = self.predictor
         try:
             data = it.file.read_bytes()
         except OSError as exc:
-            err = ImageError(f"cannot read file ({exc.strerror})")
-            err.code = "unreadable_file"
-            return err
+            return UnreadableFileError(f"cannot read file ({exc.strerror})")
         try:
             if it.file.suffix.lower() == ".dcm":
                 return p.prepare_array(dicom.decode_dicom(data, p.max_pixels))

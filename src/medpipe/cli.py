@@ -1,28 +1,196 @@
-"""The ``medpipe`` command: thin subcommands over library calls.
+"""The ``medpipe`` command: one parser for every subcommand, each a thin call into the library.
 
     medpipe synth OUT [--count N] [--seed S] [--format folders|dataverse]
     medpipe ingest SOURCE --out DATA_DIR [--format auto|ham10000|dataverse|folders|groundtruth|csv]
     medpipe split --data DATA_DIR [--seed S] [--val 0.15] [--test 0.15]
     medpipe cache --data DATA_DIR --size 64
+    medpipe train --data DATA_DIR --out RUN_DIR [--epochs N ...]   (one option per TrainConfig field)
+    medpipe evaluate --model RUN/model --data DATA_DIR [--split test] [--tta]
+    medpipe predict (--model RUN/model | --url URL) IMAGE...
+    medpipe serve [--model RUN/model] [--port 8080 ...]            (one option per ServeConfig field)
+    medpipe batch (--model RUN/model | --url URL) --input IMAGES --output OUT
+    medpipe shard --data DATA_DIR --out SHARDS
+    medpipe export --model RUN/model --format onnx|torchscript|bundle|sagemaker --out PATH
+    medpipe package --model RUN/model        (the same as export --format sagemaker, default MODEL/model.tar.gz)
 
-Every subcommand is ``main([...])``-callable in-process (tests do that).
+Options are checked when they are parsed (a wrong value or an out-of-range number exits 2 with the
+reason and the usage); an unknown option suggests the closest known one; ``-v`` works before or after
+the subcommand. A :class:`medpipe.errors.MedpipeError` ends the command with its message and the exit
+code of its row in ``medpipe.errors.TABLE``; anything else is an internal error (``-v`` shows the
+traceback). Every subcommand is ``main([...])``-callable in-process (tests do that).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import logging
 import os
 import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
 
 from medpipe import __version__
-from medpipe.errors import MedpipeError
+from medpipe.errors import MedpipeError, exit_code
 
 log = logging.getLogger("medpipe")
 
 
 def _progress() -> bool:
     return sys.stderr.isatty()
+
+
+# -- option types: a wrong value is refused at parse time with the reason ------------------------------
+
+
+def number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False):
+    """An argparse ``type`` that parses ``kind`` and checks it lies in the range (reason in the error)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo:g}, got {text}")
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            raise argparse.ArgumentTypeError(f"must be {'<' if hi_open else '<='} {hi:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def device(text: str) -> str:
+    from medpipe.config import DEVICES
+
+    if text in DEVICES or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(DEVICES)} (or cuda:N), got {text!r}")
+
+
+POSITIVE = number(int, 1)
+NON_NEGATIVE = number(int, 0)
+WORKERS = number(int, 1)
+FRACTION = number(float, 0, 1, hi_open=True)
+
+# What each training option means (the option list itself comes from TrainConfig's fields).
+TRAIN_HELP = {
+    "model": "network architecture",
+    "image_size": "square input side in pixels (>= 16)",
+    "interpolation": "resampling filter for resizing",
+    "epochs": "training epochs (>= 1)",
+    "batch_size": "images per step (>= 1)",
+    "lr": "peak learning rate of AdamW (> 0)",
+    "weight_decay": "AdamW weight decay (>= 0)",
+    "warmup_epochs": "linear warm-up length in epochs before the cosine decay (>= 0)",
+    "label_smoothing": "cross-entropy label smoothing in [0, 1)",
+    "grad_clip": "gradient-norm clip (0 = off)",
+    "imbalance": "class imbalance handling: sampler = class-balanced sampling, weighted_loss = inverse-frequency "
+                 "class weights, focal = focal loss, none",
+    "focal_gamma": "focal loss gamma (>= 0)",
+    "monitor": "validation metric that picks the best checkpoint: val_auc, val_bacc or val_loss",
+    "patience": "epochs without improvement before stopping early (>= 0)",
+    "seed": "seed of weights, sampling and augmentation",
+    "split_seed": "seed of the train/val/test split",
+    "val_fraction": "share of lesion groups in validation, in [0, 1)",
+    "test_fraction": "share of lesion groups in test, in [0, 1); val + test < 1",
+    "deterministic": "deterministic kernels (slower)",
+    "device": "auto: CUDA when available, else CPU",
+    "workers": "loader workers (-1 auto: a thread on CPU, processes on CUDA)",
+    "threads": "torch CPU threads (0 = all cores)",
+    "init_weights": "safetensors file or model package to start from",
+    "pretrained": "start from pretrained weights where the architecture has them",
+    "dropout": "dropout probability in [0, 1)",
+    "tta": "evaluate the test split with flip test-time augmentation",
+    "bootstrap": "bootstrap resamples for the confidence intervals (0 = none)",
+    "max_steps_per_epoch": "cap on steps per epoch (0 = whole epoch)",
+    "track": "log to MLflow: a tracking URI, or alone for $MLFLOW_TRACKING_URI or RUN/../mlflow.db",
+    "decision_rule": "how the package turns probabilities into a label (fitted on validation): argmax, prior "
+                     "(logit adjustment) or class_bias (per-class offsets)",
+    "color_constancy": "colour normalisation in the package's preprocessing (none or shades_of_gray)",
+    "crop_scale": "smallest area share of the random resized crop in [0.05, 1] (1 = no crop)",
+    "color_jitter": "colour jitter strength in [0, 5] (1 = the default jitter)",
+}
+
+SERVE_HELP = {
+    "model": "model package folder (default SM_MODEL_DIR or /opt/ml/model)",
+    "host": "address to bind (loopback unless you mean to expose it)",
+    "port": "TCP port",
+    "backend": "inference runtime",
+    "device": "auto: CUDA when available, else CPU",
+    "threads": "inference threads (0 = all cores)",
+    "max_body_mb": "largest request body in MB (413 over it)",
+    "max_pixels": "largest decoded image in pixels (413 over it)",
+    "max_images": "images in one request",
+    "max_batch": "images in one forward pass",
+    "max_wait_ms": "how long to wait for more images to fill a batch",
+    "max_queue": "images admitted at once; more are answered 503",
+    "deadline_s": "per-request deadline in seconds (504 after it)",
+    "body_timeout_s": "the whole body must arrive within this many seconds (408)",
+    "decode_workers": "decoding threads",
+    "max_concurrent_transforms": "requests in flight advertised to SageMaker batch transform",
+    "graceful_s": "on SIGTERM finish in-flight requests for at most this long",
+}
+
+
+def _field_type(f) -> str:
+    """'int', 'float', 'str' or 'bool' whether the annotation is a type or a string (postponed annotations)."""
+    kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)
+    return kind.replace("| None", "").replace("None |", "").strip()
+
+
+def add_dataclass_options(p: argparse.ArgumentParser, cls, helps: dict, choices: dict, types: dict | None = None,
+                          optional_value: dict | None = None) -> None:
+    """One ``--option`` per dataclass field, default None (only given values override the dataclass's
+    defaults). Booleans get ``--x/--no-x``; ``choices`` and ``types`` (argparse types that check ranges)
+    are taken per field, and each option's help is its meaning plus its default."""
+    basic = {"int": int, "float": float, "str": str}
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        text = f"{helps.get(f.name, '')} (default {default})".strip()
+        kind = _field_type(f)
+        if kind == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            continue
+        if f.name in (optional_value or {}):  # --flag alone means this value
+            p.add_argument(flag, dest=f.name, nargs="?", const=optional_value[f.name], default=None,
+                           metavar="VALUE", help=text)
+            continue
+        kw = {"choices": choices[f.name]} if f.name in choices else {"metavar": f.name.upper()}
+        p.add_argument(flag, dest=f.name, default=None, type=(types or {}).get(f.name, basic.get(kind, str)),
+                       help=text, **kw)
+
+
+def dataclass_values(args, cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """The training options (one per TrainConfig field), for every command that trains (train, fl)."""
+    from medpipe.config import COLOR_CONSTANCY, DECISION_RULES, IMBALANCE, MONITORS, TrainConfig
+    from medpipe.models import MODEL_NAMES
+    from medpipe.preprocess import INTERPOLATIONS
+
+    add_dataclass_options(p, TrainConfig, TRAIN_HELP, choices={
+        "model": sorted(MODEL_NAMES), "imbalance": IMBALANCE, "monitor": MONITORS, "interpolation": INTERPOLATIONS,
+        "decision_rule": DECISION_RULES, "color_constancy": COLOR_CONSTANCY,
+    }, types={"device": device}, optional_value={"track": "auto"})
+
+
+def config_overrides(args) -> dict:
+    from medpipe.config import TrainConfig
+
+    return dataclass_values(args, TrainConfig)
+
+
+# -- subcommands ---------------------------------------------------------------------------------------
 
 
 def cmd_synth(args) -> int:
@@ -38,15 +206,12 @@ def cmd_synth(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from medpipe.data.sources import IngestError, format_report, ingest
+    from medpipe.data.sources import format_report, ingest
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    try:
-        report = ingest(args.source, args.out, fmt=args.format, classes=classes, s3_root=args.s3_root,
-                        label_attribute=args.label_attribute, max_pixels=args.max_pixels, workers=args.workers,
-                        strict=False, progress=_progress())
-    except IngestError as exc:
-        raise MedpipeError(str(exc)) from None
+    report = ingest(args.source, args.out, fmt=args.format, classes=classes, s3_root=args.s3_root,
+                    label_attribute=args.label_attribute, max_pixels=args.max_pixels, workers=args.workers,
+                    strict=False, progress=_progress())
     print(format_report(report))
     print(f"  wrote {args.out}/records.csv, classes.json, ingest_report.json")
     if args.strict and report["defects"]:
@@ -75,89 +240,453 @@ def cmd_cache(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medpipe", description="MONAI pipeline for 2D medical image classification")
+def cmd_train(args) -> int:
+    from medpipe.pipeline import load_handler, run
+
+    handlers = [load_handler(h) for h in args.handler or []]
+    summary = run(args.data, args.out, args.train_config, resume=args.resume or False, force=args.force,
+                  handlers=handlers, progress=_progress())
+    if summary["model_dir"]:  # under torchrun only rank 0 packages the model
+        print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    print(f"model package: {summary['model_dir']} (best epoch {summary['best_epoch']}, "
+          f"temperature {summary['temperature']:.3f})")
+    print(f"SageMaker: medpipe package --model {summary['model_dir']} --out model.tar.gz")
+    if "test" in summary:
+        t = summary["test"]
+        print(f"test: macro AUC {t['macro_auc']:.4f} (95% CI {t['macro_auc_ci95'][0]:.3f}-{t['macro_auc_ci95'][1]:.3f}), "
+              f"balanced accuracy {t['balanced_accuracy']:.4f}, ECE {t['ece']:.4f}")
+        print(f"report: {summary['report']}")
+        print("plots: " + ", ".join(summary["plots"]))
+
+
+def cmd_evaluate(args) -> int:
+    from medpipe.evaluate import evaluate_package
+
+    out = args.out or str(Path(args.model) / ".." / f"report_{args.split}")
+    result = evaluate_package(args.model, args.data, out, split=args.split, splits_csv=args.splits, tta=args.tta,
+                              bootstrap=args.bootstrap, backend=args.backend, device=args.device,
+                              progress=_progress())
+    m = result["metrics"]
+    print(f"{args.split}: n={m['n']} macro AUC {m['macro_auc']:.4f} (95% CI {m['macro_auc_ci95'][0]:.3f}-"
+          f"{m['macro_auc_ci95'][1]:.3f}) balanced accuracy {m['balanced_accuracy']:.4f} ECE {m['ece']:.4f}")
+    for c, pc in m["per_class"].items():
+        print(f"  {c:>6}: AUC {pc['auc']:.3f}  sens {pc['sensitivity']:.3f}  spec {pc['specificity']:.3f}  n={pc['support']}")
+    print(f"report: {result['report_md']}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from medpipe.data.imageio import ImageError
+
+    if args.url:
+        from medpipe.infer.client import predict_url
+        results = predict_url(args.url, args.images)
+    else:
+        from medpipe.infer.predictor import Predictor
+        predictor = Predictor(args.model, device=args.device, backend=args.backend)
+        results = []
+        for path in args.images:
+            try:
+                results.append({"image": path, **predictor.predict_files([path], tta=args.tta)[0].as_dict()})
+            except ImageError as exc:
+                results.append({"image": path, "error": exc.code, "message": str(exc)})
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+        elif "error" in r:
+            print(f"{r['image']}: error: {r['message']}")
+        else:
+            probs = "  ".join(f"{c}={p:.3f}" for c, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
+            print(f"{r['image']}: {r['label']} ({r['probabilities'][r['label']]:.3f})  [{probs}]")
+    failed = sum("error" in r for r in results)
+    return 1 if failed == len(results) else 0
+
+
+SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def cmd_serve(args) -> int:
+    import importlib.util
+
+    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MedpipeError(f"serving needs the serve extra ({', '.join(missing)} missing): "
+                           "pip install 'medpipe[serve]'")
+    from medpipe.serve.app import ServeConfig, serve
+
+    from medpipe.sagemaker.env import model_server_dir, serve_port
+
+    values = dataclass_values(args, ServeConfig)
+    # Container form: SageMaker runs the image with the argument `serve`; the image sets MEDPIPE_HOST=0.0.0.0.
+    values.setdefault("model", str(model_server_dir()))
+    values.setdefault("host", os.environ.get("MEDPIPE_HOST") or ServeConfig.host)
+    values.setdefault("port", serve_port(default=ServeConfig.port))
+    return serve(ServeConfig(**values))
+
+
+def cmd_batch(args) -> int:
+    from medpipe.batch import run_batch
+
+    s = run_batch(args.model, args.input, args.output, url=args.url, per_file=args.per_file,
+                  manifest_out=args.manifest_out, label_attribute=args.label_attribute, batch_size=args.batch_size,
+                  shard_size=args.shard_size, workers=args.workers, backend=args.backend, device=args.device,
+                  concurrency=args.concurrency, max_error_rate=args.max_error_rate, progress=_progress(),
+                  s3_root=args.s3_root)
+    print(f"batch: {s['predicted']} predicted, {s['errors']} errors of {s['items']} "
+          f"-> {s['outputs']['jsonl']}, {s['outputs']['csv']}")
+    if s["errors"]:
+        print(f"error rows carry the reason; see {s['outputs']['csv']}", file=sys.stderr)
+    if s["threshold_exceeded"]:
+        print(f"medpipe batch: error rate {s['error_rate']:.1%} is over --max-error-rate "
+              f"{args.max_error_rate:.1%}", file=sys.stderr)
+        return 3
+    return 1 if s["predicted"] == 0 else 0
+
+
+def cmd_shard(args) -> int:
+    from medpipe.data.shards import write_shards
+
+    index = write_shards(args.data, args.out, size=args.size, interpolation=args.interpolation,
+                         per_shard=args.per_shard, split_seed=args.split_seed, val=args.val, test=args.test,
+                         progress=_progress())
+    print(f"wrote {len(index['shards'])} shards to {args.out} (train {index['counts']['train']}, val "
+          f"{index['counts']['val']}, test {index['counts']['test']} images at {args.size}x{args.size}); "
+          f"train with: medpipe train --data {args.out} --image-size {args.size}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from medpipe.export import export_model
+
+    if args.format == "sagemaker":
+        return _sagemaker_layout(args)
+    r = export_model(args.model, args.format, args.out, force=args.force, data=args.data,
+                     calibration=args.calibration, with_preprocessing=args.with_preprocessing)
+    check = f" (max |export - eager| {r['max_abs_diff']:.1e})" if "max_abs_diff" in r else ""
+    print(f"wrote {args.format}: {r['out']}{check}")
+    if "int8" in r:
+        from medpipe.infer.quantize import format_gate
+
+        print(format_gate(r["int8"]))
+    return 0
+
+
+def _sagemaker_layout(args) -> int:
+    """``medpipe package`` and ``medpipe export --format sagemaker``: the deployable layout (a folder, or
+    model.tar.gz when --out ends in .tar.gz), optionally with every wheel vendored for offline endpoints."""
+    from medpipe.export import check_target
+    from medpipe.package import load_package
+    from medpipe.sagemaker.layout import download_wheels, package
+
+    load_package(args.model)  # verify before packaging
+    check_target(Path(args.out), "sagemaker" if args.out.endswith((".tar.gz", ".tgz")) else "bundle", args.force)
+    if not args.offline:
+        print(f"wrote sagemaker: {package(args.model, args.out)}")
+        return 0
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"wrote sagemaker: {package(args.model, args.out, download_wheels(tmp, args.python_version))}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from medpipe.infer.quantize import format_gate, install_int8, quantize_package
+
+    int8, info = quantize_package(args.model, args.data, calibration=args.calibration, force=args.force)
+    print(f"wrote {install_int8(args.model, int8, info)} ({len(int8) / 1e6:.1f} MB)")
+    print(format_gate(info))
+    return 0
+
+
+def add_sagemaker_options(s) -> None:
+    s.add_argument("--offline", action="store_true", help="sagemaker: vendor every wheel into code/wheels "
+                   "(network-isolated endpoints; installed with --no-index)")
+    s.add_argument("--python-version", default="3.11", help="sagemaker --offline: the container's Python")
+
+
+def cmd_runs(args) -> int:
+    from medpipe.track import list_runs
+
+    uri = args.track or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise MedpipeError("give --track URI (e.g. sqlite:///runs/mlflow.db) or set MLFLOW_TRACKING_URI")
+    rows = list_runs(uri, args.experiment, metric=args.metric, plot=args.plot)
+    print(f"{'run':<34}{'name':<20}{'status':<10}{args.metric:>14}{'best epoch':>12}{'test AUC':>10}{'test bacc':>10}")
+    for r in rows:
+        cells = [r[args.metric], r["best_epoch"], r["test_macro_auc"], r["test_balanced_accuracy"]]
+        text = [f"{v:.4f}" if isinstance(v, float) and not float(v).is_integer() else
+                ("-" if v is None else f"{v:g}") for v in cells]
+        print(f"{r['run_id']:<34}{str(r['name'])[:19]:<20}{r['status']:<10}{text[0]:>14}{text[1]:>12}{text[2]:>10}"
+              f"{text[3]:>10}")
+    if args.plot and rows:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def add_int8_options(s, force: bool = True) -> None:
+    s.add_argument("--data", help="the ingested data folder the model was trained on (its validation "
+                                  "split calibrates and gates the INT8 model)")
+    s.add_argument("--calibration", help="calibrate on this image folder instead (the gate still "
+                                         "uses the validation split)")
+    if force:
+        s.add_argument("--force", action="store_true", help="write the INT8 model even if it fails the accuracy "
+                                                            "gate (marked failed; --backend auto never picks it)")
+
+
+# -- the parser ----------------------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, plus: an unknown option names the closest known option of the same subcommand."""
+
+    def unknown(self, extras: list[str]) -> None:
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        hints = []
+        for extra in extras:
+            flag = extra.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) if flag.startswith("-") else []
+            hints.append(f"{extra} (did you mean {close[0]}?)" if close else extra)
+        self.error("unrecognized arguments: " + " ".join(hints))
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless it has none or already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _formatter(prog):
+    return _HelpFormatter(prog, max_help_position=34, width=110)
+
+
+def build_parser() -> Parser:
+    from medpipe.data.imageio import DEFAULT_MAX_PIXELS
+    from medpipe.data.sources import FORMATS as INGEST_FORMATS
+    from medpipe.data.splits import SPLIT_NAMES
+    from medpipe.data.synthetic import FORMATS as SYNTH_FORMATS
+    from medpipe.export import FORMATS as EXPORT_FORMATS
+    from medpipe.infer.predictor import BACKENDS
+    from medpipe.preprocess import INTERPOLATIONS as interpolations
+    from medpipe.serve.app import ServeConfig
+
+    verbose = Parser(add_help=False)  # -v after the subcommand too (SUPPRESS keeps a -v given before it)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+
+    p = Parser(prog="medpipe", description="MONAI pipeline for 2D medical image classification")
     p.add_argument("--version", action="version", version=f"medpipe {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("-v", "--verbose", action="store_true", default=False, help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    s = sub.add_parser("synth", help="write a synthetic dataset in the HAM10000 layout")
-    s.add_argument("out")
-    s.add_argument("--count", type=int, default=500)
-    s.add_argument("--width", type=int, default=600)
-    s.add_argument("--height", type=int, default=450)
+    def command(name: str, func, help: str) -> Parser:
+        s = sub.add_parser(name, help=help, description=help, parents=[verbose], formatter_class=_formatter)
+        s.set_defaults(func=func)
+        return s
+
+    s = command("synth", cmd_synth, "write a synthetic dataset in the HAM10000 layout")
+    s.add_argument("out", help="folder to write")
+    s.add_argument("--count", type=POSITIVE, default=500, help="images")
+    s.add_argument("--width", type=POSITIVE, default=600)
+    s.add_argument("--height", type=POSITIVE, default=450)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--format", choices=["folders", "dataverse"], default="folders",
-                   help="'dataverse' also writes dataverse_files.zip (the Harvard download form)")
-    s.add_argument("--workers", type=int, default=None)
-    s.set_defaults(func=cmd_synth)
+    s.add_argument("--format", choices=SYNTH_FORMATS, default="folders",
+                   help="folders: HAM10000 folders + metadata CSV; dataverse: also dataverse_files.zip "
+                        "(the Harvard download form)")
+    s.add_argument("--workers", type=WORKERS, default=None, help="processes (default: all cores)")
 
-    s = sub.add_parser("ingest", help="read a dataset into a validated record table")
+    s = command("ingest", cmd_ingest, "read a dataset into a validated record table")
     s.add_argument("source", help="HAM10000 folder, dataverse_files.zip, class folders, GT manifest or CSV")
     s.add_argument("--out", required=True, help="data directory to write")
-    s.add_argument("--format", default="auto",
-                   choices=["auto", "ham10000", "dataverse", "folders", "groundtruth", "csv"])
+    s.add_argument("--format", default="auto", choices=INGEST_FORMATS,
+                   help="auto: detect; ham10000: metadata CSV + image folders; dataverse: the Harvard zip; "
+                        "folders: one folder per class; groundtruth: a SageMaker Ground Truth manifest; "
+                        "csv: a CSV with path and label columns")
     s.add_argument("--classes", help="comma-separated class list (others are 'unknown_label')")
     s.add_argument("--s3-root", help="local folder that s3://bucket/key references map onto (bucket/key)")
     s.add_argument("--label-attribute", help="Ground Truth label attribute (default: the only one; required when a "
                                              "chained manifest has several)")
-    s.add_argument("--max-pixels", type=int, default=40_000_000)
-    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--max-pixels", type=POSITIVE, default=DEFAULT_MAX_PIXELS, help="largest image accepted")
+    s.add_argument("--workers", type=WORKERS, default=None, help="decoding processes (default: all cores)")
     s.add_argument("--strict", action="store_true", help="exit non-zero on any defect")
-    s.set_defaults(func=cmd_ingest)
 
-    s = sub.add_parser("split", help="lesion-grouped, stratified, seeded train/val/test split")
-    s.add_argument("--data", required=True)
+    s = command("split", cmd_split, "lesion-grouped, stratified, seeded train/val/test split")
+    s.add_argument("--data", required=True, help="ingested data directory")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--val", type=float, default=0.15)
-    s.add_argument("--test", type=float, default=0.15)
+    s.add_argument("--val", type=FRACTION, default=0.15, help="share of lesion groups in validation")
+    s.add_argument("--test", type=FRACTION, default=0.15, help="share of lesion groups in test")
     s.add_argument("--force", action="store_true", help="rewrite even when a matching split exists")
-    s.set_defaults(func=cmd_split)
 
-    s = sub.add_parser("cache", help="decode every image once into the uint8 pixel cache")
-    s.add_argument("--data", required=True)
-    s.add_argument("--size", type=int, default=64)
-    s.add_argument("--interpolation", default="bicubic")
-    s.add_argument("--workers", type=int, default=None)
-    s.set_defaults(func=cmd_cache)
+    s = command("cache", cmd_cache, "decode every image once into the uint8 pixel cache")
+    s.add_argument("--data", required=True, help="ingested data directory")
+    s.add_argument("--size", type=number(int, 16), default=64, help="square side in pixels")
+    s.add_argument("--interpolation", default="bicubic", choices=interpolations)
+    s.add_argument("--workers", type=WORKERS, default=None, help="decoding processes (default: all cores)")
 
-    _add_late_commands(sub)
+    s = command("train", cmd_train, "train a MONAI classifier; writes RUN_DIR/{model,report,checkpoints}")
+    s.add_argument("--data", required=True, help="ingested data directory (or a shard folder)")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--config", help="YAML config (keys as in config.yaml); options given here override it")
+    s.add_argument("--resume", nargs="?", const="last", default=None,
+                   help="continue from RUN_DIR/checkpoints/last.pt (or the checkpoint path given) with the run's own "
+                        "config; options given again must match it")
+    s.add_argument("--force", action="store_true", help="start over in a run folder that holds a previous run")
+    s.add_argument("--handler", action="append", metavar="MODULE:NAME[:ARG,...]",
+                   help="add a training event handler: NAME(ARG, ...) from MODULE, an object with attach(engine)")
+    add_config_options(s)
+
+    s = command("evaluate", cmd_evaluate, "metrics with CIs, calibration and plots for a model package")
+    s.add_argument("--model", required=True, help="model package folder")
+    s.add_argument("--data", required=True, help="ingested data directory")
+    s.add_argument("--split", default="test", choices=(*SPLIT_NAMES, "all"))
+    s.add_argument("--splits", help="splits.csv to use (default DATA/splits.csv)")
+    s.add_argument("--out", help="report folder (default next to the model)")
+    s.add_argument("--tta", action="store_true", help="average over flips")
+    s.add_argument("--bootstrap", type=NON_NEGATIVE, default=1000, help="resamples for the 95%% CIs (0 = none)")
+    s.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="inference runtime (the same default as serve); int8: the package's INT8 model")
+    s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
+
+    s = command("predict", cmd_predict, "top class and every class probability per image")
+    s.add_argument("images", nargs="+")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="model package folder (or a run folder)")
+    g.add_argument("--url", help="a running medpipe/SageMaker-compatible server, e.g. http://127.0.0.1:8080")
+    s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
+    s.add_argument("--backend", default="eager", choices=BACKENDS, help="inference runtime")
+    s.add_argument("--tta", action="store_true", help="average over flips")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    s = command("serve", cmd_serve, "HTTP inference service (SageMaker hosting contract, web page at /)")
+    add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS},
+                          types={"device": device, "port": number(int, 0, 65535)})
+
+    s = command("batch", cmd_batch, "predictions for a folder, manifest or record table (resumable)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="model package folder (or a run folder)")
+    g.add_argument("--url", help="send each file to a running server's /invocations instead")
+    s.add_argument("--input", required=True, help="image folder (recursive), CSV or Ground Truth manifest, "
+                                                  "or an ingested data folder")
+    s.add_argument("--output", required=True, help="output folder (re-run with the same one to resume)")
+    s.add_argument("--per-file", action="store_true", help="also write <input>.out per file (batch transform)")
+    s.add_argument("--manifest-out", help="write a Ground Truth output manifest of the predictions here")
+    s.add_argument("--label-attribute", default="medpipe-label")
+    s.add_argument("--batch-size", type=POSITIVE, default=32, help="images per forward pass")
+    s.add_argument("--shard-size", type=POSITIVE, default=256, help="items per atomically written output shard")
+    s.add_argument("--workers", type=WORKERS, default=None, help="decoding threads (default: all cores)")
+    s.add_argument("--backend", default="auto", choices=BACKENDS, help="inference runtime")
+    s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
+    s.add_argument("--concurrency", type=POSITIVE, default=None,
+                   help="with --url: requests in flight (default: the server's MaxConcurrentTransforms)")
+    s.add_argument("--max-error-rate", type=number(float, 0, 1), default=None,
+                   help="exit 3 when the share of error rows is above this (e.g. 0.05)")
+    s.add_argument("--s3-root", help="local folder holding s3://bucket/key references of a Ground Truth manifest "
+                                     "as S3_ROOT/bucket/key (as for ingest)")
+
+    s = command("shard", cmd_shard, "pack records + cached pixels into tar shards for streaming training")
+    s.add_argument("--data", required=True, help="ingested data folder")
+    s.add_argument("--out", required=True, help="shard folder (copy it to any fsspec store, e.g. s3://...)")
+    s.add_argument("--size", type=number(int, 16), default=64, help="square side in pixels")
+    s.add_argument("--interpolation", default="bicubic", choices=interpolations)
+    s.add_argument("--per-shard", type=POSITIVE, default=1000, help="images per shard")
+    s.add_argument("--split-seed", type=int, default=0)
+    s.add_argument("--val", type=FRACTION, default=0.15, help="validation fraction of the split")
+    s.add_argument("--test", type=FRACTION, default=0.15, help="test fraction of the split")
+
+    s = command("export", cmd_export, "export a package: onnx, torchscript, MONAI bundle or SageMaker tarball")
+    s.add_argument("--model", required=True, help="model package folder")
+    s.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="onnx / torchscript: one file; onnx-int8: the gated INT8 model; bundle: a MONAI bundle folder; "
+                        "sagemaker: model.tar.gz for the SageMaker PyTorch inference toolkit")
+    s.add_argument("--out", required=True, help="file (onnx, onnx-int8, torchscript, sagemaker model.tar.gz) or folder "
+                                                "(bundle, sagemaker layout), never inside a model package")
+    s.add_argument("--force", action="store_true", help="replace an existing --out (and its sidecar); onnx-int8: "
+                                                        "also write a model that fails the accuracy gate")
+    add_int8_options(s, force=False)
+    add_sagemaker_options(s)
+    s.add_argument("--with-preprocessing", action="store_true",
+                   help="onnx: take uint8 RGB N x S x S x 3 pixels (decoded and resized by the package's rule)")
+
+    s = command("quantize", cmd_quantize, "INT8 model for CPUs, checked by an accuracy gate, stored in the package")
+    s.add_argument("--model", required=True, help="model package folder")
+    add_int8_options(s)
+
+    s = command("package", cmd_export, "the SageMaker deployable layout of a model package (folder or model.tar.gz); "
+                                       "the same as export --format sagemaker")
+    s.add_argument("--model", required=True, help="model package folder")
+    s.add_argument("--out", required=True, help="model.tar.gz path, or a new folder")
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_sagemaker_options(s)
+    s.set_defaults(format="sagemaker")
+
+    s = command("runs", cmd_runs, "tracked training runs (MLflow) with their key metrics, best first")
+    s.add_argument("--track", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    s.add_argument("--experiment", default="medpipe")
+    s.add_argument("--metric", default="best_val_auc", help="sort by this metric, highest first")
+    s.add_argument("--plot", help="also write a PNG of validation AUC per epoch for these runs")
+
+    from medpipe import tune
+
+    tune.add_parser(sub)  # `medpipe tune` (its options live with the search)
+    from medpipe.fl import cli as fl_cli  # `medpipe fl ...`: imports Flower only when a command runs
+
+    fl_cli.register(sub)
+    p.subparsers = sub.choices
     return p
 
 
-def _add_late_commands(sub) -> None:
-    """Subcommands that live in heavier modules register themselves here."""
-    try:
-        from medpipe import commands
-    except ImportError:  # pragma: no cover
-        return
-    commands.register(sub)
-    from medpipe import tune
+def parse(parser: Parser, argv: list[str] | None):
+    """Parse and check: unknown options get a suggestion, the training config is built (and so
+    validated) here, so every refusal is a usage error (exit 2) that names the option and the reason."""
+    args, extras = parser.parse_known_args(argv)
+    sub = parser.subparsers[args.command]
+    if extras:
+        sub.unknown(extras)
+    if args.command == "train":
+        from medpipe.config import TrainConfig, make_config, resume_config
+        from medpipe.pipeline import saved_config
 
-    tune.add_parser(sub)
-    from medpipe.fl import cli as fl_cli  # medpipe fl ...: imports Flower only when a command runs
-
-    fl_cli.register(sub)
+        overrides = dataclass_values(args, TrainConfig)
+        try:
+            if args.resume:  # the run's own config; options given again must match it
+                args.train_config = resume_config(saved_config(args.out, args.resume), overrides, args.config)
+            else:
+                args.train_config = make_config(overrides, args.config)
+        except MedpipeError as exc:
+            sub.error(str(exc))
+    if args.command in ("split", "shard") and args.val + args.test >= 1:
+        sub.error(f"--val + --test must be < 1 (nothing would be left to train on), got {args.val} + {args.test}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse(parser, argv)
+    except SystemExit as exc:  # a usage error (argparse printed the reason and the usage) or --help/--version
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
     except MedpipeError as exc:
-        print(f"medpipe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"medpipe {args.command}: {exc.prefix}{exc}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        print(f"medpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # never a raw traceback for a user; -v shows it
         if args.verbose:
             raise
         print(f"medpipe {args.command}: internal error: {exc.__class__.__name__}: {str(exc)[:300]} "
               "(run with -v for the traceback)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"medpipe {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 def exit_process(rc: int):

@@ -90,12 +90,26 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)"),
             (not (self.imbalance == "focal" and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)), "imbalance",
              "other than focal with mixup/cutmix (focal loss takes class indices, not mixed targets)"),
+            (self.threads >= 0, "threads", ">= 0 (0: all cores)"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
+            (self.grad_clip >= 0, "grad_clip", ">= 0 (0: off)"),
+            (self.focal_gamma >= 0, "focal_gamma", ">= 0"),
+            (self.patience >= 0, "patience", ">= 0"),
+            (self.bootstrap >= 0, "bootstrap", ">= 0 (0: no confidence intervals)"),
+            (self.max_steps_per_epoch >= 0, "max_steps_per_epoch", ">= 0 (0: whole epoch)"),
+            (0 <= self.dropout < 1, "dropout", "in [0, 1)"),
+            (0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)"),
+            (0 <= self.test_fraction < 1, "test_fraction", "in [0, 1)"),
         ]
         for ok, key, want in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' must be {want}, got {getattr(self, key)!r}")
         if self.budget is not None:
             self.budget_seconds()
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"config keys 'val_fraction' + 'test_fraction' must be < 1 (nothing would be left to "
+                              f"train on), got {self.val_fraction} + {self.test_fraction}")
         from medpipe.data.imageio import resample_filter
         try:
             resample_filter(self.interpolation)

@@ -29,16 +29,12 @@ import math
 
 import numpy as np
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import DecisionRuleError
 
 RULES = ("argmax", "prior", "class_bias")
 TAU_GRID = np.round(np.arange(-1.0, 2.0001, 0.05), 4)
 BIAS_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 4)
 _EPS = 1e-12
-
-
-class DecisionRuleError(MedpipeError):
-    """An unknown rule was asked for, or a package's rule is malformed."""
 
 
 def apply_offsets(probs: np.ndarray, offsets: np.ndarray | list[float] | None) -> np.ndarray:

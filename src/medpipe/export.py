@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import ExportError, MedpipeError
 from medpipe.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 ONNX_OPSET = 18
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-
-
-class ExportError(MedpipeError):
-    pass
 
 
 def onnx_bytes(model: torch.nn.Module, image_size: int, example: torch.Tensor | None = None) -> bytes:

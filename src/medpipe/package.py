@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from medpipe.preprocess import PreprocessSpec
-from medpipe.errors import MedpipeError
+from medpipe.errors import PackageError
 from medpipe.utils import atomic_write_bytes, atomic_write_text, sha256_file, versions
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,6 @@ log = logging.getLogger(__name__)
 WEIGHTS = "weights.safetensors"
 META = "model.json"
 PACKAGE_FORMAT = "medpipe-package-1"
-
-
-class PackageError(MedpipeError):
-    pass
 
 
 def save_package(out_dir: str | Path, model: torch.nn.Module, *, name: str, arch: str, classes: list[str],

@@ -52,7 +52,7 @@ from pathlib import Path
 import yaml
 
 from medpipe.config import MONITORS, TrainConfig, make_config
-from medpipe.errors import ConfigError, MedpipeError
+from medpipe.errors import ConfigError, MedpipeError, TuneError
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ PRUNERS = ("median", "percentile", "threshold", "none")
 SAMPLERS = ("tpe", "random")
 # options a search must not vary: where data goes and how the run is executed, not what it learns
 NOT_SEARCHABLE = ("device", "workers", "threads", "monitor", "deterministic", "init_weights")
-
-
-class TuneError(MedpipeError):
-    pass
 
 
 def _optuna():

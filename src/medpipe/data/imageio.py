@@ -46,38 +46,15 @@ _RESAMPLE = {
 RESAMPLE_NAMES = frozenset(_RESAMPLE)
 
 
-class ImageError(ValueError):
-    """Base class: the bytes are not an image medpipe will use."""
-
-    code = "invalid_image"
-    http_status = 400
-
-    def __init__(self, reason: str, name: str | None = None):
-        self.reason = reason
-        self.name = name
-        super().__init__(f"{name}: {reason}" if name else reason)
-
-
-class EmptyImageError(ImageError):
-    code = "empty_image"
-
-
-class UnsupportedFormatError(ImageError):
-    code = "unsupported_format"
-    http_status = 415
-
-
-class CorruptImageError(ImageError):
-    code = "corrupt_image"
-
-
-class ImageTooLargeError(ImageError):
-    code = "image_too_large"
-    http_status = 413
-
-
-class DegenerateImageError(ImageError):
-    code = "degenerate_image"
+from medpipe.errors import (  # noqa: E402,F401  (re-exported; medpipe/errors.py maps each to its HTTP status)
+    CorruptImageError,
+    DecodeBudgetError,
+    DegenerateImageError,
+    EmptyImageError,
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedFormatError,
+)
 
 
 @dataclass(frozen=True)
@@ -93,13 +70,6 @@ def resample_filter(name: str) -> Image.Resampling:
         return _RESAMPLE[name]
     except KeyError:
         raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {name!r}") from None
-
-
-class DecodeBudgetError(ImageError):
-    """The image is well-formed but decoding it would cost more than its budget (scans, time)."""
-
-    code = "decode_budget_exceeded"
-    http_status = 422
 
 
 def count_jpeg_scans(data: bytes) -> int:

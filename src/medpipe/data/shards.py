@@ -28,14 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import ShardError
 
 INDEX = "index.json"
 FORMAT = "medpipe-shards-1"
-
-
-class ShardError(MedpipeError):
-    pass
 
 
 def _fs_join(root: str, name: str) -> str:

@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from medpipe.errors import IngestError
 from medpipe.data import imageio
 from medpipe.data.synthetic import HAM_CLASSES
 from medpipe.utils import atomic_write_text
@@ -38,10 +39,6 @@ CLASSES_FILE = "classes.json"
 REPORT_FILE = "ingest_report.json"
 FORMATS = ("auto", "ham10000", "dataverse", "folders", "groundtruth", "csv")
 BASE_COLUMNS = ["image_id", "path", "label", "class_index", "group_id", "sha256", "width", "height"]
-
-
-class IngestError(Exception):
-    """Ingest cannot produce any usable table (bad source, nothing left, or --strict with defects)."""
 
 
 @dataclass
@@ -470,12 +467,29 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     return report
 
 
+def _looks_raw(folder: Path) -> bool:
+    """A folder ``medpipe ingest`` could read (metadata CSV, zip, manifest or images near the top)."""
+    for entry in list(folder.iterdir())[:1000]:
+        if entry.suffix.lower() in (*IMAGE_SUFFIXES, ".csv", ".zip", ".manifest") or entry.name.startswith("HAM10000"):
+            return True
+        if entry.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in list(entry.iterdir())[:50]):
+            return True
+    return False
+
+
 def load_records(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
     """Load ``records.csv`` and ``classes.json`` from an ingested data directory."""
     data_dir = Path(data_dir)
     rec_path, cls_path = data_dir / RECORDS_FILE, data_dir / CLASSES_FILE
+    if not data_dir.is_dir():
+        raise IngestError(f"{data_dir}: no such folder; --data takes the folder written by "
+                          f"'medpipe ingest SOURCE --out {data_dir}'")
     if not rec_path.is_file() or not cls_path.is_file():
-        raise IngestError(f"{data_dir}: not an ingested data directory (run 'medpipe ingest SOURCE --out {data_dir}')")
+        if _looks_raw(data_dir):
+            raise IngestError(f"{data_dir}: a raw dataset, not an ingested data folder; ingest it into a new folder "
+                              f"first ('medpipe ingest {data_dir} --out DATA') and pass --data DATA")
+        raise IngestError(f"{data_dir}: not an ingested data folder (no {RECORDS_FILE}/{CLASSES_FILE}); "
+                          f"run 'medpipe ingest SOURCE --out DATA' into a new folder and pass --data DATA")
     table = pd.read_csv(rec_path, dtype={"image_id": str, "label": str, "group_id": str, "sha256": str},
                         keep_default_na=False)
     classes = json.loads(cls_path.read_text())

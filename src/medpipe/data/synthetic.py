@@ -29,6 +29,7 @@ LOCALIZATIONS = (
     "back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "foot",
     "unknown", "neck", "scalp", "hand", "ear", "genital", "acral",
 )
+FORMATS = ("folders", "dataverse")  # dataverse: the folders plus dataverse_files.zip
 FIRST_IMAGE_NUMBER = 24306  # ISIC_0024306 is the first HAM10000 image id
 
 # Per class: lesion RGB (mean), radius fraction, border irregularity, texture kind, extra feature.
@@ -215,8 +216,8 @@ def part_of(index: int, total: int) -> int:
 def write_synthetic(out: str | os.PathLike, spec: SynthSpec, *, fmt: str = "folders", workers: int | None = None,
                     progress: bool = False) -> dict:
     """Write the dataset; returns a summary. ``fmt`` is ``folders`` or ``dataverse`` (folders + zip)."""
-    if fmt not in ("folders", "dataverse"):
-        raise ValueError(f"format must be 'folders' or 'dataverse', got {fmt!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = make_metadata(spec)

@@ -10,7 +10,7 @@ from medpipe.errors import MedpipeError
 
 
 def _train_overrides(args) -> dict:
-    from medpipe.commands import config_overrides
+    from medpipe.cli import config_overrides
     from medpipe.config import make_config
 
     return make_config(config_overrides(args), args.config).to_dict()
@@ -69,7 +69,7 @@ def cmd_site(args) -> int:
 
 
 def add_server_options(s: argparse.ArgumentParser) -> None:
-    from medpipe.commands import add_config_options
+    from medpipe.cli import add_config_options
 
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--min-sites", type=int, default=2, help="sites needed to start and to complete a round")

@@ -17,16 +17,12 @@ import torch
 
 from medpipe import decision
 from medpipe.data import imageio
-from medpipe.errors import MedpipeError
+from medpipe.errors import MedpipeError, PredictionError
 from medpipe.package import load_package, package_spec
 from medpipe.preprocess import eval_batch
 from medpipe.utils import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-class PredictionError(MedpipeError):
-    code = "prediction_failed"
 
 
 @dataclass

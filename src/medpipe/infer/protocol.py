@@ -20,6 +20,7 @@ import json
 
 import numpy as np
 
+from medpipe.errors import HttpError, http_status
 from medpipe.data import dicom
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "image/bmp", "image/webp")
@@ -29,14 +30,6 @@ CSV_T = "text/csv"
 DICOM = "application/dicom"
 SUPPORTED_TYPES = (*IMAGE_TYPES, NPY, JSON_T, DICOM)
 DEFAULT_MAX_IMAGES = 16  # images in one request (medpipe serve and the SageMaker handlers)
-
-
-class HttpError(Exception):
-    """A refusal with an HTTP status, a short machine code and a message that names the field."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
 def media_type(header: str | None, default: str = "application/x-image") -> str:
@@ -134,7 +127,7 @@ def merge(decoded: list, predictions: list) -> list[dict]:
         if isinstance(d, np.ndarray):
             out.append(next(it).as_dict())
         else:
-            out.append({"error": d.code, "message": d.reason, "status": d.http_status})
+            out.append({"error": d.code, "message": d.reason, "status": http_status(d)})
     return out
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import GateError, QuantizeError
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,6 @@ MAX_AUC_DIFF = 0.005
 MIN_AGREEMENT = 0.98
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 MAX_CALIBRATION = 512  # images; the validation split is strided down to this many
-
-
-class QuantizeError(MedpipeError):
-    pass
-
-
-class GateError(QuantizeError):
-    """The INT8 model failed the accuracy gate; nothing was written."""
 
 
 def cpu_int8_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:

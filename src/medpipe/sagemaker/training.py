@@ -123,7 +123,9 @@ def run(argv: list[str] | None = None, environ: dict | None = None) -> int:
                         report_dir=sm.output_data_dir / "report")
     except TrainingInterrupted as exc:
         print(str(exc), flush=True)
-        return TrainingInterrupted.exit_code
+        from medpipe.errors import exit_code
+
+        return exit_code(exc)
     if sm.is_primary and summary.get("model_dir"):  # SageMaker tars this folder: it must deploy as is
         write_layout(sm.model_dir)
     for name in ("config.yaml", "splits.csv", "splits.json", "metrics.jsonl"):

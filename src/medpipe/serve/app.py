@@ -43,6 +43,7 @@ from importlib import resources
 import numpy as np
 
 from medpipe.data import dicom, imageio
+from medpipe.errors import http_status
 from medpipe.serve.batcher import Batcher
 from medpipe.serve.decodepool import DecodePool, DecodeSpec
 from medpipe.serve.oip import metric_route
@@ -385,7 +386,7 @@ def create_app(predictor, cfg: ServeConfig):
         try:
             pixels = await svc.decode("bytes", body)
             if isinstance(pixels, imageio.ImageError):
-                raise HttpError(pixels.http_status, pixels.code, pixels.reason)
+                raise HttpError(http_status(pixels), pixels.code, pixels.reason)
             try:
                 async with asyncio.timeout(cfg.deadline_s):
                     pred, cam = await svc.batcher.run_exclusive(predictor.explain, pixels)

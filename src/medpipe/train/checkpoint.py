@@ -15,16 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medpipe.errors import MedpipeError
+from medpipe.errors import CheckpointError
 from medpipe.utils import atomic_write_bytes
 
 FORMAT = "medpipe-checkpoint-1"
 # What must match for a resume to make sense (config key -> human name).
 COMPATIBLE_KEYS = {"model": "model", "image_size": "image size", "interpolation": "interpolation"}
-
-
-class CheckpointError(MedpipeError):
-    pass
 
 
 def rng_state() -> dict:

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from medpipe.config import TrainConfig
-from medpipe.errors import MedpipeError
+from medpipe.errors import MedpipeError, NonFiniteLoss, TrainingInterrupted
 from medpipe.preprocess import eval_batch
 from medpipe.train.distributed import Dist
 
@@ -67,14 +67,6 @@ class Events(str, enum.Enum):
     CHECKPOINT_SAVED = "checkpoint_saved"
     COMPLETED = "completed"
     EXCEPTION_RAISED = "exception_raised"
-
-
-class TrainingInterrupted(MedpipeError):
-    exit_code = 143
-
-
-class NonFiniteLoss(MedpipeError):
-    pass
 
 
 @dataclass
