@@ -52,9 +52,22 @@ def cmd_server(args) -> int:
     from medpipe.fl.deploy import run_server
 
     keys = list(args.site_keys or [])
-    s = run_server(args.run_dir, certs=args.certs, site_keys=keys, insecure=args.insecure, **_server_kwargs(args))
+    s = run_server(args.run_dir, certs=args.certs, site_keys=keys, insecure=args.insecure,
+                   round_callbacks=args.round_callback, **_server_kwargs(args))
     print(f"federated run finished: {s['rounds']} rounds, best round {s['best_round']} "
           f"(pooled val macro AUC {s['best_pooled_auc']}); model package {s['model_dir']}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from medpipe.fl.deploy import simulate
+
+    kw = _server_kwargs(args)
+    kw.pop("host")
+    s = simulate(args.data, args.run_dir, by=args.by, sites=args.sites, dirichlet=args.dirichlet,
+                 seed=args.partition_seed, threads=args.site_threads, round_callbacks=args.round_callback, **kw)
+    print(f"simulated federated run finished: best round {s['best_round']} (pooled val macro AUC "
+          f"{s['best_pooled_auc']}); model package {s['model_dir']}")
     return 0
 
 
@@ -84,7 +97,8 @@ def add_server_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--wait-for-sites", type=float, default=600.0, help="seconds to wait for --min-sites to connect")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=9092)
-    s.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (loopback experiments)")
+    s.add_argument("--round-callback", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="called with each round's record (e.g. experiment tracking); repeat for several")
     s.add_argument("--config", help="YAML training config for the sites' local training")
     add_config_options(s)
 
@@ -113,8 +127,20 @@ def register(sub) -> None:
     s.add_argument("--run-dir", required=True, help="output run folder (checkpoints, log, model package)")
     s.add_argument("--certs", help="folder from 'medpipe fl certs' (ca.crt, server.pem, server.key)")
     s.add_argument("--site-keys", nargs="*", help="public keys of the sites allowed to join (NAME.pub)")
+    s.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (loopback experiments)")
     add_server_options(s)
     s.set_defaults(func=cmd_server)
+
+    s = fsub.add_parser("simulate", help="one machine, real processes: partition DATA into sites and run them")
+    s.add_argument("--data", required=True, help="one ingested data folder")
+    s.add_argument("--run-dir", required=True, help="RUN/sites, RUN/certs, RUN/server (the model package in RUN/server/model)")
+    s.add_argument("--by", help="metadata column: one site per value")
+    s.add_argument("--sites", type=int, default=0, help="number of sites (Dirichlet), or the most sites for --by")
+    s.add_argument("--dirichlet", type=float, help="alpha of the per-class Dirichlet split")
+    s.add_argument("--partition-seed", type=int, default=0)
+    s.add_argument("--site-threads", type=int, default=1, help="torch threads per site process")
+    add_server_options(s)
+    s.set_defaults(func=cmd_simulate)
 
     s = fsub.add_parser("site", help="run a site (Flower SuperNode + medpipe ClientApp) on its own data")
     s.add_argument("--data", required=True, help="this site's ingested data folder")

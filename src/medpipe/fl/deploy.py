@@ -314,3 +314,33 @@ def run_site(data, *, retry_wait: float = 5.0, **kw) -> int:
         print(f"flower-supernode exited with status {rc}; rejoining when the server is reachable", flush=True)
         time.sleep(retry_wait)
     return 0
+
+
+def simulate(data: str | os.PathLike, run_dir: str | os.PathLike, *, by: str | None = None, sites: int = 0,
+             dirichlet: float | None = None, seed: int = 0, port: int = 9092, threads: int = 1, **server_kw) -> dict:
+    """One machine, real processes: partition ``data`` into site folders, make credentials, start one
+    ``medpipe fl site`` process per site and run the server until the run ends; the sites are stopped."""
+    from medpipe.fl.certs import make_certs
+    from medpipe.fl.partition import partition
+
+    run_dir = Path(run_dir).resolve()
+    parts = partition(data, run_dir / "sites", by=by, sites=sites, dirichlet=dirichlet, seed=seed)
+    names = sorted(parts["sites"])
+    certs = run_dir / "certs"
+    if not (certs / "ca.crt").is_file() or any(not (certs / "sites" / n).is_file() for n in names):
+        make_certs(certs, names)
+    procs = []
+    try:
+        for i, name in enumerate(names):
+            log = open(run_dir / f"site_{name}.log", "ab")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "medpipe", "fl", "site", "--data", str(run_dir / "sites" / name),
+                 "--server", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"), "--key", str(certs / "sites" / name),
+                 "--runtime-port", str(port + 10 + i), "--threads", str(threads)],
+                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads))))
+        print(f"{len(names)} sites started ({', '.join(names)}); logs {run_dir}/site_*.log", flush=True)
+        return run_server(run_dir / "server", certs=certs, site_keys=[str(certs / "sites" / f"{n}.pub") for n in names],
+                          host="127.0.0.1", port=port, **server_kw)
+    finally:
+        for p in procs:
+            _stop(p)
