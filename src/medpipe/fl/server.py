@@ -314,7 +314,7 @@ class Coordinator:
 
         from medpipe.fl.site import to_torch
         from medpipe.models import create_model
-        from medpipe.package import build_sagemaker_tarball, save_package
+        from medpipe.package import save_package
 
         best = load_arrays(self.run_dir / "checkpoints" / "best.safetensors", state.get("best_sha256"))
         model = create_model(tc.model, len(classes))
@@ -338,5 +338,4 @@ class Coordinator:
             "sites": state["sites"], "torch": torch.__version__,
         }
         atomic_write_text(model_dir / "model.json", json.dumps(meta, indent=2, default=float))
-        build_sagemaker_tarball(model_dir)
         return {"model_dir": str(model_dir), "best_round": state["best_round"]}
