@@ -162,3 +162,42 @@ def test_onnx_export_carries_the_rule(tmp_path):
     probs = torch.softmax(torch.from_numpy(logits) / float(props["temperature"]), 1).numpy()
     labels = (np.log(probs) + np.array(rule["offsets"])).argmax(1)
     assert list(labels) == [p.class_index for p in pred.to_predictions(pred.probabilities(images))] == [3, 3, 3]
+
+
+def test_cli_decision_rule_option_overrides_the_package(tmp_path, data_dir, capsys):
+    """predict / evaluate / batch / serve take --decision-rule; without it the package's default applies."""
+    from PIL import Image
+
+    from medpipe.cli import build_parser, main
+
+    offsets = [0.0] * 7
+    offsets[3] = 50.0
+    _package(tmp_path, {"default": "class_bias", "fitted_on": "val", "n_val": 10,
+                        "rules": {"argmax": {"offsets": [0.0] * 7}, "class_bias": {"offsets": offsets}}})
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
+    pkg = str(tmp_path / "pkg")
+    assert main(["predict", "--model", pkg, "--json", str(img)]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["predict", "--model", pkg, "--json", "--decision-rule", "argmax", str(img)]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert (default["label"], default["decision_rule"]) == ("df", "class_bias")
+    assert plain["decision_rule"] == "argmax" and plain["probabilities"] == default["probabilities"]
+    assert plain["label"] == max(plain["probabilities"], key=plain["probabilities"].get)
+
+    rep = tmp_path / "rep"
+    assert main(["evaluate", "--model", pkg, "--data", str(data_dir), "--split", "all", "--bootstrap", "0",
+                 "--backend", "eager", "--out", str(rep), "--decision-rule", "argmax"]) == 0
+    m = json.loads((rep / "report.json").read_text())
+    assert m["decision_rule"] == "argmax" and set(m["decision_rules"]) == {"argmax", "class_bias"}
+
+    assert main(["batch", "--model", pkg, "--input", str(tmp_path / "x.png").rsplit("/", 1)[0], "--output",
+                 str(tmp_path / "out"), "--backend", "eager", "--decision-rule", "argmax"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert {r["decision_rule"] for r in rows} == {"argmax"}
+
+    args = build_parser().parse_args(["serve", "--model", pkg, "--decision-rule", "prior"])
+    assert args.decision_rule == "prior"
+    capsys.readouterr()
+    assert main(["predict", "--model", pkg, "--decision-rule", "prior", str(img)]) != 0
+    assert "'prior' is not in this package" in capsys.readouterr().err

@@ -139,10 +139,12 @@ def listing_hash(items: list[Item]) -> str:
 class LocalEngine:
     """Decode in parallel threads, forward in batches; halve the batch on out-of-memory."""
 
-    def __init__(self, model: str, backend: str, device: str, batch_size: int, workers: int):
+    def __init__(self, model: str, backend: str, device: str, batch_size: int, workers: int,
+                 decision_rule: str | None = None):
         from medpipe.infer.predictor import Predictor
 
-        self.predictor = Predictor(model, device=device, backend=backend, max_batch=max(1, batch_size))
+        self.predictor = Predictor(model, device=device, backend=backend, max_batch=max(1, batch_size),
+                                   decision_rule=decision_rule)
         self.batch_size = max(1, batch_size)
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="medpipe-decode")
         self.meta = {"model": self.predictor.name, "version": self.predictor.version,
@@ -298,7 +300,7 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
               manifest_out: str | None = None, label_attribute: str = "medpipe-label", batch_size: int = 32,
               shard_size: int = 256, workers: int | None = None, backend: str = "auto", device: str = "auto",
               concurrency: int | None = None, max_error_rate: float | None = None, progress: bool = False,
-              s3_root: str | None = None) -> dict:
+              s3_root: str | None = None, decision_rule: str | None = None) -> dict:
     out = Path(output)
     items, root = list_items(input_path, s3_root)
     if not items:
@@ -313,7 +315,7 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
             raise BatchError(f"{out} holds a batch job over a different input listing or shard size; "
                              "use a new --output folder")
     engine = RemoteEngine(url, concurrency) if url else LocalEngine(model, backend, device, batch_size,
-                                                                   workers or (os.cpu_count() or 1))
+                                                                   workers or (os.cpu_count() or 1), decision_rule)
     state = {"input": str(input_path), "listing_sha256": digest, "items": len(items), "shard_size": shard_size,
              **{k: v for k, v in engine.meta.items() if k != "classes"}}
     atomic_write_text(state_path, json.dumps(state, indent=2))

@@ -123,6 +123,7 @@ SERVE_HELP = {
     "host": "address to bind (loopback unless you mean to expose it)",
     "port": "TCP port",
     "backend": "inference runtime",
+    "decision_rule": "label rule (medpipe.decision; default: the package's own)",
     "device": "auto: CUDA when available, else CPU",
     "threads": "inference threads (0 = all cores)",
     "max_body_mb": "largest request body in MB (413 over it)",
@@ -269,6 +270,7 @@ def cmd_evaluate(args) -> int:
     out = args.out or str(Path(args.model) / ".." / f"report_{args.split}")
     result = evaluate_package(args.model, args.data, out, split=args.split, splits_csv=args.splits, tta=args.tta,
                               bootstrap=args.bootstrap, backend=args.backend, device=args.device,
+                              decision_rule=args.decision_rule,
                               progress=_progress())
     m = result["metrics"]
     print(f"{args.split}: n={m['n']} macro AUC {m['macro_auc']:.4f} (95% CI {m['macro_auc_ci95'][0]:.3f}-"
@@ -287,7 +289,7 @@ def cmd_predict(args) -> int:
         results = predict_url(args.url, args.images)
     else:
         from medpipe.infer.predictor import Predictor
-        predictor = Predictor(args.model, device=args.device, backend=args.backend)
+        predictor = Predictor(args.model, device=args.device, backend=args.backend, decision_rule=args.decision_rule)
         results = []
         for path in args.images:
             try:
@@ -335,7 +337,7 @@ def cmd_batch(args) -> int:
                   manifest_out=args.manifest_out, label_attribute=args.label_attribute, batch_size=args.batch_size,
                   shard_size=args.shard_size, workers=args.workers, backend=args.backend, device=args.device,
                   concurrency=args.concurrency, max_error_rate=args.max_error_rate, progress=_progress(),
-                  s3_root=args.s3_root)
+                  s3_root=args.s3_root, decision_rule=args.decision_rule)
     print(f"batch: {s['predicted']} predicted, {s['errors']} errors of {s['items']} "
           f"-> {s['outputs']['jsonl']}, {s['outputs']['csv']}")
     if s["errors"]:
@@ -474,6 +476,7 @@ def build_parser() -> Parser:
     from medpipe.data.splits import SPLIT_NAMES
     from medpipe.data.synthetic import FORMATS as SYNTH_FORMATS
     from medpipe.export import FORMATS as EXPORT_FORMATS
+    from medpipe.decision import RULES as DECISION_RULES
     from medpipe.infer.predictor import BACKENDS
     from medpipe.preprocess import INTERPOLATIONS as interpolations
     from medpipe.serve.app import ServeConfig
@@ -553,6 +556,7 @@ def build_parser() -> Parser:
     s.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="inference runtime (the same default as serve); int8: the package's INT8 model")
     s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
+    s.add_argument("--decision-rule", choices=DECISION_RULES, help="label rule (medpipe.decision; default: the package's own)")
 
     s = command("predict", cmd_predict, "top class and every class probability per image")
     s.add_argument("images", nargs="+")
@@ -562,10 +566,11 @@ def build_parser() -> Parser:
     s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
     s.add_argument("--backend", default="eager", choices=BACKENDS, help="inference runtime")
     s.add_argument("--tta", action="store_true", help="average over flips")
+    s.add_argument("--decision-rule", choices=DECISION_RULES, help="label rule (medpipe.decision; default: the package's own)")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
 
     s = command("serve", cmd_serve, "HTTP inference service (SageMaker hosting contract, web page at /)")
-    add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS},
+    add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS, "decision_rule": DECISION_RULES},
                           types={"device": device, "port": number(int, 0, 65535)})
 
     s = command("batch", cmd_batch, "predictions for a folder, manifest or record table (resumable)")
@@ -582,6 +587,7 @@ def build_parser() -> Parser:
     s.add_argument("--shard-size", type=POSITIVE, default=256, help="items per atomically written output shard")
     s.add_argument("--workers", type=WORKERS, default=None, help="decoding threads (default: all cores)")
     s.add_argument("--backend", default="auto", choices=BACKENDS, help="inference runtime")
+    s.add_argument("--decision-rule", choices=DECISION_RULES, help="label rule (medpipe.decision; default: the package's own)")
     s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
     s.add_argument("--concurrency", type=POSITIVE, default=None,
                    help="with --url: requests in flight (default: the server's MaxConcurrentTransforms)")

@@ -244,7 +244,8 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
 
 def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *, split: str = "test",
                      splits_csv: str | Path | None = None, tta: bool = False, bootstrap: int = 1000,
-                     batch_size: int = 64, backend: str = "auto", device: str = "auto", progress: bool = False) -> dict:
+                     batch_size: int = 64, backend: str = "auto", device: str = "auto", progress: bool = False,
+                     decision_rule: str | None = None) -> dict:
     """Evaluate a package on a split of an ingested data dir. Pixels come from the same decoder as serving
     and the probabilities from the same runtime (``backend`` defaults to ``auto``, as ``medpipe serve``)."""
     import pandas as pd
@@ -254,7 +255,7 @@ def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str |
     from medpipe.errors import MedpipeError
     from medpipe.infer.predictor import Predictor
 
-    predictor = Predictor(model_dir, device=device, backend=backend)
+    predictor = Predictor(model_dir, device=device, backend=backend, decision_rule=decision_rule)
     table, classes = load_records(data_dir)
     if classes != predictor.classes:
         raise MedpipeError(f"data classes {classes} differ from the model's {predictor.classes}")
