@@ -209,3 +209,13 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     client, runs = _runs(uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "failure_reason" not in runs[0].data.tags
     assert sorted(m.step for m in client.get_metric_history(first.run_id, "val_auc")) == [1, 2]
+
+
+def test_default_store_honours_mlflow_tracking_uri(tmp_path, monkeypatch):
+    from medpipe.track import resolve_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri("auto", tmp_path / "runs" / "r1") == f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_uri("auto", tmp_path / "runs" / "r1") == "http://127.0.0.1:5000"
+    assert resolve_uri("sqlite:///elsewhere.db", tmp_path / "r") == "sqlite:///elsewhere.db"  # given wins
