@@ -170,3 +170,109 @@ def test_batch_via_url_matches_local(trained_run, folder50, tmp_path):
         if "label" in a:
             assert a["label"] == b["label"]
             assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-5
+
+
+# -- hostile inputs and a busy server (RELIABILITY "Files, paths and labels", "Batch over HTTP") ----------
+
+
+def test_per_file_names_never_leave_the_output_folder(trained_run, folder50, tmp_path, capsys):
+    imgs = sorted(folder50.rglob("*.jpg"))[:3]
+    manifest = folder50.parent / "ids.csv"
+    pd.DataFrame({"id": ["../../../evil", str(tmp_path / "abs_evil"), "sub/fine"],
+                  "path": [str(p) for p in imgs]}).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    assert main(["batch", "--model", str(trained_run / "model"), "--input", str(manifest), "--output", str(out),
+                 "--per-file", "--backend", "eager"]) == 0
+    err = capsys.readouterr().err
+    assert "'../../../evil' refused" in err and "abs_evil' refused" in err
+    assert (out / "sub" / "fine.out").is_file()
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.out")}
+    assert written == {"out/sub/fine.out"}  # nothing outside out/
+    assert not (tmp_path / "abs_evil.out").exists()
+    state = json.loads((out / "batch.json").read_text())
+    assert [r["id"] for r in state["per_file_refused"]] == ["../../../evil", str(tmp_path / "abs_evil")]
+
+
+def test_record_table_input_is_confined_to_the_ingested_root(trained_run, data_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("classes.json", "ingest_report.json"):
+        shutil.copy(data_dir / name, data / name)
+    table = pd.read_csv(data_dir / "records.csv", dtype=str).head(4)
+    table.loc[3, "path"] = "/etc/hostname"  # one row pointing out of the dataset must not widen the root to /
+    table.to_csv(data / "records.csv", index=False)
+    out = tmp_path / "out"
+    assert main(["batch", "--model", str(trained_run / "model"), "--input", str(data), "--output", str(out),
+                 "--backend", "eager"]) == 0
+    rows = _rows(out)
+    assert [r.get("error") for r in rows] == [None, None, None, "outside_input_root"]
+
+
+def test_fifo_in_the_input_folder_is_skipped_not_waited_on(trained_run, folder50, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sorted(folder50.rglob("*.jpg"))[:2]:
+        shutil.copy(p, src / p.name)
+    os.mkfifo(src / "zz_pipe.jpg")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "medpipe", "batch", "--model", str(trained_run / "model"), "--input",
+                        str(src), "--output", str(out), "--backend", "eager"], capture_output=True, text=True,
+                       timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = _rows(out)
+    assert rows[-1]["id"] == "zz_pipe.jpg" and "FIFO" in rows[-1]["message"] and "label" in rows[0]
+
+
+def test_csv_outputs_quote_and_neutralise_formulas(trained_run, folder50, tmp_path):
+    import csv
+    import io
+
+    from medpipe.infer.protocol import to_csv
+    from medpipe.utils import csv_text
+
+    text = csv_text(["a", "b"], [["=1+2", "x,y"], ["@SUM(A1)", "two\nlines"], ["-cmd", 0.5]])
+    assert list(csv.reader(io.StringIO(text))) == [["a", "b"], ["'=1+2", "x,y"], ["'@SUM(A1)", "two\nlines"],
+                                                   ["'-cmd", "0.5"]]
+    served = to_csv(["a", "b"], [{"error": "=HYPERLINK(1)"}])  # Accept: text/csv from the server
+    assert list(csv.reader(io.StringIO(served)))[1][-1] == "'=HYPERLINK(1)"
+    img = sorted(folder50.rglob("*.jpg"))[0]
+    manifest = folder50.parent / "formula.csv"
+    pd.DataFrame({"id": ["=HYPERLINK(\"http://x\",\"y\")"], "path": [str(img)]}).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    assert main(["batch", "--model", str(trained_run / "model"), "--input", str(manifest), "--output", str(out),
+                 "--backend", "eager"]) == 0
+    cells = list(csv.reader(io.StringIO((out / "predictions.csv").read_text())))
+    assert cells[1][0] == "'=HYPERLINK(\"http://x\",\"y\")"
+
+
+def test_busy_or_missing_server_rows_are_retried_and_rerun(trained_run, folder50, tmp_path, capsys):
+    """No server at all: every row stays transient, exit 75 (EX_TEMPFAIL) with the advice to rerun. The
+    rerun against a real server whose queue holds one image (so it answers 503 + Retry-After to the
+    other requests in flight) asks for exactly those rows again: all answered, exit 0."""
+    pytest.importorskip("fastapi")
+    from tests._server import Server, free_port
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sorted(folder50.rglob("*.jpg"))[:8]:
+        shutil.copy(p, src / p.name)
+    out = tmp_path / "out"
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert main(["batch", "--url", dead, "--input", str(src), "--output", str(out), "--retries", "1",
+                 "--concurrency", "4"]) == 75
+    assert "8 rows got no answer" in capsys.readouterr().err
+    assert all(r.get("transient") for r in _rows(out))
+    s = Server(trained_run / "model", "--backend", "eager", "--max-queue", "1", log=tmp_path / "log",
+               env={"MEDPIPE_FAULT_INFER_SLEEP": "0.2"}).wait_ready()
+    try:
+        assert main(["batch", "--url", s.url, "--input", str(src), "--output", str(out), "--concurrency", "4"]) == 0
+        metrics = s.request("GET", "/metrics")[2].decode()
+    finally:
+        s.stop()
+    rows = _rows(out)
+    assert len(rows) == 8 and all("label" in r for r in rows)
+    state = json.loads((out / "batch.json").read_text())
+    assert state["missing"] == 0 and state["errors"] == 0
+    refused = [line for line in metrics.splitlines() if line.startswith("medpipe_requests_total")
+               and 'status="503"' in line and "invocations" in line]
+    assert refused and float(refused[0].split()[-1]) > 0  # the server did answer 503, and the client retried

@@ -95,9 +95,10 @@ def test_same_images_from_every_format(synth_dir, tmp_path):
     ingest(manifest, tmp_path / "gt", s3_root=str(s3root), workers=1)
     assert _ids_labels(tmp_path / "gt") == (labels, groups, classes)
 
-    # CSV manifest path,label,group
-    csv = tmp_path / "m.csv"
-    pd.DataFrame({"path": table["path"], "label": table["label"], "group": table["group_id"]}).to_csv(csv, index=False)
+    # CSV manifest path,label,group (paths relative to its folder: rows outside it are refused)
+    csv = folders / "m.csv"
+    rel = [f"{lab}/{Path(p).name}" for p, lab in zip(table["path"], table["label"])]
+    pd.DataFrame({"path": rel, "label": table["label"], "group": table["group_id"]}).to_csv(csv, index=False)
     ingest(csv, tmp_path / "csv", workers=1)
     cl, cg, _ = _ids_labels(tmp_path / "csv")
     assert cl == labels and cg == groups
@@ -180,3 +181,114 @@ def test_hostile_dataverse_zip_via_cli(tmp_path, capsys):
     assert main(["ingest", str(z), "--out", str(tmp_path / "o")]) != 0
     assert "refused" in capsys.readouterr().err
     assert not (tmp_path / "escape.txt").exists()
+
+
+# -- hostile files, paths and labels (RELIABILITY "Files, paths and labels") ------------------------------
+
+
+def _csv_manifest(folder: Path, rows: list[tuple[str, str]]) -> Path:
+    import csv
+
+    path = folder / "manifest.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    return path
+
+
+def test_unsafe_class_names_refused_at_ingest_naming_the_row(synth_dir, tmp_path, capsys):
+    from medpipe.data.sources import class_name_problem
+
+    jpgs = sorted(synth_dir.rglob("*.jpg"))[:6]
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in jpgs:
+        shutil.copy(p, src / p.name)
+    labels = ["nv", "mel", "$__import__('os').system('touch pwned')", "=HYPERLINK(\"http://x\")", "a,b\nc", "@SUM(A1)"]
+    manifest = _csv_manifest(src, [(p.name, lab) for p, lab in zip(jpgs, labels)])
+    rep = ingest(manifest, tmp_path / "o", workers=1)
+    unsafe = {d["item"]: d["detail"] for d in rep["defects"] if d["reason"] == "unsafe_class_name"}
+    assert set(unsafe) == {p.stem for p in jpgs[2:]}  # each refused row is named
+    assert json.loads((tmp_path / "o" / "classes.json").read_text()) == ["mel", "nv"]
+    assert not (tmp_path / "pwned").exists()
+    # the documented rule
+    assert class_name_problem("basal cell carcinoma (BCC)") is None and class_name_problem("Mélanome-2") is None
+    for bad in ("-1", "+x", "a\tb", "x" * 65, " nv", "nv "):
+        assert class_name_problem(bad), bad
+    # --classes is held to the same rule
+    assert main(["ingest", str(manifest), "--out", str(tmp_path / "o2"), "--classes", "nv,=cmd"]) == 2
+    assert "--classes: class name '=cmd'" in capsys.readouterr().err
+
+
+def test_files_and_symlinks_outside_the_dataset_root_are_refused(synth_dir, tmp_path):
+    jpgs = sorted(synth_dir.rglob("*.jpg"))[:4]
+    root = tmp_path / "root"
+    (root / "nv").mkdir(parents=True)
+    (root / "mel").mkdir()
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    for p in jpgs:
+        shutil.copy(p, outside / p.name)
+    shutil.copy(jpgs[0], root / "nv" / "a.jpg")
+    shutil.copy(jpgs[1], root / "mel" / "b.jpg")
+    (root / "nv" / "c.jpg").symlink_to(outside / jpgs[2].name)  # a link out of the root
+    rep = ingest(root, tmp_path / "o1", workers=1, fmt="folders")
+    assert [(d["item"], d["reason"]) for d in rep["defects"]] == [("c", "outside_root")]
+    assert rep["records"] == 2
+    # a CSV manifest: rows with '..' or an absolute path outside the manifest's folder
+    manifest = _csv_manifest(root, [("nv/a.jpg", "nv"), ("mel/b.jpg", "mel"), (f"../secret/{jpgs[2].name}", "nv"),
+                                    (str(outside / jpgs[3].name), "mel")])
+    rep = ingest(manifest, tmp_path / "o2", workers=1)
+    assert sorted(d["reason"] for d in rep["defects"]) == ["outside_root", "outside_root"]
+    assert rep["records"] == 2
+
+
+def test_zip_bomb_refused_before_writing(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("HAM10000_metadata.csv", b"lesion_id,image_id,dx\n")
+        zf.writestr("images/huge.jpg", b"\0" * (64 << 20))  # 64 MiB of zeros in ~64 KB
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(IngestError, match="zip bomb"):
+        safe_extract(bomb, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    # the total cap (a documented option of safe_extract; the default is MAX_UNPACKED_BYTES)
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(plain, "w") as zf:
+        zf.writestr("a.txt", b"x" * 5000)
+    with pytest.raises(IngestError, match="over the 4096-byte limit"):
+        safe_extract(plain, tmp_path / "t2", max_bytes=4096)
+    assert not (tmp_path / "t2").exists()
+    assert main(["ingest", str(bomb), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_fifo_sparse_and_device_files_skipped_with_a_reason(synth_dir, tmp_path):
+    import os
+
+    root = tmp_path / "root"
+    (root / "nv").mkdir(parents=True)
+    (root / "mel").mkdir()
+    jpgs = sorted(synth_dir.rglob("*.jpg"))[:2]
+    shutil.copy(jpgs[0], root / "nv" / "a.jpg")
+    shutil.copy(jpgs[1], root / "mel" / "b.jpg")
+    os.mkfifo(root / "nv" / "pipe.jpg")  # opening it would block until a writer comes: never opened
+    with open(root / "mel" / "sparse.jpg", "wb") as fh:
+        fh.truncate(3 << 30)  # 3 GB, no blocks on disk: refused by its size, never read
+    rep = ingest(root, tmp_path / "o", workers=1, fmt="folders")
+    reasons = {d["item"]: (d["reason"], d["detail"]) for d in rep["defects"]}
+    assert reasons["pipe"][0] == "not_a_regular_file" and "FIFO" in reasons["pipe"][1]
+    assert reasons["sparse"][0] == "file_too_large"
+    assert rep["records"] == 2
+
+
+def test_streamed_hash_with_a_cap(tmp_path):
+    from medpipe.utils import sha256_file
+
+    p = tmp_path / "f"
+    p.write_bytes(b"a" * 3000)
+    import hashlib
+
+    assert sha256_file(p) == hashlib.sha256(b"a" * 3000).hexdigest()
+    with pytest.raises(ValueError, match="limit"):
+        sha256_file(p, max_bytes=1000)

@@ -12,15 +12,17 @@ output manifest (label = class index, ``-metadata`` with class-name and confiden
 Resumable: items are listed in a fixed order and processed in shards; each shard is written
 atomically to ``OUT/shards/`` when done, and a restart with the same input skips finished shards,
 so an interrupted job ends with exactly the rows of an uninterrupted one. Per-item problems
-(unreadable, corrupt, outside the input root) become error rows; the job goes on.
+(unreadable, corrupt, not a regular file, outside the input root) become error rows; the job goes on.
+With ``--url``, answers that stayed transient after the client's retries (503/429/connection errors)
+are rows marked ``transient``: a rerun asks for exactly those again, and the command exits 75 while
+any remain. ``--per-file`` outputs whose name (from the input path or ``id``) would land outside
+``OUT/`` are refused per row and reported.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -28,12 +30,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medpipe.data.sources import MEDIA_TYPES, inside, regular_file_problem
 from medpipe.errors import BatchError
-from medpipe.utils import atomic_write_text
+from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, to_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".dcm"}
+IMAGE_EXTENSIONS = frozenset(MEDIA_TYPES)  # every type the decoders take, DICOM included
 SHARD_DIR = "shards"
 STATE = "batch.json"
 FAULT_SLEEP_ENV = "MEDPIPE_FAULT_BATCH_SHARD_SLEEP"  # test hook: pause after each shard
@@ -67,6 +70,20 @@ def _confine(ref: str, root: Path, base: Path, s3_root: Path | None = None) -> t
     return real, None
 
 
+def _dataset_root(data_dir: Path) -> Path:
+    """The folder ``medpipe ingest`` read the images of ``data_dir`` from (its report names the source)."""
+    try:
+        report = json.loads((data_dir / "ingest_report.json").read_text())
+        source = Path(report["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(os.path.realpath(data_dir))
+    if report.get("format") == "dataverse":
+        source = data_dir / "extracted"
+    elif not source.is_dir():
+        source = source.parent  # a manifest: its folder
+    return Path(os.path.realpath(source))
+
+
 def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None = None) -> tuple[list[Item], Path]:
     """Items in a stable order, and the input root paths are confined to (``s3://bucket/key`` references of a
     Ground Truth manifest map to ``s3_root/bucket/key`` and are confined to ``s3_root``)."""
@@ -78,9 +95,9 @@ def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None 
 
         table = pd.read_csv(src / "records.csv", dtype=str)
         rows = [(r["image_id"], r["path"], None) for _, r in table.iterrows()]
-        # An ingested table lists absolute paths to where ingest found the images: confine to their common root.
-        files = [os.path.realpath(p) for _, p, _ in rows]
-        root = base = Path(os.path.commonpath(files)) if files else Path(os.path.realpath(src))
+        # An ingested table lists absolute paths under the dataset root ingest read: confine to that root
+        # (never to the rows' common path, which one row pointing at /etc would widen to /).
+        root = base = _dataset_root(src)
     elif src.is_dir():
         root = Path(os.path.realpath(src))
         rows = []
@@ -156,6 +173,9 @@ class LocalEngine:
         from medpipe.errors import UnreadableFileError
 
         p = self.predictor
+        problem = regular_file_problem(it.file)
+        if problem is not None:
+            return UnreadableFileError(problem)
         try:
             data = it.file.read_bytes()
         except OSError as exc:
@@ -213,66 +233,40 @@ class LocalEngine:
 
 
 class RemoteEngine:
-    """Send each file to a server's /invocations, as SageMaker batch transform does (SplitType None)."""
+    """Send each file to a server's /invocations, as SageMaker batch transform does (SplitType None),
+    through the one HTTP client (medpipe.infer.client: retries transient answers with backoff)."""
 
-    def __init__(self, url: str, concurrency: int | None):
-        if not url.startswith(("http://", "https://")):
-            raise BatchError(f"--url must start with http:// or https://, got {url!r}")
-        self.url = url.rstrip("/")
+    def __init__(self, url: str, concurrency: int | None, retries: int = 6):
+        from medpipe.errors import MedpipeError
+        from medpipe.infer.client import Client
+
         params = {}
+        probe = Client(url, retries=1)
+        self.url = probe.url
         try:
-            params = self._get("/execution-parameters")
-        except BatchError:
+            params = probe.get_json("/execution-parameters")
+        except MedpipeError:
             log.info("%s has no /execution-parameters; using defaults", self.url)
+        finally:
+            probe.close()
         self.concurrency = concurrency or int(params.get("MaxConcurrentTransforms", 4))
         self.max_payload = int(float(params.get("MaxPayloadInMB", 6)) * 1024 * 1024)
+        self.client = Client(url, connections=self.concurrency, retries=retries)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="medpipe-client")
         self.meta = {"url": self.url, "concurrency": self.concurrency}
 
-    def _get(self, path: str) -> dict:
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=30) as r:
-                return json.loads(r.read())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise BatchError(f"cannot reach {self.url}{path}: {getattr(exc, 'reason', exc)}") from None
-
     def _post(self, it: Item) -> dict:
-        import urllib.error
-        import urllib.request
+        from medpipe.infer.client import media_type
 
-        from medpipe.infer.client import CONTENT_TYPES
-
-        try:
-            data = it.file.read_bytes()
-        except OSError as exc:
-            return _row(it, error=("unreadable_file", f"cannot read file ({exc.strerror})"))
-        if len(data) > self.max_payload:
-            return _row(it, error=("payload_too_large", f"{len(data)} bytes is over MaxPayloadInMB"))
-        ctype = "application/dicom" if it.file.suffix.lower() == ".dcm" else \
-            CONTENT_TYPES.get(it.file.suffix.lower(), "application/x-image")
-        req = urllib.request.Request(self.url + "/invocations", data=data, method="POST",
-                                     headers={"Content-Type": ctype, "Accept": "application/json"})
-        for attempt in range(5):
-            try:
-                with urllib.request.urlopen(req, timeout=120) as r:
-                    p = json.loads(r.read())["predictions"][0]
-                self.meta.setdefault("classes", list(p["probabilities"]))
-                return _row(it, pred=p)
-            except urllib.error.HTTPError as exc:
-                if exc.code == 503 and attempt < 4:  # overloaded: honour Retry-After
-                    time.sleep(float(exc.headers.get("Retry-After", "1") or 1))
-                    continue
-                try:
-                    err = json.loads(exc.read())
-                except ValueError:
-                    err = {}
-                return _row(it, error=(err.get("error", f"http_{exc.code}"), err.get("message", str(exc.reason))))
-            except (urllib.error.URLError, OSError) as exc:
-                raise BatchError(f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None
-        return _row(it, error=("overloaded", "server stayed overloaded"))
+        problem = regular_file_problem(it.file, self.max_payload)
+        if problem is not None:
+            code = "payload_too_large" if "limit" in problem else "unreadable_file"
+            return _row(it, error=(code, problem))
+        answer = self.client.invoke(it.file.read_bytes(), media_type(it.file))
+        if "prediction" in answer:
+            self.meta.setdefault("classes", list(answer["prediction"]["probabilities"]))
+            return _row(it, pred=answer["prediction"])
+        return _row(it, error=(answer["error"], answer["message"]), transient=answer["transient"])
 
     def submit(self, items: list[Item]):
         return [self.pool.submit(self._post, it) if it.error is None else None for it in items]
@@ -281,11 +275,14 @@ class RemoteEngine:
         return [_row(it, error=it.error) if f is None else f.result() for it, f in zip(items, futures)]
 
 
-def _row(it: Item, pred: dict | None = None, error: tuple[str, str] | None = None) -> dict:
-    """``pred``: one prediction as the Predictor or a server gives it (label chosen by its decision rule)."""
+def _row(it: Item, pred: dict | None = None, error: tuple[str, str] | None = None, transient: bool = False) -> dict:
+    """``pred``: one prediction as the Predictor or a server gives it (label chosen by its decision rule).
+    ``transient``: the server never answered (busy or unreachable after retries); a rerun asks again."""
     row = {"index": it.index, "id": it.id, "path": it.path}
     if error:
         row.update(error=error[0], message=error[1])
+        if transient:
+            row["transient"] = True
     else:
         probs = pred["probabilities"]
         label = pred.get("label") or max(probs, key=probs.get)
@@ -299,8 +296,8 @@ def _row(it: Item, pred: dict | None = None, error: tuple[str, str] | None = Non
 def run_batch(model: str | None, input_path: str, output: str, *, url: str | None = None, per_file: bool = False,
               manifest_out: str | None = None, label_attribute: str = "medpipe-label", batch_size: int = 32,
               shard_size: int = 256, workers: int | None = None, backend: str = "auto", device: str = "auto",
-              concurrency: int | None = None, max_error_rate: float | None = None, progress: bool = False,
-              s3_root: str | None = None, decision_rule: str | None = None) -> dict:
+              concurrency: int | None = None, max_error_rate: float | None = None, retries: int = 6,
+              progress: bool = False, s3_root: str | None = None, decision_rule: str | None = None) -> dict:
     out = Path(output)
     items, root = list_items(input_path, s3_root)
     if not items:
@@ -314,14 +311,22 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
         if state.get("listing_sha256") != digest or state.get("shard_size") != shard_size:
             raise BatchError(f"{out} holds a batch job over a different input listing or shard size; "
                              "use a new --output folder")
-    engine = RemoteEngine(url, concurrency) if url else LocalEngine(model, backend, device, batch_size,
+    engine = RemoteEngine(url, concurrency, retries) if url else LocalEngine(model, backend, device, batch_size,
                                                                    workers or (os.cpu_count() or 1), decision_rule)
     state = {"input": str(input_path), "listing_sha256": digest, "items": len(items), "shard_size": shard_size,
              **{k: v for k, v in engine.meta.items() if k != "classes"}}
-    atomic_write_text(state_path, json.dumps(state, indent=2))
+    atomic_write_json(state_path, state)
 
     groups = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    todo = [(k, g) for k, g in enumerate(groups) if not _shard_done(shards / f"part-{k:05d}.jsonl", len(g))]
+    kept: dict[int, dict] = {}  # finished rows of shards that still hold transient rows (asked again)
+    todo = []
+    for k, g in enumerate(groups):
+        done = _shard_rows(shards / f"part-{k:05d}.jsonl", len(g))
+        if done is None:
+            todo.append((k, g))
+        elif any(r.get("transient") for r in done):
+            kept.update({r["index"]: r for r in done if not r.get("transient")})
+            todo.append((k, [it for it, r in zip(g, done) if r.get("transient")]))
     done_items = len(items) - sum(len(g) for _, g in todo)
     if done_items:
         log.info("resuming: %d of %d items already done", done_items, len(items))
@@ -335,8 +340,9 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
     for n, (k, group) in enumerate(todo):
         futures = pending
         pending = engine.submit(todo[n + 1][1]) if n + 1 < len(todo) else None  # decode ahead
-        rows = engine.run(group, futures)
-        atomic_write_text(shards / f"part-{k:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        fresh = {r["index"]: r for r in engine.run(group, futures)}
+        rows = [fresh.get(it.index) or kept[it.index] for it in groups[k]]
+        atomic_write_text(shards / f"part-{k:05d}.jsonl", "".join(to_json(r) + "\n" for r in rows))
         if bar:
             bar.update(len(group))
         if fault_sleep:
@@ -348,55 +354,71 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
             for line in (shards / f"part-{k:05d}.jsonl").read_text().splitlines()]
     classes = engine.meta.get("classes") or next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
     _write_outputs(out, rows, classes)
-    if per_file:
-        _write_per_file(out, rows, engine.meta)
+    refused = _write_per_file(out, rows, engine.meta) if per_file else []
     if manifest_out:
         _write_manifest(Path(manifest_out), rows, items, label_attribute)
     errors = sum("error" in r for r in rows)
     summary = {**state, "predicted": len(rows) - errors, "errors": errors, "error_rate": errors / len(rows),
+               "missing": sum(bool(r.get("transient")) for r in rows), "per_file_refused": refused,
                "outputs": {"jsonl": str(out / "predictions.jsonl"), "csv": str(out / "predictions.csv")}}
-    atomic_write_text(state_path, json.dumps(summary, indent=2))
+    atomic_write_json(state_path, summary)
     summary["threshold_exceeded"] = max_error_rate is not None and summary["error_rate"] > max_error_rate
     return summary
 
 
-def _shard_done(path: Path, n: int) -> bool:
+def _shard_rows(path: Path, n: int) -> list[dict] | None:
+    """A finished shard's rows, or None when it is missing or not whole."""
     if not path.is_file():
-        return False
+        return None
     try:
-        return len([json.loads(x) for x in path.read_text().splitlines()]) == n
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
     except ValueError:
-        return False
+        return None
+    return rows if len(rows) == n else None
 
 
 def _write_outputs(out: Path, rows: list[dict], classes: list[str]) -> None:
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps({k: v for k, v in r.items() if k != "index"}) + "\n"
+    atomic_write_text(out / "predictions.jsonl", "".join(to_json({k: v for k, v in r.items() if k != "index"}) + "\n"
                                                          for r in rows))
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["id", "path", "label", "class_index", *classes, "error", "message"])
+    table = []
     for r in rows:
         if "error" in r:
-            w.writerow([r["id"], r["path"], "", "", *([""] * len(classes)), r["error"], r["message"]])
+            table.append([r["id"], r["path"], "", "", *([""] * len(classes)), r["error"], r["message"]])
         else:
-            w.writerow([r["id"], r["path"], r["label"], r["class_index"],
-                        *(f"{r['probabilities'][c]:.6f}" for c in classes), "", ""])
-    atomic_write_text(out / "predictions.csv", buf.getvalue())
+            table.append([r["id"], r["path"], r["label"], r["class_index"],
+                          *(f"{r['probabilities'][c]:.6f}" for c in classes), "", ""])
+    atomic_write_text(out / "predictions.csv", csv_text(["id", "path", "label", "class_index", *classes, "error",
+                                                         "message"], table))
 
 
-def _write_per_file(out: Path, rows: list[dict], meta: dict) -> None:
+def _per_file_name(out: Path, r: dict) -> Path | None:
+    """``OUT/<relative input path>.out`` (or ``<id>.out``), only when it stays inside ``OUT``."""
+    for name in (r["path"], r["id"]):
+        rel = Path(str(name))
+        if name and "://" not in str(name) and not rel.is_absolute() and ".." not in rel.parts:
+            dest = out / (rel.as_posix() + ".out")
+            if inside(dest.parent, out) if dest.parent.exists() else dest.resolve().is_relative_to(out.resolve()):
+                return dest
+    return None
+
+
+def _write_per_file(out: Path, rows: list[dict], meta: dict) -> list[dict]:
+    """Write the per-file outputs; returns the rows refused (their names would leave ``out``)."""
+    refused = []
     for r in rows:
         if "error" in r:
             continue
-        rel = Path(r["path"])
-        if rel.is_absolute() or ".." in rel.parts or "://" in r["path"]:
-            rel = Path(r["id"])
-        dest = out / (rel.as_posix() + ".out")
+        dest = _per_file_name(out, r)
+        if dest is None:
+            refused.append({"id": r["id"], "path": r["path"], "reason": "output name leaves the output folder"})
+            log.warning("per-file output for id %r refused: its name would leave %s", r["id"], out)
+            continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         pred = {"label": r["label"], "class_index": r["class_index"], "probabilities": r["probabilities"],
                 "decision_rule": r.get("decision_rule", "argmax")}
-        atomic_write_text(dest, json.dumps({"model": meta.get("model"), "version": meta.get("version"),
-                                            "predictions": [pred]}))
+        atomic_write_text(dest, to_json({"model": meta.get("model"), "version": meta.get("version"),
+                                          "predictions": [pred]}))
+    return refused
 
 
 def _write_manifest(dest: Path, rows: list[dict], items: list[Item], attr: str) -> None:
@@ -412,6 +434,6 @@ def _write_manifest(dest: Path, rows: list[dict], items: list[Item], attr: str) 
         obj[f"{attr}-metadata"] = {"class-name": r["label"], "confidence": round(r["probabilities"][r["label"]], 6),
                                    "type": "groundtruth/image-classification", "job-name": f"medpipe-batch/{attr}",
                                    "human-annotated": "no", "creation-date": now}
-        lines.append(json.dumps(obj))
+        lines.append(to_json(obj))
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dest, "\n".join(lines) + ("\n" if lines else ""))

@@ -31,6 +31,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from medpipe.utils import to_json
 from medpipe import __version__
 from medpipe.errors import MedpipeError, exit_code
 
@@ -298,7 +299,7 @@ def cmd_predict(args) -> int:
                 results.append({"image": path, "error": exc.code, "message": str(exc)})
     for r in results:
         if args.json:
-            print(json.dumps(r))
+            print(to_json(r))
         elif "error" in r:
             print(f"{r['image']}: error: {r['message']}")
         else:
@@ -309,6 +310,7 @@ def cmd_predict(args) -> int:
 
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+EXIT_RETRY = 75  # sysexits.h EX_TEMPFAIL: some batch rows are missing; rerunning the same command asks again
 
 
 def cmd_serve(args) -> int:
@@ -336,12 +338,19 @@ def cmd_batch(args) -> int:
     s = run_batch(args.model, args.input, args.output, url=args.url, per_file=args.per_file,
                   manifest_out=args.manifest_out, label_attribute=args.label_attribute, batch_size=args.batch_size,
                   shard_size=args.shard_size, workers=args.workers, backend=args.backend, device=args.device,
-                  concurrency=args.concurrency, max_error_rate=args.max_error_rate, progress=_progress(),
+                  concurrency=args.concurrency, max_error_rate=args.max_error_rate, retries=args.retries,
+                  progress=_progress(),
                   s3_root=args.s3_root, decision_rule=args.decision_rule)
     print(f"batch: {s['predicted']} predicted, {s['errors']} errors of {s['items']} "
           f"-> {s['outputs']['jsonl']}, {s['outputs']['csv']}")
     if s["errors"]:
         print(f"error rows carry the reason; see {s['outputs']['csv']}", file=sys.stderr)
+    for r in s["per_file_refused"]:
+        print(f"medpipe batch: --per-file output for id {r['id']!r} refused: {r['reason']}", file=sys.stderr)
+    if s["missing"]:
+        print(f"medpipe batch: {s['missing']} rows got no answer from the server (busy or unreachable after "
+              f"retries); run the same command again to ask for exactly those", file=sys.stderr)
+        return EXIT_RETRY
     if s["threshold_exceeded"]:
         print(f"medpipe batch: error rate {s['error_rate']:.1%} is over --max-error-rate "
               f"{args.max_error_rate:.1%}", file=sys.stderr)
@@ -595,6 +604,10 @@ def build_parser() -> Parser:
                    help="exit 3 when the share of error rows is above this (e.g. 0.05)")
     s.add_argument("--s3-root", help="local folder holding s3://bucket/key references of a Ground Truth manifest "
                                      "as S3_ROOT/bucket/key (as for ingest)")
+    s.add_argument("--retries", type=NON_NEGATIVE, default=6,
+                   help="with --url: attempts after the first for an answer that is 503/429/502/504 or a dropped "
+                        "connection (exponential backoff, Retry-After honoured); rows still unanswered make the "
+                        f"command exit {EXIT_RETRY} and a rerun asks for them again")
 
     s = command("shard", cmd_shard, "pack records + cached pixels into tar shards for streaming training")
     s.add_argument("--data", required=True, help="ingested data folder")

@@ -6,7 +6,13 @@ intervals, balanced accuracy, per-class sensitivity and specificity, melanoma se
 evaluated split gets NaN with a warning (as MONAI's rocauc does), never a crash.
 
 ``write_report`` writes ``report.json``, ``report.md`` and PNG plots (ROC per class, confusion
-matrix, reliability diagram).
+matrix, reliability diagram). The report is written for a clinician: every per-class figure stands
+next to its n, and a figure from fewer than ``MIN_POSITIVES`` positive images is flagged (with under 30
+positives a 95% interval for a sensitivity near 0.8 is wider than +/-0.15, so the point value alone
+misleads); it says whether test-time augmentation was used; ROC curves differ in line style and
+marker as well as colour (overlapping curves stay distinguishable); the confusion matrix cells show the
+row share their colour encodes (with the count), under a labelled colour bar; the reliability diagram
+prints each bin's image count.
 """
 
 from __future__ import annotations
@@ -18,7 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medpipe.utils import atomic_write_text
+from medpipe.utils import atomic_write_json, atomic_write_text, csv_text
+
+MIN_POSITIVES = 30  # per-class figures from fewer positive images are flagged in the report
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _auc_per_class(y: np.ndarray, probs: np.ndarray) -> list[float]:
@@ -173,10 +183,14 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
         yb = (y == k).astype(int)
         if yb.any() and not yb.all():
             fpr, tpr, _ = roc_curve(yb, probs[:, k])
-            ax.plot(fpr, tpr, label=f"{c} (AUC {metrics['per_class'][c]['auc']:.3f})")
+            n_pos = int(yb.sum())
+            flag = " *" if n_pos < MIN_POSITIVES else ""
+            ax.plot(fpr, tpr, linestyle=LINE_STYLES[k % len(LINE_STYLES)], marker=MARKERS[k % len(MARKERS)],
+                    markevery=max(1, len(fpr) // 6), markersize=4, lw=1.4, alpha=0.85,
+                    label=f"{c} (AUC {metrics['per_class'][c]['auc']:.3f}, n={n_pos}){flag}")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC per class (macro AUC {_fmt(metrics['macro_auc'])})")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7, title=f"* fewer than {MIN_POSITIVES} positives", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "roc.png", dpi=110)
     plt.close(fig)
@@ -188,11 +202,14 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
     ax.set_xticks(range(len(classes)), classes, rotation=45)
     ax.set_yticks(range(len(classes)), classes)
     for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black",
-                    fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix (balanced acc {_fmt(metrics['balanced_accuracy'])})")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+        for j in range(len(classes)):  # the cell shows what its colour encodes (row share), then the count
+            ax.text(j, i, f"{norm[i, j]:.0%}\n({int(cm[i, j])})", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true (n per row)",
+           title=f"Confusion matrix (balanced acc {_fmt(metrics['balanced_accuracy'])})")
+    ax.set_yticks(range(len(classes)), [f"{c} (n={int(cm[i].sum())})" for i, c in enumerate(classes)])
+    bar = fig.colorbar(im, ax=ax, fraction=0.046)
+    bar.set_label("share of the true class's images (row-normalised)")
     fig.tight_layout()
     fig.savefig(out / "confusion_matrix.png", dpi=110)
     plt.close(fig)
@@ -202,6 +219,8 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
     if bins:
         mids = [(b["lo"] + b["hi"]) / 2 for b in bins]
         ax.bar(mids, [b["accuracy"] for b in bins], width=1 / 15, edgecolor="k", alpha=0.7, label="accuracy")
+        for m, b in zip(mids, bins):  # how many images each bar stands on
+            ax.text(m, min(b["accuracy"] + 0.02, 0.95), f"n={b['count']}", ha="center", fontsize=6, rotation=90)
         ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="C1", label="bin mean")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class)", ylabel="accuracy",
@@ -211,15 +230,19 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
     fig.savefig(out / "reliability.png", dpi=110)
     plt.close(fig)
 
-    atomic_write_text(out / "report.json", json.dumps(metrics, indent=2, default=float))
-    lines = [f"# {title}", "", f"Images evaluated: {metrics['n']}", "",
+    atomic_write_json(out / "report.json", metrics)  # NaN (a class absent from the split) is written as null
+    tta = "yes (probabilities averaged over flips)" if metrics.get("tta") else "no"
+    few = [c for c, m in metrics["per_class"].items() if m["support"] < MIN_POSITIVES]
+    lines = [f"# {title}", "", f"Images evaluated: {metrics['n']}. Test-time augmentation: {tta}.", "",
              f"- Macro ROC AUC: **{_fmt(metrics['macro_auc'])}** (95% CI {_fmt(metrics['macro_auc_ci95'][0])}"
              f" to {_fmt(metrics['macro_auc_ci95'][1])}, {metrics['bootstrap']} bootstrap resamples)",
              f"- Balanced accuracy: **{_fmt(metrics['balanced_accuracy'])}**; accuracy {_fmt(metrics['accuracy'])}",
              f"- Expected calibration error: {_fmt(metrics['ece'])}"]
     if "mel_sensitivity_at_spec80" in metrics:
+        n_mel = metrics["per_class"].get("mel", {}).get("support", 0)
         lines.append(f"- Melanoma sensitivity at 80% specificity: {_fmt(metrics['mel_sensitivity_at_spec80'])}; "
-                     f"at 90%: {_fmt(metrics['mel_sensitivity_at_spec90'])}")
+                     f"at 90%: {_fmt(metrics['mel_sensitivity_at_spec90'])} (n={n_mel} melanomas"
+                     + (f"; **fewer than {MIN_POSITIVES}: unreliable**)" if n_mel < MIN_POSITIVES else ")"))
     if metrics.get("decision_rules"):
         rules = metrics["decision_rules"]
         lines += ["", f"Labels by the decision rule **{metrics.get('decision_rule', 'argmax')}** (probabilities "
@@ -231,10 +254,15 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
             lines.append(f"| {name} | {_fmt(r['balanced_accuracy'])} | {_fmt(r['accuracy'])} | "
                          f"{_fmt(r['val_balanced_accuracy'])} | "
                          + " | ".join(_fmt(r["sensitivity"][c]) for c in metrics["per_class"]) + " |")
-    lines += ["", "| class | support | AUC | AUC 95% CI | sensitivity | specificity |", "|---|---:|---:|---|---:|---:|"]
+    lines += ["", "| class | n (positives) | AUC | AUC 95% CI | sensitivity | specificity | |",
+              "|---|---:|---:|---|---:|---:|---|"]
     for c, m in metrics["per_class"].items():
+        flag = f"fewer than {MIN_POSITIVES} positives" if m["support"] < MIN_POSITIVES else ""
         lines.append(f"| {c} | {m['support']} | {_fmt(m['auc'])} | {_fmt(m['auc_ci95'][0])}-{_fmt(m['auc_ci95'][1])} "
-                     f"| {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |")
+                     f"| {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | {flag} |")
+    if few:
+        lines += ["", f"**Caution:** {', '.join(few)} had fewer than {MIN_POSITIVES} positive images here; their "
+                  "figures (and intervals, which a bootstrap over so few cases understates) are not reliable."]
     lines += ["", "![ROC per class](roc.png)", "", "![Confusion matrix](confusion_matrix.png)", "",
               "![Reliability diagram](reliability.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
@@ -295,5 +323,6 @@ def evaluate_arrays(predictor, pixels, rows, y, image_ids, labels, out_dir, *, s
     pred_table.insert(0, "image_id", list(image_ids))
     pred_table.insert(1, "label", list(labels))
     pred_table.insert(2, "predicted", [classes[k] for k in pred])
-    atomic_write_text(Path(out_dir) / "predictions.csv", pred_table.to_csv(index=False))
+    atomic_write_text(Path(out_dir) / "predictions.csv",
+                      csv_text(list(pred_table.columns), pred_table.itertuples(index=False, name=None)))
     return {"metrics": metrics, **paths}

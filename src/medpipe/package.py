@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
 
 from medpipe.preprocess import PreprocessSpec
 from medpipe.errors import PackageError
-from medpipe.utils import atomic_write_bytes, atomic_write_text, sha256_file, versions
+from medpipe.utils import atomic_write_bytes, atomic_write_json, sha256_file, versions
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,9 @@ def save_package(out_dir: str | Path, model: torch.nn.Module, *, name: str, arch
                  spec: PreprocessSpec, temperature: float = 1.0, metrics: dict | None = None,
                  config: dict | None = None, records_sha256: str | None = None, version: str = "1",
                  decision: dict | None = None) -> dict:
-    from safetensors.torch import save
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out_dir / WEIGHTS, save(state, metadata={"format": "pt", "arch": arch}))
+    atomic_write_bytes(out_dir / WEIGHTS, weights_bytes(model.state_dict()))
     meta = {
         "format": PACKAGE_FORMAT, "name": name, "version": version, "architecture": arch,
         "num_classes": len(classes), "classes": list(classes), "preprocessing": spec.to_dict(),
@@ -46,8 +44,96 @@ def save_package(out_dir: str | Path, model: torch.nn.Module, *, name: str, arch
     }
     if decision is not None:  # medpipe.decision.fit_rules: label rules fitted on val; read by the Predictor
         meta["decision"] = decision
-    atomic_write_text(out_dir / META, json.dumps(meta, indent=2, default=float))
+    validate_meta(meta, out_dir / META)  # never write a package that would be refused at load
+    atomic_write_json(out_dir / META, meta)  # NaN metrics (a class absent from a split) are written as null
     return meta
+
+
+def weights_bytes(state: dict) -> bytes:
+    """The safetensors file for a state dict, byte-identical for identical weights in any process: the
+    header's ``__metadata__`` map is serialised in hash order (random per process), so it holds one key
+    (the architecture lives in model.json)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+
+
+# model.json, key by key: (key, check, what it must be). Checked at load (and before saving), so a tampered
+# or hand-edited package is refused with the key named instead of failing on the first request.
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _class_list(v) -> bool:
+    from medpipe.data.sources import class_name_problem
+
+    return (isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v) and len(set(v)) == len(v)
+            and not any(class_name_problem(c) for c in v))
+
+
+SCHEMA = [
+    ("format", lambda v: v == PACKAGE_FORMAT, f"'{PACKAGE_FORMAT}'"),
+    ("name", lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    ("version", lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    ("architecture", lambda v: isinstance(v, str) and v in _model_names(), "one of the registered models"),
+    ("classes", _class_list, "a list of at least 2 distinct class names, each in the safe set "
+                             "(medpipe.data.sources.class_name_problem)"),
+    ("num_classes", _is_int, "an integer equal to the number of classes"),
+    ("preprocessing", lambda v: isinstance(v, dict), "an object"),
+    ("preprocessing.image_size", lambda v: _is_int(v) and 8 <= v <= 4096, "an integer in [8, 4096]"),
+    ("preprocessing.interpolation", lambda v: isinstance(v, str) and v in _interpolations(), "a known interpolation"),
+    ("preprocessing.mean", lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)),
+     "3 finite numbers"),
+    ("preprocessing.std", lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
+     "3 finite numbers > 0"),
+    ("calibration", lambda v: isinstance(v, dict), "an object"),
+    ("calibration.temperature", lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    ("weights_sha256", lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+     "64 lowercase hex digits"),
+]
+OPTIONAL = {"metrics": dict, "training_config": dict, "versions": dict, "decision": dict}
+
+
+def _model_names():
+    from medpipe.models import MODEL_NAMES
+
+    return MODEL_NAMES
+
+
+def _interpolations():
+    from medpipe.preprocess import INTERPOLATIONS
+
+    return INTERPOLATIONS
+
+
+def validate_meta(meta, where) -> None:
+    """Check ``model.json`` against :data:`SCHEMA`; PackageError naming the first bad key and what it must be."""
+    if not isinstance(meta, dict):
+        raise PackageError(f"{where}: must hold a JSON object")
+    missing = object()
+    for key, ok, want in SCHEMA:
+        value = meta
+        for part in key.split("."):
+            value = value.get(part, missing) if isinstance(value, dict) else missing
+        if value is missing:
+            raise PackageError(f"{where}: missing key '{key}' ({want})")
+        if not ok(value):
+            shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+            raise PackageError(f"{where}: key '{key}' must be {want}, got {shown}")
+    if meta["num_classes"] != len(meta["classes"]):
+        raise PackageError(f"{where}: key 'num_classes' is {meta['num_classes']} but 'classes' lists "
+                           f"{len(meta['classes'])}")
+    for key, kind in OPTIONAL.items():
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise PackageError(f"{where}: key '{key}' must be an object")
+    try:
+        PreprocessSpec.from_meta(meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"{where}: key 'preprocessing': {exc}") from None
 
 
 def read_meta(pkg_dir: str | Path) -> dict:
@@ -58,14 +144,12 @@ def read_meta(pkg_dir: str | Path) -> dict:
     if not meta_path.is_file():
         raise PackageError(f"{pkg_dir}: no {META}; not a medpipe model package")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PackageError(f"{meta_path}: not valid JSON ({exc.__class__.__name__})") from None
-    for key in ("format", "architecture", "classes", "preprocessing", "weights_sha256"):
-        if key not in meta:
-            raise PackageError(f"{meta_path}: missing key '{key}'")
-    if meta["format"] != PACKAGE_FORMAT:
+        meta = json.loads(meta_path.read_text())  # NaN from older packages is read; the schema keys must be finite
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise PackageError(f"{meta_path}: not valid JSON ({exc.__class__.__name__}: {str(exc)[:100]})") from None
+    if isinstance(meta, dict) and meta.get("format") not in (None, PACKAGE_FORMAT):
         raise PackageError(f"{meta_path}: unsupported package format {meta['format']!r}")
+    validate_meta(meta, meta_path)
     meta["_dir"] = str(pkg_dir)
     return meta
 

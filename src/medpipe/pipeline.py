@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medpipe.utils import to_json
 from medpipe import recipe
 from medpipe.config import TrainConfig, write_config
 from medpipe.errors import ConfigError
@@ -248,7 +249,7 @@ def _finish_distributed(engine: Engine, layout: RunLayout, dd) -> None:
     if dd.main:
         from medpipe.utils import atomic_write_text
 
-        atomic_write_text(layout.run_dir / "distributed.json", json.dumps(
+        atomic_write_text(layout.run_dir / "distributed.json", to_json(
             {"world_size": dd.world, "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests}, indent=2))
     dd.barrier()
     engine.model = engine.net  # drop the DDP wrapper first: its reducer holds the process group
@@ -296,6 +297,6 @@ def package_and_report(engine: Engine, layout: RunLayout, *, evaluate_test: bool
                                  split="test", tta=cfg.tta, bootstrap=cfg.bootstrap)
         metrics["test"] = _compact(result["metrics"])
         meta["metrics"] = metrics
-        atomic_write_text(layout.model / "model.json", json.dumps(meta, indent=2, default=float))
+        atomic_write_text(layout.model / "model.json", to_json(meta, indent=2))
         out.update(test=metrics["test"], report=result["report_md"], plots=result["plots"])
     return out

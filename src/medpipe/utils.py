@@ -1,8 +1,10 @@
-"""Small shared helpers: atomic writes, hashing, seeding, versions."""
+"""Small shared helpers: atomic writes (with the umask's permissions), strict JSON, hashing, seeding, versions."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import random
 import tempfile
@@ -11,12 +13,31 @@ from pathlib import Path
 import numpy as np
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it, which
+    would briefly change the permissions of files other threads create)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Temp file in the same folder, flush + fsync, ``os.replace`` (readers never see half a file)."""
+    """Temp file in the same folder, flush + fsync, ``os.replace`` (readers never see half a file).
+
+    The file gets the permissions an ordinary ``open(path, "w")`` would give (0666 minus the umask):
+    ``mkstemp`` alone makes every file 0600, unreadable to a serving user other than the writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -34,10 +55,59 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(header: list, rows, *, neutralise: bool = True) -> str:
+    """The one CSV writer for files people open: the csv module quotes commas, quotes and newlines, and a
+    text cell that a spreadsheet would run as a formula (starting with = + - @ tab or CR) gets a leading
+    apostrophe (OWASP's CSV-injection rule). Numbers are written as they are."""
+    import csv
+    import io
+
+    def cell(v):
+        return "'" + v if neutralise and isinstance(v, str) and v.startswith(FORMULA_START) else v
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([cell(h) for h in header])
+    for r in rows:
+        w.writerow([cell(v) for v in r])
+    return buf.getvalue()
+
+
+def json_safe(obj):
+    """``obj`` with every NaN/Infinity float replaced by None (JSON has no such numbers: strict parsers,
+    JavaScript's among them, refuse the ``NaN`` Python would write); numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) or (hasattr(obj, "dtype") and getattr(obj, "shape", None) == ()):
+        value = obj.item() if hasattr(obj, "item") else obj
+        return value if not isinstance(value, float) or math.isfinite(value) else None
+    return obj
+
+
+def to_json(obj, **kwargs) -> str:
+    """Strict JSON: non-finite numbers written as null (``allow_nan=False`` guards the rule)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+    atomic_write_text(path, to_json(obj, indent=indent))
+
+
+def sha256_file(path: str | os.PathLike, max_bytes: int | None = None) -> str:
+    """Streamed sha256 (1 MiB at a time: memory does not grow with the file). With ``max_bytes``, a
+    file longer than that raises ValueError as soon as the cap is passed (a sparse 3 GB file is not read)."""
     h = hashlib.sha256()
+    seen = 0
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
+            seen += len(chunk)
+            if max_bytes is not None and seen > max_bytes:
+                raise ValueError(f"file is over the {max_bytes}-byte limit")
             h.update(chunk)
     return h.hexdigest()
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medpipe.utils import to_json
 from medpipe.errors import ShardError
 
 INDEX = "index.json"
@@ -95,7 +96,7 @@ def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, inter
              "records_sha256": records_hash(table), "split_seed": split_seed, "val_fraction": val,
              "test_fraction": test, "shards": shards,
              "counts": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")}}
-    atomic_write_text(out / INDEX, json.dumps(index, indent=2))
+    atomic_write_text(out / INDEX, to_json(index, indent=2))
     return index
 
 

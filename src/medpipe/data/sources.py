@@ -11,6 +11,13 @@ Formats (``detect_format`` picks one when not given):
 Every reader returns *candidates* (one per labelled row) and *defects*; :func:`ingest` then hashes
 and fully decodes every candidate in parallel, drops the bad ones with a reason, and writes
 ``records.csv``, ``classes.json`` and ``ingest_report.json`` into the data directory.
+
+Hostile inputs are refused with a reason, never followed: files and symlinks that resolve outside the
+dataset root (the source folder, or a manifest's folder), FIFOs/devices/sockets (never opened, so never
+a hang), files over ``max_file_mb`` (checked before reading; hashing is streamed), archives whose members
+inflate past ``MAX_UNPACKED_BYTES`` in total or ``MAX_ZIP_RATIO`` times their compressed size, and class
+names outside the safe set (:func:`class_name_problem`), so a label never becomes code or a formula in a
+bundle config, a spreadsheet or a CSV.
 """
 
 from __future__ import annotations
@@ -31,9 +38,17 @@ import pandas as pd
 from medpipe.errors import IngestError
 from medpipe.data import imageio
 from medpipe.data.synthetic import HAM_CLASSES
-from medpipe.utils import atomic_write_text
+from medpipe.utils import atomic_write_json, atomic_write_text
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+# The one list of input file types: suffix -> media type sent to a server (batch --url, predict --url).
+MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
+               ".webp": "image/webp", ".dcm": "application/dicom"}
+IMAGE_SUFFIXES = frozenset(s for s in MEDIA_TYPES if s != ".dcm")  # what ingest reads (no DICOM training yet)
+MAX_FILE_MB = 256           # a 40 MP image is far below this; a 3 GB sparse file is refused unread
+MAX_UNPACKED_BYTES = 16 << 30  # an archive may inflate to at most this (HAM10000's dataverse zip: ~2.7 GB)
+MAX_ZIP_RATIO = 100         # per member: uncompressed / compressed (JPEGs ~1, CSVs ~10, a bomb ~1000)
+CLASS_NAME_MAX = 64
+CLASS_NAME_PUNCT = " _-.()"
 RECORDS_FILE = "records.csv"
 CLASSES_FILE = "classes.json"
 REPORT_FILE = "ingest_report.json"
@@ -60,17 +75,71 @@ class Candidates:
     label_attribute: str | None = None  # Ground Truth: the attribute the labels came from
 
 
+# --------------------------------------------------------------------------- class vocabulary
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a safe class name, or None. The safe set: 1-64 characters, letters and digits
+    (any script), space, ``_ - . ( )``, starting with a letter or digit, no leading/trailing space.
+    Nothing else, so a name never starts a spreadsheet formula (``= + - @``), never splits a CSV cell
+    (``,``, quotes, newlines) and never means anything to a MONAI bundle config (``$ @ % #``)."""
+    if not isinstance(name, str) or not name:
+        return "empty class name"
+    if len(name) > CLASS_NAME_MAX:
+        return f"class name longer than {CLASS_NAME_MAX} characters"
+    if not name[0].isalnum():
+        return f"class name {name!r} must start with a letter or digit"
+    bad = sorted({ch for ch in name if not (ch.isalnum() or ch in CLASS_NAME_PUNCT)})
+    if bad:
+        return f"class name {name!r} has characters outside the safe set: {''.join(bad)!r}"
+    if name != name.strip():
+        return f"class name {name!r} has leading or trailing space"
+    return None
+
+
+def regular_file_problem(path: str | os.PathLike, max_bytes: int | None = None) -> str | None:
+    """Why ``path`` must not be opened as an input file (not a regular file: a FIFO would block the
+    reader forever; over the size cap), or None. Follows symlinks, never opens the file."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a file")
+        return f"{kind}, not a regular file; skipped"
+    if max_bytes is not None and st.st_size > max_bytes:
+        return f"{st.st_size} bytes is over the {max_bytes}-byte file limit"
+    return None
+
+
+def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether ``path`` resolves (symlinks followed) to ``root`` or below."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
 # --------------------------------------------------------------------------- safe extraction
 
 
-def safe_extract(zip_path: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
-    """Extract ``zip_path`` into ``dest``; refuse absolute paths, ``..`` and symlink members.
+def safe_extract(zip_path: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: int = MAX_UNPACKED_BYTES,
+                 max_ratio: float = MAX_ZIP_RATIO) -> list[Path]:
+    """Extract ``zip_path`` into ``dest``; refuse absolute paths, ``..`` and symlink members, and a bomb:
+    members declaring more than ``max_bytes`` in total or a member over ``max_ratio`` x its compressed size.
 
-    The whole archive is checked before anything is written, so a hostile archive writes nothing.
+    The whole archive is checked before anything is written, so a hostile archive writes nothing; while
+    writing, no member may inflate past its declared size (the check cannot be lied to).
     """
     dest = Path(dest).resolve()
     with zipfile.ZipFile(zip_path) as zf:
         members = zf.infolist()
+        total = sum(m.file_size for m in members)
+        if total > max_bytes:
+            raise IngestError(f"{zip_path}: members inflate to {total} bytes, over the {max_bytes}-byte limit; "
+                              "archive refused (a zip bomb, or raise the limit)")
+        for m in members:
+            if m.file_size > max(m.compress_size, 1) * max_ratio and m.file_size > 1 << 20:
+                raise IngestError(f"{zip_path}: member {m.filename!r} inflates {m.file_size / max(m.compress_size, 1):.0f}"
+                                  f"x (limit {max_ratio:g}x); archive refused (a zip bomb)")
         for m in members:
             name = m.filename
             p = PurePosixPath(name.replace("\\", "/"))
@@ -93,7 +162,13 @@ def safe_extract(zip_path: str | os.PathLike, dest: str | os.PathLike) -> list[P
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(m) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+                left = m.file_size
+                while chunk := src.read(min(1 << 20, left + 1)):
+                    left -= len(chunk)
+                    if left < 0:
+                        raise IngestError(f"{zip_path}: member {m.filename!r} inflates past its declared size; "
+                                          "archive refused")
+                    dst.write(chunk)
             written.append(target)
     return written
 
@@ -102,7 +177,8 @@ def safe_extract(zip_path: str | os.PathLike, dest: str | os.PathLike) -> list[P
 
 
 def _find_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    """Image-named entries under ``root`` (not following directory links); what they are is checked later."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
                   and not p.name.startswith("."))
 
 
@@ -366,14 +442,21 @@ def detect_format(source: Path) -> str:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_file(args: tuple[str, int]) -> tuple[str | None, int, int, str | None, str | None]:
-    """Worker: read once, hash, fully decode. Returns (sha256, width, height, error_code, reason)."""
-    path, max_pixels = args
+def _check_file(args: tuple[str, int, int]) -> tuple[str | None, int, int, str | None, str | None]:
+    """Worker: check what the file is (never opening a FIFO or an oversized file), read once, hash,
+    fully decode. Returns (sha256, width, height, error_code, reason)."""
+    path, max_pixels, max_bytes = args
+    problem = regular_file_problem(path, max_bytes)
+    if problem is not None:
+        return None, 0, 0, ("file_too_large" if "limit" in problem else "not_a_regular_file"
+                            if "regular" in problem else "unreadable_file"), problem
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            data = fh.read(max_bytes + 1)
     except OSError as exc:
         return None, 0, 0, "unreadable_file", exc.strerror or exc.__class__.__name__
+    if len(data) > max_bytes:  # grew after the check
+        return None, 0, 0, "file_too_large", f"over the {max_bytes}-byte file limit"
     digest = hashlib.sha256(data).hexdigest()
     try:
         info = imageio.verify_image(data, max_pixels=max_pixels)
@@ -382,10 +465,11 @@ def _check_file(args: tuple[str, int]) -> tuple[str | None, int, int, str | None
     return digest, info.width, info.height, None, None
 
 
-def check_files(paths: list[str], max_pixels: int, workers: int, progress: bool) -> list[tuple]:
+def check_files(paths: list[str], max_pixels: int, workers: int, progress: bool,
+                max_bytes: int = MAX_FILE_MB << 20) -> list[tuple]:
     from tqdm.auto import tqdm
 
-    jobs = [(p, max_pixels) for p in paths]
+    jobs = [(p, max_pixels, max_bytes) for p in paths]
     if workers <= 1 or len(jobs) < 8:
         return [_check_file(j) for j in tqdm(jobs, desc="check", unit="img", disable=not progress)]
     with ProcessPoolExecutor(workers) as pool:
@@ -404,11 +488,14 @@ def records_hash(table: pd.DataFrame) -> str:
 def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto", classes: list[str] | None = None,
            s3_root: str | None = None, label_attribute: str | None = None,
            max_pixels: int = imageio.DEFAULT_MAX_PIXELS, workers: int | None = None, strict: bool = False,
-           progress: bool = False) -> dict:
+           max_file_mb: int = MAX_FILE_MB, progress: bool = False) -> dict:
     """Read ``source``, validate every image, write the record table; return the report dict."""
     source, out = Path(source), Path(out)
     if fmt not in FORMATS:
         raise IngestError(f"format must be one of {FORMATS}, got {fmt!r}")
+    for c in classes or []:
+        if class_name_problem(c):
+            raise IngestError(f"--classes: {class_name_problem(c)}")
     fmt = detect_format(source) if fmt == "auto" else fmt
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "ham10000":
@@ -422,9 +509,21 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     else:
         cand = read_csv_manifest(source)
 
-    class_list = list(classes) if classes else cand.classes or sorted({r["label"] for r in cand.rows})
-    index = {c: i for i, c in enumerate(class_list)}
     defects = list(cand.defects)
+    # The dataset root: nothing outside it is read (a symlink or a manifest row pointing elsewhere is refused).
+    root = {"ham10000": source, "folders": source, "csv": source.parent, "dataverse": out / "extracted"}.get(fmt)
+    rows = []
+    for row in cand.rows:
+        if root is not None and not inside(row["path"], root):
+            defects.append(Defect(row["image_id"], "outside_root",
+                                  f"{row['path']} resolves outside the dataset root {root}; refused"))
+        elif class_name_problem(row["label"]):
+            defects.append(Defect(row["image_id"], "unsafe_class_name", class_name_problem(row["label"])))
+        else:
+            rows.append(row)
+    cand.rows = rows
+    class_list = [c for c in (list(classes) if classes else cand.classes or sorted({r["label"] for r in rows}))]
+    index = {c: i for i, c in enumerate(class_list)}
     labelled = []
     for row in cand.rows:
         if row["label"] not in index:
@@ -434,7 +533,7 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
             labelled.append(row)
 
     workers = workers or os.cpu_count() or 1
-    results = check_files([r["path"] for r in labelled], max_pixels, workers, progress)
+    results = check_files([r["path"] for r in labelled], max_pixels, workers, progress, max_file_mb << 20)
     kept = []
     for row, (digest, w, h, code, reason) in zip(labelled, results):
         if code is not None:
@@ -457,11 +556,11 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     }
     if cand.label_attribute:
         report["label_attribute"] = cand.label_attribute
-    atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2))
+    atomic_write_json(out / REPORT_FILE, report)
     if table.empty:
         raise IngestError(f"no usable images in {source} ({len(defects)} defects; see {out / REPORT_FILE})")
     atomic_write_text(out / RECORDS_FILE, table.to_csv(index=False))
-    atomic_write_text(out / CLASSES_FILE, json.dumps(class_list))
+    atomic_write_json(out / CLASSES_FILE, class_list, indent=None)
     if strict and defects:
         raise IngestError(f"--strict: {len(defects)} defects found (see {out / REPORT_FILE})")
     return report

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from medpipe.data.sources import load_records, records_hash
-from medpipe.utils import atomic_write_text
+from medpipe.utils import atomic_write_json, atomic_write_text
 
 SPLITS_FILE = "splits.csv"
 SPLITS_META = "splits.json"
@@ -84,7 +84,7 @@ def ensure_splits(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     splits = make_splits(table, seed=seed, val=val, test=test)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(csv_path, splits.to_csv(index=False))
-    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    atomic_write_json(meta_path, meta)
     return splits, False
 
 

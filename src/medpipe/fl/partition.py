@@ -23,7 +23,7 @@ import pandas as pd
 
 from medpipe.data.sources import CLASSES_FILE, RECORDS_FILE, load_records, records_hash
 from medpipe.errors import MedpipeError
-from medpipe.utils import atomic_write_text
+from medpipe.utils import atomic_write_text, to_json
 
 
 def _group_frame(table: pd.DataFrame) -> pd.DataFrame:
@@ -101,5 +101,5 @@ def partition(data_dir: str | os.PathLike, out: str | os.PathLike, *, by: str | 
     if len(summary["sites"]) < 2:
         raise MedpipeError(f"the partition gave {len(summary['sites'])} usable site(s); need at least 2 "
                            f"(skipped: {summary['skipped']})")
-    atomic_write_text(out / "partition.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "partition.json", to_json(summary, indent=2))
     return summary

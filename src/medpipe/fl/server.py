@@ -34,7 +34,7 @@ import numpy as np
 
 from medpipe.errors import MedpipeError
 from medpipe.fl.aggregate import check_update, pooled_metrics, restore_scalars, weighted_average
-from medpipe.utils import atomic_write_bytes, atomic_write_text
+from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
 
 CONFIG_FILE, STATE_FILE, SITES_FILE, LOG_FILE = "fl_config.json", "fl_state.json", "sites.json", "fl_server.log"
 OWNER_FILE = ".fl_owner"
@@ -165,7 +165,7 @@ class Coordinator:
         state["global_sha256"] = save_arrays(ck / "global.safetensors", arrays, {"round": state["round"]})
         if improved or not (ck / "best.safetensors").is_file():
             state["best_sha256"] = save_arrays(ck / "best.safetensors", arrays, {"round": state["round"]})
-        atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=2, default=float))
+        atomic_write_text(self.run_dir / STATE_FILE, to_json(state, indent=2))
 
     # ------------------------------------------------------------------------------------ the run
 
@@ -246,7 +246,7 @@ class Coordinator:
                           "(try %d of 3)", rnd, len(updates), min_sites, tries)
                 if tries >= 3:
                     state["status"] = "failed"
-                    atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=2, default=float))
+                    atomic_write_text(self.run_dir / STATE_FILE, to_json(state, indent=2))
                     raise MedpipeError(f"round {rnd} failed 3 times: not enough valid site updates")
                 continue
             arrays = weighted_average(updates)
@@ -292,7 +292,7 @@ class Coordinator:
             state["history"].append(rec)
             self._checkpoint(state, arrays, improved)
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(rec, default=float) + "\n")
+                fh.write(to_json(rec) + "\n")
             log.info("round %d: checkpoint written%s", rnd, " (best so far)" if improved else "")
             for cb in self.callbacks:
                 try:
@@ -303,7 +303,7 @@ class Coordinator:
 
         summary = self._package(state, classes, tc)
         state["status"] = "finished"
-        atomic_write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=2, default=float))
+        atomic_write_text(self.run_dir / STATE_FILE, to_json(state, indent=2))
         log.info("finished: best round %d (pooled val auc %s); package %s", state["best_round"],
                  state["best_pooled_auc"], summary["model_dir"])
         return summary
@@ -337,5 +337,5 @@ class Coordinator:
             "calibration": "none (temperature 1.0): validation images stay at the sites",
             "sites": state["sites"], "torch": torch.__version__,
         }
-        atomic_write_text(model_dir / "model.json", json.dumps(meta, indent=2, default=float))
+        atomic_write_text(model_dir / "model.json", to_json(meta, indent=2))
         return {"model_dir": str(model_dir), "best_round": state["best_round"]}

@@ -144,11 +144,10 @@ def finish(preds: list[dict]) -> list[dict]:
 
 
 def to_csv(classes: list[str], preds: list[dict]) -> str:
-    lines = [",".join(["index", "label", "class_index", *classes, "error"])]
-    for i, p in enumerate(preds):
-        if "error" in p:
-            lines.append(",".join([str(i), "", "", *([""] * len(classes)), p["error"]]))
-        else:
-            lines.append(",".join([str(i), p["label"], str(p["class_index"]),
-                                   *(f"{p['probabilities'][c]:.6f}" for c in classes), ""]))
-    return "\n".join(lines) + "\n"
+    """``Accept: text/csv``: one row per image, through the one CSV writer (quoting, formula neutralisation)."""
+    from medpipe.utils import csv_text
+
+    rows = [[i, "", "", *([""] * len(classes)), p["error"]] if "error" in p else
+            [i, p["label"], p["class_index"], *(f"{p['probabilities'][c]:.6f}" for c in classes), ""]
+            for i, p in enumerate(preds)]
+    return csv_text(["index", "label", "class_index", *classes, "error"], rows)

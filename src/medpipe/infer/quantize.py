@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medpipe.utils import to_json
 from medpipe.errors import GateError, QuantizeError
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ def install_int8(package: str | Path, int8: bytes, info: dict) -> Path:
 
     onnx_path, info_path = int8_paths(read_meta(package)["_dir"])
     atomic_write_bytes(onnx_path, int8)
-    atomic_write_text(info_path, json.dumps(info, indent=2, default=float))
+    atomic_write_text(info_path, to_json(info, indent=2))
     return onnx_path
 
 
@@ -357,5 +358,5 @@ def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None
     sidecar["calibration"] = {"method": "temperature", "temperature": info["temperature"]}
     sidecar["int8"] = info
     atomic_write_bytes(out, int8)
-    atomic_write_text(sidecar_path(out), json.dumps(sidecar, indent=2, default=float))
+    atomic_write_text(sidecar_path(out), to_json(sidecar, indent=2))
     return {"format": "onnx-int8", "out": str(out), "int8": info}

@@ -23,6 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
+from medpipe.utils import to_json
 from medpipe.cli import exit_process  # noqa: F401 - sagemaker_entry.py exits through it
 from medpipe.sagemaker.env import CHECKPOINT_HP, SageMakerEnv, load_env, parse_value
 
@@ -113,7 +114,7 @@ def run(argv: list[str] | None = None, environ: dict | None = None) -> int:
     report = ingest_channel(sm, job, data_dir, work / "ingest.done")
     print(format_report(report), flush=True)
     sm.output_data_dir.mkdir(parents=True, exist_ok=True)
-    (sm.output_data_dir / "ingest_report.json").write_text(json.dumps(report, indent=2))
+    (sm.output_data_dir / "ingest_report.json").write_text(to_json(report, indent=2))
     resume = (sm.checkpoint_dir / "last.pt").is_file()
     if resume:
         print(f"found {sm.checkpoint_dir / 'last.pt'}: resuming (Spot restart)", flush=True)

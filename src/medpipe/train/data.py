@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medpipe.utils import to_json
 from medpipe.config import TrainConfig
 from medpipe.errors import ConfigError, MedpipeError
 from medpipe.preprocess import train_batch_preset
@@ -263,7 +264,7 @@ class ShardSource:
         """The shard index (split, preprocessing, record hash) copied into the run folder."""
         from medpipe.utils import atomic_write_text
 
-        atomic_write_text(Path(run_dir) / "shards_index.json", json.dumps(self.index, indent=2))
+        atomic_write_text(Path(run_dir) / "shards_index.json", to_json(self.index, indent=2))
 
     def _load(self, split: str) -> Split:
         from medpipe.data.shards import load_split

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from medpipe.utils import to_json
 from medpipe.train.engine import Engine, Events, TrainingInterrupted
 
 
@@ -104,7 +105,7 @@ class MetricsFile:
     def append(self, engine: Engine) -> None:
         if engine.dd.main:
             with open(self.path, "a") as fh:
-                fh.write(json.dumps(engine.state.metrics) + "\n")
+                fh.write(to_json(engine.state.metrics) + "\n")
 
 
 class ProgressBar:
