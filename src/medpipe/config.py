@@ -20,6 +20,7 @@ from medpipe.preprocess import COLOR_CONSTANCY, Augmentation, PreprocessSpec
 
 IMBALANCE = ("sampler", "weighted_loss", "focal", "none")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
 MONITORS = ("val_auc", "val_bacc", "val_loss")
 
 
@@ -46,6 +47,9 @@ class TrainConfig:
     test_fraction: float = 0.15
     deterministic: bool = False
     device: str = "auto"
+    # bf16 autocast (+ channels_last) for training steps and validation; auto: bf16 on CUDA, and on a CPU with
+    # bf16 instructions where a start-up check times it faster (fp32 for --deterministic runs) (train.engine)
+    precision: str = "auto"
     workers: int = -1  # -1 auto: a loader thread on CPU, worker processes on CUDA (train.loop.auto_workers)
     threads: int = 0
     init_weights: str | None = None
@@ -73,6 +77,7 @@ class TrainConfig:
         checks = [
             (self.imbalance in IMBALANCE, "imbalance", f"one of {IMBALANCE}"),
             (self.device in DEVICES, "device", f"one of {DEVICES}"),
+            (self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}"),
             (self.monitor in MONITORS, "monitor", f"one of {MONITORS}"),
             (self.epochs >= 1, "epochs", ">= 1"),
             (self.batch_size >= 1, "batch_size", ">= 1"),

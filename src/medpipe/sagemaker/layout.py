@@ -51,6 +51,11 @@ def layout_files(pkg_dir: str | Path, wheels: str | Path | None = None) -> dict[
     files: dict[str, Path | bytes] = {WEIGHTS: pkg_dir / WEIGHTS, META: pkg_dir / META,
                                       "code/inference.py": ENTRY,
                                       "code/requirements.txt": requirements_text(wheels is not None).encode()}
+    from medpipe.infer.quantize import INT8_FILE, INT8_META
+
+    for name in (INT8_FILE, INT8_META):  # the optional gated INT8 model (medpipe quantize); `auto` verifies it
+        if (pkg_dir / name).is_file():
+            files[name] = pkg_dir / name
     src_root = Path(medpipe.__file__).resolve().parent
     for f in sorted(src_root.rglob("*")):
         if f.is_file() and "__pycache__" not in f.parts and f.suffix in SOURCE_SUFFIXES:

@@ -29,8 +29,9 @@ Events (MONAI/ignite names; each handler gets the engine, ``engine.state`` holds
     COMPLETED             fit() ends normally (also after early stopping; state.stop_reason)
     EXCEPTION_RAISED      fit() fails; state.exception (NaN loss, SIGTERM/SIGINT, any error); re-raised
 
-One epoch, top to bottom: this rank's seeded batches from the source -> forward (bf16 autocast on
-CUDA) -> loss (+ any added loss terms) -> a non-finite loss stops the run naming the batch -> backward,
+One epoch, top to bottom: this rank's seeded batches from the source -> forward (bf16 autocast where
+``precision`` resolves to bf16, see :func:`resolve_precision`) -> loss (+ any added loss terms) -> a
+non-finite loss stops the run naming the batch -> backward,
 clipping, AdamW, warm-up+cosine step -> validation (exact across ranks) -> best/stale bookkeeping.
 """
 
@@ -139,11 +140,70 @@ def stretch_schedule(scheduler, cfg: TrainConfig, steps_per_epoch: int, epochs: 
     scheduler.load_state_dict(state)
 
 
-def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, device):
-    """One optimisation step; returns the loss, or None (step skipped) when it is not finite."""
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The bf16 matrix instructions this CPU reports (oneDNN uses them under autocast); empty where unknown."""
+    try:
+        with open(cpuinfo, errors="replace") as fh:
+            flags = set(next((ln for ln in fh if ln.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        return []
+    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+
+
+def _step_seconds(model: torch.nn.Module, cfg: TrainConfig, device, bf16: bool, repeats: int = 2) -> float:
+    """Best time of a forward+backward at the training batch shape (no optimiser step)."""
+    g = torch.Generator(device=device).manual_seed(0)  # the run's own random streams stay untouched
+    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    best = math.inf
+    for i in range(repeats + 1):  # the first is a warm-up (oneDNN primitive creation)
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        out.float().sum().backward()
+        if i:
+            best = min(best, time.perf_counter() - t)
+    model.zero_grad(set_to_none=True)
+    return best
+
+
+def resolve_precision(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> tuple[str, str]:
+    """``bf16`` or ``fp32`` for this run, and why. ``auto``: bf16 on CUDA; on a CPU with avx512_bf16/amx_bf16,
+    bf16 if a start-up check (a few forward+backward passes of a copy of the model, each precision) times it
+    at least 10% faster; fp32 for --deterministic runs (a timing check would tie the numerics to the load)."""
+    if cfg.precision != "auto":
+        return cfg.precision, "asked for"
+    if device.type == "cuda":
+        return "bf16", "auto on CUDA"
+    if device.type != "cpu":
+        return "fp32", f"auto on {device.type}"
+    flags = cpu_bf16_flags()
+    if not flags:
+        return "fp32", "auto: this CPU reports no bf16 instructions (avx512_bf16, amx_bf16)"
+    if cfg.deterministic:
+        return "fp32", "auto: --deterministic keeps fp32 (a timing check would tie the numerics to the machine's load)"
+    import copy
+
+    key = (cfg.model, cfg.batch_size, cfg.image_size, torch.get_num_threads())
+    if key not in _PRECISION_CHECKS:  # once per process and shape: engines made again (FL rounds) agree
+        probe = copy.deepcopy(model).train()  # BatchNorm statistics of the real model stay untouched
+        fp32, bf16 = _step_seconds(probe, cfg, device, False), _step_seconds(probe, cfg, device, True)
+        _PRECISION_CHECKS[key] = (("bf16" if bf16 < fp32 / 1.1 else "fp32"),
+                                  f"auto: start-up check on this CPU ({'+'.join(flags)}): a step takes "
+                                  f"{1000 * bf16:.0f} ms in bf16, {1000 * fp32:.0f} ms in fp32")
+    return _PRECISION_CHECKS[key]
+
+
+_PRECISION_CHECKS: dict[tuple, tuple[str, str]] = {}
+
+
+def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, device, bf16: bool | None = None):
+    """One optimisation step; returns the loss, or None (step skipped) when it is not finite. ``bf16``:
+    autocast the forward pass (default: on CUDA only)."""
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     y = y.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(x)
     loss = loss_fn(logits.float(), y)
     if not torch.isfinite(loss):
@@ -158,23 +218,25 @@ def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, dev
 
 
 @torch.inference_mode()
-def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 128) -> torch.Tensor:
+def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 128,
+                   bf16: bool | None = None) -> torch.Tensor:
     model.eval()
     outs = []
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     for i in range(0, len(rows), batch):
         x = eval_batch(pixels[rows[i:i + batch]], spec).to(device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outs.append(model(x).float().cpu())
     return torch.cat(outs) if outs else torch.zeros((0, 0))
 
 
-def predict_logits_dist(model, pixels, rows: np.ndarray, spec, device, dd: Dist) -> torch.Tensor:
+def predict_logits_dist(model, pixels, rows: np.ndarray, spec, device, dd: Dist, bf16: bool | None = None) -> torch.Tensor:
     """Validation logits in row order; with several ranks each predicts rows[rank::world] and the
     pieces are gathered and put back in order, so metrics equal the single-process ones exactly."""
     if not dd.enabled:
-        return predict_logits(model, pixels, rows, spec, device)
+        return predict_logits(model, pixels, rows, spec, device, bf16=bf16)
     mine = np.arange(dd.rank, len(rows), dd.world)
-    logits = predict_logits(model, pixels, rows[mine], spec, device)
+    logits = predict_logits(model, pixels, rows[mine], spec, device, bf16=bf16)
     parts = dd.gather((mine, logits.numpy() if len(mine) else None))
     n_classes = next(p[1].shape[1] for p in parts if p[1] is not None) if len(rows) else 0
     out = np.zeros((len(rows), n_classes), np.float32)
@@ -221,6 +283,8 @@ class Engine:
         self.sign = -1.0 if cfg.monitor == "val_loss" else 1.0
         self.state = State(max_epochs=cfg.epochs)
         self._handlers: dict[Events, list] = defaultdict(list)
+        # resolved by create() (resolve_precision); a resume takes the checkpoint's, so it replays exactly
+        self.precision, self.precision_reason = ("bf16" if device.type == "cuda" else "fp32"), "default"
 
     @classmethod
     def create(cls, cfg: TrainConfig, source, device: torch.device, dd: Dist | None = None,
@@ -237,6 +301,11 @@ class Engine:
         scheduler = make_schedule(optimizer, cfg, source.steps_per_epoch, epochs)
         engine = cls(model, optimizer, scheduler, make_loss(cfg, source.class_counts, device), source, cfg, device, dd)
         engine.state.max_epochs = epochs or cfg.epochs
+        if engine.dd.enabled and device.type == "cpu" and cfg.precision == "auto":
+            engine.precision, engine.precision_reason = "fp32", "auto: multi-process CPU runs keep fp32"
+        else:
+            engine.precision, engine.precision_reason = resolve_precision(cfg, model, device)
+        log.info("precision %s (%s)", engine.precision, engine.precision_reason)
         return engine
 
     # handlers -------------------------------------------------------------------------------------------
@@ -279,13 +348,16 @@ class Engine:
                 "scheduler": self.scheduler.state_dict(), "scaler": {}, "epoch": s.epoch,
                 "batch_in_epoch": s.batch_in_epoch, "global_step": s.iteration, "max_epochs": s.max_epochs,
                 "best_metric": s.best_metric, "best_epoch": s.best_epoch, "stale_epochs": s.stale,
-                "rng": rng_state(), "config": self.cfg.to_dict(), "classes": self.classes,
+                "rng": rng_state(), "config": self.cfg.to_dict(), "classes": self.classes, "precision": self.precision,
                 "records_sha256": self.source.records_sha256}
 
     def restore(self, snap: dict) -> None:
         from medpipe.train.checkpoint import set_rng_state
 
         self.net.load_state_dict(snap["model"])
+        if snap.get("precision") in ("bf16", "fp32") and snap["precision"] != self.precision:
+            self.precision, self.precision_reason = snap["precision"], "the checkpoint's (resumed)"
+            log.info("precision %s (%s)", self.precision, self.precision_reason)
         self.optimizer.load_state_dict(snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])
         s = self.state
@@ -331,7 +403,7 @@ class Engine:
             self.fire(Events.ITERATION_STARTED)
             x, y = s.batch
             loss = train_step(self.model, x, y, self.loss_fn, self.optimizer, self.scheduler, self.cfg.grad_clip,
-                              self.device)
+                              self.device, bf16=self.precision == "bf16")
             if loss is None:
                 # The optimiser step was skipped, but the forward pass already moved BatchNorm statistics,
                 # so this state is not saved: the last checkpoint (previous epoch end) stays the good one.
@@ -345,7 +417,7 @@ class Engine:
                                f"epoch {epoch + 1} (an error in a loader thread; see the log above)")
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_loss), "lr": self.optimizer.param_groups[0]["lr"],
-                  "images_per_s": seen / max(seconds, 1e-9), "epoch_seconds": seconds}
+                  "images_per_s": seen / max(seconds, 1e-9), "epoch_seconds": seconds, "precision": self.precision}
         if dd.enabled:  # the training loss is averaged over ranks; throughput summed
             parts = dd.gather((loss_sum, n_loss, seen))
             record["train_loss"] = sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
@@ -360,7 +432,8 @@ class Engine:
 
         val = self.source.val
         self.dd.sync_buffers(self.net)
-        logits = predict_logits_dist(self.net, val.pixels, val.rows, self.spec, self.device, self.dd)
+        logits = predict_logits_dist(self.net, val.pixels, val.rows, self.spec, self.device, self.dd,
+                                     bf16=self.precision == "bf16")
         if not len(val):
             return {"val_loss": float("nan"), "val_auc": float("nan"), "val_bacc": float("nan"),
                     "val_auc_per_class": {}}
