@@ -189,7 +189,7 @@ def gate(y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float, int8_l
     """The accuracy gate's figures on the validation split, INT8's own temperature, and what failed."""
     import torch
 
-    from medpipe.train.loop import fit_temperature
+    from medpipe.pipeline import fit_temperature
 
     y = np.array(y, dtype=np.int64)  # a writable copy
     t8 = fit_temperature(torch.from_numpy(int8_logits.astype(np.float32)), torch.from_numpy(y))
