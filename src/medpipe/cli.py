@@ -135,7 +135,18 @@ SERVE_HELP = {
     "max_queue": "images admitted at once; more are answered 503",
     "deadline_s": "per-request deadline in seconds (504 after it)",
     "body_timeout_s": "the whole body must arrive within this many seconds (408)",
-    "decode_workers": "decoding threads",
+    "header_timeout_s": "request line and headers must arrive within this many seconds, else the connection "
+                        "is closed (408 if part of a request came)",
+    "max_connections": "open connections; at the cap the one waiting longest for its headers is dropped, "
+                       "else 503",
+    "max_requests": "requests holding a body at once (reading, decoding, queued, running); more are answered 503 "
+                    "before their body is read",
+    "memory_ceiling_mb": "resident MB of the server and its decode processes above which bodies are refused "
+                         "(503); 0 = after warm-up + 1024",
+    "decode_workers": "decode processes",
+    "decode_timeout_s": "seconds one image may take to decode; then its process is killed and replaced (422)",
+    "decode_memory_mb": "address-space limit of each decode process in MB (413 over it; 0 = none, else >= 256)",
+    "max_jpeg_scans": "JPEGs with more scans are refused before decoding (422; scan bombs; 0 = no limit)",
     "max_concurrent_transforms": "requests in flight advertised to SageMaker batch transform",
     "graceful_s": "on SIGTERM finish in-flight requests for at most this long",
 }

@@ -22,6 +22,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,13 @@ def _init_worker(memory_mb: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the parent's to handle
+    # A worker that dies (out of memory between tasks, a codec crash) would print a traceback into the
+    # server's log; the parent logs one line for it instead ("decode worker died", "decode pool restarted").
+    sys.stderr = open(os.devnull, "w")
+    from medpipe.data import dicom
+
+    if dicom.available():  # import pydicom now, not inside the first DICOM's decode budget
+        import pydicom.pixels  # noqa: F401
     if memory_mb > 0:
         limit = int(memory_mb) << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
