@@ -199,8 +199,8 @@ def test_scan_bomb_is_abandoned_at_its_budget_and_workers_recover(server):
             assert st == 422 and as_json(b)["error"] == "decode_budget_exceeded", b
         bomb_s = time.perf_counter() - t
         assert all(f.result(timeout=60)[0] == 200 for f in normal)  # served once a worker was replaced
-    # abandoned at the 1 s budget: the 422 says so (decoded to the end it would be 200); the bound is
-    # loose for a busy CI machine, far under the unbounded decode of two bombs on two cores
+    # abandoned at the 1 s budget: the 422 says so (decoded to the end it would be 200); the time
+    # bound only guards against a hang and is loose for a busy CI machine
     assert bomb_s < 30, bomb_s
     # the replaced workers serve normally
     for _ in range(4):
