@@ -32,6 +32,7 @@ Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``):
 
 # No `from __future__ import annotations`: FastAPI must see the real Request class in route signatures.
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -267,26 +268,33 @@ class Service:
         self.admitted -= n
         self.metrics.queue.set(self.admitted)
 
-    async def predict(self, items: list[tuple[str, object]]) -> list[dict]:
-        """Decode off the event loop, batch, and return one dict per item (prediction or error)."""
+    @contextlib.asynccontextmanager
+    async def guarded(self, n: int):
+        """What every inference route shares: admission of ``n`` images, the per-request deadline (504)
+        and a failed prediction (500), and the release of the slots whatever happens."""
         from medpipe.infer.predictor import PredictionError
 
-        self.admit(len(items))
+        self.admit(n)
         try:
             async with asyncio.timeout(self.cfg.deadline_s):
-                self.batcher.decoding += 1
-                try:
-                    decoded = await asyncio.gather(*(self.decode(k, p) for k, p in items))
-                finally:
-                    self.batcher.decoding -= 1
-                good = [d for d in decoded if isinstance(d, np.ndarray)]
-                probs = await self.batcher.submit(good) if good else np.zeros((0, len(self.predictor.classes)))
+                yield
         except TimeoutError:
             raise HttpError(504, "deadline_exceeded", f"no answer within {self.cfg.deadline_s:g} s") from None
         except PredictionError as exc:
             raise HttpError(500, "prediction_failed", str(exc)) from None
         finally:
-            self.release(len(items))
+            self.release(n)
+
+    async def predict(self, items: list[tuple[str, object]]) -> list[dict]:
+        """Decode off the event loop, batch, and return one dict per item (prediction or error)."""
+        async with self.guarded(len(items)):
+            self.batcher.decoding += 1
+            try:
+                decoded = await asyncio.gather(*(self.decode(k, p) for k, p in items))
+            finally:
+                self.batcher.decoding -= 1
+            good = [d for d in decoded if isinstance(d, np.ndarray)]
+            probs = await self.batcher.submit(good) if good else np.zeros((0, len(self.predictor.classes)))
         return merge(decoded, self.predictor.to_predictions(probs))
 
 

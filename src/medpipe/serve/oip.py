@@ -24,7 +24,6 @@ asks for them (``outputs[].parameters.binary_data`` or ``parameters.binary_data_
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real Request class in route signatures.
-import asyncio
 import base64
 import binascii
 import json
@@ -242,7 +241,6 @@ def add_routes(app, svc) -> None:
     from starlette.responses import JSONResponse, Response
 
     from medpipe import __version__
-    from medpipe.infer.predictor import PredictionError
 
     predictor, cfg = svc.predictor, svc.cfg
 
@@ -286,16 +284,8 @@ def add_routes(app, svc) -> None:
                     raise HttpError(p["status"], p["error"], f"input {BYTES_INPUT!r} element {i}: {p['message']}")
             probs = np.array([[p["probabilities"][c] for c in predictor.classes] for p in preds], np.float32)
         else:
-            svc.admit(len(payload))
-            try:
-                async with asyncio.timeout(cfg.deadline_s):
-                    probs = await svc.batcher.run_exclusive(predictor.probabilities_preprocessed, payload)
-            except TimeoutError:
-                raise HttpError(504, "deadline_exceeded", f"no answer within {cfg.deadline_s:g} s") from None
-            except PredictionError as exc:
-                raise HttpError(500, "prediction_failed", str(exc)) from None
-            finally:
-                svc.release(len(payload))
+            async with svc.guarded(len(payload)):
+                probs = await svc.batcher.run_exclusive(predictor.probabilities_preprocessed, payload)
         head, tail = encode_response(req, predictor, probs, outputs)
         if not tail:
             return Response(head, media_type="application/json")
