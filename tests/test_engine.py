@@ -130,7 +130,9 @@ def test_sigint_then_failed_checkpoint_write_then_resume(data_dir, tmp_path):
 
 def test_time_budget_sets_the_epoch_count(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK, "--epochs", "50", "--budget", "4s"]) == 0
+    # densenet121: slow enough per epoch that 4 s means fewer than 50 epochs
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK, "--epochs", "50", "--budget", "4s",
+                 "--model", "densenet121"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("budget"))
     epochs = int(line.split("training ")[1].split()[0])

@@ -13,7 +13,7 @@ import torch
 def _cfg(**kw):
     from medpipe.config import make_config
 
-    return make_config({"model": "resnet18", "image_size": 32, "batch_size": 8, "epochs": 2, "max_steps_per_epoch": 3,
+    return make_config({"model": "densenet-test", "image_size": 32, "batch_size": 8, "epochs": 2, "max_steps_per_epoch": 3,
                         "bootstrap": 0, "threads": 1, "workers": 0, "deterministic": True, "warmup_epochs": 0.5,
                         "precision": "bf16", **kw})
 

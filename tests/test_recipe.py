@@ -174,7 +174,7 @@ def test_a_real_run_with_every_recipe_option(data_dir, tmp_path):
         def attach(self, engine):
             engine.on(Events.ITERATION_STARTED, lambda e: seen.append(tuple(e.state.batch[1].shape)))
 
-    cfg = make_config({"model": "resnet18", "image_size": 32, "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 3,
+    cfg = make_config({"model": "densenet-test", "image_size": 32, "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 3,
                        "bootstrap": 0, "threads": 1, "workers": 0, "color_constancy": "shades_of_gray",
                        "crop_scale": 0.5, "color_jitter": 1.5, "mixup_alpha": 0.4, "cutmix_alpha": 1.0,
                        "label_smoothing": 0.1, "decision_rule": "prior"})
@@ -189,7 +189,7 @@ def test_a_real_run_with_every_recipe_option(data_dir, tmp_path):
 def _ema_cfg():
     from medpipe.config import make_config
 
-    return make_config({"model": "resnet18", "image_size": 32, "batch_size": 8, "epochs": 2, "max_steps_per_epoch": 3,
+    return make_config({"model": "densenet-test", "image_size": 32, "batch_size": 8, "epochs": 2, "max_steps_per_epoch": 3,
                         "bootstrap": 0, "threads": 1, "workers": 0, "deterministic": True, "ema_decay": 0.9,
                         "warmup_epochs": 0.5})
 

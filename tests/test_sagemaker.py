@@ -49,7 +49,7 @@ def test_entry_script_emulated_opt_ml(synth_dir, tmp_path):
     base = tmp_path / "opt_ml"
     env = _tree(base, synth_dir)
     # SageMaker passes hyperparameters as sorted --key value arguments
-    args = ["--batch-size", "8", "--bootstrap", "20", "--epochs", "1", "--image-size", "32",
+    args = ["--batch-size", "8", "--bootstrap", "20", "--epochs", "1", "--image-size", "32", "--model", "densenet-test",
             "--sagemaker_program", "sagemaker_entry.py"]
     r = subprocess.run([sys.executable, str(ROOT / "sagemaker_entry.py"), *args], env=env, capture_output=True,
                        text=True, timeout=600, cwd=tmp_path)

@@ -28,7 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMVENV = ROOT / ".venv-sm"
 SMPY = SMVENV / "bin" / "python"
-TINY_HPS = {"epochs": "1", "image-size": "32", "batch-size": "8", "bootstrap": "20", "threads": "1"}
+TINY_HPS = {"model": "densenet-test", "epochs": "1", "image-size": "32", "batch-size": "8", "bootstrap": "20", "threads": "1"}
 
 
 def _toolkits_missing() -> str | None:

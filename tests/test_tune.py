@@ -14,7 +14,7 @@ import yaml
 
 optuna = pytest.importorskip("optuna", reason="the tune extra (optuna) is not installed")
 
-TINY_BASE = {"model": "resnet18", "image_size": 32, "batch_size": 8, "epochs": 3, "bootstrap": 0, "threads": 1, "workers": 0,
+TINY_BASE = {"model": "densenet-test", "image_size": 32, "batch_size": 8, "epochs": 3, "bootstrap": 0, "threads": 1, "workers": 0,
              "max_steps_per_epoch": 3, "warmup_epochs": 0.5}
 
 
