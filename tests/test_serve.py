@@ -539,6 +539,48 @@ def test_batcher_gathers_concurrent_requests():
     assert [r[:, 0].tolist() for r in out] == [[1], [10], [11], [12], [13], [14], [20, 21]]
 
 
+def test_batcher_holds_a_batch_open_while_requests_decode():
+    """While another request is still decoding, a queued one waits for it (up to max_wait_s), and the batch
+    runs as soon as that decode finishes, not at the deadline; a decode that never finishes costs at most
+    max_wait_s."""
+    from medpipe.serve.batcher import Batcher
+
+    sizes = []
+
+    def infer(pixels):
+        sizes.append(len(pixels))
+        return np.zeros((len(pixels), 1))
+
+    async def main():
+        img = np.zeros((2, 2, 3), np.uint8)
+        b = Batcher(infer, max_batch=4, max_wait_s=30.0)
+        b.start()
+        b.decoding_started()  # request A decoding
+        b.decoding_started()  # request B decoding
+        b.decoding_finished()
+        t = time.perf_counter()
+        a = asyncio.ensure_future(b.submit([img]))  # A queued, B still decoding: the batch stays open
+        await asyncio.sleep(0.3)
+        assert not a.done() and sizes == []
+
+        async def b_decoded():  # as Service.predict does: the decode finishes, then its images are queued
+            b.decoding_finished()
+            return await b.submit([img])
+
+        await asyncio.gather(a, b_decoded())  # B's images join A's batch
+        woken = time.perf_counter() - t
+        await b.close()
+        short = Batcher(infer, max_batch=4, max_wait_s=0.2)
+        short.start()
+        short.decoding_started()  # never finishes
+        await short.submit([img])
+        await short.close()
+        return woken
+
+    woken = asyncio.run(main())
+    assert sizes == [2, 1] and woken < 20  # woken by the finished decode, far before the 30 s deadline
+
+
 def test_fuzz_api_never_500(trained_run):
     from fastapi.testclient import TestClient
     from hypothesis import HealthCheck, given, settings

@@ -288,11 +288,11 @@ class Service:
     async def predict(self, items: list[tuple[str, object]]) -> list[dict]:
         """Decode off the event loop, batch, and return one dict per item (prediction or error)."""
         async with self.guarded(len(items)):
-            self.batcher.decoding += 1
+            self.batcher.decoding_started()
             try:
                 decoded = await asyncio.gather(*(self.decode(k, p) for k, p in items))
             finally:
-                self.batcher.decoding -= 1
+                self.batcher.decoding_finished()
             good = [d for d in decoded if isinstance(d, np.ndarray)]
             probs = await self.batcher.submit(good) if good else np.zeros((0, len(self.predictor.classes)))
         return merge(decoded, self.predictor.to_predictions(probs))

@@ -67,6 +67,27 @@ class Batcher:
         self._wake.set()
         return await fut
 
+    def decoding_started(self) -> None:
+        self.decoding += 1
+
+    def decoding_finished(self) -> None:
+        """A request finished decoding: its images are queued now, or it had none. Wakes a gathering batch."""
+        self.decoding -= 1
+        self._wake.set()
+
+    async def _gather(self, deadline: float) -> None:
+        """Hold the batch open while requests are still decoding, until it is full or ``deadline`` passes;
+        woken by each submit and each finished decode (no polling)."""
+        while self.decoding and self.queued_images() < self.max_batch:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+                return
+
     def _take(self) -> list[_Job]:
         jobs, n = [], 0
         while self._queue:
@@ -90,9 +111,7 @@ class Batcher:
                 await self._wake.wait()
                 continue
             if self.max_wait_s and self.decoding and self.queued_images() < self.max_batch:
-                deadline = self._queue[0].enqueued + self.max_wait_s
-                while self.decoding and self.queued_images() < self.max_batch and time.perf_counter() < deadline:
-                    await asyncio.sleep(0.0005)
+                await self._gather(self._queue[0].enqueued + self.max_wait_s)
             jobs = self._take()
             if not jobs:
                 continue
