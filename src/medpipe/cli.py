@@ -490,29 +490,12 @@ def _formatter(prog):
     return _HelpFormatter(prog, max_help_position=34, width=110)
 
 
-def build_parser() -> Parser:
+def _data_commands(command) -> None:
+    """synth, ingest, split, cache: making and preparing a dataset."""
     from medpipe.data.imageio import DEFAULT_MAX_PIXELS
     from medpipe.data.sources import FORMATS as INGEST_FORMATS
-    from medpipe.data.splits import SPLIT_NAMES
     from medpipe.data.synthetic import FORMATS as SYNTH_FORMATS
-    from medpipe.export import FORMATS as EXPORT_FORMATS
-    from medpipe.decision import RULES as DECISION_RULES
-    from medpipe.infer.predictor import BACKENDS
     from medpipe.preprocess import INTERPOLATIONS as interpolations
-    from medpipe.serve.app import ServeConfig
-
-    verbose = Parser(add_help=False)  # -v after the subcommand too (SUPPRESS keeps a -v given before it)
-    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-
-    p = Parser(prog="medpipe", description="MONAI pipeline for 2D medical image classification")
-    p.add_argument("--version", action="version", version=f"medpipe {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", default=False, help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-
-    def command(name: str, func, help: str) -> Parser:
-        s = sub.add_parser(name, help=help, description=help, parents=[verbose], formatter_class=_formatter)
-        s.set_defaults(func=func)
-        return s
 
     s = command("synth", cmd_synth, "write a synthetic dataset in the HAM10000 layout")
     s.add_argument("out", help="folder to write")
@@ -553,6 +536,13 @@ def build_parser() -> Parser:
     s.add_argument("--interpolation", default="bicubic", choices=interpolations)
     s.add_argument("--workers", type=WORKERS, default=None, help="decoding processes (default: all cores)")
 
+
+def _training_commands(command) -> None:
+    """train, evaluate: fitting a model and measuring it."""
+    from medpipe.data.splits import SPLIT_NAMES
+    from medpipe.decision import RULES as DECISION_RULES
+    from medpipe.infer.predictor import BACKENDS
+
     s = command("train", cmd_train, "train a MONAI classifier; writes RUN_DIR/{model,report,checkpoints}")
     s.add_argument("--data", required=True, help="ingested data directory (or a shard folder)")
     s.add_argument("--out", required=True, help="run directory")
@@ -577,6 +567,13 @@ def build_parser() -> Parser:
                    help="inference runtime (the same default as serve); int8: the package's INT8 model")
     s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
     s.add_argument("--decision-rule", choices=DECISION_RULES, help="label rule (medpipe.decision; default: the package's own)")
+
+
+def _inference_commands(command) -> None:
+    """predict, serve, batch: running a model package on images."""
+    from medpipe.decision import RULES as DECISION_RULES
+    from medpipe.infer.predictor import BACKENDS
+    from medpipe.serve.app import ServeConfig
 
     s = command("predict", cmd_predict, "top class and every class probability per image")
     s.add_argument("images", nargs="+")
@@ -620,6 +617,12 @@ def build_parser() -> Parser:
                         "connection (exponential backoff, Retry-After honoured); rows still unanswered make the "
                         f"command exit {EXIT_RETRY} and a rerun asks for them again")
 
+
+def _packaging_commands(command) -> None:
+    """shard, export, quantize, package: packing data and models for where they go next."""
+    from medpipe.export import FORMATS as EXPORT_FORMATS
+    from medpipe.preprocess import INTERPOLATIONS as interpolations
+
     s = command("shard", cmd_shard, "pack records + cached pixels into tar shards for streaming training")
     s.add_argument("--data", required=True, help="ingested data folder")
     s.add_argument("--out", required=True, help="shard folder (copy it to any fsspec store, e.g. s3://...)")
@@ -656,11 +659,35 @@ def build_parser() -> Parser:
     add_sagemaker_options(s)
     s.set_defaults(format="sagemaker")
 
+
+def _tracking_commands(command) -> None:
+    """runs: the tracked (MLflow) training runs."""
     s = command("runs", cmd_runs, "tracked training runs (MLflow) with their key metrics, best first")
     s.add_argument("--track", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
     s.add_argument("--experiment", default="medpipe")
     s.add_argument("--metric", default="best_val_auc", help="sort by this metric, highest first")
     s.add_argument("--plot", help="also write a PNG of validation AUC per epoch for these runs")
+
+
+def build_parser() -> Parser:
+    verbose = Parser(add_help=False)  # -v after the subcommand too (SUPPRESS keeps a -v given before it)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+
+    p = Parser(prog="medpipe", description="MONAI pipeline for 2D medical image classification")
+    p.add_argument("--version", action="version", version=f"medpipe {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", default=False, help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    def command(name: str, func, help: str) -> Parser:
+        s = sub.add_parser(name, help=help, description=help, parents=[verbose], formatter_class=_formatter)
+        s.set_defaults(func=func)
+        return s
+
+    _data_commands(command)
+    _training_commands(command)
+    _inference_commands(command)
+    _packaging_commands(command)
+    _tracking_commands(command)
 
     from medpipe import tune
 

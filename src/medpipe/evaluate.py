@@ -172,12 +172,23 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     y = np.asarray(y)
-    # ROC per class
+    _plot_roc(plt, metrics, y, probs, classes, out / "roc.png")
+    _plot_confusion(plt, metrics, classes, out / "confusion_matrix.png")
+    _plot_reliability(plt, metrics, out / "reliability.png")
+    atomic_write_json(out / "report.json", metrics)  # NaN (a class absent from the split) is written as null
+    atomic_write_text(out / "report.md", "\n".join(_report_lines(metrics, title)))
+    return {"report_json": str(out / "report.json"), "report_md": str(out / "report.md"),
+            "plots": [str(out / p) for p in ("roc.png", "confusion_matrix.png", "reliability.png")]}
+
+
+def _plot_roc(plt, metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path) -> None:
+    """ROC per class, each curve with its own line style and marker, its AUC and n."""
+    from sklearn.metrics import roc_curve
+
     fig, ax = plt.subplots(figsize=(6.5, 6))
     for k, c in enumerate(classes):
         yb = (y == k).astype(int)
@@ -192,9 +203,12 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC per class (macro AUC {_fmt(metrics['macro_auc'])})")
     ax.legend(loc="lower right", fontsize=7, title=f"* fewer than {MIN_POSITIVES} positives", title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    # confusion matrix (row-normalised colours, counts printed)
+
+
+def _plot_confusion(plt, metrics: dict, classes: list[str], path: Path) -> None:
+    """Confusion matrix: row-normalised colours, each cell's share and count printed."""
     cm = np.asarray(metrics["confusion_matrix"], dtype=float)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
@@ -211,9 +225,12 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
     bar = fig.colorbar(im, ax=ax, fraction=0.046)
     bar.set_label("share of the true class's images (row-normalised)")
     fig.tight_layout()
-    fig.savefig(out / "confusion_matrix.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    # reliability diagram
+
+
+def _plot_reliability(plt, metrics: dict, path: Path) -> None:
+    """Reliability diagram with each bin's image count."""
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     bins = metrics["reliability_bins"]
     if bins:
@@ -227,10 +244,12 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
            title=f"Reliability (ECE {_fmt(metrics['ece'])})")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
-    atomic_write_json(out / "report.json", metrics)  # NaN (a class absent from the split) is written as null
+
+def _report_lines(metrics: dict, title: str) -> list[str]:
+    """report.md: headline figures, the decision-rule table, the per-class table and the caution."""
     tta = "yes (probabilities averaged over flips)" if metrics.get("tta") else "no"
     few = [c for c, m in metrics["per_class"].items() if m["support"] < MIN_POSITIVES]
     lines = [f"# {title}", "", f"Images evaluated: {metrics['n']}. Test-time augmentation: {tta}.", "",
@@ -265,9 +284,7 @@ def write_report(metrics: dict, y: np.ndarray, probs: np.ndarray, classes: list[
                   "figures (and intervals, which a bootstrap over so few cases understates) are not reliable."]
     lines += ["", "![ROC per class](roc.png)", "", "![Confusion matrix](confusion_matrix.png)", "",
               "![Reliability diagram](reliability.png)", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
-    return {"report_json": str(out / "report.json"), "report_md": str(out / "report.md"),
-            "plots": [str(out / p) for p in ("roc.png", "confusion_matrix.png", "reliability.png")]}
+    return lines
 
 
 def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *, split: str = "test",

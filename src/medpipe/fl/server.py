@@ -171,10 +171,8 @@ class Coordinator:
 
     def run(self) -> dict:
         import torch
-        from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict  # noqa: F401
 
         from medpipe.config import make_config
-        from medpipe.fl.apps import arrays_to_record, record_to_arrays
         from medpipe.fl.site import to_numpy
         from medpipe.models import create_model
 
@@ -183,63 +181,20 @@ class Coordinator:
         tc = make_config(cfg["train_config"]).validate()
         torch.manual_seed(tc.seed)
         reference = to_numpy(create_model(tc.model, len(classes), init_weights=tc.init_weights).state_dict())
-        state = self._state()
-        if state is None:
-            state = {"config_digest": config_digest(cfg), "round": 0, "status": "running", "history": [],
-                     "best_round": 0, "best_pooled_auc": None, "sites": {}}
-            arrays = reference
-            log.info("federated run: %d rounds, strategy %s, at least %d sites, classes %s", rounds,
-                     cfg["strategy"], min_sites, classes)
-        else:
-            arrays = restore_scalars(load_arrays(self.run_dir / "checkpoints" / "global.safetensors",
-                                                 state.get("global_sha256")), reference)
-            state["status"] = "running"
-            log.info("resuming from the round %d checkpoint (%s)", state["round"],
-                     self.run_dir / "checkpoints" / "global.safetensors")
+        state, arrays = self._begin(reference, classes, rounds, min_sites)
         mu = float(cfg["mu"]) if cfg["strategy"] == "fedprox" else 0.0
         train_cfg = json.dumps(tc.to_dict())
         rng = random.Random(tc.seed)
 
-        def config(rnd: int) -> ConfigRecord:
+        def config(rnd: int):
+            from flwr.app import ConfigRecord
+
             return ConfigRecord({"server-round": rnd, "local-epochs": int(cfg["local_epochs"]), "mu": mu,
                                  "classes": classes, "train-config": train_cfg})
 
         rnd, tries = state["round"] + 1, 0
         while rnd <= rounds:
-            nodes = self._wait_for_sites(min_sites)
-            k = max(min_sites, int(math.ceil(float(cfg["fraction"]) * len(nodes))))
-            chosen = sorted(rng.sample(nodes, min(k, len(nodes))))
-            log.info("round %d: training on %d of %d connected sites: %s", rnd, len(chosen), len(nodes),
-                     ", ".join(self.name(n) for n in chosen))
-            record = arrays_to_record(arrays)
-            checked: dict[int, tuple] = {}  # node -> (update, count) or (None, reason)
-
-            def check(n, msg) -> bool:
-                if msg.has_error():
-                    checked[n] = (None, f"the site reported an error: {msg.error.reason}")
-                    return False
-                try:
-                    upd = restore_scalars(record_to_arrays(msg.content["arrays"]), reference)
-                    count = int(msg.content["metrics"]["num-examples"])
-                except (KeyError, ValueError, TypeError) as exc:
-                    checked[n] = (None, f"malformed reply ({exc.__class__.__name__}: {exc})")
-                    return False
-                reason = check_update(upd, reference) or (None if count > 0 else f"sample count {count} is not positive")
-                checked[n] = (None, reason) if reason else (upd, count)
-                return not reason
-
-            replies, dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
-                                              chosen, MessageType.TRAIN, rnd, min_sites, check)
-            updates, used, excluded = [], {}, {}
-            for n, msg in sorted(replies.items()):
-                upd, info = checked[n]
-                if upd is None:
-                    excluded[self.name(n)] = info
-                    continue
-                updates.append((upd, info))
-                used[self.name(n)] = {"n_train": info, "train_loss": float(msg.content["metrics"]["train_loss"])}
-            for name, reason in excluded.items():
-                log.warning("round %d: update from site %s excluded: %s", rnd, name, reason)
+            updates, used, excluded, dropped = self._train_round(rnd, arrays, reference, config, min_sites, rng)
             if len(updates) < min_sites:
                 tries += 1
                 log.error("round %d: %d valid update(s), fewer than --min-sites %d; global model unchanged "
@@ -252,53 +207,12 @@ class Coordinator:
             arrays = weighted_average(updates)
             log.info("round %d: aggregated %d update(s) (%s) weighted by samples %s", rnd, len(updates),
                      cfg["strategy"], {k: v["n_train"] for k, v in used.items()})
-
-            # federated evaluation of the new global model on every connected site's validation split
-            record = arrays_to_record(arrays)
-            ev_nodes = sorted(self.grid.get_node_ids())
-            ev, ev_dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
-                                            ev_nodes, MessageType.EVALUATE, rnd, min(min_sites, len(ev_nodes)))
-            per_site, stats = {}, []
-            for n, msg in sorted(ev.items()):
-                if msg.has_error():
-                    log.warning("round %d: site %s could not evaluate: %s", rnd, self.name(n), msg.error.reason)
-                    continue
-                m = msg.content["metrics"]
-                stats.append({k: list(m[k]) for k in ("hist_pos", "hist_neg", "confusion")})
-                per_site[self.name(n)] = {"n_val": int(m["num-examples"]), "macro_auc": float(m["macro_auc"]),
-                                          "balanced_accuracy": float(m["balanced_accuracy"]),
-                                          "val_loss": float(m["val_loss"])}
-            pooled = pooled_metrics(stats, classes) if stats else {"n": 0, "macro_auc": math.nan,
-                                                                   "balanced_accuracy": math.nan, "per_class_auc": {}}
-            for name, m in per_site.items():
-                log.info("round %d: site %s val n=%d auc=%.4f bacc=%.4f", rnd, name, m["n_val"], m["macro_auc"],
-                         m["balanced_accuracy"])
-            log.info("round %d: pooled val n=%d auc=%.4f bacc=%.4f", rnd, pooled["n"], pooled["macro_auc"],
-                     pooled["balanced_accuracy"])
-            improved = not math.isnan(pooled["macro_auc"]) and (state["best_pooled_auc"] is None or
-                                                                pooled["macro_auc"] > state["best_pooled_auc"])
-            if improved:
-                state["best_round"], state["best_pooled_auc"] = rnd, pooled["macro_auc"]
+            per_site, pooled, ev_dropped = self._evaluate_round(rnd, arrays, config, min_sites, classes)
             rec = {"round": rnd, "strategy": cfg["strategy"], "trained": used, "excluded": excluded,
                    "dropped": {self.name(n): r for n, r in {**dropped, **ev_dropped}.items()},
                    "val_sites": per_site, "val_pooled": pooled,
                    "bytes_per_site": int(sum(v.nbytes for v in arrays.values()))}
-            for name, u in used.items():
-                s = state["sites"].setdefault(name, {"rounds": 0})
-                s.update(train_samples=u["n_train"], rounds=s["rounds"] + 1)
-            for name, m in per_site.items():
-                state["sites"].setdefault(name, {"rounds": 0})["val_samples"] = m["n_val"]
-            state["round"] = rnd
-            state["history"].append(rec)
-            self._checkpoint(state, arrays, improved)
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(to_json(rec) + "\n")
-            log.info("round %d: checkpoint written%s", rnd, " (best so far)" if improved else "")
-            for cb in self.callbacks:
-                try:
-                    cb(rec)
-                except Exception as exc:  # a tracking callback must not end the run
-                    log.warning("round callback %r failed: %s", cb, exc)
+            self._record_round(state, rec, arrays)
             rnd, tries = rnd + 1, 0
 
         summary = self._package(state, classes, tc)
@@ -307,6 +221,119 @@ class Coordinator:
         log.info("finished: best round %d (pooled val auc %s); package %s", state["best_round"],
                  state["best_pooled_auc"], summary["model_dir"])
         return summary
+
+    def _begin(self, reference: dict, classes: list[str], rounds: int, min_sites: int) -> tuple[dict, dict]:
+        """A fresh run's state and starting weights, or the saved state and global checkpoint to resume."""
+        state = self._state()
+        if state is None:
+            state = {"config_digest": config_digest(self.cfg), "round": 0, "status": "running", "history": [],
+                     "best_round": 0, "best_pooled_auc": None, "sites": {}}
+            log.info("federated run: %d rounds, strategy %s, at least %d sites, classes %s", rounds,
+                     self.cfg["strategy"], min_sites, classes)
+            return state, reference
+        arrays = restore_scalars(load_arrays(self.run_dir / "checkpoints" / "global.safetensors",
+                                             state.get("global_sha256")), reference)
+        state["status"] = "running"
+        log.info("resuming from the round %d checkpoint (%s)", state["round"],
+                 self.run_dir / "checkpoints" / "global.safetensors")
+        return state, arrays
+
+    def _train_round(self, rnd: int, arrays: dict, reference: dict, config, min_sites: int, rng):
+        """Send the global weights to a sample of connected sites; return the valid updates with their
+        sample counts, per-site training figures, the excluded updates (with the reason) and the dropped sites."""
+        from flwr.app import MessageType, RecordDict
+
+        from medpipe.fl.apps import arrays_to_record, record_to_arrays
+
+        nodes = self._wait_for_sites(min_sites)
+        k = max(min_sites, int(math.ceil(float(self.cfg["fraction"]) * len(nodes))))
+        chosen = sorted(rng.sample(nodes, min(k, len(nodes))))
+        log.info("round %d: training on %d of %d connected sites: %s", rnd, len(chosen), len(nodes),
+                 ", ".join(self.name(n) for n in chosen))
+        record = arrays_to_record(arrays)
+        checked: dict[int, tuple] = {}  # node -> (update, count) or (None, reason)
+
+        def check(n, msg) -> bool:
+            if msg.has_error():
+                checked[n] = (None, f"the site reported an error: {msg.error.reason}")
+                return False
+            try:
+                upd = restore_scalars(record_to_arrays(msg.content["arrays"]), reference)
+                count = int(msg.content["metrics"]["num-examples"])
+            except (KeyError, ValueError, TypeError) as exc:
+                checked[n] = (None, f"malformed reply ({exc.__class__.__name__}: {exc})")
+                return False
+            reason = check_update(upd, reference) or (None if count > 0 else f"sample count {count} is not positive")
+            checked[n] = (None, reason) if reason else (upd, count)
+            return not reason
+
+        replies, dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
+                                          chosen, MessageType.TRAIN, rnd, min_sites, check)
+        updates, used, excluded = [], {}, {}
+        for n, msg in sorted(replies.items()):
+            upd, info = checked[n]
+            if upd is None:
+                excluded[self.name(n)] = info
+                continue
+            updates.append((upd, info))
+            used[self.name(n)] = {"n_train": info, "train_loss": float(msg.content["metrics"]["train_loss"])}
+        for name, reason in excluded.items():
+            log.warning("round %d: update from site %s excluded: %s", rnd, name, reason)
+        return updates, used, excluded, dropped
+
+    def _evaluate_round(self, rnd: int, arrays: dict, config, min_sites: int, classes: list[str]):
+        """Federated evaluation of the new global model on every connected site's validation split:
+        per-site figures, the pooled figures and the sites that dropped out."""
+        from flwr.app import MessageType, RecordDict
+
+        from medpipe.fl.apps import arrays_to_record
+
+        record = arrays_to_record(arrays)
+        ev_nodes = sorted(self.grid.get_node_ids())
+        ev, ev_dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
+                                        ev_nodes, MessageType.EVALUATE, rnd, min(min_sites, len(ev_nodes)))
+        per_site, stats = {}, []
+        for n, msg in sorted(ev.items()):
+            if msg.has_error():
+                log.warning("round %d: site %s could not evaluate: %s", rnd, self.name(n), msg.error.reason)
+                continue
+            m = msg.content["metrics"]
+            stats.append({k: list(m[k]) for k in ("hist_pos", "hist_neg", "confusion")})
+            per_site[self.name(n)] = {"n_val": int(m["num-examples"]), "macro_auc": float(m["macro_auc"]),
+                                      "balanced_accuracy": float(m["balanced_accuracy"]),
+                                      "val_loss": float(m["val_loss"])}
+        pooled = pooled_metrics(stats, classes) if stats else {"n": 0, "macro_auc": math.nan,
+                                                               "balanced_accuracy": math.nan, "per_class_auc": {}}
+        for name, m in per_site.items():
+            log.info("round %d: site %s val n=%d auc=%.4f bacc=%.4f", rnd, name, m["n_val"], m["macro_auc"],
+                     m["balanced_accuracy"])
+        log.info("round %d: pooled val n=%d auc=%.4f bacc=%.4f", rnd, pooled["n"], pooled["macro_auc"],
+                 pooled["balanced_accuracy"])
+        return per_site, pooled, ev_dropped
+
+    def _record_round(self, state: dict, rec: dict, arrays: dict) -> None:
+        """Update the run state with a finished round, checkpoint, append metrics.jsonl, call the callbacks."""
+        rnd, pooled = rec["round"], rec["val_pooled"]
+        improved = not math.isnan(pooled["macro_auc"]) and (state["best_pooled_auc"] is None or
+                                                            pooled["macro_auc"] > state["best_pooled_auc"])
+        if improved:
+            state["best_round"], state["best_pooled_auc"] = rnd, pooled["macro_auc"]
+        for name, u in rec["trained"].items():
+            s = state["sites"].setdefault(name, {"rounds": 0})
+            s.update(train_samples=u["n_train"], rounds=s["rounds"] + 1)
+        for name, m in rec["val_sites"].items():
+            state["sites"].setdefault(name, {"rounds": 0})["val_samples"] = m["n_val"]
+        state["round"] = rnd
+        state["history"].append(rec)
+        self._checkpoint(state, arrays, improved)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(to_json(rec) + "\n")
+        log.info("round %d: checkpoint written%s", rnd, " (best so far)" if improved else "")
+        for cb in self.callbacks:
+            try:
+                cb(rec)
+            except Exception as exc:  # a tracking callback must not end the run
+                log.warning("round callback %r failed: %s", cb, exc)
 
     def _package(self, state: dict, classes: list[str], tc) -> dict:
         import flwr

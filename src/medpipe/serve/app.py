@@ -309,9 +309,7 @@ def create_app(predictor, cfg: ServeConfig):
     """The ASGI app for a loaded predictor (tests may drive it in-process)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from fastapi import FastAPI
 
     svc = Service(predictor, cfg)
 
@@ -327,6 +325,19 @@ def create_app(predictor, cfg: ServeConfig):
     app = FastAPI(title="medpipe", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
                   redirect_slashes=False)
     app.state.service = svc
+    _add_error_handlers(app)
+    _add_info_routes(app, svc, cfg)
+    _add_prediction_routes(app, svc, cfg, predictor)
+    from medpipe.serve.oip import add_routes
+
+    add_routes(app, svc)  # the Open Inference Protocol (KServe v2) routes, under the same limits
+    return RequestEnvelope(app, svc)
+
+
+def _add_error_handlers(app) -> None:
+    """Every error leaves as the JSON error body with the request id; never a traceback."""
+    from fastapi import Request
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     def rid_of(request: Request) -> str:
         return request.scope.get("medpipe.rid", "-")
@@ -345,6 +356,11 @@ def create_app(predictor, cfg: ServeConfig):
     async def _internal(request: Request, exc: Exception):
         log.error("request %s failed: %s", rid_of(request), exc.__class__.__name__)
         return error_response(500, "internal_error", "internal error", rid_of(request))
+
+
+def _add_info_routes(app, svc, cfg: ServeConfig) -> None:
+    """/ping, /execution-parameters (the SageMaker contract), /metrics and the web page at /."""
+    from starlette.responses import HTMLResponse, JSONResponse, Response
 
     @app.get("/ping")
     async def ping():
@@ -368,6 +384,12 @@ def create_app(predictor, cfg: ServeConfig):
             "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
                                        "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
             "X-Content-Type-Options": "nosniff"})
+
+
+def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
+    """/invocations (SageMaker) and /explain (the web page's heat map)."""
+    from fastapi import Request
+    from starlette.responses import JSONResponse, PlainTextResponse
 
     @app.post("/invocations")
     async def invocations(request: Request):
@@ -407,11 +429,6 @@ def create_app(predictor, cfg: ServeConfig):
 
         return JSONResponse({"model": predictor.name, "version": predictor.version, **pred.as_dict(),
                              "image": png_data_url(pixels), "heatmap": heatmap_png(cam)})
-
-    from medpipe.serve.oip import add_routes
-
-    add_routes(app, svc)  # the Open Inference Protocol (KServe v2) routes, under the same limits
-    return RequestEnvelope(app, svc)
 
 
 class RequestEnvelope:

@@ -59,6 +59,20 @@ class _Shared:
         return False
 
 
+def _over_capacity_response(limits: ConnectionLimits) -> bytes:
+    return raw_json_response(503, "Service Unavailable", "too_many_connections",
+                             f"the server holds its maximum of {limits.max_connections} connections; retry shortly",
+                             "retry-after: 1\r\n")
+
+
+def _dropped_response(limits: ConnectionLimits, reason: str) -> bytes:
+    """The 408 for a connection cut off while sending its headers (timeout, or displaced at the cap)."""
+    msg = (f"request headers not received within {limits.header_timeout_s:g} s"
+           if reason == "header_timeout" else "connection closed to make room (server at its "
+           f"maximum of {limits.max_connections} connections)")
+    return raw_json_response(408, "Request Timeout", reason, msg)
+
+
 def protocol_class(limits: ConnectionLimits, on_close=None) -> type:
     """A uvicorn HTTP protocol class enforcing ``limits``; ``on_close(reason)`` counts closes we force."""
     import h11
@@ -75,10 +89,7 @@ def protocol_class(limits: ConnectionLimits, on_close=None) -> type:
             self._got_bytes = False
             if len(self.connections) > limits.max_connections and not shared.evict_oldest_waiting(self):
                 shared.on_close("over_capacity")
-                transport.write(raw_json_response(
-                    503, "Service Unavailable", "too_many_connections",
-                    f"the server holds its maximum of {limits.max_connections} connections; retry shortly",
-                    "retry-after: 1\r\n"))
+                transport.write(_over_capacity_response(limits))
                 transport.close()
                 return
             self._await_headers()
@@ -111,10 +122,7 @@ def protocol_class(limits: ConnectionLimits, on_close=None) -> type:
                 return
             shared.on_close(reason)
             if self._got_bytes:  # it was sending a request: say why it is cut off
-                msg = (f"request headers not received within {limits.header_timeout_s:g} s"
-                       if reason == "header_timeout" else "connection closed to make room (server at its "
-                       f"maximum of {limits.max_connections} connections)")
-                self.transport.write(raw_json_response(408, "Request Timeout", reason, msg))
+                self.transport.write(_dropped_response(limits, reason))
             self.transport.close()
 
         def data_received(self, data: bytes) -> None:
