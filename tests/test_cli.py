@@ -4,6 +4,7 @@ and one error table (exit code + HTTP status) for every user-facing error."""
 import importlib
 import inspect
 import pkgutil
+import subprocess
 import sys
 
 import pytest
@@ -52,6 +53,18 @@ def test_choices_come_from_their_constants():
     # `package` is `export --format sagemaker`, not a second implementation
     assert subs["package"].get_default("func") is subs["export"].get_default("func") is cli.cmd_export
     assert subs["package"].get_default("format") == "sagemaker"
+
+
+def test_parser_and_usage_errors_import_neither_torch_nor_monai(tmp_path):
+    """`medpipe --help` and a usage error stay fast because building the parser, parsing, and refusing a
+    missing --data folder import only light modules (torch and MONAI load inside the commands that run)."""
+    code = ("import sys; from medpipe import cli; cli.build_parser(); "
+            f"rc = cli.main(['train', '--data', {str(tmp_path / 'missing')!r}, '--out', {str(tmp_path / 'run')!r}]); "
+            "print(rc, sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "[]"], (done.stdout, done.stderr)
+    assert "no such folder" in done.stderr
 
 
 def test_dataclass_options_keep_their_types():

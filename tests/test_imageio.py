@@ -1,5 +1,7 @@
 import io
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -290,3 +292,31 @@ def test_palette_dicom_without_lut_is_a_clear_error():
     from medpipe.errors import http_status
 
     assert http_status(e.value) == 400 and "Secret" not in str(e.value)
+
+
+def test_importing_medpipe_changes_no_library_setting():
+    """Pillow's pixel cap, MONAI's metadata tracking and prometheus_client's *_created series stay at their
+    defaults after importing medpipe (MONAI is not even imported, so its flag cannot have changed)."""
+    code = """
+import sys
+import prometheus_client
+from PIL import Image
+def created():
+    registry = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter('c', 'c', registry=registry)
+    return b'c_created' in prometheus_client.generate_latest(registry)
+before = (Image.MAX_IMAGE_PIXELS, created())
+import medpipe.preprocess, medpipe.data.imageio, medpipe.serve.metrics, medpipe.serve.app
+metrics = medpipe.serve.metrics.Metrics()
+metrics.rejected.inc()
+print(before == (Image.MAX_IMAGE_PIXELS, created()), before[1], 'monai' in sys.modules, b'_created' in metrics.render()[0])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "False", "False"], done.stdout
+
+
+def test_the_decoder_keeps_pillows_bomb_guard_on(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a program switched Pillow's guard off
+    imageio.decode_image(_encode(Image.fromarray(_golden()), "PNG"))
+    assert Image.MAX_IMAGE_PIXELS == imageio.DEFAULT_MAX_PIXELS

@@ -297,3 +297,17 @@ def test_batch_presets_equal_the_per_image_presets():
     assert float(got.abs().max()) > 0.5 and not torch.equal(got, eval_batch(imgs, spec))  # it did augment
     ev = eval_preset(spec)
     assert torch.equal(eval_batch(list(imgs), spec), torch.stack([ev({KEY: np.array(im)})[KEY] for im in imgs]))
+
+
+def test_presets_switch_off_monai_metadata_when_they_are_built():
+    from monai.data import get_track_meta, set_track_meta
+
+    from medpipe.preprocess import PreprocessSpec, eval_batch
+
+    was = get_track_meta()
+    set_track_meta(True)  # MONAI's default
+    try:
+        eval_batch(np.zeros((1, 16, 16, 3), np.uint8), PreprocessSpec(image_size=16))
+        assert get_track_meta() is False
+    finally:
+        set_track_meta(was)

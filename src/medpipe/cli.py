@@ -18,6 +18,9 @@ reason and the usage); an unknown option suggests the closest known one; ``-v`` 
 the subcommand. A :class:`medpipe.errors.MedpipeError` ends the command with its message and the exit
 code of its row in ``medpipe.errors.TABLE``; anything else is an internal error (``-v`` shows the
 traceback). Every subcommand is ``main([...])``-callable in-process (tests do that).
+
+Building the parser and parsing import only light modules (the choices come from torch-free modules);
+torch and MONAI load inside the command that runs, so ``--help`` and usage errors answer at once.
 """
 
 from __future__ import annotations
@@ -254,6 +257,10 @@ def cmd_cache(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from medpipe.data.sources import check_data_folder
+
+    if "://" not in str(args.data):  # a missing local folder is refused before torch is imported
+        check_data_folder(args.data)
     from medpipe.pipeline import load_handler, run
 
     handlers = [load_handler(h) for h in args.handler or []]
@@ -541,7 +548,7 @@ def _training_commands(command) -> None:
     """train, evaluate: fitting a model and measuring it."""
     from medpipe.data.splits import SPLIT_NAMES
     from medpipe.decision import RULES as DECISION_RULES
-    from medpipe.infer.predictor import BACKENDS
+    from medpipe.infer.backends import BACKENDS
 
     s = command("train", cmd_train, "train a MONAI classifier; writes RUN_DIR/{model,report,checkpoints}")
     s.add_argument("--data", required=True, help="ingested data directory (or a shard folder)")
@@ -572,7 +579,7 @@ def _training_commands(command) -> None:
 def _inference_commands(command) -> None:
     """predict, serve, batch: running a model package on images."""
     from medpipe.decision import RULES as DECISION_RULES
-    from medpipe.infer.predictor import BACKENDS
+    from medpipe.infer.backends import BACKENDS
     from medpipe.serve.app import ServeConfig
 
     s = command("predict", cmd_predict, "top class and every class probability per image")
@@ -708,11 +715,12 @@ def parse(parser: Parser, argv: list[str] | None):
         sub.unknown(extras)
     if args.command == "train":
         from medpipe.config import TrainConfig, make_config, resume_config
-        from medpipe.pipeline import saved_config
 
         overrides = dataclass_values(args, TrainConfig)
         try:
             if args.resume:  # the run's own config; options given again must match it
+                from medpipe.pipeline import saved_config  # torch: only when there is a checkpoint to read
+
                 args.train_config = resume_config(saved_config(args.out, args.resume), overrides, args.config)
             else:
                 args.train_config = make_config(overrides, args.config)

@@ -25,8 +25,6 @@ import logging
 import warnings
 from pathlib import Path
 
-import torch
-
 from medpipe.errors import ExportError, MedpipeError
 from medpipe.preprocess import PreprocessSpec
 
@@ -43,6 +41,8 @@ def onnx_bytes(model: torch.nn.Module, image_size: int, example: torch.Tensor | 
     Uses the TorchScript-based exporter (about 1 s for DenseNet121) and falls back to the
     ``torch.export`` one where the former is unavailable.
     """
+    import torch
+
     model = model.eval()
     example = torch.zeros(2, 3, image_size, image_size) if example is None else example
     buf = io.BytesIO()
@@ -91,6 +91,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def _random_check(model: torch.nn.Module, run, image_size: int, tol: float = 1e-4) -> float:
     """Max |exported - eager| over random normalised inputs at batch sizes 1 and 3; raises over ``tol``."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for n in (1, 3):
@@ -145,28 +147,34 @@ def check_target(out: Path, fmt: str, force: bool = False) -> list[Path]:
     return targets
 
 
-class WithPreprocessing(torch.nn.Module):
+def preprocessing_wrapper(model: torch.nn.Module, spec: PreprocessSpec) -> torch.nn.Module:
     """The network with the float half of the eval preset in front: uint8 RGB N x S x S x 3, already decoded
     and resized by the spec's rule (``PreprocessSpec.decode``), -> logits."""
+    import torch
 
-    def __init__(self, model: torch.nn.Module, spec: PreprocessSpec):
-        super().__init__()
-        self.model, self.spec = model, spec
-        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
+    class WithPreprocessing(torch.nn.Module):  # built here so that importing this module needs no torch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from medpipe.preprocess import shades_of_gray
+        def __init__(self, model: torch.nn.Module, spec: PreprocessSpec):
+            super().__init__()
+            self.model, self.spec = model, spec
+            self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
 
-        x = x.permute(0, 3, 1, 2).float() / 255.0
-        if self.spec.color_constancy == "shades_of_gray":
-            x = shades_of_gray(x, self.spec.color_constancy_power)
-        return self.model((x - self.mean) / self.std)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            from medpipe.preprocess import shades_of_gray
+
+            x = x.permute(0, 3, 1, 2).float() / 255.0
+            if self.spec.color_constancy == "shades_of_gray":
+                x = shades_of_gray(x, self.spec.color_constancy_power)
+            return self.model((x - self.mean) / self.std)
+
+    return WithPreprocessing(model, spec)
 
 
 def _uint8_check(model: torch.nn.Module, spec: PreprocessSpec, run, tol: float = 1e-4) -> float:
     """Max |exported(uint8 pixels) - eager(eval preset(pixels))| over random images; raises over ``tol``."""
     import numpy as np
+    import torch
 
     from medpipe.preprocess import eval_batch
 
@@ -185,6 +193,8 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     against FP32 by its accuracy gate; ``int8_options``: data, calibration, see infer/quantize.py).
     ``with_preprocessing`` (ONNX only): the graph takes uint8 RGB N x S x S x 3 pixels, already decoded and
     resized by the package's rule, and does the rest of the eval preset itself."""
+    import torch
+
     if with_preprocessing and fmt != "onnx":
         raise ExportError("--with-preprocessing applies to --format onnx only")
     from medpipe.package import load_package
@@ -203,7 +213,7 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     result = {"format": fmt, "out": str(out_path)}
     if fmt == "onnx" and with_preprocessing:
         spec = PreprocessSpec.from_meta(meta)
-        wrapped = WithPreprocessing(model, spec).eval()
+        wrapped = preprocessing_wrapper(model, spec).eval()
         data = onnx_bytes(wrapped, size, torch.zeros(2, size, size, 3, dtype=torch.uint8))
         sess = onnx_session(data)
         result["max_abs_diff"] = _uint8_check(model, spec, lambda x: sess.run(None, {INPUT_NAME: x})[0])
@@ -310,6 +320,7 @@ def _escape_tree(obj):
 def bundle_metadata(meta: dict) -> dict:
     import monai
     import numpy as np
+    import torch
 
     about = _about(meta)
     spec = PreprocessSpec.from_meta(meta)
@@ -459,6 +470,8 @@ class BundlePredictionWriter:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def __call__(self, engine) -> None:
+        import torch
+
         from medpipe.decision import apply_offsets
 
         for item, out in zip(engine.state.batch, engine.state.output):
@@ -550,6 +563,8 @@ def _metric_lines(metrics: dict) -> list[str]:
 
 
 def write_bundle(model: torch.nn.Module, meta: dict, out: Path) -> dict:
+    import torch
+
     from medpipe.utils import atomic_write_bytes, atomic_write_text
 
     out = Path(out)

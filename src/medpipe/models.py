@@ -14,9 +14,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from medpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -117,6 +114,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:
             raise ConfigError(f"--init-weights: {path.name} is not a valid safetensors file ({exc})") from None
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

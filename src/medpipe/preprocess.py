@@ -19,26 +19,6 @@ from dataclasses import dataclass
 import math
 
 import numpy as np
-import torch
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    Lambdad,
-    NormalizeIntensityd,
-    RandAdjustContrastd,
-    RandAffined,
-    RandFlipd,
-    RandRotate90d,
-    RandScaleIntensityd,
-    RandScaleCropd,
-    RandShiftIntensityd,
-    Resized,
-    ScaleIntensityRanged,
-    Transposed,
-)
-
-from monai.data import set_track_meta
-from monai.transforms import MapTransform
 
 from medpipe.data import imageio
 
@@ -139,41 +119,65 @@ class PreprocessSpec:
         return imageio.prepare_array(arr, self.size, self.interpolation, max_pixels)
 
 
-class LoadPreprocessd(MapTransform):
-    """MONAI dictionary transform: an image file path -> the spec's decoded, resized RGB uint8 HWC pixels.
+@functools.lru_cache(maxsize=1)
+def _load_preprocessd_class() -> type:
+    """Built on first use so that importing this module imports neither MONAI nor torch."""
+    from monai.transforms import MapTransform
 
-    The MONAI bundle export uses it as its loader, so a bundle run reproduces medpipe's pixels exactly
-    (MONAI's ``LoadImaged`` + ``Resized`` resize with torch, not Pillow, and skip the JPEG draft decode).
-    With ``error_key``, an unreadable image does not stop the run: its pixels are black and
-    ``data[error_key]`` holds the reason naming the file (``""`` for a good image), for the writer to report."""
+    class LoadPreprocessd(MapTransform):
+        """MONAI dictionary transform: an image file path -> the spec's decoded, resized RGB uint8 HWC pixels.
 
-    def __init__(self, keys, image_size: int, interpolation: str, mean=PreprocessSpec.mean, std=PreprocessSpec.std,
-                 max_pixels: int = imageio.DEFAULT_MAX_PIXELS, error_key: str | None = None,
-                 allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.spec = PreprocessSpec(int(image_size), str(interpolation), tuple(mean), tuple(std))
-        self.max_pixels = int(max_pixels)
-        self.error_key = error_key
+        The MONAI bundle export uses it as its loader, so a bundle run reproduces medpipe's pixels exactly
+        (MONAI's ``LoadImaged`` + ``Resized`` resize with torch, not Pillow, and skip the JPEG draft decode).
+        With ``error_key``, an unreadable image does not stop the run: its pixels are black and
+        ``data[error_key]`` holds the reason naming the file (``""`` for a good image), for the writer to report."""
 
-    def __call__(self, data):
-        d = dict(data)
-        if self.error_key:
-            d[self.error_key] = ""
-        for key in self.key_iterator(d):
-            try:
-                pixels = self.spec.read(d[key], max_pixels=self.max_pixels)
-            except imageio.ImageError as exc:
-                if not self.error_key:
-                    raise
-                d[self.error_key] = f"{exc.code}: {exc}"
-                pixels = np.zeros((*self.spec.size, 3), np.uint8)
-            d[key] = pixels if pixels.flags.writeable else pixels.copy()  # torch warns on read-only arrays
-        return d
+        def __init__(self, keys, image_size: int, interpolation: str, mean=PreprocessSpec.mean, std=PreprocessSpec.std,
+                     max_pixels: int = imageio.DEFAULT_MAX_PIXELS, error_key: str | None = None,
+                     allow_missing_keys: bool = False):
+            super().__init__(keys, allow_missing_keys)
+            use_plain_tensors()
+            self.spec = PreprocessSpec(int(image_size), str(interpolation), tuple(mean), tuple(std))
+            self.max_pixels = int(max_pixels)
+            self.error_key = error_key
+
+        def __call__(self, data):
+            d = dict(data)
+            if self.error_key:
+                d[self.error_key] = ""
+            for key in self.key_iterator(d):
+                try:
+                    pixels = self.spec.read(d[key], max_pixels=self.max_pixels)
+                except imageio.ImageError as exc:
+                    if not self.error_key:
+                        raise
+                    d[self.error_key] = f"{exc.code}: {exc}"
+                    pixels = np.zeros((*self.spec.size, 3), np.uint8)
+                d[key] = pixels if pixels.flags.writeable else pixels.copy()  # torch warns on read-only arrays
+            return d
+
+    LoadPreprocessd.__module__, LoadPreprocessd.__qualname__ = __name__, "LoadPreprocessd"
+    return LoadPreprocessd
+
+
+def __getattr__(name: str):
+    # ``medpipe.preprocess.LoadPreprocessd`` (a MONAI bundle's ``_target_``) resolves here, lazily.
+    if name == "LoadPreprocessd":
+        return _load_preprocessd_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 KEY = "image"
-# medpipe never needs MONAI's per-tensor metadata; tracking it costs ~4x per item on small images.
-set_track_meta(False)
+
+
+def use_plain_tensors() -> None:
+    """Switch off MONAI's per-tensor metadata tracking (``monai.data.set_track_meta(False)``): medpipe
+    never needs it and it costs ~4x per item on small images. Idempotent; called by whatever builds or
+    runs medpipe's MONAI transforms (the presets, the ``Predictor`` and training ``Engine`` constructors,
+    the bundle loader), never at import, so importing medpipe leaves MONAI's global setting alone."""
+    from monai.data import set_track_meta
+
+    set_track_meta(False)
 
 
 COLOR_CONSTANCY = ("none", "shades_of_gray")
@@ -191,6 +195,10 @@ def shades_of_gray(x: torch.Tensor, power: float = 6.0) -> torch.Tensor:
 
 def _head(batch: bool = False, spec: "PreprocessSpec | None" = None) -> list:
     """uint8 HWC (or NHWC for a batch) -> float32 CHW (NCHW) in [0, 1] (colour-corrected if the spec says so)."""
+    import torch
+    from monai.transforms import EnsureTyped, Lambdad, ScaleIntensityRanged, Transposed
+
+    use_plain_tensors()
     head = [
         Transposed(keys=KEY, indices=(0, 3, 1, 2) if batch else (2, 0, 1)),
         EnsureTyped(keys=KEY, data_type="tensor", dtype=torch.float32, track_meta=False),
@@ -204,12 +212,16 @@ def _head(batch: bool = False, spec: "PreprocessSpec | None" = None) -> list:
 
 
 def _normalise(spec: PreprocessSpec):
+    from monai.transforms import NormalizeIntensityd
+
     # (C, 1, 1) broadcasts over CHW and over NCHW alike
     return NormalizeIntensityd(keys=KEY, subtrahend=np.asarray(spec.mean, np.float32)[:, None, None],
                                divisor=np.asarray(spec.std, np.float32)[:, None, None])
 
 
 def _clamp01():
+    from monai.transforms import Lambdad
+
     return Lambdad(keys=KEY, func=lambda x: x.clamp(0.0, 1.0))
 
 
@@ -234,6 +246,9 @@ class Augmentation:
 
 def _augment(spec: PreprocessSpec, aug: Augmentation | None = None) -> list:
     """The random part of the train preset: each image draws its own parameters."""
+    from monai.transforms import (RandAdjustContrastd, RandAffined, RandFlipd, RandRotate90d, RandScaleCropd,
+                                  RandScaleIntensityd, RandShiftIntensityd, Resized)
+
     aug = aug or Augmentation()
     size = (spec.image_size, spec.image_size)
     steps = []
@@ -261,11 +276,15 @@ def _augment(spec: PreprocessSpec, aug: Augmentation | None = None) -> list:
 
 def eval_preset(spec: PreprocessSpec) -> Compose:
     """One image: uint8 HWC -> normalised float32 CHW."""
+    from monai.transforms import Compose
+
     return Compose([*_head(spec=spec), _normalise(spec)])
 
 
 def train_preset(spec: PreprocessSpec, aug: Augmentation | None = None) -> Compose:
     """One image, augmented: uint8 HWC -> normalised float32 CHW."""
+    from monai.transforms import Compose
+
     return Compose([*_head(spec=spec), *_augment(spec, aug), _clamp01(), _normalise(spec)])
 
 
@@ -276,6 +295,8 @@ class BatchPreset:
     On 64x64 images this takes the train preset from ~0.6 to ~0.35 ms an image on one core."""
 
     def __init__(self, spec: PreprocessSpec, augment: bool, aug: Augmentation | None = None):
+        from monai.transforms import Compose
+
         self.head = Compose(_head(batch=True, spec=spec))
         self.middle = Compose(_augment(spec, aug)) if augment else None
         self.tail = Compose([_clamp01(), _normalise(spec)] if augment else [_normalise(spec)])
@@ -286,6 +307,9 @@ class BatchPreset:
         return self
 
     def __call__(self, images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+        import torch
+
+        use_plain_tensors()  # also in a loader's worker process, which may not share this one's setting
         x = self.head({KEY: np.stack(images) if isinstance(images, list) else np.asarray(images)})[KEY]
         if self.middle is not None:
             x = torch.stack([self.middle({KEY: im})[KEY] for im in x])

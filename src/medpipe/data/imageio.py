@@ -31,8 +31,15 @@ DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: far above any dermatoscope, far below 
 DEFAULT_MAX_JPEG_SCANS = 100
 MIN_SIDE = 1
 
-# Pillow's own bomb guard stays on as a second line, but we check first and raise our error.
-Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_MAX_PIXELS)
+
+
+def keep_pillow_bomb_guard() -> None:
+    """Pillow's own decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``) stays on as a second line
+    behind medpipe's check, which runs first and raises medpipe's error: if it is off or below
+    ``DEFAULT_MAX_PIXELS`` it is set to that. Idempotent; run by :func:`_open` (every decode goes through
+    it), not at import, so importing medpipe leaves Pillow's setting alone."""
+    if (Image.MAX_IMAGE_PIXELS or 0) < DEFAULT_MAX_PIXELS:
+        Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -85,6 +92,7 @@ def _open(data: bytes, name: str | None, max_pixels: int,
           max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
     if not data:
         raise EmptyImageError("zero-byte file", name)
+    keep_pillow_bomb_guard()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -576,13 +576,19 @@ def _looks_raw(folder: Path) -> bool:
     return False
 
 
-def load_records(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
-    """Load ``records.csv`` and ``classes.json`` from an ingested data directory."""
+def check_data_folder(data_dir: str | os.PathLike) -> Path:
+    """``data_dir`` as a Path; a missing folder is refused naming the command that writes one."""
     data_dir = Path(data_dir)
-    rec_path, cls_path = data_dir / RECORDS_FILE, data_dir / CLASSES_FILE
     if not data_dir.is_dir():
         raise IngestError(f"{data_dir}: no such folder; --data takes the folder written by "
                           f"'medpipe ingest SOURCE --out {data_dir}'")
+    return data_dir
+
+
+def load_records(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+    """Load ``records.csv`` and ``classes.json`` from an ingested data directory."""
+    data_dir = check_data_folder(data_dir)
+    rec_path, cls_path = data_dir / RECORDS_FILE, data_dir / CLASSES_FILE
     if not rec_path.is_file() or not cls_path.is_file():
         if _looks_raw(data_dir):
             raise IngestError(f"{data_dir}: a raw dataset, not an ingested data folder; ingest it into a new folder "

@@ -18,8 +18,9 @@ import torch
 from medpipe import decision
 from medpipe.data import imageio
 from medpipe.errors import MedpipeError, PredictionError
+from medpipe.infer.backends import BACKENDS
 from medpipe.package import load_package, package_spec
-from medpipe.preprocess import eval_batch
+from medpipe.preprocess import eval_batch, use_plain_tensors
 from medpipe.utils import resolve_device
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,6 @@ class Prediction:
     def as_dict(self) -> dict:
         return {"label": self.label, "class_index": self.class_index, "probabilities": self.probabilities,
                 "decision_rule": self.decision_rule}
-
-
-BACKENDS = ("auto", "eager", "onnx", "int8", "cudagraph")
 
 
 def resolve_backend(backend: str, device: torch.device, meta: dict | None = None) -> tuple[str, str]:
@@ -120,6 +118,7 @@ class Predictor:
     def __init__(self, package: str | Path, device: str = "auto", max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
                  backend: str = "eager", threads: int | None = None, max_batch: int = 16,
                  decision_rule: str | None = None):
+        use_plain_tensors()
         self.device = resolve_device(device)
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)

@@ -10,11 +10,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    disable_created_metrics,
     generate_latest,
 )
-
-disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -48,7 +45,21 @@ class Metrics:
         self.latency.labels(route=route).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST
+
+
+class _WithoutCreated:
+    """A registry as /metrics shows it: without the ``*_created`` series (they double the output and nobody
+    graphs them). Filtered here, not with prometheus_client's process-wide ``disable_created_metrics()``, so
+    neither importing nor running the service changes a library setting."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 def process_tree_rss_mb(pid: int | str = "self") -> float:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from medpipe.config import TrainConfig
 from medpipe.errors import MedpipeError, NonFiniteLoss, TrainingInterrupted
-from medpipe.preprocess import eval_batch
+from medpipe.preprocess import eval_batch, use_plain_tensors
 from medpipe.train.distributed import Dist
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, loss_fn, source, cfg: TrainConfig,
                  device: torch.device, dd: Dist | None = None):
+        use_plain_tensors()
         self.net, self.optimizer, self.scheduler, self.source, self.cfg = model, optimizer, scheduler, source, cfg
         self.device, self.dd = device, dd or Dist()
         self.model = model  # the DDP wrapper when distributed
