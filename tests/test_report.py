@@ -71,3 +71,38 @@ def test_plots_encode_what_they_show(tmp_path, monkeypatch):
     assert counts and all(c.startswith("n=") for c in counts)
     assert sum(int(c[2:]) for c in counts) == len(y)
     json.loads((tmp_path / "report.json").read_text())
+
+
+def test_metrics_match_scikit_learn_with_an_absent_class():
+    """Per-class AUC is scikit-learn's one-vs-rest AUC, an absent class is NaN (with a warning naming it) and
+    left out of the macro AUC and balanced accuracy; sensitivity/specificity match the confusion matrix; the
+    bootstrap interval is reproducible from its seed and holds the point estimate."""
+    import pytest
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+
+    rng = np.random.default_rng(3)
+    classes = ["a", "b", "c", "absent"]
+    y = rng.integers(0, 3, 120)
+    probs = rng.dirichlet([1, 1, 1, 1], size=len(y)) + 0.3 * np.eye(4)[y]
+    probs /= probs.sum(axis=1, keepdims=True)
+    pred = rng.integers(0, 4, len(y))  # a decision rule may predict the absent class
+    with pytest.warns(RuntimeWarning, match="absent"):
+        m = compute_metrics(y, probs, classes, bootstrap=100, seed=7, pred=pred)
+    want = [roc_auc_score(y == k, probs[:, k]) for k in range(3)]
+    got = [m["per_class"][c]["auc"] for c in classes]
+    assert np.allclose(got[:3], want) and np.isnan(got[3])
+    assert np.isclose(m["macro_auc"], np.mean(want))
+    with pytest.warns(UserWarning):  # sklearn says the absent class was predicted
+        assert np.isclose(m["balanced_accuracy"], balanced_accuracy_score(y, pred))
+    cm = confusion_matrix(y, pred, labels=range(4))
+    assert m["confusion_matrix"] == cm.tolist()
+    for k, c in enumerate(classes[:3]):
+        neg = cm.sum() - cm[k].sum()
+        assert np.isclose(m["per_class"][c]["sensitivity"], cm[k, k] / cm[k].sum())
+        assert np.isclose(m["per_class"][c]["specificity"], (neg - (cm[:, k].sum() - cm[k, k])) / neg)
+    assert np.isnan(m["per_class"]["absent"]["sensitivity"]) and m["per_class"]["absent"]["specificity"] < 1
+    lo, hi = m["macro_auc_ci95"]
+    assert lo < m["macro_auc"] < hi and np.isnan(m["per_class"]["absent"]["auc_ci95"]).all()
+    with pytest.warns(RuntimeWarning):
+        again = compute_metrics(y, probs, classes, bootstrap=100, seed=7, pred=pred)
+    assert again["macro_auc_ci95"] == m["macro_auc_ci95"]

@@ -1,9 +1,11 @@
 """Metrics and the human report.
 
-``compute_metrics`` gives macro and per-class ROC AUC (monai.metrics) with bootstrap 95% confidence
-intervals, balanced accuracy, per-class sensitivity and specificity, melanoma sensitivity at 80% and
-90% specificity, the confusion matrix and expected calibration error. A class absent from the
-evaluated split gets NaN with a warning (as MONAI's rocauc does), never a crash.
+``compute_metrics`` gives macro and per-class ROC AUC with percentile bootstrap 95% confidence intervals
+(seeded resampling of the images), balanced accuracy, per-class sensitivity and specificity, melanoma
+sensitivity at 80% and 90% specificity, the confusion matrix and expected calibration error. The
+classification figures are scikit-learn's (``roc_auc_score``, ``roc_curve``, ``confusion_matrix``,
+``multilabel_confusion_matrix``, ``balanced_accuracy_score``). A class absent from the evaluated split
+gets NaN with a warning, never a crash.
 
 ``write_report`` writes ``report.json``, ``report.md`` and PNG plots (ROC per class, confusion
 matrix, reliability diagram). The report is written for a clinician: every per-class figure stands
@@ -32,32 +34,43 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _auc_per_class(y: np.ndarray, probs: np.ndarray) -> list[float]:
-    """One-vs-rest ROC AUC per class via monai.metrics; NaN (with a warning) where undefined."""
-    import torch
-    from monai.metrics import compute_roc_auc
+    """One-vs-rest ROC AUC per class (scikit-learn's ``roc_auc_score``); NaN where a class is absent (or
+    alone), where the AUC is undefined. The caller warns, naming the classes."""
+    from sklearn.metrics import roc_auc_score
 
+    y = np.asarray(y, dtype=np.int64)
     n_classes = probs.shape[1]
-    onehot = np.eye(n_classes, dtype=np.float32)[y]
+    onehot = np.eye(n_classes, dtype=np.int64)[y] if len(y) else np.zeros((0, n_classes), np.int64)
+    positives = onehot.sum(axis=0)
+    defined = (positives > 0) & (positives < len(y))
+    out = np.full(n_classes, np.nan)
+    if defined.any():
+        out[defined] = roc_auc_score(onehot[:, defined], probs[:, defined], average=None)
+    return [float(v) for v in out]
+
+
+def bootstrap_auc_ci(y: np.ndarray, probs: np.ndarray, resamples: int, seed: int = 0) -> tuple[list, list]:
+    """Percentile 95% intervals of the macro AUC and of each class's AUC over ``resamples`` bootstrap
+    resamples of the images (drawn with replacement, seeded). A class absent from a resample has no AUC
+    there: the macro AUC of that resample averages the classes present, and a class's interval needs more
+    than 10 resamples with it (else NaN). ``scipy.stats.bootstrap`` is not used because it turns any such
+    NaN into a NaN interval."""
+    rng = np.random.default_rng(seed)
+    n_classes = probs.shape[1]
+    boots = np.empty((resamples, n_classes))
+    for b in range(resamples):
+        idx = rng.integers(0, len(y), len(y))
+        boots[b] = _auc_per_class(y[idx], probs[idx])
+    ci_per = [[float("nan")] * 2 for _ in range(n_classes)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # we warn once ourselves, naming the classes
-        vals = compute_roc_auc(torch.from_numpy(probs.astype(np.float32)), torch.from_numpy(onehot), average="none")
-    return [float(v) for v in vals]
-
-
-def _fast_auc(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Rank-based one-vs-rest AUC for all classes at once (for bootstrap); NaN where undefined."""
-    from scipy.stats import rankdata
-
-    n, c = probs.shape
-    ranks = rankdata(probs, axis=0)
-    out = np.full(c, np.nan)
-    for k in range(c):
-        pos = y == k
-        n_pos = int(pos.sum())
-        n_neg = n - n_pos
-        if n_pos and n_neg:
-            out[k] = (ranks[pos, k].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        macro_b = np.nanmean(boots, axis=1)
+        ci_macro = [float(np.nanpercentile(macro_b, 2.5)), float(np.nanpercentile(macro_b, 97.5))]
+        for k in range(n_classes):
+            col = boots[:, k][~np.isnan(boots[:, k])]
+            if len(col) > 10:
+                ci_per[k] = [float(np.percentile(col, 2.5)), float(np.percentile(col, 97.5))]
+    return ci_macro, ci_per
 
 
 def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> tuple[float, list[dict]]:
@@ -89,7 +102,7 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], *, boo
     """``pred``: the labels a decision rule gave (medpipe.decision); argmax of ``probs`` when None.
     The label figures (balanced accuracy, sensitivity, specificity, confusion matrix) use them; AUC and
     calibration depend on the probabilities only."""
-    from sklearn.metrics import confusion_matrix
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, multilabel_confusion_matrix
 
     y = np.asarray(y, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -101,33 +114,20 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], *, boo
         warnings.warn(f"ROC AUC undefined (NaN) for classes absent or alone in this split: {', '.join(missing)}",
                       RuntimeWarning, stacklevel=2)
     macro = float(np.nanmean(per_auc)) if not all(math.isnan(v) for v in per_auc) else float("nan")
-    cm = confusion_matrix(y, pred, labels=list(range(n_classes)))
-    support = cm.sum(axis=1)
-    sens = [float(cm[k, k] / support[k]) if support[k] else float("nan") for k in range(n_classes)]
-    spec = []
-    for k in range(n_classes):
-        neg = cm.sum() - support[k]
-        tn = cm.sum() - support[k] - (cm[:, k].sum() - cm[k, k])
-        spec.append(float(tn / neg) if neg else float("nan"))
-    present = [s for s in sens if not math.isnan(s)]
-    bacc = float(np.mean(present)) if present else float("nan")
+    labels = list(range(n_classes))
+    cm = confusion_matrix(y, pred, labels=labels)
+    (tn, fp), (fn, tp) = multilabel_confusion_matrix(y, pred, labels=labels).transpose(1, 2, 0)  # per class
+    support = tp + fn
+    sens = [float(tp[k] / support[k]) if support[k] else float("nan") for k in labels]
+    spec = [float(tn[k] / (tn[k] + fp[k])) if tn[k] + fp[k] else float("nan") for k in labels]
+    with warnings.catch_warnings():  # a label predicted but absent from y: sklearn warns, then leaves it out
+        warnings.simplefilter("ignore", UserWarning)
+        bacc = float(balanced_accuracy_score(y, pred)) if len(y) else float("nan")
     ece, bins = expected_calibration_error(y, probs)
 
     ci_macro, ci_per = [float("nan")] * 2, [[float("nan")] * 2 for _ in range(n_classes)]
     if bootstrap > 0 and len(y) > 1:
-        rng = np.random.default_rng(seed)
-        boots = np.empty((bootstrap, n_classes))
-        for b in range(bootstrap):
-            idx = rng.integers(0, len(y), len(y))
-            boots[b] = _fast_auc(y[idx], probs[idx])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            macro_b = np.nanmean(boots, axis=1)
-            ci_macro = [float(np.nanpercentile(macro_b, 2.5)), float(np.nanpercentile(macro_b, 97.5))]
-            for k in range(n_classes):
-                col = boots[:, k][~np.isnan(boots[:, k])]
-                if len(col) > 10:
-                    ci_per[k] = [float(np.percentile(col, 2.5)), float(np.percentile(col, 97.5))]
+        ci_macro, ci_per = bootstrap_auc_ci(y, probs, bootstrap, seed)
 
     out = {
         "n": int(len(y)), "macro_auc": macro, "macro_auc_ci95": ci_macro, "balanced_accuracy": bacc,
