@@ -90,7 +90,7 @@ def test_ping_json_csv_and_sagemaker_headers(server, golden):
     res = as_json(body)
     assert res["model"] and res["version"] == "1" and len(res["predictions"]) == 1
     p = res["predictions"][0]
-    assert set(p) == {"label", "class_index", "probabilities", "decision_rule"}
+    assert set(p) == {"label", "class_index", "probabilities", "decision_rule", "tta"} and p["tta"] is False
     assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
     assert list(p["probabilities"])[p["class_index"]] == p["label"]
     for accept in (None, "*/*", "application/json; q=0.9, text/html"):
@@ -579,6 +579,41 @@ def test_batcher_holds_a_batch_open_while_requests_decode():
 
     woken = asyncio.run(main())
     assert sizes == [2, 1] and woken < 20  # woken by the finished decode, far before the 30 s deadline
+
+
+def test_flip_tta_in_serve_batch_and_predict_gives_the_same_answer(trained_run, golden, tmp_path, capsys):
+    """--tta: the server, a batch job and predict average the same four flips (equal probabilities, and each
+    answer says tta); they differ from the plain answer; batch/predict with --url refuse --tta (the server
+    decides)."""
+    from fastapi.testclient import TestClient
+
+    from medpipe.cli import main
+    from medpipe.infer.predictor import Predictor
+    from medpipe.serve.app import ServeConfig, create_app
+
+    capsys.readouterr()
+    assert main(["predict", "--model", str(trained_run / "model"), "--json", "--tta", str(golden["path"])]) == 0
+    predicted = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert predicted["tta"] is True
+    with TestClient(create_app(Predictor(trained_run / "model", tta=True), ServeConfig(tta=True)).app) as c:
+        r = c.post("/invocations", content=golden["bytes"], headers={"Content-Type": "image/jpeg"})
+    served = r.json()["predictions"][0]
+    assert r.status_code == 200 and served["tta"] is True
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a.jpg").write_bytes(golden["bytes"])
+    assert main(["batch", "--model", str(trained_run / "model"), "--input", str(inp), "--output",
+                 str(tmp_path / "out"), "--tta", "--backend", "eager"]) == 0
+    row = json.loads(next((tmp_path / "out").rglob("part-*.jsonl")).read_text().splitlines()[0])
+    assert row["tta"] is True
+    plain = Predictor(trained_run / "model").predict_files([golden["path"]])[0]
+    assert plain.tta is False
+    for other in (served["probabilities"], row["probabilities"]):
+        assert max(abs(other[k] - predicted["probabilities"][k]) for k in other) < 1e-4
+    assert max(abs(plain.probabilities[k] - predicted["probabilities"][k]) for k in plain.probabilities) > 1e-6
+    for argv in (["predict", "--url", "http://127.0.0.1:9", "--tta", str(golden["path"])],
+                 ["batch", "--url", "http://127.0.0.1:9", "--input", str(inp), "--output", str(tmp_path / "o2"), "--tta"]):
+        assert main(argv) == 2 and "--tta applies to a local --model" in capsys.readouterr().err
 
 
 def test_fuzz_api_never_500(trained_run):

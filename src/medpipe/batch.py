@@ -157,15 +157,15 @@ class LocalEngine:
     """Decode in parallel threads, forward in batches; halve the batch on out-of-memory."""
 
     def __init__(self, model: str, backend: str, device: str, batch_size: int, workers: int,
-                 decision_rule: str | None = None):
+                 decision_rule: str | None = None, tta: bool = False):
         from medpipe.infer.predictor import Predictor
 
         self.predictor = Predictor(model, device=device, backend=backend, max_batch=max(1, batch_size),
-                                   decision_rule=decision_rule)
+                                   decision_rule=decision_rule, tta=tta)
         self.batch_size = max(1, batch_size)
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="medpipe-decode")
         self.meta = {"model": self.predictor.name, "version": self.predictor.version,
-                     "classes": self.predictor.classes, "backend": self.predictor.backend}
+                     "classes": self.predictor.classes, "backend": self.predictor.backend, "tta": self.predictor.tta}
 
     def _decode(self, it: Item):
         from medpipe.data import dicom
@@ -287,7 +287,7 @@ def _row(it: Item, pred: dict | None = None, error: tuple[str, str] | None = Non
         probs = pred["probabilities"]
         label = pred.get("label") or max(probs, key=probs.get)
         row.update(label=label, class_index=list(probs).index(label), probabilities=probs,
-                   decision_rule=pred.get("decision_rule", "argmax"))
+                   decision_rule=pred.get("decision_rule", "argmax"), tta=bool(pred.get("tta", False)))
     return row
 
 
@@ -297,7 +297,10 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
               manifest_out: str | None = None, label_attribute: str = "medpipe-label", batch_size: int = 32,
               shard_size: int = 256, workers: int | None = None, backend: str = "auto", device: str = "auto",
               concurrency: int | None = None, max_error_rate: float | None = None, retries: int = 6,
-              progress: bool = False, s3_root: str | None = None, decision_rule: str | None = None) -> dict:
+              progress: bool = False, s3_root: str | None = None, decision_rule: str | None = None,
+              tta: bool = False) -> dict:
+    if url and tta:
+        raise BatchError("--tta applies to a local --model; a server averages flips when started with --tta")
     out = Path(output)
     items, root = list_items(input_path, s3_root)
     if not items:
@@ -312,7 +315,7 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
             raise BatchError(f"{out} holds a batch job over a different input listing or shard size; "
                              "use a new --output folder")
     engine = RemoteEngine(url, concurrency, retries) if url else LocalEngine(model, backend, device, batch_size,
-                                                                   workers or (os.cpu_count() or 1), decision_rule)
+                                                                   workers or (os.cpu_count() or 1), decision_rule, tta)
     state = {"input": str(input_path), "listing_sha256": digest, "items": len(items), "shard_size": shard_size,
              **{k: v for k, v in engine.meta.items() if k != "classes"}}
     atomic_write_json(state_path, state)
@@ -415,7 +418,7 @@ def _write_per_file(out: Path, rows: list[dict], meta: dict) -> list[dict]:
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         pred = {"label": r["label"], "class_index": r["class_index"], "probabilities": r["probabilities"],
-                "decision_rule": r.get("decision_rule", "argmax")}
+                "decision_rule": r.get("decision_rule", "argmax"), "tta": r.get("tta", False)}
         atomic_write_text(dest, to_json({"model": meta.get("model"), "version": meta.get("version"),
                                           "predictions": [pred]}))
     return refused

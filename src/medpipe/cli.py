@@ -36,7 +36,7 @@ from pathlib import Path
 
 from medpipe.utils import to_json
 from medpipe import __version__
-from medpipe.errors import MedpipeError, exit_code
+from medpipe.errors import ConfigError, MedpipeError, exit_code
 
 log = logging.getLogger("medpipe")
 
@@ -128,6 +128,7 @@ SERVE_HELP = {
     "port": "TCP port",
     "backend": "inference runtime",
     "decision_rule": "label rule (medpipe.decision; default: the package's own)",
+    "tta": "average each image over its four flips (4 forward passes per image; every answer says tta)",
     "device": "auto: CUDA when available, else CPU",
     "threads": "inference threads (0 = all cores)",
     "max_body_mb": "largest request body in MB (413 over it)",
@@ -305,6 +306,9 @@ def cmd_predict(args) -> int:
 
     if args.url:
         from medpipe.infer.client import predict_url
+
+        if args.tta:
+            raise ConfigError("--tta applies to a local --model; a server averages flips when started with --tta")
         results = predict_url(args.url, args.images)
     else:
         from medpipe.infer.predictor import Predictor
@@ -358,7 +362,7 @@ def cmd_batch(args) -> int:
                   shard_size=args.shard_size, workers=args.workers, backend=args.backend, device=args.device,
                   concurrency=args.concurrency, max_error_rate=args.max_error_rate, retries=args.retries,
                   progress=_progress(),
-                  s3_root=args.s3_root, decision_rule=args.decision_rule)
+                  s3_root=args.s3_root, decision_rule=args.decision_rule, tta=args.tta)
     print(f"batch: {s['predicted']} predicted, {s['errors']} errors of {s['items']} "
           f"-> {s['outputs']['jsonl']}, {s['outputs']['csv']}")
     if s["errors"]:
@@ -612,6 +616,7 @@ def _inference_commands(command) -> None:
     s.add_argument("--workers", type=WORKERS, default=None, help="decoding threads (default: all cores)")
     s.add_argument("--backend", default="auto", choices=BACKENDS, help="inference runtime")
     s.add_argument("--decision-rule", choices=DECISION_RULES, help="label rule (medpipe.decision; default: the package's own)")
+    s.add_argument("--tta", action="store_true", help="average each image over its four flips (local model only)")
     s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
     s.add_argument("--concurrency", type=POSITIVE, default=None,
                    help="with --url: requests in flight (default: the server's MaxConcurrentTransforms)")

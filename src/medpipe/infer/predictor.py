@@ -32,10 +32,11 @@ class Prediction:
     class_index: int
     probabilities: dict[str, float]
     decision_rule: str = "argmax"  # which rule of medpipe.decision chose the label
+    tta: bool = False  # probabilities averaged over the four flips of the image
 
     def as_dict(self) -> dict:
         return {"label": self.label, "class_index": self.class_index, "probabilities": self.probabilities,
-                "decision_rule": self.decision_rule}
+                "decision_rule": self.decision_rule, "tta": self.tta}
 
 
 def resolve_backend(backend: str, device: torch.device, meta: dict | None = None) -> tuple[str, str]:
@@ -113,13 +114,16 @@ class CudaGraphRunner:
 class Predictor:
     """Load once, predict many times. ``backend``: eager PyTorch, ONNX Runtime (CPU) or CUDA graphs
     of the eager model (CUDA), see BACKENDS. ``decision_rule``: the rule that picks each label
-    (medpipe.decision; None: the package's default); the probabilities are the same under every rule."""
+    (medpipe.decision; None: the package's default); the probabilities are the same under every rule.
+    ``tta``: by default average the logits over the image and its horizontal, vertical and double flips
+    (four forward passes per image; a call may still ask for or against it)."""
 
     def __init__(self, package: str | Path, device: str = "auto", max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
                  backend: str = "eager", threads: int | None = None, max_batch: int = 16,
-                 decision_rule: str | None = None):
+                 decision_rule: str | None = None, tta: bool = False):
         use_plain_tensors()
         self.device = resolve_device(device)
+        self.tta = bool(tta)
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.backend, self.backend_reason = resolve_backend(backend, self.device, self.meta)
@@ -189,8 +193,8 @@ class Predictor:
         return self.model(x.to(self.device).contiguous(memory_format=torch.channels_last)).float().cpu()
 
     @torch.inference_mode()
-    def logits(self, pixels: list[np.ndarray] | np.ndarray, tta: bool = False) -> torch.Tensor:
-        return self._logits(eval_batch(list(pixels), self.spec), tta)
+    def logits(self, pixels: list[np.ndarray] | np.ndarray, tta: bool | None = None) -> torch.Tensor:
+        return self._logits(eval_batch(list(pixels), self.spec), self.tta if tta is None else tta)
 
     @torch.inference_mode()
     def _logits(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
@@ -202,7 +206,7 @@ class Predictor:
                 out = out / 4
         return out
 
-    def probabilities(self, pixels: list[np.ndarray] | np.ndarray, tta: bool = False) -> np.ndarray:
+    def probabilities(self, pixels: list[np.ndarray] | np.ndarray, tta: bool | None = None) -> np.ndarray:
         """Calibrated class probabilities, shape (N, C). Raises PredictionError on NaN/Inf."""
         if len(pixels) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
@@ -217,7 +221,7 @@ class Predictor:
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, *self.size):
             raise PredictionError(f"preprocessed input must be N x 3 x {self.size[0]} x {self.size[1]}, "
                                   f"got {tuple(x.shape)}")
-        logits = self._logits(x)
+        logits = self._logits(x, self.tta)
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
         return torch.softmax(logits / self.temperature, dim=1).numpy()
@@ -234,25 +238,28 @@ class Predictor:
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
         probs = torch.softmax(logits.float().cpu() / self.temperature, dim=1).numpy()
-        return self.to_predictions(probs)[0], cam
+        return self.to_predictions(probs, tta=False)[0], cam  # Grad-CAM explains the unflipped image
 
     def labels(self, probs: np.ndarray) -> np.ndarray:
         """Class indices chosen by this predictor's decision rule from calibrated probabilities."""
         return decision.apply_offsets(probs, self._offsets)
 
-    def to_predictions(self, probs: np.ndarray) -> list[Prediction]:
+    def to_predictions(self, probs: np.ndarray, tta: bool | None = None) -> list[Prediction]:
+        """``tta``: whether ``probs`` came from flip TTA (None: this predictor's default)."""
+        tta = self.tta if tta is None else bool(tta)
         out = []
         for row, k in zip(probs, self.labels(probs)):
             k = int(k)
             out.append(Prediction(self.classes[k], k, {c: float(p) for c, p in zip(self.classes, row)},
-                                  self.decision_rule))
+                                  self.decision_rule, tta))
         return out
 
-    def predict_bytes(self, items: list[bytes], names: list[str] | None = None, tta: bool = False) -> list[Prediction]:
+    def predict_bytes(self, items: list[bytes], names: list[str] | None = None,
+                      tta: bool | None = None) -> list[Prediction]:
         names = names or [None] * len(items)
         pixels = [self.decode(d, n) for d, n in zip(items, names)]
-        return self.to_predictions(self.probabilities(pixels, tta=tta))
+        return self.to_predictions(self.probabilities(pixels, tta=tta), tta)
 
-    def predict_files(self, paths: list[str | Path], tta: bool = False) -> list[Prediction]:
+    def predict_files(self, paths: list[str | Path], tta: bool | None = None) -> list[Prediction]:
         pixels = [self.spec.read(p, max_pixels=self.max_pixels) for p in paths]
-        return self.to_predictions(self.probabilities(pixels, tta=tta))
+        return self.to_predictions(self.probabilities(pixels, tta=tta), tta)

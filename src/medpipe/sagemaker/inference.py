@@ -62,7 +62,9 @@ def device_for(context) -> str:
 def model_fn(model_dir, context=None):
     from medpipe.infer.predictor import Predictor
 
-    return Predictor(model_dir, device=device_for(context), backend=os.environ.get("MEDPIPE_BACKEND", "auto"))
+    # the endpoint's environment (Model(env=...)) chooses the runtime and flip TTA, as for medpipe serve
+    return Predictor(model_dir, device=device_for(context), backend=os.environ.get("MEDPIPE_BACKEND", "auto"),
+                     tta=os.environ.get("MEDPIPE_TTA", "").strip().lower() in ("1", "true", "yes"))
 
 
 def predict(model, body, content_type: str | None, accept: str | None) -> tuple[str, str]:

@@ -82,6 +82,7 @@ class ServeConfig:
     port: int = 8080
     backend: str = "auto"          # auto | eager | onnx | int8 | cudagraph
     decision_rule: str | None = None  # label rule (medpipe.decision); None: the package's default
+    tta: bool = False              # average each image's logits over its four flips (4 forward passes)
     device: str = "auto"           # auto | cpu | cuda (auto: CUDA when available)
     threads: int = 0               # inference threads; 0 = all cores
     max_body_mb: float = 6.0       # SageMaker's real-time payload limit
@@ -593,7 +594,8 @@ def serve(cfg: ServeConfig) -> int:
     threads = cfg.threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     predictor = Predictor(cfg.model, device=cfg.device, max_pixels=cfg.max_pixels, backend=cfg.backend,
-                          threads=threads, max_batch=cfg.max_batch, decision_rule=cfg.decision_rule)
+                          threads=threads, max_batch=cfg.max_batch, decision_rule=cfg.decision_rule,
+                          tta=cfg.tta)
     if predictor.backend in ("onnx", "int8"):
         torch.set_num_threads(1)  # torch only runs the eval preset and Grad-CAM: leave the cores to ORT
     app = create_app(predictor, cfg)
