@@ -494,7 +494,7 @@ class BundlePredictionWriter:
 
 def _model_card(meta: dict, md: dict) -> str:
     about = _about(meta)
-    spec = about["preprocessing"]
+    spec = PreprocessSpec.from_meta(meta)
     lines = [f"# {about['name']} (v{about['version']}): {about['architecture']} dermatoscopy classifier", "",
              "## What it is", "",
              f"A MONAI {about['architecture']} that classifies one RGB dermatoscopy image into "
@@ -509,10 +509,9 @@ def _model_card(meta: dict, md: dict) -> str:
              "This writes `eval/predictions.jsonl` (one line per image: path, label, probabilities). "
              "`models/model.pt` is a plain state dict (loaded with `torch.load(weights_only=True)`); "
              "`models/model.ts` is the same network as TorchScript (input: normalised float32 N x 3 x "
-             f"{spec['image_size']} x {spec['image_size']}, output: logits).", "",
+             f"{spec.image_size} x {spec.image_size}, output: logits).", "",
              "## Preprocessing", "",
-             *[f"- {k}: {spec[k]}" for k in ("decode", "resize", "normalise")],
-             f"- mean {spec['mean']}, std {spec['std']}", "",
+             *spec.describe_lines(), "",
              "## Data", ""]
     cfg = meta.get("training_config") or {}
     lines.append(f"Trained on the record table with sha256 `{meta.get('records_sha256') or 'unknown'}`"

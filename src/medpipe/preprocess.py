@@ -100,6 +100,12 @@ class PreprocessSpec:
                                 "e /= ||e||, x = clip(x / (e * sqrt(3)), 0, 1)"),
                 "layout": f"NCHW float32, N x 3 x {s} x {s}"}
 
+    def describe_lines(self) -> list[str]:
+        """The contract as markdown bullet lines, for model cards (the MONAI bundle's README)."""
+        d = self.describe()
+        return [*(f"- {k}: {d[k]}" for k in ("decode", "resize", "normalise")),
+                f"- mean {list(self.mean)}, std {list(self.std)}"]
+
     # -- the decode half of the contract -------------------------------------------------------
     def decode(self, data: bytes, name: str | None = None, *,
                max_pixels: int = imageio.DEFAULT_MAX_PIXELS) -> np.ndarray:
