@@ -1,7 +1,9 @@
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +272,7 @@ def test_every_loader_mode_yields_the_same_batches():
     ref = {e: list(BatchLoader(source, 0, pin=False).epoch(e, bs)) for e, bs in epochs.items()}
     assert not torch.equal(ref[0][0][0], ref[1][0][0])
     for workers in (1, 2):
+        others = set(multiprocessing.active_children())  # e.g. a session fixture's server
         loader = BatchLoader(source, workers, pin=False)
         try:
             for e, bs in epochs.items():
@@ -277,8 +280,15 @@ def test_every_loader_mode_yields_the_same_batches():
                 assert len(got) == len(ref[e]) - 1
                 for (x, y), (rx, ry) in zip(got, ref[e][1:]):
                     assert torch.equal(x, rx) and torch.equal(y, ry)
+            started = [p for p in multiprocessing.active_children() if p not in others]
         finally:
             loader.close()
+        if workers == 2:  # the worker processes were kept across epochs and stop at close()
+            assert len(started) >= 2
+            deadline = time.monotonic() + 30
+            while any(p.is_alive() for p in started) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not any(p.is_alive() for p in started), [p.pid for p in started if p.is_alive()]
     assert auto_workers(cuda=False) == 1 and auto_workers(cuda=True) >= 1
 
 

@@ -15,6 +15,7 @@ with other settings is refused naming both (re-shard with the same ``--split-see
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -167,10 +168,14 @@ class BatchLoader:
         return self._iter
 
     def close(self) -> None:
-        """Stop the worker processes (a run in a long-lived process must not leave them behind)."""
-        it, self._iter, self._procs = self._iter, None, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        """Stop the worker processes (a run in a long-lived process must not leave them behind). A
+        DataLoader's worker-backed iterator stops and joins its workers when it is released, so this drops
+        the loader and its iterator and collects them (no private DataLoader API). Should a caller still
+        hold the iterator (e.g. a traceback in flight), the workers stop when that reference goes."""
+        if self._procs is None:
+            return
+        self._iter = self._procs = None
+        gc.collect()
 
 
 # --------------------------------------------------------------------------- the two sources
