@@ -66,6 +66,14 @@ def test_quantize_passes_the_gate_and_records_it(int8_run, tmp_path, capsys):
     assert g["auc_diff"] <= MAX_AUC_DIFF and g["agreement"] >= MIN_AGREEMENT and 0 <= g["max_prob_diff"] < 1
     assert g["n"] >= 10 and info["weights_sha256"] == meta["weights_sha256"] and info["temperature"] > 0
     assert (int8_run["model"] / INT8_FILE).stat().st_size < (int8_run["model"] / "weights.safetensors").stat().st_size / 2
+    # the INT8/FP32 speed `auto` decides on, timed at quantize time, with the CPU it was timed on
+    from medpipe.infer.quantize import cpu_int8_flags, cpu_model
+
+    speed = info["speed"]
+    assert set(speed["batches"]) == {"1", "8"} and speed["cpu"]["model"] == cpu_model()
+    assert speed["cpu"]["int8_flags"] == cpu_int8_flags() and speed["min_speedup"] == 1.1
+    assert speed["speedup"] == min(b["speedup"] for b in speed["batches"].values()) > 0
+    assert all(b["fp32_ms"] > 0 and b["int8_ms"] > 0 for b in speed["batches"].values())
 
     # export: the same gated model outside the package, its gate and INT8 temperature in the sidecar,
     # and onnxruntime alone runs it
@@ -114,8 +122,11 @@ def test_int8_answers_like_fp32_through_predict_batch_and_serve(int8_run, tmp_pa
         ref = by_name[Path(row["path"]).name]
         assert row["label"] == ref["label"]
         assert max(abs(row["probabilities"][c] - ref["probabilities"][c]) for c in CLASSES) < 1e-4
-    # serve: `auto` picks INT8 on a VNNI/AMX CPU (the log says which and why); answers equal predict's
-    srv = Server(int8_run["model"], "--backend", "auto", "--threads", "1", log=tmp_path / "serve.log").wait_ready()
+    # serve: `auto` picks INT8 on a VNNI/AMX CPU where INT8 was recorded faster on this CPU model (set here:
+    # the real figure depends on the machine's load); the log says which and why; answers equal predict's
+    served = _copy_run(int8_run["run"], tmp_path / "run")
+    _set_speed(served, 1.5)
+    srv = Server(served, "--backend", "auto", "--threads", "1", log=tmp_path / "serve.log").wait_ready()
     try:
         for img, ref in zip(images[:6], int8 if cpu_int8_flags() else fp32):
             status, _, body = srv.invoke(img.read_bytes(), ctype="image/png")
@@ -128,9 +139,22 @@ def test_int8_answers_like_fp32_through_predict_batch_and_serve(int8_run, tmp_pa
         srv.stop()
     log = srv.log_text()
     if cpu_int8_flags():
-        assert "backend int8 (auto: gated INT8 model" in log
+        assert "backend int8 (auto: gated INT8 model" in log and "INT8 1.50x FP32 ONNX" in log
+        assert "measured at quantize time on this CPU model" in log
     else:
         assert "backend onnx (auto: ONNX Runtime FP32, not INT8 because this CPU reports no INT8" in log
+
+
+def _set_speed(model: Path, speedup: float | None, cpu: str | None = None) -> None:
+    """Replace the recorded INT8/FP32 speed-up in int8.json (None: no figure), as if measured on ``cpu``."""
+    from medpipe.infer.quantize import INT8_META, cpu_model
+
+    info = json.loads((model / INT8_META).read_text())
+    info.pop("speed", None)
+    if speedup is not None:
+        info["speed"] = {"batches": {"1": {"fp32_ms": 10.0 * speedup, "int8_ms": 10.0, "speedup": speedup}},
+                         "speedup": speedup, "cpu": {"model": cpu or cpu_model()}}
+    (model / INT8_META).write_text(json.dumps(info))
 
 
 def test_broken_calibration_is_refused_by_the_gate_and_forced_models_are_never_auto(int8_run, tmp_path, capsys,
@@ -180,6 +204,7 @@ def test_auto_picks_only_a_verified_gated_int8_model_on_a_vnni_cpu(int8_run, tmp
         return resolve_backend("auto", cpu, read_meta(model))
 
     monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["avx512_vnni"])
+    _set_speed(model, 1.5)  # recorded faster on this CPU model (the real figure depends on the machine)
     p = Predictor(model, device="cpu", backend="auto")
     assert p.backend == "int8" and p.temperature == p.int8["temperature"] != read_meta(model)["calibration"]["temperature"]
     monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: [])
@@ -203,6 +228,79 @@ def test_auto_picks_only_a_verified_gated_int8_model_on_a_vnni_cpu(int8_run, tmp
         Predictor(model, device="cpu", backend="int8")
 
 
+def test_auto_picks_int8_only_where_it_was_measured_faster(int8_run, tmp_path, monkeypatch):
+    """The recorded speed-up on the same CPU model decides; on another CPU model (or none recorded) a
+    start-up check decides, once per process. The timing is injected: tests never assert real timings."""
+    import torch
+
+    import medpipe.infer.quantize as q
+    from medpipe.infer.predictor import Predictor, resolve_backend
+    from medpipe.package import read_meta
+
+    model = _copy_run(int8_run["run"], tmp_path / "run")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["avx512_vnni"])
+    monkeypatch.setattr(q, "_SPEED_CHECKS", {})
+    calls = []
+
+    def fake_measure(speedup):
+        def measure(fp32, int8, size, **kw):
+            assert isinstance(fp32, bytes) and fp32 != int8  # the package's FP32 graph vs its INT8 one
+            calls.append((size, kw.get("threads")))
+            return {"batches": {"1": {"fp32_ms": 10.0 * speedup, "int8_ms": 10.0, "speedup": speedup}},
+                    "speedup": speedup}
+        return measure
+
+    def auto(fp32=None, threads=None):
+        return resolve_backend("auto", cpu, read_meta(model), fp32, threads)
+
+    monkeypatch.setattr(q, "measure_speedup", fake_measure(9.0))  # must not be called while a figure decides
+    _set_speed(model, 1.3)
+    assert auto()[0] == "int8" and "INT8 1.30x FP32 ONNX" in auto()[1] and "at quantize time" in auto()[1]
+    _set_speed(model, 1.05)
+    b, why = auto()
+    assert b == "onnx" and "not fast enough" in why and "1.05x" in why and "at least 1.1x" in why
+    assert calls == []
+    # another CPU model: the recorded figure does not count; the start-up check (injected) decides
+    _set_speed(model, 3.0, cpu="Some Other CPU 9000")
+    assert auto()[0] == "onnx" and "no speed figure for this CPU" in auto()[1]  # no FP32 graph to time against
+    monkeypatch.setattr(q, "measure_speedup", fake_measure(0.9))
+    p = Predictor(model, device="cpu", backend="auto", threads=1)
+    assert p.backend == "onnx" and "start-up check" in p.backend_reason and "Some Other CPU 9000" in p.backend_reason
+    assert "0.90x" in p.backend_reason and calls == [(32, 1)]
+    assert p.logits([np.zeros((32, 32, 3), np.uint8)]).shape == (1, 7)  # the FP32 graph it timed also runs
+    Predictor(model, device="cpu", backend="auto", threads=1)
+    assert len(calls) == 1  # cached for the process (same INT8 model, CPU, threads)
+    monkeypatch.setattr(q, "_SPEED_CHECKS", {})
+    monkeypatch.setattr(q, "measure_speedup", fake_measure(1.4))
+    _set_speed(model, None)
+    p = Predictor(model, device="cpu", backend="auto", threads=1)
+    assert p.backend == "int8" and "no quantize-time figure" in p.backend_reason and len(calls) == 2
+
+    def broken(*a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(q, "_SPEED_CHECKS", {})
+    monkeypatch.setattr(q, "measure_speedup", broken)
+    p = Predictor(model, device="cpu", backend="auto", threads=1)
+    assert p.backend == "onnx" and "speed check" in p.backend_reason and "boom" in p.backend_reason
+
+
+def test_measure_speedup_times_both_graphs(int8_run):
+    """The real timing function on the fixture's tiny graphs: both sessions run at each batch size (the
+    figures' size is not asserted; only that they are measured and combined as documented)."""
+    from medpipe.export import onnx_bytes
+    from medpipe.infer.quantize import load_int8, measure_speedup
+    from medpipe.package import load_package
+
+    model, meta = load_package(int8_run["model"])
+    int8, _ = load_int8(meta)
+    r = measure_speedup(onnx_bytes(model, 32), int8, 32, batches=(1, 2), threads=1, warmup=1, rounds=2)
+    assert set(r["batches"]) == {"1", "2"} and r["rounds"] == 2 and r["threads"] == 1
+    assert r["speedup"] == min(v["speedup"] for v in r["batches"].values())
+    assert all(v["fp32_ms"] > 0 and v["int8_ms"] > 0 and v["speedup"] > 0 for v in r["batches"].values())
+
+
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     from medpipe.infer.quantize import cpu_int8_flags
 
@@ -211,3 +309,7 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert cpu_int8_flags(f) == ["avx512_vnni", "amx_int8"]
     f.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
     assert cpu_int8_flags(f) == [] and cpu_int8_flags(tmp_path / "missing") == []
+    from medpipe.infer.quantize import cpu_model
+
+    f.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480C\nflags\t\t: fpu\n")
+    assert cpu_model(f) == "Intel(R) Xeon(R) Platinum 8480C" and cpu_model(tmp_path / "missing")

@@ -39,10 +39,13 @@ class Prediction:
                 "decision_rule": self.decision_rule, "tta": self.tta}
 
 
-def resolve_backend(backend: str, device: torch.device, meta: dict | None = None) -> tuple[str, str]:
+def resolve_backend(backend: str, device: torch.device, meta: dict | None = None, fp32=None,
+                    threads: int | None = None) -> tuple[str, str]:
     """The backend to run and why. ``auto``: on CPU the package's gated INT8 model where the CPU has
-    VNNI/AMX (infer/quantize.py), else ONNX Runtime when installed, else eager; CUDA graphs on a GPU
-    (each the fastest measured in benchmarks/serve_load.py)."""
+    VNNI/AMX and INT8 was measured at least 1.1x as fast as FP32 ONNX on this CPU model (at quantize
+    time, else a start-up check timing ``fp32()``'s graph against it with ``threads``; infer/quantize.py),
+    else ONNX Runtime when installed, else eager; CUDA graphs on a GPU (each the fastest measured in
+    benchmarks/serve_load.py)."""
     if backend not in BACKENDS:
         raise MedpipeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend in ("onnx", "int8") and device.type != "cpu":
@@ -62,7 +65,7 @@ def resolve_backend(backend: str, device: torch.device, meta: dict | None = None
     if meta is not None:
         from medpipe.infer.quantize import auto_int8_status
 
-        ok, why = auto_int8_status(meta)
+        ok, why = auto_int8_status(meta, fp32, threads)
         if ok:
             return "int8", f"auto: {why}"
         return "onnx", f"auto: ONNX Runtime FP32, not INT8 because {why}"
@@ -126,11 +129,13 @@ class Predictor:
         self.tta = bool(tta)
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
-        self.backend, self.backend_reason = resolve_backend(backend, self.device, self.meta)
+        self._fp32_onnx: bytes | None = None
+        self.spec = package_spec(self.meta)
+        self.backend, self.backend_reason = resolve_backend(backend, self.device, self.meta, self._onnx_fp32,
+                                                            threads)
         self._session = None
         self._graphs = None
         self._explainer = None
-        self.spec = package_spec(self.meta)
         self.int8 = None  # the INT8 record (gate figures, temperature) when that backend runs
         try:
             self._start_backend(threads, max_batch)
@@ -141,6 +146,7 @@ class Predictor:
             log.warning("the %s backend could not start (%s); using the eager backend", self.backend, exc)
             self.backend, self._session, self._graphs = "eager", None, None
             self.backend_reason = f"auto: fell back because the faster backend could not start ({exc})"
+        self._fp32_onnx = None  # only needed to start a backend
         log.info("backend %s (%s)", self.backend, self.backend_reason)
         self.classes: list[str] = list(self.meta["classes"])
         self.temperature = float(self.int8["temperature"] if self.int8 else
@@ -157,9 +163,9 @@ class Predictor:
         if self.backend == "cudagraph":
             self._graphs = CudaGraphRunner(self.model, size, self.device, max(1, int(max_batch)))
         elif self.backend == "onnx":
-            from medpipe.export import onnx_bytes, onnx_session
+            from medpipe.export import onnx_session
 
-            self._session = onnx_session(onnx_bytes(self.model, size), threads=threads)
+            self._session = onnx_session(self._onnx_fp32(), threads=threads)
         elif self.backend == "int8":
             from medpipe.export import onnx_session
             from medpipe.infer.quantize import load_int8
@@ -170,6 +176,14 @@ class Predictor:
                             "; ".join(info["gate"].get("failures", [])))
             self._session = onnx_session(data, threads=threads)
             self.int8 = info
+
+    def _onnx_fp32(self) -> bytes:
+        """The package's FP32 ONNX graph, exported once (auto's start-up check and the onnx backend share it)."""
+        if self._fp32_onnx is None:
+            from medpipe.export import onnx_bytes
+
+            self._fp32_onnx = onnx_bytes(self.model, self.spec.image_size)
+        return self._fp32_onnx
 
     @property
     def size(self) -> tuple[int, int]:

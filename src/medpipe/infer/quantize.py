@@ -3,7 +3,7 @@ images, behind an accuracy gate that cannot be skipped.
 
     medpipe quantize --model RUN/model --data DATA          # gate, then RUN/model/model.int8.onnx + int8.json
     medpipe export --model RUN/model --format onnx-int8 --out m.int8.onnx [--data DATA]
-    medpipe serve --model RUN/model --backend int8           # `auto` picks it on a VNNI/AMX CPU once gated
+    medpipe serve --model RUN/model --backend int8           # `auto` picks it once gated AND measured >= 1.1x FP32 here
 
 Quantization: the FP32 ONNX graph of the package (the same one the ``onnx`` backend runs) goes
 through ``quant_pre_process`` (shape inference, graph optimisation) and ``quantize_static`` in QDQ
@@ -100,22 +100,120 @@ def load_int8(meta: dict) -> tuple[bytes, dict]:
     return data, info
 
 
-def auto_int8_status(meta: dict) -> tuple[bool, str]:
-    """Whether ``auto`` may pick the package's INT8 model on this CPU, and why (for the log)."""
+MIN_SPEEDUP = 1.1  # auto picks INT8 only where it measured at least this much faster than FP32 ONNX
+SPEED_BATCHES = (1, 8)  # batch 1 (a lone request) and the batch the server forms under load
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) ..."), or platform.processor() where /proc/cpuinfo has none."""
+    import platform
+
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[-1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_description() -> dict:
+    """What a speed figure was measured on: the model name, its INT8 instructions, its logical CPUs."""
+    import os
+
+    return {"model": cpu_model(), "int8_flags": cpu_int8_flags(), "logical_cpus": os.cpu_count()}
+
+
+def measure_speedup(fp32: bytes, int8: bytes, image_size: int, *, batches: tuple[int, ...] = SPEED_BATCHES,
+                    threads: int | None = None, warmup: int = 2, rounds: int = 5) -> dict:
+    """Time ONNX Runtime FP32 against INT8 on this CPU, in this process: both sessions built the way the
+    backends build them, ``warmup`` runs each, then ``rounds`` rounds alternating FP32 and INT8 (the order
+    swapped every round so drift in the machine's load hits both) at each batch size on random inputs.
+    Returns per batch the median milliseconds and the median of the per-round FP32/INT8 ratios, and
+    ``speedup``: the smallest of those ratios (INT8 must win at every batch size)."""
+    import time
+
+    from medpipe.export import INPUT_NAME, onnx_session
+
+    sessions = {"fp32": onnx_session(fp32, threads=threads), "int8": onnx_session(int8, threads=threads)}
+    rng = np.random.default_rng(0)
+    out: dict = {}
+    for b in batches:
+        feed = {INPUT_NAME: rng.standard_normal((b, 3, image_size, image_size), dtype=np.float32)}
+        for _ in range(warmup):
+            for s in sessions.values():
+                s.run(None, feed)
+        ms: dict[str, list[float]] = {"fp32": [], "int8": []}
+        for r in range(rounds):
+            for name in (("fp32", "int8") if r % 2 == 0 else ("int8", "fp32")):
+                t = time.perf_counter()
+                sessions[name].run(None, feed)
+                ms[name].append(1000 * (time.perf_counter() - t))
+        ratios = [a / b_ for a, b_ in zip(ms["fp32"], ms["int8"])]
+        out[str(b)] = {"fp32_ms": float(np.median(ms["fp32"])), "int8_ms": float(np.median(ms["int8"])),
+                       "speedup": float(np.median(ratios))}
+    return {"batches": out, "speedup": min(v["speedup"] for v in out.values()), "threads": threads,
+            "warmup": warmup, "rounds": rounds}
+
+
+def format_speed(speed: dict) -> str:
+    per = ", ".join(f"batch {b}: {v['fp32_ms']:.1f} -> {v['int8_ms']:.1f} ms ({v['speedup']:.2f}x)"
+                    for b, v in speed["batches"].items())
+    return f"INT8 {speed['speedup']:.2f}x FP32 ONNX ({per})"
+
+
+_SPEED_CHECKS: dict[tuple, dict] = {}  # start-up checks, once per process, INT8 model, CPU and thread count
+
+
+def auto_int8_status(meta: dict, fp32=None, threads: int | None = None) -> tuple[bool, str]:
+    """Whether ``auto`` may pick the package's INT8 model on this CPU, and why (for the log).
+
+    INT8 only when the CPU has INT8 dot-product instructions, the model is verified and passed its
+    gate, and INT8 was measured at least ``MIN_SPEEDUP`` times as fast as FP32 ONNX on this CPU model:
+    the figure recorded at quantize time when it was made on the same CPU model, else a short start-up
+    check (``fp32``: a callable returning the FP32 ONNX bytes; without it no check, no INT8), cached
+    for the process."""
     flags = cpu_int8_flags()
     if not flags:
         return False, "this CPU reports no INT8 dot-product instructions (avx512_vnni, avx_vnni or amx_int8)"
     if not int8_paths(meta["_dir"])[1].is_file():
         return False, f"the package has no INT8 model (medpipe quantize makes one); CPU has {'+'.join(flags)}"
     try:
-        _, info = load_int8(meta)
+        int8, info = load_int8(meta)
     except QuantizeError as exc:
         return False, f"its INT8 model is not usable: {exc}"
     if not info["gate"].get("passed"):
         return False, "its INT8 model failed the accuracy gate (written with --force): " + \
             "; ".join(info["gate"].get("failures", []))
-    return True, (f"gated INT8 model (agreement {info['gate']['agreement']:.1%}, macro AUC difference "
-                  f"{info['gate']['auc_diff']:.4f}) on a CPU with {'+'.join(flags)}")
+    gated = f"gated INT8 model (agreement {info['gate']['agreement']:.1%}, macro AUC difference " \
+            f"{info['gate']['auc_diff']:.4f})"
+    here = cpu_model()
+    speed = info.get("speed") if isinstance(info.get("speed"), dict) else None
+    recorded = (speed is not None and isinstance(speed.get("cpu"), dict) and speed["cpu"].get("model") == here
+                and isinstance(speed.get("speedup"), (int, float)) and math.isfinite(speed["speedup"]))
+    if recorded:
+        source = f"measured at quantize time on this CPU model ({here}, {'+'.join(flags)})"
+    elif fp32 is None:
+        return False, (f"its {gated} has no speed figure for this CPU ({here}) and no start-up check could run")
+    else:
+        key = (info["sha256"], here, threads)
+        if key not in _SPEED_CHECKS:
+            from medpipe.package import package_spec
+
+            size = package_spec(meta).image_size
+            try:
+                _SPEED_CHECKS[key] = measure_speedup(fp32(), int8, size, threads=threads, warmup=1, rounds=3)
+            except Exception as exc:  # noqa: BLE001 - a failed check is a reason to keep FP32, not to fail
+                return False, f"the start-up speed check of its {gated} failed ({exc.__class__.__name__}: {exc})"
+        speed = _SPEED_CHECKS[key]
+        source = (f"start-up check on this CPU ({here}, {'+'.join(flags)}; "
+                  + ("the quantize-time figure is from " + str(info["speed"]["cpu"].get("model"))
+                     if isinstance(info.get("speed"), dict) and isinstance(info["speed"].get("cpu"), dict)
+                     else "no quantize-time figure") + ")")
+    if speed["speedup"] >= MIN_SPEEDUP:
+        return True, f"{gated}, {format_speed(speed)} {source}"
+    return False, (f"its {gated} is not fast enough here: {format_speed(speed)} {source}, "
+                   f"at least {MIN_SPEEDUP}x required")
 
 
 # -- quantization ----------------------------------------------------------------------------------
@@ -301,6 +399,9 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
                        "calibration_images": int(len(calib_px)),
                        "calibration_source": str(calibration) if calibration else f"validation split of {data}"},
             "cpu_int8_flags": cpu_int8_flags()}
+    # what `auto` decides on: INT8 against FP32 ONNX timed here, recorded with the CPU it ran on
+    info["speed"] = {**measure_speedup(fp32, int8, spec.image_size), "cpu": cpu_description(),
+                     "min_speedup": MIN_SPEEDUP}
     return int8, info
 
 
@@ -332,7 +433,10 @@ def format_gate(info: dict) -> str:
     return (f"gate on {g['n']} validation images: macro AUC FP32 {g['fp32_macro_auc']:.4f} / INT8 "
             f"{g['int8_macro_auc']:.4f} (difference {g['auc_diff']:.4f}, allowed {MAX_AUC_DIFF}), top-1 agreement "
             f"{g['agreement']:.1%} (>= {MIN_AGREEMENT:.0%}), max probability difference {g['max_prob_diff']:.4f}; "
-            f"INT8 temperature {info['temperature']:.3f}; " + ("PASSED" if g["passed"] else "FAILED (forced)"))
+            f"INT8 temperature {info['temperature']:.3f}; " + ("PASSED" if g["passed"] else "FAILED (forced)")
+            + (f"\nspeed on {info['speed']['cpu']['model']}: {format_speed(info['speed'])}; --backend auto "
+               + ("picks INT8 on this CPU model" if info["speed"]["speedup"] >= MIN_SPEEDUP and g["passed"]
+                  else "keeps FP32 ONNX on this CPU model") if isinstance(info.get("speed"), dict) else ""))
 
 
 def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None = None,
