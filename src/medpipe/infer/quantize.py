@@ -7,8 +7,8 @@ images, behind an accuracy gate that cannot be skipped.
 
 Quantization: the FP32 ONNX graph of the package (the same one the ``onnx`` backend runs) goes
 through ``quant_pre_process`` (shape inference, graph optimisation) and ``quantize_static`` in QDQ
-form: uint8 activations with MinMax ranges from the calibration images, int8 per-channel weights
-(the U8S8 form ONNX Runtime's VNNI/AMX kernels run). The calibration images are the validation
+form, convolutions and matrix products only (``QUANT_DEFAULTS``): uint8 activations with MinMax ranges
+from the calibration images, int8 per-channel weights (the U8S8 form ONNX Runtime's VNNI/AMX kernels run). The calibration images are the validation
 split of the package's run (``RUN/splits.csv``, else ``DATA/splits.csv``), or a folder given with
 ``--calibration``.
 
@@ -230,10 +230,31 @@ def _float_nodes(path: Path) -> list[str]:
     return head + ([first] if first else [])
 
 
-def quantize_onnx(fp32: bytes, calibration: list[np.ndarray]) -> bytes:
-    """Static QDQ quantization of an FP32 ONNX graph; ``calibration`` is a list of NCHW float32 batches."""
+# Only the convolutions (and matrix products) are quantized: DenseNet is mostly Concat/BatchNorm/Relu between
+# its convolutions, and quantizing those too put Quantize/Dequantize pairs on every concatenated feature map.
+# benchmarks/int8_variants.py measured this 1.55-1.99x FP32 ONNX against 1.27-1.55x for quantizing every op
+# (DenseNet121 224x224, batch 1 and 8, interleaved rounds, three runs; README "CPU speed"). It stays QDQ, plain
+# ONNX ops other runtimes read too: QOperator (ONNX Runtime contrib ops) was within the run-to-run spread.
+QUANT_DEFAULTS = {"pre_process": True, "quant_format": "qdq", "per_channel": True, "reduce_range": False,
+                  "op_types": ["Conv", "MatMul", "Gemm"], "keep_ends_fp32": True, "activation": "uint8",
+                  "extra_options": None}
+
+
+def quantize_onnx(fp32: bytes, calibration: list[np.ndarray], **options) -> bytes:
+    """Static quantization of an FP32 ONNX graph; ``calibration`` is a list of NCHW float32 batches.
+
+    ``options`` (defaults in ``QUANT_DEFAULTS``, the configuration medpipe ships; the others are what
+    benchmarks/int8_variants.py compares): ``pre_process`` (``quant_pre_process``: shape inference and
+    graph optimisation first), ``quant_format`` ``qdq``|``qoperator``, ``per_channel`` weights,
+    ``reduce_range`` (7-bit weights), ``op_types`` (None: every op ONNX Runtime can quantize; else a
+    list such as ["Conv", "MatMul", "Gemm"]), ``keep_ends_fp32`` (first convolution and logits in FP32),
+    ``activation`` ``uint8``|``int8``, ``extra_options`` (passed to ``quantize_static``)."""
     from medpipe.export import INPUT_NAME
 
+    unknown = set(options) - set(QUANT_DEFAULTS)
+    if unknown:
+        raise QuantizeError(f"unknown quantization option(s): {', '.join(sorted(unknown))}")
+    opt = {**QUANT_DEFAULTS, **options}
     try:
         from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                               quant_pre_process, quantize_static)
@@ -255,11 +276,19 @@ def quantize_onnx(fp32: bytes, calibration: list[np.ndarray]) -> bytes:
         level = root.level
         root.setLevel(logging.ERROR)  # the quantizer logs one warning per BatchNorm weight
         try:
-            quant_pre_process(str(src), str(pre))
-            keep = _float_nodes(pre)
-            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep)
+            if opt["pre_process"]:
+                quant_pre_process(str(src), str(pre))
+            else:
+                pre = src
+            keep = _float_nodes(pre) if opt["keep_ends_fp32"] else []
+            quantize_static(str(pre), str(out), Reader(),
+                            quant_format=QuantFormat.QOperator if opt["quant_format"] == "qoperator"
+                            else QuantFormat.QDQ,
+                            per_channel=bool(opt["per_channel"]), reduce_range=bool(opt["reduce_range"]),
+                            op_types_to_quantize=opt["op_types"],
+                            activation_type=QuantType.QInt8 if opt["activation"] == "int8" else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=keep, extra_options=opt["extra_options"])
         finally:
             root.setLevel(level)
         return out.read_bytes()
@@ -394,8 +423,12 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     info = {"format": INT8_FORMAT, "file": INT8_FILE, "sha256": hashlib.sha256(int8).hexdigest(),
             "weights_sha256": meta["weights_sha256"], "temperature": t8,
             "gate": figures, "forced": bool(force and not figures["passed"]),
-            "method": {"toolchain": f"onnxruntime {onnxruntime.__version__}", "format": "QDQ",
-                       "activations": "uint8, per tensor, MinMax", "weights": "int8, per channel",
+            "method": {"toolchain": f"onnxruntime {onnxruntime.__version__}",
+                       "format": "QOperator" if QUANT_DEFAULTS["quant_format"] == "qoperator" else "QDQ",
+                       "activations": f"{QUANT_DEFAULTS['activation']}, per tensor, MinMax",
+                       "weights": "int8, " + ("per channel" if QUANT_DEFAULTS["per_channel"] else "per tensor"),
+                       "quantized_ops": QUANT_DEFAULTS["op_types"] or "all ONNX Runtime can quantize",
+                       "options": dict(QUANT_DEFAULTS),
                        "calibration_images": int(len(calib_px)),
                        "calibration_source": str(calibration) if calibration else f"validation split of {data}"},
             "cpu_int8_flags": cpu_int8_flags()}
