@@ -27,6 +27,10 @@ HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 TRAIN = ["--model", "efficientnet-b0", "--image-size", "32", "--batch-size", "16", "--threads", "1", "--workers", "0",
          "--lr", "0.002"]
 
+# what Flower 1.42's SuperNode logs each time the SuperLink refuses its key (exit code 305); a registered site
+# may log it once while the server is still registering keys, the unregistered one never gets further
+ROGUE_REFUSED = "Failed to activate SuperNode"
+
 # ----------------------------------------------------------------------------------------- pure parts
 
 
@@ -192,13 +196,21 @@ def deployment(federation):
     bad = fed["sites"][2]
     sites = [_site(fed, s, port, fed["root"] / f"site_{s}.log", {"MEDPIPE_FL_FAULT": "nan@2"} if s == bad else None)
              for s in fed["sites"]]
+    # a fourth site with the federation's CA but a key pair the server never registered
+    rogue_certs = fed["root"] / "rogue_certs"
+    subprocess.run([str(FL_BIN / "medpipe"), "fl", "certs", "--out", str(rogue_certs), "--sites", "rogue"],
+                   check=True, capture_output=True)
+    rogue = _spawn(["fl", "site", "--data", str(fed["root"] / "sites" / fed["sites"][0]), "--server",
+                    f"127.0.0.1:{port}", "--ca", str(fed["certs"] / "ca.crt"), "--key", str(rogue_certs / "sites" / "rogue"),
+                    "--runtime-port", str(_port()), "--threads", "1"], fed["root"] / "site_rogue.log")
     try:
         server.wait(420)
     finally:
-        for p in [server, *sites]:
+        for p in [server, *sites, rogue]:
             _kill(p)
         _kill_orphans(port)
-    return {"run": run, "rc": server.returncode, "bad": bad, "log": fed["root"] / "server.log", **fed}
+    return {"run": run, "rc": server.returncode, "bad": bad, "log": fed["root"] / "server.log",
+            "rogue_log": fed["root"] / "site_rogue.log", **fed}
 
 
 @needs_flower
@@ -221,6 +233,21 @@ def test_deployment_with_tls_writes_a_package_that_predicts(deployment, capsys):
     assert main(["predict", "--model", str(run / "model"), str(image), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert any(c in out for c in HAM)
+
+
+@needs_flower
+def test_unregistered_site_key_is_refused(deployment):
+    """A site with the federation's CA certificate but an unregistered key never joins: the run's sites are
+    the three registered ones, and the refused site's own log says it was refused."""
+    run = deployment["run"]
+    fed = json.loads((run / "model" / "model.json").read_text())["federated"]
+    assert "rogue" not in fed["sites"] and set(fed["sites"]) == set(deployment["sites"])
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("rogue" not in json.dumps(r) for r in rounds)
+    log = deployment["rogue_log"].read_text()
+    assert ROGUE_REFUSED in log and "local training started" not in log, log[-3000:]
+    for s in deployment["sites"]:  # the registered ones did train
+        assert "local training started" in (deployment["root"] / f"site_{s}.log").read_text()
 
 
 @needs_flower
