@@ -19,13 +19,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *args: str, env: dict | None = None, log: Path | None = None):
+    def __init__(self, model: Path, *args: str, env: dict | None = None, log: Path | None = None,
+                 slow_infer_s: float = 0.0):
+        """``slow_infer_s``: every forward pass sleeps that long first (tests/slow.py; deadlines, queues)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "wb") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "medpipe", "serve", "--model", str(model), "--port", str(self.port), *args],
+            [sys.executable, "-m", *(["tests.slow", "infer", str(slow_infer_s)] if slow_infer_s else ["medpipe"]),
+             "serve", "--model", str(model), "--port", str(self.port), *args],
             stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 

@@ -84,10 +84,12 @@ def test_kill_and_restart_gives_the_uninterrupted_rows(trained_run, folder50, tm
     assert main(["batch", "--model", str(trained_run / "model"), "--input", str(folder50), "--output", str(straight),
                  "--shard-size", "5", "--backend", "eager"]) == 0
     out = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "medpipe", "batch", "--model", str(trained_run / "model"), "--input", str(folder50),
-           "--output", str(out), "--shard-size", "5", "--backend", "eager"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDPIPE_FAULT_BATCH_SHARD_SLEEP": "0.4"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["batch", "--model", str(trained_run / "model"), "--input", str(folder50),
+            "--output", str(out), "--shard-size", "5", "--backend", "eager"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # each shard followed by 0.4 s (tests/slow.py), so the kill lands mid-job
+    proc = subprocess.Popen([sys.executable, "-m", "tests.slow", "shard", "0.4", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "shards").glob("part-*.jsonl"))) < 3:
         time.sleep(0.02)
@@ -96,7 +98,7 @@ def test_kill_and_restart_gives_the_uninterrupted_rows(trained_run, folder50, tm
     done = len(list((out / "shards").glob("part-*.jsonl")))
     assert 3 <= done < 10, done  # killed halfway
     assert not (out / "predictions.jsonl").exists()
-    r = subprocess.run(cmd, env={**env, "MEDPIPE_FAULT_BATCH_SHARD_SLEEP": "0"}, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "medpipe", *args], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _rows(out) == _rows(straight)
@@ -263,7 +265,7 @@ def test_busy_or_missing_server_rows_are_retried_and_rerun(trained_run, folder50
     assert "8 rows got no answer" in capsys.readouterr().err
     assert all(r.get("transient") for r in _rows(out))
     s = Server(trained_run / "model", "--backend", "eager", "--max-queue", "1", log=tmp_path / "log",
-               env={"MEDPIPE_FAULT_INFER_SLEEP": "0.2"}).wait_ready()
+               slow_infer_s=0.2).wait_ready()
     try:
         assert main(["batch", "--url", s.url, "--input", str(src), "--output", str(out), "--concurrency", "4"]) == 0
         metrics = s.request("GET", "/metrics")[2].decode()

@@ -398,7 +398,7 @@ def test_error_bodies_were_checked():
 
 def test_deadline_is_504_and_slot_is_freed(trained_run, golden, tmp_path):
     s = Server(trained_run / "model", "--deadline-s", "0.8", "--max-queue", "1",
-               env={"MEDPIPE_FAULT_INFER_SLEEP": "1.5"}, log=tmp_path / "log").wait_ready()
+               slow_infer_s=1.5, log=tmp_path / "log").wait_ready()
     try:
         t = time.perf_counter()
         st, h, b = s.invoke(golden["bytes"])
@@ -412,7 +412,7 @@ def test_deadline_is_504_and_slot_is_freed(trained_run, golden, tmp_path):
 
 def test_overload_is_503_with_retry_after_and_ping_stays_fast(trained_run, golden, tmp_path):
     s = Server(trained_run / "model", "--max-queue", "2", "--max-batch", "1",
-               env={"MEDPIPE_FAULT_INFER_SLEEP": "0.4"}, log=tmp_path / "log").wait_ready()
+               slow_infer_s=0.4, log=tmp_path / "log").wait_ready()
     try:
         pings = []
 
@@ -441,7 +441,7 @@ def test_overload_is_503_with_retry_after_and_ping_stays_fast(trained_run, golde
 
 
 def test_sigterm_finishes_in_flight_request_and_exits_0(trained_run, golden, tmp_path):
-    s = Server(trained_run / "model", env={"MEDPIPE_FAULT_INFER_SLEEP": "1.5"}, log=tmp_path / "log").wait_ready()
+    s = Server(trained_run / "model", slow_infer_s=1.5, log=tmp_path / "log").wait_ready()
     try:
         with ThreadPoolExecutor(1) as ex:
             fut = ex.submit(s.invoke, golden["bytes"])

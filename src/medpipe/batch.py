@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset(MEDIA_TYPES)  # every type the decoders take, DICOM included
 SHARD_DIR = "shards"
 STATE = "batch.json"
-FAULT_SLEEP_ENV = "MEDPIPE_FAULT_BATCH_SHARD_SLEEP"  # test hook: pause after each shard
 
 
 @dataclass
@@ -338,7 +336,6 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), initial=done_items, unit="img", desc="batch", dynamic_ncols=True)
-    fault_sleep = float(os.environ.get(FAULT_SLEEP_ENV, "0") or 0)
     pending = engine.submit(todo[0][1]) if todo else None
     for n, (k, group) in enumerate(todo):
         futures = pending
@@ -348,8 +345,6 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
         atomic_write_text(shards / f"part-{k:05d}.jsonl", "".join(to_json(r) + "\n" for r in rows))
         if bar:
             bar.update(len(group))
-        if fault_sleep:
-            time.sleep(fault_sleep)
     if bar:
         bar.close()
 

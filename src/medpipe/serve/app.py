@@ -69,8 +69,6 @@ log = logging.getLogger("medpipe.serve")
 ROUTES = {("GET", "/"), ("GET", "/ping"), ("POST", "/invocations"), ("POST", "/explain"),
           ("GET", "/execution-parameters"), ("GET", "/metrics")}
 CLOSE = {"Connection": "close"}  # the rest of an unread body must not be parsed as the next request
-# Test hook (documented): make each forward pass sleep, to exercise deadlines and the queue.
-FAULT_SLEEP_ENV = "MEDPIPE_FAULT_INFER_SLEEP"
 
 
 @dataclass
@@ -143,12 +141,9 @@ class Service:
         self.draining = False
         self._body_timers: set = set()
         self.metrics.rss.set_function(self.memory.rss_mb)
-        self.fault_sleep = float(os.environ.get(FAULT_SLEEP_ENV, "0") or 0)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def infer(self, pixels: list[np.ndarray]) -> np.ndarray:
-        if self.fault_sleep:
-            time.sleep(self.fault_sleep)
         return self.predictor.probabilities(pixels)
 
     async def start(self) -> None:
