@@ -23,6 +23,23 @@ class SigtermAtStep:
             os.kill(os.getpid(), self.sig)
 
 
+class NanWeightsAtEpoch:
+    """When the run ends at epoch ``epoch`` (a federated site: round x local epochs), fill the first weight
+    matrix with NaN, so the weights this local fit hands back (a site's update) are not finite."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def attach(self, engine):
+        engine.on(Events.COMPLETED, self)
+
+    def __call__(self, engine):
+        if engine.state.epoch == self.epoch:
+            p = next(p for p in engine.net.parameters() if p.ndim > 1)
+            with torch.no_grad():
+                p.fill_(float("nan"))
+
+
 class NanAtStep:
     """Replace the input batch of global step ``step`` (1-based) by NaNs."""
 

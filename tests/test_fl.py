@@ -178,11 +178,12 @@ def _server_args(fed, run: Path, port: int, *extra: str) -> list[str]:
             "--straggler-wait", "5", "--round-timeout", "240", "--wait-for-sites", "240", *TRAIN, *extra]
 
 
-def _site(fed, name: str, port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
+def _site(fed, name: str, port: int, log: Path, *extra: str) -> subprocess.Popen:
     c = fed["certs"]
+    # the ClientApp runs in Flower's own process: tests/faults.py must be importable there
     return _spawn(["fl", "site", "--data", str(fed["root"] / "sites" / name), "--server", f"127.0.0.1:{port}",
                    "--ca", str(c / "ca.crt"), "--key", str(c / "sites" / name), "--runtime-port", str(_port()),
-                   "--threads", "1"], log, env)
+                   "--threads", "1", *extra], log, {"PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,9 @@ def deployment(federation):
     server = _spawn(_server_args(fed, run, port, "--strategy", "fedprox", "--min-sites", "2", "--straggler-wait", "60"),
                     fed["root"] / "server.log")
     bad = fed["sites"][2]
-    sites = [_site(fed, s, port, fed["root"] / f"site_{s}.log", {"MEDPIPE_FL_FAULT": "nan@2"} if s == bad else None)
+    # the third site's round-2 update is NaN: a test handler on its local training (one local epoch per round)
+    sites = [_site(fed, s, port, fed["root"] / f"site_{s}.log", *(["--handler", "tests.faults:NanWeightsAtEpoch:2"]
+                                                                 if s == bad else []))
              for s in fed["sites"]]
     # a fourth site with the federation's CA but a key pair the server never registered
     rogue_certs = fed["root"] / "rogue_certs"

@@ -75,10 +75,11 @@ def _site(message: Message, context: Context):
     node = context.node_config
     data_dir, name = str(node["data-dir"]), str(node.get("site", "site"))
     overrides = json.loads(str(node.get("overrides", "{}")))
+    handlers = json.loads(str(node.get("handlers", "[]")))
     key = (data_dir, str(cfg["train-config"]), str(cfg["classes"]))
     if key not in _SITES:
         _SITES[key] = Site(data_dir, name, json.loads(str(cfg["train-config"])), list(cfg["classes"]),
-                           overrides=overrides)
+                           overrides=overrides, handlers=handlers)
     return _SITES[key], cfg
 
 

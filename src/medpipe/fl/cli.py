@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-
-from medpipe.errors import MedpipeError
 
 
 def _train_overrides(args) -> dict:
@@ -78,7 +74,8 @@ def cmd_site(args) -> int:
     if args.device:
         overrides["device"] = args.device
     return run_site(args.data, server=args.server, ca=args.ca, key=args.key, name=args.name,
-                    runtime_port=args.runtime_port, overrides=overrides, insecure=args.insecure)
+                    runtime_port=args.runtime_port, overrides=overrides, insecure=args.insecure,
+                    handlers=args.handler or [])
 
 
 def add_server_options(s: argparse.ArgumentParser) -> None:
@@ -152,4 +149,6 @@ def register(sub) -> None:
     s.add_argument("--threads", type=int, default=0, help="torch threads for local training (0: torch default)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--insecure", action="store_true")
+    s.add_argument("--handler", action="append", metavar="MODULE:NAME[:ARG,...]",
+                   help="add a training event handler to every round's local training (as train --handler)")
     s.set_defaults(func=cmd_site)

@@ -242,15 +242,21 @@ def _flwr(args: list[str], env: dict, cwd: Path) -> dict:
 
 
 def site_command(data: str | os.PathLike, *, server: str, ca: str | None, key: str | None, name: str | None = None,
-                 runtime_port: int = 9094, overrides: dict | None = None, insecure: bool = False) -> list[str]:
-    """The ``flower-supernode`` command line for this site (validated first)."""
+                 runtime_port: int = 9094, overrides: dict | None = None, insecure: bool = False,
+                 handlers: list[str] | None = None) -> list[str]:
+    """The ``flower-supernode`` command line for this site (validated first). ``handlers``: training event
+    handlers (``MODULE:NAME[:ARG,...]``, importable where the site runs) for each round's local training."""
+    from medpipe.pipeline import load_handler
     from medpipe.data.sources import load_records
 
     data = Path(data).resolve()
     load_records(data)  # an ingested folder, or a clear error
     name = check_site_name(name or (Path(key).name if key else data.name))
+    for spec in handlers or []:
+        load_handler(spec)  # a wrong spec is this command's error, not a failure inside every round
     cmd = [_bin("flower-supernode"), "--superlink", server, "--port", str(runtime_port),
-           "--node-config", f'data-dir="{data}" site="{name}" overrides=\'{json.dumps(overrides or {})}\'']
+           "--node-config", f'data-dir="{data}" site="{name}" overrides=\'{json.dumps(overrides or {})}\' '
+                            f'handlers=\'{json.dumps(list(handlers or []))}\'']
     if insecure:
         return cmd + ["--insecure"]
     if not ca or not Path(ca).is_file():

@@ -25,7 +25,6 @@ from medpipe.train.data import open_source
 from medpipe.train.engine import local_fit, predict_logits, proximal_term
 
 log = logging.getLogger(__name__)
-FAULT = "MEDPIPE_FL_FAULT"  # tests only: "nan@ROUND" or "shape@ROUND" corrupts this site's update in that round
 
 
 def to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -40,8 +39,9 @@ class Site:
     """One site's data under the run's configuration and fixed class vocabulary."""
 
     def __init__(self, data_dir: str | os.PathLike, name: str, train_config: dict, classes: list[str], *,
-                 overrides: dict | None = None):
+                 overrides: dict | None = None, handlers: list[str] | None = None):
         self.name, self.data_dir = name, Path(data_dir)
+        self.handlers = list(handlers or [])  # MODULE:NAME[:ARG,...] specs, made anew for each round
         cfg = make_config({**train_config, **(overrides or {})}).validate()
         self.cfg: TrainConfig = cfg
         if cfg.threads:
@@ -66,15 +66,14 @@ class Site:
         """Local training from the global weights; returns (weights, metrics incl. ``n_train``)."""
         weights = to_torch(restore_scalars(arrays, self.reference))
         terms = [proximal_term(weights, mu)] if mu > 0 else []
+        from medpipe.pipeline import load_handler
+
         cfg = dataclasses.replace(self.cfg, epochs=epochs)
         new, records = local_fit(cfg, self.source, epochs=epochs, weights=weights, device=self.cfg.device
                                  if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
-                                 loss_terms=terms, epoch_offset=(server_round - 1) * epochs)
+                                 loss_terms=terms, handlers=[load_handler(h) for h in self.handlers],
+                                 epoch_offset=(server_round - 1) * epochs)
         out = to_numpy(new)
-        fault = os.environ.get(FAULT, "")
-        if fault in (f"nan@{server_round}", f"shape@{server_round}"):
-            name = next(k for k, v in out.items() if v.dtype.kind == "f" and v.ndim > 1)
-            out[name] = np.full_like(out[name], np.nan) if fault.startswith("nan") else out[name][:1]
         last = records[-1] if records else {}
         return out, {"n_train": self.n_train, "train_loss": float(last.get("train_loss", float("nan")))}
 
