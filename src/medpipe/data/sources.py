@@ -371,12 +371,7 @@ def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str 
                 cand.defects.append(Defect(where, "bad_source_ref", str(exc)))
                 continue
             image_id = path.stem
-            if image_id in seen:
-                cand.defects.append(Defect(where, "duplicate_id", f"image_id {image_id} already listed"))
-                continue
-            seen.add(image_id)
-            if not path.is_file():
-                cand.defects.append(Defect(where, "missing_file", f"{ref} not found"))
+            if not _new_existing_file(cand, seen, where, image_id, path, ref):
                 continue
             row = {"image_id": image_id, "path": str(path.resolve()), "label": name,
                    "group_id": str(obj.get("lesion_id") or obj.get("group_id") or image_id)}
@@ -389,6 +384,18 @@ def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str 
         if sorted(index_to_name) == list(range(len(ordered))):
             cand.classes = ordered
     return cand
+
+
+def _new_existing_file(cand: Candidates, seen: set[str], where: str, image_id: str, path: Path, ref: str) -> bool:
+    """A manifest row's id not listed before and its file there; otherwise the defect is recorded."""
+    if image_id in seen:
+        cand.defects.append(Defect(where, "duplicate_id", f"image_id {image_id} already listed"))
+        return False
+    seen.add(image_id)
+    if not path.is_file():
+        cand.defects.append(Defect(where, "missing_file", f"{ref} not found"))
+        return False
+    return True
 
 
 def read_csv_manifest(path: Path) -> Candidates:
@@ -405,12 +412,7 @@ def read_csv_manifest(path: Path) -> Candidates:
             cand.defects.append(Defect(where, "bad_path", str(exc)))
             continue
         image_id = rec.get("image_id") or p.stem
-        if image_id in seen:
-            cand.defects.append(Defect(where, "duplicate_id", f"image_id {image_id} already listed"))
-            continue
-        seen.add(image_id)
-        if not p.is_file():
-            cand.defects.append(Defect(where, "missing_file", f"{rec['path']} not found"))
+        if not _new_existing_file(cand, seen, where, image_id, p, rec["path"]):
             continue
         row = {"image_id": image_id, "path": str(p.resolve()), "label": rec["label"].strip(),
                "group_id": (rec.get("group") or "").strip() or image_id}
