@@ -19,7 +19,6 @@ prints each bin's image count.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path

@@ -19,13 +19,18 @@ path unless ``force=True`` (``--force``), and creates the parent folder.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing this module loads neither torch nor MONAI
+    import torch
+
 import io
 import json
 import logging
 import warnings
 from pathlib import Path
 
-from medpipe.errors import ExportError, MedpipeError
+from medpipe.errors import ExportError
 from medpipe.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)

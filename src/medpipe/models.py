@@ -10,6 +10,12 @@ not match ``num_classes`` is left at its fresh initialisation, as timm does.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing this module loads neither torch nor MONAI
+    import torch
+    from torch import nn
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -14,6 +14,12 @@ multiples of 90 degrees, applies a small affine (rotation, zoom) and jitters col
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing this module loads neither torch nor MONAI
+    import torch
+    from monai.transforms import Compose
+
 import functools
 from dataclasses import dataclass
 import math

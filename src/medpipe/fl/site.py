@@ -92,8 +92,8 @@ class Site:
         if n == 0:
             raise MedpipeError(f"site {self.name}: the validation split is empty")
         probs = torch.softmax(logits, 1).numpy()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():  # the absent-class warning is logged once below, per site
+            warnings.simplefilter("ignore")
             m = compute_metrics(val.labels, probs, self.classes, bootstrap=0)
         absent = [c for c, v in m["per_class"].items() if not np.isfinite(v["auc"])]
         if absent:

@@ -16,7 +16,6 @@ with other settings is refused naming both (re-shard with the same ``--split-see
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import shutil
