@@ -29,7 +29,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", *(["tests.slow", "infer", str(slow_infer_s)] if slow_infer_s else ["medpipe"]),
              "serve", "--model", str(model), "--port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT,
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],  # tests.slow
             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
     def wait_ready(self, timeout: float = 180) -> "Server":

@@ -89,6 +89,7 @@ def test_kill_and_restart_gives_the_uninterrupted_rows(trained_run, folder50, tm
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # each shard followed by 0.4 s (tests/slow.py), so the kill lands mid-job
     proc = subprocess.Popen([sys.executable, "-m", "tests.slow", "shard", "0.4", *args], env=env,
+                            cwd=Path(__file__).resolve().parents[1],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "shards").glob("part-*.jsonl"))) < 3:

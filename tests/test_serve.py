@@ -581,7 +581,8 @@ def test_batcher_holds_a_batch_open_while_requests_decode():
     assert sizes == [2, 1] and woken < 20  # woken by the finished decode, far before the 30 s deadline
 
 
-def test_flip_tta_in_serve_batch_and_predict_gives_the_same_answer(trained_run, golden, tmp_path, capsys):
+def test_flip_tta_in_serve_batch_and_predict_gives_the_same_answer(trained_run, golden, tmp_path, capsys,
+                                                                    monkeypatch):
     """--tta: the server, a batch job and predict average the same four flips (equal probabilities, and each
     answer says tta); they differ from the plain answer; batch/predict with --url refuse --tta (the server
     decides)."""
@@ -606,11 +607,24 @@ def test_flip_tta_in_serve_batch_and_predict_gives_the_same_answer(trained_run, 
                  str(tmp_path / "out"), "--tta", "--backend", "eager"]) == 0
     row = json.loads(next((tmp_path / "out").rglob("part-*.jsonl")).read_text().splitlines()[0])
     assert row["tta"] is True
+    capsys.readouterr()  # resuming that job without --tta would mix answers: refused, nothing rewritten
+    assert main(["batch", "--model", str(trained_run / "model"), "--input", str(inp), "--output",
+                 str(tmp_path / "out"), "--backend", "eager"]) == 2
+    assert "tta: True before, False now" in capsys.readouterr().err
     plain = Predictor(trained_run / "model").predict_files([golden["path"]])[0]
     assert plain.tta is False
     for other in (served["probabilities"], row["probabilities"]):
         assert max(abs(other[k] - predicted["probabilities"][k]) for k in other) < 1e-4
     assert max(abs(plain.probabilities[k] - predicted["probabilities"][k]) for k in plain.probabilities) > 1e-6
+    # the wiring: `serve --tta` sets ServeConfig.tta, and the SageMaker handler reads MEDPIPE_TTA
+    from medpipe import cli
+    from medpipe.sagemaker import inference
+
+    assert cli.build_parser().parse_args(["serve", "--model", "m", "--tta"]).tta is True
+    monkeypatch.setenv("MEDPIPE_TTA", "1")
+    assert inference.model_fn(str(trained_run / "model")).tta is True
+    monkeypatch.setenv("MEDPIPE_TTA", "0")
+    assert inference.model_fn(str(trained_run / "model")).tta is False
     for argv in (["predict", "--url", "http://127.0.0.1:9", "--tta", str(golden["path"])],
                  ["batch", "--url", "http://127.0.0.1:9", "--input", str(inp), "--output", str(tmp_path / "o2"), "--tta"]):
         assert main(argv) == 2 and "--tta applies to a local --model" in capsys.readouterr().err

@@ -314,6 +314,13 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
                              "use a new --output folder")
     engine = RemoteEngine(url, concurrency, retries) if url else LocalEngine(model, backend, device, batch_size,
                                                                    workers or (os.cpu_count() or 1), decision_rule, tta)
+    if state_path.is_file():  # finished shards must not be mixed with answers of another model or TTA setting
+        old = json.loads(state_path.read_text())
+        changed = [f"{k}: {old.get(k)!r} before, {engine.meta.get(k)!r} now" for k in ("model", "version", "tta")
+                   if k in old and k in engine.meta and old[k] != engine.meta[k]]
+        if changed:
+            raise BatchError(f"{out} holds a batch job answered differently ({'; '.join(changed)}); "
+                             "resume with the same options or use a new --output folder")
     state = {"input": str(input_path), "listing_sha256": digest, "items": len(items), "shard_size": shard_size,
              **{k: v for k, v in engine.meta.items() if k != "classes"}}
     atomic_write_json(state_path, state)

@@ -57,7 +57,7 @@ REGISTRY: dict[str, ModelDef] = {
        for d in (18, 34, 50)},
     **{f"efficientnet-b{i}": ModelDef(f"{_NETS}EfficientNetBN", dict(model_name=f"efficientnet-b{i}", **_DENSE))
        for i in (0, 1, 2)},
-    # a 4-block DenseNet of about 0.1M parameters: smoke tests, CI and quick CPU checks of the whole pipeline
+    # a 4-block DenseNet of 0.03M parameters: smoke tests, CI and quick CPU checks of the whole pipeline
     # (timm keeps test_* models for the same reason); never a clinical model
     "densenet-test": ModelDef(f"{_NETS}DenseNet", dict(_DENSE, init_features=16, growth_rate=8, block_config=(2, 2, 2, 2)),
                               "out_channels", "dropout_prob", pretrained_arg=None),

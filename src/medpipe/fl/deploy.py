@@ -246,14 +246,18 @@ def site_command(data: str | os.PathLike, *, server: str, ca: str | None, key: s
                  handlers: list[str] | None = None) -> list[str]:
     """The ``flower-supernode`` command line for this site (validated first). ``handlers``: training event
     handlers (``MODULE:NAME[:ARG,...]``, importable where the site runs) for each round's local training."""
-    from medpipe.pipeline import load_handler
     from medpipe.data.sources import load_records
 
     data = Path(data).resolve()
     load_records(data)  # an ingested folder, or a clear error
     name = check_site_name(name or (Path(key).name if key else data.name))
-    for spec in handlers or []:
-        load_handler(spec)  # a wrong spec is this command's error, not a failure inside every round
+    if handlers:
+        from medpipe.pipeline import load_handler  # loads torch: only when there are handlers
+
+        for spec in handlers:
+            if "'" in spec:  # Flower's --node-config quotes the list with single quotes
+                raise MedpipeError(f"--handler {spec!r}: a handler spec cannot contain a single quote")
+            load_handler(spec)  # a wrong spec is this command's error, not a failure inside every round
     cmd = [_bin("flower-supernode"), "--superlink", server, "--port", str(runtime_port),
            "--node-config", f'data-dir="{data}" site="{name}" overrides=\'{json.dumps(overrides or {})}\' '
                             f'handlers=\'{json.dumps(list(handlers or []))}\'']

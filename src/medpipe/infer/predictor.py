@@ -251,8 +251,10 @@ class Predictor:
             logits, cam = self._explainer(x)
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
+        if self.tta:  # the same answer as /invocations; the map explains the unflipped image
+            return self.to_predictions(self.probabilities([pixels]))[0], cam
         probs = torch.softmax(logits.float().cpu() / self.temperature, dim=1).numpy()
-        return self.to_predictions(probs, tta=False)[0], cam  # Grad-CAM explains the unflipped image
+        return self.to_predictions(probs, tta=False)[0], cam
 
     def labels(self, probs: np.ndarray) -> np.ndarray:
         """Class indices chosen by this predictor's decision rule from calibrated probabilities."""

@@ -74,6 +74,7 @@ def model_metadata(predictor) -> dict:
         "outputs": [{"name": PROBS_OUTPUT, "datatype": "FP32", "shape": [-1, len(predictor.classes)]},
                     {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]}],
         "parameters": {"classes": json.dumps(predictor.classes), "temperature": predictor.temperature,
+                       "tta": predictor.tta,
                        "preprocessing": json.dumps(predictor.spec.describe()),
                        "inputs": "exactly one of image_bytes (encoded images; base64 strings in JSON) or image "
                                  "(preprocessed float32 N x 3 x S x S)"},
@@ -212,7 +213,8 @@ def requested_outputs(req: dict) -> list[tuple[str, bool]]:
 def encode_response(req: dict, predictor, probs: np.ndarray, outputs: list[tuple[str, bool]]):
     """(JSON bytes, binary tail) of the inference response."""
     labels = [predictor.classes[int(k)] for k in predictor.labels(probs)] if len(probs) else []  # decision rule
-    body = {"model_name": predictor.name, "model_version": predictor.version, "outputs": []}
+    body = {"model_name": predictor.name, "model_version": predictor.version, "outputs": [],
+            "parameters": {"decision_rule": predictor.decision_rule, "tta": predictor.tta}}
     if isinstance(req.get("id"), str):
         body["id"] = req["id"]
     tail = b""
