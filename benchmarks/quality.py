@@ -17,6 +17,14 @@ reaches the issue's target (AUC >= 0.94, balanced accuracy >= 0.65).
 Results (every run and the summary) go to ``--out`` after each run, so a run cut short keeps its
 finished seeds. A tracked result file is not overwritten unless ``--overwrite``.
 
+Running the budget elsewhere: ``--budget`` decides the epoch count from the first epoch's time on the
+machine that trains. To run the 2-core budget on a faster machine (or several runs at once), measure
+the first epoch on the 2-core machine (``budget 1500s: first epoch took ..., training N epochs``) and
+pass those counts: ``--epochs default=93,candidate=94`` trains exactly what the budget would have
+trained, wherever it runs. ``--jobs K`` trains K runs at once (separate processes), ``--only
+default:0,candidate:2`` picks runs, and ``--merge A.json B.json --out ALL.json`` summarises runs
+recorded by several invocations (no training).
+
 Recipes: ``default`` is the training config's defaults (nothing set). ``candidate`` is the set of
 recipe options below (each a training config key documented in the README) unless ``--candidate``
 gives a YAML training config instead. Nothing here changes a default: a default changes only when
@@ -185,7 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="ingested data, pixel cache and run folders (kept between runs)")
     ap.add_argument("--seeds", type=int, default=3, help="split seeds 0..N-1 (each also the training seed)")
     ap.add_argument("--budget", default="25m", help="training budget per run (25m, 90s, 2h); see --epochs")
-    ap.add_argument("--epochs", type=int, help="a fixed epoch count instead of the budget")
+    ap.add_argument("--epochs", help="a fixed epoch count instead of the budget: N, or per recipe "
+                    "default=N,candidate=M (the counts a --budget run measured on the reference machine)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
+    ap.add_argument("--only", help="only these runs, RECIPE:SEED[,RECIPE:SEED...]")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="summarise the runs recorded in these result files (no training) into --out")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--subset", type=int, help="a stratified sample of this many images (to prove the script)")
     ap.add_argument("--recipes", default="default,candidate", help="which of default,candidate to run")
@@ -204,14 +217,15 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"{args.out} is a tracked result; pass --overwrite to replace it or choose another --out")
     if not (args.data / "HAM10000_metadata.csv").is_file():
         ap.error(f"{args.data}: no HAM10000_metadata.csv (the dev set is in ../shared/data/ham10000-dev)")
+    if args.merge:
+        return merge(args.merge, args.out)
     keys = {f.name for f in fields(TrainConfig)}
     common: dict = {"image_size": args.image_size, "bootstrap": 200}
-    if args.epochs:
-        common.update(epochs=args.epochs, patience=args.epochs)
-    elif "budget" in keys:
+    per_recipe_epochs = parse_epochs(args.epochs, ap) if args.epochs else {}  # set per run below
+    if not args.epochs:
+        if "budget" not in keys:
+            ap.error("this medpipe has no 'budget' training option; pass --epochs N")
         common.update(budget=args.budget, patience=10_000)  # the budget decides the length; no early stop
-    else:
-        ap.error("this medpipe has no 'budget' training option; pass --epochs N")
     for item in args.set:
         k, _, v = item.partition("=")
         common[k.strip().replace("-", "_")] = yaml.safe_load(v)
@@ -230,35 +244,105 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     payload = {"benchmark": "quality", "settings": settings, "common": common,
                "recipes": {r: recipes[r] for r in chosen}, "machine": machine()}
-    for seed in range(args.seeds):
-        for recipe in chosen:
-            overrides = {**common, **recipes[recipe], "split_seed": seed, "seed": seed}
-            run_dir = args.work / "runs" / f"{recipe}-seed{seed}"
+    jobs = [(r, seed) for seed in range(args.seeds) for r in chosen]
+    if args.only:
+        wanted = [tuple(x.split(":")) for x in args.only.split(",") if x]
+        jobs = [(r, s) for r, s in jobs if (r, str(s)) in wanted]
+        if not jobs:
+            ap.error(f"--only {args.only}: no such run among recipes {chosen} and seeds 0..{args.seeds - 1}")
+    todo = []
+    for recipe, seed in jobs:
+        overrides = {**common, **recipes[recipe], "split_seed": seed, "seed": seed}
+        if per_recipe_epochs:
+            n = per_recipe_epochs.get(recipe, per_recipe_epochs.get("*"))
+            if n is None:
+                ap.error(f"--epochs {args.epochs}: no count for recipe {recipe!r}")
+            overrides.update(epochs=n, patience=n)
+        todo.append((recipe, seed, args.work / "runs" / f"{recipe}-seed{seed}", overrides))
+
+    def record(recipe: str, seed: int, res: dict) -> None:
+        res["seed"] = seed
+        runs[recipe].append(res)
+        runs[recipe].sort(key=lambda r: r["seed"])
+        print(f"   {recipe} seed {seed}: test macro AUC {res['macro_auc']:.4f}, balanced accuracy "
+              f"{res['balanced_accuracy']:.4f} ({res['decision_rule']}), {res['epochs']} epochs, "
+              f"{res['seconds']:.0f} s", flush=True)
+        summary = summarise(runs)
+        payload.update(complete=False, runs=runs, summary=summary, verdict=verdict(summary),
+                       when=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2, default=float))
+
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {}
+            for recipe, seed, run_dir, overrides in todo:
+                print(f"== {recipe}, split seed {seed}: {overrides}", flush=True)
+                futures[pool.submit(train_run, data, run_dir, overrides)] = (recipe, seed)
+            for fut in as_completed(futures):
+                record(*futures[fut], fut.result())
+    else:
+        for recipe, seed, run_dir, overrides in todo:
             print(f"== {recipe}, split seed {seed}: {overrides}", flush=True)
-            res = train_run(data, run_dir, overrides)
-            res["seed"] = seed
-            runs[recipe].append(res)
-            print(f"   test macro AUC {res['macro_auc']:.4f}, balanced accuracy {res['balanced_accuracy']:.4f} "
-                  f"({res['decision_rule']}), {res['epochs']} epochs, {res['seconds']:.0f} s", flush=True)
-            summary = summarise(runs)
-            payload.update(complete=False, runs=runs, summary=summary, verdict=verdict(summary),
-                           when=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(payload, indent=2, default=float))
+            record(recipe, seed, train_run(data, run_dir, overrides))
     summary = summarise(runs)
     payload.update(complete=True, summary=summary, verdict=verdict(summary))
     args.out.write_text(json.dumps(payload, indent=2, default=float))
     print()
     print(f"test split, {args.seeds} split seed(s), mean ± SD; {args.image_size}x{args.image_size}, from scratch, "
-          + (f"{args.epochs} epochs" if args.epochs else f"budget {args.budget}")
+          + (f"epochs {args.epochs}" if args.epochs else f"budget {args.budget}")
           + (f", subset of {args.subset} images" if args.subset else ""))
-    print_table(summary)
+    report(payload)
+    print(f"wrote {args.out}")
+    return payload
+
+
+def parse_epochs(text: str, ap: argparse.ArgumentParser) -> dict:
+    """``93`` -> every recipe 93 epochs; ``default=93,candidate=94`` -> per recipe."""
+    out = {}
+    for part in str(text).split(","):
+        name, _, n = part.rpartition("=")
+        try:
+            out[name.strip() or "*"] = int(n)
+        except ValueError:
+            ap.error(f"--epochs {text!r}: expected N or RECIPE=N[,RECIPE=N]")
+        if out[name.strip() or "*"] < 1:
+            ap.error(f"--epochs {text!r}: counts must be >= 1")
+    return out
+
+
+def merge(files: list[Path], out: Path) -> dict:
+    """One summary of the runs recorded in several result files (the first file's settings are kept)."""
+    payloads = [json.loads(f.read_text()) for f in files]
+    runs: dict = {}
+    for p in payloads:
+        for recipe, rs in p.get("runs", {}).items():
+            have = {r["seed"] for r in runs.get(recipe, [])}
+            runs.setdefault(recipe, []).extend(r for r in rs if r["seed"] not in have)
+    for rs in runs.values():
+        rs.sort(key=lambda r: r["seed"])
+    summary = summarise(runs)
+    payload = {**payloads[0], "runs": runs, "summary": summary, "verdict": verdict(summary),
+               "merged_from": [{"file": str(f), "machine": p.get("machine"), "settings": p.get("settings"),
+                                "runs": {r: [x["seed"] for x in rs] for r, rs in p.get("runs", {}).items()}}
+                               for f, p in zip(files, payloads)],
+               "complete": True, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=float))
+    report(payload)
+    print(f"wrote {out}")
+    return payload
+
+
+def report(payload: dict) -> None:
+    print_table(payload["summary"])
     for m, v in payload["verdict"].items():
         print(f"{m}: candidate - default = {v['difference']:+.4f} (spread {v['spread']:.4f}): "
               f"{'beats the default by more than the spread' if v['beats_by_more_than_spread'] else 'not separated'}; "
               f"target {v['target']}: {'reached' if v['candidate_reaches_target'] else 'not reached'}")
-    print(f"wrote {args.out}")
-    return payload
 
 
 if __name__ == "__main__":

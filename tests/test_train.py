@@ -292,6 +292,27 @@ def test_every_loader_mode_yields_the_same_batches():
     assert auto_workers(cuda=False) == 1 and auto_workers(cuda=True) >= 1
 
 
+def test_training_source_survives_pickling_for_spawned_workers():
+    """Worker processes started by spawn or forkserver (the default from Python 3.14, and in any process
+    that was itself spawned, e.g. one of several runs started by a process pool) receive the training
+    source pickled. Every recipe option's preset must pickle and give the same batch afterwards
+    (found on a GPU machine: a lambda in the preset stopped such workers from starting)."""
+    import pickle
+
+    from medpipe.preprocess import Augmentation, PreprocessSpec, train_batch_preset
+    from medpipe.train.data import BatchSource
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    spec = PreprocessSpec(image_size=32, color_constancy="shades_of_gray")
+    preset = train_batch_preset(spec, Augmentation(crop_scale=0.35, color_jitter=1.5))
+    source = BatchSource(pixels, np.arange(8), rng.integers(0, 3, 8), preset, 7)
+    clone = pickle.loads(pickle.dumps(source))
+    key = (0, 0, np.arange(4))
+    (x, y), (cx, cy) = source[key], clone[key]
+    assert torch.equal(x, cx) and torch.equal(y, cy)
+
+
 def test_batch_presets_equal_the_per_image_presets():
     """Head and tail run once on the batch; the result is the per-image MONAI preset, bit for bit."""
     from medpipe.preprocess import PreprocessSpec

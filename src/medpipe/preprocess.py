@@ -231,10 +231,16 @@ def _normalise(spec: PreprocessSpec):
                                divisor=np.asarray(spec.std, np.float32)[:, None, None])
 
 
+def _clamp_unit(x):
+    return x.clamp(0.0, 1.0)
+
+
 def _clamp01():
     from monai.transforms import Lambdad
 
-    return Lambdad(keys=KEY, func=lambda x: x.clamp(0.0, 1.0))
+    # a module-level function, not a lambda: DataLoader workers started by spawn/forkserver (the default
+    # from Python 3.14, and in any process that was itself spawned) pickle the transforms
+    return Lambdad(keys=KEY, func=_clamp_unit)
 
 
 @dataclass(frozen=True)
