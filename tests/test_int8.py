@@ -145,8 +145,9 @@ def test_int8_answers_like_fp32_through_predict_batch_and_serve(int8_run, tmp_pa
         assert "backend onnx (auto: ONNX Runtime FP32, not INT8 because this CPU reports no INT8" in log
 
 
-def _set_speed(model: Path, speedup: float | None, cpu: str | None = None) -> None:
-    """Replace the recorded INT8/FP32 speed-up in int8.json (None: no figure), as if measured on ``cpu``."""
+def _set_speed(model: Path, speedup: float | None, cpu: str | None = None, openvino: float | None = None) -> None:
+    """Replace the recorded INT8/FP32 speed-up in int8.json (None: no figure), as if measured on ``cpu``;
+    ``openvino``: OpenVINO's speed-up over FP32 ONNX in the same figure."""
     from medpipe.infer.quantize import INT8_META, cpu_model
 
     info = json.loads((model / INT8_META).read_text())
@@ -154,6 +155,9 @@ def _set_speed(model: Path, speedup: float | None, cpu: str | None = None) -> No
     if speedup is not None:
         info["speed"] = {"batches": {"1": {"fp32_ms": 10.0 * speedup, "int8_ms": 10.0, "speedup": speedup}},
                          "speedup": speedup, "cpu": {"model": cpu or cpu_model()}}
+        if openvino is not None:
+            info["speed"]["batches"]["1"].update(openvino_ms=10.0 * speedup / openvino, openvino_speedup=openvino)
+            info["speed"]["openvino_speedup"] = openvino
     (model / INT8_META).write_text(json.dumps(info))
 
 
@@ -313,3 +317,122 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 
     f.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480C\nflags\t\t: fpu\n")
     assert cpu_model(f) == "Intel(R) Xeon(R) Platinum 8480C" and cpu_model(tmp_path / "missing")
+
+
+# -- OpenVINO running the same INT8 graph ------------------------------------------------------------
+
+def test_openvino_has_its_own_gate_and_answers_like_fp32_through_predict_batch_serve_evaluate(int8_run, tmp_path,
+                                                                                              capsys):
+    pytest.importorskip("openvino")
+    from medpipe.infer.quantize import MAX_AUC_DIFF, MIN_AGREEMENT, load_int8
+    from medpipe.package import read_meta
+    from tests._server import Server, as_json
+
+    _, info = load_int8(read_meta(int8_run["model"]))
+    rec = info["openvino"]
+    g = rec["gate"]
+    assert g["passed"] and g["agreement"] >= MIN_AGREEMENT and g["auc_diff"] <= MAX_AUC_DIFF and g["n"] >= 10
+    assert rec["precision"] in ("bf16", "f32") and rec["temperature"] > 0 and rec["version"]
+    assert info["speed"]["openvino_precision"] == rec["precision"] and info["speed"]["openvino_speedup"] > 0
+    assert all(b["openvino_ms"] > 0 for b in info["speed"]["batches"].values())
+
+    images = int8_run["images"][::4]
+    model = str(int8_run["model"])
+
+    def predict(backend):
+        assert main(["predict", "--model", model, "--backend", backend, "--json", *map(str, images)]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    fp32, ov = predict("onnx"), predict("openvino")
+    assert np.mean([a["label"] == b["label"] for a, b in zip(fp32, ov)]) >= MIN_AGREEMENT
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in images:
+        shutil.copy(p, folder / p.name)
+    assert main(["batch", "--model", model, "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "--backend", "openvino", "--batch-size", "8"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    by_name = {Path(r["image"]).name: r for r in ov}
+    assert len(rows) == len(images)
+    for row in rows:  # other batch compositions (buckets of 8 and 16): the same labels, near-equal probabilities
+        ref = by_name[Path(row["path"]).name]
+        assert row["label"] == ref["label"]
+        assert max(abs(row["probabilities"][c] - ref["probabilities"][c]) for c in CLASSES) < 1e-3
+    srv = Server(int8_run["run"], "--backend", "openvino", "--threads", "1", "--max-batch", "4",
+                 log=tmp_path / "serve.log").wait_ready()
+    try:
+        for img, ref in zip(images[:4], ov):
+            status, _, body = srv.invoke(img.read_bytes(), ctype="image/png")
+            assert status == 200
+            got = as_json(body)
+            got = got.get("predictions", [got])[0] if isinstance(got, dict) else got[0]
+            assert got["label"] == ref["label"]
+    finally:
+        srv.stop()
+    assert "backend openvino (asked for)" in srv.log_text()
+    assert main(["evaluate", "--model", model, "--data", str(int8_run["data"]), "--split", "val",
+                 "--backend", "openvino", "--bootstrap", "0", "--out", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["backend"] == "openvino" and rep["int8_gate"] == g
+
+
+def test_openvino_session_pads_batches_to_static_buckets(int8_run):
+    """One compiled model per bucket (1, 2, 4, ...): a batch of 3 runs padded to 4 and gives each row what
+    a batch of one gives (rows are independent)."""
+    pytest.importorskip("openvino")
+    from medpipe.infer.openvino_runtime import OpenVinoSession
+    from medpipe.infer.quantize import load_int8
+    from medpipe.package import read_meta
+
+    data, _ = load_int8(read_meta(int8_run["model"]))
+    s = OpenVinoSession(data, threads=1, precision="f32", max_batch=4)
+    assert s.buckets == [1, 2, 4]
+    x = np.random.default_rng(0).standard_normal((7, 3, 32, 32)).astype(np.float32)
+    out = s.run(None, {"image": x})[0]
+    assert out.shape == (7, 7) and set(s._requests) == {4}  # a chunk of 4, then 3 rows padded to 4
+    single = np.concatenate([s.run(None, {"image": x[i:i + 1]})[0] for i in range(7)])
+    assert np.allclose(out, single, atol=1e-4) and set(s._requests) == {1, 4}  # compiled on first use
+    s.warm()
+    assert set(s._requests) == {1, 2, 4}
+
+
+def test_openvino_needs_its_own_gate_and_auto_picks_it_only_when_measured_faster(int8_run, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    import torch
+
+    import medpipe.infer.quantize as q
+    from medpipe.errors import MedpipeError
+    from medpipe.infer.predictor import Predictor, resolve_backend
+    from medpipe.package import read_meta
+
+    model = _copy_run(int8_run["run"], tmp_path / "run")
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["avx512_vnni"])
+
+    def auto():
+        return resolve_backend("auto", torch.device("cpu"), read_meta(model))
+
+    _set_speed(model, 1.3, openvino=2.0)
+    b, why = auto()
+    assert b == "openvino" and "OpenVINO gate passed" in why and "OpenVINO INT8 2.00x FP32 ONNX" in why
+    p = Predictor(model, device="cpu", backend="auto", threads=1)
+    assert p.backend == "openvino" and p.temperature == p.int8["openvino"]["temperature"]
+    assert p.logits([np.zeros((32, 32, 3), np.uint8)]).shape == (1, 7)
+    _set_speed(model, 1.3, openvino=1.2)  # gated but slower than ONNX Runtime's INT8 here
+    b, why = auto()
+    assert b == "int8" and "OpenVINO measured 1.20x" in why
+    _set_speed(model, 1.05, openvino=1.08)  # neither reaches 1.1x
+    assert auto()[0] == "onnx"
+    # OpenVINO's own gate failed: auto never picks it; asking for it runs it with a warning in the log
+    _set_speed(model, 1.3, openvino=2.0)
+    info = json.loads((model / q.INT8_META).read_text())
+    failed = {**info["openvino"], "gate": {**info["openvino"]["gate"], "passed": False, "failures": ["top-1 x"]}}
+    (model / q.INT8_META).write_text(json.dumps({**info, "openvino": failed}))
+    b, why = auto()
+    assert b == "int8" and "OpenVINO's outputs failed the accuracy gate: top-1 x" in why
+    assert Predictor(model, device="cpu", backend="openvino", threads=1).backend == "openvino"
+    # quantized without OpenVINO: no gate of its own, so the backend refuses and auto keeps ONNX Runtime
+    (model / q.INT8_META).write_text(json.dumps({k: v for k, v in info.items() if k != "openvino"}))
+    b, why = auto()
+    assert b == "int8" and "no OpenVINO gate" in why
+    with pytest.raises(MedpipeError, match="no OpenVINO gate"):
+        Predictor(model, device="cpu", backend="openvino")

@@ -574,7 +574,8 @@ def _training_commands(command) -> None:
     s.add_argument("--tta", action="store_true", help="average over flips")
     s.add_argument("--bootstrap", type=NON_NEGATIVE, default=1000, help="resamples for the 95%% CIs (0 = none)")
     s.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="inference runtime (the same default as serve); int8: the package's INT8 model")
+                   help="inference runtime (the same default as serve); int8: the package's INT8 model on ONNX "
+                        "Runtime; openvino: the same INT8 model on OpenVINO (needs its OpenVINO gate)")
     s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
     s.add_argument("--decision-rule", choices=DECISION_RULES, help="label rule (medpipe.decision; default: the package's own)")
 

@@ -125,17 +125,24 @@ def cpu_description() -> dict:
 
 
 def measure_speedup(fp32: bytes, int8: bytes, image_size: int, *, batches: tuple[int, ...] = SPEED_BATCHES,
-                    threads: int | None = None, warmup: int = 2, rounds: int = 5) -> dict:
+                    threads: int | None = None, warmup: int = 2, rounds: int = 5,
+                    openvino: str | None = None) -> dict:
     """Time ONNX Runtime FP32 against INT8 on this CPU, in this process: both sessions built the way the
-    backends build them, ``warmup`` runs each, then ``rounds`` rounds alternating FP32 and INT8 (the order
-    swapped every round so drift in the machine's load hits both) at each batch size on random inputs.
-    Returns per batch the median milliseconds and the median of the per-round FP32/INT8 ratios, and
-    ``speedup``: the smallest of those ratios (INT8 must win at every batch size)."""
+    backends build them, ``warmup`` runs each, then ``rounds`` rounds (the order rotated every round so
+    drift in the machine's load hits all) at each batch size on random inputs. Returns per batch the
+    median milliseconds and the median of the per-round FP32/INT8 ratios, and ``speedup``: the smallest
+    of those ratios (INT8 must win at every batch size). ``openvino``: also time OpenVINO running the
+    INT8 graph in that precision (``bf16``/``f32``), reported as ``openvino_ms``/``openvino_speedup``."""
     import time
 
     from medpipe.export import INPUT_NAME, onnx_session
 
     sessions = {"fp32": onnx_session(fp32, threads=threads), "int8": onnx_session(int8, threads=threads)}
+    if openvino:
+        from medpipe.infer.openvino_runtime import OpenVinoSession
+
+        sessions["openvino"] = OpenVinoSession(int8, threads=threads, precision=openvino, max_batch=max(batches))
+    names = list(sessions)
     rng = np.random.default_rng(0)
     out: dict = {}
     for b in batches:
@@ -143,50 +150,85 @@ def measure_speedup(fp32: bytes, int8: bytes, image_size: int, *, batches: tuple
         for _ in range(warmup):
             for s in sessions.values():
                 s.run(None, feed)
-        ms: dict[str, list[float]] = {"fp32": [], "int8": []}
+        ms: dict[str, list[float]] = {n: [] for n in names}
         for r in range(rounds):
-            for name in (("fp32", "int8") if r % 2 == 0 else ("int8", "fp32")):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
                 t = time.perf_counter()
                 sessions[name].run(None, feed)
                 ms[name].append(1000 * (time.perf_counter() - t))
-        ratios = [a / b_ for a, b_ in zip(ms["fp32"], ms["int8"])]
-        out[str(b)] = {"fp32_ms": float(np.median(ms["fp32"])), "int8_ms": float(np.median(ms["int8"])),
-                       "speedup": float(np.median(ratios))}
-    return {"batches": out, "speedup": min(v["speedup"] for v in out.values()), "threads": threads,
-            "warmup": warmup, "rounds": rounds}
+        row = {"fp32_ms": float(np.median(ms["fp32"])), "int8_ms": float(np.median(ms["int8"])),
+               "speedup": float(np.median([a / c for a, c in zip(ms["fp32"], ms["int8"])]))}
+        if openvino:
+            row.update(openvino_ms=float(np.median(ms["openvino"])),
+                       openvino_speedup=float(np.median([a / c for a, c in zip(ms["fp32"], ms["openvino"])])))
+        out[str(b)] = row
+    result = {"batches": out, "speedup": min(v["speedup"] for v in out.values()), "threads": threads,
+              "warmup": warmup, "rounds": rounds}
+    if openvino:
+        result.update(openvino_speedup=min(v["openvino_speedup"] for v in out.values()), openvino_precision=openvino)
+    return result
 
 
 def format_speed(speed: dict) -> str:
     per = ", ".join(f"batch {b}: {v['fp32_ms']:.1f} -> {v['int8_ms']:.1f} ms ({v['speedup']:.2f}x)"
                     for b, v in speed["batches"].items())
-    return f"INT8 {speed['speedup']:.2f}x FP32 ONNX ({per})"
+    text = f"INT8 {speed['speedup']:.2f}x FP32 ONNX ({per})"
+    if isinstance(speed.get("openvino_speedup"), (int, float)):
+        per = ", ".join(f"batch {b}: {v['openvino_ms']:.1f} ms ({v['openvino_speedup']:.2f}x)"
+                        for b, v in speed["batches"].items() if "openvino_ms" in v)
+        text += f"; OpenVINO INT8 {speed['openvino_speedup']:.2f}x FP32 ONNX ({per})"
+    return text
 
 
 _SPEED_CHECKS: dict[tuple, dict] = {}  # start-up checks, once per process, INT8 model, CPU and thread count
 
 
-def auto_int8_status(meta: dict, fp32=None, threads: int | None = None) -> tuple[bool, str]:
-    """Whether ``auto`` may pick the package's INT8 model on this CPU, and why (for the log).
+def openvino_status(info: dict) -> tuple[bool, str]:
+    """Whether the ``openvino`` backend may run this INT8 model here, and why: OpenVINO installed, its own
+    gate recorded at quantize time and passed, and the precision it was gated in runnable on this CPU."""
+    from medpipe.infer import openvino_runtime as ovr
+
+    rec = info.get("openvino")
+    if not isinstance(rec, dict) or not isinstance(rec.get("gate"), dict):
+        return False, ("its INT8 model has no OpenVINO gate (it was quantized without OpenVINO installed; "
+                       "run 'medpipe quantize' again with pip install 'medpipe[openvino]')")
+    if not ovr.available():
+        return False, "OpenVINO is not installed (pip install 'medpipe[openvino]')"
+    g = rec["gate"]
+    if not g.get("passed"):
+        return False, "OpenVINO's outputs failed the accuracy gate: " + "; ".join(g.get("failures", []))
+    if rec.get("precision") not in ovr.PRECISIONS or not ovr.supported(rec["precision"]):
+        return False, f"it was gated in {rec.get('precision')!r}, which this CPU does not run"
+    return True, (f"OpenVINO gate passed in {rec['precision']} (agreement {g['agreement']:.1%}, macro AUC "
+                  f"difference {g['auc_diff']:.4f})")
+
+
+def auto_quantized_backend(meta: dict, fp32=None, threads: int | None = None) -> tuple[str | None, str]:
+    """Whether ``auto`` may pick the package's INT8 model on this CPU (``int8`` on ONNX Runtime or
+    ``openvino``), and why (for the log); None keeps FP32.
 
     INT8 only when the CPU has INT8 dot-product instructions, the model is verified and passed its
     gate, and INT8 was measured at least ``MIN_SPEEDUP`` times as fast as FP32 ONNX on this CPU model:
     the figure recorded at quantize time when it was made on the same CPU model, else a short start-up
     check (``fp32``: a callable returning the FP32 ONNX bytes; without it no check, no INT8), cached
-    for the process."""
+    for the process. OpenVINO is picked over ONNX Runtime when its own gate passed (:func:`openvino_status`)
+    and it was measured faster than both FP32 (by ``MIN_SPEEDUP``) and ONNX Runtime INT8."""
     flags = cpu_int8_flags()
     if not flags:
-        return False, "this CPU reports no INT8 dot-product instructions (avx512_vnni, avx_vnni or amx_int8)"
+        return None, "this CPU reports no INT8 dot-product instructions (avx512_vnni, avx_vnni or amx_int8)"
     if not int8_paths(meta["_dir"])[1].is_file():
-        return False, f"the package has no INT8 model (medpipe quantize makes one); CPU has {'+'.join(flags)}"
+        return None, f"the package has no INT8 model (medpipe quantize makes one); CPU has {'+'.join(flags)}"
     try:
         int8, info = load_int8(meta)
     except QuantizeError as exc:
-        return False, f"its INT8 model is not usable: {exc}"
+        return None, f"its INT8 model is not usable: {exc}"
     if not info["gate"].get("passed"):
-        return False, "its INT8 model failed the accuracy gate (written with --force): " + \
+        return None, "its INT8 model failed the accuracy gate (written with --force): " + \
             "; ".join(info["gate"].get("failures", []))
     gated = f"gated INT8 model (agreement {info['gate']['agreement']:.1%}, macro AUC difference " \
             f"{info['gate']['auc_diff']:.4f})"
+    ov_ok, ov_why = openvino_status(info)
     here = cpu_model()
     speed = info.get("speed") if isinstance(info.get("speed"), dict) else None
     recorded = (speed is not None and isinstance(speed.get("cpu"), dict) and speed["cpu"].get("model") == here
@@ -194,26 +236,32 @@ def auto_int8_status(meta: dict, fp32=None, threads: int | None = None) -> tuple
     if recorded:
         source = f"measured at quantize time on this CPU model ({here}, {'+'.join(flags)})"
     elif fp32 is None:
-        return False, (f"its {gated} has no speed figure for this CPU ({here}) and no start-up check could run")
+        return None, (f"its {gated} has no speed figure for this CPU ({here}) and no start-up check could run")
     else:
-        key = (info["sha256"], here, threads)
+        key = (info["sha256"], here, threads, ov_ok)
         if key not in _SPEED_CHECKS:
             from medpipe.package import package_spec
 
             size = package_spec(meta).image_size
             try:
-                _SPEED_CHECKS[key] = measure_speedup(fp32(), int8, size, threads=threads, warmup=1, rounds=3)
+                _SPEED_CHECKS[key] = measure_speedup(fp32(), int8, size, threads=threads, warmup=1, rounds=3,
+                                                     openvino=info["openvino"]["precision"] if ov_ok else None)
             except Exception as exc:  # noqa: BLE001 - a failed check is a reason to keep FP32, not to fail
-                return False, f"the start-up speed check of its {gated} failed ({exc.__class__.__name__}: {exc})"
+                return None, f"the start-up speed check of its {gated} failed ({exc.__class__.__name__}: {exc})"
         speed = _SPEED_CHECKS[key]
         source = (f"start-up check on this CPU ({here}, {'+'.join(flags)}; "
                   + ("the quantize-time figure is from " + str(info["speed"]["cpu"].get("model"))
                      if isinstance(info.get("speed"), dict) and isinstance(info["speed"].get("cpu"), dict)
                      else "no quantize-time figure") + ")")
+    ovs = speed.get("openvino_speedup")
+    if ov_ok and isinstance(ovs, (int, float)) and math.isfinite(ovs) and ovs >= MIN_SPEEDUP and ovs > speed["speedup"]:
+        return "openvino", f"{gated}, {ov_why}, {format_speed(speed)} {source}"
     if speed["speedup"] >= MIN_SPEEDUP:
-        return True, f"{gated}, {format_speed(speed)} {source}"
-    return False, (f"its {gated} is not fast enough here: {format_speed(speed)} {source}, "
-                   f"at least {MIN_SPEEDUP}x required")
+        not_ov = (ov_why if not ov_ok else "no OpenVINO speed figure" if not isinstance(ovs, (int, float))
+                  else f"OpenVINO measured {ovs:.2f}x FP32 ONNX")
+        return "int8", f"{gated}, {format_speed(speed)} {source}; not OpenVINO: {not_ov}"
+    return None, (f"its {gated} is not fast enough here: {format_speed(speed)} {source}, "
+                  f"at least {MIN_SPEEDUP}x required")
 
 
 # -- quantization ----------------------------------------------------------------------------------
@@ -411,7 +459,8 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     fp32 = onnx_bytes(model, spec.image_size)
     int8 = quantize_onnx(fp32, calib)
     t32 = float(meta.get("calibration", {}).get("temperature", 1.0))
-    figures = gate(val_y, _logits(onnx_session(fp32), val_px, spec), t32, _logits(onnx_session(int8), val_px, spec))
+    fp32_logits = _logits(onnx_session(fp32), val_px, spec)
+    figures = gate(val_y, fp32_logits, t32, _logits(onnx_session(int8), val_px, spec))
     if not figures["passed"] and not force:
         raise GateError("the INT8 model failed the accuracy gate on the validation split: "
                         + "; ".join(figures["failures"]) + ". Nothing was written (--force writes it anyway, "
@@ -432,10 +481,30 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
                        "calibration_images": int(len(calib_px)),
                        "calibration_source": str(calibration) if calibration else f"validation split of {data}"},
             "cpu_int8_flags": cpu_int8_flags()}
-    # what `auto` decides on: INT8 against FP32 ONNX timed here, recorded with the CPU it ran on
-    info["speed"] = {**measure_speedup(fp32, int8, spec.image_size), "cpu": cpu_description(),
-                     "min_speedup": MIN_SPEEDUP}
+    from medpipe.infer import openvino_runtime as ovr
+
+    if ovr.available():  # the same graph on OpenVINO: its own outputs, so its own gate and temperature
+        info["openvino"] = openvino_gate(int8, val_y, fp32_logits, t32, val_px, spec)
+        log.info("OpenVINO %s: %s", info["openvino"]["precision"], "gate passed" if info["openvino"]["gate"]["passed"]
+                 else "gate FAILED: " + "; ".join(info["openvino"]["gate"]["failures"]))
+    ov_passed = isinstance(info.get("openvino"), dict) and info["openvino"]["gate"]["passed"]
+    # what `auto` decides on: INT8 (and OpenVINO) against FP32 ONNX timed here, recorded with the CPU it ran on
+    info["speed"] = {**measure_speedup(fp32, int8, spec.image_size,
+                                       openvino=info["openvino"]["precision"] if ov_passed else None),
+                     "cpu": cpu_description(), "min_speedup": MIN_SPEEDUP}
     return int8, info
+
+
+def openvino_gate(int8: bytes, y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float,
+                  pixels: np.ndarray, spec) -> dict:
+    """The accuracy gate on OpenVINO's outputs for the INT8 graph, in this CPU's inference precision."""
+    from medpipe.infer import openvino_runtime as ovr
+
+    precision = ovr.cpu_precision()
+    session = ovr.OpenVinoSession(int8, precision=precision, max_batch=32)
+    figures = gate(y, fp32_logits, fp32_temperature, _logits(session, pixels, spec))
+    return {"version": ovr.version(), "precision": precision, "temperature": figures.pop("temperature"),
+            "gate": figures}
 
 
 def _self_describing(int8: bytes, meta: dict, temperature: float, figures: dict) -> bytes:
@@ -469,7 +538,17 @@ def format_gate(info: dict) -> str:
             f"INT8 temperature {info['temperature']:.3f}; " + ("PASSED" if g["passed"] else "FAILED (forced)")
             + (f"\nspeed on {info['speed']['cpu']['model']}: {format_speed(info['speed'])}; --backend auto "
                + ("picks INT8 on this CPU model" if info["speed"]["speedup"] >= MIN_SPEEDUP and g["passed"]
-                  else "keeps FP32 ONNX on this CPU model") if isinstance(info.get("speed"), dict) else ""))
+                  else "keeps FP32 ONNX on this CPU model") if isinstance(info.get("speed"), dict) else "")
+            + (_format_openvino(info["openvino"]) if isinstance(info.get("openvino"), dict) else
+               "\nOpenVINO: not installed, so no OpenVINO gate (the openvino backend needs one)"))
+
+
+def _format_openvino(rec: dict) -> str:
+    g = rec["gate"]
+    return (f"\nOpenVINO {rec['version']} ({rec['precision']}) on the same graph: macro AUC {g['int8_macro_auc']:.4f} "
+            f"(difference {g['auc_diff']:.4f}), top-1 agreement {g['agreement']:.1%}, max probability difference "
+            f"{g['max_prob_diff']:.4f}; temperature {rec['temperature']:.3f}; "
+            + ("PASSED" if g["passed"] else "FAILED: " + "; ".join(g["failures"]) + " (the openvino backend refuses it)"))
 
 
 def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None = None,

@@ -1,0 +1,106 @@
+"""OpenVINO running the package's gated INT8 (QDQ) graph on CPU: the ``openvino`` backend.
+
+The graph is the one ``medpipe quantize`` wrote and gated (``model.int8.onnx``); OpenVINO reads the
+QDQ form directly and runs the quantized convolutions with its own INT8 kernels (VNNI/AMX) and the
+rest of the network in the CPU's inference precision (``bf16`` on CPUs with AVX512-BF16/AMX, else
+``f32``). Its outputs differ from ONNX Runtime's running the same graph, so ``medpipe quantize`` runs
+the accuracy gate a second time on OpenVINO's outputs (same thresholds, its own temperature) and
+records it in ``int8.json`` under ``openvino``; without that record the backend refuses to start.
+
+Static shapes: OpenVINO's CPU plugin ran this graph 3-4x slower with a dynamic batch dimension than
+with a fixed one (benchmarks/int8_openvino.py's machine, batch 1 and 8), so the session compiles one
+model per batch-size bucket (1, 2, 4, ..., max_batch), on first use or all at once with
+:meth:`OpenVinoSession.warm` (the server does that before it answers), and pads a batch up to its
+bucket (rows are independent in eval mode).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from medpipe.errors import MedpipeError
+
+PRECISIONS = ("bf16", "f32")
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _core():
+    try:
+        import openvino as ov
+    except ImportError:
+        raise MedpipeError("the openvino backend needs OpenVINO: pip install 'medpipe[openvino]'") from None
+    return ov.Core()
+
+
+def version() -> str:
+    import openvino as ov
+
+    return str(ov.__version__)
+
+
+def cpu_precision() -> str:
+    """The precision OpenVINO runs the non-quantized layers in on this CPU by default (``bf16`` or ``f32``)."""
+    hint = str(_core().get_property("CPU", "INFERENCE_PRECISION_HINT")).lower()
+    return "bf16" if "bf" in hint else "f32"
+
+
+def supported(precision: str) -> bool:
+    """Whether this CPU runs ``precision`` (bf16 needs the BF16 capability)."""
+    return precision == "f32" or "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVinoSession:
+    """ONNX Runtime's ``run(None, {name: x})`` interface over OpenVINO static-shape models per bucket."""
+
+    def __init__(self, onnx: bytes, *, threads: int | None = None, precision: str = "f32", max_batch: int = 16):
+        if precision not in PRECISIONS:
+            raise MedpipeError(f"OpenVINO precision must be one of {PRECISIONS}, got {precision!r}")
+        self.core = _core()
+        self.onnx, self.precision = onnx, precision
+        self.config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": precision,
+                       # decode workers and the event loop share these cores: do not pin OpenVINO's threads
+                       "ENABLE_CPU_PINNING": False}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        max_batch = max(1, int(max_batch))
+        self.buckets = sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
+        self._requests: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self._shape = None
+
+    def _request(self, bucket: int):
+        with self._lock:
+            if bucket not in self._requests:
+                model = self.core.read_model(self.onnx)
+                shape = model.inputs[0].get_partial_shape()
+                self._shape = [int(d.get_length()) for d in list(shape)[1:]]
+                model.reshape({0: [bucket, *self._shape]})
+                self._requests[bucket] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            return self._requests[bucket]
+
+    def warm(self) -> None:
+        """Compile every bucket now (a few seconds each for DenseNet121) rather than on first use."""
+        for b in self.buckets:
+            self._request(b)
+
+    def run(self, _outputs, feed: dict) -> list[np.ndarray]:
+        x = np.ascontiguousarray(next(iter(feed.values())), dtype=np.float32)
+        outs, top = [], self.buckets[-1]
+        for i in range(0, len(x), top):
+            chunk = x[i:i + top]
+            n = len(chunk)
+            bucket = next(b for b in self.buckets if b >= n)
+            if n < bucket:
+                chunk = np.concatenate([chunk, np.zeros((bucket - n, *chunk.shape[1:]), np.float32)])
+            result = self._request(bucket).infer({0: chunk})
+            outs.append(np.array(result[0][:n], dtype=np.float32))
+        return [np.concatenate(outs)]
