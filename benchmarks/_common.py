@@ -37,9 +37,24 @@ def machine() -> dict:
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def _tracked(path: Path) -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=path.parent,
+                              capture_output=True, check=False).returncode == 0
+    except OSError:
+        return False
+
+
 def write_result(name: str, payload: dict) -> Path:
+    """benchmarks/results/NAME.json; a tracked result (one the README cites) is replaced only when
+    MEDPIPE_BENCH_OVERWRITE=1, else the run goes to NAME.local.json (ignored by git)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **payload}
     path = RESULTS / f"{name}.json"
+    if path.exists() and _tracked(path) and os.environ.get("MEDPIPE_BENCH_OVERWRITE") != "1":
+        print(f"{path.name} is a tracked result: writing {name}.local.json (MEDPIPE_BENCH_OVERWRITE=1 replaces it)")
+        path = RESULTS / f"{name}.local.json"
     path.write_text(json.dumps(payload, indent=2))
     return path

@@ -51,21 +51,24 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="auto", help="both sides run on this device (auto: CUDA when available)")
     ap.add_argument("--backends", default=None, help="medpipe backends, comma-separated (default: onnx,int8 on "
-                                                     "CPU, auto on CUDA)")
+                                                     "CPU, plus openvino when installed; auto on CUDA)")
     args = ap.parse_args()
 
     from medpipe.batch import run_batch
     from medpipe.utils import resolve_device
 
     device = resolve_device(args.device)
-    args.backends = args.backends or ("onnx,int8" if device.type == "cpu" else "auto")
+    from medpipe.infer.openvino_runtime import available as openvino_available
+
+    cpu_default = "onnx,int8" + (",openvino" if openvino_available() else "")
+    args.backends = args.backends or (cpu_default if device.type == "cpu" else "auto")
 
     folder = synth_dataset(args.count)
     files = sorted(folder.rglob("*.jpg"))[: args.count]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         pkg = make_package(Path(tmp) / "pkg", args.size)
-        if "int8" in args.backends.split(","):
+        if {"int8", "openvino"} & set(args.backends.split(",")):
             add_int8_model(pkg, Path(tmp))
         naive(pkg, files[:5], device)  # warm-up
         t = time.perf_counter()

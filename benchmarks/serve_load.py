@@ -15,9 +15,10 @@ forwards at once as CPUs: the default inference-toolkit behaviour). TorchServe (
 SageMaker PyTorch inference toolkit uses, from the `.venv-sm` venv that `make test` builds; needs a
 JRE, which .ci/run installs) runs benchmarks/_ts_handler.py: the same decoder, eval preset and eager
 model, batched by TorchServe; --ts-configs lists WORKERSxBATCHxDELAY_MS settings (best one compared).
-The int8 backend needs an INT8 model: the benchmark's package is untrained (speed does not depend on
-the weights), so its INT8 model is made with force=True on a synthetic validation split; its gate
-figures mean nothing here (README: gate figures on real data). Ratios come from one run.
+The int8 and openvino backends need an INT8 model: the benchmark's package is untrained (speed does not
+depend on the weights), so its INT8 model is made with force=True on a synthetic validation split; its
+gate figures mean nothing here (README: gate figures on real data). openvino (OpenVINO running that
+INT8 graph) is measured when OpenVINO is installed (medpipe[openvino]). Ratios come from one run.
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ def main() -> None:
     ap.add_argument("--lone", type=int, default=40)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--backends", default=None,
-                    help="medpipe backends to measure, comma-separated (default: int8,onnx,eager on CPU; "
-                         "eager,cudagraph on CUDA)")
+                    help="medpipe backends to measure, comma-separated (default: openvino,int8,onnx,eager on "
+                         "CPU, openvino only when installed; eager,cudagraph on CUDA)")
     ap.add_argument("--ts-configs", default="1x8x10",
                     help="TorchServe settings WORKERSxBATCHxDELAY_MS, comma-separated ('' skips TorchServe)")
     ap.add_argument("--ts-venv", default=str(ROOT.parent / ".venv-sm"), help="venv holding torchserve")
@@ -231,7 +232,10 @@ def main() -> None:
 
     device = resolve_device(args.device).type
     args.device = device
-    args.backends = args.backends or ("int8,onnx,eager" if device == "cpu" else "eager,cudagraph")
+    from medpipe.infer.openvino_runtime import available as openvino_available
+
+    cpu_default = ("openvino," if openvino_available() else "") + "int8,onnx,eager"
+    args.backends = args.backends or (cpu_default if device == "cpu" else "eager,cudagraph")
 
     folder = synth_dataset(200)
     images = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:32]]
@@ -239,7 +243,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pkg = make_package(tmp / "pkg", args.size)
-        if "int8" in args.backends.split(","):
+        if {"int8", "openvino"} & set(args.backends.split(",")):
             add_int8_model(pkg, tmp)
         port = free_port()
         naive = measure("naive", [sys.executable, str(ROOT / "_naive_server.py"), str(pkg), str(port), device],
