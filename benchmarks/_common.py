@@ -44,7 +44,7 @@ def _tracked(path: Path) -> bool:
         return subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=path.parent,
                               capture_output=True, check=False).returncode == 0
     except OSError:
-        return False
+        return True  # without git, assume the README cites it: never overwrite by accident
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -208,20 +208,38 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "quality.json")
     ap.add_argument("--overwrite", action="store_true", help="allow replacing a tracked result file")
     args = ap.parse_args(argv)
+    if args.out.exists() and _tracked(args.out) and not args.overwrite:
+        ap.error(f"{args.out} is a tracked result; pass --overwrite to replace it or choose another --out")
+    if args.merge:
+        return merge(args.merge, args.out)
+    if not (args.data / "HAM10000_metadata.csv").is_file():
+        ap.error(f"{args.data}: no HAM10000_metadata.csv (the dev set is in ../shared/data/ham10000-dev)")
+    common, recipes, chosen = plan_recipes(args, ap)
+    todo = plan_runs(args, ap, common, recipes, chosen)
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = prepare(args.data, args.work, args.subset)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    payload = {"benchmark": "quality", "settings": settings, "common": common,
+               "recipes": {r: recipes[r] for r in chosen}, "machine": machine(),
+               "expected": sorted([r, s] for r, s, _, _ in todo), "runs": {r: [] for r in chosen}, "failed": []}
+    execute(todo, data, args, payload)
+    print()
+    print(f"test split, {len({s for _, s, _, _ in todo})} split seed(s), mean ± SD; {args.image_size}x{args.image_size}, "
+          "from scratch, " + (f"epochs {args.epochs}" if args.epochs else f"budget {args.budget}")
+          + (f", subset of {args.subset} images" if args.subset else ""))
+    report(payload)
+    print(f"wrote {args.out}")
+    return payload
 
+
+def plan_recipes(args, ap) -> tuple[dict, dict, list]:
+    """The options every run shares, the recipes, and which recipes run."""
     import yaml
 
     from medpipe.config import TrainConfig
 
-    if args.out.exists() and _tracked(args.out) and not args.overwrite:
-        ap.error(f"{args.out} is a tracked result; pass --overwrite to replace it or choose another --out")
-    if not (args.data / "HAM10000_metadata.csv").is_file():
-        ap.error(f"{args.data}: no HAM10000_metadata.csv (the dev set is in ../shared/data/ham10000-dev)")
-    if args.merge:
-        return merge(args.merge, args.out)
     keys = {f.name for f in fields(TrainConfig)}
     common: dict = {"image_size": args.image_size, "bootstrap": 200}
-    per_recipe_epochs = parse_epochs(args.epochs, ap) if args.epochs else {}  # set per run below
     if not args.epochs:
         if "budget" not in keys:
             ap.error("this medpipe has no 'budget' training option; pass --epochs N")
@@ -237,19 +255,20 @@ def main(argv: list[str] | None = None) -> dict:
     for r in chosen:
         if r not in recipes:
             ap.error(f"unknown recipe {r!r}; choose from {', '.join(recipes)}")
+    return common, recipes, chosen
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    data = prepare(args.data, args.work, args.subset)
-    runs: dict = {r: [] for r in chosen}
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    payload = {"benchmark": "quality", "settings": settings, "common": common,
-               "recipes": {r: recipes[r] for r in chosen}, "machine": machine()}
+
+def plan_runs(args, ap, common: dict, recipes: dict, chosen: list) -> list[tuple]:
+    """(recipe, seed, run folder, training options) for each run, --only and --epochs applied."""
     jobs = [(r, seed) for seed in range(args.seeds) for r in chosen]
     if args.only:
-        wanted = [tuple(x.split(":")) for x in args.only.split(",") if x]
-        jobs = [(r, s) for r, s in jobs if (r, str(s)) in wanted]
-        if not jobs:
-            ap.error(f"--only {args.only}: no such run among recipes {chosen} and seeds 0..{args.seeds - 1}")
+        wanted = [x.strip() for x in args.only.split(",") if x.strip()]
+        unknown = [w for w in wanted if w not in {f"{r}:{s}" for r, s in jobs}]
+        if unknown:
+            ap.error(f"--only: {', '.join(unknown)} not among the runs (RECIPE:SEED with recipes {chosen} and "
+                     f"seeds 0..{args.seeds - 1})")
+        jobs = [(r, s) for r, s in jobs if f"{r}:{s}" in wanted]
+    per_recipe_epochs = parse_epochs(args.epochs, ap) if args.epochs else {}
     todo = []
     for recipe, seed in jobs:
         overrides = {**common, **recipes[recipe], "split_seed": seed, "seed": seed}
@@ -259,19 +278,33 @@ def main(argv: list[str] | None = None) -> dict:
                 ap.error(f"--epochs {args.epochs}: no count for recipe {recipe!r}")
             overrides.update(epochs=n, patience=n)
         todo.append((recipe, seed, args.work / "runs" / f"{recipe}-seed{seed}", overrides))
+    return todo
 
-    def record(recipe: str, seed: int, res: dict) -> None:
-        res["seed"] = seed
-        runs[recipe].append(res)
-        runs[recipe].sort(key=lambda r: r["seed"])
-        print(f"   {recipe} seed {seed}: test macro AUC {res['macro_auc']:.4f}, balanced accuracy "
-              f"{res['balanced_accuracy']:.4f} ({res['decision_rule']}), {res['epochs']} epochs, "
-              f"{res['seconds']:.0f} s", flush=True)
+
+def execute(todo: list[tuple], data: Path, args, payload: dict) -> None:
+    """Train and evaluate each run (``--jobs`` at once); the result file is rewritten after every run. A
+    run that fails is recorded with its error and the others go on."""
+    runs = payload["runs"]
+
+    def save(complete: bool) -> None:
         summary = summarise(runs)
-        payload.update(complete=False, runs=runs, summary=summary, verdict=verdict(summary),
+        payload.update(complete=complete, summary=summary, verdict=verdict(summary),
                        when=time.strftime("%Y-%m-%dT%H:%M:%S"))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=2, default=float))
+
+    def record(recipe: str, seed: int, res: dict | None, error: BaseException | None = None) -> None:
+        if error is not None:
+            payload["failed"].append({"recipe": recipe, "seed": seed, "error": f"{error.__class__.__name__}: {error}"})
+            print(f"   {recipe} seed {seed}: FAILED ({error.__class__.__name__}: {error})", flush=True)
+        else:
+            res["seed"] = seed
+            runs[recipe].append(res)
+            runs[recipe].sort(key=lambda r: r["seed"])
+            print(f"   {recipe} seed {seed}: test macro AUC {res['macro_auc']:.4f}, balanced accuracy "
+                  f"{res['balanced_accuracy']:.4f} ({res['decision_rule']}), {res['epochs']} epochs, "
+                  f"{res['seconds']:.0f} s", flush=True)
+        save(False)
 
     if args.jobs > 1:
         import multiprocessing as mp
@@ -283,21 +316,17 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"== {recipe}, split seed {seed}: {overrides}", flush=True)
                 futures[pool.submit(train_run, data, run_dir, overrides)] = (recipe, seed)
             for fut in as_completed(futures):
-                record(*futures[fut], fut.result())
+                exc = fut.exception()
+                record(*futures[fut], None if exc else fut.result(), exc)
     else:
         for recipe, seed, run_dir, overrides in todo:
             print(f"== {recipe}, split seed {seed}: {overrides}", flush=True)
-            record(recipe, seed, train_run(data, run_dir, overrides))
-    summary = summarise(runs)
-    payload.update(complete=True, summary=summary, verdict=verdict(summary))
-    args.out.write_text(json.dumps(payload, indent=2, default=float))
-    print()
-    print(f"test split, {args.seeds} split seed(s), mean ± SD; {args.image_size}x{args.image_size}, from scratch, "
-          + (f"epochs {args.epochs}" if args.epochs else f"budget {args.budget}")
-          + (f", subset of {args.subset} images" if args.subset else ""))
-    report(payload)
-    print(f"wrote {args.out}")
-    return payload
+            try:
+                record(recipe, seed, train_run(data, run_dir, overrides))
+            except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
+                record(recipe, seed, None, exc)
+    # complete: every run of args.seeds x recipes is here (an --only run is a part, to be merged)
+    save(not payload["failed"] and not args.only)
 
 
 def parse_epochs(text: str, ap: argparse.ArgumentParser) -> dict:
@@ -314,26 +343,59 @@ def parse_epochs(text: str, ap: argparse.ArgumentParser) -> dict:
     return out
 
 
+# what must agree between result files merged into one summary: the recipes and the shared training options,
+# less those that do not change what is trained (threads, workers, device, ...) and the run length, which each
+# run records as its epoch count (a --budget run and an --epochs run of the same count train the same)
+LENGTH_KEYS = ("budget", "epochs", "patience")
+
+
+def _comparable(p: dict) -> dict:
+    from medpipe.config import RUNTIME_KEYS
+
+    common = {k: v for k, v in (p.get("common") or {}).items() if k not in RUNTIME_KEYS + LENGTH_KEYS}
+    return {"common": common, "recipes": p.get("recipes")}
+
+
 def merge(files: list[Path], out: Path) -> dict:
-    """One summary of the runs recorded in several result files (the first file's settings are kept)."""
+    """One summary of the runs recorded in several result files. They must share the training options and
+    recipes (``--epochs``/``--budget``, image size, subset, candidate); a seed recorded twice must hold the
+    same figures. ``complete`` when every (recipe, seed 0..N-1) of the first file's ``--seeds`` is there."""
     payloads = [json.loads(f.read_text()) for f in files]
+    ref = _comparable(payloads[0])
+    for f, p in zip(files[1:], payloads[1:]):
+        for key, value in _comparable(p).items():
+            if value != ref[key]:
+                raise SystemExit(f"--merge: {f} has other {key!r} than {files[0]} ({value!r} vs {ref[key]!r}); "
+                                 "results of different settings do not belong in one summary")
     runs: dict = {}
-    for p in payloads:
+    for f, p in zip(files, payloads):
         for recipe, rs in p.get("runs", {}).items():
-            have = {r["seed"] for r in runs.get(recipe, [])}
-            runs.setdefault(recipe, []).extend(r for r in rs if r["seed"] not in have)
+            have = {r["seed"]: r for r in runs.get(recipe, [])}
+            for r in rs:
+                if r["seed"] in have:
+                    if any(have[r["seed"]].get(m) != r.get(m) for m in METRICS):
+                        raise SystemExit(f"--merge: {recipe} seed {r['seed']} is recorded twice with different "
+                                         f"figures ({f} and an earlier file)")
+                    continue
+                runs.setdefault(recipe, []).append(r)
     for rs in runs.values():
         rs.sort(key=lambda r: r["seed"])
+    seeds = int(payloads[0].get("settings", {}).get("seeds", 0))
+    complete = all(sorted(r["seed"] for r in runs.get(recipe, [])) == list(range(seeds))
+                   for recipe in payloads[0].get("recipes", {}))
     summary = summarise(runs)
-    payload = {**payloads[0], "runs": runs, "summary": summary, "verdict": verdict(summary),
+    payload = {"benchmark": "quality", "common": payloads[0].get("common"), "recipes": payloads[0].get("recipes"),
+               "runs": runs, "summary": summary, "verdict": verdict(summary), "complete": complete,
+               "failed": [x for p in payloads for x in p.get("failed", [])],
                "merged_from": [{"file": str(f), "machine": p.get("machine"), "settings": p.get("settings"),
+                                "when": p.get("when"),
                                 "runs": {r: [x["seed"] for x in rs] for r, rs in p.get("runs", {}).items()}}
                                for f, p in zip(files, payloads)],
-               "complete": True, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=float))
     report(payload)
-    print(f"wrote {out}")
+    print(f"merged {len(files)} files: " + ("complete" if complete else "NOT complete") + f"; wrote {out}")
     return payload
 
 

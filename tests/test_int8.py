@@ -8,6 +8,7 @@ within 0.005, agreement >= 98%) measure quantization, not near-ties between a do
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -396,7 +397,8 @@ def test_openvino_session_pads_batches_to_static_buckets(int8_run):
     assert set(s._requests) == {1, 2, 4}
 
 
-def test_openvino_needs_its_own_gate_and_auto_picks_it_only_when_measured_faster(int8_run, tmp_path, monkeypatch):
+def test_openvino_needs_its_own_gate_and_auto_picks_it_only_when_measured_faster(int8_run, tmp_path, monkeypatch,
+                                                                                  caplog):
     pytest.importorskip("openvino")
     import torch
 
@@ -429,7 +431,36 @@ def test_openvino_needs_its_own_gate_and_auto_picks_it_only_when_measured_faster
     (model / q.INT8_META).write_text(json.dumps({**info, "openvino": failed}))
     b, why = auto()
     assert b == "int8" and "OpenVINO's outputs failed the accuracy gate: top-1 x" in why
-    assert Predictor(model, device="cpu", backend="openvino", threads=1).backend == "openvino"
+    with caplog.at_level(logging.WARNING, logger="medpipe.infer.predictor"):
+        assert Predictor(model, device="cpu", backend="openvino", threads=1).backend == "openvino"
+    assert "FAILED its accuracy gate" in caplog.text and "top-1 x" in caplog.text
+    # gated by another OpenVINO release, or in a precision this CPU does not run: not used, and said why
+    (model / q.INT8_META).write_text(json.dumps({**info, "openvino": {**info["openvino"], "version": "2020.1.0"}}))
+    b, why = auto()
+    assert b == "int8" and "OpenVINO 2020.1.0" in why and "never gated" in why
+    with pytest.raises(MedpipeError, match="another release"):
+        Predictor(model, device="cpu", backend="openvino")
+    (model / q.INT8_META).write_text(json.dumps(info))
+    import medpipe.infer.openvino_runtime as ovr
+
+    monkeypatch.setattr(ovr, "supported", lambda precision: False)
+    b, why = auto()
+    assert b == "int8" and "which this CPU does not run" in why
+    with pytest.raises(MedpipeError, match="which this CPU does not run"):
+        Predictor(model, device="cpu", backend="openvino")
+    monkeypatch.undo()
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["avx512_vnni"])
+    # OpenVINO cannot compile the model here: auto falls back (and says so), asked for it is a clear error
+    def cannot(self, buckets=None):
+        raise MedpipeError("OpenVINO could not compile the INT8 model for batch 1 (simulated)")
+
+    monkeypatch.setattr(ovr.OpenVinoSession, "warm", cannot)
+    p = Predictor(model, device="cpu", backend="auto", threads=1)
+    assert p.backend != "openvino" and "could not start" in p.backend_reason and "simulated" in p.backend_reason
+    with pytest.raises(MedpipeError, match="openvino backend could not start.*simulated.*--backend int8"):
+        Predictor(model, device="cpu", backend="openvino")
+    monkeypatch.undo()
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["avx512_vnni"])
     # quantized without OpenVINO: no gate of its own, so the backend refuses and auto keeps ONNX Runtime
     (model / q.INT8_META).write_text(json.dumps({k: v for k, v in info.items() if k != "openvino"}))
     b, why = auto()

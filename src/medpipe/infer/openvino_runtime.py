@@ -47,6 +47,11 @@ def version() -> str:
     return str(ov.__version__)
 
 
+def release(v: str) -> str:
+    """The release line of an OpenVINO version string ("2026.4.1-22982-..." -> "2026.4")."""
+    return ".".join(v.split("-")[0].split(".")[:2])
+
+
 def cpu_precision() -> str:
     """The precision OpenVINO runs the non-quantized layers in on this CPU by default (``bf16`` or ``f32``)."""
     hint = str(_core().get_property("CPU", "INFERENCE_PRECISION_HINT")).lower()
@@ -59,7 +64,9 @@ def supported(precision: str) -> bool:
 
 
 class OpenVinoSession:
-    """ONNX Runtime's ``run(None, {name: x})`` interface over OpenVINO static-shape models per bucket."""
+    """ONNX Runtime's ``run(None, {name: x})`` interface over OpenVINO static-shape models per bucket.
+    One infer request per bucket: a session must not run two batches at once (the Predictor's lock
+    serialises them)."""
 
     def __init__(self, onnx: bytes, *, threads: int | None = None, precision: str = "f32", max_batch: int = 16):
         if precision not in PRECISIONS:
@@ -87,10 +94,17 @@ class OpenVinoSession:
                 self._requests[bucket] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
             return self._requests[bucket]
 
-    def warm(self) -> None:
-        """Compile every bucket now (a few seconds each for DenseNet121) rather than on first use."""
-        for b in self.buckets:
-            self._request(b)
+    def warm(self, buckets: int | None = None) -> None:
+        """Compile the first ``buckets`` buckets (all by default) now, a few seconds each for DenseNet121,
+        rather than on first use. OpenVINO's errors (an op it cannot run, memory) become MedpipeError."""
+        for b in self.buckets[:buckets]:
+            try:
+                self._request(b)
+            except MedpipeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
+                raise MedpipeError(f"OpenVINO could not compile the INT8 model for batch {b} "
+                                   f"({exc.__class__.__name__}: {exc})") from None
 
     def run(self, _outputs, feed: dict) -> list[np.ndarray]:
         x = np.ascontiguousarray(next(iter(feed.values())), dtype=np.float32)

@@ -116,8 +116,8 @@ class CudaGraphRunner:
 
 
 class Predictor:
-    """Load once, predict many times. ``backend``: eager PyTorch, ONNX Runtime (CPU) or CUDA graphs
-    of the eager model (CUDA), see BACKENDS. ``decision_rule``: the rule that picks each label
+    """Load once, predict many times. ``backend``: eager PyTorch, ONNX Runtime FP32 or INT8 (CPU),
+    OpenVINO running the gated INT8 graph (CPU), or CUDA graphs of the eager model (CUDA), see BACKENDS. ``decision_rule``: the rule that picks each label
     (medpipe.decision; None: the package's default); the probabilities are the same under every rule.
     ``tta``: by default average the logits over the image and its horizontal, vertical and double flips
     (four forward passes per image; a call may still ask for or against it)."""
@@ -142,8 +142,9 @@ class Predictor:
             self._start_backend(threads, max_batch)
         except (RuntimeError, MedpipeError) as exc:
             if backend != "auto":
-                raise MedpipeError(f"the {self.backend} backend could not start ({exc}); use --backend eager") \
-                    from None
+                other = {"openvino": "int8", "int8": "onnx"}.get(self.backend, "eager")
+                raise MedpipeError(f"the {self.backend} backend could not start ({exc}); --backend {other} is "
+                                   "the next choice") from None
             log.warning("the %s backend could not start (%s); using the eager backend", self.backend, exc)
             self.backend, self._session, self._graphs = "eager", None, None
             self.backend_reason = f"auto: fell back because the faster backend could not start ({exc})"
@@ -181,19 +182,21 @@ class Predictor:
             self._start_openvino(threads, max_batch)
 
     def _start_openvino(self, threads: int | None, max_batch: int) -> None:
-        """OpenVINO on the gated INT8 graph, in the precision its own gate was run in, with its temperature."""
+        """OpenVINO on the gated INT8 graph, in the precision its own gate was run in, with its temperature.
+        Asked for explicitly, a model whose OpenVINO gate failed still runs (with a warning), as a forced INT8
+        model does; anything else that makes the record unusable here is refused."""
         from medpipe.infer.openvino_runtime import OpenVinoSession
-        from medpipe.infer.quantize import load_int8, openvino_status
+        from medpipe.infer.quantize import load_int8, openvino_record, openvino_status
 
         data, info = load_int8(self.meta)
-        ok, why = openvino_status(info)
-        rec = info.get("openvino")
-        if not ok and not (isinstance(rec, dict) and isinstance(rec.get("gate"), dict)
-                           and not rec["gate"].get("passed")):
+        rec, why = openvino_record(info)
+        if rec is None:
             raise MedpipeError(f"the openvino backend cannot run this model: {why}")
-        if not ok:  # asked for explicitly although its gate failed: as for a forced INT8 model, run and say so
+        ok, why = openvino_status(info)
+        if not ok:
             log.warning("the OpenVINO run of the INT8 model FAILED its accuracy gate: %s", why)
         self._session = OpenVinoSession(data, threads=threads, precision=rec["precision"], max_batch=max_batch)
+        self._session.warm(buckets=1)  # compile now: a model OpenVINO cannot compile fails here, not mid-request
         # the record the report and responses cite is OpenVINO's own gate and temperature
         self.int8 = {**info, "gate": rec["gate"], "temperature": rec["temperature"], "runtime": "openvino"}
 

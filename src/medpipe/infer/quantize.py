@@ -20,7 +20,9 @@ its own, fitted on the same split): macro ROC AUC within ``MAX_AUC_DIFF``, top-1
 
 In the package the INT8 model is an optional pair of files: ``model.int8.onnx`` and ``int8.json``
 (format, sha256 of the ONNX file, sha256 of the FP32 weights it was made from, temperature, gate
-figures, toolchain versions). Loading checks both hashes, so a stale or altered INT8 model is refused.
+figures, toolchain versions, the speed figures ``auto`` decides on, and, when OpenVINO is installed at
+quantize time, ``openvino``: the gate run again on OpenVINO's outputs of the same graph, with its own
+temperature, the inference precision and the OpenVINO version; see infer/openvino_runtime.py). Loading checks both hashes, so a stale or altered INT8 model is refused.
 """
 
 from __future__ import annotations
@@ -184,22 +186,46 @@ def format_speed(speed: dict) -> str:
 _SPEED_CHECKS: dict[tuple, dict] = {}  # start-up checks, once per process, INT8 model, CPU and thread count
 
 
-def openvino_status(info: dict) -> tuple[bool, str]:
-    """Whether the ``openvino`` backend may run this INT8 model here, and why: OpenVINO installed, its own
-    gate recorded at quantize time and passed, and the precision it was gated in runnable on this CPU."""
+def openvino_record(info: dict) -> tuple[dict | None, str]:
+    """The INT8 record's ``openvino`` entry if it can be used here at all (installed, well-formed, same
+    OpenVINO release line as gated, precision runnable on this CPU), else None and why. Whether its gate
+    passed is :func:`openvino_status`'s question."""
     from medpipe.infer import openvino_runtime as ovr
 
     rec = info.get("openvino")
     if not isinstance(rec, dict) or not isinstance(rec.get("gate"), dict):
-        return False, ("its INT8 model has no OpenVINO gate (it was quantized without OpenVINO installed; "
-                       "run 'medpipe quantize' again with pip install 'medpipe[openvino]')")
+        return None, ("its INT8 model has no OpenVINO gate (it was quantized without OpenVINO installed; "
+                      "run 'medpipe quantize' again with pip install 'medpipe[openvino]', or use --backend int8)")
     if not ovr.available():
-        return False, "OpenVINO is not installed (pip install 'medpipe[openvino]')"
+        return None, "OpenVINO is not installed (pip install 'medpipe[openvino]')"
+    t, g = rec.get("temperature"), rec["gate"]
+    if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0 or rec.get("precision") not in ovr.PRECISIONS \
+            or not isinstance(g.get("passed"), bool) or not all(isinstance(g.get(k), (int, float))
+                                                                 for k in ("agreement", "auc_diff")):
+        return None, (f"{INT8_META}: its 'openvino' record is malformed (temperature, precision or gate figures); "
+                      "run 'medpipe quantize' again")
+    try:
+        here, runnable = ovr.version(), ovr.supported(rec["precision"])
+    except Exception as exc:  # noqa: BLE001 - a broken optional runtime is a reason not to use it
+        return None, f"OpenVINO does not start here ({exc.__class__.__name__}: {exc})"
+    if ovr.release(here) != ovr.release(str(rec.get("version", ""))):
+        return None, (f"its OpenVINO gate was run with OpenVINO {rec.get('version')}, this is {here}: outputs of "
+                      "another release were never gated; run 'medpipe quantize' again")
+    if not runnable:
+        return None, (f"its OpenVINO gate was run in {rec['precision']}, which this CPU does not run; run "
+                      "'medpipe quantize' again on this machine or use --backend int8")
+    return rec, "usable"
+
+
+def openvino_status(info: dict) -> tuple[bool, str]:
+    """Whether the ``openvino`` backend may run this INT8 model here, and why: :func:`openvino_record`
+    and its own gate, run at quantize time, passed."""
+    rec, why = openvino_record(info)
+    if rec is None:
+        return False, why
     g = rec["gate"]
-    if not g.get("passed"):
-        return False, "OpenVINO's outputs failed the accuracy gate: " + "; ".join(g.get("failures", []))
-    if rec.get("precision") not in ovr.PRECISIONS or not ovr.supported(rec["precision"]):
-        return False, f"it was gated in {rec.get('precision')!r}, which this CPU does not run"
+    if not g["passed"]:
+        return False, "OpenVINO's outputs failed the accuracy gate: " + "; ".join(map(str, g.get("failures", [])))
     return True, (f"OpenVINO gate passed in {rec['precision']} (agreement {g['agreement']:.1%}, macro AUC "
                   f"difference {g['auc_diff']:.4f})")
 
@@ -243,9 +269,15 @@ def auto_quantized_backend(meta: dict, fp32=None, threads: int | None = None) ->
             from medpipe.package import package_spec
 
             size = package_spec(meta).image_size
+            check = None
+            if ov_ok:  # with OpenVINO; should OpenVINO fail here, time ONNX Runtime's INT8 alone
+                try:
+                    check = measure_speedup(fp32(), int8, size, threads=threads, warmup=1, rounds=3,
+                                            openvino=info["openvino"]["precision"])
+                except Exception as exc:  # noqa: BLE001
+                    ov_ok, ov_why = False, f"OpenVINO failed its start-up check ({exc.__class__.__name__}: {exc})"
             try:
-                _SPEED_CHECKS[key] = measure_speedup(fp32(), int8, size, threads=threads, warmup=1, rounds=3,
-                                                     openvino=info["openvino"]["precision"] if ov_ok else None)
+                _SPEED_CHECKS[key] = check or measure_speedup(fp32(), int8, size, threads=threads, warmup=1, rounds=3)
             except Exception as exc:  # noqa: BLE001 - a failed check is a reason to keep FP32, not to fail
                 return None, f"the start-up speed check of its {gated} failed ({exc.__class__.__name__}: {exc})"
         speed = _SPEED_CHECKS[key]
@@ -483,15 +515,21 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
             "cpu_int8_flags": cpu_int8_flags()}
     from medpipe.infer import openvino_runtime as ovr
 
+    speed = None
     if ovr.available():  # the same graph on OpenVINO: its own outputs, so its own gate and temperature
-        info["openvino"] = openvino_gate(int8, val_y, fp32_logits, t32, val_px, spec)
-        log.info("OpenVINO %s: %s", info["openvino"]["precision"], "gate passed" if info["openvino"]["gate"]["passed"]
-                 else "gate FAILED: " + "; ".join(info["openvino"]["gate"]["failures"]))
-    ov_passed = isinstance(info.get("openvino"), dict) and info["openvino"]["gate"]["passed"]
+        try:
+            info["openvino"] = openvino_gate(int8, val_y, fp32_logits, t32, val_px, spec)
+            log.info("OpenVINO %s: %s", info["openvino"]["precision"], "gate passed" if info["openvino"]["gate"]
+                     ["passed"] else "gate FAILED: " + "; ".join(info["openvino"]["gate"]["failures"]))
+            if info["openvino"]["gate"]["passed"]:
+                speed = measure_speedup(fp32, int8, spec.image_size, openvino=info["openvino"]["precision"])
+        except Exception as exc:  # noqa: BLE001 - OpenVINO is optional: the ONNX Runtime model stands alone
+            log.warning("OpenVINO could not run the INT8 model (%s: %s); no OpenVINO gate recorded",
+                        exc.__class__.__name__, exc)
+            info.pop("openvino", None)
     # what `auto` decides on: INT8 (and OpenVINO) against FP32 ONNX timed here, recorded with the CPU it ran on
-    info["speed"] = {**measure_speedup(fp32, int8, spec.image_size,
-                                       openvino=info["openvino"]["precision"] if ov_passed else None),
-                     "cpu": cpu_description(), "min_speedup": MIN_SPEEDUP}
+    info["speed"] = {**(speed or measure_speedup(fp32, int8, spec.image_size)), "cpu": cpu_description(),
+                     "min_speedup": MIN_SPEEDUP}
     return int8, info
 
 
@@ -537,10 +575,20 @@ def format_gate(info: dict) -> str:
             f"{g['agreement']:.1%} (>= {MIN_AGREEMENT:.0%}), max probability difference {g['max_prob_diff']:.4f}; "
             f"INT8 temperature {info['temperature']:.3f}; " + ("PASSED" if g["passed"] else "FAILED (forced)")
             + (f"\nspeed on {info['speed']['cpu']['model']}: {format_speed(info['speed'])}; --backend auto "
-               + ("picks INT8 on this CPU model" if info["speed"]["speedup"] >= MIN_SPEEDUP and g["passed"]
-                  else "keeps FP32 ONNX on this CPU model") if isinstance(info.get("speed"), dict) else "")
+               + _auto_says(info) if isinstance(info.get("speed"), dict) else "")
             + (_format_openvino(info["openvino"]) if isinstance(info.get("openvino"), dict) else
-               "\nOpenVINO: not installed, so no OpenVINO gate (the openvino backend needs one)"))
+               "\nOpenVINO: no OpenVINO gate recorded (quantized without OpenVINO; the openvino backend needs one)"))
+
+
+def _auto_says(info: dict) -> str:
+    speed, ov = info["speed"], info.get("openvino")
+    ovs = speed.get("openvino_speedup")
+    if (isinstance(ov, dict) and ov["gate"]["passed"] and isinstance(ovs, (int, float)) and ovs >= MIN_SPEEDUP
+            and ovs > speed["speedup"] and info["gate"]["passed"]):
+        return "picks OpenVINO INT8 on this CPU model"
+    if speed["speedup"] >= MIN_SPEEDUP and info["gate"]["passed"]:
+        return "picks INT8 (ONNX Runtime) on this CPU model"
+    return "keeps FP32 ONNX on this CPU model"
 
 
 def _format_openvino(rec: dict) -> str:
@@ -548,7 +596,8 @@ def _format_openvino(rec: dict) -> str:
     return (f"\nOpenVINO {rec['version']} ({rec['precision']}) on the same graph: macro AUC {g['int8_macro_auc']:.4f} "
             f"(difference {g['auc_diff']:.4f}), top-1 agreement {g['agreement']:.1%}, max probability difference "
             f"{g['max_prob_diff']:.4f}; temperature {rec['temperature']:.3f}; "
-            + ("PASSED" if g["passed"] else "FAILED: " + "; ".join(g["failures"]) + " (the openvino backend refuses it)"))
+            + ("PASSED" if g["passed"] else "FAILED: " + "; ".join(g["failures"])
+               + " (auto never picks it; --backend openvino runs it with a warning)"))
 
 
 def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None = None,

@@ -20,7 +20,7 @@ JSON or DICOM in; labelled, calibrated JSON or CSV out.
 The model loads on the GPU TorchServe gives the worker (``gpu_id`` in the context; each worker of a
 multi-GPU instance gets its own) or on the CPU, with the backend ``medpipe serve --backend auto``
 picks (CUDA graphs on a GPU, ONNX Runtime on CPU when installed, else eager; set
-``MEDPIPE_BACKEND=eager|onnx|cudagraph`` in the model's environment to pin one).
+``MEDPIPE_BACKEND=eager|onnx|int8|openvino|cudagraph`` in the model's environment to pin one).
 """
 
 from __future__ import annotations

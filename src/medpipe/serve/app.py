@@ -162,7 +162,6 @@ class Service:
         from medpipe.infer.predictor import PredictionError
 
         try:
-            await loop.run_in_executor(None, self.predictor.warm)
             await loop.run_in_executor(None, self.predictor.probabilities, [blank])
             await loop.run_in_executor(None, self.predictor.probabilities, [blank] * min(4, self.cfg.max_batch))
         except PredictionError as exc:  # answered per request as 500 prediction_failed
@@ -592,6 +591,7 @@ def serve(cfg: ServeConfig) -> int:
     predictor = Predictor(cfg.model, device=cfg.device, max_pixels=cfg.max_pixels, backend=cfg.backend,
                           threads=threads, max_batch=cfg.max_batch, decision_rule=cfg.decision_rule,
                           tta=cfg.tta)
+    predictor.warm()  # every batch size the batcher will form, before the port answers (OpenVINO compiles per size)
     if predictor.backend in ("onnx", "int8", "openvino"):
         torch.set_num_threads(1)  # torch only runs the eval preset and Grad-CAM: leave the cores to ORT
     app = create_app(predictor, cfg)
