@@ -343,30 +343,33 @@ def parse_epochs(text: str, ap: argparse.ArgumentParser) -> dict:
     return out
 
 
-# what must agree between result files merged into one summary: the recipes and the shared training options,
-# less those that do not change what is trained (threads, workers, device, ...) and the run length, which each
-# run records as its epoch count (a --budget run and an --epochs run of the same count train the same)
+# what need not agree between result files merged into one summary: besides options that do not change what is
+# trained (threads, workers, device, ...), the run length, which each run records as its epoch count (a --budget
+# run and an --epochs run of the same count train the same)
 LENGTH_KEYS = ("budget", "epochs", "patience")
 
 
-def _comparable(p: dict) -> dict:
+def _common(p: dict) -> dict:
     from medpipe.config import RUNTIME_KEYS
 
-    common = {k: v for k, v in (p.get("common") or {}).items() if k not in RUNTIME_KEYS + LENGTH_KEYS}
-    return {"common": common, "recipes": p.get("recipes")}
+    return {k: v for k, v in (p.get("common") or {}).items() if k not in RUNTIME_KEYS + LENGTH_KEYS}
 
 
 def merge(files: list[Path], out: Path) -> dict:
-    """One summary of the runs recorded in several result files. They must share the training options and
-    recipes (``--epochs``/``--budget``, image size, subset, candidate); a seed recorded twice must hold the
-    same figures. ``complete`` when every (recipe, seed 0..N-1) of the first file's ``--seeds`` is there."""
+    """One summary of the runs recorded in several result files. They must share the training options (less
+    threads, workers, device and the run length, which each run records as its epoch count) and give a recipe
+    of the same name the same options; a seed recorded twice must hold the same figures. ``complete`` when
+    every recipe has every seed 0..N-1 (N: the largest ``--seeds`` among the files)."""
     payloads = [json.loads(f.read_text()) for f in files]
-    ref = _comparable(payloads[0])
-    for f, p in zip(files[1:], payloads[1:]):
-        for key, value in _comparable(p).items():
-            if value != ref[key]:
-                raise SystemExit(f"--merge: {f} has other {key!r} than {files[0]} ({value!r} vs {ref[key]!r}); "
-                                 "results of different settings do not belong in one summary")
+    recipes: dict = {}
+    for f, p in zip(files, payloads):
+        if _common(p) != _common(payloads[0]):
+            raise SystemExit(f"--merge: {f} has other training options than {files[0]} ({_common(p)!r} vs "
+                             f"{_common(payloads[0])!r}); results of different settings do not belong in one summary")
+        for name, options in (p.get("recipes") or {}).items():
+            if recipes.setdefault(name, options) != options:
+                raise SystemExit(f"--merge: recipe {name!r} has other options in {f} ({options!r} vs "
+                                 f"{recipes[name]!r})")
     runs: dict = {}
     for f, p in zip(files, payloads):
         for recipe, rs in p.get("runs", {}).items():
@@ -380,15 +383,14 @@ def merge(files: list[Path], out: Path) -> dict:
                 runs.setdefault(recipe, []).append(r)
     for rs in runs.values():
         rs.sort(key=lambda r: r["seed"])
-    seeds = int(payloads[0].get("settings", {}).get("seeds", 0))
-    complete = all(sorted(r["seed"] for r in runs.get(recipe, [])) == list(range(seeds))
-                   for recipe in payloads[0].get("recipes", {}))
+    seeds = max(int((p.get("settings") or {}).get("seeds", 0)) for p in payloads)
+    complete = all(sorted(r["seed"] for r in runs.get(name, [])) == list(range(seeds)) for name in recipes)
     summary = summarise(runs)
-    payload = {"benchmark": "quality", "common": payloads[0].get("common"), "recipes": payloads[0].get("recipes"),
+    payload = {"benchmark": "quality", "common": _common(payloads[0]), "recipes": recipes,
                "runs": runs, "summary": summary, "verdict": verdict(summary), "complete": complete,
                "failed": [x for p in payloads for x in p.get("failed", [])],
                "merged_from": [{"file": str(f), "machine": p.get("machine"), "settings": p.get("settings"),
-                                "when": p.get("when"),
+                                "common": p.get("common"), "when": p.get("when"),
                                 "runs": {r: [x["seed"] for x in rs] for r, rs in p.get("runs", {}).items()}}
                                for f, p in zip(files, payloads)],
                "when": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -405,3 +405,79 @@ def test_decode_process_out_of_memory_is_413_and_the_worker_lives_on():
         assert fine.shape == (32, 32, 3) and pool.restarts == 0  # the same worker took the next image
     finally:
         pool.close()
+
+
+def test_accepted_connections_do_not_wait_for_nagle():
+    """The listening socket says TCP, so asyncio sets TCP_NODELAY on every accepted connection (with proto 0 it
+    did not: a response's body waited for the client's delayed ACK of its headers, +40 ms per keep-alive
+    request, measured by benchmarks/serve_load.py); the connection protocol sets it too."""
+    import asyncio
+    import socket
+
+    from medpipe.serve.app import bind_socket
+    from medpipe.serve.connections import ConnectionLimits, protocol_class
+
+    sock = bind_socket("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP
+    port = sock.getsockname()[1]
+    seen = {}
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport):
+            seen["asyncio"] = transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            transport.close()
+
+    async def main():
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+
+    asyncio.run(main())
+    assert seen["asyncio"] != 0
+
+    # medpipe's own protocol sets it whatever socket it is given (here one made with proto 0)
+    class Transport:
+        def __init__(self, s):
+            self.s = s
+
+        def get_extra_info(self, key, default=None):
+            return {"socket": self.s, "sockname": ("127.0.0.1", 1), "peername": ("127.0.0.1", 2)}.get(key, default)
+
+        def write(self, data):
+            pass
+
+        def close(self):
+            pass
+
+        def is_closing(self):
+            return False
+
+        def set_protocol(self, p):
+            pass
+
+    plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        assert plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        from uvicorn.config import Config
+
+        cls = protocol_class(ConnectionLimits(5.0, 10))
+        loop = asyncio.new_event_loop()
+        try:
+            proto = cls(config=Config(app=None), server_state=_ServerState(), app_state={}, _loop=loop)
+            proto.connection_made(Transport(plain))
+            assert plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            proto._cancel_timer()
+        finally:
+            loop.close()
+    finally:
+        plain.close()
+
+
+class _ServerState:
+    def __init__(self):
+        self.total_requests, self.connections, self.tasks, self.default_headers = 0, set(), set(), []

@@ -560,8 +560,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise MedpipeError(f"cannot serve on host {host!r}: {exc.strerror}") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _, proto, _, addr = infos[0]
+    # proto IPPROTO_TCP (what getaddrinfo gives), not 0: asyncio sets TCP_NODELAY only on accepted sockets whose
+    # proto says TCP. Without it Nagle held each response's body until the client acknowledged its headers, and
+    # the client's delayed ACK added ~40 ms to every request after the first on a keep-alive connection.
+    sock = socket.socket(family, socket.SOCK_STREAM, proto or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)

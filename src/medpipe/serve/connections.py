@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import uuid
 from dataclasses import dataclass
 
@@ -85,6 +86,10 @@ def protocol_class(limits: ConnectionLimits, on_close=None) -> type:
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # headers and body of a response go out at once (see serve/app.py bind_socket)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._header_timer = None
             self._got_bytes = False
             if len(self.connections) > limits.max_connections and not shared.evict_oldest_waiting(self):
