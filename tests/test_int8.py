@@ -57,7 +57,7 @@ def _copy_run(run: Path, dst: Path) -> Path:
 
 
 def test_quantize_passes_the_gate_and_records_it(int8_run, tmp_path, capsys):
-    from medpipe.infer.quantize import INT8_FILE, INT8_META, MAX_AUC_DIFF, MIN_AGREEMENT, load_int8
+    from medpipe.infer.quantize import INT8_FILE, MAX_AUC_DIFF, MIN_AGREEMENT, load_int8
     from medpipe.package import read_meta
 
     meta = read_meta(int8_run["model"])
@@ -96,33 +96,12 @@ def test_quantize_passes_the_gate_and_records_it(int8_run, tmp_path, capsys):
 
 
 def test_int8_answers_like_fp32_through_predict_batch_and_serve(int8_run, tmp_path, capsys):
-    from medpipe.infer.quantize import MIN_AGREEMENT, cpu_int8_flags
+    from medpipe.infer.quantize import cpu_int8_flags
     from tests._server import Server, as_json
 
     images = int8_run["images"][::4]  # 21 images, every class
-    model = str(int8_run["model"])
-
-    def predict(backend):
-        assert main(["predict", "--model", model, "--backend", backend, "--json", *map(str, images)]) == 0
-        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-
-    fp32, int8 = predict("onnx"), predict("int8")
-    agree = np.mean([a["label"] == b["label"] for a, b in zip(fp32, int8)])
-    assert agree >= MIN_AGREEMENT
     # batch on the INT8 backend gives the same answers as predict on it
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for p in images:
-        shutil.copy(p, folder / p.name)
-    assert main(["batch", "--model", model, "--input", str(folder), "--output", str(tmp_path / "out"),
-                 "--backend", "int8", "--batch-size", "8"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
-    by_name = {Path(r["image"]).name: r for r in int8}
-    assert len(rows) == len(images)
-    for row in rows:
-        ref = by_name[Path(row["path"]).name]
-        assert row["label"] == ref["label"]
-        assert max(abs(row["probabilities"][c] - ref["probabilities"][c]) for c in CLASSES) < 1e-4
+    fp32, int8 = _predict_and_batch(int8_run, images, "int8", tmp_path, capsys, tolerance=1e-4)
     # serve: `auto` picks INT8 on a VNNI/AMX CPU where INT8 was recorded faster on this CPU model (set here:
     # the real figure depends on the machine's load); the log says which and why; answers equal predict's
     served = _copy_run(int8_run["run"], tmp_path / "run")
@@ -144,6 +123,35 @@ def test_int8_answers_like_fp32_through_predict_batch_and_serve(int8_run, tmp_pa
         assert "measured at quantize time on this CPU model" in log
     else:
         assert "backend onnx (auto: ONNX Runtime FP32, not INT8 because this CPU reports no INT8" in log
+
+
+def _predict_and_batch(int8_run, images, backend, tmp_path, capsys, tolerance):
+    """`predict` on FP32 ONNX and on ``backend`` (labels agree within the gate), then `batch` on ``backend``
+    (same labels as its predict, probabilities within ``tolerance``); returns both predict answers."""
+    from medpipe.infer.quantize import MIN_AGREEMENT
+
+    model = str(int8_run["model"])
+
+    def predict(b):
+        assert main(["predict", "--model", model, "--backend", b, "--json", *map(str, images)]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    fp32, answers = predict("onnx"), predict(backend)
+    assert np.mean([a["label"] == b["label"] for a, b in zip(fp32, answers)]) >= MIN_AGREEMENT
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in images:
+        shutil.copy(p, folder / p.name)
+    assert main(["batch", "--model", model, "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "--backend", backend, "--batch-size", "8"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    by_name = {Path(r["image"]).name: r for r in answers}
+    assert len(rows) == len(images)
+    for row in rows:
+        ref = by_name[Path(row["path"]).name]
+        assert row["label"] == ref["label"]
+        assert max(abs(row["probabilities"][c] - ref["probabilities"][c]) for c in CLASSES) < tolerance
+    return fp32, answers
 
 
 def _set_speed(model: Path, speedup: float | None, cpu: str | None = None, openvino: float | None = None) -> None:
@@ -339,26 +347,8 @@ def test_openvino_has_its_own_gate_and_answers_like_fp32_through_predict_batch_s
 
     images = int8_run["images"][::4]
     model = str(int8_run["model"])
-
-    def predict(backend):
-        assert main(["predict", "--model", model, "--backend", backend, "--json", *map(str, images)]) == 0
-        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-
-    fp32, ov = predict("onnx"), predict("openvino")
-    assert np.mean([a["label"] == b["label"] for a, b in zip(fp32, ov)]) >= MIN_AGREEMENT
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for p in images:
-        shutil.copy(p, folder / p.name)
-    assert main(["batch", "--model", model, "--input", str(folder), "--output", str(tmp_path / "out"),
-                 "--backend", "openvino", "--batch-size", "8"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
-    by_name = {Path(r["image"]).name: r for r in ov}
-    assert len(rows) == len(images)
-    for row in rows:  # other batch compositions (buckets of 8 and 16): the same labels, near-equal probabilities
-        ref = by_name[Path(row["path"]).name]
-        assert row["label"] == ref["label"]
-        assert max(abs(row["probabilities"][c] - ref["probabilities"][c]) for c in CLASSES) < 1e-3
+    # other batch compositions in batch (buckets of 8 and 16): the same labels, near-equal probabilities
+    fp32, ov = _predict_and_batch(int8_run, images, "openvino", tmp_path, capsys, tolerance=1e-3)
     srv = Server(int8_run["run"], "--backend", "openvino", "--threads", "1", "--max-batch", "4",
                  log=tmp_path / "serve.log").wait_ready()
     try:
