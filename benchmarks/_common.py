@@ -41,7 +41,8 @@ def _tracked(path: Path) -> bool:
     import subprocess
 
     try:
-        return subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=path.parent,
+        path = Path(path).resolve()  # git resolves a relative path against cwd, here the file's folder
+        return subprocess.run(["git", "ls-files", "--error-unmatch", path.name], cwd=path.parent,
                               capture_output=True, check=False).returncode == 0
     except OSError:
         return True  # without git, assume the README cites it: never overwrite by accident

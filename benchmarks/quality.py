@@ -49,7 +49,7 @@ from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine  # noqa: E402
+from _common import ROOT, _tracked, machine  # noqa: E402
 
 DEV_SET = ROOT.parent.parent / "shared" / "data" / "ham10000-dev"
 CANDIDATE = {
@@ -176,14 +176,6 @@ def print_table(summary: dict) -> None:
               + " | ".join(_fmt(s["balanced_accuracy_by_rule"].get(r, {"mean": None})) for r in rules)
               + f" | {_fmt(s['mel_sensitivity_at_spec80'])} | {_fmt(s['mel_sensitivity_at_spec90'])} | "
               f"{_fmt(s['ece'])} | {s['epochs']['mean']:.1f}")
-
-
-def _tracked(path: Path) -> bool:
-    try:
-        return subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=ROOT, capture_output=True,
-                              check=False).returncode == 0
-    except OSError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> dict:

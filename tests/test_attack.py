@@ -466,11 +466,12 @@ def test_accepted_connections_do_not_wait_for_nagle():
     try:
         assert plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
         from uvicorn.config import Config
+        from uvicorn.server import ServerState
 
         cls = protocol_class(ConnectionLimits(5.0, 10))
         loop = asyncio.new_event_loop()
         try:
-            proto = cls(config=Config(app=None), server_state=_ServerState(), app_state={}, _loop=loop)
+            proto = cls(config=Config(app=None), server_state=ServerState(), app_state={}, _loop=loop)
             proto.connection_made(Transport(plain))
             assert plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             proto._cancel_timer()
@@ -478,8 +479,3 @@ def test_accepted_connections_do_not_wait_for_nagle():
             loop.close()
     finally:
         plain.close()
-
-
-class _ServerState:
-    def __init__(self):
-        self.total_requests, self.connections, self.tasks, self.default_headers = 0, set(), set(), []

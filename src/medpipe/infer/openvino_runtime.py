@@ -82,14 +82,16 @@ class OpenVinoSession:
         self.buckets = sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
         self._requests: dict[int, object] = {}
         self._lock = threading.Lock()
-        self._shape = None
+        self._model, self._shape = None, None
 
     def _request(self, bucket: int):
         with self._lock:
             if bucket not in self._requests:
-                model = self.core.read_model(self.onnx)
-                shape = model.inputs[0].get_partial_shape()
-                self._shape = [int(d.get_length()) for d in list(shape)[1:]]
+                if self._model is None:  # parsed once; each bucket reshapes its own copy
+                    self._model = self.core.read_model(self.onnx)
+                    shape = self._model.inputs[0].get_partial_shape()
+                    self._shape = [int(d.get_length()) for d in list(shape)[1:]]
+                model = self._model.clone()
                 model.reshape({0: [bucket, *self._shape]})
                 self._requests[bucket] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
             return self._requests[bucket]
