@@ -23,11 +23,14 @@ the first epoch on the 2-core machine (``budget 1500s: first epoch took ..., tra
 pass those counts: ``--epochs default=93,candidate=94`` trains exactly what the budget would have
 trained, wherever it runs. ``--jobs K`` trains K runs at once (separate processes), ``--only
 default:0,candidate:2`` picks runs, and ``--merge A.json B.json --out ALL.json`` summarises runs
-recorded by several invocations (no training).
+recorded by several invocations (no training); ``--merge A.json B.json:candidate=NAME`` renames a recipe
+of one file, and ``--recipes`` then keeps only the recipes it names.
 
 Recipes: ``default`` is the training config's defaults (nothing set). ``candidate`` is the set of
 recipe options below (each a training config key documented in the README) unless ``--candidate``
-gives a YAML training config instead. Nothing here changes a default: a default changes only when
+gives a YAML training config instead; ``--name NAME`` records it (and names its run folders, --only and
+--epochs entries) as NAME, so several candidates can be measured and merged into one summary, each
+judged against the default. Nothing here changes a default: a default changes only when
 this benchmark's full run says so.
 
 To search for a candidate rather than guess one (validation split only; the test split stays for
@@ -143,18 +146,21 @@ def summarise(runs: dict) -> dict:
 
 
 def verdict(summary: dict) -> dict:
-    """Does the candidate beat the default by more than the spread; does it reach the target?"""
-    if "default" not in summary or "candidate" not in summary:
+    """For each recipe other than the default: does it beat the default by more than the spread (the larger
+    SD of the two), does it reach the target? ``{recipe: {metric: ...}}``."""
+    if "default" not in summary:
         return {}
-    out = {}
-    for m in ("macro_auc", "balanced_accuracy"):
-        a, b = summary["default"][m], summary["candidate"][m]
-        if a["mean"] is None or b["mean"] is None:
-            continue
-        spread = max(a["sd"] or 0.0, b["sd"] or 0.0)
-        out[m] = {"difference": b["mean"] - a["mean"], "spread": spread,
-                  "beats_by_more_than_spread": (b["mean"] - a["mean"]) > spread and a["n"] > 1,
-                  "candidate_reaches_target": b["mean"] >= TARGET[m], "target": TARGET[m]}
+    out: dict = {}
+    for name in (r for r in summary if r != "default"):
+        for m in ("macro_auc", "balanced_accuracy"):
+            a, b = summary["default"][m], summary[name][m]
+            if a["mean"] is None or b["mean"] is None:
+                continue
+            spread = max(a["sd"] or 0.0, b["sd"] or 0.0)
+            out.setdefault(name, {})[m] = {
+                "difference": b["mean"] - a["mean"], "spread": spread,
+                "beats_by_more_than_spread": (b["mean"] - a["mean"]) > spread and a["n"] > 1 and b["n"] > 1,
+                "candidate_reaches_target": b["mean"] >= TARGET[m], "target": TARGET[m]}
     return out
 
 
@@ -189,12 +195,16 @@ def main(argv: list[str] | None = None) -> dict:
                     "default=N,candidate=M (the counts a --budget run measured on the reference machine)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     ap.add_argument("--only", help="only these runs, RECIPE:SEED[,RECIPE:SEED...]")
-    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
-                    help="summarise the runs recorded in these result files (no training) into --out")
+    ap.add_argument("--merge", nargs="+", metavar="JSON[:OLD=NEW]",
+                    help="summarise the runs recorded in these result files (no training) into --out; "
+                         "FILE:OLD=NEW renames that file's recipe OLD")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--subset", type=int, help="a stratified sample of this many images (to prove the script)")
-    ap.add_argument("--recipes", default="default,candidate", help="which of default,candidate to run")
+    ap.add_argument("--recipes", help="which recipes to run (default: default and the candidate); with --merge, "
+                    "which recipes to keep")
     ap.add_argument("--candidate", type=Path, help="YAML training config used as the candidate recipe")
+    ap.add_argument("--name", default="candidate", help="the candidate recipe's name (results, run folders, "
+                    "--only, --epochs)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a training option for every run (e.g. threads=2, batch_size=64)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "quality.json")
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out.exists() and _tracked(args.out) and not args.overwrite:
         ap.error(f"{args.out} is a tracked result; pass --overwrite to replace it or choose another --out")
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, keep=args.recipes.split(",") if args.recipes else None)
     if not (args.data / "HAM10000_metadata.csv").is_file():
         ap.error(f"{args.data}: no HAM10000_metadata.csv (the dev set is in ../shared/data/ham10000-dev)")
     common, recipes, chosen = plan_recipes(args, ap)
@@ -239,11 +249,13 @@ def plan_recipes(args, ap) -> tuple[dict, dict, list]:
     for item in args.set:
         k, _, v = item.partition("=")
         common[k.strip().replace("-", "_")] = yaml.safe_load(v)
-    recipes = {"default": {}, "candidate": dict(CANDIDATE)}
+    if not args.name.replace("_", "").replace("-", "").isalnum() or args.name == "default":
+        ap.error(f"--name {args.name!r}: letters, digits, _ and - only, and not 'default'")
+    recipes = {"default": {}, args.name: dict(CANDIDATE)}
     if args.candidate:
         loaded = yaml.safe_load(args.candidate.read_text()) or {}
-        recipes["candidate"] = {k: v for k, v in loaded.items() if k not in ("seed", "split_seed")}
-    chosen = [r for r in args.recipes.split(",") if r]
+        recipes[args.name] = {k: v for k, v in loaded.items() if k not in ("seed", "split_seed")}
+    chosen = [r for r in (args.recipes or f"default,{args.name}").split(",") if r]
     for r in chosen:
         if r not in recipes:
             ap.error(f"unknown recipe {r!r}; choose from {', '.join(recipes)}")
@@ -347,12 +359,49 @@ def _common(p: dict) -> dict:
     return {k: v for k, v in (p.get("common") or {}).items() if k not in RUNTIME_KEYS + LENGTH_KEYS}
 
 
-def merge(files: list[Path], out: Path) -> dict:
+def _load_renamed(item: str) -> tuple[Path, dict, dict]:
+    """``FILE`` or ``FILE:OLD=NEW`` -> (file, payload with recipe OLD renamed NEW, the renaming)."""
+    path, rename = item, {}
+    head, sep, tail = item.rpartition(":")
+    if sep and "=" in tail and not Path(item).exists():
+        old, _, new = tail.partition("=")
+        path, rename = head, {old.strip(): new.strip()}
+    f = Path(path)
+    if not f.is_file():
+        raise SystemExit(f"--merge: {f}: no such file")
+    p = json.loads(f.read_text())
+    for old, new in rename.items():
+        for key in ("recipes", "runs"):
+            section = p.get(key) or {}
+            if old not in section and key == "recipes":
+                raise SystemExit(f"--merge: {f} has no recipe {old!r} (it has {', '.join(section) or 'none'})")
+            if new in section:
+                raise SystemExit(f"--merge: {f} already has a recipe {new!r}")
+            if old in section:
+                section[new] = section.pop(old)
+        for x in p.get("failed", []):
+            if x.get("recipe") == old:
+                x["recipe"] = new
+    return f, p, rename
+
+
+def merge(items: list[str], out: Path, keep: list[str] | None = None) -> dict:
     """One summary of the runs recorded in several result files. They must share the training options (less
     threads, workers, device and the run length, which each run records as its epoch count) and give a recipe
-    of the same name the same options; a seed recorded twice must hold the same figures. ``complete`` when
-    every recipe has every seed 0..N-1 (N: the largest ``--seeds`` among the files)."""
-    payloads = [json.loads(f.read_text()) for f in files]
+    of the same name the same options; a seed recorded twice must hold the same figures. ``FILE:OLD=NEW``
+    renames a recipe of one file (two candidates measured separately, both called ``candidate``); ``keep``
+    drops every other recipe. ``complete`` when every kept recipe has every seed 0..N-1 (N: the largest
+    ``--seeds`` among the files)."""
+    loaded = [_load_renamed(str(i)) for i in items]
+    files, payloads, renames = [f for f, _, _ in loaded], [p for _, p, _ in loaded], [r for _, _, r in loaded]
+    if keep:
+        for p in payloads:
+            for key in ("recipes", "runs"):
+                p[key] = {k: v for k, v in (p.get(key) or {}).items() if k in keep}
+            p["failed"] = [x for x in p.get("failed", []) if x.get("recipe") in keep]
+        missing = [k for k in keep if not any(k in p["recipes"] for p in payloads)]
+        if missing:
+            raise SystemExit(f"--merge: no file has recipe(s) {', '.join(missing)}")
     recipes: dict = {}
     for f, p in zip(files, payloads):
         if _common(p) != _common(payloads[0]):
@@ -381,10 +430,10 @@ def merge(files: list[Path], out: Path) -> dict:
     payload = {"benchmark": "quality", "common": _common(payloads[0]), "recipes": recipes,
                "runs": runs, "summary": summary, "verdict": verdict(summary), "complete": complete,
                "failed": [x for p in payloads for x in p.get("failed", [])],
-               "merged_from": [{"file": str(f), "machine": p.get("machine"), "settings": p.get("settings"),
-                                "common": p.get("common"), "when": p.get("when"),
+               "merged_from": [{"file": str(f), "renamed": rn or None, "machine": p.get("machine"),
+                                "settings": p.get("settings"), "common": p.get("common"), "when": p.get("when"),
                                 "runs": {r: [x["seed"] for x in rs] for r, rs in p.get("runs", {}).items()}}
-                               for f, p in zip(files, payloads)],
+                               for f, p, rn in zip(files, payloads, renames)],
                "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=float))
@@ -395,10 +444,11 @@ def merge(files: list[Path], out: Path) -> dict:
 
 def report(payload: dict) -> None:
     print_table(payload["summary"])
-    for m, v in payload["verdict"].items():
-        print(f"{m}: candidate - default = {v['difference']:+.4f} (spread {v['spread']:.4f}): "
-              f"{'beats the default by more than the spread' if v['beats_by_more_than_spread'] else 'not separated'}; "
-              f"target {v['target']}: {'reached' if v['candidate_reaches_target'] else 'not reached'}")
+    for name, per_metric in payload["verdict"].items():
+        for m, v in per_metric.items():
+            print(f"{m}: {name} - default = {v['difference']:+.4f} (spread {v['spread']:.4f}): "
+                  f"{'beats the default by more than the spread' if v['beats_by_more_than_spread'] else 'not separated'}"
+                  f"; target {v['target']}: {'reached' if v['candidate_reaches_target'] else 'not reached'}")
 
 
 if __name__ == "__main__":
