@@ -45,7 +45,6 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import fields
