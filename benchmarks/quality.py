@@ -252,8 +252,16 @@ def plan_recipes(args, ap) -> tuple[dict, dict, list]:
         ap.error(f"--name {args.name!r}: letters, digits, _ and - only, and not 'default'")
     recipes = {"default": {}, args.name: dict(CANDIDATE)}
     if args.candidate:
+        from medpipe.config import RUNTIME_KEYS
+
         loaded = yaml.safe_load(args.candidate.read_text()) or {}
-        recipes[args.name] = {k: v for k, v in loaded.items() if k not in ("seed", "split_seed")}
+        # the benchmark decides the split, the seed and the run length (a `medpipe tune` best_config.yaml carries
+        # the search's short budget), and runtime keys do not change what is trained
+        dropped = sorted(k for k in loaded if k in ("seed", "split_seed", "image_size", "bootstrap", *LENGTH_KEYS, *RUNTIME_KEYS))
+        if dropped:
+            print(f"--candidate {args.candidate}: not used (the benchmark sets them for every recipe): "
+                  f"{', '.join(dropped)}", flush=True)
+        recipes[args.name] = {k: v for k, v in loaded.items() if k not in dropped}
     chosen = [r for r in (args.recipes or f"default,{args.name}").split(",") if r]
     for r in chosen:
         if r not in recipes:

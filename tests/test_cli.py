@@ -92,7 +92,7 @@ def test_unknown_long_option_suggests_the_closest(capsys):
 @pytest.mark.parametrize("argv, says", [
     (["train", "--val-fraction", "0.6", "--test-fraction", "0.6"], "'val_fraction' + 'test_fraction' must be < 1"),
     (["train", "--dropout", "3"], "'dropout' must be in [0, 1)"),
-    (["train", "--patience", "-1"], "'patience' must be >= 0"),
+    (["train", "--patience", "0"], "'patience' must be >= 1"),
     (["train", "--grad-clip", "-1"], "'grad_clip' must be >= 0"),
     (["train", "--weight-decay", "-0.1"], "'weight_decay' must be >= 0"),
     (["train", "--warmup-epochs", "-2"], "'warmup_epochs' must be >= 0"),

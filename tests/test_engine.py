@@ -146,3 +146,77 @@ def test_time_budget_sets_the_epoch_count(data_dir, tmp_path, capsys):
     assert make_config({"budget": "90"}).budget_seconds() == 90
     with pytest.raises(ConfigError, match="budget"):
         make_config({"budget": "soon"})
+
+
+@pytest.mark.parametrize("provisional,warmup", [(1, 1.0), (10, 1.0), (10, 0.0), (1, 0.5)])
+def test_budget_schedule_equals_a_run_of_that_many_epochs(provisional, warmup):
+    """The budget rebuilds the schedule after the first epoch: from then on the learning rate is exactly that of a
+    run started with the decided epoch count (also when the provisional schedule was 1 epoch long, whose cosine
+    had ended: editing it in place left the rate at the floor)."""
+    from medpipe.config import make_config
+    from medpipe.train.engine import make_schedule, provisional_epochs, rebuild_schedule
+
+    cfg = make_config({"epochs": provisional, "budget": "1m", "warmup_epochs": warmup, "lr": 1e-3})
+    spe, decided = 5, 7
+
+    def optimizer():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=cfg.lr)
+
+    opt = optimizer()
+    sched = make_schedule(opt, cfg, spe, provisional_epochs(cfg))
+    lrs = []
+    for _ in range(spe):  # the first epoch, timed
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    sched = rebuild_schedule(opt, cfg, spe, decided, step=spe)
+    for _ in range((decided - 1) * spe):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ref_opt = optimizer()
+    ref = make_schedule(ref_opt, cfg, spe, decided)
+    want = []
+    for _ in range(decided * spe):
+        want.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        ref.step()
+    assert lrs[spe:] == pytest.approx(want[spe:], rel=1e-9)
+    assert want[-1] < cfg.lr * 0.02 and max(lrs[spe:]) > cfg.lr * 0.5  # the cosine runs its whole course
+
+
+def test_resume_of_an_early_stopped_run_trains_no_more(source):
+    """Early stopping is checked again when a run starts: a resume from the checkpoint of the epoch that stopped
+    it (killed while packaging) stops at once instead of training on."""
+    from medpipe.train.engine import Engine
+    from medpipe.train.handlers import EarlyStopping
+
+    cfg, src = source
+    engine = Engine.create(cfg, src, torch.device("cpu"))
+    s = engine.state
+    s.epoch, s.max_epochs, s.stale, s.resumed = 1, 5, 3, True
+    engine.attach(EarlyStopping(patience=3, monitor="val_auc"))
+    state = engine.fit()
+    assert state.epoch == 1 and state.iteration == 0 and "early stopping" in state.stop_reason
+
+
+def test_budget_decided_after_a_resume_inside_the_first_epoch(source, capsys):
+    """A checkpoint taken inside the first epoch holds no budget decision: the resumed run times the rest of the
+    epoch, scales it to a whole one, decides, and stores the decision in its checkpoints."""
+    from medpipe.train.engine import Engine, Events
+    from medpipe.train.handlers import TimeBudget
+
+    cfg, src = source
+    engine = Engine.create(cfg, src, torch.device("cpu"))
+    snap = engine.snapshot()
+    snap.update(batch_in_epoch=1, global_step=1, max_epochs=cfg.epochs, budget_epochs=None)
+    engine = Engine.create(cfg, src, torch.device("cpu"))
+    engine.restore(snap)
+    assert engine.state.resumed and engine.state.budget_epochs is None
+    engine.attach(TimeBudget(3600.0))
+    engine.on(Events.VALIDATION_COMPLETED, lambda e: e.terminate("enough") if e.state.epoch >= 2 else None)
+    state = engine.fit()
+    out = capsys.readouterr().out
+    assert "scaled from the 1 batches after the resume" in out
+    assert state.budget_epochs is not None and state.budget_epochs > cfg.epochs  # an hour: far more than 2 epochs
+    assert engine.snapshot()["budget_epochs"] == state.budget_epochs

@@ -98,7 +98,7 @@ TRAIN_HELP = {
                  "class weights, focal = focal loss, none",
     "focal_gamma": "focal loss gamma (>= 0)",
     "monitor": "validation metric that picks the best checkpoint: val_auc, val_bacc or val_loss",
-    "patience": "epochs without improvement before stopping early (>= 0)",
+    "patience": "epochs without improvement before stopping early (>= 1)",
     "seed": "seed of weights, sampling and augmentation",
     "split_seed": "seed of the train/val/test split",
     "val_fraction": "share of lesion groups in validation, in [0, 1)",

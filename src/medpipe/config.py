@@ -100,7 +100,7 @@ class TrainConfig:
             (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
             (self.grad_clip >= 0, "grad_clip", ">= 0 (0: off)"),
             (self.focal_gamma >= 0, "focal_gamma", ">= 0"),
-            (self.patience >= 0, "patience", ">= 0"),
+            (self.patience >= 1, "patience", ">= 1"),
             (self.bootstrap >= 0, "bootstrap", ">= 0 (0: no confidence intervals)"),
             (self.max_steps_per_epoch >= 0, "max_steps_per_epoch", ">= 0 (0: whole epoch)"),
             (0 <= self.dropout < 1, "dropout", "in [0, 1)"),

@@ -84,6 +84,7 @@ class State:
     stale: int = 0
     improved: bool = False
     resumed: bool = False
+    budget_epochs: int | None = None  # the epoch count a time budget decided (handlers.TimeBudget)
     should_terminate: bool = False
     stop_reason: str = ""
     checkpoint: str | None = None
@@ -128,16 +129,27 @@ def make_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warm])
 
 
-def stretch_schedule(scheduler, cfg: TrainConfig, steps_per_epoch: int, epochs: int) -> None:
-    """Make the cosine end at the last step of ``epochs`` (the time budget sets the epoch count after the
-    first epoch). Through the scheduler's state dict, the same form a checkpoint stores."""
-    total = max(1, epochs * steps_per_epoch)
-    state = scheduler.state_dict()
-    if "_schedulers" in state:  # SequentialLR: [linear warm-up, cosine]
-        state["_schedulers"][-1]["T_max"] = max(1, total - state["_milestones"][-1])
-    else:
-        state["T_max"] = total
-    scheduler.load_state_dict(state)
+def provisional_epochs(cfg: TrainConfig) -> int:
+    """The schedule's length before a time budget has decided it: ``cfg.epochs``, at least 2 so the first epoch
+    never ends the cosine (and the warm-up has the same form as in the decided schedule)."""
+    return max(cfg.epochs, 2) if cfg.budget else cfg.epochs
+
+
+def rebuild_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int, step: int):
+    """The warm-up+cosine schedule of ``epochs`` epochs, advanced to ``step`` (the time budget sets the epoch
+    count after the first epoch): the learning rate from here on is exactly that of a run started with
+    ``epochs``. Editing a running cosine's length instead would continue its recursive form from the current
+    learning rate, which stays at the floor if the old schedule had already ended."""
+    import warnings
+
+    for group in optimizer.param_groups:  # the schedulers start from the base learning rate, as at step 0
+        group["lr"] = group.get("initial_lr", cfg.lr)
+    scheduler = make_schedule(optimizer, cfg, steps_per_epoch, epochs)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no optimiser step is meant
+        warnings.simplefilter("ignore")
+        for _ in range(step):
+            scheduler.step()
+    return scheduler
 
 
 def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
@@ -299,7 +311,7 @@ class Engine:
             model.load_state_dict(weights)
         model = model.to(device).to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, cfg)
-        scheduler = make_schedule(optimizer, cfg, source.steps_per_epoch, epochs)
+        scheduler = make_schedule(optimizer, cfg, source.steps_per_epoch, epochs or provisional_epochs(cfg))
         engine = cls(model, optimizer, scheduler, make_loss(cfg, source.class_counts, device), source, cfg, device, dd)
         engine.state.max_epochs = epochs or cfg.epochs
         if engine.dd.enabled and device.type == "cpu" and cfg.precision == "auto":
@@ -348,6 +360,7 @@ class Engine:
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": {}, "epoch": s.epoch,
                 "batch_in_epoch": s.batch_in_epoch, "global_step": s.iteration, "max_epochs": s.max_epochs,
+                "budget_epochs": s.budget_epochs,
                 "best_metric": s.best_metric, "best_epoch": s.best_epoch, "stale_epochs": s.stale,
                 "rng": rng_state(), "config": self.cfg.to_dict(), "classes": self.classes, "precision": self.precision,
                 "records_sha256": self.source.records_sha256}
@@ -364,6 +377,8 @@ class Engine:
         s = self.state
         s.epoch, s.batch_in_epoch, s.iteration = snap["epoch"], snap["batch_in_epoch"], snap["global_step"]
         s.max_epochs = int(snap.get("max_epochs", s.max_epochs))
+        # a checkpoint from before this key: a budget decided at an epoch end (never before the first one)
+        s.budget_epochs = snap.get("budget_epochs", s.max_epochs if self.cfg.budget and s.epoch > 0 else None)
         s.best_metric, s.best_epoch, s.stale = snap["best_metric"], snap["best_epoch"], snap["stale_epochs"]
         s.resumed = True
         set_rng_state(snap["rng"])

@@ -52,10 +52,15 @@ class Checkpointer:
 
 
 class EarlyStopping:
+    """Stop once the monitored metric has not improved for ``patience`` epochs. Also checked when a run starts,
+    so a run resumed from the checkpoint of the epoch that stopped it (a kill during packaging) stops again
+    instead of training on."""
+
     def __init__(self, patience: int, monitor: str):
         self.patience, self.monitor = patience, monitor
 
     def attach(self, engine: Engine) -> None:
+        engine.on(Events.STARTED, self)
         engine.on(Events.VALIDATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -176,33 +181,41 @@ class GracefulStop:
 class TimeBudget:
     """Sets the epoch count from the first epoch's time so the warm-up+cosine schedule ends at the budget.
 
-    The first epoch run in this process (training and validation) is timed; the epoch count becomes
-    ``max(1, floor(budget / epoch time))`` (rank 0's estimate on every rank) and the cosine is stretched or
-    shrunk to end at its last step. A resumed run keeps the count its checkpoint holds."""
+    The first epoch (training and validation) is timed; the epoch count becomes
+    ``max(1, floor(budget / epoch time))`` (rank 0's estimate on every rank) and the schedule is rebuilt for
+    that count at the current step (the learning rate then follows exactly the curve of ``--epochs N``).
+    The decision is stored in the checkpoint (``budget_epochs``): a resumed run keeps it. A run resumed from
+    inside the first epoch, before the decision, times the rest of that epoch and scales its training part to a
+    whole epoch."""
 
     def __init__(self, seconds: float):
-        self.seconds, self._t0 = float(seconds), None
+        self.seconds, self._t0, self._skip = float(seconds), None, 0
 
     def attach(self, engine: Engine) -> None:
         engine.on(Events.EPOCH_STARTED, self.start)
         engine.on(Events.VALIDATION_COMPLETED, self.decide)
 
     def start(self, engine: Engine) -> None:
-        if self._t0 is None and not engine.state.resumed:
-            self._t0 = time.perf_counter()
+        s = engine.state
+        if self._t0 is None and s.budget_epochs is None and s.epoch == 0:
+            self._t0, self._skip = time.perf_counter(), s.batch_in_epoch
 
     def decide(self, engine: Engine) -> None:
         if self._t0 is None or self._t0 is False:
             return
         epoch_s = time.perf_counter() - self._t0
         self._t0 = False  # decided once
+        steps = engine.source.steps_per_epoch
+        if 0 < self._skip < steps:  # resumed mid-epoch: the batches before the checkpoint were not timed here
+            epoch_s += engine.state.metrics.get("epoch_seconds", 0.0) * self._skip / (steps - self._skip)
         epochs = max(1, math.floor(self.seconds / max(epoch_s, 1e-9)))
         epochs = engine.dd.gather(epochs)[0]
-        from medpipe.train.engine import stretch_schedule
+        from medpipe.train.engine import rebuild_schedule
 
         s = engine.state
-        s.max_epochs = max(epochs, s.epoch)
-        stretch_schedule(engine.scheduler, engine.cfg, engine.source.steps_per_epoch, s.max_epochs)
+        s.max_epochs = s.budget_epochs = max(epochs, s.epoch)
+        engine.scheduler = rebuild_schedule(engine.optimizer, engine.cfg, steps, s.max_epochs, s.iteration)
         if engine.dd.main:
-            print(f"budget {self.seconds:.0f}s: first epoch took {epoch_s:.1f}s, training {s.max_epochs} epochs",
-                  flush=True)
+            print(f"budget {self.seconds:.0f}s: first epoch took {epoch_s:.1f}s"
+                  + (f" (scaled from the {steps - self._skip} batches after the resume)" if self._skip else "")
+                  + f", training {s.max_epochs} epochs", flush=True)
