@@ -1,9 +1,12 @@
-"""`medpipe tune` (Optuna): a real two-trial study killed with SIGKILL mid-trial and resumed; two worker
-processes on one study with pruning; the search-space file checked by name."""
+"""`medpipe tune` (Optuna): a real two-trial study killed with SIGKILL mid-trial and resumed; a study stopped
+with SIGTERM and continued; two worker processes on one study with pruning and their thread share; sampler
+seeds per process and per resume; the search-space file checked by name."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,18 +39,24 @@ def _load(study: Path):
     return optuna.load_study(study_name="medpipe", storage=f"sqlite:///{study / 'study.db'}")
 
 
-def test_study_killed_mid_trial_resumes_and_writes_a_trainable_config(data_dir, tmp_path):
-    from medpipe.config import make_config
-
-    study = tmp_path / "study"
-    cmd = _cmd(data_dir, study, _space(tmp_path))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run_until_first_checkpoint(cmd: list[str], env: dict, study: Path) -> subprocess.Popen:
+    """Start `medpipe tune` and return once trial 0 has saved checkpoints/last.pt (the process still running)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = study / "trials" / "trial-0" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 240
     while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert first.is_file(), proc.communicate()[0] if proc.poll() is not None else "no checkpoint in time"
+    return proc
+
+
+def test_study_killed_mid_trial_resumes_and_writes_a_trainable_config(data_dir, tmp_path):
+    from medpipe.config import make_config
+
+    study = tmp_path / "study"
+    cmd = _cmd(data_dir, study, _space(tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = _run_until_first_checkpoint(cmd, env, study)
     proc.kill()  # SIGKILL mid-trial: no handler runs, the trial is left RUNNING in the study
     proc.communicate()
     states = [t.state for t in _load(study).trials]
@@ -65,8 +74,6 @@ def test_study_killed_mid_trial_resumes_and_writes_a_trainable_config(data_dir, 
     retry = next(t for t in complete if t.system_attrs.get("failed_trial") == 0)
     assert retry.params == trials[0].params and retry.user_attrs["run_dir"].endswith("trial-0")
     # the retry continued the killed run: every epoch once in its metrics, 3 epochs in all
-    import json
-
     epochs = [json.loads(x)["epoch"] for x in (study / "trials" / "trial-0" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
 
@@ -81,11 +88,59 @@ def test_study_killed_mid_trial_resumes_and_writes_a_trainable_config(data_dir, 
     assert again.returncode == 0 and len(_load(study).trials) == len(trials)
 
 
+def test_sigterm_stops_the_study_and_a_rerun_continues_the_interrupted_trial(data_dir, tmp_path):
+    """SIGTERM mid-trial: the trial saves last.pt, no new trial starts, the command exits 143 like an interrupted
+    `medpipe train`; the trial is queued again with its parameters and the rerun continues its run folder."""
+    study = tmp_path / "study"
+    cmd = _cmd(data_dir, study, _space(tmp_path, trials=1, base={**TINY_BASE, "epochs": 5}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = _run_until_first_checkpoint(cmd, env, study)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out
+    assert "medpipe tune: stopped by SIGTERM" in out and "trial 0 is queued again" in out, out
+    assert "Traceback" not in out, out
+    trials = _load(study).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING], out
+    assert trials[1].params == trials[0].params and "interrupted" in trials[0].user_attrs
+    assert not (study / "trials" / "trial-1").exists()  # no new trial started after the signal
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "retry of trial 0, resuming" in done.stdout
+    trials = _load(study).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert trials[1].user_attrs["run_dir"].endswith("trial-0") and trials[1].params == trials[0].params
+    epochs = [json.loads(x)["epoch"] for x in (study / "trials" / "trial-0" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5]  # continued, not restarted
+
+
+def test_sampler_seeds_differ_per_process_and_on_resume(tmp_path):
+    """Two processes on one study and a continued study draw new parameters; a fresh study replays its seed."""
+    from medpipe.tune import _study, load_space
+
+    space = load_space(_space(tmp_path, sampler={"type": "tpe", "seed": 0}))
+
+    def first_params(out: Path, worker: int) -> dict:
+        out.mkdir(exist_ok=True)
+        study = _study(out, space, 30, 90, "medpipe", worker=worker)
+        study.optimize(lambda t: sum(p.suggest(t) or 0 for p in space.params), n_trials=1)  # a fake objective
+        return study.trials[-1].params
+
+    shared = tmp_path / "shared"
+    a, b = first_params(shared, 0), first_params(shared, 1)  # two processes, both opened before any trial
+    assert a != b
+    assert first_params(tmp_path / "fresh", 0) == a  # a fresh single-process study is reproducible
+    again = first_params(shared, 0)  # the study continued by the same command: not trial 0's values again
+    assert again != a and again != b
+
+
 def test_two_processes_share_one_study_and_prune(data_dir, tmp_path):
     """--processes 2: two worker processes take trials from the same SQLite study; a threshold pruner
-    stops every trial after its first epoch (val_auc can never exceed 1.01)."""
+    stops every trial after its first epoch (val_auc can never exceed 1.01). The space's threads (4) are
+    capped to each process's share of the cores."""
     study = tmp_path / "study"
-    space = _space(tmp_path, trials=4, base={**TINY_BASE, "epochs": 2, "max_steps_per_epoch": 2},
+    space = _space(tmp_path, trials=4, base={**TINY_BASE, "epochs": 2, "max_steps_per_epoch": 2, "threads": 4},
                    pruner={"type": "threshold", "lower": 1.01})
     done = subprocess.run(_cmd(data_dir, study, space, "--processes", "2"), capture_output=True, text=True,
                           timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -93,6 +148,11 @@ def test_two_processes_share_one_study_and_prune(data_dir, tmp_path):
     assert {t.state for t in trials} == {optuna.trial.TrialState.PRUNED} and len(trials) >= 2, done.stdout + done.stderr
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # two processes ran trials
     assert all(len(t.intermediate_values) == 1 for t in trials)  # stopped after epoch 1
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    for t in trials:
+        cfg = yaml.safe_load((Path(t.user_attrs["run_dir"]) / "config.yaml").read_text())
+        assert cfg["threads"] == min(4, share)
+    assert f"2 processes with {share} thread(s) each" in done.stderr
     # no trial completed: the command says so and fails instead of writing a best config
     assert done.returncode != 0 and "no trial" in (done.stdout + done.stderr)
     assert not (study / "best_config.yaml").exists()
@@ -105,6 +165,13 @@ def test_two_processes_share_one_study_and_prune(data_dir, tmp_path):
     ({"params": {"device": {"choices": ["cpu"]}}}, "not searchable"),
     ({"objective": "accuracy", "params": {"lr": {"low": 0.001, "high": 0.01}}}, "objective must be one of"),
     ({"params": {"lr": {"low": 0.001, "high": 0.01}}, "prunner": "median"}, "unknown key 'prunner'.*'pruner'"),
+    ({"params": {"lr": {"low": 0.001, "high": 0.01, "log": True, "step": 0.001}}}, "params.lr: give log or step"),
+    ({"params": {"split_seed": {"choices": [0, 1]}}}, "params.split_seed: split_seed is not searchable.*validation"),
+    ({"params": {"val_fraction": {"low": 0.1, "high": 0.2}}}, "params.val_fraction: val_fraction is not searchable"),
+    ({"params": {"test_fraction": {"choices": [0.1, 0.2]}}}, "params.test_fraction: test_fraction is not searchable"),
+    ({"params": {"monitor": {"choices": ["val_auc", "val_loss"]}}}, "params.monitor: monitor is not searchable"),
+    ({"base": {"monitor": "val_loss"}, "params": {"lr": {"low": 0.001, "high": 0.01}}}, "base.monitor"),
+    ({"params": {"lr": {"low": 0.001, "high": 0.01}}, "sampler": {"type": "tpe", "seed": "x"}}, "sampler seed"),
 ])
 def test_search_space_errors_name_the_key(tmp_path, body, message):
     from medpipe.errors import ConfigError
@@ -114,6 +181,16 @@ def test_search_space_errors_name_the_key(tmp_path, body, message):
     path.write_text(yaml.safe_dump(body))
     with pytest.raises(ConfigError, match=message):
         load_space(path)
+
+
+def test_the_training_seed_and_a_fixed_split_are_allowed(tmp_path):
+    from medpipe.tune import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"base": {"split_seed": 3, "val_fraction": 0.2},
+                                    "params": {"seed": {"choices": [0, 1, 2]}, "lr": {"low": 0.001, "high": 0.01}}}))
+    space = load_space(path)
+    assert space.config({"seed": 2, "lr": 0.002}).split_seed == 3
 
 
 def test_the_shipped_search_space_is_valid():

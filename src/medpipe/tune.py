@@ -18,6 +18,10 @@ The search space is YAML (``yaml.safe_load``)::
     pruner: {type: median, startup_trials: 3, warmup_epochs: 2}   # median | percentile | threshold | none
     sampler: {type: tpe, seed: 0}                                 # tpe | random
 
+``params`` may not search the split (``split_seed``, ``val_fraction``, ``test_fraction``: every trial must be
+measured on the same validation images), ``monitor`` (it is the objective) or how a run is executed
+(``device``, ``workers``, ``threads``, ...); the training ``seed`` may be searched (run-to-run noise).
+
 How it works:
 
 - The study lives in ``STUDY/study.db`` (SQLite, embedded: no server). Running the command again
@@ -28,6 +32,15 @@ How it works:
   is the objective at its best epoch.
 - Pruning: a handler on the engine's ``VALIDATION_COMPLETED`` event reports each epoch's objective to
   the trial and stops the run when the pruner says so.
+- Each process's sampler seed comes from the space's ``seed``, the process's worker index and the number of
+  trials already in the study: a fresh single-process study replays from the seed, while parallel processes
+  and a continued study draw new parameters (not trial 0's again).
+- SIGTERM or SIGINT (Ctrl-C) stops the command like ``medpipe train`` (exit 143): a running trial saves its
+  ``checkpoints/last.pt`` and is queued again with the same parameters, so running the same command again
+  continues it in the same run folder; no new trial starts after the signal. With ``--processes`` the parent
+  passes the signal on to its worker processes and waits for them.
+- With ``--processes N`` each worker gets ``cores // N`` threads (OMP and torch); a ``threads`` in ``base`` is
+  capped to that share.
 - A process killed mid-trial (SIGKILL, a lost machine) stops its heartbeat; once the grace period has
   passed, the next trial start in any process marks that trial failed and queues it again with the same
   parameters (``RetryHeartbeatStaleTrialCallback``). The retry continues the killed run from its
@@ -43,8 +56,10 @@ import difflib
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -52,7 +67,7 @@ from pathlib import Path
 import yaml
 
 from medpipe.config import MONITORS, TrainConfig, make_config
-from medpipe.errors import ConfigError, MedpipeError, TuneError
+from medpipe.errors import ConfigError, MedpipeError, TrainingInterrupted, TuneError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +78,8 @@ PRUNERS = ("median", "percentile", "threshold", "none")
 SAMPLERS = ("tpe", "random")
 # options a search must not vary: where data goes and how the run is executed, not what it learns
 NOT_SEARCHABLE = ("device", "workers", "threads", "monitor", "deterministic", "init_weights")
+# options that change what the objective is measured on: every trial must see the same validation images
+SPLIT_KEYS = ("split_seed", "val_fraction", "test_fraction")
 
 
 def _optuna():
@@ -138,6 +155,8 @@ def load_space(path: str | Path) -> Space:
     if not isinstance(space.trials, int) or space.trials < 1:
         raise ConfigError(f"{path}: trials must be a positive integer, got {space.trials!r}")
     space.base = dict(raw.get("base") or {})
+    if "monitor" in {str(k).replace("-", "_") for k in space.base}:
+        raise ConfigError(f"{path}: base.monitor: the monitor of every trial is the objective; set 'objective' instead")
     types = {f.name: str(f.type) for f in fields(TrainConfig)}
     params = raw.get("params") or {}
     if not isinstance(params, dict) or not params:
@@ -147,8 +166,13 @@ def load_space(path: str | Path) -> Space:
         where = f"{path}: params.{raw_name}"
         if name not in types:
             raise ConfigError(f"{where}: not a training option{_closest(name, types)}")
+        if name == "monitor":
+            raise ConfigError(f"{where}: monitor is not searchable (every trial's monitor is the objective)")
         if name in NOT_SEARCHABLE:
             raise ConfigError(f"{where}: {name} is not searchable (it does not change what is learned)")
+        if name in SPLIT_KEYS:
+            raise ConfigError(f"{where}: {name} is not searchable (it changes the validation split the objective "
+                              "is measured on, so trials could not be compared); fix it in 'base'")
         if name in space.base:
             raise ConfigError(f"{where}: also fixed in 'base'; keep it in one place")
         if not isinstance(spec, dict):
@@ -171,6 +195,8 @@ def load_space(path: str | Path) -> Space:
         if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
             raise ConfigError(f"{where}: low must be below high, got {low} and {high}")
         log_scale = bool(spec.get("log", False))
+        if log_scale and step is not None:
+            raise ConfigError(f"{where}: give log or step, not both (Optuna cannot sample a stepped log range)")
         if log_scale and low <= 0:
             raise ConfigError(f"{where}: a log range needs low > 0")
         integer = types[name].startswith("int")
@@ -189,6 +215,9 @@ def load_space(path: str | Path) -> Space:
         raise ConfigError(f"{path}: pruner type must be one of {PRUNERS}, got {space.pruner['type']!r}")
     if space.sampler["type"] not in SAMPLERS:
         raise ConfigError(f"{path}: sampler type must be one of {SAMPLERS}, got {space.sampler['type']!r}")
+    seed = space.sampler.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ConfigError(f"{path}: sampler seed must be a non-negative integer, got {seed!r}")
     # every corner of the space must be a valid training config (fails here, not in trial 17)
     for p in space.params:
         for v in (p.choices or [int(p.low) if p.integer else p.low, int(p.high) if p.integer else p.high]):
@@ -219,9 +248,22 @@ def make_pruner(spec: dict):
     return optuna.pruners.NopPruner()
 
 
-def make_sampler(spec: dict):
+def sampler_seed(seed: int | None, worker: int = 0, existing: int = 0) -> int | None:
+    """The seed of one process's sampler: the space's ``seed`` itself for worker 0 of a fresh study (a
+    single-process study replays from it), otherwise one derived from (seed, worker index, trials already in
+    the study), so parallel processes and a continued study do not draw the same parameters again."""
+    if seed is None:
+        return None
+    if worker == 0 and existing == 0:
+        return int(seed)
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(worker), int(existing)]).generate_state(1)[0])
+
+
+def make_sampler(spec: dict, worker: int = 0, existing: int = 0):
     optuna = _optuna()
-    seed = spec.get("seed")
+    seed = sampler_seed(spec.get("seed"), worker, existing)
     if spec.get("type") == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -252,10 +294,106 @@ class PruningHandler:
             raise optuna.TrialPruned(f"pruned at epoch {epoch}: {self.objective}={value:.4f}")
 
 
+# --------------------------------------------------------------------------- signals
+
+
+class StopOnSignal:
+    """SIGTERM/SIGINT while a study runs: no new trial starts, the command ends with TrainingInterrupted.
+
+    Inside a training run the run's own handler (``GracefulStop``) saves ``last.pt`` and raises
+    TrainingInterrupted; ``run_trial`` notes the trial (``tune`` queues it again). Outside a run (between
+    trials, while Optuna asks for one, while a run is being set up) this handler notes the signal. As an engine
+    handler it chains itself to the run's handler at the first step (so a signal that the run's handler takes
+    after its last step still stops the study) and stops a run whose signal came before training started."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self.trial: int | None = None  # the trial interrupted mid-run
+        self.message = ""
+        self._old: dict = {}
+        self._chained = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            print(f"{signal.Signals(signum).name} received: no new trial starts", file=sys.stderr, flush=True)
+        self.received = self.received or signal.Signals(signum).name
+
+    def interrupted(self, number: int, exc: TrainingInterrupted) -> None:
+        import re
+
+        self.trial, self.message = number, str(exc)
+        if self.received is None:
+            name = re.match(r"stopped by (SIG\w+)", str(exc))
+            self.received = name.group(1) if name else "a signal"
+
+    # engine handler (one per trial run)
+    def attach(self, engine) -> None:
+        from medpipe.train.engine import Events
+
+        engine.on(Events.STARTED, self._started)
+        engine.on(Events.ITERATION_STARTED, self._chain)
+
+    def _started(self, engine) -> None:
+        self._chained = False
+        if self.received:
+            raise TrainingInterrupted(f"stopped by {self.received} before the trial's training started")
+
+    def _chain(self, engine) -> None:
+        if self._chained or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            run_handler = signal.getsignal(sig)
+            if callable(run_handler) and run_handler != self._handle:
+                def both(signum, frame, run_handler=run_handler):
+                    self.received = self.received or signal.Signals(signum).name
+                    run_handler(signum, frame)
+
+                signal.signal(sig, both)  # the run's GracefulStop restores this handler when the run ends
+        self._chained = True
+
+
+def _requeue(study, number: int) -> None:
+    """Queue an interrupted trial again with the same parameters, as RetryHeartbeatStaleTrialCallback does for a
+    killed one (an interrupt is not added to ``retry_history``, which limits the retries of killed trials); the
+    retry resumes ``trials/trial-N`` from its last.pt."""
+    optuna = _optuna()
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    system_attrs = {"failed_trial": frozen.number, **frozen.system_attrs}  # a retry's retry keeps the original
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.WAITING, params=frozen.params,
+                                        distributions=frozen.distributions, system_attrs=system_attrs,
+                                        user_attrs={k: v for k, v in frozen.user_attrs.items()
+                                                    if k not in ("interrupted", "error")}))
+
+
+class _NoMedpipeTraceback(logging.Filter):
+    """Optuna logs a failed trial's exception with its traceback; a medpipe error's message says it all."""
+
+    def filter(self, record) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], MedpipeError):
+            record.exc_info = None
+        return True
+
+
+_NO_MEDPIPE_TRACEBACK = _NoMedpipeTraceback()  # one instance: adding it again is a no-op
+
+
 # --------------------------------------------------------------------------- trials
 
 
-def _study(out: Path, space: Space, heartbeat: int, grace: int, name: str):
+def _study(out: Path, space: Space, heartbeat: int, grace: int, name: str, worker: int = 0):
     optuna = _optuna()
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -269,6 +407,7 @@ def _study(out: Path, space: Space, heartbeat: int, grace: int, name: str):
     if study.direction.name.lower() != space.direction:
         raise TuneError(f"{out / STUDY_DB}: study {name!r} was created to {study.direction.name.lower()}; "
                         f"objective {space.objective} needs {space.direction} (use another --out or --study-name)")
+    study.sampler = make_sampler(space.sampler, worker, len(study.get_trials(deepcopy=False)))
     return study
 
 
@@ -293,25 +432,27 @@ def _metrics_lines(run_dir: Path) -> list[dict]:
     return out
 
 
-def _stop_when_done(target: int):
+def _stop_when_done(target: int, stop: StopOnSignal | None = None):
     """Stop once the study holds ``target`` finished (complete or pruned) trials, or as many trials failed
-    with an error (a space where every trial fails must not loop forever)."""
+    with an error (a space where every trial fails must not loop forever), or a signal came."""
     from optuna.trial import TrialState
 
     def callback(study, trial) -> None:
         errors = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
-        if _finished(study) >= target or len(errors) >= target:
+        if _finished(study) >= target or len(errors) >= target or (stop is not None and stop.received):
             study.stop()
 
     return callback
 
 
-def run_trial(trial, space: Space, data: str, out: Path) -> float:
-    """One trial: a real training run, pruned from its epoch metrics; returns the objective at the best epoch."""
+def run_trial(trial, space: Space, data: str, out: Path, stop: StopOnSignal | None = None) -> float:
+    """One trial: a real training run, pruned from its epoch metrics; returns the objective at the best epoch.
+    A signal (``stop``) ends it with TrainingInterrupted after saving last.pt; ``tune`` queues it again."""
     optuna = _optuna()
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from medpipe.pipeline import run
 
+    stop = stop or StopOnSignal()
     values = {p.name: p.suggest(trial) for p in space.params}
     cfg = space.config(values)
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -328,9 +469,15 @@ def run_trial(trial, space: Space, data: str, out: Path) -> float:
     print(f"trial {trial.number}: {values}" + (f" (retry of trial {original}, resuming {run_dir})" if resume else ""),
           flush=True)
     try:
+        if stop.received:  # the signal came while Optuna was asking for this trial
+            raise TrainingInterrupted(f"stopped by {stop.received} before the trial's training started")
         run(data, run_dir, cfg, resume=resume, force=not resume and run_dir.exists(), evaluate_test=False,
-            handlers=[PruningHandler(trial, space.objective)])
+            handlers=[PruningHandler(trial, space.objective), stop])
     except optuna.TrialPruned:
+        raise
+    except TrainingInterrupted as exc:  # not a failure of the trial: it is queued again (tune)
+        trial.set_user_attr("interrupted", str(exc))
+        stop.interrupted(trial.number, exc)
         raise
     except MedpipeError as exc:  # a bad corner of the space (e.g. NaN loss): this trial fails, the study goes on
         trial.set_user_attr("error", str(exc))
@@ -366,38 +513,85 @@ def write_results(study, space: Space, out: Path) -> dict:
     return summary
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | None = None, processes: int = 1,
-         study_name: str = "medpipe", heartbeat: int = 30, grace: int = 90, worker: bool = False) -> dict:
+         study_name: str = "medpipe", heartbeat: int = 30, grace: int = 90, worker: int | None = None,
+         threads: int | None = None) -> dict:
     """Run (or continue) the study until it holds ``trials`` finished trials; returns the summary.
-    ``worker``: one of the ``processes`` children (the parent writes the results and judges them)."""
+    ``worker``: the index of one of the ``processes`` children (the parent writes the results and judges them);
+    ``threads``: its share of the cores, which caps the space's ``threads``.
+    A signal ends it with :class:`TrainingInterrupted` once the running trial is saved and queued again."""
     optuna = _optuna()
     space = load_space(space_path)
     if trials is not None:
         space.trials = int(trials)
     if grace <= heartbeat:
         raise ConfigError(f"--grace ({grace}s) must be longer than --heartbeat ({heartbeat}s)")
+    if threads:
+        given = int(space.base.get("threads") or 0)
+        space.base["threads"] = threads if given == 0 else min(given, threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    study = _study(out, space, heartbeat, grace, study_name)  # created once, before any worker starts
+    # created once, before any worker starts
+    study = _study(out, space, heartbeat, grace, study_name, worker=worker or 0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna.study._optimize").addFilter(_NO_MEDPIPE_TRACEBACK)
     if processes > 1:  # more workers on the same study: this same command as child processes
+        share = max(1, _cores() // processes)
+        given = int(space.base.get("threads") or 0)
+        log.info("tune: %d processes with %d thread(s) each%s", processes, share,
+                 f" (the space's threads: {given} capped to {share})" if given > share else "")
         cmd = [sys.executable, "-m", "medpipe", "tune", "--data", str(data), "--out", str(out), "--space",
                str(space_path), "--trials", str(space.trials), "--study-name", study_name,
-               "--heartbeat", str(heartbeat), "--grace", str(grace), "--worker"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
-        children = [subprocess.Popen(cmd, env=env) for _ in range(processes)]
+               "--heartbeat", str(heartbeat), "--grace", str(grace), "--worker-threads", str(share), "--worker"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(share)}
+        children: list[subprocess.Popen] = []
+        received: list[str] = []
+
+        def forward(signum, frame):  # a signal to the parent stops the workers (each saves and requeues its trial)
+            received.append(signal.Signals(signum).name)
+            for c in children:
+                if c.poll() is None:
+                    c.send_signal(signum)
+
+        old = {sig: signal.signal(sig, forward) for sig in StopOnSignal.SIGNALS}
         try:
+            for i in range(processes):
+                if not received:
+                    children.append(subprocess.Popen([*cmd, str(i)], env=env))
             codes = [c.wait() for c in children]
         finally:
             for c in children:
                 if c.poll() is None:
                     c.terminate()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        if received:
+            raise TrainingInterrupted(f"stopped by {received[0]}: the {len(children)} tune processes stopped "
+                                      f"(exit {codes}); the trials they were running are queued again with their "
+                                      "parameters and continue from their last.pt: run the same command to continue")
         if any(codes):
             raise TuneError(f"{sum(1 for c in codes if c)} of {processes} tune processes failed (exit {codes})")
     elif _finished(study) < space.trials:
-        study.optimize(lambda t: run_trial(t, space, str(data), out), n_trials=None,
-                       callbacks=[_stop_when_done(space.trials)], catch=(MedpipeError,), gc_after_trial=True)
-    if worker:
+        with StopOnSignal() as stop:
+            study.optimize(lambda t: run_trial(t, space, str(data), out, stop), n_trials=None,
+                           callbacks=[_stop_when_done(space.trials, stop)], catch=(MedpipeError,),
+                           gc_after_trial=True)
+        if stop.received and (stop.trial is not None or _finished(study) < space.trials):
+            if stop.trial is not None:
+                _requeue(study, stop.trial)
+                raise TrainingInterrupted(f"{stop.message.split('; continue with')[0]}; trial {stop.trial} is queued "
+                                          f"again with the same parameters and run folder: run the same command to "
+                                          f"continue it (study {out / STUDY_DB})")
+            raise TrainingInterrupted(f"stopped by {stop.received} between trials; run the same command to "
+                                      f"continue the study {out / STUDY_DB}")
+    if worker is not None:
         return {}
     summary = write_results(study, space, out)
     if not summary["complete"]:
@@ -418,15 +612,17 @@ def add_parser(sub) -> None:
     s.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
     s.add_argument("--grace", type=int, default=90,
                    help="seconds without a heartbeat after which a trial counts as killed and is retried")
-    s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a child of --processes
+    s.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # the index of a child of --processes
+    s.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)  # its share of the cores
     s.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args) -> int:
     t0 = time.perf_counter()
     s = tune(args.data, args.out, args.space, trials=args.trials, processes=args.processes,
-             study_name=args.study_name, heartbeat=args.heartbeat, grace=args.grace, worker=args.worker)
-    if args.worker:
+             study_name=args.study_name, heartbeat=args.heartbeat, grace=args.grace, worker=args.worker,
+             threads=args.worker_threads)
+    if args.worker is not None:
         return 0
     print(f"tune: {s['finished']} finished trials ({s['complete']} complete) in {s['study']}; "
           f"{time.perf_counter() - t0:.0f} s")
