@@ -99,3 +99,24 @@ def test_shards_refuse_other_split_settings(shard_dir, tmp_path, capsys):
     assert "split_seed 3" in err and "--split-seed" in err and not run.exists()
     assert main(["train", "--data", str(shard_dir), "--out", str(run), *TINY, "--val-fraction", "0.2"]) == 2
     assert "val_fraction 0.2" in capsys.readouterr().err
+
+
+def test_every_rank_and_every_epoch_has_the_same_step_count():
+    """Unbalanced streaming under several ranks: the shards dealt to a rank change every epoch, but the step count
+    must not (DDP needs every rank in step; the schedule, the budget and resumes count steps per epoch). 4 shards of
+    256 and one of 100 on 2 ranks gave 11 steps in some epochs and 16 in others; the loop then failed."""
+    from medpipe.config import make_config
+    from medpipe.errors import ConfigError
+    from medpipe.train.data import ShardSource
+
+    index = {"shards": [{"split": "train", "n": n} for n in (256, 256, 256, 256, 100)]}
+    cfg = make_config({"imbalance": "none", "batch_size": 32, "seed": 3})
+    counts = set()
+    for rank in (0, 1):
+        src = ShardSource.__new__(ShardSource)
+        src.cfg, src.rank, src.world, src.index = cfg, rank, 2, index
+        counts |= {len(src._plan(epoch)[0]) for epoch in range(12)}
+    assert counts == {(100 + 256) // 32}  # the smallest total a deal can give a rank: the 2 smallest shards
+    src.world = 6  # more ranks than shards: a clear refusal, not an epoch of 0 steps
+    with pytest.raises(ConfigError, match="5 training shards for 6 ranks"):
+        src._plan(0)

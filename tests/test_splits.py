@@ -59,3 +59,36 @@ def test_reused_when_matching(data_dir, tmp_path):
     pd.testing.assert_frame_equal(s1.reset_index(drop=True), s2.reset_index(drop=True))
     s3, reused3 = ensure_splits(data_dir, tmp_path, seed=6)
     assert not reused3
+
+
+def test_split_files_of_two_seeds_are_never_paired(data_dir, tmp_path):
+    """Runs of two split seeds on one data folder at once rewrite splits.csv and splits.json in turn: a CSV of
+    one seed beside the metadata of the other is not reused, and a run folder records its own split even when the
+    data folder's files were rewritten by another run meanwhile."""
+    import shutil
+
+    from medpipe.config import make_config
+    from medpipe.train.data import CachedSource
+
+    s0, _ = ensure_splits(data_dir, tmp_path, seed=0)
+    s1, _ = ensure_splits(data_dir, tmp_path / "other", seed=1)
+    assert not s0.equals(s1)
+    shutil.copyfile(tmp_path / "other" / "splits.csv", tmp_path / "splits.csv")  # seed 1's CSV, seed 0's metadata
+    again, reused = ensure_splits(data_dir, tmp_path, seed=0)
+    assert not reused
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), s0.reset_index(drop=True))
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("splits.*"))
+    src = CachedSource(data, make_config({"split_seed": 0, "image_size": 32, "workers": 0}))
+    try:
+        ensure_splits(data, data, seed=1)  # another run, another seed, same folder
+        run = tmp_path / "run"
+        run.mkdir()
+        src.write_provenance(run)
+    finally:
+        src.close()
+    recorded = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(recorded.reset_index(drop=True), s0.reset_index(drop=True))
+    reused_run, ok = ensure_splits(data, run, seed=0)  # the run folder's pair is consistent
+    assert ok

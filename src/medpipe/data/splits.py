@@ -6,11 +6,13 @@ dealt per class so that every class with at least 3 groups has a group in val an
 with 2 groups puts one in train and one in test; a class with 1 group stays in train.
 
 ``splits.csv`` (image_id, group_id, label, split) sits next to ``splits.json`` (seed, fractions,
-records hash); :func:`ensure_splits` reuses an existing split only when all of those match.
+records hash, the CSV's sha256); :func:`ensure_splits` reuses an existing split only when all of those match.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -68,7 +70,10 @@ def ensure_splits(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                   table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, bool]:
     """Return (splits, reused). Writes ``splits.csv`` + ``splits.json`` into ``out_dir`` (default data_dir).
 
-    ``table`` is the already-loaded record table of ``data_dir``, when the caller has it.
+    ``table`` is the already-loaded record table of ``data_dir``, when the caller has it. An existing split is
+    reused only when ``splits.json`` names the same seed, fractions and records and the sha256 of the
+    ``splits.csv`` it describes: runs of other split seeds on the same data folder at once (each rewrites both
+    files) can never pair one seed's metadata with another's split.
     """
     if table is None:
         table, _ = load_records(data_dir)
@@ -77,15 +82,24 @@ def ensure_splits(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     csv_path, meta_path = out_dir / SPLITS_FILE, out_dir / SPLITS_META
     if not force and csv_path.is_file() and meta_path.is_file():
         try:
-            if json.loads(meta_path.read_text()) == meta:
-                return pd.read_csv(csv_path, dtype=str, keep_default_na=False), True
-        except ValueError:
+            saved = json.loads(meta_path.read_text())
+            data = csv_path.read_bytes()
+            if {k: saved.get(k) for k in meta} == meta and saved.get("csv_sha256") == hashlib.sha256(data).hexdigest():
+                return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False), True
+        except (ValueError, OSError):
             pass
     splits = make_splits(table, seed=seed, val=val, test=test)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(csv_path, splits.to_csv(index=False))
-    atomic_write_json(meta_path, meta)
+    write_splits(out_dir, splits, meta)
     return splits, False
+
+
+def write_splits(out_dir: str | os.PathLike, splits: pd.DataFrame, meta: dict) -> None:
+    """``splits.csv`` and ``splits.json`` (``meta`` + the CSV's sha256), each written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = splits.to_csv(index=False)
+    atomic_write_text(out_dir / SPLITS_FILE, text)
+    atomic_write_json(out_dir / SPLITS_META, {**meta, "csv_sha256": hashlib.sha256(text.encode()).hexdigest()})
 
 
 def summarize(splits: pd.DataFrame) -> pd.DataFrame:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,11 +195,15 @@ class CachedSource:
         table, self.classes = load_records(data_dir)
         splits, reused = ensure_splits(data_dir, data_dir, seed=cfg.split_seed, val=cfg.val_fraction,
                                        test=cfg.test_fraction, table=table)
+        # the run folder gets this split from memory: another run may rewrite DATA/splits.csv meanwhile
+        self._splits = splits
+        self._split_meta = {"seed": int(cfg.split_seed), "val": float(cfg.val_fraction),
+                            "test": float(cfg.test_fraction), "records_sha256": records_hash(table)}
+        self.records_sha256 = self._split_meta["records_sha256"]
         table = table.assign(split=table["image_id"].map(dict(zip(splits["image_id"], splits["split"]))))
         spec = cfg.preprocess()
         cache = build_cache(table, data_dir / "cache", (spec.image_size, spec.image_size), spec.interpolation,
                             progress=progress)
-        self.records_sha256 = records_hash(table)
         parts = {}
         for name in ("train", "val", "test"):
             t = table[table["split"] == name]
@@ -217,11 +220,10 @@ class CachedSource:
                  len(self.test), "reused" if reused else "new", cache.folder.name)
 
     def write_provenance(self, run_dir: Path) -> None:
-        """The split this run used, copied into the run folder."""
-        from medpipe.data.splits import SPLITS_FILE, SPLITS_META
+        """The split this run used (``splits.csv`` + ``splits.json``), written into the run folder."""
+        from medpipe.data.splits import write_splits
 
-        for name in (SPLITS_FILE, SPLITS_META):
-            shutil.copyfile(self.data_dir / name, Path(run_dir) / name)
+        write_splits(run_dir, self._splits, self._split_meta)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of ``epoch`` as positions in the train split (one global seeded order)."""
@@ -278,17 +280,22 @@ class ShardSource:
                      [m["image_id"] for m in metas], [m["label"] for m in metas])
 
     def _plan(self, epoch: int) -> tuple[list[int], bool]:
-        """(batch sizes on this rank, balanced). Every rank runs the same number of steps (DDP needs it):
-        the smallest rank's sample count this epoch."""
+        """(batch sizes on this rank, balanced). Every rank runs the same number of steps (DDP needs it), and
+        every epoch too (the schedule, the time budget and resumes count steps per epoch): balanced, an equal
+        share of the samples; otherwise each rank streams the shards dealt to it this epoch and stops after the
+        smallest total any deal can give a rank, the ``floor(shards / ranks)`` smallest shards."""
         train = [s for s in self.index["shards"] if s["split"] == "train"]
         balanced = self.cfg.imbalance == "sampler"
-        if balanced:
-            per_rank = [sum(s["n"] for s in train) // self.world] * self.world
+        total = sum(s["n"] for s in train)
+        if balanced or self.world == 1:
+            n = total // self.world
         else:
-            order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(train))
-            names = [train[i] for i in order]
-            per_rank = [sum(s["n"] for s in names[r::self.world]) for r in range(self.world)]
-        sizes = batch_sizes(min(per_rank), self.cfg)
+            if len(train) < self.world:
+                raise ConfigError(f"{len(train)} training shards for {self.world} ranks: each rank streams whole "
+                                  "shards, so re-shard into at least as many shards as ranks (or use imbalance: "
+                                  "sampler)")
+            n = sum(sorted(s["n"] for s in train)[: len(train) // self.world])
+        sizes = batch_sizes(n, self.cfg)
         return (sizes[: self.cfg.max_steps_per_epoch] if self.cfg.max_steps_per_epoch else sizes), balanced
 
     @property
