@@ -226,8 +226,9 @@ def test_weight_ema_is_validated_packaged_and_resumes_exactly(data_dir, tmp_path
     from faults import SigtermAtStep
 
     straight = run(data_dir, tmp_path / "a", _ema_cfg(), evaluate_test=False)
-    ema = load_checkpoint(tmp_path / "a" / "checkpoints" / "ema.pt")
     last = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    ema = last["parts"]["ema"]  # the average is part of the checkpoint, never a file beside it
+    assert not (tmp_path / "a" / "checkpoints" / "ema.pt").exists()
     k = "class_layers.out.weight" if "class_layers.out.weight" in ema["ema"] else next(
         n for n, v in ema["ema"].items() if v.dtype.is_floating_point and v.ndim == 2)
     assert torch.equal(last["model"][k], ema["ema"][k])  # the epoch-end checkpoint holds the average...
@@ -241,7 +242,7 @@ def test_weight_ema_is_validated_packaged_and_resumes_exactly(data_dir, tmp_path
     run(data_dir, tmp_path / "b", _ema_cfg(), evaluate_test=False, resume=True)
     with pytest.raises(TrainingInterrupted):
         run(data_dir, tmp_path / "c", _ema_cfg(), evaluate_test=False, handlers=[SigtermAtStep(5)])
-    assert load_checkpoint(tmp_path / "c" / "checkpoints" / "ema.pt")["raw"] is None  # saved mid-epoch
+    assert load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")["parts"]["ema"]["raw"] is None  # mid-epoch
     run(data_dir, tmp_path / "c", _ema_cfg(), evaluate_test=False, resume=True)
     for other in ("b", "c"):
         got = load_file(tmp_path / other / "model" / "weights.safetensors")

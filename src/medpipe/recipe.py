@@ -16,7 +16,7 @@ focal loss takes class indices only, so the combination is refused by the config
   after every step with decay ``min(ema_decay, (1 + step) / (10 + step))`` (a warm-up so short runs are
   not dominated by the random initialisation). Validation, the best-epoch choice, the checkpoints'
   ``model`` and so the package use the averaged weights; training continues on the raw ones.
-  ``checkpoints/ema.pt`` holds the average and, at an epoch end, the raw weights, so ``--resume``
+  every checkpoint holds the average and, at an epoch end, the raw weights, so ``--resume``
   continues exactly (tested against a straight run, from an epoch end and from mid-epoch).
 
 The colour, crop and colour-constancy options act on images and live in :mod:`medpipe.preprocess`;
@@ -80,10 +80,13 @@ class WeightEMA:
 
     Events: STARTED (start the average, or reload it after a resume), ITERATION_COMPLETED (update),
     EPOCH_COMPLETED (put the average into the model before validation and the epoch-end checkpoint),
-    EPOCH_STARTED (put the raw weights back for training), CHECKPOINT_SAVED of ``last.pt`` (write
-    ``ema.pt`` beside it: the average, and the raw weights when the model holds the average)."""
+    EPOCH_STARTED (put the raw weights back for training). The average, and the raw weights while the model
+    holds the average, are a part of every checkpoint the engine writes (``Engine.add_snapshot_part``), so
+    a checkpoint and its average are always of the same step. (Runs from before kept them in ``ema.pt``
+    beside ``last.pt``; a resume of such a run still reads it when it is of the checkpoint's step.)"""
 
-    FILE = "ema.pt"
+    PART = "ema"
+    LEGACY_FILE = "ema.pt"
 
     def __init__(self, decay: float, folder):
         from pathlib import Path
@@ -99,25 +102,28 @@ class WeightEMA:
         engine.on(Events.ITERATION_COMPLETED, self.update)
         engine.on(Events.EPOCH_COMPLETED, self.swap_in)
         engine.on(Events.EPOCH_STARTED, self.swap_out)
-        engine.on(Events.CHECKPOINT_SAVED, self.save)
+        engine.add_snapshot_part(self.PART, lambda: {"ema": self.ema, "raw": self.raw})
 
     @staticmethod
     def _copy(state: dict) -> dict:
         return {k: v.detach().clone() for k, v in state.items()}
 
     def start(self, engine) -> None:
-        from medpipe.train.checkpoint import load_checkpoint
+        saved = engine.state.restored_parts.get(self.PART) if engine.state.resumed else None
+        if engine.state.resumed and saved is None and (self.folder / self.LEGACY_FILE).is_file():
+            from medpipe.train.checkpoint import load_checkpoint
 
-        path = self.folder / self.FILE
-        if engine.state.resumed and path.is_file():
-            saved = load_checkpoint(path)
-            if saved.get("global_step") == engine.state.iteration:
-                self.ema = {k: v.to(engine.device) for k, v in saved["ema"].items()}
-                if saved.get("raw") is not None:  # the checkpoint's model is the average: train on from the raw
-                    engine.net.load_state_dict(saved["raw"])
-                return
-            print(f"{path} is from step {saved.get('global_step')}, the checkpoint from step {engine.state.iteration}: "
-                  "the weight average starts again from the current weights", flush=True)
+            legacy = load_checkpoint(self.folder / self.LEGACY_FILE)
+            if legacy.get("global_step") == engine.state.iteration:
+                saved = legacy
+        if saved is not None and saved.get("ema") is not None:
+            self.ema = {k: v.to(engine.device) for k, v in saved["ema"].items()}
+            if saved.get("raw") is not None:  # the checkpoint's model is the average: train on from the raw
+                engine.net.load_state_dict(saved["raw"])
+            return
+        if engine.state.resumed:
+            print("the checkpoint holds no weight average of its step: the average starts again from the "
+                  "checkpoint's weights", flush=True)
         self.ema = self._copy(engine.net.state_dict())
 
     @torch.no_grad()
@@ -138,16 +144,6 @@ class WeightEMA:
         if self.raw is not None:
             engine.net.load_state_dict(self.raw)
             self.raw = None
-
-    def save(self, engine) -> None:
-        from pathlib import Path
-
-        from medpipe.train.checkpoint import save_checkpoint
-
-        if Path(engine.state.checkpoint or "").name != "last.pt" or self.ema is None:
-            return
-        save_checkpoint(self.folder / self.FILE, {"global_step": engine.state.iteration, "ema": self.ema,
-                                                  "raw": self.raw})
 
 
 def handlers(cfg, n_classes: int, checkpoints=None) -> list:

@@ -43,7 +43,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -85,6 +85,7 @@ class State:
     improved: bool = False
     resumed: bool = False
     budget_epochs: int | None = None  # the epoch count a time budget decided (handlers.TimeBudget)
+    restored_parts: dict = field(default_factory=dict)  # a resumed checkpoint's handler parts (add_snapshot_part)
     should_terminate: bool = False
     stop_reason: str = ""
     checkpoint: str | None = None
@@ -296,6 +297,7 @@ class Engine:
         self.sign = -1.0 if cfg.monitor == "val_loss" else 1.0
         self.state = State(max_epochs=cfg.epochs)
         self._handlers: dict[Events, list] = defaultdict(list)
+        self._snapshot_parts: dict[str, Callable[[], Any]] = {}
         # resolved by create() (resolve_precision); a resume takes the checkpoint's, so it replays exactly
         self.precision, self.precision_reason = ("bf16" if device.type == "cuda" else "fp32"), "default"
 
@@ -332,6 +334,12 @@ class Engine:
             h.attach(self)
         return self
 
+    def add_snapshot_part(self, name: str, get: Callable[[], Any]) -> None:
+        """Put ``get()`` (tensors and plain values) into every checkpoint under ``parts[name]``; after a resume
+        it is in ``state.restored_parts[name]`` (a handler's own state, written with the checkpoint it belongs
+        to, never beside it)."""
+        self._snapshot_parts[name] = get
+
     def fire(self, event: Events) -> None:
         for handler in self._handlers[event]:
             handler(self)
@@ -363,7 +371,8 @@ class Engine:
                 "budget_epochs": s.budget_epochs,
                 "best_metric": s.best_metric, "best_epoch": s.best_epoch, "stale_epochs": s.stale,
                 "rng": rng_state(), "config": self.cfg.to_dict(), "classes": self.classes, "precision": self.precision,
-                "records_sha256": self.source.records_sha256}
+                "records_sha256": self.source.records_sha256,
+                "parts": {name: get() for name, get in self._snapshot_parts.items()}}
 
     def restore(self, snap: dict) -> None:
         from medpipe.train.checkpoint import set_rng_state
@@ -381,6 +390,7 @@ class Engine:
         s.budget_epochs = snap.get("budget_epochs", s.max_epochs if self.cfg.budget and s.epoch > 0 else None)
         s.best_metric, s.best_epoch, s.stale = snap["best_metric"], snap["best_epoch"], snap["stale_epochs"]
         s.resumed = True
+        s.restored_parts = dict(snap.get("parts") or {})
         set_rng_state(snap["rng"])
 
     # the loop -------------------------------------------------------------------------------------------
