@@ -177,13 +177,41 @@ def test_a_real_run_with_every_recipe_option(data_dir, tmp_path):
     cfg = make_config({"model": "densenet-test", "image_size": 32, "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 3,
                        "bootstrap": 0, "threads": 1, "workers": 0, "color_constancy": "shades_of_gray",
                        "crop_scale": 0.5, "color_jitter": 1.5, "mixup_alpha": 0.4, "cutmix_alpha": 1.0,
-                       "label_smoothing": 0.1, "decision_rule": "prior"})
-    out = run(data_dir, tmp_path / "run", cfg, handlers=[Spy()], evaluate_test=False)
+                       "label_smoothing": 0.1, "decision_rule": "prior", "tta": True})
+    out = run(data_dir, tmp_path / "run", cfg, handlers=[Spy()], evaluate_test=True)
     assert seen and all(len(s) == 2 and s[1] == 7 for s in seen)  # (N, 7) soft targets on every step
     meta = json.loads((Path(out["model_dir"]) / "model.json").read_text())
     assert meta["preprocessing"]["color_constancy"] == "shades_of_gray"
     assert meta["decision"]["default"] == "prior" and set(meta["decision"]["rules"]) >= {"argmax", "prior"}
     assert meta["training_config"]["mixup_alpha"] == 0.4
+
+    # flip TTA has a calibration of its own, fitted on TTA validation logits, used whenever flips are averaged
+    import numpy as np
+    import torch
+
+    from medpipe.infer.predictor import Predictor
+    from medpipe.train.data import CachedSource
+    from medpipe.pipeline import fit_temperature
+    from medpipe.train.engine import predict_logits
+
+    cal = meta["calibration"]["tta"]
+    assert cal["temperature"] > 0 and cal["decision"]["default"] == "prior"
+    src = CachedSource(data_dir, cfg)
+    try:
+        val = src.val
+        pred = Predictor(Path(out["model_dir"]))
+        logits = predict_logits(pred.model, val.pixels, val.rows, pred.spec, torch.device("cpu"), tta=True)
+        assert fit_temperature(logits, torch.from_numpy(val.labels)) == pytest.approx(cal["temperature"], rel=1e-4)
+        px = val.pixels[val.rows[:6]]
+        want = torch.softmax(logits[:6] / cal["temperature"], 1).numpy()
+        np.testing.assert_allclose(pred.probabilities(px, tta=True), want, rtol=1e-4, atol=1e-6)
+        plain = torch.softmax(predict_logits(pred.model, px, np.arange(6), pred.spec, torch.device("cpu"))
+                              / meta["calibration"]["temperature"], 1).numpy()
+        np.testing.assert_allclose(pred.probabilities(px, tta=False), plain, rtol=1e-4, atol=1e-6)
+    finally:
+        src.close()
+    report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    assert report["tta"] is True and report["calibrated_for_tta"] is True
 
 
 def _ema_cfg():

@@ -8,9 +8,12 @@ per-class offsets ``b`` added to the log-probabilities::
 
 - ``argmax``: ``b = 0``, the most probable class. On HAM10000 (nv about 67%) it favours nevi.
 - ``prior``: logit adjustment (Menon et al. 2021, "Long-tail learning via logit adjustment"):
-  ``b = -tau * log(prior)``, the prior being the validation split's class frequencies. With
-  calibrated probabilities ``tau = 1`` is the Bayes rule for balanced accuracy; ``tau`` is the one
-  number chosen on the validation split (a grid from -1 to 2) to maximise its balanced accuracy.
+  ``b = -tau * log(prior)``, the prior being the validation split's class frequencies. For a model
+  trained on the natural class frequencies (``imbalance: none``) whose calibrated probabilities
+  estimate the posterior, ``tau = 1`` is the Bayes rule for balanced accuracy; a model trained with
+  the balanced sampler or class weights has already moved towards the rare classes (temperature
+  scaling does not undo that), so there the best ``tau`` is nearer 0. Hence ``tau`` is not fixed but
+  chosen on the validation split (a grid from -1 to 2) to maximise its balanced accuracy.
 - ``class_bias``: starts from ``prior`` and moves each class's offset in turn (coordinate ascent on
   a grid) while the validation balanced accuracy strictly improves. More freedom, so it fits the
   validation split more closely; with few positives per class it can over-fit (compare both in the

@@ -249,7 +249,11 @@ def _plot_reliability(plt, metrics: dict, path: Path) -> None:
 
 def _report_lines(metrics: dict, title: str) -> list[str]:
     """report.md: headline figures, the decision-rule table, the per-class table and the caution."""
-    tta = "yes (probabilities averaged over flips)" if metrics.get("tta") else "no"
+    tta = "no"
+    if metrics.get("tta"):
+        tta = "yes (logits averaged over the image and its flips; " + (
+            "temperature and decision rules fitted on TTA validation logits)" if metrics.get("calibrated_for_tta")
+            else "the package's calibration was fitted without TTA)")
     few = [c for c, m in metrics["per_class"].items() if m["support"] < MIN_POSITIVES]
     lines = [f"# {title}", "", f"Images evaluated: {metrics['n']}. Test-time augmentation: {tta}.", "",
              f"- Macro ROC AUC: **{_fmt(metrics['macro_auc'])}** (95% CI {_fmt(metrics['macro_auc_ci95'][0])}"
@@ -326,11 +330,14 @@ def evaluate_arrays(predictor, pixels, rows, y, image_ids, labels, out_dir, *, s
     classes = predictor.classes
     probs = np.concatenate([predictor.probabilities(pixels[rows[i:i + batch_size]], tta=tta)
                             for i in range(0, len(rows), batch_size)])
-    pred = predictor.labels(probs)
+    pred = predictor.labels(probs, tta=tta)
     metrics = compute_metrics(y, probs, classes, bootstrap=bootstrap, pred=pred)
     metrics["split"], metrics["tta"] = split, tta
     metrics["decision_rule"] = predictor.decision_rule
-    metrics["decision_rules"] = decision_rule_rows(y, probs, classes, predictor.meta.get("decision"))
+    cal_tta = predictor.meta.get("calibration", {}).get("tta") if tta and not getattr(predictor, "int8", None) else None
+    metrics["calibrated_for_tta"] = bool(cal_tta) if tta else None
+    metrics["decision_rules"] = decision_rule_rows(y, probs, classes, (cal_tta or {}).get("decision")
+                                                   or predictor.meta.get("decision"))
     metrics["backend"] = getattr(predictor, "backend", "eager")
     if getattr(predictor, "int8", None):  # the INT8 model's accuracy gate travels with its evaluation
         metrics["int8_gate"] = predictor.int8["gate"]

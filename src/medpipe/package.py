@@ -31,7 +31,9 @@ PACKAGE_FORMAT = "medpipe-package-1"
 def save_package(out_dir: str | Path, model: torch.nn.Module, *, name: str, arch: str, classes: list[str],
                  spec: PreprocessSpec, temperature: float = 1.0, metrics: dict | None = None,
                  config: dict | None = None, records_sha256: str | None = None, version: str = "1",
-                 decision: dict | None = None) -> dict:
+                 decision: dict | None = None, tta_calibration: dict | None = None) -> dict:
+    """``tta_calibration``: {"temperature", "decision"} fitted on flip-TTA validation logits (a run trained
+    with ``tta``), used by the Predictor when it averages flips."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / WEIGHTS, weights_bytes(model.state_dict()))
@@ -44,6 +46,9 @@ def save_package(out_dir: str | Path, model: torch.nn.Module, *, name: str, arch
     }
     if decision is not None:  # medpipe.decision.fit_rules: label rules fitted on val; read by the Predictor
         meta["decision"] = decision
+    if tta_calibration is not None:
+        meta["calibration"]["tta"] = {"temperature": float(tta_calibration["temperature"]),
+                                      "decision": tta_calibration.get("decision")}
     validate_meta(meta, out_dir / META)  # never write a package that would be refused at load
     atomic_write_json(out_dir / META, meta)  # NaN metrics (a class absent from a split) are written as null
     return meta
@@ -130,6 +135,11 @@ def validate_meta(meta, where) -> None:
     for key, kind in OPTIONAL.items():
         if meta.get(key) is not None and not isinstance(meta[key], kind):
             raise PackageError(f"{where}: key '{key}' must be an object")
+    tta = meta["calibration"].get("tta")
+    if tta is not None and not (isinstance(tta, dict) and _is_number(tta.get("temperature"))
+                                and tta["temperature"] > 0 and isinstance(tta.get("decision"), (dict, type(None)))):
+        raise PackageError(f"{where}: key 'calibration.tta' must be an object with a finite 'temperature' > 0 "
+                           "and a 'decision' object or null")
     try:
         PreprocessSpec.from_meta(meta)
     except (KeyError, TypeError, ValueError) as exc:

@@ -284,10 +284,16 @@ def package_and_report(engine: Engine, layout: RunLayout, *, evaluate_test: bool
     val_metrics = compute_metrics(val.labels, probs, engine.classes, bootstrap=0) if len(val) else {}
     # the decision rules (medpipe.decision) are chosen on the validation split too
     rules = fit_rules(probs, val.labels, engine.classes, default=cfg.decision_rule) if len(val) else None
+    tta_calibration = None
+    if cfg.tta and len(val):  # flip TTA changes the logits: it gets a temperature and decision offsets of its own
+        tta_logits = predict_logits(model, val.pixels, val.rows, engine.spec, engine.device, tta=True)
+        t_tta = fit_temperature(tta_logits, y)
+        tta_calibration = {"temperature": t_tta, "decision": fit_rules(
+            torch.softmax(tta_logits / t_tta, 1).numpy(), val.labels, engine.classes, default=cfg.decision_rule)}
     metrics = {"best_epoch": engine.state.best_epoch, "val": _compact(val_metrics) if val_metrics else {}}
     meta = save_package(layout.model, model.cpu(), name=f"{cfg.model}-ham", arch=cfg.model, classes=engine.classes,
                         spec=engine.spec, temperature=temperature, metrics=metrics, config=cfg.to_dict(),
-                        records_sha256=source.records_sha256, decision=rules)
+                        records_sha256=source.records_sha256, decision=rules, tta_calibration=tta_calibration)
     out = {"model_dir": str(layout.model), "temperature": temperature, "val": metrics["val"]}
     if evaluate_test:
         t = source.test

@@ -155,6 +155,14 @@ class Predictor:
                                  self.meta.get("calibration", {}).get("temperature", 1.0))
         self.decision_rule, self._offsets = decision.resolve(self.meta.get("decision"), decision_rule,
                                                              len(self.classes))
+        # flip TTA's own calibration (temperature and decision offsets fitted on TTA validation logits), where the
+        # package has it (trained with tta) and the backend is the FP32 model's; otherwise the plain one
+        cal_tta = None if self.int8 else self.meta.get("calibration", {}).get("tta")
+        self._tta_temperature, self._tta_offsets = self.temperature, self._offsets
+        if cal_tta:
+            self._tta_temperature = float(cal_tta["temperature"])
+            if cal_tta.get("decision") is not None:
+                self._tta_offsets = decision.resolve(cal_tta["decision"], self.decision_rule, len(self.classes))[1]
         self.max_pixels = max_pixels
         self.name = self.meta.get("name", "medpipe")
         self.version = str(self.meta.get("version", "1"))
@@ -243,19 +251,25 @@ class Predictor:
         with self._lock:
             out = self._forward(x)
             if tta:
-                for dims in ([3], [2], [2, 3]):
+                from medpipe.train.engine import FLIPS
+
+                for dims in FLIPS:
                     out = out + self._forward(torch.flip(x, dims=dims))
-                out = out / 4
+                out = out / (1 + len(FLIPS))
         return out
 
     def probabilities(self, pixels: list[np.ndarray] | np.ndarray, tta: bool | None = None) -> np.ndarray:
         """Calibrated class probabilities, shape (N, C). Raises PredictionError on NaN/Inf."""
         if len(pixels) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
+        tta = self.tta if tta is None else bool(tta)
         logits = self.logits(pixels, tta=tta)
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
-        return torch.softmax(logits / self.temperature, dim=1).numpy()
+        return torch.softmax(logits / self._temperature(tta), dim=1).numpy()
+
+    def _temperature(self, tta: bool) -> float:
+        return self._tta_temperature if tta else self.temperature
 
     def probabilities_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """Calibrated probabilities for a batch already through the eval preset (float32 N x 3 x S x S)."""
@@ -266,7 +280,7 @@ class Predictor:
         logits = self._logits(x, self.tta)
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
-        return torch.softmax(logits / self.temperature, dim=1).numpy()
+        return torch.softmax(logits / self._temperature(self.tta), dim=1).numpy()
 
     def explain(self, pixels: np.ndarray) -> tuple[Prediction, np.ndarray]:
         """Prediction and Grad-CAM map (HxW in [0, 1], model input size) for one image, eager model."""
@@ -284,15 +298,17 @@ class Predictor:
         probs = torch.softmax(logits.float().cpu() / self.temperature, dim=1).numpy()
         return self.to_predictions(probs, tta=False)[0], cam
 
-    def labels(self, probs: np.ndarray) -> np.ndarray:
-        """Class indices chosen by this predictor's decision rule from calibrated probabilities."""
-        return decision.apply_offsets(probs, self._offsets)
+    def labels(self, probs: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """Class indices chosen by this predictor's decision rule from calibrated probabilities (``tta``: whether
+        they came from flip TTA, which has its own fitted offsets; None: this predictor's default)."""
+        tta = self.tta if tta is None else bool(tta)
+        return decision.apply_offsets(probs, self._tta_offsets if tta else self._offsets)
 
     def to_predictions(self, probs: np.ndarray, tta: bool | None = None) -> list[Prediction]:
         """``tta``: whether ``probs`` came from flip TTA (None: this predictor's default)."""
         tta = self.tta if tta is None else bool(tta)
         out = []
-        for row, k in zip(probs, self.labels(probs)):
+        for row, k in zip(probs, self.labels(probs, tta)):
             k = int(k)
             out.append(Prediction(self.classes[k], k, {c: float(p) for c, p in zip(self.classes, row)},
                                   self.decision_rule, tta))

@@ -230,16 +230,25 @@ def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, dev
     return loss.detach()
 
 
+FLIPS = ([3], [2], [2, 3])  # flip test-time augmentation: the image and these three flips (Predictor too)
+
+
 @torch.inference_mode()
 def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 128,
-                   bf16: bool | None = None) -> torch.Tensor:
+                   bf16: bool | None = None, tta: bool = False) -> torch.Tensor:
+    """Logits of pixels[rows] in eval mode; ``tta``: averaged over the image and its three flips."""
     model.eval()
     outs = []
     bf16 = device.type == "cuda" if bf16 is None else bf16
     for i in range(0, len(rows), batch):
         x = eval_batch(pixels[rows[i:i + batch]], spec).to(device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            outs.append(model(x).float().cpu())
+            out = model(x).float()
+            if tta:
+                for dims in FLIPS:
+                    out = out + model(torch.flip(x, dims=dims)).float()
+                out = out / (1 + len(FLIPS))
+            outs.append(out.cpu())
     return torch.cat(outs) if outs else torch.zeros((0, 0))
 
 
