@@ -201,22 +201,46 @@ def test_resume_of_an_early_stopped_run_trains_no_more(source):
 
 
 def test_budget_decided_after_a_resume_inside_the_first_epoch(source, capsys):
-    """A checkpoint taken inside the first epoch holds no budget decision: the resumed run times the rest of the
-    epoch, scales it to a whole one, decides, and stores the decision in its checkpoints."""
+    """A checkpoint taken inside the first epoch holds no budget decision but the first epoch's time so far: the
+    resumed run adds it to the time of the rest of the epoch, decides, and stores the decision in its checkpoints.
+    An older checkpoint without that time, stopped after the epoch's last batch, keeps the provisional count (it
+    used to divide the budget by the validation time alone: thousands of epochs)."""
     from medpipe.train.engine import Engine, Events
     from medpipe.train.handlers import TimeBudget
 
     cfg, src = source
-    engine = Engine.create(cfg, src, torch.device("cpu"))
-    snap = engine.snapshot()
-    snap.update(batch_in_epoch=1, global_step=1, max_epochs=cfg.epochs, budget_epochs=None)
-    engine = Engine.create(cfg, src, torch.device("cpu"))
-    engine.restore(snap)
-    assert engine.state.resumed and engine.state.budget_epochs is None
-    engine.attach(TimeBudget(3600.0))
-    engine.on(Events.VALIDATION_COMPLETED, lambda e: e.terminate("enough") if e.state.epoch >= 2 else None)
-    state = engine.fit()
-    out = capsys.readouterr().out
-    assert "scaled from the 1 batches after the resume" in out
-    assert state.budget_epochs is not None and state.budget_epochs > cfg.epochs  # an hour: far more than 2 epochs
-    assert engine.snapshot()["budget_epochs"] == state.budget_epochs
+
+    def resumed(batch: int, parts: dict):
+        engine = Engine.create(cfg, src, torch.device("cpu"))
+        snap = engine.snapshot()
+        snap.update(batch_in_epoch=batch, global_step=batch, max_epochs=cfg.epochs, budget_epochs=None, parts=parts)
+        engine = Engine.create(cfg, src, torch.device("cpu"))
+        engine.restore(snap)
+        assert engine.state.resumed and engine.state.budget_epochs is None
+        engine.attach(TimeBudget(3600.0))
+        engine.on(Events.VALIDATION_COMPLETED, lambda e: e.terminate("enough") if e.state.epoch >= 2 else None)
+        return engine, engine.fit()
+
+    engine, state = resumed(1, {"budget": {"first_epoch_seconds": 400.0}})
+    assert "(400.0s before the resume at batch 1)" in capsys.readouterr().out
+    assert state.budget_epochs == 8  # floor(3600 / (400 + the rest)): the time before the stop counts
+    assert engine.snapshot()["budget_epochs"] == 8 and engine.snapshot()["parts"]["budget"] is None
+
+    steps = src.steps_per_epoch
+    engine, state = resumed(steps, {})  # an older checkpoint, written after the first epoch's last batch
+    assert "holds no first-epoch time" in capsys.readouterr().out and state.budget_epochs == cfg.epochs
+
+
+def test_resume_refuses_a_checkpoint_of_another_epoch_length(source):
+    """A checkpoint's schedule and position count steps per epoch: a resume where an epoch has another number of
+    steps (other data, batch size or rank count; or a version that counted shards differently) is refused by name
+    instead of failing later with a negative batch count."""
+    from medpipe.errors import MedpipeError
+    from medpipe.train.engine import Engine
+
+    cfg, src = source
+    snap = Engine.create(cfg, src, torch.device("cpu")).snapshot()
+    assert snap["steps_per_epoch"] == src.steps_per_epoch
+    for bad in ({"steps_per_epoch": src.steps_per_epoch + 3}, {"steps_per_epoch": None, "batch_in_epoch": 9}):
+        with pytest.raises(MedpipeError, match="steps per epoch|stopped at batch 9"):
+            Engine.create(cfg, src, torch.device("cpu")).restore({**snap, **bad})

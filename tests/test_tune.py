@@ -92,7 +92,8 @@ def test_sigterm_stops_the_study_and_a_rerun_continues_the_interrupted_trial(dat
     """SIGTERM mid-trial: the trial saves last.pt, no new trial starts, the command exits 143 like an interrupted
     `medpipe train`; the trial is queued again with its parameters and the rerun continues its run folder."""
     study = tmp_path / "study"
-    cmd = _cmd(data_dir, study, _space(tmp_path, trials=1, base={**TINY_BASE, "epochs": 5}))
+    # 12 epochs: the signal, sent once epoch 1's checkpoint exists, must arrive while the trial still trains
+    cmd = _cmd(data_dir, study, _space(tmp_path, trials=1, base={**TINY_BASE, "epochs": 12}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = _run_until_first_checkpoint(cmd, env, study)
     proc.send_signal(signal.SIGTERM)
@@ -112,7 +113,7 @@ def test_sigterm_stops_the_study_and_a_rerun_continues_the_interrupted_trial(dat
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert trials[1].user_attrs["run_dir"].endswith("trial-0") and trials[1].params == trials[0].params
     epochs = [json.loads(x)["epoch"] for x in (study / "trials" / "trial-0" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3, 4, 5]  # continued, not restarted
+    assert epochs == list(range(1, 13))  # continued, not restarted
 
 
 def test_sampler_seeds_differ_per_process_and_on_resume(tmp_path):

@@ -253,6 +253,7 @@ def _report_lines(metrics: dict, title: str) -> list[str]:
     if metrics.get("tta"):
         tta = "yes (logits averaged over the image and its flips; " + (
             "temperature and decision rules fitted on TTA validation logits)" if metrics.get("calibrated_for_tta")
+            else "the INT8 accuracy gate's temperature, fitted without TTA)" if metrics.get("int8_gate")
             else "the package's calibration was fitted without TTA)")
     few = [c for c, m in metrics["per_class"].items() if m["support"] < MIN_POSITIVES]
     lines = [f"# {title}", "", f"Images evaluated: {metrics['n']}. Test-time augmentation: {tta}.", "",

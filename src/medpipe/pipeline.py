@@ -175,7 +175,10 @@ def run(data, run_dir, cfg: TrainConfig, *, resume: bool | str = False, force: b
         source = open_source(data, cfg, rank=dd.rank, world=dd.world, progress=progress, pin=device.type == "cuda")
         if dd.main:
             dd.barrier()
-        engine = Engine.create(cfg, source, device, dd)
+        decided = None  # a budget's decided count: the schedule is built in the form the checkpoint stores
+        if snap is not None and cfg.budget:
+            decided = snap.get("budget_epochs") or (snap.get("max_epochs") if snap["epoch"] > 0 else None)
+        engine = Engine.create(cfg, source, device, dd, epochs=decided)
         if snap is not None:
             check_compatible(snap, cfg.to_dict(), source.classes)
             engine.restore(snap)

@@ -266,9 +266,10 @@ class Predictor:
         logits = self.logits(pixels, tta=tta)
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
-        return torch.softmax(logits / self._temperature(tta), dim=1).numpy()
+        return torch.softmax(logits / self.temperature_for(tta), dim=1).numpy()
 
-    def _temperature(self, tta: bool) -> float:
+    def temperature_for(self, tta: bool) -> float:
+        """The temperature this predictor applies with (``tta``) or without flip TTA."""
         return self._tta_temperature if tta else self.temperature
 
     def probabilities_preprocessed(self, x: np.ndarray) -> np.ndarray:
@@ -280,7 +281,7 @@ class Predictor:
         logits = self._logits(x, self.tta)
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
-        return torch.softmax(logits / self._temperature(self.tta), dim=1).numpy()
+        return torch.softmax(logits / self.temperature_for(self.tta), dim=1).numpy()
 
     def explain(self, pixels: np.ndarray) -> tuple[Prediction, np.ndarray]:
         """Prediction and Grad-CAM map (HxW in [0, 1], model input size) for one image, eager model."""

@@ -73,7 +73,8 @@ def model_metadata(predictor) -> dict:
                    {"name": FP32_INPUT, "datatype": "FP32", "shape": [-1, 3, s, s]}],
         "outputs": [{"name": PROBS_OUTPUT, "datatype": "FP32", "shape": [-1, len(predictor.classes)]},
                     {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]}],
-        "parameters": {"classes": json.dumps(predictor.classes), "temperature": predictor.temperature,
+        "parameters": {"classes": json.dumps(predictor.classes),
+                       "temperature": predictor.temperature_for(predictor.tta),
                        "tta": predictor.tta,
                        "preprocessing": json.dumps(predictor.spec.describe()),
                        "inputs": "exactly one of image_bytes (encoded images; base64 strings in JSON) or image "

@@ -377,7 +377,7 @@ class Engine:
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": {}, "epoch": s.epoch,
                 "batch_in_epoch": s.batch_in_epoch, "global_step": s.iteration, "max_epochs": s.max_epochs,
-                "budget_epochs": s.budget_epochs,
+                "budget_epochs": s.budget_epochs, "steps_per_epoch": self.source.steps_per_epoch,
                 "best_metric": s.best_metric, "best_epoch": s.best_epoch, "stale_epochs": s.stale,
                 "rng": rng_state(), "config": self.cfg.to_dict(), "classes": self.classes, "precision": self.precision,
                 "records_sha256": self.source.records_sha256,
@@ -386,6 +386,16 @@ class Engine:
     def restore(self, snap: dict) -> None:
         from medpipe.train.checkpoint import set_rng_state
 
+        steps = snap.get("steps_per_epoch")
+        if steps is not None and steps != self.source.steps_per_epoch:
+            raise MedpipeError(f"the checkpoint was written with {steps} steps per epoch and this data, batch size "
+                               f"and rank count give {self.source.steps_per_epoch}: its schedule and position "
+                               "do not apply here; train with the settings it was written with, or start over "
+                               "with --force")
+        if snap["batch_in_epoch"] > self.source.steps_per_epoch:
+            raise MedpipeError(f"the checkpoint stopped at batch {snap['batch_in_epoch']} of an epoch, but an epoch "
+                               f"here has {self.source.steps_per_epoch} (written by another medpipe version or "
+                               "with other settings); start over with --force")
         self.net.load_state_dict(snap["model"])
         if snap.get("precision") in ("bf16", "fp32") and snap["precision"] != self.precision:
             self.precision, self.precision_reason = snap["precision"], "the checkpoint's (resumed)"

@@ -184,38 +184,57 @@ class TimeBudget:
     The first epoch (training and validation) is timed; the epoch count becomes
     ``max(1, floor(budget / epoch time))`` (rank 0's estimate on every rank) and the schedule is rebuilt for
     that count at the current step (the learning rate then follows exactly the curve of ``--epochs N``).
-    The decision is stored in the checkpoint (``budget_epochs``): a resumed run keeps it. A run resumed from
-    inside the first epoch, before the decision, times the rest of that epoch and scales its training part to a
-    whole epoch."""
+    The decision is stored in the checkpoint (``budget_epochs``): a resumed run keeps it. Until then every
+    checkpoint holds the first epoch's time so far (a snapshot part), so a run stopped and resumed inside its
+    first epoch adds the time before the stop to the time after the resume."""
+
+    PART = "budget"
 
     def __init__(self, seconds: float):
-        self.seconds, self._t0, self._skip = float(seconds), None, 0
+        self.seconds, self._t0, self._before = float(seconds), None, 0.0
 
     def attach(self, engine: Engine) -> None:
         engine.on(Events.EPOCH_STARTED, self.start)
         engine.on(Events.VALIDATION_COMPLETED, self.decide)
+        engine.add_snapshot_part(self.PART, self._part)
+
+    def _part(self) -> dict | None:
+        if self._t0 is None or self._t0 is False:
+            return None
+        return {"first_epoch_seconds": self._before + time.perf_counter() - self._t0}
 
     def start(self, engine: Engine) -> None:
         s = engine.state
         if self._t0 is None and s.budget_epochs is None and s.epoch == 0:
-            self._t0, self._skip = time.perf_counter(), s.batch_in_epoch
+            self._t0 = time.perf_counter()
+            saved = s.restored_parts.get(self.PART) if s.resumed else None
+            self._before = float(saved["first_epoch_seconds"]) if saved else 0.0
+            self._resumed_at = s.batch_in_epoch if s.resumed else 0
+            self._unknown = s.resumed and s.batch_in_epoch > 0 and not saved  # a checkpoint of an older version
 
     def decide(self, engine: Engine) -> None:
         if self._t0 is None or self._t0 is False:
             return
-        epoch_s = time.perf_counter() - self._t0
+        epoch_s = self._before + time.perf_counter() - self._t0
         self._t0 = False  # decided once
-        steps = engine.source.steps_per_epoch
-        if 0 < self._skip < steps:  # resumed mid-epoch: the batches before the checkpoint were not timed here
-            epoch_s += engine.state.metrics.get("epoch_seconds", 0.0) * self._skip / (steps - self._skip)
+        steps, s = engine.source.steps_per_epoch, engine.state
+        note = f" ({self._before:.1f}s before the resume at batch {self._resumed_at})" if self._before else ""
+        if self._unknown:  # an older checkpoint without the time before the stop: scale the part timed here
+            done_here = steps - self._resumed_at
+            if done_here <= 0:  # nothing of the first epoch's training was timed: keep the provisional count
+                s.budget_epochs = s.max_epochs
+                if engine.dd.main:
+                    print(f"budget {self.seconds:.0f}s: the checkpoint holds no first-epoch time; training "
+                          f"{s.max_epochs} epochs (the provisional count)", flush=True)
+                return
+            epoch_s += s.metrics.get("epoch_seconds", 0.0) * self._resumed_at / done_here
+            note = f" (scaled from the {done_here} batches after the resume)"
         epochs = max(1, math.floor(self.seconds / max(epoch_s, 1e-9)))
         epochs = engine.dd.gather(epochs)[0]
         from medpipe.train.engine import rebuild_schedule
 
-        s = engine.state
         s.max_epochs = s.budget_epochs = max(epochs, s.epoch)
         engine.scheduler = rebuild_schedule(engine.optimizer, engine.cfg, steps, s.max_epochs, s.iteration)
         if engine.dd.main:
-            print(f"budget {self.seconds:.0f}s: first epoch took {epoch_s:.1f}s"
-                  + (f" (scaled from the {steps - self._skip} batches after the resume)" if self._skip else "")
-                  + f", training {s.max_epochs} epochs", flush=True)
+            print(f"budget {self.seconds:.0f}s: first epoch took {epoch_s:.1f}s{note}, training {s.max_epochs} "
+                  "epochs", flush=True)
