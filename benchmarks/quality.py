@@ -171,13 +171,14 @@ def _fmt(s: dict) -> str:
 
 def print_table(summary: dict) -> None:
     rules = sorted({k for s in summary.values() for k in s["balanced_accuracy_by_rule"]})
-    head = (f"{'recipe':>10} | {'macro AUC':>13} | {'bal. acc':>13} | "
+    w = max([10, *map(len, summary)])
+    head = (f"{'recipe':>{w}} | {'macro AUC':>13} | {'bal. acc':>13} | "
             + " | ".join(f"{'bacc ' + r:>13}" for r in rules)
             + f" | {'mel sens@80':>13} | {'mel sens@90':>13} | {'ECE':>13} | epochs")
     print(head)
     print("-" * len(head))
     for recipe, s in summary.items():
-        print(f"{recipe:>10} | {_fmt(s['macro_auc'])} | {_fmt(s['balanced_accuracy'])} | "
+        print(f"{recipe:>{w}} | {_fmt(s['macro_auc'])} | {_fmt(s['balanced_accuracy'])} | "
               + " | ".join(_fmt(s["balanced_accuracy_by_rule"].get(r, {"mean": None})) for r in rules)
               + f" | {_fmt(s['mel_sensitivity_at_spec80'])} | {_fmt(s['mel_sensitivity_at_spec90'])} | "
               f"{_fmt(s['ece'])} | {s['epochs']['mean']:.1f}")
