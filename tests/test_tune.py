@@ -92,8 +92,9 @@ def test_sigterm_stops_the_study_and_a_rerun_continues_the_interrupted_trial(dat
     """SIGTERM mid-trial: the trial saves last.pt, no new trial starts, the command exits 143 like an interrupted
     `medpipe train`; the trial is queued again with its parameters and the rerun continues its run folder."""
     study = tmp_path / "study"
-    # 12 epochs: the signal, sent once epoch 1's checkpoint exists, must arrive while the trial still trains
-    cmd = _cmd(data_dir, study, _space(tmp_path, trials=1, base={**TINY_BASE, "epochs": 12}))
+    # 12 epochs: the signal, sent once epoch 1's checkpoint exists, must arrive while the trial still trains (no
+    # early stop: a tiny model's validation AUC can stall for the default patience of 10 epochs)
+    cmd = _cmd(data_dir, study, _space(tmp_path, trials=1, base={**TINY_BASE, "epochs": 12, "patience": 100}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = _run_until_first_checkpoint(cmd, env, study)
     proc.send_signal(signal.SIGTERM)
