@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medpipe.preprocess import (KEY, Augmentation, PreprocessSpec, eval_batch, eval_preset, shades_of_gray,
-                                train_batch_preset, train_preset)
+from medpipe.preprocess import (KEY, Augmentation, PreprocessSpec, eval_batch, eval_preset, flip_averaged,
+                                shades_of_gray, train_batch_preset, train_preset)
 
 
 def _lesion_like(seed: int = 0, n: int = 6, size: int = 40) -> np.ndarray:
@@ -24,6 +24,17 @@ def _lesion_like(seed: int = 0, n: int = 6, size: int = 40) -> np.ndarray:
         img = np.where((r < rng.uniform(6, 14))[..., None], lesion, skin)
         out.append(np.clip(img, 0, 255).astype(np.uint8))
     return np.stack(out)
+
+
+def test_flip_averaged_is_the_mean_over_the_image_and_its_three_flips():
+    """The one flip-TTA helper evaluation and serving share: a position-dependent forward shows every flip
+    is taken once (horizontal, vertical, both) and the sum divided by four."""
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    w = torch.randn(3 * 4 * 5, 7, generator=torch.Generator().manual_seed(0))
+    forward = lambda t: t.flatten(1) @ w  # noqa: E731
+    want = (forward(x) + forward(x.flip(3)) + forward(x.flip(2)) + forward(x.flip(2).flip(3))) / 4
+    torch.testing.assert_close(flip_averaged(forward, x), want)
+    assert not torch.allclose(flip_averaged(forward, x), forward(x))
 
 
 def test_shades_of_gray_removes_a_colour_cast():
@@ -240,14 +251,15 @@ class _CrashAfterEpoch:
 
 def test_weight_ema_is_validated_packaged_and_resumes_exactly(data_dir, tmp_path):
     """With ema_decay the package holds the averaged weights (not the raw ones training continued from);
-    a run stopped after an epoch end, and one stopped mid-epoch by SIGTERM, resume to the same weights as
-    a straight run."""
+    a run stopped after an epoch end, one stopped mid-epoch by SIGTERM, and a stopped run of the previous
+    checkpoint layout (the average in ema.pt) resume to the same weights as a straight run."""
+    import shutil
     import sys
 
     from safetensors.torch import load_file
 
     from medpipe.pipeline import run
-    from medpipe.train.checkpoint import load_checkpoint
+    from medpipe.train.checkpoint import load_checkpoint, save_checkpoint
     from medpipe.train.engine import TrainingInterrupted
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -267,12 +279,26 @@ def test_weight_ema_is_validated_packaged_and_resumes_exactly(data_dir, tmp_path
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(data_dir, tmp_path / "b", _ema_cfg(), evaluate_test=False, handlers=[_CrashAfterEpoch(1)])
+    # a run of the previous version kept the average in checkpoints/ema.pt beside a last.pt without parts
+    shutil.copytree(tmp_path / "b", tmp_path / "d")
+    ck = load_checkpoint(tmp_path / "d" / "checkpoints" / "last.pt")
+    part = ck.pop("parts").pop("ema")
+    save_checkpoint(tmp_path / "d" / "checkpoints" / "ema.pt", {**part, "global_step": ck["global_step"]})
+    save_checkpoint(tmp_path / "d" / "checkpoints" / "last.pt", ck)
     run(data_dir, tmp_path / "b", _ema_cfg(), evaluate_test=False, resume=True)
+    run(data_dir, tmp_path / "d", _ema_cfg(), evaluate_test=False, resume=True)
     with pytest.raises(TrainingInterrupted):
         run(data_dir, tmp_path / "c", _ema_cfg(), evaluate_test=False, handlers=[SigtermAtStep(5)])
     assert load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")["parts"]["ema"]["raw"] is None  # mid-epoch
     run(data_dir, tmp_path / "c", _ema_cfg(), evaluate_test=False, resume=True)
-    for other in ("b", "c"):
+    for other in ("b", "c", "d"):
         got = load_file(tmp_path / other / "model" / "weights.safetensors")
         for name in packaged:
             torch.testing.assert_close(got[name], packaged[name], rtol=0, atol=0, msg=f"{other}: {name}")
+        # the package may be an epoch from before the stop: the last checkpoint's average and raw weights
+        # (both after the stop) must match too
+        end = load_checkpoint(tmp_path / other / "checkpoints" / "last.pt")
+        for part, want, got in (("model", last["model"], end["model"]),
+                                ("raw", ema["raw"], end["parts"]["ema"]["raw"])):
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=f"{other} {part}: {name}")

@@ -14,7 +14,7 @@ multiples of 90 degrees, applies a small affine (rotation, zoom) and jitters col
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # annotations only: importing this module loads neither torch nor MONAI
     import torch
@@ -351,3 +351,18 @@ def eval_batch(images: list[np.ndarray] | np.ndarray, spec: PreprocessSpec) -> t
     """Eval preset over HWC uint8 images (a list or an NHWC array), as one NCHW float tensor."""
     return _eval_batch_preset(tuple(spec.mean), tuple(spec.std), spec.color_constancy,
                               float(spec.color_constancy_power))(images)
+
+
+FLIPS = ([3], [2], [2, 3])  # flip test-time augmentation: the image and these three flips (of an NCHW batch)
+
+
+def flip_averaged(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: ``forward`` (float logits) averaged over ``x`` and its three flips.
+    The one place evaluation (train.engine.predict_logits) and serving (infer.Predictor) average flips, so
+    the TTA calibration fitted on the one is the one the other applies."""
+    import torch
+
+    out = forward(x)
+    for dims in FLIPS:
+        out = out + forward(torch.flip(x, dims=dims))
+    return out / (1 + len(FLIPS))

@@ -67,10 +67,12 @@ def make_splits(table: pd.DataFrame, seed: int = 0, val: float = 0.15, test: flo
 
 def ensure_splits(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, seed: int = 0,
                   val: float = 0.15, test: float = 0.15, force: bool = False,
-                  table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, bool]:
+                  table: pd.DataFrame | None = None,
+                  records_sha256: str | None = None) -> tuple[pd.DataFrame, bool]:
     """Return (splits, reused). Writes ``splits.csv`` + ``splits.json`` into ``out_dir`` (default data_dir).
 
-    ``table`` is the already-loaded record table of ``data_dir``, when the caller has it. An existing split is
+    ``table`` is the already-loaded record table of ``data_dir``, when the caller has it, and
+    ``records_sha256`` its :func:`records_hash`, when the caller computed it already. An existing split is
     reused only when ``splits.json`` names the same seed, fractions and records and the sha256 of the
     ``splits.csv`` it describes: runs of other split seeds on the same data folder at once (each rewrites both
     files) can never pair one seed's metadata with another's split.
@@ -78,7 +80,8 @@ def ensure_splits(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     if table is None:
         table, _ = load_records(data_dir)
     out_dir = Path(out_dir or data_dir)
-    meta = {"seed": int(seed), "val": float(val), "test": float(test), "records_sha256": records_hash(table)}
+    meta = {"seed": int(seed), "val": float(val), "test": float(test),
+            "records_sha256": records_sha256 or records_hash(table)}
     csv_path, meta_path = out_dir / SPLITS_FILE, out_dir / SPLITS_META
     if not force and csv_path.is_file() and meta_path.is_file():
         try:

@@ -20,7 +20,7 @@ from medpipe.data import imageio
 from medpipe.errors import MedpipeError, PredictionError
 from medpipe.infer.backends import BACKENDS
 from medpipe.package import load_package, package_spec
-from medpipe.preprocess import eval_batch, use_plain_tensors
+from medpipe.preprocess import eval_batch, flip_averaged, use_plain_tensors
 from medpipe.utils import resolve_device
 
 log = logging.getLogger(__name__)
@@ -249,14 +249,7 @@ class Predictor:
     @torch.inference_mode()
     def _logits(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
         with self._lock:
-            out = self._forward(x)
-            if tta:
-                from medpipe.train.engine import FLIPS
-
-                for dims in FLIPS:
-                    out = out + self._forward(torch.flip(x, dims=dims))
-                out = out / (1 + len(FLIPS))
-        return out
+            return flip_averaged(self._forward, x) if tta else self._forward(x)
 
     def probabilities(self, pixels: list[np.ndarray] | np.ndarray, tta: bool | None = None) -> np.ndarray:
         """Calibrated class probabilities, shape (N, C). Raises PredictionError on NaN/Inf."""

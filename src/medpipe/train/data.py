@@ -193,13 +193,13 @@ class CachedSource:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.data_dir = data_dir = Path(data_dir)
         table, self.classes = load_records(data_dir)
+        self.records_sha256 = records_hash(table)
         splits, reused = ensure_splits(data_dir, data_dir, seed=cfg.split_seed, val=cfg.val_fraction,
-                                       test=cfg.test_fraction, table=table)
+                                       test=cfg.test_fraction, table=table, records_sha256=self.records_sha256)
         # the run folder gets this split from memory: another run may rewrite DATA/splits.csv meanwhile
         self._splits = splits
         self._split_meta = {"seed": int(cfg.split_seed), "val": float(cfg.val_fraction),
-                            "test": float(cfg.test_fraction), "records_sha256": records_hash(table)}
-        self.records_sha256 = self._split_meta["records_sha256"]
+                            "test": float(cfg.test_fraction), "records_sha256": self.records_sha256}
         table = table.assign(split=table["image_id"].map(dict(zip(splits["image_id"], splits["split"]))))
         spec = cfg.preprocess()
         cache = build_cache(table, data_dir / "cache", (spec.image_size, spec.image_size), spec.interpolation,

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from medpipe.config import TrainConfig
 from medpipe.errors import MedpipeError, NonFiniteLoss, TrainingInterrupted
-from medpipe.preprocess import eval_batch, use_plain_tensors
+from medpipe.preprocess import eval_batch, flip_averaged, use_plain_tensors
 from medpipe.train.distributed import Dist
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,6 @@ def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, dev
     return loss.detach()
 
 
-FLIPS = ([3], [2], [2, 3])  # flip test-time augmentation: the image and these three flips (Predictor too)
-
-
 @torch.inference_mode()
 def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 128,
                    bf16: bool | None = None, tta: bool = False) -> torch.Tensor:
@@ -243,11 +240,7 @@ def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 1
     for i in range(0, len(rows), batch):
         x = eval_batch(pixels[rows[i:i + batch]], spec).to(device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x).float()
-            if tta:
-                for dims in FLIPS:
-                    out = out + model(torch.flip(x, dims=dims)).float()
-                out = out / (1 + len(FLIPS))
+            out = flip_averaged(lambda t: model(t).float(), x) if tta else model(x).float()
             outs.append(out.cpu())
     return torch.cat(outs) if outs else torch.zeros((0, 0))
 
