@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +232,15 @@ def test_auto_picks_only_a_verified_gated_int8_model_on_a_vnni_cpu(int8_run, tmp
     assert auto()[0] == "onnx" and "does not match int8.json" in auto()[1]
     with pytest.raises(MedpipeError, match="does not match int8.json"):
         Predictor(model, device="cpu", backend="int8")
+    (model / q.INT8_FILE).write_bytes(data)
+    assert auto()[0] == "int8"  # verified once more, remembered for the process...
+    st = (model / q.INT8_FILE).stat()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    (model / q.INT8_FILE).write_bytes(bytes(flipped))  # ...but a same-size change with its mtime put back
+    os.utime(model / q.INT8_FILE, ns=(st.st_atime_ns, st.st_mtime_ns))  # is still caught (the ctime moved)
+    assert auto()[0] == "onnx" and "does not match int8.json" in auto()[1]
     (model / q.INT8_FILE).write_bytes(data)
     # an INT8 model made from other weights (package retrained in place) is stale
     info = json.loads((model / q.INT8_META).read_text())
