@@ -7,6 +7,7 @@ within 0.005, agreement >= 98%) measure quantization, not near-ties between a do
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -233,14 +234,22 @@ def test_auto_picks_only_a_verified_gated_int8_model_on_a_vnni_cpu(int8_run, tmp
     with pytest.raises(MedpipeError, match="does not match int8.json"):
         Predictor(model, device="cpu", backend="int8")
     (model / q.INT8_FILE).write_bytes(data)
-    assert auto()[0] == "int8"  # verified once more, remembered for the process...
+    # auto hashes the INT8 file once at start-up (choosing the backend and starting it)...
+    time.sleep(1.1)  # a file written in the last second is hashed every time
+    hashed = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: (hashed.append(bool(a) and a[0] == data), real_sha256(*a))[1])
+    q._INT8_DIGESTS.clear()
+    assert Predictor(model, device="cpu", backend="auto").backend == "int8" and hashed.count(True) == 1
+    # ...but a same-size change with its mtime put back is still caught (the ctime moved)
     st = (model / q.INT8_FILE).stat()
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0xFF
-    time.sleep(0.05)  # past the file system's timestamp granularity
-    (model / q.INT8_FILE).write_bytes(bytes(flipped))  # ...but a same-size change with its mtime put back
-    os.utime(model / q.INT8_FILE, ns=(st.st_atime_ns, st.st_mtime_ns))  # is still caught (the ctime moved)
+    (model / q.INT8_FILE).write_bytes(bytes(flipped))
+    os.utime(model / q.INT8_FILE, ns=(st.st_atime_ns, st.st_mtime_ns))
+    time.sleep(1.1)
     assert auto()[0] == "onnx" and "does not match int8.json" in auto()[1]
+    monkeypatch.setattr(hashlib, "sha256", real_sha256)
     (model / q.INT8_FILE).write_bytes(data)
     # an INT8 model made from other weights (package retrained in place) is stale
     info = json.loads((model / q.INT8_META).read_text())

@@ -60,7 +60,9 @@ def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, inter
 
     data_dir, out = Path(data_dir), Path(out)
     table, classes = load_records(data_dir)
-    splits, _ = ensure_splits(data_dir, data_dir, seed=split_seed, val=val, test=test, table=table)
+    records_sha256 = records_hash(table)
+    splits, _ = ensure_splits(data_dir, data_dir, seed=split_seed, val=val, test=test, table=table,
+                              records_sha256=records_sha256)
     table = table.assign(split=table["image_id"].map(dict(zip(splits["image_id"], splits["split"]))))
     cache = build_cache(table, data_dir / "cache", (size, size), interpolation, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,7 @@ def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, inter
             shards.append({"name": name, "split": split, "n": len(chunk),
                            "class_counts": [int(counts.get(i, 0)) for i in range(len(classes))]})
     index = {"format": FORMAT, "classes": classes, "image_size": size, "interpolation": interpolation,
-             "records_sha256": records_hash(table), "split_seed": split_seed, "val_fraction": val,
+             "records_sha256": records_sha256, "split_seed": split_seed, "val_fraction": val,
              "test_fraction": test, "shards": shards,
              "counts": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")}}
     atomic_write_text(out / INDEX, to_json(index, indent=2))

@@ -91,20 +91,31 @@ def load_int8(meta: dict) -> tuple[bytes, dict]:
                             f"this package's ({meta['weights_sha256'][:12]}...); run 'medpipe quantize' again")
     if not onnx_path.is_file():
         raise QuantizeError(f"{onnx_path} is missing ({INT8_META} refers to it)")
-    st = onnx_path.stat()
-    data = onnx_path.read_bytes()
-    seen = (str(onnx_path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    import os
+    import time
+
     # `--backend auto` verifies the file to choose the backend and again to start it: the second read of
-    # the same unchanged file (same inode, size, mtime and ctime; any write changes the ctime, which utime
-    # cannot set back) reuses the first digest
-    digest = _INT8_DIGESTS.get(seen) or hashlib.sha256(data).hexdigest()
+    # the same unchanged file reuses the first digest. "Unchanged": the open file's inode, size, mtime and
+    # ctime (any write moves the ctime, which utime cannot set back) the same before and after the read, so
+    # neither a replacement between stat and read nor a write during it is taken for the verified file; and
+    # a file written in the last second is always hashed (a write within one timestamp tick of a
+    # verification would keep its times)
+    with open(onnx_path, "rb") as fh:
+        before = os.fstat(fh.fileno())
+        data = fh.read()
+        after = os.fstat(fh.fileno())
+    key = lambda st: (str(onnx_path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # noqa: E731
+    seen = key(before) if key(before) == key(after) and time.time_ns() - after.st_ctime_ns > 1_000_000_000 \
+        else None
+    digest = (_INT8_DIGESTS.get(seen) if seen else None) or hashlib.sha256(data).hexdigest()
     if digest != info["sha256"]:
         raise QuantizeError(f"{onnx_path}: sha256 {digest[:12]}... does not match {INT8_META} "
                             f"({str(info['sha256'])[:12]}...); the file was changed or truncated")
     t = info["temperature"]
     if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
         raise QuantizeError(f"{info_path}: temperature {t!r} is not a positive number")
-    _INT8_DIGESTS[seen] = digest
+    if seen:
+        _INT8_DIGESTS[seen] = digest
     return data, info
 
 
