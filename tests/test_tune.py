@@ -136,6 +136,16 @@ def test_sampler_seeds_differ_per_process_and_on_resume(tmp_path):
     again = first_params(shared, 0)  # the study continued by the same command: not trial 0's values again
     assert again != a and again != b
 
+    # two separate `medpipe tune` shells started together on a new study: both are "worker 0" of a study
+    # with no trial; the one that did not create it salts its seed with its process id
+    together = tmp_path / "together"
+    together.mkdir()
+    first, second = (_study(together, space, 30, 90, "medpipe", standalone=True) for _ in range(2))
+    for st in (first, second):
+        st.optimize(lambda t: sum(p.suggest(t) or 0 for p in space.params), n_trials=1)
+    assert first.trials[0].params == a  # the creator replays the seed
+    assert first.trials[0].params != second.trials[-1].params
+
 
 def test_two_processes_share_one_study_and_prune(data_dir, tmp_path):
     """--processes 2: two worker processes take trials from the same SQLite study; a threshold pruner

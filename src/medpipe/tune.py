@@ -34,7 +34,8 @@ How it works:
   the trial and stops the run when the pruner says so.
 - Each process's sampler seed comes from the space's ``seed``, the process's worker index and the number of
   trials already in the study: a fresh single-process study replays from the seed, while parallel processes
-  and a continued study draw new parameters (not trial 0's again).
+  and a continued study draw new parameters (not trial 0's again); a second shell that opens a study another
+  shell has just created, before any trial is recorded, also mixes in its process id.
 - SIGTERM or SIGINT (Ctrl-C) stops the command like ``medpipe train`` (exit 143): a running trial saves its
   ``checkpoints/last.pt`` and is queued again with the same parameters, so running the same command again
   continues it in the same run folder; no new trial starts after the signal. With ``--processes`` the parent
@@ -248,22 +249,25 @@ def make_pruner(spec: dict):
     return optuna.pruners.NopPruner()
 
 
-def sampler_seed(seed: int | None, worker: int = 0, existing: int = 0) -> int | None:
+def sampler_seed(seed: int | None, worker: int = 0, existing: int = 0, salt: int | None = None) -> int | None:
     """The seed of one process's sampler: the space's ``seed`` itself for worker 0 of a fresh study (a
     single-process study replays from it), otherwise one derived from (seed, worker index, trials already in
-    the study), so parallel processes and a continued study do not draw the same parameters again."""
+    the study), so parallel processes and a continued study do not draw the same parameters again. ``salt``:
+    a per-process number mixed in where nothing else tells processes apart (a second shell opening a study
+    another shell created a moment ago, before either recorded a trial)."""
     if seed is None:
         return None
-    if worker == 0 and existing == 0:
+    if worker == 0 and existing == 0 and salt is None:
         return int(seed)
     import numpy as np
 
-    return int(np.random.SeedSequence([int(seed), int(worker), int(existing)]).generate_state(1)[0])
+    entropy = [int(seed), int(worker), int(existing)] + ([int(salt)] if salt is not None else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-def make_sampler(spec: dict, worker: int = 0, existing: int = 0):
+def make_sampler(spec: dict, worker: int = 0, existing: int = 0, salt: int | None = None):
     optuna = _optuna()
-    seed = sampler_seed(spec.get("seed"), worker, existing)
+    seed = sampler_seed(spec.get("seed"), worker, existing, salt)
     if spec.get("type") == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -393,7 +397,12 @@ _NO_MEDPIPE_TRACEBACK = _NoMedpipeTraceback()  # one instance: adding it again i
 # --------------------------------------------------------------------------- trials
 
 
-def _study(out: Path, space: Space, heartbeat: int, grace: int, name: str, worker: int = 0):
+def _study(out: Path, space: Space, heartbeat: int, grace: int, name: str, worker: int = 0,
+           standalone: bool = False):
+    """Open (or create) the study. ``standalone``: a ``medpipe tune`` shell of its own (not one of
+    ``--processes``' children): one that finds a study with no trial yet that it did not create (two shells
+    started at the same moment) salts its sampler seed with its process id, or both would draw the same
+    parameters."""
     optuna = _optuna()
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -401,13 +410,20 @@ def _study(out: Path, space: Space, heartbeat: int, grace: int, name: str, worke
                          engine_kwargs={"connect_args": {"timeout": 60}},  # several processes share the file
                          heartbeat_interval=heartbeat, grace_period=grace,
                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-    study = optuna.create_study(study_name=name, storage=storage, direction=space.direction,
-                                sampler=make_sampler(space.sampler), pruner=make_pruner(space.pruner),
-                                load_if_exists=True)
+    try:  # creating is atomic in the storage: of two shells starting together exactly one creates the study
+        study = optuna.create_study(study_name=name, storage=storage, direction=space.direction,
+                                    sampler=make_sampler(space.sampler), pruner=make_pruner(space.pruner))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(space.sampler),
+                                  pruner=make_pruner(space.pruner))
+        created = False
     if study.direction.name.lower() != space.direction:
         raise TuneError(f"{out / STUDY_DB}: study {name!r} was created to {study.direction.name.lower()}; "
                         f"objective {space.objective} needs {space.direction} (use another --out or --study-name)")
-    study.sampler = make_sampler(space.sampler, worker, len(study.get_trials(deepcopy=False)))
+    existing = len(study.get_trials(deepcopy=False))
+    salt = os.getpid() if standalone and not created and existing == 0 else None
+    study.sampler = make_sampler(space.sampler, worker, existing, salt)
     return study
 
 
@@ -539,7 +555,7 @@ def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # created once, before any worker starts
-    study = _study(out, space, heartbeat, grace, study_name, worker=worker or 0)
+    study = _study(out, space, heartbeat, grace, study_name, worker=worker or 0, standalone=worker is None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna.study._optimize").addFilter(_NO_MEDPIPE_TRACEBACK)
     if processes > 1:  # more workers on the same study: this same command as child processes
