@@ -102,14 +102,20 @@ def prepare(source: Path, work: Path, subset: int | None) -> Path:
     return data
 
 
-def train_run(data: Path, run_dir: Path, overrides: dict) -> dict:
-    """One training run through the real pipeline (fit, calibrate, decision rules, package, test report)."""
+def train_run(data: Path, run_dir: Path, overrides: dict, resume: bool = False) -> dict:
+    """One training run through the real pipeline (fit, calibrate, decision rules, package, test report).
+    ``resume``: continue from the run folder's last checkpoint where it has one (a run stopped or failed
+    after some or all of its epochs), with the same config; otherwise the folder is started afresh."""
     from medpipe.config import make_config
     from medpipe.pipeline import run
 
     cfg = make_config(overrides)
     t0 = time.perf_counter()
-    summary = run(data, run_dir, cfg, force=run_dir.exists())
+    if resume and (run_dir / "checkpoints" / "last.pt").is_file():
+        print(f"   resuming {run_dir} from its last checkpoint", flush=True)
+        summary = run(data, run_dir, cfg, resume=True)
+    else:
+        summary = run(data, run_dir, cfg, force=run_dir.exists())
     seconds = time.perf_counter() - t0
     report = json.loads((Path(summary["report"]).with_suffix(".json")).read_text())
     out = {m: report.get(m) for m in METRICS}
@@ -209,6 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a training option for every run (e.g. threads=2, batch_size=64)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "quality.json")
     ap.add_argument("--overwrite", action="store_true", help="allow replacing a tracked result file")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each run from its run folder's last checkpoint where there is one (a run "
+                         "interrupted, or failed after training, is finished without training it again); "
+                         "'seconds' then counts only this process, 'train_seconds' every epoch")
     args = ap.parse_args(argv)
     if args.out.exists() and _tracked(args.out) and not args.overwrite:
         ap.error(f"{args.out} is a tracked result; pass --overwrite to replace it or choose another --out")
@@ -326,7 +336,7 @@ def execute(todo: list[tuple], data: Path, args, payload: dict) -> None:
             futures = {}
             for recipe, seed, run_dir, overrides in todo:
                 print(f"== {recipe}, split seed {seed}: {overrides}", flush=True)
-                futures[pool.submit(train_run, data, run_dir, overrides)] = (recipe, seed)
+                futures[pool.submit(train_run, data, run_dir, overrides, args.resume)] = (recipe, seed)
             for fut in as_completed(futures):
                 exc = fut.exception()
                 record(*futures[fut], None if exc else fut.result(), exc)
@@ -334,7 +344,7 @@ def execute(todo: list[tuple], data: Path, args, payload: dict) -> None:
         for recipe, seed, run_dir, overrides in todo:
             print(f"== {recipe}, split seed {seed}: {overrides}", flush=True)
             try:
-                record(recipe, seed, train_run(data, run_dir, overrides))
+                record(recipe, seed, train_run(data, run_dir, overrides, args.resume))
             except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
                 record(recipe, seed, None, exc)
     # complete: every run of args.seeds x recipes is here (an --only run is a part, to be merged)
