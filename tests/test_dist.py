@@ -89,6 +89,7 @@ if dd.main:
     b = compute_metrics(y, torch.softmax(single, 1).numpy(), ["a", "b", "c"], bootstrap=0)["macro_auc"]
     json.dump({{"n": len(dist_logits), "auc_2": a, "auc_1": b,
                "max_diff": float((dist_logits - single).abs().max())}}, open({str(tmp_path / 'out.json')!r}, "w"))
+dd.barrier()  # as the pipeline does: rank 1 tearing gloo down while rank 0 still works can abort it (SIGABRT)
 dd.close()
 """)
     r = _torchrun([str(script)])
