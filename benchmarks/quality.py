@@ -367,14 +367,16 @@ def parse_epochs(text: str, ap: argparse.ArgumentParser) -> dict:
 
 # what need not agree between result files merged into one summary: besides options that do not change what is
 # trained (threads, workers, device, ...), the run length, which each run records as its epoch count (a --budget
-# run and an --epochs run of the same count train the same)
+# run and an --epochs run of the same count train the same), and the bootstrap resample count, which changes only
+# the evaluation's confidence intervals (none of the figures this benchmark reports)
 LENGTH_KEYS = ("budget", "epochs", "patience")
+REPORT_KEYS = ("bootstrap",)
 
 
 def _common(p: dict) -> dict:
     from medpipe.config import RUNTIME_KEYS
 
-    return {k: v for k, v in (p.get("common") or {}).items() if k not in RUNTIME_KEYS + LENGTH_KEYS}
+    return {k: v for k, v in (p.get("common") or {}).items() if k not in RUNTIME_KEYS + LENGTH_KEYS + REPORT_KEYS}
 
 
 def _load_renamed(item: str) -> tuple[Path, dict, dict]:
