@@ -54,6 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, _tracked, machine  # noqa: E402
 
 DEV_SET = ROOT.parent.parent / "shared" / "data" / "ham10000-dev"
+# the default recipe this benchmark replaced (recorded as "default" in result files written before the switch;
+# merge those with FILE:default=old_default): class-balanced sampling, almost no weight decay, no EMA, no mixup
+OLD_DEFAULT = {"imbalance": "sampler", "weight_decay": 1e-4, "ema_decay": 0.0, "mixup_alpha": 0.0,
+               "decision_rule": "argmax"}
+# the first candidate measured (it lost to the old default on macro AUC); --recipes candidate runs it
 CANDIDATE = {
     "color_constancy": "shades_of_gray",  # illuminant normalised per image (train and serve)
     "crop_scale": 0.35,                   # random resized crop, 35-100% of the area
@@ -150,20 +155,26 @@ def summarise(runs: dict) -> dict:
     return out
 
 
+def comparisons(summary: dict) -> list[tuple[str, str]]:
+    """(recipe, baseline) pairs the verdict judges: today's default against the old one, every other recipe
+    against today's default."""
+    pairs = [("default", "old_default")] if "old_default" in summary else []
+    return [p for p in pairs + [(r, "default") for r in summary if r not in ("default", "old_default")]
+            if p[0] in summary and p[1] in summary]
+
+
 def verdict(summary: dict) -> dict:
-    """For each recipe other than the default: does it beat the default by more than the spread (the larger
-    SD of the two), does it reach the target? ``{recipe: {metric: ...}}``."""
-    if "default" not in summary:
-        return {}
+    """For each (recipe, baseline) of :func:`comparisons`: does the recipe beat the baseline by more than the
+    spread (the larger SD of the two), does it reach the target? ``{recipe: {metric: ...}}``."""
     out: dict = {}
-    for name in (r for r in summary if r != "default"):
+    for name, base in comparisons(summary):
         for m in ("macro_auc", "balanced_accuracy"):
-            a, b = summary["default"][m], summary[name][m]
+            a, b = summary[base][m], summary[name][m]
             if a["mean"] is None or b["mean"] is None:
                 continue
             spread = max(a["sd"] or 0.0, b["sd"] or 0.0)
             out.setdefault(name, {})[m] = {
-                "difference": b["mean"] - a["mean"], "spread": spread,
+                "against": base, "difference": b["mean"] - a["mean"], "spread": spread,
                 "beats_by_more_than_spread": (b["mean"] - a["mean"]) > spread and a["n"] > 1 and b["n"] > 1,
                 "candidate_reaches_target": b["mean"] >= TARGET[m], "target": TARGET[m]}
     return out
@@ -259,9 +270,9 @@ def plan_recipes(args, ap) -> tuple[dict, dict, list]:
     for item in args.set:
         k, _, v = item.partition("=")
         common[k.strip().replace("-", "_")] = yaml.safe_load(v)
-    if not args.name.replace("_", "").replace("-", "").isalnum() or args.name == "default":
-        ap.error(f"--name {args.name!r}: letters, digits, _ and - only, and not 'default'")
-    recipes = {"default": {}, args.name: dict(CANDIDATE)}
+    if not args.name.replace("_", "").replace("-", "").isalnum() or args.name in ("default", "old_default"):
+        ap.error(f"--name {args.name!r}: letters, digits, _ and - only, and not 'default' or 'old_default'")
+    recipes = {"old_default": dict(OLD_DEFAULT), "default": {}, args.name: dict(CANDIDATE)}
     if args.candidate:
         from medpipe.config import RUNTIME_KEYS
 
@@ -273,7 +284,9 @@ def plan_recipes(args, ap) -> tuple[dict, dict, list]:
             print(f"--candidate {args.candidate}: not used (the benchmark sets them for every recipe): "
                   f"{', '.join(dropped)}", flush=True)
         recipes[args.name] = {k: v for k, v in loaded.items() if k not in dropped}
-    chosen = [r for r in (args.recipes or f"default,{args.name}").split(",") if r]
+    # without a --candidate: the old default against today's; with one: today's default against the candidate
+    chosen = [r for r in (args.recipes or ("default," + args.name if args.candidate else "old_default,default"))
+              .split(",") if r]
     for r in chosen:
         if r not in recipes:
             ap.error(f"unknown recipe {r!r}; choose from {', '.join(recipes)}")
@@ -399,6 +412,9 @@ def _load_renamed(item: str) -> tuple[Path, dict, dict]:
                 raise SystemExit(f"--merge: {f} already has a recipe {new!r}")
             if old in section:
                 section[new] = section.pop(old)
+        if old == "default" and new == "old_default" and (p.get("recipes") or {}).get(new) == {}:
+            # a file written before the default switch: its "default" (nothing set) trained OLD_DEFAULT
+            p["recipes"][new] = dict(OLD_DEFAULT)
         for x in p.get("failed", []):
             if x.get("recipe") == old:
                 x["recipe"] = new
@@ -466,8 +482,9 @@ def report(payload: dict) -> None:
     print_table(payload["summary"])
     for name, per_metric in payload["verdict"].items():
         for m, v in per_metric.items():
-            print(f"{m}: {name} - default = {v['difference']:+.4f} (spread {v['spread']:.4f}): "
-                  f"{'beats the default by more than the spread' if v['beats_by_more_than_spread'] else 'not separated'}"
+            base = v.get("against", "default")
+            print(f"{m}: {name} - {base} = {v['difference']:+.4f} (spread {v['spread']:.4f}): "
+                  f"{f'beats {base} by more than the spread' if v['beats_by_more_than_spread'] else 'not separated'}"
                   f"; target {v['target']}: {'reached' if v['candidate_reaches_target'] else 'not reached'}")
 
 

@@ -121,7 +121,8 @@ def test_help_lists_choices_and_meanings(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "{sampler,weighted_loss,focal,none}" in out
-    assert "sampler = class-balanced sampling" in out and "(default sampler)" in out
+    assert "sampler = class-balanced sampling" in out and "(default none)" in out
+    assert "mixup" in out and "(default 0.2)" in out and "(default 0.999)" in out  # the recipe's defaults, explained
     assert main(["export", "--help"]) == 0
     out = capsys.readouterr().out
     from medpipe.export import FORMATS

@@ -90,6 +90,46 @@ def test_partition_keeps_lesions_whole(data_dir, tmp_path):
         partition(data_dir, tmp_path / "c", by="hospital")
 
 
+def test_site_local_training_mixes_batches_like_train(data_dir, monkeypatch):
+    """A site's local epochs use the recipe's batch mixing (the default mixup, soft targets on every step) with
+    new draws each round, and hand back raw weights (no weight average); mixup_alpha 0 turns it off."""
+    import torch
+
+    import medpipe.fl.site as site_mod
+    from medpipe.recipe import MixBatches
+    from medpipe.train.engine import Events
+
+    seen: list = []
+    real = site_mod.local_fit
+
+    def spy(cfg, source, **kw):
+        mixers = [h for h in kw["handlers"] if isinstance(h, MixBatches)]
+
+        class Shapes:
+            def attach(self, engine):
+                engine.on(Events.ITERATION_STARTED, lambda e: seen.append((len(mixers), e.state.batch[1].ndim,
+                                                                              e.state.batch[0].clone())))
+        kw["handlers"] = [*kw["handlers"], Shapes()]
+        return real(cfg, source, **kw)
+
+    monkeypatch.setattr(site_mod, "local_fit", spy)
+    tc = {"model": "densenet-test", "image_size": 32, "batch_size": 8, "threads": 1, "workers": 0,
+          "max_steps_per_epoch": 2, "deterministic": True}
+    site = site_mod.Site(data_dir, "a", tc, HAM)
+    start = site.reference  # the initial weights, as arrays
+    w1, m1 = site.fit(start, server_round=1, epochs=1)
+    assert seen and all(n == 1 and ndim == 2 for n, ndim, _ in seen)  # one mixer, (N, C) soft targets
+    assert m1["n_train"] == site.n_train and all(np.isfinite(v).all() for v in w1.values())
+    first = [x for _, _, x in seen]
+    seen.clear()
+    site.fit(start, server_round=2, epochs=1)
+    assert not all(torch.equal(a, b) for a, b in zip(first, (x for _, _, x in seen)))  # new draws (and orders)
+    seen.clear()
+    plain = site_mod.Site(data_dir, "b", {**tc, "mixup_alpha": 0}, HAM)
+    plain.fit(start, server_round=1, epochs=1)
+    assert seen and all(n == 0 and ndim == 1 for n, ndim, _ in seen)
+
+
 # ----------------------------------------------------------------------------------------- deployments
 
 def _flower_missing() -> str | None:

@@ -158,16 +158,41 @@ def test_mixup_and_cutmix_targets_match_what_was_mixed():
     assert off.mix(x, y, step=0)[1] is y
 
 
-def test_recipe_handlers_from_config():
+def test_recipe_handlers_from_config(tmp_path):
     from medpipe.config import make_config
     from medpipe.errors import ConfigError
-    from medpipe.recipe import MixBatches, handlers
+    from medpipe.recipe import MixBatches, WeightEMA, handlers
 
-    assert handlers(make_config({}), 7) == []
-    hs = handlers(make_config({"cutmix_alpha": 1.0, "mix_prob": 0.5}), 7)
+    assert handlers(make_config({"mixup_alpha": 0, "ema_decay": 0}), 7) == []
+    # the default recipe mixes (mixup 0.2 on every batch) and averages the weights (EMA 0.999)
+    mix, ema = handlers(make_config({}), 7, tmp_path)
+    assert isinstance(mix, MixBatches) and mix.mixup_alpha == 0.2 and mix.cutmix_alpha == 0 and mix.prob == 1
+    assert isinstance(ema, WeightEMA) and ema.decay == 0.999
+    hs = handlers(make_config({"mixup_alpha": 0, "ema_decay": 0, "cutmix_alpha": 1.0, "mix_prob": 0.5}), 7)
     assert len(hs) == 1 and isinstance(hs[0], MixBatches) and hs[0].prob == 0.5
-    with pytest.raises(ConfigError, match="focal"):
-        make_config({"imbalance": "focal", "mixup_alpha": 0.2})
+    with pytest.raises(ConfigError, match="mix_prob"):
+        make_config({"mix_prob": 1.5})
+
+
+def test_focal_loss_takes_mixed_targets():
+    """Focal loss with the default mixup: soft targets go in as they are; for a one-hot target the loss is the
+    class-index one, and for a blend it is the same blend of the two one-hot losses (linear in the target)."""
+    import numpy as np
+
+    from medpipe.config import make_config
+    from medpipe.train.engine import make_loss
+
+    cfg = make_config({"imbalance": "focal"})  # mixup on by default: no longer refused
+    assert cfg.mixup_alpha > 0
+    loss = make_loss(cfg, np.array([50, 10, 5, 3, 30, 200, 2]), "cpu")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 7, generator=g)
+    a, b = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([6, 5, 4, 3, 2, 1])
+    oh = lambda y: torch.nn.functional.one_hot(y, 7).float()  # noqa: E731
+    assert torch.allclose(loss(logits, oh(a)), loss(logits, a), atol=1e-6)
+    lam = 0.3
+    assert torch.allclose(loss(logits, lam * oh(a) + (1 - lam) * oh(b)),
+                          lam * loss(logits, a) + (1 - lam) * loss(logits, b), atol=1e-6)
 
 
 def test_a_real_run_with_every_recipe_option(data_dir, tmp_path):

@@ -100,7 +100,7 @@ def test_readme_objects_are_valid_for_sdk2(sdk):
     assert train["image_uri"].endswith("pytorch-training:2.8.0-gpu-py312")
     assert train["checkpoint_s3_uri"].endswith("/medpipe/checkpoints")
     hps = train["hyperparameters"]
-    assert hps["sagemaker_program"] == '"sagemaker_entry.py"' and hps["imbalance"] == '"sampler"'
+    assert hps["sagemaker_program"] == '"sagemaker_entry.py"' and hps["budget"] == '"2h"'
     # deploy: the job's own model.tar.gz, no repack (no upload), the handler module named
     model = _calls(sdk, 2, "create_model")[0]["container_defs"]
     assert model["ModelDataUrl"].endswith("/output/model.tar.gz") and not _calls(sdk, 2, "s3_upload")

@@ -119,6 +119,10 @@ TRAIN_HELP = {
     "color_constancy": "colour normalisation in the package's preprocessing (none or shades_of_gray)",
     "crop_scale": "smallest area share of the random resized crop in [0.05, 1] (1 = no crop)",
     "color_jitter": "colour jitter strength in [0, 5] (1 = the default jitter)",
+    "mixup_alpha": "mixup of each training batch, Beta(alpha, alpha) blend with soft targets (0 = off)",
+    "cutmix_alpha": "CutMix of the training batch (0 = off; with mixup, half the mixed batches each)",
+    "mix_prob": "share of training batches mixed, in [0, 1]",
+    "ema_decay": "exponential moving average of the weights, validated and packaged (0 = off)",
 }
 
 SERVE_HELP = {

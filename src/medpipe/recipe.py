@@ -9,8 +9,9 @@
   mixed at all (the rest train on plain labels).
 
 The draw for a batch is seeded from (seed, global step), so a resumed run mixes exactly as a straight
-one. Soft targets go to the same cross-entropy (class weights and label smoothing still apply);
-focal loss takes class indices only, so the combination is refused by the config.
+one. Soft targets go to the same cross-entropy (class weights and label smoothing still apply) or
+focal loss (``-sum_c t_c (1 - p_c)^gamma log p_c``, the class-index loss for a one-hot target).
+Mixup 0.2 and the weight average (0.999) are part of the default recipe (``benchmarks/quality.py``).
 
 - ``ema_decay`` > 0: an exponential moving average of the weights (and BatchNorm statistics), updated
   after every step with decay ``min(ema_decay, (1 + step) / (10 + step))`` (a warm-up so short runs are
@@ -33,12 +34,13 @@ import torch
 
 class MixBatches:
     """``Events.ITERATION_STARTED`` handler: replace ``state.batch`` (x, class indices) with a mixed batch
-    (x, soft targets of shape (N, C))."""
+    (x, soft targets of shape (N, C)). ``stream``: a further seed for runs whose step count restarts (a
+    federated site's local training restarts at step 0 every round; the round makes its draws new)."""
 
     def __init__(self, n_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, stream: int = 0):
         self.n_classes, self.mixup_alpha, self.cutmix_alpha = n_classes, float(mixup_alpha), float(cutmix_alpha)
-        self.prob, self.seed = float(prob), int(seed)
+        self.prob, self.seed, self.stream = float(prob), int(seed), int(stream)
 
     def attach(self, engine) -> None:
         from medpipe.train.engine import Events
@@ -49,7 +51,8 @@ class MixBatches:
         engine.state.batch = self.mix(*engine.state.batch, step=engine.state.iteration)
 
     def mix(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, 0x6D6978])  # (seed, global step): same draw after a resume
+        key = [self.seed, step, 0x6D6978] + ([self.stream] if self.stream else [])
+        rng = np.random.default_rng(key)  # (seed, global step): the same draw after a resume
         if len(y) < 2 or rng.random() >= self.prob:
             return x, y
         kinds = [k for k, a in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha)) if a > 0]
@@ -146,12 +149,20 @@ class WeightEMA:
             self.raw = None
 
 
-def handlers(cfg, n_classes: int, checkpoints=None) -> list:
-    """The recipe handlers a training config asks for (none with the defaults). ``checkpoints``: the run's
-    checkpoint folder (the weight average is saved there)."""
-    out = []
+def batch_handlers(cfg, n_classes: int, stream: int = 0) -> list:
+    """The handlers that act on training batches only (mixup / CutMix), for any training loop, e.g. a federated
+    site's local epochs (which use them; the weight average is not: a site returns its raw weights to the
+    aggregation)."""
     if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
-        out.append(MixBatches(n_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.seed))
+        return [MixBatches(n_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.seed, stream)]
+    return []
+
+
+def handlers(cfg, n_classes: int, checkpoints=None) -> list:
+    """The recipe handlers a training config asks for (with the defaults: mixup and the weight average,
+    ``mixup_alpha: 0`` and ``ema_decay: 0`` turn them off). ``checkpoints``: the run's
+    checkpoint folder (the weight average is saved there)."""
+    out = batch_handlers(cfg, n_classes)
     if cfg.ema_decay > 0:
         if checkpoints is None:
             raise ValueError("ema_decay needs the run's checkpoint folder")

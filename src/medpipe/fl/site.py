@@ -67,11 +67,15 @@ class Site:
         weights = to_torch(restore_scalars(arrays, self.reference))
         terms = [proximal_term(weights, mu)] if mu > 0 else []
         from medpipe.pipeline import load_handler
+        from medpipe.recipe import batch_handlers
 
         cfg = dataclasses.replace(self.cfg, epochs=epochs)
+        # the recipe's batch mixing as in `medpipe train` (new draws each round); not the weight average: the
+        # site returns its raw weights to the aggregation
+        mixing = batch_handlers(cfg, len(self.classes), stream=server_round)
         new, records = local_fit(cfg, self.source, epochs=epochs, weights=weights, device=self.cfg.device
                                  if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
-                                 loss_terms=terms, handlers=[load_handler(h) for h in self.handlers],
+                                 loss_terms=terms, handlers=[*mixing, *(load_handler(h) for h in self.handlers)],
                                  epoch_offset=(server_round - 1) * epochs)
         out = to_numpy(new)
         last = records[-1] if records else {}

@@ -114,8 +114,11 @@ def make_loss(cfg: TrainConfig, class_counts: np.ndarray, device):
     if cfg.imbalance == "focal":
         from monai.losses import FocalLoss
 
-        focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=cfg.focal_gamma, weight=weight)
-        return lambda logits, y: focal(logits, y[:, None])
+        # class indices (B,) are one-hot encoded; mixed soft targets (B, C) from mixup/CutMix go in as they are:
+        # softmax focal loss is -sum_c t_c (1 - p_c)^gamma log p_c, which for a one-hot t is the usual one
+        hard = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=cfg.focal_gamma, weight=weight)
+        soft = FocalLoss(to_onehot_y=False, use_softmax=True, gamma=cfg.focal_gamma, weight=weight)
+        return lambda logits, y: soft(logits, y) if y.ndim == 2 else hard(logits, y[:, None])
     return lambda logits, y: F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
 
 
