@@ -104,7 +104,8 @@ def load_int8(meta: dict) -> tuple[bytes, dict]:
         before = os.fstat(fh.fileno())
         data = fh.read()
         after = os.fstat(fh.fileno())
-    key = lambda st: (str(onnx_path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # noqa: E731
+    real = str(onnx_path.resolve())
+    key = lambda st: (real, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # noqa: E731
     seen = key(before) if key(before) == key(after) and time.time_ns() - after.st_ctime_ns > 1_000_000_000 \
         else None
     digest = (_INT8_DIGESTS.get(seen) if seen else None) or hashlib.sha256(data).hexdigest()
