@@ -67,7 +67,8 @@ def main() -> None:
     source = CachedSource(data, cfg, pin=device.type == "cuda")  # split + pixel cache + loader, as in training
     labels = table["class_index"].to_numpy().astype(np.int64)
     n_needed = (args.steps + 2) * args.batch
-    # the naive baselines read the same kind of class-balanced order, straight from the files
+    # the naive baselines read the same kind of epoch order as the pipeline (the config's imbalance setting),
+    # straight from the files
     order = np.concatenate([epoch_order(labels, len(classes), cfg, e) for e in range(math.ceil(n_needed / len(labels)))])
 
     def fresh():

@@ -69,6 +69,18 @@ def test_pooled_metrics_from_site_histograms_match_pooled_predictions():
     assert abs(pooled["macro_auc"] - exact) < 2e-3
     assert pooled["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
     assert pooled["n"] == len(y)
+    assert pooled["support"] == np.bincount(y, minlength=4).tolist()  # counts only, no image leaves a site
+
+    from medpipe.decision import apply_offsets, prior_from_counts
+
+    d = prior_from_counts(pooled["support"], ["a", "b", "c", "d"], "prior", tau=1.0)
+    assert d["default"] == "prior" and d["rules"]["prior"]["tau"] == 1.0
+    log_prior = np.log((np.bincount(y, minlength=4) + 1.0) / (len(y) + 4))
+    assert np.allclose(d["rules"]["prior"]["offsets"], -log_prior)  # what the validation fit gives at tau 1
+    pred = apply_offsets(p, d["rules"]["prior"]["offsets"])
+    assert (pred == (np.log(p) - log_prior).argmax(1)).all()
+    assert prior_from_counts(pooled["support"], ["a", "b", "c", "d"], "class_bias", tau=0.0)["default"] == "prior"
+    assert np.allclose(prior_from_counts(pooled["support"], list("abcd"), "prior", 0.0)["rules"]["prior"]["offsets"], 0)
 
 
 def test_partition_keeps_lesions_whole(data_dir, tmp_path):
@@ -124,6 +136,10 @@ def test_site_local_training_mixes_batches_like_train(data_dir, monkeypatch):
     seen.clear()
     site.fit(start, server_round=2, epochs=1)
     assert not all(torch.equal(a, b) for a, b in zip(first, (x for _, _, x in seen)))  # new draws (and orders)
+    seen.clear()
+    other = site_mod.Site(data_dir, "c", tc, HAM)  # same data, seed and round: only the site's own draws differ
+    other.fit(start, server_round=1, epochs=1)
+    assert not all(torch.equal(a, b) for a, b in zip(first, (x for _, _, x in seen)))
     seen.clear()
     plain = site_mod.Site(data_dir, "b", {**tc, "mixup_alpha": 0}, HAM)
     plain.fit(start, server_round=1, epochs=1)
@@ -267,6 +283,9 @@ def test_deployment_with_tls_writes_a_package_that_predicts(deployment, capsys):
     fed = meta["federated"]
     assert fed["engine"] == "flower" and fed["strategy"] == "fedprox" and fed["rounds"] == 2
     assert set(fed["sites"]) == set(deployment["sites"]) and all(v["train_samples"] > 0 for v in fed["sites"].values())
+    # the run's rule (prior, the default) from the pooled validation class counts of the best round
+    best = meta["metrics"]["val"]
+    assert meta["decision"]["default"] == "prior" and meta["decision"]["n_val"] == sum(best["support"]) > 0
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(set(r["val_sites"]) == set(deployment["sites"]) and 0 <= r["val_pooled"]["macro_auc"] <= 1
@@ -276,6 +295,8 @@ def test_deployment_with_tls_writes_a_package_that_predicts(deployment, capsys):
     assert main(["predict", "--model", str(run / "model"), str(image), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert any(c in out for c in HAM)
+    assert main(["predict", "--model", str(run / "model"), str(image), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["decision_rule"] == "prior"
 
 
 @needs_flower

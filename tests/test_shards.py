@@ -53,6 +53,30 @@ def test_index_and_every_record_once_across_ranks_and_workers(shard_dir):
     assert set(m["image_id"] for m in metas) == set(splits.loc[splits["split"] == "val", "image_id"])
 
 
+def test_unbalanced_stream_mixes_the_per_class_shards(shard_dir):
+    """imbalance none (the default) streams the natural frequencies: the per-class shards are interleaved, not read
+    one class after another, and ranks get shard sets of nearly equal size, the same smallest total every epoch."""
+    from medpipe.data.shards import ShardStream, deal_shards, min_rank_total, read_index
+
+    index = read_index(shard_dir)
+    train = [s for s in index["shards"] if s["split"] == "train"]
+    # without the shuffle buffer, so the order is the interleaving's own
+    labels = [m["class_index"] for m, _ in ShardStream(index, epoch=0, seed=0, buffer=1)]
+    counts = Counter(labels)
+    first = Counter(labels[: len(labels) // 4])
+    assert len(first) >= min(4, len(counts))  # a quarter of the epoch already holds most classes
+    runs = sum(a != b for a, b in zip(labels, labels[1:]))
+    assert runs > len(labels) / 4  # class changes often (read shard by shard it changes about once per shard)
+    for world in (2, 3):
+        for epoch in range(3):
+            parts = deal_shards(train, world, seed=1, epoch=epoch)
+            assert sorted(s["name"] for p in parts for s in p) == sorted(s["name"] for s in train)
+            totals = [sum(s["n"] for s in p) for p in parts]
+            assert min(totals) == min_rank_total(train, world)
+            assert max(totals) - min(totals) <= max(s["n"] for s in train)
+        assert min_rank_total(train, world) >= sum(sorted(s["n"] for s in train)[: len(train) // world])
+
+
 def test_balanced_stream_keeps_classes_balanced(shard_dir):
     from medpipe.data.shards import ShardStream, read_index
 
@@ -116,7 +140,9 @@ def test_every_rank_and_every_epoch_has_the_same_step_count():
         src = ShardSource.__new__(ShardSource)
         src.cfg, src.rank, src.world, src.index = cfg, rank, 2, index
         counts |= {len(src._plan(epoch)[0]) for epoch in range(12)}
-    assert counts == {(100 + 256) // 32}  # the smallest total a deal can give a rank: the 2 smallest shards
+    # one count for every rank and epoch: the smallest rank total of the size-balanced deal (256+256 against
+    # 256+256+100), not of the worst deal (the 2 smallest shards, 356: 11 steps, as before the deal was balanced)
+    assert counts == {(256 + 256) // 32}
     src.world = 6  # more ranks than shards: a clear refusal, not an epoch of 0 steps
     with pytest.raises(ConfigError, match="5 training shards for 6 ranks"):
         src._plan(0)

@@ -342,3 +342,30 @@ def test_presets_switch_off_monai_metadata_when_they_are_built():
         assert get_track_meta() is False
     finally:
         set_track_meta(was)
+
+
+def test_resume_keeps_the_runs_own_recipe(data_dir, tmp_path):
+    """A resume continues the recipe the run started with: a checkpoint written before the recipe keys existed
+    resumes with the old behaviour (not today's defaults), and a caller that builds another config (e.g. from
+    today's defaults) is refused with the differences named, not resumed with a changed recipe."""
+    from medpipe.config import make_config, resume_config
+    from medpipe.errors import CheckpointError
+    from medpipe.pipeline import run, saved_config
+
+    legacy = make_config({}).to_dict()
+    for key in ("mixup_alpha", "ema_decay", "decision_rule"):  # keys added after this checkpoint was written
+        legacy.pop(key)
+    legacy.update(imbalance="sampler", weight_decay=1e-4)
+    cfg = resume_config(legacy, {"threads": 1})
+    assert (cfg.mixup_alpha, cfg.ema_decay, cfg.decision_rule, cfg.imbalance) == (0.0, 0.0, "argmax", "sampler")
+    assert cfg.threads == 1  # runtime keys may be given anew
+
+    tiny = {"model": "densenet-test", "image_size": 32, "batch_size": 8, "epochs": 2, "max_steps_per_epoch": 2,
+            "bootstrap": 0, "threads": 1, "workers": 0, "deterministic": True}
+    run(data_dir, tmp_path / "run", make_config({**tiny, "epochs": 1}), evaluate_test=False)
+    with pytest.raises(CheckpointError, match=r"epochs \('epochs'\): checkpoint 1 vs now 2; "
+                                              r"weight decay \('weight_decay'\): checkpoint 0.05 vs now 0.1"):
+        run(data_dir, tmp_path / "run", make_config({**tiny, "weight_decay": 0.1}), resume=True, evaluate_test=False)
+    same = resume_config(saved_config(tmp_path / "run"), {"threads": 1})
+    out = run(data_dir, tmp_path / "run", same, resume=True, evaluate_test=False)
+    assert out["epochs"] == 1  # the run's own config: nothing left to train, resumed without complaint

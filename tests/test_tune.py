@@ -210,4 +210,4 @@ def test_the_shipped_search_space_is_valid():
     from medpipe.tune import load_space
 
     space = load_space(Path(__file__).resolve().parent.parent / "benchmarks" / "quality_space.yaml")
-    assert space.objective == "val_bacc" and space.base["budget"] == "6m" and len(space.params) >= 5
+    assert space.objective == "val_auc" and space.base["budget"] == "6m" and len(space.params) >= 5

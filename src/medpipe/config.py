@@ -208,6 +208,27 @@ def write_config(cfg: TrainConfig, path: Path) -> None:
 # Keys a resumed run may take anew: where and how fast it runs and where it is tracked, not what it trains.
 RUNTIME_KEYS = ("device", "workers", "threads", "track", "experiment", "register")
 
+# The values of the keys whose default changed with the recipe switch (issue 15) as they were before it. A
+# checkpoint's config that lacks one of them was written before the key existed and trained this way, so a resume
+# fills it from here, not from today's default (a run must not change its recipe half-way).
+LEGACY_DEFAULTS = {"imbalance": "sampler", "weight_decay": 1e-4, "ema_decay": 0.0, "mixup_alpha": 0.0,
+                   "decision_rule": "argmax"}
+
+
+def checkpoint_config(saved: dict) -> TrainConfig:
+    """The config a checkpoint's run trained with: its saved keys, :data:`LEGACY_DEFAULTS` for those it predates,
+    today's defaults for the rest (keys added without changing what a run did)."""
+    known = {f.name for f in fields(TrainConfig)}
+    return make_config({**LEGACY_DEFAULTS, **{k: v for k, v in saved.items() if k in known}})
+
+
+def resume_differences(saved: dict, now: dict) -> list[str]:
+    """What the config ``now`` (``TrainConfig.to_dict()``) would train differently from the checkpoint's run
+    (every key but :data:`RUNTIME_KEYS`), each named."""
+    base = checkpoint_config(saved).to_dict()
+    return [f"{k.replace('_', ' ')} ('{k}'): checkpoint {base[k]!r} vs now {now.get(k)!r}"
+            for k in base if k not in RUNTIME_KEYS and base[k] != now.get(k)]
+
 
 def given_keys(overrides: dict | None = None, yaml_path: str | Path | None = None) -> set[str]:
     """The config keys a user set explicitly (command line or YAML file)."""
@@ -223,8 +244,7 @@ def resume_config(saved: dict, overrides: dict | None = None, yaml_path: str | P
     again must match it, except :data:`RUNTIME_KEYS`; each difference is named."""
     given = make_config(overrides, yaml_path)  # validates and coerces what was given
     keys = given_keys(overrides, yaml_path)
-    known = {f.name for f in fields(TrainConfig)}
-    base = make_config({k: v for k, v in saved.items() if k in known})
+    base = checkpoint_config(saved)
     diffs = [f"{k.replace('_', ' ')} ('{k}'): run {getattr(base, k)!r}, given {getattr(given, k)!r}"
              for k in sorted(keys - set(RUNTIME_KEYS)) if getattr(base, k) != getattr(given, k)]
     if diffs:

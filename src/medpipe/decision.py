@@ -22,8 +22,9 @@ per-class offsets ``b`` added to the log-probabilities::
 Rules are fitted on the validation split at the end of training and stored in ``model.json``
 under ``"decision"``: every fitted rule with its offsets, the validation balanced accuracy each
 reached, and ``"default"``, the rule predict, serve, batch and the exports use unless told
-otherwise (config key ``decision_rule``; ``argmax`` unless set). Each prediction says which rule
-produced its label.
+otherwise (config key ``decision_rule``; ``prior`` unless set, the default recipe's). Each prediction
+says which rule produced its label. A federated run, whose validation images stay at the sites, gets
+``prior`` from the pooled class counts alone (:func:`prior_from_counts`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,22 @@ def fit_rules(probs: np.ndarray, y: np.ndarray, classes: list[str], default: str
     for name, rule in rules.items():
         rule["val_balanced_accuracy"] = val_bacc[name]
     return {"default": default, "fitted_on": "val", "n_val": int(len(y)), "rules": rules}
+
+
+def prior_from_counts(counts, classes: list[str], default: str, tau: float) -> dict:
+    """The ``decision`` entry for a model whose validation split cannot be read (federated: the images stay at
+    the sites): ``argmax`` and ``prior`` with a fixed ``tau`` and the class frequencies ``counts`` (summed over
+    the sites), nothing fitted to individual images. ``tau`` 1 is the Bayes rule for balanced accuracy for a
+    model trained on the natural frequencies; 0 (argmax) for one trained with balancing."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = len(classes)
+    if counts.shape != (n,):
+        raise DecisionRuleError(f"class counts of shape {counts.shape} do not match {n} classes")
+    log_prior = np.log((counts + 1.0) / (counts.sum() + n))
+    rules = {"argmax": {"offsets": [0.0] * n},
+             "prior": {"offsets": [float(-tau * v) + 0.0 for v in log_prior], "tau": float(tau)}}
+    return {"default": default if default in rules else "prior", "fitted_on": "pooled class counts",
+            "n_val": int(counts.sum()), "rules": rules}
 
 
 def resolve(decision: dict | None, rule: str | None, n_classes: int) -> tuple[str, np.ndarray | None]:

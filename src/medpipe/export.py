@@ -6,7 +6,7 @@
 
 | format      | consumer                                   | carries                                        |
 |-------------|--------------------------------------------|------------------------------------------------|
-| onnx        | onnxruntime (no medpipe needed)            | metadata_props: classes, preprocessing, temperature, weights_sha256, medpipe version |
+| onnx        | onnxruntime (no medpipe needed)            | metadata_props: classes, preprocessing, temperature, decision (rule, offsets), weights_sha256, medpipe version |
 | torchscript | ``torch.jit.load``                         | ``medpipe_model.json`` extra file              |
 | bundle      | ``python -m monai.bundle run`` / ``ConfigWorkflow`` (medpipe installed: its decoder is the loader) | configs/metadata.json, models/model.pt + model.ts, docs/README.md (model card) |
 | sagemaker   | SageMaker PyTorch inference toolkit        | model.tar.gz with code/                        |

@@ -160,11 +160,35 @@ def load_split(index: dict, split: str) -> tuple[list[dict], np.ndarray]:
     return [metas[i] for i in order], arr
 
 
+def deal_shards(shards: list[dict], world: int, seed: int, epoch: int) -> list[list[dict]]:
+    """This epoch's training shards for each rank: a seeded per-epoch order, then the largest first, each to the
+    rank with the fewest samples so far (longest-processing-time first). Shards are written per class, so their
+    sizes differ widely (nevi fill many full shards, rare classes a few small ones); balancing the totals lets
+    every rank stream nearly its full share. Only shards of equal size change places between epochs, so the
+    smallest rank total (:func:`min_rank_total`) is the same every epoch."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    ranked = sorted((shards[i] for i in order), key=lambda s: -s["n"])  # stable: equal sizes keep the order
+    out: list[list[dict]] = [[] for _ in range(world)]
+    totals = [0] * world
+    for s in ranked:
+        r = min(range(world), key=lambda k: (totals[k], k))
+        out[r].append(s)
+        totals[r] += s["n"]
+    return out
+
+
+def min_rank_total(shards: list[dict], world: int) -> int:
+    """The smallest number of samples :func:`deal_shards` gives a rank (the same for every epoch and seed)."""
+    return min(sum(s["n"] for s in part) for part in deal_shards(shards, world, 0, 0))
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """One epoch of training samples (meta, pixels) for this rank and DataLoader worker.
 
-    balanced=False: this rank's shards (a seeded per-epoch shard order, every world-th shard, then
-    every num_workers-th for a worker) read once through a seeded shuffle buffer. balanced=True:
+    balanced=False: this rank's shards (:func:`deal_shards`, then every num_workers-th for a worker), read
+    once, interleaved (each next sample from a shard drawn in proportion to what it has left, so the
+    per-class shards mix uniformly instead of one class after another) through a seeded shuffle buffer.
+    balanced=True:
     ``n_samples`` draws, each picking a class uniformly and taking the next sample of that class's
     stream (its shards cycle, reshuffled each pass).
     """
@@ -189,20 +213,35 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.balanced:
             yield from self._balanced(wid, nw)
             return
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.train))
-        mine = [self.train[i]["name"] for i in order][self.rank::self.world][wid::nw]
+        mine = deal_shards(self.train, self.world, self.seed, self.epoch)[self.rank][wid::nw]
         rng = self._rng(wid)
         buf = []
-        for name in mine:
-            for sample in iter_shard(self.index["root"], name):
-                if len(buf) < self.buffer:
-                    buf.append(sample)
-                    continue
-                j = int(rng.integers(len(buf)))
-                buf[j], sample = sample, buf[j]
-                yield sample
+        for sample in self._interleaved(mine, rng):
+            if len(buf) < self.buffer:
+                buf.append(sample)
+                continue
+            j = int(rng.integers(len(buf)))
+            buf[j], sample = sample, buf[j]
+            yield sample
         rng.shuffle(buf)
         yield from buf
+
+    def _interleaved(self, shards: list[dict], rng: np.random.Generator):
+        """Every sample of ``shards`` once, the next one always from a shard drawn with probability proportional
+        to its samples left (a uniformly random merge of the streams; one open reader per shard)."""
+        readers = [iter_shard(self.index["root"], s["name"]) for s in shards]
+        left = np.array([s["n"] for s in shards], dtype=np.float64)
+        while left.sum() > 0:
+            k = int(rng.choice(len(readers), p=left / left.sum()))
+            sample = next(readers[k], None)
+            if sample is None:  # fewer than the index said: that shard is done
+                left[k] = 0
+                continue
+            left[k] -= 1
+            yield sample
+            if left[k] == 0:
+                for extra in readers[k]:  # more than the index said: keep them, as a plain read would
+                    yield extra
 
     def _balanced(self, wid: int, nw: int):
         classes = self.index["classes"]

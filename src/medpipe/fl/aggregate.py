@@ -114,4 +114,5 @@ def pooled_metrics(stats: list[dict], classes: list[str], bins: int = BINS) -> d
     support = conf.sum(1)
     recalls = [conf[i, i] / support[i] for i in range(c) if support[i] > 0]
     return {"n": int(conf.sum()), "macro_auc": float(np.mean(aucs)) if aucs else math.nan,
-            "balanced_accuracy": float(np.mean(recalls)) if recalls else math.nan, "per_class_auc": per_class}
+            "balanced_accuracy": float(np.mean(recalls)) if recalls else math.nan, "per_class_auc": per_class,
+            "support": [int(v) for v in support]}  # validation images per class over all sites (counts only)

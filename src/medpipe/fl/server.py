@@ -351,8 +351,18 @@ class Coordinator:
         model_dir = self.run_dir / "model"
         metrics = {"best_round": state["best_round"], "val": pooled,
                    "val_sites": hist.get(state["best_round"], {}).get("val_sites", {})}
+        decision = None
+        if pooled.get("support") and sum(pooled["support"]) > 0:
+            from medpipe.decision import prior_from_counts
+
+            # labels under the run's rule where it can be had without the sites' images: `prior` from the pooled
+            # validation class counts, tau 1 for natural-frequency training (the default recipe), 0 after
+            # balancing; class_bias needs per-image validation predictions and falls back to prior
+            decision = prior_from_counts(pooled["support"], classes, tc.decision_rule,
+                                         tau=1.0 if tc.imbalance == "none" else 0.0)
         meta = save_package(model_dir, model.eval(), name=f"{tc.model}-federated", arch=tc.model, classes=classes,
-                            spec=tc.preprocess(), temperature=1.0, metrics=metrics, config=tc.to_dict())
+                            spec=tc.preprocess(), temperature=1.0, metrics=metrics, config=tc.to_dict(),
+                            decision=decision)
         cfg = self.cfg
         meta["federated"] = {
             "engine": "flower", "engine_version": flwr.__version__, "strategy": cfg["strategy"],
@@ -362,6 +372,8 @@ class Coordinator:
             "batchnorm": "aggregated: running statistics averaged like the weights (one model for every site)",
             "pooled_auc": "summed per-site histograms of predicted probabilities (1000 bins); no images moved",
             "calibration": "none (temperature 1.0): validation images stay at the sites",
+            "decision": ("prior from the pooled validation class counts (no per-image fit)" if decision
+                         else "argmax (no pooled class counts)"),
             "sites": state["sites"], "torch": torch.__version__,
         }
         atomic_write_text(model_dir / "model.json", to_json(meta, indent=2))

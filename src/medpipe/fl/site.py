@@ -3,8 +3,8 @@
 The site's data folder is an ordinary ingested folder (``medpipe ingest`` + ``medpipe split``): the
 lesion-grouped split is the site's own and the pixel cache sits in it, so each round's process only
 memory-maps it. Local training is one call of the training engine, "k epochs from these weights on
-this site's data" (class-balanced sampling over the site's own labels by default), with FedProx's
-proximal term added to the loss when the strategy asks for it.
+this site's data" with the run's recipe (imbalance handling and batch mixing over the site's own
+labels), with FedProx's proximal term added to the loss when the strategy asks for it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +71,9 @@ class Site:
         from medpipe.recipe import batch_handlers
 
         cfg = dataclasses.replace(self.cfg, epochs=epochs)
-        # the recipe's batch mixing as in `medpipe train` (new draws each round); not the weight average: the
-        # site returns its raw weights to the aggregation
-        mixing = batch_handlers(cfg, len(self.classes), stream=server_round)
+        # the recipe's batch mixing as in `medpipe train`, drawn anew each round and at each site (the sites share
+        # the seed); not the weight average: the site returns its raw weights to the aggregation
+        mixing = batch_handlers(cfg, len(self.classes), stream=zlib.crc32(self.name.encode()) * 100_003 + server_round)
         new, records = local_fit(cfg, self.source, epochs=epochs, weights=weights, device=self.cfg.device
                                  if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
                                  loss_terms=terms, handlers=[*mixing, *(load_handler(h) for h in self.handlers)],

@@ -78,3 +78,11 @@ def check_compatible(state: dict, config: dict, classes: list[str]) -> None:
             diffs.append(f"{human} ('{key}'): checkpoint {old.get(key)!r} vs now {config.get(key)!r}")
     if diffs:
         raise CheckpointError("cannot resume from this checkpoint; it differs in " + "; ".join(diffs))
+    from medpipe.config import resume_differences
+
+    # the rest of what is trained: a resume continues the run's own recipe (`medpipe train --resume` takes it from
+    # the checkpoint; a caller that builds its config anew, e.g. from today's defaults, is refused, not mixed)
+    trained = resume_differences(old, config)
+    if trained:
+        raise CheckpointError("cannot resume from this checkpoint with another training config; it differs in "
+                              + "; ".join(trained) + " (resume with the run's own config, or start a new run)")

@@ -282,8 +282,8 @@ class ShardSource:
     def _plan(self, epoch: int) -> tuple[list[int], bool]:
         """(batch sizes on this rank, balanced). Every rank runs the same number of steps (DDP needs it), and
         every epoch too (the schedule, the time budget and resumes count steps per epoch): balanced, an equal
-        share of the samples; otherwise each rank streams the shards dealt to it this epoch and stops after the
-        smallest total any deal can give a rank, the ``floor(shards / ranks)`` smallest shards."""
+        share of the samples; otherwise each rank streams the shards dealt to it this epoch (sizes balanced
+        across ranks, :func:`medpipe.data.shards.deal_shards`) and stops after the smallest rank total."""
         train = [s for s in self.index["shards"] if s["split"] == "train"]
         balanced = self.cfg.imbalance == "sampler"
         total = sum(s["n"] for s in train)
@@ -294,7 +294,9 @@ class ShardSource:
                 raise ConfigError(f"{len(train)} training shards for {self.world} ranks: each rank streams whole "
                                   "shards, so re-shard into at least as many shards as ranks (or use imbalance: "
                                   "sampler)")
-            n = sum(sorted(s["n"] for s in train)[: len(train) // self.world])
+            from medpipe.data.shards import min_rank_total
+
+            n = min_rank_total(train, self.world)
         sizes = batch_sizes(n, self.cfg)
         return (sizes[: self.cfg.max_steps_per_epoch] if self.cfg.max_steps_per_epoch else sizes), balanced
 
