@@ -41,7 +41,7 @@ def make_splits(table: pd.DataFrame, seed: int = 0, val: float = 0.15, test: flo
     glabel = group_labels(table)
     assignment: dict[str, str] = {}
     for cls in sorted(glabel.unique()):
-        groups = np.array(sorted(glabel.index[glabel == cls]))
+        groups = np.array(sorted(glabel.index[glabel == cls]), dtype=object)  # numpy's str dtype drops trailing NULs
         groups = groups[rng.permutation(len(groups))]
         g = len(groups)
         if g >= 3:
