@@ -16,6 +16,13 @@ An inference request has exactly one input:
   ``data`` or raw bytes with the binary tensor extension; decoded and resized by the package's spec;
 - ``image``, ``FP32`` ``[N, 3, S, S]``: already preprocessed (the eval preset's output).
 
+Before anything is decoded: shapes are JSON integers (not booleans), a JSON request is counted before it
+is parsed (strings <= max_images + 256, values <= max_images x 3 x S x S + 1024; else 413 naming the
+input), element counts are checked against the declared shape (a binary BYTES list is cut off at its first
+extra element), and FP32 values must be finite and within 100x the eval preset's range (400 naming the
+input: 3e38 is finite but overflows in the network). An element that does not decode is 400 (the
+protocol's invalid input), 413 when it is too large.
+
 Outputs: ``probabilities`` ``FP32 [N, C]`` (calibrated, class order in the model metadata's
 ``parameters.classes``) and ``label`` ``BYTES [N]``. Binary outputs are returned when the request
 asks for them (``outputs[].parameters.binary_data`` or ``parameters.binary_data_output``), as
