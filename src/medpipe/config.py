@@ -14,9 +14,12 @@ from typing import Any
 
 import yaml
 
+from medpipe.data.imageio import resample_filter
 from medpipe.decision import RULES as DECISION_RULES
 from medpipe.errors import ConfigError
+from medpipe.models import MODEL_NAMES
 from medpipe.preprocess import COLOR_CONSTANCY, Augmentation, PreprocessSpec
+from medpipe.utils import atomic_write_text
 
 IMBALANCE = ("sampler", "weighted_loss", "focal", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -119,12 +122,10 @@ class TrainConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(f"config keys 'val_fraction' + 'test_fraction' must be < 1 (nothing would be left to "
                               f"train on), got {self.val_fraction} + {self.test_fraction}")
-        from medpipe.data.imageio import resample_filter
         try:
             resample_filter(self.interpolation)
         except ValueError as exc:
             raise ConfigError(f"config key 'interpolation': {exc}") from None
-        from medpipe.models import MODEL_NAMES
         if self.model not in MODEL_NAMES:
             raise ConfigError(f"config key 'model' must be one of {sorted(MODEL_NAMES)}, got {self.model!r}")
         return self
@@ -200,7 +201,6 @@ def make_config(overrides: dict | None = None, yaml_path: str | Path | None = No
 
 
 def write_config(cfg: TrainConfig, path: Path) -> None:
-    from medpipe.utils import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=True))
 
 
