@@ -72,7 +72,7 @@ class TrainConfig:
     experiment: str = "medpipe"
     register: str | None = None  # register the logged model under this name
     decision_rule: str = "prior"  # the label rule the package uses by default (medpipe.decision.RULES)
-    # recipe options (issue 15): colour constancy is part of the package's preprocessing, crop_scale /
+    # recipe options: colour constancy is part of the package's preprocessing, crop_scale /
     # color_jitter only of the train preset (preprocess.Augmentation); mixup and EMA are on by default
     color_constancy: str = "none"
     crop_scale: float = 1.0
@@ -208,7 +208,7 @@ def write_config(cfg: TrainConfig, path: Path) -> None:
 # Keys a resumed run may take anew: where and how fast it runs and where it is tracked, not what it trains.
 RUNTIME_KEYS = ("device", "workers", "threads", "track", "experiment", "register")
 
-# The values of the keys whose default changed with the recipe switch (issue 15) as they were before it. A
+# The values of the keys whose default changed with the recipe switch as they were before it. A
 # checkpoint's config that lacks one of them was written before the key existed and trained this way, so a resume
 # fills it from here, not from today's default (a run must not change its recipe half-way).
 LEGACY_DEFAULTS = {"imbalance": "sampler", "weight_decay": 1e-4, "ema_decay": 0.0, "mixup_alpha": 0.0,

@@ -1,7 +1,7 @@
 """Untrusted bytes are decoded in worker processes with a hard time and memory budget.
 
 A thread cannot be stopped: an image whose decode is pathologically slow under the pixel cap (a
-progressive JPEG with thousands of scans, a codec bug) used to hold a decode thread for minutes, past
+progressive JPEG with thousands of scans, a codec bug) would hold a decode thread for minutes, past
 every deadline and past SIGTERM. Here each decode runs in a process of a ``pebble.ProcessPool``:
 
 - a decode that runs longer than ``timeout_s`` is abandoned, its worker process is killed and
