@@ -19,7 +19,15 @@ import numpy as np
 
 def auc_per_class(y: np.ndarray, probs: np.ndarray) -> list[float]:
     """One-vs-rest ROC AUC per class (scikit-learn's ``roc_auc_score``); NaN where a class is absent (or
-    alone), where the AUC is undefined. The caller warns, naming the classes."""
+    alone), where the AUC is undefined. The caller warns, naming the classes.
+
+    Args:
+        y: the N true class indices.
+        probs: N x C probabilities (or any per-class scores).
+
+    Returns:
+        C floats, NaN where undefined.
+    """
     from sklearn.metrics import roc_auc_score  # scikit-learn loads at the first figure
 
     y = np.asarray(y, dtype=np.int64)
@@ -33,12 +41,38 @@ def auc_per_class(y: np.ndarray, probs: np.ndarray) -> list[float]:
     return [float(v) for v in out]
 
 
+def macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """The mean of the defined per-class AUCs (:func:`auc_per_class`), without a warning; NaN when none is.
+
+    Args:
+        y: the N true class indices.
+        probs: N x C probabilities (or any per-class scores).
+
+    Returns:
+        The macro ROC AUC over the classes present (and not alone) in ``y``.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per = auc_per_class(y, probs)
+        return float(np.nanmean(per)) if not all(math.isnan(v) for v in per) else float("nan")
+
+
 def bootstrap_auc_ci(y: np.ndarray, probs: np.ndarray, resamples: int, seed: int = 0) -> tuple[list, list]:
     """Percentile 95% intervals of the macro AUC and of each class's AUC over ``resamples`` bootstrap
     resamples of the images (drawn with replacement, seeded). A class absent from a resample has no AUC
     there: the macro AUC of that resample averages the classes present, and a class's interval needs more
     than 10 resamples with it (else NaN). ``scipy.stats.bootstrap`` is not used because it turns any such
-    NaN into a NaN interval."""
+    NaN into a NaN interval.
+
+    Args:
+        y: the N true class indices.
+        probs: N x C probabilities.
+        resamples: bootstrap resamples.
+        seed: seed of the resampling.
+
+    Returns:
+        ``([lo, hi] of the macro AUC, [[lo, hi] per class])``.
+    """
     rng = np.random.default_rng(seed)
     n_classes = probs.shape[1]
     boots = np.empty((resamples, n_classes))
@@ -58,6 +92,16 @@ def bootstrap_auc_ci(y: np.ndarray, probs: np.ndarray, resamples: int, seed: int
 
 
 def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> tuple[float, list[dict]]:
+    """Expected calibration error of the top-1 confidence over ``n_bins`` equal-width bins.
+
+    Args:
+        y: the N true class indices.
+        probs: N x C probabilities.
+        n_bins: bins over (0, 1].
+
+    Returns:
+        ``(ece, bins)``: bins holds each non-empty bin's lo, hi, count, accuracy and mean confidence.
+    """
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == y).astype(float)
     edges = np.linspace(0, 1, n_bins + 1)
@@ -72,6 +116,16 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 1
 
 
 def sensitivity_at_specificity(y_bin: np.ndarray, score: np.ndarray, spec: float) -> float:
+    """The highest sensitivity on the ROC curve at a specificity of at least ``spec``.
+
+    Args:
+        y_bin: N binary labels (1 = positive).
+        score: N scores of the positive class.
+        spec: the specificity required, e.g. 0.9.
+
+    Returns:
+        The sensitivity; NaN when ``y_bin`` holds only one class.
+    """
     from sklearn.metrics import roc_curve
 
     if y_bin.all() or not y_bin.any():
@@ -85,7 +139,22 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], *, boo
                     seed: int = 0, positive: str = "mel", pred: np.ndarray | None = None) -> dict:
     """``pred``: the labels a decision rule gave (medpipe.decision); argmax of ``probs`` when None.
     The label figures (balanced accuracy, sensitivity, specificity, confusion matrix) use them; AUC and
-    calibration depend on the probabilities only."""
+    calibration depend on the probabilities only.
+
+    Args:
+        y: the N true class indices.
+        probs: N x C calibrated probabilities.
+        classes: the C class names.
+        bootstrap: resamples for the 95% intervals (0: none).
+        seed: seed of the resampling.
+        positive: the class whose sensitivity at 80%/90% specificity is reported, when present.
+        pred: the N labels a decision rule gave; argmax of ``probs`` when None.
+
+    Returns:
+        A JSON-ready dict: n, macro_auc (+ _ci95), balanced_accuracy, accuracy, ece, per_class (auc, auc_ci95,
+        sensitivity, specificity, support), confusion_matrix, reliability_bins, bootstrap and the
+        ``<positive>_sensitivity_at_spec80/90`` figures.
+    """
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix, multilabel_confusion_matrix
 
     y = np.asarray(y, dtype=np.int64)

@@ -42,7 +42,7 @@ from medpipe.errors import GateError, QuantizeError
 from medpipe.infer import openvino_runtime as ovr
 from medpipe.infer.onnx_runtime import INPUT_NAME, onnx_bytes, onnx_session, with_onnx_metadata
 from medpipe.infer.openvino_runtime import OpenVinoSession
-from medpipe.metrics import auc_per_class
+from medpipe.metrics import macro_auc
 from medpipe.package import load_package, package_spec, read_meta
 from medpipe.preprocess import eval_batch
 from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
@@ -399,15 +399,6 @@ def quantize_onnx(fp32: bytes, calibration: list[np.ndarray], **options) -> byte
         return out.read_bytes()
 
 
-def _macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per = auc_per_class(y, probs)
-        return float(np.nanmean(per)) if not all(math.isnan(v) for v in per) else float("nan")
-
-
 def _softmax(logits: np.ndarray, t: float) -> np.ndarray:
     z = logits / t
     z = z - z.max(axis=1, keepdims=True)
@@ -422,7 +413,7 @@ def gate(y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float, int8_l
     y = np.array(y, dtype=np.int64)  # a writable copy
     t8 = fit_temperature(torch.from_numpy(int8_logits.astype(np.float32)), torch.from_numpy(y))
     p32, p8 = _softmax(fp32_logits, fp32_temperature), _softmax(int8_logits, t8)
-    auc32, auc8 = _macro_auc(y, p32), _macro_auc(y, p8)
+    auc32, auc8 = macro_auc(y, p32), macro_auc(y, p8)
     agreement = float((p32.argmax(1) == p8.argmax(1)).mean())
     figures = {"n": int(len(y)), "fp32_macro_auc": auc32, "int8_macro_auc": auc8,
                "auc_diff": abs(auc8 - auc32) if math.isfinite(auc32) and math.isfinite(auc8) else float("nan"),
