@@ -11,8 +11,9 @@ from pathlib import Path
 
 from medpipe import layers
 
-SRC = Path(layers.__file__).resolve().parent
-DOC = SRC.parent.parent / "docs" / "architecture.md"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "medpipe"
+DOC = ROOT / "docs" / "architecture.md"
 MAX_LOCAL = 20
 REASON = re.compile(r"#\s*deferred:\s*\S")
 
