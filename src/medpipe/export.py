@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: importing this module loads neither torch nor MONAI
     import torch
 
+    from medpipe.package import PackageMeta
+
 import io
 import json
 import logging
@@ -212,12 +214,12 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
 
         return export_int8(package, out, force=force, **int8_options)
     model, meta = load_package(package)
-    size = PreprocessSpec.from_meta(meta).image_size
+    size = meta.preprocessing.image_size
     out_path = Path(out)
     check_target(out_path, fmt, force)
     result = {"format": fmt, "out": str(out_path)}
     if fmt == "onnx" and with_preprocessing:
-        spec = PreprocessSpec.from_meta(meta)
+        spec = meta.preprocessing
         wrapped = preprocessing_wrapper(model, spec).eval()
         data = onnx_bytes(wrapped, size, torch.zeros(2, size, size, 3, dtype=torch.uint8))
         sess = onnx_session(data)
@@ -246,23 +248,23 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     else:
         from medpipe.sagemaker.layout import package
 
-        result["out"] = str(package(meta["_dir"], out_path))
+        result["out"] = str(package(meta.dir, out_path))
     return result
 
 
-def _about(meta: dict) -> dict:
+def _about(meta: PackageMeta) -> dict:
     """What every export says about itself: identity, classes, the preprocessing contract, calibration."""
     from medpipe import __version__, decision
 
-    rule, offsets = decision.resolve(meta.get("decision"), None, len(meta["classes"]))
-    return {"name": meta.get("name", "medpipe"), "version": str(meta.get("version", "1")),
-            "architecture": meta["architecture"], "classes": list(meta["classes"]),
-            "preprocessing": PreprocessSpec.from_meta(meta).describe(),
-            "temperature": float(meta.get("calibration", {}).get("temperature", 1.0)),
+    rule, offsets = decision.resolve(meta.decision, None, meta.num_classes)
+    return {"name": meta.name, "version": meta.version,
+            "architecture": meta.architecture, "classes": list(meta.classes),
+            "preprocessing": meta.preprocessing.describe(),
+            "temperature": meta.temperature,
             # the package's label rule (medpipe.decision), for consumers that want medpipe's labels
-            "decision": {"rule": rule, "offsets": [0.0] * len(meta["classes"]) if offsets is None else
+            "decision": {"rule": rule, "offsets": [0.0] * meta.num_classes if offsets is None else
                          [float(v) for v in offsets], "label": "argmax(log(probabilities) + offsets)"},
-            "weights_sha256": meta.get("weights_sha256"), "medpipe_version": __version__}
+            "weights_sha256": meta.weights_sha256, "medpipe_version": __version__}
 
 
 def _input_text(with_preprocessing: bool) -> str:
@@ -272,13 +274,13 @@ def _input_text(with_preprocessing: bool) -> str:
     return f"{INPUT_NAME}: float32 N x 3 x S x S, the eval preset's output (see preprocessing)"
 
 
-def _sidecar(meta: dict, fmt: str, with_preprocessing: bool = False) -> str:
+def _sidecar(meta: PackageMeta, fmt: str, with_preprocessing: bool = False) -> str:
     return json.dumps({"exported_as": fmt, "input": _input_text(with_preprocessing), "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
-                       "calibrated probabilities)", **_about(meta), "calibration": meta.get("calibration", {})},
+                       "calibrated probabilities)", **_about(meta), "calibration": meta.calibration.to_dict()},
                       indent=2)
 
 
-def with_onnx_metadata(data: bytes, meta: dict, with_preprocessing: bool = False) -> bytes:
+def with_onnx_metadata(data: bytes, meta: PackageMeta, with_preprocessing: bool = False) -> bytes:
     """The ONNX model with ``metadata_props`` that make it self-describing (read them with
     ``InferenceSession.get_modelmeta().custom_metadata_map``); strings, JSON where structured."""
     import onnx
@@ -322,13 +324,13 @@ def _escape_tree(obj):
     return obj
 
 
-def bundle_metadata(meta: dict) -> dict:
+def bundle_metadata(meta: PackageMeta) -> dict:
     import monai
     import numpy as np
     import torch
 
     about = _about(meta)
-    spec = PreprocessSpec.from_meta(meta)
+    spec = meta.preprocessing
     size, classes = spec.image_size, about["classes"]
     lo = [round((0.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
     hi = [round((1.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
@@ -351,7 +353,7 @@ def bundle_metadata(meta: dict) -> dict:
         "description": f"MONAI {about['architecture']} trained with medpipe on dermatoscopy images; "
                        f"softmax(logits / {about['temperature']:.4f}) gives calibrated class probabilities.",
         "authors": "medpipe", "copyright": "Copyright (c) the model's trainer",
-        "intended_use": "Research only; not for diagnostic use.",
+        "intended_use": meta.intended_use.purpose,
         "data_source": "see docs/README.md", "data_type": "RGB dermatoscopy images (JPEG, PNG, BMP, WebP)",
         "image_classes": "RGB, 3 channels",
         "label_classes": "one class per output channel, see channel_def",
@@ -365,7 +367,7 @@ def bundle_metadata(meta: dict) -> dict:
                 "spatial_shape": [len(classes)], "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
                 "channel_def": {str(i): c for i, c in enumerate(classes)}}},
         },
-        "medpipe": {**about, "calibration": meta.get("calibration", {})},
+        "medpipe": {**about, "calibration": meta.calibration.to_dict()},
     }
 
 
@@ -387,7 +389,7 @@ def check_bundle_metadata(md: dict) -> list[str]:
     return problems
 
 
-def bundle_inference_config(meta: dict) -> dict:
+def bundle_inference_config(meta: PackageMeta) -> dict:
     """``configs/inference.json``: MONAI's standard inference workflow (dataset -> evaluator -> run).
 
     The loader is medpipe's decoder (``LoadPreprocessd``, the spec's decode + resize: pixels identical to
@@ -397,9 +399,9 @@ def bundle_inference_config(meta: dict) -> dict:
 
     from medpipe import decision
 
-    spec = PreprocessSpec.from_meta(meta)
+    spec = meta.preprocessing
     about = _about(meta)
-    rule, offsets = decision.resolve(meta.get("decision"), None, len(about["classes"]))
+    rule, offsets = decision.resolve(meta.decision, None, len(about["classes"]))
     exts = ", ".join(repr(e) for e in IMAGE_SUFFIXES)
     return {
         "imports": ["$import functools", "$import glob", "$import os", "$import medpipe.preprocess",
@@ -415,7 +417,7 @@ def bundle_inference_config(meta: dict) -> dict:
         # the package's decision rule picks the label (medpipe.decision); probabilities are unaffected
         "decision_rule": config_literal(rule),
         "decision_offsets": None if offsets is None else [float(v) for v in offsets],
-        "network_def": bundle_target(meta["architecture"], len(about["classes"])),
+        "network_def": bundle_target(meta.architecture, len(about["classes"])),
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "medpipe.preprocess.LoadPreprocessd", "keys": "image", "image_size": spec.image_size,
@@ -497,9 +499,9 @@ class BundlePredictionWriter:
         log.info("bundle: %d predictions written to %s", len(self.rows), self.path)
 
 
-def _model_card(meta: dict, md: dict) -> str:
+def _model_card(meta: PackageMeta, md: dict) -> str:
     about = _about(meta)
-    spec = PreprocessSpec.from_meta(meta)
+    spec = meta.preprocessing
     lines = [f"# {about['name']} (v{about['version']}): {about['architecture']} dermatoscopy classifier", "",
              "## What it is", "",
              f"A MONAI {about['architecture']} that classifies one RGB dermatoscopy image into "
@@ -518,15 +520,16 @@ def _model_card(meta: dict, md: dict) -> str:
              "## Preprocessing", "",
              *spec.describe_lines(), "",
              "## Data", ""]
-    cfg = meta.get("training_config") or {}
-    lines.append(f"Trained on the record table with sha256 `{meta.get('records_sha256') or 'unknown'}`"
+    cfg = meta.training_config
+    lines.append(f"Trained on the record table with sha256 `{meta.provenance.records_sha256 or 'unknown'}`"
                  + (f" (data folder `{cfg['data']}`)" if isinstance(cfg.get("data"), str) else "")
                  + ". HAM10000 (ISIC 2018 task 3) is the intended source: 10,015 dermatoscopy images of 7 classes, "
                    "CC BY-NC 4.0, split by lesion so no lesion is in two splits.")
     lines += ["", "## Metrics", ""]
-    lines += _metric_lines(meta.get("metrics") or {})
+    lines += _metric_lines(meta.metrics)
     lines += ["", "## Limits", "",
-              "- Research use only; not a medical device and not for diagnosis.",
+              f"- Intended use: {meta.intended_use.purpose}.",
+              f"- The figures above come from the {meta.intended_use.figures_from}.",
               "- Dermatoscopy images only; other modalities, clinical photos and non-skin images get a "
               "confident but meaningless answer.",
               "- HAM10000 is dominated by nevi (about 67%) and by light skin types; rare classes are estimated "
@@ -566,13 +569,13 @@ def _metric_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def write_bundle(model: torch.nn.Module, meta: dict, out: Path) -> dict:
+def write_bundle(model: torch.nn.Module, meta: PackageMeta, out: Path) -> dict:
     import torch
 
     from medpipe.utils import atomic_write_bytes, atomic_write_text
 
     out = Path(out)
-    size = PreprocessSpec.from_meta(meta).image_size
+    size = meta.preprocessing.image_size
     md = bundle_metadata(meta)
     problems = check_bundle_metadata(md)
     if problems:

@@ -19,7 +19,7 @@ from medpipe import decision
 from medpipe.data import imageio
 from medpipe.errors import MedpipeError, PredictionError
 from medpipe.infer.backends import BACKENDS
-from medpipe.package import load_package, package_spec
+from medpipe.package import PackageMeta, load_package
 from medpipe.preprocess import eval_batch, flip_averaged, use_plain_tensors
 from medpipe.utils import resolve_device
 
@@ -39,7 +39,7 @@ class Prediction:
                 "decision_rule": self.decision_rule, "tta": self.tta}
 
 
-def resolve_backend(backend: str, device: torch.device, meta: dict | None = None, fp32=None,
+def resolve_backend(backend: str, device: torch.device, meta: PackageMeta | None = None, fp32=None,
                     threads: int | None = None) -> tuple[str, str]:
     """The backend to run and why. ``auto``: on CPU the package's gated INT8 model where the CPU has
     VNNI/AMX and INT8 was measured at least 1.1x as fast as FP32 ONNX on this CPU model (at quantize
@@ -131,7 +131,7 @@ class Predictor:
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self._fp32_onnx: bytes | None = None
-        self.spec = package_spec(self.meta)
+        self.spec = self.meta.preprocessing
         self.backend, self.backend_reason = resolve_backend(backend, self.device, self.meta, self._onnx_fp32,
                                                             threads)
         self._session = None
@@ -150,22 +150,20 @@ class Predictor:
             self.backend_reason = f"auto: fell back because the faster backend could not start ({exc})"
         self._fp32_onnx = None  # only needed to start a backend
         log.info("backend %s (%s)", self.backend, self.backend_reason)
-        self.classes: list[str] = list(self.meta["classes"])
-        self.temperature = float(self.int8["temperature"] if self.int8 else
-                                 self.meta.get("calibration", {}).get("temperature", 1.0))
-        self.decision_rule, self._offsets = decision.resolve(self.meta.get("decision"), decision_rule,
-                                                             len(self.classes))
+        self.classes: list[str] = list(self.meta.classes)
+        self.temperature = float(self.int8["temperature"] if self.int8 else self.meta.temperature)
+        self.decision_rule, self._offsets = decision.resolve(self.meta.decision, decision_rule, len(self.classes))
         # flip TTA's own calibration (temperature and decision offsets fitted on TTA validation logits), where the
         # package has it (trained with tta) and the backend is the FP32 model's; otherwise the plain one
-        cal_tta = None if self.int8 else self.meta.get("calibration", {}).get("tta")
+        cal_tta = None if self.int8 else self.meta.calibration.tta
         self._tta_temperature, self._tta_offsets = self.temperature, self._offsets
         if cal_tta:
-            self._tta_temperature = float(cal_tta["temperature"])
-            if cal_tta.get("decision") is not None:
-                self._tta_offsets = decision.resolve(cal_tta["decision"], self.decision_rule, len(self.classes))[1]
+            self._tta_temperature = cal_tta.temperature
+            if cal_tta.decision is not None:
+                self._tta_offsets = decision.resolve(cal_tta.decision, self.decision_rule, len(self.classes))[1]
         self.max_pixels = max_pixels
-        self.name = self.meta.get("name", "medpipe")
-        self.version = str(self.meta.get("version", "1"))
+        self.name = self.meta.name
+        self.version = self.meta.version
         self._lock = threading.Lock()
 
     def _start_backend(self, threads: int | None, max_batch: int) -> None:

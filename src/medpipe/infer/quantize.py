@@ -32,11 +32,15 @@ import logging
 import math
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medpipe.utils import to_json
 from medpipe.errors import GateError, QuantizeError
+
+if TYPE_CHECKING:  # annotations only
+    from medpipe.package import PackageMeta
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +72,14 @@ def int8_paths(pkg_dir: str | Path) -> tuple[Path, Path]:
     return Path(pkg_dir) / INT8_FILE, Path(pkg_dir) / INT8_META
 
 
-def load_int8(meta: dict) -> tuple[bytes, dict]:
+def load_int8(meta: PackageMeta) -> tuple[bytes, dict]:
     """The package's INT8 model and its record, both verified; QuantizeError naming what is wrong."""
     import hashlib
 
-    onnx_path, info_path = int8_paths(meta["_dir"])
+    onnx_path, info_path = int8_paths(meta.dir)
     if not info_path.is_file():
-        raise QuantizeError(f"{meta['_dir']} has no INT8 model; make one with "
-                            f"'medpipe quantize --model {meta['_dir']} --data DATA'")
+        raise QuantizeError(f"{meta.dir} has no INT8 model; make one with "
+                            f"'medpipe quantize --model {meta.dir} --data DATA'")
     try:
         info = json.loads(info_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -86,9 +90,9 @@ def load_int8(meta: dict) -> tuple[bytes, dict]:
     for key in ("sha256", "weights_sha256", "temperature", "gate"):
         if key not in info:
             raise QuantizeError(f"{info_path}: missing key '{key}'")
-    if info["weights_sha256"] != meta["weights_sha256"]:
+    if info["weights_sha256"] != meta.weights_sha256:
         raise QuantizeError(f"{info_path}: made from other weights ({str(info['weights_sha256'])[:12]}...) than "
-                            f"this package's ({meta['weights_sha256'][:12]}...); run 'medpipe quantize' again")
+                            f"this package's ({meta.weights_sha256[:12]}...); run 'medpipe quantize' again")
     if not onnx_path.is_file():
         raise QuantizeError(f"{onnx_path} is missing ({INT8_META} refers to it)")
     import os
@@ -254,7 +258,7 @@ def openvino_status(info: dict) -> tuple[bool, str]:
                   f"difference {g['auc_diff']:.4f})")
 
 
-def auto_quantized_backend(meta: dict, fp32=None, threads: int | None = None) -> tuple[str | None, str]:
+def auto_quantized_backend(meta: PackageMeta, fp32=None, threads: int | None = None) -> tuple[str | None, str]:
     """Whether ``auto`` may pick the package's INT8 model on this CPU (``int8`` on ONNX Runtime or
     ``openvino``), and why (for the log); None keeps FP32.
 
@@ -267,7 +271,7 @@ def auto_quantized_backend(meta: dict, fp32=None, threads: int | None = None) ->
     flags = cpu_int8_flags()
     if not flags:
         return None, "this CPU reports no INT8 dot-product instructions (avx512_vnni, avx_vnni or amx_int8)"
-    if not int8_paths(meta["_dir"])[1].is_file():
+    if not int8_paths(meta.dir)[1].is_file():
         return None, f"the package has no INT8 model (medpipe quantize makes one); CPU has {'+'.join(flags)}"
     try:
         int8, info = load_int8(meta)
@@ -290,9 +294,7 @@ def auto_quantized_backend(meta: dict, fp32=None, threads: int | None = None) ->
     else:
         key = (info["sha256"], here, threads, ov_ok)
         if key not in _SPEED_CHECKS:
-            from medpipe.package import package_spec
-
-            size = package_spec(meta).image_size
+            size = meta.preprocessing.image_size
             check = None
             if ov_ok:  # with OpenVINO; should OpenVINO fail here, time ONNX Runtime's INT8 alone
                 try:
@@ -445,7 +447,7 @@ def gate(y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float, int8_l
     return figures
 
 
-def _validation_pixels(meta: dict, data: str | Path, size: int, interpolation: str):
+def _validation_pixels(meta: PackageMeta, data: str | Path, size: int, interpolation: str):
     """uint8 pixels and class indices of the package's validation split, decoded like serving does."""
     import pandas as pd
 
@@ -454,9 +456,9 @@ def _validation_pixels(meta: dict, data: str | Path, size: int, interpolation: s
 
     data = Path(data)
     table, classes = load_records(data)
-    if list(classes) != list(meta["classes"]):
-        raise QuantizeError(f"--data {data}: classes {classes} differ from the model's {meta['classes']}")
-    run_splits = Path(meta["_dir"]).parent / "splits.csv"
+    if list(classes) != list(meta.classes):
+        raise QuantizeError(f"--data {data}: classes {classes} differ from the model's {list(meta.classes)}")
+    run_splits = meta.dir.parent / "splits.csv"
     sp_path = run_splits if run_splits.is_file() else data / "splits.csv"
     if not sp_path.is_file():
         raise QuantizeError(f"no split file: neither {run_splits} nor {data / 'splits.csv'} exists "
@@ -498,10 +500,10 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     import onnxruntime
 
     from medpipe.export import onnx_bytes, onnx_session
-    from medpipe.package import load_package, package_spec
+    from medpipe.package import load_package
 
     model, meta = load_package(package)
-    spec = package_spec(meta)
+    spec = meta.preprocessing
     if data is None:
         raise QuantizeError("give --data DATA: the ingested data folder the package was trained on (its "
                             "validation split calibrates the INT8 model and checks the gate)")
@@ -514,7 +516,7 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     calib = [eval_batch(list(calib_px[i:i + 16]), spec).numpy() for i in range(0, len(calib_px), 16)]
     fp32 = onnx_bytes(model, spec.image_size)
     int8 = quantize_onnx(fp32, calib)
-    t32 = float(meta.get("calibration", {}).get("temperature", 1.0))
+    t32 = meta.temperature
     # the gate's sessions are timed below too (the metadata _self_describing adds does not change the graph)
     built = {"fp32": onnx_session(fp32), "int8": onnx_session(int8)}
     fp32_logits = _logits(built["fp32"], val_px, spec)
@@ -528,7 +530,7 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     t8 = figures.pop("temperature")
     int8 = _self_describing(int8, meta, t8, figures)
     info = {"format": INT8_FORMAT, "file": INT8_FILE, "sha256": hashlib.sha256(int8).hexdigest(),
-            "weights_sha256": meta["weights_sha256"], "temperature": t8,
+            "weights_sha256": meta.weights_sha256, "temperature": t8,
             "gate": figures, "forced": bool(force and not figures["passed"]),
             "method": {"toolchain": f"onnxruntime {onnxruntime.__version__}",
                        "format": "QOperator" if QUANT_DEFAULTS["quant_format"] == "qoperator" else "QDQ",
@@ -572,14 +574,17 @@ def openvino_gate(int8: bytes, y: np.ndarray, fp32_logits: np.ndarray, fp32_temp
             "gate": figures}
 
 
-def _self_describing(int8: bytes, meta: dict, temperature: float, figures: dict) -> bytes:
+def _self_describing(int8: bytes, meta: PackageMeta, temperature: float, figures: dict) -> bytes:
     """The INT8 graph with the same metadata_props as an FP32 ONNX export (its own temperature) + the gate."""
+    import dataclasses
+
     import onnx
 
     from medpipe.export import with_onnx_metadata
+    from medpipe.package import Calibration
 
-    m = onnx.load_from_string(with_onnx_metadata(int8, {**meta, "calibration": {"method": "temperature",
-                                                                               "temperature": temperature}}))
+    own = dataclasses.replace(meta, calibration=Calibration(float(temperature)))
+    m = onnx.load_from_string(with_onnx_metadata(int8, own))
     m.metadata_props.add(key="int8_gate", value=json.dumps(figures, default=float))
     return m.SerializeToString()
 
@@ -589,7 +594,7 @@ def install_int8(package: str | Path, int8: bytes, info: dict) -> Path:
     from medpipe.package import read_meta
     from medpipe.utils import atomic_write_bytes, atomic_write_text
 
-    onnx_path, info_path = int8_paths(read_meta(package)["_dir"])
+    onnx_path, info_path = int8_paths(read_meta(package).dir)
     atomic_write_bytes(onnx_path, int8)
     atomic_write_text(info_path, to_json(info, indent=2))
     return onnx_path
@@ -639,7 +644,7 @@ def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None
     out = Path(out)
     check_target(out, "onnx-int8", force)
     int8 = info = None
-    if data is None and calibration is None and int8_paths(meta["_dir"])[1].is_file():
+    if data is None and calibration is None and int8_paths(meta.dir)[1].is_file():
         int8, info = load_int8(meta)
         if not info["gate"].get("passed") and not force:
             raise GateError(f"the package's INT8 model failed its accuracy gate ({'; '.join(info['gate']['failures'])}); "
