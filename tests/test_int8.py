@@ -266,6 +266,7 @@ def test_auto_picks_int8_only_where_it_was_measured_faster(int8_run, tmp_path, m
     start-up check decides, once per process. The timing is injected: tests never assert real timings."""
     import torch
 
+    import medpipe.infer.auto as auto_mod
     import medpipe.infer.quantize as q
     from medpipe.infer.predictor import Predictor, resolve_backend
     from medpipe.package import read_meta
@@ -273,7 +274,7 @@ def test_auto_picks_int8_only_where_it_was_measured_faster(int8_run, tmp_path, m
     model = _copy_run(int8_run["run"], tmp_path / "run")
     cpu = torch.device("cpu")
     monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["avx512_vnni"])
-    monkeypatch.setattr(q, "_SPEED_CHECKS", {})
+    monkeypatch.setattr(auto_mod, "_SPEED_CHECKS", {})
     calls = []
 
     def fake_measure(speedup):
@@ -304,7 +305,7 @@ def test_auto_picks_int8_only_where_it_was_measured_faster(int8_run, tmp_path, m
     assert p.logits([np.zeros((32, 32, 3), np.uint8)]).shape == (1, 7)  # the FP32 graph it timed also runs
     Predictor(model, device="cpu", backend="auto", threads=1)
     assert len(calls) == 1  # cached for the process (same INT8 model, CPU, threads)
-    monkeypatch.setattr(q, "_SPEED_CHECKS", {})
+    monkeypatch.setattr(auto_mod, "_SPEED_CHECKS", {})
     monkeypatch.setattr(q, "measure_speedup", fake_measure(1.4))
     _set_speed(model, None)
     p = Predictor(model, device="cpu", backend="auto", threads=1)
@@ -313,7 +314,7 @@ def test_auto_picks_int8_only_where_it_was_measured_faster(int8_run, tmp_path, m
     def broken(*a, **kw):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(q, "_SPEED_CHECKS", {})
+    monkeypatch.setattr(auto_mod, "_SPEED_CHECKS", {})
     monkeypatch.setattr(q, "measure_speedup", broken)
     p = Predictor(model, device="cpu", backend="auto", threads=1)
     assert p.backend == "onnx" and "speed check" in p.backend_reason and "boom" in p.backend_reason
