@@ -1,6 +1,6 @@
 """The preprocessing contract, one object: the spec stored in every package (decode, resize and
-normalise rules), array preparation, and the train/eval presets built from it. Nothing else reads
-the spec out of a package's ``model.json``.
+normalise rules), array preparation, and the train/eval presets built from it (medpipe.package
+stores the spec in ``model.json`` and reads it back as ``PackageMeta.preprocessing``).
 
 Both presets start from the pixels :func:`medpipe.data.imageio.decode_image` returns (RGB uint8,
 HWC, already resized to ``spec.image_size`` — in the pixel cache or from raw bytes, identically)
