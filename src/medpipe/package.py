@@ -107,7 +107,8 @@ class IntendedUse:
 @dataclass(frozen=True)
 class PackageMeta:
     """``model.json``, typed. Frozen: change a copy with ``dataclasses.replace`` and write it with
-    :func:`write_meta`. ``directory`` is where it was read from or written to (not stored)."""
+    :func:`write_meta` (the nested JSON objects, e.g. ``metrics``, are plain values: read them, do not
+    change them in place). ``directory`` is where it was read from or written to (not stored)."""
 
     name: str = _doc("model name, shown by the server and every export")
     architecture: str = _doc("registered model name (medpipe.models), builds the network for the weights")
@@ -159,8 +160,9 @@ class PackageMeta:
         out: dict[str, Any] = {
             "format": self.format, "name": self.name, "version": self.version, "architecture": self.architecture,
             "num_classes": self.num_classes, "classes": list(self.classes),
-            "preprocessing": self.preprocessing.to_dict(), "calibration": self.calibration.to_dict(), "metrics": _plain(self.metrics),
-            "training_config": _plain(self.training_config), "versions": _plain(self.provenance.versions),
+            "preprocessing": self.preprocessing.to_dict(), "calibration": self.calibration.to_dict(),
+            "metrics": _plain(self.metrics), "training_config": _plain(self.training_config),
+            "versions": _plain(self.provenance.versions),
             "weights_sha256": self.provenance.weights_sha256, "records_sha256": self.provenance.records_sha256,
             "intended_use": dataclasses.asdict(self.intended_use)}
         if self.decision is not None:

@@ -155,7 +155,8 @@ def _choose_quantized(host: Host, info: dict | None, no_int8: str | None,
         return None, no_int8 or f"the package has no INT8 model (medpipe quantize makes one); CPU has {flags}"
     g = info["gate"]
     if not g.get("passed"):
-        return None, "its INT8 model failed the accuracy gate (written with --force): " + "; ".join(g.get("failures", []))
+        return None, ("its INT8 model failed the accuracy gate (written with --force): "
+                      + "; ".join(g.get("failures", [])))
     gated = f"gated INT8 model (agreement {g['agreement']:.1%}, macro AUC difference {g['auc_diff']:.4f})"
     ov_ok, ov_why = openvino_verdict(info, host)
     speed = recorded_speed(info, host)
@@ -175,7 +176,8 @@ def _choose_quantized(host: Host, info: dict | None, no_int8: str | None,
                      if isinstance(before, dict) and isinstance(before.get("cpu"), dict)
                      else "no quantize-time figure") + ")")
     ovs = speed.get("openvino_speedup")
-    if ov_ok and isinstance(ovs, (int, float)) and math.isfinite(ovs) and ovs >= q.MIN_SPEEDUP and ovs > speed["speedup"]:
+    if (ov_ok and isinstance(ovs, (int, float)) and math.isfinite(ovs) and ovs >= q.MIN_SPEEDUP
+            and ovs > speed["speedup"]):
         return "openvino", f"{gated}, {ov_why}, {q.format_speed(speed)} {source}"
     if speed["speedup"] >= q.MIN_SPEEDUP:
         not_ov = (ov_why if not ov_ok else "no OpenVINO speed figure" if not isinstance(ovs, (int, float))
