@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from medpipe.data.sources import class_name_problem
 from medpipe.errors import PackageError
-from medpipe.preprocess import PreprocessSpec
+from medpipe.models import MODEL_NAMES, create_model
+from medpipe.preprocess import INTERPOLATIONS, PreprocessSpec
 from medpipe.utils import atomic_write_bytes, atomic_write_json, sha256_file, versions
 
-if typing.TYPE_CHECKING:  # annotations only: reading model.json does not load torch
+if typing.TYPE_CHECKING:  # annotations only: reading model.json loads no torch (safetensors loads it for weights)
     import torch
 
 log = logging.getLogger(__name__)
@@ -276,22 +278,8 @@ def _text(v) -> bool:
 
 
 def _class_list(v) -> bool:
-    from medpipe.data.sources import class_name_problem
-
     return (isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v) and len(set(v)) == len(v)
             and not any(class_name_problem(c) for c in v))
-
-
-def _model_names():
-    from medpipe.models import MODEL_NAMES
-
-    return MODEL_NAMES
-
-
-def _interpolations():
-    from medpipe.preprocess import INTERPOLATIONS
-
-    return INTERPOLATIONS
 
 
 # model.json, key by key: (key, check, what it must be). Checked at load (after migration) and before every
@@ -301,13 +289,13 @@ SCHEMA = [
     ("format", lambda v: v == PACKAGE_FORMAT, f"'{PACKAGE_FORMAT}'"),
     ("name", _text, "a non-empty string"),
     ("version", _text, "a non-empty string"),
-    ("architecture", lambda v: isinstance(v, str) and v in _model_names(), "one of the registered models"),
+    ("architecture", lambda v: isinstance(v, str) and v in MODEL_NAMES, "one of the registered models"),
     ("classes", _class_list, "a list of at least 2 distinct class names, each in the safe set "
                              "(medpipe.data.sources.class_name_problem)"),
     ("num_classes", _is_int, "an integer equal to the number of classes"),
     ("preprocessing", lambda v: isinstance(v, dict), "an object"),
     ("preprocessing.image_size", lambda v: _is_int(v) and 8 <= v <= 4096, "an integer in [8, 4096]"),
-    ("preprocessing.interpolation", lambda v: isinstance(v, str) and v in _interpolations(), "a known interpolation"),
+    ("preprocessing.interpolation", lambda v: isinstance(v, str) and v in INTERPOLATIONS, "a known interpolation"),
     ("preprocessing.mean", lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)),
      "3 finite numbers"),
     ("preprocessing.std", lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
@@ -454,8 +442,6 @@ def weights_bytes(state: dict) -> bytes:
 def load_package(pkg_dir: str | Path, device: "str | torch.device" = "cpu") -> tuple["torch.nn.Module", PackageMeta]:
     """Verify and load a package; returns (model in eval mode, its :class:`PackageMeta`)."""
     from safetensors.torch import load_file
-
-    from medpipe.models import create_model
 
     meta = read_meta(pkg_dir)
     weights = meta.dir / WEIGHTS

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from medpipe.infer.backends import Backend, LoadContext
+from medpipe.infer.onnx_runtime import INPUT_NAME, onnx_bytes, onnx_session
 from medpipe.infer.quantize import load_int8
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,6 @@ class _SessionBackend(Backend):
         self.session, self.record = session, record
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        from medpipe.export import INPUT_NAME  # export's ONNX names; loaded with the session anyway
-
         out = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x.numpy())})[0]
         return torch.from_numpy(out)
 
@@ -38,8 +37,6 @@ class OnnxBackend(_SessionBackend):
 
     @classmethod
     def load(cls, ctx: LoadContext) -> "OnnxBackend":
-        from medpipe.export import onnx_bytes, onnx_session  # onnxruntime is optional: loaded with this backend
-
         data = ctx.fp32_onnx() if ctx.fp32_onnx else onnx_bytes(ctx.model, ctx.meta.preprocessing.image_size)
         return cls(onnx_session(data, threads=ctx.threads))
 
@@ -57,8 +54,6 @@ class Int8Backend(_SessionBackend):
 
     @classmethod
     def load(cls, ctx: LoadContext) -> "Int8Backend":
-        from medpipe.export import onnx_session  # onnxruntime is optional: loaded with this backend
-
         data, info = load_int8(ctx.meta)
         if not info["gate"].get("passed"):
             log.warning("the INT8 model FAILED its accuracy gate (written with --force): %s",

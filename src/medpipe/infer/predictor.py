@@ -23,6 +23,8 @@ from medpipe.infer.backends import BACKENDS, LoadContext  # noqa: F401  (BACKEND
 from medpipe.package import load_package
 from medpipe.preprocess import eval_batch, flip_averaged, use_plain_tensors
 from medpipe.utils import resolve_device
+from medpipe.infer.onnx_runtime import onnx_bytes
+from medpipe.infer.explain import GradCamExplainer
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,6 @@ class Predictor:
     def _onnx_fp32(self) -> bytes:
         """The package's FP32 ONNX graph, exported once (auto's start-up check and the onnx backend share it)."""
         if self._fp32_onnx is None:
-            from medpipe.export import onnx_bytes  # onnx export is only needed by the ONNX Runtime backends
-
             self._fp32_onnx = onnx_bytes(self.model, self.spec.image_size)
         return self._fp32_onnx
 
@@ -144,7 +144,6 @@ class Predictor:
 
     def explain(self, pixels: np.ndarray) -> tuple[Prediction, np.ndarray]:
         """Prediction and Grad-CAM map (HxW in [0, 1], model input size) for one image, eager model."""
-        from medpipe.infer.explain import GradCamExplainer
 
         x = eval_batch([pixels], self.spec).to(self.device)
         with self._lock:
