@@ -55,7 +55,7 @@ def test_onnx_and_torchscript_exports(trained_run, tmp_path):
     from medpipe.package import load_package
 
     model, meta = load_package(trained_run / "model")
-    size = meta["preprocessing"]["image_size"]
+    size = meta.preprocessing.image_size
     x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref = model(x).numpy()
@@ -66,21 +66,21 @@ def test_onnx_and_torchscript_exports(trained_run, tmp_path):
     assert np.abs(sess.run(None, {"image": x.numpy()})[0] - ref).max() < 1e-4
     # self-describing: everything needed to use the file is inside it
     props = sess.get_modelmeta().custom_metadata_map
-    assert json.loads(props["classes"]) == meta["classes"]
-    assert props["weights_sha256"] == meta["weights_sha256"]
-    assert float(props["temperature"]) == pytest.approx(meta["calibration"]["temperature"])
+    assert json.loads(props["classes"]) == list(meta.classes)
+    assert props["weights_sha256"] == meta.weights_sha256
+    assert float(props["temperature"]) == pytest.approx(meta.temperature)
     spec = json.loads(props["preprocessing"])
-    assert spec["image_size"] == size and spec["interpolation"] == meta["preprocessing"]["interpolation"]
+    assert spec["image_size"] == size and spec["interpolation"] == meta.preprocessing.interpolation
     assert "draft" in spec["decode"] and props["medpipe_version"]
     # the sidecar cannot collide with a package's model.json
-    assert json.loads((out.parent / "m.onnx.medpipe.json").read_text())["classes"] == meta["classes"]
+    assert json.loads((out.parent / "m.onnx.medpipe.json").read_text())["classes"] == list(meta.classes)
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx", "m.onnx.medpipe.json"]
     assert main(["export", "--model", str(trained_run / "model"), "--format", "torchscript", "--out",
                  str(tmp_path / "m.ts")]) == 0
     extra = {"medpipe_model.json": ""}
     ts = torch.jit.load(str(tmp_path / "m.ts"), _extra_files=extra)
     assert np.abs(ts(x).detach().numpy() - ref).max() < 1e-4
-    assert json.loads(extra["medpipe_model.json"])["classes"] == meta["classes"]
+    assert json.loads(extra["medpipe_model.json"])["classes"] == list(meta.classes)
 
 
 def _readme_snippet() -> str:

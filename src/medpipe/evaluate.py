@@ -218,10 +218,10 @@ def evaluate_arrays(predictor, pixels, rows, y, image_ids, labels, out_dir, *, s
     metrics = compute_metrics(y, probs, classes, bootstrap=bootstrap, pred=pred)
     metrics["split"], metrics["tta"] = split, tta
     metrics["decision_rule"] = predictor.decision_rule
-    cal_tta = predictor.meta.get("calibration", {}).get("tta") if tta and not getattr(predictor, "int8", None) else None
+    cal_tta = predictor.meta.calibration.tta if tta and not getattr(predictor, "int8", None) else None
     metrics["calibrated_for_tta"] = bool(cal_tta) if tta else None
-    metrics["decision_rules"] = decision_rule_rows(y, probs, classes, (cal_tta or {}).get("decision")
-                                                   or predictor.meta.get("decision"))
+    metrics["decision_rules"] = decision_rule_rows(y, probs, classes, (cal_tta.decision if cal_tta else None)
+                                                   or predictor.meta.decision)
     metrics["backend"] = getattr(predictor, "backend", "eager")
     if getattr(predictor, "int8", None):  # the INT8 model's accuracy gate travels with its evaluation
         metrics["int8_gate"] = predictor.int8["gate"]

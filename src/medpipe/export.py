@@ -37,7 +37,7 @@ from medpipe.infer.onnx_runtime import (INPUT_NAME, ONNX_OPSET, OUTPUT_NAME,  # 
                                         export_about, input_text, onnx_bytes, onnx_session, with_onnx_metadata)
 from medpipe.infer.quantize import int8_paths, load_int8, quantize_package
 from medpipe.models import bundle_target
-from medpipe.package import META, WEIGHTS, load_package, read_meta
+from medpipe.package import META, WEIGHTS, PackageMeta, load_package, read_meta
 from medpipe.preprocess import PreprocessSpec, eval_batch, shades_of_gray
 from medpipe.sagemaker import layout
 from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
@@ -160,12 +160,12 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     if fmt == "onnx-int8":
         return export_int8(package, out, force=force, **int8_options)
     model, meta = load_package(package)
-    size = PreprocessSpec.from_meta(meta).image_size
+    size = meta.preprocessing.image_size
     out_path = Path(out)
     check_target(out_path, fmt, force)
     result = {"format": fmt, "out": str(out_path)}
     if fmt == "onnx" and with_preprocessing:
-        spec = PreprocessSpec.from_meta(meta)
+        spec = meta.preprocessing
         wrapped = preprocessing_wrapper(model, spec).eval()
         data = onnx_bytes(wrapped, size, torch.zeros(2, size, size, 3, dtype=torch.uint8))
         sess = onnx_session(data)
@@ -192,7 +192,7 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     elif fmt == "bundle":
         result.update(write_bundle(model, meta, out_path))
     else:
-        result["out"] = str(layout.package(meta["_dir"], out_path))
+        result["out"] = str(layout.package(meta.dir, out_path))
     return result
 
 
@@ -204,7 +204,7 @@ def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None
     out = Path(out)
     check_target(out, "onnx-int8", force)
     int8 = info = None
-    if data is None and calibration is None and int8_paths(meta["_dir"])[1].is_file():
+    if data is None and calibration is None and int8_paths(meta.dir)[1].is_file():
         int8, info = load_int8(meta)
         if not info["gate"].get("passed") and not force:
             raise GateError(f"the package's INT8 model failed its accuracy gate ({'; '.join(info['gate']['failures'])}); "
@@ -219,9 +219,9 @@ def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None
     return {"format": "onnx-int8", "out": str(out), "int8": info}
 
 
-def _sidecar(meta: dict, fmt: str, with_preprocessing: bool = False) -> str:
+def _sidecar(meta: PackageMeta, fmt: str, with_preprocessing: bool = False) -> str:
     return json.dumps({"exported_as": fmt, "input": input_text(with_preprocessing), "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
-                       "calibrated probabilities)", **export_about(meta), "calibration": meta.get("calibration", {})},
+                       "calibrated probabilities)", **export_about(meta), "calibration": meta.calibration.to_dict()},
                       indent=2)
 
 
@@ -251,13 +251,13 @@ def _escape_tree(obj):
     return obj
 
 
-def bundle_metadata(meta: dict) -> dict:
+def bundle_metadata(meta: PackageMeta) -> dict:
     import monai
     import numpy as np
     import torch
 
     about = export_about(meta)
-    spec = PreprocessSpec.from_meta(meta)
+    spec = meta.preprocessing
     size, classes = spec.image_size, about["classes"]
     lo = [round((0.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
     hi = [round((1.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
@@ -280,7 +280,7 @@ def bundle_metadata(meta: dict) -> dict:
         "description": f"MONAI {about['architecture']} trained with medpipe on dermatoscopy images; "
                        f"softmax(logits / {about['temperature']:.4f}) gives calibrated class probabilities.",
         "authors": "medpipe", "copyright": "Copyright (c) the model's trainer",
-        "intended_use": "Research only; not for diagnostic use.",
+        "intended_use": meta.intended_use.purpose,
         "data_source": "see docs/README.md", "data_type": "RGB dermatoscopy images (JPEG, PNG, BMP, WebP)",
         "image_classes": "RGB, 3 channels",
         "label_classes": "one class per output channel, see channel_def",
@@ -294,7 +294,7 @@ def bundle_metadata(meta: dict) -> dict:
                 "spatial_shape": [len(classes)], "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
                 "channel_def": {str(i): c for i, c in enumerate(classes)}}},
         },
-        "medpipe": {**about, "calibration": meta.get("calibration", {})},
+        "medpipe": {**about, "calibration": meta.calibration.to_dict()},
     }
 
 
@@ -316,16 +316,16 @@ def check_bundle_metadata(md: dict) -> list[str]:
     return problems
 
 
-def bundle_inference_config(meta: dict) -> dict:
+def bundle_inference_config(meta: PackageMeta) -> dict:
     """``configs/inference.json``: MONAI's standard inference workflow (dataset -> evaluator -> run).
 
     The loader is medpipe's decoder (``LoadPreprocessd``, the spec's decode + resize: pixels identical to
     ``medpipe predict``); the rest of the eval preset is MONAI transforms; the calibration temperature is
     applied before the softmax; ``BundlePredictionWriter`` writes one JSON line per image."""
 
-    spec = PreprocessSpec.from_meta(meta)
+    spec = meta.preprocessing
     about = export_about(meta)
-    rule, offsets = decision.resolve(meta.get("decision"), None, len(about["classes"]))
+    rule, offsets = decision.resolve(meta.decision, None, len(about["classes"]))
     exts = ", ".join(repr(e) for e in IMAGE_SUFFIXES)
     return {
         "imports": ["$import functools", "$import glob", "$import os", "$import medpipe.preprocess",
@@ -341,7 +341,7 @@ def bundle_inference_config(meta: dict) -> dict:
         # the package's decision rule picks the label (medpipe.decision); probabilities are unaffected
         "decision_rule": config_literal(rule),
         "decision_offsets": None if offsets is None else [float(v) for v in offsets],
-        "network_def": bundle_target(meta["architecture"], len(about["classes"])),
+        "network_def": bundle_target(meta.architecture, len(about["classes"])),
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "medpipe.preprocess.LoadPreprocessd", "keys": "image", "image_size": spec.image_size,
@@ -419,9 +419,9 @@ class BundlePredictionWriter:
         log.info("bundle: %d predictions written to %s", len(self.rows), self.path)
 
 
-def _model_card(meta: dict, md: dict) -> str:
+def _model_card(meta: PackageMeta, md: dict) -> str:
     about = export_about(meta)
-    spec = PreprocessSpec.from_meta(meta)
+    spec = meta.preprocessing
     lines = [f"# {about['name']} (v{about['version']}): {about['architecture']} dermatoscopy classifier", "",
              "## What it is", "",
              f"A MONAI {about['architecture']} that classifies one RGB dermatoscopy image into "
@@ -440,15 +440,16 @@ def _model_card(meta: dict, md: dict) -> str:
              "## Preprocessing", "",
              *spec.describe_lines(), "",
              "## Data", ""]
-    cfg = meta.get("training_config") or {}
-    lines.append(f"Trained on the record table with sha256 `{meta.get('records_sha256') or 'unknown'}`"
+    cfg = meta.training_config
+    lines.append(f"Trained on the record table with sha256 `{meta.provenance.records_sha256 or 'unknown'}`"
                  + (f" (data folder `{cfg['data']}`)" if isinstance(cfg.get("data"), str) else "")
                  + ". HAM10000 (ISIC 2018 task 3) is the intended source: 10,015 dermatoscopy images of 7 classes, "
                    "CC BY-NC 4.0, split by lesion so no lesion is in two splits.")
     lines += ["", "## Metrics", ""]
-    lines += _metric_lines(meta.get("metrics") or {})
+    lines += _metric_lines(meta.metrics)
     lines += ["", "## Limits", "",
-              "- Research use only; not a medical device and not for diagnosis.",
+              f"- Intended use: {meta.intended_use.purpose}.",
+              f"- The figures above come from the {meta.intended_use.figures_from}.",
               "- Dermatoscopy images only; other modalities, clinical photos and non-skin images get a "
               "confident but meaningless answer.",
               "- HAM10000 is dominated by nevi (about 67%) and by light skin types; rare classes are estimated "
@@ -488,11 +489,11 @@ def _metric_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def write_bundle(model: torch.nn.Module, meta: dict, out: Path) -> dict:
+def write_bundle(model: torch.nn.Module, meta: PackageMeta, out: Path) -> dict:
     import torch
 
     out = Path(out)
-    size = PreprocessSpec.from_meta(meta).image_size
+    size = meta.preprocessing.image_size
     md = bundle_metadata(meta)
     problems = check_bundle_metadata(md)
     if problems:

@@ -31,7 +31,7 @@ from medpipe.decision import fit_rules
 from medpipe.errors import ConfigError
 from medpipe.evaluate import compute_metrics, evaluate_arrays
 from medpipe.infer.predictor import Predictor
-from medpipe.package import save_package
+from medpipe.package import save_package, update_meta
 from medpipe.track import MLflowHandler, resolve_uri
 from medpipe.train import distributed
 from medpipe.train.checkpoint import check_compatible, load_checkpoint
@@ -275,7 +275,6 @@ def package_and_report(engine: Engine, layout: RunLayout, *, evaluate_test: bool
         result = evaluate_arrays(Predictor(layout.model), t.pixels, t.rows, t.labels, t.ids, t.names, layout.report,
                                  split="test", tta=cfg.tta, bootstrap=cfg.bootstrap)
         metrics["test"] = _compact(result["metrics"])
-        meta["metrics"] = metrics
-        atomic_write_text(layout.model / "model.json", to_json(meta, indent=2))
+        update_meta(meta, metrics=metrics)
         out.update(test=metrics["test"], report=result["report_md"], plots=result["plots"])
     return out

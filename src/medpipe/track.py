@@ -290,7 +290,7 @@ def log_package(model_dir: str | Path, *, name: str = "model", registered_model_
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buf, format="PNG")
     signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
                                outputs=Schema([ColSpec("string", "label"),
-                                               *[ColSpec("double", c) for c in meta["classes"]]]))
+                                               *[ColSpec("double", c) for c in meta.classes]]))
     v = versions()
     with tempfile.TemporaryDirectory() as tmp:
         pkg = Path(tmp) / "package"

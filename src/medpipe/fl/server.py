@@ -40,7 +40,7 @@ from medpipe.decision import prior_from_counts
 from medpipe.fl.records import arrays_to_record, record_to_arrays
 from medpipe.fl.site import to_numpy, to_torch
 from medpipe.models import create_model
-from medpipe.package import save_package
+from medpipe.package import IntendedUse, save_package
 
 CONFIG_FILE, STATE_FILE, SITES_FILE, LOG_FILE = "fl_config.json", "fl_state.json", "sites.json", "fl_server.log"
 OWNER_FILE = ".fl_owner"
@@ -352,11 +352,8 @@ class Coordinator:
             # balancing; class_bias needs per-image validation predictions and falls back to prior
             decision = prior_from_counts(pooled["support"], classes, tc.decision_rule,
                                          tau=1.0 if tc.imbalance == "none" else 0.0)
-        meta = save_package(model_dir, model.eval(), name=f"{tc.model}-federated", arch=tc.model, classes=classes,
-                            spec=tc.preprocess(), temperature=1.0, metrics=metrics, config=tc.to_dict(),
-                            decision=decision)
         cfg = self.cfg
-        meta["federated"] = {
+        federated = {
             "engine": "flower", "engine_version": flwr.__version__, "strategy": cfg["strategy"],
             "mu": float(cfg["mu"]) if cfg["strategy"] == "fedprox" else 0.0, "rounds": int(cfg["rounds"]),
             "local_epochs": int(cfg["local_epochs"]), "min_sites": int(cfg["min_sites"]),
@@ -368,5 +365,10 @@ class Coordinator:
                          else "argmax (no pooled class counts)"),
             "sites": state["sites"], "torch": torch.__version__,
         }
-        atomic_write_text(model_dir / "model.json", to_json(meta, indent=2))
+        save_package(model_dir, model.eval(), name=f"{tc.model}-federated", arch=tc.model, classes=classes,
+                     spec=tc.preprocess(), temperature=1.0, metrics=metrics, config=tc.to_dict(),
+                     decision=decision, federated=federated, intended_use=IntendedUse(figures_from=(
+                         f"validation splits of the {len(state['sites'])} federated sites, pooled as per-site "
+                         "histograms (no image left its site); figures on other sites, populations, devices or "
+                         "image types are unknown")))
         return {"model_dir": str(model_dir), "best_round": state["best_round"]}

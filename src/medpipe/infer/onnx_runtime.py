@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 from medpipe import __version__, decision
 from medpipe.errors import ExportError
-from medpipe.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:  # annotations only
     import torch
+
+    from medpipe.package import PackageMeta
 
 ONNX_OPSET = 18
 INPUT_NAME = "image"
@@ -69,17 +70,17 @@ def onnx_session(data: bytes | str, threads: int | None = None):
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
-def export_about(meta: dict) -> dict:
+def export_about(meta: PackageMeta) -> dict:
     """What every export says about itself: identity, classes, the preprocessing contract, calibration."""
-    rule, offsets = decision.resolve(meta.get("decision"), None, len(meta["classes"]))
-    return {"name": meta.get("name", "medpipe"), "version": str(meta.get("version", "1")),
-            "architecture": meta["architecture"], "classes": list(meta["classes"]),
-            "preprocessing": PreprocessSpec.from_meta(meta).describe(),
-            "temperature": float(meta.get("calibration", {}).get("temperature", 1.0)),
+    rule, offsets = decision.resolve(meta.decision, None, meta.num_classes)
+    return {"name": meta.name, "version": meta.version,
+            "architecture": meta.architecture, "classes": list(meta.classes),
+            "preprocessing": meta.preprocessing.describe(),
+            "temperature": meta.temperature,
             # the package's label rule (medpipe.decision), for consumers that want medpipe's labels
-            "decision": {"rule": rule, "offsets": [0.0] * len(meta["classes"]) if offsets is None else
+            "decision": {"rule": rule, "offsets": [0.0] * meta.num_classes if offsets is None else
                          [float(v) for v in offsets], "label": "argmax(log(probabilities) + offsets)"},
-            "weights_sha256": meta.get("weights_sha256"), "medpipe_version": __version__}
+            "weights_sha256": meta.weights_sha256, "medpipe_version": __version__}
 
 
 def input_text(with_preprocessing: bool) -> str:
@@ -89,7 +90,7 @@ def input_text(with_preprocessing: bool) -> str:
     return f"{INPUT_NAME}: float32 N x 3 x S x S, the eval preset's output (see preprocessing)"
 
 
-def with_onnx_metadata(data: bytes, meta: dict, with_preprocessing: bool = False) -> bytes:
+def with_onnx_metadata(data: bytes, meta: PackageMeta, with_preprocessing: bool = False) -> bytes:
     """The ONNX model with ``metadata_props`` that make it self-describing (read them with
     ``InferenceSession.get_modelmeta().custom_metadata_map``); strings, JSON where structured."""
     import onnx

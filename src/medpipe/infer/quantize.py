@@ -27,6 +27,7 @@ temperature, the inference precision and the OpenVINO version; see infer/openvin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ from medpipe.infer import openvino_runtime as ovr
 from medpipe.infer.onnx_runtime import INPUT_NAME, onnx_bytes, onnx_session, with_onnx_metadata
 from medpipe.infer.openvino_runtime import OpenVinoSession
 from medpipe.metrics import macro_auc
-from medpipe.package import load_package, package_spec, read_meta
+from medpipe.package import Calibration, PackageMeta, load_package, read_meta
 from medpipe.preprocess import eval_batch
 from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
 
@@ -77,14 +78,14 @@ def int8_paths(pkg_dir: str | Path) -> tuple[Path, Path]:
     return Path(pkg_dir) / INT8_FILE, Path(pkg_dir) / INT8_META
 
 
-def load_int8(meta: dict) -> tuple[bytes, dict]:
+def load_int8(meta: PackageMeta) -> tuple[bytes, dict]:
     """The package's INT8 model and its record, both verified; QuantizeError naming what is wrong."""
     import hashlib
 
-    onnx_path, info_path = int8_paths(meta["_dir"])
+    onnx_path, info_path = int8_paths(meta.dir)
     if not info_path.is_file():
-        raise QuantizeError(f"{meta['_dir']} has no INT8 model; make one with "
-                            f"'medpipe quantize --model {meta['_dir']} --data DATA'")
+        raise QuantizeError(f"{meta.dir} has no INT8 model; make one with "
+                            f"'medpipe quantize --model {meta.dir} --data DATA'")
     try:
         info = json.loads(info_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -95,9 +96,9 @@ def load_int8(meta: dict) -> tuple[bytes, dict]:
     for key in ("sha256", "weights_sha256", "temperature", "gate"):
         if key not in info:
             raise QuantizeError(f"{info_path}: missing key '{key}'")
-    if info["weights_sha256"] != meta["weights_sha256"]:
+    if info["weights_sha256"] != meta.weights_sha256:
         raise QuantizeError(f"{info_path}: made from other weights ({str(info['weights_sha256'])[:12]}...) than "
-                            f"this package's ({meta['weights_sha256'][:12]}...); run 'medpipe quantize' again")
+                            f"this package's ({meta.weights_sha256[:12]}...); run 'medpipe quantize' again")
     if not onnx_path.is_file():
         raise QuantizeError(f"{onnx_path} is missing ({INT8_META} refers to it)")
     import os
@@ -212,116 +213,6 @@ def format_speed(speed: dict) -> str:
     return text
 
 
-_SPEED_CHECKS: dict[tuple, dict] = {}  # start-up checks, once per process, INT8 model, CPU and thread count
-
-
-def openvino_record(info: dict) -> tuple[dict | None, str]:
-    """The INT8 record's ``openvino`` entry if it can be used here at all (installed, well-formed, same
-    OpenVINO release line as gated, precision runnable on this CPU), else None and why. Whether its gate
-    passed is :func:`openvino_status`'s question."""
-
-    rec = info.get("openvino")
-    if not isinstance(rec, dict) or not isinstance(rec.get("gate"), dict):
-        return None, ("its INT8 model has no OpenVINO gate (it was quantized without OpenVINO installed; "
-                      "run 'medpipe quantize' again with pip install 'medpipe[openvino]', or use --backend int8)")
-    if not ovr.available():
-        return None, "OpenVINO is not installed (pip install 'medpipe[openvino]')"
-    t, g = rec.get("temperature"), rec["gate"]
-    if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0 or rec.get("precision") not in ovr.PRECISIONS \
-            or not isinstance(g.get("passed"), bool) or not all(isinstance(g.get(k), (int, float))
-                                                                 for k in ("agreement", "auc_diff")):
-        return None, (f"{INT8_META}: its 'openvino' record is malformed (temperature, precision or gate figures); "
-                      "run 'medpipe quantize' again")
-    try:
-        here, runnable = ovr.version(), ovr.supported(rec["precision"])
-    except Exception as exc:  # noqa: BLE001 - a broken optional runtime is a reason not to use it
-        return None, f"OpenVINO does not start here ({exc.__class__.__name__}: {exc})"
-    if ovr.release(here) != ovr.release(str(rec.get("version", ""))):
-        return None, (f"its OpenVINO gate was run with OpenVINO {rec.get('version')}, this is {here}: outputs of "
-                      "another release were never gated; run 'medpipe quantize' again")
-    if not runnable:
-        return None, (f"its OpenVINO gate was run in {rec['precision']}, which this CPU does not run; run "
-                      "'medpipe quantize' again on this machine or use --backend int8")
-    return rec, "usable"
-
-
-def openvino_status(info: dict) -> tuple[bool, str]:
-    """Whether the ``openvino`` backend may run this INT8 model here, and why: :func:`openvino_record`
-    and its own gate, run at quantize time, passed."""
-    rec, why = openvino_record(info)
-    if rec is None:
-        return False, why
-    g = rec["gate"]
-    if not g["passed"]:
-        return False, "OpenVINO's outputs failed the accuracy gate: " + "; ".join(map(str, g.get("failures", [])))
-    return True, (f"OpenVINO gate passed in {rec['precision']} (agreement {g['agreement']:.1%}, macro AUC "
-                  f"difference {g['auc_diff']:.4f})")
-
-
-def auto_quantized_backend(meta: dict, fp32=None, threads: int | None = None) -> tuple[str | None, str]:
-    """Whether ``auto`` may pick the package's INT8 model on this CPU (``int8`` on ONNX Runtime or
-    ``openvino``), and why (for the log); None keeps FP32.
-
-    INT8 only when the CPU has INT8 dot-product instructions, the model is verified and passed its
-    gate, and INT8 was measured at least ``MIN_SPEEDUP`` times as fast as FP32 ONNX on this CPU model:
-    the figure recorded at quantize time when it was made on the same CPU model, else a short start-up
-    check (``fp32``: a callable returning the FP32 ONNX bytes; without it no check, no INT8), cached
-    for the process. OpenVINO is picked over ONNX Runtime when its own gate passed (:func:`openvino_status`)
-    and it was measured faster than both FP32 (by ``MIN_SPEEDUP``) and ONNX Runtime INT8."""
-    flags = cpu_int8_flags()
-    if not flags:
-        return None, "this CPU reports no INT8 dot-product instructions (avx512_vnni, avx_vnni or amx_int8)"
-    if not int8_paths(meta["_dir"])[1].is_file():
-        return None, f"the package has no INT8 model (medpipe quantize makes one); CPU has {'+'.join(flags)}"
-    try:
-        int8, info = load_int8(meta)
-    except QuantizeError as exc:
-        return None, f"its INT8 model is not usable: {exc}"
-    if not info["gate"].get("passed"):
-        return None, "its INT8 model failed the accuracy gate (written with --force): " + \
-            "; ".join(info["gate"].get("failures", []))
-    gated = f"gated INT8 model (agreement {info['gate']['agreement']:.1%}, macro AUC difference " \
-            f"{info['gate']['auc_diff']:.4f})"
-    ov_ok, ov_why = openvino_status(info)
-    here = cpu_model()
-    speed = info.get("speed") if isinstance(info.get("speed"), dict) else None
-    recorded = (speed is not None and isinstance(speed.get("cpu"), dict) and speed["cpu"].get("model") == here
-                and isinstance(speed.get("speedup"), (int, float)) and math.isfinite(speed["speedup"]))
-    if recorded:
-        source = f"measured at quantize time on this CPU model ({here}, {'+'.join(flags)})"
-    elif fp32 is None:
-        return None, (f"its {gated} has no speed figure for this CPU ({here}) and no start-up check could run")
-    else:
-        key = (info["sha256"], here, threads, ov_ok)
-        if key not in _SPEED_CHECKS:
-            size = package_spec(meta).image_size
-            check = None
-            if ov_ok:  # with OpenVINO; should OpenVINO fail here, time ONNX Runtime's INT8 alone
-                try:
-                    check = measure_speedup(fp32(), int8, size, threads=threads, warmup=1, rounds=3,
-                                            openvino=info["openvino"]["precision"])
-                except Exception as exc:  # noqa: BLE001
-                    ov_ok, ov_why = False, f"OpenVINO failed its start-up check ({exc.__class__.__name__}: {exc})"
-            try:
-                _SPEED_CHECKS[key] = check or measure_speedup(fp32(), int8, size, threads=threads, warmup=1, rounds=3)
-            except Exception as exc:  # noqa: BLE001 - a failed check is a reason to keep FP32, not to fail
-                return None, f"the start-up speed check of its {gated} failed ({exc.__class__.__name__}: {exc})"
-        speed = _SPEED_CHECKS[key]
-        source = (f"start-up check on this CPU ({here}, {'+'.join(flags)}; "
-                  + ("the quantize-time figure is from " + str(info["speed"]["cpu"].get("model"))
-                     if isinstance(info.get("speed"), dict) and isinstance(info["speed"].get("cpu"), dict)
-                     else "no quantize-time figure") + ")")
-    ovs = speed.get("openvino_speedup")
-    if ov_ok and isinstance(ovs, (int, float)) and math.isfinite(ovs) and ovs >= MIN_SPEEDUP and ovs > speed["speedup"]:
-        return "openvino", f"{gated}, {ov_why}, {format_speed(speed)} {source}"
-    if speed["speedup"] >= MIN_SPEEDUP:
-        not_ov = (ov_why if not ov_ok else "no OpenVINO speed figure" if not isinstance(ovs, (int, float))
-                  else f"OpenVINO measured {ovs:.2f}x FP32 ONNX")
-        return "int8", f"{gated}, {format_speed(speed)} {source}; not OpenVINO: {not_ov}"
-    return None, (f"its {gated} is not fast enough here: {format_speed(speed)} {source}, "
-                  f"at least {MIN_SPEEDUP}x required")
-
-
 # -- quantization ----------------------------------------------------------------------------------
 
 def _float_nodes(path: Path) -> list[str]:
@@ -433,15 +324,15 @@ def gate(y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float, int8_l
     return figures
 
 
-def _validation_pixels(meta: dict, data: str | Path, size: int, interpolation: str):
+def _validation_pixels(meta: PackageMeta, data: str | Path, size: int, interpolation: str):
     """uint8 pixels and class indices of the package's validation split, decoded like serving does."""
     import pandas as pd
 
     data = Path(data)
     table, classes = load_records(data)
-    if list(classes) != list(meta["classes"]):
-        raise QuantizeError(f"--data {data}: classes {classes} differ from the model's {meta['classes']}")
-    run_splits = Path(meta["_dir"]).parent / "splits.csv"
+    if list(classes) != list(meta.classes):
+        raise QuantizeError(f"--data {data}: classes {classes} differ from the model's {list(meta.classes)}")
+    run_splits = meta.dir.parent / "splits.csv"
     sp_path = run_splits if run_splits.is_file() else data / "splits.csv"
     if not sp_path.is_file():
         raise QuantizeError(f"no split file: neither {run_splits} nor {data / 'splits.csv'} exists "
@@ -480,7 +371,7 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     import onnxruntime
 
     model, meta = load_package(package)
-    spec = package_spec(meta)
+    spec = meta.preprocessing
     if data is None:
         raise QuantizeError("give --data DATA: the ingested data folder the package was trained on (its "
                             "validation split calibrates the INT8 model and checks the gate)")
@@ -492,7 +383,7 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     calib = [eval_batch(list(calib_px[i:i + 16]), spec).numpy() for i in range(0, len(calib_px), 16)]
     fp32 = onnx_bytes(model, spec.image_size)
     int8 = quantize_onnx(fp32, calib)
-    t32 = float(meta.get("calibration", {}).get("temperature", 1.0))
+    t32 = meta.temperature
     # the gate's sessions are timed below too (the metadata _self_describing adds does not change the graph)
     built = {"fp32": onnx_session(fp32), "int8": onnx_session(int8)}
     fp32_logits = _logits(built["fp32"], val_px, spec)
@@ -506,7 +397,7 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     t8 = figures.pop("temperature")
     int8 = _self_describing(int8, meta, t8, figures)
     info = {"format": INT8_FORMAT, "file": INT8_FILE, "sha256": hashlib.sha256(int8).hexdigest(),
-            "weights_sha256": meta["weights_sha256"], "temperature": t8,
+            "weights_sha256": meta.weights_sha256, "temperature": t8,
             "gate": figures, "forced": bool(force and not figures["passed"]),
             "method": {"toolchain": f"onnxruntime {onnxruntime.__version__}",
                        "format": "QOperator" if QUANT_DEFAULTS["quant_format"] == "qoperator" else "QDQ",
@@ -548,12 +439,12 @@ def openvino_gate(int8: bytes, y: np.ndarray, fp32_logits: np.ndarray, fp32_temp
             "gate": figures}
 
 
-def _self_describing(int8: bytes, meta: dict, temperature: float, figures: dict) -> bytes:
+def _self_describing(int8: bytes, meta: PackageMeta, temperature: float, figures: dict) -> bytes:
     """The INT8 graph with the same metadata_props as an FP32 ONNX export (its own temperature) + the gate."""
     import onnx
 
-    m = onnx.load_from_string(with_onnx_metadata(int8, {**meta, "calibration": {"method": "temperature",
-                                                                               "temperature": temperature}}))
+    own = dataclasses.replace(meta, calibration=Calibration(float(temperature)))
+    m = onnx.load_from_string(with_onnx_metadata(int8, own))
     m.metadata_props.add(key="int8_gate", value=json.dumps(figures, default=float))
     return m.SerializeToString()
 
@@ -561,7 +452,7 @@ def _self_describing(int8: bytes, meta: dict, temperature: float, figures: dict)
 def install_int8(package: str | Path, int8: bytes, info: dict) -> Path:
     """Write the INT8 model into the package folder (ONNX first, then its record)."""
 
-    onnx_path, info_path = int8_paths(read_meta(package)["_dir"])
+    onnx_path, info_path = int8_paths(read_meta(package).dir)
     atomic_write_bytes(onnx_path, int8)
     atomic_write_text(info_path, to_json(info, indent=2))
     return onnx_path
