@@ -561,7 +561,7 @@ def test_decode_process_out_of_memory_is_413_and_the_worker_lives_on():
     import asyncio
 
     from medpipe.data.imageio import ImageTooLargeError
-    from medpipe.serve.decodepool import DecodePool, DecodeSpec
+    from medpipe.data.decodepool import DecodePool, DecodeSpec
 
     big = np.zeros((4000, 5000, 4), np.uint8)
     big[::9, ::7] = 200

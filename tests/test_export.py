@@ -251,7 +251,7 @@ def test_gpu_only_backends_fail_clearly_on_cpu(trained_run, capsys):
 
 def test_auto_backend_falls_back_to_eager_when_the_fast_one_cannot_start(trained_run, monkeypatch, caplog):
     """`auto` must never stop a server that eager could run; an explicit backend fails loudly instead."""
-    import medpipe.export
+    import medpipe.infer.predictor
     from medpipe.errors import MedpipeError
     from medpipe.export import ExportError
     from medpipe.infer.predictor import Predictor
@@ -259,7 +259,7 @@ def test_auto_backend_falls_back_to_eager_when_the_fast_one_cannot_start(trained
     def broken(*a, **k):
         raise ExportError("simulated exporter failure")
 
-    monkeypatch.setattr(medpipe.export, "onnx_bytes", broken)
+    monkeypatch.setattr(medpipe.infer.predictor, "onnx_bytes", broken)
     p = Predictor(trained_run / "model", device="cpu", backend="auto")
     assert p.backend == "eager" and "simulated exporter failure" in caplog.text
     assert p.probabilities([p.prepare_array(np.zeros((40, 40, 3), np.uint8))]).shape == (1, len(p.classes))

@@ -30,60 +30,19 @@ import logging
 import warnings
 from pathlib import Path
 
-from medpipe.errors import ExportError
-from medpipe.preprocess import PreprocessSpec
+from medpipe import decision
+from medpipe.decision import apply_offsets
+from medpipe.errors import ExportError, GateError
+from medpipe.infer.onnx_runtime import (INPUT_NAME, ONNX_OPSET, OUTPUT_NAME,  # noqa: F401 - export's names too
+                                        export_about, input_text, onnx_bytes, onnx_session, with_onnx_metadata)
+from medpipe.infer.quantize import int8_paths, load_int8, quantize_package
+from medpipe.models import bundle_target
+from medpipe.package import META, WEIGHTS, load_package, read_meta
+from medpipe.preprocess import PreprocessSpec, eval_batch, shades_of_gray
+from medpipe.sagemaker import layout
+from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
 
 log = logging.getLogger(__name__)
-
-ONNX_OPSET = 18
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
-
-
-def onnx_bytes(model: torch.nn.Module, image_size: int, example: torch.Tensor | None = None) -> bytes:
-    """Serialise ``model`` (eval mode, on CPU) to ONNX with a dynamic batch axis.
-
-    Uses the TorchScript-based exporter (about 1 s for DenseNet121) and falls back to the
-    ``torch.export`` one where the former is unavailable.
-    """
-    import torch
-
-    model = model.eval()
-    example = torch.zeros(2, 3, image_size, image_size) if example is None else example
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (example,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              opset_version=ONNX_OPSET, dynamo=False)
-        except Exception as first:  # noqa: BLE001 - try the other exporter, then report both
-            buf = io.BytesIO()
-            try:
-                torch.onnx.export(model, (example,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), dynamo=True)
-            except Exception as second:  # noqa: BLE001
-                raise ExportError(f"ONNX export failed ({first.__class__.__name__}: {str(first)[:120]}; "
-                                  f"{second.__class__.__name__}: {str(second)[:120]})") from None
-    return buf.getvalue()
-
-
-def onnx_session(data: bytes | str, threads: int | None = None):
-    """An ONNX Runtime CPU session that does not spin its threads against torch's."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError("the ONNX backend needs onnxruntime: pip install 'medpipe[onnx]'") from None
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.inter_op_num_threads = 1
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    # Idle worker threads spin by default; that steals the cores decoding and torch need.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
 
 FORMATS = ("onnx", "onnx-int8", "torchscript", "bundle", "sagemaker")
 SIDECAR_SUFFIX = ".medpipe.json"
@@ -118,7 +77,6 @@ def sidecar_path(out: Path) -> Path:
 
 def _package_folder(path: Path) -> Path | None:
     """The model package folder ``path`` is in (or is), if any."""
-    from medpipe.package import META, WEIGHTS
 
     for folder in (path, *path.parents):
         if (folder / META).is_file() and (folder / WEIGHTS).is_file():
@@ -131,7 +89,6 @@ def check_target(out: Path, fmt: str, force: bool = False) -> list[Path]:
 
     Never: over a package's own files. Without ``force``: into a model package folder, over an
     existing file (or a non-empty bundle folder), or with an existing sidecar."""
-    from medpipe.package import META, WEIGHTS
 
     out = Path(out).absolute()
     targets = [out] if fmt in ("bundle", "sagemaker", "torchscript") else [out, sidecar_path(out)]
@@ -166,8 +123,6 @@ def preprocessing_wrapper(model: torch.nn.Module, spec: PreprocessSpec) -> torch
             self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            from medpipe.preprocess import shades_of_gray
-
             x = x.permute(0, 3, 1, 2).float() / 255.0
             if self.spec.color_constancy == "shades_of_gray":
                 x = shades_of_gray(x, self.spec.color_constancy_power)
@@ -180,8 +135,6 @@ def _uint8_check(model: torch.nn.Module, spec: PreprocessSpec, run, tol: float =
     """Max |exported(uint8 pixels) - eager(eval preset(pixels))| over random images; raises over ``tol``."""
     import numpy as np
     import torch
-
-    from medpipe.preprocess import eval_batch
 
     pixels = np.random.default_rng(0).integers(0, 256, (3, *spec.size, 3), dtype=np.uint8)
     with torch.inference_mode():
@@ -202,14 +155,9 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
 
     if with_preprocessing and fmt != "onnx":
         raise ExportError("--with-preprocessing applies to --format onnx only")
-    from medpipe.package import load_package
-    from medpipe.utils import atomic_write_bytes, atomic_write_text
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx-int8":
-        from medpipe.infer.quantize import export_int8
-
         return export_int8(package, out, force=force, **int8_options)
     model, meta = load_package(package)
     size = PreprocessSpec.from_meta(meta).image_size
@@ -244,56 +192,37 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     elif fmt == "bundle":
         result.update(write_bundle(model, meta, out_path))
     else:
-        from medpipe.sagemaker.layout import package
-
-        result["out"] = str(package(meta["_dir"], out_path))
+        result["out"] = str(layout.package(meta["_dir"], out_path))
     return result
 
 
-def _about(meta: dict) -> dict:
-    """What every export says about itself: identity, classes, the preprocessing contract, calibration."""
-    from medpipe import __version__, decision
-
-    rule, offsets = decision.resolve(meta.get("decision"), None, len(meta["classes"]))
-    return {"name": meta.get("name", "medpipe"), "version": str(meta.get("version", "1")),
-            "architecture": meta["architecture"], "classes": list(meta["classes"]),
-            "preprocessing": PreprocessSpec.from_meta(meta).describe(),
-            "temperature": float(meta.get("calibration", {}).get("temperature", 1.0)),
-            # the package's label rule (medpipe.decision), for consumers that want medpipe's labels
-            "decision": {"rule": rule, "offsets": [0.0] * len(meta["classes"]) if offsets is None else
-                         [float(v) for v in offsets], "label": "argmax(log(probabilities) + offsets)"},
-            "weights_sha256": meta.get("weights_sha256"), "medpipe_version": __version__}
-
-
-def _input_text(with_preprocessing: bool) -> str:
-    if with_preprocessing:
-        return (f"{INPUT_NAME}: uint8 N x S x S x 3 RGB, decoded and resized as preprocessing.decode/resize say; "
-                "scaling, colour constancy and normalisation are inside the graph")
-    return f"{INPUT_NAME}: float32 N x 3 x S x S, the eval preset's output (see preprocessing)"
+def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None = None,
+                calibration: str | Path | None = None, force: bool = False) -> dict:
+    """``medpipe export --format onnx-int8``: the package's gated INT8 model (made now if it has none, or
+    if --data/--calibration ask for a fresh one) written to ``out`` with a JSON sidecar holding the gate."""
+    meta = read_meta(package)
+    out = Path(out)
+    check_target(out, "onnx-int8", force)
+    int8 = info = None
+    if data is None and calibration is None and int8_paths(meta["_dir"])[1].is_file():
+        int8, info = load_int8(meta)
+        if not info["gate"].get("passed") and not force:
+            raise GateError(f"the package's INT8 model failed its accuracy gate ({'; '.join(info['gate']['failures'])}); "
+                            "not exported (--force exports it anyway)")
+    if int8 is None:
+        int8, info = quantize_package(package, data, calibration=calibration, force=force)
+    sidecar = json.loads(_sidecar(meta, "onnx-int8"))
+    sidecar["calibration"] = {"method": "temperature", "temperature": info["temperature"]}
+    sidecar["int8"] = info
+    atomic_write_bytes(out, int8)
+    atomic_write_text(sidecar_path(out), to_json(sidecar, indent=2))
+    return {"format": "onnx-int8", "out": str(out), "int8": info}
 
 
 def _sidecar(meta: dict, fmt: str, with_preprocessing: bool = False) -> str:
-    return json.dumps({"exported_as": fmt, "input": _input_text(with_preprocessing), "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
-                       "calibrated probabilities)", **_about(meta), "calibration": meta.get("calibration", {})},
+    return json.dumps({"exported_as": fmt, "input": input_text(with_preprocessing), "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
+                       "calibrated probabilities)", **export_about(meta), "calibration": meta.get("calibration", {})},
                       indent=2)
-
-
-def with_onnx_metadata(data: bytes, meta: dict, with_preprocessing: bool = False) -> bytes:
-    """The ONNX model with ``metadata_props`` that make it self-describing (read them with
-    ``InferenceSession.get_modelmeta().custom_metadata_map``); strings, JSON where structured."""
-    import onnx
-
-    m = onnx.load_from_string(data)
-    about = _about(meta)
-    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in about.items()}
-    props["input"] = _input_text(with_preprocessing)
-    props["output"] = f"{OUTPUT_NAME}: float32 N x {len(about['classes'])}; probabilities = softmax(logits / temperature)"
-    del m.metadata_props[:]
-    for k, v in props.items():
-        m.metadata_props.add(key=k, value=v)
-    m.doc_string = f"{about['name']} v{about['version']} ({about['architecture']}), exported by medpipe " \
-                   f"{about['medpipe_version']}"
-    return m.SerializeToString()
 
 
 # -- MONAI bundle -------------------------------------------------------------------------------
@@ -327,7 +256,7 @@ def bundle_metadata(meta: dict) -> dict:
     import numpy as np
     import torch
 
-    about = _about(meta)
+    about = export_about(meta)
     spec = PreprocessSpec.from_meta(meta)
     size, classes = spec.image_size, about["classes"]
     lo = [round((0.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
@@ -393,12 +322,9 @@ def bundle_inference_config(meta: dict) -> dict:
     The loader is medpipe's decoder (``LoadPreprocessd``, the spec's decode + resize: pixels identical to
     ``medpipe predict``); the rest of the eval preset is MONAI transforms; the calibration temperature is
     applied before the softmax; ``BundlePredictionWriter`` writes one JSON line per image."""
-    from medpipe.models import bundle_target
-
-    from medpipe import decision
 
     spec = PreprocessSpec.from_meta(meta)
-    about = _about(meta)
+    about = export_about(meta)
     rule, offsets = decision.resolve(meta.get("decision"), None, len(about["classes"]))
     exts = ", ".join(repr(e) for e in IMAGE_SUFFIXES)
     return {
@@ -477,8 +403,6 @@ class BundlePredictionWriter:
     def __call__(self, engine) -> None:
         import torch
 
-        from medpipe.decision import apply_offsets
-
         for item, out in zip(engine.state.batch, engine.state.output):
             if item.get("error"):  # unreadable image: reported, the run goes on
                 code, _, message = str(item["error"]).partition(": ")
@@ -490,15 +414,13 @@ class BundlePredictionWriter:
                                          "probabilities": dict(zip(self.classes, p)), "decision_rule": self.rule}))
 
     def write(self, _engine=None) -> None:
-        from medpipe.utils import atomic_write_text
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, "".join(r + "\n" for r in self.rows))
         log.info("bundle: %d predictions written to %s", len(self.rows), self.path)
 
 
 def _model_card(meta: dict, md: dict) -> str:
-    about = _about(meta)
+    about = export_about(meta)
     spec = PreprocessSpec.from_meta(meta)
     lines = [f"# {about['name']} (v{about['version']}): {about['architecture']} dermatoscopy classifier", "",
              "## What it is", "",
@@ -568,8 +490,6 @@ def _metric_lines(metrics: dict) -> list[str]:
 
 def write_bundle(model: torch.nn.Module, meta: dict, out: Path) -> dict:
     import torch
-
-    from medpipe.utils import atomic_write_bytes, atomic_write_text
 
     out = Path(out)
     size = PreprocessSpec.from_meta(meta).image_size

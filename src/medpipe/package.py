@@ -14,12 +14,16 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from medpipe.preprocess import PreprocessSpec
+from medpipe.preprocess import INTERPOLATIONS, PreprocessSpec
 from medpipe.errors import PackageError
 from medpipe.utils import atomic_write_bytes, atomic_write_json, sha256_file, versions
+from medpipe.data.sources import class_name_problem
+from medpipe.models import MODEL_NAMES, create_model
+
+if TYPE_CHECKING:  # annotations only: reading model.json loads no torch (safetensors loads it for weights)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +78,6 @@ def _is_number(v) -> bool:
 
 
 def _class_list(v) -> bool:
-    from medpipe.data.sources import class_name_problem
-
     return (isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v) and len(set(v)) == len(v)
             and not any(class_name_problem(c) for c in v))
 
@@ -104,14 +106,10 @@ OPTIONAL = {"metrics": dict, "training_config": dict, "versions": dict, "decisio
 
 
 def _model_names():
-    from medpipe.models import MODEL_NAMES
-
     return MODEL_NAMES
 
 
 def _interpolations():
-    from medpipe.preprocess import INTERPOLATIONS
-
     return INTERPOLATIONS
 
 
@@ -167,8 +165,6 @@ def read_meta(pkg_dir: str | Path) -> dict:
 def load_package(pkg_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Verify and load a package; returns (model in eval mode, metadata)."""
     from safetensors.torch import load_file
-
-    from medpipe.models import create_model
 
     meta = read_meta(pkg_dir)
     weights = Path(meta["_dir"]) / WEIGHTS

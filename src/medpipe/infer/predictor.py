@@ -22,6 +22,10 @@ from medpipe.infer.backends import BACKENDS
 from medpipe.package import load_package, package_spec
 from medpipe.preprocess import eval_batch, flip_averaged, use_plain_tensors
 from medpipe.utils import resolve_device
+from medpipe.infer.onnx_runtime import INPUT_NAME, onnx_bytes, onnx_session
+from medpipe.infer.explain import GradCamExplainer
+from medpipe.infer.openvino_runtime import OpenVinoSession
+from medpipe.infer.quantize import auto_quantized_backend, load_int8, openvino_record, openvino_status
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +68,6 @@ def resolve_backend(backend: str, device: torch.device, meta: dict | None = None
     except ImportError:
         return "eager", "auto: onnxruntime is not installed"
     if meta is not None:
-        from medpipe.infer.quantize import auto_quantized_backend
-
         chosen, why = auto_quantized_backend(meta, fp32, threads)
         if chosen:
             return chosen, f"auto: {why}"
@@ -173,13 +175,8 @@ class Predictor:
         if self.backend == "cudagraph":
             self._graphs = CudaGraphRunner(self.model, size, self.device, max(1, int(max_batch)))
         elif self.backend == "onnx":
-            from medpipe.export import onnx_session
-
             self._session = onnx_session(self._onnx_fp32(), threads=threads)
         elif self.backend == "int8":
-            from medpipe.export import onnx_session
-            from medpipe.infer.quantize import load_int8
-
             data, info = load_int8(self.meta)
             if not info["gate"].get("passed"):
                 log.warning("the INT8 model FAILED its accuracy gate (written with --force): %s",
@@ -193,8 +190,6 @@ class Predictor:
         """OpenVINO on the gated INT8 graph, in the precision its own gate was run in, with its temperature.
         Asked for explicitly, a model whose OpenVINO gate failed still runs (with a warning), as a forced INT8
         model does; anything else that makes the record unusable here is refused."""
-        from medpipe.infer.openvino_runtime import OpenVinoSession
-        from medpipe.infer.quantize import load_int8, openvino_record, openvino_status
 
         data, info = load_int8(self.meta)
         rec, why = openvino_record(info)
@@ -216,8 +211,6 @@ class Predictor:
     def _onnx_fp32(self) -> bytes:
         """The package's FP32 ONNX graph, exported once (auto's start-up check and the onnx backend share it)."""
         if self._fp32_onnx is None:
-            from medpipe.export import onnx_bytes
-
             self._fp32_onnx = onnx_bytes(self.model, self.spec.image_size)
         return self._fp32_onnx
 
@@ -235,8 +228,6 @@ class Predictor:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._session is not None:
-            from medpipe.export import INPUT_NAME
-
             return torch.from_numpy(self._session.run(None, {INPUT_NAME: x.contiguous().numpy()})[0])
         if self._graphs is not None:
             return self._graphs(x)
@@ -278,7 +269,6 @@ class Predictor:
 
     def explain(self, pixels: np.ndarray) -> tuple[Prediction, np.ndarray]:
         """Prediction and Grad-CAM map (HxW in [0, 1], model input size) for one image, eager model."""
-        from medpipe.infer.explain import GradCamExplainer
 
         x = eval_batch([pixels], self.spec).to(self.device)
         with self._lock:

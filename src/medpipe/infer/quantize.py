@@ -35,8 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
-from medpipe.utils import to_json
+from medpipe.calibration import fit_temperature
+from medpipe.data.cache import build_cache
+from medpipe.data.sources import load_records
 from medpipe.errors import GateError, QuantizeError
+from medpipe.infer import openvino_runtime as ovr
+from medpipe.infer.onnx_runtime import INPUT_NAME, onnx_bytes, onnx_session, with_onnx_metadata
+from medpipe.infer.openvino_runtime import OpenVinoSession
+from medpipe.metrics import macro_auc
+from medpipe.package import load_package, package_spec, read_meta
+from medpipe.preprocess import eval_batch
+from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +169,9 @@ def measure_speedup(fp32: bytes, int8: bytes, image_size: int, *, batches: tuple
     built by ``onnx_session`` with these ``threads``), instead of building them again."""
     import time
 
-    from medpipe.export import INPUT_NAME, onnx_session
-
     sessions = dict(sessions) if sessions else {"fp32": onnx_session(fp32, threads=threads),
                                                 "int8": onnx_session(int8, threads=threads)}
     if openvino:
-        from medpipe.infer.openvino_runtime import OpenVinoSession
-
         sessions["openvino"] = OpenVinoSession(int8, threads=threads, precision=openvino, max_batch=max(batches))
     names = list(sessions)
     rng = np.random.default_rng(0)
@@ -214,7 +219,6 @@ def openvino_record(info: dict) -> tuple[dict | None, str]:
     """The INT8 record's ``openvino`` entry if it can be used here at all (installed, well-formed, same
     OpenVINO release line as gated, precision runnable on this CPU), else None and why. Whether its gate
     passed is :func:`openvino_status`'s question."""
-    from medpipe.infer import openvino_runtime as ovr
 
     rec = info.get("openvino")
     if not isinstance(rec, dict) or not isinstance(rec.get("gate"), dict):
@@ -290,8 +294,6 @@ def auto_quantized_backend(meta: dict, fp32=None, threads: int | None = None) ->
     else:
         key = (info["sha256"], here, threads, ov_ok)
         if key not in _SPEED_CHECKS:
-            from medpipe.package import package_spec
-
             size = package_spec(meta).image_size
             check = None
             if ov_ok:  # with OpenVINO; should OpenVINO fail here, time ONNX Runtime's INT8 alone
@@ -353,7 +355,6 @@ def quantize_onnx(fp32: bytes, calibration: list[np.ndarray], **options) -> byte
     ``reduce_range`` (7-bit weights), ``op_types`` (None: every op ONNX Runtime can quantize; else a
     list such as ["Conv", "MatMul", "Gemm"]), ``keep_ends_fp32`` (first convolution and logits in FP32),
     ``activation`` ``uint8``|``int8``, ``extra_options`` (passed to ``quantize_static``)."""
-    from medpipe.export import INPUT_NAME
 
     unknown = set(options) - set(QUANT_DEFAULTS)
     if unknown:
@@ -398,17 +399,6 @@ def quantize_onnx(fp32: bytes, calibration: list[np.ndarray], **options) -> byte
         return out.read_bytes()
 
 
-def _macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    import warnings
-
-    from medpipe.evaluate import _auc_per_class
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per = _auc_per_class(y, probs)
-        return float(np.nanmean(per)) if not all(math.isnan(v) for v in per) else float("nan")
-
-
 def _softmax(logits: np.ndarray, t: float) -> np.ndarray:
     z = logits / t
     z = z - z.max(axis=1, keepdims=True)
@@ -420,12 +410,10 @@ def gate(y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float, int8_l
     """The accuracy gate's figures on the validation split, INT8's own temperature, and what failed."""
     import torch
 
-    from medpipe.pipeline import fit_temperature
-
     y = np.array(y, dtype=np.int64)  # a writable copy
     t8 = fit_temperature(torch.from_numpy(int8_logits.astype(np.float32)), torch.from_numpy(y))
     p32, p8 = _softmax(fp32_logits, fp32_temperature), _softmax(int8_logits, t8)
-    auc32, auc8 = _macro_auc(y, p32), _macro_auc(y, p8)
+    auc32, auc8 = macro_auc(y, p32), macro_auc(y, p8)
     agreement = float((p32.argmax(1) == p8.argmax(1)).mean())
     figures = {"n": int(len(y)), "fp32_macro_auc": auc32, "int8_macro_auc": auc8,
                "auc_diff": abs(auc8 - auc32) if math.isfinite(auc32) and math.isfinite(auc8) else float("nan"),
@@ -448,9 +436,6 @@ def gate(y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float, int8_l
 def _validation_pixels(meta: dict, data: str | Path, size: int, interpolation: str):
     """uint8 pixels and class indices of the package's validation split, decoded like serving does."""
     import pandas as pd
-
-    from medpipe.data.cache import build_cache
-    from medpipe.data.sources import load_records
 
     data = Path(data)
     table, classes = load_records(data)
@@ -480,9 +465,6 @@ def _folder_pixels(folder: str | Path, spec) -> np.ndarray:
 
 
 def _logits(session, pixels: np.ndarray, spec, batch: int = 32) -> np.ndarray:
-    from medpipe.export import INPUT_NAME
-    from medpipe.preprocess import eval_batch
-
     return np.concatenate([session.run(None, {INPUT_NAME: eval_batch(list(pixels[i:i + batch]), spec).numpy()})[0]
                            for i in range(0, len(pixels), batch)])
 
@@ -497,9 +479,6 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
 
     import onnxruntime
 
-    from medpipe.export import onnx_bytes, onnx_session
-    from medpipe.package import load_package, package_spec
-
     model, meta = load_package(package)
     spec = package_spec(meta)
     if data is None:
@@ -509,7 +488,6 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     calib_px = _folder_pixels(calibration, spec) if calibration else val_px
     if len(calib_px) > max_calibration:
         calib_px = calib_px[np.linspace(0, len(calib_px) - 1, max_calibration).round().astype(int)]
-    from medpipe.preprocess import eval_batch
 
     calib = [eval_batch(list(calib_px[i:i + 16]), spec).numpy() for i in range(0, len(calib_px), 16)]
     fp32 = onnx_bytes(model, spec.image_size)
@@ -539,7 +517,6 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
                        "calibration_images": int(len(calib_px)),
                        "calibration_source": str(calibration) if calibration else f"validation split of {data}"},
             "cpu_int8_flags": cpu_int8_flags()}
-    from medpipe.infer import openvino_runtime as ovr
 
     speed = None
     if ovr.available():  # the same graph on OpenVINO: its own outputs, so its own gate and temperature
@@ -563,7 +540,6 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
 def openvino_gate(int8: bytes, y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float,
                   pixels: np.ndarray, spec) -> dict:
     """The accuracy gate on OpenVINO's outputs for the INT8 graph, in this CPU's inference precision."""
-    from medpipe.infer import openvino_runtime as ovr
 
     precision = ovr.cpu_precision()
     session = ovr.OpenVinoSession(int8, precision=precision, max_batch=32)
@@ -576,8 +552,6 @@ def _self_describing(int8: bytes, meta: dict, temperature: float, figures: dict)
     """The INT8 graph with the same metadata_props as an FP32 ONNX export (its own temperature) + the gate."""
     import onnx
 
-    from medpipe.export import with_onnx_metadata
-
     m = onnx.load_from_string(with_onnx_metadata(int8, {**meta, "calibration": {"method": "temperature",
                                                                                "temperature": temperature}}))
     m.metadata_props.add(key="int8_gate", value=json.dumps(figures, default=float))
@@ -586,8 +560,6 @@ def _self_describing(int8: bytes, meta: dict, temperature: float, figures: dict)
 
 def install_int8(package: str | Path, int8: bytes, info: dict) -> Path:
     """Write the INT8 model into the package folder (ONNX first, then its record)."""
-    from medpipe.package import read_meta
-    from medpipe.utils import atomic_write_bytes, atomic_write_text
 
     onnx_path, info_path = int8_paths(read_meta(package)["_dir"])
     atomic_write_bytes(onnx_path, int8)
@@ -625,30 +597,3 @@ def _format_openvino(rec: dict) -> str:
             f"{g['max_prob_diff']:.4f}; temperature {rec['temperature']:.3f}; "
             + ("PASSED" if g["passed"] else "FAILED: " + "; ".join(g["failures"])
                + " (auto never picks it; --backend openvino runs it with a warning)"))
-
-
-def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None = None,
-                calibration: str | Path | None = None, force: bool = False) -> dict:
-    """``medpipe export --format onnx-int8``: the package's gated INT8 model (made now if it has none, or
-    if --data/--calibration ask for a fresh one) written to ``out`` with a JSON sidecar holding the gate."""
-    from medpipe.export import _sidecar, check_target, sidecar_path
-    from medpipe.package import read_meta
-    from medpipe.utils import atomic_write_bytes, atomic_write_text
-
-    meta = read_meta(package)
-    out = Path(out)
-    check_target(out, "onnx-int8", force)
-    int8 = info = None
-    if data is None and calibration is None and int8_paths(meta["_dir"])[1].is_file():
-        int8, info = load_int8(meta)
-        if not info["gate"].get("passed") and not force:
-            raise GateError(f"the package's INT8 model failed its accuracy gate ({'; '.join(info['gate']['failures'])}); "
-                            "not exported (--force exports it anyway)")
-    if int8 is None:
-        int8, info = quantize_package(package, data, calibration=calibration, force=force)
-    sidecar = json.loads(_sidecar(meta, "onnx-int8"))
-    sidecar["calibration"] = {"method": "temperature", "temperature": info["temperature"]}
-    sidecar["int8"] = info
-    atomic_write_bytes(out, int8)
-    atomic_write_text(sidecar_path(out), to_json(sidecar, indent=2))
-    return {"format": "onnx-int8", "out": str(out), "int8": info}

@@ -29,7 +29,7 @@ Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``; d
   body          medpipe/serve/guard.py: max_uploads_per_client and upload_buffer_mb while it
                 arrives (503), min_upload_kbps after upload_grace_s (408), body_timeout_s (408);
                 a complete body takes one of max_requests processing slots (503)
-  decode        in worker processes (medpipe/serve/decodepool.py): decode_timeout_s (422, worker
+  decode        in worker processes (medpipe/data/decodepool.py): decode_timeout_s (422, worker
                 replaced), decode_memory_mb (413), max_pixels (413), max_jpeg_scans (422)
   inference     max_queue images admitted (503), max_batch, deadline_s (504)
 """
@@ -48,11 +48,11 @@ from importlib import resources
 import numpy as np
 
 from medpipe.data import dicom, imageio
-from medpipe.errors import http_status
+from medpipe.errors import ConfigError, MedpipeError, PredictionError, http_status
 from medpipe.serve.batcher import Batcher
-from medpipe.serve.decodepool import DecodePool, DecodeSpec
-from medpipe.serve.guard import BearerAuth, Upload, UploadGate
-from medpipe.serve.oip import metric_route
+from medpipe.data.decodepool import DecodePool, DecodeSpec
+from medpipe.serve.oip import add_routes, metric_route
+from medpipe.serve.guard import BearerAuth, Upload, UploadGate, access_policy
 from medpipe.infer.protocol import (
     CSV_T,
     DEFAULT_MAX_IMAGES,
@@ -68,6 +68,8 @@ from medpipe.infer.protocol import (
     to_csv,
     unsupported,
 )
+from medpipe.serve.connections import ConnectionLimits, protocol_class
+from medpipe.serve.render import heatmap_png, png_data_url
 
 log = logging.getLogger("medpipe.serve")
 
@@ -117,8 +119,6 @@ class ServeConfig:
     tls_key: str | None = None     # PEM private key of tls_cert
 
     def __post_init__(self):
-        from medpipe.errors import ConfigError
-
         positive = ("max_body_mb", "max_pixels", "max_images", "max_batch", "max_queue", "deadline_s",
                     "body_timeout_s", "header_timeout_s", "max_connections", "max_requests", "decode_workers",
                     "decode_timeout_s")
@@ -148,7 +148,7 @@ class Service:
     """State shared by the routes: the predictor, the batcher, limits and metrics."""
 
     def __init__(self, predictor, cfg: ServeConfig, auth: BearerAuth | None = None, per_client_caps: bool = True):
-        from medpipe.serve.metrics import Metrics
+        from medpipe.serve.metrics import Metrics  # deferred: prometheus_client (serve extra), not for --help
 
         self.predictor = predictor
         self.cfg = cfg
@@ -181,7 +181,6 @@ class Service:
         # Warm-up: the first forward at each batch size the batcher will meet is slower.
         size = self.predictor.size
         blank = np.zeros((size[0], size[1], 3), np.uint8)
-        from medpipe.infer.predictor import PredictionError
 
         try:
             await loop.run_in_executor(None, self.predictor.probabilities, [blank])
@@ -290,7 +289,6 @@ class Service:
     async def guarded(self, n: int):
         """What every inference route shares: admission of ``n`` images, the per-request deadline (504)
         and a failed prediction (500), and the release of the slots whatever happens."""
-        from medpipe.infer.predictor import PredictionError
 
         self.admit(n)
         try:
@@ -347,7 +345,6 @@ def create_app(predictor, cfg: ServeConfig, auth: BearerAuth | None = None, per_
     _add_error_handlers(app)
     _add_info_routes(app, svc, cfg)
     _add_prediction_routes(app, svc, cfg, predictor)
-    from medpipe.serve.oip import add_routes
 
     add_routes(app, svc)  # the Open Inference Protocol (KServe v2) routes, under the same limits
     return RequestEnvelope(app, svc)
@@ -444,7 +441,6 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
                 raise HttpError(504, "deadline_exceeded", f"no answer within {cfg.deadline_s:g} s") from None
         finally:
             svc.release(1)
-        from medpipe.serve.render import heatmap_png, png_data_url
 
         return JSONResponse({"model": predictor.name, "version": predictor.version, **pred.as_dict(),
                              "image": png_data_url(pixels), "heatmap": heatmap_png(cam)})
@@ -528,7 +524,7 @@ class MemoryWatch:
         self.ceiling_mb = float("inf")
 
     def rss_mb(self) -> float:
-        from medpipe.serve.metrics import process_tree_rss_mb
+        from medpipe.serve.metrics import process_tree_rss_mb  # deferred: prometheus_client (serve extra)
 
         now = time.monotonic()
         if now - self._t >= self.every_s:
@@ -583,7 +579,6 @@ def _draining_server_class():
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind the listening socket ourselves, so a busy port is a clear error before anything starts."""
-    from medpipe.errors import MedpipeError
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -614,9 +609,7 @@ def serve(cfg: ServeConfig) -> int:
     import torch
     import uvicorn
 
-    from medpipe.infer.predictor import Predictor
-    from medpipe.serve.connections import ConnectionLimits, protocol_class
-    from medpipe.serve.guard import access_policy
+    from medpipe.infer.predictor import Predictor  # deferred: torch, only when the server starts
 
     auth, per_client, tls = access_policy(cfg)
     sock = bind_socket(cfg.host, int(cfg.port))  # reserved first: a busy port fails before the model loads

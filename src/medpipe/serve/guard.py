@@ -28,11 +28,14 @@ import hmac
 import ipaddress
 import logging
 import os
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from medpipe.errors import ConfigError
 from medpipe.infer.protocol import HttpError
+from medpipe.sagemaker.env import model_server_dir
 
 log = logging.getLogger("medpipe.serve")
 
@@ -164,8 +167,6 @@ class BearerAuth:
 
 def read_token(path: str) -> str:
     """The token in ``path`` (surrounding whitespace removed); a clear error when unusable, never the token."""
-    from medpipe.errors import ConfigError
-
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -185,10 +186,6 @@ def access_policy(cfg) -> tuple[BearerAuth | None, bool, dict]:
     """Who may call a server with ServeConfig ``cfg``: the bearer token (or None), whether per-client caps apply, uvicorn's TLS options.
     Checked before the port is bound, so a bad token file or certificate is a clear error at once; logs
     what is exposed (never the token)."""
-    import ssl
-
-    from medpipe.errors import ConfigError
-
     tls = {}
     if cfg.tls_cert:
         try:
@@ -216,8 +213,6 @@ def access_policy(cfg) -> tuple[BearerAuth | None, bool, dict]:
 def sagemaker_hosting(model: str, environ=None) -> bool:
     """Is this SageMaker's hosting container? One of the variables SageMaker sets for serving, or the
     model loaded from where SageMaker extracts model.tar.gz (``medpipe serve`` without ``--model``)."""
-    from medpipe.sagemaker.env import model_server_dir
-
     env = os.environ if environ is None else environ
     if any(env.get(name) for name in SAGEMAKER_VARS):
         return True
