@@ -84,8 +84,10 @@ class Attack:
         if what.endswith("Error"):
             time.sleep(0.05)  # a refused connection (during shutdown) must not spin
 
-    def connect(self, timeout: float = 5) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+    def connect(self, timeout: float = 5, source: str = "127.0.0.2") -> socket.socket:
+        """An attacker's connection, from another loopback address than the normal clients (127.0.0.1):
+        the server's per-client caps count by address."""
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout, source_address=(source, 0))
 
     # -- the clients ---------------------------------------------------------------------------
     def normal_client(self, jpeg: bytes) -> None:
@@ -185,7 +187,7 @@ class Attack:
             socks = []
             for _ in range(self.args.burst):
                 try:
-                    s = self.connect(timeout=5)
+                    s = self.connect(timeout=5, source="127.0.0.3")
                     s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                     socks.append(s)
                 except OSError as exc:
