@@ -161,10 +161,15 @@ SERVE_HELP = {
     "body_timeout_s": "the whole body must arrive within this many seconds (408)",
     "header_timeout_s": "request line and headers must arrive within this many seconds, else the connection "
                         "is closed (408 if part of a request came)",
-    "max_connections": "open connections; at the cap the one waiting longest for its headers is dropped, "
-                       "else 503",
-    "max_requests": "requests holding a body at once (reading, decoding, queued, running); more are answered 503 "
-                    "before their body is read",
+    "max_connections": "open connections; at the cap a new one displaces a connection that has sent nothing yet "
+                       "(of the client address holding the most, oldest first), else 503",
+    "max_connections_per_client": "open connections of one client address (0 = no cap; behind a proxy all "
+                                  "clients share its address)",
+    "max_requests": "requests with a complete body at once (decoding, queued, running); more are answered 503",
+    "min_upload_kbps": "after --upload-grace-s a body must have arrived at this average rate in KB/s, else 408",
+    "upload_grace_s": "seconds a body may arrive at any rate before --min-upload-kbps applies",
+    "max_uploads_per_client": "bodies arriving at once from one client address; more are answered 503 (0 = no cap)",
+    "upload_buffer_mb": "MB all bodies still arriving may hold together; over it 503",
     "memory_ceiling_mb": "resident MB of the server and its decode processes above which bodies are refused "
                          "(503); 0 = after warm-up + 1024",
     "decode_workers": "decode processes",
@@ -173,6 +178,10 @@ SERVE_HELP = {
     "max_jpeg_scans": "JPEGs with more scans are refused before decoding (422; scan bombs; 0 = no limit)",
     "max_concurrent_transforms": "requests in flight advertised to SageMaker batch transform",
     "graceful_s": "on SIGTERM finish in-flight requests for at most this long",
+    "auth_token_file": "file holding a bearer token every route but /ping and /v2/health/* requires (401 "
+                       "without it; not applied under SageMaker, where IAM guards the endpoint)",
+    "tls_cert": "PEM certificate (chain) to serve HTTPS with, together with --tls-key",
+    "tls_key": "PEM private key of --tls-cert",
 }
 
 
