@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medpipe.utils import atomic_write_text, csv_text
+
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 HAM_COUNTS = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
 HAM_TOTAL = 10015
@@ -243,8 +245,6 @@ def write_synthetic(out: str | os.PathLike, spec: SynthSpec, *, fmt: str = "fold
             bar.update()
     bar.close()
     meta_path = out / "HAM10000_metadata.csv"
-    from medpipe.utils import atomic_write_text, csv_text
-
     atomic_write_text(meta_path, csv_text(METADATA_COLUMNS, ([r.get(c, "") for c in METADATA_COLUMNS] for r in rows),
                                           neutralise=False))
     summary = {"out": str(out), "images": len(rows), "lesions": len({r["lesion_id"] for r in rows}),

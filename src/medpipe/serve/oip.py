@@ -40,6 +40,7 @@ import struct
 import numpy as np
 
 from medpipe.infer.protocol import HttpError
+from medpipe import __version__
 
 HEADER_LENGTH = "inference-header-content-length"
 BYTES_INPUT, FP32_INPUT = "image_bytes", "image"
@@ -328,8 +329,6 @@ def add_routes(app, svc) -> None:
     """Register the /v2 routes on the service's FastAPI app."""
     from fastapi import Request
     from starlette.responses import JSONResponse, Response
-
-    from medpipe import __version__
 
     predictor, cfg = svc.predictor, svc.cfg
     max_abs = fp32_limit(predictor.spec.mean, predictor.spec.std)
