@@ -193,14 +193,26 @@ def test_server_options_reach_the_run_configuration(tmp_path):
     are refused before anything starts."""
     from medpipe.cli import main
     from medpipe.errors import MedpipeError
-    from medpipe.fl.deploy import _check_guard
+    from medpipe.fl.deploy import guard_config
 
     with pytest.raises(MedpipeError, match="--trim must be in"):
-        _check_guard("trimmed-mean", 0.5, 5.0, 10, {}, [])
+        guard_config("trimmed-mean", 0.5, 5.0, 10, {}, [])
     with pytest.raises(MedpipeError, match=r"--site-examples names \['zed'\]"):
-        _check_guard("median", 0.2, 5.0, 10, {"zed": 4}, ["a", "b"])
+        guard_config("median", 0.2, 5.0, 10, {"zed": 4}, ["keys/a.pub", "keys/b.pub"])
     with pytest.raises(MedpipeError, match="--max-update-ratio"):
-        _check_guard("mean", 0.2, float("nan"), 10, {}, [])
+        guard_config("mean", 0.2, float("nan"), 10, {}, [])
+    assert guard_config("median", 0.1, 3.0, 10, {"a": 4}, ["keys/a.pub"]) == {
+        "aggregation": "median", "trim": 0.1, "max_update_ratio": 3.0, "max_examples": 10, "site_examples": {"a": 4}}
+    from medpipe.cli import build_parser
+    from medpipe.fl.cli import _server_kwargs
+
+    args = build_parser().parse_args(["fl", "simulate", "--data", "d", "--run-dir", "r", "--aggregation", "trimmed-mean",
+                                      "--trim", "0.1", "--max-update-ratio", "2.5", "--max-examples", "99",
+                                      "--site-examples", "a=7", "--site-examples", "b=8"])
+    kw = _server_kwargs(args)
+    assert guard_config(kw["aggregation"], kw["trim"], kw["max_update_ratio"], kw["max_examples"],
+                        kw["site_examples"], []) == {"aggregation": "trimmed-mean", "trim": 0.1, "max_update_ratio": 2.5,
+                                                     "max_examples": 99, "site_examples": {"a": 7, "b": 8}}
     assert main(["fl", "server", "--run-dir", str(tmp_path / "r"), "--insecure", "--aggregation", "median",
                  "--site-examples", "a=12x"]) == 2
     assert main(["fl", "server", "--run-dir", str(tmp_path / "r"), "--insecure", "--aggregation", "median",

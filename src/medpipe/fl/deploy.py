@@ -8,7 +8,10 @@ site (a SuperNode that runs medpipe's ClientApp on the site's data folder).
 site keys may connect), registers each site's public key under its name (``flwr supernode
 register``), writes the run configuration, submits the Flower App with ``flwr run`` and streams its
 log until the run ends, then stops the SuperLink. Run it again with the same ``--run-dir`` after a
-crash: the ServerApp resumes after the last checkpointed round. ``fl site`` replaces itself with
+crash: the ServerApp resumes after the last checkpointed round. What the server accepts from a site
+is set here too (``--aggregation mean|median|trimmed-mean``, ``--trim``, ``--max-update-ratio``,
+``--max-examples``, ``--site-examples NAME=N``; ``fl simulate`` registers each site folder's image
+count) and checked by ``medpipe.fl.aggregate`` (docs/federated-security.md). ``fl site`` replaces itself with
 ``flower-supernode`` and starts it again whenever it exits (server down or restarted), so a site
 rejoins by itself; SIGTERM stops it.
 """
@@ -152,9 +155,7 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
 
     if strategy not in ("fedavg", "fedprox"):
         raise MedpipeError(f"--strategy must be fedavg or fedprox, got {strategy!r}")
-    site_examples = dict(site_examples or {})
-    _check_guard(aggregation, trim, max_update_ratio, max_examples, site_examples,
-                 [Path(k).name.removesuffix(".pub") for k in site_keys])
+    guard = guard_config(aggregation, trim, max_update_ratio, max_examples, site_examples, site_keys)
     if rounds < 1 or min_sites < 1 or not 0 < fraction <= 1 or local_epochs < 1:
         raise MedpipeError("--rounds, --min-sites and --local-epochs must be >= 1 and --fraction in (0, 1]")
     run_dir = Path(run_dir).resolve()
@@ -163,9 +164,7 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
     cfg = {"rounds": rounds, "min_sites": min_sites, "fraction": fraction, "strategy": strategy, "mu": mu,
            "local_epochs": local_epochs, "classes": list(classes or HAM_CLASSES), "train_config": tc.to_dict(),
            "round_timeout": round_timeout, "straggler_wait": straggler_wait, "wait_for_sites": wait_for_sites,
-           "round_callbacks": list(round_callbacks or []), "engine": "flower", "aggregation": aggregation,
-           "trim": trim, "max_update_ratio": max_update_ratio, "max_examples": max_examples,
-           "site_examples": site_examples}
+           "round_callbacks": list(round_callbacks or []), "engine": "flower", **guard}
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg, indent=2))
     if insecure:
         ca = None
@@ -227,9 +226,12 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
         _stop(link)
 
 
-def _check_guard(aggregation: str, trim: float, max_update_ratio: float, max_examples: int,
-                 site_examples: dict[str, int], site_names: list[str]) -> None:
-    """The server's limits on site replies, checked before anything starts."""
+def guard_config(aggregation: str, trim: float, max_update_ratio: float, max_examples: int,
+                 site_examples: dict[str, int] | None, site_keys: list[str]) -> dict:
+    """The server's limits on site replies as run-configuration entries, checked before anything starts
+    (``site_keys``: the sites' public key files, whose names ``site_examples`` must use)."""
+    site_examples = dict(site_examples or {})
+    site_names = [Path(k).name.removesuffix(".pub") for k in site_keys]
     if aggregation not in METHODS:
         raise MedpipeError(f"--aggregation must be one of {', '.join(METHODS)}, got {aggregation!r}")
     if not 0.0 <= trim < 0.5:
@@ -244,6 +246,8 @@ def _check_guard(aggregation: str, trim: float, max_update_ratio: float, max_exa
     bad = {k: v for k, v in site_examples.items() if not isinstance(v, int) or v < 1}
     if bad:
         raise MedpipeError(f"--site-examples: counts must be positive integers, got {bad}")
+    return {"aggregation": aggregation, "trim": float(trim), "max_update_ratio": float(max_update_ratio),
+            "max_examples": int(max_examples), "site_examples": site_examples}
 
 
 def _wait_port(host: str, port: int, timeout: float, proc, logfile) -> None:

@@ -212,7 +212,7 @@ class Coordinator:
                 if tries >= 3:
                     state["status"] = "failed"
                     atomic_write_text(self.run_dir / STATE_FILE, to_json(state, indent=2))
-                    raise MedpipeError(f"round {rnd} failed 3 times: not enough valid site updates")
+                    raise MedpipeError(f"round {rnd} failed 3 times: {result.note}")
                 continue
             arrays = result.arrays
             log.info("round %d: %s (%s); samples %s", rnd, result.note, cfg["strategy"],
@@ -378,7 +378,7 @@ class Coordinator:
                             decision=decision)
         cfg = self.cfg
         meta["federated"] = {
-            "engine": "flower", "engine_version": flwr.__version__, "strategy": cfg["strategy"],
+            "engine": "flower", "engine_version": flwr.__version__, "strategy": cfg["strategy"], "aggregation": self.method,
             "mu": float(cfg["mu"]) if cfg["strategy"] == "fedprox" else 0.0, "rounds": int(cfg["rounds"]),
             "local_epochs": int(cfg["local_epochs"]), "min_sites": int(cfg["min_sites"]),
             "fraction": float(cfg["fraction"]), "best_round": state["best_round"],
