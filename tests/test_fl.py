@@ -248,11 +248,13 @@ def _site(fed, name: str, port: int, log: Path, *extra: str) -> subprocess.Popen
 
 @pytest.fixture(scope="module")
 def deployment(federation):
-    """One server and three sites with TLS and site authentication, two FedProx rounds; the third site is
-    malicious: a float16 update for float32 tensors in round 1, NaN weights in round 2."""
+    """One server and three sites with TLS and site authentication, two FedProx rounds aggregated by the
+    coordinate-wise median; the third site is malicious: a float16 update for float32 tensors in round 1,
+    NaN weights in round 2."""
     fed, run = federation, federation["root"] / "run_tls"
     port = _port()
-    server = _spawn(_server_args(fed, run, port, "--strategy", "fedprox", "--min-sites", "2", "--straggler-wait", "60"),
+    server = _spawn(_server_args(fed, run, port, "--strategy", "fedprox", "--aggregation", "median", "--min-sites", "2",
+                                 "--straggler-wait", "60"),
                     fed["root"] / "server.log")
     bad = fed["sites"][2]
     # the third site's updates are malicious: test handlers on its local training (one local epoch per round)
@@ -285,6 +287,7 @@ def test_deployment_with_tls_writes_a_package_that_predicts(deployment, capsys):
     meta = json.loads((run / "model" / "model.json").read_text())
     fed = meta["federated"]
     assert fed["engine"] == "flower" and fed["strategy"] == "fedprox" and fed["rounds"] == 2
+    assert fed["aggregation"] == "median"
     assert set(fed["sites"]) == set(deployment["sites"])  # the malicious one validated but never got into a round
     assert all(v["train_samples"] > 0 for s, v in fed["sites"].items() if s != deployment["bad"])
     assert fed["sites"][deployment["bad"]]["rounds"] == 0 and "train_samples" not in fed["sites"][deployment["bad"]]
@@ -331,7 +334,7 @@ def test_nan_update_is_excluded_with_a_reason(deployment):
 @needs_flower
 def test_float16_update_is_excluded_and_leaves_the_global_model_to_the_honest_sites(deployment):
     """Through the real SuperLink/ServerApp: a float16 update for float32 tensors is refused (never cast),
-    named in the round's log and record; the round aggregates the two honest sites, every tensor of the
+    named in the round's log and record; the round aggregates (median) the two honest sites, every tensor of the
     global checkpoint keeps its float32/int64 dtype, and the honest sites' update ratios (recorded) are
     within the default limit."""
     from safetensors.numpy import load_file
@@ -344,7 +347,7 @@ def test_float16_update_is_excluded_and_leaves_the_global_model_to_the_honest_si
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     r1 = rounds[0]
     assert set(r1["excluded"]) == {bad} and set(r1["trained"]) == set(deployment["sites"]) - {bad}
-    assert r1["aggregation"] == "mean" and set(r1["num_examples"]) == set(deployment["sites"])
+    assert r1["aggregation"] == "median" and set(r1["num_examples"]) == set(deployment["sites"])
     for r in rounds:
         for figures in r["trained"].values():
             assert 0 < figures["update_ratio"] <= MAX_UPDATE_RATIO and figures["examples_bound"] > 0
