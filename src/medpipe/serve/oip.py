@@ -296,6 +296,29 @@ def parse_request(body: bytes, header_length: str | None, spec_size: int, max_im
     return "ok", req, kind, payload
 
 
+async def parse_off_loop(pool, body: bytes, header_length: str | None, spec_size: int, max_images: int,
+                         max_abs: float) -> tuple[dict, str, object]:
+    """(request without its input data, kind, payload): :func:`parse_request` on the event loop, or, for a
+    JSON header over :data:`OFFLOAD_BYTES` that passes the element count, in a decode process of ``pool``."""
+    args = (body, header_length, spec_size, max_images, max_abs)
+    try:
+        head_length = int(header_length) if header_length is not None else len(body)
+    except ValueError:
+        head_length = 0  # parse_request names the bad header
+    if OFFLOAD_BYTES < head_length <= len(body) and pool is not None:
+        # counted here first, so a flood of oversized lists never reaches the decode processes
+        check_json_size(body, max_images, max_elements(spec_size, max_images), head_length)
+        try:  # FP32 data as JSON numbers: up to ~0.2 s of parsing for 6 MB
+            parsed = await pool.call(parse_request, *args)
+        except TimeoutError as exc:
+            raise HttpError(413, "request_too_costly", f"the inference request was {exc}") from None
+    else:
+        parsed = parse_request(*args)
+    if parsed[0] == "error":
+        raise HttpError(*parsed[1:])
+    return parsed[1], parsed[2], parsed[3]
+
+
 def requested_outputs(req: dict) -> list[tuple[str, bool]]:
     """[(output name, binary?)] in the order asked for; both outputs when none are named."""
     default_binary = bool(_params(req, "request").get("binary_data_output", False))
@@ -378,24 +401,9 @@ def add_routes(app, svc) -> None:
         return JSONResponse({"name": predictor.name, "ready": svc.ready}, status_code=200 if svc.ready else 503)
 
     async def infer(request):
-        args = (await svc.read_body(request), request.headers.get(HEADER_LENGTH), predictor.spec.image_size,
-                cfg.max_images, max_abs)
-        try:
-            head_length = int(args[1]) if args[1] is not None else len(args[0])
-        except ValueError:
-            head_length = 0  # parse_request names the bad header
-        if OFFLOAD_BYTES < head_length <= len(args[0]) and svc.decode_pool is not None:
-            # counted here first, so a flood of oversized lists never reaches the decode processes
-            check_json_size(args[0], cfg.max_images, max_elements(args[2], cfg.max_images), head_length)
-            try:  # a large JSON header (FP32 data in JSON: up to ~0.2 s of parsing) is parsed off the event loop
-                parsed = await svc.decode_pool.call(parse_request, *args)
-            except TimeoutError as exc:
-                raise HttpError(413, "request_too_costly", f"the inference request was {exc}") from None
-        else:
-            parsed = parse_request(*args)
-        if parsed[0] == "error":
-            raise HttpError(*parsed[1:])
-        _, req, kind, payload = parsed
+        req, kind, payload = await parse_off_loop(svc.decode_pool, await svc.read_body(request),
+                                                  request.headers.get(HEADER_LENGTH), predictor.spec.image_size,
+                                                  cfg.max_images, max_abs)
         outputs = requested_outputs(req)
         if kind == "bytes":
             preds = await svc.predict([("bytes", b) for b in payload])
