@@ -243,3 +243,15 @@ def test_large_json_tensor_is_parsed_off_the_event_loop_with_the_same_answers(se
     req["inputs"][0]["data"][7] = 3e38
     status, body = _infer_raw(srv, meta["name"], req)
     assert status == 400 and "input 'image'" in body["error"], body
+
+
+def test_invocations_json_is_counted_before_it_is_parsed():
+    """/invocations' JSON body: more strings or values than max_images images can hold is 413 before parsing;
+    a body at the bound is parsed as before."""
+    from medpipe.infer.protocol import HttpError, parse_body
+
+    with pytest.raises(HttpError) as e:
+        parse_body("application/json", b'{"images": [%s""]}' % (b'"", ' * 1_499_999), max_images=16)
+    assert e.value.status == 413 and "16 images" in e.value.message
+    ok = parse_body("application/json", json.dumps({"instances": [{"b64": "AAAA"}] * 16}).encode(), max_images=16)
+    assert [k for k, _ in ok] == ["bytes"] * 16
