@@ -14,7 +14,7 @@ from medpipe import cli, errors
 from medpipe.cli import main
 
 COMMANDS = {"synth", "ingest", "split", "cache", "train", "evaluate", "predict", "serve", "batch", "shard",
-            "export", "package", "quantize", "tune", "fl", "runs"}
+            "export", "package", "quantize", "tune", "fl", "runs", "monitor"}
 
 
 def _usage_error(argv, capsys) -> str:

@@ -49,6 +49,7 @@ import numpy as np
 
 from medpipe.data import dicom, imageio
 from medpipe.errors import ConfigError, MedpipeError, PredictionError, http_status
+from medpipe.monitor.capture import EVENT_HEADER, open_capture
 from medpipe.serve.batcher import Batcher
 from medpipe.data.decodepool import DecodePool, DecodeSpec
 from medpipe.serve.oip import add_routes, metric_route
@@ -117,6 +118,10 @@ class ServeConfig:
     auth_token_file: str | None = None  # bearer token every route but the health checks needs (401)
     tls_cert: str | None = None    # PEM certificate (chain) for HTTPS, with tls_key
     tls_key: str | None = None     # PEM private key of tls_cert
+    capture: str | None = None     # data capture folder (medpipe.monitor.capture); None: no capture
+    capture_sample: float = 1.0    # share of /invocations requests captured
+    capture_inputs: bool = False   # capture the request bodies (base64), not only their fingerprints
+    capture_max_mb: float = 1024.0  # capture folder cap: the oldest files are removed above it
 
     def __post_init__(self):
         positive = ("max_body_mb", "max_pixels", "max_images", "max_batch", "max_queue", "deadline_s",
@@ -163,6 +168,7 @@ class Service:
         self.draining = False
         self._body_timers: set = set()
         self.metrics.rss.set_function(self.memory.rss_mb)
+        self.capture = open_capture(cfg, predictor, self.metrics.registry)  # None without --capture
 
     # -- lifecycle -------------------------------------------------------------------------------
     def infer(self, pixels: list[np.ndarray]) -> np.ndarray:
@@ -201,6 +207,8 @@ class Service:
             await self.batcher.close()
         if self.decode_pool is not None:
             self.decode_pool.close()
+        if self.capture is not None:
+            self.capture.close()
 
     # -- request steps (each a small function, testable alone) ----------------------------------
     async def read_body(self, request) -> bytes:
@@ -417,11 +425,17 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
             raise HttpError(415, "unsupported_media_type", "application/dicom needs the dicom extra")
         if ctype not in SUPPORTED_TYPES:
             raise unsupported(ctype)
-        items = parse_body(ctype, await svc.read_body(request), cfg.max_images)
+        body = await svc.read_body(request)
+        items = parse_body(ctype, body, cfg.max_images)
         preds = finish(await svc.predict(items))
         if accept == CSV_T:
-            return PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
-        return JSONResponse({"model": predictor.name, "version": predictor.version, "predictions": preds})
+            answer = PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
+        else:
+            answer = JSONResponse({"model": predictor.name, "version": predictor.version, "predictions": preds})
+        if svc.capture is not None:  # queued for the capture thread; its eventId goes back to the client
+            if event_id := svc.capture.submit(ctype, body, items, answer.body, accept):
+                answer.headers[EVENT_HEADER] = event_id
+        return answer
 
     @app.post("/explain")
     async def explain(request: Request):

@@ -1,0 +1,1 @@
+"""Monitoring a model in service: data capture in SageMaker's format, baseline statistics and drift checks."""

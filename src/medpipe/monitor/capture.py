@@ -1,0 +1,260 @@
+"""Data capture: one JSON Lines record per answered request, in the format SageMaker endpoints write.
+
+The record is the one SageMaker Model Monitor documents for endpoints deployed with a
+``DataCaptureConfig`` ("Capture data from real-time endpoint" and "Data capture" pages of the
+SageMaker developer guide, https://docs.aws.amazon.com/sagemaker/latest/dg/model-monitor-data-capture-endpoint.html):
+
+    {"captureData": {"endpointInput":  {"observedContentType": ..., "mode": "INPUT",  "data": ..., "encoding": "BASE64"|"JSON"|"CSV"},
+                     "endpointOutput": {"observedContentType": ..., "mode": "OUTPUT", "data": ..., "encoding": ...}},
+     "eventMetadata": {"eventId": ..., "inferenceTime": "2026-12-06T14:00:00Z"},
+     "eventVersion": "0"}
+
+in files ``DIR/yyyy/mm/dd/hh/*.jsonl`` (SageMaker puts them under ``DESTINATION/ENDPOINT/VARIANT/``).
+medpipe adds one top-level key SageMaker's own readers ignore: ``"medpipe": {"package_sha256",
+"model", "version", "inputs": [fingerprint per image]}``. The package hash (the weights' sha256)
+keeps records of another model out of a check.
+
+Medical images are personal data: by default the input is captured as a **fingerprint** per image
+(``observedContentType`` :data:`FINGERPRINT_TYPE`, encoding JSON): sha256 and byte size of the
+bytes, format, width x height, and pixel statistics of the image resized to :data:`STATS_SIZE`
+(per-channel mean/std, luminance, blur as the variance of the Laplacian, the under/over-exposed
+pixel shares); never pixels. ``inputs=True`` captures the request body itself, base64, as SageMaker
+does. The model's penultimate-layer embedding is not captured: the Predictor exposes only
+probabilities.
+
+Capture is off the request path: :meth:`CaptureWriter.submit` only puts the finished request on a
+bounded queue (over it, the record is dropped and counted); a background thread computes the
+fingerprint (decoding again through :mod:`medpipe.data.imageio`, under the same pixel limit) and
+appends the line. Files rotate every hour and at ``max_file_mb``; past ``max_total_mb`` the oldest
+files are removed, each with a log line. A write error is counted and logged once; the answer has
+already gone out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from medpipe.data import imageio
+from medpipe.errors import ConfigError, ImageError
+
+log = logging.getLogger("medpipe.monitor")
+
+FINGERPRINT_TYPE = "application/vnd.medpipe.fingerprint+json"
+STATS_SIZE = (128, 128)
+STAT_NAMES = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "luminance", "blur", "dark_share",
+              "bright_share")
+EVENT_HEADER = "X-Medpipe-Event-Id"
+
+
+def pixel_stats(rgb: np.ndarray) -> dict:
+    """Statistics of an RGB uint8 image resized to :data:`STATS_SIZE` (each a float, names in :data:`STAT_NAMES`)."""
+    from scipy import ndimage
+
+    if rgb.shape[:2] != STATS_SIZE:
+        rgb = imageio.resize_rgb(rgb, STATS_SIZE, "bilinear")
+    x = rgb.astype(np.float32) / 255.0
+    lum = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    mean, std = x.reshape(-1, 3).mean(0), x.reshape(-1, 3).std(0)
+    return {"mean_r": float(mean[0]), "mean_g": float(mean[1]), "mean_b": float(mean[2]),
+            "std_r": float(std[0]), "std_g": float(std[1]), "std_b": float(std[2]),
+            "luminance": float(lum.mean()), "blur": float(ndimage.laplace(lum).var()),
+            "dark_share": float((lum < 16 / 255).mean()), "bright_share": float((lum > 239 / 255).mean())}
+
+
+def fingerprint(kind: str, payload, max_pixels: int = imageio.DEFAULT_MAX_PIXELS) -> dict:
+    """The fingerprint of one parsed request item (``kind`` bytes | array | dicom, as
+    :func:`medpipe.infer.protocol.parse_body` returns); an undecodable item gets its ``error``."""
+    if kind == "array":
+        arr = np.ascontiguousarray(payload)
+        out = {"sha256": hashlib.sha256(arr.tobytes()).hexdigest(), "bytes": int(arr.nbytes), "format": "npy",
+               "shape": list(arr.shape)}
+        try:
+            out.update(pixel_stats(imageio.prepare_array(arr, STATS_SIZE, "bilinear", max_pixels=max_pixels)))
+        except (ImageError, ValueError) as exc:
+            out["error"] = str(exc)[:200]
+        return out
+    data = bytes(payload)
+    out = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    if kind == "dicom":
+        out["format"] = "DICOM"
+        return out
+    try:
+        info = imageio.probe(data, max_pixels=max_pixels)
+        out.update(format=info.format, width=info.width, height=info.height)
+        out.update(pixel_stats(imageio.decode_image(data, max_pixels=max_pixels, size=STATS_SIZE,
+                                                    interpolation="bilinear")))
+    except ImageError as exc:
+        out["error"] = exc.reason[:200]
+    return out
+
+
+def build_record(event_id: str, when: float, ctype: str, body: bytes, items: list, answer: bytes, answer_type: str,
+                 meta: dict, inputs: bool, max_pixels: int) -> dict:
+    """One capture record (see the module docstring); ``items``: the parsed request, ``answer``: the response body."""
+    prints = [fingerprint(k, p, max_pixels) for k, p in items]
+    if inputs:
+        endpoint_input = {"observedContentType": ctype, "mode": "INPUT",
+                          "data": base64.b64encode(body).decode("ascii"), "encoding": "BASE64"}
+    else:
+        endpoint_input = {"observedContentType": FINGERPRINT_TYPE, "mode": "INPUT",
+                          "data": json.dumps({"images": prints}, separators=(",", ":")), "encoding": "JSON"}
+    encoding = "CSV" if answer_type == "text/csv" else "JSON"
+    return {"captureData": {"endpointInput": endpoint_input,
+                            "endpointOutput": {"observedContentType": answer_type, "mode": "OUTPUT",
+                                               "data": answer.decode("utf-8"), "encoding": encoding}},
+            "eventMetadata": {"eventId": event_id, "inferenceTime": iso_time(when)},
+            "eventVersion": "0",
+            "medpipe": {**meta, "inputs": prints}}
+
+
+def iso_time(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class CaptureWriter:
+    """Sampled, bounded, off-the-request-path writer of capture records (see the module docstring).
+
+    ``meta``: the model's identity for every record (``package_sha256``, ``model``, ``version``).
+    Counters (plain ints, and Prometheus counters once :meth:`register` is called): ``captured``,
+    ``dropped`` (queue full), ``write_errors``, ``files_removed``.
+    """
+
+    def __init__(self, root: str | Path, meta: dict, *, sample: float = 1.0, inputs: bool = False,
+                 max_file_mb: float = 16.0, max_total_mb: float = 1024.0, max_queue: int = 256,
+                 max_queue_mb: float = 64.0, max_pixels: int = imageio.DEFAULT_MAX_PIXELS):
+        if not 0.0 < sample <= 1.0:
+            raise ConfigError(f"--capture-sample must be in (0, 1], got {sample}")
+        if max_total_mb < max_file_mb:
+            raise ConfigError(f"--capture-max-mb ({max_total_mb:g}) must hold at least one file ({max_file_mb:g} MB)")
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--capture {root}: cannot create the folder ({exc.strerror})") from None
+        self.meta, self.sample, self.inputs, self.max_pixels = dict(meta), float(sample), bool(inputs), max_pixels
+        self.max_file, self.max_total = int(max_file_mb * 2**20), int(max_total_mb * 2**20)
+        self.max_queue_bytes = int(max_queue_mb * 2**20)
+        self.counts = {"captured": 0, "dropped": 0, "write_errors": 0, "files_removed": 0}
+        self._prom: dict = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._queued_bytes = 0
+        self._lock = threading.Lock()
+        self._file: Path | None = None
+        self._files = sorted(([p, p.stat().st_size] for p in self.root.rglob("*.jsonl")), key=lambda f: str(f[0]))
+        self._error_logged = False
+        self._thread = threading.Thread(target=self._run, name="medpipe-capture", daemon=True)
+        self._thread.start()
+
+    def register(self, registry) -> None:
+        """Prometheus counters of this writer in ``registry`` (``medpipe_capture_*_total``)."""
+        from prometheus_client import Counter  # deferred: the serve extra
+
+        helps = {"captured": "Requests written to the data capture", "dropped": "Capture records dropped because "
+                 "the capture queue was full (the answers went out)", "write_errors": "Capture records lost to a "
+                 "write error (the answers went out)", "files_removed": "Capture files removed to stay under the "
+                 "capture size cap"}
+        for name, text in helps.items():
+            self._prom[name] = Counter(f"medpipe_capture_{name}_total", text, registry=registry)
+
+    def _count(self, name: str) -> None:
+        self.counts[name] += 1
+        if name in self._prom:
+            self._prom[name].inc()
+
+    def submit(self, ctype: str, body: bytes, items: list, answer: bytes, answer_type: str) -> str | None:
+        """Hand a finished request to the writer; returns its eventId, or None when not sampled or dropped.
+        Never raises and never blocks."""
+        if self.sample < 1.0 and random.random() >= self.sample:
+            return None
+        size = len(body) + len(answer)
+        with self._lock:
+            if self._queued_bytes + size > self.max_queue_bytes:
+                self._count("dropped")
+                return None
+            self._queued_bytes += size
+        event_id = str(uuid.uuid4())
+        try:
+            self._queue.put_nowait((event_id, time.time(), ctype, body, items, answer, answer_type))
+        except queue.Full:
+            with self._lock:
+                self._queued_bytes -= size
+                self._count("dropped")
+            return None
+        return event_id
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (for at most ``timeout`` seconds) and stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            event_id, when, ctype, body, items, answer, answer_type = job
+            with self._lock:
+                self._queued_bytes -= len(body) + len(answer)
+            try:
+                rec = build_record(event_id, when, ctype, body, items, answer, answer_type, self.meta, self.inputs,
+                                   self.max_pixels)
+                self.write_line(json.dumps(rec, separators=(",", ":")).encode() + b"\n", when)
+                self._count("captured")
+            except Exception as exc:  # noqa: BLE001 - capture must never stop; counted and logged once
+                self._count("write_errors")
+                if not self._error_logged:
+                    self._error_logged = True
+                    log.error("data capture: a record could not be written (%s: %s); later errors are only "
+                              "counted (medpipe_capture_write_errors_total)", exc.__class__.__name__, exc)
+
+    def _path_for(self, when: float) -> Path:
+        t = datetime.fromtimestamp(when, timezone.utc)
+        hour = self.root / t.strftime("%Y/%m/%d/%H")
+        if self._file is None or self._file.parent != hour or self._file.stat().st_size >= self.max_file:
+            hour.mkdir(parents=True, exist_ok=True)
+            self._file = hour / f"{t.strftime('%M-%S-%f')[:-3]}-{uuid.uuid4().hex[:8]}.jsonl"
+            self._files.append([self._file, 0])
+        return self._file
+
+    def write_line(self, line: bytes, when: float) -> None:
+        """Append one line to the current file (rotating first when due), then keep under the size cap."""
+        path = self._path_for(when)
+        with open(path, "ab") as f:
+            f.write(line)
+        self._files[-1][1] += len(line)
+        total = sum(s for _, s in self._files)
+        while total > self.max_total and len(self._files) > 1:
+            old, size = self._files.pop(0)
+            try:
+                old.unlink()
+            except FileNotFoundError:
+                pass
+            total -= size
+            self._count("files_removed")
+            log.info("data capture: removed %s (%d bytes) to stay under %d MB", old, size, self.max_total // 2**20)
+
+
+def open_capture(cfg, predictor, registry=None) -> CaptureWriter | None:
+    """The service's writer for a ``ServeConfig`` with ``capture`` set (None without), its counters in ``registry``."""
+    if not getattr(cfg, "capture", None):
+        return None
+    meta = {"package_sha256": predictor.meta.weights_sha256, "model": predictor.name, "version": predictor.version}
+    writer = CaptureWriter(cfg.capture, meta, sample=cfg.capture_sample, inputs=cfg.capture_inputs,
+                           max_file_mb=min(16.0, cfg.capture_max_mb), max_total_mb=cfg.capture_max_mb,
+                           max_pixels=cfg.max_pixels)
+    if registry is not None:
+        writer.register(registry)
+    log.info("data capture: %g%% of /invocations requests to %s (%s), at most %g MB", 100 * cfg.capture_sample,
+             cfg.capture, "request bodies" if cfg.capture_inputs else "input fingerprints, no pixels",
+             cfg.capture_max_mb)
+    return writer

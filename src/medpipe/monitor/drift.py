@@ -1,0 +1,185 @@
+"""Baseline statistics of a model on labelled data, and the per-window drift and performance checks against it.
+
+Files, named as SageMaker Model Monitor names them (the fields are medpipe's own):
+
+- ``statistics.json``: the model (name, version, ``package_sha256``, classes), the predicted-class
+  counts, a reference sample of the calibrated confidence (the top probability) and of each input
+  statistic (:data:`medpipe.monitor.capture.STAT_NAMES`), the label-free estimates on the baseline
+  data and the measured accuracy, balanced accuracy and macro AUC (the baseline data has labels).
+- ``constraints.json``: the thresholds a check applies (edit to tune): ``alpha`` of each test,
+  ``performance_tolerance`` and ``min_window``.
+- ``constraint_violations.json`` (written by a check): one entry per violated constraint and window.
+
+Per window of captured images (:func:`check`):
+
+- prediction drift: chi-square goodness of fit of the predicted-class counts against the baseline's
+  class shares (``scipy.stats.chisquare``; baseline counts + 0.5 so no class has an expected zero);
+- confidence drift: two-sample Kolmogorov-Smirnov test of the top probability (``scipy.stats.ks_2samp``);
+- input drift: a KS test per input statistic, Holm's step-down correction over the family
+  (``scipy.stats.false_discovery_control`` is Benjamini-Hochberg, which controls the false discovery
+  rate, not the family-wise error a page-the-on-call alert wants; Holm is a few lines);
+- label-free performance (confidence-based performance estimation, as NannyML's CBPE): with
+  calibrated probabilities, P(correct) of an image is the probability of its predicted class, so
+  the expected accuracy is their mean (standard error from the Poisson-binomial variance); the
+  expected sensitivity of class k is the sum of p_k over images predicted k divided by the sum of
+  p_k; the expected one-vs-rest AUC sweeps the threshold with expected true/false positives p_k
+  and 1 - p_k. A violation when the expected balanced accuracy's upper one-sided 95% bound lies
+  below the baseline's estimate minus ``performance_tolerance``;
+- with ground truth: measured accuracy, balanced accuracy and macro AUC; a violation when the
+  measured balanced accuracy lies below the baseline's measured one minus ``performance_tolerance``.
+
+Windows with fewer than ``min_window`` images are reported but not tested.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medpipe.monitor.capture import STAT_NAMES
+
+REFERENCE_SAMPLE = 5000  # values kept per reference sample
+CONSTRAINTS = {"prediction_drift_alpha": 0.01, "confidence_drift_alpha": 0.01, "input_drift_alpha": 0.01,
+               "performance_tolerance": 0.05, "min_window": 30}
+
+
+def expected_performance(probs: np.ndarray) -> dict:
+    """Label-free estimates from calibrated probabilities (n, k): accuracy with its standard error, per-class
+    sensitivity, balanced accuracy and macro AUC (one-vs-rest; classes with no expected positives skipped)."""
+    n, k = probs.shape
+    pred = probs.argmax(1)
+    p_correct = probs[np.arange(n), pred]
+    sens, aucs = [], []
+    for c in range(k):
+        pos = probs[:, c].sum()
+        sens.append(float(probs[pred == c, c].sum() / pos) if pos > 0 else float("nan"))
+        order = np.argsort(-probs[:, c], kind="stable")
+        tp, fp = np.cumsum(probs[order, c]), np.cumsum(1 - probs[order, c])
+        if tp[-1] > 0 and fp[-1] > 0:
+            aucs.append(float(np.trapezoid(np.r_[0, tp / tp[-1]], np.r_[0, fp / fp[-1]])))
+    valid = [s for s in sens if s == s]
+    return {"accuracy": float(p_correct.mean()) if n else float("nan"),
+            "accuracy_se": float(np.sqrt((p_correct * (1 - p_correct)).sum()) / n) if n else float("nan"),
+            "balanced_accuracy": float(np.mean(valid)) if valid else float("nan"),
+            "per_class_sensitivity": sens, "macro_auc": float(np.mean(aucs)) if aucs else float("nan")}
+
+
+def balanced_accuracy_se(probs: np.ndarray) -> float:
+    """Standard error of the expected balanced accuracy under the calibrated model (delta method per class)."""
+    pred = probs.argmax(1)
+    var = []
+    for c in range(probs.shape[1]):
+        pos = probs[:, c].sum()
+        if pos <= 0:
+            continue
+        hit = (pred == c).astype(float)
+        s = probs[pred == c, c].sum() / pos
+        # sensitivity = sum(y_i hit_i) / sum(y_i), y_i ~ Bernoulli(p_i): linearised variance
+        var.append(float((probs[:, c] * (1 - probs[:, c]) * (hit - s) ** 2).sum() / pos**2))
+    return float(np.sqrt(np.sum(var)) / max(len(var), 1))
+
+
+def measured_performance(y: np.ndarray, probs: np.ndarray) -> dict:
+    """Accuracy, balanced accuracy and macro AUC (one-vs-rest over the classes present) with labels."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    pred = probs.argmax(1)
+    present = np.unique(y)
+    aucs = [roc_auc_score(y == c, probs[:, c]) for c in present if 0 < (y == c).sum() < len(y)]
+    return {"n": int(len(y)), "accuracy": float((pred == y).mean()),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "macro_auc": float(np.mean(aucs)) if aucs else float("nan")}
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-adjusted p-values (family-wise error control), in the input order."""
+    p = np.asarray(pvalues, float)
+    order = np.argsort(p)
+    m = len(p)
+    adj = np.maximum.accumulate([(m - r) * p[i] for r, i in enumerate(order)]) if m else np.array([])
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return out.tolist()
+
+
+def _sample(values: np.ndarray, seed: int = 0) -> list[float]:
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if len(values) > REFERENCE_SAMPLE:
+        values = np.random.default_rng(seed).choice(values, REFERENCE_SAMPLE, replace=False)
+    return [round(float(v), 6) for v in values]
+
+
+def statistics(meta: dict, classes: list[str], probs: np.ndarray, y: np.ndarray | None, inputs: list[dict]) -> dict:
+    """statistics.json for the baseline data (``y``: its labels, None if unknown)."""
+    pred = probs.argmax(1)
+    stats = {"format": "medpipe-monitor-statistics/1", **meta, "classes": classes, "n": int(len(probs)),
+             "predicted_class_counts": {c: int((pred == i).sum()) for i, c in enumerate(classes)},
+             "confidence": _sample(probs.max(1)),
+             "inputs": {s: _sample(np.array([d.get(s, np.nan) for d in inputs], float)) for s in STAT_NAMES},
+             "expected": expected_performance(probs)}
+    if y is not None:
+        stats["measured"] = measured_performance(np.asarray(y), probs)
+    return stats
+
+
+def check_window(stats: dict, cons: dict, probs: np.ndarray, inputs: list[dict],
+                 truth: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """All checks on one window: results per check and the list of violated ones; ``truth``: the labels of
+    the window's labelled images and their probabilities."""
+    from scipy import stats as st
+
+    n, classes = len(probs), stats["classes"]
+    out: dict = {"n": int(n), "tested": n >= cons["min_window"], "violations": []}
+    base = np.array([stats["predicted_class_counts"][c] for c in classes], float) + 0.5
+    counts = np.bincount(probs.argmax(1), minlength=len(classes)).astype(float)
+    chi = st.chisquare(counts, base / base.sum() * n) if n else None
+    out["prediction_drift"] = {"counts": dict(zip(classes, counts.astype(int).tolist())),
+                               "p_value": float(chi.pvalue) if chi else None}
+    ks = st.ks_2samp(probs.max(1), stats["confidence"]) if n else None
+    out["confidence_drift"] = {"median": float(np.median(probs.max(1))) if n else None,
+                               "statistic": float(ks.statistic) if ks else None, "p_value": float(ks.pvalue) if ks else None}
+    names, pv, ds = [], [], []
+    for s in STAT_NAMES:
+        vals = np.array([d.get(s, np.nan) for d in inputs], float)
+        vals = vals[np.isfinite(vals)]
+        if len(vals) >= cons["min_window"] and stats["inputs"].get(s):
+            r = st.ks_2samp(vals, stats["inputs"][s])
+            names.append(s), pv.append(float(r.pvalue)), ds.append(float(r.statistic))
+    adj = holm(pv)
+    out["input_drift"] = {s: {"statistic": d, "p_value": p, "p_holm": a} for s, d, p, a in zip(names, ds, pv, adj)}
+    est = expected_performance(probs) if n else {}
+    if n:
+        est["balanced_accuracy_se"] = balanced_accuracy_se(probs)
+    out["estimated"] = est
+    if truth is not None and len(truth[0]):
+        out["measured"] = measured_performance(*truth)
+    if out["tested"]:
+        out["violations"] = _violations(out, stats, cons)
+    return out
+
+
+def _violations(w: dict, stats: dict, cons: dict) -> list[dict]:
+    v = []
+    p = w["prediction_drift"]["p_value"]
+    if p is not None and p < cons["prediction_drift_alpha"]:
+        v.append({"constraint_check_type": "prediction_drift", "description": f"predicted-class mix differs from "
+                  f"the baseline (chi-square p = {p:.2g} < {cons['prediction_drift_alpha']})"})
+    p = w["confidence_drift"]["p_value"]
+    if p is not None and p < cons["confidence_drift_alpha"]:
+        v.append({"constraint_check_type": "confidence_drift", "description": f"confidence distribution differs "
+                  f"(KS p = {p:.2g} < {cons['confidence_drift_alpha']})"})
+    for s, r in w["input_drift"].items():
+        if r["p_holm"] < cons["input_drift_alpha"]:
+            v.append({"constraint_check_type": "input_drift", "feature_name": s, "description": f"input statistic "
+                      f"{s} drifted (KS D = {r['statistic']:.3f}, Holm-adjusted p = {r['p_holm']:.2g})"})
+    tol = cons["performance_tolerance"]
+    est, floor = w["estimated"], stats["expected"]["balanced_accuracy"] - tol
+    if est and est["balanced_accuracy"] + 1.645 * est["balanced_accuracy_se"] < floor:
+        v.append({"constraint_check_type": "estimated_performance", "description": f"expected balanced accuracy "
+                  f"{est['balanced_accuracy']:.3f} (SE {est['balanced_accuracy_se']:.3f}) is below the baseline's "
+                  f"{stats['expected']['balanced_accuracy']:.3f} - {tol}"})
+    m, ref = w.get("measured"), (stats.get("measured") or {}).get("balanced_accuracy")
+    if m and ref is not None and m["balanced_accuracy"] < ref - tol:
+        v.append({"constraint_check_type": "measured_performance", "description": f"measured balanced accuracy "
+                  f"{m['balanced_accuracy']:.3f} on {m['n']} labelled images is below the baseline's {ref:.3f} - {tol}"})
+    return v

@@ -1,0 +1,228 @@
+"""Data capture (SageMaker's record format) and `medpipe monitor baseline/check`: drift, estimates, ground truth."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medpipe.cli import main
+from medpipe.monitor.capture import EVENT_HEADER, FINGERPRINT_TYPE, CaptureWriter
+from medpipe.monitor.jobs import EXIT_VIOLATION
+from tests._server import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "tests" / "data" / "densenet-test"
+SHA = json.loads((PKG / "model.json").read_text())["weights_sha256"]
+META = {"package_sha256": SHA, "model": "densenet-test-ham", "version": "1"}
+
+
+def _dataset(root: Path, seed: int, count: int) -> Path:
+    from medpipe.data.sources import ingest
+    from medpipe.data.synthetic import SynthSpec, write_synthetic
+
+    write_synthetic(root / "raw", SynthSpec(count=count, width=64, height=48, seed=seed), fmt="folders", workers=1)
+    ingest(root / "raw", root / "data", workers=1)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A baseline on one synthetic dataset, and a second dataset (same generator) to serve as traffic."""
+    from medpipe.infer.predictor import Predictor
+
+    root = tmp_path_factory.mktemp("monitor")
+    base_data, traffic = _dataset(root / "a", 11, 160), _dataset(root / "b", 12, 120)
+    assert main(["monitor", "baseline", "--model", str(PKG), "--data", str(base_data), "--split", "all",
+                 "--out", str(root / "base"), "--backend", "eager", "--device", "cpu"]) == 0
+    table = pd.read_csv(traffic / "records.csv")
+    return {"root": root, "base": root / "base", "predictor": Predictor(PKG, device="cpu"),
+            "images": [Path(p).read_bytes() for p in table["path"]], "labels": table["class_index"].to_numpy()}
+
+
+def _answer(predictor, probs: np.ndarray) -> bytes:
+    """The JSON body `medpipe serve` answers for images with these probabilities."""
+    preds = [p.as_dict() for p in predictor.to_predictions(probs)]
+    return json.dumps({"model": predictor.name, "version": predictor.version, "predictions": preds}).encode()
+
+
+def _capture(folder: Path, predictor, images: list[bytes], meta: dict = META) -> tuple[list[str], np.ndarray]:
+    """Capture one request per image through the writer the service uses; returns eventIds and probabilities."""
+    probs = predictor.probabilities([predictor.decode(b) for b in images])  # one forward pass: quick under load
+    w = CaptureWriter(folder, meta)
+    ids = [w.submit("image/jpeg", b, [("bytes", b)], _answer(predictor, probs[i:i + 1]), "application/json")
+           for i, b in enumerate(images)]
+    w.close()
+    assert w.counts["captured"] == len(images) and w.counts["dropped"] == 0
+    return ids, probs
+
+
+def _cast(data: bytes) -> bytes:
+    """A strong colour cast (another dermatoscope's white balance): red up, blue down."""
+    arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(float)
+    arr = np.clip(arr * np.array([1.35, 1.0, 0.65]), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _check(world, capture: Path, out: Path, *extra: str) -> tuple[int, dict]:
+    code = main(["monitor", "check", "--baseline", str(world["base"]), "--capture", str(capture), "--window", "60",
+                 "--out", str(out), *extra])
+    return code, json.loads((out / "windows.json").read_text())
+
+
+def test_unshifted_windows_pass_and_a_colour_cast_is_flagged(world, tmp_path):
+    stats = json.loads((world["base"] / "statistics.json").read_text())
+    assert stats["package_sha256"] == SHA and stats["n"] == 160 and len(stats["inputs"]["mean_r"]) == 160
+    _capture(tmp_path / "plain", world["predictor"], world["images"])
+    code, res = _check(world, tmp_path / "plain", tmp_path / "plain_out")
+    assert code == 0, [w["violations"] for w in res["windows"]]
+    assert [w["n"] for w in res["windows"]] == [60, 60] and all(w["tested"] for w in res["windows"])
+    assert json.loads((tmp_path / "plain_out" / "constraint_violations.json").read_text()) == {"violations": []}
+
+    _capture(tmp_path / "cast", world["predictor"], [_cast(b) for b in world["images"]])
+    code, res = _check(world, tmp_path / "cast", tmp_path / "cast_out")
+    assert code == EXIT_VIOLATION
+    found = json.loads((tmp_path / "cast_out" / "constraint_violations.json").read_text())["violations"]
+    drifted = {v.get("feature_name") for v in found if v["constraint_check_type"] == "input_drift"}
+    assert {"mean_r", "mean_b"} <= drifted and {v["window"] for v in found} == {0, 1}
+    assert "violation" in (tmp_path / "cast_out" / "report.md").read_text()
+
+
+def test_ground_truth_joined_by_event_id_gives_the_direct_accuracy(world, tmp_path):
+    from medpipe.monitor.drift import measured_performance
+
+    ids, probs = _capture(tmp_path / "cap", world["predictor"], world["images"][:60])
+    y = world["labels"][:60]
+    # half as CSV, half as SageMaker groundTruthData JSON Lines; plus one eventId nobody captured
+    classes = world["predictor"].classes
+    pd.DataFrame({"eventId": [*ids, "no-such-event"], "label": [*(classes[c] for c in y), classes[0]]}).to_csv(
+        tmp_path / "gt.csv", index=False)
+    code, res = _check(world, tmp_path / "cap", tmp_path / "out", "--ground-truth", str(tmp_path / "gt.csv"))
+    direct = measured_performance(y, probs)
+    measured = res["windows"][0]["measured"]
+    assert measured["n"] == 60 and measured["accuracy"] == pytest.approx(direct["accuracy"])
+    assert measured["balanced_accuracy"] == pytest.approx(direct["balanced_accuracy"])
+    assert measured["macro_auc"] == pytest.approx(direct["macro_auc"])
+    assert res["summary"]["skipped"]["unknown_event_id"] == 1 and "no-such-event" in (tmp_path / "out" / "report.md").read_text()
+
+    lines = [json.dumps({"groundTruthData": {"data": classes[c], "encoding": "CSV"}, "eventMetadata": {"eventId": i},
+                         "eventVersion": "0"}) for i, c in zip(ids, y)]
+    (tmp_path / "gt.jsonl").write_text("\n".join(lines) + "\n")
+    _, res2 = _check(world, tmp_path / "cap", tmp_path / "out2", "--ground-truth", str(tmp_path / "gt.jsonl"))
+    assert res2["windows"][0]["measured"]["accuracy"] == pytest.approx(direct["accuracy"])
+
+
+def test_bad_lines_other_models_and_a_sagemaker_record_are_counted_never_mixed(world, tmp_path):
+    cap = tmp_path / "cap"
+    _capture(cap, world["predictor"], world["images"][:40])
+    _capture(cap, world["predictor"], world["images"][40:50], meta={**META, "package_sha256": "f" * 64})
+    # A record exactly as SageMaker's DataCaptureConfig writes it (no medpipe key; the input base64).
+    img = world["images"][50]
+    pr = world["predictor"]
+    answer = _answer(pr, pr.probabilities([pr.decode(img)]))
+    sm = {"captureData": {"endpointInput": {"observedContentType": "image/jpeg", "mode": "INPUT",
+                                            "data": base64.b64encode(img).decode(), "encoding": "BASE64"},
+                          "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT",
+                                             "data": answer.decode(), "encoding": "JSON"}},
+          "eventMetadata": {"eventId": "b8a5e7b2-0c1f-4a3e-9d55-5c3c0e0b1a11", "inferenceTime": "2030-01-01T00:00:00Z"},
+          "eventVersion": "0"}
+    odd = cap / "2030" / "01" / "01" / "00" / "sm.jsonl"
+    odd.parent.mkdir(parents=True)
+    odd.write_text(json.dumps(sm) + "\n" + "{not json\n" + json.dumps(sm)[:80] + "\n")
+    code, res = _check(world, cap, tmp_path / "out")
+    assert code == 0
+    s = res["summary"]
+    assert s["images"] == 41  # 40 of this model + the SageMaker record; none of the other model's 10
+    assert s["skipped"] == {"other_model": 10, "no_package_hash": 1, "bad_line": 2}
+    assert any(n.endswith("sm.jsonl:2") for n in s["named"]["bad_line"])
+    last = res["windows"][0]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "other_model: 10" in report and "ffffffffffff" in report
+    # the SageMaker record's input statistics were computed from its base64 bytes
+    from medpipe.monitor.reader import ReadLog, read_capture
+
+    rows = read_capture(odd, world["predictor"].classes, SHA, ReadLog())
+    assert len(rows.probs) == 1 and rows.inputs[0]["sha256"] and 0 < rows.inputs[0]["mean_r"] < 1
+    assert last["n"] == 41
+
+
+def test_writer_rotates_caps_and_drops_without_blocking(tmp_path, caplog):
+    w = CaptureWriter(tmp_path / "c", META, max_file_mb=0.002, max_total_mb=0.012)
+    blob = b"x" * 700
+    for _ in range(40):
+        w.submit("application/x-npy", b"", [("array", np.zeros((4, 4, 3), np.uint8))], blob, "application/json")
+    w.close()
+    files = sorted((tmp_path / "c").rglob("*.jsonl"))
+    assert w.counts["captured"] == 40 and w.counts["files_removed"] > 0 and len(files) >= 2
+    assert sum(f.stat().st_size for f in files) <= 0.012 * 2**20
+    assert all(re.search(r"/\d{4}/\d{2}/\d{2}/\d{2}/[^/]+\.jsonl$", str(f)) for f in files)
+
+    full = CaptureWriter(tmp_path / "d", META, max_queue_mb=0.001)
+    assert full.submit("image/jpeg", b"y" * 5000, [("bytes", b"y")], b"{}", "application/json") is None
+    full.close()
+    assert full.counts["dropped"] == 1
+
+
+def test_serve_capture_writes_records_and_a_write_error_does_not_fail_requests(world, tmp_path):
+    cap = tmp_path / "capture"
+    server = Server(PKG, "--backend", "eager", "--capture", str(cap), "--capture-sample", "1",
+                    log=tmp_path / "server.log").wait_ready()
+    try:
+        img = world["images"][0]
+        status, headers, body = server.invoke(img)
+        assert status == 200 and EVENT_HEADER.lower() in headers
+        event = headers[EVENT_HEADER.lower()]
+        two = json.dumps({"images": [base64.b64encode(b).decode() for b in world["images"][1:3]]}).encode()
+        status, headers2, _ = server.invoke(two, ctype="application/json")
+        assert status == 200
+        files = _wait(lambda: [f for f in cap.rglob("*.jsonl") if len(f.read_text().splitlines()) >= 2])
+        recs = [json.loads(x) for x in files[0].read_text().splitlines()]
+        assert re.search(r"/\d{4}/\d{2}/\d{2}/\d{2}/[^/]+\.jsonl$", str(files[0]))
+        rec = next(r for r in recs if r["eventMetadata"]["eventId"] == event)
+        assert set(rec) == {"captureData", "eventMetadata", "eventVersion", "medpipe"} and rec["eventVersion"] == "0"
+        inp, out = rec["captureData"]["endpointInput"], rec["captureData"]["endpointOutput"]
+        assert inp["mode"] == "INPUT" and inp["observedContentType"] == FINGERPRINT_TYPE and inp["encoding"] == "JSON"
+        assert out == {"observedContentType": "application/json", "mode": "OUTPUT", "data": body.decode(),
+                       "encoding": "JSON"}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec["eventMetadata"]["inferenceTime"])
+        assert rec["medpipe"]["package_sha256"] == SHA
+        fp = rec["medpipe"]["inputs"][0]
+        assert fp["format"] == "JPEG" and fp["bytes"] == len(img) and (fp["width"], fp["height"]) == (64, 48)
+        assert base64.b64encode(img).decode()[:40] not in files[0].read_text()  # no pixels by default
+        assert len(next(r for r in recs if r is not rec)["medpipe"]["inputs"]) == 2
+
+        import shutil
+
+        shutil.rmtree(cap)
+        cap.write_text("a file where the capture folder was")  # every write now fails
+        for _ in range(3):
+            assert server.invoke(img)[0] == 200
+        def errors_counted():
+            text = server.request("GET", "/metrics")[2].decode()
+            return text if "medpipe_capture_write_errors_total 3.0" in text else None
+
+        text = _wait(errors_counted)
+        assert "medpipe_capture_captured_total 2.0" in text
+    finally:
+        server.stop()
+    log = server.log_text()
+    assert log.count("could not be written") == 1 and "Traceback" not in log
+
+
+def _wait(fn, timeout: float = 20.0):
+    t = time.time()
+    while time.time() - t < timeout:
+        if got := fn():
+            return got
+        time.sleep(0.1)
+    raise AssertionError("condition not reached")
