@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
@@ -17,6 +18,7 @@ from PIL import Image
 from medpipe.cli import main
 from medpipe.monitor.capture import EVENT_HEADER, FINGERPRINT_TYPE, CaptureWriter
 from medpipe.monitor.jobs import EXIT_VIOLATION
+from medpipe.monitor.reader import ReadLog, read_capture
 from tests._server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,14 +151,12 @@ def test_bad_lines_other_models_and_a_sagemaker_record_are_counted_never_mixed(w
     report = (tmp_path / "out" / "report.md").read_text()
     assert "other_model: 10" in report and "ffffffffffff" in report
     # the SageMaker record's input statistics were computed from its base64 bytes
-    from medpipe.monitor.reader import ReadLog, read_capture
-
     rows = read_capture(odd, world["predictor"].classes, SHA, ReadLog())
     assert len(rows.probs) == 1 and rows.inputs[0]["sha256"] and 0 < rows.inputs[0]["mean_r"] < 1
     assert last["n"] == 41
 
 
-def test_writer_rotates_caps_and_drops_without_blocking(tmp_path, caplog):
+def test_writer_rotates_caps_drops_and_captures_inputs_on_request(world, tmp_path):
     w = CaptureWriter(tmp_path / "c", META, max_file_mb=0.002, max_total_mb=0.012)
     blob = b"x" * 700
     for _ in range(40):
@@ -166,6 +166,20 @@ def test_writer_rotates_caps_and_drops_without_blocking(tmp_path, caplog):
     assert w.counts["captured"] == 40 and w.counts["files_removed"] > 0 and len(files) >= 2
     assert sum(f.stat().st_size for f in files) <= 0.012 * 2**20
     assert all(re.search(r"/\d{4}/\d{2}/\d{2}/\d{2}/[^/]+\.jsonl$", str(f)) for f in files)
+
+    # --capture-inputs: the body itself, base64, as SageMaker captures it; the fingerprint still rides along
+    body = json.dumps({"images": [base64.b64encode(world["images"][0]).decode()]}).encode()
+    answer = _answer(world["predictor"], np.full((1, 7), 1 / 7))
+    keep = CaptureWriter(tmp_path / "e", META, inputs=True)
+    keep.submit("application/json", body, [("bytes", world["images"][0])], answer, "application/json")
+    keep.close()
+    rec = json.loads(next((tmp_path / "e").rglob("*.jsonl")).read_text())
+    inp = rec["captureData"]["endpointInput"]
+    assert inp["encoding"] == "BASE64" and base64.b64decode(inp["data"]) == body
+    del rec["medpipe"]  # read as SageMaker's record: the fingerprint is computed from the captured body
+    (tmp_path / "e.jsonl").write_text(json.dumps(rec) + "\n")
+    rows = read_capture(tmp_path / "e.jsonl", world["predictor"].classes, SHA, ReadLog())
+    assert rows.inputs[0]["sha256"] == hashlib.sha256(world["images"][0]).hexdigest()
 
     full = CaptureWriter(tmp_path / "d", META, max_queue_mb=0.001)
     assert full.submit("image/jpeg", b"y" * 5000, [("bytes", b"y")], b"{}", "application/json") is None

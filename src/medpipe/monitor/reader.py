@@ -79,9 +79,13 @@ def _inputs(rec: dict, n: int) -> list[dict]:
     inp = rec["captureData"].get("endpointInput") or {}
     if inp.get("observedContentType") == FINGERPRINT_TYPE:
         return json.loads(inp["data"]).get("images", [])
-    if inp.get("encoding") == "BASE64" and n == 1 and "json" not in str(inp.get("observedContentType")):
-        kind = "dicom" if "dicom" in str(inp.get("observedContentType")) else "bytes"
-        return [fingerprint(kind, base64.b64decode(inp["data"]))]
+    ctype = str(inp.get("observedContentType", ""))
+    if inp.get("encoding") in ("BASE64", "JSON") and "json" in ctype:  # medpipe's {"images": [base64, ...]}
+        raw = base64.b64decode(inp["data"]) if inp["encoding"] == "BASE64" else inp["data"]
+        images = json.loads(raw).get("images") or []
+        return [fingerprint("bytes", base64.b64decode(x.get("b64") if isinstance(x, dict) else x)) for x in images]
+    if inp.get("encoding") == "BASE64" and n == 1 and ("image" in ctype or "dicom" in ctype):
+        return [fingerprint("dicom" if "dicom" in ctype else "bytes", base64.b64decode(inp["data"]))]
     return [{} for _ in range(n)]
 
 
