@@ -227,6 +227,9 @@ def test_serve_capture_writes_records_and_a_write_error_does_not_fail_requests(w
 
         text = _wait(errors_counted)
         assert "medpipe_capture_captured_total 2.0" in text
+        cap.unlink()  # the folder is back: capture resumes
+        assert server.invoke(img)[0] == 200
+        assert _wait(lambda: list(cap.rglob("*.jsonl")))
     finally:
         server.stop()
     log = server.log_text()

@@ -53,7 +53,7 @@ from medpipe.errors import ConfigError, ImageError
 log = logging.getLogger("medpipe.monitor")
 
 FINGERPRINT_TYPE = "application/vnd.medpipe.fingerprint+json"
-STATS_SIZE = (128, 128)
+STATS_SIZE = (64, 64)
 STAT_NAMES = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "luminance", "blur", "dark_share",
               "bright_share")
 EVENT_HEADER = "X-Medpipe-Event-Id"
@@ -211,6 +211,7 @@ class CaptureWriter:
                 self.write_line(json.dumps(rec, separators=(",", ":")).encode() + b"\n", when)
                 self._count("captured")
             except Exception as exc:  # noqa: BLE001 - capture must never stop; counted and logged once
+                self._file = None  # start a new file once writing works again (the folder may come back)
                 self._count("write_errors")
                 if not self._error_logged:
                     self._error_logged = True
