@@ -115,7 +115,8 @@ def test_ground_truth_joined_by_event_id_gives_the_direct_accuracy(world, tmp_pa
     assert measured["n"] == 60 and measured["accuracy"] == pytest.approx(direct["accuracy"])
     assert measured["balanced_accuracy"] == pytest.approx(direct["balanced_accuracy"])
     assert measured["macro_auc"] == pytest.approx(direct["macro_auc"])
-    assert res["summary"]["skipped"]["unknown_event_id"] == 1 and "no-such-event" in (tmp_path / "out" / "report.md").read_text()
+    assert res["summary"]["skipped"]["unknown_event_id"] == 1
+    assert "no-such-event" in (tmp_path / "out" / "report.md").read_text()
 
     lines = [json.dumps({"groundTruthData": {"data": classes[c], "encoding": "CSV"}, "eventMetadata": {"eventId": i},
                          "eventVersion": "0"}) for i, c in zip(ids, y)]

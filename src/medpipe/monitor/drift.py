@@ -108,8 +108,10 @@ def measured_performance(y: np.ndarray, probs: np.ndarray) -> dict:
     with warnings.catch_warnings():  # a small window predicts classes none of its labels has: expected
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         bacc = float(balanced_accuracy_score(y, pred))  # mean recall over the classes present in y
-    recalls = [float((pred[y == c] == c).mean()) for c in present]
-    se = float(np.sqrt(sum(r * (1 - r) / (y == c).sum() for r, c in zip(recalls, present))) / max(len(present), 1))
+    # per-class binomial variance with Laplace's (hits + 1) / (n + 2), so a class of 3 images all right or all
+    # wrong does not claim zero uncertainty
+    smoothed = [((pred[y == c] == c).sum() + 1) / ((y == c).sum() + 2) for c in present]
+    se = float(np.sqrt(sum(r * (1 - r) / (y == c).sum() for r, c in zip(smoothed, present))) / max(len(present), 1))
     return {"n": int(len(y)), "accuracy": float((pred == y).mean()), "balanced_accuracy": bacc,
             "balanced_accuracy_se": se,
             "macro_auc": float(np.mean(aucs)) if aucs else float("nan")}
@@ -148,7 +150,8 @@ def statistics(meta: dict, classes: list[str], probs: np.ndarray, y: np.ndarray 
         y = np.asarray(y)
         # as NannyML's CBPE calibrates on its reference data: the estimates use probabilities recalibrated on
         # the baseline's labels (about 1.0 when the package was calibrated on this same split)
-        t = fit_temperature(torch.tensor(np.log(np.clip(probs, 1e-12, 1.0)), dtype=torch.float32), torch.tensor(y, dtype=torch.long))
+        logp = torch.tensor(np.log(np.clip(probs, 1e-12, 1.0)), dtype=torch.float32)
+        t = fit_temperature(logp, torch.tensor(y, dtype=torch.long))
         stats["estimate_temperature"] = t
         stats["expected"] = expected_performance(rescale(probs, t))
         stats["measured"] = measured_performance(y, probs)
@@ -170,7 +173,8 @@ def check_window(stats: dict, cons: dict, probs: np.ndarray, inputs: list[dict],
                                "p_value": float(chi.pvalue) if chi else None}
     ks = st.ks_2samp(probs.max(1), stats["confidence"]) if n else None
     out["confidence_drift"] = {"median": float(np.median(probs.max(1))) if n else None,
-                               "statistic": float(ks.statistic) if ks else None, "p_value": float(ks.pvalue) if ks else None}
+                               "statistic": float(ks.statistic) if ks else None,
+                               "p_value": float(ks.pvalue) if ks else None}
     names, pv, ds = [], [], []
     for s in STAT_NAMES:
         vals = np.array([d.get(s, np.nan) for d in inputs], float)
