@@ -2,8 +2,8 @@
 
     medpipe synth OUT [--count N] [--seed S] [--format folders|dataverse]
     medpipe ingest SOURCE --out DATA_DIR [--format auto|ham10000|dataverse|folders|groundtruth|csv]
-    medpipe split --data DATA_DIR [--seed S] [--val 0.15] [--test 0.15]
-    medpipe cache --data DATA_DIR --size 64
+    medpipe split --data DATA_DIR [--split-seed S] [--val-fraction 0.15] [--test-fraction 0.15]
+    medpipe cache --data DATA_DIR --image-size 64
     medpipe train --data DATA_DIR --out RUN_DIR [--epochs N ...]   (one option per TrainConfig field)
     medpipe evaluate --model RUN/model --data DATA_DIR [--split test] [--tta]
     medpipe predict (--model RUN/model | --url URL) IMAGE...
@@ -13,9 +13,13 @@
     medpipe export --model RUN/model --format onnx|torchscript|bundle|sagemaker --out PATH
     medpipe package --model RUN/model        (the same as export --format sagemaker, default MODEL/model.tar.gz)
 
-Options are checked when they are parsed (a wrong value or an out-of-range number exits 2 with the
-reason and the usage); an unknown option suggests the closest known one; ``-v`` works before or after
-the subcommand. A :class:`medpipe.errors.MedpipeError` ends the command with its message and the exit
+One name per concept across subcommands (``--split-seed``, ``--val-fraction``, ``--test-fraction``,
+``--image-size``, ``--shard-size``, ``--out``); an older spelling still works, hidden from ``--help``, and
+warns once. Every option has help text that ends with its default (printed once). Options are checked
+when they are parsed (a wrong value or an out-of-range number exits 2 with one line: the option and the
+reason; the usage only with ``--help``); an unknown option suggests the closest known one (by spelling,
+or by initials: ``--learning-rate`` -> ``--lr``); ``-v`` works anywhere on the line, also after ``tune``
+and ``fl``. A :class:`medpipe.errors.MedpipeError` ends the command with its message and the exit
 code of its row in ``medpipe.errors.TABLE``; anything else is an internal error (``-v`` shows the
 traceback). Every subcommand is ``main([...])``-callable in-process (tests do that).
 
@@ -88,6 +92,8 @@ TRAIN_HELP = {
     "image_size": "square input side in pixels (>= 16)",
     "interpolation": "resampling filter for resizing",
     "epochs": "training epochs (>= 1)",
+    "budget": "training time instead of an epoch count, e.g. 90s, 25m, 2h: the first epoch is timed and the "
+              "epoch count set so the schedule ends at the budget (replaces --epochs)",
     "batch_size": "images per step (>= 1)",
     "lr": "peak learning rate of AdamW (> 0)",
     "weight_decay": "AdamW weight decay (>= 0)",
@@ -105,6 +111,8 @@ TRAIN_HELP = {
     "test_fraction": "share of lesion groups in test, in [0, 1); val + test < 1",
     "deterministic": "deterministic kernels (slower)",
     "device": "auto: CUDA when available, else CPU",
+    "precision": "arithmetic of the training steps: auto = bf16 autocast on CUDA, and on a CPU with bf16 "
+                 "instructions where a start-up check times it faster (fp32 for --deterministic)",
     "workers": "loader workers (-1 auto: a thread on CPU, processes on CUDA)",
     "threads": "torch CPU threads (0 = all cores)",
     "init_weights": "safetensors file or model package to start from",
@@ -114,6 +122,8 @@ TRAIN_HELP = {
     "bootstrap": "bootstrap resamples for the confidence intervals (0 = none)",
     "max_steps_per_epoch": "cap on steps per epoch (0 = whole epoch)",
     "track": "log to MLflow: a tracking URI, or alone for $MLFLOW_TRACKING_URI or RUN/../mlflow.db",
+    "experiment": "MLflow experiment the run is logged under (with --track)",
+    "register": "register the logged model in the MLflow model registry under this name (with --track)",
     "decision_rule": "how the package turns probabilities into a label (fitted on validation): argmax, prior "
                      "(logit adjustment) or class_bias (per-class offsets)",
     "color_constancy": "colour normalisation in the package's preprocessing (none or shades_of_gray)",
@@ -126,7 +136,8 @@ TRAIN_HELP = {
 }
 
 SERVE_HELP = {
-    "model": "model package folder (default SM_MODEL_DIR or /opt/ml/model)",
+    "model": "model package folder (default: $SM_MODEL_DIR or /opt/ml/model inside a SageMaker container; "
+             "required elsewhere)",
     "host": "address to bind (loopback unless you mean to expose it)",
     "port": "TCP port",
     "backend": "inference runtime",
@@ -169,12 +180,14 @@ def add_dataclass_options(p: argparse.ArgumentParser, cls, helps: dict, choices:
                           optional_value: dict | None = None) -> None:
     """One ``--option`` per dataclass field, default None (only given values override the dataclass's
     defaults). Booleans get ``--x/--no-x``; ``choices`` and ``types`` (argparse types that check ranges)
-    are taken per field, and each option's help is its meaning plus its default."""
+    are taken per field, and each option's help is its meaning plus its default (unless the meaning
+    already says it)."""
     basic = {"int": int, "float": float, "str": str}
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        text = f"{helps.get(f.name, '')} (default {default})".strip()
+        meaning = helps.get(f.name, "")
+        text = meaning if "(default" in meaning else f"{meaning} (default: {default})".strip()
         kind = _field_type(f)
         if kind == "bool":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -242,8 +255,9 @@ def cmd_ingest(args) -> int:
 def cmd_split(args) -> int:
     from medpipe.data.splits import ensure_splits, summarize
 
-    splits, reused = ensure_splits(args.data, seed=args.seed, val=args.val, test=args.test, force=args.force)
-    print(f"{'reused' if reused else 'wrote'} {args.data}/splits.csv (seed {args.seed}; "
+    splits, reused = ensure_splits(args.data, seed=args.split_seed, val=args.val_fraction, test=args.test_fraction,
+                                   force=args.force)
+    print(f"{'reused' if reused else 'wrote'} {args.data}/splits.csv (split seed {args.split_seed}; "
           f"{splits['group_id'].nunique()} groups, none shared across splits)")
     print(summarize(splits).to_string())
     return 0
@@ -254,7 +268,7 @@ def cmd_cache(args) -> int:
     from medpipe.data.sources import load_records
 
     table, _ = load_records(args.data)
-    cache = build_cache(table, f"{args.data}/cache", (args.size, args.size), args.interpolation,
+    cache = build_cache(table, f"{args.data}/cache", (args.image_size, args.image_size), args.interpolation,
                         workers=args.workers, progress=_progress())
     print(f"pixel cache {cache.pixels.shape} uint8 at {cache.folder}")
     return 0
@@ -304,32 +318,74 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
+# Why a decision rule may label an image with a class that is not its most likely one (medpipe.decision)
+RULE_WHY = {
+    "prior": "the balanced-accuracy rule 'prior'",
+    "class_bias": "the balanced-accuracy rule 'class_bias'",
+}
+RULE_NOTE = ("note: the package's decision rule chose the labels marked 'flagged': fitted on the validation split "
+             "for balanced accuracy, it weighs rare classes up, so a rare class can be named although another is "
+             "more likely (the probabilities are unchanged; --decision-rule argmax names the most likely class)")
+
+
+def describe(r: dict) -> tuple[str, bool]:
+    """``label (p)``, and where the decision rule chose another class than the most likely one, why
+    (``df (0.032; flagged by the balanced-accuracy rule 'prior'; most likely: nv 0.699)``); and whether so."""
+    probs, label = r["probabilities"], r["label"]
+    top = r.get("most_likely") or max(probs, key=probs.get)
+    if label == top:
+        return f"{label} ({probs[label]:.3f})", False
+    rule = r.get("decision_rule", "argmax")
+    why = RULE_WHY.get(rule, f"the decision rule '{rule}'")
+    return f"{label} ({probs[label]:.3f}; flagged by {why}; most likely: {top} {probs[top]:.3f})", True
+
+
+def _predict_rows(args, paths: list[str]) -> list[dict]:
     from medpipe.data.imageio import ImageError
 
     if args.url:
         from medpipe.infer.client import predict_url
 
-        if args.tta:
-            raise ConfigError("--tta applies to a local --model; a server averages flips when started with --tta")
-        results = predict_url(args.url, args.images)
-    else:
-        from medpipe.infer.predictor import Predictor
-        predictor = Predictor(args.model, device=args.device, backend=args.backend, decision_rule=args.decision_rule)
-        results = []
-        for path in args.images:
-            try:
-                results.append({"image": path, **predictor.predict_files([path], tta=args.tta)[0].as_dict()})
-            except ImageError as exc:
-                results.append({"image": path, "error": exc.code, "message": str(exc)})
+        return predict_url(args.url, paths)
+    from medpipe.infer.predictor import Predictor
+
+    predictor = Predictor(args.model, device=args.device, backend=args.backend, decision_rule=args.decision_rule)
+    rows = []
+    for path in paths:
+        try:
+            rows.append({"image": path, **predictor.predict_files([path], tta=args.tta)[0].as_dict()})
+        except ImageError as exc:
+            rows.append({"image": path, "error": exc.code, "message": exc.reason})
+    return rows
+
+
+def cmd_predict(args) -> int:
+    from medpipe.data.sources import regular_file_problem
+
+    if args.url and args.tta:
+        raise ConfigError("--tta applies to a local --model; a server averages flips when started with --tta")
+    # the inputs are checked before the model loads; each path is named once (the row's "image")
+    problems = {p: regular_file_problem(p) for p in args.images}
+    readable = [p for p in args.images if problems[p] is None]
+    found = iter(_predict_rows(args, readable) if readable else [])
+    results = [next(found) if problems[p] is None else {"image": p, "error": "unreadable_file", "message": problems[p]}
+               for p in args.images]
+    flagged = False
     for r in results:
+        if "error" in r:
+            prefix = f"{r['image']}: "
+            r["message"] = r["message"][len(prefix):] if r["message"].startswith(prefix) else r["message"]
         if args.json:
             print(to_json(r))
         elif "error" in r:
             print(f"{r['image']}: error: {r['message']}")
         else:
+            text, why = describe(r)
+            flagged |= why
             probs = "  ".join(f"{c}={p:.3f}" for c, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
-            print(f"{r['image']}: {r['label']} ({r['probabilities'][r['label']]:.3f})  [{probs}]")
+            print(f"{r['image']}: {text}  [{probs}]")
+    if flagged:
+        print(RULE_NOTE)
     failed = sum("error" in r for r in results)
     return 1 if failed == len(results) else 0
 
@@ -344,14 +400,19 @@ def cmd_serve(args) -> int:
     missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         raise MedpipeError(f"serving needs the serve extra ({', '.join(missing)} missing): "
-                           "pip install 'medpipe[serve]'")
+                           "pip install 'medpipe-imaging[serve]'")
     from medpipe.serve.app import ServeConfig, serve
 
     from medpipe.sagemaker.env import model_server_dir, serve_port
 
     values = dataclass_values(args, ServeConfig)
     # Container form: SageMaker runs the image with the argument `serve`; the image sets MEDPIPE_HOST=0.0.0.0.
-    values.setdefault("model", str(model_server_dir()))
+    if "model" not in values:
+        values["model"] = str(model_server_dir())
+        if not os.environ.get("SM_MODEL_DIR") and not Path(values["model"]).is_dir():
+            raise ConfigError("which model? pass --model RUN/model (the model package `medpipe train` wrote); "
+                              f"without it serve uses $SM_MODEL_DIR or {values['model']}, as in a SageMaker "
+                              "container, and there is neither")
     values.setdefault("host", os.environ.get("MEDPIPE_HOST") or ServeConfig.host)
     values.setdefault("port", serve_port(default=ServeConfig.port))
     return serve(ServeConfig(**values))
@@ -386,12 +447,13 @@ def cmd_batch(args) -> int:
 def cmd_shard(args) -> int:
     from medpipe.data.shards import write_shards
 
-    index = write_shards(args.data, args.out, size=args.size, interpolation=args.interpolation,
-                         per_shard=args.per_shard, split_seed=args.split_seed, val=args.val, test=args.test,
+    index = write_shards(args.data, args.out, size=args.image_size, interpolation=args.interpolation,
+                         per_shard=args.shard_size, split_seed=args.split_seed, val=args.val_fraction,
+                         test=args.test_fraction,
                          progress=_progress())
     print(f"wrote {len(index['shards'])} shards to {args.out} (train {index['counts']['train']}, val "
-          f"{index['counts']['val']}, test {index['counts']['test']} images at {args.size}x{args.size}); "
-          f"train with: medpipe train --data {args.out} --image-size {args.size}")
+          f"{index['counts']['val']}, test {index['counts']['test']} images at {args.image_size}x{args.image_size}); "
+          f"train with: medpipe train --data {args.out} --image-size {args.image_size}")
     return 0
 
 
@@ -478,16 +540,96 @@ def add_int8_options(s, force: bool = True) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, plus: an unknown option names the closest known option of the same subcommand."""
+    """argparse, plus: every parser (tune's and fl's too) formats its help with :class:`_HelpFormatter`; a
+    usage error is one line (the usage only with --help); an unknown option names the closest known option
+    of the same subcommand."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # a required option that also has an older spelling: either spelling satisfies it (old_spelling)
+        for action in getattr(self, "required_either", []):
+            if getattr(namespace, action.dest, None) is None:
+                self.error(f"the following arguments are required: {action.option_strings[0]}")
+        return namespace, extras
 
     def unknown(self, extras: list[str]) -> None:
-        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        known = [s for a in self._actions if a.help != argparse.SUPPRESS for s in a.option_strings
+                 if s.startswith("--")]
         hints = []
         for extra in extras:
-            flag = extra.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) if flag.startswith("-") else []
-            hints.append(f"{extra} (did you mean {close[0]}?)" if close else extra)
+            close = suggest(extra.split("=", 1)[0], known) if extra.startswith("-") else None
+            hints.append(f"{extra} (did you mean {close}?)" if close else extra)
         self.error("unrecognized arguments: " + " ".join(hints))
+
+
+def suggest(flag: str, known: list[str]) -> str | None:
+    """The known option ``flag`` most likely meant: the closest spelling, else the one whose name is the
+    initials of ``flag``'s words or the other way round (``--learning-rate`` -> ``--lr``)."""
+    names = {option.lstrip("-"): option for option in known}  # compared without the dashes every option has
+    close = difflib.get_close_matches(flag.lstrip("-").replace("_", "-"), list(names), n=1, cutoff=0.6)
+    if close:
+        return names[close[0]]
+    words = flag.lstrip("-").replace("_", "-").split("-")
+    for option in known:
+        name = option[2:].split("-")
+        if "".join(w[:1] for w in words) == "".join(name) or "".join(w[:1] for w in name) == "".join(words):
+            return option
+    return None
+
+
+_WARNED: set[str] = set()  # old spellings already warned about in this process
+
+
+class _OldSpelling(argparse.Action):
+    """A hidden older spelling of an option: stores into the option's own dest and warns once."""
+
+    def __init__(self, option_strings, dest, spelled: str = "", **kwargs):
+        self.spelled = spelled
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string not in _WARNED:
+            _WARNED.add(option_string)
+            print(f"{parser.prog}: warning: {option_string} is now spelled {self.spelled} (the old spelling "
+                  "still works)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def old_spelling(p: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Accept ``old`` for ``p``'s option ``new`` (same dest, type and checks), hidden from --help."""
+    action = next(a for a in p._actions if new in a.option_strings)
+    if action.required:  # argparse counts each spelling on its own: Parser.parse_known_args checks either
+        action.required = False
+        p.required_either = [*getattr(p, "required_either", []), action]
+    p.add_argument(old, dest=action.dest, type=action.type, choices=action.choices, metavar=action.metavar,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS, action=_OldSpelling, spelled=new)
+
+
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    """``-v`` on ``p`` and every subcommand under it (SUPPRESS keeps a -v given further left)."""
+    if not any("--verbose" in a.option_strings for a in p._actions):
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging (and the traceback of an internal error)")
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for child in a.choices.values():
+                add_verbose(child)
+
+
+def walk(p: argparse.ArgumentParser, name: str = "medpipe"):
+    """Every (command name, parser) under ``p``, ``p`` first: 'medpipe', 'medpipe train', 'medpipe fl site'."""
+    yield name, p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub_name, child in a.choices.items():
+                yield from walk(child, f"{name} {sub_name}")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -495,13 +637,30 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text:
+        if any(action.default is d for d in (None, False, argparse.SUPPRESS)) or "(default" in text or not text:
             return text
-        return super()._get_help_string(action)
+        return f"{text} (default: %(default)s)"
 
 
 def _formatter(prog):
     return _HelpFormatter(prog, max_help_position=34, width=110)
+
+
+def add_split_options(s) -> None:
+    """The split's seed and fractions, spelled as train spells them (older spellings hidden, warned)."""
+    s.add_argument("--split-seed", type=int, default=0, help=TRAIN_HELP["split_seed"])
+    s.add_argument("--val-fraction", type=FRACTION, default=0.15, help=TRAIN_HELP["val_fraction"])
+    s.add_argument("--test-fraction", type=FRACTION, default=0.15, help=TRAIN_HELP["test_fraction"])
+    for old, new in (("--seed", "--split-seed"), ("--val", "--val-fraction"), ("--test", "--test-fraction")):
+        if not any(old in a.option_strings for a in s._actions):
+            old_spelling(s, old, new)
+
+
+def add_pixel_options(s, interpolations) -> None:
+    """The pixel side and resampling of cached or sharded images, spelled as train spells them."""
+    s.add_argument("--image-size", type=number(int, 16), default=64, help=TRAIN_HELP["image_size"])
+    s.add_argument("--interpolation", default="bicubic", choices=interpolations, help=TRAIN_HELP["interpolation"])
+    old_spelling(s, "--size", "--image-size")
 
 
 def _data_commands(command) -> None:
@@ -514,9 +673,9 @@ def _data_commands(command) -> None:
     s = command("synth", cmd_synth, "write a synthetic dataset in the HAM10000 layout")
     s.add_argument("out", help="folder to write")
     s.add_argument("--count", type=POSITIVE, default=500, help="images")
-    s.add_argument("--width", type=POSITIVE, default=600)
-    s.add_argument("--height", type=POSITIVE, default=450)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--width", type=POSITIVE, default=600, help="image width in pixels")
+    s.add_argument("--height", type=POSITIVE, default=450, help="image height in pixels")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generated images and labels")
     s.add_argument("--format", choices=SYNTH_FORMATS, default="folders",
                    help="folders: HAM10000 folders + metadata CSV; dataverse: also dataverse_files.zip "
                         "(the Harvard download form)")
@@ -539,15 +698,12 @@ def _data_commands(command) -> None:
 
     s = command("split", cmd_split, "lesion-grouped, stratified, seeded train/val/test split")
     s.add_argument("--data", required=True, help="ingested data directory")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--val", type=FRACTION, default=0.15, help="share of lesion groups in validation")
-    s.add_argument("--test", type=FRACTION, default=0.15, help="share of lesion groups in test")
+    add_split_options(s)
     s.add_argument("--force", action="store_true", help="rewrite even when a matching split exists")
 
     s = command("cache", cmd_cache, "decode every image once into the uint8 pixel cache")
     s.add_argument("--data", required=True, help="ingested data directory")
-    s.add_argument("--size", type=number(int, 16), default=64, help="square side in pixels")
-    s.add_argument("--interpolation", default="bicubic", choices=interpolations)
+    add_pixel_options(s, interpolations)
     s.add_argument("--workers", type=WORKERS, default=None, help="decoding processes (default: all cores)")
 
 
@@ -572,7 +728,7 @@ def _training_commands(command) -> None:
     s = command("evaluate", cmd_evaluate, "metrics with CIs, calibration and plots for a model package")
     s.add_argument("--model", required=True, help="model package folder")
     s.add_argument("--data", required=True, help="ingested data directory")
-    s.add_argument("--split", default="test", choices=(*SPLIT_NAMES, "all"))
+    s.add_argument("--split", default="test", choices=(*SPLIT_NAMES, "all"), help="which images to evaluate")
     s.add_argument("--splits", help="splits.csv to use (default DATA/splits.csv)")
     s.add_argument("--out", help="report folder (default next to the model)")
     s.add_argument("--tta", action="store_true", help="average over flips")
@@ -590,13 +746,14 @@ def _inference_commands(command) -> None:
     from medpipe.infer.backends import BACKENDS
     from medpipe.serve.app import ServeConfig
 
-    s = command("predict", cmd_predict, "top class and every class probability per image")
-    s.add_argument("images", nargs="+")
+    s = command("predict", cmd_predict, "the label (and why, where the decision rule did not pick the most "
+                                        "likely class) and every class probability per image")
+    s.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="model package folder (or a run folder)")
     g.add_argument("--url", help="a running medpipe/SageMaker-compatible server, e.g. http://127.0.0.1:8080")
     s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
-    s.add_argument("--backend", default="eager", choices=BACKENDS, help="inference runtime")
+    s.add_argument("--backend", default="auto", choices=BACKENDS, help="inference runtime (as for serve)")
     s.add_argument("--tta", action="store_true", help="average over flips")
     s.add_argument("--decision-rule", choices=DECISION_RULES, help="label rule (medpipe.decision; default: the package's own)")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -614,7 +771,8 @@ def _inference_commands(command) -> None:
     s.add_argument("--output", required=True, help="output folder (re-run with the same one to resume)")
     s.add_argument("--per-file", action="store_true", help="also write <input>.out per file (batch transform)")
     s.add_argument("--manifest-out", help="write a Ground Truth output manifest of the predictions here")
-    s.add_argument("--label-attribute", default="medpipe-label")
+    s.add_argument("--label-attribute", default="medpipe-label", help="label attribute of the --manifest-out "
+                                                                      "entries")
     s.add_argument("--batch-size", type=POSITIVE, default=32, help="images per forward pass")
     s.add_argument("--shard-size", type=POSITIVE, default=256, help="items per atomically written output shard")
     s.add_argument("--workers", type=WORKERS, default=None, help="decoding threads (default: all cores)")
@@ -642,12 +800,10 @@ def _packaging_commands(command) -> None:
     s = command("shard", cmd_shard, "pack records + cached pixels into tar shards for streaming training")
     s.add_argument("--data", required=True, help="ingested data folder")
     s.add_argument("--out", required=True, help="shard folder (copy it to any fsspec store, e.g. s3://...)")
-    s.add_argument("--size", type=number(int, 16), default=64, help="square side in pixels")
-    s.add_argument("--interpolation", default="bicubic", choices=interpolations)
-    s.add_argument("--per-shard", type=POSITIVE, default=1000, help="images per shard")
-    s.add_argument("--split-seed", type=int, default=0)
-    s.add_argument("--val", type=FRACTION, default=0.15, help="validation fraction of the split")
-    s.add_argument("--test", type=FRACTION, default=0.15, help="test fraction of the split")
+    add_pixel_options(s, interpolations)
+    s.add_argument("--shard-size", type=POSITIVE, default=1000, help="images per shard")
+    old_spelling(s, "--per-shard", "--shard-size")
+    add_split_options(s)
 
     s = command("export", cmd_export, "export a package: onnx, torchscript, MONAI bundle or SageMaker tarball")
     s.add_argument("--model", required=True, help="model package folder")
@@ -680,22 +836,20 @@ def _tracking_commands(command) -> None:
     """runs: the tracked (MLflow) training runs."""
     s = command("runs", cmd_runs, "tracked training runs (MLflow) with their key metrics, best first")
     s.add_argument("--track", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
-    s.add_argument("--experiment", default="medpipe")
+    s.add_argument("--experiment", default="medpipe", help="MLflow experiment to list")
     s.add_argument("--metric", default="best_val_auc", help="sort by this metric, highest first")
     s.add_argument("--plot", help="also write a PNG of validation AUC per epoch for these runs")
 
 
 def build_parser() -> Parser:
-    verbose = Parser(add_help=False)  # -v after the subcommand too (SUPPRESS keeps a -v given before it)
-    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-
     p = Parser(prog="medpipe", description="MONAI pipeline for 2D medical image classification")
     p.add_argument("--version", action="version", version=f"medpipe {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", default=False, help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", default=False,
+                   help="debug logging (and the traceback of an internal error)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     def command(name: str, func, help: str) -> Parser:
-        s = sub.add_parser(name, help=help, description=help, parents=[verbose], formatter_class=_formatter)
+        s = sub.add_parser(name, help=help, description=help)
         s.set_defaults(func=func)
         return s
 
@@ -711,6 +865,7 @@ def build_parser() -> Parser:
     from medpipe.fl import cli as fl_cli  # `medpipe fl ...`: imports Flower only when a command runs
 
     fl_cli.register(sub)
+    add_verbose(p)  # -v anywhere: on every subcommand, tune's and fl's included
     p.subparsers = sub.choices
     return p
 
@@ -720,6 +875,8 @@ def parse(parser: Parser, argv: list[str] | None):
     validated) here, so every refusal is a usage error (exit 2) that names the option and the reason."""
     args, extras = parser.parse_known_args(argv)
     sub = parser.subparsers[args.command]
+    if getattr(args, "fl_command", None):  # medpipe fl SITE-COMMAND: its own options
+        sub = next(c for n, c in walk(sub, "fl") if n == f"fl {args.fl_command}")
     if extras:
         sub.unknown(extras)
     if args.command == "train":
@@ -735,8 +892,9 @@ def parse(parser: Parser, argv: list[str] | None):
                 args.train_config = make_config(overrides, args.config)
         except MedpipeError as exc:
             sub.error(str(exc))
-    if args.command in ("split", "shard") and args.val + args.test >= 1:
-        sub.error(f"--val + --test must be < 1 (nothing would be left to train on), got {args.val} + {args.test}")
+    if args.command in ("split", "shard") and args.val_fraction + args.test_fraction >= 1:
+        sub.error(f"--val-fraction + --test-fraction must be < 1 (nothing would be left to train on), got "
+                  f"{args.val_fraction} + {args.test_fraction}")
     return args
 
 

@@ -87,7 +87,7 @@ def _optuna():
     try:
         import optuna
     except ImportError:
-        raise TuneError("medpipe tune needs Optuna: pip install 'medpipe[tune]'") from None
+        raise TuneError("medpipe tune needs Optuna: pip install 'medpipe-imaging[tune]'") from None
     return optuna
 
 
@@ -624,7 +624,7 @@ def add_parser(sub) -> None:
     s.add_argument("--space", required=True, help="search space YAML (see `medpipe.tune`)")
     s.add_argument("--trials", type=int, help="finished trials the study should hold (overrides the YAML)")
     s.add_argument("--processes", type=int, default=1, help="worker processes sharing the study (default 1)")
-    s.add_argument("--study-name", default="medpipe")
+    s.add_argument("--study-name", default="medpipe", help="Optuna study name in study.db")
     s.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
     s.add_argument("--grace", type=int, default=90,
                    help="seconds without a heartbeat after which a trial counts as killed and is retried")

@@ -1,13 +1,13 @@
 """Starting the real Flower processes: the server (a SuperLink that runs medpipe's ServerApp) and a
 site (a SuperNode that runs medpipe's ClientApp on the site's data folder).
 
-    medpipe fl server --run-dir RUN --certs CERTS --site-keys CERTS/sites/*.pub [--rounds 5 --min-sites 2 ...]
+    medpipe fl server --out RUN --certs CERTS --site-keys CERTS/sites/*.pub [--rounds 5 --min-sites 2 ...]
     medpipe fl site --data SITE_DATA --server 127.0.0.1:9092 --ca CERTS/ca.crt --key CERTS/sites/NAME
 
 ``fl server`` starts ``flower-superlink`` with TLS and SuperNode authentication (only the registered
 site keys may connect), registers each site's public key under its name (``flwr supernode
 register``), writes the run configuration, submits the Flower App with ``flwr run`` and streams its
-log until the run ends, then stops the SuperLink. Run it again with the same ``--run-dir`` after a
+log until the run ends, then stops the SuperLink. Run it again with the same ``--out`` after a
 crash: the ServerApp resumes after the last checkpointed round. ``fl site`` replaces itself with
 ``flower-supernode`` and starts it again whenever it exits (server down or restarted), so a site
 rejoins by itself; SIGTERM stops it.
@@ -61,7 +61,7 @@ def _bin(name: str) -> str:
         return str(path)
     found = shutil.which(name)
     if not found:
-        raise MedpipeError(f"{name} not found: install the fl extra (pip install 'medpipe[fl]')")
+        raise MedpipeError(f"{name} not found: install the fl extra (pip install 'medpipe-imaging[fl]')")
     return found
 
 
