@@ -73,7 +73,7 @@ def onnx_session(data: bytes | str, threads: int | None = None):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ExportError("the ONNX backend needs onnxruntime: pip install 'medpipe[onnx]'") from None
+        raise ExportError("the ONNX backend needs onnxruntime: pip install 'medpipe-imaging[onnx]'") from None
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.inter_op_num_threads = 1
@@ -332,7 +332,7 @@ def bundle_metadata(meta: dict) -> dict:
     size, classes = spec.image_size, about["classes"]
     lo = [round((0.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
     hi = [round((1.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
-    required = {"medpipe": about["medpipe_version"]}
+    required = {"medpipe-imaging": about["medpipe_version"]}  # distribution names (pip)
     try:
         import ignite
 
@@ -508,7 +508,7 @@ def _model_card(meta: dict, md: dict) -> str:
              f"Probabilities are `softmax(logits / {about['temperature']:.4f})` (temperature scaling fitted on "
              "the validation split).", "",
              "## How to run it", "",
-             "```", "pip install medpipe pytorch-ignite   # medpipe's decoder is this bundle's image loader",
+             "```", "pip install medpipe-imaging pytorch-ignite   # medpipe's decoder is this bundle's image loader",
              "python -m monai.bundle run --config_file configs/inference.json --dataset_dir /path/to/images",
              "```", "",
              "This writes `eval/predictions.jsonl` (one line per image: path, label, probabilities). "

@@ -219,9 +219,9 @@ def openvino_record(info: dict) -> tuple[dict | None, str]:
     rec = info.get("openvino")
     if not isinstance(rec, dict) or not isinstance(rec.get("gate"), dict):
         return None, ("its INT8 model has no OpenVINO gate (it was quantized without OpenVINO installed; "
-                      "run 'medpipe quantize' again with pip install 'medpipe[openvino]', or use --backend int8)")
+                      "run 'medpipe quantize' again with pip install 'medpipe-imaging[openvino]', or use --backend int8)")
     if not ovr.available():
-        return None, "OpenVINO is not installed (pip install 'medpipe[openvino]')"
+        return None, "OpenVINO is not installed (pip install 'medpipe-imaging[openvino]')"
     t, g = rec.get("temperature"), rec["gate"]
     if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0 or rec.get("precision") not in ovr.PRECISIONS \
             or not isinstance(g.get("passed"), bool) or not all(isinstance(g.get(k), (int, float))
@@ -363,7 +363,7 @@ def quantize_onnx(fp32: bytes, calibration: list[np.ndarray], **options) -> byte
         from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                               quant_pre_process, quantize_static)
     except ImportError:
-        raise QuantizeError("INT8 quantization needs onnxruntime: pip install 'medpipe[onnx]'") from None
+        raise QuantizeError("INT8 quantization needs onnxruntime: pip install 'medpipe-imaging[onnx]'") from None
 
     class Reader(CalibrationDataReader):
         def __init__(self):
