@@ -104,7 +104,8 @@ def test_old_spellings_still_work_hidden_and_warn_once(capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv", [
     ["-v", "split", "--data", "d"], ["split", "--data", "d", "-v"],
-    ["tune", "--data", "d", "--out", "o", "--space", "s", "-v"], ["tune", "-v", "--data", "d", "--out", "o", "--space", "s"],
+    ["tune", "--data", "d", "--out", "o", "--space", "s", "-v"],
+    ["tune", "-v", "--data", "d", "--out", "o", "--space", "s"],
     ["fl", "-v", "site", "--data", "d"], ["fl", "site", "--data", "d", "--verbose"],
     ["fl", "partition", "--data", "d", "--out", "o", "-v"],
 ])
@@ -157,7 +158,8 @@ def test_one_default_backend():
     subs = cli.build_parser().subparsers
     from medpipe.serve.app import ServeConfig
 
-    defaults = {c: subs[c].get_default("backend") or ServeConfig.backend for c in ("predict", "serve", "batch", "evaluate")}
+    defaults = {c: subs[c].get_default("backend") or ServeConfig.backend
+                for c in ("predict", "serve", "batch", "evaluate")}
     assert set(defaults.values()) == {"auto"}, defaults
 
 

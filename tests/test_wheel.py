@@ -104,7 +104,7 @@ def test_wheel_installs_into_a_clean_venv_and_runs_the_smoke_job(tmp_path):
         assert r.returncode == 0, f"{' '.join(cmd)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         return r.stdout
 
-    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]  # .pyc on import only
     run(*pip, TORCH)  # first, so that resolving the wheel's torch>= requirement keeps this one
     run(*pip, str(wheel))
     where = run(py, "-c", "import medpipe, torch; print(medpipe.__file__); print(torch.__version__)").split()
