@@ -600,6 +600,7 @@ def old_spelling(p: argparse.ArgumentParser, old: str, new: str) -> None:
     action = next(a for a in p._actions if new in a.option_strings)
     if action.required:  # argparse counts each spelling on its own: Parser.parse_known_args checks either
         action.required = False
+        action.help = f"{action.help} (required)"
         p.required_either = [*getattr(p, "required_either", []), action]
     p.add_argument(old, dest=action.dest, type=action.type, choices=action.choices, metavar=action.metavar,
                    default=argparse.SUPPRESS, help=argparse.SUPPRESS, action=_OldSpelling, spelled=new)
