@@ -88,12 +88,27 @@ def _check_archives(wheel: Path, sdist: Path) -> None:
     assert {"LICENSE", "pyproject.toml", "README.md", "src/medpipe/serve/static/index.html"} <= members
 
 
+@pytest.fixture
+def venv_dir(tmp_path):
+    """Where the throwaway venv goes: RAM (/dev/shm) when it has room, as writing and deleting its ~1.4 GB of
+    torch on a busy disk takes minutes; else tmp_path. Removed afterwards either way."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 4 * 2**30:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="medpipe-wheel-venv-", dir=shm))
+        yield folder / "venv"
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        yield tmp_path / "venv"
+
+
 @pytest.mark.slow
-def test_wheel_installs_into_a_clean_venv_and_runs_the_smoke_job(tmp_path):
+def test_wheel_installs_into_a_clean_venv_and_runs_the_smoke_job(tmp_path, venv_dir):
     wheel, sdist = _build(tmp_path)
     _check_archives(wheel, sdist)
 
-    venv = tmp_path / "venv"
+    venv = venv_dir
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
