@@ -619,7 +619,7 @@ def serve(cfg: ServeConfig) -> int:
                           threads=threads, max_batch=cfg.max_batch, decision_rule=cfg.decision_rule,
                           tta=cfg.tta)
     predictor.warm()  # every batch size the batcher will form, before the port answers (OpenVINO compiles per size)
-    if predictor.backend in ("onnx", "int8", "openvino"):
+    if not getattr(predictor.runtime, "runs_on_torch", True):
         torch.set_num_threads(1)  # torch only runs the eval preset and Grad-CAM: leave the cores to ORT
     app = create_app(predictor, cfg, auth, per_client)
     svc = app.svc
