@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# From your HAM10000 download to a served model (the commands of "Train on your HAM10000 download").
+# From your HAM10000 download to a served model: the commands of "Train on your HAM10000 download".
 #   bash ham10000.sh SOURCE [WORK] [medpipe train options...]
-# SOURCE: dataverse_files.zip as downloaded, or a folder holding HAM10000_metadata(.csv) and the images.
-# Without train options it uses the CPU settings: --image-size 64 --budget 25m.
+# SOURCE: dataverse_files.zip as downloaded, or a folder with HAM10000_metadata(.csv) and the images.
+# Without train options: the CPU settings, --image-size 64 --budget 25m.
 set -euo pipefail
 SOURCE=${1:?give the Dataverse zip or the HAM10000 folder}
 WORK=${2:-ham}
@@ -10,24 +10,28 @@ shift $(( $# < 2 ? $# : 2 ))
 OPTS=("$@")
 [ ${#OPTS[@]} -gt 0 ] || OPTS=(--image-size 64 --budget 25m)
 PORT=${PORT:-8080}
+trap '[ -z "${SERVER:-}" ] || kill $SERVER 2>/dev/null || true' EXIT  # stop the server on any exit
 
-# 1. check every image (hash, full decode) and write the record table: DATA/records.csv + ingest_report.json
+# --8<-- [start:commands]
+# 1. check every image, write the record table
 medpipe ingest "$SOURCE" --out "$WORK/data"
-# 2. split by lesion, cache the pixels, train, calibrate, package, evaluate on the test split
+
+# 2. split by lesion, cache, train, calibrate, package, report on the test split
 medpipe train --data "$WORK/data" --out "$WORK/run" "${OPTS[@]}"
-# 3. the test-split report (macro AUC with 95% CI, balanced accuracy, per class; plots beside it)
+
+# 3. read the report (plots beside it in $WORK/run/report/)
 head -n 25 "$WORK/run/report/report.md"
-# 4. predict one image from the command line
-IMAGE=$(python3 -c "import csv,sys; print(next(csv.DictReader(open(sys.argv[1])))['path'])" "$WORK/data/records.csv")
+
+# 4. predict one image (here the first of the record table)
+IMAGE=$(sed -n 2p "$WORK/data/records.csv" | cut -d, -f2)
 medpipe predict --model "$WORK/run/model" "$IMAGE"
-# 5. serve it (web page at http://127.0.0.1:$PORT/) and ask it over HTTP
+
+# 5. serve it (web page: http://127.0.0.1:$PORT/) and ask it over HTTP
 medpipe serve --model "$WORK/run/model" --port "$PORT" > "$WORK/serve.log" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-until curl -fs "http://127.0.0.1:$PORT/ping" > /dev/null; do
-  kill -0 $SERVER 2>/dev/null || { cat "$WORK/serve.log" >&2; exit 1; }
-  sleep 1
-done
-curl -fs -H "Content-Type: image/jpeg" --data-binary @"$IMAGE" "http://127.0.0.1:$PORT/invocations"
+until curl -fs "http://127.0.0.1:$PORT/ping" > /dev/null; do kill -0 $SERVER; sleep 1; done
+curl -fs -H "Content-Type: image/jpeg" --data-binary @"$IMAGE" \
+     "http://127.0.0.1:$PORT/invocations"
+# --8<-- [end:commands]
 echo
-kill -TERM $SERVER && wait $SERVER
+kill -TERM $SERVER && wait $SERVER && SERVER=
