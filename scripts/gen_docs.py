@@ -393,7 +393,9 @@ def quality_runs(d: dict) -> str:
                          num(r.get("train_seconds"), 0) if r.get("train_seconds") else "–",
                          num(r.get("seconds"), 0) if r.get("seconds") else "–"])
     return table(["recipe", "split seed", "macro AUC", "balanced accuracy", "rule", "best epoch", "epochs",
-                  "training s", "run s (as recorded; a resumed run counts its last part)"], rows)
+                  "training s", "run s"], rows) + (
+        "\n*training s*: seconds of training; *run s*: of the whole run, as recorded (a run resumed for its "
+        "evaluation counts only that last part).\n")
 
 
 def quality_recipes(d: dict) -> str:

@@ -29,7 +29,9 @@ medpipe predict --model "$WORK/run/model" "$IMAGE"
 # 5. serve it (web page: http://127.0.0.1:$PORT/) and ask it over HTTP
 medpipe serve --model "$WORK/run/model" --port "$PORT" > "$WORK/serve.log" 2>&1 &
 SERVER=$!
-until curl -fs "http://127.0.0.1:$PORT/ping" > /dev/null; do kill -0 $SERVER; sleep 1; done
+until curl -fs "http://127.0.0.1:$PORT/ping" > /dev/null; do
+  kill -0 $SERVER; sleep 1   # (stop if the server exited)
+done
 curl -fs -H "Content-Type: image/jpeg" --data-binary @"$IMAGE" \
      "http://127.0.0.1:$PORT/invocations"
 # --8<-- [end:commands]
