@@ -196,25 +196,18 @@ def errors_reference() -> str:
 # -- model.json ------------------------------------------------------------------------------------------------
 
 
-def package_schema_rows() -> list[list]:
-    """(key, requirement, required?) rows of model.json. Today from ``package.SCHEMA``/``OPTIONAL``; a typed
-    ``PackageMeta`` with ``describe()`` replaces them when it lands, and only this function changes."""
+def package_schema_rows() -> tuple[list[str], list[list]]:
+    """The model.json table (header, rows): from ``PackageMeta.describe()`` (field, type, meaning) where the
+    package module has it, else from the older ``SCHEMA``/``OPTIONAL`` rule lists. Only this function reads them."""
     from medpipe import package
 
     meta_type = getattr(package, "PackageMeta", None)
     if meta_type is not None and hasattr(meta_type, "describe"):
-        rows = []
-        for item in meta_type.describe():
-            if isinstance(item, dict):
-                rows.append([code(item.get("key", item.get("name"))), item.get("description", item.get("want", "")),
-                             "yes" if item.get("required", True) else "no"])
-            else:
-                key, want, *rest = item
-                rows.append([code(key), want, "yes" if (rest[0] if rest else True) else "no"])
-        return rows
+        rows = [[code(d.get("field")), code(d.get("type", "")), d.get("meaning", "")] for d in meta_type.describe()]
+        return ["key", "type", "meaning"], rows
     rows = [[code(key), want, "yes"] for key, _check, want in package.SCHEMA]
     rows += [[code(key), f"an object ({kind.__name__})", "no"] for key, kind in package.OPTIONAL.items()]
-    return rows
+    return ["key", "must be", "required"], rows
 
 
 def package_reference() -> str:
@@ -228,9 +221,9 @@ def package_reference() -> str:
         "against these rules and the sha256 of the weights before it reads a tensor, and names the first "
         "key that is wrong.\n",
         f"Current format: `{fmt}`.\n" if fmt else "",
-        table(["key", "must be", "required"], package_schema_rows()),
-        "A package may hold more (the decision rules under `decision`, `calibration.tta`, `federated`, the "
-        "INT8 record beside it); readers ignore keys they do not know.\n",
+        table(*package_schema_rows()),
+        "The INT8 model and its record (`model.int8.onnx`, `int8.json`) sit beside `model.json` when "
+        "`medpipe quantize` made them ([CPU speed](../guides/cpu-speed.md)).\n",
     ])
 
 

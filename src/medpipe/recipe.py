@@ -30,6 +30,8 @@ import math
 
 import numpy as np
 import torch
+from medpipe.train.checkpoint import load_checkpoint
+from medpipe.train.engine import Events
 
 
 class MixBatches:
@@ -43,8 +45,6 @@ class MixBatches:
         self.prob, self.seed, self.stream = float(prob), int(seed), int(stream)
 
     def attach(self, engine) -> None:
-        from medpipe.train.engine import Events
-
         engine.on(Events.ITERATION_STARTED, self)
 
     def __call__(self, engine) -> None:
@@ -99,8 +99,6 @@ class WeightEMA:
         self.raw: dict[str, torch.Tensor] | None = None  # set while the model holds the average
 
     def attach(self, engine) -> None:
-        from medpipe.train.engine import Events
-
         engine.on(Events.STARTED, self.start)
         engine.on(Events.ITERATION_COMPLETED, self.update)
         engine.on(Events.EPOCH_COMPLETED, self.swap_in)
@@ -114,8 +112,6 @@ class WeightEMA:
     def start(self, engine) -> None:
         saved = engine.state.restored_parts.get(self.PART) if engine.state.resumed else None
         if engine.state.resumed and saved is None and (self.folder / self.LEGACY_FILE).is_file():
-            from medpipe.train.checkpoint import load_checkpoint
-
             legacy = load_checkpoint(self.folder / self.LEGACY_FILE)
             if legacy.get("global_step") == engine.state.iteration:
                 saved = legacy

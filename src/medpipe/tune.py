@@ -69,6 +69,7 @@ import yaml
 
 from medpipe.config import MONITORS, TrainConfig, make_config
 from medpipe.errors import ConfigError, MedpipeError, TrainingInterrupted, TuneError
+from medpipe.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ class PruningHandler:
         self.trial, self.objective, self.first_epoch = trial, objective, first_epoch
 
     def attach(self, engine) -> None:
-        from medpipe.train.engine import Events
+        from medpipe.train.engine import Events  # deferred: torch (tune's parser is built for medpipe --help)
 
         engine.on(Events.VALIDATION_COMPLETED, self)
 
@@ -345,7 +346,7 @@ class StopOnSignal:
 
     # engine handler (one per trial run)
     def attach(self, engine) -> None:
-        from medpipe.train.engine import Events
+        from medpipe.train.engine import Events  # deferred: torch (tune's parser is built for medpipe --help)
 
         engine.on(Events.STARTED, self._started)
         engine.on(Events.ITERATION_STARTED, self._chain)
@@ -466,7 +467,7 @@ def run_trial(trial, space: Space, data: str, out: Path, stop: StopOnSignal | No
     A signal (``stop``) ends it with TrainingInterrupted after saving last.pt; ``tune`` queues it again."""
     optuna = _optuna()
     from optuna.storages import RetryHeartbeatStaleTrialCallback
-    from medpipe.pipeline import run
+    from medpipe.pipeline import run  # deferred: torch
 
     stop = stop or StopOnSignal()
     values = {p.name: p.suggest(trial) for p in space.params}
@@ -508,8 +509,6 @@ def run_trial(trial, space: Space, data: str, out: Path, stop: StopOnSignal | No
 def write_results(study, space: Space, out: Path) -> dict:
     """best_config.yaml (base + the best trial's parameters, a `medpipe train --config` file) and trials.csv."""
     from optuna.trial import TrialState
-
-    from medpipe.utils import atomic_write_text
 
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
     atomic_write_text(out / TRIALS_CSV, df.to_csv(index=False))

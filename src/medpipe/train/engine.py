@@ -53,6 +53,9 @@ from medpipe.config import TrainConfig
 from medpipe.errors import MedpipeError, NonFiniteLoss, TrainingInterrupted
 from medpipe.preprocess import eval_batch, flip_averaged, use_plain_tensors
 from medpipe.train.distributed import Dist
+from medpipe.metrics import compute_metrics
+from medpipe.models import create_model
+from medpipe.train.checkpoint import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +313,6 @@ class Engine:
     def create(cls, cfg: TrainConfig, source, device: torch.device, dd: Dist | None = None,
                weights: dict | None = None, epochs: int | None = None) -> "Engine":
         """Model (from the registry), AdamW, warm-up+cosine over ``epochs`` (default cfg.epochs), loss."""
-        from medpipe.models import create_model
 
         model = create_model(cfg.model, len(source.classes), pretrained=cfg.pretrained and weights is None,
                              init_weights=None if weights is not None else cfg.init_weights, dropout=cfg.dropout)
@@ -367,7 +369,6 @@ class Engine:
 
     def snapshot(self) -> dict:
         """Everything a resume needs, as tensors and plain values (loaded with weights_only=True)."""
-        from medpipe.train.checkpoint import rng_state
 
         s = self.state
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -380,8 +381,6 @@ class Engine:
                 "parts": {name: get() for name, get in self._snapshot_parts.items()}}
 
     def restore(self, snap: dict) -> None:
-        from medpipe.train.checkpoint import set_rng_state
-
         steps = snap.get("steps_per_epoch")
         if steps is not None and steps != self.source.steps_per_epoch:
             raise MedpipeError(f"the checkpoint was written with {steps} steps per epoch and this data, batch size "
@@ -469,7 +468,6 @@ class Engine:
     def validate(self) -> dict:
         """Validation loss, macro ROC AUC, per-class AUC and balanced accuracy (each rank predicts its share;
         gathered exactly, no padding)."""
-        from medpipe.evaluate import compute_metrics
 
         val = self.source.val
         self.dd.sync_buffers(self.net)

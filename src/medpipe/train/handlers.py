@@ -16,8 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from medpipe.utils import to_json
-from medpipe.train.engine import Engine, Events, TrainingInterrupted
+from medpipe.utils import atomic_write_text, to_json
+from medpipe.train.engine import Engine, Events, TrainingInterrupted, rebuild_schedule
+from medpipe.train.checkpoint import save_checkpoint
 
 
 class Checkpointer:
@@ -31,8 +32,6 @@ class Checkpointer:
         engine.on(Events.VALIDATION_COMPLETED, self.epoch_end)
 
     def save_last(self, engine: Engine) -> Path:
-        from medpipe.train.checkpoint import save_checkpoint
-
         path = self.folder / "last.pt"
         if engine.dd.main:
             save_checkpoint(path, engine.snapshot())
@@ -100,7 +99,6 @@ class MetricsFile:
     def start(self, engine: Engine) -> None:
         if not engine.dd.main or not self.path.is_file():
             return
-        from medpipe.utils import atomic_write_text
 
         lines = self.path.read_text().splitlines()
         keep = [x for x in lines if x.strip() and json.loads(x).get("epoch", 0) <= engine.state.epoch]
@@ -231,7 +229,6 @@ class TimeBudget:
             note = f" (scaled from the {done_here} batches after the resume)"
         epochs = max(1, math.floor(self.seconds / max(epoch_s, 1e-9)))
         epochs = engine.dd.gather(epochs)[0]
-        from medpipe.train.engine import rebuild_schedule
 
         s.max_epochs = s.budget_epochs = max(epochs, s.epoch)
         engine.scheduler = rebuild_schedule(engine.optimizer, engine.cfg, steps, s.max_epochs, s.iteration)
