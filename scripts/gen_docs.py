@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -94,8 +95,10 @@ def _option_rows(parser: argparse.ArgumentParser) -> list[list]:
         if isinstance(default, bool) and not default:
             default = ""
         required = "yes" if getattr(a, "required", False) and a.option_strings else ""
-        rows.append([code(names), cell(a.help or ""), cell(choices), code(default) if default != "" else "",
-                     required])
+        text = a.help or ""
+        if default != "":  # the default has its own column: drop a "(default X)" the help text repeats
+            text = re.sub(r"\s*\(default:? [^()]*\)\s*$", "", text)
+        rows.append([code(names), cell(text), cell(choices), code(default) if default != "" else "", required])
     return rows
 
 
