@@ -260,7 +260,16 @@ ROUTE_TEXT = {
 
 
 class _NoModel:
-    """Stands in for a loaded predictor: building the app registers routes and reads no model attribute."""
+    """Stands in for a loaded predictor: building the app registers the routes and reads at most the
+    preprocessing spec and the names; no weights are loaded and the app is never started."""
+
+    classes: tuple = ()
+    name, version, tta, decision_rule = "model", "0", False, None
+
+    def __init__(self):
+        from medpipe.preprocess import PreprocessSpec
+
+        self.spec = PreprocessSpec()
 
 
 def http_routes() -> list[tuple[str, str]]:
