@@ -104,6 +104,15 @@ def test_benchmark_pages_come_from_every_result_file():
     assert "0.923 ± 0.008" in summary and "0.567 ± 0.063" in summary  # default: macro AUC, balanced accuracy
 
 
+def test_tune_space_example_is_a_valid_space():
+    from medpipe.tune import load_space
+
+    """The tuning guide's space file passes medpipe tune's own checks (every key, every corner of the space)."""
+    space = load_space(ROOT / "docs" / "examples" / "tune_space.yaml")
+    assert space.objective == "val_auc" and space.trials == 20
+    assert {p.name for p in space.params} == {"lr", "label_smoothing", "crop_scale", "color_constancy"}
+
+
 def test_install_hints_use_the_distribution_name_from_pyproject():
     """Every `pip install` of an extra in the site goes through {{ dist }} (pyproject's name)."""
     bad = []
