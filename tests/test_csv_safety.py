@@ -176,7 +176,9 @@ def test_drawn_file_names_round_trip_ingest_to_batch(control_run, tmp_path_facto
 def test_frame_csv_writes_missing_values_empty_and_numbers_plain():
     import pandas as pd
 
-    frame = pd.DataFrame({"a": ["x", None, "NA"], "b": [1.5, float("nan"), -3.0], "c": [1, 2, 3]})
+    frame = pd.DataFrame({"a": ["x", None, "NA"], "b": [1.5, float("nan"), -3.0], "c": [1, 2, 3],
+                          "d": [[1, 2], [], "=cmd"]})  # optuna's trials table holds lists
     text = frame_csv(frame)
-    assert text == "a,b,c\nx,1.5,1\n,,2\nNA,-3.0,3\n"
+    assert text == 'a,b,c,d\nx,1.5,1,"[1, 2]"\n,,2,[]\nNA,-3.0,3,=cmd\n'
+    assert frame_csv(frame, neutralise=True).endswith("NA,-3.0,3,'=cmd\n")
     assert read_csv_table(io.StringIO(text))["a"].tolist() == ["x", "", "NA"]

@@ -215,3 +215,41 @@ def test_undecodable_element_is_400_as_documented(served):
         assert status == 400 and "element 0" in body["error"], (status, body)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert re.search(r"Errors are `\{\"error\": message\}` with 400 \([^)]*undecodable image", readme)
+
+
+def test_large_json_tensor_is_parsed_off_the_event_loop_with_the_same_answers(served, jpegs):
+    """A JSON header over OFFLOAD_BYTES (16 preprocessed images as JSON numbers, ~1 MB) is parsed in a
+    decode process: the same probabilities as the binary form, and its mistakes still 400 naming the input."""
+    from medpipe.preprocess import PreprocessSpec, eval_batch
+    from medpipe.serve.oip import OFFLOAD_BYTES
+
+    srv, _, meta = served
+    spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    x = eval_batch([spec.decode(j) for j in jpegs], spec).numpy()
+    x = np.concatenate([x] * 6)[:16]
+    req = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}],
+           "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}]}
+    assert len(json.dumps(req)) > OFFLOAD_BYTES
+    status, body = _infer_raw(srv, meta["name"], req)
+    assert status == 200, body
+    probs = np.array(body["outputs"][0]["data"], np.float32).reshape(len(x), -1)
+    binary = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape),
+                          "parameters": {"binary_data_size": x.nbytes}}],
+              "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}]}
+    status, ref = _infer_raw(srv, meta["name"], binary, x.astype("<f4").tobytes())
+    assert status == 200 and np.abs(probs - np.array(ref["outputs"][0]["data"]).reshape(probs.shape)).max() < 1e-5
+    req["inputs"][0]["data"][7] = 3e38
+    status, body = _infer_raw(srv, meta["name"], req)
+    assert status == 400 and "input 'image'" in body["error"], body
+
+
+def test_invocations_json_is_counted_before_it_is_parsed():
+    """/invocations' JSON body: more strings or values than max_images images can hold is 413 before parsing;
+    a body at the bound is parsed as before."""
+    from medpipe.infer.protocol import HttpError, parse_body
+
+    with pytest.raises(HttpError) as e:
+        parse_body("application/json", b'{"images": [%s""]}' % (b'"", ' * 1_499_999), max_images=16)
+    assert e.value.status == 413 and "16 images" in e.value.message
+    ok = parse_body("application/json", json.dumps({"instances": [{"b64": "AAAA"}] * 16}).encode(), max_images=16)
+    assert [k for k, _ in ok] == ["bytes"] * 16

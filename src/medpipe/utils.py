@@ -97,7 +97,7 @@ def frame_csv(frame, *, neutralise: bool = False) -> str:
     """A pandas DataFrame through :func:`csv_text` (missing values as empty cells, as pandas writes them)."""
     import pandas as pd
 
-    rows = ([None if not isinstance(v, str) and pd.isna(v) else v for v in r]
+    rows = ([None if not isinstance(v, str) and pd.api.types.is_scalar(v) and pd.isna(v) else v for v in r]
             for r in frame.itertuples(index=False, name=None))
     return csv_text(list(frame.columns), rows, neutralise=neutralise)
 

@@ -18,8 +18,8 @@ An inference request has exactly one input:
 
 Before anything is decoded: shapes are JSON integers (not booleans), a JSON request is counted before it
 is parsed (strings <= max_images + 256, values <= max_images x 3 x S x S + 1024; else 413 naming the
-input), element counts are checked against the declared shape (a binary BYTES list is cut off at its first
-extra element), and FP32 values must be finite and within 100x the eval preset's range (400 naming the
+input; a header over 256 KB that passes is parsed in a decode process, off the event loop), element counts
+are checked against the declared shape (a binary BYTES list is cut off at its first extra element), and FP32 values must be finite and within 100x the eval preset's range (400 naming the
 input: 3e38 is finite but overflows in the network). An element that does not decode is 400 (the
 protocol's invalid input), 413 when it is too large.
 
@@ -93,6 +93,7 @@ def model_metadata(predictor) -> dict:
 # -- request decoding ---------------------------------------------------------------------------
 EXTRA_JSON_STRINGS = 256   # strings a request may hold besides image_bytes' elements (keys, ids, parameters)
 EXTRA_JSON_VALUES = 1024   # values a request may hold besides its tensor's elements
+OFFLOAD_BYTES = 256 << 10  # a JSON header longer than this is parsed in a decode process, off the event loop
 FP32_RANGE_FACTOR = 100.0  # |FP32 input| may be this many times the largest value the eval preset produces
 
 
@@ -108,15 +109,16 @@ def fp32_limit(mean, std) -> float:
     return FP32_RANGE_FACTOR * max(max(abs(0.0 - m), abs(1.0 - m)) / s for m, s in zip(mean, std))
 
 
-def check_json_size(head: bytes, max_images: int, max_values: int | None) -> None:
-    """Refuse, before it is parsed, a JSON request holding more strings or values than a valid one can
-    (counted at memchr speed: a 6 MB header of 1.5 million empty strings costs a few ms, not a parse)."""
-    strings = head.count(b'"') // 2
+def check_json_size(head: bytes, max_images: int, max_values: int | None, end: int | None = None) -> None:
+    """Refuse, before it is parsed, a JSON request (``head[:end]``) holding more strings or values than a
+    valid one can (counted at memchr speed: a 6 MB header of 1.5 million empty strings costs a few ms, not
+    a parse)."""
+    strings = head.count(b'"', 0, end) // 2
     if strings > max_images + EXTRA_JSON_STRINGS:
         raise HttpError(413, "too_many_elements", f"input {BYTES_INPUT!r}: the request holds {strings} JSON "
                         f"strings; {BYTES_INPUT!r} takes at most {max_images} elements (max_images) and the rest "
                         f"of a request at most {EXTRA_JSON_STRINGS} strings")
-    values = head.count(b",") + 1
+    values = head.count(b",", 0, end) + 1
     if max_values is not None and values > max_values + EXTRA_JSON_VALUES:
         raise HttpError(413, "too_many_elements", f"input {FP32_INPUT!r}: the request holds about {values} JSON "
                         f"values; {FP32_INPUT!r} takes at most {max_values} elements (max_images x 3 x S x S) "
@@ -281,6 +283,42 @@ def parse_input(req: dict, binary: bytes, spec_size: int, max_images: int, max_a
     return "bytes", items
 
 
+def parse_request(body: bytes, header_length: str | None, spec_size: int, max_images: int, max_abs: float):
+    """The whole request -> ("ok", request without its input data, kind, payload) or ("error", status, code,
+    message); never raises, so a decode process can run it (:data:`OFFLOAD_BYTES`)."""
+    try:
+        req, binary = split_body(body, header_length, max_images, max_elements(spec_size, max_images))
+        kind, payload = parse_input(req, binary, spec_size, max_images, max_abs)
+    except HttpError as exc:
+        return "error", exc.status, exc.code, exc.message
+    inputs = req.get("inputs")
+    req["inputs"] = [{k: v for k, v in inputs[0].items() if k != "data"}]  # nothing big travels back
+    return "ok", req, kind, payload
+
+
+async def parse_off_loop(pool, body: bytes, header_length: str | None, spec_size: int, max_images: int,
+                         max_abs: float) -> tuple[dict, str, object]:
+    """(request without its input data, kind, payload): :func:`parse_request` on the event loop, or, for a
+    JSON header over :data:`OFFLOAD_BYTES` that passes the element count, in a decode process of ``pool``."""
+    args = (body, header_length, spec_size, max_images, max_abs)
+    try:
+        head_length = int(header_length) if header_length is not None else len(body)
+    except ValueError:
+        head_length = 0  # parse_request names the bad header
+    if OFFLOAD_BYTES < head_length <= len(body) and pool is not None:
+        # counted here first, so a flood of oversized lists never reaches the decode processes
+        check_json_size(body, max_images, max_elements(spec_size, max_images), head_length)
+        try:  # FP32 data as JSON numbers: up to ~0.2 s of parsing for 6 MB
+            parsed = await pool.call(parse_request, *args)
+        except TimeoutError as exc:
+            raise HttpError(413, "request_too_costly", f"the inference request was {exc}") from None
+    else:
+        parsed = parse_request(*args)
+    if parsed[0] == "error":
+        raise HttpError(*parsed[1:])
+    return parsed[1], parsed[2], parsed[3]
+
+
 def requested_outputs(req: dict) -> list[tuple[str, bool]]:
     """[(output name, binary?)] in the order asked for; both outputs when none are named."""
     default_binary = bool(_params(req, "request").get("binary_data_output", False))
@@ -363,10 +401,9 @@ def add_routes(app, svc) -> None:
         return JSONResponse({"name": predictor.name, "ready": svc.ready}, status_code=200 if svc.ready else 503)
 
     async def infer(request):
-        size = predictor.spec.image_size
-        req, binary = split_body(await svc.read_body(request), request.headers.get(HEADER_LENGTH), cfg.max_images,
-                                 max_elements(size, cfg.max_images))
-        kind, payload = parse_input(req, binary, size, cfg.max_images, max_abs)
+        req, kind, payload = await parse_off_loop(svc.decode_pool, await svc.read_body(request),
+                                                  request.headers.get(HEADER_LENGTH), predictor.spec.image_size,
+                                                  cfg.max_images, max_abs)
         outputs = requested_outputs(req)
         if kind == "bytes":
             preds = await svc.predict([("bytes", b) for b in payload])
