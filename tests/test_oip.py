@@ -3,7 +3,6 @@ against the real server process: health, metadata, inference with encoded images
 preprocessed tensors (FP32), JSON and binary tensors, the same probabilities as /invocations, and errors."""
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,10 +130,9 @@ def test_errors_for_wrong_name_shape_datatype_and_bad_image(served, jpegs):
 
 
 def test_readme_client_snippet(served, data_dir, tmp_path):
-    """The README's tritonclient snippet, run as written in its own process, gets /invocations' answer."""
+    """The documented tritonclient snippet (docs/examples/oip_client.py), run as written in its own process, gets /invocations' answer."""
     srv, _, meta = served
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    snippet = re.search(r"<!-- oip-client -->\s*```python\n(.*?)```", text, re.S).group(1)
+    snippet = (Path(__file__).resolve().parents[1] / "docs" / "examples" / "oip_client.py").read_text()
     (tmp_path / "client.py").write_text(snippet)
     image = pd.read_csv(data_dir / "records.csv")["path"][0]
     r = subprocess.run([sys.executable, str(tmp_path / "client.py"), f"127.0.0.1:{srv.port}", meta["name"], image],
