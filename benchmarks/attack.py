@@ -25,8 +25,10 @@ measures a legitimate client (127.0.0.1, a new connection and a 600x450 JPEG to 
   baseline      nothing else
   slow_upload   --uploaders connections (8 per address from 127.0.0.2 up, under the per-client cap)
                 declare a 100 kB body and send 1 byte a second, reconnecting when cut
-  flood         --flood-procs processes open connections as fast as they can from 127.0.1.x, send
-                nothing and keep the newest 200 each (the rate reached is reported)
+  flood         --flood-procs processes open connections as fast as they can, each from its own address
+                (127.0.1.x), send nothing and keep the newest 200 each (the rate reached is reported)
+  flood_spread  the same, each process over 8 addresses: as many silent connections per address as a
+                starved honest client's, which the eviction policy cannot tell apart (docs/security.md)
   bytes_flood   --bytes-clients threads send /v2 infer requests with a BYTES input of 1.5 million empty
                 elements (4.5 MB of JSON), one after another
   combined      slow_upload and flood together (the issue's acceptance case)
@@ -205,9 +207,10 @@ def main() -> None:
     ap.add_argument("--round2", action="store_true", help="the second review's fairness cases instead")
     ap.add_argument("--case-seconds", type=float, default=20.0, help="--round2: seconds per case")
     ap.add_argument("--uploaders", type=int, default=64, help="--round2: slow uploaders at 1 B/s")
-    ap.add_argument("--flood-procs", type=int, default=2, help="--round2: connection flood processes")
+    ap.add_argument("--flood-procs", type=int, default=4, help="--round2: connection flood processes")
     ap.add_argument("--bytes-clients", type=int, default=4, help="--round2: clients sending 1.5 M BYTES elements")
-    ap.add_argument("--cases", default="baseline,slow_upload,flood,bytes_flood,combined", help="--round2: cases")
+    ap.add_argument("--cases", default="baseline,slow_upload,flood,flood_spread,bytes_flood,combined",
+                    help="--round2: cases")
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--backend", default="auto")
