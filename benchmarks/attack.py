@@ -27,11 +27,13 @@ measures a legitimate client (127.0.0.1, a new connection and a 600x450 JPEG to 
                 declare a 100 kB body and send 1 byte a second, reconnecting when cut
   flood         --flood-procs processes open connections as fast as they can, each from its own address
                 (127.0.1.x), send nothing and keep the newest 200 each (the rate reached is reported)
-  flood_spread  the same, each process over 8 addresses: as many silent connections per address as a
-                starved honest client's, which the eviction policy cannot tell apart (docs/security.md)
+  flood_spread  the same, each process over 8 addresses
+  flood_keepalive  the same as flood, each connection asking /ping once and then idling (keep-alive): these
+                reach the server, unlike connections that send nothing (TCP_DEFER_ACCEPT)
   bytes_flood   --bytes-clients threads send /v2 infer requests with a BYTES input of 1.5 million empty
                 elements (4.5 MB of JSON), one after another
   combined      slow_upload and flood together (the issue's acceptance case)
+  combined_keepalive  slow_upload and flood_keepalive together
 Writes benchmarks/results/attack_round2.json: per case the legitimate requests' share answered 200
 within 2 s, their p50/p99 latency and statuses, /ping p99, the attackers' answers and the server's
 eviction and upload counters. Target (issue 32, combined case): >= 95% answered 200 within 2 s and
@@ -209,8 +211,8 @@ def main() -> None:
     ap.add_argument("--uploaders", type=int, default=64, help="--round2: slow uploaders at 1 B/s")
     ap.add_argument("--flood-procs", type=int, default=4, help="--round2: connection flood processes")
     ap.add_argument("--bytes-clients", type=int, default=4, help="--round2: clients sending 1.5 M BYTES elements")
-    ap.add_argument("--cases", default="baseline,slow_upload,flood,flood_spread,bytes_flood,combined",
-                    help="--round2: cases")
+    ap.add_argument("--cases", default="baseline,slow_upload,flood,flood_spread,flood_keepalive,bytes_flood,"
+                    "combined,combined_keepalive", help="--round2: cases")
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--backend", default="auto")
