@@ -204,7 +204,7 @@ class Attack:
                 s.close()
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--round2", action="store_true", help="the second review's fairness cases instead")
     ap.add_argument("--case-seconds", type=float, default=20.0, help="--round2: seconds per case")
@@ -221,12 +221,11 @@ def main() -> None:
     ap.add_argument("--held", type=int, default=16)
     ap.add_argument("--bombers", type=int, default=2)
     ap.add_argument("--burst", type=int, default=100)
-    args = ap.parse_args()
-    if args.round2:
-        from attack_round2 import round2
+    return ap.parse_args()
 
-        return round2(args)
 
+def payloads() -> tuple[bytes, list[tuple[str, str, bytes]]]:
+    """The normal clients' 600x450 JPEG and the bombs."""
     import numpy as np
     from PIL import Image
 
@@ -235,13 +234,22 @@ def main() -> None:
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (450, 600, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-    jpeg = buf.getvalue()
     bombs = [("scan_bomb", "image/jpeg", jpeg_scan_bomb(6000, 6600, 20000))]
     try:
         bombs.append(("deflate_bomb", "application/dicom", dicom_deflate_bomb(1 << 30)))
     except Exception as exc:  # noqa: BLE001 - pydicom missing: say so and go on with the JPEG bomb
         print(f"(no DICOM bomb: {exc.__class__.__name__})")
+    return buf.getvalue(), bombs
 
+
+def main() -> None:
+    args = parse_args()
+    if args.round2:
+        from attack_round2 import round2
+
+        return round2(args)
+
+    jpeg, bombs = payloads()
     with tempfile.TemporaryDirectory() as tmp:
         pkg = make_package(Path(tmp) / "pkg", args.size)
         port = free_port()
@@ -301,6 +309,11 @@ def main() -> None:
         "sigterm_exit_code": code, "sigterm_seconds": round(term_s, 2),
         "traceback_in_log": "Traceback" in text,
     }
+    report(result, idle_rss, peak, ceiling)
+    print(f"wrote {write_result('attack', result)}")
+
+
+def report(result: dict, idle_rss: float, peak: float, ceiling: float) -> None:
     print(f"normal requests: {result['normal_requests']}, {100 * result['normal_success_rate']:.1f}% answered 200 "
           f"(target >= 99%), p99 {result['normal_p99_ms']} ms")
     print(f"/ping p99 {result['ping_p99_ms']} ms (target < 2000)")
@@ -310,8 +323,8 @@ def main() -> None:
     print("after SIGTERM (refused connections are expected once the port closes):")
     for kind, counts in result["answers_after_sigterm"].items():
         print(f"  {kind:13s} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
-    print(f"SIGTERM mid-attack: exit {code} after {term_s:.1f} s; traceback in log: {result['traceback_in_log']}")
-    print(f"wrote {write_result('attack', result)}")
+    print(f"SIGTERM mid-attack: exit {result['sigterm_exit_code']} after {result['sigterm_seconds']} s; "
+          f"traceback in log: {result['traceback_in_log']}")
 
 
 if __name__ == "__main__":
