@@ -69,7 +69,7 @@ import yaml
 
 from medpipe.config import MONITORS, TrainConfig, make_config
 from medpipe.errors import ConfigError, MedpipeError, TrainingInterrupted, TuneError
-from medpipe.utils import atomic_write_text
+from medpipe.utils import atomic_write_text, frame_csv
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +511,7 @@ def write_results(study, space: Space, out: Path) -> dict:
     from optuna.trial import TrialState
 
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
-    atomic_write_text(out / TRIALS_CSV, df.to_csv(index=False))
+    atomic_write_text(out / TRIALS_CSV, frame_csv(df, neutralise=True))  # opened in spreadsheets: formula guard
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     summary = {"study": str(out / STUDY_DB), "trials": len(study.trials), "finished": _finished(study),
                "complete": len(complete), "objective": space.objective, "best_config": None}
