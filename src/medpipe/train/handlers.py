@@ -18,6 +18,7 @@ from pathlib import Path
 
 from medpipe.utils import to_json
 from medpipe.train.engine import Engine, Events, TrainingInterrupted
+from medpipe.train.factories import rebuild_schedule
 
 
 class Checkpointer:
@@ -231,7 +232,6 @@ class TimeBudget:
             note = f" (scaled from the {done_here} batches after the resume)"
         epochs = max(1, math.floor(self.seconds / max(epoch_s, 1e-9)))
         epochs = engine.dd.gather(epochs)[0]
-        from medpipe.train.engine import rebuild_schedule
 
         s.max_epochs = s.budget_epochs = max(epochs, s.epoch)
         engine.scheduler = rebuild_schedule(engine.optimizer, engine.cfg, steps, s.max_epochs, s.iteration)
