@@ -29,6 +29,11 @@ Events (MONAI/ignite names; each handler gets the engine, ``engine.state`` holds
     COMPLETED             fit() ends normally (also after early stopping; state.stop_reason)
     EXCEPTION_RAISED      fit() fails; state.exception (NaN loss, SIGTERM/SIGINT, any error); re-raised
 
+The handlers of one event run in :class:`Order` (then in attach order): a handler names its place when it
+registers (``engine.on(event, fn, order=Order.MODEL)``), so the order in which handler objects are attached
+never changes a run: the batch mixing and the weight average act first, the checkpoint is written after the
+epoch is recorded, a signal stop comes last.
+
 One epoch, top to bottom: this rank's seeded batches from the source -> forward (bf16 autocast where
 ``precision`` resolves to bf16, see :func:`medpipe.train.factories.resolve_precision`) -> loss (+ any added loss terms) -> a
 non-finite loss stops the run naming the batch -> backward,
@@ -37,6 +42,7 @@ clipping, AdamW, warm-up+cosine step -> validation (exact across ranks) -> best/
 
 from __future__ import annotations
 
+import bisect
 import enum
 import logging
 import math
@@ -72,6 +78,24 @@ class Events(str, enum.Enum):
     CHECKPOINT_SAVED = "checkpoint_saved"
     COMPLETED = "completed"
     EXCEPTION_RAISED = "exception_raised"
+
+
+class Order(enum.IntEnum):
+    """Where a handler acts among the handlers of one event: lower first, equal ones in attach order.
+
+    ``MODEL``: changes what the step trains on or what is validated and saved (batch mixing, the weight
+    average). ``DECIDE``: decides state that the checkpoint stores (the time budget's epoch count).
+    ``RECORD``: records the epoch before its checkpoint (the epoch line, metrics.jsonl). ``SAVE``: writes the
+    checkpoint. ``REACT`` (the default): acts on a saved epoch (early stopping, tracking, pruning, your own
+    handlers, fault injection in tests). ``STOP``: last; a signal stop saves a step every other handler has
+    finished with."""
+
+    MODEL = 10
+    DECIDE = 20
+    RECORD = 30
+    SAVE = 40
+    REACT = 50
+    STOP = 60
 
 
 @dataclass
@@ -169,7 +193,7 @@ class Engine:
         self.spec = cfg.preprocess()
         self.sign = -1.0 if cfg.monitor == "val_loss" else 1.0
         self.state = State(max_epochs=cfg.epochs)
-        self._handlers: dict[Events, list] = defaultdict(list)
+        self._handlers: dict[Events, list[tuple[int, int, Callable]]] = defaultdict(list)  # (order, seq, fn) sorted
         self._snapshot_parts: dict[str, Callable[[], Any]] = {}
         # resolved by create() (resolve_precision); a resume takes the checkpoint's, so it replays exactly
         self.precision, self.precision_reason = ("bf16" if device.type == "cuda" else "fp32"), "default"
@@ -211,20 +235,23 @@ class Engine:
 
     # handlers -------------------------------------------------------------------------------------------
 
-    def on(self, event: Events, handler: Callable[["Engine"], None]) -> None:
-        """Call ``handler(engine)`` at every ``event``, after the handlers attached before it.
+    def on(self, event: Events, handler: Callable[["Engine"], None], order: Order = Order.REACT) -> None:
+        """Call ``handler(engine)`` at every ``event``.
 
         Args:
             event: one of :class:`Events` (or its string value).
             handler: called with the engine; ``engine.state`` holds the figures.
+            order: its place among the event's handlers (:class:`Order`; equal orders run in attach order).
         """
-        self._handlers[Events(event)].append(handler)
+        handlers = self._handlers[Events(event)]
+        bisect.insort(handlers, (int(order), len(handlers), handler))  # seq is unique: handlers never compared
 
     def attach(self, *handler_objects) -> "Engine":
         """Attach handler objects (each has ``attach(engine)``, as MONAI's handlers do).
 
         Args:
-            handler_objects: objects whose ``attach`` registers their functions with :meth:`on`.
+            handler_objects: objects whose ``attach`` registers their functions with :meth:`on`; the order
+                does not matter (each declares its :class:`Order`).
 
         Returns:
             The engine (calls chain)."""
@@ -243,8 +270,8 @@ class Engine:
         self._snapshot_parts[name] = get
 
     def fire(self, event: Events) -> None:
-        """Call the handlers of ``event`` in attach order."""
-        for handler in self._handlers[event]:
+        """Call the handlers of ``event`` (by :class:`Order`, then attach order)."""
+        for _, _, handler in list(self._handlers[event]):
             handler(self)
 
     def add_loss_term(self, term: Callable[[torch.nn.Module], torch.Tensor]) -> None:
