@@ -32,8 +32,8 @@ def predict(body: bytes) -> dict:
     with torch.no_grad():
         probs = torch.softmax(model(x), dim=1)[0].cpu().tolist()
     k = int(np.argmax(probs))
-    return {"predictions": [{"label": meta["classes"][k], "class_index": k,
-                             "probabilities": dict(zip(meta["classes"], probs))}]}
+    return {"predictions": [{"label": meta.classes[k], "class_index": k,
+                             "probabilities": dict(zip(meta.classes, probs))}]}
 
 
 class Handler(BaseHTTPRequestHandler):

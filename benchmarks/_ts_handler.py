@@ -28,8 +28,8 @@ class MedpipeHandler:
         model, self.meta = load_package(props["model_dir"], self.device)
         self.model = model.to(memory_format=torch.channels_last)
         self.spec = package_spec(self.meta)
-        self.classes = list(self.meta["classes"])
-        self.temperature = float(self.meta.get("calibration", {}).get("temperature", 1.0))
+        self.classes = list(self.meta.classes)
+        self.temperature = self.meta.temperature
         log.info("medpipe handler on %s, torch threads %d", self.device, torch.get_num_threads())
         self.initialized = True
 

@@ -1,6 +1,8 @@
-"""A bounded mixed attack on `medpipe serve` alongside normal clients (issue 12's acceptance run).
+"""Attacks on `medpipe serve` alongside legitimate clients: the first review's mixed attack, and the
+second review's fairness cases (--round2).
 
     python benchmarks/attack.py [--duration 30] [--size 64] [--backend auto]
+    python benchmarks/attack.py --round2 [--case-seconds 20] [--uploaders 64] [--flood-procs 2]
 
 The real server runs as a process on loopback with its *default* limits and an untrained
 DenseNet121 package at --size. For --duration seconds, at the same time:
@@ -16,6 +18,22 @@ within the deadline) and p99, /ping p99, peak RSS of the server and its decode p
 the memory ceiling it reports, the answers each attacker got, and the SIGTERM exit code and time.
 Targets (issue 12): normal >= 99% answered 200, /ping p99 < 2 s, peak RSS under the ceiling.
 Numbers from a machine shared with other work are not meaningful; run it on a quiet one.
+
+--round2 runs the server with its default limits and, one case after another for --case-seconds each,
+measures a legitimate client (127.0.0.1, a new connection and a 600x450 JPEG to /invocations every
+100 ms, each answered or not on its own thread) and /ping (every 100 ms) while:
+  baseline      nothing else
+  slow_upload   --uploaders connections (8 per address from 127.0.0.2 up, under the per-client cap)
+                declare a 100 kB body and send 1 byte a second, reconnecting when cut
+  flood         --flood-procs processes open connections as fast as they can from 127.0.1.x, send
+                nothing and keep the newest 200 each (the rate reached is reported)
+  bytes_flood   --bytes-clients threads send /v2 infer requests with a BYTES input of 1.5 million empty
+                elements (4.5 MB of JSON), one after another
+  combined      slow_upload and flood together (the issue's acceptance case)
+Writes benchmarks/results/attack_round2.json: per case the legitimate requests' share answered 200
+within 2 s, their p50/p99 latency and statuses, /ping p99, the attackers' answers and the server's
+eviction and upload counters. Target (issue 32, combined case): >= 95% answered 200 within 2 s and
+/ping p99 <= 0.5 s.
 """
 
 from __future__ import annotations
@@ -66,8 +84,10 @@ class Attack:
         if what.endswith("Error"):
             time.sleep(0.05)  # a refused connection (during shutdown) must not spin
 
-    def connect(self, timeout: float = 5) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+    def connect(self, timeout: float = 5, source: str = "127.0.0.2") -> socket.socket:
+        """An attacker's connection, from another loopback address than the normal clients (127.0.0.1):
+        the server's per-client caps count by address."""
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout, source_address=(source, 0))
 
     # -- the clients ---------------------------------------------------------------------------
     def normal_client(self, jpeg: bytes) -> None:
@@ -167,7 +187,7 @@ class Attack:
             socks = []
             for _ in range(self.args.burst):
                 try:
-                    s = self.connect(timeout=5)
+                    s = self.connect(timeout=5, source="127.0.0.3")
                     s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                     socks.append(s)
                 except OSError as exc:
@@ -182,6 +202,12 @@ class Attack:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--round2", action="store_true", help="the second review's fairness cases instead")
+    ap.add_argument("--case-seconds", type=float, default=20.0, help="--round2: seconds per case")
+    ap.add_argument("--uploaders", type=int, default=64, help="--round2: slow uploaders at 1 B/s")
+    ap.add_argument("--flood-procs", type=int, default=2, help="--round2: connection flood processes")
+    ap.add_argument("--bytes-clients", type=int, default=4, help="--round2: clients sending 1.5 M BYTES elements")
+    ap.add_argument("--cases", default="baseline,slow_upload,flood,bytes_flood,combined", help="--round2: cases")
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--backend", default="auto")
@@ -191,6 +217,10 @@ def main() -> None:
     ap.add_argument("--bombers", type=int, default=2)
     ap.add_argument("--burst", type=int, default=100)
     args = ap.parse_args()
+    if args.round2:
+        from attack_round2 import round2
+
+        return round2(args)
 
     import numpy as np
     from PIL import Image

@@ -65,7 +65,7 @@ def main() -> None:
     print(format_gate(info))
 
     model, meta = load_package(run / "model")
-    size = int(meta["preprocessing"]["image_size"])
+    size = meta.preprocessing.image_size
     fp32 = onnx_session(onnx_bytes(model, size))
     q8 = onnx_session(int8)
     rng = np.random.default_rng(0)

@@ -136,7 +136,7 @@ def main() -> None:
         from medpipe.infer.quantize import _logits, _validation_pixels
 
         val_px, val_y = _validation_pixels(meta, args.data, size, spec.interpolation)
-        t32 = float(meta.get("calibration", {}).get("temperature", 1.0))
+        t32 = meta.temperature
         fp32_logits = _logits(session(fp32, threads), val_px, spec)
 
     models, rows = {}, {}
@@ -193,7 +193,7 @@ def main() -> None:
     import onnxruntime
 
     path = write_result("int8_variants_cpu", {
-        "settings": vars(args), "image_size": size, "model": meta.get("arch", "densenet121"),
+        "settings": vars(args), "image_size": size, "model": meta.architecture,
         "trained": bool(args.run), "onnxruntime": onnxruntime.__version__, "cpu": cpu_description(),
         "note": "speedup = FP32 ms / INT8 ms in the same interleaved round, median over rounds",
         "variants": rows})

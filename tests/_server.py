@@ -20,10 +20,13 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model: Path, *args: str, env: dict | None = None, log: Path | None = None,
-                 slow_infer_s: float = 0.0):
-        """``slow_infer_s``: every forward pass sleeps that long first (tests/slow.py; deadlines, queues)."""
+                 slow_infer_s: float = 0.0, headers: dict | None = None, tls=None):
+        """``slow_infer_s``: every forward pass sleeps that long first (tests/slow.py; deadlines, queues);
+        ``headers``: sent with every request (e.g. the bearer token); ``tls``: an ``ssl.SSLContext`` to
+        talk HTTPS with (the server started with --tls-cert/--tls-key)."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.headers, self.tls = dict(headers or {}), tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "wb") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
@@ -47,9 +50,12 @@ class Server:
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 timeout: float = 60) -> tuple[int, dict, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        if self.tls is not None:
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=self.tls)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            conn.request(method, path, body=body, headers={**self.headers, **(headers or {})})
             r = conn.getresponse()
             return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
         finally:

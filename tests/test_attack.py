@@ -1,10 +1,13 @@
-"""Hostile clients against the real `medpipe serve` process on loopback (issue 12; RELIABILITY.md
-"Added after the first review / Inference service"). Raw sockets, bounded loops, small limits so
-each attack takes seconds; a random-weight 32x32 package (the answers' values do not matter here).
+"""Hostile clients against the real `medpipe serve` process on loopback (RELIABILITY.md "Added after
+the first review / Inference service" and "Added after the second review / Service: fairness under
+attack"). Raw sockets, bounded loops, small limits so each attack takes seconds; a random-weight 32x32
+package (the answers' values do not matter here). Attackers connect from other loopback addresses
+(127.0.0.2 and up) than the legitimate client (127.0.0.1): the per-client caps count by address.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -31,10 +34,14 @@ from medpipe.serve.metrics import process_tree_rss_mb as tree_rss_mb  # noqa: E4
 pytestmark = pytest.mark.slow
 
 MAX_CONNECTIONS = 48
+PER_CLIENT_CONNECTIONS = 40
 MAX_REQUESTS = 6
+MAX_UPLOADS = 8  # per client address
 MAX_BODY_MB = 2
 LIMITS = ("--backend", "eager", "--header-timeout-s", "1", "--max-connections", str(MAX_CONNECTIONS),
-          "--max-requests", str(MAX_REQUESTS), "--body-timeout-s", "2", "--max-body-mb", str(MAX_BODY_MB),
+          "--max-connections-per-client", str(PER_CLIENT_CONNECTIONS), "--max-requests", str(MAX_REQUESTS),
+          "--max-uploads-per-client", str(MAX_UPLOADS), "--upload-buffer-mb", "12", "--upload-grace-s", "0.5",
+          "--min-upload-kbps", "32", "--body-timeout-s", "2", "--max-body-mb", str(MAX_BODY_MB),
           "--decode-timeout-s", "1", "--max-jpeg-scans", "2500", "--decode-workers", "2", "--threads", "1")
 
 
@@ -107,6 +114,11 @@ def read_all(s: socket.socket, timeout: float, closed: list | None = None) -> by
     if closed is not None:
         closed.append(was_closed)
     return data
+
+
+def connect(server, source: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
+    """A connection to the server from loopback address ``source`` (127.0.0.x: another client address)."""
+    return socket.create_connection(("127.0.0.1", server.port), timeout=timeout, source_address=(source, 0))
 
 
 def raw(server, data: bytes, timeout: float = 10.0) -> bytes:
@@ -216,14 +228,17 @@ def test_scan_bomb_is_abandoned_at_its_budget_and_workers_recover(server):
 
 # -- connections ---------------------------------------------------------------------------------
 
-def test_slow_headers_are_cut_and_the_connection_cap_keeps_ping_answering(server):
+def test_slow_headers_are_cut_and_one_client_cannot_fill_the_server(server):
     fds_before = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
     attackers = []
-    for _ in range(3 * MAX_CONNECTIONS):  # far over the cap, every one holding its headers open
-        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    for _ in range(3 * MAX_CONNECTIONS):  # far over both caps, every one holding its headers open
+        s = connect(server, "127.0.0.2")
+        try:
+            s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        except OSError:
+            pass  # refused at the per-client cap: answered and closed
         attackers.append(s)
-    tricklers = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(4)]
+    tricklers = [connect(server, "127.0.0.3") for _ in range(4)]
     pings, t0 = [], time.perf_counter()
     while time.perf_counter() - t0 < 2.5:  # tricklers send a byte every 0.2 s: still cut at 1 s
         for s in tricklers:
@@ -239,35 +254,193 @@ def test_slow_headers_are_cut_and_the_connection_cap_keeps_ping_answering(server
     answers = [read_all(s, 3, closed) for s in attackers + tricklers]
     for s in attackers + tricklers:
         s.close()
-    # every connection was closed by the server; what it answered (if the close did not reset it) is JSON
+    # every connection was closed by the server: over the per-client cap at once with 503 (a connection that
+    # has started its request is never displaced), the rest at the header timeout with 408
     assert all(closed)
-    for a in answers:
-        if a:
-            status, err = json_error(a)
-            assert status == 408 and err["error"] in ("header_timeout", "evicted")
+    codes = collections.Counter(json_error(a)[1]["error"] for a in answers if a)
+    assert set(codes) <= {"too_many_connections", "header_timeout"}, codes
     assert all(json_error(a)[1]["error"] == "header_timeout" for a in answers[-len(tricklers):])
     assert metric(server, "medpipe_connections_closed_total", '{reason="header_timeout"}') >= 4
-    assert metric(server, "medpipe_connections_closed_total", '{reason="evicted"}') >= MAX_CONNECTIONS
+    # how many met the per-client cap depends on how many were opened within the 1 s header timeout (the
+    # cap itself: test_eviction_prefers_silent_connections_of_the_biggest_client)
+    assert metric(server, "medpipe_connections_closed_total", '{reason="client_over_capacity"}') >= (
+        codes["too_many_connections"])
 
 
-def test_bodies_are_admitted_before_they_are_read(server):
+def test_eviction_prefers_silent_connections_of_the_biggest_client():
+    """The policy, step by step: at the cap a new connection displaces a silent connection (nothing of a
+    request sent) of the address holding the most connections, oldest first; one that has started its
+    request is never displaced; the per-client cap displaces that address's own oldest silent one."""
+    from medpipe.serve.connections import ConnectionLimits, _Shared
+
+    class Conn:
+        def __init__(self, peer):
+            self.peer, self.dropped = peer, False
+
+        def drop(self, reason):
+            self.dropped = reason
+            shared.remove(self)
+
+    def open_(peer, silent=True):
+        c = Conn(peer)
+        c._counted = True
+        refused = shared.add(c)
+        if refused:
+            shared.remove(c)
+        elif silent:
+            shared.set_silent(c)
+        return c, refused
+
+    # the connection cap (5)
+    shared = _Shared(ConnectionLimits(10.0, max_connections=5))
+    honest, _ = open_("10.0.0.1")  # quiet for now: it will send its headers later
+    a1, _ = open_("10.0.0.2")
+    a2, _ = open_("10.0.0.2")
+    sending, _ = open_("10.0.0.2", silent=False)  # started its request
+    b1, _ = open_("10.0.0.3")
+    c, refused = open_("10.0.0.4")  # at the cap: the oldest silent connection of 10.0.0.2 (holding 3) goes
+    assert refused is None and a1.dropped == "evicted" and shared.open == 5
+    d, refused = open_("10.0.0.2")  # 10.0.0.2 holds 3 again: its oldest silent one goes, not the older honest one
+    assert refused is None and a2.dropped == "evicted" and not honest.dropped and not sending.dropped
+    for conn in (b1, c, d):
+        shared.set_busy(conn)
+    shared.set_busy(honest)  # the honest client sends its headers: from now on it cannot be displaced
+    _, refused = open_("10.0.0.6")  # nothing silent anywhere: the new connection is refused, nobody displaced
+    assert refused == "over_capacity" and shared.open == 5
+    assert not any(x.dropped for x in (honest, sending, b1, c, d))
+    # the per-client cap (3)
+    shared = _Shared(ConnectionLimits(10.0, max_connections=100, max_connections_per_client=3))
+    x1, _ = open_("10.0.0.2")
+    x2, _ = open_("10.0.0.2", silent=False)
+    x3, _ = open_("10.0.0.2", silent=False)
+    x4, refused = open_("10.0.0.2")  # over its cap: its own silent connection goes
+    assert refused is None and x1.dropped == "evicted" and shared.per_peer["10.0.0.2"] == 3
+    shared.set_busy(x4)
+    _, refused = open_("10.0.0.2")
+    assert refused == "client_over_capacity" and not any(x.dropped for x in (x2, x3, x4))
+    assert open_("10.0.0.1")[1] is None and shared.open == 4
+
+
+def test_connection_flood_never_evicts_a_client_sending_its_request(server):
+    """A flood of silent connections from several addresses at the connection cap while an honest client
+    connects, waits 0.3 s and only then sends its headers: the cap displaces the flood's connections
+    (silent, from the addresses holding the most), never the honest one, which gets its answer."""
+    stop, opened = threading.Event(), collections.Counter()
+
+    def flood(source):
+        held: list[socket.socket] = []
+        while not stop.is_set():
+            try:
+                held.append(connect(server, source, timeout=2))
+                opened[source] += 1
+            except OSError:
+                time.sleep(0.01)
+            if len(held) > PER_CLIENT_CONNECTIONS:
+                held.pop(0).close()
+        for s in held:
+            s.close()
+
+    evicted_before = metric(server, "medpipe_connections_closed_total", '{reason="evicted"}')
+    sources = [f"127.0.0.{i}" for i in range(4, 8)]
+    threads = [threading.Thread(target=flood, args=(src,)) for src in sources]
+    for t in threads:
+        t.start()
+    answers = []
+    try:
+        time.sleep(0.5)  # the server is at its cap
+        for _ in range(10):
+            with connect(server, timeout=10) as s:
+                time.sleep(0.3)
+                s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answers.append(read_all(s, 10)[:12])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert answers == [b"HTTP/1.1 200"] * 10, answers
+    assert metric(server, "medpipe_connections_closed_total", '{reason="evicted"}') - evicted_before >= 10, opened
+
+
+def _trickle_bodies(server, sources: list[str], per_source: int, stop: threading.Event, answers: collections.Counter):
+    """Keep ``per_source`` connections per address uploading a body at about 5 bytes/s (reconnecting when cut),
+    counting what the server answered them."""
+    head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    socks: list[socket.socket] = []
+    while not stop.is_set():
+        while len(socks) < per_source * len(sources):
+            try:
+                s = connect(server, sources[len(socks) % len(sources)])
+                s.sendall(head)
+                s.setblocking(False)
+                socks.append(s)
+            except OSError:
+                break
+        time.sleep(0.2)
+        alive = []
+        for s in socks:
+            try:
+                s.send(b"\x89")
+                reply = s.recv(65536)
+                answers[json_error(reply)[1]["error"] if reply else "closed"] += 1
+                s.close()
+            except BlockingIOError:
+                alive.append(s)
+            except OSError:
+                answers["reset"] += 1
+                s.close()
+        socks = alive
+    for s in socks:
+        s.close()
+
+
+def test_slow_uploaders_cannot_hold_the_processing_slots(server):
+    """40 connections (5 addresses x the per-client cap) trickle bodies, far more than the 6 processing slots:
+    a body holds a slot only once complete, so the honest client's requests are all answered 200; the
+    tricklers are cut at the minimum upload rate after the grace period (408) and reconnect."""
+    stop, answers = threading.Event(), collections.Counter()
+    sources = [f"127.0.0.{i}" for i in range(10, 15)]
+    t = threading.Thread(target=_trickle_bodies, args=(server, sources, MAX_UPLOADS, stop, answers))
+    t.start()
+    try:
+        time.sleep(0.3)
+        legit = [server.invoke(png(), ctype="image/png", timeout=30)[0] for _ in range(10)]
+        # one more upload from an address at its cap is refused before its body is read
+        extra = [connect(server, sources[0]) for _ in range(MAX_UPLOADS + 2)]
+        for s in extra:
+            s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 9\r\n\r\n")
+        refused = [json_error(r)[1]["error"] for r in (read_all(s, 3) for s in extra) if r]
+        for s in extra:
+            s.close()
+    finally:
+        stop.set()
+        t.join(30)
+    assert legit == [200] * 10, (legit, answers)
+    assert answers["upload_too_slow"] >= len(sources) * MAX_UPLOADS, answers
+    assert "too_many_uploads" in refused, refused
+    assert set(answers) <= {"upload_too_slow", "too_many_uploads", "closed", "reset"}, answers
+    assert metric(server, "medpipe_uploads_refused_total", '{reason="too_slow"}') >= len(sources) * MAX_UPLOADS
+
+
+def test_held_bodies_hold_upload_places_not_processing_slots(server):
     declared = MAX_BODY_MB * 2**20
     head = (f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
             f"Content-Length: {declared}\r\n\r\n").encode()
     holders = []
-    for _ in range(MAX_REQUESTS + 10):  # each sends 64 KB of its 2 MB body and never the rest
-        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    for _ in range(MAX_UPLOADS + 10):  # each sends 64 KB of its 2 MB body and never the rest
+        s = connect(server, "127.0.0.20")
         s.sendall(head + b"\x00" * 65536)
         holders.append(s)
     st, secs = timed_ping(server)
     assert st == 200 and secs < 2
-    # MAX_REQUESTS are admitted and then cut at the 2 s body timeout (408); the rest are refused
-    # (503) without their body being read: they never sent it, and still got an answer
+    assert server.invoke(png(), ctype="image/png")[0] == 200  # they hold no processing slot
+    # MAX_UPLOADS get upload places and are cut when their rate or the 2 s body timeout runs out (408); the rest
+    # are refused (503) without their body being read: they never sent it, and still got an answer
     answers = [json_error(read_all(s, 15)) for s in holders]
     for s in holders:
         s.close()
-    codes = sorted((status, err["error"]) for status, err in answers)
-    assert codes == [(408, "body_timeout")] * MAX_REQUESTS + [(503, "overloaded")] * 10, codes
+    codes = sorted((status, err["error"].replace("upload_too_slow", "body_timeout")) for status, err in answers)
+    assert codes == [(408, "body_timeout")] * MAX_UPLOADS + [(503, "too_many_uploads")] * 10, codes
     assert server.invoke(png(), ctype="image/png")[0] == 200
 
 
@@ -303,7 +476,7 @@ def test_memory_stays_under_the_ceiling_during_a_body_flood(server):
 
 def test_sigterm_during_a_stuck_decode_and_attack_exits_0_with_json(package, tmp_path):
     s = Server(package, "--backend", "eager", "--decode-timeout-s", "300", "--max-jpeg-scans", "0",
-               "--graceful-s", "3", "--header-timeout-s", "20", "--threads", "1",
+               "--graceful-s", "3", "--header-timeout-s", "20", "--upload-grace-s", "20", "--threads", "1",
                log=tmp_path / "server.log").wait_ready()
     try:
         bomb = jpeg_scan_bomb(6000, 6600, 20000)  # minutes to decode: stuck when SIGTERM comes
@@ -388,7 +561,7 @@ def test_decode_process_out_of_memory_is_413_and_the_worker_lives_on():
     import asyncio
 
     from medpipe.data.imageio import ImageTooLargeError
-    from medpipe.serve.decodepool import DecodePool, DecodeSpec
+    from medpipe.data.decodepool import DecodePool, DecodeSpec
 
     big = np.zeros((4000, 5000, 4), np.uint8)
     big[::9, ::7] = 200

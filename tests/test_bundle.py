@@ -111,12 +111,13 @@ def test_class_names_never_become_config_code(tmp_path, monkeypatch):
     from monai.bundle import ConfigParser
 
     from medpipe.export import _escape_tree, bundle_inference_config, bundle_metadata
+    from medpipe.package import Calibration, PackageMeta, Provenance
     from medpipe.preprocess import PreprocessSpec
 
     monkeypatch.chdir(tmp_path)
-    meta = {"name": "$derm", "version": "1", "architecture": "densenet121", "classes": NASTY,
-            "preprocessing": PreprocessSpec(image_size=32).to_dict(), "calibration": {"temperature": 1.3},
-            "weights_sha256": "0" * 64}
+    meta = PackageMeta(name="$derm", version="1", architecture="densenet121", classes=tuple(NASTY),
+                       preprocessing=PreprocessSpec(image_size=32), calibration=Calibration(1.3),
+                       provenance=Provenance("0" * 64))
     config = bundle_inference_config(meta)
     md = _escape_tree(bundle_metadata(meta))
     text = json.dumps(config) + json.dumps(md)

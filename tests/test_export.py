@@ -55,7 +55,7 @@ def test_onnx_and_torchscript_exports(trained_run, tmp_path):
     from medpipe.package import load_package
 
     model, meta = load_package(trained_run / "model")
-    size = meta["preprocessing"]["image_size"]
+    size = meta.preprocessing.image_size
     x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref = model(x).numpy()
@@ -66,21 +66,21 @@ def test_onnx_and_torchscript_exports(trained_run, tmp_path):
     assert np.abs(sess.run(None, {"image": x.numpy()})[0] - ref).max() < 1e-4
     # self-describing: everything needed to use the file is inside it
     props = sess.get_modelmeta().custom_metadata_map
-    assert json.loads(props["classes"]) == meta["classes"]
-    assert props["weights_sha256"] == meta["weights_sha256"]
-    assert float(props["temperature"]) == pytest.approx(meta["calibration"]["temperature"])
+    assert json.loads(props["classes"]) == list(meta.classes)
+    assert props["weights_sha256"] == meta.weights_sha256
+    assert float(props["temperature"]) == pytest.approx(meta.temperature)
     spec = json.loads(props["preprocessing"])
-    assert spec["image_size"] == size and spec["interpolation"] == meta["preprocessing"]["interpolation"]
+    assert spec["image_size"] == size and spec["interpolation"] == meta.preprocessing.interpolation
     assert "draft" in spec["decode"] and props["medpipe_version"]
     # the sidecar cannot collide with a package's model.json
-    assert json.loads((out.parent / "m.onnx.medpipe.json").read_text())["classes"] == meta["classes"]
+    assert json.loads((out.parent / "m.onnx.medpipe.json").read_text())["classes"] == list(meta.classes)
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx", "m.onnx.medpipe.json"]
     assert main(["export", "--model", str(trained_run / "model"), "--format", "torchscript", "--out",
                  str(tmp_path / "m.ts")]) == 0
     extra = {"medpipe_model.json": ""}
     ts = torch.jit.load(str(tmp_path / "m.ts"), _extra_files=extra)
     assert np.abs(ts(x).detach().numpy() - ref).max() < 1e-4
-    assert json.loads(extra["medpipe_model.json"])["classes"] == meta["classes"]
+    assert json.loads(extra["medpipe_model.json"])["classes"] == list(meta.classes)
 
 
 def _readme_snippet() -> str:
@@ -251,7 +251,7 @@ def test_gpu_only_backends_fail_clearly_on_cpu(trained_run, capsys):
 
 def test_auto_backend_falls_back_to_eager_when_the_fast_one_cannot_start(trained_run, monkeypatch, caplog):
     """`auto` must never stop a server that eager could run; an explicit backend fails loudly instead."""
-    import medpipe.export
+    import medpipe.infer.predictor
     from medpipe.errors import MedpipeError
     from medpipe.export import ExportError
     from medpipe.infer.predictor import Predictor
@@ -259,7 +259,7 @@ def test_auto_backend_falls_back_to_eager_when_the_fast_one_cannot_start(trained
     def broken(*a, **k):
         raise ExportError("simulated exporter failure")
 
-    monkeypatch.setattr(medpipe.export, "onnx_bytes", broken)
+    monkeypatch.setattr(medpipe.infer.predictor, "onnx_bytes", broken)
     p = Predictor(trained_run / "model", device="cpu", backend="auto")
     assert p.backend == "eager" and "simulated exporter failure" in caplog.text
     assert p.probabilities([p.prepare_array(np.zeros((40, 40, 3), np.uint8))]).shape == (1, len(p.classes))

@@ -67,7 +67,7 @@ def test_cudagraph_backend_matches_eager(gpu_run, data_dir):
 
     eager = Predictor(gpu_run / "model", device="cuda", backend="eager")
     graphs = Predictor(gpu_run / "model", device="cuda", backend="cudagraph", max_batch=4)
-    assert graphs.backend == "cudagraph" and graphs._graphs.buckets == [1, 2, 4]
+    assert graphs.backend == "cudagraph" and graphs.runtime.runner.buckets == [1, 2, 4]
     images = _images(data_dir, 7)
     pixels = [eager.decode(b) for b in images]
     for n in (1, 3, 4, 7):  # exact bucket, padded, and chunked (4 + 3)

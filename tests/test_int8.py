@@ -68,7 +68,7 @@ def test_quantize_passes_the_gate_and_records_it(int8_run, tmp_path, capsys):
     g = info["gate"]
     assert g["passed"] and not info["forced"] and g["failures"] == []
     assert g["auc_diff"] <= MAX_AUC_DIFF and g["agreement"] >= MIN_AGREEMENT and 0 <= g["max_prob_diff"] < 1
-    assert g["n"] >= 10 and info["weights_sha256"] == meta["weights_sha256"] and info["temperature"] > 0
+    assert g["n"] >= 10 and info["weights_sha256"] == meta.weights_sha256 and info["temperature"] > 0
     assert (int8_run["model"] / INT8_FILE).stat().st_size < (int8_run["model"] / "weights.safetensors").stat().st_size / 2
     # the INT8/FP32 speed `auto` decides on, timed at quantize time, with the CPU it was timed on
     from medpipe.infer.quantize import cpu_int8_flags, cpu_model
@@ -222,7 +222,7 @@ def test_auto_picks_only_a_verified_gated_int8_model_on_a_vnni_cpu(int8_run, tmp
     monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["avx512_vnni"])
     _set_speed(model, 1.5)  # recorded faster on this CPU model (the real figure depends on the machine)
     p = Predictor(model, device="cpu", backend="auto")
-    assert p.backend == "int8" and p.temperature == p.int8["temperature"] != read_meta(model)["calibration"]["temperature"]
+    assert p.backend == "int8" and p.temperature == p.int8["temperature"] != read_meta(model).temperature
     monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: [])
     assert auto()[0] == "onnx" and "no INT8 dot-product" in auto()[1]
     monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["amx_int8"])
@@ -266,6 +266,7 @@ def test_auto_picks_int8_only_where_it_was_measured_faster(int8_run, tmp_path, m
     start-up check decides, once per process. The timing is injected: tests never assert real timings."""
     import torch
 
+    import medpipe.infer.auto as auto_mod
     import medpipe.infer.quantize as q
     from medpipe.infer.predictor import Predictor, resolve_backend
     from medpipe.package import read_meta
@@ -273,7 +274,7 @@ def test_auto_picks_int8_only_where_it_was_measured_faster(int8_run, tmp_path, m
     model = _copy_run(int8_run["run"], tmp_path / "run")
     cpu = torch.device("cpu")
     monkeypatch.setattr(q, "cpu_int8_flags", lambda *a: ["avx512_vnni"])
-    monkeypatch.setattr(q, "_SPEED_CHECKS", {})
+    monkeypatch.setattr(auto_mod, "_SPEED_CHECKS", {})
     calls = []
 
     def fake_measure(speedup):
@@ -304,7 +305,7 @@ def test_auto_picks_int8_only_where_it_was_measured_faster(int8_run, tmp_path, m
     assert p.logits([np.zeros((32, 32, 3), np.uint8)]).shape == (1, 7)  # the FP32 graph it timed also runs
     Predictor(model, device="cpu", backend="auto", threads=1)
     assert len(calls) == 1  # cached for the process (same INT8 model, CPU, threads)
-    monkeypatch.setattr(q, "_SPEED_CHECKS", {})
+    monkeypatch.setattr(auto_mod, "_SPEED_CHECKS", {})
     monkeypatch.setattr(q, "measure_speedup", fake_measure(1.4))
     _set_speed(model, None)
     p = Predictor(model, device="cpu", backend="auto", threads=1)
@@ -313,7 +314,7 @@ def test_auto_picks_int8_only_where_it_was_measured_faster(int8_run, tmp_path, m
     def broken(*a, **kw):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(q, "_SPEED_CHECKS", {})
+    monkeypatch.setattr(auto_mod, "_SPEED_CHECKS", {})
     monkeypatch.setattr(q, "measure_speedup", broken)
     p = Predictor(model, device="cpu", backend="auto", threads=1)
     assert p.backend == "onnx" and "speed check" in p.backend_reason and "boom" in p.backend_reason

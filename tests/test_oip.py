@@ -82,11 +82,10 @@ def test_infer_bytes_equals_invocations(served, jpegs, binary):
 
 
 def test_infer_preprocessed_fp32_equals_invocations(served, jpegs):
-    from medpipe.package import package_spec
-    from medpipe.preprocess import eval_batch
+    from medpipe.preprocess import PreprocessSpec, eval_batch
 
     srv, client, meta = served
-    spec = package_spec(meta)
+    spec = PreprocessSpec.from_dict(meta["preprocessing"])
     x = eval_batch([spec.decode(j) for j in jpegs], spec).numpy()
     inp = httpclient.InferInput("image", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)

@@ -227,7 +227,7 @@ def test_a_real_run_with_every_recipe_option(data_dir, tmp_path):
 
     from medpipe.infer.predictor import Predictor
     from medpipe.train.data import CachedSource
-    from medpipe.pipeline import fit_temperature
+    from medpipe.calibration import fit_temperature
     from medpipe.train.engine import predict_logits
 
     cal = meta["calibration"]["tta"]

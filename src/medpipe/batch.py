@@ -29,9 +29,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from medpipe.data.sources import MEDIA_TYPES, inside, regular_file_problem
-from medpipe.errors import BatchError
+from medpipe.data.sources import MEDIA_TYPES, inside, regular_file_problem, resolve_ref
+from medpipe.errors import BatchError, MedpipeError, UnreadableFileError
 from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, to_json
+from medpipe.data import dicom
+from medpipe.data.imageio import ImageError
+from medpipe.infer.client import Client, media_type
+from medpipe.infer.predictor import PredictionError, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,6 @@ class Item:
 def _confine(ref: str, root: Path, base: Path, s3_root: Path | None = None) -> tuple[Path | None, tuple[str, str] | None]:
     """Resolve ``ref`` against ``base``; refuse anything (``..``, absolute, symlink) that lands outside ``root``
     (``s3://`` references: outside ``s3_root``)."""
-    from medpipe.data.sources import resolve_ref
 
     try:
         p = resolve_ref(ref, base, s3_root)
@@ -156,8 +159,6 @@ class LocalEngine:
 
     def __init__(self, model: str, backend: str, device: str, batch_size: int, workers: int,
                  decision_rule: str | None = None, tta: bool = False):
-        from medpipe.infer.predictor import Predictor
-
         self.predictor = Predictor(model, device=device, backend=backend, max_batch=max(1, batch_size),
                                    decision_rule=decision_rule, tta=tta)
         self.batch_size = max(1, batch_size)
@@ -166,10 +167,6 @@ class LocalEngine:
                      "classes": self.predictor.classes, "backend": self.predictor.backend, "tta": self.predictor.tta}
 
     def _decode(self, it: Item):
-        from medpipe.data import dicom
-        from medpipe.data.imageio import ImageError
-        from medpipe.errors import UnreadableFileError
-
         p = self.predictor
         problem = regular_file_problem(it.file)
         if problem is not None:
@@ -208,9 +205,6 @@ class LocalEngine:
         return np.concatenate(out) if out else np.zeros((0, len(self.predictor.classes)), np.float32)
 
     def run(self, items: list[Item], futures) -> list[dict]:
-        from medpipe.data.imageio import ImageError
-        from medpipe.infer.predictor import PredictionError
-
         decoded = [f.result() if f is not None else None for f in futures]
         good = [d for d in decoded if d is not None and not isinstance(d, ImageError)]
         try:
@@ -235,9 +229,6 @@ class RemoteEngine:
     through the one HTTP client (medpipe.infer.client: retries transient answers with backoff)."""
 
     def __init__(self, url: str, concurrency: int | None, retries: int = 6):
-        from medpipe.errors import MedpipeError
-        from medpipe.infer.client import Client
-
         params = {}
         probe = Client(url, retries=1)
         self.url = probe.url
@@ -254,8 +245,6 @@ class RemoteEngine:
         self.meta = {"url": self.url, "concurrency": self.concurrency}
 
     def _post(self, it: Item) -> dict:
-        from medpipe.infer.client import media_type
-
         problem = regular_file_problem(it.file, self.max_payload)
         if problem is not None:
             code = "payload_too_large" if "limit" in problem else "unreadable_file"

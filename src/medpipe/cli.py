@@ -33,9 +33,28 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from medpipe.utils import to_json
-from medpipe import __version__
+from medpipe.utils import exit_process, to_json  # noqa: F401 - medpipe.cli.exit_process for __main__
+from medpipe import __version__, tune
 from medpipe.errors import ConfigError, MedpipeError, exit_code
+from medpipe.config import (COLOR_CONSTANCY, DEVICES, IMBALANCE, MONITORS, TrainConfig, make_config,
+                            resume_config)
+from medpipe.data.cache import build_cache
+from medpipe.data.imageio import DEFAULT_MAX_PIXELS, ImageError
+from medpipe.data.sources import FORMATS as INGEST_FORMATS, check_data_folder, format_report, ingest, load_records
+from medpipe.data.splits import SPLIT_NAMES, ensure_splits, summarize
+from medpipe.data.synthetic import FORMATS as SYNTH_FORMATS, SynthSpec, write_synthetic
+from medpipe.decision import RULES as DECISION_RULES
+from medpipe.export import FORMATS as EXPORT_FORMATS, check_target, export_model
+from medpipe.fl import cli as fl_cli
+from medpipe.infer.backends import BACKENDS
+from medpipe.infer.client import predict_url
+from medpipe.infer.quantize import format_gate, install_int8, quantize_package
+from medpipe.models import MODEL_NAMES
+from medpipe.package import load_package
+from medpipe.preprocess import INTERPOLATIONS
+from medpipe.sagemaker.env import model_server_dir, serve_port
+from medpipe.sagemaker.layout import download_wheels, package
+from medpipe.serve.app import ServeConfig, serve
 
 log = logging.getLogger("medpipe")
 
@@ -70,8 +89,6 @@ def number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_o
 
 
 def device(text: str) -> str:
-    from medpipe.config import DEVICES
-
     if text in DEVICES or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
     raise argparse.ArgumentTypeError(f"expected one of {', '.join(DEVICES)} (or cuda:N), got {text!r}")
@@ -144,10 +161,15 @@ SERVE_HELP = {
     "body_timeout_s": "the whole body must arrive within this many seconds (408)",
     "header_timeout_s": "request line and headers must arrive within this many seconds, else the connection "
                         "is closed (408 if part of a request came)",
-    "max_connections": "open connections; at the cap the one waiting longest for its headers is dropped, "
-                       "else 503",
-    "max_requests": "requests holding a body at once (reading, decoding, queued, running); more are answered 503 "
-                    "before their body is read",
+    "max_connections": "open connections; at the cap a new one displaces a connection that has sent nothing yet "
+                       "(of the client address holding the most, oldest first), else 503",
+    "max_connections_per_client": "open connections of one client address (0 = no cap; behind a proxy all "
+                                  "clients share its address)",
+    "max_requests": "requests with a complete body at once (decoding, queued, running); more are answered 503",
+    "min_upload_kbps": "after --upload-grace-s a body must have arrived at this average rate in KB/s, else 408",
+    "upload_grace_s": "seconds a body may arrive at any rate before --min-upload-kbps applies",
+    "max_uploads_per_client": "bodies arriving at once from one client address; more are answered 503 (0 = no cap)",
+    "upload_buffer_mb": "MB all bodies still arriving may hold together; over it 503",
     "memory_ceiling_mb": "resident MB of the server and its decode processes above which bodies are refused "
                          "(503); 0 = after warm-up + 1024",
     "decode_workers": "decode processes",
@@ -156,6 +178,10 @@ SERVE_HELP = {
     "max_jpeg_scans": "JPEGs with more scans are refused before decoding (422; scan bombs; 0 = no limit)",
     "max_concurrent_transforms": "requests in flight advertised to SageMaker batch transform",
     "graceful_s": "on SIGTERM finish in-flight requests for at most this long",
+    "auth_token_file": "file holding a bearer token every route but /ping and /v2/health/* requires (401 "
+                       "without it; not applied under SageMaker, where IAM guards the endpoint)",
+    "tls_cert": "PEM certificate (chain) to serve HTTPS with, together with --tls-key",
+    "tls_key": "PEM private key of --tls-cert",
 }
 
 
@@ -194,9 +220,6 @@ def dataclass_values(args, cls) -> dict:
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
     """The training options (one per TrainConfig field), for every command that trains (train, fl)."""
-    from medpipe.config import COLOR_CONSTANCY, DECISION_RULES, IMBALANCE, MONITORS, TrainConfig
-    from medpipe.models import MODEL_NAMES
-    from medpipe.preprocess import INTERPOLATIONS
 
     add_dataclass_options(p, TrainConfig, TRAIN_HELP, choices={
         "model": sorted(MODEL_NAMES), "imbalance": IMBALANCE, "monitor": MONITORS, "interpolation": INTERPOLATIONS,
@@ -205,8 +228,6 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
 
 
 def config_overrides(args) -> dict:
-    from medpipe.config import TrainConfig
-
     return dataclass_values(args, TrainConfig)
 
 
@@ -214,8 +235,6 @@ def config_overrides(args) -> dict:
 
 
 def cmd_synth(args) -> int:
-    from medpipe.data.synthetic import SynthSpec, write_synthetic
-
     spec = SynthSpec(count=args.count, width=args.width, height=args.height, seed=args.seed)
     summary = write_synthetic(args.out, spec, fmt=args.format, workers=args.workers, progress=_progress())
     print(f"synthesised {summary['images']} images of {summary['lesions']} lesions into {summary['out']}")
@@ -226,8 +245,6 @@ def cmd_synth(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from medpipe.data.sources import format_report, ingest
-
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     report = ingest(args.source, args.out, fmt=args.format, classes=classes, s3_root=args.s3_root,
                     label_attribute=args.label_attribute, max_pixels=args.max_pixels, workers=args.workers,
@@ -240,8 +257,6 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from medpipe.data.splits import ensure_splits, summarize
-
     splits, reused = ensure_splits(args.data, seed=args.seed, val=args.val, test=args.test, force=args.force)
     print(f"{'reused' if reused else 'wrote'} {args.data}/splits.csv (seed {args.seed}; "
           f"{splits['group_id'].nunique()} groups, none shared across splits)")
@@ -250,9 +265,6 @@ def cmd_split(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from medpipe.data.cache import build_cache
-    from medpipe.data.sources import load_records
-
     table, _ = load_records(args.data)
     cache = build_cache(table, f"{args.data}/cache", (args.size, args.size), args.interpolation,
                         workers=args.workers, progress=_progress())
@@ -261,11 +273,9 @@ def cmd_cache(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from medpipe.data.sources import check_data_folder
-
     if "://" not in str(args.data):  # a missing local folder is refused before torch is imported
         check_data_folder(args.data)
-    from medpipe.pipeline import load_handler, run
+    from medpipe.pipeline import load_handler, run  # deferred: torch
 
     handlers = [load_handler(h) for h in args.handler or []]
     summary = run(args.data, args.out, args.train_config, resume=args.resume or False, force=args.force,
@@ -288,7 +298,7 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from medpipe.evaluate import evaluate_package
+    from medpipe.evaluate import evaluate_package  # deferred: torch
 
     out = args.out or str(Path(args.model) / ".." / f"report_{args.split}")
     result = evaluate_package(args.model, args.data, out, split=args.split, splits_csv=args.splits, tta=args.tta,
@@ -305,16 +315,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from medpipe.data.imageio import ImageError
-
     if args.url:
-        from medpipe.infer.client import predict_url
-
         if args.tta:
             raise ConfigError("--tta applies to a local --model; a server averages flips when started with --tta")
         results = predict_url(args.url, args.images)
     else:
-        from medpipe.infer.predictor import Predictor
+        from medpipe.infer.predictor import Predictor  # deferred: torch
         predictor = Predictor(args.model, device=args.device, backend=args.backend, decision_rule=args.decision_rule)
         results = []
         for path in args.images:
@@ -345,9 +351,6 @@ def cmd_serve(args) -> int:
     if missing:
         raise MedpipeError(f"serving needs the serve extra ({', '.join(missing)} missing): "
                            "pip install 'medpipe[serve]'")
-    from medpipe.serve.app import ServeConfig, serve
-
-    from medpipe.sagemaker.env import model_server_dir, serve_port
 
     values = dataclass_values(args, ServeConfig)
     # Container form: SageMaker runs the image with the argument `serve`; the image sets MEDPIPE_HOST=0.0.0.0.
@@ -358,7 +361,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from medpipe.batch import run_batch
+    from medpipe.batch import run_batch  # deferred: torch
 
     s = run_batch(args.model, args.input, args.output, url=args.url, per_file=args.per_file,
                   manifest_out=args.manifest_out, label_attribute=args.label_attribute, batch_size=args.batch_size,
@@ -384,7 +387,7 @@ def cmd_batch(args) -> int:
 
 
 def cmd_shard(args) -> int:
-    from medpipe.data.shards import write_shards
+    from medpipe.data.shards import write_shards  # deferred: torch
 
     index = write_shards(args.data, args.out, size=args.size, interpolation=args.interpolation,
                          per_shard=args.per_shard, split_seed=args.split_seed, val=args.val, test=args.test,
@@ -396,8 +399,6 @@ def cmd_shard(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from medpipe.export import export_model
-
     if args.format == "sagemaker":
         return _sagemaker_layout(args)
     r = export_model(args.model, args.format, args.out, force=args.force, data=args.data,
@@ -405,8 +406,6 @@ def cmd_export(args) -> int:
     check = f" (max |export - eager| {r['max_abs_diff']:.1e})" if "max_abs_diff" in r else ""
     print(f"wrote {args.format}: {r['out']}{check}")
     if "int8" in r:
-        from medpipe.infer.quantize import format_gate
-
         print(format_gate(r["int8"]))
     return 0
 
@@ -414,9 +413,6 @@ def cmd_export(args) -> int:
 def _sagemaker_layout(args) -> int:
     """``medpipe package`` and ``medpipe export --format sagemaker``: the deployable layout (a folder, or
     model.tar.gz when --out ends in .tar.gz), optionally with every wheel vendored for offline endpoints."""
-    from medpipe.export import check_target
-    from medpipe.package import load_package
-    from medpipe.sagemaker.layout import download_wheels, package
 
     load_package(args.model)  # verify before packaging
     check_target(Path(args.out), "sagemaker" if args.out.endswith((".tar.gz", ".tgz")) else "bundle", args.force)
@@ -431,8 +427,6 @@ def _sagemaker_layout(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from medpipe.infer.quantize import format_gate, install_int8, quantize_package
-
     int8, info = quantize_package(args.model, args.data, calibration=args.calibration, force=args.force)
     print(f"wrote {install_int8(args.model, int8, info)} ({len(int8) / 1e6:.1f} MB)")
     print(format_gate(info))
@@ -446,7 +440,7 @@ def add_sagemaker_options(s) -> None:
 
 
 def cmd_runs(args) -> int:
-    from medpipe.track import list_runs
+    from medpipe.track import list_runs  # deferred: torch
 
     uri = args.track or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -506,10 +500,6 @@ def _formatter(prog):
 
 def _data_commands(command) -> None:
     """synth, ingest, split, cache: making and preparing a dataset."""
-    from medpipe.data.imageio import DEFAULT_MAX_PIXELS
-    from medpipe.data.sources import FORMATS as INGEST_FORMATS
-    from medpipe.data.synthetic import FORMATS as SYNTH_FORMATS
-    from medpipe.preprocess import INTERPOLATIONS as interpolations
 
     s = command("synth", cmd_synth, "write a synthetic dataset in the HAM10000 layout")
     s.add_argument("out", help="folder to write")
@@ -547,15 +537,12 @@ def _data_commands(command) -> None:
     s = command("cache", cmd_cache, "decode every image once into the uint8 pixel cache")
     s.add_argument("--data", required=True, help="ingested data directory")
     s.add_argument("--size", type=number(int, 16), default=64, help="square side in pixels")
-    s.add_argument("--interpolation", default="bicubic", choices=interpolations)
+    s.add_argument("--interpolation", default="bicubic", choices=INTERPOLATIONS)
     s.add_argument("--workers", type=WORKERS, default=None, help="decoding processes (default: all cores)")
 
 
 def _training_commands(command) -> None:
     """train, evaluate: fitting a model and measuring it."""
-    from medpipe.data.splits import SPLIT_NAMES
-    from medpipe.decision import RULES as DECISION_RULES
-    from medpipe.infer.backends import BACKENDS
 
     s = command("train", cmd_train, "train a MONAI classifier; writes RUN_DIR/{model,report,checkpoints}")
     s.add_argument("--data", required=True, help="ingested data directory (or a shard folder)")
@@ -586,9 +573,6 @@ def _training_commands(command) -> None:
 
 def _inference_commands(command) -> None:
     """predict, serve, batch: running a model package on images."""
-    from medpipe.decision import RULES as DECISION_RULES
-    from medpipe.infer.backends import BACKENDS
-    from medpipe.serve.app import ServeConfig
 
     s = command("predict", cmd_predict, "top class and every class probability per image")
     s.add_argument("images", nargs="+")
@@ -636,14 +620,12 @@ def _inference_commands(command) -> None:
 
 def _packaging_commands(command) -> None:
     """shard, export, quantize, package: packing data and models for where they go next."""
-    from medpipe.export import FORMATS as EXPORT_FORMATS
-    from medpipe.preprocess import INTERPOLATIONS as interpolations
 
     s = command("shard", cmd_shard, "pack records + cached pixels into tar shards for streaming training")
     s.add_argument("--data", required=True, help="ingested data folder")
     s.add_argument("--out", required=True, help="shard folder (copy it to any fsspec store, e.g. s3://...)")
     s.add_argument("--size", type=number(int, 16), default=64, help="square side in pixels")
-    s.add_argument("--interpolation", default="bicubic", choices=interpolations)
+    s.add_argument("--interpolation", default="bicubic", choices=INTERPOLATIONS)
     s.add_argument("--per-shard", type=POSITIVE, default=1000, help="images per shard")
     s.add_argument("--split-seed", type=int, default=0)
     s.add_argument("--val", type=FRACTION, default=0.15, help="validation fraction of the split")
@@ -705,12 +687,9 @@ def build_parser() -> Parser:
     _packaging_commands(command)
     _tracking_commands(command)
 
-    from medpipe import tune
-
     tune.add_parser(sub)  # `medpipe tune` (its options live with the search)
-    from medpipe.fl import cli as fl_cli  # `medpipe fl ...`: imports Flower only when a command runs
 
-    fl_cli.register(sub)
+    fl_cli.register(sub, add_config_options)
     p.subparsers = sub.choices
     return p
 
@@ -723,12 +702,10 @@ def parse(parser: Parser, argv: list[str] | None):
     if extras:
         sub.unknown(extras)
     if args.command == "train":
-        from medpipe.config import TrainConfig, make_config, resume_config
-
         overrides = dataclass_values(args, TrainConfig)
         try:
             if args.resume:  # the run's own config; options given again must match it
-                from medpipe.pipeline import saved_config  # torch: only when there is a checkpoint to read
+                from medpipe.pipeline import saved_config  # deferred: torch, only when there is a checkpoint to read
 
                 args.train_config = resume_config(saved_config(args.out, args.resume), overrides, args.config)
             else:
@@ -761,19 +738,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medpipe {args.command}: internal error: {exc.__class__.__name__}: {str(exc)[:300]} "
               "(run with -v for the traceback)", file=sys.stderr)
         return 1
-
-
-def exit_process(rc: int):
-    """End a command-line process with ``rc``. Inside a multi-process launch (WORLD_SIZE > 1) every
-    output is written (atomically, fsynced) by now, so the interpreter's teardown is skipped: a
-    communication library's destructor that blocks on a peer which has already exited must not turn
-    a finished job into a hung one (seen once: rank 0 of a gloo job stuck at exit after writing
-    everything)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
-    sys.exit(rc)
 
 
 if __name__ == "__main__":  # pragma: no cover

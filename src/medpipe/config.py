@@ -14,9 +14,12 @@ from typing import Any
 
 import yaml
 
+from medpipe.data.imageio import resample_filter
 from medpipe.decision import RULES as DECISION_RULES
 from medpipe.errors import ConfigError
+from medpipe.models import MODEL_NAMES
 from medpipe.preprocess import COLOR_CONSTANCY, Augmentation, PreprocessSpec
+from medpipe.utils import atomic_write_text
 
 IMBALANCE = ("sampler", "weighted_loss", "focal", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -69,7 +72,7 @@ class TrainConfig:
     experiment: str = "medpipe"
     register: str | None = None  # register the logged model under this name
     decision_rule: str = "prior"  # the label rule the package uses by default (medpipe.decision.RULES)
-    # recipe options (issue 15): colour constancy is part of the package's preprocessing, crop_scale /
+    # recipe options: colour constancy is part of the package's preprocessing, crop_scale /
     # color_jitter only of the train preset (preprocess.Augmentation); mixup and EMA are on by default
     color_constancy: str = "none"
     crop_scale: float = 1.0
@@ -119,12 +122,10 @@ class TrainConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(f"config keys 'val_fraction' + 'test_fraction' must be < 1 (nothing would be left to "
                               f"train on), got {self.val_fraction} + {self.test_fraction}")
-        from medpipe.data.imageio import resample_filter
         try:
             resample_filter(self.interpolation)
         except ValueError as exc:
             raise ConfigError(f"config key 'interpolation': {exc}") from None
-        from medpipe.models import MODEL_NAMES
         if self.model not in MODEL_NAMES:
             raise ConfigError(f"config key 'model' must be one of {sorted(MODEL_NAMES)}, got {self.model!r}")
         return self
@@ -200,7 +201,6 @@ def make_config(overrides: dict | None = None, yaml_path: str | Path | None = No
 
 
 def write_config(cfg: TrainConfig, path: Path) -> None:
-    from medpipe.utils import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=True))
 
 
@@ -208,7 +208,7 @@ def write_config(cfg: TrainConfig, path: Path) -> None:
 # Keys a resumed run may take anew: where and how fast it runs and where it is tracked, not what it trains.
 RUNTIME_KEYS = ("device", "workers", "threads", "track", "experiment", "register")
 
-# The values of the keys whose default changed with the recipe switch (issue 15) as they were before it. A
+# The values of the keys whose default changed with the recipe switch as they were before it. A
 # checkpoint's config that lacks one of them was written before the key existed and trained this way, so a resume
 # fills it from here, not from today's default (a run must not change its recipe half-way).
 LEGACY_DEFAULTS = {"imbalance": "sampler", "weight_decay": 1e-4, "ema_decay": 0.0, "mixup_alpha": 0.0,

@@ -1,11 +1,5 @@
-"""Metrics and the human report.
-
-``compute_metrics`` gives macro and per-class ROC AUC with percentile bootstrap 95% confidence intervals
-(seeded resampling of the images), balanced accuracy, per-class sensitivity and specificity, melanoma
-sensitivity at 80% and 90% specificity, the confusion matrix and expected calibration error. The
-classification figures are scikit-learn's (``roc_auc_score``, ``roc_curve``, ``confusion_matrix``,
-``multilabel_confusion_matrix``, ``balanced_accuracy_score``). A class absent from the evaluated split
-gets NaN with a warning, never a crash.
+"""The evaluation of a model package: predictions on a split, its figures (medpipe.metrics) per
+decision rule, and the human report.
 
 ``write_report`` writes ``report.json``, ``report.md`` and PNG plots (ROC per class, confusion
 matrix, reliability diagram). The report is written for a clinician: every per-class figure stands
@@ -20,11 +14,17 @@ prints each bin's image count.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 
+from medpipe.data.cache import build_cache
+from medpipe.data.sources import load_records
+from medpipe.decision import apply_offsets, balanced_accuracy, resolve
+from medpipe.errors import MedpipeError
+from medpipe.infer.predictor import Predictor
+from medpipe.metrics import (auc_per_class, bootstrap_auc_ci, compute_metrics,  # noqa: F401 - evaluate's names
+                             expected_calibration_error, sensitivity_at_specificity)
 from medpipe.utils import atomic_write_json, atomic_write_text, csv_text
 
 MIN_POSITIVES = 30  # per-class figures from fewer positive images are flagged in the report
@@ -32,121 +32,9 @@ LINE_STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def _auc_per_class(y: np.ndarray, probs: np.ndarray) -> list[float]:
-    """One-vs-rest ROC AUC per class (scikit-learn's ``roc_auc_score``); NaN where a class is absent (or
-    alone), where the AUC is undefined. The caller warns, naming the classes."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray(y, dtype=np.int64)
-    n_classes = probs.shape[1]
-    onehot = np.eye(n_classes, dtype=np.int64)[y] if len(y) else np.zeros((0, n_classes), np.int64)
-    positives = onehot.sum(axis=0)
-    defined = (positives > 0) & (positives < len(y))
-    out = np.full(n_classes, np.nan)
-    if defined.any():
-        out[defined] = roc_auc_score(onehot[:, defined], probs[:, defined], average=None)
-    return [float(v) for v in out]
-
-
-def bootstrap_auc_ci(y: np.ndarray, probs: np.ndarray, resamples: int, seed: int = 0) -> tuple[list, list]:
-    """Percentile 95% intervals of the macro AUC and of each class's AUC over ``resamples`` bootstrap
-    resamples of the images (drawn with replacement, seeded). A class absent from a resample has no AUC
-    there: the macro AUC of that resample averages the classes present, and a class's interval needs more
-    than 10 resamples with it (else NaN). ``scipy.stats.bootstrap`` is not used because it turns any such
-    NaN into a NaN interval."""
-    rng = np.random.default_rng(seed)
-    n_classes = probs.shape[1]
-    boots = np.empty((resamples, n_classes))
-    for b in range(resamples):
-        idx = rng.integers(0, len(y), len(y))
-        boots[b] = _auc_per_class(y[idx], probs[idx])
-    ci_per = [[float("nan")] * 2 for _ in range(n_classes)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        macro_b = np.nanmean(boots, axis=1)
-        ci_macro = [float(np.nanpercentile(macro_b, 2.5)), float(np.nanpercentile(macro_b, 97.5))]
-        for k in range(n_classes):
-            col = boots[:, k][~np.isnan(boots[:, k])]
-            if len(col) > 10:
-                ci_per[k] = [float(np.percentile(col, 2.5)), float(np.percentile(col, 97.5))]
-    return ci_macro, ci_per
-
-
-def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> tuple[float, list[dict]]:
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == y).astype(float)
-    edges = np.linspace(0, 1, n_bins + 1)
-    ece, bins = 0.0, []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
-        if m.any():
-            acc, cf = float(correct[m].mean()), float(conf[m].mean())
-            ece += m.mean() * abs(acc - cf)
-            bins.append({"lo": float(lo), "hi": float(hi), "count": int(m.sum()), "accuracy": acc, "confidence": cf})
-    return float(ece), bins
-
-
-def sensitivity_at_specificity(y_bin: np.ndarray, score: np.ndarray, spec: float) -> float:
-    from sklearn.metrics import roc_curve
-
-    if y_bin.all() or not y_bin.any():
-        return float("nan")
-    fpr, tpr, _ = roc_curve(y_bin, score)
-    ok = fpr <= 1 - spec + 1e-12
-    return float(tpr[ok].max()) if ok.any() else 0.0
-
-
-def compute_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], *, bootstrap: int = 1000,
-                    seed: int = 0, positive: str = "mel", pred: np.ndarray | None = None) -> dict:
-    """``pred``: the labels a decision rule gave (medpipe.decision); argmax of ``probs`` when None.
-    The label figures (balanced accuracy, sensitivity, specificity, confusion matrix) use them; AUC and
-    calibration depend on the probabilities only."""
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, multilabel_confusion_matrix
-
-    y = np.asarray(y, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
-    n_classes = len(classes)
-    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred, dtype=np.int64)
-    per_auc = _auc_per_class(y, probs)
-    missing = [classes[k] for k, v in enumerate(per_auc) if math.isnan(v)]
-    if missing:
-        warnings.warn(f"ROC AUC undefined (NaN) for classes absent or alone in this split: {', '.join(missing)}",
-                      RuntimeWarning, stacklevel=2)
-    macro = float(np.nanmean(per_auc)) if not all(math.isnan(v) for v in per_auc) else float("nan")
-    labels = list(range(n_classes))
-    cm = confusion_matrix(y, pred, labels=labels)
-    (tn, fp), (fn, tp) = multilabel_confusion_matrix(y, pred, labels=labels).transpose(1, 2, 0)  # per class
-    support = tp + fn
-    sens = [float(tp[k] / support[k]) if support[k] else float("nan") for k in labels]
-    spec = [float(tn[k] / (tn[k] + fp[k])) if tn[k] + fp[k] else float("nan") for k in labels]
-    with warnings.catch_warnings():  # a label predicted but absent from y: sklearn warns, then leaves it out
-        warnings.simplefilter("ignore", UserWarning)
-        bacc = float(balanced_accuracy_score(y, pred)) if len(y) else float("nan")
-    ece, bins = expected_calibration_error(y, probs)
-
-    ci_macro, ci_per = [float("nan")] * 2, [[float("nan")] * 2 for _ in range(n_classes)]
-    if bootstrap > 0 and len(y) > 1:
-        ci_macro, ci_per = bootstrap_auc_ci(y, probs, bootstrap, seed)
-
-    out = {
-        "n": int(len(y)), "macro_auc": macro, "macro_auc_ci95": ci_macro, "balanced_accuracy": bacc,
-        "accuracy": float((pred == y).mean()) if len(y) else float("nan"), "ece": ece,
-        "per_class": {c: {"auc": per_auc[k], "auc_ci95": ci_per[k], "sensitivity": sens[k], "specificity": spec[k],
-                          "support": int(support[k])} for k, c in enumerate(classes)},
-        "confusion_matrix": cm.tolist(), "reliability_bins": bins, "bootstrap": int(bootstrap),
-    }
-    if positive in classes:
-        k = classes.index(positive)
-        yb = (y == k).astype(int)
-        out[f"{positive}_sensitivity_at_spec80"] = sensitivity_at_specificity(yb, probs[:, k], 0.80)
-        out[f"{positive}_sensitivity_at_spec90"] = sensitivity_at_specificity(yb, probs[:, k], 0.90)
-    return out
-
-
 def decision_rule_rows(y: np.ndarray, probs: np.ndarray, classes: list[str], decision: dict | None) -> dict:
     """The label figures under every decision rule a package holds (medpipe.decision), on these images:
     balanced accuracy, accuracy, per-class sensitivity and the validation balanced accuracy it was fitted to."""
-    from medpipe.decision import apply_offsets, balanced_accuracy, resolve
 
     y = np.asarray(y, dtype=np.int64)
     rules = (decision or {}).get("rules", {})
@@ -299,11 +187,6 @@ def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str |
     and the probabilities from the same runtime (``backend`` defaults to ``auto``, as ``medpipe serve``)."""
     import pandas as pd
 
-    from medpipe.data.cache import build_cache
-    from medpipe.data.sources import load_records
-    from medpipe.errors import MedpipeError
-    from medpipe.infer.predictor import Predictor
-
     predictor = Predictor(model_dir, device=device, backend=backend, decision_rule=decision_rule)
     table, classes = load_records(data_dir)
     if classes != predictor.classes:
@@ -335,10 +218,10 @@ def evaluate_arrays(predictor, pixels, rows, y, image_ids, labels, out_dir, *, s
     metrics = compute_metrics(y, probs, classes, bootstrap=bootstrap, pred=pred)
     metrics["split"], metrics["tta"] = split, tta
     metrics["decision_rule"] = predictor.decision_rule
-    cal_tta = predictor.meta.get("calibration", {}).get("tta") if tta and not getattr(predictor, "int8", None) else None
+    cal_tta = predictor.meta.calibration.tta if tta and not getattr(predictor, "int8", None) else None
     metrics["calibrated_for_tta"] = bool(cal_tta) if tta else None
-    metrics["decision_rules"] = decision_rule_rows(y, probs, classes, (cal_tta or {}).get("decision")
-                                                   or predictor.meta.get("decision"))
+    metrics["decision_rules"] = decision_rule_rows(y, probs, classes, (cal_tta.decision if cal_tta else None)
+                                                   or predictor.meta.decision)
     metrics["backend"] = getattr(predictor, "backend", "eager")
     if getattr(predictor, "int8", None):  # the INT8 model's accuracy gate travels with its evaluation
         metrics["int8_gate"] = predictor.int8["gate"]

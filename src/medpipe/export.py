@@ -30,60 +30,19 @@ import logging
 import warnings
 from pathlib import Path
 
-from medpipe.errors import ExportError
-from medpipe.preprocess import PreprocessSpec
+from medpipe import decision
+from medpipe.decision import apply_offsets
+from medpipe.errors import ExportError, GateError
+from medpipe.infer.onnx_runtime import (INPUT_NAME, ONNX_OPSET, OUTPUT_NAME,  # noqa: F401 - export's names too
+                                        export_about, input_text, onnx_bytes, onnx_session, with_onnx_metadata)
+from medpipe.infer.quantize import int8_paths, load_int8, quantize_package
+from medpipe.models import bundle_target
+from medpipe.package import META, WEIGHTS, PackageMeta, load_package, read_meta
+from medpipe.preprocess import PreprocessSpec, eval_batch, shades_of_gray
+from medpipe.sagemaker import layout
+from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
 
 log = logging.getLogger(__name__)
-
-ONNX_OPSET = 18
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
-
-
-def onnx_bytes(model: torch.nn.Module, image_size: int, example: torch.Tensor | None = None) -> bytes:
-    """Serialise ``model`` (eval mode, on CPU) to ONNX with a dynamic batch axis.
-
-    Uses the TorchScript-based exporter (about 1 s for DenseNet121) and falls back to the
-    ``torch.export`` one where the former is unavailable.
-    """
-    import torch
-
-    model = model.eval()
-    example = torch.zeros(2, 3, image_size, image_size) if example is None else example
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (example,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              opset_version=ONNX_OPSET, dynamo=False)
-        except Exception as first:  # noqa: BLE001 - try the other exporter, then report both
-            buf = io.BytesIO()
-            try:
-                torch.onnx.export(model, (example,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), dynamo=True)
-            except Exception as second:  # noqa: BLE001
-                raise ExportError(f"ONNX export failed ({first.__class__.__name__}: {str(first)[:120]}; "
-                                  f"{second.__class__.__name__}: {str(second)[:120]})") from None
-    return buf.getvalue()
-
-
-def onnx_session(data: bytes | str, threads: int | None = None):
-    """An ONNX Runtime CPU session that does not spin its threads against torch's."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError("the ONNX backend needs onnxruntime: pip install 'medpipe[onnx]'") from None
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.inter_op_num_threads = 1
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    # Idle worker threads spin by default; that steals the cores decoding and torch need.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
 
 FORMATS = ("onnx", "onnx-int8", "torchscript", "bundle", "sagemaker")
 SIDECAR_SUFFIX = ".medpipe.json"
@@ -118,7 +77,6 @@ def sidecar_path(out: Path) -> Path:
 
 def _package_folder(path: Path) -> Path | None:
     """The model package folder ``path`` is in (or is), if any."""
-    from medpipe.package import META, WEIGHTS
 
     for folder in (path, *path.parents):
         if (folder / META).is_file() and (folder / WEIGHTS).is_file():
@@ -131,7 +89,6 @@ def check_target(out: Path, fmt: str, force: bool = False) -> list[Path]:
 
     Never: over a package's own files. Without ``force``: into a model package folder, over an
     existing file (or a non-empty bundle folder), or with an existing sidecar."""
-    from medpipe.package import META, WEIGHTS
 
     out = Path(out).absolute()
     targets = [out] if fmt in ("bundle", "sagemaker", "torchscript") else [out, sidecar_path(out)]
@@ -166,8 +123,6 @@ def preprocessing_wrapper(model: torch.nn.Module, spec: PreprocessSpec) -> torch
             self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            from medpipe.preprocess import shades_of_gray
-
             x = x.permute(0, 3, 1, 2).float() / 255.0
             if self.spec.color_constancy == "shades_of_gray":
                 x = shades_of_gray(x, self.spec.color_constancy_power)
@@ -180,8 +135,6 @@ def _uint8_check(model: torch.nn.Module, spec: PreprocessSpec, run, tol: float =
     """Max |exported(uint8 pixels) - eager(eval preset(pixels))| over random images; raises over ``tol``."""
     import numpy as np
     import torch
-
-    from medpipe.preprocess import eval_batch
 
     pixels = np.random.default_rng(0).integers(0, 256, (3, *spec.size, 3), dtype=np.uint8)
     with torch.inference_mode():
@@ -202,22 +155,17 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
 
     if with_preprocessing and fmt != "onnx":
         raise ExportError("--with-preprocessing applies to --format onnx only")
-    from medpipe.package import load_package
-    from medpipe.utils import atomic_write_bytes, atomic_write_text
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx-int8":
-        from medpipe.infer.quantize import export_int8
-
         return export_int8(package, out, force=force, **int8_options)
     model, meta = load_package(package)
-    size = PreprocessSpec.from_meta(meta).image_size
+    size = meta.preprocessing.image_size
     out_path = Path(out)
     check_target(out_path, fmt, force)
     result = {"format": fmt, "out": str(out_path)}
     if fmt == "onnx" and with_preprocessing:
-        spec = PreprocessSpec.from_meta(meta)
+        spec = meta.preprocessing
         wrapped = preprocessing_wrapper(model, spec).eval()
         data = onnx_bytes(wrapped, size, torch.zeros(2, size, size, 3, dtype=torch.uint8))
         sess = onnx_session(data)
@@ -244,56 +192,37 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     elif fmt == "bundle":
         result.update(write_bundle(model, meta, out_path))
     else:
-        from medpipe.sagemaker.layout import package
-
-        result["out"] = str(package(meta["_dir"], out_path))
+        result["out"] = str(layout.package(meta.dir, out_path))
     return result
 
 
-def _about(meta: dict) -> dict:
-    """What every export says about itself: identity, classes, the preprocessing contract, calibration."""
-    from medpipe import __version__, decision
+def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None = None,
+                calibration: str | Path | None = None, force: bool = False) -> dict:
+    """``medpipe export --format onnx-int8``: the package's gated INT8 model (made now if it has none, or
+    if --data/--calibration ask for a fresh one) written to ``out`` with a JSON sidecar holding the gate."""
+    meta = read_meta(package)
+    out = Path(out)
+    check_target(out, "onnx-int8", force)
+    int8 = info = None
+    if data is None and calibration is None and int8_paths(meta.dir)[1].is_file():
+        int8, info = load_int8(meta)
+        if not info["gate"].get("passed") and not force:
+            raise GateError(f"the package's INT8 model failed its accuracy gate ({'; '.join(info['gate']['failures'])}); "
+                            "not exported (--force exports it anyway)")
+    if int8 is None:
+        int8, info = quantize_package(package, data, calibration=calibration, force=force)
+    sidecar = json.loads(_sidecar(meta, "onnx-int8"))
+    sidecar["calibration"] = {"method": "temperature", "temperature": info["temperature"]}
+    sidecar["int8"] = info
+    atomic_write_bytes(out, int8)
+    atomic_write_text(sidecar_path(out), to_json(sidecar, indent=2))
+    return {"format": "onnx-int8", "out": str(out), "int8": info}
 
-    rule, offsets = decision.resolve(meta.get("decision"), None, len(meta["classes"]))
-    return {"name": meta.get("name", "medpipe"), "version": str(meta.get("version", "1")),
-            "architecture": meta["architecture"], "classes": list(meta["classes"]),
-            "preprocessing": PreprocessSpec.from_meta(meta).describe(),
-            "temperature": float(meta.get("calibration", {}).get("temperature", 1.0)),
-            # the package's label rule (medpipe.decision), for consumers that want medpipe's labels
-            "decision": {"rule": rule, "offsets": [0.0] * len(meta["classes"]) if offsets is None else
-                         [float(v) for v in offsets], "label": "argmax(log(probabilities) + offsets)"},
-            "weights_sha256": meta.get("weights_sha256"), "medpipe_version": __version__}
 
-
-def _input_text(with_preprocessing: bool) -> str:
-    if with_preprocessing:
-        return (f"{INPUT_NAME}: uint8 N x S x S x 3 RGB, decoded and resized as preprocessing.decode/resize say; "
-                "scaling, colour constancy and normalisation are inside the graph")
-    return f"{INPUT_NAME}: float32 N x 3 x S x S, the eval preset's output (see preprocessing)"
-
-
-def _sidecar(meta: dict, fmt: str, with_preprocessing: bool = False) -> str:
-    return json.dumps({"exported_as": fmt, "input": _input_text(with_preprocessing), "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
-                       "calibrated probabilities)", **_about(meta), "calibration": meta.get("calibration", {})},
+def _sidecar(meta: PackageMeta, fmt: str, with_preprocessing: bool = False) -> str:
+    return json.dumps({"exported_as": fmt, "input": input_text(with_preprocessing), "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
+                       "calibrated probabilities)", **export_about(meta), "calibration": meta.calibration.to_dict()},
                       indent=2)
-
-
-def with_onnx_metadata(data: bytes, meta: dict, with_preprocessing: bool = False) -> bytes:
-    """The ONNX model with ``metadata_props`` that make it self-describing (read them with
-    ``InferenceSession.get_modelmeta().custom_metadata_map``); strings, JSON where structured."""
-    import onnx
-
-    m = onnx.load_from_string(data)
-    about = _about(meta)
-    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in about.items()}
-    props["input"] = _input_text(with_preprocessing)
-    props["output"] = f"{OUTPUT_NAME}: float32 N x {len(about['classes'])}; probabilities = softmax(logits / temperature)"
-    del m.metadata_props[:]
-    for k, v in props.items():
-        m.metadata_props.add(key=k, value=v)
-    m.doc_string = f"{about['name']} v{about['version']} ({about['architecture']}), exported by medpipe " \
-                   f"{about['medpipe_version']}"
-    return m.SerializeToString()
 
 
 # -- MONAI bundle -------------------------------------------------------------------------------
@@ -322,13 +251,13 @@ def _escape_tree(obj):
     return obj
 
 
-def bundle_metadata(meta: dict) -> dict:
+def bundle_metadata(meta: PackageMeta) -> dict:
     import monai
     import numpy as np
     import torch
 
-    about = _about(meta)
-    spec = PreprocessSpec.from_meta(meta)
+    about = export_about(meta)
+    spec = meta.preprocessing
     size, classes = spec.image_size, about["classes"]
     lo = [round((0.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
     hi = [round((1.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
@@ -351,7 +280,7 @@ def bundle_metadata(meta: dict) -> dict:
         "description": f"MONAI {about['architecture']} trained with medpipe on dermatoscopy images; "
                        f"softmax(logits / {about['temperature']:.4f}) gives calibrated class probabilities.",
         "authors": "medpipe", "copyright": "Copyright (c) the model's trainer",
-        "intended_use": "Research only; not for diagnostic use.",
+        "intended_use": meta.intended_use.purpose,
         "data_source": "see docs/README.md", "data_type": "RGB dermatoscopy images (JPEG, PNG, BMP, WebP)",
         "image_classes": "RGB, 3 channels",
         "label_classes": "one class per output channel, see channel_def",
@@ -365,7 +294,7 @@ def bundle_metadata(meta: dict) -> dict:
                 "spatial_shape": [len(classes)], "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
                 "channel_def": {str(i): c for i, c in enumerate(classes)}}},
         },
-        "medpipe": {**about, "calibration": meta.get("calibration", {})},
+        "medpipe": {**about, "calibration": meta.calibration.to_dict()},
     }
 
 
@@ -387,19 +316,16 @@ def check_bundle_metadata(md: dict) -> list[str]:
     return problems
 
 
-def bundle_inference_config(meta: dict) -> dict:
+def bundle_inference_config(meta: PackageMeta) -> dict:
     """``configs/inference.json``: MONAI's standard inference workflow (dataset -> evaluator -> run).
 
     The loader is medpipe's decoder (``LoadPreprocessd``, the spec's decode + resize: pixels identical to
     ``medpipe predict``); the rest of the eval preset is MONAI transforms; the calibration temperature is
     applied before the softmax; ``BundlePredictionWriter`` writes one JSON line per image."""
-    from medpipe.models import bundle_target
 
-    from medpipe import decision
-
-    spec = PreprocessSpec.from_meta(meta)
-    about = _about(meta)
-    rule, offsets = decision.resolve(meta.get("decision"), None, len(about["classes"]))
+    spec = meta.preprocessing
+    about = export_about(meta)
+    rule, offsets = decision.resolve(meta.decision, None, len(about["classes"]))
     exts = ", ".join(repr(e) for e in IMAGE_SUFFIXES)
     return {
         "imports": ["$import functools", "$import glob", "$import os", "$import medpipe.preprocess",
@@ -415,7 +341,7 @@ def bundle_inference_config(meta: dict) -> dict:
         # the package's decision rule picks the label (medpipe.decision); probabilities are unaffected
         "decision_rule": config_literal(rule),
         "decision_offsets": None if offsets is None else [float(v) for v in offsets],
-        "network_def": bundle_target(meta["architecture"], len(about["classes"])),
+        "network_def": bundle_target(meta.architecture, len(about["classes"])),
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "medpipe.preprocess.LoadPreprocessd", "keys": "image", "image_size": spec.image_size,
@@ -477,8 +403,6 @@ class BundlePredictionWriter:
     def __call__(self, engine) -> None:
         import torch
 
-        from medpipe.decision import apply_offsets
-
         for item, out in zip(engine.state.batch, engine.state.output):
             if item.get("error"):  # unreadable image: reported, the run goes on
                 code, _, message = str(item["error"]).partition(": ")
@@ -490,16 +414,14 @@ class BundlePredictionWriter:
                                          "probabilities": dict(zip(self.classes, p)), "decision_rule": self.rule}))
 
     def write(self, _engine=None) -> None:
-        from medpipe.utils import atomic_write_text
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, "".join(r + "\n" for r in self.rows))
         log.info("bundle: %d predictions written to %s", len(self.rows), self.path)
 
 
-def _model_card(meta: dict, md: dict) -> str:
-    about = _about(meta)
-    spec = PreprocessSpec.from_meta(meta)
+def _model_card(meta: PackageMeta, md: dict) -> str:
+    about = export_about(meta)
+    spec = meta.preprocessing
     lines = [f"# {about['name']} (v{about['version']}): {about['architecture']} dermatoscopy classifier", "",
              "## What it is", "",
              f"A MONAI {about['architecture']} that classifies one RGB dermatoscopy image into "
@@ -518,15 +440,16 @@ def _model_card(meta: dict, md: dict) -> str:
              "## Preprocessing", "",
              *spec.describe_lines(), "",
              "## Data", ""]
-    cfg = meta.get("training_config") or {}
-    lines.append(f"Trained on the record table with sha256 `{meta.get('records_sha256') or 'unknown'}`"
+    cfg = meta.training_config
+    lines.append(f"Trained on the record table with sha256 `{meta.provenance.records_sha256 or 'unknown'}`"
                  + (f" (data folder `{cfg['data']}`)" if isinstance(cfg.get("data"), str) else "")
                  + ". HAM10000 (ISIC 2018 task 3) is the intended source: 10,015 dermatoscopy images of 7 classes, "
                    "CC BY-NC 4.0, split by lesion so no lesion is in two splits.")
     lines += ["", "## Metrics", ""]
-    lines += _metric_lines(meta.get("metrics") or {})
+    lines += _metric_lines(meta.metrics)
     lines += ["", "## Limits", "",
-              "- Research use only; not a medical device and not for diagnosis.",
+              f"- Intended use: {meta.intended_use.purpose}.",
+              f"- The figures above come from the {meta.intended_use.figures_from}.",
               "- Dermatoscopy images only; other modalities, clinical photos and non-skin images get a "
               "confident but meaningless answer.",
               "- HAM10000 is dominated by nevi (about 67%) and by light skin types; rare classes are estimated "
@@ -566,13 +489,11 @@ def _metric_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def write_bundle(model: torch.nn.Module, meta: dict, out: Path) -> dict:
+def write_bundle(model: torch.nn.Module, meta: PackageMeta, out: Path) -> dict:
     import torch
 
-    from medpipe.utils import atomic_write_bytes, atomic_write_text
-
     out = Path(out)
-    size = PreprocessSpec.from_meta(meta).image_size
+    size = meta.preprocessing.image_size
     md = bundle_metadata(meta)
     problems = check_bundle_metadata(md)
     if problems:

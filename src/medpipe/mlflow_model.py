@@ -18,13 +18,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from medpipe.infer.predictor import Predictor
 from medpipe.utils import sha256_file
 
 
 class MedpipeModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from medpipe.infer.predictor import Predictor
-
         pkg = Path(context.artifacts["package"])
         expected = (context.model_config or {}).get("sha256", {})
         if not expected:

@@ -17,23 +17,29 @@ before its first checkpoint leaves no folder behind.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from medpipe.utils import to_json
 from medpipe import recipe
+from medpipe.calibration import fit_temperature
 from medpipe.config import TrainConfig, write_config
+from medpipe.decision import fit_rules
 from medpipe.errors import ConfigError
+from medpipe.evaluate import compute_metrics, evaluate_arrays
+from medpipe.infer.predictor import Predictor
+from medpipe.package import save_package, update_meta
+from medpipe.track import MLflowHandler, resolve_uri
 from medpipe.train import distributed
+from medpipe.train.checkpoint import check_compatible, load_checkpoint
+from medpipe.train.data import open_source
 from medpipe.train.engine import Engine, Events, NonFiniteLoss, TrainingInterrupted, predict_logits  # noqa: F401
 from medpipe.train.handlers import Checkpointer, EarlyStopping, EpochLine, GracefulStop, MetricsFile, ProgressBar, \
     TimeBudget
+from medpipe.utils import atomic_write_text, resolve_device, seed_everything, to_json
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +91,6 @@ def check_run_dir(layout: RunLayout, *, resume, force: bool) -> None:
 
 def saved_config(run_dir, resume: bool | str = True, checkpoint_dir=None) -> dict:
     """The config stored in the checkpoint a ``--resume`` continues from."""
-    from medpipe.train.checkpoint import load_checkpoint
 
     return load_checkpoint(_resume_path(RunLayout.of(run_dir, checkpoint_dir), resume))["config"]
 
@@ -110,29 +115,7 @@ def load_handler(spec: str):
     return factory(*args)
 
 
-def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Temperature scaling (Guo et al. 2017): one scalar minimising validation NLL."""
-    if len(y) < 2:
-        return 1.0
-    logits, y = logits.detach().clone(), y.clone()  # may come from inference_mode
-    log_t = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), y)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    t = float(log_t.detach().exp())
-    return t if math.isfinite(t) and 0.05 < t < 20 else 1.0
-
-
 def _setup(cfg: TrainConfig):
-    from medpipe.utils import resolve_device, seed_everything
-
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -152,8 +135,6 @@ def run(data, run_dir, cfg: TrainConfig, *, resume: bool | str = False, force: b
     """Train on ``data`` (ingested folder or shard set) into ``run_dir``; package and report on rank 0.
     ``handlers``: extra engine handlers (objects with ``attach(engine)``). Returns the summary dict (same
     keys on every rank)."""
-    from medpipe.train.checkpoint import check_compatible, load_checkpoint
-    from medpipe.train.data import open_source
 
     layout = RunLayout.of(run_dir, checkpoint_dir, model_dir, report_dir)
     tracker = _tracker(cfg, layout)  # before anything is written: --track without MLflow is refused here
@@ -215,7 +196,6 @@ def run(data, run_dir, cfg: TrainConfig, *, resume: bool | str = False, force: b
 def _tracker(cfg: TrainConfig, layout: RunLayout):
     if not cfg.track:
         return None
-    from medpipe.track import MLflowHandler, resolve_uri
 
     return MLflowHandler(resolve_uri(cfg.track, layout.run_dir), cfg.experiment, cfg.register, layout.run_dir)
 
@@ -249,8 +229,6 @@ def _finish_distributed(engine: Engine, layout: RunLayout, dd) -> None:
         return
     digests = dd.gather(distributed.params_digest(engine.net))
     if dd.main:
-        from medpipe.utils import atomic_write_text
-
         atomic_write_text(layout.run_dir / "distributed.json", to_json(
             {"world_size": dd.world, "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests}, indent=2))
     dd.barrier()
@@ -271,12 +249,6 @@ def _compact(m: dict) -> dict:
 
 def package_and_report(engine: Engine, layout: RunLayout, *, evaluate_test: bool, progress: bool) -> dict:
     """Best weights -> temperature on val -> the package -> test report (rank 0)."""
-    from medpipe.decision import fit_rules
-    from medpipe.evaluate import compute_metrics, evaluate_arrays
-    from medpipe.infer.predictor import Predictor
-    from medpipe.package import save_package
-    from medpipe.train.checkpoint import load_checkpoint
-    from medpipe.utils import atomic_write_text
 
     cfg, source, model = engine.cfg, engine.source, engine.net
     model.load_state_dict(load_checkpoint(layout.checkpoints / "best.pt")["model"])
@@ -304,7 +276,6 @@ def package_and_report(engine: Engine, layout: RunLayout, *, evaluate_test: bool
         result = evaluate_arrays(Predictor(layout.model), t.pixels, t.rows, t.labels, t.ids, t.names, layout.report,
                                  split="test", tta=cfg.tta, bootstrap=cfg.bootstrap)
         metrics["test"] = _compact(result["metrics"])
-        meta["metrics"] = metrics
-        atomic_write_text(layout.model / "model.json", to_json(meta, indent=2))
+        update_meta(meta, metrics=metrics)
         out.update(test=metrics["test"], report=result["report_md"], plots=result["plots"])
     return out

@@ -1,6 +1,6 @@
 """The preprocessing contract, one object: the spec stored in every package (decode, resize and
-normalise rules), array preparation, and the train/eval presets built from it. Nothing else reads
-the spec out of a package's ``model.json``.
+normalise rules), array preparation, and the train/eval presets built from it (medpipe.package
+stores the spec in ``model.json`` and reads it back as ``PackageMeta.preprocessing``).
 
 Both presets start from the pixels :func:`medpipe.data.imageio.decode_image` returns (RGB uint8,
 HWC, already resized to ``spec.image_size`` — in the pixel cache or from raw bytes, identically)
@@ -29,7 +29,6 @@ import numpy as np
 from medpipe.data import imageio
 
 
-SPEC_KEY = "preprocessing"  # where a package's model.json keeps the spec; only this module reads it
 INTERPOLATIONS = tuple(sorted(imageio.RESAMPLE_NAMES))
 
 
@@ -84,11 +83,6 @@ class PreprocessSpec:
                    mean=tuple(float(x) for x in d["mean"]), std=tuple(float(x) for x in d["std"]),
                    color_constancy=str(d.get("color_constancy", "none")),  # packages from before the key
                    color_constancy_power=float(d.get("color_constancy_power", 6.0)))
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> "PreprocessSpec":
-        """The spec stored in a package's ``model.json``."""
-        return cls.from_dict(meta[SPEC_KEY])
 
     def describe(self) -> dict:
         """The contract as plain data, for exports read without medpipe (ONNX metadata, bundle docs)."""

@@ -30,6 +30,8 @@ import math
 
 import numpy as np
 import torch
+from medpipe.train.checkpoint import load_checkpoint
+from medpipe.train.engine import Events, Order
 
 
 class MixBatches:
@@ -43,8 +45,6 @@ class MixBatches:
         self.prob, self.seed, self.stream = float(prob), int(seed), int(stream)
 
     def attach(self, engine) -> None:
-        from medpipe.train.engine import Events, Order
-
         engine.on(Events.ITERATION_STARTED, self, Order.MODEL)  # before any other handler sees the batch
 
     def __call__(self, engine) -> None:
@@ -100,8 +100,6 @@ class WeightEMA:
         self.raw: dict[str, torch.Tensor] | None = None  # set while the model holds the average
 
     def attach(self, engine) -> None:
-        from medpipe.train.engine import Events, Order
-
         # Order.MODEL: before any handler of the same event reads or saves the weights (a signal stop saves a
         # checkpoint at ITERATION_COMPLETED: its average must be of that step)
         engine.on(Events.STARTED, self.start, Order.MODEL)
@@ -117,8 +115,6 @@ class WeightEMA:
     def start(self, engine) -> None:
         saved = engine.state.restored_parts.get(self.PART) if engine.state.resumed else None
         if engine.state.resumed and saved is None and (self.folder / self.LEGACY_FILE).is_file():
-            from medpipe.train.checkpoint import load_checkpoint
-
             legacy = load_checkpoint(self.folder / self.LEGACY_FILE)
             if legacy.get("global_step") == engine.state.iteration:
                 saved = legacy

@@ -33,8 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import medpipe
 from medpipe.errors import ConfigError
+from medpipe.package import META, WEIGHTS, read_meta
 from medpipe.train.engine import Engine, Events, TrainingInterrupted
+from medpipe.utils import atomic_write_text, sha256_file, versions
 
 log = logging.getLogger(__name__)
 DB_NAME = "mlflow.db"
@@ -216,8 +219,6 @@ class MLflowHandler:
 
     def _remember(self) -> None:
         if self.run_dir and self.tracker.run_id:
-            from medpipe.utils import atomic_write_text
-
             atomic_write_text(self.run_dir / RUN_FILE, json.dumps({"uri": self.uri, "run_id": self.tracker.run_id}))
 
     def epoch(self, engine: Engine) -> None:
@@ -283,17 +284,13 @@ def log_package(model_dir: str | Path, *, name: str = "model", registered_model_
     from mlflow.types import ColSpec, Schema
     from PIL import Image
 
-    import medpipe
-    from medpipe.package import META, WEIGHTS, read_meta
-    from medpipe.utils import sha256_file, versions
-
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     buf = io.BytesIO()
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buf, format="PNG")
     signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
                                outputs=Schema([ColSpec("string", "label"),
-                                               *[ColSpec("double", c) for c in meta["classes"]]]))
+                                               *[ColSpec("double", c) for c in meta.classes]]))
     v = versions()
     with tempfile.TemporaryDirectory() as tmp:
         pkg = Path(tmp) / "package"

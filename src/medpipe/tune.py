@@ -68,6 +68,7 @@ import yaml
 from medpipe.errors import ConfigError, MedpipeError, TrainingInterrupted, TuneError
 from medpipe.tune_space import Param, Space, load_space, make_pruner, make_sampler, sampler_seed  # noqa: F401 (API)
 from medpipe.tune_space import require_optuna as _optuna
+from medpipe.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class PruningHandler:
         self.trial, self.objective, self.first_epoch = trial, objective, first_epoch
 
     def attach(self, engine) -> None:
-        from medpipe.train.engine import Events
+        from medpipe.train.engine import Events  # deferred: torch (tune's parser is built for medpipe --help)
 
         engine.on(Events.VALIDATION_COMPLETED, self)
 
@@ -154,7 +155,7 @@ class StopOnSignal:
 
     # engine handler (one per trial run)
     def attach(self, engine) -> None:
-        from medpipe.train.engine import Events
+        from medpipe.train.engine import Events  # deferred: torch (tune's parser is built for medpipe --help)
 
         engine.on(Events.STARTED, self._started)
         engine.on(Events.ITERATION_STARTED, self._chain)
@@ -287,7 +288,7 @@ def run_trial(trial, space: Space, data: str, out: Path, stop: StopOnSignal | No
         The objective at the trial's best epoch."""
     optuna = _optuna()
     from optuna.storages import RetryHeartbeatStaleTrialCallback
-    from medpipe.pipeline import run
+    from medpipe.pipeline import run  # deferred: torch
 
     stop = stop or StopOnSignal()
     values = {p.name: p.suggest(trial) for p in space.params}
@@ -338,8 +339,6 @@ def write_results(study, space: Space, out: Path) -> dict:
         The summary: study, trials, finished, complete, objective, best_config (None without a complete
         trial), and best_trial, best_value, best_params when there is one."""
     from optuna.trial import TrialState
-
-    from medpipe.utils import atomic_write_text
 
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
     atomic_write_text(out / TRIALS_CSV, df.to_csv(index=False))

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes (with the umask's permissions), strict JSON, hashing, seeding, versions."""
+"""Small shared helpers: atomic writes (with the umask's permissions), strict JSON, hashing, seeding, versions,
+the device name, and the end of a command-line process."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import medpipe
+from medpipe.errors import MedpipeError
 
 
 def current_umask() -> int:
@@ -124,8 +128,6 @@ def versions() -> dict:
     import monai
     import torch
 
-    import medpipe
-
     return {"medpipe": medpipe.__version__, "monai": monai.__version__, "torch": torch.__version__,
             "numpy": np.__version__}
 
@@ -133,8 +135,6 @@ def versions() -> dict:
 def resolve_device(name: str):
     """``auto``: CUDA when available, else CPU; ``cuda`` without a device is a clear error."""
     import torch
-
-    from medpipe.errors import MedpipeError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,6 +144,19 @@ def resolve_device(name: str):
         return torch.device(name)
     except RuntimeError:
         raise MedpipeError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+
+
+def exit_process(rc: int):
+    """End a command-line process with ``rc``. Inside a multi-process launch (WORLD_SIZE > 1) every
+    output is written (atomically, fsynced) by now, so the interpreter's teardown is skipped: a
+    communication library's destructor that blocks on a peer which has already exited must not turn
+    a finished job into a hung one (seen once: rank 0 of a gloo job stuck at exit after writing
+    everything)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
 
 
 def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:

@@ -1,8 +1,7 @@
 """Decoded-pixel cache: every image decoded once, resized, stored as one uint8 memmap.
 
-Decoding 600x450 JPEGs on every epoch is what made the original pipeline slow. The cache holds
-``N x H x W x 3`` uint8 pixels in ``pixels.npy`` (opened with ``mmap_mode='r'``, never pickled),
-with ``index.json`` listing image ids in row order. Its folder name is a hash of every file's
+Training never decodes a JPEG: the cache holds ``N x H x W x 3`` uint8 pixels in ``pixels.npy``
+(opened with ``mmap_mode='r'``, never pickled), with ``index.json`` listing image ids in row order. Its folder name is a hash of every file's
 sha256, the size, the interpolation and the cache format version, so any change in data or
 preprocessing gives a new cache instead of stale pixels. Pixels are produced by
 :func:`medpipe.data.imageio.decode_image` — the very function the predictor uses on raw bytes —

@@ -6,7 +6,7 @@ Rules (see RELIABILITY.md):
   (decompression bombs are refused from the header);
 - a JPEG with more scans than ``max_jpeg_scans`` is refused before decoding (a progressive JPEG
   with thousands of tiny scans takes minutes to decode under the pixel cap); the service also
-  decodes in worker processes with a hard time and memory budget (medpipe/serve/decodepool.py);
+  decodes in worker processes with a hard time and memory budget (medpipe/data/decodepool.py);
 - the full image is decoded (a truncated file is an error, never a half-grey image);
 - EXIF orientation is applied and every mode (L, LA, P, RGBA, CMYK, I;16, I, F) becomes 8-bit RGB.
 

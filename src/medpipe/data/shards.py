@@ -28,8 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medpipe.utils import to_json
+from medpipe.data.cache import build_cache
+from medpipe.data.sources import load_records, records_hash
+from medpipe.data.splits import ensure_splits
 from medpipe.errors import ShardError
+from medpipe.utils import atomic_write_text, to_json
 
 INDEX = "index.json"
 FORMAT = "medpipe-shards-1"
@@ -53,10 +56,6 @@ def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, inter
                  per_shard: int = 1000, split_seed: int = 0, val: float = 0.15, test: float = 0.15,
                  progress: bool = False) -> dict:
     """Pack an ingested data folder (records, split, pixel cache at ``size``) into shards under ``out``."""
-    from medpipe.data.cache import build_cache
-    from medpipe.data.sources import load_records, records_hash
-    from medpipe.data.splits import ensure_splits
-    from medpipe.utils import atomic_write_text
 
     data_dir, out = Path(data_dir), Path(out)
     table, classes = load_records(data_dir)

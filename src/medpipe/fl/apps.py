@@ -1,9 +1,9 @@
 """The Flower ServerApp and ClientApp (Message API). Flower runs them: the SuperLink starts the
 ServerApp for a run, each SuperNode starts the ClientApp for each message it receives.
 
-Wire format: model weights travel as a Flower ``ArrayRecord`` holding one safetensors blob
-(:func:`arrays_to_record`); configuration and metrics as ``ConfigRecord``/``MetricRecord``
-(protobuf scalars and lists). Nothing is pickled.
+Wire format (medpipe.fl.records): model weights travel as a Flower ``ArrayRecord`` holding one
+safetensors blob; configuration and metrics as ``ConfigRecord``/``MetricRecord`` (protobuf scalars
+and lists). Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -12,42 +12,17 @@ import json
 import logging
 import sys
 
-import numpy as np
-
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+
+from medpipe.fl.records import arrays_to_record, record_to_arrays
+from medpipe.fl.server import Coordinator
+from medpipe.fl.site import Site
 
 server_app = ServerApp()
 client_app = ClientApp()
 _SITES: dict = {}  # one Site per (data dir, config) for the life of this ClientApp process
-
-
-WIRE_KEY, WIRE_STYPE = "weights", "safetensors"
-
-
-def arrays_to_record(arrays: dict) -> ArrayRecord:
-    """The whole state dict as ONE Flower ``Array`` holding a safetensors blob (names, dtypes, shapes
-    and data; no pickle). One object instead of one per tensor: Flower transfers every object of a
-    message with its own requests, and a DenseNet's ~600 tensors made each message wave several
-    times slower than the same bytes in one object (chunked by Flower at 5 MB)."""
-    from safetensors.numpy import save
-
-    blob = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
-    return ArrayRecord({WIRE_KEY: Array(dtype="uint8", shape=(len(blob),), stype=WIRE_STYPE, data=blob)})
-
-
-def record_to_arrays(record: ArrayRecord) -> dict:
-    """Inverse of :func:`arrays_to_record`; a record in any other form is a ValueError."""
-    from safetensors.numpy import load
-
-    arr = record.get(WIRE_KEY) if hasattr(record, "get") else None
-    if arr is None or arr.stype != WIRE_STYPE or len(record) != 1:
-        raise ValueError(f"expected one '{WIRE_KEY}' array of stype '{WIRE_STYPE}'")
-    try:
-        return load(arr.data)
-    except Exception as exc:  # safetensors' own errors: the blob is not a valid safetensors file
-        raise ValueError(f"the weights are not a valid safetensors blob ({exc.__class__.__name__})") from None
 
 
 def _logging() -> None:
@@ -62,15 +37,11 @@ def _logging() -> None:
 def server_main(grid: Grid, context: Context) -> None:
     from pathlib import Path
 
-    from medpipe.fl.server import Coordinator
-
     _logging()
     Coordinator(Path(str(context.run_config["run-dir"])), grid).run()
 
 
 def _site(message: Message, context: Context):
-    from medpipe.fl.site import Site
-
     cfg = message.content["config"]
     node = context.node_config
     data_dir, name = str(node["data-dir"]), str(node.get("site", "site"))

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
+
+from medpipe.config import TrainConfig, make_config
+from medpipe.fl.certs import make_certs
+from medpipe.fl.partition import partition
 
 
 def _train_overrides(args) -> dict:
-    from medpipe.cli import config_overrides
-    from medpipe.config import make_config
-
-    return make_config(config_overrides(args), args.config).to_dict()
+    """The sites' training config: the YAML file, then the training options given (one per TrainConfig field)."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    return make_config(given, args.config).to_dict()
 
 
 def cmd_certs(args) -> int:
-    from medpipe.fl.certs import make_certs
-
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     out = make_certs(args.out, sites, args.host or None, days=args.days)
     print(f"CA {out['ca']}; server certificate {out['server_cert']} for {', '.join(out['hosts'])}")
@@ -24,8 +26,6 @@ def cmd_certs(args) -> int:
 
 
 def cmd_partition(args) -> int:
-    from medpipe.fl.partition import partition
-
     s = partition(args.data, args.out, by=args.by, sites=args.sites, dirichlet=args.dirichlet, seed=args.seed)
     for name, v in s["sites"].items():
         print(f"  {name}: {v['images']} images, {v['groups']} groups, " +
@@ -44,9 +44,15 @@ def _server_kwargs(args) -> dict:
                 straggler_wait=args.straggler_wait, wait_for_sites=args.wait_for_sites, host=args.host, port=args.port)
 
 
-def cmd_server(args) -> int:
-    from medpipe.fl.deploy import run_server
+def _deploy():
+    """medpipe.fl.deploy, loaded when a federated command runs (not for ``medpipe --help``)."""
+    from medpipe.fl import deploy  # deferred: torch and the training job
 
+    return deploy
+
+
+def cmd_server(args) -> int:
+    run_server = _deploy().run_server
     keys = list(args.site_keys or [])
     s = run_server(args.run_dir, certs=args.certs, site_keys=keys, insecure=args.insecure,
                    round_callbacks=args.round_callback, **_server_kwargs(args))
@@ -56,8 +62,7 @@ def cmd_server(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from medpipe.fl.deploy import simulate
-
+    simulate = _deploy().simulate
     kw = _server_kwargs(args)
     kw.pop("host")
     s = simulate(args.data, args.run_dir, by=args.by, sites=args.sites, dirichlet=args.dirichlet,
@@ -68,8 +73,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_site(args) -> int:
-    from medpipe.fl.deploy import run_site
-
+    run_site = _deploy().run_site
     overrides = {"threads": args.threads} if args.threads else {}
     if args.device:
         overrides["device"] = args.device
@@ -78,9 +82,7 @@ def cmd_site(args) -> int:
                     handlers=args.handler or [])
 
 
-def add_server_options(s: argparse.ArgumentParser) -> None:
-    from medpipe.cli import add_config_options
-
+def add_server_options(s: argparse.ArgumentParser, add_config_options) -> None:
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--min-sites", type=int, default=2, help="sites needed to start and to complete a round")
     s.add_argument("--fraction", type=float, default=1.0, help="share of connected sites sampled per round")
@@ -100,7 +102,9 @@ def add_server_options(s: argparse.ArgumentParser) -> None:
     add_config_options(s)
 
 
-def register(sub) -> None:
+def register(sub, add_config_options) -> None:
+    """Add ``medpipe fl ...`` to the ``medpipe`` parser's subcommands; ``add_config_options(parser)`` adds
+    the training options (the same as ``medpipe train``'s), given by the parser that owns them."""
     fl = sub.add_parser("fl", help="federated training across sites (Flower; fl extra)")
     fsub = fl.add_subparsers(dest="fl_command", required=True)
 
@@ -125,7 +129,7 @@ def register(sub) -> None:
     s.add_argument("--certs", help="folder from 'medpipe fl certs' (ca.crt, server.pem, server.key)")
     s.add_argument("--site-keys", nargs="*", help="public keys of the sites allowed to join (NAME.pub)")
     s.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (loopback experiments)")
-    add_server_options(s)
+    add_server_options(s, add_config_options)
     s.set_defaults(func=cmd_server)
 
     s = fsub.add_parser("simulate", help="one machine, real processes: partition DATA into sites and run them")
@@ -136,7 +140,7 @@ def register(sub) -> None:
     s.add_argument("--dirichlet", type=float, help="alpha of the per-class Dirichlet split")
     s.add_argument("--partition-seed", type=int, default=0)
     s.add_argument("--site-threads", type=int, default=1, help="torch threads per site process")
-    add_server_options(s)
+    add_server_options(s, add_config_options)
     s.set_defaults(func=cmd_simulate)
 
     s = fsub.add_parser("site", help="run a site (Flower SuperNode + medpipe ClientApp) on its own data")

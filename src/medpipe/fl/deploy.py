@@ -26,9 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+from medpipe.config import make_config
+from medpipe.data.sources import load_records
+from medpipe.data.synthetic import HAM_CLASSES
 from medpipe.errors import MedpipeError
-from medpipe.fl.certs import check_site_name
+from medpipe.fl.certs import check_site_name, make_certs
+from medpipe.fl.partition import partition
 from medpipe.fl.server import CONFIG_FILE, SITES_FILE, STATE_FILE
+from medpipe.pipeline import load_handler
 from medpipe.utils import atomic_write_text
 
 APP_PYPROJECT = """[build-system]
@@ -142,8 +147,6 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
                round_timeout: float = 3600.0, straggler_wait: float = 120.0, wait_for_sites: float = 600.0,
                insecure: bool = False, round_callbacks: list[str] | None = None) -> dict:
     """Run a federated training to the end (or resume one); returns the final state summary."""
-    from medpipe.config import make_config
-    from medpipe.data.synthetic import HAM_CLASSES
 
     if strategy not in ("fedavg", "fedprox"):
         raise MedpipeError(f"--strategy must be fedavg or fedprox, got {strategy!r}")
@@ -246,14 +249,11 @@ def site_command(data: str | os.PathLike, *, server: str, ca: str | None, key: s
                  handlers: list[str] | None = None) -> list[str]:
     """The ``flower-supernode`` command line for this site (validated first). ``handlers``: training event
     handlers (``MODULE:NAME[:ARG,...]``, importable where the site runs) for each round's local training."""
-    from medpipe.data.sources import load_records
 
     data = Path(data).resolve()
     load_records(data)  # an ingested folder, or a clear error
     name = check_site_name(name or (Path(key).name if key else data.name))
     if handlers:
-        from medpipe.pipeline import load_handler  # loads torch: only when there are handlers
-
         for spec in handlers:
             if "'" in spec:  # Flower's --node-config quotes the list with single quotes
                 raise MedpipeError(f"--handler {spec!r}: a handler spec cannot contain a single quote")
@@ -330,8 +330,6 @@ def simulate(data: str | os.PathLike, run_dir: str | os.PathLike, *, by: str | N
              dirichlet: float | None = None, seed: int = 0, port: int = 9092, threads: int = 1, **server_kw) -> dict:
     """One machine, real processes: partition ``data`` into site folders, make credentials, start one
     ``medpipe fl site`` process per site and run the server until the run ends; the sites are stopped."""
-    from medpipe.fl.certs import make_certs
-    from medpipe.fl.partition import partition
 
     run_dir = Path(run_dir).resolve()
     parts = partition(data, run_dir / "sites", by=by, sites=sites, dirichlet=dirichlet, seed=seed)

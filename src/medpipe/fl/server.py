@@ -35,6 +35,12 @@ import numpy as np
 from medpipe.errors import MedpipeError
 from medpipe.fl.aggregate import check_update, pooled_metrics, restore_scalars, weighted_average
 from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
+from medpipe.config import make_config
+from medpipe.decision import prior_from_counts
+from medpipe.fl.records import arrays_to_record, record_to_arrays
+from medpipe.fl.site import to_numpy, to_torch
+from medpipe.models import create_model
+from medpipe.package import IntendedUse, save_package
 
 CONFIG_FILE, STATE_FILE, SITES_FILE, LOG_FILE = "fl_config.json", "fl_state.json", "sites.json", "fl_server.log"
 OWNER_FILE = ".fl_owner"
@@ -172,10 +178,6 @@ class Coordinator:
     def run(self) -> dict:
         import torch
 
-        from medpipe.config import make_config
-        from medpipe.fl.site import to_numpy
-        from medpipe.models import create_model
-
         cfg = self.cfg
         classes, rounds, min_sites = list(cfg["classes"]), int(cfg["rounds"]), int(cfg["min_sites"])
         tc = make_config(cfg["train_config"]).validate()
@@ -243,8 +245,6 @@ class Coordinator:
         sample counts, per-site training figures, the excluded updates (with the reason) and the dropped sites."""
         from flwr.app import MessageType, RecordDict
 
-        from medpipe.fl.apps import arrays_to_record, record_to_arrays
-
         nodes = self._wait_for_sites(min_sites)
         k = max(min_sites, int(math.ceil(float(self.cfg["fraction"]) * len(nodes))))
         chosen = sorted(rng.sample(nodes, min(k, len(nodes))))
@@ -285,8 +285,6 @@ class Coordinator:
         """Federated evaluation of the new global model on every connected site's validation split:
         per-site figures, the pooled figures and the sites that dropped out."""
         from flwr.app import MessageType, RecordDict
-
-        from medpipe.fl.apps import arrays_to_record
 
         record = arrays_to_record(arrays)
         ev_nodes = sorted(self.grid.get_node_ids())
@@ -339,10 +337,6 @@ class Coordinator:
         import flwr
         import torch
 
-        from medpipe.fl.site import to_torch
-        from medpipe.models import create_model
-        from medpipe.package import save_package
-
         best = load_arrays(self.run_dir / "checkpoints" / "best.safetensors", state.get("best_sha256"))
         model = create_model(tc.model, len(classes))
         model.load_state_dict(to_torch(best))
@@ -353,18 +347,13 @@ class Coordinator:
                    "val_sites": hist.get(state["best_round"], {}).get("val_sites", {})}
         decision = None
         if pooled.get("support") and sum(pooled["support"]) > 0:
-            from medpipe.decision import prior_from_counts
-
             # labels under the run's rule where it can be had without the sites' images: `prior` from the pooled
             # validation class counts, tau 1 for natural-frequency training (the default recipe), 0 after
             # balancing; class_bias needs per-image validation predictions and falls back to prior
             decision = prior_from_counts(pooled["support"], classes, tc.decision_rule,
                                          tau=1.0 if tc.imbalance == "none" else 0.0)
-        meta = save_package(model_dir, model.eval(), name=f"{tc.model}-federated", arch=tc.model, classes=classes,
-                            spec=tc.preprocess(), temperature=1.0, metrics=metrics, config=tc.to_dict(),
-                            decision=decision)
         cfg = self.cfg
-        meta["federated"] = {
+        federated = {
             "engine": "flower", "engine_version": flwr.__version__, "strategy": cfg["strategy"],
             "mu": float(cfg["mu"]) if cfg["strategy"] == "fedprox" else 0.0, "rounds": int(cfg["rounds"]),
             "local_epochs": int(cfg["local_epochs"]), "min_sites": int(cfg["min_sites"]),
@@ -376,5 +365,10 @@ class Coordinator:
                          else "argmax (no pooled class counts)"),
             "sites": state["sites"], "torch": torch.__version__,
         }
-        atomic_write_text(model_dir / "model.json", to_json(meta, indent=2))
+        save_package(model_dir, model.eval(), name=f"{tc.model}-federated", arch=tc.model, classes=classes,
+                     spec=tc.preprocess(), temperature=1.0, metrics=metrics, config=tc.to_dict(),
+                     decision=decision, federated=federated, intended_use=IntendedUse(figures_from=(
+                         f"validation splits of the {len(state['sites'])} federated sites, pooled as per-site "
+                         "histograms (no image left its site); figures on other sites, populations, devices or "
+                         "image types are unknown")))
         return {"model_dir": str(model_dir), "best_round": state["best_round"]}

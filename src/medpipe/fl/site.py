@@ -25,6 +25,11 @@ from medpipe.fl.aggregate import restore_scalars, site_statistics
 from medpipe.train.data import open_source
 from medpipe.fl.losses import proximal_term
 from medpipe.train.engine import local_fit, predict_logits
+from medpipe.data.sources import load_records
+from medpipe.metrics import compute_metrics
+from medpipe.models import create_model
+from medpipe.pipeline import load_handler
+from medpipe.recipe import batch_handlers
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,6 @@ class Site:
         self.cfg: TrainConfig = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        from medpipe.data.sources import load_records
 
         _, site_classes = load_records(self.data_dir)
         if list(site_classes) != list(classes):
@@ -56,7 +60,6 @@ class Site:
                                f"vocabulary is {classes}; ingest with --classes {','.join(classes)}")
         self.classes = list(classes)
         self.source = open_source(self.data_dir, cfg)
-        from medpipe.models import create_model
 
         self.reference = to_numpy(create_model(cfg.model, len(self.classes)).state_dict())
         self.n_train = int(np.sum(self.source.class_counts))
@@ -68,8 +71,6 @@ class Site:
         """Local training from the global weights; returns (weights, metrics incl. ``n_train``)."""
         weights = to_torch(restore_scalars(arrays, self.reference))
         terms = [proximal_term(weights, mu)] if mu > 0 else []
-        from medpipe.pipeline import load_handler
-        from medpipe.recipe import batch_handlers
 
         cfg = dataclasses.replace(self.cfg, epochs=epochs)
         # the recipe's batch mixing as in `medpipe train`, drawn anew each round and at each site (the sites share
@@ -85,8 +86,6 @@ class Site:
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         """The global model on this site's validation split: site metrics and the pooling statistics."""
-        from medpipe.evaluate import compute_metrics
-        from medpipe.models import create_model
 
         val = self.source.val
         model = create_model(self.cfg.model, len(self.classes))

@@ -16,6 +16,7 @@ import random
 import time
 from pathlib import Path
 
+from medpipe.data.sources import MEDIA_TYPES, regular_file_problem
 from medpipe.errors import MedpipeError
 
 TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
@@ -93,14 +94,11 @@ class Client:
 
 
 def media_type(path: str | Path) -> str:
-    from medpipe.data.sources import MEDIA_TYPES
-
     return MEDIA_TYPES.get(Path(path).suffix.lower(), "application/x-image")
 
 
 def predict_url(url: str, images: list[str]) -> list[dict]:
     """``medpipe predict --url``: each image's prediction (or error) from the server."""
-    from medpipe.data.sources import regular_file_problem
 
     client = Client(url)
     out = []

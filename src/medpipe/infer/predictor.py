@@ -17,11 +17,14 @@ import torch
 
 from medpipe import decision
 from medpipe.data import imageio
-from medpipe.errors import MedpipeError, PredictionError
-from medpipe.infer.backends import BACKENDS
-from medpipe.package import load_package, package_spec
+from medpipe.errors import PredictionError
+from medpipe.infer.auto import open_backend, resolve_backend  # noqa: F401  (resolve_backend: the choice alone)
+from medpipe.infer.backends import BACKENDS, LoadContext  # noqa: F401  (BACKENDS: the names --backend offers)
+from medpipe.package import load_package
 from medpipe.preprocess import eval_batch, flip_averaged, use_plain_tensors
 from medpipe.utils import resolve_device
+from medpipe.infer.onnx_runtime import onnx_bytes
+from medpipe.infer.explain import GradCamExplainer
 
 log = logging.getLogger(__name__)
 
@@ -39,86 +42,12 @@ class Prediction:
                 "decision_rule": self.decision_rule, "tta": self.tta}
 
 
-def resolve_backend(backend: str, device: torch.device, meta: dict | None = None, fp32=None,
-                    threads: int | None = None) -> tuple[str, str]:
-    """The backend to run and why. ``auto``: on CPU the package's gated INT8 model where the CPU has
-    VNNI/AMX and INT8 was measured at least 1.1x as fast as FP32 ONNX on this CPU model (at quantize
-    time, else a start-up check timing ``fp32()``'s graph against it with ``threads``; infer/quantize.py),
-    on OpenVINO where its own gate passed and it measured faster than ONNX Runtime's INT8, else ONNX
-    Runtime FP32 when installed, else eager; CUDA graphs on a GPU (each the fastest measured in
-    benchmarks/serve_load.py)."""
-    if backend not in BACKENDS:
-        raise MedpipeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend in ("onnx", "int8", "openvino") and device.type != "cpu":
-        raise MedpipeError(f"the {backend} backend runs on CPU; use --backend eager or cudagraph with --device cuda")
-    if backend == "cudagraph" and device.type != "cuda":
-        raise MedpipeError("the cudagraph backend needs --device cuda (and a GPU)")
-    if backend != "auto":
-        return backend, "asked for"
-    if device.type == "cuda":
-        return "cudagraph", "auto on a CUDA device"
-    if device.type != "cpu":
-        return "eager", f"auto on {device.type}"
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "eager", "auto: onnxruntime is not installed"
-    if meta is not None:
-        from medpipe.infer.quantize import auto_quantized_backend
-
-        chosen, why = auto_quantized_backend(meta, fp32, threads)
-        if chosen:
-            return chosen, f"auto: {why}"
-        return "onnx", f"auto: ONNX Runtime FP32, not INT8 because {why}"
-    return "onnx", "auto: ONNX Runtime FP32"
-
-
-class CudaGraphRunner:
-    """The eval-mode model captured as one CUDA graph per batch-size bucket (1, 2, 4, ..., max_batch).
-
-    A replay launches the whole network at once, where eager PyTorch launches several hundred kernels
-    one after another from Python; DenseNet121 at small batches is launch-bound on a GPU. A batch is
-    padded up to its bucket (rows are independent in eval mode); larger batches run in chunks. All
-    graphs share one memory pool; inputs are copied into static buffers, outputs copied out.
-    """
-
-    def __init__(self, model: torch.nn.Module, image_size: int, device: torch.device, max_batch: int = 16):
-        self.buckets = sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple] = {}
-        side = torch.cuda.Stream(device)
-        for bs in reversed(self.buckets):  # largest first: the shared pool is sized once
-            inp = torch.zeros(bs, 3, image_size, image_size, device=device).contiguous(
-                memory_format=torch.channels_last)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(2):  # warm-up outside capture (cuDNN handles, workspaces)
-                    model(inp)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
-                out = model(inp)
-            self.graphs[bs] = (graph, inp, out)
-        torch.cuda.synchronize(device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        outs, top = [], self.buckets[-1]
-        for i in range(0, len(x), top):
-            chunk = x[i:i + top]
-            n = len(chunk)
-            graph, inp, out = self.graphs[next(b for b in self.buckets if b >= n)]
-            inp[:n].copy_(chunk)
-            if n < len(inp):
-                inp[n:].zero_()
-            graph.replay()
-            outs.append(out[:n].float().cpu())
-        return torch.cat(outs)
-
-
 class Predictor:
-    """Load once, predict many times. ``backend``: eager PyTorch, ONNX Runtime FP32 or INT8 (CPU),
-    OpenVINO running the gated INT8 graph (CPU), or CUDA graphs of the eager model (CUDA), see BACKENDS. ``decision_rule``: the rule that picks each label
-    (medpipe.decision; None: the package's default); the probabilities are the same under every rule.
+    """Load once, predict many times. ``backend``: a registered backend (medpipe.infer.backends: eager
+    PyTorch, ONNX Runtime FP32 or INT8 on CPU, OpenVINO running the gated INT8 graph on CPU, CUDA graphs
+    of the eager model on CUDA) or ``auto`` (medpipe.infer.auto). ``decision_rule``: the rule that picks
+    each label (medpipe.decision; None: the package's default); the probabilities are the same under
+    every rule.
     ``tta``: by default average the logits over the image and its horizontal, vertical and double flips
     (four forward passes per image; a call may still ask for or against it)."""
 
@@ -130,94 +59,37 @@ class Predictor:
         self.tta = bool(tta)
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
+        self.spec = self.meta.preprocessing
         self._fp32_onnx: bytes | None = None
-        self.spec = package_spec(self.meta)
-        self.backend, self.backend_reason = resolve_backend(backend, self.device, self.meta, self._onnx_fp32,
-                                                            threads)
-        self._session = None
-        self._graphs = None
-        self._explainer = None
-        self.int8 = None  # the INT8 record (gate figures, temperature) when that backend runs
-        try:
-            self._start_backend(threads, max_batch)
-        except (RuntimeError, MedpipeError) as exc:
-            if backend != "auto":
-                other = {"openvino": "int8", "int8": "onnx"}.get(self.backend, "eager")
-                raise MedpipeError(f"the {self.backend} backend could not start ({exc}); --backend {other} is "
-                                   "the next choice") from None
-            log.warning("the %s backend could not start (%s); using the eager backend", self.backend, exc)
-            self.backend, self._session, self._graphs = "eager", None, None
-            self.backend_reason = f"auto: fell back because the faster backend could not start ({exc})"
+        ctx = LoadContext(self.model, self.meta, self.device, threads, max_batch, self._onnx_fp32)
+        self.runtime, self.backend, self.backend_reason = open_backend(backend, ctx)
         self._fp32_onnx = None  # only needed to start a backend
+        self._explainer = None
         log.info("backend %s (%s)", self.backend, self.backend_reason)
-        self.classes: list[str] = list(self.meta["classes"])
-        self.temperature = float(self.int8["temperature"] if self.int8 else
-                                 self.meta.get("calibration", {}).get("temperature", 1.0))
-        self.decision_rule, self._offsets = decision.resolve(self.meta.get("decision"), decision_rule,
-                                                             len(self.classes))
+        self.int8 = self.runtime.record  # the INT8 record (gate figures, temperature) when that model runs
+        self.classes: list[str] = list(self.meta.classes)
+        self.temperature = float(self.int8["temperature"] if self.int8 else self.meta.temperature)
+        self.decision_rule, self._offsets = decision.resolve(self.meta.decision, decision_rule, len(self.classes))
         # flip TTA's own calibration (temperature and decision offsets fitted on TTA validation logits), where the
         # package has it (trained with tta) and the backend is the FP32 model's; otherwise the plain one
-        cal_tta = None if self.int8 else self.meta.get("calibration", {}).get("tta")
+        cal_tta = None if self.int8 else self.meta.calibration.tta
         self._tta_temperature, self._tta_offsets = self.temperature, self._offsets
         if cal_tta:
-            self._tta_temperature = float(cal_tta["temperature"])
-            if cal_tta.get("decision") is not None:
-                self._tta_offsets = decision.resolve(cal_tta["decision"], self.decision_rule, len(self.classes))[1]
+            self._tta_temperature = cal_tta.temperature
+            if cal_tta.decision is not None:
+                self._tta_offsets = decision.resolve(cal_tta.decision, self.decision_rule, len(self.classes))[1]
         self.max_pixels = max_pixels
-        self.name = self.meta.get("name", "medpipe")
-        self.version = str(self.meta.get("version", "1"))
+        self.name = self.meta.name
+        self.version = self.meta.version
         self._lock = threading.Lock()
-
-    def _start_backend(self, threads: int | None, max_batch: int) -> None:
-        size = self.spec.image_size
-        if self.backend == "cudagraph":
-            self._graphs = CudaGraphRunner(self.model, size, self.device, max(1, int(max_batch)))
-        elif self.backend == "onnx":
-            from medpipe.export import onnx_session
-
-            self._session = onnx_session(self._onnx_fp32(), threads=threads)
-        elif self.backend == "int8":
-            from medpipe.export import onnx_session
-            from medpipe.infer.quantize import load_int8
-
-            data, info = load_int8(self.meta)
-            if not info["gate"].get("passed"):
-                log.warning("the INT8 model FAILED its accuracy gate (written with --force): %s",
-                            "; ".join(info["gate"].get("failures", [])))
-            self._session = onnx_session(data, threads=threads)
-            self.int8 = info
-        elif self.backend == "openvino":
-            self._start_openvino(threads, max_batch)
-
-    def _start_openvino(self, threads: int | None, max_batch: int) -> None:
-        """OpenVINO on the gated INT8 graph, in the precision its own gate was run in, with its temperature.
-        Asked for explicitly, a model whose OpenVINO gate failed still runs (with a warning), as a forced INT8
-        model does; anything else that makes the record unusable here is refused."""
-        from medpipe.infer.openvino_runtime import OpenVinoSession
-        from medpipe.infer.quantize import load_int8, openvino_record, openvino_status
-
-        data, info = load_int8(self.meta)
-        rec, why = openvino_record(info)
-        if rec is None:
-            raise MedpipeError(f"the openvino backend cannot run this model: {why}")
-        ok, why = openvino_status(info)
-        if not ok:
-            log.warning("the OpenVINO run of the INT8 model FAILED its accuracy gate: %s", why)
-        self._session = OpenVinoSession(data, threads=threads, precision=rec["precision"], max_batch=max_batch)
-        self._session.warm(buckets=1)  # compile now: a model OpenVINO cannot compile fails here, not mid-request
-        # the record the report and responses cite is OpenVINO's own gate and temperature
-        self.int8 = {**info, "gate": rec["gate"], "temperature": rec["temperature"], "runtime": "openvino"}
 
     def warm(self) -> None:
         """Prepare every batch size the server will meet (OpenVINO compiles one model per batch bucket)."""
-        if hasattr(self._session, "warm"):
-            self._session.warm()
+        self.runtime.warm()
 
     def _onnx_fp32(self) -> bytes:
         """The package's FP32 ONNX graph, exported once (auto's start-up check and the onnx backend share it)."""
         if self._fp32_onnx is None:
-            from medpipe.export import onnx_bytes
-
             self._fp32_onnx = onnx_bytes(self.model, self.spec.image_size)
         return self._fp32_onnx
 
@@ -234,13 +106,7 @@ class Predictor:
         return self.spec.prepare_array(arr, max_pixels=self.max_pixels)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._session is not None:
-            from medpipe.export import INPUT_NAME
-
-            return torch.from_numpy(self._session.run(None, {INPUT_NAME: x.contiguous().numpy()})[0])
-        if self._graphs is not None:
-            return self._graphs(x)
-        return self.model(x.to(self.device).contiguous(memory_format=torch.channels_last)).float().cpu()
+        return self.runtime.run(x)
 
     @torch.inference_mode()
     def logits(self, pixels: list[np.ndarray] | np.ndarray, tta: bool | None = None) -> torch.Tensor:
@@ -278,7 +144,6 @@ class Predictor:
 
     def explain(self, pixels: np.ndarray) -> tuple[Prediction, np.ndarray]:
         """Prediction and Grad-CAM map (HxW in [0, 1], model input size) for one image, eager model."""
-        from medpipe.infer.explain import GradCamExplainer
 
         x = eval_batch([pixels], self.spec).to(self.device)
         with self._lock:

@@ -22,6 +22,8 @@ import numpy as np
 
 from medpipe.errors import HttpError, http_status
 from medpipe.data import dicom
+from medpipe.data.decodepool import DecodeSpec, decode_item as decode_with
+from medpipe.utils import csv_text
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "image/bmp", "image/webp")
 NPY = "application/x-npy"
@@ -113,9 +115,8 @@ def parse_body(ctype: str, body: bytes, max_images: int = DEFAULT_MAX_IMAGES) ->
 def decode_item(predictor, kind: str, payload, max_pixels: int):
     """One parsed item -> model-size RGB uint8, or the ImageError that says why not (returned, not raised).
 
-    In this process; the service runs the same function in its decode processes (medpipe/serve/decodepool.py).
+    In this process; the service runs the same function in its decode processes (medpipe/data/decodepool.py).
     """
-    from medpipe.serve.decodepool import DecodeSpec, decode_item as decode_with
 
     return decode_with(DecodeSpec(predictor.size, predictor.spec.interpolation, max_pixels), kind, payload)
 
@@ -145,7 +146,6 @@ def finish(preds: list[dict]) -> list[dict]:
 
 def to_csv(classes: list[str], preds: list[dict]) -> str:
     """``Accept: text/csv``: one row per image, through the one CSV writer (quoting, formula neutralisation)."""
-    from medpipe.utils import csv_text
 
     rows = [[i, "", "", *([""] * len(classes)), p["error"]] if "error" in p else
             [i, p["label"], p["class_index"], *(f"{p['probabilities'][c]:.6f}" for c in classes), ""]

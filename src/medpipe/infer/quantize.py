@@ -27,6 +27,7 @@ temperature, the inference precision and the OpenVINO version; see infer/openvin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -35,8 +36,17 @@ from pathlib import Path
 
 import numpy as np
 
-from medpipe.utils import to_json
+from medpipe.calibration import fit_temperature
+from medpipe.data.cache import build_cache
+from medpipe.data.sources import load_records
 from medpipe.errors import GateError, QuantizeError
+from medpipe.infer import openvino_runtime as ovr
+from medpipe.infer.onnx_runtime import INPUT_NAME, onnx_bytes, onnx_session, with_onnx_metadata
+from medpipe.infer.openvino_runtime import OpenVinoSession
+from medpipe.metrics import macro_auc
+from medpipe.package import Calibration, PackageMeta, load_package, read_meta
+from medpipe.preprocess import eval_batch
+from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +78,14 @@ def int8_paths(pkg_dir: str | Path) -> tuple[Path, Path]:
     return Path(pkg_dir) / INT8_FILE, Path(pkg_dir) / INT8_META
 
 
-def load_int8(meta: dict) -> tuple[bytes, dict]:
+def load_int8(meta: PackageMeta) -> tuple[bytes, dict]:
     """The package's INT8 model and its record, both verified; QuantizeError naming what is wrong."""
     import hashlib
 
-    onnx_path, info_path = int8_paths(meta["_dir"])
+    onnx_path, info_path = int8_paths(meta.dir)
     if not info_path.is_file():
-        raise QuantizeError(f"{meta['_dir']} has no INT8 model; make one with "
-                            f"'medpipe quantize --model {meta['_dir']} --data DATA'")
+        raise QuantizeError(f"{meta.dir} has no INT8 model; make one with "
+                            f"'medpipe quantize --model {meta.dir} --data DATA'")
     try:
         info = json.loads(info_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -86,9 +96,9 @@ def load_int8(meta: dict) -> tuple[bytes, dict]:
     for key in ("sha256", "weights_sha256", "temperature", "gate"):
         if key not in info:
             raise QuantizeError(f"{info_path}: missing key '{key}'")
-    if info["weights_sha256"] != meta["weights_sha256"]:
+    if info["weights_sha256"] != meta.weights_sha256:
         raise QuantizeError(f"{info_path}: made from other weights ({str(info['weights_sha256'])[:12]}...) than "
-                            f"this package's ({meta['weights_sha256'][:12]}...); run 'medpipe quantize' again")
+                            f"this package's ({meta.weights_sha256[:12]}...); run 'medpipe quantize' again")
     if not onnx_path.is_file():
         raise QuantizeError(f"{onnx_path} is missing ({INT8_META} refers to it)")
     import os
@@ -160,13 +170,9 @@ def measure_speedup(fp32: bytes, int8: bytes, image_size: int, *, batches: tuple
     built by ``onnx_session`` with these ``threads``), instead of building them again."""
     import time
 
-    from medpipe.export import INPUT_NAME, onnx_session
-
     sessions = dict(sessions) if sessions else {"fp32": onnx_session(fp32, threads=threads),
                                                 "int8": onnx_session(int8, threads=threads)}
     if openvino:
-        from medpipe.infer.openvino_runtime import OpenVinoSession
-
         sessions["openvino"] = OpenVinoSession(int8, threads=threads, precision=openvino, max_batch=max(batches))
     names = list(sessions)
     rng = np.random.default_rng(0)
@@ -207,119 +213,6 @@ def format_speed(speed: dict) -> str:
     return text
 
 
-_SPEED_CHECKS: dict[tuple, dict] = {}  # start-up checks, once per process, INT8 model, CPU and thread count
-
-
-def openvino_record(info: dict) -> tuple[dict | None, str]:
-    """The INT8 record's ``openvino`` entry if it can be used here at all (installed, well-formed, same
-    OpenVINO release line as gated, precision runnable on this CPU), else None and why. Whether its gate
-    passed is :func:`openvino_status`'s question."""
-    from medpipe.infer import openvino_runtime as ovr
-
-    rec = info.get("openvino")
-    if not isinstance(rec, dict) or not isinstance(rec.get("gate"), dict):
-        return None, ("its INT8 model has no OpenVINO gate (it was quantized without OpenVINO installed; "
-                      "run 'medpipe quantize' again with pip install 'medpipe[openvino]', or use --backend int8)")
-    if not ovr.available():
-        return None, "OpenVINO is not installed (pip install 'medpipe[openvino]')"
-    t, g = rec.get("temperature"), rec["gate"]
-    if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0 or rec.get("precision") not in ovr.PRECISIONS \
-            or not isinstance(g.get("passed"), bool) or not all(isinstance(g.get(k), (int, float))
-                                                                 for k in ("agreement", "auc_diff")):
-        return None, (f"{INT8_META}: its 'openvino' record is malformed (temperature, precision or gate figures); "
-                      "run 'medpipe quantize' again")
-    try:
-        here, runnable = ovr.version(), ovr.supported(rec["precision"])
-    except Exception as exc:  # noqa: BLE001 - a broken optional runtime is a reason not to use it
-        return None, f"OpenVINO does not start here ({exc.__class__.__name__}: {exc})"
-    if ovr.release(here) != ovr.release(str(rec.get("version", ""))):
-        return None, (f"its OpenVINO gate was run with OpenVINO {rec.get('version')}, this is {here}: outputs of "
-                      "another release were never gated; run 'medpipe quantize' again")
-    if not runnable:
-        return None, (f"its OpenVINO gate was run in {rec['precision']}, which this CPU does not run; run "
-                      "'medpipe quantize' again on this machine or use --backend int8")
-    return rec, "usable"
-
-
-def openvino_status(info: dict) -> tuple[bool, str]:
-    """Whether the ``openvino`` backend may run this INT8 model here, and why: :func:`openvino_record`
-    and its own gate, run at quantize time, passed."""
-    rec, why = openvino_record(info)
-    if rec is None:
-        return False, why
-    g = rec["gate"]
-    if not g["passed"]:
-        return False, "OpenVINO's outputs failed the accuracy gate: " + "; ".join(map(str, g.get("failures", [])))
-    return True, (f"OpenVINO gate passed in {rec['precision']} (agreement {g['agreement']:.1%}, macro AUC "
-                  f"difference {g['auc_diff']:.4f})")
-
-
-def auto_quantized_backend(meta: dict, fp32=None, threads: int | None = None) -> tuple[str | None, str]:
-    """Whether ``auto`` may pick the package's INT8 model on this CPU (``int8`` on ONNX Runtime or
-    ``openvino``), and why (for the log); None keeps FP32.
-
-    INT8 only when the CPU has INT8 dot-product instructions, the model is verified and passed its
-    gate, and INT8 was measured at least ``MIN_SPEEDUP`` times as fast as FP32 ONNX on this CPU model:
-    the figure recorded at quantize time when it was made on the same CPU model, else a short start-up
-    check (``fp32``: a callable returning the FP32 ONNX bytes; without it no check, no INT8), cached
-    for the process. OpenVINO is picked over ONNX Runtime when its own gate passed (:func:`openvino_status`)
-    and it was measured faster than both FP32 (by ``MIN_SPEEDUP``) and ONNX Runtime INT8."""
-    flags = cpu_int8_flags()
-    if not flags:
-        return None, "this CPU reports no INT8 dot-product instructions (avx512_vnni, avx_vnni or amx_int8)"
-    if not int8_paths(meta["_dir"])[1].is_file():
-        return None, f"the package has no INT8 model (medpipe quantize makes one); CPU has {'+'.join(flags)}"
-    try:
-        int8, info = load_int8(meta)
-    except QuantizeError as exc:
-        return None, f"its INT8 model is not usable: {exc}"
-    if not info["gate"].get("passed"):
-        return None, "its INT8 model failed the accuracy gate (written with --force): " + \
-            "; ".join(info["gate"].get("failures", []))
-    gated = f"gated INT8 model (agreement {info['gate']['agreement']:.1%}, macro AUC difference " \
-            f"{info['gate']['auc_diff']:.4f})"
-    ov_ok, ov_why = openvino_status(info)
-    here = cpu_model()
-    speed = info.get("speed") if isinstance(info.get("speed"), dict) else None
-    recorded = (speed is not None and isinstance(speed.get("cpu"), dict) and speed["cpu"].get("model") == here
-                and isinstance(speed.get("speedup"), (int, float)) and math.isfinite(speed["speedup"]))
-    if recorded:
-        source = f"measured at quantize time on this CPU model ({here}, {'+'.join(flags)})"
-    elif fp32 is None:
-        return None, (f"its {gated} has no speed figure for this CPU ({here}) and no start-up check could run")
-    else:
-        key = (info["sha256"], here, threads, ov_ok)
-        if key not in _SPEED_CHECKS:
-            from medpipe.package import package_spec
-
-            size = package_spec(meta).image_size
-            check = None
-            if ov_ok:  # with OpenVINO; should OpenVINO fail here, time ONNX Runtime's INT8 alone
-                try:
-                    check = measure_speedup(fp32(), int8, size, threads=threads, warmup=1, rounds=3,
-                                            openvino=info["openvino"]["precision"])
-                except Exception as exc:  # noqa: BLE001
-                    ov_ok, ov_why = False, f"OpenVINO failed its start-up check ({exc.__class__.__name__}: {exc})"
-            try:
-                _SPEED_CHECKS[key] = check or measure_speedup(fp32(), int8, size, threads=threads, warmup=1, rounds=3)
-            except Exception as exc:  # noqa: BLE001 - a failed check is a reason to keep FP32, not to fail
-                return None, f"the start-up speed check of its {gated} failed ({exc.__class__.__name__}: {exc})"
-        speed = _SPEED_CHECKS[key]
-        source = (f"start-up check on this CPU ({here}, {'+'.join(flags)}; "
-                  + ("the quantize-time figure is from " + str(info["speed"]["cpu"].get("model"))
-                     if isinstance(info.get("speed"), dict) and isinstance(info["speed"].get("cpu"), dict)
-                     else "no quantize-time figure") + ")")
-    ovs = speed.get("openvino_speedup")
-    if ov_ok and isinstance(ovs, (int, float)) and math.isfinite(ovs) and ovs >= MIN_SPEEDUP and ovs > speed["speedup"]:
-        return "openvino", f"{gated}, {ov_why}, {format_speed(speed)} {source}"
-    if speed["speedup"] >= MIN_SPEEDUP:
-        not_ov = (ov_why if not ov_ok else "no OpenVINO speed figure" if not isinstance(ovs, (int, float))
-                  else f"OpenVINO measured {ovs:.2f}x FP32 ONNX")
-        return "int8", f"{gated}, {format_speed(speed)} {source}; not OpenVINO: {not_ov}"
-    return None, (f"its {gated} is not fast enough here: {format_speed(speed)} {source}, "
-                  f"at least {MIN_SPEEDUP}x required")
-
-
 # -- quantization ----------------------------------------------------------------------------------
 
 def _float_nodes(path: Path) -> list[str]:
@@ -353,7 +246,6 @@ def quantize_onnx(fp32: bytes, calibration: list[np.ndarray], **options) -> byte
     ``reduce_range`` (7-bit weights), ``op_types`` (None: every op ONNX Runtime can quantize; else a
     list such as ["Conv", "MatMul", "Gemm"]), ``keep_ends_fp32`` (first convolution and logits in FP32),
     ``activation`` ``uint8``|``int8``, ``extra_options`` (passed to ``quantize_static``)."""
-    from medpipe.export import INPUT_NAME
 
     unknown = set(options) - set(QUANT_DEFAULTS)
     if unknown:
@@ -398,17 +290,6 @@ def quantize_onnx(fp32: bytes, calibration: list[np.ndarray], **options) -> byte
         return out.read_bytes()
 
 
-def _macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    import warnings
-
-    from medpipe.evaluate import _auc_per_class
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per = _auc_per_class(y, probs)
-        return float(np.nanmean(per)) if not all(math.isnan(v) for v in per) else float("nan")
-
-
 def _softmax(logits: np.ndarray, t: float) -> np.ndarray:
     z = logits / t
     z = z - z.max(axis=1, keepdims=True)
@@ -420,12 +301,10 @@ def gate(y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float, int8_l
     """The accuracy gate's figures on the validation split, INT8's own temperature, and what failed."""
     import torch
 
-    from medpipe.pipeline import fit_temperature
-
     y = np.array(y, dtype=np.int64)  # a writable copy
     t8 = fit_temperature(torch.from_numpy(int8_logits.astype(np.float32)), torch.from_numpy(y))
     p32, p8 = _softmax(fp32_logits, fp32_temperature), _softmax(int8_logits, t8)
-    auc32, auc8 = _macro_auc(y, p32), _macro_auc(y, p8)
+    auc32, auc8 = macro_auc(y, p32), macro_auc(y, p8)
     agreement = float((p32.argmax(1) == p8.argmax(1)).mean())
     figures = {"n": int(len(y)), "fp32_macro_auc": auc32, "int8_macro_auc": auc8,
                "auc_diff": abs(auc8 - auc32) if math.isfinite(auc32) and math.isfinite(auc8) else float("nan"),
@@ -445,18 +324,15 @@ def gate(y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float, int8_l
     return figures
 
 
-def _validation_pixels(meta: dict, data: str | Path, size: int, interpolation: str):
+def _validation_pixels(meta: PackageMeta, data: str | Path, size: int, interpolation: str):
     """uint8 pixels and class indices of the package's validation split, decoded like serving does."""
     import pandas as pd
 
-    from medpipe.data.cache import build_cache
-    from medpipe.data.sources import load_records
-
     data = Path(data)
     table, classes = load_records(data)
-    if list(classes) != list(meta["classes"]):
-        raise QuantizeError(f"--data {data}: classes {classes} differ from the model's {meta['classes']}")
-    run_splits = Path(meta["_dir"]).parent / "splits.csv"
+    if list(classes) != list(meta.classes):
+        raise QuantizeError(f"--data {data}: classes {classes} differ from the model's {list(meta.classes)}")
+    run_splits = meta.dir.parent / "splits.csv"
     sp_path = run_splits if run_splits.is_file() else data / "splits.csv"
     if not sp_path.is_file():
         raise QuantizeError(f"no split file: neither {run_splits} nor {data / 'splits.csv'} exists "
@@ -480,9 +356,6 @@ def _folder_pixels(folder: str | Path, spec) -> np.ndarray:
 
 
 def _logits(session, pixels: np.ndarray, spec, batch: int = 32) -> np.ndarray:
-    from medpipe.export import INPUT_NAME
-    from medpipe.preprocess import eval_batch
-
     return np.concatenate([session.run(None, {INPUT_NAME: eval_batch(list(pixels[i:i + batch]), spec).numpy()})[0]
                            for i in range(0, len(pixels), batch)])
 
@@ -497,11 +370,8 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
 
     import onnxruntime
 
-    from medpipe.export import onnx_bytes, onnx_session
-    from medpipe.package import load_package, package_spec
-
     model, meta = load_package(package)
-    spec = package_spec(meta)
+    spec = meta.preprocessing
     if data is None:
         raise QuantizeError("give --data DATA: the ingested data folder the package was trained on (its "
                             "validation split calibrates the INT8 model and checks the gate)")
@@ -509,12 +379,11 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     calib_px = _folder_pixels(calibration, spec) if calibration else val_px
     if len(calib_px) > max_calibration:
         calib_px = calib_px[np.linspace(0, len(calib_px) - 1, max_calibration).round().astype(int)]
-    from medpipe.preprocess import eval_batch
 
     calib = [eval_batch(list(calib_px[i:i + 16]), spec).numpy() for i in range(0, len(calib_px), 16)]
     fp32 = onnx_bytes(model, spec.image_size)
     int8 = quantize_onnx(fp32, calib)
-    t32 = float(meta.get("calibration", {}).get("temperature", 1.0))
+    t32 = meta.temperature
     # the gate's sessions are timed below too (the metadata _self_describing adds does not change the graph)
     built = {"fp32": onnx_session(fp32), "int8": onnx_session(int8)}
     fp32_logits = _logits(built["fp32"], val_px, spec)
@@ -528,7 +397,7 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
     t8 = figures.pop("temperature")
     int8 = _self_describing(int8, meta, t8, figures)
     info = {"format": INT8_FORMAT, "file": INT8_FILE, "sha256": hashlib.sha256(int8).hexdigest(),
-            "weights_sha256": meta["weights_sha256"], "temperature": t8,
+            "weights_sha256": meta.weights_sha256, "temperature": t8,
             "gate": figures, "forced": bool(force and not figures["passed"]),
             "method": {"toolchain": f"onnxruntime {onnxruntime.__version__}",
                        "format": "QOperator" if QUANT_DEFAULTS["quant_format"] == "qoperator" else "QDQ",
@@ -539,7 +408,6 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
                        "calibration_images": int(len(calib_px)),
                        "calibration_source": str(calibration) if calibration else f"validation split of {data}"},
             "cpu_int8_flags": cpu_int8_flags()}
-    from medpipe.infer import openvino_runtime as ovr
 
     speed = None
     if ovr.available():  # the same graph on OpenVINO: its own outputs, so its own gate and temperature
@@ -563,7 +431,6 @@ def quantize_package(package: str | Path, data: str | Path | None, *, calibratio
 def openvino_gate(int8: bytes, y: np.ndarray, fp32_logits: np.ndarray, fp32_temperature: float,
                   pixels: np.ndarray, spec) -> dict:
     """The accuracy gate on OpenVINO's outputs for the INT8 graph, in this CPU's inference precision."""
-    from medpipe.infer import openvino_runtime as ovr
 
     precision = ovr.cpu_precision()
     session = ovr.OpenVinoSession(int8, precision=precision, max_batch=32)
@@ -572,24 +439,20 @@ def openvino_gate(int8: bytes, y: np.ndarray, fp32_logits: np.ndarray, fp32_temp
             "gate": figures}
 
 
-def _self_describing(int8: bytes, meta: dict, temperature: float, figures: dict) -> bytes:
+def _self_describing(int8: bytes, meta: PackageMeta, temperature: float, figures: dict) -> bytes:
     """The INT8 graph with the same metadata_props as an FP32 ONNX export (its own temperature) + the gate."""
     import onnx
 
-    from medpipe.export import with_onnx_metadata
-
-    m = onnx.load_from_string(with_onnx_metadata(int8, {**meta, "calibration": {"method": "temperature",
-                                                                               "temperature": temperature}}))
+    own = dataclasses.replace(meta, calibration=Calibration(float(temperature)))
+    m = onnx.load_from_string(with_onnx_metadata(int8, own))
     m.metadata_props.add(key="int8_gate", value=json.dumps(figures, default=float))
     return m.SerializeToString()
 
 
 def install_int8(package: str | Path, int8: bytes, info: dict) -> Path:
     """Write the INT8 model into the package folder (ONNX first, then its record)."""
-    from medpipe.package import read_meta
-    from medpipe.utils import atomic_write_bytes, atomic_write_text
 
-    onnx_path, info_path = int8_paths(read_meta(package)["_dir"])
+    onnx_path, info_path = int8_paths(read_meta(package).dir)
     atomic_write_bytes(onnx_path, int8)
     atomic_write_text(info_path, to_json(info, indent=2))
     return onnx_path
@@ -625,30 +488,3 @@ def _format_openvino(rec: dict) -> str:
             f"{g['max_prob_diff']:.4f}; temperature {rec['temperature']:.3f}; "
             + ("PASSED" if g["passed"] else "FAILED: " + "; ".join(g["failures"])
                + " (auto never picks it; --backend openvino runs it with a warning)"))
-
-
-def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None = None,
-                calibration: str | Path | None = None, force: bool = False) -> dict:
-    """``medpipe export --format onnx-int8``: the package's gated INT8 model (made now if it has none, or
-    if --data/--calibration ask for a fresh one) written to ``out`` with a JSON sidecar holding the gate."""
-    from medpipe.export import _sidecar, check_target, sidecar_path
-    from medpipe.package import read_meta
-    from medpipe.utils import atomic_write_bytes, atomic_write_text
-
-    meta = read_meta(package)
-    out = Path(out)
-    check_target(out, "onnx-int8", force)
-    int8 = info = None
-    if data is None and calibration is None and int8_paths(meta["_dir"])[1].is_file():
-        int8, info = load_int8(meta)
-        if not info["gate"].get("passed") and not force:
-            raise GateError(f"the package's INT8 model failed its accuracy gate ({'; '.join(info['gate']['failures'])}); "
-                            "not exported (--force exports it anyway)")
-    if int8 is None:
-        int8, info = quantize_package(package, data, calibration=calibration, force=force)
-    sidecar = json.loads(_sidecar(meta, "onnx-int8"))
-    sidecar["calibration"] = {"method": "temperature", "temperature": info["temperature"]}
-    sidecar["int8"] = info
-    atomic_write_bytes(out, int8)
-    atomic_write_text(sidecar_path(out), to_json(sidecar, indent=2))
-    return {"format": "onnx-int8", "out": str(out), "int8": info}

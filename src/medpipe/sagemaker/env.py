@@ -1,7 +1,7 @@
 """Every SageMaker environment variable and ``/opt/ml`` path medpipe reads, in one place.
 
 The base is ``/opt/ml``; ``SAGEMAKER_BASE_DIR`` moves it (the variable the training and inference
-toolkits honour, used for local emulation and tests); ``MEDPIPE_SM_BASE`` is an older alias. Under
+toolkits honour, used for local emulation and tests); ``MEDPIPE_SM_BASE`` is an alias of it. Under
 the base: ``input/config/{hyperparameters,resourceconfig}.json``, ``input/data/<channel>/``,
 ``model/`` (tarred by SageMaker after the job: the deployable layout), ``output/data/``,
 ``output/failure`` and ``checkpoints/`` (the estimator's ``checkpoint_local_path``; SageMaker does

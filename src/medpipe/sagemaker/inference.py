@@ -31,6 +31,7 @@ import os
 import uuid
 
 from medpipe.data.imageio import DEFAULT_MAX_PIXELS
+from medpipe.infer.predictor import Predictor
 from medpipe.infer.protocol import (
     CSV_T,
     DEFAULT_MAX_IMAGES,
@@ -60,8 +61,6 @@ def device_for(context) -> str:
 
 
 def model_fn(model_dir, context=None):
-    from medpipe.infer.predictor import Predictor
-
     # the endpoint's environment (Model(env=...)) chooses the runtime and flip TTA, as for medpipe serve
     return Predictor(model_dir, device=device_for(context), backend=os.environ.get("MEDPIPE_BACKEND", "auto"),
                      tta=os.environ.get("MEDPIPE_TTA", "").strip().lower() in ("1", "true", "yes"))

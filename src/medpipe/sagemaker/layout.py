@@ -23,6 +23,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import medpipe
+from medpipe.infer.quantize import INT8_FILE, INT8_META
 from medpipe.package import META, WEIGHTS, PackageError
 from medpipe.utils import atomic_write_bytes
 
@@ -42,7 +44,6 @@ def requirements_text(offline: bool = False) -> str:
 
 def layout_files(pkg_dir: str | Path, wheels: str | Path | None = None) -> dict[str, Path | bytes]:
     """Relative path -> file or bytes, for every file of the deployable layout (sorted)."""
-    import medpipe
 
     pkg_dir = Path(pkg_dir)
     for name in (WEIGHTS, META):
@@ -51,7 +52,6 @@ def layout_files(pkg_dir: str | Path, wheels: str | Path | None = None) -> dict[
     files: dict[str, Path | bytes] = {WEIGHTS: pkg_dir / WEIGHTS, META: pkg_dir / META,
                                       "code/inference.py": ENTRY,
                                       "code/requirements.txt": requirements_text(wheels is not None).encode()}
-    from medpipe.infer.quantize import INT8_FILE, INT8_META
 
     for name in (INT8_FILE, INT8_META):  # the optional gated INT8 model (medpipe quantize); `auto` verifies it
         if (pkg_dir / name).is_file():

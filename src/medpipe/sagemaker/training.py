@@ -23,9 +23,12 @@ import time
 import traceback
 from pathlib import Path
 
-from medpipe.utils import to_json
-from medpipe.cli import exit_process  # noqa: F401 - sagemaker_entry.py exits through it
+from medpipe.config import make_config
+from medpipe.data.sources import format_report, ingest
+from medpipe.errors import TrainingInterrupted, exit_code
 from medpipe.sagemaker.env import CHECKPOINT_HP, SageMakerEnv, load_env, parse_value
+from medpipe.sagemaker.layout import write_layout
+from medpipe.utils import exit_process, to_json  # noqa: F401 - sagemaker_entry.py exits through exit_process
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,6 @@ def options(sm: SageMakerEnv, argv: list[str]) -> tuple[dict, dict]:
 
 def ingest_channel(sm: SageMakerEnv, job: dict, data_dir: Path, done: Path) -> dict:
     """Ingest the input channel into ``data_dir`` once per host (local rank 0; the others wait for it)."""
-    from medpipe.data.sources import ingest
 
     if not sm.channels:
         raise FileNotFoundError(f"no input channel under {sm.base / 'input' / 'data'}; give the estimator a 'train' channel")
@@ -100,11 +102,7 @@ def ingest_channel(sm: SageMakerEnv, job: dict, data_dir: Path, done: Path) -> d
 
 
 def run(argv: list[str] | None = None, environ: dict | None = None) -> int:
-    from medpipe.config import make_config
-    from medpipe.data.sources import format_report
-    from medpipe.sagemaker.layout import write_layout
-    from medpipe.pipeline import run as train
-    from medpipe.train.engine import TrainingInterrupted
+    from medpipe.pipeline import run as train  # deferred: torch; a failure to load it reaches output/failure
 
     sm = load_env(environ)
     hps, job = options(sm, list(sys.argv[1:] if argv is None else argv))
@@ -124,8 +122,6 @@ def run(argv: list[str] | None = None, environ: dict | None = None) -> int:
                         report_dir=sm.output_data_dir / "report")
     except TrainingInterrupted as exc:
         print(str(exc), flush=True)
-        from medpipe.errors import exit_code
-
         return exit_code(exc)
     if sm.is_primary and summary.get("model_dir"):  # SageMaker tars this folder: it must deploy as is
         write_layout(sm.model_dir)

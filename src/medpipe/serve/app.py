@@ -19,13 +19,17 @@ once), then the model is loaded and verified before the port listens, so a bad p
 process with a clear line and a non-zero exit; "serving on" is logged only once the port listens
 and the model is warmed up.
 
-Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``):
-  connections   header_timeout_s, max_connections (medpipe/serve/connections.py: a uvicorn protocol
-                subclass); malformed HTTP -> 400 JSON
-  request       Content-Length with Transfer-Encoding -> 400 and close; max_body_mb (413 before
-                reading when declared); max_requests requests holding a body at once and the
-                memory_ceiling_mb, both decided *before* the body is read (503); body_timeout_s (408)
-  decode        in worker processes (medpipe/serve/decodepool.py): decode_timeout_s (422, worker
+Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``; docs/security.md):
+  connections   header_timeout_s, max_connections, max_connections_per_client, eviction of silent
+                connections (medpipe/serve/connections.py: a uvicorn protocol subclass); malformed
+                HTTP -> 400 JSON; TLS (tls_cert, tls_key) through uvicorn
+  request       Content-Length with Transfer-Encoding -> 400 and close; the bearer token
+                (auth_token_file, 401); max_body_mb (413 before reading when declared) and the
+                memory_ceiling_mb (503) before the body is read
+  body          medpipe/serve/guard.py: max_uploads_per_client and upload_buffer_mb while it
+                arrives (503), min_upload_kbps after upload_grace_s (408), body_timeout_s (408);
+                a complete body takes one of max_requests processing slots (503)
+  decode        in worker processes (medpipe/data/decodepool.py): decode_timeout_s (422, worker
                 replaced), decode_memory_mb (413), max_pixels (413), max_jpeg_scans (422)
   inference     max_queue images admitted (503), max_batch, deadline_s (504)
 """
@@ -44,10 +48,11 @@ from importlib import resources
 import numpy as np
 
 from medpipe.data import dicom, imageio
-from medpipe.errors import http_status
+from medpipe.errors import ConfigError, MedpipeError, PredictionError, http_status
 from medpipe.serve.batcher import Batcher
-from medpipe.serve.decodepool import DecodePool, DecodeSpec
-from medpipe.serve.oip import metric_route
+from medpipe.data.decodepool import DecodePool, DecodeSpec
+from medpipe.serve.oip import add_routes, metric_route
+from medpipe.serve.guard import BearerAuth, Upload, UploadGate, access_policy
 from medpipe.infer.protocol import (
     CSV_T,
     DEFAULT_MAX_IMAGES,
@@ -63,6 +68,8 @@ from medpipe.infer.protocol import (
     to_csv,
     unsupported,
 )
+from medpipe.serve.connections import ConnectionLimits, protocol_class
+from medpipe.serve.render import heatmap_png, png_data_url
 
 log = logging.getLogger("medpipe.serve")
 
@@ -91,9 +98,14 @@ class ServeConfig:
     max_queue: int = 64            # images admitted at once (decoding, queued or running); more -> 503
     deadline_s: float = 55.0       # per request, from admission to answer; -> 504
     body_timeout_s: float = 20.0   # whole body must arrive within this; -> 408 and the connection closes
+    min_upload_kbps: float = 16.0  # after upload_grace_s a body must have arrived at this average rate; -> 408
+    upload_grace_s: float = 2.0    # the time a body has before min_upload_kbps applies
+    max_uploads_per_client: int = 16  # bodies arriving at once from one client address; more -> 503 (0: no cap)
+    upload_buffer_mb: float = 192.0  # bytes held by all bodies still arriving; over -> 503
     header_timeout_s: float = 10.0  # request line + headers must arrive within this; else closed (408 if partial)
-    max_connections: int = 256     # open connections; at the cap the longest header wait is dropped, else 503
-    max_requests: int = 32         # requests holding a body (reading, decoding, queued, running); more -> 503
+    max_connections: int = 256     # open connections; at the cap a silent one of the biggest client goes, else 503
+    max_connections_per_client: int = 64  # open connections of one client address (0: no cap)
+    max_requests: int = 32         # requests with a complete body (decoding, queued, running); more -> 503
     memory_ceiling_mb: float = 0.0  # RSS (server + decode workers) above which bodies are refused (503);
     #                                 0 = the RSS once the model is loaded and warmed up + 1024 MB
     decode_workers: int = 2        # decode processes
@@ -102,10 +114,11 @@ class ServeConfig:
     max_jpeg_scans: int = imageio.DEFAULT_MAX_JPEG_SCANS  # more scans -> 422 before decoding (scan bombs)
     max_concurrent_transforms: int = 4  # advertised to SageMaker batch transform
     graceful_s: float = 25.0       # SIGTERM: finish in-flight requests for at most this long
+    auth_token_file: str | None = None  # bearer token every route but the health checks needs (401)
+    tls_cert: str | None = None    # PEM certificate (chain) for HTTPS, with tls_key
+    tls_key: str | None = None     # PEM private key of tls_cert
 
     def __post_init__(self):
-        from medpipe.errors import ConfigError
-
         positive = ("max_body_mb", "max_pixels", "max_images", "max_batch", "max_queue", "deadline_s",
                     "body_timeout_s", "header_timeout_s", "max_connections", "max_requests", "decode_workers",
                     "decode_timeout_s")
@@ -117,6 +130,14 @@ class ServeConfig:
                               f"about 120 MB before it decodes anything), got {self.decode_memory_mb}")
         if self.max_jpeg_scans < 0 or self.memory_ceiling_mb < 0:
             raise ConfigError("--max-jpeg-scans and --memory-ceiling-mb must be >= 0 (0: no limit / automatic)")
+        for name in ("min_upload_kbps", "upload_grace_s", "max_uploads_per_client", "max_connections_per_client"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.upload_buffer_mb >= self.max_body_mb:
+            raise ConfigError(f"--upload-buffer-mb ({self.upload_buffer_mb:g}) must hold at least one body of "
+                              f"--max-body-mb ({self.max_body_mb:g})")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -126,14 +147,15 @@ class ServeConfig:
 class Service:
     """State shared by the routes: the predictor, the batcher, limits and metrics."""
 
-    def __init__(self, predictor, cfg: ServeConfig):
-        from medpipe.serve.metrics import Metrics
+    def __init__(self, predictor, cfg: ServeConfig, auth: BearerAuth | None = None, per_client_caps: bool = True):
+        from medpipe.serve.metrics import Metrics  # deferred: prometheus_client (serve extra), not for --help
 
         self.predictor = predictor
         self.cfg = cfg
         self.metrics = Metrics()
         self.admitted = 0
-        self.requests_with_body = 0
+        self.gate = UploadGate(cfg, self.metrics, per_client=per_client_caps)
+        self.auth = auth
         self.ready = False
         self.batcher: Batcher | None = None
         self.decode_pool: DecodePool | None = None
@@ -159,7 +181,6 @@ class Service:
         # Warm-up: the first forward at each batch size the batcher will meet is slower.
         size = self.predictor.size
         blank = np.zeros((size[0], size[1], 3), np.uint8)
-        from medpipe.infer.predictor import PredictionError
 
         try:
             await loop.run_in_executor(None, self.predictor.probabilities, [blank])
@@ -183,36 +204,38 @@ class Service:
 
     # -- request steps (each a small function, testable alone) ----------------------------------
     async def read_body(self, request) -> bytes:
+        """The body admitted by :meth:`admit_body`: cut off when it arrives too slowly (408), then given a
+        processing slot (503 when none is free) before it is returned."""
         from starlette.requests import ClientDisconnect
 
+        loop = asyncio.get_running_loop()
+        tracked = request.scope.get("medpipe.upload")  # None: the app driven without RequestEnvelope (tests)
+        up = tracked or Upload("-", loop.time())
         cap = int(self.cfg.max_body_mb * 1024 * 1024)
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                n = int(declared)
-            except ValueError:
-                raise HttpError(400, "bad_content_length", "Content-Length is not a number") from None
-            if n > cap:
-                raise HttpError(413, "body_too_large", f"body of {n} bytes is over the {cap}-byte limit", CLOSE)
         buf = bytearray()
         try:
-            async with asyncio.timeout(0 if self.draining else self.cfg.body_timeout_s) as timer:
+            async with asyncio.timeout_at(loop.time() if self.draining else self.gate.deadline(up)) as timer:
                 self._body_timers.add(timer)
                 try:
                     async for chunk in request.stream():
                         buf += chunk
                         if len(buf) > cap:
                             raise HttpError(413, "body_too_large", f"body is over the {cap}-byte limit", CLOSE)
+                        if tracked is not None:
+                            self.gate.received(up, len(chunk))
+                        if not self.draining:
+                            timer.reschedule(self.gate.deadline(up))
                 finally:
                     self._body_timers.discard(timer)
         except TimeoutError:
             if self.draining:
                 raise HttpError(503, "shutting_down", "the server is shutting down; send the request again "
                                 "(to another instance)", CLOSE) from None
-            raise HttpError(408, "body_timeout", f"body not received within {self.cfg.body_timeout_s:g} s",
-                            CLOSE) from None
+            raise self.gate.timed_out(up, loop.time()) from None
         except ClientDisconnect:
             raise HttpError(400, "client_disconnected", "client closed the connection mid-body") from None
+        if tracked is not None:
+            self.gate.complete(up)
         return bytes(buf)
 
     async def decode(self, kind: str, payload):
@@ -222,8 +245,9 @@ class Service:
             self.metrics.decode_abandoned.inc()
         return result
 
-    def admit_body(self, headers: dict) -> None:
-        """Decide, before a single body byte is read, whether this request may bring its body."""
+    def admit_body(self, headers: dict, peer: str) -> Upload:
+        """Before a single body byte is read: the declared size (413) and the memory ceiling (503), then an
+        upload place of the client's address (503 over max_uploads_per_client)."""
         cap = int(self.cfg.max_body_mb * 1024 * 1024)
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -233,16 +257,13 @@ class Service:
                 raise HttpError(400, "bad_content_length", "Content-Length is not a number", CLOSE) from None
             if n > cap:
                 raise HttpError(413, "body_too_large", f"body of {n} bytes is over the {cap}-byte limit", CLOSE)
-            if n == 0:
-                return
-        if self.requests_with_body >= self.cfg.max_requests:
-            self.metrics.rejected.inc()
-            raise HttpError(503, "overloaded", f"{self.requests_with_body} requests are in progress (max_requests "
-                            f"{self.cfg.max_requests}). Retry shortly.", {"Retry-After": "1", **CLOSE})
         if self.memory.over_ceiling():
             self.metrics.rejected.inc()
             raise HttpError(503, "memory_pressure", f"the server is above its memory ceiling of "
                             f"{self.memory.ceiling_mb:.0f} MB. Retry shortly.", {"Retry-After": "1", **CLOSE})
+        if self.draining:
+            raise HttpError(503, "shutting_down", "the server is shutting down", CLOSE)
+        return self.gate.open(peer, asyncio.get_running_loop().time())
 
     def begin_drain(self) -> None:
         """SIGTERM: bodies still arriving are answered 503 now (not after body_timeout_s), so the drain
@@ -268,7 +289,6 @@ class Service:
     async def guarded(self, n: int):
         """What every inference route shares: admission of ``n`` images, the per-request deadline (504)
         and a failed prediction (500), and the release of the slots whatever happens."""
-        from medpipe.infer.predictor import PredictionError
 
         self.admit(n)
         try:
@@ -301,13 +321,14 @@ def error_response(status: int, code: str, message: str, rid: str, headers: dict
                         headers=headers)
 
 
-def create_app(predictor, cfg: ServeConfig):
-    """The ASGI app for a loaded predictor (tests may drive it in-process)."""
+def create_app(predictor, cfg: ServeConfig, auth: BearerAuth | None = None, per_client_caps: bool = True):
+    """The ASGI app for a loaded predictor (tests may drive it in-process); ``auth``: the bearer token
+    check (None: open); ``per_client_caps``: False under SageMaker (every request comes from its front end)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
 
-    svc = Service(predictor, cfg)
+    svc = Service(predictor, cfg, auth, per_client_caps)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -324,7 +345,6 @@ def create_app(predictor, cfg: ServeConfig):
     _add_error_handlers(app)
     _add_info_routes(app, svc, cfg)
     _add_prediction_routes(app, svc, cfg, predictor)
-    from medpipe.serve.oip import add_routes
 
     add_routes(app, svc)  # the Open Inference Protocol (KServe v2) routes, under the same limits
     return RequestEnvelope(app, svc)
@@ -421,7 +441,6 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
                 raise HttpError(504, "deadline_exceeded", f"no answer within {cfg.deadline_s:g} s") from None
         finally:
             svc.release(1)
-        from medpipe.serve.render import heatmap_png, png_data_url
 
         return JSONResponse({"model": predictor.name, "version": predictor.version, **pred.as_dict(),
                              "image": png_data_url(pixels), "heatmap": heatmap_png(cam)})
@@ -432,8 +451,10 @@ class RequestEnvelope:
 
     Before the app runs (so every route, including ones added later, gets it): Content-Length
     together with Transfer-Encoding is refused (400, connection closed: the two framings disagree,
-    the classic request-smuggling shape); a request that may carry a body is admitted or refused
-    (413/503) before any of it is read (:meth:`Service.admit_body`), and holds its slot until answered.
+    the classic request-smuggling shape); with a token, a request without it is 401 (the same JSON
+    for a missing and a wrong one, before any body is read); a request that may carry a body gets an
+    upload place or is refused (413/503) before any of it is read (:meth:`Service.admit_body`); its
+    processing slot, taken once the body is complete, is held until it is answered.
     """
 
     BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -459,19 +480,23 @@ class RequestEnvelope:
         async def refuse(exc: HttpError):
             await error_response(exc.status, exc.code, exc.message, rid, exc.headers)(scope, receive, send_wrapped)
 
-        holds_body = False
+        upload = None
         try:
             headers = dict(scope["headers"])  # uvicorn lower-cases header names
             if b"transfer-encoding" in headers and b"content-length" in headers:
                 return await refuse(HttpError(400, "ambiguous_framing", "Content-Length and Transfer-Encoding "
                                               "together are refused", CLOSE))
+            if self.svc.auth is not None and not self.svc.auth.allows(scope):
+                self.svc.metrics.unauthorized.inc()
+                body_follows = scope["method"] in self.BODY_METHODS
+                return await refuse(HttpError(401, "unauthorized", "authentication required",
+                                              {"WWW-Authenticate": "Bearer", **(CLOSE if body_follows else {})}))
             if scope["method"] in self.BODY_METHODS:
                 try:
-                    self.svc.admit_body(headers)
+                    upload = self.svc.admit_body(headers, (scope.get("client") or ("-",))[0])
                 except HttpError as exc:
                     return await refuse(exc)
-                holds_body = True
-                self.svc.requests_with_body += 1
+                scope["medpipe.upload"] = upload
             await self.app(scope, receive, send_wrapped)
         except asyncio.CancelledError:
             # Only at shutdown past graceful_s: answer in JSON and end quietly (uvicorn would log a
@@ -485,8 +510,8 @@ class RequestEnvelope:
                 await error_response(500, "internal_error", "internal error", rid)(scope, receive, send_wrapped)
             log.error("request %s: %s", rid, exc.__class__.__name__)
         finally:
-            if holds_body:
-                self.svc.requests_with_body -= 1
+            if upload is not None:
+                self.svc.gate.close(upload)
             self.svc.metrics.observe(route, status, time.perf_counter() - t0)
 
 
@@ -499,7 +524,7 @@ class MemoryWatch:
         self.ceiling_mb = float("inf")
 
     def rss_mb(self) -> float:
-        from medpipe.serve.metrics import process_tree_rss_mb
+        from medpipe.serve.metrics import process_tree_rss_mb  # deferred: prometheus_client (serve extra)
 
         now = time.monotonic()
         if now - self._t >= self.every_s:
@@ -554,7 +579,6 @@ def _draining_server_class():
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind the listening socket ourselves, so a busy port is a clear error before anything starts."""
-    from medpipe.errors import MedpipeError
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -585,9 +609,9 @@ def serve(cfg: ServeConfig) -> int:
     import torch
     import uvicorn
 
-    from medpipe.infer.predictor import Predictor
-    from medpipe.serve.connections import ConnectionLimits, protocol_class
+    from medpipe.infer.predictor import Predictor  # deferred: torch, only when the server starts
 
+    auth, per_client, tls = access_policy(cfg)
     sock = bind_socket(cfg.host, int(cfg.port))  # reserved first: a busy port fails before the model loads
     threads = cfg.threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
@@ -597,18 +621,19 @@ def serve(cfg: ServeConfig) -> int:
     predictor.warm()  # every batch size the batcher will form, before the port answers (OpenVINO compiles per size)
     if predictor.backend in ("onnx", "int8", "openvino"):
         torch.set_num_threads(1)  # torch only runs the eval preset and Grad-CAM: leave the cores to ORT
-    app = create_app(predictor, cfg)
+    app = create_app(predictor, cfg, auth, per_client)
     svc = app.svc
-    http = protocol_class(ConnectionLimits(cfg.header_timeout_s, cfg.max_connections),
-                          on_close=lambda reason: svc.metrics.connections_closed.labels(reason=reason).inc())
-    # h11 with medpipe's protocol subclass (connections.py): header timeout, connection cap, JSON 400s.
+    limits = ConnectionLimits(cfg.header_timeout_s, cfg.max_connections,
+                              cfg.max_connections_per_client if per_client else 0)
+    http = protocol_class(limits, on_close=lambda reason: svc.metrics.connections_closed.labels(reason=reason).inc())
+    # h11 with medpipe's protocol subclass (connections.py): header timeout, connection caps, JSON 400s.
     # limit_concurrency is not used: it answers plain-text 503 only after reading the headers.
     config = uvicorn.Config(app, host=cfg.host, port=int(cfg.port), log_level="info", access_log=False,
                             http=http, timeout_graceful_shutdown=cfg.graceful_s, timeout_keep_alive=5,
                             lifespan="on", server_header=False, h11_max_incomplete_event_size=64 * 1024,
-                            backlog=max(128, cfg.max_connections))
+                            backlog=max(128, cfg.max_connections), **tls)
     server = _draining_server_class()(config)
-    server.listen_url = f"http://{cfg.host}:{cfg.port}"
+    server.listen_url = f"{'https' if tls else 'http'}://{cfg.host}:{cfg.port}"
     try:
         server.run(sockets=[sock])
     finally:

@@ -1,6 +1,6 @@
 """Connection-level limits: a thin subclass of uvicorn's h11 protocol.
 
-uvicorn (0.54) has no timeout before a request's headers are complete, accepts any number of
+uvicorn (0.55) has no timeout before a request's headers are complete, accepts any number of
 connections (``limit_concurrency`` only answers 503 *after* the headers arrive, and in plain text),
 and answers malformed HTTP in plain text. Each of those lets one client exhaust the service, so
 this protocol class adds, per connection:
@@ -8,19 +8,24 @@ this protocol class adds, per connection:
 - **header timeout**: a connection that has not sent a complete request line and headers within
   ``header_timeout_s`` of connecting (or of its previous answer, on keep-alive) is closed; if it had
   sent part of a request it gets a 408 JSON body first;
-- **connection cap**: at ``max_connections`` open connections, a new connection displaces the one
-  that has waited longest for its headers (a trickler or an idle keep-alive); when every connection
-  is busy with a request, the new one gets 503 JSON and is closed at once, without reading;
+- **connection cap and eviction**: at ``max_connections`` open connections a new connection displaces
+  one that has sent nothing of a request yet (just connected, or idle between keep-alive requests),
+  taken from the client address holding the most open connections, oldest first. A connection that
+  has started sending its request is never displaced (the header timeout bounds it). With no such
+  connection to displace, the new one gets 503 JSON and is closed at once, without reading;
+- **per-client cap**: one client address holds at most ``max_connections_per_client`` connections
+  (0: no cap); over it, that address's own oldest silent connection is displaced, else 503 JSON;
 - **malformed HTTP** (bad request line or headers, headers over 64 KB, unknown transfer coding):
   400 JSON and the connection closed, like every other error.
 
 Everything else (parsing, flow control, keep-alive) is uvicorn's, so the ASGI app and its routes
-(including any added later) see the same limits. Request-level limits (Content-Length together
-with Transfer-Encoding, body size, body memory, admission) are in medpipe/serve/app.py.
+(including any added later) see the same limits. Request-level limits (authentication, framing, body
+size, upload rate and admission) are in medpipe/serve/app.py and medpipe/serve/guard.py.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import socket
@@ -34,6 +39,7 @@ log = logging.getLogger("medpipe.serve")
 class ConnectionLimits:
     header_timeout_s: float = 10.0
     max_connections: int = 256
+    max_connections_per_client: int = 0  # 0: no per-address cap
 
 
 def raw_json_response(status: int, reason: str, code: str, message: str, extra: str = "") -> bytes:
@@ -44,34 +50,85 @@ def raw_json_response(status: int, reason: str, code: str, message: str, extra: 
     return head + body
 
 
+def peer_of(transport) -> str:
+    """The client's address (no port): what the per-client caps and the eviction order count by."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+
+
 class _Shared:
-    """State shared by every connection of one server."""
+    """State shared by every connection of one server: open connections per client address, and the
+    connections that have sent nothing of a request yet ("silent"), per address, oldest first."""
 
     def __init__(self, limits: ConnectionLimits, on_close=None):
         self.limits = limits
-        self.waiting: dict = {}  # connections waiting for headers, oldest first (dicts keep insertion order)
+        self.open = 0
+        self.per_peer: collections.Counter = collections.Counter()
+        self.silent: dict[str, dict] = {}  # peer -> {protocol: None}, insertion order = oldest first
         self.on_close = on_close or (lambda reason: None)
 
-    def evict_oldest_waiting(self, keep) -> bool:
-        for proto in self.waiting:
+    def add(self, proto) -> str | None:
+        """Count a new connection; displace another if a cap is reached. The refusal reason, or None."""
+        self.open += 1
+        self.per_peer[proto.peer] += 1
+        cap = self.limits.max_connections_per_client
+        if cap and self.per_peer[proto.peer] > cap and not self._evict(proto, only=proto.peer):
+            return "client_over_capacity"
+        if self.open > self.limits.max_connections and not self._evict(proto):
+            return "over_capacity"
+        return None
+
+    def remove(self, proto) -> None:
+        self.set_busy(proto)
+        if getattr(proto, "_counted", False):
+            proto._counted = False
+            self.open -= 1
+            self.per_peer[proto.peer] -= 1
+            if self.per_peer[proto.peer] <= 0:
+                del self.per_peer[proto.peer]
+
+    def set_silent(self, proto) -> None:
+        conns = self.silent.setdefault(proto.peer, {})
+        conns.pop(proto, None)
+        conns[proto] = None  # newest last
+
+    def set_busy(self, proto) -> None:
+        conns = self.silent.get(proto.peer)
+        if conns is not None and conns.pop(proto, 1) is None and not conns:
+            del self.silent[proto.peer]
+
+    def is_silent(self, proto) -> bool:
+        return proto in self.silent.get(proto.peer, ())
+
+    def _evict(self, keep, only: str | None = None) -> bool:
+        """Drop the oldest silent connection (not ``keep``) of ``only``, or of the address holding most."""
+        if only is None and self.silent:
+            only = max(self.silent, key=self.per_peer.__getitem__)
+        for proto in self.silent.get(only, ()):
             if proto is not keep:
                 proto.drop("evicted")
                 return True
         return False
 
 
-def _over_capacity_response(limits: ConnectionLimits) -> bytes:
-    return raw_json_response(503, "Service Unavailable", "too_many_connections",
-                             f"the server holds its maximum of {limits.max_connections} connections; retry shortly",
-                             "retry-after: 1\r\n")
+def _refusal(limits: ConnectionLimits, reason: str) -> bytes:
+    msg = (f"the server holds its maximum of {limits.max_connections} connections; retry shortly"
+           if reason == "over_capacity" else f"this client address holds its maximum of "
+           f"{limits.max_connections_per_client} connections; retry shortly")
+    return raw_json_response(503, "Service Unavailable", "too_many_connections", msg, "retry-after: 1\r\n")
 
 
-def _dropped_response(limits: ConnectionLimits, reason: str) -> bytes:
-    """The 408 for a connection cut off while sending its headers (timeout, or displaced at the cap)."""
-    msg = (f"request headers not received within {limits.header_timeout_s:g} s"
-           if reason == "header_timeout" else "connection closed to make room (server at its "
-           f"maximum of {limits.max_connections} connections)")
-    return raw_json_response(408, "Request Timeout", reason, msg)
+def _dropped_response(limits: ConnectionLimits) -> bytes:
+    """The 408 for a connection cut off while sending its headers."""
+    return raw_json_response(408, "Request Timeout", "header_timeout",
+                             f"request headers not received within {limits.header_timeout_s:g} s")
+
+
+def _no_delay(transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        # headers and body of a response go out at once (see serve/app.py bind_socket)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def protocol_class(limits: ConnectionLimits, on_close=None) -> type:
@@ -82,30 +139,28 @@ def protocol_class(limits: ConnectionLimits, on_close=None) -> type:
     shared = _Shared(limits, on_close)
 
     class GuardedH11Protocol(H11Protocol):
-        shared_state = shared
+        _header_timer = None
+        _counted = False
+        peer = "-"
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                # headers and body of a response go out at once (see serve/app.py bind_socket)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._header_timer = None
-            self._got_bytes = False
-            if len(self.connections) > limits.max_connections and not shared.evict_oldest_waiting(self):
-                shared.on_close("over_capacity")
-                transport.write(_over_capacity_response(limits))
+            _no_delay(transport)
+            self.peer, self._counted = peer_of(transport), True
+            refused = shared.add(self)
+            if refused:
+                shared.remove(self)
+                shared.on_close(refused)
+                transport.write(_refusal(limits, refused))
                 transport.close()
                 return
             self._await_headers()
 
-        # -- header timeout ----------------------------------------------------------------------
+        # -- header timeout: silent (nothing of a request yet), then sending headers ----------------
         def _await_headers(self) -> None:
-            self._got_bytes = False
-            shared.waiting.pop(self, None)
-            shared.waiting[self] = None
+            shared.set_silent(self)
             self._cancel_timer()
-            self._header_timer = self.loop.call_later(limits.header_timeout_s, self._header_timeout)
+            self._header_timer = self.loop.call_later(limits.header_timeout_s, self.drop, "header_timeout")
 
         def _cancel_timer(self) -> None:
             if self._header_timer is not None:
@@ -113,28 +168,26 @@ def protocol_class(limits: ConnectionLimits, on_close=None) -> type:
                 self._header_timer = None
 
         def _headers_done(self) -> None:
-            shared.waiting.pop(self, None)
+            shared.set_busy(self)
             self._cancel_timer()
 
-        def _header_timeout(self) -> None:
-            self._header_timer = None
-            self.drop("header_timeout")
-
         def drop(self, reason: str) -> None:
-            """Close a connection that is waiting for headers (timeout or displaced at the cap)."""
+            """Close a connection waiting for its request's headers (timeout, or evicted at the cap)."""
+            partial = self._header_timer is not None and not shared.is_silent(self)
             self._headers_done()
+            shared.remove(self)
             if self.transport.is_closing():
                 return
             shared.on_close(reason)
-            if self._got_bytes:  # it was sending a request: say why it is cut off
-                self.transport.write(_dropped_response(limits, reason))
+            if partial:  # it was sending a request: say why it is cut off
+                self.transport.write(_dropped_response(limits))
             self.transport.close()
 
         def data_received(self, data: bytes) -> None:
-            if self in shared.waiting:
-                self._got_bytes = True
+            if self._header_timer is not None:
+                shared.set_busy(self)  # started a request: never evicted (the header timeout bounds it)
             super().data_received(data)
-            if self in shared.waiting and self.conn.their_state is not h11.IDLE:
+            if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
                 self._headers_done()
 
         def on_response_complete(self) -> None:
@@ -144,6 +197,7 @@ def protocol_class(limits: ConnectionLimits, on_close=None) -> type:
 
         def connection_lost(self, exc) -> None:
             self._headers_done()
+            shared.remove(self)
             super().connection_lost(exc)
 
         # -- malformed HTTP gets the JSON error body -----------------------------------------------

@@ -32,7 +32,17 @@ class Metrics:
                                 registry=r)
         self.connections_closed = Counter("medpipe_connections_closed_total", "Connections the server closed "
                                           "itself, by reason (header_timeout, evicted, over_capacity, "
-                                          "malformed_http)", ["reason"], registry=r)
+                                          "client_over_capacity, malformed_http)", ["reason"], registry=r)
+        self.uploads = Gauge("medpipe_uploads", "Request bodies still arriving", registry=r)
+        self.upload_bytes = Gauge("medpipe_upload_buffer_bytes", "Bytes held by request bodies still arriving "
+                                  "(upload_buffer_mb)", registry=r)
+        self.processing = Gauge("medpipe_requests_processing", "Requests with a complete body being decoded, "
+                                "queued or run (max_requests)", registry=r)
+        self.uploads_refused = Counter("medpipe_uploads_refused_total", "Request bodies refused or cut off, by "
+                                       "reason (per_client, buffer_full, too_slow, body_timeout, overloaded)",
+                                       ["reason"], registry=r)
+        self.unauthorized = Counter("medpipe_unauthorized_total", "Requests answered 401 (missing or wrong "
+                                    "bearer token)", registry=r)
         self.decode_abandoned = Counter("medpipe_decode_abandoned_total", "Decodes stopped at their time "
                                         "budget or refused for too many JPEG scans", registry=r)
         self.ceiling = Gauge("medpipe_memory_ceiling_megabytes", "memory_ceiling_mb in force: bodies are refused "

@@ -33,6 +33,7 @@ import struct
 import numpy as np
 
 from medpipe.infer.protocol import HttpError
+from medpipe import __version__
 
 HEADER_LENGTH = "inference-header-content-length"
 BYTES_INPUT, FP32_INPUT = "image_bytes", "image"
@@ -242,8 +243,6 @@ def add_routes(app, svc) -> None:
     """Register the /v2 routes on the service's FastAPI app."""
     from fastapi import Request
     from starlette.responses import JSONResponse, Response
-
-    from medpipe import __version__
 
     predictor, cfg = svc.predictor, svc.cfg
 

@@ -1,1 +1,1 @@
-"""Training: the loop, checkpoints, and (later) distributed helpers."""
+"""Training: the engine and its events, the standard handlers, data sources, checkpoints, distributed helpers."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medpipe.config import resume_differences
 from medpipe.errors import CheckpointError
 from medpipe.utils import atomic_write_bytes
 
@@ -78,7 +79,6 @@ def check_compatible(state: dict, config: dict, classes: list[str]) -> None:
             diffs.append(f"{human} ('{key}'): checkpoint {old.get(key)!r} vs now {config.get(key)!r}")
     if diffs:
         raise CheckpointError("cannot resume from this checkpoint; it differs in " + "; ".join(diffs))
-    from medpipe.config import resume_differences
 
     # the rest of what is trained: a resume continues the run's own recipe (`medpipe train --resume` takes it from
     # the checkpoint; a caller that builds its config anew, e.g. from today's defaults, is refused, not mixed)

@@ -24,10 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medpipe.utils import to_json
 from medpipe.config import TrainConfig
+from medpipe.data import shards
+from medpipe.data.cache import build_cache
+from medpipe.data.shards import ShardStream, is_shards, load_split, min_rank_total
+from medpipe.data.sources import load_records, records_hash
+from medpipe.data.splits import ensure_splits, write_splits
 from medpipe.errors import ConfigError, MedpipeError
 from medpipe.preprocess import train_batch_preset
+from medpipe.utils import atomic_write_text, to_json
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +191,6 @@ class CachedSource:
 
     def __init__(self, data_dir: str | Path, cfg: TrainConfig, *, rank: int = 0, world: int = 1,
                  progress: bool = False, pin: bool = False):
-        from medpipe.data.cache import build_cache
-        from medpipe.data.sources import load_records, records_hash
-        from medpipe.data.splits import ensure_splits
-
         self.cfg, self.rank, self.world = cfg, rank, world
         self.data_dir = data_dir = Path(data_dir)
         table, self.classes = load_records(data_dir)
@@ -221,7 +222,6 @@ class CachedSource:
 
     def write_provenance(self, run_dir: Path) -> None:
         """The split this run used (``splits.csv`` + ``splits.json``), written into the run folder."""
-        from medpipe.data.splits import write_splits
 
         write_splits(run_dir, self._splits, self._split_meta)
 
@@ -251,8 +251,6 @@ class ShardSource:
 
     def __init__(self, root: str, cfg: TrainConfig, *, rank: int = 0, world: int = 1,
                  progress: bool = False, pin: bool = False):
-        from medpipe.data import shards
-
         self.cfg, self.rank, self.world = cfg, rank, world
         self.index = index = shards.read_index(root)
         _check_shards_match(root, index, cfg)
@@ -268,13 +266,10 @@ class ShardSource:
 
     def write_provenance(self, run_dir: Path) -> None:
         """The shard index (split, preprocessing, record hash) copied into the run folder."""
-        from medpipe.utils import atomic_write_text
 
         atomic_write_text(Path(run_dir) / "shards_index.json", to_json(self.index, indent=2))
 
     def _load(self, split: str) -> Split:
-        from medpipe.data.shards import load_split
-
         metas, px = load_split(self.index, split)
         return Split(px, np.arange(len(metas)), np.array([m["class_index"] for m in metas], np.int64),
                      [m["image_id"] for m in metas], [m["label"] for m in metas])
@@ -294,7 +289,6 @@ class ShardSource:
                 raise ConfigError(f"{len(train)} training shards for {self.world} ranks: each rank streams whole "
                                   "shards, so re-shard into at least as many shards as ranks (or use imbalance: "
                                   "sampler)")
-            from medpipe.data.shards import min_rank_total
 
             n = min_rank_total(train, self.world)
         sizes = batch_sizes(n, self.cfg)
@@ -305,8 +299,6 @@ class ShardSource:
         return len(self._plan(0)[0])
 
     def epoch(self, epoch: int, skip: int = 0):
-        from medpipe.data.shards import ShardStream
-
         sizes, balanced = self._plan(epoch)
         stream = ShardStream(self.index, epoch=epoch, seed=self.cfg.seed, rank=self.rank, world=self.world,
                              balanced=balanced, n_samples=sum(sizes) if balanced else None)
@@ -343,7 +335,6 @@ def open_source(data: str | Path, cfg: TrainConfig, *, rank: int = 0, world: int
                 progress: bool = False, pin: bool = False) -> CachedSource | ShardSource:
     """The training source for ``data``: a shard set (folder or fsspec URL with index.json) or an
     ingested data folder."""
-    from medpipe.data.shards import is_shards
 
     if is_shards(data):
         return ShardSource(str(data), cfg, rank=rank, world=world, progress=progress, pin=pin)

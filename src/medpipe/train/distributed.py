@@ -21,6 +21,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from medpipe.sagemaker.env import host_rank_env
 
 log = logging.getLogger(__name__)
 TIMEOUT_ENV = "MEDPIPE_DIST_TIMEOUT_S"
@@ -75,7 +76,6 @@ class Dist:
 
 def sagemaker_env() -> None:
     """Fill RANK/WORLD_SIZE/MASTER_* from SM_HOSTS when SageMaker started one process per host."""
-    from medpipe.sagemaker.env import host_rank_env
 
     env = host_rank_env()
     if env:

@@ -61,6 +61,9 @@ from medpipe.preprocess import use_plain_tensors
 from medpipe.train.distributed import Dist
 from medpipe.train.factories import make_loss, make_optimizer, make_schedule, provisional_epochs, resolve_precision
 from medpipe.train.predict import predict_logits, predict_logits_dist  # noqa: F401 (predict_logits: importable here too)
+from medpipe.metrics import compute_metrics
+from medpipe.models import create_model
+from medpipe.train.checkpoint import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +218,6 @@ class Engine:
         Returns:
             The engine, ``state.epoch`` 0, precision resolved
             (:func:`medpipe.train.factories.resolve_precision`)."""
-        from medpipe.models import create_model
 
         model = create_model(cfg.model, len(source.classes), pretrained=cfg.pretrained and weights is None,
                              init_weights=None if weights is not None else cfg.init_weights, dropout=cfg.dropout)
@@ -304,7 +306,6 @@ class Engine:
         Returns:
             Model, optimiser and schedule state, position (epoch, batch, step), best/stale bookkeeping,
             random states, config, classes, precision and the handlers' parts (:meth:`add_snapshot_part`)."""
-        from medpipe.train.checkpoint import rng_state
 
         s = self.state
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -327,8 +328,6 @@ class Engine:
         Raises:
             MedpipeError: the checkpoint's epoch length differs from this source's (other data, batch size
                 or rank count)."""
-        from medpipe.train.checkpoint import set_rng_state
-
         steps = snap.get("steps_per_epoch")
         if steps is not None and steps != self.source.steps_per_epoch:
             raise MedpipeError(f"the checkpoint was written with {steps} steps per epoch and this data, batch size "
@@ -430,7 +429,6 @@ class Engine:
 
         Returns:
             ``val_loss``, ``val_auc``, ``val_bacc``, ``val_auc_per_class`` (NaN and {} for an empty split)."""
-        from medpipe.evaluate import compute_metrics
 
         val = self.source.val
         self.dd.sync_buffers(self.net)

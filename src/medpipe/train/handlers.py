@@ -18,8 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from medpipe.utils import to_json
+from medpipe.utils import atomic_write_text, to_json
 from medpipe.train.engine import Engine, Events, Order, TrainingInterrupted
+from medpipe.train.checkpoint import save_checkpoint
 from medpipe.train.factories import rebuild_schedule
 
 
@@ -34,8 +35,6 @@ class Checkpointer:
         engine.on(Events.VALIDATION_COMPLETED, self.epoch_end, Order.SAVE)
 
     def save_last(self, engine: Engine) -> Path:
-        from medpipe.train.checkpoint import save_checkpoint
-
         path = self.folder / "last.pt"
         if engine.dd.main:
             save_checkpoint(path, engine.snapshot())
@@ -103,7 +102,6 @@ class MetricsFile:
     def start(self, engine: Engine) -> None:
         if not engine.dd.main or not self.path.is_file():
             return
-        from medpipe.utils import atomic_write_text
 
         lines = self.path.read_text().splitlines()
         keep = [x for x in lines if x.strip() and json.loads(x).get("epoch", 0) <= engine.state.epoch]

@@ -1,7 +1,7 @@
 """Untrusted bytes are decoded in worker processes with a hard time and memory budget.
 
 A thread cannot be stopped: an image whose decode is pathologically slow under the pixel cap (a
-progressive JPEG with thousands of scans, a codec bug) used to hold a decode thread for minutes, past
+progressive JPEG with thousands of scans, a codec bug) would hold a decode thread for minutes, past
 every deadline and past SIGTERM. Here each decode runs in a process of a ``pebble.ProcessPool``:
 
 - a decode that runs longer than ``timeout_s`` is abandoned, its worker process is killed and
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medpipe.data import imageio
+from medpipe.data import dicom, imageio
 
 log = logging.getLogger("medpipe.serve")
 
@@ -50,8 +50,6 @@ def decode_item(spec: DecodeSpec, kind: str, payload) -> np.ndarray | imageio.Im
             return imageio.decode_image(payload, max_pixels=spec.max_pixels, size=spec.size,
                                         interpolation=spec.interpolation, max_jpeg_scans=spec.max_jpeg_scans)
         if kind == "dicom":
-            from medpipe.data import dicom
-
             return imageio.prepare_array(dicom.decode_dicom(payload, spec.max_pixels), spec.size,
                                          spec.interpolation, spec.max_pixels)
         return imageio.prepare_array(payload, spec.size, spec.interpolation, spec.max_pixels)
@@ -87,7 +85,6 @@ def _init_worker(memory_mb: int) -> None:
     # A worker that dies (out of memory between tasks, a codec crash) would print a traceback into the
     # server's log; the parent logs one line for it instead ("decode worker died", "decode pool restarted").
     sys.stderr = open(os.devnull, "w")
-    from medpipe.data import dicom
 
     if dicom.available():  # import pydicom now, not inside the first DICOM's decode budget
         import pydicom.pixels  # noqa: F401
