@@ -77,9 +77,9 @@ class FailCheckpointWrite:
         self.n, self.count = n, 0
 
     def attach(self, engine):
-        import medpipe.train.checkpoint as ckpt
+        import medpipe.train.handlers as handlers  # the Checkpointer's own name for the writer
 
-        original = ckpt.save_checkpoint
+        original = handlers.save_checkpoint
 
         def save(path, state):
             self.count += 1
@@ -87,4 +87,4 @@ class FailCheckpointWrite:
                 raise OSError(28, "No space left on device (injected)")
             return original(path, state)
 
-        ckpt.save_checkpoint = save
+        handlers.save_checkpoint = save
