@@ -88,3 +88,27 @@ class FailCheckpointWrite:
             return original(path, state)
 
         handlers.save_checkpoint = save
+
+
+class BadWeightsAtEpoch:
+    """When the run ends at epoch ``epoch`` (a federated site: round x local epochs), make the weights this
+    local fit hands back a malicious update: ``half`` sends the first weight matrix as float16, ``huge``
+    fills it with 3e38 (finite in float32)."""
+
+    def __init__(self, epoch: int, kind: str = "half"):
+        if kind not in ("half", "huge"):
+            raise ValueError(f"kind must be half or huge, got {kind!r}")
+        self.epoch, self.kind = epoch, kind
+
+    def attach(self, engine):
+        engine.on(Events.COMPLETED, self)
+
+    def __call__(self, engine):
+        if engine.state.epoch != self.epoch:
+            return
+        p = next(p for p in engine.net.parameters() if p.ndim > 1)
+        with torch.no_grad():
+            if self.kind == "huge":
+                p.fill_(3e38)
+            else:
+                p.data = p.data.to(torch.float16)

@@ -269,8 +269,8 @@ def test_slow_headers_are_cut_and_one_client_cannot_fill_the_server(server):
 
 def test_eviction_prefers_silent_connections_of_the_biggest_client():
     """The policy, step by step: at the cap a new connection displaces a silent connection (nothing of a
-    request sent) of the address holding the most connections, oldest first; one that has started its
-    request is never displaced; the per-client cap displaces that address's own oldest silent one."""
+    request sent) of the address holding the most silent connections, oldest first; one that has started
+    its request is never displaced; the per-client cap displaces that address's own oldest silent one."""
     from medpipe.serve.connections import ConnectionLimits, _Shared
 
     class Conn:
@@ -294,20 +294,22 @@ def test_eviction_prefers_silent_connections_of_the_biggest_client():
     # the connection cap (5)
     shared = _Shared(ConnectionLimits(10.0, max_connections=5))
     honest, _ = open_("10.0.0.1")  # quiet for now: it will send its headers later
-    a1, _ = open_("10.0.0.2")
-    a2, _ = open_("10.0.0.2")
-    sending, _ = open_("10.0.0.2", silent=False)  # started its request
-    b1, _ = open_("10.0.0.3")
-    c, refused = open_("10.0.0.4")  # at the cap: the oldest silent connection of 10.0.0.2 (holding 3) goes
-    assert refused is None and a1.dropped == "evicted" and shared.open == 5
-    d, refused = open_("10.0.0.2")  # 10.0.0.2 holds 3 again: its oldest silent one goes, not the older honest one
-    assert refused is None and a2.dropped == "evicted" and not honest.dropped and not sending.dropped
-    for conn in (b1, c, d):
-        shared.set_busy(conn)
-    shared.set_busy(honest)  # the honest client sends its headers: from now on it cannot be displaced
-    _, refused = open_("10.0.0.6")  # nothing silent anywhere: the new connection is refused, nobody displaced
-    assert refused == "over_capacity" and shared.open == 5
-    assert not any(x.dropped for x in (honest, sending, b1, c, d))
+    f1, _ = open_("10.0.0.9")
+    f2, _ = open_("10.0.0.9")
+    busy = [open_("10.0.0.1", silent=False)[0] for _ in range(2)]  # the honest client's requests in progress
+    assert shared.open == 5
+    # 10.0.0.1 holds the most connections (3), 10.0.0.9 the most silent ones (2): its oldest goes
+    f3, refused = open_("10.0.0.9")
+    assert refused is None and f1.dropped == "evicted" and not honest.dropped and shared.open == 5
+    f4, _ = open_("10.0.0.9")
+    assert f2.dropped == "evicted" and not honest.dropped
+    shared.set_busy(f3)  # f3 sends a request: 10.0.0.9 and 10.0.0.1 now hold one silent connection each
+    x, _ = open_("10.0.0.5")  # as many silent connections: the oldest silent connection goes (honest, not f4)
+    assert honest.dropped == "evicted" and not f3.dropped and not f4.dropped
+    for conn in (f4, x):
+        shared.set_busy(conn)  # every connection now sends a request: none can be displaced
+    _, refused = open_("10.0.0.6")
+    assert refused == "over_capacity" and shared.open == 5 and not any(c.dropped for c in busy + [f3, f4, x])
     # the per-client cap (3)
     shared = _Shared(ConnectionLimits(10.0, max_connections=100, max_connections_per_client=3))
     x1, _ = open_("10.0.0.2")

@@ -37,6 +37,10 @@ ROGUE_REFUSED = "Failed to activate SuperNode"
 def test_check_update_names_the_problem():
     ref = {"w": np.zeros((2, 3), np.float32), "n": np.zeros((), np.int64)}
     assert check_update({"w": np.ones((2, 3), np.float32), "n": np.ones((), np.int64)}, ref) is None
+    assert "is float64, expected float32" in check_update({"w": np.ones((2, 3)), "n": ref["n"]}, ref)
+    one = {"w": np.ones((2, 3), np.float32), "n": ref["n"]}
+    assert check_update({"w": np.full((2, 3), 2.5, np.float32), "n": ref["n"]}, one, max_ratio=2.0) is None
+    assert "moves the model by 3 times" in check_update({"w": np.full((2, 3), 4, np.float32), "n": ref["n"]}, one, 2.0)
     bad = np.ones((2, 3), np.float32)
     bad[0, 1] = np.nan
     assert "non-finite" in check_update({"w": bad, "n": ref["n"]}, ref) and "w" in check_update({"w": bad, "n": ref["n"]}, ref)
@@ -244,17 +248,18 @@ def _site(fed, name: str, port: int, log: Path, *extra: str) -> subprocess.Popen
 
 @pytest.fixture(scope="module")
 def deployment(federation):
-    """One server and three sites with TLS and site authentication, two FedProx rounds; the third site
-    sends NaN weights in round 2."""
+    """One server and three sites with TLS and site authentication, two FedProx rounds aggregated by the
+    coordinate-wise median; the third site is malicious: a float16 update for float32 tensors in round 1,
+    NaN weights in round 2."""
     fed, run = federation, federation["root"] / "run_tls"
     port = _port()
-    server = _spawn(_server_args(fed, run, port, "--strategy", "fedprox", "--min-sites", "2", "--straggler-wait", "60"),
+    server = _spawn(_server_args(fed, run, port, "--strategy", "fedprox", "--aggregation", "median", "--min-sites", "2",
+                                 "--straggler-wait", "60"),
                     fed["root"] / "server.log")
     bad = fed["sites"][2]
-    # the third site's round-2 update is NaN: a test handler on its local training (one local epoch per round)
-    sites = [_site(fed, s, port, fed["root"] / f"site_{s}.log", *(["--handler", "tests.faults:NanWeightsAtEpoch:2"]
-                                                                 if s == bad else []))
-             for s in fed["sites"]]
+    # the third site's updates are malicious: test handlers on its local training (one local epoch per round)
+    attacks = ["--handler", "tests.faults:BadWeightsAtEpoch:1,half", "--handler", "tests.faults:NanWeightsAtEpoch:2"]
+    sites = [_site(fed, s, port, fed["root"] / f"site_{s}.log", *(attacks if s == bad else [])) for s in fed["sites"]]
     # a fourth site with the federation's CA but a key pair the server never registered
     rogue_certs = fed["root"] / "rogue_certs"
     subprocess.run([str(FL_BIN / "medpipe"), "fl", "certs", "--out", str(rogue_certs), "--sites", "rogue"],
@@ -282,7 +287,10 @@ def test_deployment_with_tls_writes_a_package_that_predicts(deployment, capsys):
     meta = json.loads((run / "model" / "model.json").read_text())
     fed = meta["federated"]
     assert fed["engine"] == "flower" and fed["strategy"] == "fedprox" and fed["rounds"] == 2
-    assert set(fed["sites"]) == set(deployment["sites"]) and all(v["train_samples"] > 0 for v in fed["sites"].values())
+    assert fed["aggregation"] == "median"
+    assert set(fed["sites"]) == set(deployment["sites"])  # the malicious one validated but never got into a round
+    assert all(v["train_samples"] > 0 for s, v in fed["sites"].items() if s != deployment["bad"])
+    assert fed["sites"][deployment["bad"]]["rounds"] == 0 and "train_samples" not in fed["sites"][deployment["bad"]]
     # the run's rule (prior, the default) from the pooled validation class counts of the best round
     best = meta["metrics"]["val"]
     assert meta["decision"]["default"] == "prior" and meta["decision"]["n_val"] == sum(best["support"]) > 0
@@ -321,6 +329,31 @@ def test_nan_update_is_excluded_with_a_reason(deployment):
     assert f"round 2: update from site {bad} excluded: tensor" in log and "non-finite values" in log
     r2 = json.loads((run / "metrics.jsonl").read_text().splitlines()[1])
     assert bad in r2["excluded"] and bad not in r2["trained"] and len(r2["trained"]) == 2
+
+
+@needs_flower
+def test_float16_update_is_excluded_and_leaves_the_global_model_to_the_honest_sites(deployment):
+    """Through the real SuperLink/ServerApp: a float16 update for float32 tensors is refused (never cast),
+    named in the round's log and record; the round aggregates (median) the two honest sites, every tensor of the
+    global checkpoint keeps its float32/int64 dtype, and the honest sites' update ratios (recorded) are
+    within the default limit."""
+    from safetensors.numpy import load_file
+
+    from medpipe.fl.aggregate import MAX_UPDATE_RATIO
+
+    run, bad = deployment["run"], deployment["bad"]
+    log = (run / "fl_server.log").read_text()
+    assert f"round 1: update from site {bad} excluded: tensor" in log and "is float16, expected float32" in log
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    r1 = rounds[0]
+    assert set(r1["excluded"]) == {bad} and set(r1["trained"]) == set(deployment["sites"]) - {bad}
+    assert r1["aggregation"] == "median" and set(r1["num_examples"]) == set(deployment["sites"])
+    for r in rounds:
+        for figures in r["trained"].values():
+            assert 0 < figures["update_ratio"] <= MAX_UPDATE_RATIO and figures["examples_bound"] > 0
+    arrays = load_file(str(run / "checkpoints" / "global.safetensors"))
+    assert {str(a.dtype) for a in arrays.values()} <= {"float32", "int64"}
+    assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype == np.float32)
 
 
 @needs_flower

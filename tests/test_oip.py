@@ -3,7 +3,6 @@ against the real server process: health, metadata, inference with encoded images
 preprocessed tensors (FP32), JSON and binary tensors, the same probabilities as /invocations, and errors."""
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,10 +130,9 @@ def test_errors_for_wrong_name_shape_datatype_and_bad_image(served, jpegs):
 
 
 def test_readme_client_snippet(served, data_dir, tmp_path):
-    """The README's tritonclient snippet, run as written in its own process, gets /invocations' answer."""
+    """The documented tritonclient snippet (docs/examples/oip_client.py), run as written in its own process, gets /invocations' answer."""
     srv, _, meta = served
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    snippet = re.search(r"<!-- oip-client -->\s*```python\n(.*?)```", text, re.S).group(1)
+    snippet = (Path(__file__).resolve().parents[1] / "docs" / "examples" / "oip_client.py").read_text()
     (tmp_path / "client.py").write_text(snippet)
     image = pd.read_csv(data_dir / "records.csv")["path"][0]
     r = subprocess.run([sys.executable, str(tmp_path / "client.py"), f"127.0.0.1:{srv.port}", meta["name"], image],
@@ -144,3 +142,114 @@ def test_readme_client_snippet(served, data_dir, tmp_path):
     ref = _invocations(srv, open(image, "rb").read())
     assert label == ref["label"]
     assert np.abs(np.array(json.loads(probs)) - [ref["probabilities"][c] for c in meta["classes"]]).max() < 1e-5
+
+
+def _infer_raw(srv, name: str, req: dict, binary: bytes = b"") -> tuple[int, dict]:
+    head = json.dumps(req).encode()
+    headers = {"Content-Type": "application/octet-stream" if binary else "application/json"}
+    if binary:
+        headers["Inference-Header-Content-Length"] = str(len(head))
+    status, _, body = srv.request("POST", f"/v2/models/{name}/infer", head + binary, headers)
+    return status, json.loads(body)
+
+
+def test_non_finite_overflowing_and_boolean_shapes_are_400_naming_the_input(served):
+    """NaN, Inf and 3e38 (finite, but it overflows in the network) on the binary and the JSON path alike, and
+    a shape holding `true`: 400 naming the input; values at the accepted range's edge are answered."""
+    from medpipe.serve.oip import fp32_limit
+
+    srv, _, meta = served
+    size, name = meta["preprocessing"]["image_size"], meta["name"]
+    shape = [1, 3, size, size]
+    for value in (np.nan, np.inf, -np.inf, 3e38):
+        x = np.full(shape, value, np.float32)
+        binary = {"inputs": [{"name": "image", "datatype": "FP32", "shape": shape,
+                              "parameters": {"binary_data_size": x.nbytes}}]}
+        status, body = _infer_raw(srv, name, binary, x.tobytes())
+        assert status == 400 and "input 'image'" in body["error"], (value, status, body)
+    for literal in ("NaN", "Infinity", "3e38", "1e39"):
+        head = ('{"inputs": [{"name": "image", "datatype": "FP32", "shape": %s, "data": [%s]}]}'
+                % (json.dumps(shape), ", ".join([literal] * int(np.prod(shape))))).encode()
+        status, _, body = srv.request("POST", f"/v2/models/{name}/infer", head, {"Content-Type": "application/json"})
+        assert status == 400 and "input 'image'" in json.loads(body)["error"], (literal, status, body)
+    status, body = _infer_raw(srv, name, {"inputs": [{"name": "image", "datatype": "FP32", "shape": [True, 3, size, size],
+                                                      "data": [0.0] * (3 * size * size)}]})
+    assert status == 400 and "shape" in body["error"] and "input 'image'" in body["error"]
+    spec = meta["preprocessing"]
+    edge = fp32_limit(spec.get("mean", (0.485, 0.456, 0.406)), spec.get("std", (0.229, 0.224, 0.225)))
+    x = np.where(np.arange(np.prod(shape)).reshape(shape) % 2, edge, -edge).astype(np.float32) * np.float32(0.999)
+    status, body = _infer_raw(srv, name, {"inputs": [{"name": "image", "datatype": "FP32", "shape": shape,
+                                                      "parameters": {"binary_data_size": x.nbytes}}]}, x.tobytes())
+    assert status == 200, body
+    assert srv.request("GET", "/ping")[0] == 200
+
+
+def test_million_empty_bytes_elements_are_refused_before_decoding(served):
+    """1.5 million empty BYTES elements (6 MB of JSON, or of the binary extension) against a declared shape
+    of 1 or 1,500,000: 400/413 naming the input, counted before anything is decoded."""
+    srv, _, meta = served
+    n = 1_500_000
+    url = f"/v2/models/{meta['name']}/infer"
+    for declared in (1, n):
+        head = b'{"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [%d], "data": [%s""]}]}' % (
+            declared, b'"", ' * (n - 1))
+        status, _, body = srv.request("POST", url, head, {"Content-Type": "application/json"})
+        assert status in (400, 413) and "input 'image_bytes'" in json.loads(body)["error"], (declared, status, body)
+        raw = b"\0\0\0\0" * n  # n elements of length 0
+        status, body = _infer_raw(srv, meta["name"], {"inputs": [{"name": "image_bytes", "datatype": "BYTES",
+                                  "shape": [declared], "parameters": {"binary_data_size": len(raw)}}]}, raw)
+        assert status in (400, 413) and "input 'image_bytes'" in body["error"], (declared, status, body)
+    assert srv.request("GET", "/ping")[0] == 200
+
+
+def test_undecodable_element_is_400_as_documented(served):
+    """An element that is not an allowed image (text, GIF) is the protocol's invalid input: 400 naming it."""
+    import base64
+
+    srv, _, meta = served
+    gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00" \
+          b"\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+    for blob in (b"plain text, not an image", gif):
+        status, body = _infer_raw(srv, meta["name"], {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                                                  "data": [base64.b64encode(blob).decode()]}]})
+        assert status == 400 and "element 0" in body["error"], (status, body)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert re.search(r"Errors are `\{\"error\": message\}` with 400 \([^)]*undecodable image", readme)
+
+
+def test_large_json_tensor_is_parsed_off_the_event_loop_with_the_same_answers(served, jpegs):
+    """A JSON header over OFFLOAD_BYTES (16 preprocessed images as JSON numbers, ~1 MB) is parsed in a
+    decode process: the same probabilities as the binary form, and its mistakes still 400 naming the input."""
+    from medpipe.preprocess import PreprocessSpec, eval_batch
+    from medpipe.serve.oip import OFFLOAD_BYTES
+
+    srv, _, meta = served
+    spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    x = eval_batch([spec.decode(j) for j in jpegs], spec).numpy()
+    x = np.concatenate([x] * 6)[:16]
+    req = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}],
+           "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}]}
+    assert len(json.dumps(req)) > OFFLOAD_BYTES
+    status, body = _infer_raw(srv, meta["name"], req)
+    assert status == 200, body
+    probs = np.array(body["outputs"][0]["data"], np.float32).reshape(len(x), -1)
+    binary = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape),
+                          "parameters": {"binary_data_size": x.nbytes}}],
+              "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}]}
+    status, ref = _infer_raw(srv, meta["name"], binary, x.astype("<f4").tobytes())
+    assert status == 200 and np.abs(probs - np.array(ref["outputs"][0]["data"]).reshape(probs.shape)).max() < 1e-5
+    req["inputs"][0]["data"][7] = 3e38
+    status, body = _infer_raw(srv, meta["name"], req)
+    assert status == 400 and "input 'image'" in body["error"], body
+
+
+def test_invocations_json_is_counted_before_it_is_parsed():
+    """/invocations' JSON body: more strings or values than max_images images can hold is 413 before parsing;
+    a body at the bound is parsed as before."""
+    from medpipe.infer.protocol import HttpError, parse_body
+
+    with pytest.raises(HttpError) as e:
+        parse_body("application/json", b'{"images": [%s""]}' % (b'"", ' * 1_499_999), max_images=16)
+    assert e.value.status == 413 and "16 images" in e.value.message
+    ok = parse_body("application/json", json.dumps({"instances": [{"b64": "AAAA"}] * 16}).encode(), max_images=16)
+    assert [k for k, _ in ok] == ["bytes"] * 16

@@ -37,7 +37,8 @@ def test_committed_format_1_package_loads_through_the_migration(old_copy):
     assert meta.calibration.tta.temperature == 1.5 and meta.decision == raw["decision"]
     assert meta.preprocessing.image_size == 32 and meta.weights_sha256 == raw["weights_sha256"]
     assert "not a medical device" in meta.intended_use.purpose
-    assert raw["records_sha256"] in meta.intended_use.figures_from and "data/synthetic" in meta.intended_use.figures_from
+    figures_from = meta.intended_use.figures_from
+    assert raw["records_sha256"] in figures_from and "data/synthetic" in figures_from
     assert (old_copy / META).read_text() == (OLD / META).read_text()  # reading never rewrites the file
     # the typed form writes back everything format 1 held, plus intended_use, as format 2
     back = meta.to_dict()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from medpipe.data.sources import MEDIA_TYPES, inside, regular_file_problem, resolve_ref
 from medpipe.errors import BatchError, MedpipeError, UnreadableFileError
-from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, to_json
+from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, read_csv_table, to_json
 from medpipe.data import dicom
 from medpipe.data.imageio import ImageError
 from medpipe.infer.client import Client, media_type
@@ -92,9 +92,7 @@ def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None 
     if not src.exists():
         raise BatchError(f"{src}: no such file or folder")
     if src.is_dir() and (src / "records.csv").is_file():
-        import pandas as pd
-
-        table = pd.read_csv(src / "records.csv", dtype=str)
+        table = read_csv_table(src / "records.csv")
         rows = [(r["image_id"], r["path"], None) for _, r in table.iterrows()]
         # An ingested table lists absolute paths under the dataset root ingest read: confine to that root
         # (never to the rows' common path, which one row pointing at /etc would widen to /).
@@ -110,10 +108,8 @@ def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None 
                     rows.append((rel, rel, None))
         base = src
     elif src.suffix.lower() == ".csv":
-        import pandas as pd
-
         root = Path(os.path.realpath(src.parent))
-        table = pd.read_csv(src, dtype=str).fillna("")
+        table = read_csv_table(src)
         col = next((c for c in ("path", "image", "file", "source-ref", "image_path") if c in table.columns), None)
         if col is None:
             raise BatchError(f"{src}: no path column (expected one of path, image, file, source-ref)")
@@ -123,7 +119,7 @@ def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None 
     else:  # Ground Truth manifest: JSON lines with source-ref
         root = Path(os.path.realpath(src.parent))
         rows = []
-        for n, line in enumerate(src.read_text().splitlines(), 1):
+        for n, line in enumerate(src.read_text().split("\n"), 1):  # JSON lines end at LF only (not U+2028)
             if not line.strip():
                 continue
             try:

@@ -162,7 +162,7 @@ SERVE_HELP = {
     "header_timeout_s": "request line and headers must arrive within this many seconds, else the connection "
                         "is closed (408 if part of a request came)",
     "max_connections": "open connections; at the cap a new one displaces a connection that has sent nothing yet "
-                       "(of the client address holding the most, oldest first), else 503",
+                       "(of the client address holding the most such, oldest first), else 503",
     "max_connections_per_client": "open connections of one client address (0 = no cap; behind a proxy all "
                                   "clients share its address)",
     "max_requests": "requests with a complete body at once (decoding, queued, running); more are answered 503",

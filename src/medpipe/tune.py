@@ -68,7 +68,7 @@ import yaml
 from medpipe.errors import ConfigError, MedpipeError, TrainingInterrupted, TuneError
 from medpipe.tune_space import Param, Space, load_space, make_pruner, make_sampler, sampler_seed  # noqa: F401 (API)
 from medpipe.tune_space import require_optuna as _optuna
-from medpipe.utils import atomic_write_text
+from medpipe.utils import atomic_write_text, frame_csv
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def write_results(study, space: Space, out: Path) -> dict:
     from optuna.trial import TrialState
 
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
-    atomic_write_text(out / TRIALS_CSV, df.to_csv(index=False))
+    atomic_write_text(out / TRIALS_CSV, frame_csv(df, neutralise=True))  # opened in spreadsheets: formula guard
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     summary = {"study": str(out / STUDY_DB), "trials": len(study.trials), "finished": _finished(study),
                "complete": len(complete), "objective": space.objective, "best_config": None}

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -60,24 +61,61 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# Cells holding any of these are quoted: C0 and C1 controls (CR, LF, NUL, ESC, ...), DEL, and the Unicode line
+# and paragraph separators (str.splitlines and some editors break lines there).
+_NEEDS_QUOTES = re.compile(r'[",\x00-\x1f\x7f-\x9f\u2028\u2029]')
+
+
+def csv_cell(value, neutralise: bool = True) -> str:
+    """One cell as CSV text (RFC 4180 quoting). ``neutralise``: a text cell a spreadsheet would run as a
+    formula (starting with = + - @ tab or CR) gets a leading apostrophe (OWASP's CSV-injection rule), and
+    so does one that starts with an apostrophe, so :func:`read_csv_table` can take exactly one off again."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        if neutralise and value.startswith((*FORMULA_START, "'")):
+            value = "'" + value
+    else:
+        value = str(value)  # numbers as Python writes them; never neutralised (-1 is not a formula)
+    if _NEEDS_QUOTES.search(value):
+        return '"' + value.replace('"', '""') + '"'
+    return value
 
 
 def csv_text(header: list, rows, *, neutralise: bool = True) -> str:
-    """The one CSV writer for files people open: the csv module quotes commas, quotes and newlines, and a
-    text cell that a spreadsheet would run as a formula (starting with = + - @ tab or CR) gets a leading
-    apostrophe (OWASP's CSV-injection rule). Numbers are written as they are."""
-    import csv
-    import io
+    """The one CSV writer: every CSV medpipe writes goes through here. A cell holding a comma, a quote or
+    any control character (CR, LF, NUL, ESC ... DEL, C1) is quoted, so no value can end or split a row
+    and a reader gets it back exactly; ``neutralise`` (files people open: predictions, trials) adds the
+    formula guard of :func:`csv_cell`. Machine tables medpipe reads back (records.csv, splits.csv) are
+    written with ``neutralise=False``: lossless for any CSV reader. Rows end with ``\n``."""
+    lines = [",".join(csv_cell(v, neutralise) for v in header)]
+    lines.extend(",".join(csv_cell(v, neutralise) for v in r) for r in rows)
+    return "\n".join(lines) + "\n"
 
-    def cell(v):
-        return "'" + v if neutralise and isinstance(v, str) and v.startswith(FORMULA_START) else v
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([cell(h) for h in header])
-    for r in rows:
-        w.writerow([cell(v) for v in r])
-    return buf.getvalue()
+def frame_csv(frame, *, neutralise: bool = False) -> str:
+    """A pandas DataFrame through :func:`csv_text` (missing values as empty cells, as pandas writes them)."""
+    import pandas as pd
+
+    rows = ([None if not isinstance(v, str) and pd.api.types.is_scalar(v) and pd.isna(v) else v for v in r]
+            for r in frame.itertuples(index=False, name=None))
+    return csv_text(list(frame.columns), rows, neutralise=neutralise)
+
+
+def read_csv_table(source, *, guarded: bool = False, dtype=str, **kwargs):
+    """The matching reader: a CSV written by :func:`csv_text` -> DataFrame with every cell exactly as written
+    (text by default; no "NA"/"null" turned into NaN; quoted CR, LF and NUL kept). ``guarded``: the file was
+    written with the formula guard, whose leading apostrophe is taken off again."""
+    import pandas as pd
+
+    table = pd.read_csv(source, dtype=dtype, keep_default_na=False, na_filter=False, encoding="utf-8", **kwargs)
+    if guarded:
+        def unguard(v):
+            return v[1:] if isinstance(v, str) and v.startswith("'") else v
+
+        table = table.rename(columns=unguard)
+        table = table.apply(lambda col: col.map(unguard)) if len(table) else table
+    return table
 
 
 def json_safe(obj):

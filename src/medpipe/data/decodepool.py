@@ -165,6 +165,29 @@ class DecodePool:
             # The pool was stopped (shutdown) while this item waited; the request answers 503.
             raise asyncio.CancelledError from None
 
+    async def call(self, fn, *args):
+        """``fn(*args)`` in a decode process, under the same time budget: parsing a large request body
+        there keeps it off the event loop. ``fn`` is a module-level function that loads no torch and
+        returns (never raises) its answer. Raises TimeoutError when it ran out of time or its process died."""
+        import pebble
+
+        try:
+            fut = self._pool.schedule(fn, args=args, timeout=self.timeout_s)
+        except RuntimeError as exc:
+            if self._closing:
+                raise asyncio.CancelledError from None
+            self._restart(str(exc))
+            fut = self._pool.schedule(fn, args=args, timeout=self.timeout_s)
+        try:
+            return await asyncio.wrap_future(fut)
+        except (TimeoutError, concurrent.futures.TimeoutError, pebble.ProcessExpired,
+                concurrent.futures.BrokenExecutor) as exc:
+            if isinstance(exc, concurrent.futures.BrokenExecutor):
+                self._restart(exc.__class__.__name__)
+            raise TimeoutError(f"not done within its {self.timeout_s:g} s budget in a decode process") from None
+        except concurrent.futures.CancelledError:
+            raise asyncio.CancelledError from None
+
     def close(self) -> None:
         self._closing = True
         self._pool.stop()

@@ -38,7 +38,7 @@ import pandas as pd
 from medpipe.errors import IngestError
 from medpipe.data import imageio
 from medpipe.data.synthetic import HAM_CLASSES
-from medpipe.utils import atomic_write_json, atomic_write_text
+from medpipe.utils import atomic_write_json, atomic_write_text, frame_csv, read_csv_table
 
 # The one list of input file types: suffix -> media type sent to a server (batch --url, predict --url).
 MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
@@ -561,7 +561,7 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     atomic_write_json(out / REPORT_FILE, report)
     if table.empty:
         raise IngestError(f"no usable images in {source} ({len(defects)} defects; see {out / REPORT_FILE})")
-    atomic_write_text(out / RECORDS_FILE, table.to_csv(index=False))
+    atomic_write_text(out / RECORDS_FILE, frame_csv(table))  # every id and path exactly, whatever it holds
     atomic_write_json(out / CLASSES_FILE, class_list, indent=None)
     if strict and defects:
         raise IngestError(f"--strict: {len(defects)} defects found (see {out / REPORT_FILE})")
@@ -597,8 +597,8 @@ def load_records(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
                               f"first ('medpipe ingest {data_dir} --out DATA') and pass --data DATA")
         raise IngestError(f"{data_dir}: not an ingested data folder (no {RECORDS_FILE}/{CLASSES_FILE}); "
                           f"run 'medpipe ingest SOURCE --out DATA' into a new folder and pass --data DATA")
-    table = pd.read_csv(rec_path, dtype={"image_id": str, "label": str, "group_id": str, "sha256": str},
-                        keep_default_na=False)
+    table = read_csv_table(rec_path, dtype={"image_id": str, "path": str, "label": str, "group_id": str,
+                                            "sha256": str})
     classes = json.loads(cls_path.read_text())
     return table, classes
 

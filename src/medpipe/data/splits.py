@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from medpipe.data.sources import load_records, records_hash
-from medpipe.utils import atomic_write_json, atomic_write_text
+from medpipe.utils import atomic_write_json, atomic_write_text, frame_csv, read_csv_table
 
 SPLITS_FILE = "splits.csv"
 SPLITS_META = "splits.json"
@@ -41,7 +41,7 @@ def make_splits(table: pd.DataFrame, seed: int = 0, val: float = 0.15, test: flo
     glabel = group_labels(table)
     assignment: dict[str, str] = {}
     for cls in sorted(glabel.unique()):
-        groups = np.array(sorted(glabel.index[glabel == cls]))
+        groups = np.array(sorted(glabel.index[glabel == cls]), dtype=object)  # numpy's str dtype drops trailing NULs
         groups = groups[rng.permutation(len(groups))]
         g = len(groups)
         if g >= 3:
@@ -88,7 +88,7 @@ def ensure_splits(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None
             saved = json.loads(meta_path.read_text())
             data = csv_path.read_bytes()
             if {k: saved.get(k) for k in meta} == meta and saved.get("csv_sha256") == hashlib.sha256(data).hexdigest():
-                return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False), True
+                return read_csv_table(io.BytesIO(data)), True
         except (ValueError, OSError):
             pass
     splits = make_splits(table, seed=seed, val=val, test=test)
@@ -100,7 +100,7 @@ def write_splits(out_dir: str | os.PathLike, splits: pd.DataFrame, meta: dict) -
     """``splits.csv`` and ``splits.json`` (``meta`` + the CSV's sha256), each written atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = splits.to_csv(index=False)
+    text = frame_csv(splits)
     atomic_write_text(out_dir / SPLITS_FILE, text)
     atomic_write_json(out_dir / SPLITS_META, {**meta, "csv_sha256": hashlib.sha256(text.encode()).hexdigest()})
 

@@ -9,7 +9,6 @@ model learns the classes well but not perfectly. Everything is a function of ``s
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from medpipe.utils import atomic_write_text, csv_text
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 HAM_COUNTS = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
@@ -244,10 +245,8 @@ def write_synthetic(out: str | os.PathLike, spec: SynthSpec, *, fmt: str = "fold
             bar.update()
     bar.close()
     meta_path = out / "HAM10000_metadata.csv"
-    with open(meta_path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=METADATA_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_text(meta_path, csv_text(METADATA_COLUMNS, ([r.get(c, "") for c in METADATA_COLUMNS] for r in rows),
+                                          neutralise=False))
     summary = {"out": str(out), "images": len(rows), "lesions": len({r["lesion_id"] for r in rows}),
                "classes": class_counts(spec.count), "width": spec.width, "height": spec.height, "seed": spec.seed}
     if fmt == "dataverse":

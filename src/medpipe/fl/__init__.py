@@ -6,7 +6,8 @@
     medpipe fl partition --data DATA --out SITES --sites 3 --dirichlet 0.5   # one-machine experiments
 
 Modules: ``certs`` (credentials), ``partition`` (simulation splits), ``site`` (a site's local training
-and evaluation through the training engine), ``aggregate`` (update checks, FedAvg, pooled metrics),
+and evaluation through the training engine), ``aggregate`` (the checks of every site reply, FedAvg
+and the robust median / trimmed-mean aggregation, pooled metrics; docs/federated-security.md),
 ``server`` (the round loop inside the ServerApp), ``apps`` (Flower ServerApp/ClientApp), ``deploy``
 (starting the SuperLink/SuperNode processes), ``cli``.
 """

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import fields
 
 from medpipe.config import TrainConfig, make_config
+from medpipe.errors import MedpipeError
+from medpipe.fl.aggregate import MAX_EXAMPLES, MAX_UPDATE_RATIO, METHODS, TRIM_FRACTION
 from medpipe.fl.certs import make_certs
 from medpipe.fl.partition import partition
 
@@ -41,7 +43,19 @@ def _server_kwargs(args) -> dict:
                 mu=args.mu, local_epochs=args.local_epochs,
                 classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
                 train_config=_train_overrides(args), round_timeout=args.round_timeout,
-                straggler_wait=args.straggler_wait, wait_for_sites=args.wait_for_sites, host=args.host, port=args.port)
+                straggler_wait=args.straggler_wait, wait_for_sites=args.wait_for_sites, host=args.host, port=args.port,
+                aggregation=args.aggregation, trim=args.trim, max_update_ratio=args.max_update_ratio,
+                max_examples=args.max_examples, site_examples=_site_examples(args.site_examples))
+
+
+def _site_examples(specs: list[str]) -> dict[str, int]:
+    out = {}
+    for spec in specs or []:
+        name, _, n = spec.partition("=")
+        if not name or not n.isdigit() or int(n) < 1:
+            raise MedpipeError(f"--site-examples {spec!r}: expected NAME=N with N a positive integer")
+        out[name] = int(n)
+    return out
 
 
 def _deploy():
@@ -88,6 +102,17 @@ def add_server_options(s: argparse.ArgumentParser, add_config_options) -> None:
     s.add_argument("--fraction", type=float, default=1.0, help="share of connected sites sampled per round")
     s.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
     s.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight")
+    s.add_argument("--aggregation", choices=list(METHODS), default="mean",
+                   help="mean: weighted by sample counts (FedAvg/FedProx); median or trimmed-mean: robust, unweighted "
+                        "(Flower's FedMedian / FedTrimmedAvg)")
+    s.add_argument("--trim", type=float, default=TRIM_FRACTION,
+                   help="trimmed-mean: share of the sites' values dropped at each end, per coordinate")
+    s.add_argument("--max-update-ratio", type=float, default=MAX_UPDATE_RATIO,
+                   help="exclude an update whose distance from the global model exceeds this times the global norm")
+    s.add_argument("--max-examples", type=int, default=MAX_EXAMPLES,
+                   help="most num-examples a site without --site-examples may report")
+    s.add_argument("--site-examples", action="append", default=[], metavar="NAME=N",
+                   help="a site's registered image count: its num-examples may not exceed it (repeat per site)")
     s.add_argument("--local-epochs", type=int, default=1, help="local epochs per round at each site")
     s.add_argument("--classes", help="the run's class vocabulary, comma-separated (default the 7 HAM10000 classes)")
     s.add_argument("--round-timeout", type=float, default=3600.0, help="seconds a round waits for sites at most")

@@ -8,7 +8,10 @@ site (a SuperNode that runs medpipe's ClientApp on the site's data folder).
 site keys may connect), registers each site's public key under its name (``flwr supernode
 register``), writes the run configuration, submits the Flower App with ``flwr run`` and streams its
 log until the run ends, then stops the SuperLink. Run it again with the same ``--run-dir`` after a
-crash: the ServerApp resumes after the last checkpointed round. ``fl site`` replaces itself with
+crash: the ServerApp resumes after the last checkpointed round. What the server accepts from a site
+is set here too (``--aggregation mean|median|trimmed-mean``, ``--trim``, ``--max-update-ratio``,
+``--max-examples``, ``--site-examples NAME=N``; ``fl simulate`` registers each site folder's image
+count) and checked by ``medpipe.fl.aggregate`` (docs/federated-security.md). ``fl site`` replaces itself with
 ``flower-supernode`` and starts it again whenever it exits (server down or restarted), so a site
 rejoins by itself; SIGTERM stops it.
 """
@@ -30,6 +33,7 @@ from medpipe.config import make_config
 from medpipe.data.sources import load_records
 from medpipe.data.synthetic import HAM_CLASSES
 from medpipe.errors import MedpipeError
+from medpipe.fl.aggregate import MAX_EXAMPLES, MAX_UPDATE_RATIO, METHODS, TRIM_FRACTION
 from medpipe.fl.certs import check_site_name, make_certs
 from medpipe.fl.partition import partition
 from medpipe.fl.server import CONFIG_FILE, SITES_FILE, STATE_FILE
@@ -145,11 +149,16 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
                port: int = 9092, rounds: int = 5, min_sites: int = 2, fraction: float = 1.0, strategy: str = "fedavg",
                mu: float = 0.01, local_epochs: int = 1, classes: list[str] | None = None, train_config: dict | None = None,
                round_timeout: float = 3600.0, straggler_wait: float = 120.0, wait_for_sites: float = 600.0,
-               insecure: bool = False, round_callbacks: list[str] | None = None) -> dict:
-    """Run a federated training to the end (or resume one); returns the final state summary."""
+               insecure: bool = False, round_callbacks: list[str] | None = None, aggregation: str = "mean",
+               trim: float = TRIM_FRACTION, max_update_ratio: float = MAX_UPDATE_RATIO,
+               max_examples: int = MAX_EXAMPLES, site_examples: dict[str, int] | None = None) -> dict:
+    """Run a federated training to the end (or resume one); returns the final state summary.
+    ``aggregation``/``trim``, ``max_update_ratio``, ``max_examples`` and ``site_examples`` (site name ->
+    registered image count) are the server's checks of site replies (``medpipe.fl.aggregate``)."""
 
     if strategy not in ("fedavg", "fedprox"):
         raise MedpipeError(f"--strategy must be fedavg or fedprox, got {strategy!r}")
+    guard = guard_config(aggregation, trim, max_update_ratio, max_examples, site_examples, site_keys)
     if rounds < 1 or min_sites < 1 or not 0 < fraction <= 1 or local_epochs < 1:
         raise MedpipeError("--rounds, --min-sites and --local-epochs must be >= 1 and --fraction in (0, 1]")
     run_dir = Path(run_dir).resolve()
@@ -158,7 +167,7 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
     cfg = {"rounds": rounds, "min_sites": min_sites, "fraction": fraction, "strategy": strategy, "mu": mu,
            "local_epochs": local_epochs, "classes": list(classes or HAM_CLASSES), "train_config": tc.to_dict(),
            "round_timeout": round_timeout, "straggler_wait": straggler_wait, "wait_for_sites": wait_for_sites,
-           "round_callbacks": list(round_callbacks or []), "engine": "flower"}
+           "round_callbacks": list(round_callbacks or []), "engine": "flower", **guard}
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg, indent=2))
     if insecure:
         ca = None
@@ -218,6 +227,30 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
                 "best_round": state["best_round"], "best_pooled_auc": state["best_pooled_auc"]}
     finally:
         _stop(link)
+
+
+def guard_config(aggregation: str, trim: float, max_update_ratio: float, max_examples: int,
+                 site_examples: dict[str, int] | None, site_keys: list[str]) -> dict:
+    """The server's limits on site replies as run-configuration entries, checked before anything starts
+    (``site_keys``: the sites' public key files, whose names ``site_examples`` must use)."""
+    site_examples = dict(site_examples or {})
+    site_names = [Path(k).name.removesuffix(".pub") for k in site_keys]
+    if aggregation not in METHODS:
+        raise MedpipeError(f"--aggregation must be one of {', '.join(METHODS)}, got {aggregation!r}")
+    if not 0.0 <= trim < 0.5:
+        raise MedpipeError(f"--trim must be in [0, 0.5), got {trim}")
+    if not (max_update_ratio > 0 and max_update_ratio != float("inf")):
+        raise MedpipeError(f"--max-update-ratio must be a positive number, got {max_update_ratio}")
+    if max_examples < 1:
+        raise MedpipeError(f"--max-examples must be >= 1, got {max_examples}")
+    unknown = sorted(set(site_examples) - set(site_names)) if site_names else []
+    if unknown:
+        raise MedpipeError(f"--site-examples names {unknown}, which are not among the sites' keys {sorted(site_names)}")
+    bad = {k: v for k, v in site_examples.items() if not isinstance(v, int) or v < 1}
+    if bad:
+        raise MedpipeError(f"--site-examples: counts must be positive integers, got {bad}")
+    return {"aggregation": aggregation, "trim": float(trim), "max_update_ratio": float(max_update_ratio),
+            "max_examples": int(max_examples), "site_examples": site_examples}
 
 
 def _wait_port(host: str, port: int, timeout: float, proc, logfile) -> None:
@@ -347,6 +380,9 @@ def simulate(data: str | os.PathLike, run_dir: str | os.PathLike, *, by: str | N
                  "--runtime-port", str(port + 10 + i), "--threads", str(threads)],
                 stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads))))
         print(f"{len(names)} sites started ({', '.join(names)}); logs {run_dir}/site_*.log", flush=True)
+        # each site's registered image count is its folder's size: no site may report more training images
+        registered = {n: int(parts["sites"][n]["images"]) for n in names}
+        server_kw["site_examples"] = {**registered, **(server_kw.get("site_examples") or {})}
         return run_server(run_dir / "server", certs=certs, site_keys=[str(certs / "sites" / f"{n}.pub") for n in names],
                           host="127.0.0.1", port=port, **server_kw)
     finally:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from medpipe.data.sources import CLASSES_FILE, RECORDS_FILE, load_records, records_hash
 from medpipe.errors import MedpipeError
-from medpipe.utils import atomic_write_text, to_json
+from medpipe.utils import atomic_write_text, frame_csv, to_json
 
 
 def _group_frame(table: pd.DataFrame) -> pd.DataFrame:
@@ -94,7 +94,7 @@ def partition(data_dir: str | os.PathLike, out: str | os.PathLike, *, by: str | 
             continue
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / RECORDS_FILE, part.to_csv(index=False))
+        atomic_write_text(folder / RECORDS_FILE, frame_csv(part))
         atomic_write_text(folder / CLASSES_FILE, json.dumps(classes))
         summary["sites"][name] = {"dir": str(folder), "images": int(len(part)), "groups": int(part["group_id"].nunique()),
                                   "class_counts": counts}

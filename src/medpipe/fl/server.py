@@ -6,11 +6,17 @@ Each round, top to bottom:
     answered, or a site is reported offline, or ``straggler_wait`` seconds have passed since enough
     sites answered, or ``round_timeout`` passed; every site that did not answer is logged by name as
     dropped (it may rejoin in a later round);
- 3. check each update (same tensors and shapes, finite values); a bad one is excluded with its reason;
- 4. FedAvg/FedProx: the sample-count weighted mean of the valid updates (``medpipe.fl.aggregate``);
-    fewer than ``min_sites`` valid updates repeat the round (at most 3 tries) with the global unchanged;
+ 3. check each reply (``medpipe.fl.aggregate``: the global model's tensors, dtypes and shapes,
+    finite values, an update norm within ``max_update_ratio`` of the global model's, ``num-examples``
+    within the site's registered count or ``max_examples``); a bad one is excluded with its reason,
+    logged by site name and kept in the round record, and never reaches the aggregate;
+ 4. aggregate the valid updates by ``aggregation``: ``mean`` (FedAvg/FedProx, weighted by sample
+    counts), ``median`` or ``trimmed-mean`` (robust, unweighted); fewer than ``min_sites`` valid
+    updates (every site excluded, say) keep the previous global model, log it, and repeat the round
+    (at most 3 tries, then the run fails with the reason);
  5. every connected site evaluates the new global model on its own validation split (an EVALUATE
-    message); per-site metrics and pooled ones (summed score histograms) are logged;
+    message); each reply is schema-checked, a malformed one is excluded from the pooled figures with
+    its reason; per-site metrics and pooled ones (summed score histograms) are logged;
  6. checkpoint: ``checkpoints/global.safetensors`` then ``fl_state.json`` (round, history, best),
     both written atomically; ``best.safetensors`` when the pooled macro AUC improved; one line in
     ``metrics.jsonl``; the round callbacks are called with the round record.
@@ -32,15 +38,16 @@ from pathlib import Path
 
 import numpy as np
 
-from medpipe.errors import MedpipeError
-from medpipe.fl.aggregate import check_update, pooled_metrics, restore_scalars, weighted_average
-from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
 from medpipe.config import make_config
 from medpipe.decision import prior_from_counts
+from medpipe.errors import MedpipeError
+from medpipe.fl.aggregate import (METHODS, TRIM_FRACTION, Guard, Verdict, check_train_reply, check_update, combine,
+                                  pool_evaluations, restore_scalars)
 from medpipe.fl.records import arrays_to_record, record_to_arrays
 from medpipe.fl.site import to_numpy, to_torch
 from medpipe.models import create_model
 from medpipe.package import IntendedUse, save_package
+from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
 
 CONFIG_FILE, STATE_FILE, SITES_FILE, LOG_FILE = "fl_config.json", "fl_state.json", "sites.json", "fl_server.log"
 OWNER_FILE = ".fl_owner"
@@ -77,6 +84,10 @@ class Coordinator:
         self.cfg = json.loads((self.run_dir / CONFIG_FILE).read_text())
         sites_path = self.run_dir / SITES_FILE
         self.names = {int(k): v for k, v in json.loads(sites_path.read_text()).items()} if sites_path.is_file() else {}
+        self.guard = Guard.from_config(self.cfg)
+        self.method, self.trim = str(self.cfg.get("aggregation", "mean")), float(self.cfg.get("trim", TRIM_FRACTION))
+        if self.method not in METHODS:
+            raise MedpipeError(f"{CONFIG_FILE}: aggregation {self.method!r} is not one of {', '.join(METHODS)}")
         self.callbacks = list(callbacks) + [self._load_callback(c) for c in self.cfg.get("round_callbacks", [])]
         self.owner = f"{os.getpid()}-{time.time_ns()}"
         atomic_write_text(self.run_dir / OWNER_FILE, self.owner)  # a newer server for this folder takes over
@@ -196,21 +207,21 @@ class Coordinator:
 
         rnd, tries = state["round"] + 1, 0
         while rnd <= rounds:
-            updates, used, excluded, dropped = self._train_round(rnd, arrays, reference, config, min_sites, rng)
-            if len(updates) < min_sites:
+            result, dropped = self._train_round(rnd, arrays, config, min_sites, rng)
+            if result.kept:
                 tries += 1
-                log.error("round %d: %d valid update(s), fewer than --min-sites %d; global model unchanged "
-                          "(try %d of 3)", rnd, len(updates), min_sites, tries)
+                log.error("round %d: %s (--min-sites %d; try %d of 3)", rnd, result.note, min_sites, tries)
                 if tries >= 3:
                     state["status"] = "failed"
                     atomic_write_text(self.run_dir / STATE_FILE, to_json(state, indent=2))
-                    raise MedpipeError(f"round {rnd} failed 3 times: not enough valid site updates")
+                    raise MedpipeError(f"round {rnd} failed 3 times: {result.note}")
                 continue
-            arrays = weighted_average(updates)
-            log.info("round %d: aggregated %d update(s) (%s) weighted by samples %s", rnd, len(updates),
-                     cfg["strategy"], {k: v["n_train"] for k, v in used.items()})
-            per_site, pooled, ev_dropped = self._evaluate_round(rnd, arrays, config, min_sites, classes)
-            rec = {"round": rnd, "strategy": cfg["strategy"], "trained": used, "excluded": excluded,
+            arrays = result.arrays
+            log.info("round %d: %s (%s); samples %s", rnd, result.note, cfg["strategy"],
+                     {k: v["n_train"] for k, v in result.used.items()})
+            per_site, pooled, ev_dropped, ev_excluded = self._evaluate_round(rnd, arrays, config, min_sites, classes)
+            rec = {"round": rnd, "strategy": cfg["strategy"], "aggregation": self.method, "trained": result.used,
+                   "excluded": result.excluded, "num_examples": result.num_examples, "eval_excluded": ev_excluded,
                    "dropped": {self.name(n): r for n, r in {**dropped, **ev_dropped}.items()},
                    "val_sites": per_site, "val_pooled": pooled,
                    "bytes_per_site": int(sum(v.nbytes for v in arrays.values()))}
@@ -230,19 +241,26 @@ class Coordinator:
         if state is None:
             state = {"config_digest": config_digest(self.cfg), "round": 0, "status": "running", "history": [],
                      "best_round": 0, "best_pooled_auc": None, "sites": {}}
-            log.info("federated run: %d rounds, strategy %s, at least %d sites, classes %s", rounds,
-                     self.cfg["strategy"], min_sites, classes)
+            log.info("federated run: %d rounds, strategy %s, aggregation %s, at least %d sites, classes %s; updates "
+                     "limited to %g times the global norm, num-examples to %s", rounds, self.cfg["strategy"],
+                     self.method, min_sites, classes, self.guard.max_update_ratio,
+                     self.guard.site_examples or f"{self.guard.max_examples} per site")
             return state, reference
         arrays = restore_scalars(load_arrays(self.run_dir / "checkpoints" / "global.safetensors",
                                              state.get("global_sha256")), reference)
+        wrong = check_update(arrays, reference)
+        if wrong:
+            raise MedpipeError(f"{self.run_dir / 'checkpoints' / 'global.safetensors'} does not fit this run's model: "
+                               f"{wrong}")
         state["status"] = "running"
         log.info("resuming from the round %d checkpoint (%s)", state["round"],
                  self.run_dir / "checkpoints" / "global.safetensors")
         return state, arrays
 
-    def _train_round(self, rnd: int, arrays: dict, reference: dict, config, min_sites: int, rng):
-        """Send the global weights to a sample of connected sites; return the valid updates with their
-        sample counts, per-site training figures, the excluded updates (with the reason) and the dropped sites."""
+    def _train_round(self, rnd: int, arrays: dict, config, min_sites: int, rng):
+        """Send the global weights to a sample of connected sites; returns the round's aggregation
+        (:class:`~medpipe.fl.aggregate.RoundResult`: the new global, or the previous one when too few
+        updates passed the checks) and the dropped sites."""
         from flwr.app import MessageType, RecordDict
 
         nodes = self._wait_for_sites(min_sites)
@@ -251,63 +269,58 @@ class Coordinator:
         log.info("round %d: training on %d of %d connected sites: %s", rnd, len(chosen), len(nodes),
                  ", ".join(self.name(n) for n in chosen))
         record = arrays_to_record(arrays)
-        checked: dict[int, tuple] = {}  # node -> (update, count) or (None, reason)
+        verdicts: dict[int, Verdict] = {}
 
         def check(n, msg) -> bool:
+            site = self.name(n)
             if msg.has_error():
-                checked[n] = (None, f"the site reported an error: {msg.error.reason}")
+                verdicts[n] = Verdict(site, reason=f"the site reported an error: {msg.error.reason}")
                 return False
             try:
-                upd = restore_scalars(record_to_arrays(msg.content["arrays"]), reference)
-                count = int(msg.content["metrics"]["num-examples"])
+                metrics = dict(msg.content["metrics"])
+                upd = restore_scalars(record_to_arrays(msg.content["arrays"]), arrays)
             except (KeyError, ValueError, TypeError) as exc:
-                checked[n] = (None, f"malformed reply ({exc.__class__.__name__}: {exc})")
+                verdicts[n] = Verdict(site, reason=f"malformed reply ({exc.__class__.__name__}: {exc})")
                 return False
-            reason = check_update(upd, reference) or (None if count > 0 else f"sample count {count} is not positive")
-            checked[n] = (None, reason) if reason else (upd, count)
-            return not reason
+            verdicts[n] = check_train_reply(site, upd, metrics, arrays, self.guard)
+            return verdicts[n].reason is None
 
         replies, dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
                                           chosen, MessageType.TRAIN, rnd, min_sites, check)
-        updates, used, excluded = [], {}, {}
-        for n, msg in sorted(replies.items()):
-            upd, info = checked[n]
-            if upd is None:
-                excluded[self.name(n)] = info
-                continue
-            updates.append((upd, info))
-            used[self.name(n)] = {"n_train": info, "train_loss": float(msg.content["metrics"]["train_loss"])}
-        for name, reason in excluded.items():
+        result = combine(arrays, {self.name(n): verdicts[n] for n in sorted(replies)}, self.method, self.trim,
+                         min_sites)
+        for name, reason in result.excluded.items():
             log.warning("round %d: update from site %s excluded: %s", rnd, name, reason)
-        return updates, used, excluded, dropped
+        return result, dropped
 
     def _evaluate_round(self, rnd: int, arrays: dict, config, min_sites: int, classes: list[str]):
         """Federated evaluation of the new global model on every connected site's validation split:
-        per-site figures, the pooled figures and the sites that dropped out."""
+        per-site figures, the pooled figures, the sites that dropped out and the replies excluded."""
         from flwr.app import MessageType, RecordDict
 
         record = arrays_to_record(arrays)
         ev_nodes = sorted(self.grid.get_node_ids())
         ev, ev_dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
                                         ev_nodes, MessageType.EVALUATE, rnd, min(min_sites, len(ev_nodes)))
-        per_site, stats = {}, []
+        metrics, failed = {}, {}
         for n, msg in sorted(ev.items()):
             if msg.has_error():
-                log.warning("round %d: site %s could not evaluate: %s", rnd, self.name(n), msg.error.reason)
+                failed[self.name(n)] = f"the site could not evaluate: {msg.error.reason}"
                 continue
-            m = msg.content["metrics"]
-            stats.append({k: list(m[k]) for k in ("hist_pos", "hist_neg", "confusion")})
-            per_site[self.name(n)] = {"n_val": int(m["num-examples"]), "macro_auc": float(m["macro_auc"]),
-                                      "balanced_accuracy": float(m["balanced_accuracy"]),
-                                      "val_loss": float(m["val_loss"])}
-        pooled = pooled_metrics(stats, classes) if stats else {"n": 0, "macro_auc": math.nan,
-                                                               "balanced_accuracy": math.nan, "per_class_auc": {}}
+            try:
+                metrics[self.name(n)] = dict(msg.content["metrics"])
+            except (KeyError, TypeError, ValueError) as exc:
+                failed[self.name(n)] = f"malformed evaluation reply ({exc.__class__.__name__}: {exc})"
+        per_site, pooled, excluded = pool_evaluations(metrics, classes, self.guard)
+        excluded = {**failed, **excluded}
+        for name, reason in sorted(excluded.items()):
+            log.warning("round %d: evaluation from site %s excluded: %s", rnd, name, reason)
         for name, m in per_site.items():
             log.info("round %d: site %s val n=%d auc=%.4f bacc=%.4f", rnd, name, m["n_val"], m["macro_auc"],
                      m["balanced_accuracy"])
         log.info("round %d: pooled val n=%d auc=%.4f bacc=%.4f", rnd, pooled["n"], pooled["macro_auc"],
                  pooled["balanced_accuracy"])
-        return per_site, pooled, ev_dropped
+        return per_site, pooled, ev_dropped, excluded
 
     def _record_round(self, state: dict, rec: dict, arrays: dict) -> None:
         """Update the run state with a finished round, checkpoint, append metrics.jsonl, call the callbacks."""
@@ -354,7 +367,7 @@ class Coordinator:
                                          tau=1.0 if tc.imbalance == "none" else 0.0)
         cfg = self.cfg
         federated = {
-            "engine": "flower", "engine_version": flwr.__version__, "strategy": cfg["strategy"],
+            "engine": "flower", "engine_version": flwr.__version__, "strategy": cfg["strategy"], "aggregation": self.method,
             "mu": float(cfg["mu"]) if cfg["strategy"] == "fedprox" else 0.0, "rounds": int(cfg["rounds"]),
             "local_epochs": int(cfg["local_epochs"]), "min_sites": int(cfg["min_sites"]),
             "fraction": float(cfg["fraction"]), "best_round": state["best_round"],

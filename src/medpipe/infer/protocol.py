@@ -89,6 +89,12 @@ def parse_body(ctype: str, body: bytes, max_images: int = DEFAULT_MAX_IMAGES) ->
         check_count(len(items), max_images)
         return [("array", a) for a in items]
     if ctype == JSON_T:
+        # Bounded before parsing (a memchr-speed count): no valid body holds more than ~2 strings and
+        # values per image, so a body of a million empty strings is refused without being parsed.
+        tokens = max(body.count(b'"') // 2, body.count(b","))
+        if tokens > 2 * max_images + 256:
+            raise HttpError(413, "too_many_images", f"the JSON body holds {tokens} strings or values; it may "
+                            f"carry at most {max_images} images (max_images)")
         try:
             obj = json.loads(body)
         except (ValueError, UnicodeDecodeError):

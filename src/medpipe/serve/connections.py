@@ -10,7 +10,8 @@ this protocol class adds, per connection:
   sent part of a request it gets a 408 JSON body first;
 - **connection cap and eviction**: at ``max_connections`` open connections a new connection displaces
   one that has sent nothing of a request yet (just connected, or idle between keep-alive requests),
-  taken from the client address holding the most open connections, oldest first. A connection that
+  taken from the client address holding the most such silent connections, oldest first (among
+  addresses holding as many, the oldest silent connection). A connection that
   has started sending its request is never displaced (the header timeout bounds it). With no such
   connection to displace, the new one gets 503 JSON and is closed at once, without reading;
 - **per-client cap**: one client address holds at most ``max_connections_per_client`` connections
@@ -29,6 +30,7 @@ import collections
 import json
 import logging
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -64,7 +66,7 @@ class _Shared:
         self.limits = limits
         self.open = 0
         self.per_peer: collections.Counter = collections.Counter()
-        self.silent: dict[str, dict] = {}  # peer -> {protocol: None}, insertion order = oldest first
+        self.silent: dict[str, dict] = {}  # peer -> {protocol: silent since}, insertion order = oldest first
         self.on_close = on_close or (lambda reason: None)
 
     def add(self, proto) -> str | None:
@@ -90,20 +92,22 @@ class _Shared:
     def set_silent(self, proto) -> None:
         conns = self.silent.setdefault(proto.peer, {})
         conns.pop(proto, None)
-        conns[proto] = None  # newest last
+        conns[proto] = time.monotonic()  # newest last
 
     def set_busy(self, proto) -> None:
         conns = self.silent.get(proto.peer)
-        if conns is not None and conns.pop(proto, 1) is None and not conns:
+        if conns is not None and conns.pop(proto, None) is not None and not conns:
             del self.silent[proto.peer]
 
     def is_silent(self, proto) -> bool:
         return proto in self.silent.get(proto.peer, ())
 
     def _evict(self, keep, only: str | None = None) -> bool:
-        """Drop the oldest silent connection (not ``keep``) of ``only``, or of the address holding most."""
+        """Drop the oldest silent connection (not ``keep``) of ``only``, or of the address holding the most
+        silent connections (not the most connections: a busy honest client has many, all sending)."""
         if only is None and self.silent:
-            only = max(self.silent, key=self.per_peer.__getitem__)
+            # the most silent connections; among equals, the oldest silent connection (dict values: since when)
+            only = max(self.silent, key=lambda peer: (len(self.silent[peer]), -next(iter(self.silent[peer].values()))))
         for proto in self.silent.get(only, ()):
             if proto is not keep:
                 proto.drop("evicted")

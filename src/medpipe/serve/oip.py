@@ -16,6 +16,13 @@ An inference request has exactly one input:
   ``data`` or raw bytes with the binary tensor extension; decoded and resized by the package's spec;
 - ``image``, ``FP32`` ``[N, 3, S, S]``: already preprocessed (the eval preset's output).
 
+Before anything is decoded: shapes are JSON integers (not booleans), a JSON request is counted before it
+is parsed (strings <= max_images + 256, values <= max_images x 3 x S x S + 1024; else 413 naming the
+input; a header over 256 KB that passes is parsed in a decode process, off the event loop), element counts
+are checked against the declared shape (a binary BYTES list is cut off at its first extra element), and FP32 values must be finite and within 100x the eval preset's range (400 naming the
+input: 3e38 is finite but overflows in the network). An element that does not decode is 400 (the
+protocol's invalid input), 413 when it is too large.
+
 Outputs: ``probabilities`` ``FP32 [N, C]`` (calibrated, class order in the model metadata's
 ``parameters.classes``) and ``label`` ``BYTES [N]``. Binary outputs are returned when the request
 asks for them (``outputs[].parameters.binary_data`` or ``parameters.binary_data_output``), as
@@ -84,8 +91,44 @@ def model_metadata(predictor) -> dict:
 
 
 # -- request decoding ---------------------------------------------------------------------------
-def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    """(JSON request, binary tail) of an inference request, with or without the binary extension."""
+EXTRA_JSON_STRINGS = 256   # strings a request may hold besides image_bytes' elements (keys, ids, parameters)
+EXTRA_JSON_VALUES = 1024   # values a request may hold besides its tensor's elements
+OFFLOAD_BYTES = 256 << 10  # a JSON header longer than this is parsed in a decode process, off the event loop
+FP32_RANGE_FACTOR = 100.0  # |FP32 input| may be this many times the largest value the eval preset produces
+
+
+def max_elements(spec_size: int, max_images: int) -> int:
+    """The most tensor elements one request can carry: ``max_images`` images of 3 x S x S (FP32)."""
+    return max_images * 3 * spec_size * spec_size
+
+
+def fp32_limit(mean, std) -> float:
+    """The largest |value| accepted in an FP32 input: the eval preset maps pixels in [0, 1] to
+    ``(x - mean) / std``; anything far outside that range is not a preprocessed image and can overflow
+    the network (3e38 is finite but not after a convolution)."""
+    return FP32_RANGE_FACTOR * max(max(abs(0.0 - m), abs(1.0 - m)) / s for m, s in zip(mean, std))
+
+
+def check_json_size(head: bytes, max_images: int, max_values: int | None, end: int | None = None) -> None:
+    """Refuse, before it is parsed, a JSON request (``head[:end]``) holding more strings or values than a
+    valid one can (counted at memchr speed: a 6 MB header of 1.5 million empty strings costs a few ms, not
+    a parse)."""
+    strings = head.count(b'"', 0, end) // 2
+    if strings > max_images + EXTRA_JSON_STRINGS:
+        raise HttpError(413, "too_many_elements", f"input {BYTES_INPUT!r}: the request holds {strings} JSON "
+                        f"strings; {BYTES_INPUT!r} takes at most {max_images} elements (max_images) and the rest "
+                        f"of a request at most {EXTRA_JSON_STRINGS} strings")
+    values = head.count(b",", 0, end) + 1
+    if max_values is not None and values > max_values + EXTRA_JSON_VALUES:
+        raise HttpError(413, "too_many_elements", f"input {FP32_INPUT!r}: the request holds about {values} JSON "
+                        f"values; {FP32_INPUT!r} takes at most {max_values} elements (max_images x 3 x S x S) "
+                        f"and {BYTES_INPUT!r} at most {max_images}")
+
+
+def split_body(body: bytes, header_length: str | None, max_images: int = 16,
+               max_values: int | None = None) -> tuple[dict, bytes]:
+    """(JSON request, binary tail) of an inference request, with or without the binary extension. The
+    JSON header is size-checked (:func:`check_json_size`) before it is parsed."""
     n = len(body)
     if header_length is not None:
         try:
@@ -95,8 +138,10 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         if not 0 < n <= len(body):
             raise HttpError(400, "bad_header", f"Inference-Header-Content-Length {n} does not fit the "
                             f"{len(body)}-byte body")
+    head = body[:n]
+    check_json_size(head, max_images, max_values)
     try:
-        req = json.loads(body[:n])
+        req = json.loads(head)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise HttpError(400, "bad_json", "the inference request is not valid JSON") from None
     if not isinstance(req, dict):
@@ -111,10 +156,13 @@ def _params(obj: dict, where: str) -> dict:
     return p
 
 
-def deserialize_bytes(raw: bytes, where: str) -> list[bytes]:
-    """Triton's binary BYTES layout: each element is a little-endian uint32 length, then the bytes."""
+def deserialize_bytes(raw: bytes, where: str, limit: int | None = None) -> list[bytes]:
+    """Triton's binary BYTES layout: each element is a little-endian uint32 length, then the bytes.
+    With ``limit`` (the declared element count) a longer list is refused as soon as it passes it."""
     out, i = [], 0
     while i < len(raw):
+        if limit is not None and len(out) >= limit:
+            raise HttpError(400, "bad_shape", f"{where}: more than the {limit} elements its shape declares")
         if i + 4 > len(raw):
             raise HttpError(400, "bad_binary", f"{where}: truncated element length")
         (k,) = struct.unpack_from("<I", raw, i)
@@ -130,21 +178,26 @@ def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
-def parse_input(req: dict, binary: bytes, spec_size: int, max_images: int):
-    """The one input of an inference request -> ("bytes", [encoded images]) or ("tensor", N x 3 x S x S)."""
+def _the_input(req: dict) -> tuple[dict, str]:
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise HttpError(400, "bad_request", f"send exactly one input, {BYTES_INPUT!r} (BYTES) or "
                         f"{FP32_INPUT!r} (FP32)")
     inp = inputs[0]
-    name, dtype, shape = inp.get("name"), inp.get("datatype"), inp.get("shape")
+    name, dtype = inp.get("name"), inp.get("datatype")
     if name not in (BYTES_INPUT, FP32_INPUT):
-        raise HttpError(400, "unknown_input", f"unknown input {name!r}; use {BYTES_INPUT!r} (BYTES) or "
+        raise HttpError(400, "unknown_input", f"unknown input {str(name)[:100]!r}; use {BYTES_INPUT!r} (BYTES) or "
                         f"{FP32_INPUT!r} (FP32)")
     want = "BYTES" if name == BYTES_INPUT else "FP32"
     if dtype != want:
-        raise HttpError(400, "bad_datatype", f"input {name!r} must be {want}, got {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise HttpError(400, "bad_datatype", f"input {name!r} must be {want}, got {str(dtype)[:100]!r}")
+    return inp, name
+
+
+def _shape(inp: dict, name: str, spec_size: int, max_images: int) -> list[int]:
+    """The declared shape, checked: JSON integers (``true`` is not one, though Python's bool is an int)."""
+    shape = inp.get("shape")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and d >= 0 for d in shape):
         raise HttpError(400, "bad_shape", f"input {name!r}: shape must be a list of non-negative integers")
     expected = "[N]" if name == BYTES_INPUT else f"[N, 3, {spec_size}, {spec_size}]"
     if (name == BYTES_INPUT and len(shape) != 1) or (name == FP32_INPUT and shape[1:] != [3, spec_size, spec_size]):
@@ -153,46 +206,117 @@ def parse_input(req: dict, binary: bytes, spec_size: int, max_images: int):
     if n == 0:
         raise HttpError(400, "no_images", f"input {name!r} holds no image")
     if n > max_images:
-        raise HttpError(413, "too_many_images", f"{n} images in one request; the limit is {max_images}")
+        raise HttpError(413, "too_many_images", f"input {name!r}: {n} images in one request; the limit is "
+                        f"{max_images}")
+    return shape
+
+
+def _checked_fp32(arr: np.ndarray, name: str, max_abs: float) -> np.ndarray:
+    """Finite and within +-max_abs, else 400 naming the input (the binary and the JSON form alike)."""
+    if not np.isfinite(arr).all():
+        raise HttpError(400, "bad_values", f"input {name!r} holds NaN or Inf")
+    peak = float(np.abs(arr).max())
+    if peak > max_abs:
+        raise HttpError(400, "bad_values", f"input {name!r} holds a value of magnitude {peak:.3g}; a preprocessed "
+                        f"image lies within +-{max_abs:.4g} (the eval preset's range x {FP32_RANGE_FACTOR:g})")
+    return arr
+
+
+def _fp32_json(data: list, shape: list[int], name: str) -> np.ndarray:
+    want = int(np.prod(shape))
+    if data and not isinstance(data[0], list) and len(data) != want:  # flat (tritonclient): count before converting
+        raise HttpError(400, "bad_shape", f"input {name!r}: {len(data)} values for shape {shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            arr = np.asarray(data, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError):
+            raise HttpError(400, "bad_request", f"input {name!r}: data must be numbers") from None
+    if arr.size != want:
+        raise HttpError(400, "bad_shape", f"input {name!r}: {arr.size} values for shape {shape}")
+    return arr.reshape(shape)
+
+
+def _bytes_json(data: list, n: int, name: str) -> list[bytes]:
+    if len(data) != n:  # before decoding a single element
+        raise HttpError(400, "bad_shape", f"input {name!r}: {len(data)} elements for shape [{n}]")
+    items = []
+    for i, s in enumerate(data):
+        if not isinstance(s, str):
+            raise HttpError(400, "bad_request", f"input {name!r} element {i} must be a base64 string")
+        try:
+            items.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, ValueError):
+            raise HttpError(400, "bad_base64", f"input {name!r} element {i} is not valid base64") from None
+    return items
+
+
+def parse_input(req: dict, binary: bytes, spec_size: int, max_images: int, max_abs: float = float("inf")):
+    """The one input of an inference request -> ("bytes", [encoded images]) or ("tensor", N x 3 x S x S).
+
+    Every count is checked against the declared shape before anything is decoded."""
+    inp, name = _the_input(req)
+    shape = _shape(inp, name, spec_size, max_images)
+    n = shape[0]
     size = _params(inp, f"input {name!r}").get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or size > len(binary):
-            raise HttpError(400, "bad_binary", f"input {name!r}: binary_data_size {size!r} does not fit the "
-                            f"{len(binary)} bytes after the JSON header")
+        if type(size) is not int or size < 0 or size > len(binary):
+            raise HttpError(400, "bad_binary", f"input {name!r}: binary_data_size {str(size)[:40]!r} does not fit "
+                            f"the {len(binary)} bytes after the JSON header")
         raw = binary[:size]
         if name == BYTES_INPUT:
-            items = deserialize_bytes(raw, f"input {name!r}")
+            items = deserialize_bytes(raw, f"input {name!r}", limit=n)
         elif size != n * 3 * spec_size * spec_size * 4:
             raise HttpError(400, "bad_shape", f"input {name!r}: {size} bytes of FP32 data for shape {shape}")
         else:
-            return "tensor", np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):
+                arr = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+            return "tensor", _checked_fp32(arr, name, max_abs)
     else:
         data = inp.get("data")
         if not isinstance(data, list):
             raise HttpError(400, "bad_request", f"input {name!r} has neither data nor binary_data_size")
-        if name == BYTES_INPUT:
-            items = []
-            for i, s in enumerate(data):
-                if not isinstance(s, str):
-                    raise HttpError(400, "bad_request", f"input {name!r} element {i} must be a base64 string")
-                try:
-                    items.append(base64.b64decode(s, validate=True))
-                except (binascii.Error, ValueError):
-                    raise HttpError(400, "bad_base64", f"input {name!r} element {i} is not valid base64") from None
-        else:
-            try:
-                arr = np.asarray(data, dtype=np.float32)
-            except (TypeError, ValueError):
-                raise HttpError(400, "bad_request", f"input {name!r}: data must be numbers") from None
-            if arr.size != n * 3 * spec_size * spec_size:
-                raise HttpError(400, "bad_shape", f"input {name!r}: {arr.size} values for shape {shape}")
-            arr = arr.reshape(shape)
-            if not np.isfinite(arr).all():
-                raise HttpError(400, "bad_request", f"input {name!r} holds NaN or Inf")
-            return "tensor", arr
+        if name == FP32_INPUT:
+            return "tensor", _checked_fp32(_fp32_json(data, shape, name), name, max_abs)
+        items = _bytes_json(data, n, name)
     if len(items) != n:
         raise HttpError(400, "bad_shape", f"input {name!r}: {len(items)} elements for shape {shape}")
     return "bytes", items
+
+
+def parse_request(body: bytes, header_length: str | None, spec_size: int, max_images: int, max_abs: float):
+    """The whole request -> ("ok", request without its input data, kind, payload) or ("error", status, code,
+    message); never raises, so a decode process can run it (:data:`OFFLOAD_BYTES`)."""
+    try:
+        req, binary = split_body(body, header_length, max_images, max_elements(spec_size, max_images))
+        kind, payload = parse_input(req, binary, spec_size, max_images, max_abs)
+    except HttpError as exc:
+        return "error", exc.status, exc.code, exc.message
+    inputs = req.get("inputs")
+    req["inputs"] = [{k: v for k, v in inputs[0].items() if k != "data"}]  # nothing big travels back
+    return "ok", req, kind, payload
+
+
+async def parse_off_loop(pool, body: bytes, header_length: str | None, spec_size: int, max_images: int,
+                         max_abs: float) -> tuple[dict, str, object]:
+    """(request without its input data, kind, payload): :func:`parse_request` on the event loop, or, for a
+    JSON header over :data:`OFFLOAD_BYTES` that passes the element count, in a decode process of ``pool``."""
+    args = (body, header_length, spec_size, max_images, max_abs)
+    try:
+        head_length = int(header_length) if header_length is not None else len(body)
+    except ValueError:
+        head_length = 0  # parse_request names the bad header
+    if OFFLOAD_BYTES < head_length <= len(body) and pool is not None:
+        # counted here first, so a flood of oversized lists never reaches the decode processes
+        check_json_size(body, max_images, max_elements(spec_size, max_images), head_length)
+        try:  # FP32 data as JSON numbers: up to ~0.2 s of parsing for 6 MB
+            parsed = await pool.call(parse_request, *args)
+        except TimeoutError as exc:
+            raise HttpError(413, "request_too_costly", f"the inference request was {exc}") from None
+    else:
+        parsed = parse_request(*args)
+    if parsed[0] == "error":
+        raise HttpError(*parsed[1:])
+    return parsed[1], parsed[2], parsed[3]
 
 
 def requested_outputs(req: dict) -> list[tuple[str, bool]]:
@@ -245,6 +369,7 @@ def add_routes(app, svc) -> None:
     from starlette.responses import JSONResponse, Response
 
     predictor, cfg = svc.predictor, svc.cfg
+    max_abs = fp32_limit(predictor.spec.mean, predictor.spec.std)
 
     def rid_of(request: Request) -> str:
         return request.scope.get("medpipe.rid", "-")
@@ -276,14 +401,16 @@ def add_routes(app, svc) -> None:
         return JSONResponse({"name": predictor.name, "ready": svc.ready}, status_code=200 if svc.ready else 503)
 
     async def infer(request):
-        req, binary = split_body(await svc.read_body(request), request.headers.get(HEADER_LENGTH))
-        kind, payload = parse_input(req, binary, predictor.spec.image_size, cfg.max_images)
+        req, kind, payload = await parse_off_loop(svc.decode_pool, await svc.read_body(request),
+                                                  request.headers.get(HEADER_LENGTH), predictor.spec.image_size,
+                                                  cfg.max_images, max_abs)
         outputs = requested_outputs(req)
         if kind == "bytes":
             preds = await svc.predict([("bytes", b) for b in payload])
             for i, p in enumerate(preds):
-                if "error" in p:
-                    raise HttpError(p["status"], p["error"], f"input {BYTES_INPUT!r} element {i}: {p['message']}")
+                if "error" in p:  # the protocol's invalid-input status (KServe InvalidInput, Triton): 400, bar 413
+                    status = p["status"] if p["status"] == 413 or p["status"] >= 500 else 400
+                    raise HttpError(status, p["error"], f"input {BYTES_INPUT!r} element {i}: {p['message']}")
             probs = np.array([[p["probabilities"][c] for c in predictor.classes] for p in preds], np.float32)
         else:
             async with svc.guarded(len(payload)):

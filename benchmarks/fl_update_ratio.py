@@ -1,0 +1,76 @@
+"""How far honest sites move the model in a round: the data behind ``--max-update-ratio``.
+
+    python benchmarks/fl_update_ratio.py [--count 1200 --sites 3 --alpha 0.5 --rounds 3 --size 64]
+
+Builds the same synthetic federation as ``benchmarks/federated.py`` (per-site colour casts, a
+Dirichlet class split), runs FedAvg rounds in one process with the server's own aggregation
+(``medpipe.fl.aggregate.aggregate_round``) and prints, per round and site, the update ratio
+``||update - global|| / ||global||`` the server checks, and whether the default limit
+(``MAX_UPDATE_RATIO``) would have excluded it. Prints only; ``--out NAME`` writes
+benchmarks/results/NAME.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import synth_dataset, write_result  # noqa: E402
+from federated import build  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=1200)
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--model", default="densenet121")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="also write benchmarks/results/OUT.json")
+    args = ap.parse_args()
+
+    import torch
+
+    from medpipe.config import make_config
+    from medpipe.fl.aggregate import MAX_UPDATE_RATIO, Guard, aggregate_round
+    from medpipe.fl.site import Site, to_numpy
+    from medpipe.models import create_model
+
+    tc = make_config({"model": args.model, "image_size": args.size, "seed": args.seed, "test_fraction": 0.0,
+                      "val_fraction": 0.15, "workers": 0, "bootstrap": 0}).validate()
+    raw = synth_dataset(args.count, seed=args.seed, width=160, height=120)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        _, classes, folders = build(raw, Path(tmp), args.sites, args.alpha, args.seed)
+        torch.manual_seed(args.seed)
+        arrays = to_numpy(create_model(tc.model, len(classes)).state_dict())
+        sites = [Site(folders[s], s, tc.to_dict(), classes) for s in folders if s != "pooled"]
+        guard = Guard(max_update_ratio=float("inf"))  # measure, exclude nothing
+        for r in range(1, args.rounds + 1):
+            t0 = time.perf_counter()
+            replies = {}
+            for s in sites:
+                upd, m = s.fit(arrays, r, args.local_epochs)
+                replies[s.name] = (upd, {"num-examples": m["n_train"], "train_loss": m["train_loss"]})
+            result = aggregate_round(arrays, replies, guard)
+            for name, u in result.used.items():
+                rows.append({"round": r, "site": name, "n_train": u["n_train"], "update_ratio": u["update_ratio"],
+                             "excluded_by_default": u["update_ratio"] > MAX_UPDATE_RATIO})
+                print(rows[-1], flush=True)
+            arrays = result.arrays
+            print(f"round {r}: {time.perf_counter() - t0:.0f}s", flush=True)
+    worst = max(r["update_ratio"] for r in rows)
+    print(f"largest honest update ratio {worst:.4f}; default limit {MAX_UPDATE_RATIO} ({MAX_UPDATE_RATIO / worst:.0f}x)")
+    if args.out:
+        print(f"wrote {write_result(args.out, {'args': vars(args), 'rows': rows, 'max_ratio': worst})}")
+
+
+if __name__ == "__main__":
+    main()

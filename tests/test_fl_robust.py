@@ -1,0 +1,220 @@
+"""The federated server's distrust of its sites, in-process on the aggregation functions (small tensors).
+
+Each attack a site can make with a training or evaluation reply (10^15 examples, an int64 or float16
+update for float32 tensors, a finite 3e38 update, NaN, a malformed evaluation histogram) is excluded by
+site name with its reason, and what is aggregated equals the aggregate of the honest sites alone, for
+every aggregation method. The same checks through the real Flower server process are in
+tests/test_fl.py (the deployment's malicious site). The robust methods are compared with Flower's own
+FedMedian / FedTrimmedAvg functions in the Flower venv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medpipe.fl.aggregate import (BINS, METHODS, Guard, aggregate, aggregate_round, check_evaluation,
+                                  pool_evaluations, pooled_metrics, site_statistics, update_ratio)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["a", "b", "c"]
+
+
+def _global(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"conv.weight": rng.normal(size=(4, 3)).astype(np.float32), "bn.bias": rng.normal(size=3).astype(np.float32),
+            "bn.num_batches_tracked": np.array(7, np.int64)}
+
+
+def _honest(g: dict, seed: int, steps: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(100 + seed)
+    return {k: (v + 0.05 * rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f" else np.asarray(v + steps)
+            for k, v in g.items()}
+
+
+def _attacks(g: dict) -> dict[str, tuple[dict, dict]]:
+    """site name -> (update, metrics) for each attack from the hardening review."""
+    ok = _honest(g, 9)
+    nan = dict(ok, **{"conv.weight": np.where(np.eye(4, 3) > 0, np.nan, ok["conv.weight"]).astype(np.float32)})
+    return {
+        "many": (ok, {"num-examples": 10**15, "train_loss": 0.1}),
+        "int64": (dict(ok, **{"conv.weight": np.round(ok["conv.weight"] * 1000).astype(np.int64)}),
+                  {"num-examples": 50, "train_loss": 0.1}),
+        "half": (dict(ok, **{"conv.weight": ok["conv.weight"].astype(np.float16)}),
+                 {"num-examples": 50, "train_loss": 0.1}),
+        "huge": (dict(ok, **{"conv.weight": np.full((4, 3), 3e38, np.float32)}),
+                 {"num-examples": 50, "train_loss": 0.1}),
+        "nan": (nan, {"num-examples": 50, "train_loss": 0.1}),
+    }
+
+
+REASONS = {"many": "num-examples 1000000000000000 exceeds 1000 (its registered image count)",
+           "int64": "tensor conv.weight is int64, expected float32 (updates are never cast)",
+           "half": "tensor conv.weight is float16, expected float32 (updates are never cast)",
+           "huge": "times the global model's norm (limit 5, --max-update-ratio)",
+           "nan": "tensor conv.weight has 3 non-finite values (NaN or inf)"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_attack_is_excluded_and_the_aggregate_is_the_honest_sites_alone(method):
+    g = _global()
+    honest = {f"site{i}": (_honest(g, i), {"num-examples": 40 + 30 * i, "train_loss": 0.5}) for i in range(5)}
+    guard = Guard(max_update_ratio=5.0, max_examples=10**6, site_examples={"many": 1000})
+    result = aggregate_round(g, {**honest, **_attacks(g)}, guard, method, trim=0.2)
+    assert set(result.excluded) == set(REASONS) and set(result.used) == set(honest)
+    for site, reason in REASONS.items():
+        assert reason in result.excluded[site], (site, result.excluded[site])
+    assert result.num_examples["many"] == 10**15 and result.num_examples["site1"] == 70  # recorded as reported
+    assert result.used["site0"]["examples_bound"] == 10**6 and 0 < result.used["site0"]["update_ratio"] < 0.2
+    expected = aggregate([(u, m["num-examples"]) for u, m in honest.values()], method, 0.2)
+    assert set(result.arrays) == set(g) and not result.kept
+    for k, v in expected.items():
+        assert result.arrays[k].dtype == g[k].dtype and result.arrays[k].shape == g[k].shape
+        np.testing.assert_array_equal(result.arrays[k], v)
+    alone = aggregate_round(g, honest, guard, method, trim=0.2)  # the same with the attackers absent
+    for k in g:
+        np.testing.assert_array_equal(result.arrays[k], alone.arrays[k])
+
+
+def test_every_site_excluded_keeps_the_previous_global_model():
+    g = _global()
+    result = aggregate_round(g, _attacks(g), Guard(site_examples={"many": 1000}), "mean", min_updates=1)
+    assert result.kept and not result.used and len(result.excluded) == 5
+    assert "every update was excluded (5); the global model stays the previous round's" == result.note
+    for k in g:
+        np.testing.assert_array_equal(result.arrays[k], g[k])
+    few = aggregate_round(g, {"a": (_honest(g, 1), {"num-examples": 5, "train_loss": 1.0})}, Guard(), min_updates=2)
+    assert few.kept and "1 valid update(s), fewer than the 2 needed" in few.note
+
+
+def test_sample_counts_and_metrics_are_schema_checked():
+    g = _global()
+    upd = _honest(g, 1)
+    cases = {"zero": (0, "not positive"), "float": (12.5, "not an integer"), "bool": (True, "not an integer"),
+             "cap": (10**6 + 1, "exceeds 1000000 (the --max-examples cap)"), "text": ("7", "not an integer")}
+    replies = {name: (upd, {"num-examples": n, "train_loss": 0.3}) for name, (n, _) in cases.items()}
+    replies["noloss"] = (upd, {"num-examples": 5})
+    replies["badloss"] = (upd, {"num-examples": 5, "train_loss": [1.0]})
+    replies["shape"] = (dict(upd, **{"bn.bias": np.zeros(4, np.float32)}), {"num-examples": 5, "train_loss": 0.3})
+    replies["missing"] = ({k: v for k, v in upd.items() if k != "bn.bias"}, {"num-examples": 5, "train_loss": 0.3})
+    result = aggregate_round(g, replies, Guard())
+    for name, (_, reason) in cases.items():
+        assert reason in result.excluded[name]
+    assert "train_loss" in result.excluded["noloss"] and "not a number" in result.excluded["badloss"]
+    assert "shape (4,)" in result.excluded["shape"] and "missing 1 tensors" in result.excluded["missing"]
+    assert result.kept
+
+
+def test_update_ratio_is_computed_without_overflow():
+    g = {"w": np.ones(4, np.float32)}
+    assert update_ratio({"w": np.full(4, 3.0, np.float32)}, g) == pytest.approx(2.0)
+    assert update_ratio({"w": np.full(4, 3e38, np.float32)}, g) == pytest.approx(3e38, rel=1e-6)
+    assert update_ratio({"w": np.zeros(4, np.float32)}, {"w": np.zeros(4, np.float32)}) == 0.0
+
+
+def _eval_reply(seed: int, n: int = 60) -> dict:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3)) + 2 * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return {"num-examples": n, "val_loss": 0.7, "macro_auc": 0.8, "balanced_accuracy": 0.6,
+            **site_statistics(y, p, 3)}
+
+
+def test_malformed_evaluation_replies_are_excluded_and_pooling_uses_the_honest_ones():
+    honest = {f"site{i}": _eval_reply(i) for i in range(3)}
+    good = _eval_reply(7)
+    bad = {
+        "short": dict(good, hist_pos=good["hist_pos"][:-1]),  # the review's case: reshape raised ValueError
+        "floats": dict(good, hist_neg=[float(x) for x in good["hist_neg"]]),
+        "negative": dict(good, confusion=[-1] + good["confusion"][1:]),
+        "inflated": dict(good, hist_pos=[x * 1000 for x in good["hist_pos"]]),
+        "many": dict(good, **{"num-examples": 10**15}),
+        "noconf": {k: v for k, v in good.items() if k != "confusion"},
+        "auc": dict(good, macro_auc=7.0),
+        "scalar": dict(good, hist_pos=3),
+    }
+    per_site, pooled, excluded = pool_evaluations({**honest, **bad}, CLASSES)
+    assert set(excluded) == set(bad) and set(per_site) == set(honest)
+    assert "hist_pos must be a list of 3000 integers, got 2999" in excluded["short"]
+    assert "integers only" in excluded["floats"] and "negative" in excluded["negative"]
+    assert "do not agree" in excluded["inflated"] and "exceeds 1000000" in excluded["many"]
+    assert "missing confusion" in excluded["noconf"] and "outside [0, 1]" in excluded["auc"]
+    assert "list of 3000 integers" in excluded["scalar"]
+    assert pooled == pooled_metrics(list(honest.values()), CLASSES)
+    assert per_site["site0"] == {"n_val": 60, "macro_auc": 0.8, "balanced_accuracy": 0.6, "val_loss": 0.7}
+    assert check_evaluation(good, 3, (59, "its registered image count"))[1] == \
+        "num-examples 60 exceeds 59 (its registered image count)"
+    none_left = pool_evaluations(bad, CLASSES)
+    assert none_left[0] == {} and none_left[1]["n"] == 0 and len(none_left[2]) == len(bad)
+    assert BINS == 1000
+
+
+def test_robust_aggregation_equals_flowers_own_functions():
+    """Flower's FedMedian / FedTrimmedAvg maths (flwr.server.strategy.aggregate), run in the Flower venv,
+    gives the same tensors as medpipe's aggregate() on the same updates (7 sites: the trim drops one each end)."""
+    fl_python = Path(os.environ.get("MEDPIPE_FL_VENV", ROOT / ".venv-fl")) / "bin" / "python"
+    if not fl_python.is_file():
+        pytest.skip(f"Flower venv {fl_python.parent.parent} not installed (make fl)")
+    script = r"""
+import json, sys
+import numpy as np
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
+from medpipe.fl.aggregate import aggregate
+rng = np.random.default_rng(3)
+ups = [({"w": rng.normal(size=(5, 4)).astype(np.float32), "b": rng.normal(size=6).astype(np.float32)}, 10 + i)
+       for i in range(7)]
+ups[2][0]["w"][0, 0] = 1e6  # an outlier the robust methods ignore
+keys = ["w", "b"]
+as_lists = [([u[k] for k in keys], n) for u, n in ups]
+out = {}
+for name, theirs in (("median", aggregate_median(as_lists)), ("trimmed-mean", aggregate_trimmed_avg(as_lists, 0.2))):
+    ours = aggregate(ups, name, 0.2)
+    out[name] = max(float(np.max(np.abs(ours[k] - np.asarray(t, np.float64)))) for k, t in zip(keys, theirs))
+    out[name + "_dtype"] = str(ours["w"].dtype)
+print(json.dumps(out))
+"""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    res = subprocess.run([str(fl_python), "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["median"] < 1e-6 and out["trimmed-mean"] < 1e-6, out
+    assert out["median_dtype"] == out["trimmed-mean_dtype"] == "float32"
+
+
+def test_server_options_reach_the_run_configuration(tmp_path):
+    """The CLI's robust-aggregation options land in the run configuration the ServerApp reads; bad ones
+    are refused before anything starts."""
+    from medpipe.cli import main
+    from medpipe.errors import MedpipeError
+    from medpipe.fl.deploy import guard_config
+
+    with pytest.raises(MedpipeError, match="--trim must be in"):
+        guard_config("trimmed-mean", 0.5, 5.0, 10, {}, [])
+    with pytest.raises(MedpipeError, match=r"--site-examples names \['zed'\]"):
+        guard_config("median", 0.2, 5.0, 10, {"zed": 4}, ["keys/a.pub", "keys/b.pub"])
+    with pytest.raises(MedpipeError, match="--max-update-ratio"):
+        guard_config("mean", 0.2, float("nan"), 10, {}, [])
+    assert guard_config("median", 0.1, 3.0, 10, {"a": 4}, ["keys/a.pub"]) == {
+        "aggregation": "median", "trim": 0.1, "max_update_ratio": 3.0, "max_examples": 10, "site_examples": {"a": 4}}
+    from medpipe.cli import build_parser
+    from medpipe.fl.cli import _server_kwargs
+
+    args = build_parser().parse_args(["fl", "simulate", "--data", "d", "--run-dir", "r", "--aggregation", "trimmed-mean",
+                                      "--trim", "0.1", "--max-update-ratio", "2.5", "--max-examples", "99",
+                                      "--site-examples", "a=7", "--site-examples", "b=8"])
+    kw = _server_kwargs(args)
+    assert guard_config(kw["aggregation"], kw["trim"], kw["max_update_ratio"], kw["max_examples"],
+                        kw["site_examples"], []) == {"aggregation": "trimmed-mean", "trim": 0.1, "max_update_ratio": 2.5,
+                                                     "max_examples": 99, "site_examples": {"a": 7, "b": 8}}
+    assert main(["fl", "server", "--run-dir", str(tmp_path / "r"), "--insecure", "--aggregation", "median",
+                 "--site-examples", "a=12x"]) == 2
+    assert main(["fl", "server", "--run-dir", str(tmp_path / "r"), "--insecure", "--aggregation", "median",
+                 "--max-update-ratio", "0"]) == 2
+    assert not (tmp_path / "r" / "fl_config.json").exists()
