@@ -49,7 +49,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -64,6 +64,9 @@ from medpipe.train.predict import predict_logits, predict_logits_dist  # noqa: F
 from medpipe.metrics import compute_metrics
 from medpipe.models import create_model
 from medpipe.train.checkpoint import rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from medpipe.train.data import CachedSource, ShardSource
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +184,10 @@ class Engine:
         dd: the process group; single process when left out.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer, scheduler, loss_fn, source, cfg: TrainConfig,
-                 device: torch.device, dd: Dist | None = None):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], source: CachedSource | ShardSource,
+                 cfg: TrainConfig, device: torch.device, dd: Dist | None = None):
         use_plain_tensors()
         self.net, self.optimizer, self.scheduler, self.source, self.cfg = model, optimizer, scheduler, source, cfg
         self.device, self.dd = device, dd or Dist()
@@ -202,7 +207,7 @@ class Engine:
         self.precision, self.precision_reason = ("bf16" if device.type == "cuda" else "fp32"), "default"
 
     @classmethod
-    def create(cls, cfg: TrainConfig, source, device: torch.device, dd: Dist | None = None,
+    def create(cls, cfg: TrainConfig, source: CachedSource | ShardSource, device: torch.device, dd: Dist | None = None,
                weights: dict | None = None, epochs: int | None = None) -> "Engine":
         """Model (from the registry), AdamW, warm-up+cosine over ``epochs`` (default cfg.epochs), loss.
 
@@ -248,7 +253,7 @@ class Engine:
         handlers = self._handlers[Events(event)]
         bisect.insort(handlers, (int(order), len(handlers), handler))  # seq is unique: handlers never compared
 
-    def attach(self, *handler_objects) -> "Engine":
+    def attach(self, *handler_objects: Any) -> "Engine":
         """Attach handler objects (each has ``attach(engine)``, as MONAI's handlers do).
 
         Args:
@@ -363,7 +368,8 @@ class Engine:
             The final :class:`State` (``epoch``, ``metrics`` of the last epoch, ``best_epoch``, ``stop_reason``).
 
         Raises:
-            Whatever stopped the run (NonFiniteLoss, TrainingInterrupted, ...), after EXCEPTION_RAISED."""
+            NonFiniteLoss: the loss became NaN or infinite (re-raised after EXCEPTION_RAISED, as is any error).
+            TrainingInterrupted: SIGTERM/SIGINT (the signal stop saved ``last.pt``)."""
         s = self.state
         try:
             self.fire(Events.STARTED)
@@ -455,8 +461,9 @@ class Engine:
 # --------------------------------------------------------------------------- local training (federated learning)
 
 
-def local_fit(cfg: TrainConfig, source, *, epochs: int, weights: dict | None = None, device: str | torch.device = "cpu",
-              loss_terms=(), handlers=(), epoch_offset: int = 0) -> tuple[dict, list[dict]]:
+def local_fit(cfg: TrainConfig, source: CachedSource | ShardSource, *, epochs: int, weights: dict | None = None,
+              device: str | torch.device = "cpu", loss_terms: Iterable[Callable[[torch.nn.Module], torch.Tensor]] = (),
+              handlers: Iterable[Any] = (), epoch_offset: int = 0) -> tuple[dict, list[dict]]:
     """Train ``epochs`` epochs from ``weights`` on ``source`` (this site's data); return (weights, metrics).
 
     A fresh optimiser and warm-up+cosine schedule over these epochs each call (FedAvg's local training).

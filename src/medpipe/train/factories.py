@@ -39,7 +39,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=fused or None)
 
 
-def make_loss(cfg: TrainConfig, class_counts: np.ndarray, device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_loss(cfg: TrainConfig, class_counts: np.ndarray,
+              device: torch.device | str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The training loss the config's imbalance handling asks for.
 
     Args:
@@ -67,7 +68,8 @@ def make_loss(cfg: TrainConfig, class_counts: np.ndarray, device) -> Callable[[t
     return lambda logits, y: F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
 
 
-def make_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int | None = None):
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                  epochs: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warm-up for ``warmup_epochs``, then cosine down to 1% of the learning rate at the last step.
 
     Args:
@@ -99,7 +101,8 @@ def provisional_epochs(cfg: TrainConfig) -> int:
     return max(cfg.epochs, 2) if cfg.budget else cfg.epochs
 
 
-def rebuild_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int, step: int):
+def rebuild_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int,
+                     step: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The warm-up+cosine schedule of ``epochs`` epochs, advanced to ``step`` (the time budget sets the epoch
     count after the first epoch): the learning rate from here on is exactly that of a run started with
     ``epochs``. Editing a running cosine's length instead would continue its recursive form from the current
