@@ -77,9 +77,10 @@ class FailCheckpointWrite:
         self.n, self.count = n, 0
 
     def attach(self, engine):
-        import medpipe.train.handlers as handlers  # the Checkpointer's own name for the writer
+        import medpipe.train.checkpoint as ckpt
+        import medpipe.train.handlers as handlers
 
-        original = handlers.save_checkpoint
+        original = ckpt.save_checkpoint
 
         def save(path, state):
             self.count += 1
@@ -87,7 +88,8 @@ class FailCheckpointWrite:
                 raise OSError(28, "No space left on device (injected)")
             return original(path, state)
 
-        handlers.save_checkpoint = save
+        ckpt.save_checkpoint = save
+        handlers.save_checkpoint = save  # the name the Checkpointer calls (imported at the top of handlers)
 
 
 class BadWeightsAtEpoch:
