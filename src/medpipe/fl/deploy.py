@@ -169,24 +169,7 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
            "round_timeout": round_timeout, "straggler_wait": straggler_wait, "wait_for_sites": wait_for_sites,
            "round_callbacks": list(round_callbacks or []), "engine": "flower", **guard}
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg, indent=2))
-    if insecure:
-        ca = None
-        print("WARNING: --insecure: no TLS and no site authentication; for a loopback experiment only", flush=True)
-    else:
-        if not certs:
-            raise MedpipeError("--certs CERTS is required (make them with 'medpipe fl certs'), or --insecure")
-        certs = Path(certs).resolve()
-        ca = certs / "ca.crt"
-        for f in (ca, certs / "server.pem", certs / "server.key"):
-            if not f.is_file():
-                raise MedpipeError(f"{f} is missing; make the set with 'medpipe fl certs --out {certs} --sites ...'")
-    keys = [Path(k).resolve() for k in site_keys]
-    for k in keys:
-        if not k.is_file():
-            raise MedpipeError(f"site public key {k} does not exist")
-        check_site_name(k.name.removesuffix(".pub"))
-    if not insecure and not keys:
-        raise MedpipeError("--site-keys: give the public key of every site allowed to join (CERTS/sites/*.pub)")
+    certs, ca, keys = _server_credentials(certs, site_keys, insecure)
 
     home = run_dir / "flwr_home"
     home.mkdir(exist_ok=True)
@@ -227,6 +210,30 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
                 "best_round": state["best_round"], "best_pooled_auc": state["best_pooled_auc"]}
     finally:
         _stop(link)
+
+
+def _server_credentials(certs, site_keys: list[str], insecure: bool) -> tuple[Path | None, Path | None, list[Path]]:
+    """(the certificate folder, its CA certificate, the sites' public keys), each checked; no TLS with
+    ``insecure``."""
+    if insecure:
+        ca = None
+        print("WARNING: --insecure: no TLS and no site authentication; for a loopback experiment only", flush=True)
+    else:
+        if not certs:
+            raise MedpipeError("--certs CERTS is required (make them with 'medpipe fl certs'), or --insecure")
+        certs = Path(certs).resolve()
+        ca = certs / "ca.crt"
+        for f in (ca, certs / "server.pem", certs / "server.key"):
+            if not f.is_file():
+                raise MedpipeError(f"{f} is missing; make the set with 'medpipe fl certs --out {certs} --sites ...'")
+    keys = [Path(k).resolve() for k in site_keys]
+    for k in keys:
+        if not k.is_file():
+            raise MedpipeError(f"site public key {k} does not exist")
+        check_site_name(k.name.removesuffix(".pub"))
+    if not insecure and not keys:
+        raise MedpipeError("--site-keys: give the public key of every site allowed to join (CERTS/sites/*.pub)")
+    return certs, ca, keys
 
 
 def guard_config(aggregation: str, trim: float, max_update_ratio: float, max_examples: int,
