@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from medpipe import cli
+from medpipe import cli, cli_options
 from medpipe.cli import main
 
 # concept -> its one visible spelling, and the spellings it must not have anywhere (they may live on as hidden
@@ -84,7 +84,7 @@ def test_each_concept_is_spelled_one_way():
 
 
 def test_old_spellings_still_work_hidden_and_warn_once(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_WARNED", set())
+    monkeypatch.setattr(cli_options, "_WARNED", set())
     p = cli.build_parser()
     args = cli.parse(p, ["split", "--data", "d", "--seed", "3", "--val", "0.2", "--test", "0.1"])
     assert (args.split_seed, args.val_fraction, args.test_fraction) == (3, 0.2, 0.1)

@@ -54,7 +54,7 @@ LAYERS: tuple[Layer, ...] = (
           "fit -> calibrate -> package -> evaluate; MLflow; Optuna; Flower; SageMaker training and hosting entry"),
     Layer(8, "service", ("serve.*",),
           "the HTTP app (SageMaker routes, OIP, page, metrics, limits, batcher, connections)"),
-    Layer(9, "face", ("cli", "__main__"),
+    Layer(9, "face", ("cli", "cli_options", "__main__"),
           "the ``medpipe`` command: one parser, thin subcommands"),
 )
 

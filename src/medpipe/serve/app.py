@@ -19,6 +19,11 @@ once), then the model is loaded and verified before the port listens, so a bad p
 process with a clear line and a non-zero exit; "serving on" is logged only once the port listens
 and the model is warmed up.
 
+Size: over 600 lines because the routes, the request envelope that enforces the limits and the server's
+start-up and drain share one ServeConfig and one predictor life cycle; the pieces that stand alone already
+live beside it (connections, guard, batcher, oip, metrics, render). ServeConfig moving to its own module is
+the next cut.
+
 Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``; docs/security.md):
   connections   header_timeout_s, max_connections, max_connections_per_client, eviction of silent
                 connections (medpipe/serve/connections.py: a uvicorn protocol subclass); malformed
