@@ -1,6 +1,7 @@
 # medpipe: two commands on a fresh machine.
 #   make demo   set up .venv and run the main job on synthetic HAM10000-format data
 #   make test   set up .venv with the dev extra and run the test suite
+#   make docs   build the documentation site into site/ (strict: a broken link or missing page fails)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,7 +21,7 @@ SM_PKGS := sagemaker-training==5.1.4 sagemaker-pytorch-training==3.0.0 sagemaker
 # (medpipe + the fl extra); a failed install is recorded in $(FLVENV)/FAILED and tests/test_fl.py skips
 FLVENV ?= .venv-fl
 
-.PHONY: demo test venv dev fl bench clean sagemaker-venv
+.PHONY: demo test docs venv dev fl bench clean sagemaker-venv
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +63,9 @@ demo: $(VENV)/.serve
 test: $(VENV)/.dev $(SMVENV)/.done $(FLVENV)/.done
 	$(PY) -m pytest -q
 
+docs: $(VENV)/.dev
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(VENV)/.dev
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/train_throughput.py
@@ -69,4 +73,4 @@ bench: $(VENV)/.dev
 	$(PY) benchmarks/batch.py
 
 clean:
-	rm -rf $(VENV) $(SMVENV) $(FLVENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(SMVENV) $(FLVENV) $(DEMO) .pytest_cache site

@@ -1,10 +1,11 @@
-"""Run the README's SageMaker code blocks with the real SageMaker Python SDK 2.x and no AWS.
+"""Run the documented SageMaker examples with the real SageMaker Python SDK 2.x and no AWS.
 
-    .venv-sm/bin/python tests/sagemaker_readme.py README.md OUT.json [--endpoint http://127.0.0.1:PORT]
+    .venv-sm/bin/python tests/sagemaker_readme.py docs/examples OUT.json [--endpoint http://127.0.0.1:PORT]
 
-Executed in the current folder (the test makes it a clean copy of the repository, as the README asks).
-Every block marked ``<!-- sagemaker-sdk-example -->`` in the README runs in order, in one namespace
-holding ``role`` and ``bucket``. The SDK is real (its estimator/model/transformer classes, version and
+Executed in the current folder (the test makes it a clean copy of the repository, as the SageMaker guide
+asks). Every ``sagemaker_*.py`` file of the examples folder (docs/guides/sagemaker.md includes them), or
+every block marked ``<!-- sagemaker-sdk-example -->`` when given a markdown file, runs in order, in one
+namespace holding ``role`` and ``bucket``. The SDK is real (its estimator/model/transformer classes, version and
 distribution checks, image lookup, hyperparameter encoding, source tarball); only AWS is emulated, at
 the session boundary: ``sagemaker.Session`` is a stub that records each request (train, create model,
 endpoint, transform), an S3 upload copies the file into OUT's folder, and with ``--endpoint``
@@ -30,6 +31,8 @@ MODEL_DATA = f"s3://{BUCKET}/medpipe-job/output/model.tar.gz"
 
 
 def readme_blocks(readme: Path) -> list[str]:
+    if readme.is_dir():
+        return [p.read_text() for p in sorted(readme.glob("sagemaker_*.py"))]
     text = readme.read_text()
     return re.findall(re.escape(MARK) + r"\s*```python\n(.*?)```", text, flags=re.S)
 
@@ -100,7 +103,7 @@ def main(argv: list[str]) -> int:
     endpoint = argv[argv.index("--endpoint") + 1] if "--endpoint" in argv else None
     blocks = readme_blocks(readme)
     if not blocks:
-        raise SystemExit(f"{readme}: no block marked {MARK}")
+        raise SystemExit(f"{readme}: no sagemaker_*.py example (or block marked {MARK})")
     calls: list = []
     results = []
     sess = stub_session(out.parent, calls, endpoint)
@@ -120,7 +123,7 @@ def main(argv: list[str]) -> int:
                 if not endpoint and "predictor.predict" in code:
                     code = code.split("with open(")[0]  # the invoke part needs the served model
                 n = len(calls)
-                exec(compile(code, f"README block {i + 1}", "exec"), ns)  # noqa: S102 - the project's own README
+                exec(compile(code, f"SageMaker example {i + 1}", "exec"), ns)  # noqa: S102 - the project's own examples
                 results.append({"block": i + 1, "calls": calls[n:]})
         finally:
             for p in patches:

@@ -131,10 +131,9 @@ def test_errors_for_wrong_name_shape_datatype_and_bad_image(served, jpegs):
 
 
 def test_readme_client_snippet(served, data_dir, tmp_path):
-    """The README's tritonclient snippet, run as written in its own process, gets /invocations' answer."""
+    """The documented tritonclient snippet (docs/examples/oip_client.py), run as written in its own process, gets /invocations' answer."""
     srv, _, meta = served
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    snippet = re.search(r"<!-- oip-client -->\s*```python\n(.*?)```", text, re.S).group(1)
+    snippet = (Path(__file__).resolve().parents[1] / "docs" / "examples" / "oip_client.py").read_text()
     (tmp_path / "client.py").write_text(snippet)
     image = pd.read_csv(data_dir / "records.csv")["path"][0]
     r = subprocess.run([sys.executable, str(tmp_path / "client.py"), f"127.0.0.1:{srv.port}", meta["name"], image],
@@ -215,8 +214,8 @@ def test_undecodable_element_is_400_as_documented(served):
         status, body = _infer_raw(srv, meta["name"], {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
                                                                   "data": [base64.b64encode(blob).decode()]}]})
         assert status == 400 and "element 0" in body["error"], (status, body)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert re.search(r"Errors are `\{\"error\": message\}` with 400 \([^)]*undecodable image", readme)
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "serving.md").read_text()
+    assert re.search(r"Errors are `\{\"error\": message\}` with 400 \([^)]*undecodable image", " ".join(guide.split()))
 
 
 def test_large_json_tensor_is_parsed_off_the_event_loop_with_the_same_answers(served, jpegs):

@@ -78,7 +78,7 @@ def clean_src(tmp_path_factory, synth_dir) -> Path:
 
 def _run_readme(clean_src: Path, out: Path, endpoint: str | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(SMPY), str(clean_src / "tests" / "sagemaker_readme.py"), str(clean_src / "README.md"), str(out)]
+    cmd = [str(SMPY), str(clean_src / "tests" / "sagemaker_readme.py"), str(clean_src / "docs" / "examples"), str(out)]
     r = subprocess.run(cmd + (["--endpoint", endpoint] if endpoint else []), cwd=clean_src, env=_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -31,7 +31,7 @@ MONITORS = ("val_auc", "val_bacc", "val_loss")
 class TrainConfig:
     """The training options and their defaults. The recipe defaults (``imbalance: none``, ``weight_decay: 0.05``,
     ``ema_decay: 0.999``, ``mixup_alpha: 0.2``, ``decision_rule: prior``) were chosen by
-    ``benchmarks/quality.py`` on real HAM10000 images (README "The quality benchmark"); the recipe they
+    ``benchmarks/quality.py`` on real HAM10000 images (docs/benchmarks/index.md); the recipe they
     replaced is that script's ``old_default`` (class-balanced sampler, weight decay 1e-4, no EMA, no mixup,
     argmax)."""
 

@@ -230,7 +230,7 @@ def _float_nodes(path: Path) -> list[str]:
 # Only the convolutions (and matrix products) are quantized: DenseNet is mostly Concat/BatchNorm/Relu between
 # its convolutions, and quantizing those too put Quantize/Dequantize pairs on every concatenated feature map.
 # benchmarks/int8_variants.py measured this 1.55-1.99x FP32 ONNX against 1.27-1.55x for quantizing every op
-# (DenseNet121 224x224, batch 1 and 8, interleaved rounds, three runs; README "CPU speed"). It stays QDQ, plain
+# (DenseNet121 224x224, batch 1 and 8, interleaved rounds, three runs; docs/benchmarks/index.md "INT8 variants"). It stays QDQ, plain
 # ONNX ops other runtimes read too: QOperator (ONNX Runtime contrib ops) was within the run-to-run spread.
 QUANT_DEFAULTS = {"pre_process": True, "quant_format": "qdq", "per_channel": True, "reduce_range": False,
                   "op_types": ["Conv", "MatMul", "Gemm"], "keep_ends_fp32": True, "activation": "uint8",
@@ -255,7 +255,7 @@ def quantize_onnx(fp32: bytes, calibration: list[np.ndarray], **options) -> byte
         from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                               quant_pre_process, quantize_static)
     except ImportError:
-        raise QuantizeError("INT8 quantization needs onnxruntime: pip install 'medpipe[onnx]'") from None
+        raise QuantizeError("INT8 quantization needs onnxruntime: pip install 'medpipe-imaging[onnx]'") from None
 
     class Reader(CalibrationDataReader):
         def __init__(self):
