@@ -545,7 +545,8 @@ def _monitor_commands(sub) -> None:
     s.set_defaults(func=cmd_monitor_baseline)
     s.add_argument("--model", required=True, help="model package folder")
     s.add_argument("--data", required=True, help="ingested data folder")
-    s.add_argument("--split", default="val", choices=(*SPLIT_NAMES, "all"))
+    s.add_argument("--split", default="val", choices=(*SPLIT_NAMES, "all"),
+                   help="labelled images the baseline describes (val: the split the calibration was fitted on)")
     s.add_argument("--out", required=True, help="baseline folder")
     s.add_argument("--backend", default="auto", choices=BACKENDS, help="inference runtime (as serve)")
     s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
