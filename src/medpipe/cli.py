@@ -151,8 +151,13 @@ SERVE_HELP = {
     "tta": "average each image over its four flips (4 forward passes per image; every answer says tta)",
     "device": "auto: CUDA when available, else CPU",
     "threads": "inference threads (0 = all cores)",
-    "max_body_mb": "largest request body in MB (413 over it)",
-    "max_pixels": "largest decoded image in pixels (413 over it)",
+    "profile": "limits preset: realtime (SageMaker real-time: 6 MB bodies, 55 s deadline) or async (SageMaker "
+               "Asynchronous Inference: 1 GB bodies spooled to disk, 1 h deadline, 4 requests at once; see "
+               "medpipe/serve/profiles.py); options given win over it; env MEDPIPE_SERVE_PROFILE",
+    "max_body_mb": "largest request body in MB (413 over it; --profile async: 1024)",
+    "spool_mb": "a body larger than this many MB is streamed to a temporary file instead of memory",
+    "max_pixels": "largest decoded image in pixels (413 over it; a JPEG counts at the reduced scale it is "
+                  "decoded at for the model, e.g. 6000x4000 as 750x500)",
     "max_images": "images in one request",
     "max_batch": "images in one forward pass",
     "max_wait_ms": "how long to wait for more images to fill a batch",
@@ -357,7 +362,10 @@ def cmd_serve(args) -> int:
     values.setdefault("model", str(model_server_dir()))
     values.setdefault("host", os.environ.get("MEDPIPE_HOST") or ServeConfig.host)
     values.setdefault("port", serve_port(default=ServeConfig.port))
-    return serve(ServeConfig(**values))
+    from medpipe.serve.profiles import PROFILE_ENV, apply_profile
+
+    values.setdefault("profile", os.environ.get(PROFILE_ENV) or ServeConfig.profile)
+    return serve(ServeConfig(**apply_profile(values)))
 
 
 def cmd_batch(args) -> int:
@@ -586,7 +594,10 @@ def _inference_commands(command) -> None:
     s.add_argument("--json", action="store_true", help="one JSON object per line")
 
     s = command("serve", cmd_serve, "HTTP inference service (SageMaker hosting contract, web page at /)")
-    add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS, "decision_rule": DECISION_RULES},
+    from medpipe.serve.profiles import PROFILES
+
+    add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS, "decision_rule": DECISION_RULES,
+                                                          "profile": sorted(PROFILES)},
                           types={"device": device, "port": number(int, 0, 65535)})
 
     s = command("batch", cmd_batch, "predictions for a folder, manifest or record table (resumable)")
