@@ -194,7 +194,7 @@ def test_async_profile_serves_a_24mp_jpeg_and_realtime_names_the_option(package,
     are still 413 image_too_large."""
     spool = tmp_path / "spool"
     spool.mkdir()
-    servers = [Server(package, "--backend", "eager", log=tmp_path / "rt.log"),
+    servers = [Server(package, "--backend", "eager", "--decode-workers", "1", log=tmp_path / "rt.log"),
                Server(package, "--backend", "eager", "--profile", "async", log=tmp_path / "async.log",
                       env={"TMPDIR": str(spool)})]
     try:

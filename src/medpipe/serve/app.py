@@ -217,42 +217,46 @@ class Service:
             return body.read()
 
     async def receive(self, request) -> SpooledBody:
-        """The body admitted by :meth:`admit_body`: cut off when it arrives too slowly (408), then given a
-        processing slot (503 when none is free) before it is returned; over spool_mb it is in a temporary
-        file, which the caller removes (``with`` or ``close()``)."""
+        """The body admitted by :meth:`admit_body`; over spool_mb it is in a temporary file, which the caller
+        removes (``with`` or ``close()``); a refused body leaves none behind."""
+        body = SpooledBody(int(self.cfg.spool_mb * 1024 * 1024))
+        try:
+            return await self._read_into(request, body)
+        except BaseException:
+            body.close()
+            raise
+
+    async def _read_into(self, request, buf: SpooledBody) -> SpooledBody:
+        """Cut off when it arrives too slowly (408), then given a processing slot (503 when none is free)
+        before it is returned."""
         from starlette.requests import ClientDisconnect
 
         loop = asyncio.get_running_loop()
         tracked = request.scope.get("medpipe.upload")  # None: the app driven without RequestEnvelope (tests)
         up = tracked or Upload("-", loop.time())
         cap = int(self.cfg.max_body_mb * 1024 * 1024)
-        buf = SpooledBody(int(self.cfg.spool_mb * 1024 * 1024))
         try:
-            try:
-                async with asyncio.timeout_at(loop.time() if self.draining else self.gate.deadline(up)) as timer:
-                    self._body_timers.add(timer)
-                    try:
-                        async for chunk in request.stream():
-                            buf.write(chunk)
-                            if buf.size > cap:
-                                raise HttpError(413, "body_too_large", body_too_large(
-                                    cap, self.cfg.max_body_mb, self.cfg.profile), CLOSE)
-                            if tracked is not None:
-                                self.gate.received(up, len(chunk))
-                            if not self.draining:
-                                timer.reschedule(self.gate.deadline(up))
-                    finally:
-                        self._body_timers.discard(timer)
-            except TimeoutError:
-                if self.draining:
-                    raise HttpError(503, "shutting_down", "the server is shutting down; send the request again "
-                                    "(to another instance)", CLOSE) from None
-                raise self.gate.timed_out(up, loop.time()) from None
-            except ClientDisconnect:
-                raise HttpError(400, "client_disconnected", "client closed the connection mid-body") from None
-        except BaseException:
-            buf.close()  # a refused body leaves no temporary file behind
-            raise
+            async with asyncio.timeout_at(loop.time() if self.draining else self.gate.deadline(up)) as timer:
+                self._body_timers.add(timer)
+                try:
+                    async for chunk in request.stream():
+                        buf.write(chunk)
+                        if buf.size > cap:
+                            raise HttpError(413, "body_too_large", body_too_large(
+                                cap, self.cfg.max_body_mb, self.cfg.profile), CLOSE)
+                        if tracked is not None:
+                            self.gate.received(up, len(chunk))
+                        if not self.draining:
+                            timer.reschedule(self.gate.deadline(up))
+                finally:
+                    self._body_timers.discard(timer)
+        except TimeoutError:
+            if self.draining:
+                raise HttpError(503, "shutting_down", "the server is shutting down; send the request again "
+                                "(to another instance)", CLOSE) from None
+            raise self.gate.timed_out(up, loop.time()) from None
+        except ClientDisconnect:
+            raise HttpError(400, "client_disconnected", "client closed the connection mid-body") from None
         if tracked is not None:
             self.gate.complete(up)
         return buf.finish()
