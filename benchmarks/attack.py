@@ -25,11 +25,15 @@ measures a legitimate client (127.0.0.1, a new connection and a 600x450 JPEG to 
   baseline      nothing else
   slow_upload   --uploaders connections (8 per address from 127.0.0.2 up, under the per-client cap)
                 declare a 100 kB body and send 1 byte a second, reconnecting when cut
-  flood         --flood-procs processes open connections as fast as they can from 127.0.1.x, send
-                nothing and keep the newest 200 each (the rate reached is reported)
+  flood         --flood-procs processes open connections as fast as they can, each from its own address
+                (127.0.1.x), send nothing and keep the newest 200 each (the rate reached is reported)
+  flood_spread  the same, each process over 8 addresses
+  flood_keepalive  the same as flood, each connection asking /ping once and then idling (keep-alive): these
+                reach the server, unlike connections that send nothing (TCP_DEFER_ACCEPT)
   bytes_flood   --bytes-clients threads send /v2 infer requests with a BYTES input of 1.5 million empty
                 elements (4.5 MB of JSON), one after another
   combined      slow_upload and flood together (the issue's acceptance case)
+  combined_keepalive  slow_upload and flood_keepalive together
 Writes benchmarks/results/attack_round2.json: per case the legitimate requests' share answered 200
 within 2 s, their p50/p99 latency and statuses, /ping p99, the attackers' answers and the server's
 eviction and upload counters. Target (issue 32, combined case): >= 95% answered 200 within 2 s and
@@ -200,14 +204,15 @@ class Attack:
                 s.close()
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--round2", action="store_true", help="the second review's fairness cases instead")
     ap.add_argument("--case-seconds", type=float, default=20.0, help="--round2: seconds per case")
     ap.add_argument("--uploaders", type=int, default=64, help="--round2: slow uploaders at 1 B/s")
-    ap.add_argument("--flood-procs", type=int, default=2, help="--round2: connection flood processes")
+    ap.add_argument("--flood-procs", type=int, default=4, help="--round2: connection flood processes")
     ap.add_argument("--bytes-clients", type=int, default=4, help="--round2: clients sending 1.5 M BYTES elements")
-    ap.add_argument("--cases", default="baseline,slow_upload,flood,bytes_flood,combined", help="--round2: cases")
+    ap.add_argument("--cases", default="baseline,slow_upload,flood,flood_spread,flood_keepalive,bytes_flood,"
+                    "combined,combined_keepalive", help="--round2: cases")
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--backend", default="auto")
@@ -216,12 +221,11 @@ def main() -> None:
     ap.add_argument("--held", type=int, default=16)
     ap.add_argument("--bombers", type=int, default=2)
     ap.add_argument("--burst", type=int, default=100)
-    args = ap.parse_args()
-    if args.round2:
-        from attack_round2 import round2
+    return ap.parse_args()
 
-        return round2(args)
 
+def payloads() -> tuple[bytes, list[tuple[str, str, bytes]]]:
+    """The normal clients' 600x450 JPEG and the bombs."""
     import numpy as np
     from PIL import Image
 
@@ -230,13 +234,22 @@ def main() -> None:
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (450, 600, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-    jpeg = buf.getvalue()
     bombs = [("scan_bomb", "image/jpeg", jpeg_scan_bomb(6000, 6600, 20000))]
     try:
         bombs.append(("deflate_bomb", "application/dicom", dicom_deflate_bomb(1 << 30)))
     except Exception as exc:  # noqa: BLE001 - pydicom missing: say so and go on with the JPEG bomb
         print(f"(no DICOM bomb: {exc.__class__.__name__})")
+    return buf.getvalue(), bombs
 
+
+def main() -> None:
+    args = parse_args()
+    if args.round2:
+        from attack_round2 import round2
+
+        return round2(args)
+
+    jpeg, bombs = payloads()
     with tempfile.TemporaryDirectory() as tmp:
         pkg = make_package(Path(tmp) / "pkg", args.size)
         port = free_port()
@@ -296,6 +309,11 @@ def main() -> None:
         "sigterm_exit_code": code, "sigterm_seconds": round(term_s, 2),
         "traceback_in_log": "Traceback" in text,
     }
+    report(result, idle_rss, peak, ceiling)
+    print(f"wrote {write_result('attack', result)}")
+
+
+def report(result: dict, idle_rss: float, peak: float, ceiling: float) -> None:
     print(f"normal requests: {result['normal_requests']}, {100 * result['normal_success_rate']:.1f}% answered 200 "
           f"(target >= 99%), p99 {result['normal_p99_ms']} ms")
     print(f"/ping p99 {result['ping_p99_ms']} ms (target < 2000)")
@@ -305,8 +323,8 @@ def main() -> None:
     print("after SIGTERM (refused connections are expected once the port closes):")
     for kind, counts in result["answers_after_sigterm"].items():
         print(f"  {kind:13s} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
-    print(f"SIGTERM mid-attack: exit {code} after {term_s:.1f} s; traceback in log: {result['traceback_in_log']}")
-    print(f"wrote {write_result('attack', result)}")
+    print(f"SIGTERM mid-attack: exit {result['sigterm_exit_code']} after {result['sigterm_seconds']} s; "
+          f"traceback in log: {result['traceback_in_log']}")
 
 
 if __name__ == "__main__":

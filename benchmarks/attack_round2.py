@@ -97,15 +97,19 @@ def slow_uploaders(port: int, count: int, stop: threading.Event, answers: collec
         s.close()
 
 
-def _flood_process(port: int, index: int, stop, counter) -> None:
-    """Open connections as fast as possible from 127.0.1.<index * 8 + k>, send nothing, keep the newest 200."""
+def _flood_process(port: int, index: int, spread: int, ask: bool, stop, counter) -> None:
+    """Open connections as fast as possible from ``spread`` addresses 127.0.1.<index * spread + k>, send
+    nothing (or, with ``ask``, one GET /ping and then nothing: an idle keep-alive connection), keep the
+    newest 200."""
     held: collections.deque = collections.deque()
     n = 0
     while not stop.is_set():
         try:
             s = socket.socket()
-            s.bind((f"127.0.1.{index * 8 + n % 8 + 1}", 0))
+            s.bind((f"127.0.1.{index * spread + n % spread + 1}", 0))
             s.connect(("127.0.0.1", port))
+            if ask:
+                s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
             held.append(s)
             n += 1
             if n % 100 == 0:
@@ -151,10 +155,11 @@ def run_case(name: str, port: int, args, jpeg: bytes, model: str) -> dict:
     stop, answers = threading.Event(), collections.Counter()
     threads, procs = [], []
     mp_stop, flood_count = multiprocessing.Event(), multiprocessing.Value("l", 0)
-    if name in ("slow_upload", "combined"):
+    if name in ("slow_upload", "combined", "combined_keepalive"):
         threads.append(threading.Thread(target=slow_uploaders, args=(port, args.uploaders, stop, answers)))
-    if name in ("flood", "combined"):
-        procs = [multiprocessing.Process(target=_flood_process, args=(port, i, mp_stop, flood_count))
+    if name.startswith(("flood", "combined")):
+        spread, ask = (8 if name == "flood_spread" else 1), name.endswith("keepalive")
+        procs = [multiprocessing.Process(target=_flood_process, args=(port, i, spread, ask, mp_stop, flood_count))
                  for i in range(args.flood_procs)]
     if name == "bytes_flood":
         threads += [threading.Thread(target=bytes_flooder, args=(port, model, stop, answers))
@@ -185,6 +190,7 @@ def run_case(name: str, port: int, args, jpeg: bytes, model: str) -> dict:
         "legit_p50_ms": round(pct([s for _, s in legit.results], 50) * 1000, 1),
         "legit_p99_ms": round(pct([s for _, s in legit.results], 99) * 1000, 1),
         "legit_statuses": dict(collections.Counter(st for st, _ in legit.results)),
+        "legit_latency_s": {f"<{b:g}": sum(s < b for _, s in legit.results) for b in (0.25, 0.5, 1, 2, 4, 10)},
         "ping_requests": len(ping.results),
         "ping_ok": sum(st == "200" for st, _ in ping.results),
         "ping_p99_ms": round(pct([s if st == "200" else 10.0 for st, s in ping.results], 99) * 1000, 1),
@@ -225,10 +231,9 @@ def round2(args) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
         traceback = "Traceback" in log.read_text(errors="replace")
-    combined = results.get("combined", {})
+    met = {name: r["legit_ok_within_2s"] >= 0.95 and r["ping_p99_ms"] <= 500 for name, r in results.items()}
     result = {"args": vars(args), "cases": results, "traceback_in_log": traceback,
-              "target": "combined: >= 95% of legitimate requests 200 within 2 s, /ping p99 <= 500 ms",
-              "target_met": bool(combined) and combined["legit_ok_within_2s"] >= 0.95
-              and combined["ping_p99_ms"] <= 500}
-    print(f"target met: {result['target_met']}; traceback in log: {traceback}")
+              "target": "combined cases: >= 95% of legitimate requests 200 within 2 s, /ping p99 <= 500 ms",
+              "target_met": met}
+    print(f"target (>= 95% 200 within 2 s, /ping p99 <= 500 ms) met: {met}; traceback in log: {traceback}")
     print(f"wrote {write_result('attack_round2', result)}")

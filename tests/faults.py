@@ -78,6 +78,7 @@ class FailCheckpointWrite:
 
     def attach(self, engine):
         import medpipe.train.checkpoint as ckpt
+        import medpipe.train.handlers as handlers
 
         original = ckpt.save_checkpoint
 
@@ -88,6 +89,7 @@ class FailCheckpointWrite:
             return original(path, state)
 
         ckpt.save_checkpoint = save
+        handlers.save_checkpoint = save  # the name the Checkpointer calls (imported at the top of handlers)
 
 
 class BadWeightsAtEpoch:

@@ -324,16 +324,19 @@ def test_eviction_prefers_silent_connections_of_the_biggest_client():
 
 
 def test_connection_flood_never_evicts_a_client_sending_its_request(server):
-    """A flood of silent connections from several addresses at the connection cap while an honest client
-    connects, waits 0.3 s and only then sends its headers: the cap displaces the flood's connections
-    (silent, from the addresses holding the most), never the honest one, which gets its answer."""
+    """A flood of connections from several addresses at the connection cap, each asking /ping once and then
+    holding its keep-alive connection silent (connections that send nothing at all wait in the kernel:
+    TCP_DEFER_ACCEPT), while an honest client connects, waits 0.3 s and only then sends its headers: the cap
+    displaces the flood's idle connections (from the addresses holding the most), never the honest one."""
     stop, opened = threading.Event(), collections.Counter()
 
     def flood(source):
         held: list[socket.socket] = []
         while not stop.is_set():
             try:
-                held.append(connect(server, source, timeout=2))
+                s = connect(server, source, timeout=2)
+                s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                held.append(s)
                 opened[source] += 1
             except OSError:
                 time.sleep(0.01)
@@ -654,3 +657,40 @@ def test_accepted_connections_do_not_wait_for_nagle():
             loop.close()
     finally:
         plain.close()
+
+
+def test_connections_that_send_nothing_are_not_handed_to_the_server():
+    """The server's listening socket defers accept (TCP_DEFER_ACCEPT, Linux): a connection that sends
+    nothing never reaches the event loop, so it takes no connection slot and displaces nobody."""
+    import asyncio
+
+    from medpipe.serve.app import bind_socket
+
+    if not hasattr(socket, "TCP_DEFER_ACCEPT"):
+        pytest.skip("TCP_DEFER_ACCEPT is Linux's")
+    sock = bind_socket("127.0.0.1", 0, defer_accept_s=5)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+    port = sock.getsockname()[1]
+    made: list[float] = []
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport):
+            made.append(time.perf_counter())
+
+    async def main():
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, silent = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.5)
+        before = len(made)
+        _, talker = await asyncio.open_connection("127.0.0.1", port)
+        talker.write(b"GET /ping HTTP/1.1\r\n")
+        for _ in range(200):
+            if len(made) > before:
+                break
+            await asyncio.sleep(0.01)
+        for w in (silent, talker):
+            w.close()
+        server.close()
+        return before, len(made)
+
+    assert asyncio.run(main()) == (0, 1)

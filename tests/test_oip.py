@@ -3,6 +3,7 @@ against the real server process: health, metadata, inference with encoded images
 preprocessed tensors (FP32), JSON and binary tensors, the same probabilities as /invocations, and errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -213,8 +214,8 @@ def test_undecodable_element_is_400_as_documented(served):
         status, body = _infer_raw(srv, meta["name"], {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
                                                                   "data": [base64.b64encode(blob).decode()]}]})
         assert status == 400 and "element 0" in body["error"], (status, body)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert re.search(r"Errors are `\{\"error\": message\}` with 400 \([^)]*undecodable image", readme)
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "serving.md").read_text()
+    assert re.search(r"Errors are `\{\"error\": message\}` with 400 \([^)]*undecodable image", " ".join(guide.split()))
 
 
 def test_large_json_tensor_is_parsed_off_the_event_loop_with_the_same_answers(served, jpegs):

@@ -129,15 +129,18 @@ def test_fl_aggregation_writes_a_valid_package(tmp_path, monkeypatch):
     (tmp_path / "checkpoints").mkdir()
     sha = save_arrays(tmp_path / "checkpoints" / "best.safetensors",
                       to_numpy(create_model("densenet-test", len(classes)).state_dict()), {"round": 1})
-    coord = Coordinator.__new__(Coordinator)  # only the package write; no Flower grid
+    coord = Coordinator.__new__(Coordinator)  # only the package write: no Flower grid, the attributes it reads
     coord.run_dir = tmp_path
-    coord.cfg = {"strategy": "fedavg", "mu": 0.0, "rounds": 1, "local_epochs": 1, "min_sites": 2, "fraction": 1.0}
+    coord.cfg = {"strategy": "fedavg", "mu": 0.0, "rounds": 1, "local_epochs": 1, "min_sites": 2, "fraction": 1.0,
+                 "aggregation": "mean"}
+    coord.method = coord.cfg["aggregation"]
     state = {"best_sha256": sha, "best_round": 1, "sites": {"a": {"rounds": 1}, "b": {"rounds": 1}},
              "history": [{"round": 1, "val_pooled": {"macro_auc": 0.5, "support": [3, 1, 2, 1, 1, 9, 1]},
                           "val_sites": {}}]}
     coord._package(state, classes, tc)
     meta = read_meta(tmp_path / "model")
-    assert meta.federated["strategy"] == "fedavg" and meta.decision["default"] in ("prior", "argmax")
+    assert meta.federated["strategy"] == "fedavg" and meta.federated["aggregation"] == "mean"
+    assert meta.decision["default"] in ("prior", "argmax")
     assert "2 federated sites" in meta.intended_use.figures_from and meta.temperature == 1.0
 
 

@@ -52,6 +52,7 @@ class Backend:
     the Predictor then applies that record's temperature and cites its gate."""
 
     name: ClassVar[str] = ""
+    runs_on_torch: ClassVar[bool] = True  # its forward pass uses torch's threads (False: another runtime's)
     record: dict | None = None
 
     @classmethod

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 class _SessionBackend(Backend):
     """A runtime session with ONNX Runtime's ``run(None, {input: array})`` interface."""
 
+    runs_on_torch = False
+
     def __init__(self, session, record: dict | None = None):
         self.session, self.record = session, record
 

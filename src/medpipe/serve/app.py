@@ -19,6 +19,11 @@ once), then the model is loaded and verified before the port listens, so a bad p
 process with a clear line and a non-zero exit; "serving on" is logged only once the port listens
 and the model is warmed up.
 
+Size: over 600 lines because the routes, the request envelope that enforces the limits and the server's
+start-up and drain share one ServeConfig and one predictor life cycle; the pieces that stand alone already
+live beside it (connections, guard, batcher, oip, metrics, render). ServeConfig moving to its own module is
+the next cut.
+
 Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``; docs/security.md):
   connections   header_timeout_s, max_connections, max_connections_per_client, eviction of silent
                 connections (medpipe/serve/connections.py: a uvicorn protocol subclass); malformed
@@ -604,8 +609,12 @@ def _draining_server_class():
     return DrainingServer
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind the listening socket ourselves, so a busy port is a clear error before anything starts."""
+def bind_socket(host: str, port: int, defer_accept_s: float = 0.0) -> socket.socket:
+    """Bind the listening socket ourselves, so a busy port is a clear error before anything starts.
+
+    ``defer_accept_s`` > 0 (Linux): the kernel hands a connection over only once its first bytes arrive
+    (``TCP_DEFER_ACCEPT``, nginx's ``listen ... deferred``), waiting up to that long; connections that send
+    nothing then never take a connection slot or displace anyone."""
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -627,6 +636,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
             raise MedpipeError(f"port {port} on {host} is already in use (another server?); stop it or choose "
                                "another with --port") from None
         raise MedpipeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if defer_accept_s > 0 and hasattr(socket, "TCP_DEFER_ACCEPT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, int(defer_accept_s)))
     sock.set_inheritable(True)
     return sock
 
@@ -639,14 +650,15 @@ def serve(cfg: ServeConfig) -> int:
     from medpipe.infer.predictor import Predictor  # deferred: torch, only when the server starts
 
     auth, per_client, tls = access_policy(cfg)
-    sock = bind_socket(cfg.host, int(cfg.port))  # reserved first: a busy port fails before the model loads
+    # reserved first: a busy port fails before the model loads; silent connections wait in the kernel
+    sock = bind_socket(cfg.host, int(cfg.port), defer_accept_s=cfg.header_timeout_s)
     threads = cfg.threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     predictor = Predictor(cfg.model, device=cfg.device, max_pixels=cfg.max_pixels, backend=cfg.backend,
                           threads=threads, max_batch=cfg.max_batch, decision_rule=cfg.decision_rule,
                           tta=cfg.tta)
     predictor.warm()  # every batch size the batcher will form, before the port answers (OpenVINO compiles per size)
-    if predictor.backend in ("onnx", "int8", "openvino"):
+    if not getattr(predictor.runtime, "runs_on_torch", True):
         torch.set_num_threads(1)  # torch only runs the eval preset and Grad-CAM: leave the cores to ORT
     app = create_app(predictor, cfg, auth, per_client)
     svc = app.svc

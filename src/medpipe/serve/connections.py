@@ -19,6 +19,9 @@ this protocol class adds, per connection:
 - **malformed HTTP** (bad request line or headers, headers over 64 KB, unknown transfer coding):
   400 JSON and the connection closed, like every other error.
 
+Connections that send nothing at all are not handed over by the kernel in the first place
+(``TCP_DEFER_ACCEPT`` on the listening socket, medpipe/serve/app.py ``bind_socket``).
+
 Everything else (parsing, flow control, keep-alive) is uvicorn's, so the ASGI app and its routes
 (including any added later) see the same limits. Request-level limits (authentication, framing, body
 size, upload rate and admission) are in medpipe/serve/app.py and medpipe/serve/guard.py.
