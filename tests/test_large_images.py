@@ -234,3 +234,22 @@ def test_profiles_fill_only_what_is_not_given():
     assert ServeConfig(**apply_profile({})).max_body_mb == ServeConfig.max_body_mb
     with pytest.raises(ConfigError, match="--profile"):
         apply_profile({"profile": "batch"})
+
+
+def test_serve_command_takes_the_profile_from_the_option_or_the_container_env(monkeypatch, tmp_path):
+    """`medpipe serve --profile async` and, in a container, MEDPIPE_SERVE_PROFILE=async: the async limits under
+    the options given (the server itself is replaced by a recorder)."""
+    import medpipe.cli as cli
+    from medpipe.serve.profiles import ASYNC_MAX_CONCURRENT_INVOCATIONS, ASYNC_MAX_PROCESSING_S
+
+    seen = []
+    monkeypatch.setattr(cli, "serve", lambda cfg: seen.append(cfg) or 0)
+    assert cli.main(["serve", "--model", str(tmp_path), "--profile", "async", "--max-body-mb", "64"]) == 0
+    monkeypatch.setenv("MEDPIPE_SERVE_PROFILE", "async")
+    assert cli.main(["serve", "--model", str(tmp_path)]) == 0
+    monkeypatch.delenv("MEDPIPE_SERVE_PROFILE")
+    assert cli.main(["serve", "--model", str(tmp_path)]) == 0
+    given, from_env, default = seen
+    assert (given.profile, given.max_body_mb, given.deadline_s) == ("async", 64.0, ASYNC_MAX_PROCESSING_S)
+    assert (from_env.max_body_mb, from_env.max_requests) == (1024.0, ASYNC_MAX_CONCURRENT_INVOCATIONS)
+    assert (default.profile, default.max_body_mb) == ("realtime", 6.0)
