@@ -13,6 +13,8 @@ the ``MEDPIPE_SERVE_PROFILE`` environment variable (SageMaker ``Model(env=...)``
 
 from __future__ import annotations
 
+from medpipe.errors import ConfigError
+
 PROFILE_ENV = "MEDPIPE_SERVE_PROFILE"
 
 # SageMaker Asynchronous Inference limits (AWS docs: "Asynchronous inference"): payload <= 1 GB,
@@ -44,8 +46,6 @@ def apply_profile(values: dict) -> dict:
     """ServeConfig keyword values with the profile's limits filled in under the ones given."""
     name = values.get("profile") or "realtime"
     if name not in PROFILES:
-        from medpipe.errors import ConfigError
-
         raise ConfigError(f"--profile must be one of {', '.join(PROFILES)}, got {name!r}")
     return {**PROFILES[name], **values, "profile": name}
 
