@@ -265,3 +265,25 @@ def test_unusable_token_file_or_certificate_is_a_clear_error(tmp_path, pki):
         assert "abc" not in str(info.value) and "aaaa" not in str(info.value)
     with pytest.raises(ConfigError, match="go together"):
         _cfg(tmp_path, tls_cert=str(pki[1]))
+
+
+def test_token_given_is_applied_when_only_the_model_folder_looks_like_sagemaker(package, tmp_path):
+    """`medpipe serve --auth-token-file` in a container of one's own, model in /opt/ml/model (the default
+    --model) and no SageMaker variable: the token is applied, not silently dropped (fail closed)."""
+    import shutil
+
+    base = tmp_path / "ml"
+    shutil.copytree(package, base / "model")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    os.chmod(token_file, 0o600)
+    env = {"SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": "", "SAGEMAKER_SAFE_PORT_RANGE": "",
+           "SM_MODEL_DIR": ""}
+    s = Server(base / "model", "--backend", "eager", "--threads", "1", "--decode-workers", "1",
+               "--auth-token-file", str(token_file), env=env, log=tmp_path / "server.log").wait_ready()
+    try:
+        assert s.request("GET", "/metrics")[0] == 401
+        assert s.request("GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    finally:
+        s.stop()
+    assert TOKEN not in s.log_text()
