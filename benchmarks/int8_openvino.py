@@ -1,6 +1,6 @@
 """OpenVINO against ONNX Runtime on the same DenseNet121 graphs (FP32 and medpipe's INT8), one process.
 
-OpenVINO is an optional extra (medpipe[openvino]); this comparison of raw graphs runs in two steps:
+OpenVINO is an optional extra (medpipe-imaging[openvino]); this comparison of raw graphs runs in two steps:
 
     .venv/bin/python benchmarks/int8_openvino.py make /tmp/ov          # medpipe: fp32.onnx + int8.onnx (224x224)
     python3.11 -m venv /tmp/ovenv && echo torch==2.13.0 > /tmp/c.txt && \\

@@ -18,7 +18,7 @@ model, batched by TorchServe; --ts-configs lists WORKERSxBATCHxDELAY_MS settings
 The int8 and openvino backends need an INT8 model: the benchmark's package is untrained (speed does not
 depend on the weights), so its INT8 model is made with force=True on a synthetic validation split; its
 gate figures mean nothing here (README: gate figures on real data). openvino (OpenVINO running that
-INT8 graph) is measured when OpenVINO is installed (medpipe[openvino]). Ratios come from one run.
+INT8 graph) is measured when OpenVINO is installed (medpipe-imaging[openvino]). Ratios come from one run.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ echo "== 1/9 synthesise a HAM10000-format dataset (600x450 JPEGs, 7 classes, les
 echo "== 2/9 ingest: hash and fully decode every image, write the record table"
 "$MP" ingest "$OUT/ham" --out "$OUT/data"
 echo "== 3/9 split by lesion, stratified by class"
-"$MP" split --data "$OUT/data" --seed 0
+"$MP" split --data "$OUT/data" --split-seed 0
 echo "== 4/9 train a MONAI DenseNet121 at 64x64 on CPU (best checkpoint on val macro AUC)"
 rm -rf "$OUT/run"
 "$MP" train --data "$OUT/data" --out "$OUT/run" --epochs 6 --image-size 64 --batch-size 32 --bootstrap 500

@@ -74,7 +74,7 @@ def test_monai_bundle_cli_run_equals_medpipe_predict(trained_run, bundle, images
         assert (bundle / f).is_file(), f
     md = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert check_bundle_metadata(md) == [] and "optional_packages_version" not in md
-    assert "medpipe" in md["required_packages_version"]
+    assert "medpipe-imaging" in md["required_packages_version"]
     card = (bundle / "docs" / "README.md").read_text()
     for heading in ("## What it is", "## Data", "## Metrics", "## Limits"):
         assert heading in card

@@ -45,6 +45,8 @@ def test_choices_come_from_their_constants():
 
     for cmd in ("predict", "batch", "evaluate", "serve"):
         assert choices(cmd, "backend") == tuple(BACKENDS)
+        # one default runtime: the one serve measures and uses
+        assert (subs[cmd].get_default("backend") or ServeConfig.backend) == "auto", cmd
     assert choices("export", "format") == tuple(EXPORT_FORMATS)
     assert choices("ingest", "format") == tuple(INGEST_FORMATS)
     assert choices("train", "imbalance") == tuple(IMBALANCE)
@@ -100,8 +102,10 @@ def test_unknown_long_option_suggests_the_closest(capsys):
     (["train", "--epochs", "two"], "--epochs: invalid int value"),
     (["train", "--device", "gpu"], "expected one of auto, cpu, cuda"),
     (["train", "--imbalance", "oversample"], "invalid choice: 'oversample'"),
-    (["split", "--data", "d", "--val", "0.7", "--test", "0.5"], "--val + --test must be < 1"),
-    (["split", "--data", "d", "--val", "1.5"], "must be < 1"),
+    (["split", "--data", "d", "--val-fraction", "0.7", "--test-fraction", "0.5"],
+     "--val-fraction + --test-fraction must be < 1"),
+    (["split", "--data", "d", "--val-fraction", "1.5"], "must be < 1"),
+    (["split", "--data", "d", "--val", "1.5"], "must be < 1"),  # the old spelling, checked the same
     (["evaluate", "--model", "m", "--data", "d", "--bootstrap", "-1"], "must be >= 0"),
     (["batch", "--model", "m", "--input", "i", "--output", "o", "--batch-size", "0"], "must be >= 1"),
     (["batch", "--model", "m", "--input", "i", "--output", "o", "--max-error-rate", "nan"], "finite"),
@@ -113,7 +117,8 @@ def test_out_of_range_options_refused_at_parse_time(argv, says, tmp_path, capsys
         argv = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *argv[1:]]
     err = _usage_error(argv, capsys)
     assert says in err, err
-    assert "usage: medpipe" in err
+    lines = [line for line in err.splitlines() if "warning: --val is now spelled" not in line]
+    assert len(lines) == 1 and "usage:" not in err and f"medpipe {argv[0]} --help" in err  # one line, no usage
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
@@ -121,8 +126,8 @@ def test_help_lists_choices_and_meanings(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "{sampler,weighted_loss,focal,none}" in out
-    assert "sampler = class-balanced sampling" in out and "(default none)" in out
-    assert "mixup" in out and "(default 0.2)" in out and "(default 0.999)" in out  # the recipe's defaults, explained
+    assert "sampler = class-balanced sampling" in out and "(default: none)" in out
+    assert "mixup" in out and "(default: 0.2)" in out and "(default: 0.999)" in out  # the recipe's defaults, explained
     assert main(["export", "--help"]) == 0
     out = capsys.readouterr().out
     from medpipe.export import FORMATS
@@ -146,7 +151,7 @@ def test_serve_without_the_serve_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # what `import uvicorn` sees when it is not installed
     rc = main(["serve", "--model", str(tmp_path)])
     err = capsys.readouterr().err
-    assert rc == 2 and "pip install 'medpipe[serve]'" in err and "internal error" not in err
+    assert rc == 2 and "pip install 'medpipe-imaging[serve]'" in err and "internal error" not in err
 
 
 # -- the error table ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MEDPIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT), **extra}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MEDPIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", **extra}
 
 
 def _torchrun(args, *, max_restarts=0, env=None, timeout=600):
@@ -145,7 +145,7 @@ def test_torchrun_streams_shards(data_dir, tmp_path):
     data = _copy_data(data_dir, tmp_path)
     shards = tmp_path / "shards"
     r = subprocess.run([sys.executable, "-m", "medpipe", "shard", "--data", str(data), "--out", str(shards),
-                        "--size", "32", "--per-shard", "4"], capture_output=True, text=True, env=_env())
+                        "--image-size", "32", "--shard-size", "4"], capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr[-2000:]
     run = tmp_path / "run"
     # with a time budget: rank 0's epoch count (printed once) is every rank's, and the run does exactly that many

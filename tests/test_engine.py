@@ -59,7 +59,8 @@ def test_events_in_order_and_a_third_party_handler(source):
 
 def test_local_fit_from_weights_and_fedprox_term(source):
     """k epochs from given weights on this site's data; a strong proximal term keeps the weights near them."""
-    from medpipe.train.engine import Engine, local_fit, proximal_term
+    from medpipe.fl.losses import proximal_term
+    from medpipe.train.engine import Engine, local_fit
 
     cfg, src = source
     torch.manual_seed(0)
@@ -154,7 +155,7 @@ def test_budget_schedule_equals_a_run_of_that_many_epochs(provisional, warmup):
     run started with the decided epoch count (also when the provisional schedule was 1 epoch long, whose cosine
     had ended: editing it in place left the rate at the floor)."""
     from medpipe.config import make_config
-    from medpipe.train.engine import make_schedule, provisional_epochs, rebuild_schedule
+    from medpipe.train.factories import make_schedule, provisional_epochs, rebuild_schedule
 
     cfg = make_config({"epochs": provisional, "budget": "1m", "warmup_epochs": warmup, "lr": 1e-3})
     spe, decided = 5, 7

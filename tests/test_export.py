@@ -243,7 +243,8 @@ def test_gpu_only_backends_fail_clearly_on_cpu(trained_run, capsys):
     with pytest.raises(MedpipeError, match="cudagraph backend needs --device cuda"):
         Predictor(trained_run / "model", device="cpu", backend="cudagraph")
     if not torch.cuda.is_available():
-        assert main(["predict", "--model", str(trained_run / "model"), "--device", "cuda", "x.jpg"]) == 2
+        image = next(trained_run.rglob("*.png"))  # an input that exists: inputs are checked first
+        assert main(["predict", "--model", str(trained_run / "model"), "--device", "cuda", str(image)]) == 2
         assert "no CUDA device" in capsys.readouterr().err
 
 

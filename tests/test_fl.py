@@ -233,7 +233,7 @@ def federation(tmp_path_factory):
 
 def _server_args(fed, run: Path, port: int, *extra: str) -> list[str]:
     c = fed["certs"]
-    return ["fl", "server", "--run-dir", str(run), "--certs", str(c), "--port", str(port),
+    return ["fl", "server", "--out", str(run), "--certs", str(c), "--port", str(port),
             "--site-keys", *[str(c / "sites" / f"{s}.pub") for s in fed["sites"]], "--rounds", "2",
             "--straggler-wait", "5", "--round-timeout", "240", "--wait-for-sites", "240", *TRAIN, *extra]
 

@@ -208,15 +208,15 @@ def test_server_options_reach_the_run_configuration(tmp_path):
     from medpipe.cli import build_parser
     from medpipe.fl.cli import _server_kwargs
 
-    args = build_parser().parse_args(["fl", "simulate", "--data", "d", "--run-dir", "r", "--aggregation", "trimmed-mean",
+    args = build_parser().parse_args(["fl", "simulate", "--data", "d", "--out", "r", "--aggregation", "trimmed-mean",
                                       "--trim", "0.1", "--max-update-ratio", "2.5", "--max-examples", "99",
                                       "--site-examples", "a=7", "--site-examples", "b=8"])
     kw = _server_kwargs(args)
     assert guard_config(kw["aggregation"], kw["trim"], kw["max_update_ratio"], kw["max_examples"],
                         kw["site_examples"], []) == {"aggregation": "trimmed-mean", "trim": 0.1, "max_update_ratio": 2.5,
                                                      "max_examples": 99, "site_examples": {"a": 7, "b": 8}}
-    assert main(["fl", "server", "--run-dir", str(tmp_path / "r"), "--insecure", "--aggregation", "median",
+    assert main(["fl", "server", "--out", str(tmp_path / "r"), "--insecure", "--aggregation", "median",
                  "--site-examples", "a=12x"]) == 2
-    assert main(["fl", "server", "--run-dir", str(tmp_path / "r"), "--insecure", "--aggregation", "median",
+    assert main(["fl", "server", "--out", str(tmp_path / "r"), "--insecure", "--aggregation", "median",
                  "--max-update-ratio", "0"]) == 2
     assert not (tmp_path / "r" / "fl_config.json").exists()

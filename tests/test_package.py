@@ -80,6 +80,7 @@ def test_tampered_model_json_refused_naming_the_key(package, tmp_path, key, valu
         read_meta(bad)
     assert says in str(exc.value), str(exc.value)
     # the command line: a clear message, exit 2 (not 'internal error')
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8")  # an input that exists: predict checks inputs before the model
     assert main(["predict", "--model", str(bad), str(tmp_path / "x.jpg")]) == 2
     err = capsys.readouterr().err
     assert says in err and "internal error" not in err

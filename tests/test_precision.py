@@ -48,7 +48,7 @@ def test_bf16_run_resumes_exactly_from_a_bf16_checkpoint(data_dir, tmp_path):
 
 
 def test_auto_precision_rules(monkeypatch):
-    import medpipe.train.engine as eng
+    import medpipe.train.factories as eng
     from medpipe.errors import ConfigError
     from medpipe.models import create_model
 

@@ -180,7 +180,7 @@ def test_focal_loss_takes_mixed_targets():
     import numpy as np
 
     from medpipe.config import make_config
-    from medpipe.train.engine import make_loss
+    from medpipe.train.factories import make_loss
 
     cfg = make_config({"imbalance": "focal"})  # mixup on by default: no longer refused
     assert cfg.mixup_alpha > 0

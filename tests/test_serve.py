@@ -90,7 +90,8 @@ def test_ping_json_csv_and_sagemaker_headers(server, golden):
     res = as_json(body)
     assert res["model"] and res["version"] == "1" and len(res["predictions"]) == 1
     p = res["predictions"][0]
-    assert set(p) == {"label", "class_index", "probabilities", "decision_rule", "tta"} and p["tta"] is False
+    assert set(p) == {"label", "class_index", "probabilities", "decision_rule", "tta", "most_likely"} and p["tta"] is False
+    assert p["most_likely"] == max(p["probabilities"], key=p["probabilities"].get)
     assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
     assert list(p["probabilities"])[p["class_index"]] == p["label"]
     for accept in (None, "*/*", "application/json; q=0.9, text/html"):

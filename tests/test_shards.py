@@ -19,7 +19,7 @@ def shard_dir(data_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("sh") / "data"
     shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("cache"))
     out = data.parent / "shards"
-    assert main(["shard", "--data", str(data), "--out", str(out), "--size", "32", "--per-shard", "4"]) == 0
+    assert main(["shard", "--data", str(data), "--out", str(out), "--image-size", "32", "--shard-size", "4"]) == 0
     return out
 
 

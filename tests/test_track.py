@@ -120,8 +120,8 @@ def test_track_without_mlflow_names_the_extra(data_dir, tmp_path):
               "from medpipe.cli import main\n"
               f"sys.exit(main(['train', '--data', {str(data_dir)!r}, '--out', {str(tmp_path / 'run')!r}, '--track']))")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 2 and "pip install 'medpipe[track]'" in r.stderr, r.stderr[-2000:]
+                       env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"})
+    assert r.returncode == 2 and "pip install 'medpipe-imaging[track]'" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run").exists() and "Traceback" not in r.stderr
 
 

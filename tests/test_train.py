@@ -223,7 +223,8 @@ def test_predict_cli_and_golden_parity(trained_run, data_dir, capsys):
 def test_nan_batch_skips_step_and_leaves_weights():
     from medpipe.config import make_config
     from medpipe.models import create_model
-    from medpipe.train.engine import make_loss, make_schedule, train_step
+    from medpipe.train.engine import train_step
+    from medpipe.train.factories import make_loss, make_schedule
 
     cfg = make_config({"image_size": 32})
     model = create_model("resnet18", 3)

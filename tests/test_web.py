@@ -52,6 +52,13 @@ def test_page_predicts_and_shows_heatmap(browser, server, data_dir, tmp_path):
     bars = page.query_selector_all("#bars .bar")
     assert len(bars) == len(served["probabilities"])
     assert page.query_selector("#bars .bar.top").get_attribute("data-cls") == served["label"]
+    # the label given and, where the decision rule named another class than the most likely one, why
+    why = page.inner_text("#why") if page.is_visible("#why") else ""
+    if served["label"] != served["most_likely"]:
+        assert "flagged by" in why and f"most likely: {served['most_likely']}" in why, why
+        assert page.query_selector("#bars .bar.likely").get_attribute("data-cls") == served["most_likely"]
+    else:
+        assert why == "" and not page.query_selector_all("#bars .bar.likely")
     # The heatmap canvas holds the image plus a coloured overlay: it differs from the plain input canvas.
     diff = page.evaluate("""() => {
         const a = document.getElementById('input-canvas').getContext('2d').getImageData(0, 0, 224, 224).data;

@@ -272,7 +272,8 @@ def _row(it: Item, pred: dict | None = None, error: tuple[str, str] | None = Non
         probs = pred["probabilities"]
         label = pred.get("label") or max(probs, key=probs.get)
         row.update(label=label, class_index=list(probs).index(label), probabilities=probs,
-                   decision_rule=pred.get("decision_rule", "argmax"), tta=bool(pred.get("tta", False)))
+                   decision_rule=pred.get("decision_rule", "argmax"), tta=bool(pred.get("tta", False)),
+                   most_likely=max(probs, key=probs.get))
     return row
 
 
@@ -407,7 +408,8 @@ def _write_per_file(out: Path, rows: list[dict], meta: dict) -> list[dict]:
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         pred = {"label": r["label"], "class_index": r["class_index"], "probabilities": r["probabilities"],
-                "decision_rule": r.get("decision_rule", "argmax"), "tta": r.get("tta", False)}
+                "decision_rule": r.get("decision_rule", "argmax"), "tta": r.get("tta", False),
+                "most_likely": r["most_likely"]}
         atomic_write_text(dest, to_json({"model": meta.get("model"), "version": meta.get("version"),
                                           "predictions": [pred]}))
     return refused

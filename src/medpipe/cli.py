@@ -2,8 +2,8 @@
 
     medpipe synth OUT [--count N] [--seed S] [--format folders|dataverse]
     medpipe ingest SOURCE --out DATA_DIR [--format auto|ham10000|dataverse|folders|groundtruth|csv]
-    medpipe split --data DATA_DIR [--seed S] [--val 0.15] [--test 0.15]
-    medpipe cache --data DATA_DIR --size 64
+    medpipe split --data DATA_DIR [--split-seed S] [--val-fraction 0.15] [--test-fraction 0.15]
+    medpipe cache --data DATA_DIR --image-size 64
     medpipe train --data DATA_DIR --out RUN_DIR [--epochs N ...]   (one option per TrainConfig field)
     medpipe evaluate --model RUN/model --data DATA_DIR [--split test] [--tta]
     medpipe predict (--model RUN/model | --url URL) IMAGE...
@@ -13,9 +13,13 @@
     medpipe export --model RUN/model --format onnx|torchscript|bundle|sagemaker --out PATH
     medpipe package --model RUN/model        (the same as export --format sagemaker, default MODEL/model.tar.gz)
 
-Options are checked when they are parsed (a wrong value or an out-of-range number exits 2 with the
-reason and the usage); an unknown option suggests the closest known one; ``-v`` works before or after
-the subcommand. A :class:`medpipe.errors.MedpipeError` ends the command with its message and the exit
+One name per concept across subcommands (``--split-seed``, ``--val-fraction``, ``--test-fraction``,
+``--image-size``, ``--shard-size``, ``--out``); an older spelling still works, hidden from ``--help``, and
+warns once. Every option has help text that ends with its default (printed once). Options are checked
+when they are parsed (a wrong value or an out-of-range number exits 2 with one line: the option and the
+reason; the usage only with ``--help``); an unknown option suggests the closest known one (by spelling,
+or by initials: ``--learning-rate`` -> ``--lr``); ``-v`` works anywhere on the line, also after ``tune``
+and ``fl``. A :class:`medpipe.errors.MedpipeError` ends the command with its message and the exit
 code of its row in ``medpipe.errors.TABLE``; anything else is an internal error (``-v`` shows the
 traceback). Every subcommand is ``main([...])``-callable in-process (tests do that).
 
@@ -25,22 +29,20 @@ torch and MONAI load inside the command that runs, so ``--help`` and usage error
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import logging
 import os
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 from medpipe.utils import exit_process, to_json  # noqa: F401 - medpipe.cli.exit_process for __main__
 from medpipe import __version__, tune
 from medpipe.errors import ConfigError, MedpipeError, exit_code
-from medpipe.config import (COLOR_CONSTANCY, DEVICES, IMBALANCE, MONITORS, TrainConfig, make_config,
+from medpipe.config import (TrainConfig, make_config,
                             resume_config)
 from medpipe.data.cache import build_cache
 from medpipe.data.imageio import DEFAULT_MAX_PIXELS, ImageError
-from medpipe.data.sources import FORMATS as INGEST_FORMATS, check_data_folder, format_report, ingest, load_records
+from medpipe.data.sources import (FORMATS as INGEST_FORMATS, check_data_folder, format_report, ingest, load_records,
+                                  regular_file_problem)
 from medpipe.data.splits import SPLIT_NAMES, ensure_splits, summarize
 from medpipe.data.synthetic import FORMATS as SYNTH_FORMATS, SynthSpec, write_synthetic
 from medpipe.decision import RULES as DECISION_RULES
@@ -49,186 +51,19 @@ from medpipe.fl import cli as fl_cli
 from medpipe.infer.backends import BACKENDS
 from medpipe.infer.client import predict_url
 from medpipe.infer.quantize import format_gate, install_int8, quantize_package
-from medpipe.models import MODEL_NAMES
 from medpipe.package import load_package
 from medpipe.preprocess import INTERPOLATIONS
 from medpipe.sagemaker.env import model_server_dir, serve_port
 from medpipe.sagemaker.layout import download_wheels, package
 from medpipe.serve.app import ServeConfig, serve
+from medpipe.cli_options import (NON_NEGATIVE, POSITIVE, Parser, SERVE_HELP, WORKERS, _progress, add_config_options,
+                                 add_dataclass_options, add_pixel_options, add_split_options, add_verbose,
+                                 dataclass_values, device, number, old_spelling, suggest, walk)  # noqa: F401 - re-exported
 
 log = logging.getLogger("medpipe")
 
 
-def _progress() -> bool:
-    return sys.stderr.isatty()
 
-
-# -- option types: a wrong value is refused at parse time with the reason ------------------------------
-
-
-def number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-           hi_open: bool = False):
-    """An argparse ``type`` that parses ``kind`` and checks it lies in the range (reason in the error)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if lo is not None and (value < lo or (lo_open and value == lo)):
-            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo:g}, got {text}")
-        if hi is not None and (value > hi or (hi_open and value == hi)):
-            raise argparse.ArgumentTypeError(f"must be {'<' if hi_open else '<='} {hi:g}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-def device(text: str) -> str:
-    if text in DEVICES or (text.startswith("cuda:") and text[5:].isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"expected one of {', '.join(DEVICES)} (or cuda:N), got {text!r}")
-
-
-POSITIVE = number(int, 1)
-NON_NEGATIVE = number(int, 0)
-WORKERS = number(int, 1)
-FRACTION = number(float, 0, 1, hi_open=True)
-
-# What each training option means (the option list itself comes from TrainConfig's fields).
-TRAIN_HELP = {
-    "model": "network architecture",
-    "image_size": "square input side in pixels (>= 16)",
-    "interpolation": "resampling filter for resizing",
-    "epochs": "training epochs (>= 1)",
-    "batch_size": "images per step (>= 1)",
-    "lr": "peak learning rate of AdamW (> 0)",
-    "weight_decay": "AdamW weight decay (>= 0)",
-    "warmup_epochs": "linear warm-up length in epochs before the cosine decay (>= 0)",
-    "label_smoothing": "cross-entropy label smoothing in [0, 1)",
-    "grad_clip": "gradient-norm clip (0 = off)",
-    "imbalance": "class imbalance handling: sampler = class-balanced sampling, weighted_loss = inverse-frequency "
-                 "class weights, focal = focal loss, none",
-    "focal_gamma": "focal loss gamma (>= 0)",
-    "monitor": "validation metric that picks the best checkpoint: val_auc, val_bacc or val_loss",
-    "patience": "epochs without improvement before stopping early (>= 1)",
-    "seed": "seed of weights, sampling and augmentation",
-    "split_seed": "seed of the train/val/test split",
-    "val_fraction": "share of lesion groups in validation, in [0, 1)",
-    "test_fraction": "share of lesion groups in test, in [0, 1); val + test < 1",
-    "deterministic": "deterministic kernels (slower)",
-    "device": "auto: CUDA when available, else CPU",
-    "workers": "loader workers (-1 auto: a thread on CPU, processes on CUDA)",
-    "threads": "torch CPU threads (0 = all cores)",
-    "init_weights": "safetensors file or model package to start from",
-    "pretrained": "start from pretrained weights where the architecture has them",
-    "dropout": "dropout probability in [0, 1)",
-    "tta": "evaluate the test split with flip test-time augmentation",
-    "bootstrap": "bootstrap resamples for the confidence intervals (0 = none)",
-    "max_steps_per_epoch": "cap on steps per epoch (0 = whole epoch)",
-    "track": "log to MLflow: a tracking URI, or alone for $MLFLOW_TRACKING_URI or RUN/../mlflow.db",
-    "decision_rule": "how the package turns probabilities into a label (fitted on validation): argmax, prior "
-                     "(logit adjustment) or class_bias (per-class offsets)",
-    "color_constancy": "colour normalisation in the package's preprocessing (none or shades_of_gray)",
-    "crop_scale": "smallest area share of the random resized crop in [0.05, 1] (1 = no crop)",
-    "color_jitter": "colour jitter strength in [0, 5] (1 = the default jitter)",
-    "mixup_alpha": "mixup of each training batch, Beta(alpha, alpha) blend with soft targets (0 = off)",
-    "cutmix_alpha": "CutMix of the training batch (0 = off; with mixup, half the mixed batches each)",
-    "mix_prob": "share of training batches mixed, in [0, 1]",
-    "ema_decay": "exponential moving average of the weights, validated and packaged (0 = off)",
-}
-
-SERVE_HELP = {
-    "model": "model package folder (default SM_MODEL_DIR or /opt/ml/model)",
-    "host": "address to bind (loopback unless you mean to expose it)",
-    "port": "TCP port",
-    "backend": "inference runtime",
-    "decision_rule": "label rule (medpipe.decision; default: the package's own)",
-    "tta": "average each image over its four flips (4 forward passes per image; every answer says tta)",
-    "device": "auto: CUDA when available, else CPU",
-    "threads": "inference threads (0 = all cores)",
-    "max_body_mb": "largest request body in MB (413 over it)",
-    "max_pixels": "largest decoded image in pixels (413 over it)",
-    "max_images": "images in one request",
-    "max_batch": "images in one forward pass",
-    "max_wait_ms": "how long to wait for more images to fill a batch",
-    "max_queue": "images admitted at once; more are answered 503",
-    "deadline_s": "per-request deadline in seconds (504 after it)",
-    "body_timeout_s": "the whole body must arrive within this many seconds (408)",
-    "header_timeout_s": "request line and headers must arrive within this many seconds, else the connection "
-                        "is closed (408 if part of a request came)",
-    "max_connections": "open connections; at the cap a new one displaces a connection that has sent nothing yet "
-                       "(of the client address holding the most such, oldest first), else 503",
-    "max_connections_per_client": "open connections of one client address (0 = no cap; behind a proxy all "
-                                  "clients share its address)",
-    "max_requests": "requests with a complete body at once (decoding, queued, running); more are answered 503",
-    "min_upload_kbps": "after --upload-grace-s a body must have arrived at this average rate in KB/s, else 408",
-    "upload_grace_s": "seconds a body may arrive at any rate before --min-upload-kbps applies",
-    "max_uploads_per_client": "bodies arriving at once from one client address; more are answered 503 (0 = no cap)",
-    "upload_buffer_mb": "MB all bodies still arriving may hold together; over it 503",
-    "memory_ceiling_mb": "resident MB of the server and its decode processes above which bodies are refused "
-                         "(503); 0 = after warm-up + 1024",
-    "decode_workers": "decode processes",
-    "decode_timeout_s": "seconds one image may take to decode; then its process is killed and replaced (422)",
-    "decode_memory_mb": "address-space limit of each decode process in MB (413 over it; 0 = none, else >= 256)",
-    "max_jpeg_scans": "JPEGs with more scans are refused before decoding (422; scan bombs; 0 = no limit)",
-    "max_concurrent_transforms": "requests in flight advertised to SageMaker batch transform",
-    "graceful_s": "on SIGTERM finish in-flight requests for at most this long",
-    "auth_token_file": "file holding a bearer token every route but /ping and /v2/health/* requires (401 "
-                       "without it; not applied under SageMaker, where IAM guards the endpoint)",
-    "tls_cert": "PEM certificate (chain) to serve HTTPS with, together with --tls-key",
-    "tls_key": "PEM private key of --tls-cert",
-}
-
-
-def _field_type(f) -> str:
-    """'int', 'float', 'str' or 'bool' whether the annotation is a type or a string (postponed annotations)."""
-    kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)
-    return kind.replace("| None", "").replace("None |", "").strip()
-
-
-def add_dataclass_options(p: argparse.ArgumentParser, cls, helps: dict, choices: dict, types: dict | None = None,
-                          optional_value: dict | None = None) -> None:
-    """One ``--option`` per dataclass field, default None (only given values override the dataclass's
-    defaults). Booleans get ``--x/--no-x``; ``choices`` and ``types`` (argparse types that check ranges)
-    are taken per field, and each option's help is its meaning plus its default."""
-    basic = {"int": int, "float": float, "str": str}
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        text = f"{helps.get(f.name, '')} (default {default})".strip()
-        kind = _field_type(f)
-        if kind == "bool":
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-            continue
-        if f.name in (optional_value or {}):  # --flag alone means this value
-            p.add_argument(flag, dest=f.name, nargs="?", const=optional_value[f.name], default=None,
-                           metavar="VALUE", help=text)
-            continue
-        kw = {"choices": choices[f.name]} if f.name in choices else {"metavar": f.name.upper()}
-        p.add_argument(flag, dest=f.name, default=None, type=(types or {}).get(f.name, basic.get(kind, str)),
-                       help=text, **kw)
-
-
-def dataclass_values(args, cls) -> dict:
-    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-
-
-def add_config_options(p: argparse.ArgumentParser) -> None:
-    """The training options (one per TrainConfig field), for every command that trains (train, fl)."""
-
-    add_dataclass_options(p, TrainConfig, TRAIN_HELP, choices={
-        "model": sorted(MODEL_NAMES), "imbalance": IMBALANCE, "monitor": MONITORS, "interpolation": INTERPOLATIONS,
-        "decision_rule": DECISION_RULES, "color_constancy": COLOR_CONSTANCY,
-    }, types={"device": device}, optional_value={"track": "auto"})
-
-
-def config_overrides(args) -> dict:
-    return dataclass_values(args, TrainConfig)
 
 
 # -- subcommands ---------------------------------------------------------------------------------------
@@ -257,8 +92,9 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_split(args) -> int:
-    splits, reused = ensure_splits(args.data, seed=args.seed, val=args.val, test=args.test, force=args.force)
-    print(f"{'reused' if reused else 'wrote'} {args.data}/splits.csv (seed {args.seed}; "
+    splits, reused = ensure_splits(args.data, seed=args.split_seed, val=args.val_fraction, test=args.test_fraction,
+                                   force=args.force)
+    print(f"{'reused' if reused else 'wrote'} {args.data}/splits.csv (split seed {args.split_seed}; "
           f"{splits['group_id'].nunique()} groups, none shared across splits)")
     print(summarize(splits).to_string())
     return 0
@@ -266,7 +102,7 @@ def cmd_split(args) -> int:
 
 def cmd_cache(args) -> int:
     table, _ = load_records(args.data)
-    cache = build_cache(table, f"{args.data}/cache", (args.size, args.size), args.interpolation,
+    cache = build_cache(table, f"{args.data}/cache", (args.image_size, args.image_size), args.interpolation,
                         workers=args.workers, progress=_progress())
     print(f"pixel cache {cache.pixels.shape} uint8 at {cache.folder}")
     return 0
@@ -314,28 +150,68 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
+# Why a decision rule may label an image with a class that is not its most likely one (medpipe.decision)
+RULE_WHY = {
+    "prior": "the balanced-accuracy rule 'prior'",
+    "class_bias": "the balanced-accuracy rule 'class_bias'",
+}
+RULE_NOTE = ("note: the package's decision rule chose the labels marked 'flagged': fitted on the validation split "
+             "for balanced accuracy, it weighs rare classes up, so a rare class can be named although another is "
+             "more likely (the probabilities are unchanged; --decision-rule argmax names the most likely class)")
+
+
+def describe(r: dict) -> tuple[str, bool]:
+    """``label (p)``, and where the decision rule chose another class than the most likely one, why
+    (``df (0.032; flagged by the balanced-accuracy rule 'prior'; most likely: nv 0.699)``); and whether so."""
+    probs, label = r["probabilities"], r["label"]
+    top = r.get("most_likely") or max(probs, key=probs.get)
+    if label == top:
+        return f"{label} ({probs[label]:.3f})", False
+    rule = r.get("decision_rule", "argmax")
+    why = RULE_WHY.get(rule, f"the decision rule '{rule}'")
+    return f"{label} ({probs[label]:.3f}; flagged by {why}; most likely: {top} {probs[top]:.3f})", True
+
+
+def _predict_rows(args, paths: list[str]) -> list[dict]:
     if args.url:
-        if args.tta:
-            raise ConfigError("--tta applies to a local --model; a server averages flips when started with --tta")
-        results = predict_url(args.url, args.images)
-    else:
-        from medpipe.infer.predictor import Predictor  # deferred: torch
-        predictor = Predictor(args.model, device=args.device, backend=args.backend, decision_rule=args.decision_rule)
-        results = []
-        for path in args.images:
-            try:
-                results.append({"image": path, **predictor.predict_files([path], tta=args.tta)[0].as_dict()})
-            except ImageError as exc:
-                results.append({"image": path, "error": exc.code, "message": str(exc)})
+        return predict_url(args.url, paths)
+    from medpipe.infer.predictor import Predictor  # deferred: torch
+
+    predictor = Predictor(args.model, device=args.device, backend=args.backend, decision_rule=args.decision_rule)
+    rows = []
+    for path in paths:
+        try:
+            rows.append({"image": path, **predictor.predict_files([path], tta=args.tta)[0].as_dict()})
+        except ImageError as exc:
+            rows.append({"image": path, "error": exc.code, "message": exc.reason})
+    return rows
+
+
+def cmd_predict(args) -> int:
+    if args.url and args.tta:
+        raise ConfigError("--tta applies to a local --model; a server averages flips when started with --tta")
+    # the inputs are checked before the model loads; each path is named once (the row's "image")
+    problems = {p: regular_file_problem(p) for p in args.images}
+    readable = [p for p in args.images if problems[p] is None]
+    found = iter(_predict_rows(args, readable) if readable else [])
+    results = [next(found) if problems[p] is None else {"image": p, "error": "unreadable_file", "message": problems[p]}
+               for p in args.images]
+    flagged = False
     for r in results:
+        if "error" in r:
+            prefix = f"{r['image']}: "
+            r["message"] = r["message"][len(prefix):] if r["message"].startswith(prefix) else r["message"]
         if args.json:
             print(to_json(r))
         elif "error" in r:
             print(f"{r['image']}: error: {r['message']}")
         else:
+            text, why = describe(r)
+            flagged |= why
             probs = "  ".join(f"{c}={p:.3f}" for c, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
-            print(f"{r['image']}: {r['label']} ({r['probabilities'][r['label']]:.3f})  [{probs}]")
+            print(f"{r['image']}: {text}  [{probs}]")
+    if flagged:
+        print(RULE_NOTE)
     failed = sum("error" in r for r in results)
     return 1 if failed == len(results) else 0
 
@@ -350,14 +226,22 @@ def cmd_serve(args) -> int:
     missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         raise MedpipeError(f"serving needs the serve extra ({', '.join(missing)} missing): "
-                           "pip install 'medpipe[serve]'")
+                           "pip install 'medpipe-imaging[serve]'")
 
     values = dataclass_values(args, ServeConfig)
     # Container form: SageMaker runs the image with the argument `serve`; the image sets MEDPIPE_HOST=0.0.0.0.
-    values.setdefault("model", str(model_server_dir()))
+    if "model" not in values:
+        values["model"] = str(model_server_dir())
+        if not os.environ.get("SM_MODEL_DIR") and not Path(values["model"]).is_dir():
+            raise ConfigError("which model? pass --model RUN/model (the model package `medpipe train` wrote); "
+                              f"without it serve uses $SM_MODEL_DIR or {values['model']}, as in a SageMaker "
+                              "container, and there is neither")
     values.setdefault("host", os.environ.get("MEDPIPE_HOST") or ServeConfig.host)
     values.setdefault("port", serve_port(default=ServeConfig.port))
-    return serve(ServeConfig(**values))
+    from medpipe.serve.profiles import PROFILE_ENV, apply_profile
+
+    values.setdefault("profile", os.environ.get(PROFILE_ENV) or ServeConfig.profile)
+    return serve(ServeConfig(**apply_profile(values)))
 
 
 def cmd_batch(args) -> int:
@@ -389,12 +273,13 @@ def cmd_batch(args) -> int:
 def cmd_shard(args) -> int:
     from medpipe.data.shards import write_shards  # deferred: torch
 
-    index = write_shards(args.data, args.out, size=args.size, interpolation=args.interpolation,
-                         per_shard=args.per_shard, split_seed=args.split_seed, val=args.val, test=args.test,
+    index = write_shards(args.data, args.out, size=args.image_size, interpolation=args.interpolation,
+                         per_shard=args.shard_size, split_seed=args.split_seed, val=args.val_fraction,
+                         test=args.test_fraction,
                          progress=_progress())
     print(f"wrote {len(index['shards'])} shards to {args.out} (train {index['counts']['train']}, val "
-          f"{index['counts']['val']}, test {index['counts']['test']} images at {args.size}x{args.size}); "
-          f"train with: medpipe train --data {args.out} --image-size {args.size}")
+          f"{index['counts']['val']}, test {index['counts']['test']} images at {args.image_size}x{args.image_size}); "
+          f"train with: medpipe train --data {args.out} --image-size {args.image_size}")
     return 0
 
 
@@ -468,45 +353,15 @@ def add_int8_options(s, force: bool = True) -> None:
                                                             "gate (marked failed; --backend auto never picks it)")
 
 
-# -- the parser ----------------------------------------------------------------------------------------
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, plus: an unknown option names the closest known option of the same subcommand."""
-
-    def unknown(self, extras: list[str]) -> None:
-        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-        hints = []
-        for extra in extras:
-            flag = extra.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) if flag.startswith("-") else []
-            hints.append(f"{extra} (did you mean {close[0]}?)" if close else extra)
-        self.error("unrecognized arguments: " + " ".join(hints))
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's help ends with its default, unless it has none or already says it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
-def _formatter(prog):
-    return _HelpFormatter(prog, max_help_position=34, width=110)
-
-
 def _data_commands(command) -> None:
     """synth, ingest, split, cache: making and preparing a dataset."""
 
     s = command("synth", cmd_synth, "write a synthetic dataset in the HAM10000 layout")
     s.add_argument("out", help="folder to write")
     s.add_argument("--count", type=POSITIVE, default=500, help="images")
-    s.add_argument("--width", type=POSITIVE, default=600)
-    s.add_argument("--height", type=POSITIVE, default=450)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--width", type=POSITIVE, default=600, help="image width in pixels")
+    s.add_argument("--height", type=POSITIVE, default=450, help="image height in pixels")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generated images and labels")
     s.add_argument("--format", choices=SYNTH_FORMATS, default="folders",
                    help="folders: HAM10000 folders + metadata CSV; dataverse: also dataverse_files.zip "
                         "(the Harvard download form)")
@@ -529,15 +384,12 @@ def _data_commands(command) -> None:
 
     s = command("split", cmd_split, "lesion-grouped, stratified, seeded train/val/test split")
     s.add_argument("--data", required=True, help="ingested data directory")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--val", type=FRACTION, default=0.15, help="share of lesion groups in validation")
-    s.add_argument("--test", type=FRACTION, default=0.15, help="share of lesion groups in test")
+    add_split_options(s)
     s.add_argument("--force", action="store_true", help="rewrite even when a matching split exists")
 
     s = command("cache", cmd_cache, "decode every image once into the uint8 pixel cache")
     s.add_argument("--data", required=True, help="ingested data directory")
-    s.add_argument("--size", type=number(int, 16), default=64, help="square side in pixels")
-    s.add_argument("--interpolation", default="bicubic", choices=INTERPOLATIONS)
+    add_pixel_options(s, INTERPOLATIONS)
     s.add_argument("--workers", type=WORKERS, default=None, help="decoding processes (default: all cores)")
 
 
@@ -559,7 +411,7 @@ def _training_commands(command) -> None:
     s = command("evaluate", cmd_evaluate, "metrics with CIs, calibration and plots for a model package")
     s.add_argument("--model", required=True, help="model package folder")
     s.add_argument("--data", required=True, help="ingested data directory")
-    s.add_argument("--split", default="test", choices=(*SPLIT_NAMES, "all"))
+    s.add_argument("--split", default="test", choices=(*SPLIT_NAMES, "all"), help="which images to evaluate")
     s.add_argument("--splits", help="splits.csv to use (default DATA/splits.csv)")
     s.add_argument("--out", help="report folder (default next to the model)")
     s.add_argument("--tta", action="store_true", help="average over flips")
@@ -574,19 +426,23 @@ def _training_commands(command) -> None:
 def _inference_commands(command) -> None:
     """predict, serve, batch: running a model package on images."""
 
-    s = command("predict", cmd_predict, "top class and every class probability per image")
-    s.add_argument("images", nargs="+")
+    s = command("predict", cmd_predict, "the label (and why, where the decision rule did not pick the most "
+                                        "likely class) and every class probability per image")
+    s.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="model package folder (or a run folder)")
     g.add_argument("--url", help="a running medpipe/SageMaker-compatible server, e.g. http://127.0.0.1:8080")
     s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
-    s.add_argument("--backend", default="eager", choices=BACKENDS, help="inference runtime")
+    s.add_argument("--backend", default="auto", choices=BACKENDS, help="inference runtime (as for serve)")
     s.add_argument("--tta", action="store_true", help="average over flips")
     s.add_argument("--decision-rule", choices=DECISION_RULES, help="label rule (medpipe.decision; default: the package's own)")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
 
     s = command("serve", cmd_serve, "HTTP inference service (SageMaker hosting contract, web page at /)")
-    add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS, "decision_rule": DECISION_RULES},
+    from medpipe.serve.profiles import PROFILES
+
+    add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS, "decision_rule": DECISION_RULES,
+                                                          "profile": sorted(PROFILES)},
                           types={"device": device, "port": number(int, 0, 65535)})
 
     s = command("batch", cmd_batch, "predictions for a folder, manifest or record table (resumable)")
@@ -598,7 +454,8 @@ def _inference_commands(command) -> None:
     s.add_argument("--output", required=True, help="output folder (re-run with the same one to resume)")
     s.add_argument("--per-file", action="store_true", help="also write <input>.out per file (batch transform)")
     s.add_argument("--manifest-out", help="write a Ground Truth output manifest of the predictions here")
-    s.add_argument("--label-attribute", default="medpipe-label")
+    s.add_argument("--label-attribute", default="medpipe-label", help="label attribute of the --manifest-out "
+                                                                      "entries")
     s.add_argument("--batch-size", type=POSITIVE, default=32, help="images per forward pass")
     s.add_argument("--shard-size", type=POSITIVE, default=256, help="items per atomically written output shard")
     s.add_argument("--workers", type=WORKERS, default=None, help="decoding threads (default: all cores)")
@@ -624,12 +481,10 @@ def _packaging_commands(command) -> None:
     s = command("shard", cmd_shard, "pack records + cached pixels into tar shards for streaming training")
     s.add_argument("--data", required=True, help="ingested data folder")
     s.add_argument("--out", required=True, help="shard folder (copy it to any fsspec store, e.g. s3://...)")
-    s.add_argument("--size", type=number(int, 16), default=64, help="square side in pixels")
-    s.add_argument("--interpolation", default="bicubic", choices=INTERPOLATIONS)
-    s.add_argument("--per-shard", type=POSITIVE, default=1000, help="images per shard")
-    s.add_argument("--split-seed", type=int, default=0)
-    s.add_argument("--val", type=FRACTION, default=0.15, help="validation fraction of the split")
-    s.add_argument("--test", type=FRACTION, default=0.15, help="test fraction of the split")
+    add_pixel_options(s, INTERPOLATIONS)
+    s.add_argument("--shard-size", type=POSITIVE, default=1000, help="images per shard")
+    old_spelling(s, "--per-shard", "--shard-size")
+    add_split_options(s)
 
     s = command("export", cmd_export, "export a package: onnx, torchscript, MONAI bundle or SageMaker tarball")
     s.add_argument("--model", required=True, help="model package folder")
@@ -662,22 +517,20 @@ def _tracking_commands(command) -> None:
     """runs: the tracked (MLflow) training runs."""
     s = command("runs", cmd_runs, "tracked training runs (MLflow) with their key metrics, best first")
     s.add_argument("--track", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
-    s.add_argument("--experiment", default="medpipe")
+    s.add_argument("--experiment", default="medpipe", help="MLflow experiment to list")
     s.add_argument("--metric", default="best_val_auc", help="sort by this metric, highest first")
     s.add_argument("--plot", help="also write a PNG of validation AUC per epoch for these runs")
 
 
 def build_parser() -> Parser:
-    verbose = Parser(add_help=False)  # -v after the subcommand too (SUPPRESS keeps a -v given before it)
-    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-
     p = Parser(prog="medpipe", description="MONAI pipeline for 2D medical image classification")
     p.add_argument("--version", action="version", version=f"medpipe {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", default=False, help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", default=False,
+                   help="debug logging (and the traceback of an internal error)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     def command(name: str, func, help: str) -> Parser:
-        s = sub.add_parser(name, help=help, description=help, parents=[verbose], formatter_class=_formatter)
+        s = sub.add_parser(name, help=help, description=help)
         s.set_defaults(func=func)
         return s
 
@@ -690,6 +543,10 @@ def build_parser() -> Parser:
     tune.add_parser(sub)  # `medpipe tune` (its options live with the search)
 
     fl_cli.register(sub, add_config_options)
+    for name, old, new in (("partition", "--seed", "--partition-seed"), ("server", "--run-dir", "--out"),
+                           ("simulate", "--run-dir", "--out")):  # fl's older spellings
+        old_spelling(next(c for n, c in walk(sub.choices["fl"], "") if n == f" {name}"), old, new)
+    add_verbose(p)  # -v anywhere: on every subcommand, tune's and fl's included
     p.subparsers = sub.choices
     return p
 
@@ -699,6 +556,8 @@ def parse(parser: Parser, argv: list[str] | None):
     validated) here, so every refusal is a usage error (exit 2) that names the option and the reason."""
     args, extras = parser.parse_known_args(argv)
     sub = parser.subparsers[args.command]
+    if getattr(args, "fl_command", None):  # medpipe fl SITE-COMMAND: its own options
+        sub = next(c for n, c in walk(sub, "fl") if n == f"fl {args.fl_command}")
     if extras:
         sub.unknown(extras)
     if args.command == "train":
@@ -712,8 +571,9 @@ def parse(parser: Parser, argv: list[str] | None):
                 args.train_config = make_config(overrides, args.config)
         except MedpipeError as exc:
             sub.error(str(exc))
-    if args.command in ("split", "shard") and args.val + args.test >= 1:
-        sub.error(f"--val + --test must be < 1 (nothing would be left to train on), got {args.val} + {args.test}")
+    if args.command in ("split", "shard") and args.val_fraction + args.test_fraction >= 1:
+        sub.error(f"--val-fraction + --test-fraction must be < 1 (nothing would be left to train on), got "
+                  f"{args.val_fraction} + {args.test_fraction}")
     return args
 
 

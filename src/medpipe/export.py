@@ -261,7 +261,7 @@ def bundle_metadata(meta: PackageMeta) -> dict:
     size, classes = spec.image_size, about["classes"]
     lo = [round((0.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
     hi = [round((1.0 - m) / s, 4) for m, s in zip(spec.mean, spec.std)]
-    required = {"medpipe": about["medpipe_version"]}
+    required = {"medpipe-imaging": about["medpipe_version"]}  # distribution names (pip)
     try:
         import ignite
 
@@ -430,7 +430,7 @@ def _model_card(meta: PackageMeta, md: dict) -> str:
              f"Probabilities are `softmax(logits / {about['temperature']:.4f})` (temperature scaling fitted on "
              "the validation split).", "",
              "## How to run it", "",
-             "```", "pip install medpipe pytorch-ignite   # medpipe's decoder is this bundle's image loader",
+             "```", "pip install medpipe-imaging pytorch-ignite   # medpipe's decoder is this bundle's image loader",
              "python -m monai.bundle run --config_file configs/inference.json --dataset_dir /path/to/images",
              "```", "",
              "This writes `eval/predictions.jsonl` (one line per image: path, label, probabilities). "

@@ -50,11 +50,11 @@ LAYERS: tuple[Layer, ...] = (
           "transform"),
     Layer(6, "training", ("config", "recipe", "train.*"),
           "the training config and recipe; engine + events, handlers, data sources, checkpoints, distributed"),
-    Layer(7, "orchestration", ("pipeline", "track", "tune", "mlflow_model", "fl.*", "sagemaker.*"),
+    Layer(7, "orchestration", ("pipeline", "track", "tune", "tune_space", "mlflow_model", "fl.*", "sagemaker.*"),
           "fit -> calibrate -> package -> evaluate; MLflow; Optuna; Flower; SageMaker training and hosting entry"),
     Layer(8, "service", ("serve.*",),
           "the HTTP app (SageMaker routes, OIP, page, metrics, limits, batcher, connections)"),
-    Layer(9, "face", ("cli", "__main__"),
+    Layer(9, "face", ("cli", "cli_options", "__main__"),
           "the ``medpipe`` command: one parser, thin subcommands"),
 )
 

@@ -201,10 +201,11 @@ def _tracker(cfg: TrainConfig, layout: RunLayout):
 
 
 def _attach_handlers(engine: Engine, layout: RunLayout, extra: list, progress: bool) -> None:
-    """The standard handlers, in the order they must act on an event, with ``extra`` before the signal stop."""
+    """The standard handlers and ``extra``; each declares its place among an event's handlers (``Order``), so
+    the attach order does not matter."""
     cfg, checkpointer = engine.cfg, Checkpointer(layout.checkpoints)
     if cfg.budget and engine.state.budget_epochs is None:  # not decided yet (also a resume inside epoch 1)
-        engine.attach(TimeBudget(cfg.budget_seconds()))  # before the checkpoint, which stores its decision
+        engine.attach(TimeBudget(cfg.budget_seconds()))
     engine.attach(*recipe.handlers(cfg, len(engine.classes), layout.checkpoints))  # mixing, EMA (medpipe.recipe)
     engine.attach(EpochLine(), MetricsFile(layout.run_dir / "metrics.jsonl"), checkpointer,
                   EarlyStopping(cfg.patience, cfg.monitor), *extra, GracefulStop(checkpointer))

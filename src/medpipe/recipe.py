@@ -31,7 +31,7 @@ import math
 import numpy as np
 import torch
 from medpipe.train.checkpoint import load_checkpoint
-from medpipe.train.engine import Events
+from medpipe.train.engine import Events, Order
 
 
 class MixBatches:
@@ -45,7 +45,7 @@ class MixBatches:
         self.prob, self.seed, self.stream = float(prob), int(seed), int(stream)
 
     def attach(self, engine) -> None:
-        engine.on(Events.ITERATION_STARTED, self)
+        engine.on(Events.ITERATION_STARTED, self, Order.MODEL)  # before any other handler sees the batch
 
     def __call__(self, engine) -> None:
         engine.state.batch = self.mix(*engine.state.batch, step=engine.state.iteration)
@@ -83,7 +83,8 @@ class WeightEMA:
 
     Events: STARTED (start the average, or reload it after a resume), ITERATION_COMPLETED (update),
     EPOCH_COMPLETED (put the average into the model before validation and the epoch-end checkpoint),
-    EPOCH_STARTED (put the raw weights back for training). The average, and the raw weights while the model
+    EPOCH_STARTED (put the raw weights back for training), each first among the event's handlers
+    (``Order.MODEL``), whatever the attach order. The average, and the raw weights while the model
     holds the average, are a part of every checkpoint the engine writes (``Engine.add_snapshot_part``), so
     a checkpoint and its average are always of the same step. (Runs from before kept them in ``ema.pt``
     beside ``last.pt``; a resume of such a run still reads it when it is of the checkpoint's step.)"""
@@ -99,10 +100,12 @@ class WeightEMA:
         self.raw: dict[str, torch.Tensor] | None = None  # set while the model holds the average
 
     def attach(self, engine) -> None:
-        engine.on(Events.STARTED, self.start)
-        engine.on(Events.ITERATION_COMPLETED, self.update)
-        engine.on(Events.EPOCH_COMPLETED, self.swap_in)
-        engine.on(Events.EPOCH_STARTED, self.swap_out)
+        # Order.MODEL: before any handler of the same event reads or saves the weights (a signal stop saves a
+        # checkpoint at ITERATION_COMPLETED: its average must be of that step)
+        engine.on(Events.STARTED, self.start, Order.MODEL)
+        engine.on(Events.ITERATION_COMPLETED, self.update, Order.MODEL)
+        engine.on(Events.EPOCH_COMPLETED, self.swap_in, Order.MODEL)
+        engine.on(Events.EPOCH_STARTED, self.swap_out, Order.MODEL)
         engine.add_snapshot_part(self.PART, lambda: {"ema": self.ema, "raw": self.raw})
 
     @staticmethod

@@ -49,7 +49,7 @@ def require_mlflow():
     try:
         import mlflow
     except ImportError:
-        raise ConfigError("--track needs MLflow, which is not installed: pip install 'medpipe[track]'") from None
+        raise ConfigError("--track needs MLflow, which is not installed: pip install 'medpipe-imaging[track]'") from None
     return mlflow
 
 

@@ -4,7 +4,7 @@
     medpipe tune --data DATA --out STUDY --space space.yaml --processes 2   # two worker processes, one study
     medpipe train --data DATA --out RUN --config STUDY/best_config.yaml   # train the winner
 
-The search space is YAML (``yaml.safe_load``)::
+The search space is YAML (``yaml.safe_load``; read and checked by :mod:`medpipe.tune_space`)::
 
     objective: val_auc          # val_auc | val_bacc | val_loss: the validation metric to optimise
     trials: 20                  # finished (complete or pruned) trials the study should hold
@@ -53,7 +53,6 @@ How it works:
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import math
 import os
@@ -62,13 +61,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from medpipe.config import MONITORS, TrainConfig, make_config
 from medpipe.errors import ConfigError, MedpipeError, TrainingInterrupted, TuneError
+from medpipe.tune_space import Param, Space, load_space, make_pruner, make_sampler, sampler_seed  # noqa: F401 (API)
+from medpipe.tune_space import require_optuna as _optuna
 from medpipe.utils import atomic_write_text, frame_csv
 
 log = logging.getLogger(__name__)
@@ -76,209 +75,19 @@ log = logging.getLogger(__name__)
 STUDY_DB = "study.db"
 BEST_CONFIG = "best_config.yaml"
 TRIALS_CSV = "trials.csv"
-PRUNERS = ("median", "percentile", "threshold", "none")
-SAMPLERS = ("tpe", "random")
-# options a search must not vary: where data goes and how the run is executed, not what it learns
-NOT_SEARCHABLE = ("device", "workers", "threads", "monitor", "deterministic", "init_weights")
-# options that change what the objective is measured on: every trial must see the same validation images
-SPLIT_KEYS = ("split_seed", "val_fraction", "test_fraction")
-
-
-def _optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise TuneError("medpipe tune needs Optuna: pip install 'medpipe[tune]'") from None
-    return optuna
-
-
-# --------------------------------------------------------------------------- the search space
-
-
-@dataclass
-class Param:
-    name: str
-    choices: list | None = None
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    integer: bool = False
-
-    def suggest(self, trial):
-        if self.choices is not None:
-            return trial.suggest_categorical(self.name, self.choices)
-        if self.integer:
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
-
-
-@dataclass
-class Space:
-    objective: str = "val_auc"
-    trials: int = 20
-    base: dict = field(default_factory=dict)
-    params: list[Param] = field(default_factory=list)
-    pruner: dict = field(default_factory=lambda: {"type": "median"})
-    sampler: dict = field(default_factory=lambda: {"type": "tpe", "seed": 0})
-
-    @property
-    def direction(self) -> str:
-        return "minimize" if self.objective == "val_loss" else "maximize"
-
-    def config(self, values: dict) -> TrainConfig:
-        """The training config of one trial (base + searched values; the objective is the monitor)."""
-        return make_config({**self.base, **values, "monitor": self.objective})
-
-
-def _closest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def load_space(path: str | Path) -> Space:
-    """Read and check a search-space YAML file; every error names the file and the key."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read search space {path}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"search space {path} must hold a mapping")
-    allowed = {"objective", "trials", "base", "params", "pruner", "sampler"}
-    for key in raw:
-        if key not in allowed:
-            raise ConfigError(f"{path}: unknown key '{key}'{_closest(str(key), allowed)}")
-    space = Space()
-    space.objective = str(raw.get("objective", space.objective))
-    if space.objective not in MONITORS:
-        raise ConfigError(f"{path}: objective must be one of {MONITORS}, got {space.objective!r}")
-    space.trials = raw.get("trials", space.trials)
-    if not isinstance(space.trials, int) or space.trials < 1:
-        raise ConfigError(f"{path}: trials must be a positive integer, got {space.trials!r}")
-    space.base = dict(raw.get("base") or {})
-    if "monitor" in {str(k).replace("-", "_") for k in space.base}:
-        raise ConfigError(f"{path}: base.monitor: the monitor of every trial is the objective; set 'objective' instead")
-    types = {f.name: str(f.type) for f in fields(TrainConfig)}
-    params = raw.get("params") or {}
-    if not isinstance(params, dict) or not params:
-        raise ConfigError(f"{path}: 'params' must map at least one training option to its range")
-    for raw_name, spec in params.items():
-        name = str(raw_name).replace("-", "_")
-        where = f"{path}: params.{raw_name}"
-        if name not in types:
-            raise ConfigError(f"{where}: not a training option{_closest(name, types)}")
-        if name == "monitor":
-            raise ConfigError(f"{where}: monitor is not searchable (every trial's monitor is the objective)")
-        if name in NOT_SEARCHABLE:
-            raise ConfigError(f"{where}: {name} is not searchable (it does not change what is learned)")
-        if name in SPLIT_KEYS:
-            raise ConfigError(f"{where}: {name} is not searchable (it changes the validation split the objective "
-                              "is measured on, so trials could not be compared); fix it in 'base'")
-        if name in space.base:
-            raise ConfigError(f"{where}: also fixed in 'base'; keep it in one place")
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{where}: give {{choices: [...]}} or {{low: .., high: ..}}")
-        unknown = set(spec) - {"choices", "low", "high", "log", "step"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
-        if "choices" in spec:
-            if not isinstance(spec["choices"], list) or not spec["choices"]:
-                raise ConfigError(f"{where}: choices must be a non-empty list")
-            space.params.append(Param(name, choices=list(spec["choices"])))
-            continue
-        if "low" not in spec or "high" not in spec:
-            raise ConfigError(f"{where}: needs low and high (or choices)")
-        try:
-            low, high = float(spec["low"]), float(spec["high"])
-            step = None if spec.get("step") is None else float(spec["step"])
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: low, high and step must be numbers") from None
-        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-            raise ConfigError(f"{where}: low must be below high, got {low} and {high}")
-        log_scale = bool(spec.get("log", False))
-        if log_scale and step is not None:
-            raise ConfigError(f"{where}: give log or step, not both (Optuna cannot sample a stepped log range)")
-        if log_scale and low <= 0:
-            raise ConfigError(f"{where}: a log range needs low > 0")
-        integer = types[name].startswith("int")
-        if not (integer or types[name].startswith("float")):
-            raise ConfigError(f"{where}: {name} is not numeric; give choices")
-        space.params.append(Param(name, low=low, high=high, log=log_scale, step=step, integer=integer))
-    for key in ("pruner", "sampler"):
-        value = raw.get(key)
-        if value is not None:
-            if isinstance(value, str):
-                value = {"type": value}
-            if not isinstance(value, dict) or "type" not in value:
-                raise ConfigError(f"{path}: {key} must be a mapping with a 'type'")
-            setattr(space, key, dict(value))
-    if space.pruner["type"] not in PRUNERS:
-        raise ConfigError(f"{path}: pruner type must be one of {PRUNERS}, got {space.pruner['type']!r}")
-    if space.sampler["type"] not in SAMPLERS:
-        raise ConfigError(f"{path}: sampler type must be one of {SAMPLERS}, got {space.sampler['type']!r}")
-    seed = space.sampler.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise ConfigError(f"{path}: sampler seed must be a non-negative integer, got {seed!r}")
-    # every corner of the space must be a valid training config (fails here, not in trial 17)
-    for p in space.params:
-        for v in (p.choices or [int(p.low) if p.integer else p.low, int(p.high) if p.integer else p.high]):
-            try:
-                space.config({p.name: v})
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: params.{p.name} = {v!r} is not a valid training option: {exc}") from None
-    return space
-
-
-def make_pruner(spec: dict):
-    optuna = _optuna()
-    kind = spec.get("type", "median")
-    args = {k: v for k, v in spec.items() if k != "type"}
-    try:
-        if kind == "median":
-            return optuna.pruners.MedianPruner(n_startup_trials=int(args.get("startup_trials", 3)),
-                                               n_warmup_steps=int(args.get("warmup_epochs", 1)))
-        if kind == "percentile":
-            return optuna.pruners.PercentilePruner(float(args.get("percentile", 25.0)),
-                                                   n_startup_trials=int(args.get("startup_trials", 3)),
-                                                   n_warmup_steps=int(args.get("warmup_epochs", 1)))
-        if kind == "threshold":
-            return optuna.pruners.ThresholdPruner(lower=args.get("lower"), upper=args.get("upper"),
-                                                  n_warmup_steps=int(args.get("warmup_epochs", 0)))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"pruner {spec}: {exc}") from None
-    return optuna.pruners.NopPruner()
-
-
-def sampler_seed(seed: int | None, worker: int = 0, existing: int = 0, salt: int | None = None) -> int | None:
-    """The seed of one process's sampler: the space's ``seed`` itself for worker 0 of a fresh study (a
-    single-process study replays from it), otherwise one derived from (seed, worker index, trials already in
-    the study), so parallel processes and a continued study do not draw the same parameters again. ``salt``:
-    a per-process number mixed in where nothing else tells processes apart (a second shell opening a study
-    another shell created a moment ago, before either recorded a trial)."""
-    if seed is None:
-        return None
-    if worker == 0 and existing == 0 and salt is None:
-        return int(seed)
-    import numpy as np
-
-    entropy = [int(seed), int(worker), int(existing)] + ([int(salt)] if salt is not None else [])
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
-def make_sampler(spec: dict, worker: int = 0, existing: int = 0, salt: int | None = None):
-    optuna = _optuna()
-    seed = sampler_seed(spec.get("seed"), worker, existing, salt)
-    if spec.get("type") == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
 
 
 # --------------------------------------------------------------------------- pruning handler
 
 
 class PruningHandler:
-    """Engine handler: report each epoch's objective to the Optuna trial, stop the run when it is pruned."""
+    """Engine handler: report each epoch's objective to the Optuna trial, stop the run when it is pruned.
+
+    Args:
+        trial: the ``optuna.Trial`` of this run.
+        objective: the metric reported (``val_auc``, ``val_bacc`` or ``val_loss``).
+        first_epoch: unused (the epoch reported is the metrics record's own ``epoch``, which counts the
+            epochs before a resume too)."""
 
     def __init__(self, trial, objective: str, first_epoch: int = 0):
         self.trial, self.objective, self.first_epoch = trial, objective, first_epoch
@@ -463,8 +272,20 @@ def _stop_when_done(target: int, stop: StopOnSignal | None = None):
 
 
 def run_trial(trial, space: Space, data: str, out: Path, stop: StopOnSignal | None = None) -> float:
-    """One trial: a real training run, pruned from its epoch metrics; returns the objective at the best epoch.
-    A signal (``stop``) ends it with TrainingInterrupted after saving last.pt; ``tune`` queues it again."""
+    """One trial: a real training run, pruned from its epoch metrics.
+
+    A signal (``stop``) ends it with TrainingInterrupted after saving last.pt; ``tune`` queues it again. A
+    retry of a killed trial resumes that trial's run folder.
+
+    Args:
+        trial: the ``optuna.Trial`` (its parameters are suggested from ``space``).
+        space: the checked search space.
+        data: the ingested data folder or shard set.
+        out: the study folder (the run goes to ``trials/trial-N``).
+        stop: the study's signal handler, chained to the run's.
+
+    Returns:
+        The objective at the trial's best epoch."""
     optuna = _optuna()
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from medpipe.pipeline import run  # deferred: torch
@@ -507,7 +328,16 @@ def run_trial(trial, space: Space, data: str, out: Path, stop: StopOnSignal | No
 
 
 def write_results(study, space: Space, out: Path) -> dict:
-    """best_config.yaml (base + the best trial's parameters, a `medpipe train --config` file) and trials.csv."""
+    """best_config.yaml (base + the best trial's parameters, a `medpipe train --config` file) and trials.csv.
+
+    Args:
+        study: the ``optuna.Study``.
+        space: its search space.
+        out: the study folder, written to.
+
+    Returns:
+        The summary: study, trials, finished, complete, objective, best_config (None without a complete
+        trial), and best_trial, best_value, best_params when there is one."""
     from optuna.trial import TrialState
 
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
@@ -538,10 +368,27 @@ def _cores() -> int:
 def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | None = None, processes: int = 1,
          study_name: str = "medpipe", heartbeat: int = 30, grace: int = 90, worker: int | None = None,
          threads: int | None = None) -> dict:
-    """Run (or continue) the study until it holds ``trials`` finished trials; returns the summary.
-    ``worker``: the index of one of the ``processes`` children (the parent writes the results and judges them);
-    ``threads``: its share of the cores, which caps the space's ``threads``.
-    A signal ends it with :class:`TrainingInterrupted` once the running trial is saved and queued again."""
+    """Run (or continue) the study until it holds ``trials`` finished trials.
+
+    A signal ends it with :class:`TrainingInterrupted` once the running trial is saved and queued again.
+
+    Args:
+        data: the ingested data folder or shard set.
+        out: the study folder (``study.db``, ``trials/``, results).
+        space_path: the search-space YAML.
+        trials: finished trials the study should hold (default: the space's ``trials``).
+        processes: worker processes sharing the study (this command started again as children).
+        study_name: the study's name in ``study.db``.
+        heartbeat: seconds between a running trial's heartbeats.
+        grace: seconds without a heartbeat after which a trial counts as killed and is retried.
+        worker: the index of one of the ``processes`` children (the parent writes the results and judges them).
+        threads: a child's share of the cores, which caps the space's ``threads``.
+
+    Returns:
+        The summary of :func:`write_results` (``{}`` in a worker process).
+
+    Raises:
+        TuneError: a worker process failed, or no trial completed."""
     optuna = _optuna()
     space = load_space(space_path)
     if trials is not None:
@@ -558,54 +405,9 @@ def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | No
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna.study._optimize").addFilter(_NO_MEDPIPE_TRACEBACK)
     if processes > 1:  # more workers on the same study: this same command as child processes
-        share = max(1, _cores() // processes)
-        given = int(space.base.get("threads") or 0)
-        log.info("tune: %d processes with %d thread(s) each%s", processes, share,
-                 f" (the space's threads: {given} capped to {share})" if given > share else "")
-        cmd = [sys.executable, "-m", "medpipe", "tune", "--data", str(data), "--out", str(out), "--space",
-               str(space_path), "--trials", str(space.trials), "--study-name", study_name,
-               "--heartbeat", str(heartbeat), "--grace", str(grace), "--worker-threads", str(share), "--worker"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(share)}
-        children: list[subprocess.Popen] = []
-        received: list[str] = []
-
-        def forward(signum, frame):  # a signal to the parent stops the workers (each saves and requeues its trial)
-            received.append(signal.Signals(signum).name)
-            for c in children:
-                if c.poll() is None:
-                    c.send_signal(signum)
-
-        old = {sig: signal.signal(sig, forward) for sig in StopOnSignal.SIGNALS}
-        try:
-            for i in range(processes):
-                if not received:
-                    children.append(subprocess.Popen([*cmd, str(i)], env=env))
-            codes = [c.wait() for c in children]
-        finally:
-            for c in children:
-                if c.poll() is None:
-                    c.terminate()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-        if received:
-            raise TrainingInterrupted(f"stopped by {received[0]}: the {len(children)} tune processes stopped "
-                                      f"(exit {codes}); the trials they were running are queued again with their "
-                                      "parameters and continue from their last.pt: run the same command to continue")
-        if any(codes):
-            raise TuneError(f"{sum(1 for c in codes if c)} of {processes} tune processes failed (exit {codes})")
+        _run_workers(data, out, space, space_path, processes, study_name, heartbeat, grace)
     elif _finished(study) < space.trials:
-        with StopOnSignal() as stop:
-            study.optimize(lambda t: run_trial(t, space, str(data), out, stop), n_trials=None,
-                           callbacks=[_stop_when_done(space.trials, stop)], catch=(MedpipeError,),
-                           gc_after_trial=True)
-        if stop.received and (stop.trial is not None or _finished(study) < space.trials):
-            if stop.trial is not None:
-                _requeue(study, stop.trial)
-                raise TrainingInterrupted(f"{stop.message.split('; continue with')[0]}; trial {stop.trial} is queued "
-                                          f"again with the same parameters and run folder: run the same command to "
-                                          f"continue it (study {out / STUDY_DB})")
-            raise TrainingInterrupted(f"stopped by {stop.received} between trials; run the same command to "
-                                      f"continue the study {out / STUDY_DB}")
+        _optimize(study, space, data, out)
     if worker is not None:
         return {}
     summary = write_results(study, space, out)
@@ -615,7 +417,68 @@ def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | No
     return summary
 
 
+def _run_workers(data, out: Path, space: Space, space_path, processes: int, study_name: str, heartbeat: int,
+                 grace: int) -> None:
+    """``processes`` children running this command on the same study, each with its share of the cores; a
+    signal to this process is passed on to them."""
+    share = max(1, _cores() // processes)
+    given = int(space.base.get("threads") or 0)
+    log.info("tune: %d processes with %d thread(s) each%s", processes, share,
+             f" (the space's threads: {given} capped to {share})" if given > share else "")
+    cmd = [sys.executable, "-m", "medpipe", "tune", "--data", str(data), "--out", str(out), "--space",
+           str(space_path), "--trials", str(space.trials), "--study-name", study_name,
+           "--heartbeat", str(heartbeat), "--grace", str(grace), "--worker-threads", str(share), "--worker"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(share)}
+    children: list[subprocess.Popen] = []
+    received: list[str] = []
+
+    def forward(signum, frame):  # a signal to the parent stops the workers (each saves and requeues its trial)
+        received.append(signal.Signals(signum).name)
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in StopOnSignal.SIGNALS}
+    try:
+        for i in range(processes):
+            if not received:
+                children.append(subprocess.Popen([*cmd, str(i)], env=env))
+        codes = [c.wait() for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.terminate()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if received:
+        raise TrainingInterrupted(f"stopped by {received[0]}: the {len(children)} tune processes stopped "
+                                  f"(exit {codes}); the trials they were running are queued again with their "
+                                  "parameters and continue from their last.pt: run the same command to continue")
+    if any(codes):
+        raise TuneError(f"{sum(1 for c in codes if c)} of {processes} tune processes failed (exit {codes})")
+
+
+def _optimize(study, space: Space, data, out: Path) -> None:
+    """Trials in this process until the study holds enough; a signal queues the running trial again."""
+    with StopOnSignal() as stop:
+        study.optimize(lambda t: run_trial(t, space, str(data), out, stop), n_trials=None,
+                       callbacks=[_stop_when_done(space.trials, stop)], catch=(MedpipeError,),
+                       gc_after_trial=True)
+    if stop.received and (stop.trial is not None or _finished(study) < space.trials):
+        if stop.trial is not None:
+            _requeue(study, stop.trial)
+            raise TrainingInterrupted(f"{stop.message.split('; continue with')[0]}; trial {stop.trial} is queued "
+                                      f"again with the same parameters and run folder: run the same command to "
+                                      f"continue it (study {out / STUDY_DB})")
+        raise TrainingInterrupted(f"stopped by {stop.received} between trials; run the same command to "
+                                  f"continue the study {out / STUDY_DB}")
+
+
 def add_parser(sub) -> None:
+    """Add the ``tune`` subcommand to the ``medpipe`` parser.
+
+    Args:
+        sub: the parser's subparsers (``add_subparsers()``)."""
     s = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable SQLite study, pruning)",
                        description=__doc__.split("\n\n")[0])
     s.add_argument("--data", required=True, help="ingested data folder or shard set (as for train)")
@@ -623,7 +486,7 @@ def add_parser(sub) -> None:
     s.add_argument("--space", required=True, help="search space YAML (see `medpipe.tune`)")
     s.add_argument("--trials", type=int, help="finished trials the study should hold (overrides the YAML)")
     s.add_argument("--processes", type=int, default=1, help="worker processes sharing the study (default 1)")
-    s.add_argument("--study-name", default="medpipe")
+    s.add_argument("--study-name", default="medpipe", help="Optuna study name in study.db")
     s.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
     s.add_argument("--grace", type=int, default=90,
                    help="seconds without a heartbeat after which a trial counts as killed and is retried")
@@ -633,6 +496,13 @@ def add_parser(sub) -> None:
 
 
 def cmd_tune(args) -> int:
+    """``medpipe tune``: run the study and print the best trial and how to train it.
+
+    Args:
+        args: the parsed ``tune`` arguments.
+
+    Returns:
+        The exit status, 0."""
     t0 = time.perf_counter()
     s = tune(args.data, args.out, args.space, trials=args.trials, processes=args.processes,
              study_name=args.study_name, heartbeat=args.heartbeat, grace=args.grace, worker=args.worker,

@@ -206,3 +206,19 @@ def exit_process(rc: int):
         sys.stderr.flush()
         os._exit(rc)
     sys.exit(rc)
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The bf16 matrix instructions this CPU reports (oneDNN uses them under autocast); empty where unknown.
+
+    Args:
+        cpuinfo: the file to read (Linux's ``/proc/cpuinfo``).
+
+    Returns:
+        The subset of ``avx512_bf16``, ``amx_bf16`` in the first ``flags`` line; ``[]`` if unreadable."""
+    try:
+        with open(cpuinfo, errors="replace") as fh:
+            flags = set(next((ln for ln in fh if ln.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        return []
+    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]

@@ -117,7 +117,7 @@ def _inflate_deflated(fp: io.BytesIO, max_pixels: int):
 def read_dicom(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Parse DICOM Part 10 bytes once (bounded inflation); returns the dataset. Raises ImageError."""
     if not available():
-        raise UnsupportedFormatError("application/dicom needs the dicom extra: pip install 'medpipe[dicom]'")
+        raise UnsupportedFormatError("application/dicom needs the dicom extra: pip install 'medpipe-imaging[dicom]'")
     import pydicom
     from pydicom.dataset import FileDataset
     from pydicom.errors import InvalidDicomError

@@ -1,6 +1,6 @@
 """Streaming shards: the record table and cached pixels packed into sequential tar files.
 
-    medpipe shard --data DATA --out SHARDS [--size 64] [--per-shard 1000]
+    medpipe shard --data DATA --out SHARDS [--image-size 64] [--shard-size 1000]
     medpipe train --data SHARDS --out RUN ...            # SHARDS: a folder or any fsspec URL (s3://, gs://, ...)
 
 Format (WebDataset conventions): each sample is ``<key>.png`` (the cached RGB pixels at the training

@@ -1,7 +1,7 @@
-"""Federated training across sites on Flower (``pip install 'medpipe[fl]'``).
+"""Federated training across sites on Flower (``pip install 'medpipe-imaging[fl]'``).
 
     medpipe fl certs --out CERTS --sites a,b,c            # CA, server TLS certificate, per-site keys
-    medpipe fl server --run-dir RUN --certs CERTS --site-keys CERTS/sites/*.pub --rounds 5 --min-sites 2
+    medpipe fl server --out RUN --certs CERTS --site-keys CERTS/sites/*.pub --rounds 5 --min-sites 2
     medpipe fl site --data SITE_DATA --server HOST:9092 --ca CERTS/ca.crt --key CERTS/sites/a
     medpipe fl partition --data DATA --out SITES --sites 3 --dirichlet 0.5   # one-machine experiments
 

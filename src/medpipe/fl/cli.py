@@ -28,7 +28,8 @@ def cmd_certs(args) -> int:
 
 
 def cmd_partition(args) -> int:
-    s = partition(args.data, args.out, by=args.by, sites=args.sites, dirichlet=args.dirichlet, seed=args.seed)
+    s = partition(args.data, args.out, by=args.by, sites=args.sites, dirichlet=args.dirichlet,
+                  seed=args.partition_seed)
     for name, v in s["sites"].items():
         print(f"  {name}: {v['images']} images, {v['groups']} groups, " +
               " ".join(f"{c}={n}" for c, n in v["class_counts"].items()))
@@ -97,10 +98,11 @@ def cmd_site(args) -> int:
 
 
 def add_server_options(s: argparse.ArgumentParser, add_config_options) -> None:
-    s.add_argument("--rounds", type=int, default=5)
+    s.add_argument("--rounds", type=int, default=5, help="federated rounds")
     s.add_argument("--min-sites", type=int, default=2, help="sites needed to start and to complete a round")
     s.add_argument("--fraction", type=float, default=1.0, help="share of connected sites sampled per round")
-    s.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
+    s.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg",
+                   help="aggregation: fedavg (weighted mean) or fedprox (with a proximal term, --mu)")
     s.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight")
     s.add_argument("--aggregation", choices=list(METHODS), default="mean",
                    help="mean: weighted by sample counts (FedAvg/FedProx); median or trimmed-mean: robust, unweighted "
@@ -120,7 +122,7 @@ def add_server_options(s: argparse.ArgumentParser, add_config_options) -> None:
                    help="seconds to wait for the remaining sites once --min-sites have answered")
     s.add_argument("--wait-for-sites", type=float, default=600.0, help="seconds to wait for --min-sites to connect")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told; 0.0.0.0 for all)")
-    s.add_argument("--port", type=int, default=9092)
+    s.add_argument("--port", type=int, default=9092, help="TCP port of the server's Fleet API")
     s.add_argument("--round-callback", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="called with each round's record (e.g. experiment tracking); repeat for several")
     s.add_argument("--config", help="YAML training config for the sites' local training")
@@ -134,23 +136,23 @@ def register(sub, add_config_options) -> None:
     fsub = fl.add_subparsers(dest="fl_command", required=True)
 
     s = fsub.add_parser("certs", help="CA, server TLS certificate and per-site authentication keys")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="certificate folder to write")
     s.add_argument("--sites", required=True, help="site names, comma-separated")
     s.add_argument("--host", action="append", help="server name or IP in the certificate (repeat; default loopback)")
-    s.add_argument("--days", type=int, default=365)
+    s.add_argument("--days", type=int, default=365, help="certificate validity in days")
     s.set_defaults(func=cmd_certs)
 
     s = fsub.add_parser("partition", help="cut one ingested dataset into site folders (simulation)")
-    s.add_argument("--data", required=True)
-    s.add_argument("--out", required=True)
+    s.add_argument("--data", required=True, help="one ingested data folder")
+    s.add_argument("--out", required=True, help="folder of the site folders to write")
     s.add_argument("--by", help="metadata column: one site per value (e.g. dataset, localization)")
     s.add_argument("--sites", type=int, default=0, help="number of sites (Dirichlet), or the most sites for --by")
     s.add_argument("--dirichlet", type=float, help="alpha of the per-class Dirichlet split (small = non-IID)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--partition-seed", type=int, default=0, help="seed of the partition")
     s.set_defaults(func=cmd_partition)
 
     s = fsub.add_parser("server", help="run the federation's server (Flower SuperLink + medpipe ServerApp)")
-    s.add_argument("--run-dir", required=True, help="output run folder (checkpoints, log, model package)")
+    s.add_argument("--out", dest="run_dir", required=True, help="run folder (checkpoints, log, model package)")
     s.add_argument("--certs", help="folder from 'medpipe fl certs' (ca.crt, server.pem, server.key)")
     s.add_argument("--site-keys", nargs="*", help="public keys of the sites allowed to join (NAME.pub)")
     s.add_argument("--insecure", action="store_true", help="no TLS, no site authentication (loopback experiments)")
@@ -159,11 +161,12 @@ def register(sub, add_config_options) -> None:
 
     s = fsub.add_parser("simulate", help="one machine, real processes: partition DATA into sites and run them")
     s.add_argument("--data", required=True, help="one ingested data folder")
-    s.add_argument("--run-dir", required=True, help="RUN/sites, RUN/certs, RUN/server (the model package in RUN/server/model)")
+    s.add_argument("--out", dest="run_dir", required=True,
+                   help="run folder: RUN/sites, RUN/certs, RUN/server (the model package in RUN/server/model)")
     s.add_argument("--by", help="metadata column: one site per value")
     s.add_argument("--sites", type=int, default=0, help="number of sites (Dirichlet), or the most sites for --by")
     s.add_argument("--dirichlet", type=float, help="alpha of the per-class Dirichlet split")
-    s.add_argument("--partition-seed", type=int, default=0)
+    s.add_argument("--partition-seed", type=int, default=0, help="seed of the partition")
     s.add_argument("--site-threads", type=int, default=1, help="torch threads per site process")
     add_server_options(s, add_config_options)
     s.set_defaults(func=cmd_simulate)
@@ -176,8 +179,9 @@ def register(sub, add_config_options) -> None:
     s.add_argument("--name", help="site name (default: the key file's name)")
     s.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     s.add_argument("--threads", type=int, default=0, help="torch threads for local training (0: torch default)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--insecure", action="store_true")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="local training device (default: the run's; auto: CUDA when available, else CPU)")
+    s.add_argument("--insecure", action="store_true", help="no TLS, no authentication (loopback experiments)")
     s.add_argument("--handler", action="append", metavar="MODULE:NAME[:ARG,...]",
                    help="add a training event handler to every round's local training (as train --handler)")
     s.set_defaults(func=cmd_site)

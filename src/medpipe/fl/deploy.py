@@ -1,13 +1,13 @@
 """Starting the real Flower processes: the server (a SuperLink that runs medpipe's ServerApp) and a
 site (a SuperNode that runs medpipe's ClientApp on the site's data folder).
 
-    medpipe fl server --run-dir RUN --certs CERTS --site-keys CERTS/sites/*.pub [--rounds 5 --min-sites 2 ...]
+    medpipe fl server --out RUN --certs CERTS --site-keys CERTS/sites/*.pub [--rounds 5 --min-sites 2 ...]
     medpipe fl site --data SITE_DATA --server 127.0.0.1:9092 --ca CERTS/ca.crt --key CERTS/sites/NAME
 
 ``fl server`` starts ``flower-superlink`` with TLS and SuperNode authentication (only the registered
 site keys may connect), registers each site's public key under its name (``flwr supernode
 register``), writes the run configuration, submits the Flower App with ``flwr run`` and streams its
-log until the run ends, then stops the SuperLink. Run it again with the same ``--run-dir`` after a
+log until the run ends, then stops the SuperLink. Run it again with the same ``--out`` after a
 crash: the ServerApp resumes after the last checkpointed round. What the server accepts from a site
 is set here too (``--aggregation mean|median|trimmed-mean``, ``--trim``, ``--max-update-ratio``,
 ``--max-examples``, ``--site-examples NAME=N``; ``fl simulate`` registers each site folder's image
@@ -70,7 +70,7 @@ def _bin(name: str) -> str:
         return str(path)
     found = shutil.which(name)
     if not found:
-        raise MedpipeError(f"{name} not found: install the fl extra (pip install 'medpipe[fl]')")
+        raise MedpipeError(f"{name} not found: install the fl extra (pip install 'medpipe-imaging[fl]')")
     return found
 
 
@@ -169,24 +169,7 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
            "round_timeout": round_timeout, "straggler_wait": straggler_wait, "wait_for_sites": wait_for_sites,
            "round_callbacks": list(round_callbacks or []), "engine": "flower", **guard}
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg, indent=2))
-    if insecure:
-        ca = None
-        print("WARNING: --insecure: no TLS and no site authentication; for a loopback experiment only", flush=True)
-    else:
-        if not certs:
-            raise MedpipeError("--certs CERTS is required (make them with 'medpipe fl certs'), or --insecure")
-        certs = Path(certs).resolve()
-        ca = certs / "ca.crt"
-        for f in (ca, certs / "server.pem", certs / "server.key"):
-            if not f.is_file():
-                raise MedpipeError(f"{f} is missing; make the set with 'medpipe fl certs --out {certs} --sites ...'")
-    keys = [Path(k).resolve() for k in site_keys]
-    for k in keys:
-        if not k.is_file():
-            raise MedpipeError(f"site public key {k} does not exist")
-        check_site_name(k.name.removesuffix(".pub"))
-    if not insecure and not keys:
-        raise MedpipeError("--site-keys: give the public key of every site allowed to join (CERTS/sites/*.pub)")
+    certs, ca, keys = _server_credentials(certs, site_keys, insecure)
 
     home = run_dir / "flwr_home"
     home.mkdir(exist_ok=True)
@@ -227,6 +210,30 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
                 "best_round": state["best_round"], "best_pooled_auc": state["best_pooled_auc"]}
     finally:
         _stop(link)
+
+
+def _server_credentials(certs, site_keys: list[str], insecure: bool) -> tuple[Path | None, Path | None, list[Path]]:
+    """(the certificate folder, its CA certificate, the sites' public keys), each checked; no TLS with
+    ``insecure``."""
+    if insecure:
+        ca = None
+        print("WARNING: --insecure: no TLS and no site authentication; for a loopback experiment only", flush=True)
+    else:
+        if not certs:
+            raise MedpipeError("--certs CERTS is required (make them with 'medpipe fl certs'), or --insecure")
+        certs = Path(certs).resolve()
+        ca = certs / "ca.crt"
+        for f in (ca, certs / "server.pem", certs / "server.key"):
+            if not f.is_file():
+                raise MedpipeError(f"{f} is missing; make the set with 'medpipe fl certs --out {certs} --sites ...'")
+    keys = [Path(k).resolve() for k in site_keys]
+    for k in keys:
+        if not k.is_file():
+            raise MedpipeError(f"site public key {k} does not exist")
+        check_site_name(k.name.removesuffix(".pub"))
+    if not insecure and not keys:
+        raise MedpipeError("--site-keys: give the public key of every site allowed to join (CERTS/sites/*.pub)")
+    return certs, ca, keys
 
 
 def guard_config(aggregation: str, trim: float, max_update_ratio: float, max_examples: int,

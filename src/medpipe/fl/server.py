@@ -171,7 +171,7 @@ class Coordinator:
         state = json.loads(path.read_text())
         if state.get("config_digest") != config_digest(self.cfg):
             raise MedpipeError(f"{path}: this run folder was started with a different configuration "
-                               f"({', '.join(RESUME_KEYS)} must match to resume); use a new --run-dir")
+                               f"({', '.join(RESUME_KEYS)} must match to resume); use a new --out")
         return state
 
     def _checkpoint(self, state: dict, arrays: dict, improved: bool) -> None:

@@ -23,7 +23,8 @@ from medpipe.config import TrainConfig, make_config
 from medpipe.errors import MedpipeError
 from medpipe.fl.aggregate import restore_scalars, site_statistics
 from medpipe.train.data import open_source
-from medpipe.train.engine import local_fit, predict_logits, proximal_term
+from medpipe.fl.losses import proximal_term
+from medpipe.train.engine import local_fit, predict_logits
 from medpipe.data.sources import load_records
 from medpipe.metrics import compute_metrics
 from medpipe.models import create_model

@@ -64,9 +64,9 @@ def openvino_usable(info: dict, host: Host) -> tuple[dict | None, str]:
     rec = info.get("openvino")
     if not isinstance(rec, dict) or not isinstance(rec.get("gate"), dict):
         return None, ("its INT8 model has no OpenVINO gate (it was quantized without OpenVINO installed; "
-                      "run 'medpipe quantize' again with pip install 'medpipe[openvino]', or use --backend int8)")
+                      "run 'medpipe quantize' again with pip install 'medpipe-imaging[openvino]', or use --backend int8)")
     if host.openvino is None:
-        return None, "OpenVINO is not installed (pip install 'medpipe[openvino]')"
+        return None, "OpenVINO is not installed (pip install 'medpipe-imaging[openvino]')"
     t, g = rec.get("temperature"), rec["gate"]
     if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0 or rec.get("precision") not in ovr.PRECISIONS \
             or not isinstance(g.get("passed"), bool) or not all(isinstance(g.get(k), (int, float))

@@ -58,7 +58,7 @@ def onnx_session(data: bytes | str, threads: int | None = None):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ExportError("the ONNX backend needs onnxruntime: pip install 'medpipe[onnx]'") from None
+        raise ExportError("the ONNX backend needs onnxruntime: pip install 'medpipe-imaging[onnx]'") from None
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.inter_op_num_threads = 1

@@ -37,7 +37,7 @@ def _core():
     try:
         import openvino as ov
     except ImportError:
-        raise MedpipeError("the openvino backend needs OpenVINO: pip install 'medpipe[openvino]'") from None
+        raise MedpipeError("the openvino backend needs OpenVINO: pip install 'medpipe-imaging[openvino]'") from None
     return ov.Core()
 
 

@@ -39,7 +39,8 @@ class Prediction:
 
     def as_dict(self) -> dict:
         return {"label": self.label, "class_index": self.class_index, "probabilities": self.probabilities,
-                "decision_rule": self.decision_rule, "tta": self.tta}
+                "decision_rule": self.decision_rule, "tta": self.tta,
+                "most_likely": max(self.probabilities, key=self.probabilities.get)}  # label may differ: the rule
 
 
 class Predictor:

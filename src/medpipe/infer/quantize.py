@@ -255,7 +255,7 @@ def quantize_onnx(fp32: bytes, calibration: list[np.ndarray], **options) -> byte
         from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                               quant_pre_process, quantize_static)
     except ImportError:
-        raise QuantizeError("INT8 quantization needs onnxruntime: pip install 'medpipe[onnx]'") from None
+        raise QuantizeError("INT8 quantization needs onnxruntime: pip install 'medpipe-imaging[onnx]'") from None
 
     class Reader(CalibrationDataReader):
         def __init__(self):

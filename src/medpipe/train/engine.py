@@ -13,7 +13,7 @@ metrics.jsonl and the progress bar, then calibration, package and test report). 
 federated learning, "k epochs from these weights on this site's data":
 
     weights, metrics = local_fit(cfg, source, epochs=k, weights=global_weights,
-                                 loss_terms=[proximal_term(global_weights, mu=0.01)])   # FedProx
+                                 loss_terms=[proximal_term(global_weights, mu=0.01)])   # FedProx, medpipe.fl.losses
     # weights: state dict (CPU tensors); metrics: one record per epoch (train_loss, val_auc, ..., n_train)
 
 Events (MONAI/ignite names; each handler gets the engine, ``engine.state`` holds the figures):
@@ -29,21 +29,27 @@ Events (MONAI/ignite names; each handler gets the engine, ``engine.state`` holds
     COMPLETED             fit() ends normally (also after early stopping; state.stop_reason)
     EXCEPTION_RAISED      fit() fails; state.exception (NaN loss, SIGTERM/SIGINT, any error); re-raised
 
+The handlers of one event run in :class:`Order` (then in attach order): a handler names its place when it
+registers (``engine.on(event, fn, order=Order.MODEL)``), so the order in which handler objects are attached
+never changes a run: the batch mixing and the weight average act first, the checkpoint is written after the
+epoch is recorded, a signal stop comes last.
+
 One epoch, top to bottom: this rank's seeded batches from the source -> forward (bf16 autocast where
-``precision`` resolves to bf16, see :func:`resolve_precision`) -> loss (+ any added loss terms) -> a
+``precision`` resolves to bf16, see :func:`medpipe.train.factories.resolve_precision`) -> loss (+ any added loss terms) -> a
 non-finite loss stops the run naming the batch -> backward,
 clipping, AdamW, warm-up+cosine step -> validation (exact across ranks) -> best/stale bookkeeping.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import logging
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -51,16 +57,23 @@ import torch.nn.functional as F
 
 from medpipe.config import TrainConfig
 from medpipe.errors import MedpipeError, NonFiniteLoss, TrainingInterrupted
-from medpipe.preprocess import eval_batch, flip_averaged, use_plain_tensors
+from medpipe.preprocess import use_plain_tensors
 from medpipe.train.distributed import Dist
+from medpipe.train.factories import make_loss, make_optimizer, make_schedule, provisional_epochs, resolve_precision
+from medpipe.train.predict import predict_logits, predict_logits_dist  # noqa: F401 (predict_logits: importable here too)
 from medpipe.metrics import compute_metrics
 from medpipe.models import create_model
 from medpipe.train.checkpoint import rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from medpipe.train.data import CachedSource, ShardSource
 
 log = logging.getLogger(__name__)
 
 
 class Events(str, enum.Enum):
+    """The engine's events, in the order of a run (what each carries: the module docstring)."""
+
     STARTED = "started"
     EPOCH_STARTED = "epoch_started"
     ITERATION_STARTED = "iteration_started"
@@ -71,6 +84,24 @@ class Events(str, enum.Enum):
     CHECKPOINT_SAVED = "checkpoint_saved"
     COMPLETED = "completed"
     EXCEPTION_RAISED = "exception_raised"
+
+
+class Order(enum.IntEnum):
+    """Where a handler acts among the handlers of one event: lower first, equal ones in attach order.
+
+    ``MODEL``: changes what the step trains on or what is validated and saved (batch mixing, the weight
+    average). ``DECIDE``: decides state that the checkpoint stores (the time budget's epoch count).
+    ``RECORD``: records the epoch before its checkpoint (the epoch line, metrics.jsonl). ``SAVE``: writes the
+    checkpoint. ``REACT`` (the default): acts on a saved epoch (early stopping, tracking, pruning, your own
+    handlers, fault injection in tests). ``STOP``: last; a signal stop saves a step every other handler has
+    finished with."""
+
+    MODEL = 10
+    DECIDE = 20
+    RECORD = 30
+    SAVE = 40
+    REACT = 50
+    STOP = 60
 
 
 @dataclass
@@ -98,127 +129,22 @@ class State:
 # --------------------------------------------------------------------------- the pieces of a step
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, no weight decay on biases and norm parameters. The fused kernel (CPU and CUDA) is half
-    the optimiser time of the default on DenseNet121 (8 vs 16 ms a step on 2 CPU cores)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=fused or None)
-
-
-def make_loss(cfg: TrainConfig, class_counts: np.ndarray, device):
-    n_classes = len(class_counts)
-    weight = None
-    if cfg.imbalance in ("weighted_loss", "focal"):
-        w = class_counts.sum() / (n_classes * np.maximum(class_counts, 1))
-        weight = torch.tensor(w, dtype=torch.float32, device=device)
-    if cfg.imbalance == "focal":
-        from monai.losses import FocalLoss
-
-        # class indices (B,) are one-hot encoded; mixed soft targets (B, C) from mixup/CutMix go in as they are:
-        # softmax focal loss is -sum_c t_c (1 - p_c)^gamma log p_c, which for a one-hot t is the usual one
-        hard = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=cfg.focal_gamma, weight=weight)
-        soft = FocalLoss(to_onehot_y=False, use_softmax=True, gamma=cfg.focal_gamma, weight=weight)
-        return lambda logits, y: soft(logits, y) if y.ndim == 2 else hard(logits, y[:, None])
-    return lambda logits, y: F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
-
-
-def make_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int | None = None):
-    """Linear warm-up for ``warmup_epochs``, then cosine down to 1% of the learning rate at the last step."""
-    total = max(1, (epochs or cfg.epochs) * steps_per_epoch)
-    warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warm), eta_min=cfg.lr * 0.01)
-    if warm <= 0:
-        return cosine
-    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warm, end_factor=1.0, total_iters=warm)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warm])
-
-
-def provisional_epochs(cfg: TrainConfig) -> int:
-    """The schedule's length before a time budget has decided it: ``cfg.epochs``, at least 2 so the first epoch
-    never ends the cosine (and the warm-up has the same form as in the decided schedule)."""
-    return max(cfg.epochs, 2) if cfg.budget else cfg.epochs
-
-
-def rebuild_schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int, step: int):
-    """The warm-up+cosine schedule of ``epochs`` epochs, advanced to ``step`` (the time budget sets the epoch
-    count after the first epoch): the learning rate from here on is exactly that of a run started with
-    ``epochs``. Editing a running cosine's length instead would continue its recursive form from the current
-    learning rate, which stays at the floor if the old schedule had already ended."""
-    import warnings
-
-    for group in optimizer.param_groups:  # the schedulers start from the base learning rate, as at step 0
-        group["lr"] = group.get("initial_lr", cfg.lr)
-    scheduler = make_schedule(optimizer, cfg, steps_per_epoch, epochs)
-    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no optimiser step is meant
-        warnings.simplefilter("ignore")
-        for _ in range(step):
-            scheduler.step()
-    return scheduler
-
-
-def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
-    """The bf16 matrix instructions this CPU reports (oneDNN uses them under autocast); empty where unknown."""
-    try:
-        with open(cpuinfo, errors="replace") as fh:
-            flags = set(next((ln for ln in fh if ln.startswith("flags")), ":").split(":", 1)[1].split())
-    except OSError:
-        return []
-    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-
-
-def _step_seconds(model: torch.nn.Module, cfg: TrainConfig, device, bf16: bool, repeats: int = 2) -> float:
-    """Best time of a forward+backward at the training batch shape (no optimiser step)."""
-    g = torch.Generator(device=device).manual_seed(0)  # the run's own random streams stay untouched
-    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device, generator=g).contiguous(
-        memory_format=torch.channels_last)
-    best = math.inf
-    for i in range(repeats + 1):  # the first is a warm-up (oneDNN primitive creation)
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-        out.float().sum().backward()
-        if i:
-            best = min(best, time.perf_counter() - t)
-    model.zero_grad(set_to_none=True)
-    return best
-
-
-def resolve_precision(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> tuple[str, str]:
-    """``bf16`` or ``fp32`` for this run, and why. ``auto``: bf16 on CUDA; on a CPU with avx512_bf16/amx_bf16,
-    bf16 if a start-up check (a few forward+backward passes of a copy of the model, each precision) times it
-    at least 10% faster; fp32 for --deterministic runs (a timing check would tie the numerics to the load)."""
-    if cfg.precision != "auto":
-        return cfg.precision, "asked for"
-    if device.type == "cuda":
-        return "bf16", "auto on CUDA"
-    if device.type != "cpu":
-        return "fp32", f"auto on {device.type}"
-    flags = cpu_bf16_flags()
-    if not flags:
-        return "fp32", "auto: this CPU reports no bf16 instructions (avx512_bf16, amx_bf16)"
-    if cfg.deterministic:
-        return "fp32", "auto: --deterministic keeps fp32 (a timing check would tie the numerics to the machine's load)"
-    import copy
-
-    key = (cfg.model, cfg.batch_size, cfg.image_size, torch.get_num_threads())
-    if key not in _PRECISION_CHECKS:  # once per process and shape: engines made again (FL rounds) agree
-        probe = copy.deepcopy(model).train()  # BatchNorm statistics of the real model stay untouched
-        fp32, bf16 = _step_seconds(probe, cfg, device, False), _step_seconds(probe, cfg, device, True)
-        _PRECISION_CHECKS[key] = (("bf16" if bf16 < fp32 / 1.1 else "fp32"),
-                                  f"auto: start-up check on this CPU ({'+'.join(flags)}): a step takes "
-                                  f"{1000 * bf16:.0f} ms in bf16, {1000 * fp32:.0f} ms in fp32")
-    return _PRECISION_CHECKS[key]
-
-
-_PRECISION_CHECKS: dict[tuple, tuple[str, str]] = {}
-
-
 def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, device, bf16: bool | None = None):
-    """One optimisation step; returns the loss, or None (step skipped) when it is not finite. ``bf16``:
-    autocast the forward pass (default: on CUDA only)."""
+    """One optimisation step: forward, loss, backward, clipping, optimiser and schedule step.
+
+    Args:
+        model: the network (or its DDP wrapper), in train mode.
+        x: the input batch (N, 3, H, W); moved to ``device`` in channels-last layout.
+        y: class indices (N,) or soft targets (N, C).
+        loss_fn: ``loss_fn(logits, y)`` (e.g. :meth:`Engine.loss_fn`).
+        optimizer: stepped once.
+        scheduler: stepped once, after the optimiser.
+        grad_clip: maximum gradient norm; 0 turns clipping off.
+        device: where the model is.
+        bf16: autocast the forward pass to bfloat16 (default: on CUDA only).
+
+    Returns:
+        The loss (a detached scalar tensor), or None when it was not finite: then nothing was applied."""
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     y = y.to(device, non_blocking=True)
     bf16 = device.type == "cuda" if bf16 is None else bf16
@@ -236,61 +162,32 @@ def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, dev
     return loss.detach()
 
 
-@torch.inference_mode()
-def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 128,
-                   bf16: bool | None = None, tta: bool = False) -> torch.Tensor:
-    """Logits of pixels[rows] in eval mode; ``tta``: averaged over the image and its three flips."""
-    model.eval()
-    outs = []
-    bf16 = device.type == "cuda" if bf16 is None else bf16
-    for i in range(0, len(rows), batch):
-        x = eval_batch(pixels[rows[i:i + batch]], spec).to(device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = flip_averaged(lambda t: model(t).float(), x) if tta else model(x).float()
-            outs.append(out.cpu())
-    return torch.cat(outs) if outs else torch.zeros((0, 0))
-
-
-def predict_logits_dist(model, pixels, rows: np.ndarray, spec, device, dd: Dist, bf16: bool | None = None) -> torch.Tensor:
-    """Validation logits in row order; with several ranks each predicts rows[rank::world] and the
-    pieces are gathered and put back in order, so metrics equal the single-process ones exactly."""
-    if not dd.enabled:
-        return predict_logits(model, pixels, rows, spec, device, bf16=bf16)
-    mine = np.arange(dd.rank, len(rows), dd.world)
-    logits = predict_logits(model, pixels, rows[mine], spec, device, bf16=bf16)
-    parts = dd.gather((mine, logits.numpy() if len(mine) else None))
-    n_classes = next(p[1].shape[1] for p in parts if p[1] is not None) if len(rows) else 0
-    out = np.zeros((len(rows), n_classes), np.float32)
-    for idx, part in parts:
-        if part is not None:
-            out[idx] = part
-    return torch.from_numpy(out)
-
-
-def proximal_term(reference: dict[str, torch.Tensor], mu: float) -> Callable[[torch.nn.Module], torch.Tensor]:
-    """FedProx's proximal term ``mu/2 * ||w - w_ref||^2`` over the trainable parameters, as a loss term
-    for :meth:`Engine.add_loss_term` / :func:`local_fit`."""
-    ref: dict[str, torch.Tensor] = {}
-
-    def term(model: torch.nn.Module) -> torch.Tensor:
-        total = 0.0
-        for name, p in model.named_parameters():
-            if name not in ref:
-                ref[name] = reference[name].detach().to(p.device, p.dtype)
-            total = total + (p - ref[name]).pow(2).sum()
-        return 0.5 * mu * total
-
-    return term
-
-
 # --------------------------------------------------------------------------- the engine
 
 
 class Engine:
-    """Runs epochs of a model over a training source and raises :class:`Events` to handlers."""
+    """Runs epochs of a model over a training source and raises :class:`Events` to handlers.
 
-    def __init__(self, model: torch.nn.Module, optimizer, scheduler, loss_fn, source, cfg: TrainConfig,
-                 device: torch.device, dd: Dist | None = None):
+    Build one with :meth:`create` (model from the registry, optimiser, schedule, loss, precision), hang
+    handlers on it (:meth:`on`, :meth:`attach`), then :meth:`fit`. ``net`` is the bare model, ``model`` the
+    one trained (the DDP wrapper when distributed); ``state`` (:class:`State`) holds the figures.
+
+    Args:
+        model: the network, already on ``device``.
+        optimizer: its optimiser.
+        scheduler: the learning-rate schedule, stepped once per optimisation step.
+        loss_fn: ``loss_fn(logits, y)``; added loss terms (:meth:`add_loss_term`) come on top.
+        source: the training source (:func:`medpipe.train.data.open_source`): batches per epoch, the
+            validation split, class names and counts.
+        cfg: the run's :class:`medpipe.config.TrainConfig`.
+        device: where the model trains.
+        dd: the process group; single process when left out.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], source: CachedSource | ShardSource,
+                 cfg: TrainConfig, device: torch.device, dd: Dist | None = None):
         use_plain_tensors()
         self.net, self.optimizer, self.scheduler, self.source, self.cfg = model, optimizer, scheduler, source, cfg
         self.device, self.dd = device, dd or Dist()
@@ -304,15 +201,28 @@ class Engine:
         self.spec = cfg.preprocess()
         self.sign = -1.0 if cfg.monitor == "val_loss" else 1.0
         self.state = State(max_epochs=cfg.epochs)
-        self._handlers: dict[Events, list] = defaultdict(list)
+        self._handlers: dict[Events, list[tuple[int, int, Callable]]] = defaultdict(list)  # (order, seq, fn) sorted
         self._snapshot_parts: dict[str, Callable[[], Any]] = {}
         # resolved by create() (resolve_precision); a resume takes the checkpoint's, so it replays exactly
         self.precision, self.precision_reason = ("bf16" if device.type == "cuda" else "fp32"), "default"
 
     @classmethod
-    def create(cls, cfg: TrainConfig, source, device: torch.device, dd: Dist | None = None,
+    def create(cls, cfg: TrainConfig, source: CachedSource | ShardSource, device: torch.device, dd: Dist | None = None,
                weights: dict | None = None, epochs: int | None = None) -> "Engine":
-        """Model (from the registry), AdamW, warm-up+cosine over ``epochs`` (default cfg.epochs), loss."""
+        """Model (from the registry), AdamW, warm-up+cosine over ``epochs`` (default cfg.epochs), loss.
+
+        Args:
+            cfg: the run's config (model, recipe, precision).
+            source: the training source (its class counts weight the loss; its steps size the schedule).
+            device: where to train.
+            dd: the process group (DDP wrapper and exact validation across ranks).
+            weights: a state dict to start from (no pretrained or init weights then).
+            epochs: the schedule's and the run's length (default ``cfg.epochs``; with a time budget a
+                provisional length until the budget decides).
+
+        Returns:
+            The engine, ``state.epoch`` 0, precision resolved
+            (:func:`medpipe.train.factories.resolve_precision`)."""
 
         model = create_model(cfg.model, len(source.classes), pretrained=cfg.pretrained and weights is None,
                              init_weights=None if weights is not None else cfg.init_weights, dropout=cfg.dropout)
@@ -332,11 +242,26 @@ class Engine:
 
     # handlers -------------------------------------------------------------------------------------------
 
-    def on(self, event: Events, handler: Callable[["Engine"], None]) -> None:
-        self._handlers[Events(event)].append(handler)
+    def on(self, event: Events, handler: Callable[["Engine"], None], order: Order = Order.REACT) -> None:
+        """Call ``handler(engine)`` at every ``event``.
 
-    def attach(self, *handler_objects) -> "Engine":
-        """Attach handler objects (each has ``attach(engine)``, as MONAI's handlers do)."""
+        Args:
+            event: one of :class:`Events` (or its string value).
+            handler: called with the engine; ``engine.state`` holds the figures.
+            order: its place among the event's handlers (:class:`Order`; equal orders run in attach order).
+        """
+        handlers = self._handlers[Events(event)]
+        bisect.insort(handlers, (int(order), len(handlers), handler))  # seq is unique: handlers never compared
+
+    def attach(self, *handler_objects: Any) -> "Engine":
+        """Attach handler objects (each has ``attach(engine)``, as MONAI's handlers do).
+
+        Args:
+            handler_objects: objects whose ``attach`` registers their functions with :meth:`on`; the order
+                does not matter (each declares its :class:`Order`).
+
+        Returns:
+            The engine (calls chain)."""
         for h in handler_objects:
             h.attach(self)
         return self
@@ -344,22 +269,35 @@ class Engine:
     def add_snapshot_part(self, name: str, get: Callable[[], Any]) -> None:
         """Put ``get()`` (tensors and plain values) into every checkpoint under ``parts[name]``; after a resume
         it is in ``state.restored_parts[name]`` (a handler's own state, written with the checkpoint it belongs
-        to, never beside it)."""
+        to, never beside it).
+
+        Args:
+            name: the part's key (one per handler).
+            get: returns the part's current value when a checkpoint is written."""
         self._snapshot_parts[name] = get
 
     def fire(self, event: Events) -> None:
-        for handler in self._handlers[event]:
+        """Call the handlers of ``event`` (by :class:`Order`, then attach order)."""
+        for _, _, handler in list(self._handlers[event]):
             handler(self)
 
     def add_loss_term(self, term: Callable[[torch.nn.Module], torch.Tensor]) -> None:
-        """Add ``term(model)`` to every step's loss (e.g. FedProx's :func:`proximal_term`)."""
+        """Add ``term(model)`` to every step's loss.
+
+        Args:
+            term: returns a scalar tensor from the bare model (e.g. FedProx's
+                :func:`medpipe.fl.losses.proximal_term`)."""
         self.loss_terms.append(term)
 
     def terminate(self, reason: str) -> None:
-        """Stop after the current epoch (early stopping)."""
+        """Stop after the current epoch (early stopping).
+
+        Args:
+            reason: kept in ``state.stop_reason``."""
         self.state.should_terminate, self.state.stop_reason = True, reason
 
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The base loss of ``logits`` against ``y`` plus every added loss term (the step's loss)."""
         loss = self._base_loss(logits, y)
         for term in self.loss_terms:
             loss = loss + term(self.net)
@@ -368,7 +306,11 @@ class Engine:
     # checkpoint state -----------------------------------------------------------------------------------
 
     def snapshot(self) -> dict:
-        """Everything a resume needs, as tensors and plain values (loaded with weights_only=True)."""
+        """Everything a resume needs, as tensors and plain values (loaded with weights_only=True).
+
+        Returns:
+            Model, optimiser and schedule state, position (epoch, batch, step), best/stale bookkeeping,
+            random states, config, classes, precision and the handlers' parts (:meth:`add_snapshot_part`)."""
 
         s = self.state
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -381,6 +323,16 @@ class Engine:
                 "parts": {name: get() for name, get in self._snapshot_parts.items()}}
 
     def restore(self, snap: dict) -> None:
+        """Continue from a :meth:`snapshot` (a loaded checkpoint): weights, optimiser, schedule, position,
+        random states, precision; ``state.resumed`` is set and the handlers' parts are in
+        ``state.restored_parts``.
+
+        Args:
+            snap: the snapshot.
+
+        Raises:
+            MedpipeError: the checkpoint's epoch length differs from this source's (other data, batch size
+                or rank count)."""
         steps = snap.get("steps_per_epoch")
         if steps is not None and steps != self.source.steps_per_epoch:
             raise MedpipeError(f"the checkpoint was written with {steps} steps per epoch and this data, batch size "
@@ -410,7 +362,14 @@ class Engine:
     # the loop -------------------------------------------------------------------------------------------
 
     def fit(self) -> State:
-        """Train from ``state.epoch`` to ``state.max_epochs`` (a handler may change either, or terminate)."""
+        """Train from ``state.epoch`` to ``state.max_epochs`` (a handler may change either, or terminate).
+
+        Returns:
+            The final :class:`State` (``epoch``, ``metrics`` of the last epoch, ``best_epoch``, ``stop_reason``).
+
+        Raises:
+            NonFiniteLoss: the loss became NaN or infinite (re-raised after EXCEPTION_RAISED, as is any error).
+            TrainingInterrupted: SIGTERM/SIGINT (the signal stop saved ``last.pt``)."""
         s = self.state
         try:
             self.fire(Events.STARTED)
@@ -433,6 +392,11 @@ class Engine:
         return s
 
     def train_one_epoch(self) -> dict:
+        """One epoch of this rank's batches (from ``state.batch_in_epoch`` after a mid-epoch resume).
+
+        Returns:
+            The epoch's record: epoch (1-based), train_loss, lr, images_per_s, epoch_seconds, precision
+            (and world_size when distributed; loss averaged, throughput summed over ranks)."""
         s, dd = self.state, self.dd
         epoch, skip = s.epoch, s.batch_in_epoch
         expected = self.source.steps_per_epoch - skip
@@ -467,7 +431,10 @@ class Engine:
 
     def validate(self) -> dict:
         """Validation loss, macro ROC AUC, per-class AUC and balanced accuracy (each rank predicts its share;
-        gathered exactly, no padding)."""
+        gathered exactly, no padding).
+
+        Returns:
+            ``val_loss``, ``val_auc``, ``val_bacc``, ``val_auc_per_class`` (NaN and {} for an empty split)."""
 
         val = self.source.val
         self.dd.sync_buffers(self.net)
@@ -494,14 +461,28 @@ class Engine:
 # --------------------------------------------------------------------------- local training (federated learning)
 
 
-def local_fit(cfg: TrainConfig, source, *, epochs: int, weights: dict | None = None, device: str | torch.device = "cpu",
-              loss_terms=(), handlers=(), epoch_offset: int = 0) -> tuple[dict, list[dict]]:
+def local_fit(cfg: TrainConfig, source: CachedSource | ShardSource, *, epochs: int, weights: dict | None = None,
+              device: str | torch.device = "cpu", loss_terms: Iterable[Callable[[torch.nn.Module], torch.Tensor]] = (),
+              handlers: Iterable[Any] = (), epoch_offset: int = 0) -> tuple[dict, list[dict]]:
     """Train ``epochs`` epochs from ``weights`` on ``source`` (this site's data); return (weights, metrics).
 
-    A fresh optimiser and warm-up+cosine schedule over these epochs each call (FedAvg's local training);
-    ``epoch_offset`` numbers the epochs (e.g. round * epochs) so each round draws new orders and
-    augmentations. Every record in ``metrics`` also holds ``n_train``, the weight FedAvg gives this site.
-    Writes nothing to disk."""
+    A fresh optimiser and warm-up+cosine schedule over these epochs each call (FedAvg's local training).
+    Writes nothing to disk.
+
+    Args:
+        cfg: the run's config.
+        source: this site's training source.
+        epochs: local epochs.
+        weights: the state dict to start from (the global model); the config's initial weights if None.
+        device: where to train.
+        loss_terms: ``term(model)`` callables added to the loss (FedProx: :func:`medpipe.fl.losses.proximal_term`).
+        handlers: handler objects to attach (e.g. the recipe's batch mixing).
+        epoch_offset: the number of the first epoch (e.g. round * epochs), so each round draws new orders
+            and augmentations.
+
+    Returns:
+        ``(weights, metrics)``: the trained state dict (CPU tensors) and one record per epoch, each also
+        holding ``n_train``, the weight FedAvg gives this site."""
     device = torch.device(device)
     engine = Engine.create(cfg, source, device, weights=weights, epochs=epochs)
     engine.state.epoch, engine.state.max_epochs = epoch_offset, epoch_offset + epochs

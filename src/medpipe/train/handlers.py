@@ -1,7 +1,9 @@
 """The engine's standard handlers: checkpoints, early stopping, the epoch line, metrics.jsonl, the progress
 bar, SIGTERM/SIGINT and the time budget. Each is a small object with ``attach(engine)``; add your own the
-same way (``engine.on(Events.X, fn)``). Only rank 0 writes files; every rank runs the handlers (some take
-part in collective calls).
+same way (``engine.on(Events.X, fn)``). Each names its place among an event's handlers (:class:`Order`:
+the time budget decides, the epoch line and metrics.jsonl record, the checkpoint saves, early stopping
+reacts, the signal stop comes last), so they may be attached in any order. Only rank 0 writes files; every
+rank runs the handlers (some take part in collective calls).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import time
 from pathlib import Path
 
 from medpipe.utils import atomic_write_text, to_json
-from medpipe.train.engine import Engine, Events, TrainingInterrupted, rebuild_schedule
+from medpipe.train.engine import Engine, Events, Order, TrainingInterrupted
 from medpipe.train.checkpoint import save_checkpoint
+from medpipe.train.factories import rebuild_schedule
 
 
 class Checkpointer:
@@ -29,7 +32,7 @@ class Checkpointer:
         self.folder = Path(folder)
 
     def attach(self, engine: Engine) -> None:
-        engine.on(Events.VALIDATION_COMPLETED, self.epoch_end)
+        engine.on(Events.VALIDATION_COMPLETED, self.epoch_end, Order.SAVE)
 
     def save_last(self, engine: Engine) -> Path:
         path = self.folder / "last.pt"
@@ -74,7 +77,7 @@ class EpochLine:
     """One parseable line per epoch on stdout (rank 0)."""
 
     def attach(self, engine: Engine) -> None:
-        engine.on(Events.VALIDATION_COMPLETED, self)
+        engine.on(Events.VALIDATION_COMPLETED, self, Order.RECORD)
 
     def __call__(self, engine: Engine) -> None:
         if engine.dd.main:
@@ -93,8 +96,8 @@ class MetricsFile:
         self.path = Path(path)
 
     def attach(self, engine: Engine) -> None:
-        engine.on(Events.STARTED, self.start)
-        engine.on(Events.VALIDATION_COMPLETED, self.append)
+        engine.on(Events.STARTED, self.start, Order.RECORD)
+        engine.on(Events.VALIDATION_COMPLETED, self.append, Order.RECORD)
 
     def start(self, engine: Engine) -> None:
         if not engine.dd.main or not self.path.is_file():
@@ -146,10 +149,10 @@ class GracefulStop:
         self.checkpointer, self.received, self._old = checkpointer, None, {}
 
     def attach(self, engine: Engine) -> None:
-        engine.on(Events.STARTED, self.install)
-        engine.on(Events.ITERATION_COMPLETED, self.check)
-        engine.on(Events.COMPLETED, self.restore)
-        engine.on(Events.EXCEPTION_RAISED, self.restore)
+        engine.on(Events.STARTED, self.install, Order.STOP)
+        engine.on(Events.ITERATION_COMPLETED, self.check, Order.STOP)  # after the weight average's update
+        engine.on(Events.COMPLETED, self.restore, Order.STOP)
+        engine.on(Events.EXCEPTION_RAISED, self.restore, Order.STOP)
 
     def install(self, engine: Engine) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -192,8 +195,8 @@ class TimeBudget:
         self.seconds, self._t0, self._before = float(seconds), None, 0.0
 
     def attach(self, engine: Engine) -> None:
-        engine.on(Events.EPOCH_STARTED, self.start)
-        engine.on(Events.VALIDATION_COMPLETED, self.decide)
+        engine.on(Events.EPOCH_STARTED, self.start, Order.DECIDE)
+        engine.on(Events.VALIDATION_COMPLETED, self.decide, Order.DECIDE)  # before the checkpoint that stores it
         engine.add_snapshot_part(self.PART, self._part)
 
     def _part(self) -> dict | None:
