@@ -44,6 +44,7 @@ Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``; d
 # No `from __future__ import annotations`: FastAPI must see the real Request class in route signatures.
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -602,7 +603,16 @@ def _draining_server_class():
                 asyncio.get_event_loop().call_soon_threadsafe(svc.begin_drain)
 
         async def startup(self, sockets=None):
-            await super().startup(sockets)
+            # A TLS connection reaches medpipe's protocol (header timeout, connection caps) only once its
+            # handshake is done, and uvicorn passes asyncio no handshake timeout (60 s by default): bound it
+            loop = asyncio.get_running_loop()
+            if self.config.is_ssl:
+                loop.create_server = functools.partial(type(loop).create_server, loop,
+                                                       ssl_handshake_timeout=self.handshake_timeout_s)
+            try:
+                await super().startup(sockets)
+            finally:
+                loop.__dict__.pop("create_server", None)
             if self.started:  # the socket is listening and the model is warmed up
                 log.info("serving on %s", self.listen_url)
 
@@ -676,6 +686,7 @@ def serve(cfg: ServeConfig) -> int:
                             backlog=max(128, cfg.max_connections), **tls)
     server = _draining_server_class()(config)
     server.listen_url = f"{'https' if tls else 'http'}://{cfg.host}:{cfg.port}"
+    server.handshake_timeout_s = cfg.header_timeout_s
     try:
         server.run(sockets=[sock])
     finally:
