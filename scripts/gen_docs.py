@@ -327,6 +327,8 @@ def machine_text(m: dict | None) -> str:
 
 def command_text(name: str, d: dict) -> str:
     """The command as recorded: the script and the settings it wrote (None/False/empty left out)."""
+    if d.get("command"):  # a result recorded by hand names its command itself
+        return str(d["command"])
     bench = str(d.get("benchmark", ""))
     script = SCRIPTS.get(bench) or next((s for k, s in SCRIPTS.items() if bench.startswith(k)), None) \
         or (f"{bench.rsplit('_', 2)[0]}.py" if bench else "?")
@@ -436,11 +438,27 @@ def other_page(results: dict[str, dict]) -> str:
         if d.get("benchmark") == "quality":
             continue
         out += _header(name, d)
-        skip = ("benchmark", "when", "machine", "settings", "what", "note", "merged_from")
+        skip = ("benchmark", "when", "machine", "settings", "what", "note", "merged_from", "command")
+        if isinstance(d.get("steps"), list):  # timed steps of a walkthrough (elsewhere "steps" is a count)
+            out.append(steps_table(d))
+            skip += ("steps",)
         rows = [[code(k), num(v) if not isinstance(v, str) else v]
                 for k, v in _flatten({k: v for k, v in d.items() if k not in skip})]
         out.append(table(["figure", "value"], rows[:200]))
     return "\n".join(out)
+
+
+def steps_table(d: dict) -> str:
+    """A walkthrough's steps as run by hand: each command and the seconds it took."""
+    return table(["step", "command", "seconds"],
+                 [[s.get("step", ""), code(s.get("command")), num(s.get("seconds"), 2)] for s in d["steps"]])
+
+
+def steps_macro(name: str) -> str:
+    """The timed steps of one hand-run result file (``<!-- gen:walkthrough-steps FILE -->``)."""
+    d = json.loads((RESULTS / name).read_text())
+    return steps_table(d) + (f"\n<small>Generated from `benchmarks/results/{name}` "
+                             f"(recorded {d.get('when', '?')}; {machine_text(d.get('machine'))}).</small>\n")
 
 
 def quality_macro(name: str) -> str:
@@ -459,7 +477,7 @@ def runs_macro(name: str) -> str:
     return quality_runs(d) + f"\n<small>Generated from `benchmarks/results/{name}`.</small>\n"
 
 
-MACROS = {"quality-summary": quality_macro, "quality-runs": runs_macro}
+MACROS = {"quality-summary": quality_macro, "quality-runs": runs_macro, "walkthrough-steps": steps_macro}
 
 
 # -- entry points ----------------------------------------------------------------------------------------------

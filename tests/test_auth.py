@@ -5,6 +5,7 @@ review / Service: who may call it"). One real server process with both a token a
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -265,3 +266,54 @@ def test_unusable_token_file_or_certificate_is_a_clear_error(tmp_path, pki):
         assert "abc" not in str(info.value) and "aaaa" not in str(info.value)
     with pytest.raises(ConfigError, match="go together"):
         _cfg(tmp_path, tls_cert=str(pki[1]))
+
+
+
+@pytest.fixture(scope="module")
+def folder_server(package, pki, tmp_path_factory):
+    """A server of one's own whose model sits where SageMaker extracts it (no SageMaker variable), with a
+    token, TLS and a 1 s header timeout."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("folder-server")
+    base = tmp / "ml"
+    shutil.copytree(package, base / "model")
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN)
+    os.chmod(token_file, 0o600)
+    env = {"SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": "", "SAGEMAKER_SAFE_PORT_RANGE": "",
+           "SM_MODEL_DIR": ""}
+    s = Server(base / "model", "--backend", "eager", "--threads", "1", "--decode-workers", "1",
+               "--auth-token-file", str(token_file), "--tls-cert", str(pki[1]), "--tls-key", str(pki[2]),
+               "--header-timeout-s", "1", env=env, log=tmp / "server.log",
+               tls=ssl.create_default_context(cafile=str(pki[0]))).wait_ready()
+    yield s
+    s.stop()
+    assert TOKEN not in s.log_text()
+
+
+def test_token_given_is_applied_when_only_the_model_folder_looks_like_sagemaker(folder_server):
+    """`medpipe serve --auth-token-file` in a container of one's own, model in /opt/ml/model (the default
+    --model) and no SageMaker variable: the token is applied, not silently dropped (fail closed)."""
+    assert folder_server.request("GET", "/metrics")[0] == 401
+    assert folder_server.request("GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+
+
+def test_a_stalled_tls_handshake_is_closed_at_the_header_timeout(folder_server):
+    """A connection that starts a TLS handshake and stalls was held for asyncio's 60 s, outside the header
+    timeout and the connection caps (many from one address could use up the file descriptors)."""
+    import time
+
+    conns = [socket.create_connection(("127.0.0.1", folder_server.port), timeout=5) for _ in range(8)]
+    try:
+        for c in conns:
+            c.sendall(b"\x16")  # the first byte of a ClientHello, then nothing
+        time.sleep(3)
+        for c in conns:
+            c.settimeout(2)
+            with contextlib.suppress(ConnectionResetError):  # closed by the server (a timeout fails the test)
+                assert c.recv(10) == b""
+    finally:
+        for c in conns:
+            c.close()
+    assert folder_server.request("GET", "/ping")[0] == 200

@@ -182,3 +182,29 @@ def test_frame_csv_writes_missing_values_empty_and_numbers_plain():
     assert text == 'a,b,c,d\nx,1.5,1,"[1, 2]"\n,,2,[]\nNA,-3.0,3,=cmd\n'
     assert frame_csv(frame, neutralise=True).endswith("NA,-3.0,3,'=cmd\n")
     assert read_csv_table(io.StringIO(text))["a"].tolist() == ["x", "", "NA"]
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_not_a_crash(tmp_path):
+    """Bytes that are not UTF-8 in a file name (Linux allows them) made ingest and batch end in 'internal
+    error: UnicodeEncodeError' (no CSV or JSON can hold such a name); now that file is a defect / error row
+    naming it (``\\xNN``) and the others are processed."""
+    import os
+
+    from medpipe.batch import list_items
+    from medpipe.data.sources import ingest, load_records
+
+    src = tmp_path / "src"
+    for k, cls in enumerate(("benign", "malignant") * 2):
+        (src / cls).mkdir(parents=True, exist_ok=True)
+        (src / cls / f"ok{k}.jpg").write_bytes(_jpeg(k))
+    try:
+        with open(os.path.join(os.fsencode(src / "benign"), b"bad\xff\x1b.jpg"), "wb") as f:
+            f.write(_jpeg(9))
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    report = ingest(src, tmp_path / "data", workers=1, classes=["benign", "malignant"])
+    assert report["records"] == 4 and len(load_records(tmp_path / "data")[0]) == 4
+    assert [(d["item"], d["reason"]) for d in report["defects"]] == [("benign/bad\\xff\x1b.jpg", "bad_file_name")]
+    items, _ = list_items(src / "benign")
+    assert [(it.id, it.error[0] if it.error else None) for it in items] == [
+        ("bad\\xff\x1b.jpg", "bad_file_name"), ("ok0.jpg", None), ("ok2.jpg", None)]

@@ -139,6 +139,7 @@ def test_malformed_evaluation_replies_are_excluded_and_pooling_uses_the_honest_o
         "noconf": {k: v for k, v in good.items() if k != "confusion"},
         "auc": dict(good, macro_auc=7.0),
         "scalar": dict(good, hist_pos=3),
+        "ragged": dict(good, hist_pos=[0, [1]] + good["hist_pos"][2:]),  # np.ndim raised ValueError
     }
     per_site, pooled, excluded = pool_evaluations({**honest, **bad}, CLASSES)
     assert set(excluded) == set(bad) and set(per_site) == set(honest)
@@ -147,6 +148,7 @@ def test_malformed_evaluation_replies_are_excluded_and_pooling_uses_the_honest_o
     assert "do not agree" in excluded["inflated"] and "exceeds 1000000" in excluded["many"]
     assert "missing confusion" in excluded["noconf"] and "outside [0, 1]" in excluded["auc"]
     assert "list of 3000 integers" in excluded["scalar"]
+    assert "integers only" in excluded["ragged"]
     assert pooled == pooled_metrics(list(honest.values()), CLASSES)
     assert per_site["site0"] == {"n_val": 60, "macro_auc": 0.8, "balanced_accuracy": 0.6, "val_loss": 0.7}
     assert check_evaluation(good, 3, (59, "its registered image count"))[1] == \

@@ -320,4 +320,4 @@ print(before == (Image.MAX_IMAGE_PIXELS, created()), before[1], 'monai' in sys.m
 def test_the_decoder_keeps_pillows_bomb_guard_on(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a program switched Pillow's guard off
     imageio.decode_image(_encode(Image.fromarray(_golden()), "PNG"))
-    assert Image.MAX_IMAGE_PIXELS == imageio.DEFAULT_MAX_PIXELS
+    assert Image.MAX_IMAGE_PIXELS == imageio.MAX_DECLARED_PIXELS  # the JPEG bound (others: max_pixels first)

@@ -190,8 +190,9 @@ def test_writer_rotates_caps_drops_and_captures_inputs_on_request(world, tmp_pat
 
 def test_serve_capture_writes_records_and_a_write_error_does_not_fail_requests(world, tmp_path):
     cap = tmp_path / "capture"
-    server = Server(PKG, "--backend", "eager", "--capture", str(cap), "--capture-sample", "1",
-                    log=tmp_path / "server.log").wait_ready()
+    # --spool-mb 0.001: every body goes to a temporary file, so capture reads the spooled bodies
+    server = Server(PKG, "--backend", "eager", "--capture", str(cap), "--capture-sample", "1", "--spool-mb",
+                    "0.001", log=tmp_path / "server.log").wait_ready()
     try:
         img = world["images"][0]
         status, headers, body = server.invoke(img)

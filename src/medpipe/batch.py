@@ -31,7 +31,7 @@ from pathlib import Path
 
 from medpipe.data.sources import MEDIA_TYPES, inside, regular_file_problem, resolve_ref
 from medpipe.errors import BatchError, MedpipeError, UnreadableFileError
-from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, read_csv_table, to_json
+from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, read_csv_table, shown_name, to_json
 from medpipe.data import dicom
 from medpipe.data.imageio import ImageError
 from medpipe.infer.client import Client, media_type
@@ -105,7 +105,9 @@ def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None 
             for name in sorted(filenames):
                 if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                     rel = (Path(dirpath) / name).relative_to(src).as_posix()
-                    rows.append((rel, rel, None))
+                    shown = shown_name(rel)
+                    rows.append((rel, rel, None) if shown == rel else (shown, shown, {"_error": (
+                        "bad_file_name", f"{shown}: the file name is not valid UTF-8 (rename it)")}))
         base = src
     elif src.suffix.lower() == ".csv":
         root = Path(os.path.realpath(src.parent))

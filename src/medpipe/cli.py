@@ -56,6 +56,7 @@ from medpipe.preprocess import INTERPOLATIONS
 from medpipe.sagemaker.env import model_server_dir, serve_port
 from medpipe.sagemaker.layout import download_wheels, package
 from medpipe.serve.app import ServeConfig, serve
+from medpipe.serve.profiles import PROFILE_ENV, PROFILES, apply_profile
 from medpipe.cli_options import (NON_NEGATIVE, POSITIVE, Parser, SERVE_HELP, WORKERS, _progress, add_config_options,
                                  add_dataclass_options, add_pixel_options, add_split_options, add_verbose,
                                  dataclass_values, device, number, old_spelling, suggest, walk)  # noqa: F401 - re-exported
@@ -238,7 +239,8 @@ def cmd_serve(args) -> int:
                               "container, and there is neither")
     values.setdefault("host", os.environ.get("MEDPIPE_HOST") or ServeConfig.host)
     values.setdefault("port", serve_port(default=ServeConfig.port))
-    return serve(ServeConfig(**values))
+    values.setdefault("profile", os.environ.get(PROFILE_ENV) or ServeConfig.profile)
+    return serve(ServeConfig(**apply_profile(values)))
 
 
 def cmd_batch(args) -> int:
@@ -436,7 +438,8 @@ def _inference_commands(command) -> None:
     s.add_argument("--json", action="store_true", help="one JSON object per line")
 
     s = command("serve", cmd_serve, "HTTP inference service (SageMaker hosting contract, web page at /)")
-    add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS, "decision_rule": DECISION_RULES},
+    add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS, "decision_rule": DECISION_RULES,
+                                                          "profile": sorted(PROFILES)},
                           types={"device": device, "port": number(int, 0, 65535)})
 
     s = command("batch", cmd_batch, "predictions for a folder, manifest or record table (resumable)")

@@ -122,8 +122,13 @@ SERVE_HELP = {
     "tta": "average each image over its four flips (4 forward passes per image; every answer says tta)",
     "device": "auto: CUDA when available, else CPU",
     "threads": "inference threads (0 = all cores)",
-    "max_body_mb": "largest request body in MB (413 over it)",
-    "max_pixels": "largest decoded image in pixels (413 over it)",
+    "profile": "limits preset: realtime (SageMaker real-time: 6 MB bodies, 55 s deadline) or async (SageMaker "
+               "Asynchronous Inference: 1 GB bodies spooled to disk, 1 h deadline, 4 requests at once; see "
+               "medpipe/serve/profiles.py); options given win over it; env MEDPIPE_SERVE_PROFILE",
+    "max_body_mb": "largest request body in MB (413 over it; --profile async: 1024)",
+    "spool_mb": "a body larger than this many MB is streamed to a temporary file instead of memory",
+    "max_pixels": "largest decoded image in pixels (413 over it; a JPEG counts at the reduced scale it is "
+                  "decoded at for the model, e.g. 6000x4000 as 750x500)",
     "max_images": "images in one request",
     "max_batch": "images in one forward pass",
     "max_wait_ms": "how long to wait for more images to fill a batch",

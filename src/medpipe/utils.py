@@ -82,6 +82,17 @@ def csv_cell(value, neutralise: bool = True) -> str:
     return value
 
 
+def shown_name(name: str) -> str:
+    """A file name as text every writer can store: ``name`` itself, or, when the file system gave bytes
+    that are not UTF-8 (Python's surrogate escapes), those bytes as ``\\xNN``. A name that changes here
+    cannot be written to a CSV or JSON and read back as the same path."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def csv_text(header: list, rows, *, neutralise: bool = True) -> str:
     """The one CSV writer: every CSV medpipe writes goes through here. A cell holding a comma, a quote or
     any control character (CR, LF, NUL, ESC ... DEL, C1) is quoted, so no value can end or split a row

@@ -44,9 +44,9 @@ class DecodeSpec:
 
 
 def decode_item(spec: DecodeSpec, kind: str, payload) -> np.ndarray | imageio.ImageError:
-    """One parsed item (bytes, dicom or array) -> model-size RGB uint8, or the ImageError that says why not."""
+    """One parsed item (bytes, file, dicom or array) -> model-size RGB uint8, or the ImageError that says why not."""
     try:
-        if kind == "bytes":
+        if kind in ("bytes", "file"):  # file: the path of a body spooled to disk, streamed from there
             return imageio.decode_image(payload, max_pixels=spec.max_pixels, size=spec.size,
                                         interpolation=spec.interpolation, max_jpeg_scans=spec.max_jpeg_scans)
         if kind == "dicom":

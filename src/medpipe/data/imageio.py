@@ -2,12 +2,19 @@
 
 Rules (see RELIABILITY.md):
 - an allow-list of Pillow decoders (JPEG, PNG, BMP, WebP); nothing else is ever tried;
-- the declared size is checked against a pixel cap *before* any pixel is allocated
-  (decompression bombs are refused from the header);
+- the size is checked against a pixel cap *before* any pixel is allocated (decompression bombs
+  are refused from the header). The cap bounds the *decoded* size: for a JPEG decoded for a model
+  input (``decode_image(size=...)``), that is its draft size (libjpeg's DCT scaling by 1/2, 1/4 or
+  1/8, chosen from the header), so a 24 MP camera JPEG decoded at 750x500 passes a cap that a 24 MP
+  PNG would not; its declared size is bounded separately by ``MAX_DECLARED_PIXELS`` (the
+  entropy-decoding work grows with it). Every other format, and a JPEG decoded at full size,
+  is capped by its declared size;
 - a JPEG with more scans than ``max_jpeg_scans`` is refused before decoding (a progressive JPEG
   with thousands of tiny scans takes minutes to decode under the pixel cap); the service also
   decodes in worker processes with a hard time and memory budget (medpipe/data/decodepool.py);
 - the full image is decoded (a truncated file is an error, never a half-grey image);
+- bytes or a file (:func:`decode_file`: a large body spooled to disk is decoded from there, never
+  read into memory whole);
 - EXIF orientation is applied and every mode (L, LA, P, RGBA, CMYK, I;16, I, F) becomes 8-bit RGB.
 
 Errors are typed: :class:`ImageError` subclasses carry a short machine ``code`` and a message
@@ -17,6 +24,7 @@ that names the reason (and the file, when the caller gave a name) but never the 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import warnings
 from dataclasses import dataclass
@@ -30,16 +38,19 @@ DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: far above any dermatoscope, far below 
 # few more. 100 is far above any real camera or encoder and far below a scan bomb (thousands).
 DEFAULT_MAX_JPEG_SCANS = 100
 MIN_SIDE = 1
-
+# The largest declared size of any image (the JPEG bound; every other format has max_pixels): above
+# the largest camera sensors (151 MP medium format), far below a JPEG bomb's 65535 x 65535.
+MAX_DECLARED_PIXELS = 160_000_000
 
 
 def keep_pillow_bomb_guard() -> None:
     """Pillow's own decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``) stays on as a second line
-    behind medpipe's check, which runs first and raises medpipe's error: if it is off or below
-    ``DEFAULT_MAX_PIXELS`` it is set to that. Idempotent; run by :func:`_open` (every decode goes through
-    it), not at import, so importing medpipe leaves Pillow's setting alone."""
-    if (Image.MAX_IMAGE_PIXELS or 0) < DEFAULT_MAX_PIXELS:
-        Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+    behind medpipe's checks, which run first and raise medpipe's error: if it is off or below
+    ``MAX_DECLARED_PIXELS`` (the largest declared size medpipe lets through, a camera JPEG decoded at
+    draft scale) it is set to that. Idempotent; run by :func:`_open` (every decode goes through it),
+    not at import, so importing medpipe leaves Pillow's setting alone."""
+    if (Image.MAX_IMAGE_PIXELS or 0) < MAX_DECLARED_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_DECLARED_PIXELS
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -79,24 +90,64 @@ def resample_filter(name: str) -> Image.Resampling:
         raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {name!r}") from None
 
 
-def count_jpeg_scans(data: bytes) -> int:
+def count_jpeg_scans(data: bytes | mmap.mmap, stop_after: int | None = None) -> int:
     """Start-of-scan markers in a JPEG stream: an upper bound on its scans, found without decoding.
 
     Inside entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so every
     FF DA is a real SOS marker (or one inside an embedded thumbnail, which is counted too).
+    ``data`` may be a memory map of a file; ``stop_after``: stop counting once past it.
     """
-    return data.count(b"\xff\xda")
+    if isinstance(data, bytes) and stop_after is None:
+        return data.count(b"\xff\xda")
+    n, at = 0, data.find(b"\xff\xda")
+    while at >= 0 and (stop_after is None or n <= stop_after):
+        n, at = n + 1, data.find(b"\xff\xda", at + 2)
+    return n
 
 
-def _open(data: bytes, name: str | None, max_pixels: int,
-          max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
-    if not data:
+def _jpeg_scans(source: bytes | str, limit: int) -> int:
+    if isinstance(source, bytes):
+        return count_jpeg_scans(source)
+    with open(source, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return count_jpeg_scans(mm, stop_after=limit)
+
+
+def _check_size(img: Image.Image, name: str | None, max_pixels: int, draft_side: int | None) -> None:
+    """The pixel cap on the decoded size: for a JPEG with ``draft_side``, its draft (set here, from the
+    header) must fit ``max_pixels`` and its declared size ``MAX_DECLARED_PIXELS``; else the declared size
+    must fit ``max_pixels``."""
+    w, h = img.size
+    if img.format == "JPEG" and draft_side:
+        if w * h > max(max_pixels, MAX_DECLARED_PIXELS):
+            raise ImageTooLargeError(f"declared {w}x{h} = {w * h} pixels exceeds the cap of "
+                                     f"{max(max_pixels, MAX_DECLARED_PIXELS)} for a JPEG", name)
+        img.draft("RGB", (draft_side, draft_side))  # header only: sets the DCT scale and the decoded size
+        dw, dh = img.size
+        if dw * dh > max_pixels:
+            raise ImageTooLargeError(f"{w}x{h} decodes at {dw}x{dh} = {dw * dh} pixels, over the cap of "
+                                     f"{max_pixels}", name)
+    elif w * h > max_pixels:
+        raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels exceeds the cap of {max_pixels}", name)
+
+
+def _open(data: bytes | str, name: str | None, max_pixels: int,
+          max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS, draft_side: int | None = None) -> Image.Image:
+    """Header checks of bytes or a file path; ``draft_side``: JPEG only, decode at the smallest DCT scale
+    keeping both sides >= it (the pixel cap then applies to that decoded size)."""
+    if isinstance(data, bytes):
+        empty, source = not data, io.BytesIO(data)
+    else:
+        try:
+            empty, source = os.path.getsize(data) == 0, data
+        except OSError as exc:
+            raise CorruptImageError(f"cannot read file ({exc.strerror or exc.__class__.__name__})", name) from None
+    if empty:
         raise EmptyImageError("zero-byte file", name)
     keep_pillow_bomb_guard()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+            img = Image.open(source, formats=list(ALLOWED_FORMATS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"declared size exceeds the pixel cap ({exc.__class__.__name__})", name) from None
     except Image.UnidentifiedImageError:
@@ -105,14 +156,17 @@ def _open(data: bytes, name: str | None, max_pixels: int,
         ) from None
     except Exception as exc:  # any parser failure in the header
         raise CorruptImageError(f"unreadable header ({exc.__class__.__name__})", name) from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels exceeds the cap of {max_pixels}", name)
-    if w < MIN_SIDE or h < MIN_SIDE:
-        raise DegenerateImageError(f"size {w}x{h} has an empty side", name)
-    if img.format == "JPEG" and max_jpeg_scans and (scans := count_jpeg_scans(data)) > max_jpeg_scans:
-        raise DecodeBudgetError(f"JPEG has {scans} scans, over the limit of {max_jpeg_scans} "
-                                "(a progressive-JPEG scan bomb takes minutes to decode)", name)
+    try:
+        _check_size(img, name, max_pixels, draft_side)
+        w, h = img.size
+        if w < MIN_SIDE or h < MIN_SIDE:
+            raise DegenerateImageError(f"size {w}x{h} has an empty side", name)
+        if img.format == "JPEG" and max_jpeg_scans and (scans := _jpeg_scans(data, max_jpeg_scans)) > max_jpeg_scans:
+            raise DecodeBudgetError(f"JPEG has {scans} scans or more, over the limit of {max_jpeg_scans} "
+                                    "(a progressive-JPEG scan bomb takes minutes to decode)", name)
+    except ImageError:
+        img.close()  # a file opened by path is closed now, not when the object is collected
+        raise
     return img
 
 
@@ -159,7 +213,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(
-    data: bytes,
+    data: bytes | str,
     name: str | None = None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -172,14 +226,15 @@ def decode_image(
 
     ``size`` is (height, width). When given, the image is resized to exactly that size; for JPEG,
     ``draft`` lets libjpeg decode at a reduced DCT scale first (still reading the whole stream, so
-    truncation is still detected), which is several times faster for 600x450 -> 64x64.
+    truncation is still detected), which is several times faster for 600x450 -> 64x64 and far more
+    for a 24 MP camera JPEG (benchmarks/large_images.py). The scale is the strongest reduction of 1/8,
+    1/4, 1/2 that keeps both sides >= max(size) (orientation may swap axes); 1/1 (no draft) when none does.
+    ``data``: the encoded bytes, or a file path (str) to decode from the file without reading it whole.
     """
-    img = _open(data, name, max_pixels, max_jpeg_scans)
+    # orientation may swap axes, so ask for a draft big enough for either orientation
+    draft_side = max(size) if size is not None and draft else None
+    img = opened = _open(data, name, max_pixels, max_jpeg_scans, draft_side)
     try:
-        if size is not None and draft and img.format == "JPEG":
-            # orientation may swap axes, so ask for a draft big enough for either orientation
-            side = max(size)
-            img.draft("RGB", (side, side))
         img.load()
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
@@ -195,6 +250,8 @@ def decode_image(
         raise CorruptImageError(f"cannot decode: {msg}", name) from None
     except MemoryError:
         raise ImageTooLargeError("not enough memory to decode", name) from None
+    finally:
+        opened.close()  # a file opened by path is closed now
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise CorruptImageError(f"unexpected decoded shape {arr.shape}", name)
     return arr
@@ -241,6 +298,12 @@ def resize_rgb(arr: np.ndarray, size: tuple[int, int], interpolation: str = "bic
     if img.size != (w, h):
         img = img.resize((w, h), resample=resample_filter(interpolation), reducing_gap=None)
     return np.asarray(img, dtype=np.uint8)
+
+
+def decode_file(path: str | os.PathLike, name: str | None = None, **kwargs) -> np.ndarray:
+    """:func:`decode_image` of a file, streamed from disk (a spooled request body): the file is never
+    read into memory whole. ``name`` is what errors call it (default: nothing, the path is private)."""
+    return decode_image(os.fspath(path), name, **kwargs)
 
 
 def read_image(path: str | os.PathLike, **kwargs) -> np.ndarray:

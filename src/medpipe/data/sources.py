@@ -38,7 +38,7 @@ import pandas as pd
 from medpipe.errors import IngestError
 from medpipe.data import imageio
 from medpipe.data.synthetic import HAM_CLASSES
-from medpipe.utils import atomic_write_json, atomic_write_text, frame_csv, read_csv_table
+from medpipe.utils import atomic_write_json, atomic_write_text, frame_csv, read_csv_table, shown_name
 
 # The one list of input file types: suffix -> media type sent to a server (batch --url, predict --url).
 MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
@@ -61,6 +61,9 @@ class Defect:
     item: str
     reason: str
     detail: str = ""
+
+    def __post_init__(self):
+        self.item = shown_name(self.item)  # a file name that is not UTF-8 is reported, not a crash
 
     def as_dict(self) -> dict:
         return {"item": self.item, "reason": self.reason, "detail": self.detail}
@@ -252,6 +255,10 @@ def read_folders(root: Path) -> Candidates:
     seen: dict[str, Path] = {}
     for cls in classes:
         for p in _find_images(root / cls):
+            if shown_name(str(p)) != str(p):
+                cand.defects.append(Defect(str(p.relative_to(root)), "bad_file_name", "the path is not valid UTF-8 "
+                                           "(rename it)"))
+                continue
             image_id = p.stem
             if image_id in seen:
                 cand.defects.append(Defect(str(p.relative_to(root)), "duplicate_id",

@@ -326,7 +326,9 @@ EVAL_NUMBERS = ("val_loss", "macro_auc", "balanced_accuracy")
 
 def _int_vector(value, length: int, what: str) -> tuple[np.ndarray | None, str | None]:
     """``value`` as an int64 vector of ``length`` non-negative counts, or (None, the reason)."""
-    if not isinstance(value, (list, tuple, np.ndarray)) or np.ndim(value) != 1 or len(value) != length:
+    # np.ndim only for arrays: on a ragged list it raises; a list's nested items fail the integer check below
+    if not isinstance(value, (list, tuple, np.ndarray)) or (isinstance(value, np.ndarray) and value.ndim != 1) \
+            or len(value) != length:
         got = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
         return None, f"{what} must be a list of {length} integers, got {got}"
     if not all(_is_int(x) for x in value):

@@ -174,10 +174,29 @@ class CaptureWriter:
         if name in self._prom:
             self._prom[name].inc()
 
-    def submit(self, ctype: str, body: bytes, items: list, answer: bytes, answer_type: str) -> str | None:
+    def attach(self, response, ctype: str, body, items: list, answer_type: str) -> str | None:
+        """The service's hook for a finished /invocations answer: sample it, hand it to the writer and put its
+        eventId in the response's :data:`EVENT_HEADER`. ``body``: the request's spooled body (``size``,
+        ``read()``), read only for a sampled request that fits the queue; a spooled image item
+        (``("file", path)``) is captured from those bytes."""
+        if self.sample < 1.0 and random.random() >= self.sample:
+            return None
+        if body.size + len(response.body) > self.max_queue_bytes - self._queued_bytes:
+            with self._lock:
+                self._count("dropped")
+            return None
+        raw = body.read()
+        items = [("bytes", raw) if kind == "file" else (kind, p) for kind, p in items]
+        event_id = self.submit(ctype, raw, items, response.body, answer_type, sampled=True)
+        if event_id:
+            response.headers[EVENT_HEADER] = event_id
+        return event_id
+
+    def submit(self, ctype: str, body: bytes, items: list, answer: bytes, answer_type: str,
+               sampled: bool = False) -> str | None:
         """Hand a finished request to the writer; returns its eventId, or None when not sampled or dropped.
         Never raises and never blocks."""
-        if self.sample < 1.0 and random.random() >= self.sample:
+        if not sampled and self.sample < 1.0 and random.random() >= self.sample:
             return None
         size = len(body) + len(answer)
         with self._lock:

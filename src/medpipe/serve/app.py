@@ -30,10 +30,12 @@ Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``; d
                 HTTP -> 400 JSON; TLS (tls_cert, tls_key) through uvicorn
   request       Content-Length with Transfer-Encoding -> 400 and close; the bearer token
                 (auth_token_file, 401); max_body_mb (413 before reading when declared) and the
-                memory_ceiling_mb (503) before the body is read
+                memory_ceiling_mb (503) before the body is read; --profile async (medpipe/serve/profiles.py)
+                raises them for SageMaker Asynchronous Inference
   body          medpipe/serve/guard.py: max_uploads_per_client and upload_buffer_mb while it
                 arrives (503), min_upload_kbps after upload_grace_s (408), body_timeout_s (408);
-                a complete body takes one of max_requests processing slots (503)
+                a complete body takes one of max_requests processing slots (503); a body over
+                spool_mb goes to a temporary file (medpipe/serve/spool.py), an image decoded from there
   decode        in worker processes (medpipe/data/decodepool.py): decode_timeout_s (422, worker
                 replaced), decode_memory_mb (413), max_pixels (413), max_jpeg_scans (422)
   inference     max_queue images admitted (503), max_batch, deadline_s (504)
@@ -42,6 +44,7 @@ Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``; d
 # No `from __future__ import annotations`: FastAPI must see the real Request class in route signatures.
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -54,11 +57,13 @@ import numpy as np
 
 from medpipe.data import dicom, imageio
 from medpipe.errors import ConfigError, MedpipeError, PredictionError, http_status
-from medpipe.monitor.capture import EVENT_HEADER, open_capture
+from medpipe.monitor.capture import open_capture
 from medpipe.serve.batcher import Batcher
 from medpipe.data.decodepool import DecodePool, DecodeSpec
 from medpipe.serve.oip import add_routes, metric_route
 from medpipe.serve.guard import BearerAuth, Upload, UploadGate, access_policy
+from medpipe.serve.profiles import PROFILES, body_too_large
+from medpipe.serve.spool import SpooledBody
 from medpipe.infer.protocol import (
     CSV_T,
     DEFAULT_MAX_IMAGES,
@@ -96,7 +101,9 @@ class ServeConfig:
     tta: bool = False              # average each image's logits over its four flips (4 forward passes)
     device: str = "auto"           # auto | cpu | cuda (auto: CUDA when available)
     threads: int = 0               # inference threads; 0 = all cores
+    profile: str = "realtime"      # realtime | async: the limits of medpipe/serve/profiles.py under the options given
     max_body_mb: float = 6.0       # SageMaker's real-time payload limit
+    spool_mb: float = 8.0          # a body larger than this goes to a temporary file, not memory
     max_pixels: int = imageio.DEFAULT_MAX_PIXELS
     max_images: int = DEFAULT_MAX_IMAGES  # images in one request
     max_batch: int = 16            # images in one forward pass
@@ -129,7 +136,7 @@ class ServeConfig:
     capture_max_mb: float = 1024.0  # capture folder cap: the oldest files are removed above it
 
     def __post_init__(self):
-        positive = ("max_body_mb", "max_pixels", "max_images", "max_batch", "max_queue", "deadline_s",
+        positive = ("max_body_mb", "spool_mb", "max_pixels", "max_images", "max_batch", "max_queue", "deadline_s",
                     "body_timeout_s", "header_timeout_s", "max_connections", "max_requests", "decode_workers",
                     "decode_timeout_s")
         for name in positive:
@@ -146,6 +153,8 @@ class ServeConfig:
         if not self.upload_buffer_mb >= self.max_body_mb:
             raise ConfigError(f"--upload-buffer-mb ({self.upload_buffer_mb:g}) must hold at least one body of "
                               f"--max-body-mb ({self.max_body_mb:g})")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"--profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
 
@@ -217,23 +226,38 @@ class Service:
 
     # -- request steps (each a small function, testable alone) ----------------------------------
     async def read_body(self, request) -> bytes:
-        """The body admitted by :meth:`admit_body`: cut off when it arrives too slowly (408), then given a
-        processing slot (503 when none is free) before it is returned."""
+        """The body admitted by :meth:`admit_body`, as bytes (see :meth:`receive`)."""
+        with await self.receive(request) as body:
+            return body.read()
+
+    async def receive(self, request) -> SpooledBody:
+        """The body admitted by :meth:`admit_body`; over spool_mb it is in a temporary file, which the caller
+        removes (``with`` or ``close()``); a refused body leaves none behind."""
+        body = SpooledBody(int(self.cfg.spool_mb * 1024 * 1024))
+        try:
+            return await self._read_into(request, body)
+        except BaseException:
+            body.close()
+            raise
+
+    async def _read_into(self, request, buf: SpooledBody) -> SpooledBody:
+        """Cut off when it arrives too slowly (408), then given a processing slot (503 when none is free)
+        before it is returned."""
         from starlette.requests import ClientDisconnect
 
         loop = asyncio.get_running_loop()
         tracked = request.scope.get("medpipe.upload")  # None: the app driven without RequestEnvelope (tests)
         up = tracked or Upload("-", loop.time())
         cap = int(self.cfg.max_body_mb * 1024 * 1024)
-        buf = bytearray()
         try:
             async with asyncio.timeout_at(loop.time() if self.draining else self.gate.deadline(up)) as timer:
                 self._body_timers.add(timer)
                 try:
                     async for chunk in request.stream():
-                        buf += chunk
-                        if len(buf) > cap:
-                            raise HttpError(413, "body_too_large", f"body is over the {cap}-byte limit", CLOSE)
+                        buf.write(chunk)
+                        if buf.size > cap:
+                            raise HttpError(413, "body_too_large", body_too_large(
+                                cap, self.cfg.max_body_mb, self.cfg.profile), CLOSE)
                         if tracked is not None:
                             self.gate.received(up, len(chunk))
                         if not self.draining:
@@ -249,7 +273,7 @@ class Service:
             raise HttpError(400, "client_disconnected", "client closed the connection mid-body") from None
         if tracked is not None:
             self.gate.complete(up)
-        return bytes(buf)
+        return buf.finish()
 
     async def decode(self, kind: str, payload):
         """One item -> model-size RGB uint8 or the ImageError saying why not, in a decode process."""
@@ -269,7 +293,8 @@ class Service:
             except ValueError:
                 raise HttpError(400, "bad_content_length", "Content-Length is not a number", CLOSE) from None
             if n > cap:
-                raise HttpError(413, "body_too_large", f"body of {n} bytes is over the {cap}-byte limit", CLOSE)
+                raise HttpError(413, "body_too_large", body_too_large(cap, self.cfg.max_body_mb, self.cfg.profile, n),
+                                CLOSE)
         if self.memory.over_ceiling():
             self.metrics.rejected.inc()
             raise HttpError(503, "memory_pressure", f"the server is above its memory ceiling of "
@@ -399,7 +424,7 @@ def _add_info_routes(app, svc, cfg: ServeConfig) -> None:
     async def execution_parameters():
         return JSONResponse({"MaxConcurrentTransforms": cfg.max_concurrent_transforms,
                              "BatchStrategy": "SINGLE_RECORD",
-                             "MaxPayloadInMB": max(1, int(cfg.max_body_mb))})
+                             "MaxPayloadInMB": max(1, min(100, int(cfg.max_body_mb)))})  # batch transform: <= 100
 
     @app.get("/metrics")
     async def metrics():
@@ -430,16 +455,17 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
             raise HttpError(415, "unsupported_media_type", "application/dicom needs the dicom extra")
         if ctype not in SUPPORTED_TYPES:
             raise unsupported(ctype)
-        body = await svc.read_body(request)
-        items = parse_body(ctype, body, cfg.max_images)
-        preds = finish(await svc.predict(items))
-        if accept == CSV_T:
-            answer = PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
-        else:
-            answer = JSONResponse({"model": predictor.name, "version": predictor.version, "predictions": preds})
-        if svc.capture is not None:  # queued for the capture thread; its eventId goes back to the client
-            if event_id := svc.capture.submit(ctype, body, items, answer.body, accept):
-                answer.headers[EVENT_HEADER] = event_id
+        with await svc.receive(request) as body:
+            # a spooled image is decoded from its file by the decode process, never read in here
+            items = ([("file", body.path)] if body.spooled and ctype in IMAGE_TYPES
+                     else parse_body(ctype, body.read(), cfg.max_images))
+            preds = finish(await svc.predict(items))
+            if accept == CSV_T:
+                answer = PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
+            else:
+                answer = JSONResponse({"model": predictor.name, "version": predictor.version, "predictions": preds})
+            if svc.capture is not None:  # sampled, queued for the capture thread; the eventId header goes back
+                svc.capture.attach(answer, ctype, body, items, accept)
         return answer
 
     @app.post("/explain")
@@ -589,7 +615,16 @@ def _draining_server_class():
                 asyncio.get_event_loop().call_soon_threadsafe(svc.begin_drain)
 
         async def startup(self, sockets=None):
-            await super().startup(sockets)
+            # A TLS connection reaches medpipe's protocol (header timeout, connection caps) only once its
+            # handshake is done, and uvicorn passes asyncio no handshake timeout (60 s by default): bound it
+            loop = asyncio.get_running_loop()
+            if self.config.is_ssl:
+                loop.create_server = functools.partial(type(loop).create_server, loop,
+                                                       ssl_handshake_timeout=self.handshake_timeout_s)
+            try:
+                await super().startup(sockets)
+            finally:
+                loop.__dict__.pop("create_server", None)
             if self.started:  # the socket is listening and the model is warmed up
                 log.info("serving on %s", self.listen_url)
 
@@ -663,6 +698,7 @@ def serve(cfg: ServeConfig) -> int:
                             backlog=max(128, cfg.max_connections), **tls)
     server = _draining_server_class()(config)
     server.listen_url = f"{'https' if tls else 'http'}://{cfg.host}:{cfg.port}"
+    server.handshake_timeout_s = cfg.header_timeout_s
     try:
         server.run(sockets=[sock])
     finally:

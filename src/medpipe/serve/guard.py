@@ -18,7 +18,8 @@ comparison is constant-time (:func:`hmac.compare_digest`); the token is never lo
 
 **SageMaker hosting** (:func:`sagemaker_hosting`): the endpoint is guarded by IAM and SageMaker's
 front end (which forwards no Authorization header and is every request's peer), so there the token
-and the per-client caps are not applied, and the start-up log says so.
+and the per-client caps are not applied, and the start-up log says so. Recognised by the model folder
+alone (``/opt/ml/model``, which any container may use), a token given is still applied.
 """
 
 from __future__ import annotations
@@ -195,7 +196,10 @@ def access_policy(cfg) -> tuple[BearerAuth | None, bool, dict]:
                               f"certificate and its private key ({exc.__class__.__name__}: "
                               f"{getattr(exc, 'strerror', None) or getattr(exc, 'reason', None) or exc})") from None
         tls = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key}
-    if sagemaker_hosting(cfg.model):
+    # A token given is applied unless a SageMaker variable says this is SageMaker: the model folder alone
+    # (/opt/ml/model, also any container of one's own) must not turn authentication off (fail closed).
+    by_variable = any(os.environ.get(name) for name in SAGEMAKER_VARS)
+    if by_variable or (not cfg.auth_token_file and sagemaker_hosting(cfg.model)):
         if cfg.auth_token_file:
             log.warning("SageMaker hosting: --auth-token-file is not applied (IAM guards the endpoint and its "
                         "front end forwards no Authorization header)")
