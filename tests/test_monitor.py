@@ -217,6 +217,9 @@ def test_serve_capture_writes_records_and_a_write_error_does_not_fail_requests(w
         assert base64.b64encode(img).decode()[:40] not in files[0].read_text()  # no pixels by default
         assert len(next(r for r in recs if r is not rec)["medpipe"]["inputs"]) == 2
 
+        code, res = _check(world, cap, tmp_path / "out")  # the server's records, read by monitor check
+        assert code == 0 and res["summary"]["images"] == 3 and not res["summary"]["skipped"]
+
         import shutil
 
         shutil.rmtree(cap)

@@ -22,7 +22,8 @@ pixel shares); never pixels. ``inputs=True`` captures the request body itself, b
 does. The model's penultimate-layer embedding is not captured: the Predictor exposes only
 probabilities.
 
-Capture is off the request path: :meth:`CaptureWriter.submit` only puts the finished request on a
+Capture is off the request path: :meth:`CaptureWriter.attach` (the service's one hook) samples the
+finished request, reads a spooled body only when sampled, and :meth:`CaptureWriter.submit` puts it on a
 bounded queue (over it, the record is dropped and counted); a background thread computes the
 fingerprint (decoding again through :mod:`medpipe.data.imageio`, under the same pixel limit) and
 appends the line. Files rotate every hour and at ``max_file_mb``; past ``max_total_mb`` the oldest
