@@ -108,8 +108,8 @@ def read_capture(root: str | Path, classes: list[str], package_sha256: str | Non
                     continue
                 try:
                     rec = json.loads(raw)
-                    meta = rec["eventMetadata"]
-                    event, when = str(meta["eventId"]), parse_time(meta["inferenceTime"])
+                    event_meta = rec["eventMetadata"]
+                    event, when = str(event_meta["eventId"]), parse_time(event_meta["inferenceTime"])
                     preds = _predictions(rec["captureData"]["endpointOutput"], classes)
                 except (ValueError, KeyError, TypeError, AttributeError):
                     log.add("bad_line", where)
