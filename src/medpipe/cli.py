@@ -84,7 +84,7 @@ def cmd_ingest(args) -> int:
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     report = ingest(args.source, args.out, fmt=args.format, classes=classes, s3_root=args.s3_root,
                     label_attribute=args.label_attribute, max_pixels=args.max_pixels, workers=args.workers,
-                    strict=False, progress=_progress())
+                    strict=False, progress=_progress(), metadata_columns=args.metadata_columns)
     print(format_report(report))
     print(f"  wrote {args.out}/records.csv, classes.json, ingest_report.json")
     if args.strict and report["defects"]:
@@ -377,6 +377,9 @@ def _data_commands(command) -> None:
     s.add_argument("--s3-root", help="local folder that s3://bucket/key references map onto (bucket/key)")
     s.add_argument("--label-attribute", help="Ground Truth label attribute (default: the only one; required when a "
                                              "chained manifest has several)")
+    s.add_argument("--metadata-columns", help="where the patient metadata is read from when not under its usual "
+                                              "names (age/age_approx, sex, localization/anatom_site_general), as "
+                                              "INPUT=COLUMN pairs, e.g. age=patient_age,site=location; never dx_type")
     s.add_argument("--max-pixels", type=POSITIVE, default=DEFAULT_MAX_PIXELS, help="largest image accepted")
     s.add_argument("--workers", type=WORKERS, default=None, help="decoding processes (default: all cores)")
     s.add_argument("--strict", action="store_true", help="exit non-zero on any defect")

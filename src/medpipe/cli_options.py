@@ -104,6 +104,10 @@ TRAIN_HELP = {
     "decision_rule": "how the package turns probabilities into a label (fitted on validation): argmax, prior "
                      "(logit adjustment) or class_bias (per-class offsets)",
     "color_constancy": "colour normalisation in the package's preprocessing (none or shades_of_gray)",
+    "metadata": "patient metadata as a second model input: none, auto (age, sex and site where the data has "
+                "them) or a list such as age,site; dx_type and the label can never be one",
+    "metadata_mask": "probability each metadata field is hidden per training image, so predictions without "
+                     "metadata fall back to the image",
     "crop_scale": "smallest area share of the random resized crop in [0.05, 1] (1 = no crop)",
     "color_jitter": "colour jitter strength in [0, 5] (1 = the default jitter)",
     "mixup_alpha": "mixup of each training batch, Beta(alpha, alpha) blend with soft targets (0 = off)",

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from medpipe.data.imageio import resample_filter
+from medpipe.data.metadata import parse_fields as parse_metadata_fields
 from medpipe.decision import RULES as DECISION_RULES
 from medpipe.errors import ConfigError
 from medpipe.models import MODEL_NAMES
@@ -81,6 +82,9 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
     ema_decay: float = 0.999  # exponential moving average of the weights (medpipe.recipe): 0 = off
+    # patient metadata beside the image (medpipe.data.metadata): none, auto (every input the data has) or a list
+    metadata: str = "none"
+    metadata_mask: float = 0.25  # probability each metadata field is hidden per training image
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -102,6 +106,7 @@ class TrainConfig:
             (self.cutmix_alpha >= 0, "cutmix_alpha", ">= 0 (0 = off)"),
             (0 <= self.mix_prob <= 1, "mix_prob", "in [0, 1]"),
             (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)"),
+            (0 <= self.metadata_mask < 1, "metadata_mask", "in [0, 1)"),
             (self.threads >= 0, "threads", ">= 0 (0: all cores)"),
             (self.weight_decay >= 0, "weight_decay", ">= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
@@ -119,6 +124,7 @@ class TrainConfig:
                 raise ConfigError(f"config key '{key}' must be {want}, got {getattr(self, key)!r}")
         if self.budget is not None:
             self.budget_seconds()
+        parse_metadata_fields(self.metadata)  # ConfigError for dx_type or an unknown input
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(f"config keys 'val_fraction' + 'test_fraction' must be < 1 (nothing would be left to "
                               f"train on), got {self.val_fraction} + {self.test_fraction}")

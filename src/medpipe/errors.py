@@ -20,6 +20,7 @@ body. An error the table does not know (a bug) is an internal error: exit 1, HTT
     TuneError                 tune_failed           2   400  a tuning study cannot run as asked
     NonFiniteLoss             non_finite_loss       2   500  training diverged (names the step and batch)
     PredictionError           prediction_failed     2   500  the model failed on valid input
+    MetadataError             invalid_metadata      2   400  a metadata value outside the model's vocabulary/range
     TrainingInterrupted       interrupted         143   503  SIGTERM/SIGINT: checkpoint saved, resume later
     ImageError                invalid_image         2   400  bytes that are not an image medpipe will use
       EmptyImageError         empty_image           2   400
@@ -110,6 +111,12 @@ class PredictionError(MedpipeError):
     code = "prediction_failed"
 
 
+class MetadataError(MedpipeError):
+    """A patient metadata value (age, sex, site) the model cannot take; the message names the field."""
+
+    code = "invalid_metadata"
+
+
 class TrainingInterrupted(MedpipeError):
     """Training stopped on a signal after saving a checkpoint; the message says how to continue."""
 
@@ -182,6 +189,7 @@ TABLE: dict[type, tuple[int, int]] = {
     TuneError: (2, 400),
     NonFiniteLoss: (2, 500),
     PredictionError: (2, 500),
+    MetadataError: (2, 400),
     TrainingInterrupted: (143, 503),
     ImageError: (2, 400),
     EmptyImageError: (2, 400),

@@ -203,20 +203,36 @@ def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str |
     cache = build_cache(table, Path(data_dir) / "cache", predictor.size, predictor.spec.interpolation, progress=progress)
     return evaluate_arrays(predictor, cache.pixels, cache.rows(table["image_id"]), table["class_index"].to_numpy(),
                            list(table["image_id"]), list(table["label"]), out_dir, split=split, tta=tta,
-                           bootstrap=bootstrap, batch_size=batch_size)
+                           bootstrap=bootstrap, batch_size=batch_size, metadata=table_metadata(predictor, table))
+
+
+def table_metadata(predictor, table) -> np.ndarray | None:
+    """The record table's patient metadata encoded for a package that takes it (the columns it lacks count as
+    not given); None for an image-only package. A value outside the package's vocabulary or range is a
+    MetadataError naming the image and the field."""
+    spec = getattr(predictor, "metadata_spec", None)
+    if spec is None:
+        return None
+    cols = [f for f in spec.fields if f in table.columns]
+    rows = table[cols].astype(str).to_dict("records") if cols else [{} for _ in range(len(table))]
+    return spec.encode_many(rows, list(table["image_id"]))
 
 
 def evaluate_arrays(predictor, pixels, rows, y, image_ids, labels, out_dir, *, split: str, tta: bool = False,
-                    bootstrap: int = 1000, batch_size: int = 64) -> dict:
-    """Metrics, report, plots and predictions.csv for pixels[rows] (uint8 at the model's size)."""
+                    bootstrap: int = 1000, batch_size: int = 64, metadata: np.ndarray | None = None) -> dict:
+    """Metrics, report, plots and predictions.csv for pixels[rows] (uint8 at the model's size). ``metadata``:
+    encoded patient metadata per row, for a package that takes it (None: none given)."""
     import pandas as pd
 
     classes = predictor.classes
-    probs = np.concatenate([predictor.probabilities(pixels[rows[i:i + batch_size]], tta=tta)
-                            for i in range(0, len(rows), batch_size)])
+    probs = np.concatenate([predictor.probabilities(
+        pixels[rows[i:i + batch_size]], tta=tta, metadata=None if metadata is None else metadata[i:i + batch_size])
+        for i in range(0, len(rows), batch_size)])
     pred = predictor.labels(probs, tta=tta)
     metrics = compute_metrics(y, probs, classes, bootstrap=bootstrap, pred=pred)
     metrics["split"], metrics["tta"] = split, tta
+    if getattr(predictor, "metadata_spec", None) is not None:
+        metrics["metadata_given"] = metadata is not None
     metrics["decision_rule"] = predictor.decision_rule
     cal_tta = predictor.meta.calibration.tta if tta and not getattr(predictor, "int8", None) else None
     metrics["calibrated_for_tta"] = bool(cal_tta) if tta else None

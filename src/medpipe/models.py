@@ -6,6 +6,11 @@ with ``weights_only=True``); ``pretrained=True`` uses MONAI's own download (Imag
 DenseNets, ResNets via MedicalNet are 3D-only so not offered, EfficientNet, SE-ResNet) and, offline,
 fails with a message that says how to pass a local file instead. A classifier head whose shape does
 not match ``num_classes`` is left at its fresh initialisation, as timm does.
+
+Metadata (``metadata_dim`` > 0): :class:`MetadataFusion` wraps the registry's network: its classifier layer
+is taken off, so the image gives its pooled features; a small MLP encodes the patient-metadata vector
+(medpipe.data.metadata); the two are concatenated (late fusion) into a linear head. ``forward(x)`` alone
+means "no metadata" (the vector of zeros every missing field encodes to).
 """
 
 from __future__ import annotations
@@ -89,7 +94,9 @@ def _build(d: ModelDef, kwargs: dict) -> nn.Module:
 
 
 def create_model(name: str, num_classes: int, *, pretrained: bool = False, init_weights: str | None = None,
-                 dropout: float = 0.0) -> nn.Module:
+                 dropout: float = 0.0, metadata_dim: int = 0) -> nn.Module:
+    """The registry's network ``name``; with ``metadata_dim`` > 0 wrapped in :class:`MetadataFusion`
+    (pretrained or init weights go into the image network first)."""
     d = model_def(name)
     if pretrained and not d.pretrained_arg:
         raise ConfigError(f"--pretrained is not available for {name}: MONAI's ResNet weights are 3D "
@@ -107,7 +114,57 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, init_
         raise
     if init_weights:
         load_init_weights(model, init_weights)
+    if metadata_dim:
+        model = fuse_metadata(model, num_classes, metadata_dim, dropout)
     return model
+
+
+META_HIDDEN = 32  # width of the metadata encoder
+
+
+def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute name, layer) of the network's classifier: its last ``nn.Linear``."""
+    from torch import nn
+
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = name, module
+    if found is None:
+        raise ConfigError(f"{type(model).__name__} has no linear classifier to fuse metadata with")
+    parent_name, _, attr = found[0].rpartition(".")
+    return model.get_submodule(parent_name) if parent_name else model, attr, found[1]
+
+
+def _fusion_class():
+    from torch import nn
+    import torch
+
+    class MetadataFusion(nn.Module):
+        """Image features (the network minus its classifier) concatenated with an encoding of the metadata
+        vector, then a linear head. ``forward(x, m=None)``: ``m`` (N x metadata_dim) or None for none given."""
+
+        def __init__(self, image: nn.Module, num_classes: int, metadata_dim: int, dropout: float = 0.0):
+            super().__init__()
+            parent, attr, linear = _last_linear(image)
+            setattr(parent, attr, nn.Identity())
+            self.image, self.metadata_dim = image, int(metadata_dim)
+            self.encoder = nn.Sequential(nn.Linear(metadata_dim, META_HIDDEN), nn.ReLU(),
+                                         nn.Linear(META_HIDDEN, META_HIDDEN), nn.ReLU())
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(linear.in_features + META_HIDDEN, num_classes))
+
+        def forward(self, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+            f = self.image(x)
+            if m is None:
+                m = f.new_zeros((f.shape[0], self.metadata_dim))
+            return self.head(torch.cat([f, self.encoder(m.to(f.dtype))], dim=1))
+
+    return MetadataFusion
+
+
+def fuse_metadata(image: nn.Module, num_classes: int, metadata_dim: int, dropout: float = 0.0) -> nn.Module:
+    """``image`` (a registry network) with its classifier replaced by the metadata fusion head."""
+    return _fusion_class()(image, num_classes, metadata_dim, dropout)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

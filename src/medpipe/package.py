@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from medpipe.data.metadata import MetadataSpec
 from medpipe.data.sources import class_name_problem
 from medpipe.errors import PackageError
 from medpipe.models import MODEL_NAMES, create_model
@@ -127,6 +128,8 @@ class PackageMeta:
                                      default_factory=IntendedUse)
     federated: Mapping | None = _doc("federated training provenance (engine, strategy, rounds, sites); null: "
                                      "trained in one place", default=None)
+    metadata: MetadataSpec | None = _doc("the patient-metadata input beside the image (medpipe.data.metadata): "
+                                         "fields, vocabularies, age normalisation; null: image only", default=None)
     # top-level keys this medpipe does not know, kept as read so that a rewrite loses nothing
     extra: Mapping = field(default_factory=dict, metadata={"doc": None})
     format: str = _doc("package format version; older versions are migrated when read", default=PACKAGE_FORMAT)
@@ -171,6 +174,8 @@ class PackageMeta:
             out["decision"] = _plain(self.decision)
         if self.federated is not None:
             out["federated"] = _plain(self.federated)
+        if self.metadata is not None:
+            out["metadata"] = self.metadata.to_dict()
         out.update({k: v for k, v in self.extra.items() if k not in out})
         return out
 
@@ -192,6 +197,7 @@ class PackageMeta:
             decision=meta.get("decision"), metrics=meta.get("metrics") or {},
             training_config=meta.get("training_config") or {},
             intended_use=IntendedUse(iu["purpose"], iu["figures_from"]), federated=meta.get("federated"),
+            metadata=MetadataSpec.from_dict(meta["metadata"]) if meta.get("metadata") is not None else None,
             extra={k: v for k, v in meta.items() if k not in _KNOWN}, format=meta["format"], directory=directory)
 
     @classmethod
@@ -203,7 +209,7 @@ class PackageMeta:
 
 _KNOWN = {"format", "name", "version", "architecture", "num_classes", "classes", "preprocessing", "calibration",
           "metrics", "training_config", "versions", "weights_sha256", "records_sha256", "decision", "intended_use",
-          "federated"}
+          "federated", "metadata"}
 _JSON_NAME = {"provenance": None}  # provenance's fields sit at the top level of model.json
 
 
@@ -308,7 +314,8 @@ SCHEMA = [
     ("intended_use.purpose", _text, "a non-empty string"),
     ("intended_use.figures_from", _text, "a non-empty string"),
 ]
-OPTIONAL = {"metrics": dict, "training_config": dict, "versions": dict, "decision": dict, "federated": dict}
+OPTIONAL = {"metrics": dict, "training_config": dict, "versions": dict, "decision": dict, "federated": dict,
+            "metadata": dict}
 
 
 def validate_meta(meta, where) -> dict:
@@ -344,6 +351,11 @@ def validate_meta(meta, where) -> dict:
         PreprocessSpec.from_dict(meta["preprocessing"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PackageError(f"{where}: key 'preprocessing': {exc}") from None
+    if meta.get("metadata") is not None:
+        try:
+            MetadataSpec.from_dict(meta["metadata"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PackageError(f"{where}: key 'metadata': {exc}") from None
     return meta
 
 
@@ -409,7 +421,8 @@ def save_package(out_dir: str | Path, model: "torch.nn.Module", *, name: str, ar
                  spec: PreprocessSpec, temperature: float = 1.0, metrics: dict | None = None,
                  config: dict | None = None, records_sha256: str | None = None, version: str = "1",
                  decision: dict | None = None, tta_calibration: dict | None = None,
-                 intended_use: IntendedUse | None = None, federated: dict | None = None) -> PackageMeta:
+                 intended_use: IntendedUse | None = None, federated: dict | None = None,
+                 metadata: MetadataSpec | None = None) -> PackageMeta:
     """Write ``model``'s weights and their ``model.json``; returns the written :class:`PackageMeta`.
 
     ``tta_calibration``: {"temperature", "decision"} fitted on flip-TTA validation logits (a run trained
@@ -425,7 +438,7 @@ def save_package(out_dir: str | Path, model: "torch.nn.Module", *, name: str, ar
         name=name, architecture=arch, classes=tuple(classes), preprocessing=spec,
         provenance=Provenance(sha256_file(out_dir / WEIGHTS), records_sha256, versions()), version=version,
         calibration=Calibration(float(temperature), tta=tta), decision=decision, metrics=metrics or {},
-        training_config=config or {}, federated=federated,
+        training_config=config or {}, federated=federated, metadata=metadata,
         intended_use=intended_use or IntendedUse.for_training(records_sha256, config))
     return write_meta(out_dir, meta)
 
@@ -456,7 +469,7 @@ def load_package(pkg_dir: str | Path, device: "str | torch.device" = "cpu") -> t
     except Exception as exc:  # safetensors raises its own error types; none of them unpickles
         raise PackageError(f"{weights}: not a valid safetensors file ({exc.__class__.__name__}); "
                            "medpipe never unpickles weights") from None
-    model = create_model(meta.architecture, meta.num_classes)
+    model = create_model(meta.architecture, meta.num_classes, metadata_dim=meta.metadata.dim if meta.metadata else 0)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -253,7 +253,7 @@ def package_and_report(engine: Engine, layout: RunLayout, *, evaluate_test: bool
     cfg, source, model = engine.cfg, engine.source, engine.net
     model.load_state_dict(load_checkpoint(layout.checkpoints / "best.pt")["model"])
     val = source.val
-    logits = predict_logits(model, val.pixels, val.rows, engine.spec, engine.device)
+    logits = predict_logits(model, val.pixels, val.rows, engine.spec, engine.device, metadata=val.metadata)
     y = torch.from_numpy(val.labels)
     temperature = fit_temperature(logits, y) if len(val) else 1.0
     probs = torch.softmax(logits / temperature, 1).numpy()
@@ -262,19 +262,21 @@ def package_and_report(engine: Engine, layout: RunLayout, *, evaluate_test: bool
     rules = fit_rules(probs, val.labels, engine.classes, default=cfg.decision_rule) if len(val) else None
     tta_calibration = None
     if cfg.tta and len(val):  # flip TTA changes the logits: it gets a temperature and decision offsets of its own
-        tta_logits = predict_logits(model, val.pixels, val.rows, engine.spec, engine.device, tta=True)
+        tta_logits = predict_logits(model, val.pixels, val.rows, engine.spec, engine.device, tta=True,
+                                    metadata=val.metadata)
         t_tta = fit_temperature(tta_logits, y)
         tta_calibration = {"temperature": t_tta, "decision": fit_rules(
             torch.softmax(tta_logits / t_tta, 1).numpy(), val.labels, engine.classes, default=cfg.decision_rule)}
     metrics = {"best_epoch": engine.state.best_epoch, "val": _compact(val_metrics) if val_metrics else {}}
     meta = save_package(layout.model, model.cpu(), name=f"{cfg.model}-ham", arch=cfg.model, classes=engine.classes,
                         spec=engine.spec, temperature=temperature, metrics=metrics, config=cfg.to_dict(),
-                        records_sha256=source.records_sha256, decision=rules, tta_calibration=tta_calibration)
+                        records_sha256=source.records_sha256, decision=rules, tta_calibration=tta_calibration,
+                        metadata=getattr(source, "metadata", None))
     out = {"model_dir": str(layout.model), "temperature": temperature, "val": metrics["val"]}
     if evaluate_test:
         t = source.test
         result = evaluate_arrays(Predictor(layout.model), t.pixels, t.rows, t.labels, t.ids, t.names, layout.report,
-                                 split="test", tta=cfg.tta, bootstrap=cfg.bootstrap)
+                                 split="test", tta=cfg.tta, bootstrap=cfg.bootstrap, metadata=t.metadata)
         metrics["test"] = _compact(result["metrics"])
         update_meta(meta, metrics=metrics)
         out.update(test=metrics["test"], report=result["report_md"], plots=result["plots"])

@@ -48,16 +48,30 @@ class MixBatches:
         engine.on(Events.ITERATION_STARTED, self, Order.MODEL)  # before any other handler sees the batch
 
     def __call__(self, engine) -> None:
-        engine.state.batch = self.mix(*engine.state.batch, step=engine.state.iteration)
+        batch = engine.state.batch
+        if len(batch) == 3:  # (x, metadata, y): the metadata vectors are blended with the same weights
+            x, m, y = batch
+            engine.state.batch = self.mix(x, y, step=engine.state.iteration, metadata=m)
+        else:
+            engine.state.batch = self.mix(*batch, step=engine.state.iteration)
 
-    def mix(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix(self, x: torch.Tensor, y: torch.Tensor, step: int, metadata: torch.Tensor | None = None) -> tuple:
+        """(x, y) mixed, or (x, metadata, y) when ``metadata`` is given."""
+        x, y, lam, perm = self._mix(x, y, step)
+        if metadata is None:
+            return x, y
+        if perm is not None:
+            metadata = lam * metadata + (1.0 - lam) * metadata[perm]
+        return x, metadata, y
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple:
         key = [self.seed, step, 0x6D6978] + ([self.stream] if self.stream else [])
         rng = np.random.default_rng(key)  # (seed, global step): the same draw after a resume
         if len(y) < 2 or rng.random() >= self.prob:
-            return x, y
+            return x, y, 1.0, None
         kinds = [k for k, a in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha)) if a > 0]
         if not kinds:
-            return x, y
+            return x, y, 1.0, None
         kind = kinds[int(rng.integers(len(kinds)))]
         alpha = self.mixup_alpha if kind == "mixup" else self.cutmix_alpha
         lam = float(rng.beta(alpha, alpha))
@@ -75,7 +89,7 @@ class MixBatches:
             x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
             lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)  # the box actually pasted (clipped at the border)
         onehot = torch.nn.functional.one_hot(y.long(), self.n_classes).float()
-        return x, lam * onehot + (1.0 - lam) * onehot[perm]
+        return x, lam * onehot + (1.0 - lam) * onehot[perm], lam, perm
 
 
 class WeightEMA:

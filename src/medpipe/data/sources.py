@@ -6,7 +6,12 @@ Formats (``detect_format`` picks one when not given):
 - ``dataverse``  ``dataverse_files.zip`` (two image zips + metadata), extracted safely;
 - ``folders``    ``root/<class>/*.jpg``;
 - ``groundtruth`` a SageMaker Ground Truth augmented manifest (JSON Lines);
-- ``csv``        a CSV manifest with ``path,label[,group]``.
+- ``csv``        a CSV manifest with ``path,label[,group]`` (an ISIC export's metadata columns may sit beside).
+
+Patient metadata (:mod:`medpipe.data.metadata`) is kept as the columns ``age``, ``sex`` and ``site``, read
+from HAM10000's ``age, sex, localization``, ISIC's ``age_approx, sex, anatom_site_general`` or the columns
+``metadata_columns`` maps (``age=patient_age,site=location``); a column that says how the label was obtained
+(``dx_type``) cannot be mapped.
 
 Every reader returns *candidates* (one per labelled row) and *defects*; :func:`ingest` then hashes
 and fully decodes every candidate in parallel, drops the bad ones with a reason, and writes
@@ -37,6 +42,7 @@ import pandas as pd
 
 from medpipe.errors import IngestError
 from medpipe.data import imageio
+from medpipe.data.metadata import FIELDS as METADATA_FIELDS, canonical_columns, parse_mapping
 from medpipe.data.synthetic import HAM_CLASSES
 from medpipe.utils import atomic_write_json, atomic_write_text, frame_csv, read_csv_table, shown_name
 
@@ -497,11 +503,13 @@ def records_hash(table: pd.DataFrame) -> str:
 def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto", classes: list[str] | None = None,
            s3_root: str | None = None, label_attribute: str | None = None,
            max_pixels: int = imageio.DEFAULT_MAX_PIXELS, workers: int | None = None, strict: bool = False,
-           max_file_mb: int = MAX_FILE_MB, progress: bool = False) -> dict:
-    """Read ``source``, validate every image, write the record table; return the report dict."""
+           max_file_mb: int = MAX_FILE_MB, progress: bool = False, metadata_columns: str | dict | None = None) -> dict:
+    """Read ``source``, validate every image, write the record table; return the report dict.
+    ``metadata_columns``: where age/sex/site are read from when not under their usual names."""
     source, out = Path(source), Path(out)
     if fmt not in FORMATS:
         raise IngestError(f"format must be one of {FORMATS}, got {fmt!r}")
+    mapping = parse_mapping(metadata_columns)
     for c in classes or []:
         if class_name_problem(c):
             raise IngestError(f"--classes: {class_name_problem(c)}")
@@ -531,6 +539,7 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
         else:
             rows.append(row)
     cand.rows = rows
+    given = _keep_metadata(rows, mapping)
     class_list = [c for c in (list(classes) if classes else cand.classes or sorted({r["label"] for r in rows}))]
     index = {c: i for i, c in enumerate(class_list)}
     labelled = []
@@ -565,6 +574,8 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     }
     if cand.label_attribute:
         report["label_attribute"] = cand.label_attribute
+    if given:
+        report["metadata"] = {f: int((table[f] != "").sum()) if f in table else 0 for f in METADATA_FIELDS}
     atomic_write_json(out / REPORT_FILE, report)
     if table.empty:
         raise IngestError(f"no usable images in {source} ({len(defects)} defects; see {out / REPORT_FILE})")
@@ -573,6 +584,23 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     if strict and defects:
         raise IngestError(f"--strict: {len(defects)} defects found (see {out / REPORT_FILE})")
     return report
+
+
+def _keep_metadata(rows: list[dict], mapping: dict[str, str]) -> bool:
+    """Give every row the canonical ``age``, ``sex``, ``site`` columns when the source has any of them
+    (a mapped column the source lacks is refused, naming it); False when it has none."""
+    if not rows:
+        return False
+    for name, column in mapping.items():
+        if not any(column in r or column.lower() in {str(k).lower() for k in r} for r in rows[:1]):
+            raise IngestError(f"--metadata-columns: the source has no column {column!r} for {name} "
+                              f"(its columns: {', '.join(sorted(map(str, rows[0])))})")
+    found = [canonical_columns(r, mapping) for r in rows]
+    if not any(v for f in found for v in f.values()):
+        return False
+    for r, f in zip(rows, found):
+        r.update(f)
+    return True
 
 
 def _looks_raw(folder: Path) -> bool:

@@ -4,7 +4,10 @@
 RGB JPEGs named ``ISIC_00xxxxx.jpg`` (600x450 by default), with the class mix of the real set,
 several images for some lesions, and class-dependent colour, shape, border and texture. Each class
 is drawn from overlapping parameter ranges and some lesions are blended towards a naevus, so a small
-model learns the classes well but not perfectly. Everything is a function of ``seed``.
+model learns the classes well but not perfectly. The patient metadata (age, sex, localization) is
+drawn per lesion from class-dependent distributions shaped like HAM10000's (naevi young and on the
+trunk, basal-cell carcinomas and actinic keratoses old and on the head and neck), overlapping so it
+helps a model without deciding the class. Everything is a function of ``seed``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,16 @@ LOCALIZATIONS = (
     "back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "foot",
     "unknown", "neck", "scalp", "hand", "ear", "genital", "acral",
 )
+# Per class: age mean and spread (years), share of men, and the localization weights (LOCALIZATIONS order).
+_PATIENT = {
+    "nv": (42, 16, 0.50, (20, 12, 20, 9, 8, 1, 4, 2, 1, 1, 0.5, 1, 0.2, 0.5, 1)),
+    "mel": (60, 15, 0.58, (18, 14, 12, 10, 4, 6, 5, 2, 1, 2, 2, 1, 1, 0.5, 1)),
+    "bkl": (62, 13, 0.52, (10, 6, 10, 10, 3, 22, 6, 1, 1, 3, 3, 1, 1, 0.3, 0.3)),
+    "bcc": (67, 12, 0.60, (10, 4, 6, 6, 2, 26, 6, 0.5, 1, 8, 6, 1, 5, 0.2, 0.2)),
+    "akiec": (69, 11, 0.65, (2, 4, 2, 16, 1, 30, 3, 1, 1, 4, 8, 12, 6, 0.2, 0.2)),
+    "vasc": (50, 20, 0.48, (8, 16, 14, 8, 12, 6, 4, 2, 1, 2, 1, 2, 0.5, 3, 1)),
+    "df": (45, 14, 0.40, (2, 40, 3, 18, 2, 1, 1, 2, 1, 0.5, 0.2, 2, 0.2, 0.2, 1)),
+}
 FORMATS = ("folders", "dataverse")  # dataverse: the folders plus dataverse_files.zip
 FIRST_IMAGE_NUMBER = 24306  # ISIC_0024306 is the first HAM10000 image id
 
@@ -92,9 +105,7 @@ def make_metadata(spec: SynthSpec) -> list[dict]:
         for size in _lesion_sizes(n, rng):
             lesion_no += 1
             lesion_seed = int(rng.integers(0, 2**31 - 1))
-            age = "" if rng.random() < 0.006 else str(int(np.clip(rng.normal(52, 17), 0, 85) // 5 * 5))
-            sex = str(rng.choice(["male", "female", "unknown"], p=[0.54, 0.455, 0.005]))
-            loc = str(rng.choice(LOCALIZATIONS))
+            age, sex, loc = _patient(dx, rng)
             if dx == "nv":
                 dx_type = str(rng.choice(["follow_up", "histo", "consensus", "confocal"], p=[0.55, 0.3, 0.13, 0.02]))
             elif dx in ("mel", "bcc", "akiec"):
@@ -109,6 +120,19 @@ def make_metadata(spec: SynthSpec) -> list[dict]:
         rows[idx]["image_id"] = f"ISIC_{FIRST_IMAGE_NUMBER + number:07d}"
     rows.sort(key=lambda r: r["lesion_id"])
     return rows
+
+
+def _patient(dx: str, rng: np.random.Generator) -> tuple[str, str, str]:
+    """Age (in 5-year steps, rarely missing), sex and localization of a lesion of class ``dx``. It takes the
+    same draws from ``rng`` whatever the class, so the images of a seed do not depend on these choices."""
+    mean, spread, men, weights = _PATIENT[dx]
+    age = "" if rng.random() < 0.006 else str(int(np.clip(mean + spread * (rng.normal(52, 17) - 52) / 17, 0, 85)
+                                                  // 5 * 5))
+    sex = str(rng.choice(["male", "female", "unknown"], p=[men * 0.995, (1 - men) * 0.995, 0.005]))
+    u = (int(rng.choice(len(LOCALIZATIONS))) + 0.5) / len(LOCALIZATIONS)  # one uniform index, mapped per class
+    cdf = np.cumsum(weights) / np.sum(weights)
+    loc = LOCALIZATIONS[min(int(np.searchsorted(cdf, u)), len(LOCALIZATIONS) - 1)]
+    return age, sex, loc
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:

@@ -3,6 +3,11 @@
 Used by ``medpipe predict``, ``medpipe evaluate``, the SageMaker handlers (and the server and batch
 jobs), so every path applies the same preprocessing — built from the package's spec — and the same
 calibration. Inference is deterministic (eval preset, ``inference_mode``, no shared random state).
+
+A package that takes patient metadata (``meta.metadata``) is given it per image beside the pixels: a dict
+``{"age": 55, "sex": "male", "site": "back"}`` (any field may be left out, or None for none), checked and
+encoded by the package's :class:`medpipe.data.metadata.MetadataSpec`; such a package runs on the eager
+backend. Metadata sent to an image-only package is refused, never ignored.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from medpipe import decision
 from medpipe.data import imageio
-from medpipe.errors import PredictionError
+from medpipe.errors import MedpipeError, MetadataError, PredictionError
 from medpipe.infer.auto import open_backend, resolve_backend  # noqa: F401  (resolve_backend: the choice alone)
 from medpipe.infer.backends import BACKENDS, LoadContext  # noqa: F401  (BACKENDS: the names --backend offers)
 from medpipe.package import load_package
@@ -61,6 +66,12 @@ class Predictor:
         self.model, self.meta = load_package(package, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.spec = self.meta.preprocessing
+        self.metadata_spec = self.meta.metadata  # None: an image-only package
+        if self.metadata_spec is not None and backend not in ("eager", "auto"):
+            raise MedpipeError(f"--backend {backend}: this package takes patient metadata, which only the eager "
+                               "backend runs; use --backend eager (or auto)")
+        if self.metadata_spec is not None:
+            backend = "eager"
         self._fp32_onnx: bytes | None = None
         ctx = LoadContext(self.model, self.meta, self.device, threads, max_batch, self._onnx_fp32)
         self.runtime, self.backend, self.backend_reason = open_backend(backend, ctx)
@@ -106,24 +117,51 @@ class Predictor:
         """An in-memory image -> resized RGB uint8 (see :meth:`PreprocessSpec.prepare_array`)."""
         return self.spec.prepare_array(arr, max_pixels=self.max_pixels)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.runtime.run(x)
+    def _forward(self, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        if m is None:
+            return self.runtime.run(x)
+        return self.model(x.to(self.device).contiguous(memory_format=torch.channels_last),
+                          m.to(self.device)).float().cpu()
+
+    def encode_metadata(self, items, n: int, names: list[str] | None = None) -> torch.Tensor | None:
+        """``items`` (one dict or None per image, an encoded N x dim array, or None) -> the model's metadata
+        tensor (zeros where none given), or None for an image-only package. MetadataError naming the field
+        and the image for a bad value, or for metadata sent to an image-only package."""
+        if self.metadata_spec is None:
+            if items is not None and any(v for v in items):
+                raise MetadataError("metadata: this model takes the image only (it was trained without patient "
+                                    "metadata); send none")
+            return None
+        if items is None:
+            return torch.zeros((n, self.metadata_spec.dim))
+        if isinstance(items, np.ndarray):
+            if items.shape != (n, self.metadata_spec.dim):
+                raise MetadataError(f"metadata: encoded metadata must be {n} x {self.metadata_spec.dim}, "
+                                    f"got {items.shape}")
+            return torch.from_numpy(np.ascontiguousarray(items, np.float32))
+        items = list(items)
+        if len(items) != n:
+            raise MetadataError(f"metadata: {len(items)} entries for {n} images")
+        return torch.from_numpy(self.metadata_spec.encode_many(items, names))
 
     @torch.inference_mode()
-    def logits(self, pixels: list[np.ndarray] | np.ndarray, tta: bool | None = None) -> torch.Tensor:
-        return self._logits(eval_batch(list(pixels), self.spec), self.tta if tta is None else tta)
+    def logits(self, pixels: list[np.ndarray] | np.ndarray, tta: bool | None = None, metadata=None) -> torch.Tensor:
+        m = self.encode_metadata(metadata, len(pixels))
+        return self._logits(eval_batch(list(pixels), self.spec), self.tta if tta is None else tta, m)
 
     @torch.inference_mode()
-    def _logits(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, tta: bool = False, m: torch.Tensor | None = None) -> torch.Tensor:
         with self._lock:
-            return flip_averaged(self._forward, x) if tta else self._forward(x)
+            return flip_averaged(lambda t: self._forward(t, m), x) if tta else self._forward(x, m)
 
-    def probabilities(self, pixels: list[np.ndarray] | np.ndarray, tta: bool | None = None) -> np.ndarray:
-        """Calibrated class probabilities, shape (N, C). Raises PredictionError on NaN/Inf."""
+    def probabilities(self, pixels: list[np.ndarray] | np.ndarray, tta: bool | None = None,
+                      metadata=None) -> np.ndarray:
+        """Calibrated class probabilities, shape (N, C). Raises PredictionError on NaN/Inf. ``metadata``: one
+        dict (or None) per image, or an encoded array (see :meth:`encode_metadata`)."""
         if len(pixels) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         tta = self.tta if tta is None else bool(tta)
-        logits = self.logits(pixels, tta=tta)
+        logits = self.logits(pixels, tta=tta, metadata=metadata)
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
         return torch.softmax(logits / self.temperature_for(tta), dim=1).numpy()
@@ -175,11 +213,11 @@ class Predictor:
         return out
 
     def predict_bytes(self, items: list[bytes], names: list[str] | None = None,
-                      tta: bool | None = None) -> list[Prediction]:
+                      tta: bool | None = None, metadata=None) -> list[Prediction]:
         names = names or [None] * len(items)
         pixels = [self.decode(d, n) for d, n in zip(items, names)]
-        return self.to_predictions(self.probabilities(pixels, tta=tta), tta)
+        return self.to_predictions(self.probabilities(pixels, tta=tta, metadata=metadata), tta)
 
-    def predict_files(self, paths: list[str | Path], tta: bool | None = None) -> list[Prediction]:
+    def predict_files(self, paths: list[str | Path], tta: bool | None = None, metadata=None) -> list[Prediction]:
         pixels = [self.spec.read(p, max_pixels=self.max_pixels) for p in paths]
-        return self.to_predictions(self.probabilities(pixels, tta=tta), tta)
+        return self.to_predictions(self.probabilities(pixels, tta=tta, metadata=metadata), tta)

@@ -5,6 +5,10 @@
     for x, y in source.epoch(epoch, skip=0):  # this rank's augmented batches of that epoch
         ...
     source.val, source.test                   # Split: pixels, rows, labels, ids, label names (in memory/memmap)
+    source.metadata                           # MetadataSpec when the run takes patient metadata, else None
+
+With metadata (``cfg.metadata``, cached source only) a batch is ``(x, m, y)``: ``m`` the encoded metadata
+vectors with fields hidden at random (seeded per batch like the images); each Split carries its vectors.
 
 Both sources cut an epoch with :func:`batch_sizes` and seed the train preset per (seed, epoch, batch)
 (:func:`augment_batch`), so an epoch is the same straight, resumed mid-way, inline, in a thread or in
@@ -15,6 +19,7 @@ with other settings is refused naming both (re-shard with the same ``--split-see
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -27,6 +32,7 @@ import torch
 from medpipe.config import TrainConfig
 from medpipe.data import shards
 from medpipe.data.cache import build_cache
+from medpipe.data.metadata import FIELDS as METADATA_FIELDS, MetadataSpec, parse_fields as parse_metadata_fields
 from medpipe.data.shards import ShardStream, is_shards, load_split, min_rank_total
 from medpipe.data.sources import load_records, records_hash
 from medpipe.data.splits import ensure_splits, write_splits
@@ -46,6 +52,7 @@ class Split:
     labels: np.ndarray  # class indices, int64
     ids: list[str]
     names: list[str]  # class names per image
+    metadata: np.ndarray | None = None  # encoded patient metadata per image (N x dim), when the run takes it
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -102,13 +109,18 @@ def augment_batch(transform, images: np.ndarray, seed: int, epoch: int, b: int) 
 class BatchSource(torch.utils.data.Dataset):
     """Key ``(epoch, b, rows)`` -> the augmented images of those cache rows stacked, and their labels."""
 
-    def __init__(self, pixels, rows: np.ndarray, labels: np.ndarray, transform, seed: int):
+    def __init__(self, pixels, rows: np.ndarray, labels: np.ndarray, transform, seed: int,
+                 metadata: np.ndarray | None = None, spec: MetadataSpec | None = None):
         self.pixels, self.rows, self.labels, self.transform, self.seed = pixels, rows, labels, transform, seed
+        self.metadata, self.spec = metadata, spec
 
     def __getitem__(self, key: tuple[int, int, np.ndarray]):
         epoch, b, idx = key
         x = augment_batch(self.transform, np.asarray(self.pixels[self.rows[idx]]), self.seed, epoch, b)
-        return x, torch.from_numpy(self.labels[idx])
+        if self.metadata is None:
+            return x, torch.from_numpy(self.labels[idx])
+        rng = np.random.default_rng([self.seed, epoch, b, 0x6D657461])
+        return x, torch.from_numpy(self.spec.mask(self.metadata[idx], rng)), torch.from_numpy(self.labels[idx])
 
 
 class _KeySampler(torch.utils.data.Sampler):
@@ -205,18 +217,19 @@ class CachedSource:
         spec = cfg.preprocess()
         cache = build_cache(table, data_dir / "cache", (spec.image_size, spec.image_size), spec.interpolation,
                             progress=progress)
+        self.metadata = metadata_spec(table, cfg, data_dir)
         parts = {}
         for name in ("train", "val", "test"):
             t = table[table["split"] == name]
             parts[name] = Split(cache.pixels, cache.rows(t["image_id"]), t["class_index"].to_numpy().astype(np.int64),
-                                list(t["image_id"]), list(t["label"]))
+                                list(t["image_id"]), list(t["label"]), encode_table(self.metadata, t))
         self.train, self.val, self.test = parts["train"], parts["val"], parts["test"]
         if not len(self.train):
             raise MedpipeError(f"{data_dir}: the training split is empty")
         self.class_counts = np.bincount(self.train.labels, minlength=len(self.classes))
         self._loader = BatchLoader(BatchSource(cache.pixels, self.train.rows, self.train.labels,
-                                               train_batch_preset(spec, cfg.augmentation()), cfg.seed), cfg.workers,
-                                   pin=pin)
+                                               train_batch_preset(spec, cfg.augmentation()), cfg.seed,
+                                               self.train.metadata, self.metadata), cfg.workers, pin=pin)
         log.info("train %d / val %d / test %d images; split %s; cache %s", len(self.train), len(self.val),
                  len(self.test), "reused" if reused else "new", cache.folder.name)
 
@@ -244,14 +257,51 @@ class CachedSource:
         self._loader.close()
 
 
+def metadata_spec(table, cfg: TrainConfig, where: Path) -> MetadataSpec | None:
+    """The run's metadata inputs fitted on ``table`` (vocabularies over the table's words, the age normalisation
+    over the training split), or None for an image-only run: ``metadata: none``, or ``auto`` on data without
+    metadata. Asking for a field the data lacks is a ConfigError naming it."""
+    fields = parse_metadata_fields(cfg.metadata)
+    if not fields:
+        return None
+    present = [f for f in METADATA_FIELDS if f in table.columns and (table[f].astype(str).str.strip() != "").any()]
+    missing = [f for f in fields if f not in present]
+    if cfg.metadata.strip() not in ("auto", "all") and missing:
+        raise ConfigError(f"config key 'metadata': {where} has no {', '.join(missing)} values (ingest keeps age, sex "
+                          "and site; see --metadata-columns)")
+    fields = tuple(f for f in fields if f in present)
+    if not fields:
+        log.info("metadata: auto, but %s carries none: image-only model", where)
+        return None
+    records = table[list(fields)].astype(str).to_dict("records")
+    spec = MetadataSpec.fit(records, fields, cfg.metadata_mask)
+    train = table[table["split"] == "train"][list(fields)].astype(str).to_dict("records")
+    age = MetadataSpec.fit(train, fields) if "age" in fields else spec
+    spec = dataclasses.replace(spec, age_mean=age.age_mean, age_std=age.age_std)
+    log.info("metadata inputs %s (%d values per image)", ", ".join(spec.fields), spec.dim)
+    return spec
+
+
+def encode_table(spec: MetadataSpec | None, table) -> np.ndarray | None:
+    """The encoded metadata of a record table's rows (N x dim), or None without a spec."""
+    if spec is None:
+        return None
+    return spec.encode_many(table[list(spec.fields)].astype(str).to_dict("records"), list(table["image_id"]))
+
+
 class ShardSource:
     """A shard set (folder or fsspec URL): training shards streamed, val and test read into memory."""
 
     streamed = True
 
+    metadata = None  # a shard set carries pixels and labels only
+
     def __init__(self, root: str, cfg: TrainConfig, *, rank: int = 0, world: int = 1,
                  progress: bool = False, pin: bool = False):
         self.cfg, self.rank, self.world = cfg, rank, world
+        if parse_metadata_fields(cfg.metadata) and cfg.metadata.strip() not in ("auto", "all"):
+            raise ConfigError(f"{root}: a shard set carries no patient metadata; train on the ingested data folder "
+                              "for metadata: " + cfg.metadata)
         self.index = index = shards.read_index(root)
         _check_shards_match(root, index, cfg)
         self.classes, self.records_sha256 = index["classes"], index["records_sha256"]

@@ -129,7 +129,8 @@ class State:
 # --------------------------------------------------------------------------- the pieces of a step
 
 
-def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, device, bf16: bool | None = None):
+def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, device, bf16: bool | None = None,
+               metadata: torch.Tensor | None = None):
     """One optimisation step: forward, loss, backward, clipping, optimiser and schedule step.
 
     Args:
@@ -142,6 +143,7 @@ def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, dev
         grad_clip: maximum gradient norm; 0 turns clipping off.
         device: where the model is.
         bf16: autocast the forward pass to bfloat16 (default: on CUDA only).
+        metadata: the encoded patient metadata (N, dim) of a model that takes it.
 
     Returns:
         The loss (a detached scalar tensor), or None when it was not finite: then nothing was applied."""
@@ -149,7 +151,7 @@ def train_step(model, x, y, loss_fn, optimizer, scheduler, grad_clip: float, dev
     y = y.to(device, non_blocking=True)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(x)
+        logits = model(x) if metadata is None else model(x, metadata.to(device, non_blocking=True))
     loss = loss_fn(logits.float(), y)
     if not torch.isfinite(loss):
         return None
@@ -224,8 +226,10 @@ class Engine:
             The engine, ``state.epoch`` 0, precision resolved
             (:func:`medpipe.train.factories.resolve_precision`)."""
 
+        spec = getattr(source, "metadata", None)
         model = create_model(cfg.model, len(source.classes), pretrained=cfg.pretrained and weights is None,
-                             init_weights=None if weights is not None else cfg.init_weights, dropout=cfg.dropout)
+                             init_weights=None if weights is not None else cfg.init_weights, dropout=cfg.dropout,
+                             metadata_dim=spec.dim if spec is not None else 0)
         if weights is not None:
             model.load_state_dict(weights)
         model = model.to(device).to(memory_format=torch.channels_last)
@@ -405,9 +409,9 @@ class Engine:
         for b, batch in enumerate(self.source.epoch(epoch, skip), start=skip):
             s.batch = batch
             self.fire(Events.ITERATION_STARTED)
-            x, y = s.batch
+            x, *m, y = s.batch  # (x, y), or (x, metadata, y) for a model that takes metadata
             loss = train_step(self.model, x, y, self.loss_fn, self.optimizer, self.scheduler, self.cfg.grad_clip,
-                              self.device, bf16=self.precision == "bf16")
+                              self.device, bf16=self.precision == "bf16", metadata=m[0] if m else None)
             if loss is None:
                 # The optimiser step was skipped, but the forward pass already moved BatchNorm statistics,
                 # so this state is not saved: the last checkpoint (previous epoch end) stays the good one.
@@ -439,7 +443,7 @@ class Engine:
         val = self.source.val
         self.dd.sync_buffers(self.net)
         logits = predict_logits_dist(self.net, val.pixels, val.rows, self.spec, self.device, self.dd,
-                                     bf16=self.precision == "bf16")
+                                     bf16=self.precision == "bf16", metadata=val.metadata)
         if not len(val):
             return {"val_loss": float("nan"), "val_auc": float("nan"), "val_bacc": float("nan"),
                     "val_auc_per_class": {}}

@@ -15,7 +15,7 @@ from medpipe.train.distributed import Dist
 
 @torch.inference_mode()
 def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 128,
-                   bf16: bool | None = None, tta: bool = False) -> torch.Tensor:
+                   bf16: bool | None = None, tta: bool = False, metadata: np.ndarray | None = None) -> torch.Tensor:
     """Logits of pixels[rows] in eval mode, without gradients.
 
     Args:
@@ -27,6 +27,7 @@ def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 1
         batch: images per forward pass.
         bf16: autocast to bfloat16 (default: on CUDA only).
         tta: average over the image and its three flips.
+        metadata: encoded patient metadata per row (len(rows), dim) for a model that takes it.
 
     Returns:
         Float logits (len(rows), C) on the CPU; (0, 0) for no rows."""
@@ -35,26 +36,30 @@ def predict_logits(model, pixels, rows: np.ndarray, spec, device, batch: int = 1
     bf16 = device.type == "cuda" if bf16 is None else bf16
     for i in range(0, len(rows), batch):
         x = eval_batch(pixels[rows[i:i + batch]], spec).to(device).contiguous(memory_format=torch.channels_last)
+        m = None if metadata is None else torch.as_tensor(metadata[i:i + batch]).to(device)
+        run = (lambda t: model(t).float()) if m is None else (lambda t: model(t, m).float())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = flip_averaged(lambda t: model(t).float(), x) if tta else model(x).float()
+            out = flip_averaged(run, x) if tta else run(x)
             outs.append(out.cpu())
     return torch.cat(outs) if outs else torch.zeros((0, 0))
 
 
-def predict_logits_dist(model, pixels, rows: np.ndarray, spec, device, dd: Dist, bf16: bool | None = None) -> torch.Tensor:
+def predict_logits_dist(model, pixels, rows: np.ndarray, spec, device, dd: Dist, bf16: bool | None = None,
+                        metadata: np.ndarray | None = None) -> torch.Tensor:
     """Validation logits in row order; with several ranks each predicts rows[rank::world] and the
     pieces are gathered and put back in order, so metrics equal the single-process ones exactly.
 
     Args:
-        model, pixels, rows, spec, device, bf16: as for :func:`predict_logits`.
+        model, pixels, rows, spec, device, bf16, metadata: as for :func:`predict_logits`.
         dd: the process group (:class:`medpipe.train.distributed.Dist`); single process when not enabled.
 
     Returns:
         Float logits (len(rows), C) on the CPU, the same on every rank."""
     if not dd.enabled:
-        return predict_logits(model, pixels, rows, spec, device, bf16=bf16)
+        return predict_logits(model, pixels, rows, spec, device, bf16=bf16, metadata=metadata)
     mine = np.arange(dd.rank, len(rows), dd.world)
-    logits = predict_logits(model, pixels, rows[mine], spec, device, bf16=bf16)
+    logits = predict_logits(model, pixels, rows[mine], spec, device, bf16=bf16,
+                            metadata=None if metadata is None else metadata[mine])
     parts = dd.gather((mine, logits.numpy() if len(mine) else None))
     n_classes = next(p[1].shape[1] for p in parts if p[1] is not None) if len(rows) else 0
     out = np.zeros((len(rows), n_classes), np.float32)
