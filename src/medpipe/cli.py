@@ -41,6 +41,7 @@ from medpipe.config import (TrainConfig, make_config,
                             resume_config)
 from medpipe.data.cache import build_cache
 from medpipe.data.imageio import DEFAULT_MAX_PIXELS, ImageError
+from medpipe.data.metadata import per_image_metadata as predict_metadata
 from medpipe.data.sources import (FORMATS as INGEST_FORMATS, check_data_folder, format_report, ingest, load_records,
                                   regular_file_problem)
 from medpipe.data.splits import SPLIT_NAMES, ensure_splits, summarize
@@ -173,16 +174,20 @@ def describe(r: dict) -> tuple[str, bool]:
     return f"{label} ({probs[label]:.3f}; flagged by {why}; most likely: {top} {probs[top]:.3f})", True
 
 
-def _predict_rows(args, paths: list[str]) -> list[dict]:
+def _predict_rows(args, paths: list[str], metadata: dict[str, dict] | None = None) -> list[dict]:
     if args.url:
-        return predict_url(args.url, paths)
+        return predict_url(args.url, paths, metadata)
     from medpipe.infer.predictor import Predictor  # deferred: torch
 
     predictor = Predictor(args.model, device=args.device, backend=args.backend, decision_rule=args.decision_rule)
+    given = [(metadata or {}).get(p) for p in paths]
+    # every image's metadata is checked before any prediction: a bad value stops the command, naming it
+    predictor.encode_metadata(given if any(given) else None, len(paths), list(paths))
     rows = []
-    for path in paths:
+    for path, values in zip(paths, given):
         try:
-            rows.append({"image": path, **predictor.predict_files([path], tta=args.tta)[0].as_dict()})
+            pred = predictor.predict_files([path], tta=args.tta, metadata=[values] if any(given) else None)[0]
+            rows.append({"image": path, **pred.as_dict()})
         except ImageError as exc:
             rows.append({"image": path, "error": exc.code, "message": exc.reason})
     return rows
@@ -194,7 +199,8 @@ def cmd_predict(args) -> int:
     # the inputs are checked before the model loads; each path is named once (the row's "image")
     problems = {p: regular_file_problem(p) for p in args.images}
     readable = [p for p in args.images if problems[p] is None]
-    found = iter(_predict_rows(args, readable) if readable else [])
+    metadata = predict_metadata(args.images, {"age": args.age, "sex": args.sex, "site": args.site}, args.metadata_csv)
+    found = iter(_predict_rows(args, readable, metadata) if readable else [])
     results = [next(found) if problems[p] is None else {"image": p, "error": "unreadable_file", "message": problems[p]}
                for p in args.images]
     flagged = False
@@ -439,6 +445,12 @@ def _inference_commands(command) -> None:
     s.add_argument("--tta", action="store_true", help="average over flips")
     s.add_argument("--decision-rule", choices=DECISION_RULES, help="label rule (medpipe.decision; default: the package's own)")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.add_argument("--age", type=number(float, 0, 120), help="patient age in years, for a model that takes "
+                                                               "metadata (every IMAGE; --metadata-csv per image)")
+    s.add_argument("--sex", help="patient sex (a word of the model's vocabulary, e.g. male, female)")
+    s.add_argument("--site", help="anatomical site (a word of the model's vocabulary, e.g. back, face)")
+    s.add_argument("--metadata-csv", help="CSV with a column 'image' (the IMAGE as given, or its file name) and "
+                                          "any of age, sex, site; its values win over --age/--sex/--site")
 
     s = command("serve", cmd_serve, "HTTP inference service (SageMaker hosting contract, web page at /)")
     add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS, "decision_rule": DECISION_RULES,

@@ -102,6 +102,23 @@ def canonical_columns(row: Mapping[str, Any], mapping: Mapping[str, str] | None 
     return out
 
 
+def keep_metadata(rows: list[dict], mapping: dict[str, str]) -> bool:
+    """Give every row the canonical ``age``, ``sex``, ``site`` columns when the source has any of them
+    (a mapped column the source lacks is refused, naming it); False when it has none."""
+    if not rows:
+        return False
+    for name, column in mapping.items():
+        if not any(column in r or column.lower() in {str(k).lower() for k in r} for r in rows[:1]):
+            raise ConfigError(f"--metadata-columns: the source has no column {column!r} for {name} "
+                              f"(its columns: {', '.join(sorted(map(str, rows[0])))})")
+    found = [canonical_columns(r, mapping) for r in rows]
+    if not any(v for f in found for v in f.values()):
+        return False
+    for r, f in zip(rows, found):
+        r.update(f)
+    return True
+
+
 def _age(value: Any, where: str) -> float | None:
     """An age in years, None when missing; MetadataError naming the field otherwise."""
     if value is None or (isinstance(value, str) and value.strip().lower() in MISSING):
@@ -244,3 +261,35 @@ class MetadataSpec:
         if "dim" in d and d["dim"] != spec.dim:
             raise ValueError(f"'dim' is {d['dim']} but the fields and vocabularies give {spec.dim}")
         return spec
+
+
+def per_image_metadata(images: list[str], options: Mapping[str, Any], csv_path: str | None = None
+                       ) -> dict[str, dict] | None:
+    """``medpipe predict``'s metadata: image -> {field: value}, from options that apply to every image and a
+    CSV (column ``image``: the path as given or its file name; columns among age, sex, site) whose values win.
+    None when nothing was given. ConfigError naming the CSV column that may not be an input (``dx_type``) or
+    an image the CSV does not know; the values themselves are checked by the model's spec."""
+    common = {k: v for k, v in options.items() if v is not None}
+    by_image = {img: dict(common) for img in images} if common else {}
+    if csv_path:
+        import os
+
+        from medpipe.utils import read_csv_table
+
+        if not os.path.isfile(csv_path):
+            raise ConfigError(f"--metadata-csv: no file {csv_path}")
+        table = read_csv_table(csv_path)
+        if "image" not in table.columns:
+            raise ConfigError(f"--metadata-csv {csv_path}: needs a column 'image' (found {list(table.columns)})")
+        for column in table.columns:
+            if column != "image":
+                check_input_name(column, f"--metadata-csv {csv_path}: column")
+        names = {os.path.basename(img): img for img in images}
+        for line, rec in enumerate(table.to_dict("records"), start=2):
+            img = rec["image"] if rec["image"] in images else names.get(os.path.basename(rec["image"]))
+            if img is None:
+                raise ConfigError(f"--metadata-csv {csv_path} line {line}: image {rec['image']!r} is not among "
+                                  "the images given")
+            values = {k: v for k, v in rec.items() if k != "image" and str(v).strip() != ""}
+            by_image.setdefault(img, dict(common)).update(values)
+    return by_image or None

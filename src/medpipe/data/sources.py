@@ -42,7 +42,7 @@ import pandas as pd
 
 from medpipe.errors import IngestError
 from medpipe.data import imageio
-from medpipe.data.metadata import FIELDS as METADATA_FIELDS, canonical_columns, parse_mapping
+from medpipe.data.metadata import FIELDS as METADATA_FIELDS, keep_metadata, parse_mapping
 from medpipe.data.synthetic import HAM_CLASSES
 from medpipe.utils import atomic_write_json, atomic_write_text, frame_csv, read_csv_table, shown_name
 
@@ -500,6 +500,19 @@ def records_hash(table: pd.DataFrame) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
+def _read(fmt: str, source: Path, out: Path, s3_root: str | None, label_attribute: str | None) -> Candidates:
+    """The reader of ``fmt`` over ``source``."""
+    if fmt == "ham10000":
+        return read_ham10000(source)
+    if fmt == "dataverse":
+        return read_dataverse(source, out)
+    if fmt == "folders":
+        return read_folders(source)
+    if fmt == "groundtruth":
+        return read_groundtruth(source, Path(s3_root) if s3_root else None, label_attribute)
+    return read_csv_manifest(source)
+
+
 def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto", classes: list[str] | None = None,
            s3_root: str | None = None, label_attribute: str | None = None,
            max_pixels: int = imageio.DEFAULT_MAX_PIXELS, workers: int | None = None, strict: bool = False,
@@ -515,16 +528,7 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
             raise IngestError(f"--classes: {class_name_problem(c)}")
     fmt = detect_format(source) if fmt == "auto" else fmt
     out.mkdir(parents=True, exist_ok=True)
-    if fmt == "ham10000":
-        cand = read_ham10000(source)
-    elif fmt == "dataverse":
-        cand = read_dataverse(source, out)
-    elif fmt == "folders":
-        cand = read_folders(source)
-    elif fmt == "groundtruth":
-        cand = read_groundtruth(source, Path(s3_root) if s3_root else None, label_attribute)
-    else:
-        cand = read_csv_manifest(source)
+    cand = _read(fmt, source, out, s3_root, label_attribute)
 
     defects = list(cand.defects)
     # The dataset root: nothing outside it is read (a symlink or a manifest row pointing elsewhere is refused).
@@ -539,7 +543,7 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
         else:
             rows.append(row)
     cand.rows = rows
-    given = _keep_metadata(rows, mapping)
+    given = keep_metadata(rows, mapping)
     class_list = [c for c in (list(classes) if classes else cand.classes or sorted({r["label"] for r in rows}))]
     index = {c: i for i, c in enumerate(class_list)}
     labelled = []
@@ -584,23 +588,6 @@ def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "aut
     if strict and defects:
         raise IngestError(f"--strict: {len(defects)} defects found (see {out / REPORT_FILE})")
     return report
-
-
-def _keep_metadata(rows: list[dict], mapping: dict[str, str]) -> bool:
-    """Give every row the canonical ``age``, ``sex``, ``site`` columns when the source has any of them
-    (a mapped column the source lacks is refused, naming it); False when it has none."""
-    if not rows:
-        return False
-    for name, column in mapping.items():
-        if not any(column in r or column.lower() in {str(k).lower() for k in r} for r in rows[:1]):
-            raise IngestError(f"--metadata-columns: the source has no column {column!r} for {name} "
-                              f"(its columns: {', '.join(sorted(map(str, rows[0])))})")
-    found = [canonical_columns(r, mapping) for r in rows]
-    if not any(v for f in found for v in f.values()):
-        return False
-    for r, f in zip(rows, found):
-        r.update(f)
-    return True
 
 
 def _looks_raw(folder: Path) -> bool:

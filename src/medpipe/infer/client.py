@@ -12,6 +12,8 @@ Used by ``medpipe predict --url`` and ``medpipe batch --url``.
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 import time
 from pathlib import Path
@@ -97,8 +99,9 @@ def media_type(path: str | Path) -> str:
     return MEDIA_TYPES.get(Path(path).suffix.lower(), "application/x-image")
 
 
-def predict_url(url: str, images: list[str]) -> list[dict]:
-    """``medpipe predict --url``: each image's prediction (or error) from the server."""
+def predict_url(url: str, images: list[str], metadata: dict[str, dict] | None = None) -> list[dict]:
+    """``medpipe predict --url``: each image's prediction (or error) from the server. With ``metadata``
+    (image -> {age, sex, site}) each image goes as JSON ``{"images": [b64], "metadata": [values]}``."""
 
     client = Client(url)
     out = []
@@ -108,7 +111,12 @@ def predict_url(url: str, images: list[str]) -> list[dict]:
             if problem is not None:
                 out.append({"image": path, "error": "unreadable_file", "message": f"{path}: {problem}"})
                 continue
-            answer = client.invoke(Path(path).read_bytes(), media_type(path))
+            data = Path(path).read_bytes()
+            if metadata:
+                answer = client.invoke(json.dumps({"images": [base64.b64encode(data).decode()],
+                                                   "metadata": [metadata.get(path)]}).encode(), "application/json")
+            else:
+                answer = client.invoke(data, media_type(path))
             if "prediction" in answer:
                 out.append({"image": path, **answer["prediction"]})
             elif answer["transient"]:

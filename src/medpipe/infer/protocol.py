@@ -6,7 +6,9 @@ Request bodies (``Content-Type``):
   image/jpeg, image/png, image/bmp, image/webp, application/x-image  one image's bytes
   application/x-npy    one array (HW, HWC or CHW) or a stack (NHWC/NCHW); uint8, or float in [0,1]/[0,255];
                        read with ``allow_pickle=False``
-  application/json     {"images": ["<base64>", ...]} (also {"instances": [...]}, items may be {"b64": ...})
+  application/json     {"images": ["<base64>", ...]} (also {"instances": [...]}, items may be {"b64": ...});
+                       patient metadata beside each image: {"images": [...], "metadata": [{"age": 60, "sex":
+                       "male", "site": "back"}, null, ...]} or items {"b64": ..., "metadata": {...}}
   application/dicom    one DICOM Part 10 object (the ``dicom`` extra)
 Responses (``Accept``): application/json (also for none or */*) or text/csv; anything else is 406.
 """
@@ -105,7 +107,8 @@ def parse_body(ctype: str, body: bytes, max_images: int = DEFAULT_MAX_IMAGES) ->
         if not isinstance(images, list):
             raise HttpError(400, "bad_json", "JSON body must be {\"images\": [<base64 image>, ...]}")
         check_count(len(images), max_images)
-        out = []
+        out = Items()
+        out.metadata = json_metadata(obj, images)
         for i, x in enumerate(images):
             s = x.get("b64") if isinstance(x, dict) else x
             if not isinstance(s, str):
@@ -116,6 +119,32 @@ def parse_body(ctype: str, body: bytes, max_images: int = DEFAULT_MAX_IMAGES) ->
                 raise HttpError(400, "bad_base64", f"images[{i}] is not valid base64") from None
         return out
     raise unsupported(ctype)
+
+
+class Items(list):
+    """Parsed items, and the patient metadata sent beside them (``metadata``: one dict or None per item, or
+    None when the request sent none)."""
+
+    metadata: list | None = None
+
+
+def json_metadata(obj: dict, images: list) -> list | None:
+    """The metadata of a JSON request: a top-level ``metadata`` list (one object or null per image) or a
+    ``metadata`` object inside each ``{"b64": ...}`` item; None when there is none. 400 naming the element when
+    it is not an object; the values are checked against the model's vocabulary later."""
+    top = obj.get("metadata")
+    inner = [x.get("metadata") if isinstance(x, dict) else None for x in images]
+    if top is not None and any(v is not None for v in inner):
+        raise HttpError(400, "bad_json", "send metadata either as a top-level list or inside each image, not both")
+    if top is not None:
+        if not isinstance(top, list) or len(top) != len(images):
+            raise HttpError(400, "bad_json", f"metadata must be a list of {len(images)} objects (or nulls), one per image")
+        inner = top
+    for i, v in enumerate(inner):
+        if v is not None and not isinstance(v, dict):
+            raise HttpError(400, "bad_json", f"metadata[{i}] must be an object such as "
+                            '{"age": 60, "sex": "male", "site": "back"}, or null')
+    return inner if any(v is not None for v in inner) else None
 
 
 def decode_item(predictor, kind: str, payload, max_pixels: int):

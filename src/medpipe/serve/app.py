@@ -56,7 +56,7 @@ from importlib import resources
 import numpy as np
 
 from medpipe.data import dicom, imageio
-from medpipe.errors import ConfigError, MedpipeError, PredictionError, http_status
+from medpipe.errors import ConfigError, MedpipeError, MetadataError, PredictionError, http_status
 from medpipe.monitor.capture import open_capture
 from medpipe.serve.batcher import Batcher
 from medpipe.data.decodepool import DecodePool, DecodeSpec
@@ -185,7 +185,10 @@ class Service:
         self.capture = open_capture(cfg, predictor, self.metrics.registry)  # None without --capture
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def infer(self, pixels: list[np.ndarray]) -> np.ndarray:
+    def infer(self, pixels: list) -> np.ndarray:
+        """Probabilities of a batch: pixel arrays, or (pixels, metadata vector) pairs for a metadata model."""
+        if pixels and isinstance(pixels[0], tuple):
+            return self.predictor.probabilities([p for p, _ in pixels], metadata=np.stack([m for _, m in pixels]))
         return self.predictor.probabilities(pixels)
 
     async def start(self) -> None:
@@ -339,15 +342,21 @@ class Service:
         finally:
             self.release(n)
 
-    async def predict(self, items: list[tuple[str, object]]) -> list[dict]:
-        """Decode off the event loop, batch, and return one dict per item (prediction or error)."""
+    async def predict(self, items: list[tuple[str, object]], metadata: list | None = None) -> list[dict]:
+        """Decode off the event loop, batch, and return one dict per item (prediction or error). ``metadata``:
+        one dict (or None) per item; checked before any decoding (400 naming the image and the field)."""
+        try:
+            vectors = self.predictor.encode_metadata(metadata, len(items), [f"images[{i}]" for i in range(len(items))])
+        except MetadataError as exc:
+            raise HttpError(400, exc.code, str(exc)) from None
         async with self.guarded(len(items)):
             self.batcher.decoding_started()
             try:
                 decoded = await asyncio.gather(*(self.decode(k, p) for k, p in items))
             finally:
                 self.batcher.decoding_finished()
-            good = [d for d in decoded if isinstance(d, np.ndarray)]
+            good = [d if vectors is None else (d, vectors[i].numpy()) for i, d in enumerate(decoded)
+                    if isinstance(d, np.ndarray)]
             probs = await self.batcher.submit(good) if good else np.zeros((0, len(self.predictor.classes)))
         return merge(decoded, self.predictor.to_predictions(probs))
 
@@ -459,7 +468,7 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
             # a spooled image is decoded from its file by the decode process, never read in here
             items = ([("file", body.path)] if body.spooled and ctype in IMAGE_TYPES
                      else parse_body(ctype, body.read(), cfg.max_images))
-            preds = finish(await svc.predict(items))
+            preds = finish(await svc.predict(items, getattr(items, "metadata", None)))
             if accept == CSV_T:
                 answer = PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
             else:

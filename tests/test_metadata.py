@@ -1,0 +1,196 @@
+"""Patient metadata (age, sex, site) as a model input: ingest keeps it from HAM10000, ISIC and CSV manifests
+and never lets dx_type be one; a tiny fused model trains with it; predict, evaluate, serve JSON, the Open
+Inference Protocol, batch and ONNX give the in-process prediction; bad values are refused naming the field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from medpipe.cli import main
+from medpipe.config import make_config
+from medpipe.data.metadata import MetadataSpec, parse_mapping
+from medpipe.errors import ConfigError, MetadataError
+
+TINY = ["--model", "densenet-test", "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--bootstrap", "0",
+        "--threads", "1", "--deterministic", "--lr", "0.002", "--warmup-epochs", "0.5"]
+GIVEN = {"age": 70, "sex": "male", "site": "face"}
+
+
+@pytest.fixture(scope="module")
+def meta_run(data_dir, tmp_path_factory):
+    """A tiny run on the shared synthetic data with every metadata input."""
+    run = tmp_path_factory.mktemp("meta_run")
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *TINY, "--metadata", "auto"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def predictor(meta_run):
+    from medpipe.infer.predictor import Predictor
+
+    return Predictor(meta_run / "model", device="cpu")
+
+
+def _image(data_dir):
+    from medpipe.data.sources import load_records
+
+    table, _ = load_records(data_dir)
+    return table.iloc[0]["path"]
+
+
+# -- ingest ------------------------------------------------------------------------------------------------
+
+def test_ingest_keeps_ham10000_metadata_and_synthetic_metadata_follows_the_class(data_dir):
+    from medpipe.data.sources import load_records
+
+    table, _ = load_records(data_dir)
+    assert {"age", "sex", "site"} <= set(table.columns)
+    assert set(table["sex"]) <= {"male", "female", "unknown"} and (table["site"] != "").all()
+    report = json.loads((data_dir / "ingest_report.json").read_text())
+    assert report["metadata"]["site"] == len(table)
+    from medpipe.data.synthetic import SynthSpec, make_metadata
+
+    rows = make_metadata(SynthSpec(count=600, seed=1))
+    age = {dx: np.mean([float(r["age"]) for r in rows if r["dx"] == dx and r["age"]]) for dx in ("nv", "bcc")}
+    assert age["bcc"] > age["nv"] + 10  # basal-cell carcinoma: older skin
+    face = {dx: np.mean([r["localization"] in ("face", "scalp", "ear", "neck") for r in rows if r["dx"] == dx])
+            for dx in ("nv", "bcc")}
+    assert face["bcc"] > face["nv"] + 0.2
+
+
+def test_isic_and_mapped_csv_manifests_keep_metadata(synth_dir, tmp_path):
+    from medpipe.data.sources import ingest, load_records
+
+    imgs = []
+    for src in sorted(synth_dir.rglob("*.jpg"))[:8]:  # the images must lie under the manifest's folder
+        imgs.append(tmp_path / src.name)
+        shutil.copy(src, imgs[-1])
+    isic = tmp_path / "isic.csv"
+    isic.write_text("path,label,age_approx,sex,anatom_site_general,diagnosis_confirm_type\n" + "".join(
+        f"{p},{'a' if i % 2 else 'b'},{40 + i},{'female' if i % 2 else 'male'},Head/Neck,histopathology\n"
+        for i, p in enumerate(imgs)))
+    ingest(isic, tmp_path / "d1", workers=1)
+    table, _ = load_records(tmp_path / "d1")
+    assert list(table["site"].unique()) == ["head/neck"] and sorted(table["age"].astype(int)) == list(range(40, 48))
+    other = tmp_path / "other.csv"
+    other.write_text("path,label,patient_age,location,dx_type\n" + "".join(
+        f"{p},{'a' if i % 2 else 'b'},{50 + i},back,histo\n" for i, p in enumerate(imgs)))
+    ingest(other, tmp_path / "d2", workers=1, metadata_columns="age=patient_age,site=location")
+    table, _ = load_records(tmp_path / "d2")
+    assert sorted(table["age"].astype(int)) == list(range(50, 58)) and set(table["site"]) == {"back"}
+    with pytest.raises(ConfigError, match="no column 'years'"):
+        ingest(other, tmp_path / "d3", workers=1, metadata_columns="age=years")
+
+
+@pytest.mark.parametrize("choice", ["dx_type", "age,dx_type", "diagnosis_confirm_type"])
+def test_dx_type_can_never_be_an_input(choice, data_dir, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="label leakage"):
+        make_config({"metadata": choice}).validate()
+    with pytest.raises(ConfigError, match="label leakage"):
+        parse_mapping(f"sex={choice.split(',')[-1]}")
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), *TINY, "--metadata", choice]) == 2
+    assert "label leakage" in capsys.readouterr().err
+    spec = MetadataSpec(("age",))
+    with pytest.raises(MetadataError, match="label leakage"):
+        spec.encode({"dx_type": "histo"})
+
+
+def test_encoding_missing_unknown_out_of_vocabulary_and_range():
+    spec = MetadataSpec.fit([{"age": "40", "sex": "male", "site": "back"}, {"age": "60", "sex": "female",
+                                                                             "site": "unknown"}], ("age", "sex", "site"))
+    assert spec.site == ("back",) and spec.dim == 2 + 2 + 1
+    assert not spec.encode(None).any() and not spec.encode({"sex": "unknown", "age": ""}).any()
+    v = spec.encode({"age": 50, "sex": "female", "site": "back"})
+    assert v.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    with pytest.raises(MetadataError, match=r"^site: 'moon' is not in this model's vocabulary \(back, or unknown\)"):
+        spec.encode({"site": "moon"})
+    with pytest.raises(MetadataError, match="^age: 130 is outside"):
+        spec.encode({"age": 130})
+    with pytest.raises(MetadataError, match="^age: must be a number"):
+        spec.encode({"age": "old"})
+    assert MetadataSpec.from_dict(spec.to_dict()) == spec
+
+
+# -- the model and the package -------------------------------------------------------------------------------
+
+def test_metadata_run_packages_the_spec_and_metadata_moves_the_prediction(meta_run, predictor, data_dir, trained_run):
+    from medpipe.package import load_package, read_meta
+
+    assert read_meta(trained_run / "model").metadata is None  # image-only stays the default
+    spec = predictor.metadata_spec
+    assert spec.fields == ("age", "sex", "site") and "face" in spec.site and predictor.backend == "eager"
+    raw = json.loads((meta_run / "model" / "model.json").read_text())["metadata"]
+    assert raw["dim"] == spec.dim and raw["sex"] == ["female", "male"]
+    img = _image(data_dir)
+    pixels = [predictor.spec.read(img)]
+    with_md = predictor.probabilities(pixels, metadata=[GIVEN])
+    without = predictor.probabilities(pixels)
+    assert not np.allclose(with_md, without, atol=1e-5)  # the metadata is used
+    np.testing.assert_allclose(without, predictor.probabilities(pixels, metadata=[None]), atol=1e-6)
+    model, _ = load_package(meta_run / "model")  # the raw network agrees with the predictor
+    import torch
+    from medpipe.preprocess import eval_batch
+
+    with torch.no_grad():
+        logits = model(eval_batch(pixels, predictor.spec), torch.from_numpy(spec.encode_many([GIVEN])))
+    np.testing.assert_allclose(torch.softmax(logits / predictor.temperature, 1).numpy(), with_md, atol=1e-4)
+
+
+def test_image_only_package_refuses_metadata(trained_run, data_dir):
+    from medpipe.infer.predictor import Predictor
+
+    p = Predictor(trained_run / "model", device="cpu", backend="eager")
+    with pytest.raises(MetadataError, match="takes the image only"):
+        p.probabilities([p.spec.read(_image(data_dir))], metadata=[GIVEN])
+
+
+# -- predict and evaluate ------------------------------------------------------------------------------------
+
+def test_predict_cli_options_and_csv_equal_in_process(meta_run, predictor, data_dir, tmp_path, capsys):
+    img = _image(data_dir)
+    want = predictor.predict_files([img], metadata=[GIVEN])[0].probabilities
+    assert main(["predict", img, "--model", str(meta_run / "model"), "--device", "cpu", "--json",
+                 "--age", "70", "--sex", "male", "--site", "face"]) == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[0])["probabilities"]
+    assert all(abs(got[c] - want[c]) < 1e-4 for c in want)
+    csv = tmp_path / "md.csv"
+    csv.write_text(f"image,age,sex,site\n{img.rsplit('/', 1)[-1]},70,male,face\n")
+    assert main(["predict", img, "--model", str(meta_run / "model"), "--device", "cpu", "--json",
+                 "--metadata-csv", str(csv), "--sex", "female"]) == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[0])["probabilities"]
+    assert all(abs(got[c] - want[c]) < 1e-4 for c in want)
+    # no metadata: the fused model's image-only fallback
+    assert main(["predict", img, "--model", str(meta_run / "model"), "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[0])["probabilities"]
+    nomd = predictor.predict_files([img])[0].probabilities
+    assert all(abs(got[c] - nomd[c]) < 1e-4 for c in nomd)
+
+
+@pytest.mark.parametrize("args, says", [(["--site", "moon"], "site: 'moon' is not in this model's vocabulary"),
+                                        (["--age", "130"], "--age"), (["--sex", "7"], "sex: '7'")])
+def test_predict_cli_bad_metadata_exits_2_naming_the_field(meta_run, data_dir, args, says, capsys):
+    code = main(["predict", _image(data_dir), "--model", str(meta_run / "model"), "--device", "cpu", *args])
+    assert code == 2 and says in capsys.readouterr().err
+
+
+def test_predict_cli_refuses_a_dx_type_column(meta_run, data_dir, tmp_path, capsys):
+    csv = tmp_path / "md.csv"
+    img = _image(data_dir)
+    csv.write_text(f"image,age,dx_type\n{img},70,histo\n")
+    assert main(["predict", img, "--model", str(meta_run / "model"), "--metadata-csv", str(csv)]) == 2
+    assert "label leakage" in capsys.readouterr().err
+
+
+def test_evaluate_reads_metadata_from_the_record_table(meta_run, data_dir, tmp_path):
+    from medpipe.evaluate import evaluate_package
+
+    shutil.copy(meta_run / "splits.csv", tmp_path / "splits.csv")
+    out = evaluate_package(meta_run / "model", data_dir, tmp_path / "rep", splits_csv=tmp_path / "splits.csv",
+                           bootstrap=0, backend="eager", device="cpu")
+    assert out["metrics"]["metadata_given"] is True
+    test_json = json.loads((meta_run / "model" / "model.json").read_text())["metrics"]["test"]
+    assert abs(out["metrics"]["macro_auc"] - test_json["macro_auc"]) < 1e-6
