@@ -194,3 +194,74 @@ def test_evaluate_reads_metadata_from_the_record_table(meta_run, data_dir, tmp_p
     assert out["metrics"]["metadata_given"] is True
     test_json = json.loads((meta_run / "model" / "model.json").read_text())["metrics"]["test"]
     assert abs(out["metrics"]["macro_auc"] - test_json["macro_auc"]) < 1e-6
+
+
+# -- serve: SageMaker JSON and the Open Inference Protocol ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(meta_run, tmp_path_factory):
+    from tests._server import Server
+
+    srv = Server(meta_run / "model", "--backend", "auto", log=tmp_path_factory.mktemp("md_serve") / "serve.log")
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def _jpeg(data_dir) -> bytes:
+    return open(_image(data_dir), "rb").read()
+
+
+def test_serve_json_metadata_beside_each_image_equals_in_process(served, predictor, data_dir):
+    import base64
+
+    b64 = base64.b64encode(_jpeg(data_dir)).decode()
+    want = predictor.predict_bytes([_jpeg(data_dir)], metadata=[GIVEN])[0].probabilities
+    plain = predictor.predict_bytes([_jpeg(data_dir)])[0].probabilities
+    for body in ({"images": [b64, b64], "metadata": [GIVEN, None]},
+                 {"images": [{"b64": b64, "metadata": GIVEN}, {"b64": b64}]}):
+        status, _, raw = served.invoke(json.dumps(body).encode(), "application/json")
+        assert status == 200, raw
+        got = json.loads(raw)["predictions"]
+        assert all(abs(got[0]["probabilities"][c] - want[c]) < 1e-4 for c in want)
+        assert all(abs(got[1]["probabilities"][c] - plain[c]) < 1e-4 for c in plain)  # none given: the image only
+    status, _, raw = served.invoke(_jpeg(data_dir))  # raw bytes: no metadata
+    assert status == 200 and abs(json.loads(raw)["predictions"][0]["probabilities"]["nv"] - plain["nv"]) < 1e-4
+
+
+@pytest.mark.parametrize("values, says", [({"site": "moon"}, "images[0]: site: 'moon' is not in"),
+                                          ({"age": 300}, "images[0]: age: 300 is outside"),
+                                          ({"dx_type": "histo"}, "label leakage"),
+                                          ("old", "metadata[0] must be an object")])
+def test_serve_bad_metadata_is_400_naming_the_field(served, data_dir, values, says):
+    import base64
+
+    body = {"images": [base64.b64encode(_jpeg(data_dir)).decode()], "metadata": [values]}
+    status, _, raw = served.invoke(json.dumps(body).encode(), "application/json")
+    assert status == 400 and says in json.loads(raw)["message"], raw
+
+
+def test_open_inference_protocol_takes_metadata_as_a_second_input(served, predictor, data_dir):
+    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the dev extra")
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{served.port}", network_timeout=60)
+    try:
+        md = client.get_model_metadata(predictor.name)
+        assert {"name": "metadata", "datatype": "BYTES", "shape": [-1]} in md["inputs"]
+        assert json.loads(md["parameters"]["metadata"])["site"] == list(predictor.metadata_spec.site)
+
+        def infer(values):
+            img = httpclient.InferInput("image_bytes", [1], "BYTES")
+            img.set_data_from_numpy(np.array([_jpeg(data_dir)], dtype=object))
+            inp = httpclient.InferInput("metadata", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([json.dumps(values)], dtype=object), binary_data=False)
+            return client.infer(predictor.name, [img, inp]).as_numpy("probabilities")[0]
+
+        want = predictor.predict_bytes([_jpeg(data_dir)], metadata=[GIVEN])[0].probabilities
+        np.testing.assert_allclose(infer(GIVEN), [want[c] for c in predictor.classes], atol=1e-4)
+        with pytest.raises(InferenceServerException, match="site: 'moon' is not in this model's vocabulary"):
+            infer({"site": "moon"})
+    finally:
+        client.close()

@@ -6,7 +6,7 @@
     medpipe cache --data DATA_DIR --image-size 64
     medpipe train --data DATA_DIR --out RUN_DIR [--epochs N ...]   (one option per TrainConfig field)
     medpipe evaluate --model RUN/model --data DATA_DIR [--split test] [--tta]
-    medpipe predict (--model RUN/model | --url URL) IMAGE...
+    medpipe predict (--model RUN/model | --url URL) IMAGE... [--age 60 --sex male --site back | --metadata-csv F]
     medpipe serve [--model RUN/model] [--port 8080 ...]            (one option per ServeConfig field)
     medpipe batch (--model RUN/model | --url URL) --input IMAGES --output OUT
     medpipe shard --data DATA_DIR --out SHARDS
@@ -25,6 +25,9 @@ traceback). Every subcommand is ``main([...])``-callable in-process (tests do th
 
 Building the parser and parsing import only light modules (the choices come from torch-free modules);
 torch and MONAI load inside the command that runs, so ``--help`` and usage errors answer at once.
+
+Size: over 650 lines because it is every subcommand's parser and thin body in one place (the option
+helpers live in ``cli_options``); splitting the subcommands across modules would split the one parser.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ from medpipe.sagemaker.layout import download_wheels, package
 from medpipe.serve.app import ServeConfig, serve
 from medpipe.serve.profiles import PROFILE_ENV, PROFILES, apply_profile
 from medpipe.cli_options import (NON_NEGATIVE, POSITIVE, Parser, SERVE_HELP, WORKERS, _progress, add_config_options,
-                                 add_dataclass_options, add_pixel_options, add_split_options, add_verbose,
+                                 add_dataclass_options, add_metadata_options, add_pixel_options, add_split_options,
+                                 add_verbose,
                                  dataclass_values, device, number, old_spelling, suggest, walk)  # noqa: F401 - re-exported
 
 log = logging.getLogger("medpipe")
@@ -180,13 +184,12 @@ def _predict_rows(args, paths: list[str], metadata: dict[str, dict] | None = Non
     from medpipe.infer.predictor import Predictor  # deferred: torch
 
     predictor = Predictor(args.model, device=args.device, backend=args.backend, decision_rule=args.decision_rule)
-    given = [(metadata or {}).get(p) for p in paths]
-    # every image's metadata is checked before any prediction: a bad value stops the command, naming it
-    predictor.encode_metadata(given if any(given) else None, len(paths), list(paths))
+    given = [(metadata or {}).get(p) for p in paths] if metadata else [None] * len(paths)
+    predictor.encode_metadata(metadata and given, len(paths), list(paths))  # all checked first: exit 2 naming it
     rows = []
     for path, values in zip(paths, given):
         try:
-            pred = predictor.predict_files([path], tta=args.tta, metadata=[values] if any(given) else None)[0]
+            pred = predictor.predict_files([path], args.tta, metadata and [values])[0]
             rows.append({"image": path, **pred.as_dict()})
         except ImageError as exc:
             rows.append({"image": path, "error": exc.code, "message": exc.reason})
@@ -199,8 +202,8 @@ def cmd_predict(args) -> int:
     # the inputs are checked before the model loads; each path is named once (the row's "image")
     problems = {p: regular_file_problem(p) for p in args.images}
     readable = [p for p in args.images if problems[p] is None]
-    metadata = predict_metadata(args.images, {"age": args.age, "sex": args.sex, "site": args.site}, args.metadata_csv)
-    found = iter(_predict_rows(args, readable, metadata) if readable else [])
+    found = iter(_predict_rows(args, readable, predict_metadata(args.images, {
+        "age": args.age, "sex": args.sex, "site": args.site}, args.metadata_csv)) if readable else [])
     results = [next(found) if problems[p] is None else {"image": p, "error": "unreadable_file", "message": problems[p]}
                for p in args.images]
     flagged = False
@@ -383,9 +386,7 @@ def _data_commands(command) -> None:
     s.add_argument("--s3-root", help="local folder that s3://bucket/key references map onto (bucket/key)")
     s.add_argument("--label-attribute", help="Ground Truth label attribute (default: the only one; required when a "
                                              "chained manifest has several)")
-    s.add_argument("--metadata-columns", help="where the patient metadata is read from when not under its usual "
-                                              "names (age/age_approx, sex, localization/anatom_site_general), as "
-                                              "INPUT=COLUMN pairs, e.g. age=patient_age,site=location; never dx_type")
+    add_metadata_options(s, ingest=True)
     s.add_argument("--max-pixels", type=POSITIVE, default=DEFAULT_MAX_PIXELS, help="largest image accepted")
     s.add_argument("--workers", type=WORKERS, default=None, help="decoding processes (default: all cores)")
     s.add_argument("--strict", action="store_true", help="exit non-zero on any defect")
@@ -445,12 +446,7 @@ def _inference_commands(command) -> None:
     s.add_argument("--tta", action="store_true", help="average over flips")
     s.add_argument("--decision-rule", choices=DECISION_RULES, help="label rule (medpipe.decision; default: the package's own)")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
-    s.add_argument("--age", type=number(float, 0, 120), help="patient age in years, for a model that takes "
-                                                               "metadata (every IMAGE; --metadata-csv per image)")
-    s.add_argument("--sex", help="patient sex (a word of the model's vocabulary, e.g. male, female)")
-    s.add_argument("--site", help="anatomical site (a word of the model's vocabulary, e.g. back, face)")
-    s.add_argument("--metadata-csv", help="CSV with a column 'image' (the IMAGE as given, or its file name) and "
-                                          "any of age, sex, site; its values win over --age/--sex/--site")
+    add_metadata_options(s)
 
     s = command("serve", cmd_serve, "HTTP inference service (SageMaker hosting contract, web page at /)")
     add_dataclass_options(s, ServeConfig, SERVE_HELP, choices={"backend": BACKENDS, "decision_rule": DECISION_RULES,

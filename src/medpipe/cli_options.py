@@ -339,6 +339,22 @@ def add_split_options(s) -> None:
             old_spelling(s, old, new)
 
 
+def add_metadata_options(s, ingest: bool = False) -> None:
+    """Patient metadata: where ingest reads it from, or what predict sends beside each image."""
+    if ingest:
+        s.add_argument("--metadata-columns", help="where the patient metadata is read from when not under its usual "
+                                                  "names (age/age_approx, sex, localization/anatom_site_general), as "
+                                                  "INPUT=COLUMN pairs, e.g. age=patient_age,site=location; never "
+                                                  "dx_type")
+        return
+    s.add_argument("--age", type=number(float, 0, 120), help="patient age in years, for a model that takes "
+                                                               "metadata (every IMAGE; --metadata-csv per image)")
+    s.add_argument("--sex", help="patient sex (a word of the model's vocabulary, e.g. male, female)")
+    s.add_argument("--site", help="anatomical site (a word of the model's vocabulary, e.g. back, face)")
+    s.add_argument("--metadata-csv", help="CSV with a column 'image' (the IMAGE as given, or its file name) and "
+                                          "any of age, sex, site; its values win over --age/--sex/--site")
+
+
 def add_pixel_options(s, interpolations) -> None:
     """The pixel side and resampling of cached or sharded images, spelled as train spells them."""
     s.add_argument("--image-size", type=number(int, 16), default=64, help=TRAIN_HELP["image_size"])

@@ -23,12 +23,14 @@ silent default.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from medpipe.errors import ConfigError, MetadataError
+from medpipe.utils import read_csv_table
 
 FIELDS = ("age", "sex", "site")
 # canonical name -> the column names it is read from (first found wins), lower case
@@ -272,10 +274,6 @@ def per_image_metadata(images: list[str], options: Mapping[str, Any], csv_path: 
     common = {k: v for k, v in options.items() if v is not None}
     by_image = {img: dict(common) for img in images} if common else {}
     if csv_path:
-        import os
-
-        from medpipe.utils import read_csv_table
-
         if not os.path.isfile(csv_path):
             raise ConfigError(f"--metadata-csv: no file {csv_path}")
         table = read_csv_table(csv_path)

@@ -170,13 +170,15 @@ class Predictor:
         """The temperature this predictor applies with (``tta``) or without flip TTA."""
         return self._tta_temperature if tta else self.temperature
 
-    def probabilities_preprocessed(self, x: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities for a batch already through the eval preset (float32 N x 3 x S x S)."""
+    def probabilities_preprocessed(self, x: np.ndarray, metadata=None) -> np.ndarray:
+        """Calibrated probabilities for a batch already through the eval preset (float32 N x 3 x S x S);
+        ``metadata`` as for :meth:`probabilities` (or the tensor :meth:`encode_metadata` made)."""
         x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, *self.size):
             raise PredictionError(f"preprocessed input must be N x 3 x {self.size[0]} x {self.size[1]}, "
                                   f"got {tuple(x.shape)}")
-        logits = self._logits(x, self.tta)
+        m = metadata if isinstance(metadata, torch.Tensor) else self.encode_metadata(metadata, len(x))
+        logits = self._logits(x, self.tta, m)
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
         return torch.softmax(logits / self.temperature_for(self.tta), dim=1).numpy()

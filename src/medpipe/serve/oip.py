@@ -14,7 +14,13 @@ An inference request has exactly one input:
 
 - ``image_bytes``, ``BYTES`` ``[N]``: encoded images (JPEG, PNG, BMP, WebP), base64 strings in JSON
   ``data`` or raw bytes with the binary tensor extension; decoded and resized by the package's spec;
-- ``image``, ``FP32`` ``[N, 3, S, S]``: already preprocessed (the eval preset's output).
+- ``image``, ``FP32`` ``[N, 3, S, S]``: already preprocessed (the eval preset's output);
+
+and, for a model that takes patient metadata, optionally a second one:
+
+- ``metadata``, ``BYTES`` ``[N]``: one JSON object per image (``{"age": 60, "sex": "male", "site": "back"}``,
+  any field left out, or ``null``) as JSON ``data`` strings; a value outside the model's vocabulary or range
+  is 400 naming the element and the field.
 
 Before anything is decoded: shapes are JSON integers (not booleans), a JSON request is counted before it
 is parsed (strings <= max_images + 256, values <= max_images x 3 x S x S + 1024; else 413 naming the
@@ -39,11 +45,13 @@ import struct
 
 import numpy as np
 
+from medpipe.errors import MedpipeError
 from medpipe.infer.protocol import HttpError
 from medpipe import __version__
 
 HEADER_LENGTH = "inference-header-content-length"
 BYTES_INPUT, FP32_INPUT = "image_bytes", "image"
+METADATA_INPUT = "metadata"
 PROBS_OUTPUT, LABEL_OUTPUT = "probabilities", "label"
 _MODEL_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?(/ready|/infer)?$")
 
@@ -75,10 +83,13 @@ def _check_model(predictor, name: str, version: str | None) -> None:
 
 def model_metadata(predictor) -> dict:
     s = predictor.spec.image_size
+    spec = getattr(predictor, "metadata_spec", None)
+    extra = ({"metadata": json.dumps(spec.to_dict())} if spec is not None else {})
     return {
         "name": predictor.name, "versions": [predictor.version], "platform": "medpipe_monai",
         "inputs": [{"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
-                   {"name": FP32_INPUT, "datatype": "FP32", "shape": [-1, 3, s, s]}],
+                   {"name": FP32_INPUT, "datatype": "FP32", "shape": [-1, 3, s, s]},
+                   *([{"name": METADATA_INPUT, "datatype": "BYTES", "shape": [-1]}] if spec is not None else [])],
         "outputs": [{"name": PROBS_OUTPUT, "datatype": "FP32", "shape": [-1, len(predictor.classes)]},
                     {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]}],
         "parameters": {"classes": json.dumps(predictor.classes),
@@ -86,7 +97,9 @@ def model_metadata(predictor) -> dict:
                        "tta": predictor.tta,
                        "preprocessing": json.dumps(predictor.spec.describe()),
                        "inputs": "exactly one of image_bytes (encoded images; base64 strings in JSON) or image "
-                                 "(preprocessed float32 N x 3 x S x S)"},
+                                 "(preprocessed float32 N x 3 x S x S)" + (
+                                     "; optionally metadata (one JSON object string per image: age, sex, site)"
+                                     if spec is not None else ""), **extra},
     }
 
 
@@ -283,16 +296,50 @@ def parse_input(req: dict, binary: bytes, spec_size: int, max_images: int, max_a
     return "bytes", items
 
 
+def metadata_input(req: dict) -> list | None:
+    """Take the ``metadata`` input out of ``req["inputs"]``: one dict (or None) per image, or None when the
+    request has none. 400 naming the element when one is not a JSON object string."""
+    inputs = req.get("inputs")
+    found = [i for i in inputs if isinstance(i, dict) and i.get("name") == METADATA_INPUT] if isinstance(
+        inputs, list) else []
+    if not found:
+        return None
+    inp = found[0]
+    req["inputs"] = [i for i in inputs if i is not inp]
+    if inp.get("datatype") != "BYTES":
+        raise HttpError(400, "bad_datatype", f"input {METADATA_INPUT!r} must be BYTES, got {str(inp.get('datatype'))[:40]!r}")
+    data = inp.get("data")
+    if not isinstance(data, list):
+        raise HttpError(400, "bad_request", f"input {METADATA_INPUT!r}: send its elements as JSON data strings")
+    out = []
+    for i, text in enumerate(data):
+        try:
+            value = json.loads(text) if isinstance(text, str) else None
+        except (ValueError, RecursionError):
+            value = None
+        if not isinstance(value, (dict, type(None))) or not isinstance(text, str):
+            raise HttpError(400, "bad_request", f"input {METADATA_INPUT!r} element {i} must be a JSON object string "
+                            'such as {"age": 60, "sex": "male", "site": "back"}')
+        out.append(value)
+    return out
+
+
 def parse_request(body: bytes, header_length: str | None, spec_size: int, max_images: int, max_abs: float):
     """The whole request -> ("ok", request without its input data, kind, payload) or ("error", status, code,
-    message); never raises, so a decode process can run it (:data:`OFFLOAD_BYTES`)."""
+    message); never raises, so a decode process can run it (:data:`OFFLOAD_BYTES`). The metadata input, if
+    any, is returned in the request as ``metadata_values``."""
     try:
         req, binary = split_body(body, header_length, max_images, max_elements(spec_size, max_images))
+        values = metadata_input(req)
         kind, payload = parse_input(req, binary, spec_size, max_images, max_abs)
+        if values is not None and len(values) != len(payload):
+            raise HttpError(400, "bad_shape", f"input {METADATA_INPUT!r}: {len(values)} elements for "
+                            f"{len(payload)} images")
     except HttpError as exc:
         return "error", exc.status, exc.code, exc.message
     inputs = req.get("inputs")
     req["inputs"] = [{k: v for k, v in inputs[0].items() if k != "data"}]  # nothing big travels back
+    req["metadata_values"] = values
     return "ok", req, kind, payload
 
 
@@ -405,16 +452,21 @@ def add_routes(app, svc) -> None:
                                                   request.headers.get(HEADER_LENGTH), predictor.spec.image_size,
                                                   cfg.max_images, max_abs)
         outputs = requested_outputs(req)
+        values = req.pop("metadata_values", None)
         if kind == "bytes":
-            preds = await svc.predict([("bytes", b) for b in payload])
+            preds = await svc.predict([("bytes", b) for b in payload], values)
             for i, p in enumerate(preds):
                 if "error" in p:  # the protocol's invalid-input status (KServe InvalidInput, Triton): 400, bar 413
                     status = p["status"] if p["status"] == 413 or p["status"] >= 500 else 400
                     raise HttpError(status, p["error"], f"input {BYTES_INPUT!r} element {i}: {p['message']}")
             probs = np.array([[p["probabilities"][c] for c in predictor.classes] for p in preds], np.float32)
         else:
+            try:
+                vectors = predictor.encode_metadata(values, len(payload), [f"element {i}" for i in range(len(payload))])
+            except MedpipeError as exc:
+                raise HttpError(400, exc.code, f"input {METADATA_INPUT!r} {exc}") from None
             async with svc.guarded(len(payload)):
-                probs = await svc.batcher.run_exclusive(predictor.probabilities_preprocessed, payload)
+                probs = await svc.batcher.run_exclusive(predictor.probabilities_preprocessed, payload, vectors)
         head, tail = encode_response(req, predictor, probs, outputs)
         if not tail:
             return Response(head, media_type="application/json")
