@@ -265,3 +265,27 @@ def test_open_inference_protocol_takes_metadata_as_a_second_input(served, predic
             infer({"site": "moon"})
     finally:
         client.close()
+
+
+# -- batch ---------------------------------------------------------------------------------------------------
+
+def test_batch_reads_manifest_metadata_columns(meta_run, predictor, data_dir, tmp_path):
+    from medpipe.batch import run_batch
+    from medpipe.data.sources import load_records
+
+    table, _ = load_records(data_dir)
+    imgs = []
+    for p in table["path"][:3]:  # the images must lie under the manifest's folder
+        imgs.append(tmp_path / p.rsplit("/", 1)[-1])
+        shutil.copy(p, imgs[-1])
+    manifest = tmp_path / "in.csv"
+    manifest.write_text("path,age_approx,sex,anatom_site_general,dx_type\n"
+                        f"{imgs[0].name},70,male,face,histo\n{imgs[1].name},,,,histo\n{imgs[2].name},70,male,moon,\n")
+    summary = run_batch(str(meta_run / "model"), str(manifest), str(tmp_path / "out"), backend="eager",
+                        device="cpu", workers=1)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    want = predictor.predict_files([imgs[0], imgs[1]], metadata=[GIVEN, None])
+    for row, pred in zip(rows[:2], want):
+        assert all(abs(row["probabilities"][c] - pred.probabilities[c]) < 1e-4 for c in predictor.classes)
+    assert rows[2]["error"] == "invalid_metadata" and "site: 'moon'" in rows[2]["message"]
+    assert summary["errors"] == 1 and summary["predicted"] == 2  # the job went on past the bad row

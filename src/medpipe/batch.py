@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medpipe.data.sources import MEDIA_TYPES, inside, regular_file_problem, resolve_ref
-from medpipe.errors import BatchError, MedpipeError, UnreadableFileError
+from medpipe.errors import BatchError, MedpipeError, MetadataError, UnreadableFileError
+from medpipe.data.metadata import canonical_columns
 from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, read_csv_table, shown_name, to_json
 from medpipe.data import dicom
 from medpipe.data.imageio import ImageError
@@ -52,6 +53,7 @@ class Item:
     file: Path | None    # resolved local file, None when refused at listing
     error: tuple[str, str] | None = None
     extra: dict | None = None  # Ground Truth keys passed through
+    metadata: dict | None = None  # patient metadata from the manifest's age/sex/site columns (CSV, records.csv)
 
 
 # -- listing -------------------------------------------------------------------------------------
@@ -94,12 +96,13 @@ def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None 
     if src.is_dir() and (src / "records.csv").is_file():
         table = read_csv_table(src / "records.csv")
         rows = [(r["image_id"], r["path"], None) for _, r in table.iterrows()]
+        given = manifest_metadata(table)
         # An ingested table lists absolute paths under the dataset root ingest read: confine to that root
         # (never to the rows' common path, which one row pointing at /etc would widen to /).
         root = base = _dataset_root(src)
     elif src.is_dir():
         root = Path(os.path.realpath(src))
-        rows = []
+        rows, given = [], None
         for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
             dirnames.sort()
             for name in sorted(filenames):
@@ -117,10 +120,11 @@ def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None 
             raise BatchError(f"{src}: no path column (expected one of path, image, file, source-ref)")
         idcol = next((c for c in ("id", "image_id") if c in table.columns), col)
         rows = [(r[idcol], r[col], None) for _, r in table.iterrows()]
+        given = manifest_metadata(table)
         base = src.parent
     else:  # Ground Truth manifest: JSON lines with source-ref
         root = Path(os.path.realpath(src.parent))
-        rows = []
+        rows, given = [], None
         for n, line in enumerate(src.read_text().split("\n"), 1):  # JSON lines end at LF only (not U+2028)
             if not line.strip():
                 continue
@@ -139,8 +143,17 @@ def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None 
             items.append(Item(i, iid, ref, None, extra["_error"]))
             continue
         f, err = _confine(ref, root, base, Path(s3_root) if s3_root else None)
-        items.append(Item(i, str(iid), ref, f, err, extra))
+        items.append(Item(i, str(iid), ref, f, err, extra, given[i] if given else None))
     return items, root
+
+
+def manifest_metadata(table) -> list[dict] | None:
+    """Each row's age/sex/site (medpipe.data.metadata's column names and aliases), or None when the table
+    has none of them. Only those columns are read: a ``dx_type`` column is never an input."""
+    found = [canonical_columns(r) for r in table.to_dict("records")]
+    if not any(v for f in found for v in f.values()):
+        return None
+    return [{k: v for k, v in f.items() if v != ""} for f in found]
 
 
 def listing_hash(items: list[Item]) -> str:
@@ -183,7 +196,19 @@ class LocalEngine:
     def submit(self, items: list[Item]):
         return [self.pool.submit(self._decode, it) if it.error is None else None for it in items]
 
-    def forward(self, pixels: list):
+    def _with_metadata(self, it: Item, decoded):
+        """Decoded pixels -> (pixels, metadata vector) for a model that takes metadata; the item's MetadataError
+        (naming the field) when a value is outside the model's vocabulary or range. An image-only model reads
+        no manifest columns (a record table carries age/sex/site for every model)."""
+        if isinstance(decoded, ImageError) or self.predictor.metadata_spec is None:
+            return decoded
+        try:
+            vec = self.predictor.encode_metadata([it.metadata] if it.metadata else None, 1, [it.id])
+        except MetadataError as exc:
+            return exc
+        return decoded if vec is None else (decoded, vec[0].numpy())
+
+    def forward(self, pixels: list, metadata=None):
         import numpy as np
         import torch
 
@@ -191,7 +216,8 @@ class LocalEngine:
         while i < len(pixels):
             chunk = pixels[i:i + self.batch_size]
             try:
-                out.append(self.predictor.probabilities(chunk))
+                out.append(self.predictor.probabilities(
+                    chunk, metadata=None if metadata is None else metadata[i:i + len(chunk)]))
                 i += len(chunk)
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 if self.batch_size == 1:
@@ -203,10 +229,15 @@ class LocalEngine:
         return np.concatenate(out) if out else np.zeros((0, len(self.predictor.classes)), np.float32)
 
     def run(self, items: list[Item], futures) -> list[dict]:
-        decoded = [f.result() if f is not None else None for f in futures]
-        good = [d for d in decoded if d is not None and not isinstance(d, ImageError)]
+        import numpy as np
+
+        decoded = [self._with_metadata(it, f.result()) if f is not None else None for it, f in zip(items, futures)]
+        good = [d for d in decoded if d is not None and not isinstance(d, (ImageError, MetadataError))]
+        vectors = None
+        if self.predictor.metadata_spec is not None:
+            vectors, good = np.stack([v for _, v in good]) if good else None, [p for p, _ in good]
         try:
-            probs = self.forward(good)
+            probs = self.forward(good, vectors)
         except PredictionError as exc:
             return [_row(it, error=("prediction_failed", str(exc))) for it in items]
         rows, k = [], 0
@@ -216,6 +247,8 @@ class LocalEngine:
                 rows.append(_row(it, error=it.error))
             elif isinstance(d, ImageError):
                 rows.append(_row(it, error=(d.code, d.reason)))
+            elif isinstance(d, MetadataError):
+                rows.append(_row(it, error=(d.code, str(d))))
             else:
                 rows.append(_row(it, pred=preds[k].as_dict()))
                 k += 1
