@@ -289,3 +289,49 @@ def test_batch_reads_manifest_metadata_columns(meta_run, predictor, data_dir, tm
         assert all(abs(row["probabilities"][c] - pred.probabilities[c]) < 1e-4 for c in predictor.classes)
     assert rows[2]["error"] == "invalid_metadata" and "site: 'moon'" in rows[2]["message"]
     assert summary["errors"] == 1 and summary["predicted"] == 2  # the job went on past the bad row
+
+
+# -- exports -------------------------------------------------------------------------------------------------
+
+def test_onnx_two_inputs_standalone_client_and_torchscript_equal_in_process(meta_run, predictor, data_dir, tmp_path):
+    """The ONNX export takes image and metadata (described in metadata_props); the documented client
+    (docs/examples/onnx_client_metadata.py) run where medpipe cannot be imported reproduces the Predictor."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    pytest.importorskip("onnxruntime")
+    onnx = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(meta_run / "model"), "--format", "onnx", "--out", str(onnx)]) == 0
+    client = Path(__file__).resolve().parents[1] / "docs" / "examples" / "onnx_client_metadata.py"
+    img = _image(data_dir)
+    block = ("import runpy, sys; sys.modules['medpipe'] = None; sys.argv = sys.argv[1:]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", block, str(client), str(onnx), img, json.dumps(GIVEN), img, "{}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    for row, values in zip(got, (GIVEN, None)):
+        want = predictor.predict_files([img], metadata=[values])[0]
+        assert max(abs(row["probabilities"][c] - want.probabilities[c]) for c in predictor.classes) < 1e-4
+        assert row["label"] == want.label
+    ts = tmp_path / "m.ts"
+    assert main(["export", "--model", str(meta_run / "model"), "--format", "torchscript", "--out", str(ts)]) == 0
+    from medpipe.preprocess import eval_batch
+
+    x = eval_batch([predictor.spec.read(img)], predictor.spec)
+    z = torch.jit.load(str(ts))(x, torch.from_numpy(predictor.metadata_spec.encode_many([GIVEN])))
+    want = predictor.predict_files([img], metadata=[GIVEN])[0].probabilities
+    np.testing.assert_allclose(torch.softmax(z / predictor.temperature, 1)[0].detach().numpy(),
+                               [want[c] for c in predictor.classes], atol=1e-4)
+
+
+def test_bundle_and_int8_exports_refuse_a_metadata_model_saying_why(meta_run, tmp_path, capsys):
+    assert main(["export", "--model", str(meta_run / "model"), "--format", "bundle", "--out", str(tmp_path / "b")]) == 2
+    assert "feeds the network one image tensor" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    assert main(["export", "--model", str(meta_run / "model"), "--format", "onnx-int8",
+                 "--out", str(tmp_path / "q.onnx")]) == 2
+    assert "patient metadata" in capsys.readouterr().err

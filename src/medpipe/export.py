@@ -33,8 +33,8 @@ from pathlib import Path
 from medpipe import decision
 from medpipe.decision import apply_offsets
 from medpipe.errors import ExportError, GateError
-from medpipe.infer.onnx_runtime import (INPUT_NAME, ONNX_OPSET, OUTPUT_NAME,  # noqa: F401 - export's names too
-                                        export_about, input_text, onnx_bytes, onnx_session, with_onnx_metadata)
+from medpipe.infer.onnx_runtime import (INPUT_NAME, METADATA_INPUT_NAME, METADATA_TEXT, ONNX_OPSET,  # noqa: F401
+                                        OUTPUT_NAME, export_about, input_text, onnx_bytes, onnx_session, with_onnx_metadata)
 from medpipe.infer.quantize import int8_paths, load_int8, quantize_package
 from medpipe.models import bundle_target
 from medpipe.package import META, WEIGHTS, PackageMeta, load_package, read_meta
@@ -158,8 +158,13 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx-int8":
+        if read_meta(package).metadata is not None:
+            raise ExportError("--format onnx-int8: this package takes patient metadata, which the INT8 model does not "
+                              "carry yet; export --format onnx (two inputs: image and metadata)")
         return export_int8(package, out, force=force, **int8_options)
     model, meta = load_package(package)
+    if meta.metadata is not None:
+        return export_with_metadata(model, meta, fmt, Path(out), force, with_preprocessing)
     size = meta.preprocessing.image_size
     out_path = Path(out)
     check_target(out_path, fmt, force)
@@ -196,6 +201,62 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     return result
 
 
+def export_with_metadata(model: torch.nn.Module, meta: PackageMeta, fmt: str, out_path: Path, force: bool,
+                         with_preprocessing: bool) -> dict:
+    """A package that takes patient metadata: ONNX and TorchScript with two inputs (``image``: the eval preset's
+    N x 3 x S x S, ``metadata``: the encoded N x dim vectors, described in metadata_props / the extra file); the
+    SageMaker tarball as it is (its handler takes metadata). The MONAI bundle's workflow feeds one image tensor
+    to the network, so a metadata model is refused there, saying so."""
+    import torch
+
+    if fmt == "bundle":
+        raise ExportError("--format bundle: this package takes patient metadata beside the image, and the MONAI "
+                          "bundle's inference workflow feeds the network one image tensor; export --format onnx or "
+                          "torchscript (two inputs), or train without --metadata for a bundle")
+    if with_preprocessing:
+        raise ExportError("--with-preprocessing: not available for a package that takes patient metadata; export "
+                          "the plain ONNX graph (two inputs)")
+    check_target(out_path, fmt, force)
+    if fmt == "sagemaker":
+        return {"format": fmt, "out": str(layout.package(meta.dir, out_path))}
+    size, dim = meta.preprocessing.image_size, meta.metadata.dim
+    g = torch.Generator().manual_seed(0)
+    checks = [(torch.randn(n, 3, size, size, generator=g), torch.rand(n, dim, generator=g)) for n in (1, 3)]
+    with torch.inference_mode():
+        refs = [model(x, m).float() for x, m in checks]
+    result = {"format": fmt, "out": str(out_path)}
+    if fmt == "onnx":
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (torch.zeros(2, 3, size, size), torch.zeros(2, dim)), buf,
+                              input_names=[INPUT_NAME, METADATA_INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, METADATA_INPUT_NAME: {0: "batch"},
+                                            OUTPUT_NAME: {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False)
+        sess = onnx_session(buf.getvalue())
+        outs = [torch.as_tensor(sess.run(None, {INPUT_NAME: x.numpy(), METADATA_INPUT_NAME: m.numpy()})[0])
+                for x, m in checks]
+        data = with_onnx_metadata(buf.getvalue(), meta)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model.eval(), (torch.zeros(2, 3, size, size), torch.zeros(2, dim)),
+                                     check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf, _extra_files={"medpipe_model.json": _sidecar(meta, fmt)})
+        loaded = torch.jit.load(io.BytesIO(buf.getvalue()))
+        outs = [loaded(x, m).detach() for x, m in checks]
+        data = buf.getvalue()
+    result["max_abs_diff"] = worst = max(float((o - r).abs().max()) for o, r in zip(outs, refs))
+    if worst > 1e-4:
+        raise ExportError(f"exported model differs from eager by {worst:.2e} (> 1e-4)")
+    atomic_write_bytes(out_path, data)
+    if fmt == "onnx":
+        atomic_write_text(sidecar_path(out_path), _sidecar(meta, fmt))
+        result["sidecar"] = str(sidecar_path(out_path))
+    return result
+
+
 def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None = None,
                 calibration: str | Path | None = None, force: bool = False) -> dict:
     """``medpipe export --format onnx-int8``: the package's gated INT8 model (made now if it has none, or
@@ -220,7 +281,8 @@ def export_int8(package: str | Path, out: str | Path, *, data: str | Path | None
 
 
 def _sidecar(meta: PackageMeta, fmt: str, with_preprocessing: bool = False) -> str:
-    return json.dumps({"exported_as": fmt, "input": input_text(with_preprocessing), "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
+    text = input_text(with_preprocessing) + ("; " + METADATA_TEXT if meta.metadata is not None else "")
+    return json.dumps({"exported_as": fmt, "input": text, "output": f"{OUTPUT_NAME}: N x classes (softmax(logits / temperature) gives the "
                        "calibrated probabilities)", **export_about(meta), "calibration": meta.calibration.to_dict()},
                       indent=2)
 

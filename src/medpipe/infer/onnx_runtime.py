@@ -22,6 +22,10 @@ if TYPE_CHECKING:  # annotations only
 
 ONNX_OPSET = 18
 INPUT_NAME = "image"
+METADATA_INPUT_NAME = "metadata"
+METADATA_TEXT = (f"{METADATA_INPUT_NAME}: float32 N x dim, the encoded patient metadata (see metadata): [age given, "
+                 "(age - age_mean) / age_std] if age is an input, then one-hot over sex, then over site; zeros for a "
+                 "field not given")
 OUTPUT_NAME = "logits"
 
 
@@ -80,7 +84,9 @@ def export_about(meta: PackageMeta) -> dict:
             # the package's label rule (medpipe.decision), for consumers that want medpipe's labels
             "decision": {"rule": rule, "offsets": [0.0] * meta.num_classes if offsets is None else
                          [float(v) for v in offsets], "label": "argmax(log(probabilities) + offsets)"},
-            "weights_sha256": meta.weights_sha256, "medpipe_version": __version__}
+            "weights_sha256": meta.weights_sha256, "medpipe_version": __version__,
+            # the second input of a model that takes patient metadata: its fields, vocabularies, normalisation
+            **({"metadata": meta.metadata.to_dict()} if meta.metadata is not None else {})}
 
 
 def input_text(with_preprocessing: bool) -> str:
@@ -99,6 +105,8 @@ def with_onnx_metadata(data: bytes, meta: PackageMeta, with_preprocessing: bool 
     about = export_about(meta)
     props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in about.items()}
     props["input"] = input_text(with_preprocessing)
+    if meta.metadata is not None:
+        props["input"] += "; " + METADATA_TEXT
     props["output"] = f"{OUTPUT_NAME}: float32 N x {len(about['classes'])}; probabilities = softmax(logits / temperature)"
     del m.metadata_props[:]
     for k, v in props.items():
