@@ -335,3 +335,53 @@ def test_bundle_and_int8_exports_refuse_a_metadata_model_saying_why(meta_run, tm
     assert main(["export", "--model", str(meta_run / "model"), "--format", "onnx-int8",
                  "--out", str(tmp_path / "q.onnx")]) == 2
     assert "patient metadata" in capsys.readouterr().err
+
+
+# -- SageMaker handler and MLflow pyfunc ---------------------------------------------------------------------
+
+def test_sagemaker_handler_takes_json_metadata(meta_run, predictor, data_dir):
+    import base64
+
+    from medpipe.sagemaker.inference import model_fn, transform_fn
+
+    class Context:
+        status = 200
+
+        def set_response_status(self, code=200, phrase="", idx=0):
+            self.status = code
+
+    model = model_fn(str(meta_run / "model"))
+    b64 = base64.b64encode(_jpeg(data_dir)).decode()
+    ctx = Context()
+    body, _ = transform_fn(model, json.dumps({"images": [b64], "metadata": [GIVEN]}), "application/json",
+                           "application/json", ctx)
+    got = json.loads(body)["predictions"][0]["probabilities"]
+    want = predictor.predict_bytes([_jpeg(data_dir)], metadata=[GIVEN])[0].probabilities
+    assert ctx.status == 200 and max(abs(got[c] - want[c]) for c in want) < 1e-4
+    body, _ = transform_fn(model, json.dumps({"images": [b64], "metadata": [{"sex": "robot"}]}),
+                           "application/json", "application/json", ctx)
+    assert ctx.status == 400 and "images[0]: sex: 'robot'" in json.loads(body)["message"]
+
+
+def test_mlflow_pyfunc_signature_takes_optional_metadata_columns(meta_run, predictor, data_dir, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    import pandas as pd
+
+    from medpipe.track import log_package
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        info = log_package(meta_run / "model")
+    names = [c["name"] for c in json.loads(info.signature.to_dict()["inputs"])]
+    assert names == ["image", "age", "sex", "site"]
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    jpeg = _jpeg(data_dir)
+    out = model.predict(pd.DataFrame({"image": [jpeg, jpeg], "age": [70.0, None], "sex": ["male", None],
+                                      "site": ["face", None]}))
+    for i, values in enumerate((GIVEN, None)):
+        want = predictor.predict_bytes([jpeg], metadata=[values])[0].probabilities
+        assert max(abs(out[c][i] - want[c]) for c in want) < 1e-4
+    out = model.predict(pd.DataFrame({"image": [jpeg]}))  # the image alone still works
+    assert abs(out["nv"][0] - predictor.predict_bytes([jpeg])[0].probabilities["nv"]) < 1e-4
+    with pytest.raises(MetadataError, match="site: 'moon'"):
+        model.predict(pd.DataFrame({"image": [jpeg], "site": ["moon"]}))

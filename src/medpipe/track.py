@@ -288,7 +288,9 @@ def log_package(model_dir: str | Path, *, name: str = "model", registered_model_
     meta = read_meta(model_dir)
     buf = io.BytesIO()
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buf, format="PNG")
-    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+    extra = [ColSpec("double" if f == "age" else "string", f, required=False) for f in meta.metadata.fields] \
+        if meta.metadata is not None else []  # patient metadata beside the image (medpipe.data.metadata)
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image"), *extra]),
                                outputs=Schema([ColSpec("string", "label"),
                                                *[ColSpec("double", c) for c in meta.classes]]))
     v = versions()

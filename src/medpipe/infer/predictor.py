@@ -134,6 +134,8 @@ class Predictor:
             return None
         if items is None:
             return torch.zeros((n, self.metadata_spec.dim))
+        if isinstance(items, torch.Tensor):
+            items = items.numpy()
         if isinstance(items, np.ndarray):
             if items.shape != (n, self.metadata_spec.dim):
                 raise MetadataError(f"metadata: encoded metadata must be {n} x {self.metadata_spec.dim}, "

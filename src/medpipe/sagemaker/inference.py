@@ -15,7 +15,9 @@ JSON nor CSV). Anything unexpected is a 500 with a generic body; its traceback g
 
 The request protocol is medpipe serve's (medpipe.infer.protocol): image bytes, ``.npy``
 (``allow_pickle=False``; the toolkit's default decoder allows pickle, this one never does), base64
-JSON or DICOM in; labelled, calibrated JSON or CSV out.
+JSON or DICOM in; labelled, calibrated JSON or CSV out. A package that takes patient metadata gets it as in
+``medpipe serve``: JSON ``metadata`` beside each image; a value outside its vocabulary or range is a 400
+naming the image and the field.
 
 The model loads on the GPU TorchServe gives the worker (``gpu_id`` in the context; each worker of a
 multi-GPU instance gets its own) or on the CPU, with the backend ``medpipe serve --backend auto``
@@ -31,6 +33,7 @@ import os
 import uuid
 
 from medpipe.data.imageio import DEFAULT_MAX_PIXELS
+from medpipe.errors import MetadataError
 from medpipe.infer.predictor import Predictor
 from medpipe.infer.protocol import (
     CSV_T,
@@ -73,9 +76,16 @@ def predict(model, body, content_type: str | None, accept: str | None) -> tuple[
         raise HttpError(406, "not_acceptable", f"unsupported Accept type {accept!r}; use application/json or text/csv")
     body = body.encode() if isinstance(body, str) else bytes(body or b"")
     items = parse_body(media_type(content_type), body, DEFAULT_MAX_IMAGES)
+    try:
+        vectors = model.encode_metadata(getattr(items, "metadata", None), len(items),
+                                        [f"images[{i}]" for i in range(len(items))])
+    except MetadataError as exc:
+        raise HttpError(400, exc.code, str(exc)) from None
     decoded = [decode_item(model, k, payload, DEFAULT_MAX_PIXELS) for k, payload in items]
-    good = [d for d in decoded if not isinstance(d, Exception)]
-    preds = finish(merge(decoded, model.to_predictions(model.probabilities(good)) if good else []))
+    ok = [i for i, d in enumerate(decoded) if not isinstance(d, Exception)]
+    md = None if vectors is None else vectors[ok]
+    probs = model.probabilities([decoded[i] for i in ok], metadata=md) if ok else None
+    preds = finish(merge(decoded, model.to_predictions(probs) if ok else []))
     if kind == CSV_T:
         return to_csv(model.classes, preds), CSV_T
     return json.dumps({"model": model.name, "version": model.version, "predictions": preds}), JSON_T
