@@ -385,3 +385,15 @@ def test_mlflow_pyfunc_signature_takes_optional_metadata_columns(meta_run, predi
     assert abs(out["nv"][0] - predictor.predict_bytes([jpeg])[0].probabilities["nv"]) < 1e-4
     with pytest.raises(MetadataError, match="site: 'moon'"):
         model.predict(pd.DataFrame({"image": [jpeg], "site": ["moon"]}))
+
+
+def test_web_page_offers_the_fields_and_explain_takes_them(served, predictor, data_dir):
+    status, _, html = served.request("GET", "/")
+    assert status == 200 and b'const METADATA = {"fields": ["age", "sex", "site"]' in html
+    status, _, raw = served.request("POST", "/explain?age=70&sex=male&site=face", _jpeg(data_dir),
+                                    {"Content-Type": "image/jpeg"})
+    want = predictor.predict_bytes([_jpeg(data_dir)], metadata=[GIVEN])[0].probabilities
+    got = json.loads(raw)["probabilities"]
+    assert status == 200 and max(abs(got[c] - want[c]) for c in want) < 1e-4
+    status, _, raw = served.request("POST", "/explain?site=moon", _jpeg(data_dir), {"Content-Type": "image/jpeg"})
+    assert status == 400 and "site: 'moon'" in json.loads(raw)["message"]

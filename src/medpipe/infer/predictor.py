@@ -185,8 +185,9 @@ class Predictor:
             raise PredictionError("the model produced non-finite outputs")
         return torch.softmax(logits / self.temperature_for(self.tta), dim=1).numpy()
 
-    def explain(self, pixels: np.ndarray) -> tuple[Prediction, np.ndarray]:
-        """Prediction and Grad-CAM map (HxW in [0, 1], model input size) for one image, eager model."""
+    def explain(self, pixels: np.ndarray, metadata: dict | None = None) -> tuple[Prediction, np.ndarray]:
+        """Prediction and Grad-CAM map (HxW in [0, 1], model input size) for one image, eager model. With
+        ``metadata`` (a model that takes it) the prediction uses it; the map explains the image's part."""
 
         x = eval_batch([pixels], self.spec).to(self.device)
         with self._lock:
@@ -195,8 +196,8 @@ class Predictor:
             logits, cam = self._explainer(x)
         if not torch.isfinite(logits).all():
             raise PredictionError("the model produced non-finite outputs")
-        if self.tta:  # the same answer as /invocations; the map explains the unflipped image
-            return self.to_predictions(self.probabilities([pixels]))[0], cam
+        if self.tta or metadata:  # the same answer as /invocations; the map explains the unflipped image
+            return self.to_predictions(self.probabilities([pixels], metadata=[metadata] if metadata else None))[0], cam
         probs = torch.softmax(logits.float().cpu() / self.temperature, dim=1).numpy()
         return self.to_predictions(probs, tta=False)[0], cam
 

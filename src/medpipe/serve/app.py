@@ -43,6 +43,7 @@ Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``; d
 
 # No `from __future__ import annotations`: FastAPI must see the real Request class in route signatures.
 import asyncio
+import json
 import contextlib
 import functools
 import logging
@@ -443,6 +444,8 @@ def _add_info_routes(app, svc, cfg: ServeConfig) -> None:
     @app.get("/")
     async def page():
         html = resources.files("medpipe.serve").joinpath("static/index.html").read_text()
+        spec = getattr(svc.predictor, "metadata_spec", None)  # the page's age/sex/site fields, where the model has them
+        html = html.replace("/*METADATA*/null", json.dumps(spec.to_dict() if spec else None).replace("<", "\\u003c"))
         return HTMLResponse(html, headers={
             "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
                                        "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
@@ -488,9 +491,14 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
             pixels = await svc.decode("bytes", body)
             if isinstance(pixels, imageio.ImageError):
                 raise HttpError(http_status(pixels), pixels.code, pixels.reason)
+            values = {k: v for k, v in request.query_params.items()} or None  # the page's age, sex, site
+            try:
+                predictor.encode_metadata([values] if values else None, 1, ["query"])
+            except MetadataError as exc:
+                raise HttpError(400, exc.code, str(exc)) from None
             try:
                 async with asyncio.timeout(cfg.deadline_s):
-                    pred, cam = await svc.batcher.run_exclusive(predictor.explain, pixels)
+                    pred, cam = await svc.batcher.run_exclusive(predictor.explain, pixels, values)
             except TimeoutError:
                 raise HttpError(504, "deadline_exceeded", f"no answer within {cfg.deadline_s:g} s") from None
         finally:
