@@ -53,7 +53,7 @@ def run_seed(data: Path, work: Path, seed: int, epochs: int, model: str, threads
     from medpipe.train.data import CachedSource
 
     args = ["--model", model, "--image-size", "64", "--epochs", str(epochs), "--split-seed", str(seed),
-            "--bootstrap", "0", "--threads", str(threads)]
+            "--bootstrap", "0", "--threads", str(threads), "--precision", "fp32"]
     out = {}
     for name, extra in (("image_only", ["--metadata", "none"]), ("metadata", ["--metadata", "auto"])):
         run = work / f"{name}-s{seed}"

@@ -216,8 +216,8 @@ class LocalEngine:
         while i < len(pixels):
             chunk = pixels[i:i + self.batch_size]
             try:
-                out.append(self.predictor.probabilities(
-                    chunk, metadata=None if metadata is None else metadata[i:i + len(chunk)]))
+                given = {} if metadata is None else {"metadata": metadata[i:i + len(chunk)]}
+                out.append(self.predictor.probabilities(chunk, **given))
                 i += len(chunk)
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 if self.batch_size == 1:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from medpipe.config import TrainConfig, make_config
-from medpipe.errors import MedpipeError
+from medpipe.errors import ConfigError, MedpipeError
 from medpipe.fl.aggregate import restore_scalars, site_statistics
 from medpipe.train.data import open_source
 from medpipe.fl.losses import proximal_term
@@ -50,6 +50,9 @@ class Site:
         self.name, self.data_dir = name, Path(data_dir)
         self.handlers = list(handlers or [])  # MODULE:NAME[:ARG,...] specs, made anew for each round
         cfg = make_config({**train_config, **(overrides or {})}).validate()
+        if cfg.metadata.strip() not in ("", "none"):  # the aggregated model is the image network's shape
+            raise ConfigError("federated training takes the image only: pass --metadata none (a metadata model is "
+                              "trained with medpipe train)")
         self.cfg: TrainConfig = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
