@@ -456,10 +456,14 @@ class _Output:
     def finish(self) -> None:
         """Put every output (the state file last: a finished job's summary), then drop the local copy."""
         if self.staged:
-            files = [p for p in sorted(self.local.rglob("*")) if p.is_file() and SHARD_DIR not in
-                     p.relative_to(self.local).parts[:1] and p.name != STATE]
-            for p in [*files, self.local / STATE]:
-                self.put(p)
+            rel = {p: p.relative_to(self.local) for p in sorted(self.local.rglob("*")) if p.is_file()}
+            files = [p for p, r in rel.items() if r.parts[0] != SHARD_DIR and r.as_posix() != STATE]
+            try:
+                self.staged.put_many(files)
+            except StorageError as exc:
+                raise StorageError(f"{exc}; every part is in {self.staged.url}/{SHARD_DIR}: run the same command "
+                                   "again to write the outputs", transient=exc.transient) from None
+            self.put(self.local / STATE)
             self.staged.close()
 
 

@@ -174,6 +174,12 @@ class Staged:
         write_bytes(url, Path(path).read_bytes())
         return url
 
+    def put_many(self, paths: list[Path], workers: int = 16) -> None:
+        """:meth:`put` each path, ``workers`` at a time (per-file outputs can be many small objects)."""
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="medpipe-s3-put") as pool:
+            for _ in pool.map(self.put, paths):
+                pass
+
     def close(self) -> None:
         self._tmp.cleanup()
 
