@@ -262,6 +262,7 @@ def _gt_manifest(data_dir: Path, n: int) -> tuple[list[str], pd.DataFrame]:
 
 
 def test_ingest_a_groundtruth_manifest_and_its_images_from_s3(s3_env, data_dir, tmp_path, monkeypatch):
+    from medpipe.batch import list_items
     from medpipe.data import s3
     from medpipe.data.sources import ingest
     from medpipe.errors import IngestError
@@ -285,6 +286,8 @@ def test_ingest_a_groundtruth_manifest_and_its_images_from_s3(s3_env, data_dir, 
     assert "outside_root" in reasons  # a manifest on S3 never makes ingest read a local file
     paths = pd.read_csv(tmp_path / "data" / "records.csv", dtype=str)["path"]
     assert all(Path(p).is_relative_to((tmp_path / "data" / "s3").resolve()) for p in paths)
+    items, _ = list_items(tmp_path / "data")  # batch over the ingested folder: its rows are inside the copy
+    assert len(items) == 15 and not any(it.error for it in items)
 
     # the server gone after 4 objects: a clear error, what was fetched is kept, a rerun fetches the rest
     s3_env.fail_fast(monkeypatch)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from medpipe.data import s3
-from medpipe.data.sources import MAX_FILE_MB, MEDIA_TYPES, inside, regular_file_problem, resolve_ref
+from medpipe.data.sources import MAX_FILE_MB, MEDIA_TYPES, S3_MIRROR, inside, regular_file_problem, resolve_ref
 from medpipe.errors import BatchError, MedpipeError, StorageError, UnreadableFileError
 from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, read_csv_table, shown_name, to_json
 from medpipe.data import dicom
@@ -83,6 +83,8 @@ def _dataset_root(data_dir: Path) -> Path:
         return Path(os.path.realpath(data_dir))
     if report.get("format") == "dataverse":
         source = data_dir / "extracted"
+    elif s3.is_s3(report["source"]):  # a manifest on S3: ingest copied its objects under the data folder
+        source = data_dir / S3_MIRROR
     elif not source.is_dir():
         source = source.parent  # a manifest: its folder
     return Path(os.path.realpath(source))
