@@ -89,13 +89,14 @@ def test_batch_manifest_on_s3_missing_key_bad_reference_and_missing_buckets(s3_e
     s3_env.put_tree(images, f"s3://{b}/in")
     first = sorted((images / "site0").iterdir())[0].name
     s3_env.put(f"s3://{b}/m/beside.jpg", (images / "site0" / first).read_bytes())
+    s3_env.put(f"s3://{b}/m/empty.png", b"")
     lines = [{"source-ref": f"s3://{b}/in/site0/{first}"}, {"source-ref": "beside.jpg"},
-             {"source-ref": f"s3://{b}/in/gone.jpg"}, {"source-ref": "../escape.jpg"}]
+             {"source-ref": f"s3://{b}/in/gone.jpg"}, {"source-ref": "../escape.jpg"}, {"source-ref": "empty.png"}]
     s3_env.put(f"s3://{b}/m/job.manifest", "".join(json.dumps(x) + "\n" for x in lines).encode() + b'{"source-ref"')
     out = tmp_path / "out"
     assert main(["batch", *BATCH, "--input", f"s3://{b}/m/job.manifest", "--output", str(out)]) == 0
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [r.get("error") for r in rows] == [None, None, "unreadable_file", "unsupported_reference",
+    assert [r.get("error") for r in rows] == [None, None, "unreadable_file", "unsupported_reference", "empty_image",
                                              "bad_manifest_line"]  # the last line: a truncated manifest
     assert rows[0]["probabilities"] == rows[1]["probabilities"]  # the same bytes, one by key beside the manifest
     assert f"s3://{b}/in/gone.jpg" in rows[2]["message"] and "no such key" in rows[2]["message"]
