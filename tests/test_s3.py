@@ -235,7 +235,7 @@ def test_shard_faults_name_the_url_and_the_reason(s3_env, s3_shards, tmp_path, m
                  "--image-size", "32"]) == 2
     err = capsys.readouterr().err
     assert "s3://medpipe-no-such-bucket/shards/index.json" in err and "no such bucket" in err
-    # a truncated shard (a copy cut in half): the read fails naming it, never yields a short epoch silently
+    # a truncated shard (a copy cut in half): training stops with an error naming it
     b = s3_env.bucket()
     index = read_index(s3_shards)
     name = next(s["name"] for s in index["shards"] if s["split"] == "val")
