@@ -553,6 +553,8 @@ def fetch_groundtruth(source: str | Path, out: Path, max_bytes: int) -> tuple[Pa
                     refs[ref] = (url, s3_path(url, mirror))
             except ValueError:
                 continue  # read_groundtruth refuses it, naming the reason
+    if refs:
+        s3.filesystem()  # s3fs missing: one error now, not one per object
     try:
         failed = s3.fetch_all(list(dict(refs.values()).items()), max_bytes)
     except StorageError as exc:
