@@ -410,7 +410,7 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
     errors = sum("error" in r for r in rows)
     summary = {**state, "predicted": len(rows) - errors, "errors": errors, "error_rate": errors / len(rows),
                "missing": sum(bool(r.get("transient")) for r in rows), "per_file_refused": refused,
-               "outputs": {"jsonl": stage.where(out / "predictions.jsonl"), "csv": stage.where(out / "predictions.csv")}}
+               "outputs": {k: stage.where(out / f"predictions.{k}") for k in ("jsonl", "csv")}}
     atomic_write_json(state_path, summary)
     stage.finish()
     summary["threshold_exceeded"] = max_error_rate is not None and summary["error_rate"] > max_error_rate

@@ -396,7 +396,7 @@ def _training_commands(command) -> None:
     """train, evaluate: fitting a model and measuring it."""
 
     s = command("train", cmd_train, "train a MONAI classifier; writes RUN_DIR/{model,report,checkpoints}")
-    s.add_argument("--data", required=True, help="ingested data directory (or a shard folder)")
+    s.add_argument("--data", required=True, help="ingested data directory, or a shard folder or s3:// prefix")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--config", help="YAML config (keys as in config.yaml); options given here override it")
     s.add_argument("--resume", nargs="?", const="last", default=None,
