@@ -16,8 +16,9 @@ Reading never touches the local disk beyond the stream: fsspec opens each shard 
 that cannot be read (no such bucket or key, access denied, the endpoint unreachable, a truncated tar) is a
 :class:`~medpipe.errors.ShardError` naming its URL and the reason. Writing to ``s3://`` puts each shard as one
 object (atomic), ``index.json`` last, so a shard set whose index is there is whole. Shards are divided across
-ranks and DataLoader workers; a seeded shuffle buffer mixes samples. Without balancing an epoch reads every training record exactly once;
-with ``imbalance=sampler`` classes are drawn uniformly (each class stream cycles, reshuffled).
+ranks and DataLoader workers; a seeded shuffle buffer mixes samples. Without balancing an epoch reads every
+training record exactly once; with ``imbalance=sampler`` classes are drawn uniformly (each class stream cycles,
+reshuffled).
 """
 
 from __future__ import annotations
