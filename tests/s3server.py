@@ -42,7 +42,8 @@ class S3Server:
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self.env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": REGION,
                     "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_EC2_METADATA_DISABLED": "true",
-                    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+                    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                    "MLFLOW_S3_ENDPOINT_URL": self.endpoint_url}  # MLflow's artifact client reads its own variable
         import s3fs
 
         self.fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=self.endpoint_url,
