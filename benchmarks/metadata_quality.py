@@ -46,7 +46,8 @@ def _figures(predictor, source, metadata) -> dict:
     return out
 
 
-def run_seed(data: Path, work: Path, seed: int, epochs: int, model: str, threads: int) -> dict:
+def run_seed(data: Path, work: Path, seed: int, epochs: int, model: str, threads: int,
+             variants: tuple[str, ...] = ("image_only", "metadata")) -> dict:
     from medpipe.cli import main
     from medpipe.config import make_config
     from medpipe.infer.predictor import Predictor
@@ -56,6 +57,8 @@ def run_seed(data: Path, work: Path, seed: int, epochs: int, model: str, threads
             "--bootstrap", "0", "--threads", str(threads), "--precision", "fp32"]
     out = {}
     for name, extra in (("image_only", ["--metadata", "none"]), ("metadata", ["--metadata", "auto"])):
+        if name not in variants:
+            continue
         run = work / f"{name}-s{seed}"
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.time()
@@ -78,8 +81,19 @@ def main_(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8, help="training epochs of every run")
     p.add_argument("--model", default="densenet121", help="architecture")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--variants", default="image_only,metadata",
+                   help="which runs (separate processes may each run one, then --merge their files)")
+    p.add_argument("--merge", nargs="+", help="result files of the same settings to combine into --out (no training)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_metadata.json"))
     a = p.parse_args(argv)
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        merged = {**parts[0], "command": [x["command"] for x in parts]}
+        for part in parts[1:]:
+            for seed, figures in part["seeds"].items():
+                merged["seeds"].setdefault(seed, {}).update(figures)
+        Path(a.out).write_text(json.dumps(merged, indent=2) + "\n")
+        return 0
     from medpipe.data.sources import ingest
 
     work = Path(a.work)
@@ -94,7 +108,8 @@ def main_(argv=None) -> int:
                                         "comparable, figures are; one split seed is noisy (few df/vasc)",
               "seeds": {}}
     for seed in [int(s) for s in a.seeds.split(",")]:
-        result["seeds"][str(seed)] = run_seed(data, work, seed, a.epochs, a.model, a.threads)
+        result["seeds"][str(seed)] = run_seed(data, work, seed, a.epochs, a.model, a.threads,
+                                              tuple(a.variants.split(",")))
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["seeds"][str(seed)], indent=2))
     return 0

@@ -370,7 +370,8 @@ def test_mlflow_pyfunc_signature_takes_optional_metadata_columns(meta_run, predi
     from medpipe.track import log_package
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run():
+    exp = mlflow.create_experiment("metadata", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns
+    with mlflow.start_run(experiment_id=exp):
         info = log_package(meta_run / "model")
     names = [c["name"] for c in json.loads(info.signature.to_dict()["inputs"])]
     assert names == ["image", "age", "sex", "site"]
