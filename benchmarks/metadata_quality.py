@@ -88,7 +88,7 @@ def main_(argv=None) -> int:
     a = p.parse_args(argv)
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge]
-        merged = {**parts[0], "command": [x["command"] for x in parts]}
+        merged = {**parts[0], "command": " & ".join(x["command"] for x in parts)}
         for part in parts[1:]:
             for seed, figures in part["seeds"].items():
                 merged["seeds"].setdefault(seed, {}).update(figures)
@@ -101,10 +101,11 @@ def main_(argv=None) -> int:
     if not (data / "records.csv").is_file():
         ingest(DEV_SET, data, workers=2)
     result = {"benchmark": "metadata_quality", "command": "python benchmarks/" + Path(__file__).name + " " +
-              " ".join(argv if argv is not None else sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+              " ".join(argv if argv is not None else sys.argv[1:]), "when": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                       time.gmtime()),
               "machine": machine(), "dataset": str(DEV_SET.name), "epochs": a.epochs, "model": a.model,
-              "image_size": 64, "note": "fixed epoch count on a 2-core machine shared by other jobs: timings are not "
+              "image_size": 64, "what": "image-only vs image + metadata vs the fused model without metadata, test split",
+              "note": "fixed epoch count on a 2-core machine shared by other jobs: timings are not "
                                         "comparable, figures are; one split seed is noisy (few df/vasc)",
               "seeds": {}}
     for seed in [int(s) for s in a.seeds.split(",")]:
