@@ -165,20 +165,7 @@ class LocalEngine:
                      "classes": self.predictor.classes, "backend": self.predictor.backend, "tta": self.predictor.tta}
 
     def _decode(self, it: Item):
-        p = self.predictor
-        problem = regular_file_problem(it.file)
-        if problem is not None:
-            return UnreadableFileError(problem)
-        try:
-            data = it.file.read_bytes()
-        except OSError as exc:
-            return UnreadableFileError(f"cannot read file ({exc.strerror})")
-        try:
-            if it.file.suffix.lower() == ".dcm":
-                return p.prepare_array(dicom.decode_dicom(data, p.max_pixels))
-            return p.decode(data)
-        except ImageError as exc:
-            return exc
+        return decode_item(self.predictor, it)
 
     def submit(self, items: list[Item]):
         return [self.pool.submit(self._decode, it) if it.error is None else None for it in items]
@@ -203,7 +190,10 @@ class LocalEngine:
         return np.concatenate(out) if out else np.zeros((0, len(self.predictor.classes)), np.float32)
 
     def run(self, items: list[Item], futures) -> list[dict]:
-        decoded = [f.result() if f is not None else None for f in futures]
+        return self.rows(items, [f.result() if f is not None else None for f in futures])
+
+    def rows(self, items: list[Item], decoded: list) -> list[dict]:
+        """The rows of ``items`` from their decoded pixels (None: refused at listing; an ImageError: why not)."""
         good = [d for d in decoded if d is not None and not isinstance(d, ImageError)]
         try:
             probs = self.forward(good)
@@ -220,6 +210,24 @@ class LocalEngine:
                 rows.append(_row(it, pred=preds[k].as_dict()))
                 k += 1
         return rows
+
+
+def decode_item(decoder, it: Item):
+    """``it``'s pixels (resized RGB uint8), or the ImageError saying why not. ``decoder``: the Predictor, or
+    anything with its ``decode``, ``prepare_array`` and ``max_pixels`` (the Ray engine's spec-only decoder)."""
+    problem = regular_file_problem(it.file)
+    if problem is not None:
+        return UnreadableFileError(problem)
+    try:
+        data = it.file.read_bytes()
+    except OSError as exc:
+        return UnreadableFileError(f"cannot read file ({exc.strerror})")
+    try:
+        if it.file.suffix.lower() == ".dcm":
+            return decoder.prepare_array(dicom.decode_dicom(data, decoder.max_pixels))
+        return decoder.decode(data)
+    except ImageError as exc:
+        return exc
 
 
 class RemoteEngine:
@@ -284,7 +292,9 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
               shard_size: int = 256, workers: int | None = None, backend: str = "auto", device: str = "auto",
               concurrency: int | None = None, max_error_rate: float | None = None, retries: int = 6,
               progress: bool = False, s3_root: str | None = None, decision_rule: str | None = None,
-              tta: bool = False) -> dict:
+              tta: bool = False, engine_factory=None) -> dict:
+    """``engine_factory``: builds the engine that answers the shards (medpipe.batch_ray's Ray Data engine);
+    None: the local engine, or the remote one with ``url``."""
     if url and tta:
         raise BatchError("--tta applies to a local --model; a server averages flips when started with --tta")
     out = Path(output)
@@ -300,8 +310,8 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
         if state.get("listing_sha256") != digest or state.get("shard_size") != shard_size:
             raise BatchError(f"{out} holds a batch job over a different input listing or shard size; "
                              "use a new --output folder")
-    engine = RemoteEngine(url, concurrency, retries) if url else LocalEngine(model, backend, device, batch_size,
-                                                                   workers or (os.cpu_count() or 1), decision_rule, tta)
+    engine = engine_factory() if engine_factory else RemoteEngine(url, concurrency, retries) if url else \
+        LocalEngine(model, backend, device, batch_size, workers or (os.cpu_count() or 1), decision_rule, tta)
     if state_path.is_file():  # finished shards must not be mixed with answers of another model or TTA setting
         old = json.loads(state_path.read_text())
         changed = [f"{k}: {old.get(k)!r} before, {engine.meta.get(k)!r} now" for k in ("model", "version", "tta")
@@ -331,15 +341,14 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), initial=done_items, unit="img", desc="batch", dynamic_ncols=True)
-    pending = engine.submit(todo[0][1]) if todo else None
-    for n, (k, group) in enumerate(todo):
-        futures = pending
-        pending = engine.submit(todo[n + 1][1]) if n + 1 < len(todo) else None  # decode ahead
-        fresh = {r["index"]: r for r in engine.run(group, futures)}
+    results = engine.results(todo) if hasattr(engine, "results") else _in_order(engine, todo)
+    for k, answered in results:  # (shard number, its fresh rows), in any order
+        fresh = {r["index"]: r for r in answered}
         rows = [fresh.get(it.index) or kept[it.index] for it in groups[k]]
         atomic_write_text(shards / f"part-{k:05d}.jsonl", "".join(to_json(r) + "\n" for r in rows))
         if bar:
-            bar.update(len(group))
+            bar.update(len(answered))
+    state.update((k, v) for k, v in engine.meta.items() if k != "classes")  # what the engine learnt while running
     if bar:
         bar.close()
 
@@ -357,6 +366,15 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
     atomic_write_json(state_path, summary)
     summary["threshold_exceeded"] = max_error_rate is not None and summary["error_rate"] > max_error_rate
     return summary
+
+
+def _in_order(engine, todo: list[tuple[int, list[Item]]]):
+    """(shard number, rows) for each shard to do, decoding one shard ahead of the forward pass."""
+    pending = engine.submit(todo[0][1]) if todo else None
+    for n, (k, group) in enumerate(todo):
+        futures = pending
+        pending = engine.submit(todo[n + 1][1]) if n + 1 < len(todo) else None  # decode ahead
+        yield k, engine.run(group, futures)
 
 
 def _shard_rows(path: Path, n: int) -> list[dict] | None:

@@ -45,7 +45,7 @@ LAYERS: tuple[Layer, ...] = (
           "pure functions: AUC, bootstrap, ECE, temperature fitting, decision rules"),
     Layer(4, "inference", ("infer.*",),
           "the Predictor, backends, ONNX session/bytes, INT8/OpenVINO, wire protocol, client, Grad-CAM"),
-    Layer(5, "model jobs", ("evaluate", "export", "batch", "sagemaker.layout", "monitor.*"),
+    Layer(5, "model jobs", ("evaluate", "export", "batch", "batch_ray", "sagemaker.layout", "monitor.*"),
           "the report and plots; exports proven with their runtimes (SageMaker model.tar.gz included); batch "
           "transform; data capture records, baseline statistics and drift checks"),
     Layer(6, "training", ("config", "recipe", "train.*"),
