@@ -115,12 +115,12 @@ def main() -> None:
     device = resolve_device(args.device)
     from medpipe.infer.openvino_runtime import available as openvino_available
 
+    if args.engine == "ray":
+        return ray_vs_local(args, synth_dataset(args.count), device)
     cpu_default = "onnx,int8" + (",openvino" if openvino_available() else "")
     args.backends = args.backends or (cpu_default if device.type == "cpu" else "auto")
 
     folder = synth_dataset(args.count)
-    if args.engine == "ray":
-        return ray_vs_local(args, folder, device)
     files = sorted(folder.rglob("*.jpg"))[: args.count]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -115,20 +115,3 @@ class BadWeightsAtEpoch:
             else:
                 p.data = p.data.to(torch.float16)
 
-
-def ray_slow_shards() -> None:
-    """A Ray worker setup hook (``runtime_env={"worker_process_setup_hook": "tests.faults.ray_slow_shards"}``):
-    each shard a batch predictor actor answers takes ``$MEDPIPE_TEST_RAY_SLOW_S`` seconds longer, so that a job
-    is still running when a test kills a node."""
-    import time
-
-    from medpipe import batch
-
-    seconds = float(os.environ.get("MEDPIPE_TEST_RAY_SLOW_S", "0"))
-    rows = batch.LocalEngine.rows
-
-    def slow(self, items, decoded):
-        time.sleep(seconds)
-        return rows(self, items, decoded)
-
-    batch.LocalEngine.rows = slow

@@ -24,7 +24,7 @@ from medpipe.cli import main  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 240
 SHARD = 12
-SLOW_SHARD_S = 0.1  # each shard an actor answers takes this much longer (tests.faults.ray_slow_shards)
+SLOW_SHARD_S = 0.1  # each shard an actor answers takes this much longer (tests.slow.ray_slow_shards)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +33,13 @@ def cluster():
 
     # a killed node is declared dead after ~2 s of missed health checks (the default waits much longer)
     fast_death = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 4}
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 * 2**20,
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 2**20,
                                                       "include_dashboard": False, "_system_config": fast_death})
-    worker = c.add_node(num_cpus=2, object_store_memory=150 * 2**20)
+    worker = c.add_node(num_cpus=1, object_store_memory=150 * 2**20)
     path = os.pathsep.join([str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
     ray.init(address=c.address, logging_level="WARNING", runtime_env={
         "env_vars": {"PYTHONPATH": path, "MEDPIPE_TEST_RAY_SLOW_S": str(SLOW_SHARD_S)},
-        "worker_process_setup_hook": "tests.faults.ray_slow_shards"})
+        "worker_process_setup_hook": "tests.slow.ray_slow_shards"})
     c.wait_for_nodes()
     c.worker = worker
     yield c
@@ -127,7 +127,8 @@ def test_rerun_redoes_only_missing_or_broken_shards(cluster, job, ray_out, tmp_p
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for i, p in enumerate(shards) if i not in (2, 5, 7)}
     from medpipe.batch_ray import run_batch_ray
 
-    s = run_batch_ray(str(job / "pkg"), str(job / "images"), str(out), address=cluster.address, shard_size=SHARD)
+    s = run_batch_ray(str(job / "pkg"), str(job / "images"), str(out), address=cluster.address, shard_size=SHARD,
+                      actors=1)
     assert s["predicted"] == IMAGES and s["errors"] == 2
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards if p.name in kept} == kept
     assert (out / "predictions.jsonl").read_bytes() == (ray_out / "predictions.jsonl").read_bytes()

@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medpipe.data.sources import MEDIA_TYPES, inside, regular_file_problem, resolve_ref
-from medpipe.errors import BatchError, MedpipeError, UnreadableFileError
+from medpipe.errors import BatchError, MedpipeError, PredictionError, UnreadableFileError
 from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, read_csv_table, shown_name, to_json
 from medpipe.data import dicom
 from medpipe.data.imageio import ImageError
 from medpipe.infer.client import Client, media_type
-from medpipe.infer.predictor import PredictionError, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +156,8 @@ class LocalEngine:
 
     def __init__(self, model: str, backend: str, device: str, batch_size: int, workers: int,
                  decision_rule: str | None = None, tta: bool = False):
+        from medpipe.infer.predictor import Predictor  # deferred: torch (the Ray engine's decoding tasks import this module)
+
         self.predictor = Predictor(model, device=device, backend=backend, max_batch=max(1, batch_size),
                                    decision_rule=decision_rule, tta=tta)
         self.batch_size = max(1, batch_size)

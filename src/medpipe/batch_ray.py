@@ -88,6 +88,8 @@ def decode_shard(row: dict, spec) -> dict:
         d = None if it.error else decode_item(decoder, it)
         if isinstance(d, ImageError):
             errors.append([d.code, d.reason])
+        elif isinstance(d, Exception):  # anything else decode_item reports instead of pixels
+            errors.append([getattr(d, "code", "unreadable_file"), str(d)])
         else:
             errors.append(None)
             if d is not None:
@@ -188,7 +190,6 @@ class RayEngine:
         started = self._connect()
         ray = self.ray
         try:
-            ray.data.DataContext.get_current().enable_progress_bars = False
             logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
             actors, threads, gpus = self._plan()
             self.meta.update(ray_actors=actors, ray_threads_per_actor=threads)

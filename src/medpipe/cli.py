@@ -39,6 +39,8 @@ from pathlib import Path
 
 from medpipe.utils import exit_process, to_json  # noqa: F401 - medpipe.cli.exit_process for __main__
 from medpipe import __version__, tune
+from medpipe.batch import run_batch
+from medpipe.batch_ray import run_batch_ray
 from medpipe.errors import ConfigError, MedpipeError, exit_code
 from medpipe.config import (TrainConfig, make_config,
                             resume_config)
@@ -247,15 +249,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    ray = {}
-    if args.engine == "ray":
-        from medpipe.batch_ray import run_batch_ray as run  # deferred: ray, torch
-        ray = {"address": args.ray_address, "actors": args.ray_actors}
-    elif args.ray_address or args.ray_actors:
+    if args.engine != "ray" and (args.ray_address or args.ray_actors):
         raise ConfigError("--ray-address and --ray-actors apply to --engine ray")
-    else:
-        from medpipe.batch import run_batch as run  # deferred: torch
-
+    run, ray = run_batch, {}  # torch loads when the engine starts; Ray only with --engine ray
+    if args.engine == "ray":
+        run, ray = run_batch_ray, {"address": args.ray_address, "actors": args.ray_actors}
     s = run(args.model, args.input, args.output, url=args.url, per_file=args.per_file,
                   manifest_out=args.manifest_out, label_attribute=args.label_attribute, batch_size=args.batch_size,
                   shard_size=args.shard_size, workers=args.workers, backend=args.backend, device=args.device,
