@@ -47,8 +47,8 @@ class Predictor:
     """Load once, predict many times. ``backend``: a registered backend (medpipe.infer.backends: eager
     PyTorch, ONNX Runtime FP32 or INT8 on CPU, OpenVINO running the gated INT8 graph on CPU, CUDA graphs
     of the eager model on CUDA) or ``auto`` (medpipe.infer.auto); None (the default): eager.
-    ``decision_rule``: the rule that picks each label (medpipe.decision; None: the package's default); the probabilities are the same under
-    every rule.
+    ``decision_rule``: the rule that picks each label (medpipe.decision; None: the package's default); the
+    probabilities are the same under every rule.
     ``tta``: by default average the logits over the image and its horizontal, vertical and double flips
     (four forward passes per image; a call may still ask for or against it)."""
 
