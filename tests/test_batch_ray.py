@@ -20,6 +20,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'medp
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'medpipe-imaging[ray]')")
 
 from medpipe.cli import main  # noqa: E402
+from tests.s3server import s3_env, s3_server  # noqa: E402,F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 240
@@ -28,8 +29,14 @@ SLOW_SHARD_S = 0.1  # each shard an actor answers takes this much longer (tests.
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request):
     from ray.cluster_utils import Cluster
+
+    try:  # the S3 test server's AWS_* settings go to every Ray worker (the nodes read s3:// inputs themselves)
+        s3 = request.getfixturevalue("s3_server")
+    except pytest.skip.Exception as exc:
+        s3 = None
+        s3_missing = str(exc)
 
     # a killed node is declared dead after ~2 s of missed health checks (the default waits much longer)
     fast_death = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 4}
@@ -38,10 +45,11 @@ def cluster():
     worker = c.add_node(num_cpus=1, object_store_memory=150 * 2**20)
     path = os.pathsep.join([str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
     ray.init(address=c.address, logging_level="WARNING", runtime_env={
-        "env_vars": {"PYTHONPATH": path, "MEDPIPE_TEST_RAY_SLOW_S": str(SLOW_SHARD_S)},
+        "env_vars": {"PYTHONPATH": path, "MEDPIPE_TEST_RAY_SLOW_S": str(SLOW_SHARD_S), **(s3.env if s3 else {})},
         "worker_process_setup_hook": "tests.slow.ray_slow_shards"})
     c.wait_for_nodes()
     c.worker = worker
+    c.s3_missing = None if s3 else s3_missing
     yield c
     ray.shutdown()
     c.shutdown()
@@ -132,6 +140,20 @@ def test_rerun_redoes_only_missing_or_broken_shards(cluster, job, ray_out, tmp_p
     assert s["predicted"] == IMAGES and s["errors"] == 2
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards if p.name in kept} == kept
     assert (out / "predictions.jsonl").read_bytes() == (ray_out / "predictions.jsonl").read_bytes()
+
+
+def test_ray_engine_reads_an_s3_prefix(cluster, job, s3_env):
+    """The decoding tasks read the objects from S3 themselves (a real S3 API server on loopback)."""
+    if cluster.s3_missing:
+        pytest.skip(cluster.s3_missing)
+    from medpipe.batch_ray import run_batch_ray
+
+    bucket = s3_env.bucket()
+    s3_env.put_tree(job / "images" / "site1", f"s3://{bucket}/in/site1")
+    s = run_batch_ray(str(job / "pkg"), f"s3://{bucket}/in", str(job / "from_s3"), address=cluster.address,
+                      shard_size=SHARD, actors=1)
+    assert s["predicted"] == IMAGES // 3 and s["errors"] == 0
+    _assert_same_rows(_rows(job / "from_s3"), [r for r in _rows(job / "local") if r["id"].startswith("site1/")])
 
 
 def test_worker_node_killed_mid_job_answers_every_item_exactly_once(cluster, job, tmp_path):

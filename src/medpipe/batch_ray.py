@@ -26,7 +26,7 @@ from pathlib import Path
 
 from medpipe.batch import Item, LocalEngine, decode_item, run_batch
 from medpipe.data import imageio
-from medpipe.errors import BatchError, ImageError
+from medpipe.errors import BatchError, ImageError, StorageError
 from medpipe.package import read_meta
 from medpipe.utils import to_json
 
@@ -53,14 +53,29 @@ def import_ray():
 
 def _item_json(it: Item) -> list:
     return [it.index, it.id, it.path, None if it.file is None else str(it.file),
-            None if it.error is None else list(it.error)]
+            None if it.error is None else list(it.error), it.url]
 
 
 def _item(x: list) -> Item:
-    index, iid, path, file, error = x
-    if file is not None and "://" not in file:  # a local path (a URL stays the string it was listed as)
-        file = Path(file)
-    return Item(index, iid, path, file, None if error is None else tuple(error))
+    index, iid, path, file, error, url = x
+    return Item(index, iid, path, None if file is None else Path(file), None if error is None else tuple(error),
+                url=url)
+
+
+def _error_json(exc: Exception) -> list:
+    """[code, reason, transient] of what :func:`medpipe.batch.decode_item` returned instead of pixels."""
+    if isinstance(exc, ImageError):
+        return [exc.code, exc.reason, False]
+    return [getattr(exc, "code", "unreadable_file"), str(exc), bool(getattr(exc, "transient", False))]
+
+
+def _error(x: list) -> Exception:
+    code, reason, transient = x
+    if transient:  # an s3:// object that could not be reached: a transient row, asked again by a rerun
+        return StorageError(reason, transient=True)
+    exc = ImageError(reason)
+    exc.code = code
+    return exc
 
 
 class SpecDecoder:
@@ -86,10 +101,8 @@ def decode_shard(row: dict, spec) -> dict:
     pixels, errors = [], []
     for it in map(_item, json.loads(row["items"])):
         d = None if it.error else decode_item(decoder, it)
-        if isinstance(d, ImageError):
-            errors.append([d.code, d.reason])
-        elif isinstance(d, Exception):  # anything else decode_item reports instead of pixels
-            errors.append([getattr(d, "code", "unreadable_file"), str(d)])
+        if isinstance(d, Exception):
+            errors.append(_error_json(d))
         else:
             errors.append(None)
             if d is not None:
@@ -120,14 +133,7 @@ class ShardPredictor:
         pixels = iter(row["pixels"])
         decoded = []
         for it, err in zip(items, json.loads(row["errors"])):
-            if it.error:
-                decoded.append(None)
-            elif err:
-                exc = ImageError(err[1])
-                exc.code = err[0]
-                decoded.append(exc)
-            else:
-                decoded.append(next(pixels))
+            decoded.append(None if it.error else _error(err) if err else next(pixels))
         rows = self.engine.rows(items, decoded)
         return {"shard": row["shard"], "rows": to_json(rows), "backend": self.engine.predictor.backend}
 
