@@ -17,6 +17,7 @@ from PIL import Image
 
 from medpipe.cli import main
 from medpipe.monitor.capture import EVENT_HEADER, FINGERPRINT_TYPE, CaptureWriter
+from medpipe.monitor.embedding import DIM, Embedder, decode, encode
 from medpipe.monitor.jobs import EXIT_VIOLATION
 from medpipe.monitor.reader import ReadLog, read_capture
 from tests._server import Server
@@ -58,13 +59,21 @@ def _answer(predictor, probs: np.ndarray) -> bytes:
 
 def _capture(folder: Path, predictor, images: list[bytes], meta: dict = META) -> tuple[list[str], np.ndarray]:
     """Capture one request per image through the writer the service uses; returns eventIds and probabilities."""
-    probs = predictor.probabilities([predictor.decode(b) for b in images])  # one forward pass: quick under load
+    embedder = _embedder(predictor)
+    probs, emb = embedder.probabilities([predictor.decode(b) for b in images])  # one forward pass: quick under load
     w = CaptureWriter(folder, meta)
-    ids = [w.submit("image/jpeg", b, [("bytes", b)], _answer(predictor, probs[i:i + 1]), "application/json")
-           for i, b in enumerate(images)]
+    w.projection = embedder.id
+    ids = [w.submit("image/jpeg", b, [("bytes", b)], _answer(predictor, probs[i:i + 1]), "application/json",
+                    embeddings=[encode(emb[i])]) for i, b in enumerate(images)]
     w.close()
     assert w.counts["captured"] == len(images) and w.counts["dropped"] == 0
     return ids, probs
+
+
+def _embedder(predictor) -> Embedder:
+    if not hasattr(predictor, "_test_embedder"):  # one hook per predictor
+        predictor._test_embedder = Embedder(predictor)
+    return predictor._test_embedder
 
 
 def _cast(data: bytes) -> bytes:
@@ -89,6 +98,8 @@ def test_unshifted_windows_pass_and_a_colour_cast_is_flagged(world, tmp_path):
     code, res = _check(world, tmp_path / "plain", tmp_path / "plain_out")
     assert code == 0, [w["violations"] for w in res["windows"]]
     assert [w["n"] for w in res["windows"]] == [60, 60] and all(w["tested"] for w in res["windows"])
+    assert len(stats["embedding"]["sample"]) == 160 and stats["embedding"]["projection"].endswith(f"x{DIM}")
+    assert all(w["embedding_drift"]["n"] == 60 and w["embedding_drift"]["p_value"] > 0.01 for w in res["windows"])
     assert json.loads((tmp_path / "plain_out" / "constraint_violations.json").read_text()) == {"violations": []}
 
     _capture(tmp_path / "cast", world["predictor"], [_cast(b) for b in world["images"]])
@@ -97,6 +108,7 @@ def test_unshifted_windows_pass_and_a_colour_cast_is_flagged(world, tmp_path):
     found = json.loads((tmp_path / "cast_out" / "constraint_violations.json").read_text())["violations"]
     drifted = {v.get("feature_name") for v in found if v["constraint_check_type"] == "input_drift"}
     assert {"mean_r", "mean_b"} <= drifted and {v["window"] for v in found} == {0, 1}
+    assert {"embedding_drift", "input_drift"} <= {v["constraint_check_type"] for v in found}
     assert "violation" in (tmp_path / "cast_out" / "report.md").read_text()
 
 
@@ -157,12 +169,19 @@ def test_bad_lines_other_models_and_a_sagemaker_record_are_counted_never_mixed(w
     assert last["n"] == 41
 
 
-def test_writer_rotates_caps_drops_and_captures_inputs_on_request(world, tmp_path):
+def test_writer_rotates_caps_drops_and_captures_inputs_on_request(world, tmp_path, monkeypatch):
+    import threading
+
+    from medpipe.monitor import capture
+
+    threads, real = set(), capture.fingerprint
+    monkeypatch.setattr(capture, "fingerprint", lambda *a: threads.add(threading.current_thread().name) or real(*a))
     w = CaptureWriter(tmp_path / "c", META, max_file_mb=0.002, max_total_mb=0.012)
     blob = b"x" * 700
     for _ in range(40):
         w.submit("application/x-npy", b"", [("array", np.zeros((4, 4, 3), np.uint8))], blob, "application/json")
     w.close()
+    assert threads == {"medpipe-capture"}  # the fingerprint is computed off the request path
     files = sorted((tmp_path / "c").rglob("*.jsonl"))
     assert w.counts["captured"] == 40 and w.counts["files_removed"] > 0 and len(files) >= 2
     assert sum(f.stat().st_size for f in files) <= 0.012 * 2**20
@@ -215,6 +234,10 @@ def test_serve_capture_writes_records_and_a_write_error_does_not_fail_requests(w
         fp = rec["medpipe"]["inputs"][0]
         assert fp["format"] == "JPEG" and fp["bytes"] == len(img) and (fp["width"], fp["height"]) == (64, 48)
         assert base64.b64encode(img).decode()[:40] not in files[0].read_text()  # no pixels by default
+        # the embedding of the answering forward pass, the same as the baseline's path computes it
+        offline = _embedder(world["predictor"]).embed([world["predictor"].decode(img)])[0]
+        assert fp["embedding_projection"].endswith(f"x{DIM}")
+        np.testing.assert_allclose(decode(fp["embedding"]), offline, rtol=1e-2, atol=1e-2)
         assert len(next(r for r in recs if r is not rec)["medpipe"]["inputs"]) == 2
 
         code, res = _check(world, cap, tmp_path / "out")  # the server's records, read by monitor check

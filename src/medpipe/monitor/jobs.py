@@ -21,6 +21,7 @@ from medpipe.data.sources import load_records
 from medpipe.errors import MedpipeError
 from medpipe.monitor import drift
 from medpipe.monitor.capture import fingerprint, iso_time
+from medpipe.monitor.embedding import Embedder, encode
 from medpipe.monitor.reader import ReadLog, read_capture, read_ground_truth
 from medpipe.utils import atomic_write_json, atomic_write_text
 
@@ -47,10 +48,16 @@ def baseline(model: str | Path, data: str | Path, out: str | Path, *, split: str
     if table.empty:
         raise MedpipeError(f"split {split!r} of {data} has no images")
     probs, inputs = [], []
+    embedder = Embedder(predictor)
     for start in range(0, len(table), batch_size):
         chunk = [Path(p).read_bytes() for p in table["path"].iloc[start:start + batch_size]]
-        inputs += [fingerprint("bytes", b, predictor.max_pixels) for b in chunk]
-        probs.append(predictor.probabilities([predictor.decode(b) for b in chunk]))
+        prints = [fingerprint("bytes", b, predictor.max_pixels) for b in chunk]
+        pixels = [predictor.decode(b) for b in chunk]
+        p, emb = embedder.probabilities(pixels)
+        for fp, e in zip(prints, embedder.embed(pixels) if emb is None else emb):
+            fp.update(embedding=encode(e), embedding_projection=embedder.id)
+        probs.append(p)
+        inputs += prints
     meta = {"model": predictor.name, "version": predictor.version, "package_sha256": predictor.meta.weights_sha256,
             "split": split}
     stats = drift.statistics(meta, classes, np.concatenate(probs), table["class_index"].to_numpy(), inputs)
@@ -150,6 +157,12 @@ def report(stats: dict, cons: dict, summary: dict, results: list[dict]) -> str:
         lines.append(f"- confidence: median {_f(cd['median'])}, KS D {_f(cd['statistic'])} (p {_f(cd['p_value'], '.2g')})")
         for s, x in r["input_drift"].items():
             lines.append(f"- input {s}: KS D {_f(x['statistic'])} (Holm p {_f(x['p_holm'], '.2g')})")
+        emb = r.get("embedding_drift")
+        if emb and emb["p_value"] is not None:
+            lines.append(f"- embedding: MMD^2 {_f(emb['mmd2'], '.4f')} over {emb['n']} images (permutation p "
+                         f"{_f(emb['p_value'], '.2g')}, threshold {cons['embedding_drift_alpha']})")
+        elif emb:
+            lines.append(f"- embedding: {emb['n']} images with an embedding, too few to test")
         e = r["estimated"]
         if e:
             lines.append(f"- estimated (label-free): accuracy {_f(e['accuracy'])} +- {_f(1.96 * e['accuracy_se'])}, "

@@ -58,6 +58,7 @@ import numpy as np
 from medpipe.data import dicom, imageio
 from medpipe.errors import ConfigError, MedpipeError, PredictionError, http_status
 from medpipe.monitor.capture import open_capture
+from medpipe.monitor.embedding import split_rows
 from medpipe.serve.batcher import Batcher
 from medpipe.data.decodepool import DecodePool, DecodeSpec
 from medpipe.serve.oip import add_routes, metric_route
@@ -186,6 +187,8 @@ class Service:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def infer(self, pixels: list[np.ndarray]) -> np.ndarray:
+        if self.capture is not None:  # rows: probabilities, then the compressed embedding (medpipe.monitor)
+            return self.capture.embedder.rows(pixels)
         return self.predictor.probabilities(pixels)
 
     async def start(self) -> None:
@@ -339,8 +342,9 @@ class Service:
         finally:
             self.release(n)
 
-    async def predict(self, items: list[tuple[str, object]]) -> list[dict]:
-        """Decode off the event loop, batch, and return one dict per item (prediction or error)."""
+    async def predict(self, items: list[tuple[str, object]], embeddings: list | None = None) -> list[dict]:
+        """Decode off the event loop, batch, and return one dict per item (prediction or error); with capture on,
+        ``embeddings`` (a list) receives each item's encoded embedding (None where there is none)."""
         async with self.guarded(len(items)):
             self.batcher.decoding_started()
             try:
@@ -349,6 +353,10 @@ class Service:
                 self.batcher.decoding_finished()
             good = [d for d in decoded if isinstance(d, np.ndarray)]
             probs = await self.batcher.submit(good) if good else np.zeros((0, len(self.predictor.classes)))
+        if self.capture is not None:
+            probs, embedded = split_rows(probs, len(self.predictor.classes), decoded)
+            if embeddings is not None:
+                embeddings += embedded
         return merge(decoded, self.predictor.to_predictions(probs))
 
 
@@ -459,13 +467,14 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
             # a spooled image is decoded from its file by the decode process, never read in here
             items = ([("file", body.path)] if body.spooled and ctype in IMAGE_TYPES
                      else parse_body(ctype, body.read(), cfg.max_images))
-            preds = finish(await svc.predict(items))
+            embeddings: list = []
+            preds = finish(await svc.predict(items, embeddings))
             if accept == CSV_T:
                 answer = PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
             else:
                 answer = JSONResponse({"model": predictor.name, "version": predictor.version, "predictions": preds})
             if svc.capture is not None:  # sampled, queued for the capture thread; the eventId header goes back
-                svc.capture.attach(answer, ctype, body, items, accept)
+                svc.capture.attach(answer, ctype, body, items, accept, embeddings)
         return answer
 
     @app.post("/explain")
