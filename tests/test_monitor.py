@@ -271,3 +271,103 @@ def _wait(fn, timeout: float = 20.0):
             return got
         time.sleep(0.1)
     raise AssertionError("condition not reached")
+
+
+def test_live_monitor_gauges_flag_a_shifted_window(world):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from medpipe.monitor.live import CHECKS, LiveMonitor, load_baseline
+
+    pred, emb = world["predictor"], _embedder(world["predictor"])
+    live = LiveMonitor(*load_baseline(world["base"]), 60, pred.classes, emb.id)
+    registry = CollectorRegistry()
+    live.register(registry)
+    assert 'medpipe_monitor_drift_p_value{check="embedding"} NaN' in generate_latest(registry).decode()
+
+    def feed(images):
+        probs, e = emb.probabilities([pred.decode(b) for b in images])
+        live.observe(probs, [encode(x) for x in e])
+        return live.refresh()
+
+    v = feed(world["images"][:60])
+    assert v["window_images"] == 60 and all(v["p_value"][c] > 0.01 for c in CHECKS), v
+    assert sum(v["class_share"]) == pytest.approx(1.0)
+    v = feed([_cast(b) for b in world["images"][60:120]])  # the window now holds only shifted images
+    assert v["window_images"] == 60 and v["p_value"]["embedding"] < 0.01
+    text = generate_latest(registry).decode()
+    assert re.search(r'medpipe_monitor_drift_p_value\{check="embedding"\} 0\.00', text)
+    assert re.search(r'medpipe_monitor_drift_alpha\{check="prediction"\} 0\.01', text)
+    assert re.search(rf'medpipe_monitor_class_share\{{class="{pred.classes[0]}"\}} [0-9.e-]+', text)
+
+
+def test_alerting_rules_pass_promtool():
+    import shutil
+    import subprocess
+
+    if not shutil.which("promtool"):
+        pytest.skip("promtool not installed (Debian package prometheus, .ci/apt.d/prometheus.txt)")
+    res = subprocess.run(["promtool", "check", "rules", str(ROOT / "deploy" / "prometheus" / "medpipe-alerts.yml")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "SUCCESS: 5 rules found" in res.stdout, res.stdout + res.stderr
+
+
+def _prometheus(port: int, path: str) -> dict:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def test_real_prometheus_scrapes_serve_and_fires_the_drift_alert(world, tmp_path):
+    import shutil
+    import subprocess
+    from urllib.parse import quote
+
+    from tests._server import free_port
+
+    if not shutil.which("prometheus"):
+        pytest.skip("prometheus not installed (Debian package prometheus, .ci/apt.d/prometheus.txt)")
+    # the shipped rules, without their waiting times ("for: 15m" would hold a firing alert back 15 minutes)
+    rules = re.sub(r"for: \d+m", "for: 0s", (ROOT / "deploy" / "prometheus" / "medpipe-alerts.yml").read_text())
+    (tmp_path / "rules.yml").write_text(rules)
+    server = Server(PKG, "--backend", "eager", "--monitor-baseline", str(world["base"]), "--monitor-window", "60",
+                    log=tmp_path / "server.log").wait_ready()
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(tmp_path / "rules.yml")],
+        "scrape_configs": [{"job_name": "medpipe", "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}]}]}))
+    with open(tmp_path / "prometheus.log", "wb") as plog:
+        prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=plog, stderr=subprocess.STDOUT)
+
+    def value(expr: str):
+        try:
+            got = _prometheus(port, "/api/v1/query?query=" + quote(expr))["data"]["result"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return float(got[0]["value"][1]) if got else None
+
+    def alerts() -> set:
+        return {a["labels"]["alertname"] for a in _prometheus(port, "/api/v1/alerts")["data"]["alerts"]}
+
+    try:
+        for img in world["images"][:60]:
+            assert server.invoke(img)[0] == 200
+        # Prometheus scraped the full unshifted window with its embedding test done, and evaluated the rules on it
+        _wait(lambda: value("medpipe_monitor_window_images") == 60 and
+              (value('medpipe_monitor_drift_p_value{check="embedding"}') or -1) >= 0, timeout=60)
+        time.sleep(3)
+        assert alerts() == set()
+        for img in world["images"][60:120]:
+            assert server.invoke(_cast(img))[0] == 200
+        _wait(lambda: "MedpipeEmbeddingDrift" in alerts(), timeout=60)
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+        server.stop()
+    assert "Traceback" not in server.log_text()

@@ -156,7 +156,6 @@ class CaptureWriter:
         self.max_queue_bytes = int(max_queue_mb * 2**20)
         self.counts = {"captured": 0, "dropped": 0, "write_errors": 0, "files_removed": 0}
         self._prom: dict = {}
-        self.embedder: Embedder | None = None  # the service's probabilities + embeddings (set by open_capture)
         self.projection: str | None = None  # the embedding projection's name (set by open_capture)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._queued_bytes = 0
@@ -274,8 +273,9 @@ class CaptureWriter:
             log.info("data capture: removed %s (%d bytes) to stay under %d MB", old, size, self.max_total // 2**20)
 
 
-def open_capture(cfg, predictor, registry=None) -> CaptureWriter | None:
-    """The service's writer for a ``ServeConfig`` with ``capture`` set (None without), its counters in ``registry``."""
+def open_capture(cfg, predictor, registry=None, embedder: Embedder | None = None) -> CaptureWriter | None:
+    """The service's writer for a ``ServeConfig`` with ``capture`` set (None without), its counters in ``registry``;
+    ``embedder``: the one whose rows the service splits (its projection names the records' embeddings)."""
     if not getattr(cfg, "capture", None):
         return None
     meta = {"package_sha256": predictor.meta.weights_sha256, "model": predictor.name, "version": predictor.version}
@@ -284,12 +284,8 @@ def open_capture(cfg, predictor, registry=None) -> CaptureWriter | None:
                            max_pixels=cfg.max_pixels)
     if registry is not None:
         writer.register(registry)
-    writer.embedder = Embedder(predictor)
-    writer.projection = writer.embedder.id
+    writer.projection = embedder.id if embedder is not None else None
     log.info("data capture: %g%% of /invocations requests to %s (%s), at most %g MB", 100 * cfg.capture_sample,
              cfg.capture, "request bodies" if cfg.capture_inputs else "input fingerprints, no pixels",
              cfg.capture_max_mb)
-    if not writer.embedder.live:
-        log.info("data capture: no embedding in the records (the %s backend runs no PyTorch module to read it "
-                 "from; --backend eager captures it)", predictor.backend)
     return writer

@@ -213,6 +213,7 @@ def check_window(stats: dict, cons: dict, probs: np.ndarray, inputs: list[dict],
     counts = np.bincount(probs.argmax(1), minlength=len(classes)).astype(float)
     chi = st.chisquare(counts, base / base.sum() * n) if n else None
     out["prediction_drift"] = {"counts": dict(zip(classes, counts.astype(int).tolist())),
+                               "statistic": float(chi.statistic) if chi else None,
                                "p_value": float(chi.pvalue) if chi else None}
     ks = st.ks_2samp(probs.max(1), stats["confidence"]) if n else None
     out["confidence_drift"] = {"median": float(np.median(probs.max(1))) if n else None,

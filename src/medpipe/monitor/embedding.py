@@ -18,9 +18,12 @@ compares embeddings of different projections or models with different feature si
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 
 import numpy as np
+
+log = logging.getLogger("medpipe.monitor")
 
 SEED = 20261206
 DIM = 32
@@ -126,3 +129,14 @@ def split_rows(rows: np.ndarray, classes: int, decoded: list) -> tuple[np.ndarra
     probs, emb = rows[:, :classes], rows[:, classes:]
     encoded = iter([encode(e) for e in emb] if emb.shape[1] == DIM else [None] * len(rows))
     return probs, [next(encoded) if isinstance(d, np.ndarray) else None for d in decoded]
+
+
+def open_embedder(cfg, predictor) -> Embedder | None:
+    """The service's embedder when capture or the live monitor is on (``ServeConfig``), else None."""
+    if not (getattr(cfg, "capture", None) or getattr(cfg, "monitor_baseline", None)):
+        return None
+    embedder = Embedder(predictor)
+    if not embedder.live:
+        log.info("monitoring: no embeddings (the %s backend runs no PyTorch module to read them from; "
+                 "--backend eager gives them)", predictor.backend)
+    return embedder
