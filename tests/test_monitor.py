@@ -371,3 +371,52 @@ def test_real_prometheus_scrapes_serve_and_fires_the_drift_alert(world, tmp_path
         prom.wait(timeout=30)
         server.stop()
     assert "Traceback" not in server.log_text()
+
+
+def test_select_for_labelling_and_the_labels_come_back(world, tmp_path):
+    import shutil
+
+    pred, n = world["predictor"], 40
+    images = world["images"][:n] + [_cast(b) for b in world["images"][n:2 * n]]  # the second window drifted
+    labels = dict(enumerate(world["labels"][:2 * n]))
+    probs, e = _embedder(pred).probabilities([pred.decode(b) for b in images])
+    w = CaptureWriter(tmp_path / "cap", META, inputs=True)  # --capture-inputs: the bodies are kept
+    w.projection = _embedder(pred).id
+    ids = [w.submit("image/jpeg", b, [("bytes", b)], _answer(pred, probs[i:i + 1]), "application/json",
+                    embeddings=[encode(e[i])]) for i, b in enumerate(images)]
+    ids.append(w.submit("image/jpeg", images[0], [("bytes", images[0])], _answer(pred, probs[:1]), "application/json"))
+    w.close()
+    out = tmp_path / "sel"
+    assert main(["monitor", "select", "--capture", str(tmp_path / "cap"), "--budget", "12", "--out", str(out),
+                 "--baseline", str(world["base"]), "--model", str(PKG), "--window", str(n),
+                 "--source-prefix", "s3://labels/job1/"]) == 0
+    table = pd.read_csv(out / "selected.csv")
+    assert len(table) == 12 and table["score"].is_monotonic_decreasing and table["sha256"].is_unique
+    conf = probs.max(1)
+    top = table["eventId"].map(ids.index)  # the rule: 1 - confidence + 0.5 disagree + 0.25 drifted window
+    assert np.allclose(table["score"], 1 - conf[top] + 0.5 * table["disagree"] + 0.25 * table["drifted_window"],
+                       atol=1e-3)
+    assert set(table.loc[table["drifted_window"] == 1, "eventId"].map(ids.index)) <= set(range(n, 2 * n))
+    assert table["drifted_window"].sum() > 0
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and all(x["source-ref"].startswith("s3://labels/job1/") for x in lines)
+
+    # the labelling job: its images uploaded to s3://labels/job1/, its output manifest = input lines + the label
+    s3 = tmp_path / "s3"
+    shutil.copytree(out / "images", s3 / "labels" / "job1")
+    classes = pred.classes
+    for x in lines:
+        name = Path(x["source-ref"]).name
+        assert hashlib.sha256((s3 / "labels" / "job1" / name).read_bytes()).hexdigest() == name.split(".")[0]
+        c = int(labels[ids.index(x["medpipe-event-id"])])
+        x.update({"lesion": c, "lesion-metadata": {"class-name": classes[c], "confidence": 0.95, "human-annotated":
+                  "yes", "type": "groundtruth/image-classification", "job-name": "labeling-job/job1"}})
+    (tmp_path / "output.manifest").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    _, res = _check(world, tmp_path / "cap", tmp_path / "chk", "--ground-truth", str(tmp_path / "output.manifest"))
+    assert sum(w["labelled"] for w in res["windows"]) == 12 and "bad_ground_truth_line" not in res["summary"]["skipped"]
+    assert main(["ingest", str(tmp_path / "output.manifest"), "--out", str(tmp_path / "data"), "--s3-root", str(s3),
+                 "--classes", ",".join(classes), "--workers", "1"]) == 0
+    rec = pd.read_csv(tmp_path / "data" / "records.csv")
+    assert len(rec) == 12 and set(rec["medpipe-event-id"]) == {x["medpipe-event-id"] for x in lines}
+    assert all(rec["label"] == [classes[labels[ids.index(i)]] for i in rec["medpipe-event-id"]])

@@ -539,6 +539,18 @@ def cmd_monitor_check(args) -> int:
     return code
 
 
+def cmd_monitor_select(args) -> int:
+    from medpipe.monitor.select import select  # deferred: pandas and scipy, only when a selection runs
+
+    s = select(args.capture, args.budget, args.out, baseline=args.baseline, model=args.model, window=args.window,
+               references=args.references, source_prefix=args.source_prefix)
+    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
+    print(f"monitor select: {s['selected']} of {s['images']} images ({s['disagree']} with disagreeing decision "
+          f"rules, {s['drifted']} from drifted windows); {s['in_manifest']} in {args.out}/manifest.jsonl, "
+          f"{s['no_source']} without an image or reference (listed in selected.csv); skipped: {skipped}")
+    return 0
+
+
 def _monitor_commands(sub) -> None:
     """monitor baseline / monitor check: drift and performance of a model in service."""
     m = sub.add_parser("monitor", help="baseline statistics and drift checks of captured requests",
@@ -561,6 +573,18 @@ def _monitor_commands(sub) -> None:
     s.add_argument("--window", default="500", help="images per window (500) or a duration (30m, 1h, 1d)")
     s.add_argument("--ground-truth", help="CSV eventId,label[,index] or SageMaker groundTruthData JSON Lines")
     s.add_argument("--out", required=True, help="folder for constraint_violations.json, windows.json, report.md")
+    s = msub.add_parser("select", help="the captured cases most worth an expert's label: a SageMaker Ground Truth "
+                        "input manifest and a CSV")
+    s.set_defaults(func=cmd_monitor_select)
+    s.add_argument("--capture", required=True, help="capture folder (medpipe serve --capture or SageMaker's)")
+    s.add_argument("--budget", required=True, type=int, help="how many images to select")
+    s.add_argument("--out", required=True, help="folder for manifest.jsonl, selected.csv and images/")
+    s.add_argument("--baseline", help="baseline folder: images of drifted windows score higher")
+    s.add_argument("--model", help="model package: images its decision rules label differently score higher")
+    s.add_argument("--window", default="500", help="images per window (500) or a duration (30m, 1h, 1d)")
+    s.add_argument("--references", help="CSV eventId,source-ref[,index]: where the client keeps each image")
+    s.add_argument("--source-prefix", help="source-ref prefix of the images written to OUT/images (e.g. the "
+                   "s3:// prefix they are uploaded to; default: their local folder)")
 
 
 def build_parser() -> Parser:
