@@ -241,6 +241,8 @@ class MLflowHandler:
             return
         exc = engine.state.exception
         killed = isinstance(exc, (TrainingInterrupted, KeyboardInterrupt))
+        if not killed:  # the failure as a metric event at its step (the reason: the failure_reason tag)
+            self.tracker.metrics({"training_failed": 1}, step=int(engine.state.iteration))
         self.tracker.end("KILLED" if killed else "FAILED", f"{exc.__class__.__name__}: {exc}")
         self.tracker.flush(seconds=10)
 
