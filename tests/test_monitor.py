@@ -85,9 +85,9 @@ def _cast(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def _check(world, capture: Path, out: Path, *extra: str) -> tuple[int, dict]:
+def _check(world, capture: Path, out: Path, *extra: str, plots: bool = False) -> tuple[int, dict]:
     code = main(["monitor", "check", "--baseline", str(world["base"]), "--capture", str(capture), "--window", "60",
-                 "--out", str(out), *extra])
+                 "--out", str(out), *extra, *([] if plots else ["--no-plots"])])
     return code, json.loads((out / "windows.json").read_text())
 
 
@@ -103,13 +103,17 @@ def test_unshifted_windows_pass_and_a_colour_cast_is_flagged(world, tmp_path):
     assert json.loads((tmp_path / "plain_out" / "constraint_violations.json").read_text()) == {"violations": []}
 
     _capture(tmp_path / "cast", world["predictor"], [_cast(b) for b in world["images"]])
-    code, res = _check(world, tmp_path / "cast", tmp_path / "cast_out")
+    code, res = _check(world, tmp_path / "cast", tmp_path / "cast_out", plots=True)
     assert code == EXIT_VIOLATION
     found = json.loads((tmp_path / "cast_out" / "constraint_violations.json").read_text())["violations"]
     drifted = {v.get("feature_name") for v in found if v["constraint_check_type"] == "input_drift"}
     assert {"mean_r", "mean_b"} <= drifted and {v["window"] for v in found} == {0, 1}
     assert {"embedding_drift", "input_drift"} <= {v["constraint_check_type"] for v in found}
-    assert "violation" in (tmp_path / "cast_out" / "report.md").read_text()
+    report = (tmp_path / "cast_out" / "report.md").read_text()
+    assert "violation" in report
+    for name in ("class_mix", "confidence", "embedding_drift", "input_drift", "performance"):
+        png = tmp_path / "cast_out" / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(plots/{name}.png)" in report
 
 
 def test_ground_truth_joined_by_event_id_gives_the_direct_accuracy(world, tmp_path):

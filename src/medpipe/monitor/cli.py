@@ -20,7 +20,8 @@ def cmd_monitor_baseline(args) -> int:
 def cmd_monitor_check(args) -> int:
     from medpipe.monitor.jobs import check  # deferred: pandas and scipy, only when a check runs
 
-    code, s = check(args.baseline, args.capture, args.out, window=args.window, ground_truth=args.ground_truth)
+    code, s = check(args.baseline, args.capture, args.out, window=args.window, ground_truth=args.ground_truth,
+                    plots=not args.no_plots)
     skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
     print(f"monitor check: {s['images']} images in {s['windows']} windows, {s['violations']} violations; "
           f"skipped or noticed: {skipped}; report {args.out}/report.md")
@@ -62,6 +63,7 @@ def register(sub, parser_class, device) -> None:
     s.add_argument("--window", default="500", help="images per window (500) or a duration (30m, 1h, 1d)")
     s.add_argument("--ground-truth", help="CSV eventId,label[,index] or SageMaker groundTruthData JSON Lines")
     s.add_argument("--out", required=True, help="folder for constraint_violations.json, windows.json, report.md")
+    s.add_argument("--no-plots", action="store_true", help="write the report without its plots (OUT/plots/*.png)")
     s = msub.add_parser("select", help="the captured cases most worth an expert's label: a SageMaker Ground Truth "
                         "input manifest and a CSV")
     s.set_defaults(func=cmd_monitor_select)

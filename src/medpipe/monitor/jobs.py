@@ -4,7 +4,7 @@
     medpipe monitor check --baseline BASE --capture DIR [--window 500|1h] [--ground-truth FILE] --out OUT
 
 ``check`` writes ``OUT/constraint_violations.json``, ``OUT/windows.json`` (every statistic of every
-window) and ``OUT/report.md``, and returns :data:`EXIT_VIOLATION` when any window violates a
+window), ``OUT/report.md`` and its plots ``OUT/plots/*.png`` (unless ``--no-plots``), and returns :data:`EXIT_VIOLATION` when any window violates a
 constraint (0 otherwise), so cron or a CI job can alert. The predicted class is the top calibrated
 probability in the baseline and in the capture alike (the decision rule may label otherwise).
 """
@@ -22,6 +22,7 @@ from medpipe.errors import MedpipeError
 from medpipe.monitor import drift
 from medpipe.monitor.capture import fingerprint, iso_time
 from medpipe.monitor.embedding import Embedder, encode
+from medpipe.monitor.plots import draw
 from medpipe.monitor.reader import ReadLog, read_capture, read_ground_truth
 from medpipe.utils import atomic_write_json, atomic_write_text
 
@@ -96,8 +97,9 @@ def windows(times: np.ndarray, spec: str) -> list[np.ndarray]:
 
 
 def check(base: str | Path, capture: str | Path, out: str | Path, *, window: str = "500",
-          ground_truth: str | Path | None = None) -> tuple[int, dict]:
-    """Check every window of the capture against the baseline; write the files. Returns (exit code, summary)."""
+          ground_truth: str | Path | None = None, plots: bool = True) -> tuple[int, dict]:
+    """Check every window of the capture against the baseline; write the files (``plots``: also
+    ``OUT/plots/*.png``, :mod:`medpipe.monitor.plots`). Returns (exit code, summary)."""
     stats, cons = _load(Path(base))
     classes = stats["classes"]
     log = ReadLog()
@@ -122,7 +124,8 @@ def check(base: str | Path, capture: str | Path, out: str | Path, *, window: str
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "constraint_violations.json", {"violations": violations})
     atomic_write_json(out / "windows.json", {"summary": summary, "windows": results})
-    atomic_write_text(out / "report.md", report(stats, cons, summary, results))
+    figures = draw(stats, cons, results, out / "plots") if plots and results else []
+    atomic_write_text(out / "report.md", report(stats, cons, summary, results, figures))
     return (EXIT_VIOLATION if violations else 0), summary
 
 
@@ -134,8 +137,9 @@ def _f(v, fmt: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and v != v) else format(v, fmt)
 
 
-def report(stats: dict, cons: dict, summary: dict, results: list[dict]) -> str:
-    """The markdown report: what was read and skipped, then one section per window."""
+def report(stats: dict, cons: dict, summary: dict, results: list[dict], figures: list[str] = ()) -> str:
+    """The markdown report: what was read and skipped, the plots (``figures``: paths relative to the report),
+    then one section per window."""
     exp, meas = stats["expected"], stats.get("measured") or {}
     lines = [f"# Monitoring report: {stats.get('model', '?')} v{stats.get('version', '?')}", "",
              f"Baseline: {summary['baseline']} ({stats['n']} images of split {stats.get('split', '?')}; expected "
@@ -148,6 +152,8 @@ def report(stats: dict, cons: dict, summary: dict, results: list[dict]) -> str:
         for kind, n in summary["skipped"].items():
             lines.append(f"- {kind}: {n} (" + "; ".join(summary["named"][kind][:5]) + (", ..." if n > 5 else "") + ")")
         lines.append("")
+    if figures:
+        lines += ["## Plots", "", *(f"![{Path(f).stem.replace('_', ' ')}]({f})" for f in figures), ""]
     for r in results:
         lines += [f"## Window {r['window']}: {r['start']} - {r['end']} ({r['n']} images, {r['labelled']} labelled)", ""]
         if not r["tested"]:
