@@ -303,6 +303,15 @@ def test_live_monitor_gauges_flag_a_shifted_window(world):
     assert re.search(r'medpipe_monitor_drift_alpha\{check="prediction"\} 0\.01', text)
     assert re.search(rf'medpipe_monitor_class_share\{{class="{pred.classes[0]}"\}} [0-9.e-]+', text)
 
+    from types import SimpleNamespace
+
+    from medpipe.errors import ConfigError
+    from medpipe.monitor.live import open_live
+
+    other = SimpleNamespace(classes=pred.classes, meta=SimpleNamespace(weights_sha256="0" * 64))
+    with pytest.raises(ConfigError, match="describes another model"):  # serve refuses it at start, exit 2
+        open_live(SimpleNamespace(monitor_baseline=str(world["base"]), monitor_window=60), other, emb.id)
+
 
 def test_alerting_rules_pass_promtool():
     import shutil

@@ -180,11 +180,17 @@ def _num(x) -> float:
     return math.nan if x is None else float(x)
 
 
-def open_live(cfg, classes: list[str], projection: str | None, registry=None) -> LiveMonitor | None:
-    """The service's live monitor for a ``ServeConfig`` with ``monitor_baseline`` set (None without)."""
+def open_live(cfg, predictor, projection: str | None, registry=None) -> LiveMonitor | None:
+    """The service's live monitor for a ``ServeConfig`` with ``monitor_baseline`` set (None without); a baseline
+    of another model (its ``package_sha256``) is refused."""
     if not getattr(cfg, "monitor_baseline", None):
         return None
     stats, cons = load_baseline(cfg.monitor_baseline)
+    classes, sha = predictor.classes, predictor.meta.weights_sha256
+    if stats.get("package_sha256") and stats["package_sha256"] != sha:
+        raise ConfigError(f"--monitor-baseline {cfg.monitor_baseline}: it describes another model (package "
+                          f"{str(stats['package_sha256'])[:12]}, this one is {str(sha)[:12]}); run 'medpipe monitor "
+                          "baseline' with this model")
     live = LiveMonitor(stats, cons, cfg.monitor_window, classes, projection)
     if registry is not None:
         live.register(registry)

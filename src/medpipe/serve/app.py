@@ -188,7 +188,7 @@ class Service:
         self.metrics.rss.set_function(self.memory.rss_mb)
         self.embedder = open_embedder(cfg, predictor)  # None without --capture or --monitor-baseline
         self.capture = open_capture(cfg, predictor, self.metrics.registry, self.embedder)  # None without --capture
-        self.live = open_live(cfg, predictor.classes, self.embedder and self.embedder.id, self.metrics.registry)
+        self.live = open_live(cfg, predictor, self.embedder and self.embedder.id, self.metrics.registry)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def infer(self, pixels: list[np.ndarray]) -> np.ndarray:
