@@ -59,7 +59,7 @@ def register(sub, parser_class, device) -> None:
                         "when a constraint is violated")
     s.set_defaults(func=cmd_monitor_check)
     s.add_argument("--baseline", required=True, help="folder written by 'medpipe monitor baseline'")
-    s.add_argument("--capture", required=True, help="capture folder (medpipe serve --capture or SageMaker's)")
+    s.add_argument("--capture", required=True, help="capture folder or s3:// prefix (serve --capture or SageMaker's)")
     s.add_argument("--window", default="500", help="images per window (500) or a duration (30m, 1h, 1d)")
     s.add_argument("--ground-truth", help="CSV eventId,label[,index] or SageMaker groundTruthData JSON Lines")
     s.add_argument("--out", required=True, help="folder for constraint_violations.json, windows.json, report.md")
@@ -67,7 +67,7 @@ def register(sub, parser_class, device) -> None:
     s = msub.add_parser("select", help="the captured cases most worth an expert's label: a SageMaker Ground Truth "
                         "input manifest and a CSV")
     s.set_defaults(func=cmd_monitor_select)
-    s.add_argument("--capture", required=True, help="capture folder (medpipe serve --capture or SageMaker's)")
+    s.add_argument("--capture", required=True, help="capture folder or s3:// prefix (serve --capture or SageMaker's)")
     s.add_argument("--budget", required=True, type=int, help="how many images to select")
     s.add_argument("--out", required=True, help="folder for manifest.jsonl, selected.csv and images/")
     s.add_argument("--baseline", help="baseline folder: images of drifted windows score higher")

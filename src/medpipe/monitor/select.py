@@ -43,6 +43,7 @@ from medpipe.monitor import drift
 from medpipe.monitor.capture import iso_time
 from medpipe.monitor.jobs import _load, windows
 from medpipe.monitor.reader import ReadLog, read_capture
+from medpipe.monitor.reader import _files as capture_files, _open as open_capture_file
 from medpipe.package import read_meta
 from medpipe.utils import atomic_write_text
 
@@ -90,11 +91,12 @@ def _references(path: str | Path | None, log: ReadLog) -> dict[tuple[str, int], 
 
 def captured_bytes(root: str | Path, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
     """The image bytes of the wanted (eventId, index) where the record kept the request body (--capture-inputs
-    or SageMaker's capture): an image body, or medpipe's JSON ``{"images": [base64, ...]}``."""
-    root, out = Path(root), {}
+    or SageMaker's capture): an image body, or medpipe's JSON ``{"images": [base64, ...]}``. ``root``: a
+    folder, a file or an s3:// prefix, as :func:`medpipe.monitor.reader.read_capture` reads it."""
+    out: dict = {}
     events = {e for e, _ in wanted}
-    for path in [root] if root.is_file() else sorted(root.rglob("*.jsonl")):
-        with open(path, "rb") as f:
+    for path in capture_files(root):
+        with open_capture_file(path) as f:
             for raw in f:
                 try:
                     rec = json.loads(raw)
