@@ -1,7 +1,7 @@
 """`medpipe tune --storage postgresql://...` on a real PostgreSQL server (tests/pgserver.py): three worker
 processes in separate folders share nothing but the database; one is SIGKILLed mid-trial and its trial is
 retried by another, exactly once; every worker reads the same best trial. And clear errors for a storage
-that cannot be opened."""
+that cannot be opened or goes away mid-study."""
 
 from __future__ import annotations
 
@@ -141,3 +141,25 @@ def test_storage_that_cannot_be_opened_is_a_clear_error(tmp_path, pg_server, cap
     err = capsys.readouterr().err
     assert code != 0 and "does not exist" in err and "Traceback" not in err and "s3cret" not in err, err
     assert not (tmp_path / "s" / "study.db").exists()
+
+
+def test_database_lost_mid_study_is_a_clear_error(tmp_path, data_dir):
+    """The study's server goes away: the command stops with the storage named and what to do, no traceback."""
+    from medpipe.errors import TuneError
+    from medpipe.tune import _optimize, _study, load_space
+    from tests.pgserver import PgServer, find_bin
+
+    pytest.importorskip("psycopg", reason="psycopg (the PostgreSQL driver: the tune extra) is not installed")
+    if find_bin() is None:
+        pytest.skip("PostgreSQL server binaries not found: apt-get install postgresql (.ci/apt.d/postgresql.txt)")
+    server = PgServer(find_bin()).start()  # its own server: this test stops it
+    try:
+        url = server.create_db("lost")
+        space = load_space(_space(tmp_path, trials=1))
+        study = _study(tmp_path, space, 1, 3, "medpipe", storage=url)
+        server.stop()
+        with pytest.raises(TuneError, match=r"lost the study storage postgresql://postgres@127.0.0.1:\d+/lost \(.*\); "
+                                            r"once it is back, run the same command"):
+            _optimize(study, space, data_dir, tmp_path, url)
+    finally:
+        server.stop()

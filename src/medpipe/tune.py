@@ -486,14 +486,17 @@ def _optimize(study, space: Space, data, out: Path, storage: str | None = None) 
     """Trials in this process until the study holds enough; a signal queues the running trial again."""
     import sqlalchemy.exc
 
+    optuna = _optuna()
     where = shown_url(storage_url(storage, out))
     with StopOnSignal() as stop:
         try:
             study.optimize(lambda t: run_trial(t, space, str(data), out, stop), n_trials=None,
                            callbacks=[_stop_when_done(space.trials, stop)], catch=(MedpipeError,),
                            gc_after_trial=True)
-        except sqlalchemy.exc.OperationalError as exc:  # the database went away mid-study
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        except (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError) as exc:
+            # the database went away mid-study (Optuna wraps what fails in a commit, SQLAlchemy's error as cause)
+            cause = exc.__cause__ if isinstance(exc.__cause__, sqlalchemy.exc.DBAPIError) else exc
+            reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
             raise TuneError(f"lost the study storage {where} ({reason}); once it is back, run the same command to "
                             f"continue: a trial left running is retried once its last heartbeat is older "
                             "than --grace") from None
