@@ -57,6 +57,9 @@ How it works:
   parameters (``RetryHeartbeatStaleTrialCallback``); the state change is atomic in the storage, so exactly
   one process retries it. The retry continues the killed run from its ``checkpoints/last.pt`` when it runs
   where that folder is (the run folder is keyed by the original trial number), else it trains from the start.
+  A process whose study holds enough trials waits while trials of other processes still run: a trial of a
+  process killed in the last round is retried there, not left "running", and every process writes the
+  results of the finished study.
 - The best trial's configuration (``base`` + its parameters) is written to ``STUDY/best_config.yaml``,
   which ``medpipe train --config`` accepts, and every trial to ``STUDY/trials.csv``.
 """
@@ -430,7 +433,7 @@ def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | No
     if processes > 1:  # more workers on the same study: this same command as child processes
         _run_workers(data, out, space, space_path, processes, study_name, heartbeat, grace, storage)
     elif _finished(study) < space.trials:
-        _optimize(study, space, data, out, storage)
+        _optimize(study, space, data, out, storage, heartbeat)
     if worker is not None:
         return {}
     summary = write_results(study, space, out, storage)
@@ -482,17 +485,50 @@ def _run_workers(data, out: Path, space: Space, space_path, processes: int, stud
         raise TuneError(f"{sum(1 for c in codes if c)} of {processes} tune processes failed (exit {codes})")
 
 
-def _optimize(study, space: Space, data, out: Path, storage: str | None = None) -> None:
-    """Trials in this process until the study holds enough; a signal queues the running trial again."""
+def _settle(study, stop: StopOnSignal, interval: float, run_one) -> None:
+    """Once the study holds enough trials: wait while trials of other processes run, so that a trial whose
+    process was killed in the last round is retried (by ``run_one``, once its heartbeat is stale) instead of
+    staying "running" for ever, and the results this process writes are those of the finished study."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    said = False
+    while not stop.received:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=ExperimentalWarning)
+            fail_stale_trials(study)  # a stale trial: FAIL, and queued again (WAITING) with its parameters
+        states = [t.state for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))]
+        if TrialState.WAITING in states:
+            run_one()
+        elif not states:
+            return
+        else:
+            if not said:
+                print(f"tune: enough trials; waiting for {len(states)} still running in other processes (one whose "
+                      "process was killed is retried once its heartbeat is older than --grace)", flush=True)
+                said = True
+            time.sleep(interval)
+
+
+def _optimize(study, space: Space, data, out: Path, storage: str | None = None, heartbeat: float = 30) -> None:
+    """Trials in this process until the study holds enough, then :func:`_settle`; a signal queues the running
+    trial again."""
     import sqlalchemy.exc
 
     optuna = _optuna()
     where = shown_url(storage_url(storage, out))
     with StopOnSignal() as stop:
-        try:
-            study.optimize(lambda t: run_trial(t, space, str(data), out, stop), n_trials=None,
+        def trials(n: int | None) -> None:
+            study.optimize(lambda t: run_trial(t, space, str(data), out, stop), n_trials=n,
                            callbacks=[_stop_when_done(space.trials, stop)], catch=(MedpipeError,),
                            gc_after_trial=True)
+
+        try:
+            trials(None)
+            _settle(study, stop, heartbeat, lambda: trials(1))
         except (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError) as exc:
             # the database went away mid-study (Optuna wraps what fails in a commit, SQLAlchemy's error as cause)
             cause = exc.__cause__ if isinstance(exc.__cause__, sqlalchemy.exc.DBAPIError) else exc
