@@ -103,7 +103,10 @@ def test_three_workers_share_a_postgresql_study_and_a_killed_trial_is_retried_on
         epochs = [int(x) for x in re.findall(r'"epoch": (\d+)', (d / "metrics.jsonl").read_text())]
         assert epochs == [1, 2, 3], d
 
-    # the best trial, read from each machine's folder (the same command again: nothing left to train)
+    # the best trial: each surviving worker waited for the study to finish before writing it
+    written = {(f / "best_config.yaml").read_text() for i, f in enumerate(folders) if i != victim}
+    assert len(written) == 1
+    # and from each machine's folder, the killed one's included (the same command again: nothing to train)
     from medpipe.cli import main
 
     for f in folders:
@@ -112,7 +115,7 @@ def test_three_workers_share_a_postgresql_study_and_a_killed_trial_is_retried_on
     assert len(optuna.load_study(study_name="medpipe", storage=url).get_trials()) == len(trials)
     best = max(complete, key=lambda t: t.value)
     configs = [(f / "best_config.yaml").read_text() for f in folders]
-    assert configs[0] == configs[1] == configs[2]
+    assert configs[0] == configs[1] == configs[2] == written.pop()
     assert f"# trial {best.number}: val_auc" in configs[0] and "127.0.0.1" in configs[0]
 
 
