@@ -25,9 +25,6 @@ traceback). Every subcommand is ``main([...])``-callable in-process (tests do th
 
 Building the parser and parsing import only light modules (the choices come from torch-free modules);
 torch and MONAI load inside the command that runs, so ``--help`` and usage errors answer at once.
-
-Size: over 650 lines because it is every subcommand's parser and thin body in one place (the option
-helpers live in ``cli_options``); splitting the subcommands across modules would split the one parser.
 """
 
 from __future__ import annotations
