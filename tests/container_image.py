@@ -13,8 +13,10 @@ every file or folder it names (CA bundle, constraints, local wheel folders), mou
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -109,6 +111,27 @@ def pip_mounts(workdir: Path) -> list[str]:
     for p in sorted(paths):
         mounts += ["-v", f"{p}:{p}:ro"]
     return mounts
+
+
+def free_port() -> int:
+    """A port for a container on the host network, below the ephemeral range: with many outgoing connections on
+    the machine, a port the kernel handed out (bind to port 0) is soon some client's local port, and binding
+    0.0.0.0 to it then fails."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def git_revision() -> str:

@@ -22,7 +22,6 @@ import yaml
 
 from medpipe.sagemaker import container
 from tests import container_image as ci
-from tests._server import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "guides" / "containers.md"
@@ -113,29 +112,33 @@ def trained(image, synth_dir, tmp_path_factory) -> Path:
     return base
 
 
-def _start(image: str, name: str, model: Path, port: int, *args: str) -> list:
-    """`serve` detached, the model volume at /opt/ml/model; then /ping polled from the start: the answers seen."""
-    _podman("run", "-d", "--name", name, *ci.RUN_FLAGS, *READ_ONLY, "-e", f"SAGEMAKER_BIND_TO_PORT={port}",
-            "-v", f"{model}:/opt/ml/model:ro", image, "serve", *args)
-    seen, deadline = [], time.monotonic() + 300
-    while time.monotonic() < deadline:
-        status = _get(f"http://127.0.0.1:{port}/ping", timeout=2)
-        seen.append(status)
-        if status == 200:
-            return seen
-        state = _podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
-        if state != "running":
+def _start(image: str, name: str, model: Path, *args: str) -> tuple[int, list]:
+    """`serve` detached, the model volume at /opt/ml/model, on a free port (another one if a process elsewhere
+    took it meanwhile: the host network is shared); /ping polled from the start. Returns (port, answers seen)."""
+    for _attempt in range(3):
+        port = ci.free_port()
+        _podman("rm", "-f", name, check=False)
+        _podman("run", "-d", "--name", name, *ci.RUN_FLAGS, *READ_ONLY, "-e", f"SAGEMAKER_BIND_TO_PORT={port}",
+                "-v", f"{model}:/opt/ml/model:ro", image, "serve", *args)
+        seen, deadline = [], time.monotonic() + 300
+        while time.monotonic() < deadline:
+            status = _get(f"http://127.0.0.1:{port}/ping", timeout=2)
+            seen.append(status)
+            if status == 200:
+                return port, seen
+            if _podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip() != "running":
+                break
+            time.sleep(0.2)
+        logs = _podman("logs", name, check=False)
+        if "already in use" not in logs.stderr:
             break
-        time.sleep(0.2)
-    logs = _podman("logs", name, check=False)
     raise AssertionError(f"the server never answered /ping 200 (seen {seen[-5:]}): {(logs.stdout + logs.stderr)[-3000:]}")
 
 
 @pytest.fixture(scope="module")
 def server(image, trained):
-    name, port = f"{TAG}-serve", _free_port()
-    _podman("rm", "-f", name, check=False)
-    seen = _start(image, name, trained / "model", port, "--backend", "onnx")
+    name = f"{TAG}-serve"
+    port, seen = _start(image, name, trained / "model", "--backend", "onnx")
     yield {"name": name, "url": f"http://127.0.0.1:{port}", "ping_seen": seen}
     _podman("rm", "-f", name, check=False)
 
@@ -241,7 +244,7 @@ def test_bad_model_volume_is_a_clear_error(image, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.json").write_text('{"format": 1')
-    r = _podman("run", "--rm", *ci.RUN_FLAGS, *READ_ONLY, "-e", f"SAGEMAKER_BIND_TO_PORT={_free_port()}",
+    r = _podman("run", "--rm", *ci.RUN_FLAGS, *READ_ONLY, "-e", f"SAGEMAKER_BIND_TO_PORT={ci.free_port()}",
                 "-v", f"{model}:/opt/ml/model:ro", image, "serve", timeout=300, check=False)
     assert r.returncode != 0
     assert "medpipe serve: error: /opt/ml/model/model.json: not valid JSON" in r.stderr, r.stderr[-2000:]
