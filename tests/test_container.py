@@ -262,3 +262,19 @@ def test_sigterm_exits_0_within_the_grace_period(server):
     print(f"SIGTERM: exit {code} after {stopped:.1f} s")
     assert code == "0", (logs.stdout + logs.stderr)[-2000:]
     assert "SIGTERM: not accepting new connections" in logs.stdout + logs.stderr
+
+
+def test_sigterm_during_start_up_is_not_lost(image, trained):
+    """PID 1 ignores a signal it has no handler for: SIGTERM 2 s after the start (imports or model loading,
+    or already serving on a quick machine) must end the container by itself (143 or 0), not by SIGKILL (137)."""
+    name = f"{TAG}-early"
+    _podman("rm", "-f", name, check=False)
+    _podman("run", "-d", "--name", name, *ci.RUN_FLAGS, *READ_ONLY, "-e", f"SAGEMAKER_BIND_TO_PORT={ci.free_port()}",
+            "-v", f"{trained / 'model'}:/opt/ml/model:ro", image, "serve")
+    try:
+        time.sleep(2)
+        _podman("stop", "-t", "30", name, timeout=120)
+        code = _podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        assert code in ("143", "0"), code
+    finally:
+        _podman("rm", "-f", name, check=False)

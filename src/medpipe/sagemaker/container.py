@@ -16,9 +16,10 @@ SageMaker starts a hosting container as ``docker run IMAGE serve`` and a trainin
                       ``/opt/ml/output/failure``.
     anything else     the ``medpipe`` command itself (``docker run IMAGE predict --model ...``).
 
-The process is PID 1 in the container, where a signal without a handler is ignored: SIGTERM gets one
-here at once (exit 143), so a stop during start-up (model loading, ingest) is not left to SIGKILL; the
-server and the training loop replace it with their draining handlers while they run.
+The process is PID 1 in the container, where a signal without a handler is ignored (and lost): SIGTERM
+gets one before anything heavy is imported (exit 143), so a stop during start-up (imports, model loading,
+ingest) is not left to SIGKILL; the server and the training loop replace it with their draining handlers
+while they run.
 """
 
 from __future__ import annotations
@@ -27,16 +28,21 @@ import os
 import signal
 import sys
 
-from medpipe.cli import main as medpipe_main
-from medpipe.sagemaker import training
-from medpipe.utils import exit_process
-
-USAGE = "usage: IMAGE serve [medpipe serve options] | IMAGE train [--hyperparameter value ...] | IMAGE <medpipe command>"
 EXIT_SIGTERM = 143
 
 
 def _stop(signum, frame):  # noqa: ARG001 - the signal module's signature
     raise SystemExit(EXIT_SIGTERM)
+
+
+if __name__ == "__main__":  # the image's entry: the handler before the imports below, which take seconds
+    signal.signal(signal.SIGTERM, _stop)
+
+from medpipe.cli import main as medpipe_main  # noqa: E402 - after the SIGTERM handler, on purpose
+from medpipe.sagemaker import training  # noqa: E402
+from medpipe.utils import exit_process  # noqa: E402
+
+USAGE = "usage: IMAGE serve [medpipe serve options] | IMAGE train [--hyperparameter value ...] | IMAGE <medpipe command>"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,5 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    signal.signal(signal.SIGTERM, _stop)
     exit_process(main())
