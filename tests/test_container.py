@@ -130,6 +130,7 @@ def _start(image: str, name: str, model: Path, *args: str) -> tuple[int, list]:
                 break
             time.sleep(0.2)
         logs = _podman("logs", name, check=False)
+        _podman("rm", "-f", name, check=False)
         if "already in use" not in logs.stderr:
             break
     raise AssertionError(f"the server never answered /ping 200 (seen {seen[-5:]}): {(logs.stdout + logs.stderr)[-3000:]}")
