@@ -148,6 +148,7 @@ def _images(synth_dir: Path, n: int = 3) -> list[Path]:
     return sorted((synth_dir / "HAM10000_images_part_1").glob("*.jpg"))[:n]
 
 
+@pytest.mark.slow
 def test_image_is_labelled_non_root_read_only_without_compilers(image, server):
     info = json.loads(_podman("image", "inspect", image).stdout)[0]
     labels = info["Config"]["Labels"]
@@ -165,6 +166,7 @@ def test_image_is_labelled_non_root_read_only_without_compilers(image, server):
     assert r.stdout.split() == [UID, "READ-ONLY"]
 
 
+@pytest.mark.slow
 def test_served_equals_medpipe_predict_outside(server, trained, synth_dir, capsys):
     from medpipe.cli import main
 
@@ -192,6 +194,7 @@ def _guide_blocks(kind: str) -> list[str]:
     return re.findall(r"```" + kind + r"\n(.*?)```", GUIDE.read_text(), flags=re.S)
 
 
+@pytest.mark.slow
 def test_kserve_manifest_probes_and_open_inference_protocol(server, trained, synth_dir):
     from medpipe.package import read_meta
 
@@ -217,6 +220,7 @@ def test_kserve_manifest_probes_and_open_inference_protocol(server, trained, syn
     assert max(abs(p - expected[c]) for p, c in zip(probs, meta.classes)) < 1e-6
 
 
+@pytest.mark.slow
 def test_sdk_estimator_and_model_with_image_uri(server, synth_dir, tmp_path, capsys):
     """The guide's SageMaker SDK blocks, run by the real SDK against a stub session; the deployed predictor's
     request is forwarded to this container's /invocations."""
@@ -241,6 +245,7 @@ def test_sdk_estimator_and_model_with_image_uri(server, synth_dir, tmp_path, cap
     assert sdk["result"]["predictions"][0]["label"]
 
 
+@pytest.mark.slow
 def test_bad_model_volume_is_a_clear_error(image, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
@@ -252,6 +257,7 @@ def test_bad_model_volume_is_a_clear_error(image, tmp_path):
     assert "Traceback" not in r.stderr + r.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_exits_0_within_the_grace_period(server):
     """Last: it stops the shared server. `podman stop -t 30` sends SIGTERM and, 30 s later (SageMaker's grace
     period), SIGKILL: exit code 0 says the server drained and left by itself in time."""
@@ -265,6 +271,7 @@ def test_sigterm_exits_0_within_the_grace_period(server):
     assert "SIGTERM: not accepting new connections" in logs.stdout + logs.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_during_start_up_is_not_lost(image, trained):
     """PID 1 ignores a signal it has no handler for: SIGTERM 2 s after the start (imports or model loading,
     or already serving on a quick machine) must end the container by itself (143 or 0), not by SIGKILL (137)."""
