@@ -8,7 +8,7 @@
     medpipe evaluate --model RUN/model --data DATA_DIR [--split test] [--tta]
     medpipe predict (--model RUN/model | --url URL) IMAGE... [--age 60 --sex male --site back | --metadata-csv F]
     medpipe serve [--model RUN/model] [--port 8080 ...]            (one option per ServeConfig field)
-    medpipe batch (--model RUN/model | --url URL) --input IMAGES --output OUT
+    medpipe batch (--model RUN/model | --url URL) --input IMAGES --output OUT [--engine ray]
     medpipe shard --data DATA_DIR --out SHARDS
     medpipe export --model RUN/model --format onnx|torchscript|bundle|sagemaker --out PATH
     medpipe package --model RUN/model        (the same as export --format sagemaker, default MODEL/model.tar.gz)
@@ -39,6 +39,8 @@ from pathlib import Path
 
 from medpipe.utils import exit_process, to_json  # noqa: F401 - medpipe.cli.exit_process for __main__
 from medpipe import __version__, tune
+from medpipe.batch import run_batch
+from medpipe.batch_ray import run_batch_ray
 from medpipe.errors import ConfigError, MedpipeError, exit_code
 from medpipe.config import (TrainConfig, make_config,
                             resume_config)
@@ -52,6 +54,7 @@ from medpipe.data.synthetic import FORMATS as SYNTH_FORMATS, SynthSpec, write_sy
 from medpipe.decision import RULES as DECISION_RULES
 from medpipe.export import FORMATS as EXPORT_FORMATS, check_target, export_model
 from medpipe.fl import cli as fl_cli
+from medpipe.monitor import cli as monitor_cli
 from medpipe.infer.backends import BACKENDS
 from medpipe.infer.client import predict_url
 from medpipe.infer.quantize import format_gate, install_int8, quantize_package
@@ -253,14 +256,17 @@ def cmd_serve(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from medpipe.batch import run_batch  # deferred: torch
-
-    s = run_batch(args.model, args.input, args.output, url=args.url, per_file=args.per_file,
+    if args.engine != "ray" and (args.ray_address or args.ray_actors):
+        raise ConfigError("--ray-address and --ray-actors apply to --engine ray")
+    run, ray = run_batch, {}  # torch loads when the engine starts; Ray only with --engine ray
+    if args.engine == "ray":
+        run, ray = run_batch_ray, {"address": args.ray_address, "actors": args.ray_actors}
+    s = run(args.model, args.input, args.output, url=args.url, per_file=args.per_file,
                   manifest_out=args.manifest_out, label_attribute=args.label_attribute, batch_size=args.batch_size,
                   shard_size=args.shard_size, workers=args.workers, backend=args.backend, device=args.device,
                   concurrency=args.concurrency, max_error_rate=args.max_error_rate, retries=args.retries,
                   progress=_progress(),
-                  s3_root=args.s3_root, decision_rule=args.decision_rule, tta=args.tta)
+                  s3_root=args.s3_root, decision_rule=args.decision_rule, tta=args.tta, **ray)
     print(f"batch: {s['predicted']} predicted, {s['errors']} errors of {s['items']} "
           f"-> {s['outputs']['jsonl']}, {s['outputs']['csv']}")
     if s["errors"]:
@@ -477,6 +483,12 @@ def _inference_commands(command) -> None:
                    help="exit 3 when the share of error rows is above this (e.g. 0.05)")
     s.add_argument("--s3-root", help="local folder holding s3://bucket/key references of a Ground Truth manifest "
                                      "as S3_ROOT/bucket/key (as for ingest); without it they are read from S3")
+    s.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: this machine; ray: the shards answered on a Ray cluster (Ray Data; the ray extra)")
+    s.add_argument("--ray-address", help="with --engine ray: the cluster (auto, HOST:PORT or ray://HOST:PORT; "
+                                         "default: a Ray instance started for this job on this machine)")
+    s.add_argument("--ray-actors", type=POSITIVE, default=None,
+                   help="with --engine ray: predictor actors, one model each (default: one per node)")
     s.add_argument("--retries", type=NON_NEGATIVE, default=6,
                    help="with --url: attempts after the first for an answer that is 503/429/502/504 or a dropped "
                         "connection (exponential backoff, Retry-After honoured); rows still unanswered make the "
@@ -530,50 +542,6 @@ def _tracking_commands(command) -> None:
     s.add_argument("--plot", help="also write a PNG of validation AUC per epoch for these runs")
 
 
-def cmd_monitor_baseline(args) -> int:
-    from medpipe.monitor.jobs import baseline  # deferred: torch, pandas and scipy
-
-    stats = baseline(args.model, args.data, args.out, split=args.split, backend=args.backend, device=args.device)
-    e = stats["expected"]
-    print(f"baseline: {stats['n']} images of split {args.split}; expected accuracy {e['accuracy']:.3f}, balanced "
-          f"accuracy {e['balanced_accuracy']:.3f}; wrote {args.out}/statistics.json and constraints.json")
-    return 0
-
-
-def cmd_monitor_check(args) -> int:
-    from medpipe.monitor.jobs import check  # deferred: pandas and scipy, only when a check runs
-
-    code, s = check(args.baseline, args.capture, args.out, window=args.window, ground_truth=args.ground_truth)
-    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
-    print(f"monitor check: {s['images']} images in {s['windows']} windows, {s['violations']} violations; "
-          f"skipped or noticed: {skipped}; report {args.out}/report.md")
-    return code
-
-
-def _monitor_commands(sub) -> None:
-    """monitor baseline / monitor check: drift and performance of a model in service."""
-    m = sub.add_parser("monitor", help="baseline statistics and drift checks of captured requests",
-                       description="baseline statistics and drift checks of captured requests")
-    msub = m.add_subparsers(dest="monitor_command", required=True, metavar="STEP", parser_class=Parser)
-    s = msub.add_parser("baseline", help="statistics.json + constraints.json of a model on labelled data")
-    s.set_defaults(func=cmd_monitor_baseline)
-    s.add_argument("--model", required=True, help="model package folder")
-    s.add_argument("--data", required=True, help="ingested data folder")
-    s.add_argument("--split", default="val", choices=(*SPLIT_NAMES, "all"),
-                   help="labelled images the baseline describes (val: the split the calibration was fitted on)")
-    s.add_argument("--out", required=True, help="baseline folder")
-    s.add_argument("--backend", default="auto", choices=BACKENDS, help="inference runtime (as serve)")
-    s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
-    s = msub.add_parser("check", help="drift and estimated performance per window of captured requests; exit 3 "
-                        "when a constraint is violated")
-    s.set_defaults(func=cmd_monitor_check)
-    s.add_argument("--baseline", required=True, help="folder written by 'medpipe monitor baseline'")
-    s.add_argument("--capture", required=True, help="capture folder or s3:// prefix (serve --capture or SageMaker's)")
-    s.add_argument("--window", default="500", help="images per window (500) or a duration (30m, 1h, 1d)")
-    s.add_argument("--ground-truth", help="CSV eventId,label[,index] or SageMaker groundTruthData JSON Lines")
-    s.add_argument("--out", required=True, help="folder for constraint_violations.json, windows.json, report.md")
-
-
 def build_parser() -> Parser:
     p = Parser(prog="medpipe", description="MONAI pipeline for 2D medical image classification")
     p.add_argument("--version", action="version", version=f"medpipe {__version__}")
@@ -591,7 +559,7 @@ def build_parser() -> Parser:
     _inference_commands(command)
     _packaging_commands(command)
     _tracking_commands(command)
-    _monitor_commands(sub)
+    monitor_cli.register(sub, Parser, device)
 
     tune.add_parser(sub)  # `medpipe tune` (its options live with the search)
 

@@ -58,6 +58,8 @@ import numpy as np
 from medpipe.data import dicom, imageio
 from medpipe.errors import ConfigError, MedpipeError, MetadataError, PredictionError, http_status
 from medpipe.monitor.capture import open_capture
+from medpipe.monitor.embedding import open_embedder, split_rows
+from medpipe.monitor.live import open_live
 from medpipe.serve.batcher import Batcher
 from medpipe.data.decodepool import DecodePool, DecodeSpec
 from medpipe.serve.oip import add_routes, metric_route
@@ -135,6 +137,8 @@ class ServeConfig:
     capture_sample: float = 1.0    # share of /invocations requests captured
     capture_inputs: bool = False   # capture the request bodies (base64), not only their fingerprints
     capture_max_mb: float = 1024.0  # capture folder cap: the oldest files are removed above it
+    monitor_baseline: str | None = None  # live drift gauges against this baseline (medpipe.monitor.live)
+    monitor_window: int = 500      # images in the live monitor's rolling window
 
     def __post_init__(self):
         positive = ("max_body_mb", "spool_mb", "max_pixels", "max_images", "max_batch", "max_queue", "deadline_s",
@@ -183,13 +187,23 @@ class Service:
         self.draining = False
         self._body_timers: set = set()
         self.metrics.rss.set_function(self.memory.rss_mb)
-        self.capture = open_capture(cfg, predictor, self.metrics.registry)  # None without --capture
+        self.embedder = open_embedder(cfg, predictor)  # None without --capture or --monitor-baseline
+        self.capture = open_capture(cfg, predictor, self.metrics.registry, self.embedder)  # None without --capture
+        self.live = open_live(cfg, predictor, self.embedder and self.embedder.id, self.metrics.registry)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def infer(self, pixels: list) -> np.ndarray:
         """Probabilities of a batch: pixel arrays, or (pixels, metadata vector) pairs for a metadata model."""
         if pixels and isinstance(pixels[0], tuple):
-            return self.predictor.probabilities([p for p, _ in pixels], metadata=np.stack([m for _, m in pixels]))
+            images, vectors = [p for p, _ in pixels], np.stack([m for _, m in pixels])
+            probs = self.predictor.probabilities(images, metadata=vectors)
+            if self.embedder is None:
+                return probs
+            rows = self.embedder.rows(images)  # the embedding is the image's; the probabilities use the metadata
+            rows[:, :probs.shape[1]] = probs
+            return rows
+        if self.embedder is not None:  # rows: probabilities, then the compressed embedding (medpipe.monitor)
+            return self.embedder.rows(pixels)
         return self.predictor.probabilities(pixels)
 
     async def start(self) -> None:
@@ -227,6 +241,8 @@ class Service:
             self.decode_pool.close()
         if self.capture is not None:
             self.capture.close()
+        if self.live is not None:
+            self.live.close()
 
     # -- request steps (each a small function, testable alone) ----------------------------------
     async def read_body(self, request) -> bytes:
@@ -343,8 +359,10 @@ class Service:
         finally:
             self.release(n)
 
-    async def predict(self, items: list[tuple[str, object]], metadata: list | None = None) -> list[dict]:
-        """Decode off the event loop, batch, and return one dict per item (prediction or error). ``metadata``:
+    async def predict(self, items: list[tuple[str, object]], embeddings: list | None = None,
+                      metadata: list | None = None) -> list[dict]:
+        """Decode off the event loop, batch, and return one dict per item (prediction or error); with capture on,
+        ``embeddings`` (a list) receives each item's encoded embedding (None where there is none). ``metadata``:
         one dict (or None) per item; checked before any decoding (400 naming the image and the field)."""
         try:
             vectors = self.predictor.encode_metadata(metadata, len(items), [f"images[{i}]" for i in range(len(items))])
@@ -359,6 +377,12 @@ class Service:
             good = [d if vectors is None else (d, vectors[i].numpy()) for i, d in enumerate(decoded)
                     if isinstance(d, np.ndarray)]
             probs = await self.batcher.submit(good) if good else np.zeros((0, len(self.predictor.classes)))
+        if self.embedder is not None:
+            probs, embedded = split_rows(probs, len(self.predictor.classes), decoded)
+            if embeddings is not None:
+                embeddings += embedded
+            if self.live is not None:
+                self.live.observe(probs, [e for d, e in zip(decoded, embedded) if isinstance(d, np.ndarray)])
         return merge(decoded, self.predictor.to_predictions(probs))
 
 
@@ -471,13 +495,14 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
             # a spooled image is decoded from its file by the decode process, never read in here
             items = ([("file", body.path)] if body.spooled and ctype in IMAGE_TYPES
                      else parse_body(ctype, body.read(), cfg.max_images))
-            preds = finish(await svc.predict(items, getattr(items, "metadata", None)))
+            embeddings: list = []
+            preds = finish(await svc.predict(items, embeddings, getattr(items, "metadata", None)))
             if accept == CSV_T:
                 answer = PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
             else:
                 answer = JSONResponse({"model": predictor.name, "version": predictor.version, "predictions": preds})
             if svc.capture is not None:  # sampled, queued for the capture thread; the eventId header goes back
-                svc.capture.attach(answer, ctype, body, items, accept)
+                svc.capture.attach(answer, ctype, body, items, accept, embeddings)
         return answer
 
     @app.post("/explain")

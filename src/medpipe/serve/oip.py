@@ -454,7 +454,7 @@ def add_routes(app, svc) -> None:
         outputs = requested_outputs(req)
         values = req.pop("metadata_values", None)
         if kind == "bytes":
-            preds = await svc.predict([("bytes", b) for b in payload], values)
+            preds = await svc.predict([("bytes", b) for b in payload], metadata=values)
             for i, p in enumerate(preds):
                 if "error" in p:  # the protocol's invalid-input status (KServe InvalidInput, Triton): 400, bar 413
                     status = p["status"] if p["status"] == 413 or p["status"] >= 500 else 400
