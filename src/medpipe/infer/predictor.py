@@ -67,7 +67,7 @@ class Predictor:
         self.model = self.model.to(memory_format=torch.channels_last)
         self.spec = self.meta.preprocessing
         self.metadata_spec = self.meta.metadata  # None: an image-only package
-        if self.metadata_spec is not None and backend not in ("eager", "auto"):
+        if self.metadata_spec is not None and backend not in ("eager", "auto", None):
             raise MedpipeError(f"--backend {backend}: this package takes patient metadata, which only the eager "
                                "backend runs; use --backend eager (or auto)")
         if self.metadata_spec is not None:
@@ -77,6 +77,8 @@ class Predictor:
         self.runtime, self.backend, self.backend_reason = open_backend(backend or "eager", ctx)
         if backend is None:  # nobody asked: say so rather than "asked for"
             self.backend_reason = "the library's default (backend='auto' lets medpipe choose)"
+        if self.metadata_spec is not None:
+            self.backend_reason = "the package takes patient metadata, which the eager backend runs"
         self._fp32_onnx = None  # only needed to start a backend
         self._explainer = None
         log.info("backend %s (%s)", self.backend, self.backend_reason)
