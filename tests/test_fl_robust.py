@@ -111,6 +111,21 @@ def test_sample_counts_and_metrics_are_schema_checked():
     assert result.kept
 
 
+def test_integer_buffers_may_only_count_the_steps_a_site_can_take():
+    g = _global()  # num_batches_tracked 7; a site of 20 images, 2 local epochs: at most 40 steps
+    counter = "bn.num_batches_tracked"
+    cases = {"honest": 7 + 40, "still": 7, "backwards": 6, "far": 7 + 41, "huge": 2**62, "wrap": -2**63}
+    replies = {name: (dict(_honest(g, 1), **{counter: np.array(v, np.int64)}), {"num-examples": 20, "train_loss": 0.3})
+               for name, v in cases.items()}
+    result = aggregate_round(g, replies, Guard(local_epochs=2))
+    assert set(result.used) == {"honest", "still"}
+    assert "moved by -1 in one round" in result.excluded["backwards"]
+    assert "moved by 41" in result.excluded["far"] and "at most 40 steps" in result.excluded["far"]
+    assert f"moved by {2**62 - 7}" in result.excluded["huge"] and "moved by" in result.excluded["wrap"]
+    assert int(result.arrays[counter]) == 47  # the honest sites' counters alone
+    assert Guard.from_config({"local_epochs": 3}).local_epochs == 3
+
+
 def test_update_ratio_is_computed_without_overflow():
     g = {"w": np.ones(4, np.float32)}
     assert update_ratio({"w": np.full(4, 3.0, np.float32)}, g) == pytest.approx(2.0)
