@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from medpipe.fl.records import arrays_to_record, record_to_arrays
 from medpipe.fl.server import Coordinator
 from medpipe.fl.site import Site
+from medpipe.fl.strategy import fit_kwargs
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -62,7 +63,7 @@ def client_train(message: Message, context: Context) -> Message:
     rnd = int(cfg["server-round"])
     log.info("site %s: round %d local training started (%d epochs, mu=%g)", site.name, rnd,
              int(cfg["local-epochs"]), float(cfg["mu"]))
-    arrays, m = site.fit(record_to_arrays(message.content["arrays"]), rnd, int(cfg["local-epochs"]), float(cfg["mu"]))
+    arrays, m = site.fit(record_to_arrays(message.content["arrays"]), rnd, **fit_kwargs(cfg))
     log.info("site %s: round %d local training done (train_loss %.4f)", site.name, rnd, m["train_loss"])
     content = RecordDict({"arrays": arrays_to_record(arrays),
                           "metrics": MetricRecord({"num-examples": m["n_train"], "train_loss": m["train_loss"]}),
