@@ -260,7 +260,8 @@ def main() -> None:
         size = {"data": "synthetic (per-site colour casts)" if not args.data else f"real: {args.data}",
                 "split": args.split, "load_1min_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
                 "wall_s": round(time.perf_counter() - t0, 1)}
-        path = write_result(args.out, {"args": vars(args), **size, "summary": summary, "per_seed": per_seed})
+        path = write_result(args.out, {"command": "python benchmarks/federated.py " + " ".join(sys.argv[1:]),
+                                       "args": vars(args), **size, "summary": summary, "per_seed": per_seed})
     print(f"\n{'method':<22}{'macro AUC':>10}{'bal acc':>9}{'MB/round':>10}  rounds to central")
     for r in summary:
         print(f"{r['method']:<22}{r['macro_auc']:>10.4f}{r['balanced_accuracy']:>9.4f}{r['mb_per_round']:>10.2f}  "

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medpipe.fl.aggregate import TRIM_FRACTION, Guard, aggregate_round
+
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 LR_SCHEDULES = ("rounds", "local")
 LOCAL_OPTIMIZER = ("reset", "keep")
@@ -208,17 +210,16 @@ def fit_kwargs(rc: Mapping) -> dict:
 
 
 def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, params: Iterable[str], train_lr: float,
-                    warmup_epochs: float, on_round=None) -> dict[str, np.ndarray]:
+                    warmup_epochs: float, on_round=None, guard=None) -> dict[str, np.ndarray]:
     """The federated run in one process, with the Coordinator's steps: each round's configuration
     (:func:`round_config`), every site's local training (``site.fit``), the server's checks and
     aggregation (:func:`medpipe.fl.aggregate.aggregate_round`, each site registered with its own image
     count) and the server optimiser's step. ``cfg`` holds the run configuration's keys (``rounds``,
     ``local_epochs``, ``strategy``, ``mu``, ``aggregation``, the algorithm keys); ``on_round(rnd, arrays,
-    result)`` is called after each round. Returns the last global model."""
-    from medpipe.fl.aggregate import TRIM_FRACTION, Guard, aggregate_round
-
+    result)`` is called after each round; ``guard`` replaces the server's limits (a
+    :class:`medpipe.fl.aggregate.Guard`; default: each site's own image count). Returns the last global model."""
     opt = from_config(cfg, params)
-    guard = Guard(site_examples={s.name: s.n_train for s in sites}, local_epochs=int(cfg["local_epochs"]))
+    guard = guard or Guard(site_examples={s.name: s.n_train for s in sites}, local_epochs=int(cfg["local_epochs"]))
     arrays = dict(init)
     for rnd in range(1, int(cfg["rounds"]) + 1):
         kw = fit_kwargs(round_config(cfg, rnd, train_lr, warmup_epochs))
