@@ -154,6 +154,8 @@ def test_site_follows_the_round_rates_and_keeps_its_optimiser_and_batchnorm_when
     """The server's schedule across rounds reaches the site's steps (a linear ramp, no warm-up restart);
     local_optimizer keep carries AdamW's state from round to round (reset never stores it); batchnorm local
     trains from the site's own running statistics of its previous round, not the global ones."""
+    import torch
+
     import medpipe.fl.site as site_mod
     from medpipe.fl.strategy import fit_kwargs, round_config
     from medpipe.train.engine import Events
@@ -188,6 +190,16 @@ def test_site_follows_the_round_rates_and_keeps_its_optimiser_and_batchnorm_when
     for k in bn:  # round 3 started from the site's own statistics of round 2
         np.testing.assert_array_equal(starts[1][k].numpy(), w1[k])
         assert not np.array_equal(w1[k], site.reference[k])
+    saved, groups = site.state_arrays()  # what a new ClientApp process gets back from Flower's Context.state
+    saved = {k: v.reshape(1) if k.endswith("/step") else v for k, v in saved.items()}  # Flower's 0-d as (1,)
+    before = site.optimizer_state["optimizer"]
+    site.optimizer_state, site.bn_state = {}, {}
+    site.load_state_arrays(saved, groups)
+    after = site.optimizer_state["optimizer"]
+    assert after["param_groups"] == json.loads(json.dumps(before["param_groups"])) and set(site.bn_state) == bn
+    for idx, st in before["state"].items():
+        for k, v in st.items():
+            assert after["state"][idx][k].shape == v.shape and torch.equal(after["state"][idx][k], v)
     kept = site.bn_state
     site.fit(site.reference, 1, **fit_kwargs({"server-round": 1, "local-epochs": 1, "mu": 0.0}))  # an older server
     assert site.optimizer_state["optimizer"]["state"][0]["step"].item() == 4 and site.bn_state is kept  # reset, global

@@ -13,6 +13,7 @@ this object, for the life of its process.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import warnings
@@ -101,6 +102,30 @@ class Site:
         out = to_numpy(new)
         last = records[-1] if records else {}
         return out, {"n_train": self.n_train, "train_loss": float(last.get("train_loss", float("nan")))}
+
+    def state_arrays(self) -> tuple[dict[str, np.ndarray], str]:
+        """What this site keeps between rounds (its AdamW state, its BatchNorm statistics) as named arrays, and
+        the optimiser's parameter groups as JSON: for a ClientApp that Flower starts as a new process for each
+        message, kept in the run's ``Context.state`` on the site's own machine (:meth:`load_state_arrays`)."""
+        arrays = {f"bn/{k}": v.detach().cpu().numpy() for k, v in self.bn_state.items()}
+        opt = self.optimizer_state.get("optimizer")
+        if not opt:
+            return arrays, "[]"
+        for idx, st in opt["state"].items():
+            for k, v in st.items():
+                arrays[f"opt/{idx}/{k}"] = torch.as_tensor(v).detach().cpu().numpy()
+        return arrays, json.dumps(opt["param_groups"])
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray], param_groups: str) -> None:
+        """Inverse of :meth:`state_arrays`."""
+        self.bn_state = {k[3:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("bn/")}
+        state: dict[int, dict] = {}
+        for k, v in arrays.items():
+            if k.startswith("opt/"):
+                _, idx, name = k.split("/", 2)
+                v = np.array(v).reshape(()) if name == "step" else np.array(v)  # a 0-d step may come back as (1,)
+                state.setdefault(int(idx), {})[name] = torch.from_numpy(v)
+        self.optimizer_state = {"optimizer": {"state": state, "param_groups": json.loads(param_groups)}} if state else {}
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         """The global model on this site's validation split: site metrics and the pooling statistics."""
