@@ -250,7 +250,7 @@ print(json.dumps(out))
     assert set(out) == {"fedavgm", "fedadam", "fedyogi"} and max(out.values()) < 1e-5, out
 
 
-def test_server_optimizer_steps_parameters_only_and_keeps_its_state():
+def test_server_optimizer_steps_parameters_only_and_keeps_its_state(tmp_path):
     """Buffers (BatchNorm statistics, counters) take the aggregate; the optimiser's moments survive a restart."""
     g = {"conv.weight": np.ones((2, 2), np.float32), "bn.running_var": np.ones(2, np.float32),
          "bn.num_batches_tracked": np.array(4, np.int64)}
@@ -261,7 +261,11 @@ def test_server_optimizer_steps_parameters_only_and_keeps_its_state():
     np.testing.assert_allclose(first["conv.weight"], 0.5)  # the first step is the aggregate itself
     assert first["bn.running_var"] is agg["bn.running_var"] and int(first["bn.num_batches_tracked"]) == 9
     restored = ServerOptimizer("fedavgm", frozenset({"conv.weight"}), lr=1.0, momentum=0.5)
-    restored.load_state_arrays(opt.state_arrays())
+    from medpipe.fl.server import load_arrays, save_arrays  # the server's checkpoint format (safetensors)
+
+    digest = save_arrays(tmp_path / "server_optimizer.safetensors", opt.state_arrays(), {"round": 1})
+    restored.load_state_arrays(load_arrays(tmp_path / "server_optimizer.safetensors", digest))
+    assert restored.step == 1 and set(restored.m) == {"conv.weight"}
     again = {"conv.weight": np.full((2, 2), 0.25, np.float32)}
     np.testing.assert_allclose(restored.apply(first, dict(agg, **again))["conv.weight"], 0.25 - 0.5 * 0.5)
     np.testing.assert_allclose(opt.apply(first, dict(agg, **again))["conv.weight"], 0.0)  # momentum: 0.5 - (0.25 + 0.25)

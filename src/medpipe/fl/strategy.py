@@ -151,7 +151,7 @@ class ServerOptimizer:
         return {**out, "step": np.array(self.step, np.int64)}
 
     def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self.step = int(arrays.get("step", 0))
+        self.step = int(np.asarray(arrays.get("step", 0)).ravel()[0])  # safetensors may give a 0-d value as (1,)
         self.m = {k[2:]: np.asarray(v, np.float64) for k, v in arrays.items() if k.startswith("m/")}
         self.v = {k[2:]: np.asarray(v, np.float64) for k, v in arrays.items() if k.startswith("v/")}
 
