@@ -182,14 +182,14 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
         init, params = to_numpy(model.state_dict()), [n for n, _ in model.named_parameters()]
         mb = sum(v.nbytes for v in init.values()) / 2**20
 
-        for name in ["pooled", *site_names]:  # one continuous run each: the training recipe
+        for name in ["pooled", *site_names] if args.baselines else []:  # one continuous run each: the training recipe
             t0 = time.perf_counter()
             site = Site(folders[name], name, tc.to_dict(), classes)
             arrays, _ = site.fit(init, 1, epochs)
             rows.append({"method": "centralized" if name == "pooled" else f"{name} alone", "train_images": site.n_train,
                          **score(arrays), "mb_per_round": 0.0, "wall_s": round(time.perf_counter() - t0, 1)})
             print(seed, rows[-1], flush=True)
-        central = rows[0]["macro_auc"]
+        central = rows[0]["macro_auc"] if rows else args.central_auc
         for config in configs:
             cfg = {"rounds": args.rounds, "local_epochs": args.local_epochs, "strategy": "fedavg", "mu": 0.0,
                    "aggregation": "mean", **DEFAULTS, **CONFIGS[config]}
@@ -197,7 +197,7 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
             sites = [Site(folders[s], s, tc.to_dict(), classes) for s in site_names]
             arrays = simulate_rounds(sites, init, cfg, params, tc.lr, tc.warmup_epochs,
                                      on_round=lambda rnd, a, result: curve.append(score(a)["macro_auc"]))
-            reach = next((i + 1 for i, auc in enumerate(curve) if auc >= central), None)
+            reach = next((i + 1 for i, auc in enumerate(curve) if central is not None and auc >= central), None)
             rows.append({"method": config, "train_images": sum(s.n_train for s in sites), **score(arrays),
                          "rounds_to_central": reach, "auc_per_round": curve,
                          "mb_per_round": round(2 * len(sites) * mb, 2), "wall_s": round(time.perf_counter() - t0, 1),
@@ -239,6 +239,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--configs", default="fedavg,fedprox,default", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                    help="the centralized and site-alone rows (--no-baselines: federated rows only)")
+    ap.add_argument("--central-auc", type=float, help="with --no-baselines: the centralized AUC to reach")
     ap.add_argument("--work", help="folder for the temporary site folders (default the system's)")
     ap.add_argument("--out", default="federated")
     args = ap.parse_args()
