@@ -44,7 +44,6 @@ Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``; d
 # No `from __future__ import annotations`: FastAPI must see the real Request class in route signatures.
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -79,6 +78,7 @@ from medpipe.infer.protocol import (
     to_csv,
     unsupported,
 )
+from medpipe.serve.acceptor import Acceptor, waiting_room_size
 from medpipe.serve.connections import ConnectionLimits, protocol_class
 from medpipe.serve.render import heatmap_png, png_data_url
 
@@ -615,12 +615,17 @@ def _draining_server_class():
                 asyncio.get_event_loop().call_soon_threadsafe(svc.begin_drain)
 
         async def startup(self, sockets=None):
-            # A TLS connection reaches medpipe's protocol (header timeout, connection caps) only once its
-            # handshake is done, and uvicorn passes asyncio no handshake timeout (60 s by default): bound it
+            # Connections are accepted on a thread with a waiting room (serve/acceptor.py), not by asyncio's
+            # accept loop. A TLS connection reaches medpipe's protocol (header timeout, connection caps) only
+            # once its handshake is done, and uvicorn passes no handshake timeout (60 s by default): bound it
             loop = asyncio.get_running_loop()
-            if self.config.is_ssl:
-                loop.create_server = functools.partial(type(loop).create_server, loop,
-                                                       ssl_handshake_timeout=self.handshake_timeout_s)
+
+            async def create_server(protocol_factory, sock=None, ssl=None, backlog=100, **_):
+                return Acceptor(sock, loop, protocol_factory, ssl=ssl, ssl_handshake_timeout=self.handshake_timeout_s,
+                                wait_s=self.handshake_timeout_s, max_waiting=self.max_waiting,
+                                on_close=self.on_close).start(backlog)
+
+            loop.create_server = create_server
             try:
                 await super().startup(sockets)
             finally:
@@ -699,6 +704,8 @@ def serve(cfg: ServeConfig) -> int:
     server = _draining_server_class()(config)
     server.listen_url = f"{'https' if tls else 'http'}://{cfg.host}:{cfg.port}"
     server.handshake_timeout_s = cfg.header_timeout_s
+    server.max_waiting = waiting_room_size(cfg.max_connections)
+    server.on_close = lambda reason: svc.metrics.connections_closed.labels(reason=reason).inc()
     try:
         server.run(sockets=[sock])
     finally:
