@@ -129,11 +129,12 @@ def add_server_options(s: argparse.ArgumentParser, add_config_options) -> None:
                    help="global: BatchNorm statistics averaged like the weights; local: each site trains with its own "
                         "(SiloBN), the package carries the averaged ones")
     s.add_argument("--server-optimizer", choices=list(SERVER_OPTIMIZERS), default=DEFAULTS["server_optimizer"],
-                   help="the server's step from the aggregate: fedavg (take it), fedavgm, fedadam or fedyogi (Flower's)")
+                   help="the server's step from the aggregate: fedavg (take it), fedavgm (server momentum, the "
+                        "default), fedadam or fedyogi (Flower's)")
     s.add_argument("--server-lr", type=float,
                    help="server optimiser learning rate (default Flower's: 1 fedavgm, 0.1 fedadam, 0.01 fedyogi)")
     s.add_argument("--server-momentum", type=float,
-                   help="fedavgm's momentum, fedadam/fedyogi's beta_1 (default 0.9)")
+                   help="fedavgm's momentum, fedadam/fedyogi's beta_1 (default 0.5 for fedavgm, 0.9 for the others)")
     s.add_argument("--classes", help="the run's class vocabulary, comma-separated (default the 7 HAM10000 classes)")
     s.add_argument("--round-timeout", type=float, default=3600.0, help="seconds a round waits for sites at most")
     s.add_argument("--straggler-wait", type=float, default=120.0,

@@ -383,7 +383,7 @@ class Coordinator:
             "local_epochs": int(cfg["local_epochs"]), "min_sites": int(cfg["min_sites"]),
             "fraction": float(cfg["fraction"]), "best_round": state["best_round"],
             "lr_schedule": cfg.get("lr_schedule", "local"), "local_optimizer": cfg.get("local_optimizer", "reset"),
-            "server_optimizer": self.opt.describe(),
+            "server_optimizer": server_optimizer(cfg, ()).describe(),
             "batchnorm": ("aggregated: running statistics averaged like the weights (one model for every site)"
                           if cfg.get("batchnorm", "global") == "global" else
                           "local at the sites during training (SiloBN); this package carries the sites' averaged "
