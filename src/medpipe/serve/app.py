@@ -57,6 +57,8 @@ import numpy as np
 from medpipe.data import dicom, imageio
 from medpipe.errors import ConfigError, MedpipeError, PredictionError, http_status
 from medpipe.monitor.capture import open_capture
+from medpipe.monitor.embedding import open_embedder, split_rows
+from medpipe.monitor.live import open_live
 from medpipe.serve.batcher import Batcher
 from medpipe.data.decodepool import DecodePool, DecodeSpec
 from medpipe.serve.oip import add_routes, metric_route
@@ -134,6 +136,8 @@ class ServeConfig:
     capture_sample: float = 1.0    # share of /invocations requests captured
     capture_inputs: bool = False   # capture the request bodies (base64), not only their fingerprints
     capture_max_mb: float = 1024.0  # capture folder cap: the oldest files are removed above it
+    monitor_baseline: str | None = None  # live drift gauges against this baseline (medpipe.monitor.live)
+    monitor_window: int = 500      # images in the live monitor's rolling window
 
     def __post_init__(self):
         positive = ("max_body_mb", "spool_mb", "max_pixels", "max_images", "max_batch", "max_queue", "deadline_s",
@@ -182,10 +186,14 @@ class Service:
         self.draining = False
         self._body_timers: set = set()
         self.metrics.rss.set_function(self.memory.rss_mb)
-        self.capture = open_capture(cfg, predictor, self.metrics.registry)  # None without --capture
+        self.embedder = open_embedder(cfg, predictor)  # None without --capture or --monitor-baseline
+        self.capture = open_capture(cfg, predictor, self.metrics.registry, self.embedder)  # None without --capture
+        self.live = open_live(cfg, predictor, self.embedder and self.embedder.id, self.metrics.registry)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def infer(self, pixels: list[np.ndarray]) -> np.ndarray:
+        if self.embedder is not None:  # rows: probabilities, then the compressed embedding (medpipe.monitor)
+            return self.embedder.rows(pixels)
         return self.predictor.probabilities(pixels)
 
     async def start(self) -> None:
@@ -223,6 +231,8 @@ class Service:
             self.decode_pool.close()
         if self.capture is not None:
             self.capture.close()
+        if self.live is not None:
+            self.live.close()
 
     # -- request steps (each a small function, testable alone) ----------------------------------
     async def read_body(self, request) -> bytes:
@@ -339,8 +349,9 @@ class Service:
         finally:
             self.release(n)
 
-    async def predict(self, items: list[tuple[str, object]]) -> list[dict]:
-        """Decode off the event loop, batch, and return one dict per item (prediction or error)."""
+    async def predict(self, items: list[tuple[str, object]], embeddings: list | None = None) -> list[dict]:
+        """Decode off the event loop, batch, and return one dict per item (prediction or error); with capture on,
+        ``embeddings`` (a list) receives each item's encoded embedding (None where there is none)."""
         async with self.guarded(len(items)):
             self.batcher.decoding_started()
             try:
@@ -349,6 +360,12 @@ class Service:
                 self.batcher.decoding_finished()
             good = [d for d in decoded if isinstance(d, np.ndarray)]
             probs = await self.batcher.submit(good) if good else np.zeros((0, len(self.predictor.classes)))
+        if self.embedder is not None:
+            probs, embedded = split_rows(probs, len(self.predictor.classes), decoded)
+            if embeddings is not None:
+                embeddings += embedded
+            if self.live is not None:
+                self.live.observe(probs, [e for d, e in zip(decoded, embedded) if isinstance(d, np.ndarray)])
         return merge(decoded, self.predictor.to_predictions(probs))
 
 
@@ -459,13 +476,14 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
             # a spooled image is decoded from its file by the decode process, never read in here
             items = ([("file", body.path)] if body.spooled and ctype in IMAGE_TYPES
                      else parse_body(ctype, body.read(), cfg.max_images))
-            preds = finish(await svc.predict(items))
+            embeddings: list = []
+            preds = finish(await svc.predict(items, embeddings))
             if accept == CSV_T:
                 answer = PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
             else:
                 answer = JSONResponse({"model": predictor.name, "version": predictor.version, "predictions": preds})
             if svc.capture is not None:  # sampled, queued for the capture thread; the eventId header goes back
-                svc.capture.attach(answer, ctype, body, items, accept)
+                svc.capture.attach(answer, ctype, body, items, accept, embeddings)
         return answer
 
     @app.post("/explain")
