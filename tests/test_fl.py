@@ -326,7 +326,7 @@ def _site(fed, name: str, port: int, log: Path, *extra: str) -> subprocess.Popen
     # the ClientApp runs in Flower's own process: tests/faults.py must be importable there
     return _spawn(["fl", "site", "--data", str(fed["root"] / "sites" / name), "--server", f"127.0.0.1:{port}",
                    "--ca", str(c / "ca.crt"), "--key", str(c / "sites" / name), "--runtime-port", str(_port()),
-                   "--threads", "1", *extra], log, {"PYTHONPATH": str(ROOT)})
+                   "--threads", "1", *extra], log, {"PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"})
 
 
 @pytest.fixture(scope="module")
