@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import io
 import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from medpipe.data.sources import MEDIA_TYPES, inside, regular_file_problem, resolve_ref
-from medpipe.errors import BatchError, MedpipeError, UnreadableFileError
+from medpipe.data import s3
+from medpipe.data.sources import MAX_FILE_MB, MEDIA_TYPES, S3_MIRROR, inside, regular_file_problem, resolve_ref
+from medpipe.errors import BatchError, MedpipeError, StorageError, UnreadableFileError
 from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, read_csv_table, shown_name, to_json
 from medpipe.data import dicom
 from medpipe.data.imageio import ImageError
@@ -52,6 +54,7 @@ class Item:
     file: Path | None    # resolved local file, None when refused at listing
     error: tuple[str, str] | None = None
     extra: dict | None = None  # Ground Truth keys passed through
+    url: str | None = None     # an s3:// object (read through medpipe.data.s3) instead of a local file
 
 
 # -- listing -------------------------------------------------------------------------------------
@@ -80,14 +83,70 @@ def _dataset_root(data_dir: Path) -> Path:
         return Path(os.path.realpath(data_dir))
     if report.get("format") == "dataverse":
         source = data_dir / "extracted"
+    elif s3.is_s3(report["source"]):  # a manifest on S3: ingest copied its objects under the data folder
+        source = data_dir / S3_MIRROR
     elif not source.is_dir():
         source = source.parent  # a manifest: its folder
     return Path(os.path.realpath(source))
 
 
+def _csv_rows(table, name: str) -> list[tuple]:
+    col = next((c for c in ("path", "image", "file", "source-ref", "image_path") if c in table.columns), None)
+    if col is None:
+        raise BatchError(f"{name}: no path column (expected one of path, image, file, source-ref)")
+    idcol = next((c for c in ("id", "image_id") if c in table.columns), col)
+    return [(r[idcol], r[col], None) for _, r in table.iterrows()]
+
+
+def _manifest_rows(text: str, name: str) -> list[tuple]:
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):  # JSON lines end at LF only (not U+2028)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            ref = obj["source-ref"]
+            if not isinstance(ref, str):
+                raise TypeError("source-ref is not a string")
+        except (ValueError, KeyError, TypeError):
+            rows.append((f"line{n}", f"{name}:{n}", {"_error": ("bad_manifest_line",
+                         f"{name} line {n}: not JSON with a source-ref")}))
+            continue
+        rows.append((Path(ref).name, ref, obj))
+    return rows
+
+
+def _s3_items(url: str) -> list[Item]:
+    """The items of an ``s3://`` input: the images under a prefix (ids and paths relative to it, as for a folder),
+    or the rows of a manifest object (Ground Truth or CSV; a relative reference is a key beside the manifest)."""
+    if PurePosixPath(url).suffix.lower() in (".manifest", ".jsonl", ".csv"):
+        text = s3.read_bytes(url, MAX_FILE_MB << 20).decode("utf-8", errors="replace")
+        rows = (_csv_rows(read_csv_table(io.StringIO(text)), url) if url.lower().endswith(".csv")
+                else _manifest_rows(text, url))
+        base = url.rsplit("/", 1)[0]
+    else:
+        base = url.rstrip("/")
+        found = s3.list_files(url, IMAGE_EXTENSIONS)
+        if found == [base]:  # one object
+            base = base.rsplit("/", 1)[0]
+        rows = [(u[len(base) + 1:], u[len(base) + 1:], None) for u in found]
+    items = []
+    for i, (iid, ref, extra) in enumerate(rows):
+        err, ref = (extra.get("_error") if extra else None), str(ref)
+        rel = PurePosixPath(ref)
+        if err is None and not s3.is_s3(ref) and ("://" in ref or rel.is_absolute() or ".." in rel.parts):
+            err = ("unsupported_reference", f"{ref}: a manifest on S3 names s3:// objects or keys relative to it")
+        target = None if err else ref if s3.is_s3(ref) else s3.join(base, ref)
+        items.append(Item(i, str(iid), ref, None, err, None if err else extra, url=target))
+    return items
+
+
 def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None = None) -> tuple[list[Item], Path]:
     """Items in a stable order, and the input root paths are confined to (``s3://bucket/key`` references of a
-    Ground Truth manifest map to ``s3_root/bucket/key`` and are confined to ``s3_root``)."""
+    Ground Truth manifest map to ``s3_root/bucket/key`` and are confined to ``s3_root``; without ``s3_root``
+    they are read from S3). An ``s3://`` input (a prefix or a manifest object) has no local root (None)."""
+    if s3.is_s3(input_path):
+        return _s3_items(input_path), None
     src = Path(input_path)
     if not src.exists():
         raise BatchError(f"{src}: no such file or folder")
@@ -111,32 +170,19 @@ def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None 
         base = src
     elif src.suffix.lower() == ".csv":
         root = Path(os.path.realpath(src.parent))
-        table = read_csv_table(src)
-        col = next((c for c in ("path", "image", "file", "source-ref", "image_path") if c in table.columns), None)
-        if col is None:
-            raise BatchError(f"{src}: no path column (expected one of path, image, file, source-ref)")
-        idcol = next((c for c in ("id", "image_id") if c in table.columns), col)
-        rows = [(r[idcol], r[col], None) for _, r in table.iterrows()]
+        rows = _csv_rows(read_csv_table(src), str(src))
         base = src.parent
     else:  # Ground Truth manifest: JSON lines with source-ref
         root = Path(os.path.realpath(src.parent))
-        rows = []
-        for n, line in enumerate(src.read_text().split("\n"), 1):  # JSON lines end at LF only (not U+2028)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                ref = obj["source-ref"]
-            except (ValueError, KeyError, TypeError):
-                rows.append((f"line{n}", f"{src.name}:{n}", {"_error": ("bad_manifest_line",
-                             f"{src.name} line {n}: not JSON with a source-ref")}))
-                continue
-            rows.append((Path(ref).name, ref, obj))
+        rows = _manifest_rows(src.read_text(), src.name)
         base = src.parent
     items = []
     for i, (iid, ref, extra) in enumerate(rows):
         if extra and "_error" in extra:
             items.append(Item(i, iid, ref, None, extra["_error"]))
+            continue
+        if s3.is_s3(ref) and not s3_root:  # read from S3 itself (--s3-root maps buckets onto a local copy)
+            items.append(Item(i, str(iid), ref, None, None, extra, url=ref))
             continue
         f, err = _confine(ref, root, base, Path(s3_root) if s3_root else None)
         items.append(Item(i, str(iid), ref, f, err, extra))
@@ -166,15 +212,21 @@ class LocalEngine:
 
     def _decode(self, it: Item):
         p = self.predictor
-        problem = regular_file_problem(it.file)
-        if problem is not None:
-            return UnreadableFileError(problem)
+        if it.url:
+            try:
+                data = s3.read_bytes(it.url, MAX_FILE_MB << 20)
+            except StorageError as exc:  # transient (endpoint unreachable): a row a rerun asks for again
+                return exc if exc.transient else UnreadableFileError(str(exc))
+        else:
+            problem = regular_file_problem(it.file)
+            if problem is not None:
+                return UnreadableFileError(problem)
+            try:
+                data = it.file.read_bytes()
+            except OSError as exc:
+                return UnreadableFileError(f"cannot read file ({exc.strerror})")
         try:
-            data = it.file.read_bytes()
-        except OSError as exc:
-            return UnreadableFileError(f"cannot read file ({exc.strerror})")
-        try:
-            if it.file.suffix.lower() == ".dcm":
+            if Path(it.url or it.file).suffix.lower() == ".dcm":
                 return p.prepare_array(dicom.decode_dicom(data, p.max_pixels))
             return p.decode(data)
         except ImageError as exc:
@@ -204,7 +256,7 @@ class LocalEngine:
 
     def run(self, items: list[Item], futures) -> list[dict]:
         decoded = [f.result() if f is not None else None for f in futures]
-        good = [d for d in decoded if d is not None and not isinstance(d, ImageError)]
+        good = [d for d in decoded if d is not None and not isinstance(d, (ImageError, StorageError))]
         try:
             probs = self.forward(good)
         except PredictionError as exc:
@@ -216,6 +268,8 @@ class LocalEngine:
                 rows.append(_row(it, error=it.error))
             elif isinstance(d, ImageError):
                 rows.append(_row(it, error=(d.code, d.reason)))
+            elif isinstance(d, StorageError):
+                rows.append(_row(it, error=(d.code, str(d)), transient=True))
             else:
                 rows.append(_row(it, pred=preds[k].as_dict()))
                 k += 1
@@ -243,11 +297,19 @@ class RemoteEngine:
         self.meta = {"url": self.url, "concurrency": self.concurrency}
 
     def _post(self, it: Item) -> dict:
-        problem = regular_file_problem(it.file, self.max_payload)
-        if problem is not None:
-            code = "payload_too_large" if "limit" in problem else "unreadable_file"
-            return _row(it, error=(code, problem))
-        answer = self.client.invoke(it.file.read_bytes(), media_type(it.file))
+        if it.url:
+            try:
+                data = s3.read_bytes(it.url, self.max_payload)
+            except StorageError as exc:
+                code = "payload_too_large" if "limit" in str(exc) else "unreadable_file"
+                return _row(it, error=(code, str(exc)), transient=exc.transient)
+        else:
+            problem = regular_file_problem(it.file, self.max_payload)
+            if problem is not None:
+                code = "payload_too_large" if "limit" in problem else "unreadable_file"
+                return _row(it, error=(code, problem))
+            data = it.file.read_bytes()
+        answer = self.client.invoke(data, media_type(it.url or it.file))
         if "prediction" in answer:
             self.meta.setdefault("classes", list(answer["prediction"]["probabilities"]))
             return _row(it, pred=answer["prediction"])
@@ -287,7 +349,8 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
               tta: bool = False) -> dict:
     if url and tta:
         raise BatchError("--tta applies to a local --model; a server averages flips when started with --tta")
-    out = Path(output)
+    stage = _Output(output)
+    out = stage.local
     items, root = list_items(input_path, s3_root)
     if not items:
         raise BatchError(f"{input_path}: no images found")
@@ -312,17 +375,10 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
     state = {"input": str(input_path), "listing_sha256": digest, "items": len(items), "shard_size": shard_size,
              **{k: v for k, v in engine.meta.items() if k != "classes"}}
     atomic_write_json(state_path, state)
+    stage.put(state_path)
 
     groups = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    kept: dict[int, dict] = {}  # finished rows of shards that still hold transient rows (asked again)
-    todo = []
-    for k, g in enumerate(groups):
-        done = _shard_rows(shards / f"part-{k:05d}.jsonl", len(g))
-        if done is None:
-            todo.append((k, g))
-        elif any(r.get("transient") for r in done):
-            kept.update({r["index"]: r for r in done if not r.get("transient")})
-            todo.append((k, [it for it, r in zip(g, done) if r.get("transient")]))
+    todo, kept = _todo(groups, shards)
     done_items = len(items) - sum(len(g) for _, g in todo)
     if done_items:
         log.info("resuming: %d of %d items already done", done_items, len(items))
@@ -338,6 +394,7 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
         fresh = {r["index"]: r for r in engine.run(group, futures)}
         rows = [fresh.get(it.index) or kept[it.index] for it in groups[k]]
         atomic_write_text(shards / f"part-{k:05d}.jsonl", "".join(to_json(r) + "\n" for r in rows))
+        stage.put(shards / f"part-{k:05d}.jsonl")
         if bar:
             bar.update(len(group))
     if bar:
@@ -349,14 +406,67 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
     _write_outputs(out, rows, classes)
     refused = _write_per_file(out, rows, engine.meta) if per_file else []
     if manifest_out:
-        _write_manifest(Path(manifest_out), rows, items, label_attribute)
+        _write_manifest(manifest_out, rows, items, label_attribute)
     errors = sum("error" in r for r in rows)
     summary = {**state, "predicted": len(rows) - errors, "errors": errors, "error_rate": errors / len(rows),
                "missing": sum(bool(r.get("transient")) for r in rows), "per_file_refused": refused,
-               "outputs": {"jsonl": str(out / "predictions.jsonl"), "csv": str(out / "predictions.csv")}}
+               "outputs": {k: stage.where(out / f"predictions.{k}") for k in ("jsonl", "csv")}}
     atomic_write_json(state_path, summary)
+    stage.finish()
     summary["threshold_exceeded"] = max_error_rate is not None and summary["error_rate"] > max_error_rate
     return summary
+
+
+def _todo(groups: list[list[Item]], shards: Path) -> tuple[list[tuple[int, list[Item]]], dict[int, dict]]:
+    """(shard number, items still to answer) for every unfinished shard, and the finished rows of shards that
+    still hold transient rows (those rows are asked again)."""
+    kept: dict[int, dict] = {}
+    todo = []
+    for k, g in enumerate(groups):
+        done = _shard_rows(shards / f"part-{k:05d}.jsonl", len(g))
+        if done is None:
+            todo.append((k, g))
+        elif any(r.get("transient") for r in done):
+            kept.update({r["index"]: r for r in done if not r.get("transient")})
+            todo.append((k, [it for it, r in zip(g, done) if r.get("transient")]))
+    return todo, kept
+
+
+class _Output:
+    """Where a job writes: a local folder, or an ``s3://`` prefix staged in a local folder
+    (:class:`medpipe.data.s3.Staged`). For S3, what an earlier run put there (the state file and finished parts)
+    is pulled back first, to resume; each part and the state are put as soon as they are written, the outputs
+    when the job ends. What was put stays in S3 if the job then fails."""
+
+    def __init__(self, output: str):
+        self.staged = s3.Staged(output) if s3.is_s3(output) else None
+        self.local = self.staged.local if self.staged else Path(output)
+        if self.staged:
+            self.staged.pull(STATE, SHARD_DIR)
+
+    def where(self, path: Path) -> str:
+        return self.staged.url_of(path) if self.staged else str(path)
+
+    def put(self, path: Path) -> None:
+        if self.staged:
+            try:
+                self.staged.put(path)
+            except StorageError as exc:
+                raise StorageError(f"{exc}; the parts finished before stay under {self.staged.url}/{SHARD_DIR}: "
+                                   "run the same command again to resume", transient=exc.transient) from None
+
+    def finish(self) -> None:
+        """Put every output (the state file last: a finished job's summary), then drop the local copy."""
+        if self.staged:
+            rel = {p: p.relative_to(self.local) for p in sorted(self.local.rglob("*")) if p.is_file()}
+            files = [p for p, r in rel.items() if r.parts[0] != SHARD_DIR and r.as_posix() != STATE]
+            try:
+                self.staged.put_many(files)
+            except StorageError as exc:
+                raise StorageError(f"{exc}; every part is in {self.staged.url}/{SHARD_DIR}: run the same command "
+                                   "again to write the outputs", transient=exc.transient) from None
+            self.put(self.local / STATE)
+            self.staged.close()
 
 
 def _shard_rows(path: Path, n: int) -> list[dict] | None:
@@ -415,7 +525,7 @@ def _write_per_file(out: Path, rows: list[dict], meta: dict) -> list[dict]:
     return refused
 
 
-def _write_manifest(dest: Path, rows: list[dict], items: list[Item], attr: str) -> None:
+def _write_manifest(dest: str, rows: list[dict], items: list[Item], attr: str) -> None:
     from datetime import datetime, timezone
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
@@ -423,11 +533,15 @@ def _write_manifest(dest: Path, rows: list[dict], items: list[Item], attr: str) 
     for r, it in zip(rows, items):
         if "error" in r:
             continue
-        obj = dict(it.extra) if it.extra else {"source-ref": str(it.file)}
+        obj = dict(it.extra) if it.extra else {"source-ref": it.url or str(it.file)}
         obj[attr] = r["class_index"]
         obj[f"{attr}-metadata"] = {"class-name": r["label"], "confidence": round(r["probabilities"][r["label"]], 6),
                                    "type": "groundtruth/image-classification", "job-name": f"medpipe-batch/{attr}",
                                    "human-annotated": "no", "creation-date": now}
         lines.append(to_json(obj))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(dest, "\n".join(lines) + ("\n" if lines else ""))
+    text = "\n".join(lines) + ("\n" if lines else "")
+    if s3.is_s3(dest):
+        s3.write_bytes(dest, text.encode("utf-8"))
+        return
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(dest), text)

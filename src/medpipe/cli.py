@@ -367,14 +367,14 @@ def _data_commands(command) -> None:
     s.add_argument("--workers", type=WORKERS, default=None, help="processes (default: all cores)")
 
     s = command("ingest", cmd_ingest, "read a dataset into a validated record table")
-    s.add_argument("source", help="HAM10000 folder, dataverse_files.zip, class folders, GT manifest or CSV")
+    s.add_argument("source", help="HAM10000 folder, dataverse_files.zip, class folders, GT manifest (or s3://) or CSV")
     s.add_argument("--out", required=True, help="data directory to write")
     s.add_argument("--format", default="auto", choices=INGEST_FORMATS,
                    help="auto: detect; ham10000: metadata CSV + image folders; dataverse: the Harvard zip; "
                         "folders: one folder per class; groundtruth: a SageMaker Ground Truth manifest; "
                         "csv: a CSV with path and label columns")
     s.add_argument("--classes", help="comma-separated class list (others are 'unknown_label')")
-    s.add_argument("--s3-root", help="local folder that s3://bucket/key references map onto (bucket/key)")
+    s.add_argument("--s3-root", help="local folder s3://bucket/key references map onto (default: copied into OUT/s3)")
     s.add_argument("--label-attribute", help="Ground Truth label attribute (default: the only one; required when a "
                                              "chained manifest has several)")
     s.add_argument("--max-pixels", type=POSITIVE, default=DEFAULT_MAX_PIXELS, help="largest image accepted")
@@ -396,7 +396,7 @@ def _training_commands(command) -> None:
     """train, evaluate: fitting a model and measuring it."""
 
     s = command("train", cmd_train, "train a MONAI classifier; writes RUN_DIR/{model,report,checkpoints}")
-    s.add_argument("--data", required=True, help="ingested data directory (or a shard folder)")
+    s.add_argument("--data", required=True, help="ingested data directory, or a shard folder or s3:// prefix")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--config", help="YAML config (keys as in config.yaml); options given here override it")
     s.add_argument("--resume", nargs="?", const="last", default=None,
@@ -447,8 +447,8 @@ def _inference_commands(command) -> None:
     g.add_argument("--model", help="model package folder (or a run folder)")
     g.add_argument("--url", help="send each file to a running server's /invocations instead")
     s.add_argument("--input", required=True, help="image folder (recursive), CSV or Ground Truth manifest, "
-                                                  "or an ingested data folder")
-    s.add_argument("--output", required=True, help="output folder (re-run with the same one to resume)")
+                                                  "an ingested data folder, or an s3:// prefix or manifest")
+    s.add_argument("--output", required=True, help="output folder or s3:// prefix (rerun with the same to resume)")
     s.add_argument("--per-file", action="store_true", help="also write <input>.out per file (batch transform)")
     s.add_argument("--manifest-out", help="write a Ground Truth output manifest of the predictions here")
     s.add_argument("--label-attribute", default="medpipe-label", help="label attribute of the --manifest-out "
@@ -465,7 +465,7 @@ def _inference_commands(command) -> None:
     s.add_argument("--max-error-rate", type=number(float, 0, 1), default=None,
                    help="exit 3 when the share of error rows is above this (e.g. 0.05)")
     s.add_argument("--s3-root", help="local folder holding s3://bucket/key references of a Ground Truth manifest "
-                                     "as S3_ROOT/bucket/key (as for ingest)")
+                                     "as S3_ROOT/bucket/key (as for ingest); without it they are read from S3")
     s.add_argument("--retries", type=NON_NEGATIVE, default=6,
                    help="with --url: attempts after the first for an answer that is 503/429/502/504 or a dropped "
                         "connection (exponential backoff, Retry-After honoured); rows still unanswered make the "
@@ -477,7 +477,7 @@ def _packaging_commands(command) -> None:
 
     s = command("shard", cmd_shard, "pack records + cached pixels into tar shards for streaming training")
     s.add_argument("--data", required=True, help="ingested data folder")
-    s.add_argument("--out", required=True, help="shard folder (copy it to any fsspec store, e.g. s3://...)")
+    s.add_argument("--out", required=True, help="shard folder or s3:// prefix (each shard one object, index last)")
     add_pixel_options(s, INTERPOLATIONS)
     s.add_argument("--shard-size", type=POSITIVE, default=1000, help="images per shard")
     old_spelling(s, "--per-shard", "--shard-size")
@@ -557,7 +557,7 @@ def _monitor_commands(sub) -> None:
                         "when a constraint is violated")
     s.set_defaults(func=cmd_monitor_check)
     s.add_argument("--baseline", required=True, help="folder written by 'medpipe monitor baseline'")
-    s.add_argument("--capture", required=True, help="capture folder (medpipe serve --capture or SageMaker's)")
+    s.add_argument("--capture", required=True, help="capture folder or s3:// prefix (serve --capture or SageMaker's)")
     s.add_argument("--window", default="500", help="images per window (500) or a duration (30m, 1h, 1d)")
     s.add_argument("--ground-truth", help="CSV eventId,label[,index] or SageMaker groundTruthData JSON Lines")
     s.add_argument("--out", required=True, help="folder for constraint_violations.json, windows.json, report.md")

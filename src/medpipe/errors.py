@@ -13,6 +13,7 @@ body. An error the table does not know (a bug) is an internal error: exit 1, HTT
     ExportError               export_failed         2   500  an export cannot be written or does not match
     BatchError                batch_failed          2   400  a batch job's input/output/server is unusable
     ShardError                bad_shards            2   400  a shard folder is unusable
+    StorageError              storage_failed        2   400  an s3:// URL cannot be read or written (names URL, reason)
     CheckpointError           bad_checkpoint        2   400  a checkpoint cannot be resumed from
     QuantizeError             quantize_failed       2   400  an INT8 model cannot be built or does not verify
       GateError               accuracy_gate_failed  2   400  the INT8 model failed its accuracy gate
@@ -74,6 +75,17 @@ class BatchError(MedpipeError):
 
 class ShardError(MedpipeError):
     code = "bad_shards"
+
+
+class StorageError(MedpipeError):
+    """An ``s3://`` URL cannot be read or written; the message names the URL and the reason. ``transient``: the
+    endpoint could not be reached (a rerun may succeed), as opposed to a missing bucket, key or permission."""
+
+    code = "storage_failed"
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class CheckpointError(MedpipeError):
@@ -175,6 +187,7 @@ TABLE: dict[type, tuple[int, int]] = {
     ExportError: (2, 500),
     BatchError: (2, 400),
     ShardError: (2, 400),
+    StorageError: (2, 400),
     CheckpointError: (2, 400),
     QuantizeError: (2, 400),
     GateError: (2, 400),

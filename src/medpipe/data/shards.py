@@ -1,6 +1,6 @@
 """Streaming shards: the record table and cached pixels packed into sequential tar files.
 
-    medpipe shard --data DATA --out SHARDS [--image-size 64] [--shard-size 1000]
+    medpipe shard --data DATA --out SHARDS [--image-size 64] [--shard-size 1000]    # SHARDS: a folder or s3://
     medpipe train --data SHARDS --out RUN ...            # SHARDS: a folder or any fsspec URL (s3://, gs://, ...)
 
 Format (WebDataset conventions): each sample is ``<key>.png`` (the cached RGB pixels at the training
@@ -11,10 +11,14 @@ stream can draw classes evenly without reading everything; val and test are ``va
 preprocessing (size, interpolation), the record-table hash and the seeded split (seed and fractions;
 training with other split settings is refused, see ``medpipe.train.data``).
 
-Reading never touches the local disk beyond the stream: fsspec opens each shard and ``tarfile``
-reads it sequentially (``r|``). Shards are divided across ranks and DataLoader workers; a seeded
-shuffle buffer mixes samples. Without balancing an epoch reads every training record exactly once;
-with ``imbalance=sampler`` classes are drawn uniformly (each class stream cycles, reshuffled).
+Reading never touches the local disk beyond the stream: fsspec opens each shard (``s3://`` through
+:mod:`medpipe.data.s3`, with the standard AWS settings) and ``tarfile`` reads it sequentially (``r|``); a shard
+that cannot be read (no such bucket or key, access denied, the endpoint unreachable, a truncated tar) is a
+:class:`~medpipe.errors.ShardError` naming its URL and the reason. Writing to ``s3://`` puts each shard as one
+object (atomic), ``index.json`` last, so a shard set whose index is there is whole. Shards are divided across
+ranks and DataLoader workers; a seeded shuffle buffer mixes samples. Without balancing an epoch reads every
+training record exactly once; with ``imbalance=sampler`` classes are drawn uniformly (each class stream cycles,
+reshuffled).
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medpipe.data import s3
 from medpipe.data.cache import build_cache
 from medpipe.data.sources import load_records, records_hash
 from medpipe.data.splits import ensure_splits
-from medpipe.errors import ShardError
-from medpipe.utils import atomic_write_text, to_json
+from medpipe.errors import ShardError, StorageError
+from medpipe.utils import atomic_write_bytes, to_json
 
 INDEX = "index.json"
 FORMAT = "medpipe-shards-1"
@@ -42,7 +47,23 @@ def _fs_join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
+def _open(url: str):
+    """A binary file object for ``url`` (a path, an s3:// URL or any fsspec URL)."""
+    if s3.is_s3(url):
+        return s3.open_read(url)
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def _unreadable(url: str, exc: BaseException) -> ShardError:
+    why = s3.reason(exc)[0] if s3.is_s3(url) else f"{exc.__class__.__name__}: {exc}"
+    return ShardError(f"{url}: cannot read: {why}")
+
+
 def is_shards(root: str | Path) -> bool:
+    if s3.is_s3(root):  # an s3:// URL is never an ingested data folder: read_index says what is wrong with it
+        return True
     import fsspec
 
     try:
@@ -57,14 +78,16 @@ def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, inter
                  progress: bool = False) -> dict:
     """Pack an ingested data folder (records, split, pixel cache at ``size``) into shards under ``out``."""
 
-    data_dir, out = Path(data_dir), Path(out)
+    data_dir = Path(data_dir)
+    out = out if s3.is_s3(out) else Path(out)
     table, classes = load_records(data_dir)
     records_sha256 = records_hash(table)
     splits, _ = ensure_splits(data_dir, data_dir, seed=split_seed, val=val, test=test, table=table,
                               records_sha256=records_sha256)
     table = table.assign(split=table["image_id"].map(dict(zip(splits["image_id"], splits["split"]))))
     cache = build_cache(table, data_dir / "cache", (size, size), interpolation, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
+    if not s3.is_s3(out):
+        out.mkdir(parents=True, exist_ok=True)
     shards = []
     groups = [("train", c, table[(table["split"] == "train") & (table["label"] == c)]) for c in classes]
     groups += [(s, None, table[table["split"] == s]) for s in ("val", "test")]
@@ -87,9 +110,7 @@ def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, inter
                         info = tarfile.TarInfo(f"{key}.{ext}")
                         info.size, info.mode, info.mtime = len(data), 0o644, 0
                         tar.addfile(info, io.BytesIO(data))
-            tmp = out / f".{name}.tmp"
-            tmp.write_bytes(buf.getvalue())
-            tmp.replace(out / name)
+            _put(out, name, buf.getvalue())
             counts = chunk["class_index"].value_counts().to_dict()
             shards.append({"name": name, "split": split, "n": len(chunk),
                            "class_counts": [int(counts.get(i, 0)) for i in range(len(classes))]})
@@ -97,17 +118,27 @@ def write_shards(data_dir: str | Path, out: str | Path, *, size: int = 64, inter
              "records_sha256": records_sha256, "split_seed": split_seed, "val_fraction": val,
              "test_fraction": test, "shards": shards,
              "counts": {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")}}
-    atomic_write_text(out / INDEX, to_json(index, indent=2))
+    _put(out, INDEX, to_json(index, indent=2).encode())  # last: a shard set with its index is whole
     return index
 
 
-def read_index(root: str | Path) -> dict:
-    import fsspec
+def _put(out: str | Path, name: str, data: bytes) -> None:
+    """Write one file of a shard set atomically (s3://: one PUT)."""
+    if isinstance(out, str):
+        s3.write_bytes(s3.join(out, name), data)
+    else:
+        atomic_write_bytes(out / name, data)
 
+
+def read_index(root: str | Path) -> dict:
     try:
-        with fsspec.open(_fs_join(str(root), INDEX), "rb") as f:
+        with _open(_fs_join(str(root), INDEX)) as f:
             index = json.loads(f.read())
+    except StorageError as exc:
+        raise ShardError(str(exc)) from None
     except (OSError, ValueError) as exc:
+        if s3.is_s3(str(root)):
+            raise ShardError(f"{root}: cannot read {INDEX} ({s3.reason(exc)[0]})") from None
         raise ShardError(f"{root}: cannot read {INDEX} ({exc.__class__.__name__})") from None
     if index.get("format") != FORMAT:
         raise ShardError(f"{root}: not a medpipe shard set (format {index.get('format')!r})")
@@ -116,10 +147,25 @@ def read_index(root: str | Path) -> dict:
 
 
 def iter_shard(root: str, name: str):
-    """(meta, pixels uint8 HWC) for each sample of one shard, read as a stream."""
-    import fsspec
+    """(meta, pixels uint8 HWC) for each sample of one shard, read as a stream; a shard that cannot be read to
+    its end is a ShardError naming its URL."""
+    url = _fs_join(root, name)
+    try:
+        yield from _read_shard(url, name)
+    except StorageError as exc:
+        raise ShardError(str(exc)) from None
+    except (tarfile.TarError, EOFError) as exc:
+        raise ShardError(f"{url}: truncated or not a tar file ({exc}); write the shard set again") from None
+    except ShardError:
+        raise
+    except Exception as exc:
+        if not s3.is_storage_error(exc):
+            raise
+        raise _unreadable(url, exc) from None
 
-    with fsspec.open(_fs_join(root, name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+
+def _read_shard(url: str, name: str):
+    with _open(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         current, parts = None, {}
         for m in tar:
             if not m.isfile():

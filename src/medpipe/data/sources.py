@@ -18,6 +18,12 @@ a hang), files over ``max_file_mb`` (checked before reading; hashing is streamed
 inflate past ``MAX_UNPACKED_BYTES`` in total or ``MAX_ZIP_RATIO`` times their compressed size, and class
 names outside the safe set (:func:`class_name_problem`), so a label never becomes code or a formula in a
 bundle config, a spreadsheet or a CSV.
+
+A Ground Truth manifest on S3 (or one naming ``s3://`` objects, without ``--s3-root``) is copied with the objects
+it names into ``OUT/s3/<bucket>/<key>`` (:func:`fetch_groundtruth`), then read as a local one.
+
+Size: over 650 lines because every reader shares the one confinement and defect model; splitting the readers
+from it would scatter the rules a hostile input is checked against.
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
-from medpipe.errors import IngestError
-from medpipe.data import imageio
+from medpipe.errors import IngestError, StorageError
+from medpipe.data import imageio, s3
 from medpipe.data.synthetic import HAM_CLASSES
 from medpipe.utils import atomic_write_json, atomic_write_text, frame_csv, read_csv_table, shown_name
 
@@ -52,6 +58,7 @@ CLASS_NAME_PUNCT = " _-.()"
 RECORDS_FILE = "records.csv"
 CLASSES_FILE = "classes.json"
 REPORT_FILE = "ingest_report.json"
+S3_MIRROR = "s3"  # OUT/s3/<bucket>/<key>: the objects of an s3:// Ground Truth manifest, copied by ingest
 FORMATS = ("auto", "ham10000", "dataverse", "folders", "groundtruth", "csv")
 BASE_COLUMNS = ["image_id", "path", "label", "class_index", "group_id", "sha256", "width", "height"]
 
@@ -332,7 +339,10 @@ def choose_label_attribute(manifest: Path, label_attribute: str | None) -> str |
     return next(iter(found), None)
 
 
-def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str | None) -> Candidates:
+def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str | None,
+                     unfetched: dict[str, str] | None = None) -> Candidates:
+    """Candidates of a Ground Truth manifest; ``unfetched``: why an object could not be copied from S3, per
+    reference (:func:`fetch_groundtruth`)."""
     label_attribute = choose_label_attribute(manifest, label_attribute)
     cand = Candidates(rows=[], fmt="groundtruth", label_attribute=label_attribute)
     index_to_name: dict[int, str] = {}
@@ -378,7 +388,7 @@ def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str 
                 cand.defects.append(Defect(where, "bad_source_ref", str(exc)))
                 continue
             image_id = path.stem
-            if not _new_existing_file(cand, seen, where, image_id, path, ref):
+            if not _new_existing_file(cand, seen, where, image_id, path, ref, (unfetched or {}).get(ref)):
                 continue
             row = {"image_id": image_id, "path": str(path.resolve()), "label": name,
                    "group_id": str(obj.get("lesion_id") or obj.get("group_id") or image_id)}
@@ -393,14 +403,17 @@ def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str 
     return cand
 
 
-def _new_existing_file(cand: Candidates, seen: set[str], where: str, image_id: str, path: Path, ref: str) -> bool:
-    """A manifest row's id not listed before and its file there; otherwise the defect is recorded."""
+def _new_existing_file(cand: Candidates, seen: set[str], where: str, image_id: str, path: Path, ref: str,
+                       unfetched: str | None = None) -> bool:
+    """A manifest row's id not listed before and its file there; otherwise the defect is recorded (``unfetched``:
+    why the object could not be copied from S3)."""
     if image_id in seen:
         cand.defects.append(Defect(where, "duplicate_id", f"image_id {image_id} already listed"))
         return False
     seen.add(image_id)
     if not path.is_file():
-        cand.defects.append(Defect(where, "missing_file", f"{ref} not found"))
+        code = "missing_file" if unfetched is None or "no such" in unfetched else "unreadable_file"
+        cand.defects.append(Defect(where, code, unfetched or f"{ref} not found"))
         return False
     return True
 
@@ -494,33 +507,84 @@ def records_hash(table: pd.DataFrame) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
+def _read_source(source: Path | str, out: Path, fmt: str, s3_root: str | None, label_attribute: str | None,
+                 max_bytes: int) -> Candidates:
+    if fmt == "ham10000":
+        return read_ham10000(source)
+    if fmt == "dataverse":
+        return read_dataverse(source, out)
+    if fmt == "folders":
+        return read_folders(source)
+    if fmt == "csv":
+        return read_csv_manifest(source)
+    failed: dict[str, str] = {}
+    if s3.is_s3(source) or not s3_root:  # s3:// objects are read from S3 itself, into OUT/s3
+        source, failed = fetch_groundtruth(source, out, max_bytes)
+        s3_root = str(out / S3_MIRROR)
+    return read_groundtruth(source, Path(s3_root), label_attribute, failed)
+
+
+def fetch_groundtruth(source: str | Path, out: Path, max_bytes: int) -> tuple[Path, dict[str, str]]:
+    """Copy an ``s3://`` Ground Truth manifest and every object it names (``s3://`` references, and keys
+    relative to an ``s3://`` manifest) into ``OUT/s3/<bucket>/<key>``, confined there as ``--s3-root`` is.
+    Returns the local manifest and ``{reference: reason}`` for the objects that cannot be had (no such key,
+    access denied). An unreachable endpoint stops ingest; what was fetched is kept, a rerun fetches the rest."""
+    mirror, base = out / S3_MIRROR, None
+    if s3.is_s3(source):
+        try:
+            manifest = s3_path(source, mirror)
+        except ValueError as exc:
+            raise IngestError(str(exc)) from None
+        s3.download(source, manifest, max_bytes)
+        base = source.rsplit("/", 1)[0]
+    else:
+        manifest = Path(source)
+    refs: dict[str, tuple[str, Path]] = {}
+    with open(manifest, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                ref = json.loads(line).get("source-ref")
+            except (ValueError, AttributeError):
+                continue
+            plain = isinstance(ref, str) and "://" not in ref and ".." not in PurePosixPath(ref).parts
+            url = ref if s3.is_s3(ref) else s3.join(base, ref) if base and plain and not ref.startswith("/") else None
+            try:
+                if url:
+                    refs[ref] = (url, s3_path(url, mirror))
+            except ValueError:
+                continue  # read_groundtruth refuses it, naming the reason
+    if refs:
+        s3.filesystem()  # s3fs missing: one error now, not one per object
+    try:
+        failed = s3.fetch_all(list(dict(refs.values()).items()), max_bytes)
+    except StorageError as exc:
+        raise IngestError(f"{exc}; what was fetched is kept in {mirror}: run the same command again to "
+                          "fetch the rest") from None
+    return manifest, {ref: failed[url] for ref, (url, _) in refs.items() if url in failed}
+
+
 def ingest(source: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto", classes: list[str] | None = None,
            s3_root: str | None = None, label_attribute: str | None = None,
            max_pixels: int = imageio.DEFAULT_MAX_PIXELS, workers: int | None = None, strict: bool = False,
            max_file_mb: int = MAX_FILE_MB, progress: bool = False) -> dict:
     """Read ``source``, validate every image, write the record table; return the report dict."""
-    source, out = Path(source), Path(out)
+    url = source if s3.is_s3(source) else None
+    source, out = url or Path(source), Path(out)
     if fmt not in FORMATS:
         raise IngestError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if url and fmt not in ("auto", "groundtruth"):
+        raise IngestError(f"{url}: an s3:// source is read as a Ground Truth manifest; copy other layouts locally")
     for c in classes or []:
         if class_name_problem(c):
             raise IngestError(f"--classes: {class_name_problem(c)}")
-    fmt = detect_format(source) if fmt == "auto" else fmt
+    fmt = "groundtruth" if url else detect_format(source) if fmt == "auto" else fmt
     out.mkdir(parents=True, exist_ok=True)
-    if fmt == "ham10000":
-        cand = read_ham10000(source)
-    elif fmt == "dataverse":
-        cand = read_dataverse(source, out)
-    elif fmt == "folders":
-        cand = read_folders(source)
-    elif fmt == "groundtruth":
-        cand = read_groundtruth(source, Path(s3_root) if s3_root else None, label_attribute)
-    else:
-        cand = read_csv_manifest(source)
+    cand = _read_source(source, out, fmt, s3_root, label_attribute, max_file_mb << 20)
 
     defects = list(cand.defects)
     # The dataset root: nothing outside it is read (a symlink or a manifest row pointing elsewhere is refused).
-    root = {"ham10000": source, "folders": source, "csv": source.parent, "dataverse": out / "extracted"}.get(fmt)
+    root = out / S3_MIRROR if url else {"ham10000": source, "folders": source, "csv": source.parent,
+                                        "dataverse": out / "extracted"}.get(fmt)
     rows = []
     for row in cand.rows:
         if root is not None and not inside(row["path"], root):

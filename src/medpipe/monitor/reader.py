@@ -10,6 +10,10 @@ Ground truth (:func:`read_ground_truth`): a CSV with columns ``eventId,label`` (
 picks an image of a multi-image request; default 0), or SageMaker Model Monitor's JSON Lines
 ``{"groundTruthData": {"data": LABEL, "encoding": "CSV"}, "eventMetadata": {"eventId": ...},
 "eventVersion": "0"}``.
+
+The capture and the ground truth may be ``s3://`` URLs (a prefix: every ``*.jsonl`` under it), read through
+:mod:`medpipe.data.s3` with the standard AWS settings; a missing bucket, a denied key or an unreachable endpoint
+is an error naming the URL, a truncated object ends in a counted ``bad_line``.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import io
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from medpipe.errors import MedpipeError
+from medpipe.data import s3
+from medpipe.errors import MedpipeError, StorageError
 from medpipe.monitor.capture import FINGERPRINT_TYPE, fingerprint
 
 NAMED = 20  # problems named in the report per kind (all are counted)
@@ -89,7 +94,13 @@ def _inputs(rec: dict, n: int) -> list[dict]:
     return [{} for _ in range(n)]
 
 
-def _files(root: Path) -> list[Path]:
+def _files(root: str | Path) -> list[Path] | list[str]:
+    if s3.is_s3(root):
+        try:
+            return s3.list_files(root, {".jsonl"})
+        except StorageError as exc:
+            raise MedpipeError(f"--capture {exc}") from None
+    root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
@@ -97,11 +108,22 @@ def _files(root: Path) -> list[Path]:
     return sorted(root.rglob("*.jsonl"))
 
 
+def _open(path: str | Path):
+    """A capture file (an s3:// object is read whole: capture files are rotated, so small)."""
+    if s3.is_s3(path):
+        try:
+            return io.BytesIO(s3.read_bytes(path))
+        except StorageError as exc:
+            raise MedpipeError(f"--capture {exc}") from None
+    return open(path, "rb")
+
+
 def read_capture(root: str | Path, classes: list[str], package_sha256: str | None, log: ReadLog) -> Capture:
-    """Every usable image row under ``root`` (``*.jsonl``, recursively), in time order."""
+    """Every usable image row under ``root`` (``*.jsonl``, recursively; a folder, a file or an s3:// prefix),
+    in time order."""
     ids, idx, times, probs, inputs = [], [], [], [], []
-    for path in _files(Path(root)):
-        with open(path, "rb") as f:
+    for path in _files(root):
+        with _open(path) as f:
             for no, raw in enumerate(f, 1):
                 where = f"{path}:{no}"
                 if not raw.strip():
@@ -138,13 +160,20 @@ def read_capture(root: str | Path, classes: list[str], package_sha256: str | Non
 
 def read_ground_truth(path: str | Path, classes: list[str], log: ReadLog) -> dict[tuple[str, int], int]:
     """(eventId, image index) -> class index, from a CSV or SageMaker ``groundTruthData`` JSON Lines."""
-    path = Path(path)
-    if not path.is_file():
-        raise MedpipeError(f"--ground-truth {path}: no such file")
+    if s3.is_s3(path):
+        try:
+            text = s3.read_bytes(path).decode("utf-8", errors="replace")
+        except StorageError as exc:
+            raise MedpipeError(f"--ground-truth {exc}") from None
+        suffix = PurePosixPath(path).suffix.lower()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise MedpipeError(f"--ground-truth {path}: no such file")
+        text, suffix = path.read_text(encoding="utf-8", errors="replace"), path.suffix.lower()
     out: dict[tuple[str, int], int] = {}
     rows: list[tuple[str, str, str, str]] = []  # where, eventId, label, index
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix.lower() in (".jsonl", ".json"):
+    if suffix in (".jsonl", ".json"):
         for no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
