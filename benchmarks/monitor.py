@@ -7,7 +7,8 @@ Synthetic dermatoscopy JPEGs (medpipe.data.synthetic, 160x120) watched by densen
 for --train-epochs on another synthetic set of the same generator (and calibrated on its validation
 split, as `medpipe train` does). A baseline (medpipe.monitor.drift.statistics) is made on a third of
 the images; windows are drawn at random (without replacement inside a window) from the other two
-thirds, unshifted or shifted: a colour cast (red x(1+s), blue x(1-s)), a Gaussian blur, a JPEG-quality
+thirds, unshifted or shifted (the fingerprints carry the projected penultimate-layer embedding, so the
+embedding-drift test runs too): a colour cast (red x(1+s), blue x(1-s)), a Gaussian blur, a JPEG-quality
 drop, and a melanoma-clinic class mix (mel drawn k times as often). Every window runs the checks of
 ``medpipe monitor check`` (medpipe.monitor.drift.check_window, default constraints). The false-alarm
 rate is the share of unshifted windows with any violation; the detection rate the share of shifted
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import io
+import json
 import subprocess
 import sys
 import tempfile
@@ -55,12 +57,20 @@ SHIFTS = {
 }
 
 
-def _features(predictor, blobs: list[bytes]) -> tuple[np.ndarray, list[dict]]:
-    from medpipe.monitor.capture import fingerprint
+_EMBEDDERS: dict = {}
 
-    probs = np.concatenate([predictor.probabilities([predictor.decode(b) for b in blobs[i:i + 64]])
-                            for i in range(0, len(blobs), 64)])
-    return probs, [fingerprint("bytes", b) for b in blobs]
+
+def _features(predictor, blobs: list[bytes]) -> tuple[np.ndarray, list[dict]]:
+    """Probabilities and fingerprints with the projected embedding of the same forward pass, as serve captures."""
+    from medpipe.monitor.capture import fingerprint
+    from medpipe.monitor.embedding import Embedder, encode
+
+    emb = _EMBEDDERS.setdefault(id(predictor), Embedder(predictor))
+    parts = [emb.probabilities([predictor.decode(b) for b in blobs[i:i + 64]]) for i in range(0, len(blobs), 64)]
+    prints = [fingerprint("bytes", b) for b in blobs]
+    for fp, e in zip(prints, np.concatenate([e for _, e in parts])):
+        fp.update(embedding=encode(e), embedding_projection=emb.id)
+    return np.concatenate([p for p, _ in parts]), prints
 
 
 def train_model(root: Path, epochs: int) -> Path:
@@ -227,6 +237,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=240)
     ap.add_argument("--train-epochs", type=int, default=6, help="epochs of the model the drift part watches")
     ap.add_argument("--skip-capture", action="store_true", help="only the drift part")
+    ap.add_argument("--print-only", action="store_true", help="print the result, write no results file")
     a = ap.parse_args()
     t = time.time()
     model = train_model(Path(tempfile.mkdtemp(prefix="medpipe-monitor-model-")), a.train_epochs)
@@ -234,7 +245,7 @@ def main() -> None:
     if not a.skip_capture:
         result["capture"] = capture_part(a.requests)
     result["seconds"] = round(time.time() - t, 1)
-    print(write_result("monitor", result))
+    print(json.dumps(result, indent=1) if a.print_only else write_result("monitor", result))
 
 
 if __name__ == "__main__":

@@ -45,3 +45,18 @@ def trained_run(data_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
     assert main(["train", "--data", str(data_dir), "--out", str(run), *TINY, "--model", "densenet121"]) == 0
     return run
+
+
+def untrained_package(out: Path, *, name: str, image_size: int = 32, classes=("a", "b", "c"), seed: int = 0) -> Path:
+    """A package of densenet-test (the suite's tiny DenseNet) with seeded random weights: for tests of the
+    serving and packaging paths, where what the model predicts does not matter, only that it is the same."""
+    import torch
+
+    from medpipe.models import create_model
+    from medpipe.package import save_package
+    from medpipe.preprocess import PreprocessSpec
+
+    torch.manual_seed(seed)
+    save_package(out, create_model("densenet-test", len(classes)), name=name, arch="densenet-test",
+                 classes=list(classes), spec=PreprocessSpec(image_size=image_size))
+    return out

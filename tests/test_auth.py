@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests._server import Server, as_json
+from tests.conftest import untrained_package
 
 pytest.importorskip("fastapi")
 pytest.importorskip("pebble")
@@ -78,17 +79,7 @@ def make_ca_and_server_cert(folder: Path) -> tuple[Path, Path, Path]:
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory) -> Path:
-    import torch
-
-    from medpipe.models import create_model
-    from medpipe.package import save_package
-    from medpipe.preprocess import PreprocessSpec
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("auth") / "pkg"
-    save_package(out, create_model("densenet-test", 3), name="authpkg", arch="densenet-test",
-                 classes=["a", "b", "c"], spec=PreprocessSpec(image_size=32))
-    return out
+    return untrained_package(tmp_path_factory.mktemp("auth") / "pkg", name="authpkg", image_size=32)
 
 
 @pytest.fixture(scope="module")

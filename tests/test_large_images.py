@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from medpipe.data import imageio
 from tests._server import Server
+from tests.conftest import untrained_package
 
 
 def camera_jpeg(w: int = 6000, h: int = 4000, seed: int = 0, quality: int = 90, noise: int = 24) -> bytes:
@@ -61,17 +62,7 @@ def big_jpeg() -> bytes:
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     """densenet-test (the suite's tiny DenseNet) at the default 64 px input, random weights (seeded)."""
-    import torch
-
-    from medpipe.models import create_model
-    from medpipe.package import save_package
-    from medpipe.preprocess import PreprocessSpec
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("large") / "pkg"
-    save_package(out, create_model("densenet-test", 3), name="large", arch="densenet-test",
-                 classes=["a", "b", "c"], spec=PreprocessSpec(image_size=64))
-    return out
+    return untrained_package(tmp_path_factory.mktemp("large") / "pkg", name="large", image_size=64)
 
 
 @pytest.fixture(scope="module")

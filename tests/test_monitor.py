@@ -17,6 +17,7 @@ from PIL import Image
 
 from medpipe.cli import main
 from medpipe.monitor.capture import EVENT_HEADER, FINGERPRINT_TYPE, CaptureWriter
+from medpipe.monitor.embedding import DIM, Embedder, decode, encode
 from medpipe.monitor.jobs import EXIT_VIOLATION
 from medpipe.monitor.reader import ReadLog, read_capture
 from tests._server import Server
@@ -58,13 +59,21 @@ def _answer(predictor, probs: np.ndarray) -> bytes:
 
 def _capture(folder: Path, predictor, images: list[bytes], meta: dict = META) -> tuple[list[str], np.ndarray]:
     """Capture one request per image through the writer the service uses; returns eventIds and probabilities."""
-    probs = predictor.probabilities([predictor.decode(b) for b in images])  # one forward pass: quick under load
+    embedder = _embedder(predictor)
+    probs, emb = embedder.probabilities([predictor.decode(b) for b in images])  # one forward pass: quick under load
     w = CaptureWriter(folder, meta)
-    ids = [w.submit("image/jpeg", b, [("bytes", b)], _answer(predictor, probs[i:i + 1]), "application/json")
-           for i, b in enumerate(images)]
+    w.projection = embedder.id
+    ids = [w.submit("image/jpeg", b, [("bytes", b)], _answer(predictor, probs[i:i + 1]), "application/json",
+                    embeddings=[encode(emb[i])]) for i, b in enumerate(images)]
     w.close()
     assert w.counts["captured"] == len(images) and w.counts["dropped"] == 0
     return ids, probs
+
+
+def _embedder(predictor) -> Embedder:
+    if not hasattr(predictor, "_test_embedder"):  # one hook per predictor
+        predictor._test_embedder = Embedder(predictor)
+    return predictor._test_embedder
 
 
 def _cast(data: bytes) -> bytes:
@@ -76,9 +85,9 @@ def _cast(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def _check(world, capture: Path, out: Path, *extra: str) -> tuple[int, dict]:
+def _check(world, capture: Path, out: Path, *extra: str, plots: bool = False) -> tuple[int, dict]:
     code = main(["monitor", "check", "--baseline", str(world["base"]), "--capture", str(capture), "--window", "60",
-                 "--out", str(out), *extra])
+                 "--out", str(out), *extra, *([] if plots else ["--no-plots"])])
     return code, json.loads((out / "windows.json").read_text())
 
 
@@ -89,15 +98,22 @@ def test_unshifted_windows_pass_and_a_colour_cast_is_flagged(world, tmp_path):
     code, res = _check(world, tmp_path / "plain", tmp_path / "plain_out")
     assert code == 0, [w["violations"] for w in res["windows"]]
     assert [w["n"] for w in res["windows"]] == [60, 60] and all(w["tested"] for w in res["windows"])
+    assert len(stats["embedding"]["sample"]) == 160 and stats["embedding"]["projection"].endswith(f"x{DIM}")
+    assert all(w["embedding_drift"]["n"] == 60 and w["embedding_drift"]["p_value"] > 0.01 for w in res["windows"])
     assert json.loads((tmp_path / "plain_out" / "constraint_violations.json").read_text()) == {"violations": []}
 
     _capture(tmp_path / "cast", world["predictor"], [_cast(b) for b in world["images"]])
-    code, res = _check(world, tmp_path / "cast", tmp_path / "cast_out")
+    code, res = _check(world, tmp_path / "cast", tmp_path / "cast_out", plots=True)
     assert code == EXIT_VIOLATION
     found = json.loads((tmp_path / "cast_out" / "constraint_violations.json").read_text())["violations"]
     drifted = {v.get("feature_name") for v in found if v["constraint_check_type"] == "input_drift"}
     assert {"mean_r", "mean_b"} <= drifted and {v["window"] for v in found} == {0, 1}
-    assert "violation" in (tmp_path / "cast_out" / "report.md").read_text()
+    assert {"embedding_drift", "input_drift"} <= {v["constraint_check_type"] for v in found}
+    report = (tmp_path / "cast_out" / "report.md").read_text()
+    assert "violation" in report
+    for name in ("class_mix", "confidence", "embedding_drift", "input_drift", "performance"):
+        png = tmp_path / "cast_out" / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(plots/{name}.png)" in report
 
 
 def test_ground_truth_joined_by_event_id_gives_the_direct_accuracy(world, tmp_path):
@@ -157,12 +173,19 @@ def test_bad_lines_other_models_and_a_sagemaker_record_are_counted_never_mixed(w
     assert last["n"] == 41
 
 
-def test_writer_rotates_caps_drops_and_captures_inputs_on_request(world, tmp_path):
+def test_writer_rotates_caps_drops_and_captures_inputs_on_request(world, tmp_path, monkeypatch):
+    import threading
+
+    from medpipe.monitor import capture
+
+    threads, real = set(), capture.fingerprint
+    monkeypatch.setattr(capture, "fingerprint", lambda *a: threads.add(threading.current_thread().name) or real(*a))
     w = CaptureWriter(tmp_path / "c", META, max_file_mb=0.002, max_total_mb=0.012)
     blob = b"x" * 700
     for _ in range(40):
         w.submit("application/x-npy", b"", [("array", np.zeros((4, 4, 3), np.uint8))], blob, "application/json")
     w.close()
+    assert threads == {"medpipe-capture"}  # the fingerprint is computed off the request path
     files = sorted((tmp_path / "c").rglob("*.jsonl"))
     assert w.counts["captured"] == 40 and w.counts["files_removed"] > 0 and len(files) >= 2
     assert sum(f.stat().st_size for f in files) <= 0.012 * 2**20
@@ -215,6 +238,10 @@ def test_serve_capture_writes_records_and_a_write_error_does_not_fail_requests(w
         fp = rec["medpipe"]["inputs"][0]
         assert fp["format"] == "JPEG" and fp["bytes"] == len(img) and (fp["width"], fp["height"]) == (64, 48)
         assert base64.b64encode(img).decode()[:40] not in files[0].read_text()  # no pixels by default
+        # the embedding of the answering forward pass, the same as the baseline's path computes it
+        offline = _embedder(world["predictor"]).embed([world["predictor"].decode(img)])[0]
+        assert fp["embedding_projection"].endswith(f"x{DIM}")
+        np.testing.assert_allclose(decode(fp["embedding"]), offline, rtol=1e-2, atol=1e-2)
         assert len(next(r for r in recs if r is not rec)["medpipe"]["inputs"]) == 2
 
         code, res = _check(world, cap, tmp_path / "out")  # the server's records, read by monitor check
@@ -248,3 +275,161 @@ def _wait(fn, timeout: float = 20.0):
             return got
         time.sleep(0.1)
     raise AssertionError("condition not reached")
+
+
+def test_live_monitor_gauges_flag_a_shifted_window(world):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from medpipe.monitor.live import CHECKS, LiveMonitor, load_baseline
+
+    pred, emb = world["predictor"], _embedder(world["predictor"])
+    live = LiveMonitor(*load_baseline(world["base"]), 60, pred.classes, emb.id)
+    registry = CollectorRegistry()
+    live.register(registry)
+    assert 'medpipe_monitor_drift_p_value{check="embedding"} NaN' in generate_latest(registry).decode()
+
+    def feed(images):
+        probs, e = emb.probabilities([pred.decode(b) for b in images])
+        live.observe(probs, [encode(x) for x in e])
+        return live.refresh()
+
+    v = feed(world["images"][:60])
+    assert v["window_images"] == 60 and all(v["p_value"][c] > 0.01 for c in CHECKS), v
+    assert sum(v["class_share"]) == pytest.approx(1.0)
+    v = feed([_cast(b) for b in world["images"][60:120]])  # the window now holds only shifted images
+    assert v["window_images"] == 60 and v["p_value"]["embedding"] < 0.01
+    text = generate_latest(registry).decode()
+    assert re.search(r'medpipe_monitor_drift_p_value\{check="embedding"\} 0\.00', text)
+    assert re.search(r'medpipe_monitor_drift_alpha\{check="prediction"\} 0\.01', text)
+    assert re.search(rf'medpipe_monitor_class_share\{{class="{pred.classes[0]}"\}} [0-9.e-]+', text)
+
+    from types import SimpleNamespace
+
+    from medpipe.errors import ConfigError
+    from medpipe.monitor.live import open_live
+
+    other = SimpleNamespace(classes=pred.classes, meta=SimpleNamespace(weights_sha256="0" * 64))
+    with pytest.raises(ConfigError, match="describes another model"):  # serve refuses it at start, exit 2
+        open_live(SimpleNamespace(monitor_baseline=str(world["base"]), monitor_window=60), other, emb.id)
+
+
+def test_alerting_rules_pass_promtool():
+    import shutil
+    import subprocess
+
+    if not shutil.which("promtool"):
+        pytest.skip("promtool not installed (Debian package prometheus, .ci/apt.d/prometheus.txt)")
+    res = subprocess.run(["promtool", "check", "rules", str(ROOT / "deploy" / "prometheus" / "medpipe-alerts.yml")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "SUCCESS: 5 rules found" in res.stdout, res.stdout + res.stderr
+
+
+def _prometheus(port: int, path: str) -> dict:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def test_real_prometheus_scrapes_serve_and_fires_the_drift_alert(world, tmp_path):
+    import shutil
+    import subprocess
+    from urllib.parse import quote
+
+    from tests._server import free_port
+
+    if not shutil.which("prometheus"):
+        pytest.skip("prometheus not installed (Debian package prometheus, .ci/apt.d/prometheus.txt)")
+    # the shipped rules, without their waiting times ("for: 15m" would hold a firing alert back 15 minutes)
+    rules = re.sub(r"for: \d+m", "for: 0s", (ROOT / "deploy" / "prometheus" / "medpipe-alerts.yml").read_text())
+    (tmp_path / "rules.yml").write_text(rules)
+    server = Server(PKG, "--backend", "eager", "--monitor-baseline", str(world["base"]), "--monitor-window", "60",
+                    log=tmp_path / "server.log").wait_ready()
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(tmp_path / "rules.yml")],
+        "scrape_configs": [{"job_name": "medpipe", "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}]}]}))
+    with open(tmp_path / "prometheus.log", "wb") as plog:
+        prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=plog, stderr=subprocess.STDOUT)
+
+    def value(expr: str):
+        try:
+            got = _prometheus(port, "/api/v1/query?query=" + quote(expr))["data"]["result"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return float(got[0]["value"][1]) if got else None
+
+    def alerts() -> set:
+        return {a["labels"]["alertname"] for a in _prometheus(port, "/api/v1/alerts")["data"]["alerts"]}
+
+    try:
+        for img in world["images"][:60]:
+            assert server.invoke(img)[0] == 200
+        # Prometheus scraped the full unshifted window with its embedding test done, and evaluated the rules on it
+        _wait(lambda: value("medpipe_monitor_window_images") == 60 and
+              (value('medpipe_monitor_drift_p_value{check="embedding"}') or -1) >= 0, timeout=60)
+        time.sleep(3)
+        assert alerts() == set()
+        for img in world["images"][60:120]:
+            assert server.invoke(_cast(img))[0] == 200
+        _wait(lambda: "MedpipeEmbeddingDrift" in alerts(), timeout=60)
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+        server.stop()
+    assert "Traceback" not in server.log_text()
+
+
+def test_select_for_labelling_and_the_labels_come_back(world, tmp_path):
+    import shutil
+
+    pred, n = world["predictor"], 40
+    images = world["images"][:n] + [_cast(b) for b in world["images"][n:2 * n]]  # the second window drifted
+    labels = dict(enumerate(world["labels"][:2 * n]))
+    probs, e = _embedder(pred).probabilities([pred.decode(b) for b in images])
+    w = CaptureWriter(tmp_path / "cap", META, inputs=True)  # --capture-inputs: the bodies are kept
+    w.projection = _embedder(pred).id
+    ids = [w.submit("image/jpeg", b, [("bytes", b)], _answer(pred, probs[i:i + 1]), "application/json",
+                    embeddings=[encode(e[i])]) for i, b in enumerate(images)]
+    ids.append(w.submit("image/jpeg", images[0], [("bytes", images[0])], _answer(pred, probs[:1]), "application/json"))
+    w.close()
+    out = tmp_path / "sel"
+    assert main(["monitor", "select", "--capture", str(tmp_path / "cap"), "--budget", "12", "--out", str(out),
+                 "--baseline", str(world["base"]), "--model", str(PKG), "--window", str(n),
+                 "--source-prefix", "s3://labels/job1/"]) == 0
+    table = pd.read_csv(out / "selected.csv")
+    assert len(table) == 12 and table["score"].is_monotonic_decreasing and table["sha256"].is_unique
+    conf = probs.max(1)
+    top = table["eventId"].map(ids.index)  # the rule: 1 - confidence + 0.5 disagree + 0.25 drifted window
+    assert np.allclose(table["score"], 1 - conf[top] + 0.5 * table["disagree"] + 0.25 * table["drifted_window"],
+                       atol=1e-3)
+    assert set(table.loc[table["drifted_window"] == 1, "eventId"].map(ids.index)) <= set(range(n, 2 * n))
+    assert table["drifted_window"].sum() > 0
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and all(x["source-ref"].startswith("s3://labels/job1/") for x in lines)
+
+    # the labelling job: its images uploaded to s3://labels/job1/, its output manifest = input lines + the label
+    s3 = tmp_path / "s3"
+    shutil.copytree(out / "images", s3 / "labels" / "job1")
+    classes = pred.classes
+    for x in lines:
+        name = Path(x["source-ref"]).name
+        assert hashlib.sha256((s3 / "labels" / "job1" / name).read_bytes()).hexdigest() == name.split(".")[0]
+        c = int(labels[ids.index(x["medpipe-event-id"])])
+        x.update({"lesion": c, "lesion-metadata": {"class-name": classes[c], "confidence": 0.95, "human-annotated":
+                  "yes", "type": "groundtruth/image-classification", "job-name": "labeling-job/job1"}})
+    (tmp_path / "output.manifest").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    _, res = _check(world, tmp_path / "cap", tmp_path / "chk", "--ground-truth", str(tmp_path / "output.manifest"))
+    assert sum(w["labelled"] for w in res["windows"]) == 12 and "bad_ground_truth_line" not in res["summary"]["skipped"]
+    assert main(["ingest", str(tmp_path / "output.manifest"), "--out", str(tmp_path / "data"), "--s3-root", str(s3),
+                 "--classes", ",".join(classes), "--workers", "1"]) == 0
+    rec = pd.read_csv(tmp_path / "data" / "records.csv")
+    assert len(rec) == 12 and set(rec["medpipe-event-id"]) == {x["medpipe-event-id"] for x in lines}
+    assert all(rec["label"] == [classes[labels[ids.index(i)]] for i in rec["medpipe-event-id"]])

@@ -16,6 +16,7 @@ import pytest
 from medpipe.cli import main
 from tests._server import free_port
 from tests.conftest import TINY
+from tests.mlflowserver import MlflowServer
 
 mlflow = pytest.importorskip("mlflow", reason="the track extra (mlflow) is not installed")
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,39 +126,10 @@ def test_track_without_mlflow_names_the_extra(data_dir, tmp_path):
     assert not (tmp_path / "run").exists() and "Traceback" not in r.stderr
 
 
-class _MlflowServer:
-    def __init__(self, db: Path, artifacts: Path):
-        self.port, self.db, self.artifacts, self.proc = free_port(), db, artifacts, None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 180) -> None:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
-               "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers (our own process group)
-            self.proc.wait(timeout=30)
-
-
 class _KillThenRevive:
     """Kill the tracking server after epoch 1 is logged; bring it back once training has completed."""
 
-    def __init__(self, server: _MlflowServer):
+    def __init__(self, server: MlflowServer):
         self.server = server
 
     def attach(self, engine):
@@ -171,8 +143,7 @@ def test_server_killed_mid_run_training_finishes_and_run_completes(data_dir, tmp
     from medpipe.config import make_config
     from medpipe.pipeline import run
 
-    server = _MlflowServer(tmp_path / "mlflow.db", tmp_path / "artifacts")
-    server.start()
+    server = MlflowServer(tmp_path / "mlflow.db", tmp_path / "artifacts").start()
     try:
         cfg = make_config({"image_size": 32, "batch_size": 8, "epochs": 3, "bootstrap": 0, "threads": 1,
                            "max_steps_per_epoch": 2, "track": server.uri})
@@ -219,3 +190,26 @@ def test_default_store_honours_mlflow_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_uri("auto", tmp_path / "runs" / "r1") == "http://127.0.0.1:5000"
     assert resolve_uri("sqlite:///elsewhere.db", tmp_path / "r") == "sqlite:///elsewhere.db"  # given wins
+
+
+def test_processes_racing_to_create_the_experiment_both_log_to_it(tmp_path, monkeypatch, caplog):
+    """Two `medpipe train` processes starting together on a shared server both find no experiment; the one whose
+    create comes second (RESOURCE_ALREADY_EXISTS) uses the other's, at once (no deferred records, no warning)."""
+    from medpipe.track import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    other, ours = Tracker(uri, "team"), Tracker(uri, "team")
+    look_up = ours.client.get_experiment_by_name
+    raced = []
+
+    def racing(name):  # the other process creates it between our look-up and our create
+        if not raced:
+            raced.append(other.client.create_experiment(name))
+            return None
+        return look_up(name)
+
+    monkeypatch.setattr(ours.client, "get_experiment_by_name", racing)
+    with caplog.at_level(logging.WARNING, logger="medpipe.track"):
+        ours.start("r1")
+    assert ours.run_id and not ours.pending and not [r for r in caplog.records if r.name == "medpipe.track"]
+    assert ours.client.get_run(ours.run_id).info.experiment_id == raced[0]

@@ -254,7 +254,10 @@ def test_nan_batch_in_a_real_run_stops_and_keeps_last_good_checkpoint(data_dir, 
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and state["batch_in_epoch"] == 0
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    epoch, event = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epoch["epoch"] == 1 and "rss_mb" in epoch and 0 <= epoch["data_wait_share"] <= 1
+    assert event["event"] == "failed" and event["error"] == "NonFiniteLoss" and event["at_epoch"] == 2
+    assert "loss became non-finite" in event["reason"] and "epoch" not in event
     assert not (run / "model").exists()
 
 

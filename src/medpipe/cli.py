@@ -48,6 +48,7 @@ from medpipe.data.synthetic import FORMATS as SYNTH_FORMATS, SynthSpec, write_sy
 from medpipe.decision import RULES as DECISION_RULES
 from medpipe.export import FORMATS as EXPORT_FORMATS, check_target, export_model
 from medpipe.fl import cli as fl_cli
+from medpipe.monitor import cli as monitor_cli
 from medpipe.infer.backends import BACKENDS
 from medpipe.infer.client import predict_url
 from medpipe.infer.quantize import format_gate, install_int8, quantize_package
@@ -519,50 +520,6 @@ def _tracking_commands(command) -> None:
     s.add_argument("--plot", help="also write a PNG of validation AUC per epoch for these runs")
 
 
-def cmd_monitor_baseline(args) -> int:
-    from medpipe.monitor.jobs import baseline  # deferred: torch, pandas and scipy
-
-    stats = baseline(args.model, args.data, args.out, split=args.split, backend=args.backend, device=args.device)
-    e = stats["expected"]
-    print(f"baseline: {stats['n']} images of split {args.split}; expected accuracy {e['accuracy']:.3f}, balanced "
-          f"accuracy {e['balanced_accuracy']:.3f}; wrote {args.out}/statistics.json and constraints.json")
-    return 0
-
-
-def cmd_monitor_check(args) -> int:
-    from medpipe.monitor.jobs import check  # deferred: pandas and scipy, only when a check runs
-
-    code, s = check(args.baseline, args.capture, args.out, window=args.window, ground_truth=args.ground_truth)
-    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
-    print(f"monitor check: {s['images']} images in {s['windows']} windows, {s['violations']} violations; "
-          f"skipped or noticed: {skipped}; report {args.out}/report.md")
-    return code
-
-
-def _monitor_commands(sub) -> None:
-    """monitor baseline / monitor check: drift and performance of a model in service."""
-    m = sub.add_parser("monitor", help="baseline statistics and drift checks of captured requests",
-                       description="baseline statistics and drift checks of captured requests")
-    msub = m.add_subparsers(dest="monitor_command", required=True, metavar="STEP", parser_class=Parser)
-    s = msub.add_parser("baseline", help="statistics.json + constraints.json of a model on labelled data")
-    s.set_defaults(func=cmd_monitor_baseline)
-    s.add_argument("--model", required=True, help="model package folder")
-    s.add_argument("--data", required=True, help="ingested data folder")
-    s.add_argument("--split", default="val", choices=(*SPLIT_NAMES, "all"),
-                   help="labelled images the baseline describes (val: the split the calibration was fitted on)")
-    s.add_argument("--out", required=True, help="baseline folder")
-    s.add_argument("--backend", default="auto", choices=BACKENDS, help="inference runtime (as serve)")
-    s.add_argument("--device", default="auto", type=device, help="auto: CUDA when available, else CPU")
-    s = msub.add_parser("check", help="drift and estimated performance per window of captured requests; exit 3 "
-                        "when a constraint is violated")
-    s.set_defaults(func=cmd_monitor_check)
-    s.add_argument("--baseline", required=True, help="folder written by 'medpipe monitor baseline'")
-    s.add_argument("--capture", required=True, help="capture folder or s3:// prefix (serve --capture or SageMaker's)")
-    s.add_argument("--window", default="500", help="images per window (500) or a duration (30m, 1h, 1d)")
-    s.add_argument("--ground-truth", help="CSV eventId,label[,index] or SageMaker groundTruthData JSON Lines")
-    s.add_argument("--out", required=True, help="folder for constraint_violations.json, windows.json, report.md")
-
-
 def build_parser() -> Parser:
     p = Parser(prog="medpipe", description="MONAI pipeline for 2D medical image classification")
     p.add_argument("--version", action="version", version=f"medpipe {__version__}")
@@ -580,7 +537,7 @@ def build_parser() -> Parser:
     _inference_commands(command)
     _packaging_commands(command)
     _tracking_commands(command)
-    _monitor_commands(sub)
+    monitor_cli.register(sub, Parser, device)
 
     tune.add_parser(sub)  # `medpipe tune` (its options live with the search)
 

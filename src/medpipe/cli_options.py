@@ -163,6 +163,9 @@ SERVE_HELP = {
     "capture_sample": "share of /invocations requests captured, e.g. 0.1",
     "capture_inputs": "also capture each request body (base64, as SageMaker does): images are personal data",
     "capture_max_mb": "the capture folder's cap in MB; the oldest files are removed above it",
+    "monitor_baseline": "a 'medpipe monitor baseline' folder: export drift statistics of the last "
+                        "--monitor-window answers against it as medpipe_monitor_* gauges on /metrics",
+    "monitor_window": "answered images in the live monitor's rolling window",
 }
 
 

@@ -38,7 +38,7 @@ from medpipe.train.checkpoint import check_compatible, load_checkpoint
 from medpipe.train.data import open_source
 from medpipe.train.engine import Engine, Events, NonFiniteLoss, TrainingInterrupted, predict_logits  # noqa: F401
 from medpipe.train.handlers import Checkpointer, EarlyStopping, EpochLine, GracefulStop, MetricsFile, ProgressBar, \
-    TimeBudget
+    ResourceMetrics, TimeBudget
 from medpipe.utils import atomic_write_text, resolve_device, seed_everything, to_json
 
 log = logging.getLogger(__name__)
@@ -207,8 +207,8 @@ def _attach_handlers(engine: Engine, layout: RunLayout, extra: list, progress: b
     if cfg.budget and engine.state.budget_epochs is None:  # not decided yet (also a resume inside epoch 1)
         engine.attach(TimeBudget(cfg.budget_seconds()))
     engine.attach(*recipe.handlers(cfg, len(engine.classes), layout.checkpoints))  # mixing, EMA (medpipe.recipe)
-    engine.attach(EpochLine(), MetricsFile(layout.run_dir / "metrics.jsonl"), checkpointer,
-                  EarlyStopping(cfg.patience, cfg.monitor), *extra, GracefulStop(checkpointer))
+    engine.attach(EpochLine(), MetricsFile(layout.run_dir / "metrics.jsonl"), ResourceMetrics(layout.run_dir),
+                  checkpointer, EarlyStopping(cfg.patience, cfg.monitor), *extra, GracefulStop(checkpointer))
     if progress:
         engine.attach(ProgressBar())
 

@@ -16,6 +16,12 @@ logged as an MLflow pyfunc model (:mod:`medpipe.mlflow_model`, models-from-code:
 ``weights.safetensors`` + ``model.json`` unchanged and checks their hash on load; ``--register NAME``
 registers it.
 
+A team shares one ``mlflow server`` (a PostgreSQL backend store, an S3-compatible artifact store behind the
+server's artifact proxy: the training machines need its URL only; guide: "Beyond one machine"). Any number of
+training processes log to it at once; processes starting together create a new experiment once (the one that
+loses the race uses the winner's), and registering the same ``--register`` name from several runs at once
+gives each its own version.
+
 Tracking never breaks training: the first failed call (server unreachable) logs one warning; from then
 on calls are kept in order and retried when training has finished (a few attempts over about
 ``RETRY_SECONDS``). If the server is still away the MLflow run stays as the server last saw it
@@ -98,9 +104,12 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - tracking must never end training
             self.pending.append((fn, args, kwargs))
             if not self.warned:
+                from mlflow.exceptions import RestException
+
                 self.warned = True
-                log.warning("tracking: %s is not answering (%s: %s); training continues, tracking records are kept "
-                            "and sent again at the end", self.uri, exc.__class__.__name__, str(exc).splitlines()[0][:200])
+                what = "answered with an error" if isinstance(exc, RestException) else "is not answering"
+                log.warning("tracking: %s %s (%s: %s); training continues, tracking records are kept and sent again "
+                            "at the end", self.uri, what, exc.__class__.__name__, str(exc).splitlines()[0][:200])
 
     def flush(self, seconds: float = RETRY_SECONDS) -> bool:
         """Send what waits; retry with backoff for up to ``seconds``. True when nothing is left."""
@@ -131,12 +140,25 @@ class Tracker:
                     self.client.delete_tag(run_id, "failure_reason")
                 self.run_id = run_id
                 return
-            exp = self.client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment,
-                                                                                 self._artifact_location())
-            self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+            self.run_id = self.client.create_run(self._experiment_id(), run_name=name).info.run_id
 
         self.call(create)
+
+    def _experiment_id(self) -> str:
+        """The experiment's id, creating it when it does not exist. Processes starting together on a shared
+        server race to create it: the loser (RESOURCE_ALREADY_EXISTS) reads the winner's."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment, self._artifact_location())
+        except MlflowException as exc:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
+                raise
+            return exp.experiment_id
 
     def _artifact_location(self) -> str | None:
         """A SQLite store keeps its artifacts beside it (``mlartifacts/``), not under the current folder."""
@@ -241,6 +263,8 @@ class MLflowHandler:
             return
         exc = engine.state.exception
         killed = isinstance(exc, (TrainingInterrupted, KeyboardInterrupt))
+        if not killed:  # the failure as a metric event at its step (the reason: the failure_reason tag)
+            self.tracker.metrics({"training_failed": 1}, step=int(engine.state.iteration))
         self.tracker.end("KILLED" if killed else "FAILED", f"{exc.__class__.__name__}: {exc}")
         self.tracker.flush(seconds=10)
 

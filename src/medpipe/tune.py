@@ -3,6 +3,8 @@
     medpipe tune --data DATA --out STUDY --space space.yaml [--trials 20]
     medpipe tune --data DATA --out STUDY --space space.yaml --processes 2   # two worker processes, one study
     medpipe train --data DATA --out RUN --config STUDY/best_config.yaml   # train the winner
+    # one study on several machines: the same command on each, sharing a PostgreSQL database
+    medpipe tune --data DATA --out STUDY --space space.yaml --storage postgresql://optuna@db-host:5432/ham
 
 The search space is YAML (``yaml.safe_load``; read and checked by :mod:`medpipe.tune_space`)::
 
@@ -24,9 +26,16 @@ measured on the same validation images), ``monitor`` (it is the objective) or ho
 
 How it works:
 
-- The study lives in ``STUDY/study.db`` (SQLite, embedded: no server). Running the command again
-  continues the same study until it holds ``trials`` finished trials; several processes (``--processes``,
-  or the same command started in other shells) share it, each asking Optuna for the next trial.
+- The study lives in ``STUDY/study.db`` (SQLite, embedded: no server) unless ``--storage URL`` names
+  another database (any SQLAlchemy URL Optuna's RDB storage takes: ``postgresql://USER@HOST:PORT/DB`` for a
+  study shared by machines; the password from ``PGPASSWORD`` or ``~/.pgpass``, never printed). Running the
+  command again continues the same study until it holds ``trials`` finished trials; several processes
+  (``--processes``, the same command started in other shells, or on other machines with the same
+  ``--storage``) share it, each asking Optuna for the next trial. Processes on several machines share
+  nothing but the storage: each writes its trials' run folders under its own ``--out``, and the trial's
+  ``host`` and ``run_dir`` attributes (in ``trials.csv``) say where a trial's run is. (Optuna's
+  JournalStorage on a shared file system is not offered: it has no heartbeats, so a killed trial would
+  never be retried.)
 - Each trial is a real ``medpipe train`` run in ``STUDY/trials/trial-N`` (same pipeline, test split not
   evaluated: the search sees validation figures only). Its ``monitor`` is the objective; the trial's value
   is the objective at its best epoch.
@@ -34,8 +43,9 @@ How it works:
   the trial and stops the run when the pruner says so.
 - Each process's sampler seed comes from the space's ``seed``, the process's worker index and the number of
   trials already in the study: a fresh single-process study replays from the seed, while parallel processes
-  and a continued study draw new parameters (not trial 0's again); a second shell that opens a study another
-  shell has just created, before any trial is recorded, also mixes in its process id.
+  and a continued study draw new parameters (not trial 0's again); a shell (or machine) that joins a study
+  another one created also mixes in a random number, so two that join at the same moment, seeing the same
+  number of trials, do not draw the same parameters.
 - SIGTERM or SIGINT (Ctrl-C) stops the command like ``medpipe train`` (exit 143): a running trial saves its
   ``checkpoints/last.pt`` and is queued again with the same parameters, so running the same command again
   continues it in the same run folder; no new trial starts after the signal. With ``--processes`` the parent
@@ -44,8 +54,12 @@ How it works:
   capped to that share.
 - A process killed mid-trial (SIGKILL, a lost machine) stops its heartbeat; once the grace period has
   passed, the next trial start in any process marks that trial failed and queues it again with the same
-  parameters (``RetryHeartbeatStaleTrialCallback``). The retry continues the killed run from its
-  ``checkpoints/last.pt`` (the run folder is keyed by the original trial number).
+  parameters (``RetryHeartbeatStaleTrialCallback``); the state change is atomic in the storage, so exactly
+  one process retries it. The retry continues the killed run from its ``checkpoints/last.pt`` when it runs
+  where that folder is (the run folder is keyed by the original trial number), else it trains from the start.
+  A process whose study holds enough trials waits while trials of other processes still run: a trial of a
+  process killed in the last round is retried there, not left "running", and every process writes the
+  results of the finished study.
 - The best trial's configuration (``base`` + its parameters) is written to ``STUDY/best_config.yaml``,
   which ``medpipe train --config`` accepts, and every trial to ``STUDY/trials.csv``.
 """
@@ -57,6 +71,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -66,13 +81,15 @@ from pathlib import Path
 import yaml
 
 from medpipe.errors import ConfigError, MedpipeError, TrainingInterrupted, TuneError
-from medpipe.tune_space import Param, Space, load_space, make_pruner, make_sampler, sampler_seed  # noqa: F401 (API)
+from medpipe.tune_space import (Param, Space, load_space, make_pruner, make_sampler,  # noqa: F401 (API)
+                                 open_storage, sampler_seed, shown_url)
 from medpipe.tune_space import require_optuna as _optuna
 from medpipe.utils import atomic_write_text, frame_csv
 
 log = logging.getLogger(__name__)
 
 STUDY_DB = "study.db"
+STORAGE_ENV = "MEDPIPE_TUNE_STORAGE"  # how a --processes child gets --storage (not on its command line)
 BEST_CONFIG = "best_config.yaml"
 TRIALS_CSV = "trials.csv"
 
@@ -207,19 +224,20 @@ _NO_MEDPIPE_TRACEBACK = _NoMedpipeTraceback()  # one instance: adding it again i
 # --------------------------------------------------------------------------- trials
 
 
-def _study(out: Path, space: Space, heartbeat: int, grace: int, name: str, worker: int = 0,
-           standalone: bool = False):
-    """Open (or create) the study. ``standalone``: a ``medpipe tune`` shell of its own (not one of
-    ``--processes``' children): one that finds a study with no trial yet that it did not create (two shells
-    started at the same moment) salts its sampler seed with its process id, or both would draw the same
-    parameters."""
-    optuna = _optuna()
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+def storage_url(storage: str | None, out: Path) -> str:
+    """The study's storage URL: ``storage`` as given, else the SQLite file ``study.db`` in the study folder."""
+    return storage or f"sqlite:///{(Path(out) / STUDY_DB).resolve()}"
 
-    storage = RDBStorage(f"sqlite:///{(out / STUDY_DB).resolve()}",
-                         engine_kwargs={"connect_args": {"timeout": 60}},  # several processes share the file
-                         heartbeat_interval=heartbeat, grace_period=grace,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+
+def _study(out: Path, space: Space, heartbeat: int, grace: int, name: str, worker: int = 0,
+           standalone: bool = False, storage: str | None = None):
+    """Open (or create) the study in ``storage`` (default: ``out/study.db``). ``standalone``: a ``medpipe
+    tune`` shell of its own (not one of ``--processes``' children): one that joins a study it did not create
+    salts its sampler seed with a random number, or two shells (machines) joining at the same moment would
+    draw the same parameters."""
+    optuna = _optuna()
+    url = storage_url(storage, out)
+    storage = open_storage(url, heartbeat, grace)
     try:  # creating is atomic in the storage: of two shells starting together exactly one creates the study
         study = optuna.create_study(study_name=name, storage=storage, direction=space.direction,
                                     sampler=make_sampler(space.sampler), pruner=make_pruner(space.pruner))
@@ -229,10 +247,10 @@ def _study(out: Path, space: Space, heartbeat: int, grace: int, name: str, worke
                                   pruner=make_pruner(space.pruner))
         created = False
     if study.direction.name.lower() != space.direction:
-        raise TuneError(f"{out / STUDY_DB}: study {name!r} was created to {study.direction.name.lower()}; "
+        raise TuneError(f"{shown_url(url)}: study {name!r} was created to {study.direction.name.lower()}; "
                         f"objective {space.objective} needs {space.direction} (use another --out or --study-name)")
     existing = len(study.get_trials(deepcopy=False))
-    salt = os.getpid() if standalone and not created and existing == 0 else None
+    salt = int.from_bytes(os.urandom(4), "little") if standalone and not created else None
     study.sampler = make_sampler(space.sampler, worker, existing, salt)
     return study
 
@@ -299,6 +317,7 @@ def run_trial(trial, space: Space, data: str, out: Path, stop: StopOnSignal | No
     run_dir = out / "trials" / f"trial-{number}"
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("host", socket.gethostname())
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     done = _metrics_lines(run_dir) if resume else []
     for rec in done:  # the killed attempt's epochs, so the pruner sees the whole curve
@@ -327,13 +346,14 @@ def run_trial(trial, space: Space, data: str, out: Path, stop: StopOnSignal | No
     return min(history) if space.direction == "minimize" else max(history)
 
 
-def write_results(study, space: Space, out: Path) -> dict:
+def write_results(study, space: Space, out: Path, storage: str | None = None) -> dict:
     """best_config.yaml (base + the best trial's parameters, a `medpipe train --config` file) and trials.csv.
 
     Args:
         study: the ``optuna.Study``.
         space: its search space.
         out: the study folder, written to.
+        storage: the study's storage URL (None: ``out/study.db``), named in the results.
 
     Returns:
         The summary: study, trials, finished, complete, objective, best_config (None without a complete
@@ -343,13 +363,14 @@ def write_results(study, space: Space, out: Path) -> dict:
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
     atomic_write_text(out / TRIALS_CSV, frame_csv(df, neutralise=True))  # opened in spreadsheets: formula guard
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    summary = {"study": str(out / STUDY_DB), "trials": len(study.trials), "finished": _finished(study),
+    where = shown_url(storage) if storage else str(out / STUDY_DB)
+    summary = {"study": where, "trials": len(study.trials), "finished": _finished(study),
                "complete": len(complete), "objective": space.objective, "best_config": None}
     if complete:
         best = study.best_trial
         cfg = space.config(best.params).to_dict()
         cfg = {k: v for k, v in cfg.items() if k in space.base or k in best.params or k == "monitor"}
-        text = (f"# medpipe tune: best of {len(complete)} complete trials in {out / STUDY_DB}\n"
+        text = (f"# medpipe tune: best of {len(complete)} complete trials in {where}\n"
                 f"# trial {best.number}: {space.objective} = {best.value:.6f} (validation split, best epoch)\n"
                 + yaml.safe_dump(cfg, sort_keys=True))
         atomic_write_text(out / BEST_CONFIG, text)
@@ -367,7 +388,7 @@ def _cores() -> int:
 
 def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | None = None, processes: int = 1,
          study_name: str = "medpipe", heartbeat: int = 30, grace: int = 90, worker: int | None = None,
-         threads: int | None = None) -> dict:
+         threads: int | None = None, storage: str | None = None) -> dict:
     """Run (or continue) the study until it holds ``trials`` finished trials.
 
     A signal ends it with :class:`TrainingInterrupted` once the running trial is saved and queued again.
@@ -383,12 +404,14 @@ def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | No
         grace: seconds without a heartbeat after which a trial counts as killed and is retried.
         worker: the index of one of the ``processes`` children (the parent writes the results and judges them).
         threads: a child's share of the cores, which caps the space's ``threads``.
+        storage: the study's database URL (default: ``out/study.db``; a ``--processes`` child reads it from
+            ``$MEDPIPE_TUNE_STORAGE``, which keeps a password off its command line).
 
     Returns:
         The summary of :func:`write_results` (``{}`` in a worker process).
 
     Raises:
-        TuneError: a worker process failed, or no trial completed."""
+        TuneError: a worker process failed, no trial completed, or the storage cannot be reached."""
     optuna = _optuna()
     space = load_space(space_path)
     if trials is not None:
@@ -400,25 +423,28 @@ def tune(data: str, out: str | Path, space_path: str | Path, *, trials: int | No
         space.base["threads"] = threads if given == 0 else min(given, threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if worker is not None and storage is None:
+        storage = os.environ.get(STORAGE_ENV) or None
     # created once, before any worker starts
-    study = _study(out, space, heartbeat, grace, study_name, worker=worker or 0, standalone=worker is None)
+    study = _study(out, space, heartbeat, grace, study_name, worker=worker or 0, standalone=worker is None,
+                   storage=storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna.study._optimize").addFilter(_NO_MEDPIPE_TRACEBACK)
     if processes > 1:  # more workers on the same study: this same command as child processes
-        _run_workers(data, out, space, space_path, processes, study_name, heartbeat, grace)
+        _run_workers(data, out, space, space_path, processes, study_name, heartbeat, grace, storage)
     elif _finished(study) < space.trials:
-        _optimize(study, space, data, out)
+        _optimize(study, space, data, out, storage, heartbeat)
     if worker is not None:
         return {}
-    summary = write_results(study, space, out)
+    summary = write_results(study, space, out, storage)
     if not summary["complete"]:
-        raise TuneError(f"no trial of {out / STUDY_DB} completed ({summary['finished']} finished, the rest "
+        raise TuneError(f"no trial of {summary['study']} completed ({summary['finished']} finished, the rest "
                         f"pruned or failed; see {out / TRIALS_CSV}); nothing to write to {BEST_CONFIG}")
     return summary
 
 
 def _run_workers(data, out: Path, space: Space, space_path, processes: int, study_name: str, heartbeat: int,
-                 grace: int) -> None:
+                 grace: int, storage: str | None = None) -> None:
     """``processes`` children running this command on the same study, each with its share of the cores; a
     signal to this process is passed on to them."""
     share = max(1, _cores() // processes)
@@ -428,7 +454,8 @@ def _run_workers(data, out: Path, space: Space, space_path, processes: int, stud
     cmd = [sys.executable, "-m", "medpipe", "tune", "--data", str(data), "--out", str(out), "--space",
            str(space_path), "--trials", str(space.trials), "--study-name", study_name,
            "--heartbeat", str(heartbeat), "--grace", str(grace), "--worker-threads", str(share), "--worker"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(share)}
+    env = {k: v for k, v in os.environ.items() if k != STORAGE_ENV}
+    env.update({"OMP_NUM_THREADS": str(share), **({STORAGE_ENV: storage} if storage else {})})
     children: list[subprocess.Popen] = []
     received: list[str] = []
 
@@ -458,20 +485,65 @@ def _run_workers(data, out: Path, space: Space, space_path, processes: int, stud
         raise TuneError(f"{sum(1 for c in codes if c)} of {processes} tune processes failed (exit {codes})")
 
 
-def _optimize(study, space: Space, data, out: Path) -> None:
-    """Trials in this process until the study holds enough; a signal queues the running trial again."""
+def _settle(study, stop: StopOnSignal, interval: float, run_one) -> None:
+    """Once the study holds enough trials: wait while trials of other processes run, so that a trial whose
+    process was killed in the last round is retried (by ``run_one``, once its heartbeat is stale) instead of
+    staying "running" for ever, and the results this process writes are those of the finished study."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    said = False
+    while not stop.received:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=ExperimentalWarning)
+            fail_stale_trials(study)  # a stale trial: FAIL, and queued again (WAITING) with its parameters
+        states = [t.state for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))]
+        if TrialState.WAITING in states:
+            run_one()
+        elif not states:
+            return
+        else:
+            if not said:
+                print(f"tune: enough trials; waiting for {len(states)} still running in other processes (one whose "
+                      "process was killed is retried once its heartbeat is older than --grace)", flush=True)
+                said = True
+            time.sleep(interval)
+
+
+def _optimize(study, space: Space, data, out: Path, storage: str | None = None, heartbeat: float = 30) -> None:
+    """Trials in this process until the study holds enough, then :func:`_settle`; a signal queues the running
+    trial again."""
+    import sqlalchemy.exc
+
+    optuna = _optuna()
+    where = shown_url(storage_url(storage, out))
     with StopOnSignal() as stop:
-        study.optimize(lambda t: run_trial(t, space, str(data), out, stop), n_trials=None,
-                       callbacks=[_stop_when_done(space.trials, stop)], catch=(MedpipeError,),
-                       gc_after_trial=True)
+        def trials(n: int | None) -> None:
+            study.optimize(lambda t: run_trial(t, space, str(data), out, stop), n_trials=n,
+                           callbacks=[_stop_when_done(space.trials, stop)], catch=(MedpipeError,),
+                           gc_after_trial=True)
+
+        try:
+            trials(None)
+            _settle(study, stop, heartbeat, lambda: trials(1))
+        except (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError) as exc:
+            # the database went away mid-study (Optuna wraps what fails in a commit, SQLAlchemy's error as cause)
+            cause = exc.__cause__ if isinstance(exc.__cause__, sqlalchemy.exc.DBAPIError) else exc
+            reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+            raise TuneError(f"lost the study storage {where} ({reason}); once it is back, run the same command to "
+                            f"continue: a trial left running is retried once its last heartbeat is older "
+                            "than --grace") from None
     if stop.received and (stop.trial is not None or _finished(study) < space.trials):
         if stop.trial is not None:
             _requeue(study, stop.trial)
             raise TrainingInterrupted(f"{stop.message.split('; continue with')[0]}; trial {stop.trial} is queued "
                                       f"again with the same parameters and run folder: run the same command to "
-                                      f"continue it (study {out / STUDY_DB})")
+                                      f"continue it (study {where})")
         raise TrainingInterrupted(f"stopped by {stop.received} between trials; run the same command to "
-                                  f"continue the study {out / STUDY_DB}")
+                                  f"continue the study {where}")
 
 
 def add_parser(sub) -> None:
@@ -479,14 +551,17 @@ def add_parser(sub) -> None:
 
     Args:
         sub: the parser's subparsers (``add_subparsers()``)."""
-    s = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable SQLite study, pruning)",
+    s = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable study, pruning, several machines)",
                        description=__doc__.split("\n\n")[0])
     s.add_argument("--data", required=True, help="ingested data folder or shard set (as for train)")
     s.add_argument("--out", required=True, help="study folder: study.db, trials/, best_config.yaml, trials.csv")
     s.add_argument("--space", required=True, help="search space YAML (see `medpipe.tune`)")
     s.add_argument("--trials", type=int, help="finished trials the study should hold (overrides the YAML)")
     s.add_argument("--processes", type=int, default=1, help="worker processes sharing the study (default 1)")
-    s.add_argument("--study-name", default="medpipe", help="Optuna study name in study.db")
+    s.add_argument("--study-name", default="medpipe", help="Optuna study name in the storage")
+    s.add_argument("--storage", metavar="URL",
+                   help="database holding the study (default: sqlite:///STUDY/study.db); postgresql://USER@HOST:PORT/DB "
+                        "for one study shared by processes on several machines (password: PGPASSWORD or ~/.pgpass)")
     s.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
     s.add_argument("--grace", type=int, default=90,
                    help="seconds without a heartbeat after which a trial counts as killed and is retried")
@@ -506,7 +581,7 @@ def cmd_tune(args) -> int:
     t0 = time.perf_counter()
     s = tune(args.data, args.out, args.space, trials=args.trials, processes=args.processes,
              study_name=args.study_name, heartbeat=args.heartbeat, grace=args.grace, worker=args.worker,
-             threads=args.worker_threads)
+             threads=args.worker_threads, storage=args.storage)
     if args.worker is not None:
         return 0
     print(f"tune: {s['finished']} finished trials ({s['complete']} complete) in {s['study']}; "

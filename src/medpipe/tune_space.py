@@ -5,8 +5,9 @@
     space = load_space("space.yaml")          # every error names the file and the key
     cfg = space.config({"lr": 1e-3})          # one trial's training config (base + values, monitor = objective)
 
-Also the space's pruner and sampler as Optuna objects (:func:`make_pruner`, :func:`make_sampler`); Optuna is
-needed for those, not to check the space.
+Also the study's Optuna objects: the space's pruner and sampler (:func:`make_pruner`, :func:`make_sampler`) and
+the storage that holds the study (:func:`open_storage`: SQLite in the study folder, or a database server that
+processes on several machines share); Optuna is needed for those, not to check the space.
 """
 
 from __future__ import annotations
@@ -281,3 +282,84 @@ def make_sampler(spec: dict, worker: int = 0, existing: int = 0, salt: int | Non
     if spec.get("type") == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+# drivers SQLAlchemy imports for a storage URL's dialect: what to install when one is missing
+DRIVERS = {"postgresql": "psycopg 3 (in the tune extra: pip install 'medpipe-imaging[tune]'; SQLAlchemy 2.1 reads "
+                         "postgresql:// as postgresql+psycopg://, postgresql+psycopg2:// needs psycopg2-binary)",
+           "mysql": "a MySQL driver, e.g. pip install pymysql with a mysql+pymysql:// URL"}
+
+
+def shown_url(url: str) -> str:
+    """A storage URL with its password hidden, for messages, logs and result files."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: hide what looks like user:password@
+        import re
+
+        return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
+
+
+def open_storage(url: str, heartbeat: int, grace: int):
+    """Optuna's RDB storage on ``url`` with heartbeats: a trial whose process stops beating for ``grace``
+    seconds (killed, its machine lost) is marked failed by the next trial start in any process sharing the
+    storage and queued again with the same parameters (``RetryHeartbeatStaleTrialCallback``, 3 retries).
+
+    Args:
+        url: a SQLAlchemy URL: ``sqlite:///PATH`` (one machine, or a file system with working locks) or a
+            server (``postgresql://USER@HOST:PORT/DB``; the password from ``PGPASSWORD`` or ``~/.pgpass``
+            rather than the command line).
+        heartbeat: seconds between a running trial's heartbeats.
+        grace: seconds without one after which a trial counts as killed.
+
+    Returns:
+        An ``optuna.storages.RDBStorage``.
+
+    Raises:
+        ConfigError: not a database URL, or its driver is not installed.
+        TuneError: the database cannot be reached or opened (the reason from the server)."""
+    require_optuna()
+    import random
+    import time
+    import warnings
+
+    import sqlalchemy.exc
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        raise ConfigError(f"--storage {shown_url(url)!r}: not a database URL (sqlite:///PATH, "
+                          "postgresql://USER@HOST:PORT/DB, ...)") from None
+    backend, kwargs = parsed.get_backend_name(), {"pool_pre_ping": True}  # a server restarted: reconnect
+    if backend == "sqlite":
+        kwargs = {"connect_args": {"timeout": 60}}  # several processes share the file
+    elif backend == "postgresql" and parsed.get_driver_name() in ("psycopg2", "psycopg"):
+        kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds, not minutes
+    shown = shown_url(url)
+    try:
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna (since v2.8): noise here
+                    warnings.simplefilter("ignore", category=ExperimentalWarning)
+                    return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # processes opening a new database at once race to create Optuna's tables: the loser finds them
+                # made (a duplicate table or type) and opens them the next time
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 + random.random())
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        need = DRIVERS.get(backend, f"the SQLAlchemy driver of {backend!r}")
+        raise ConfigError(f"--storage {shown}: cannot load its database driver ({exc.__cause__ or exc}); "
+                          f"install {need}") from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise TuneError(f"--storage {shown}: cannot open the study storage: {reason}") from None
+    except RuntimeError as exc:  # Optuna: the tables were made by an incompatible Optuna version
+        raise TuneError(f"--storage {shown}: {str(exc).replace(url, shown)}") from None

@@ -46,14 +46,14 @@ class Prediction:
 class Predictor:
     """Load once, predict many times. ``backend``: a registered backend (medpipe.infer.backends: eager
     PyTorch, ONNX Runtime FP32 or INT8 on CPU, OpenVINO running the gated INT8 graph on CPU, CUDA graphs
-    of the eager model on CUDA) or ``auto`` (medpipe.infer.auto). ``decision_rule``: the rule that picks
-    each label (medpipe.decision; None: the package's default); the probabilities are the same under
-    every rule.
+    of the eager model on CUDA) or ``auto`` (medpipe.infer.auto); None (the default): eager.
+    ``decision_rule``: the rule that picks each label (medpipe.decision; None: the package's default); the
+    probabilities are the same under every rule.
     ``tta``: by default average the logits over the image and its horizontal, vertical and double flips
     (four forward passes per image; a call may still ask for or against it)."""
 
     def __init__(self, package: str | Path, device: str = "auto", max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
-                 backend: str = "eager", threads: int | None = None, max_batch: int = 16,
+                 backend: str | None = None, threads: int | None = None, max_batch: int = 16,
                  decision_rule: str | None = None, tta: bool = False):
         use_plain_tensors()
         self.device = resolve_device(device)
@@ -63,7 +63,9 @@ class Predictor:
         self.spec = self.meta.preprocessing
         self._fp32_onnx: bytes | None = None
         ctx = LoadContext(self.model, self.meta, self.device, threads, max_batch, self._onnx_fp32)
-        self.runtime, self.backend, self.backend_reason = open_backend(backend, ctx)
+        self.runtime, self.backend, self.backend_reason = open_backend(backend or "eager", ctx)
+        if backend is None:  # nobody asked: say so rather than "asked for"
+            self.backend_reason = "the library's default (backend='auto' lets medpipe choose)"
         self._fp32_onnx = None  # only needed to start a backend
         self._explainer = None
         log.info("backend %s (%s)", self.backend, self.backend_reason)

@@ -18,9 +18,9 @@ Medical images are personal data: by default the input is captured as a **finger
 (``observedContentType`` :data:`FINGERPRINT_TYPE`, encoding JSON): sha256 and byte size of the
 bytes, format, width x height, and pixel statistics of the image resized to :data:`STATS_SIZE`
 (per-channel mean/std, luminance, blur as the variance of the Laplacian, the under/over-exposed
-pixel shares); never pixels. ``inputs=True`` captures the request body itself, base64, as SageMaker
-does. The model's penultimate-layer embedding is not captured: the Predictor exposes only
-probabilities.
+pixel shares) and, with the eager backend, the model's penultimate-layer embedding compressed to 32
+float16 values (:mod:`medpipe.monitor.embedding`: ``embedding``, ``embedding_projection``); never
+pixels. ``inputs=True`` captures the request body itself, base64, as SageMaker does.
 
 Capture is off the request path: :meth:`CaptureWriter.attach` (the service's one hook) samples the
 finished request, reads a spooled body only when sampled, and :meth:`CaptureWriter.submit` puts it on a
@@ -50,6 +50,7 @@ import numpy as np
 
 from medpipe.data import imageio
 from medpipe.errors import ConfigError, ImageError
+from medpipe.monitor.embedding import Embedder
 
 log = logging.getLogger("medpipe.monitor")
 
@@ -103,9 +104,14 @@ def fingerprint(kind: str, payload, max_pixels: int = imageio.DEFAULT_MAX_PIXELS
 
 
 def build_record(event_id: str, when: float, ctype: str, body: bytes, items: list, answer: bytes, answer_type: str,
-                 meta: dict, inputs: bool, max_pixels: int) -> dict:
-    """One capture record (see the module docstring); ``items``: the parsed request, ``answer``: the response body."""
+                 meta: dict, inputs: bool, max_pixels: int, embeddings: list | None = None,
+                 projection: str | None = None) -> dict:
+    """One capture record (see the module docstring); ``items``: the parsed request, ``answer``: the response body,
+    ``embeddings``: per item its encoded embedding or None (:mod:`medpipe.monitor.embedding`, ``projection``)."""
     prints = [fingerprint(k, p, max_pixels) for k, p in items]
+    for fp, emb in zip(prints, embeddings or []):
+        if emb is not None:
+            fp.update(embedding=emb, embedding_projection=projection)
     if inputs:
         endpoint_input = {"observedContentType": ctype, "mode": "INPUT",
                           "data": base64.b64encode(body).decode("ascii"), "encoding": "BASE64"}
@@ -150,6 +156,7 @@ class CaptureWriter:
         self.max_queue_bytes = int(max_queue_mb * 2**20)
         self.counts = {"captured": 0, "dropped": 0, "write_errors": 0, "files_removed": 0}
         self._prom: dict = {}
+        self.projection: str | None = None  # the embedding projection's name (set by open_capture)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._queued_bytes = 0
         self._lock = threading.Lock()
@@ -175,11 +182,12 @@ class CaptureWriter:
         if name in self._prom:
             self._prom[name].inc()
 
-    def attach(self, response, ctype: str, body, items: list, answer_type: str) -> str | None:
+    def attach(self, response, ctype: str, body, items: list, answer_type: str,
+               embeddings: list | None = None) -> str | None:
         """The service's hook for a finished /invocations answer: sample it, hand it to the writer and put its
         eventId in the response's :data:`EVENT_HEADER`. ``body``: the request's spooled body (``size``,
         ``read()``), read only for a sampled request that fits the queue; a spooled image item
-        (``("file", path)``) is captured from those bytes."""
+        (``("file", path)``) is captured from those bytes. ``embeddings``: per item, its encoded embedding."""
         if self.sample < 1.0 and random.random() >= self.sample:
             return None
         if body.size + len(response.body) > self.max_queue_bytes - self._queued_bytes:
@@ -188,13 +196,13 @@ class CaptureWriter:
             return None
         raw = body.read()
         items = [("bytes", raw) if kind == "file" else (kind, p) for kind, p in items]
-        event_id = self.submit(ctype, raw, items, response.body, answer_type, sampled=True)
+        event_id = self.submit(ctype, raw, items, response.body, answer_type, sampled=True, embeddings=embeddings)
         if event_id:
             response.headers[EVENT_HEADER] = event_id
         return event_id
 
     def submit(self, ctype: str, body: bytes, items: list, answer: bytes, answer_type: str,
-               sampled: bool = False) -> str | None:
+               sampled: bool = False, embeddings: list | None = None) -> str | None:
         """Hand a finished request to the writer; returns its eventId, or None when not sampled or dropped.
         Never raises and never blocks."""
         if not sampled and self.sample < 1.0 and random.random() >= self.sample:
@@ -207,7 +215,7 @@ class CaptureWriter:
             self._queued_bytes += size
         event_id = str(uuid.uuid4())
         try:
-            self._queue.put_nowait((event_id, time.time(), ctype, body, items, answer, answer_type))
+            self._queue.put_nowait((event_id, time.time(), ctype, body, items, answer, answer_type, embeddings))
         except queue.Full:
             with self._lock:
                 self._queued_bytes -= size
@@ -222,12 +230,12 @@ class CaptureWriter:
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
-            event_id, when, ctype, body, items, answer, answer_type = job
+            event_id, when, ctype, body, items, answer, answer_type, embeddings = job
             with self._lock:
                 self._queued_bytes -= len(body) + len(answer)
             try:
                 rec = build_record(event_id, when, ctype, body, items, answer, answer_type, self.meta, self.inputs,
-                                   self.max_pixels)
+                                   self.max_pixels, embeddings, self.projection)
                 self.write_line(json.dumps(rec, separators=(",", ":")).encode() + b"\n", when)
                 self._count("captured")
             except Exception as exc:  # noqa: BLE001 - capture must never stop; counted and logged once
@@ -265,8 +273,9 @@ class CaptureWriter:
             log.info("data capture: removed %s (%d bytes) to stay under %d MB", old, size, self.max_total // 2**20)
 
 
-def open_capture(cfg, predictor, registry=None) -> CaptureWriter | None:
-    """The service's writer for a ``ServeConfig`` with ``capture`` set (None without), its counters in ``registry``."""
+def open_capture(cfg, predictor, registry=None, embedder: Embedder | None = None) -> CaptureWriter | None:
+    """The service's writer for a ``ServeConfig`` with ``capture`` set (None without), its counters in ``registry``;
+    ``embedder``: the one whose rows the service splits (its projection names the records' embeddings)."""
     if not getattr(cfg, "capture", None):
         return None
     meta = {"package_sha256": predictor.meta.weights_sha256, "model": predictor.name, "version": predictor.version}
@@ -275,6 +284,7 @@ def open_capture(cfg, predictor, registry=None) -> CaptureWriter | None:
                            max_pixels=cfg.max_pixels)
     if registry is not None:
         writer.register(registry)
+    writer.projection = embedder.id if embedder is not None else None
     log.info("data capture: %g%% of /invocations requests to %s (%s), at most %g MB", 100 * cfg.capture_sample,
              cfg.capture, "request bodies" if cfg.capture_inputs else "input fingerprints, no pixels",
              cfg.capture_max_mb)

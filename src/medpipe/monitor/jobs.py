@@ -4,7 +4,7 @@
     medpipe monitor check --baseline BASE --capture DIR [--window 500|1h] [--ground-truth FILE] --out OUT
 
 ``check`` writes ``OUT/constraint_violations.json``, ``OUT/windows.json`` (every statistic of every
-window) and ``OUT/report.md``, and returns :data:`EXIT_VIOLATION` when any window violates a
+window), ``OUT/report.md`` and its plots ``OUT/plots/*.png`` (unless ``--no-plots``), and returns :data:`EXIT_VIOLATION` when any window violates a
 constraint (0 otherwise), so cron or a CI job can alert. The predicted class is the top calibrated
 probability in the baseline and in the capture alike (the decision rule may label otherwise).
 """
@@ -21,6 +21,8 @@ from medpipe.data.sources import load_records
 from medpipe.errors import MedpipeError
 from medpipe.monitor import drift
 from medpipe.monitor.capture import fingerprint, iso_time
+from medpipe.monitor.embedding import Embedder, encode
+from medpipe.monitor.plots import draw
 from medpipe.monitor.reader import ReadLog, read_capture, read_ground_truth
 from medpipe.utils import atomic_write_json, atomic_write_text
 
@@ -47,10 +49,16 @@ def baseline(model: str | Path, data: str | Path, out: str | Path, *, split: str
     if table.empty:
         raise MedpipeError(f"split {split!r} of {data} has no images")
     probs, inputs = [], []
+    embedder = Embedder(predictor)
     for start in range(0, len(table), batch_size):
         chunk = [Path(p).read_bytes() for p in table["path"].iloc[start:start + batch_size]]
-        inputs += [fingerprint("bytes", b, predictor.max_pixels) for b in chunk]
-        probs.append(predictor.probabilities([predictor.decode(b) for b in chunk]))
+        prints = [fingerprint("bytes", b, predictor.max_pixels) for b in chunk]
+        pixels = [predictor.decode(b) for b in chunk]
+        p, emb = embedder.probabilities(pixels)
+        for fp, e in zip(prints, embedder.embed(pixels) if emb is None else emb):
+            fp.update(embedding=encode(e), embedding_projection=embedder.id)
+        probs.append(p)
+        inputs += prints
     meta = {"model": predictor.name, "version": predictor.version, "package_sha256": predictor.meta.weights_sha256,
             "split": split}
     stats = drift.statistics(meta, classes, np.concatenate(probs), table["class_index"].to_numpy(), inputs)
@@ -89,8 +97,9 @@ def windows(times: np.ndarray, spec: str) -> list[np.ndarray]:
 
 
 def check(base: str | Path, capture: str | Path, out: str | Path, *, window: str = "500",
-          ground_truth: str | Path | None = None) -> tuple[int, dict]:
-    """Check every window of the capture against the baseline; write the files. Returns (exit code, summary)."""
+          ground_truth: str | Path | None = None, plots: bool = True) -> tuple[int, dict]:
+    """Check every window of the capture against the baseline; write the files (``plots``: also
+    ``OUT/plots/*.png``, :mod:`medpipe.monitor.plots`). Returns (exit code, summary)."""
     stats, cons = _load(Path(base))
     classes = stats["classes"]
     log = ReadLog()
@@ -115,7 +124,8 @@ def check(base: str | Path, capture: str | Path, out: str | Path, *, window: str
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "constraint_violations.json", {"violations": violations})
     atomic_write_json(out / "windows.json", {"summary": summary, "windows": results})
-    atomic_write_text(out / "report.md", report(stats, cons, summary, results))
+    figures = draw(stats, cons, results, out / "plots") if plots and results else []
+    atomic_write_text(out / "report.md", report(stats, cons, summary, results, figures))
     return (EXIT_VIOLATION if violations else 0), summary
 
 
@@ -127,8 +137,9 @@ def _f(v, fmt: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and v != v) else format(v, fmt)
 
 
-def report(stats: dict, cons: dict, summary: dict, results: list[dict]) -> str:
-    """The markdown report: what was read and skipped, then one section per window."""
+def report(stats: dict, cons: dict, summary: dict, results: list[dict], figures: list[str] = ()) -> str:
+    """The markdown report: what was read and skipped, the plots (``figures``: paths relative to the report),
+    then one section per window."""
     exp, meas = stats["expected"], stats.get("measured") or {}
     lines = [f"# Monitoring report: {stats.get('model', '?')} v{stats.get('version', '?')}", "",
              f"Baseline: {summary['baseline']} ({stats['n']} images of split {stats.get('split', '?')}; expected "
@@ -141,6 +152,8 @@ def report(stats: dict, cons: dict, summary: dict, results: list[dict]) -> str:
         for kind, n in summary["skipped"].items():
             lines.append(f"- {kind}: {n} (" + "; ".join(summary["named"][kind][:5]) + (", ..." if n > 5 else "") + ")")
         lines.append("")
+    if figures:
+        lines += ["## Plots", "", *(f"![{Path(f).stem.replace('_', ' ')}]({f})" for f in figures), ""]
     for r in results:
         lines += [f"## Window {r['window']}: {r['start']} - {r['end']} ({r['n']} images, {r['labelled']} labelled)", ""]
         if not r["tested"]:
@@ -150,6 +163,12 @@ def report(stats: dict, cons: dict, summary: dict, results: list[dict]) -> str:
         lines.append(f"- confidence: median {_f(cd['median'])}, KS D {_f(cd['statistic'])} (p {_f(cd['p_value'], '.2g')})")
         for s, x in r["input_drift"].items():
             lines.append(f"- input {s}: KS D {_f(x['statistic'])} (Holm p {_f(x['p_holm'], '.2g')})")
+        emb = r.get("embedding_drift")
+        if emb and emb["p_value"] is not None:
+            lines.append(f"- embedding: MMD^2 {_f(emb['mmd2'], '.4f')} over {emb['n']} images (permutation p "
+                         f"{_f(emb['p_value'], '.2g')}, threshold {cons['embedding_drift_alpha']})")
+        elif emb:
+            lines.append(f"- embedding: {emb['n']} images with an embedding, too few to test")
         e = r["estimated"]
         if e:
             lines.append(f"- estimated (label-free): accuracy {_f(e['accuracy'])} +- {_f(1.96 * e['accuracy_se'])}, "

@@ -9,7 +9,9 @@ never mixed in. A record with no package hash (SageMaker writes none) is used an
 Ground truth (:func:`read_ground_truth`): a CSV with columns ``eventId,label`` (an ``index`` column
 picks an image of a multi-image request; default 0), or SageMaker Model Monitor's JSON Lines
 ``{"groundTruthData": {"data": LABEL, "encoding": "CSV"}, "eventMetadata": {"eventId": ...},
-"eventVersion": "0"}``.
+"eventVersion": "0"}``, or a SageMaker Ground Truth output manifest of a job run on ``medpipe monitor select``'s
+input manifest (each line keeps ``medpipe-event-id``/``medpipe-index``; the label is the ``class-name``
+of its ``<attribute>-metadata``).
 
 The capture and the ground truth may be ``s3://`` URLs (a prefix: every ``*.jsonl`` under it), read through
 :mod:`medpipe.data.s3` with the standard AWS settings; a missing bucket, a denied key or an unreachable endpoint
@@ -173,12 +175,15 @@ def read_ground_truth(path: str | Path, classes: list[str], log: ReadLog) -> dic
         text, suffix = path.read_text(encoding="utf-8", errors="replace"), path.suffix.lower()
     out: dict[tuple[str, int], int] = {}
     rows: list[tuple[str, str, str, str]] = []  # where, eventId, label, index
-    if suffix in (".jsonl", ".json"):
+    if suffix in (".jsonl", ".json", ".manifest"):
         for no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
+                if isinstance(rec, dict) and "source-ref" in rec:  # a Ground Truth output manifest line
+                    rows.append(_labelling_row(rec, f"{path}:{no}"))
+                    continue
                 gt = rec["groundTruthData"]
                 data = base64.b64decode(gt["data"]).decode() if gt.get("encoding") == "BASE64" else str(gt["data"])
                 rows.append((f"{path}:{no}", str(rec["eventMetadata"]["eventId"]), data.strip(), "0"))
@@ -199,3 +204,12 @@ def read_ground_truth(path: str | Path, classes: list[str], log: ReadLog) -> dic
             continue
         out[(event, int(index))] = cls
     return out
+
+
+def _labelling_row(rec: dict, where: str) -> tuple[str, str, str, str]:
+    """(where, eventId, label, index) of a Ground Truth output manifest line (KeyError/TypeError when it is none)."""
+    names = [v.get("class-name") for k, v in rec.items() if k.endswith("-metadata") and isinstance(v, dict)]
+    names = [n for n in names if isinstance(n, str)]
+    if len(names) != 1:
+        raise KeyError("one label attribute with a class-name")
+    return where, str(rec["medpipe-event-id"]), names[0].strip(), str(rec.get("medpipe-index", 0))

@@ -45,7 +45,6 @@ Limits, outside in (each a ServeConfig field, so a ``medpipe serve --option``; d
 # No `from __future__ import annotations`: FastAPI must see the real Request class in route signatures.
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -59,6 +58,8 @@ import numpy as np
 from medpipe.data import dicom, imageio
 from medpipe.errors import ConfigError, MedpipeError, PredictionError, http_status
 from medpipe.monitor.capture import open_capture
+from medpipe.monitor.embedding import open_embedder, split_rows
+from medpipe.monitor.live import open_live
 from medpipe.serve.batcher import Batcher
 from medpipe.data.decodepool import DecodePool, DecodeSpec
 from medpipe.serve.oip import add_routes, metric_route
@@ -81,6 +82,7 @@ from medpipe.infer.protocol import (
     to_csv,
     unsupported,
 )
+from medpipe.serve.acceptor import Acceptor, waiting_room_size
 from medpipe.serve.connections import ConnectionLimits, protocol_class
 from medpipe.serve.render import heatmap_png, png_data_url
 
@@ -136,6 +138,8 @@ class ServeConfig:
     capture_sample: float = 1.0    # share of /invocations requests captured
     capture_inputs: bool = False   # capture the request bodies (base64), not only their fingerprints
     capture_max_mb: float = 1024.0  # capture folder cap: the oldest files are removed above it
+    monitor_baseline: str | None = None  # live drift gauges against this baseline (medpipe.monitor.live)
+    monitor_window: int = 500      # images in the live monitor's rolling window
 
     def __post_init__(self):
         positive = ("max_body_mb", "spool_mb", "max_pixels", "max_images", "max_batch", "max_queue", "deadline_s",
@@ -184,10 +188,14 @@ class Service:
         self.draining = False
         self._body_timers: set = set()
         self.metrics.rss.set_function(self.memory.rss_mb)
-        self.capture = open_capture(cfg, predictor, self.metrics.registry)  # None without --capture
+        self.embedder = open_embedder(cfg, predictor)  # None without --capture or --monitor-baseline
+        self.capture = open_capture(cfg, predictor, self.metrics.registry, self.embedder)  # None without --capture
+        self.live = open_live(cfg, predictor, self.embedder and self.embedder.id, self.metrics.registry)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def infer(self, pixels: list[np.ndarray]) -> np.ndarray:
+        if self.embedder is not None:  # rows: probabilities, then the compressed embedding (medpipe.monitor)
+            return self.embedder.rows(pixels)
         return self.predictor.probabilities(pixels)
 
     async def start(self) -> None:
@@ -225,6 +233,8 @@ class Service:
             self.decode_pool.close()
         if self.capture is not None:
             self.capture.close()
+        if self.live is not None:
+            self.live.close()
 
     # -- request steps (each a small function, testable alone) ----------------------------------
     async def read_body(self, request) -> bytes:
@@ -341,8 +351,9 @@ class Service:
         finally:
             self.release(n)
 
-    async def predict(self, items: list[tuple[str, object]]) -> list[dict]:
-        """Decode off the event loop, batch, and return one dict per item (prediction or error)."""
+    async def predict(self, items: list[tuple[str, object]], embeddings: list | None = None) -> list[dict]:
+        """Decode off the event loop, batch, and return one dict per item (prediction or error); with capture on,
+        ``embeddings`` (a list) receives each item's encoded embedding (None where there is none)."""
         async with self.guarded(len(items)):
             self.batcher.decoding_started()
             try:
@@ -351,6 +362,12 @@ class Service:
                 self.batcher.decoding_finished()
             good = [d for d in decoded if isinstance(d, np.ndarray)]
             probs = await self.batcher.submit(good) if good else np.zeros((0, len(self.predictor.classes)))
+        if self.embedder is not None:
+            probs, embedded = split_rows(probs, len(self.predictor.classes), decoded)
+            if embeddings is not None:
+                embeddings += embedded
+            if self.live is not None:
+                self.live.observe(probs, [e for d, e in zip(decoded, embedded) if isinstance(d, np.ndarray)])
         return merge(decoded, self.predictor.to_predictions(probs))
 
 
@@ -461,13 +478,14 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor):
             # a spooled image is decoded from its file by the decode process, never read in here
             items = ([("file", body.path)] if body.spooled and ctype in IMAGE_TYPES
                      else parse_body(ctype, body.read(), cfg.max_images))
-            preds = finish(await svc.predict(items))
+            embeddings: list = []
+            preds = finish(await svc.predict(items, embeddings))
             if accept == CSV_T:
                 answer = PlainTextResponse(to_csv(predictor.classes, preds), media_type="text/csv")
             else:
                 answer = JSONResponse({"model": predictor.name, "version": predictor.version, "predictions": preds})
             if svc.capture is not None:  # sampled, queued for the capture thread; the eventId header goes back
-                svc.capture.attach(answer, ctype, body, items, accept)
+                svc.capture.attach(answer, ctype, body, items, accept, embeddings)
         return answer
 
     @app.post("/explain")
@@ -620,12 +638,17 @@ def _draining_server_class():
                 asyncio.get_event_loop().call_soon_threadsafe(svc.begin_drain)
 
         async def startup(self, sockets=None):
-            # A TLS connection reaches medpipe's protocol (header timeout, connection caps) only once its
-            # handshake is done, and uvicorn passes asyncio no handshake timeout (60 s by default): bound it
+            # Connections are accepted on a thread with a waiting room (serve/acceptor.py), not by asyncio's
+            # accept loop. A TLS connection reaches medpipe's protocol (header timeout, connection caps) only
+            # once its handshake is done, and uvicorn passes no handshake timeout (60 s by default): bound it
             loop = asyncio.get_running_loop()
-            if self.config.is_ssl:
-                loop.create_server = functools.partial(type(loop).create_server, loop,
-                                                       ssl_handshake_timeout=self.handshake_timeout_s)
+
+            async def create_server(protocol_factory, sock=None, ssl=None, backlog=100, **_):
+                return Acceptor(sock, loop, protocol_factory, ssl=ssl, ssl_handshake_timeout=self.handshake_timeout_s,
+                                wait_s=self.handshake_timeout_s, max_waiting=self.max_waiting,
+                                on_close=self.on_close).start(backlog)
+
+            loop.create_server = create_server
             try:
                 await super().startup(sockets)
             finally:
@@ -704,6 +727,8 @@ def serve(cfg: ServeConfig) -> int:
     server = _draining_server_class()(config)
     server.listen_url = f"{'https' if tls else 'http'}://{cfg.host}:{cfg.port}"
     server.handshake_timeout_s = cfg.header_timeout_s
+    server.max_waiting = waiting_room_size(cfg.max_connections)
+    server.on_close = lambda reason: svc.metrics.connections_closed.labels(reason=reason).inc()
     try:
         server.run(sockets=[sock])
     finally:

@@ -1,5 +1,5 @@
-"""The engine's standard handlers: checkpoints, early stopping, the epoch line, metrics.jsonl, the progress
-bar, SIGTERM/SIGINT and the time budget. Each is a small object with ``attach(engine)``; add your own the
+"""The engine's standard handlers: checkpoints, early stopping, the epoch line, metrics.jsonl, resource
+metrics, the progress bar, SIGTERM/SIGINT and the time budget. Each is a small object with ``attach(engine)``; add your own the
 same way (``engine.on(Events.X, fn)``). Each names its place among an event's handlers (:class:`Order`:
 the time budget decides, the epoch line and metrics.jsonl record, the checkpoint saves, early stopping
 reacts, the signal stop comes last), so they may be attached in any order. Only rank 0 writes files; every
@@ -9,6 +9,7 @@ rank runs the handlers (some take part in collective calls).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -74,7 +75,8 @@ class EarlyStopping:
 
 
 class EpochLine:
-    """One parseable line per epoch on stdout (rank 0)."""
+    """One parseable line per epoch on stdout (rank 0); verbose (``medpipe -v``, the ``medpipe`` logger at DEBUG)
+    it goes on with the epoch's resource figures (:class:`ResourceMetrics`)."""
 
     def attach(self, engine: Engine) -> None:
         engine.on(Events.VALIDATION_COMPLETED, self, Order.RECORD)
@@ -82,15 +84,21 @@ class EpochLine:
     def __call__(self, engine: Engine) -> None:
         if engine.dd.main:
             m = engine.state.metrics
+            extra = ""
+            if logging.getLogger("medpipe").isEnabledFor(logging.DEBUG):
+                extra = "".join(f" {k}={m[k]:.{d}f}" for k, d in ResourceMetrics.LINE if m.get(k) is not None)
             print(f"epoch={m['epoch']} train_loss={m['train_loss']:.4f} val_loss={m['val_loss']:.4f} "
                   f"val_auc={m['val_auc']:.4f} val_bacc={m['val_bacc']:.4f} lr={m['lr']:.6g} "
-                  f"images_per_s={m['images_per_s']:.1f}", flush=True)
+                  f"images_per_s={m['images_per_s']:.1f}{extra}", flush=True)
 
 
 class MetricsFile:
     """``metrics.jsonl``: one JSON line per validated epoch. At the start, lines for epochs the run has not
     (or no longer) completed are dropped, so an epoch is never there twice, also when a resume repeats an
-    epoch whose checkpoint write failed."""
+    epoch whose checkpoint write failed. A run that fails (an exception, a non-finite loss; not a signal stop)
+    appends an event line without ``epoch``: ``{"event": "failed", "error": CLASS, "reason": MESSAGE,
+    "at_epoch": 1-based epoch running, "iteration": step, "time": ISO}``, as SageMaker reports a training error;
+    resumes keep it."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -98,6 +106,20 @@ class MetricsFile:
     def attach(self, engine: Engine) -> None:
         engine.on(Events.STARTED, self.start, Order.RECORD)
         engine.on(Events.VALIDATION_COMPLETED, self.append, Order.RECORD)
+        engine.on(Events.EXCEPTION_RAISED, self.failed, Order.RECORD)
+
+    def failed(self, engine: Engine) -> None:
+        exc, s = engine.state.exception, engine.state
+        if not engine.dd.main or exc is None or isinstance(exc, (TrainingInterrupted, KeyboardInterrupt)):
+            return
+        event = {"event": "failed", "error": exc.__class__.__name__, "reason": str(exc)[:2000],
+                 "at_epoch": s.epoch + 1, "iteration": s.iteration,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(to_json(event) + "\n")
+        except OSError:  # the disk that failed the run may fail this too: the error itself still propagates
+            pass
 
     def start(self, engine: Engine) -> None:
         if not engine.dd.main or not self.path.is_file():
@@ -112,6 +134,102 @@ class MetricsFile:
         if engine.dd.main:
             with open(self.path, "a") as fh:
                 fh.write(to_json(engine.state.metrics) + "\n")
+
+
+class ResourceMetrics:
+    """Per epoch, over its training part, into the epoch's record before the epoch line, metrics.jsonl and
+    MLflow take it (rank 0's figures; each rank measures its own):
+
+    - ``rss_mb``: resident memory of this process and its data-loader worker processes at the epoch's end;
+    - ``cpu_percent``: their CPU time over the wall time (100 = one core busy all the time);
+    - ``data_wait_share``: share of the wall time spent waiting for the next batch (from the end of one
+      step's handlers to the start of the next step): near 1, the loader starves the model;
+    - ``disk_free_gb``: free space on the file system of the run folder (checkpoints go there);
+    - on CUDA: ``gpu_memory_gb`` (peak allocated this epoch) and ``gpu_utilization`` (percent, NVML's
+      sample through ``torch.cuda.utilization``, averaged over one call every :data:`GPU_EVERY` steps;
+      absent without NVML).
+
+    CPU and memory come from psutil (absent where it is not installed)."""
+
+    LINE = (("rss_mb", 0), ("cpu_percent", 0), ("data_wait_share", 3), ("disk_free_gb", 1), ("gpu_memory_gb", 2),
+            ("gpu_utilization", 0))
+    GPU_EVERY = 20
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except ImportError:
+            self._proc = None
+        self._t0 = self._last = 0.0
+        self._wait, self._cpu0, self._gpu = 0.0, 0.0, []
+
+    def attach(self, engine: Engine) -> None:
+        engine.on(Events.EPOCH_STARTED, self.start, Order.RECORD)
+        engine.on(Events.ITERATION_STARTED, self.batch_arrived, Order.MODEL)  # the wait ends with the batch
+        engine.on(Events.ITERATION_COMPLETED, self.step_done, Order.STOP)  # and starts after the step's handlers
+        engine.on(Events.EPOCH_COMPLETED, self.record, Order.RECORD)
+
+    def _cpu_seconds(self) -> float:
+        if self._proc is None:
+            return 0.0
+        total = 0.0
+        for p in [self._proc, *self._proc.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except Exception:  # noqa: BLE001 - a worker that just exited (psutil.NoSuchProcess)
+                continue
+        return total
+
+    def _rss_mb(self) -> float | None:
+        if self._proc is None:
+            return None
+        total = 0
+        for p in [self._proc, *self._proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except Exception:  # noqa: BLE001 - a worker that just exited
+                continue
+        return total / 2**20
+
+    def start(self, engine: Engine) -> None:
+        self._t0 = self._last = time.perf_counter()
+        self._wait, self._cpu0, self._gpu = 0.0, self._cpu_seconds(), []
+        if engine.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(engine.device)
+
+    def batch_arrived(self, engine: Engine) -> None:
+        self._wait += time.perf_counter() - self._last
+
+    def step_done(self, engine: Engine) -> None:
+        if engine.device.type == "cuda" and engine.state.iteration % self.GPU_EVERY == 1:
+            import torch
+
+            try:
+                self._gpu.append(float(torch.cuda.utilization(engine.device)))
+            except Exception:  # noqa: BLE001 - no NVML (pynvml) here: the figure is left out
+                pass
+        self._last = time.perf_counter()
+
+    def record(self, engine: Engine) -> None:
+        wall = max(time.perf_counter() - self._t0, 1e-9)
+        m = engine.state.metrics
+        m["data_wait_share"] = min(1.0, self._wait / wall)
+        m["disk_free_gb"] = shutil.disk_usage(self.run_dir if self.run_dir.exists() else Path.cwd()).free / 2**30
+        if self._proc is not None:
+            m["rss_mb"] = self._rss_mb()
+            m["cpu_percent"] = 100.0 * (self._cpu_seconds() - self._cpu0) / wall
+        if engine.device.type == "cuda":
+            import torch
+
+            m["gpu_memory_gb"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
+            if self._gpu:
+                m["gpu_utilization"] = sum(self._gpu) / len(self._gpu)
 
 
 class ProgressBar:
