@@ -111,7 +111,8 @@ def refusal_of(exc):
             return Refused(status, str(original.get("error") or "rejected"), message)
         return Refused(502, "model_failed", "the model failed on this request")
     if code in ("ModelNotReadyException", "ServiceUnavailable", "ThrottlingException"):
-        return Refused(503, "endpoint_busy", "the model endpoint is busy or starting; retry shortly", {"Retry-After": "1"})
+        return Refused(503, "endpoint_busy", "the model endpoint is busy or starting; retry shortly",
+                       {"Retry-After": "1"})
     if err.get("ResponseMetadata", {}).get("HTTPStatusCode") == 413:  # refused before the model saw it
         return Refused(413, "image_too_large", "the image is larger than the endpoint accepts")
     # ValidationError (no such endpoint, ...) is this function's configuration: its message names the account
