@@ -114,3 +114,4 @@ class BadWeightsAtEpoch:
                 p.fill_(3e38)
             else:
                 p.data = p.data.to(torch.float16)
+

@@ -3,6 +3,8 @@ switches; the tests start the real process through this wrapper instead).
 
     python -m tests.slow infer SECONDS serve --model ...   # every forward pass of the server sleeps first
     python -m tests.slow shard SECONDS batch ...           # every output shard of a batch job is followed by a sleep
+
+``ray_slow_shards`` is the same for the actors of ``medpipe batch --engine ray``: a Ray worker setup hook.
 """
 
 from __future__ import annotations
@@ -34,6 +36,24 @@ def slow_shards(seconds: float) -> None:
             time.sleep(seconds)
 
     batch.atomic_write_text = slow
+
+
+def ray_slow_shards() -> None:
+    """A Ray worker setup hook (``runtime_env={"worker_process_setup_hook": "tests.slow.ray_slow_shards"}``): each
+    shard a batch predictor actor answers takes ``$MEDPIPE_TEST_RAY_SLOW_S`` seconds longer, so that a job is
+    still running when a test kills a node."""
+    import os
+
+    from medpipe import batch
+
+    seconds = float(os.environ.get("MEDPIPE_TEST_RAY_SLOW_S", "0"))
+    rows = batch.LocalEngine.rows
+
+    def slow(self, items, decoded):
+        time.sleep(seconds)
+        return rows(self, items, decoded)
+
+    batch.LocalEngine.rows = slow
 
 
 def main(argv: list[str]) -> int:

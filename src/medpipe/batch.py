@@ -32,12 +32,11 @@ from pathlib import Path, PurePosixPath
 
 from medpipe.data import s3
 from medpipe.data.sources import MAX_FILE_MB, MEDIA_TYPES, S3_MIRROR, inside, regular_file_problem, resolve_ref
-from medpipe.errors import BatchError, MedpipeError, StorageError, UnreadableFileError
+from medpipe.errors import BatchError, MedpipeError, PredictionError, StorageError, UnreadableFileError
 from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, read_csv_table, shown_name, to_json
 from medpipe.data import dicom
 from medpipe.data.imageio import ImageError
 from medpipe.infer.client import Client, media_type
-from medpipe.infer.predictor import PredictionError, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +202,8 @@ class LocalEngine:
 
     def __init__(self, model: str, backend: str, device: str, batch_size: int, workers: int,
                  decision_rule: str | None = None, tta: bool = False):
+        from medpipe.infer.predictor import Predictor  # deferred: torch (the Ray engine's decoding tasks import this module)
+
         self.predictor = Predictor(model, device=device, backend=backend, max_batch=max(1, batch_size),
                                    decision_rule=decision_rule, tta=tta)
         self.batch_size = max(1, batch_size)
@@ -211,26 +212,7 @@ class LocalEngine:
                      "classes": self.predictor.classes, "backend": self.predictor.backend, "tta": self.predictor.tta}
 
     def _decode(self, it: Item):
-        p = self.predictor
-        if it.url:
-            try:
-                data = s3.read_bytes(it.url, MAX_FILE_MB << 20)
-            except StorageError as exc:  # transient (endpoint unreachable): a row a rerun asks for again
-                return exc if exc.transient else UnreadableFileError(str(exc))
-        else:
-            problem = regular_file_problem(it.file)
-            if problem is not None:
-                return UnreadableFileError(problem)
-            try:
-                data = it.file.read_bytes()
-            except OSError as exc:
-                return UnreadableFileError(f"cannot read file ({exc.strerror})")
-        try:
-            if Path(it.url or it.file).suffix.lower() == ".dcm":
-                return p.prepare_array(dicom.decode_dicom(data, p.max_pixels))
-            return p.decode(data)
-        except ImageError as exc:
-            return exc
+        return decode_item(self.predictor, it)
 
     def submit(self, items: list[Item]):
         return [self.pool.submit(self._decode, it) if it.error is None else None for it in items]
@@ -255,7 +237,11 @@ class LocalEngine:
         return np.concatenate(out) if out else np.zeros((0, len(self.predictor.classes)), np.float32)
 
     def run(self, items: list[Item], futures) -> list[dict]:
-        decoded = [f.result() if f is not None else None for f in futures]
+        return self.rows(items, [f.result() if f is not None else None for f in futures])
+
+    def rows(self, items: list[Item], decoded: list) -> list[dict]:
+        """The rows of ``items`` from their decoded pixels (None: refused at listing; an ImageError or
+        StorageError: why not)."""
         good = [d for d in decoded if d is not None and not isinstance(d, (ImageError, StorageError))]
         try:
             probs = self.forward(good)
@@ -274,6 +260,31 @@ class LocalEngine:
                 rows.append(_row(it, pred=preds[k].as_dict()))
                 k += 1
         return rows
+
+
+def decode_item(decoder, it: Item):
+    """``it``'s pixels (resized RGB uint8), or the error saying why not (an ImageError, or a transient StorageError).
+    ``decoder``: the Predictor, or anything with its ``decode``, ``prepare_array`` and ``max_pixels`` (the Ray
+    engine's spec-only decoder)."""
+    if it.url:
+        try:
+            data = s3.read_bytes(it.url, MAX_FILE_MB << 20)
+        except StorageError as exc:  # transient (endpoint unreachable): a row a rerun asks for again
+            return exc if exc.transient else UnreadableFileError(str(exc))
+    else:
+        problem = regular_file_problem(it.file)
+        if problem is not None:
+            return UnreadableFileError(problem)
+        try:
+            data = it.file.read_bytes()
+        except OSError as exc:
+            return UnreadableFileError(f"cannot read file ({exc.strerror})")
+    try:
+        if Path(it.url or it.file).suffix.lower() == ".dcm":
+            return decoder.prepare_array(dicom.decode_dicom(data, decoder.max_pixels))
+        return decoder.decode(data)
+    except ImageError as exc:
+        return exc
 
 
 class RemoteEngine:
@@ -346,7 +357,9 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
               shard_size: int = 256, workers: int | None = None, backend: str = "auto", device: str = "auto",
               concurrency: int | None = None, max_error_rate: float | None = None, retries: int = 6,
               progress: bool = False, s3_root: str | None = None, decision_rule: str | None = None,
-              tta: bool = False) -> dict:
+              tta: bool = False, engine_factory=None) -> dict:
+    """``engine_factory``: builds the engine that answers the shards (medpipe.batch_ray's Ray Data engine);
+    None: the local engine, or the remote one with ``url``."""
     if url and tta:
         raise BatchError("--tta applies to a local --model; a server averages flips when started with --tta")
     stage = _Output(output)
@@ -363,8 +376,8 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
         if state.get("listing_sha256") != digest or state.get("shard_size") != shard_size:
             raise BatchError(f"{out} holds a batch job over a different input listing or shard size; "
                              "use a new --output folder")
-    engine = RemoteEngine(url, concurrency, retries) if url else LocalEngine(model, backend, device, batch_size,
-                                                                   workers or (os.cpu_count() or 1), decision_rule, tta)
+    engine = engine_factory() if engine_factory else RemoteEngine(url, concurrency, retries) if url else \
+        LocalEngine(model, backend, device, batch_size, workers or (os.cpu_count() or 1), decision_rule, tta)
     if state_path.is_file():  # finished shards must not be mixed with answers of another model or TTA setting
         old = json.loads(state_path.read_text())
         changed = [f"{k}: {old.get(k)!r} before, {engine.meta.get(k)!r} now" for k in ("model", "version", "tta")
@@ -387,16 +400,15 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), initial=done_items, unit="img", desc="batch", dynamic_ncols=True)
-    pending = engine.submit(todo[0][1]) if todo else None
-    for n, (k, group) in enumerate(todo):
-        futures = pending
-        pending = engine.submit(todo[n + 1][1]) if n + 1 < len(todo) else None  # decode ahead
-        fresh = {r["index"]: r for r in engine.run(group, futures)}
+    results = engine.results(todo) if hasattr(engine, "results") else _in_order(engine, todo)
+    for k, answered in results:  # (shard number, its fresh rows), in any order
+        fresh = {r["index"]: r for r in answered}
         rows = [fresh.get(it.index) or kept[it.index] for it in groups[k]]
         atomic_write_text(shards / f"part-{k:05d}.jsonl", "".join(to_json(r) + "\n" for r in rows))
         stage.put(shards / f"part-{k:05d}.jsonl")
         if bar:
-            bar.update(len(group))
+            bar.update(len(answered))
+    state.update((k, v) for k, v in engine.meta.items() if k != "classes")  # what the engine learnt while running
     if bar:
         bar.close()
 
@@ -415,6 +427,15 @@ def run_batch(model: str | None, input_path: str, output: str, *, url: str | Non
     stage.finish()
     summary["threshold_exceeded"] = max_error_rate is not None and summary["error_rate"] > max_error_rate
     return summary
+
+
+def _in_order(engine, todo: list[tuple[int, list[Item]]]):
+    """(shard number, rows) for each shard to do, decoding one shard ahead of the forward pass."""
+    pending = engine.submit(todo[0][1]) if todo else None
+    for n, (k, group) in enumerate(todo):
+        futures = pending
+        pending = engine.submit(todo[n + 1][1]) if n + 1 < len(todo) else None  # decode ahead
+        yield k, engine.run(group, futures)
 
 
 def _todo(groups: list[list[Item]], shards: Path) -> tuple[list[tuple[int, list[Item]]], dict[int, dict]]:

@@ -8,7 +8,7 @@
     medpipe evaluate --model RUN/model --data DATA_DIR [--split test] [--tta]
     medpipe predict (--model RUN/model | --url URL) IMAGE...
     medpipe serve [--model RUN/model] [--port 8080 ...]            (one option per ServeConfig field)
-    medpipe batch (--model RUN/model | --url URL) --input IMAGES --output OUT
+    medpipe batch (--model RUN/model | --url URL) --input IMAGES --output OUT [--engine ray]
     medpipe shard --data DATA_DIR --out SHARDS
     medpipe export --model RUN/model --format onnx|torchscript|bundle|sagemaker --out PATH
     medpipe package --model RUN/model        (the same as export --format sagemaker, default MODEL/model.tar.gz)
@@ -36,6 +36,8 @@ from pathlib import Path
 
 from medpipe.utils import exit_process, to_json  # noqa: F401 - medpipe.cli.exit_process for __main__
 from medpipe import __version__, tune
+from medpipe.batch import run_batch
+from medpipe.batch_ray import run_batch_ray
 from medpipe.errors import ConfigError, MedpipeError, exit_code
 from medpipe.config import (TrainConfig, make_config,
                             resume_config)
@@ -245,14 +247,17 @@ def cmd_serve(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from medpipe.batch import run_batch  # deferred: torch
-
-    s = run_batch(args.model, args.input, args.output, url=args.url, per_file=args.per_file,
+    if args.engine != "ray" and (args.ray_address or args.ray_actors):
+        raise ConfigError("--ray-address and --ray-actors apply to --engine ray")
+    run, ray = run_batch, {}  # torch loads when the engine starts; Ray only with --engine ray
+    if args.engine == "ray":
+        run, ray = run_batch_ray, {"address": args.ray_address, "actors": args.ray_actors}
+    s = run(args.model, args.input, args.output, url=args.url, per_file=args.per_file,
                   manifest_out=args.manifest_out, label_attribute=args.label_attribute, batch_size=args.batch_size,
                   shard_size=args.shard_size, workers=args.workers, backend=args.backend, device=args.device,
                   concurrency=args.concurrency, max_error_rate=args.max_error_rate, retries=args.retries,
                   progress=_progress(),
-                  s3_root=args.s3_root, decision_rule=args.decision_rule, tta=args.tta)
+                  s3_root=args.s3_root, decision_rule=args.decision_rule, tta=args.tta, **ray)
     print(f"batch: {s['predicted']} predicted, {s['errors']} errors of {s['items']} "
           f"-> {s['outputs']['jsonl']}, {s['outputs']['csv']}")
     if s["errors"]:
@@ -467,6 +472,12 @@ def _inference_commands(command) -> None:
                    help="exit 3 when the share of error rows is above this (e.g. 0.05)")
     s.add_argument("--s3-root", help="local folder holding s3://bucket/key references of a Ground Truth manifest "
                                      "as S3_ROOT/bucket/key (as for ingest); without it they are read from S3")
+    s.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: this machine; ray: the shards answered on a Ray cluster (Ray Data; the ray extra)")
+    s.add_argument("--ray-address", help="with --engine ray: the cluster (auto, HOST:PORT or ray://HOST:PORT; "
+                                         "default: a Ray instance started for this job on this machine)")
+    s.add_argument("--ray-actors", type=POSITIVE, default=None,
+                   help="with --engine ray: predictor actors, one model each (default: one per node)")
     s.add_argument("--retries", type=NON_NEGATIVE, default=6,
                    help="with --url: attempts after the first for an answer that is 503/429/502/504 or a dropped "
                         "connection (exponential backoff, Retry-After honoured); rows still unanswered make the "

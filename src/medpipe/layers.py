@@ -15,6 +15,8 @@ Where the table departs from the folders, the code showed a better cut:
 - ``config`` (the training configuration) and ``recipe`` sit in *training*: only training and what
   drives it read them.
 - ``mlflow_model`` (the MLflow pyfunc flavour of a package) sits with ``track`` in *orchestration*.
+- ``sagemaker.container`` (the image's ``serve``/``train`` entry) sits in *face*: it is a front to the
+  ``medpipe`` command, as ``__main__`` is.
 
 A pattern ``name`` matches the module ``medpipe.name``; ``name.*`` matches every module below the
 package ``medpipe.name`` and the package itself. The most specific pattern wins.
@@ -45,7 +47,7 @@ LAYERS: tuple[Layer, ...] = (
           "pure functions: AUC, bootstrap, ECE, temperature fitting, decision rules"),
     Layer(4, "inference", ("infer.*",),
           "the Predictor, backends, ONNX session/bytes, INT8/OpenVINO, wire protocol, client, Grad-CAM"),
-    Layer(5, "model jobs", ("evaluate", "export", "batch", "sagemaker.layout", "monitor.*"),
+    Layer(5, "model jobs", ("evaluate", "export", "batch", "batch_ray", "sagemaker.layout", "monitor.*"),
           "the report and plots; exports proven with their runtimes (SageMaker model.tar.gz included); batch "
           "transform; data capture records, baseline statistics and drift checks"),
     Layer(6, "training", ("config", "recipe", "train.*"),
@@ -54,8 +56,8 @@ LAYERS: tuple[Layer, ...] = (
           "fit -> calibrate -> package -> evaluate; MLflow; Optuna; Flower; SageMaker training and hosting entry"),
     Layer(8, "service", ("serve.*",),
           "the HTTP app (SageMaker routes, OIP, page, metrics, limits, batcher, connections)"),
-    Layer(9, "face", ("cli", "cli_options", "__main__"),
-          "the ``medpipe`` command: one parser, thin subcommands"),
+    Layer(9, "face", ("cli", "cli_options", "__main__", "sagemaker.container"),
+          "the ``medpipe`` command: one parser, thin subcommands; the container image's entry (serve, train)"),
 )
 
 
