@@ -1,27 +1,38 @@
-"""Federated vs centralized vs each site alone, on sites with different class mixes and cameras.
+"""Federated vs centralized vs each site alone, and what holds FedAvg back, measured one cause at a time.
 
-    python benchmarks/federated.py [--count 1200 --sites 3 --alpha 0.5 --rounds 6 --local-epochs 1 --size 64]
+    python benchmarks/federated.py                                    # synthetic: casts + Dirichlet(0.5)
+    python benchmarks/federated.py --data ../shared/data/ham10000-dev --split dirichlet
+    python benchmarks/federated.py --data ../shared/data/ham10000-dev --split age   # natural: age bands
+    [--seeds 0,1,2 --rounds 8 --local-epochs 1 --size 64 --model densenet121 --configs fedavg,default,...]
 
-Synthetic HAM10000-format images get a per-site colour cast (different cameras); whole lesions are
-dealt to sites by a per-class Dirichlet(alpha) split (different class mixes). One lesion-grouped
-test split over all sites is held out; every method trains on the rest and is scored on it:
+Data: synthetic HAM10000-format images (``--count``) with a colour cast per site (different cameras),
+or real HAM10000 images (``--data``, the dev set; ``--max-images`` subsamples). Whole lesions are
+dealt to ``--sites`` sites by a per-class Dirichlet(alpha) split (different class mixes), or by age
+band (``--split age``: under 45, 45-59, 60 and over; a natural split with very different class
+mixes). One lesion-grouped test split over all sites is held out; every row trains on the rest and is
+scored on it (macro AUC, balanced accuracy of the argmax):
 
-* centralized: all sites' training data pooled, ``rounds * local_epochs`` epochs;
-* FedAvg and FedProx: ``rounds`` rounds of ``local_epochs`` local epochs per site, the sites' updates
-  averaged by sample counts with the same code as the Flower ServerApp (``medpipe.fl.site.Site`` +
-  ``medpipe.fl.aggregate``), run in one process here (the deployment itself is tested in
-  tests/test_fl.py); MB per round = global weights down + update up, per site;
-* each site alone: its own data, the same number of epochs.
+* ``centralized``: all sites' training data pooled, one run of ``rounds * local_epochs`` epochs with
+  the training recipe (one warm-up + cosine);
+* ``siteN alone``: the same run on that site's data only;
+* one row per federated configuration (:data:`CONFIGS`): ``rounds`` rounds of ``local_epochs`` local
+  epochs per site with :func:`medpipe.fl.strategy.simulate_rounds`, the same code as the Flower
+  ServerApp (round configuration, the server's checks and aggregation, the server optimiser), in one
+  process. ``fedavg`` is the old recipe (a fresh warm-up + cosine in every round); the others change
+  one thing at a time; ``default`` is the recipe ``medpipe fl`` uses now.
 
-Prints macro AUC and balanced accuracy on the common test split, MB per round and wall time per
-row, and writes benchmarks/results/federated.json. Expectation to check, not to assert: federated
-within a few points of centralized and clearly above the sites alone.
+Each federated row also gives the rounds it took to reach the centralized macro AUC (the global model
+scored on the test split after every round; None: never) and the MB per round per site (global
+weights down + update up). Results: benchmarks/results/OUT.json, one entry per seed plus the means
+and spreads. The machine and its load (1-minute load average at the start and end) are recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -33,10 +44,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import synth_dataset, write_result  # noqa: E402
 
 CASTS = [(1.0, 1.0, 1.0), (1.18, 0.96, 0.80), (0.82, 0.97, 1.16), (1.05, 1.12, 0.88)]
+LEGACY = {"lr_schedule": "local", "local_optimizer": "reset", "batchnorm": "global", "server_optimizer": "fedavg"}
+ROUNDS_LR = dict(LEGACY, lr_schedule="rounds")
+CONFIGS = {  # name -> run configuration keys on top of the common ones
+    "fedavg": LEGACY,  # the old recipe: fresh AdamW + warm-up/cosine inside every round
+    "fedprox": dict(LEGACY, strategy="fedprox", mu=0.01),
+    "rounds-lr": ROUNDS_LR,  # the recipe's schedule across rounds
+    "rounds-lr+keep-opt": dict(ROUNDS_LR, local_optimizer="keep"),
+    "rounds-lr+local-bn": dict(ROUNDS_LR, batchnorm="local"),
+    "rounds-lr+fedavgm": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr=1.0, server_momentum=0.5),
+    "rounds-lr+fedadam": dict(ROUNDS_LR, server_optimizer="fedadam", server_lr=0.01),
+    "rounds-lr+fedyogi": dict(ROUNDS_LR, server_optimizer="fedyogi", server_lr=0.01),
+    "default": {},  # medpipe.fl.strategy.DEFAULTS
+}
 
 
-def build(raw: Path, work: Path, sites: int, alpha: float, seed: int):
-    """Cast copies of the images per site, ingested as one folder with a ``site`` column."""
+def age_band(age) -> str:
+    try:
+        a = float(age)
+    except (TypeError, ValueError):
+        return "age45-59"  # unknown ages (13 of the dev set) join the middle band
+    if a != a:
+        return "age45-59"
+    return "age00-44" if a < 45 else ("age45-59" if a < 60 else "age60+")
+
+
+def _ingest_once(raw: Path, cache: Path, fmt: str | None = None) -> Path:
+    from medpipe.data.sources import ingest
+
+    if not (cache / "records.csv").is_file():
+        ingest(raw, cache, **({"fmt": fmt} if fmt else {}))
+    return cache
+
+
+def build(raw: Path, work: Path, sites: int, alpha: float, seed: int, *, split: str = "dirichlet",
+          casts: bool = True, max_images: int = 0):
+    """Site folders (``train/siteN``, ``train/pooled``) of one seeded federation, and the table with each
+    image's site and split. ``casts``: cast copies of the images per site (synthetic cameras)."""
     import pandas as pd
     from PIL import Image
 
@@ -44,23 +88,36 @@ def build(raw: Path, work: Path, sites: int, alpha: float, seed: int):
     from medpipe.data.splits import ensure_splits
     from medpipe.fl.partition import assign_dirichlet
 
-    base = work / "base"
-    ingest(raw, base)
+    base = _ingest_once(raw, work.parent / f"base_{raw.name}")
     table, classes = load_records(base)
-    site_of = table["group_id"].map(assign_dirichlet(table, sites, alpha, seed))
-    rows = []
-    for (_, r), site in zip(table.iterrows(), site_of):
-        k = int(site.removeprefix("site"))
-        img = np.asarray(Image.open(r["path"]).convert("RGB"), np.float32) * np.array(CASTS[k % len(CASTS)])
-        out = work / "cast" / f"{r['image_id']}.jpg"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, quality=92)
-        rows.append({"path": str(out), "label": r["label"], "group": r["group_id"], "site": site})
-    pd.DataFrame(rows).to_csv(work / "all.csv", index=False)
-    ingest(work / "all.csv", work / "all", fmt="csv", classes=classes)
-    table, classes = load_records(work / "all")
-    table["site"] = table["image_id"].map(dict(zip([Path(r["path"]).stem for r in rows], [r["site"] for r in rows])))
-    splits, _ = ensure_splits(work / "all", seed=seed)
+    if max_images and len(table) > max_images:
+        table = table.sample(n=max_images, random_state=seed).sort_index()
+    if split == "age":
+        site_of = table["age"].map(age_band)
+    else:
+        site_of = table["group_id"].map(assign_dirichlet(table, sites, alpha, seed))
+    folder = work / "all"
+    if casts:
+        rows = []
+        for (_, r), site in zip(table.iterrows(), site_of):
+            k = int(site.removeprefix("site"))
+            img = np.asarray(Image.open(r["path"]).convert("RGB"), np.float32) * np.array(CASTS[k % len(CASTS)])
+            out = work / "cast" / f"{r['image_id']}.jpg"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, quality=92)
+            rows.append({"path": str(out), "label": r["label"], "group": r["group_id"], "site": site})
+        pd.DataFrame(rows).to_csv(work / "all.csv", index=False)
+        ingest(work / "all.csv", folder, fmt="csv", classes=classes)
+        table, classes = load_records(folder)
+        table["site"] = table["image_id"].map(dict(zip([Path(r["path"]).stem for r in rows], [r["site"] for r in rows])))
+    else:  # the ingested records as they are, a subset in a folder of its own (the images stay where they are)
+        folder.mkdir(parents=True, exist_ok=True)
+        table = table.assign(site=site_of.to_numpy())
+        table.drop(columns=["site"]).to_csv(folder / "records.csv", index=False)
+        shutil.copy(base / "classes.json", folder / "classes.json")
+        table, classes = load_records(folder)
+        table["site"] = site_of.to_numpy()
+    splits, _ = ensure_splits(folder, seed=seed)
     table["split"] = table["image_id"].map(dict(zip(splits["image_id"], splits["split"])))
     folders = {}
     for name, part in [("pooled", table[table["split"] != "test"])] + \
@@ -73,90 +130,145 @@ def build(raw: Path, work: Path, sites: int, alpha: float, seed: int):
     return table, classes, folders
 
 
-def score(arrays, table, classes, cfg, work: Path) -> dict:
+class Scorer:
+    """The common test split, cached once; ``score(arrays)`` -> macro AUC and balanced accuracy."""
+
+    def __init__(self, table, classes, cfg, work: Path):
+        from medpipe.data.cache import build_cache
+        from medpipe.models import create_model
+
+        self.test, self.classes, self.cfg = table[table["split"] == "test"], classes, cfg
+        spec = self.spec = cfg.preprocess()
+        self.cache = build_cache(self.test, work / "test_cache", (spec.image_size, spec.image_size), spec.interpolation)
+        self.model = create_model(cfg.model, len(classes))
+
+    def __call__(self, arrays) -> dict:
+        import torch
+
+        from medpipe.evaluate import compute_metrics
+        from medpipe.fl.site import predict_logits, to_torch
+
+        self.model.load_state_dict(to_torch(arrays))
+        logits = predict_logits(self.model.to(memory_format=torch.channels_last), self.cache.pixels,
+                                self.cache.rows(self.test["image_id"]), self.spec, torch.device("cpu"))
+        m = compute_metrics(self.test["class_index"].to_numpy(), torch.softmax(logits, 1).numpy(), self.classes,
+                            bootstrap=0)
+        return {"macro_auc": round(float(m["macro_auc"]), 4),
+                "balanced_accuracy": round(float(m["balanced_accuracy"]), 4)}
+
+
+def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dict:
+    """Every row for one seed (partition, split and training seed): centralized, sites alone, federated."""
     import torch
 
-    from medpipe.data.cache import build_cache
-    from medpipe.evaluate import compute_metrics
-    from medpipe.fl.site import predict_logits, to_torch
+    from medpipe.config import make_config
+    from medpipe.fl.site import Site, to_numpy
+    from medpipe.fl.strategy import DEFAULTS, simulate_rounds
     from medpipe.models import create_model
 
-    test = table[table["split"] == "test"]
-    spec = cfg.preprocess()
-    cache = build_cache(test, work / "test_cache", (spec.image_size, spec.image_size), spec.interpolation)
-    model = create_model(cfg.model, len(classes))
-    model.load_state_dict(to_torch(arrays))
-    logits = predict_logits(model.to(memory_format=torch.channels_last), cache.pixels, cache.rows(test["image_id"]),
-                            spec, torch.device("cpu"))
-    m = compute_metrics(test["class_index"].to_numpy(), torch.softmax(logits, 1).numpy(), classes, bootstrap=0)
-    return {"macro_auc": round(float(m["macro_auc"]), 4), "balanced_accuracy": round(float(m["balanced_accuracy"]), 4)}
+    epochs = args.rounds * args.local_epochs
+    tc = make_config({"model": args.model, "image_size": args.size, "seed": seed, "test_fraction": 0.0,
+                      "val_fraction": 0.15, "workers": 0, "bootstrap": 0, "threads": args.threads,
+                      "precision": "fp32"}).validate()  # fp32: a bf16 timing check would tie the numerics to the load
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = Path(tmp)
+        table, classes, folders = build(raw, work, args.sites, args.alpha, seed, split=args.split, casts=casts,
+                                        max_images=args.max_images)
+        score = Scorer(table, classes, tc, work)
+        site_names = [n for n in folders if n != "pooled"]
+        torch.manual_seed(seed)
+        model = create_model(tc.model, len(classes))
+        init, params = to_numpy(model.state_dict()), [n for n, _ in model.named_parameters()]
+        mb = sum(v.nbytes for v in init.values()) / 2**20
+
+        for name in ["pooled", *site_names] if args.baselines else []:  # one continuous run each: the training recipe
+            t0 = time.perf_counter()
+            site = Site(folders[name], name, tc.to_dict(), classes)
+            arrays, _ = site.fit(init, 1, epochs)
+            rows.append({"method": "centralized" if name == "pooled" else f"{name} alone", "train_images": site.n_train,
+                         **score(arrays), "mb_per_round": 0.0, "wall_s": round(time.perf_counter() - t0, 1)})
+            print(seed, rows[-1], flush=True)
+        central = rows[0]["macro_auc"] if rows else args.central_auc
+        for config in configs:
+            cfg = {"rounds": args.rounds, "local_epochs": args.local_epochs, "strategy": "fedavg", "mu": 0.0,
+                   "aggregation": "mean", **DEFAULTS, **CONFIGS[config]}
+            t0, curve = time.perf_counter(), []
+            sites = [Site(folders[s], s, tc.to_dict(), classes) for s in site_names]
+            arrays = simulate_rounds(sites, init, cfg, params, tc.lr, tc.warmup_epochs,
+                                     on_round=lambda rnd, a, result: curve.append(score(a)["macro_auc"]))
+            reach = next((i + 1 for i, auc in enumerate(curve) if central is not None and auc >= central), None)
+            rows.append({"method": config, "train_images": sum(s.n_train for s in sites), **score(arrays),
+                         "rounds_to_central": reach, "auc_per_round": curve,
+                         "mb_per_round": round(2 * len(sites) * mb, 2), "wall_s": round(time.perf_counter() - t0, 1),
+                         "config": {k: v for k, v in cfg.items() if k not in ("rounds", "local_epochs")}})
+            print(seed, {k: v for k, v in rows[-1].items() if k != "config"}, flush=True)
+        sizes = {s: int((table["site"] == s).sum()) for s in site_names}
+        return {"seed": seed, "test_images": int((table["split"] == "test").sum()), "site_images": sizes, "rows": rows}
+
+
+def summarise(per_seed: list[dict]) -> list[dict]:
+    """Mean and spread (min, max) over seeds per method."""
+    out = []
+    for method in [r["method"] for r in per_seed[0]["rows"]]:
+        rs = [r for s in per_seed for r in s["rows"] if r["method"] == method]
+        row = {"method": method, "seeds": len(rs)}
+        for key in ("macro_auc", "balanced_accuracy"):
+            v = np.array([r[key] for r in rs], float)
+            row[key] = round(float(v.mean()), 4)
+            row[f"{key}_range"] = [round(float(v.min()), 4), round(float(v.max()), 4)]
+        reach = [r.get("rounds_to_central") for r in rs]
+        row["rounds_to_central"] = reach if "rounds_to_central" in rs[0] else None
+        row["mb_per_round"] = rs[0]["mb_per_round"]
+        out.append(row)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--count", type=int, default=1200)
+    ap.add_argument("--data", help="a HAM10000-layout folder of real images (default: synthetic images)")
+    ap.add_argument("--split", choices=["dirichlet", "age"], default="dirichlet")
+    ap.add_argument("--count", type=int, default=1200, help="synthetic images")
+    ap.add_argument("--max-images", type=int, default=0, help="subsample --data to this many images (0: all)")
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--model", default="densenet121")
-    ap.add_argument("--mu", type=float, default=0.01)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--configs", default="fedavg,fedprox,default", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                    help="the centralized and site-alone rows (--no-baselines: federated rows only)")
+    ap.add_argument("--central-auc", type=float, help="with --no-baselines: the centralized AUC to reach")
+    ap.add_argument("--work", help="folder for the temporary site folders (default the system's)")
     ap.add_argument("--out", default="federated")
     args = ap.parse_args()
-
-    import torch
-
-    from medpipe.config import make_config
-    from medpipe.fl.aggregate import weighted_average
-    from medpipe.fl.site import Site, to_numpy
-    from medpipe.models import create_model
-
-    epochs = args.rounds * args.local_epochs
-    tc = make_config({"model": args.model, "image_size": args.size, "seed": args.seed, "test_fraction": 0.0,
-                      "val_fraction": 0.15, "workers": 0, "bootstrap": 0}).validate()
-    raw = synth_dataset(args.count, seed=args.seed, width=160, height=120)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        table, classes, folders = build(raw, work, args.sites, args.alpha, args.seed)
-        site_names = [n for n in folders if n != "pooled"]
-        torch.manual_seed(args.seed)
-        init = to_numpy(create_model(tc.model, len(classes)).state_dict())
-        mb = sum(v.nbytes for v in init.values()) / 2**20
-
-        def alone(name: str) -> tuple[dict, int]:
-            site = Site(folders[name], name, tc.to_dict(), classes)
-            arrays = init
-            for r in range(1, args.rounds + 1):  # the same epochs, numbered as in the federated rounds
-                arrays, _ = site.fit(arrays, r, args.local_epochs)
-            return arrays, site.n_train
-
-        for name in ["pooled", *site_names]:
-            t0 = time.perf_counter()
-            arrays, n = alone(name)
-            rows.append({"method": "centralized" if name == "pooled" else f"{name} alone", "train_images": n,
-                         **score(arrays, table, classes, tc, work), "mb_per_round": 0.0,
-                         "wall_s": round(time.perf_counter() - t0, 1)})
-            print(rows[-1], flush=True)
-        for strategy, mu in (("fedavg", 0.0), ("fedprox", args.mu)):
-            t0 = time.perf_counter()
-            sites = [Site(folders[s], s, tc.to_dict(), classes) for s in site_names]
-            arrays = init
-            for r in range(1, args.rounds + 1):
-                updates = [(s.fit(arrays, r, args.local_epochs, mu)[0], s.n_train) for s in sites]
-                arrays = weighted_average(updates)
-            rows.append({"method": strategy, "train_images": sum(s.n_train for s in sites),
-                         **score(arrays, table, classes, tc, work),
-                         "mb_per_round": round(2 * len(sites) * mb, 1), "wall_s": round(time.perf_counter() - t0, 1)})
-            print(rows[-1], flush=True)
-    print(f"\n{'method':<16}{'images':>8}{'macro AUC':>11}{'bal acc':>9}{'MB/round':>10}{'wall s':>8}")
-    for r in rows:
-        print(f"{r['method']:<16}{r['train_images']:>8}{r['macro_auc']:>11.4f}{r['balanced_accuracy']:>9.4f}"
-              f"{r['mb_per_round']:>10.1f}{r['wall_s']:>8.1f}")
-    path = write_result(args.out, {"args": vars(args), "test_images": int((table["split"] == "test").sum()),
-                                   "rows": rows})
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        ap.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.split == "age" and not args.data:
+        ap.error("--split age needs --data (real images with an age column)")
+    raw = Path(args.data).resolve() if args.data else synth_dataset(args.count, seed=0, width=160, height=120)
+    work = Path(args.work or tempfile.gettempdir()).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    args.work = str(work)
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    per_seed = []
+    for seed in args.seeds.split(","):  # the result file is rewritten after each seed (a long run keeps its seeds)
+        per_seed.append(run_seed(args, int(seed), raw, casts=not args.data, configs=configs))
+        summary = summarise(per_seed)
+        size = {"data": "synthetic (per-site colour casts)" if not args.data else f"real: {args.data}",
+                "split": args.split, "load_1min_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
+                "wall_s": round(time.perf_counter() - t0, 1)}
+        path = write_result(args.out, {"command": "python benchmarks/federated.py " + " ".join(sys.argv[1:]),
+                                       "args": vars(args), **size, "summary": summary, "per_seed": per_seed})
+    print(f"\n{'method':<22}{'macro AUC':>10}{'bal acc':>9}{'MB/round':>10}  rounds to central")
+    for r in summary:
+        print(f"{r['method']:<22}{r['macro_auc']:>10.4f}{r['balanced_accuracy']:>9.4f}{r['mb_per_round']:>10.2f}  "
+              f"{r['rounds_to_central']}")
     print(f"wrote {path}")
 
 

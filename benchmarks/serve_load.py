@@ -19,6 +19,14 @@ The int8 and openvino backends need an INT8 model: the benchmark's package is un
 depend on the weights), so its INT8 model is made with force=True on a synthetic validation split; its
 gate figures mean nothing here (README: gate figures on real data). openvino (OpenVINO running that
 INT8 graph) is measured when OpenVINO is installed (medpipe-imaging[openvino]). Ratios come from one run.
+
+    python benchmarks/serve_load.py --int8-peer     # -> benchmarks/results/serve_load_int8_peer.json
+
+The fair peer: medpipe's openvino backend against TorchServe whose handler (benchmarks/_ts_handler_int8.py)
+runs the same INT8 graph through the same medpipe Predictor and decoder (--ts-int8-configs, best one
+compared), the FP32 TorchServe peer (--ts-configs), OpenVINO's benchmark_app on that graph, the forward
+alone through medpipe's Predictor at batch 8, the decode cost per image on one core, and the end-to-end
+limit they imply when decode and forward share the cores: 1 / (decode_s / cores + 1 / forward_images_per_s).
 """
 
 from __future__ import annotations
@@ -165,25 +173,34 @@ def torchserve_missing(venv: Path) -> str | None:
     return None
 
 
-def measure_torchserve(pkg: Path, tmp: Path, venv: Path, config: str, device: str, images, args) -> dict:
-    """TorchServe with the same model and preprocessing; ``config`` = WORKERSxBATCHxDELAY_MS."""
+def measure_torchserve(pkg: Path, tmp: Path, venv: Path, config: str, device: str, images, args,
+                       int8: bool = False) -> dict:
+    """TorchServe with the same model and preprocessing; ``config`` = WORKERSxBATCHxDELAY_MS. ``int8``: the
+    handler runs the package's INT8 model on OpenVINO (benchmarks/_ts_handler_int8.py), each worker with
+    cores / workers OpenVINO threads, OpenVINO from ``args.ts_openvino``."""
+    from medpipe.infer.quantize import INT8_FILE, INT8_META
+
     workers, batch, delay = (int(v) for v in config.split("x"))
-    store = tmp / f"ts_store_{config}"
+    kind = "int8" if int8 else "fp32"
+    store = tmp / f"ts_store_{kind}_{config}"
     store.mkdir()
+    files = [pkg / "weights.safetensors", pkg / "model.json"] + ([pkg / INT8_FILE, pkg / INT8_META] if int8 else [])
+    handler = ROOT / ("_ts_handler_int8.py" if int8 else "_ts_handler.py")
     subprocess.run([str(venv / "bin" / "torch-model-archiver"), "--model-name", "medpipe", "--version", "1.0",
-                    "--handler", str(ROOT / '_ts_handler.py'), "--extra-files",
-                    f"{pkg / 'weights.safetensors'},{pkg / 'model.json'}", "--export-path", str(store),
+                    "--handler", str(handler), "--extra-files", ",".join(map(str, files)), "--export-path", str(store),
                     "--archive-format", "no-archive", "--force"], check=True)
     port, mport, xport = free_port(), free_port(), free_port()
     cfg = tmp / f"ts_{config}.properties"
     cfg.write_text(f"inference_address=http://127.0.0.1:{port}\nmanagement_address=http://127.0.0.1:{mport}\n"
                    f"metrics_address=http://127.0.0.1:{xport}\nmodel_store={store}\ninstall_py_dep_per_model=false\n"
                    "default_response_timeout=120\n" + ("number_of_gpu=0\n" if device == "cpu" else ""))
-    ts_tmp = tmp / f"ts_tmp_{config}"  # TorchServe keeps its pid file in TMPDIR: one per server
+    ts_tmp = tmp / f"ts_tmp_{kind}_{config}"  # TorchServe keeps its pid file in TMPDIR: one per server
     ts_tmp.mkdir()
+    path = [str(ROOT.parent / "src"), *([str(Path(args.ts_openvino).resolve())] if int8 else []),
+            os.environ.get("PYTHONPATH")]
     env = {**os.environ, "TMPDIR": str(ts_tmp), "JAVA_TOOL_OPTIONS": "-Xmx2g", "LOG_LOCATION": str(ts_tmp / "logs"),
-           "METRICS_LOCATION": str(ts_tmp / "logs"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT.parent / "src"), os.environ.get("PYTHONPATH")]))}
+           "METRICS_LOCATION": str(ts_tmp / "logs"), "PYTHONPATH": os.pathsep.join(filter(None, path)),
+           "MEDPIPE_TS_THREADS": str(max(1, (os.cpu_count() or 1) // workers)), "MEDPIPE_TS_MAX_BATCH": str(batch)}
 
     def register():
         c = http.client.HTTPConnection("127.0.0.1", mport, timeout=300)
@@ -196,8 +213,8 @@ def measure_torchserve(pkg: Path, tmp: Path, venv: Path, config: str, device: st
 
     cmd = [str(venv / "bin" / "torchserve"), "--start", "--foreground", "--ncs", "--disable-token-auth",
            "--enable-model-api", "--model-store", str(store), "--ts-config", str(cfg)]
-    return measure(f"torchserve/{config}", cmd, port, images, args, path="/predictions/medpipe", env=env,
-                   after_ready=register)
+    return measure(f"torchserve{'-int8' if int8 else ''}/{config}", cmd, port, images, args,
+                   path="/predictions/medpipe", env=env, after_ready=register)
 
 
 def add_int8_model(pkg: Path, tmp: Path) -> None:
@@ -213,6 +230,94 @@ def add_int8_model(pkg: Path, tmp: Path) -> None:
     install_int8(pkg, int8, info)
 
 
+def decode_cost(pkg: Path, images: list[bytes], rounds: int = 3) -> float:
+    """Seconds to decode one image to model pixels with the package's decoder, one core (best of ``rounds``)."""
+    from medpipe.package import read_meta
+
+    spec = read_meta(pkg).preprocessing
+    best = float("inf")
+    for _ in range(rounds + 1):  # the first round warms the caches
+        t = time.perf_counter()
+        for data in images:
+            spec.decode(data)
+        best = min(best, (time.perf_counter() - t) / len(images))
+    return best
+
+
+def forward_limit(pkg: Path, images: list[bytes], batch: int = 8, seconds: float = 15.0) -> dict:
+    """Images/s of medpipe's own Predictor (openvino backend: normalisation, the INT8 forward, softmax) on
+    decoded pixels at ``batch``, every core, no HTTP and no decoding."""
+    import torch
+
+    from medpipe.infer.predictor import Predictor
+
+    torch.set_num_threads(1)  # as medpipe serve does for OpenVINO (torch's idle threads would spin on its cores)
+    pred = Predictor(pkg, device="cpu", backend="openvino", max_batch=16)
+    pixels = [pred.decode(d) for d in images[:batch]]
+    pred.probabilities(pixels)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pred.probabilities(pixels)
+        n += batch
+    return {"batch": batch, "images_per_s": n / (time.perf_counter() - t0), "backend": pred.backend}
+
+
+def benchmark_app(pkg: Path, size: int, batch: int = 8, seconds: int = 15) -> dict:
+    """OpenVINO's own benchmark_app on the package's INT8 ONNX graph (its best: the throughput hint)."""
+    import re
+
+    from medpipe.infer.quantize import INT8_FILE
+
+    exe = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
+    out = {}
+    for hint in ("throughput", "latency"):
+        r = subprocess.run([exe, "-m", str(pkg / INT8_FILE), "-d", "CPU", "-shape", f"[{batch},3,{size},{size}]",
+                            "-t", str(seconds), "-hint", hint],
+                           capture_output=True, text=True, timeout=600, check=False)
+        m = re.search(r"Throughput:\s+([0-9.]+) FPS", r.stdout)
+        out[hint] = float(m.group(1)) if m else None
+        if not m:
+            print(f"benchmark_app ({hint}) gave no throughput: {(r.stdout + r.stderr)[-500:]}")
+    return {"batch": batch, "images_per_s": out}
+
+
+def int8_peer(args, pkg: Path, tmp: Path, images: list[bytes]) -> None:
+    """medpipe (openvino backend) against TorchServe running the same INT8 OpenVINO model and decoder, the FP32
+    TorchServe peer, the forward limit (benchmark_app and medpipe's Predictor) and the decode cost, one run."""
+    load = {"before": os.getloadavg()}
+    cores = os.cpu_count() or 1
+    decode_s = decode_cost(pkg, images)
+    forward = forward_limit(pkg, images)
+    app = benchmark_app(pkg, args.size)
+    limit = 1.0 / (decode_s / cores + 1.0 / forward["images_per_s"])  # decode and forward share the cores
+    print(f"decode {1000 * decode_s:.1f} ms/image (one core); forward {forward['images_per_s']:.1f} img/s "
+          f"(batch 8, Predictor), benchmark_app {app['images_per_s']}; end-to-end limit {limit:.1f} img/s")
+    port = free_port()
+    med = measure("medpipe/openvino", [sys.executable, "-m", "medpipe", "serve", "--model", str(pkg), "--port",
+                  str(port), "--backend", "openvino", "--device", "cpu"], port, images, args)
+    ts_int8 = {c: measure_torchserve(pkg, tmp, Path(args.ts_venv), c, "cpu", images, args, int8=True)
+               for c in args.ts_int8_configs.split(",")}
+    ts_fp32 = {c: measure_torchserve(pkg, tmp, Path(args.ts_venv), c, "cpu", images, args)
+               for c in args.ts_configs.split(",") if c}
+    load["after"] = os.getloadavg()
+    best = max(ts_int8, key=lambda c: ts_int8[c]["rps"])
+    ratios = {"throughput_vs_torchserve_int8": med["rps"] / ts_int8[best]["rps"],
+              "lone_p50_vs_torchserve_int8": med["lone_p50_ms"] / ts_int8[best]["lone_p50_ms"],
+              "served_vs_limit": med["rps"] / limit}
+    if ts_fp32:
+        fp32 = max(ts_fp32.values(), key=lambda r: r["rps"])
+        ratios["throughput_vs_torchserve_fp32"] = med["rps"] / fp32["rps"]
+        ratios["lone_p50_vs_torchserve_fp32"] = med["lone_p50_ms"] / fp32["lone_p50_ms"]
+    print("  ".join(f"{k} {v:.2f}" for k, v in ratios.items()), f"(load average {load})")
+    path = write_result("serve_load_int8_peer", {
+        "settings": vars(args), "load_average": load, "cores": cores, "decode_ms_per_image": 1000 * decode_s,
+        "forward_limit": forward, "benchmark_app": app, "end_to_end_limit_images_per_s": limit,
+        "medpipe": med, "torchserve_int8": ts_int8, "torchserve_int8_best": best, "torchserve_fp32": ts_fp32,
+        "ratios": ratios, "targets": {"throughput_vs_torchserve_int8": 1.5, "lone_p50_vs_torchserve_int8": 0.8,
+                                      "served_vs_limit": 0.8}})
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=8)
@@ -226,7 +331,22 @@ def main() -> None:
                     help="TorchServe settings WORKERSxBATCHxDELAY_MS, comma-separated ('' skips TorchServe)")
     ap.add_argument("--ts-venv", default=str(ROOT.parent / ".venv-sm"), help="venv holding torchserve")
     ap.add_argument("--device", default="auto", help="every server runs on this device (auto: CUDA when available)")
+    ap.add_argument("--int8-peer", action="store_true",
+                    help="instead: medpipe's openvino backend against TorchServe running the same INT8 model "
+                         "(--ts-int8-configs), the forward limit and decode cost (serve_load_int8_peer.json)")
+    ap.add_argument("--ts-int8-configs", default="1x8x10,2x4x10,1x4x5", help="WORKERSxBATCHxDELAY_MS for --int8-peer")
+    ap.add_argument("--ts-openvino", default=str(ROOT.parent / ".bench" / "ts-openvino"),
+                    help="folder holding openvino for TorchServe's workers (pip install --target FOLDER --no-deps "
+                         "openvino==<the version medpipe uses> openvino-telemetry)")
     args = ap.parse_args()
+    if args.int8_peer:
+        folder = synth_dataset(200)
+        images = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:32]]
+        with tempfile.TemporaryDirectory() as tmp:
+            pkg = make_package(Path(tmp) / "pkg", args.size)
+            add_int8_model(pkg, Path(tmp))
+            int8_peer(args, pkg, Path(tmp), images)
+        return
 
     from medpipe.utils import resolve_device
 

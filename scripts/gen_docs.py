@@ -246,6 +246,9 @@ ROUTE_TEXT = {
     ("POST", "/invocations"): "predict: image bytes (JPEG, PNG, BMP, WebP), `application/x-npy`, JSON "
                               "`{\"images\": [base64, ...]}` or DICOM in; JSON or CSV out (SageMaker's route)",
     ("POST", "/explain"): "one image in, its prediction and a Grad-CAM PNG out (what the web page uses)",
+    ("POST", "/endpoints/{name}/invocations"): "`/invocations` in the SageMaker Runtime API's shape (boto3 "
+                                               "`invoke_endpoint` with `endpoint_url` here): the same answer; "
+                                               "errors as `ModelError` (424) with `OriginalStatusCode`",
     ("GET", "/v2/health/live"): "Open Inference Protocol: the server is up",
     ("GET", "/v2/health/ready"): "Open Inference Protocol: the model is loaded and warmed up",
     ("GET", "/v2"): "Open Inference Protocol: server metadata",

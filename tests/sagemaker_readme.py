@@ -8,7 +8,7 @@ every block marked ``<!-- sagemaker-sdk-example -->`` when given a markdown file
 namespace holding ``role`` and ``bucket``. The SDK is real (its estimator/model/transformer classes, version and
 distribution checks, image lookup, hyperparameter encoding, source tarball); only AWS is emulated, at
 the session boundary: ``sagemaker.Session`` is a stub that records each request (train, create model,
-endpoint, transform), an S3 upload copies the file into OUT's folder, and with ``--endpoint``
+endpoint, transform, asynchronous invocation), an S3 upload copies the file into OUT's folder, and with ``--endpoint``
 ``invoke_endpoint`` is forwarded over HTTP to that server's ``/invocations`` (the real inference
 toolkit on loopback). Any other network connection fails the run. OUT.json receives the requests.
 """
@@ -90,6 +90,12 @@ def stub_session(out_dir: Path, calls: list, endpoint: str | None):
     for name in ("train", "create_model", "endpoint_from_production_variants", "create_endpoint_config",
                  "create_endpoint", "transform"):
         getattr(sess, name).side_effect = record(name)
+    def invoke_endpoint_async(**kw):  # SageMaker queues it; the answer will be at OutputLocation
+        calls.append({"call": "invoke_endpoint_async", "kwargs": json.loads(json.dumps(kw, default=str))})
+        return {"InferenceId": "stub-inference-1",
+                "OutputLocation": f"s3://{BUCKET}/medpipe/async-out/stub-inference-1.out"}
+
+    sess.sagemaker_runtime_client.invoke_endpoint_async.side_effect = invoke_endpoint_async
     if endpoint:
         sess.sagemaker_runtime_client.invoke_endpoint.side_effect = invoke_endpoint
     else:

@@ -150,6 +150,89 @@ def test_site_local_training_mixes_batches_like_train(data_dir, monkeypatch):
     assert seen and all(n == 0 and ndim == 1 for n, ndim, _ in seen)
 
 
+def test_site_follows_the_round_rates_and_keeps_its_optimiser_and_batchnorm_when_asked(data_dir, monkeypatch):
+    """The server's schedule across rounds reaches the site's steps (a linear ramp, no warm-up restart);
+    local_optimizer keep carries AdamW's state from round to round (reset never stores it); batchnorm local
+    trains from the site's own running statistics of its previous round, not the global ones."""
+    import torch
+
+    import medpipe.fl.site as site_mod
+    from medpipe.fl.strategy import fit_kwargs, round_config
+    from medpipe.train.engine import Events
+
+    lrs: list = []
+    starts: list = []
+    real = site_mod.local_fit
+
+    def spy(cfg, source, **kw):
+        class Rates:
+            def attach(self, engine):
+                engine.on(Events.ITERATION_STARTED, lambda e: lrs.append(e.optimizer.param_groups[0]["lr"]))
+        starts.append({k: v.clone() for k, v in kw["weights"].items()})
+        kw["handlers"] = [*kw["handlers"], Rates()]
+        return real(cfg, source, **kw)
+
+    monkeypatch.setattr(site_mod, "local_fit", spy)
+    tc = {"model": "densenet-test", "image_size": 32, "batch_size": 8, "threads": 1, "workers": 0,
+          "max_steps_per_epoch": 2, "deterministic": True, "mixup_alpha": 0}
+    site = site_mod.Site(data_dir, "a", tc, HAM)
+    run = {"rounds": 4, "local_epochs": 1, "strategy": "fedavg", "lr_schedule": "rounds", "local_optimizer": "keep",
+           "batchnorm": "local"}
+    kw = fit_kwargs(round_config(run, 2, 1e-3, 1.0))  # round 2 of 4: cosine from the peak rate
+    assert kw["lr_range"][0] == pytest.approx(1e-3) and 1e-5 < kw["lr_range"][1] < 1e-3
+    w1, _ = site.fit(site.reference, 2, **kw)
+    assert lrs == pytest.approx([kw["lr_range"][0], (kw["lr_range"][0] + kw["lr_range"][1]) / 2])
+    assert site.optimizer_state["optimizer"]["state"][0]["step"].item() == 2
+    bn = {k for k in w1 if k.endswith(("running_mean", "running_var"))}
+    assert bn and set(site.bn_state) == bn
+    site.fit(site.reference, 3, **fit_kwargs(round_config(run, 3, 1e-3, 1.0)))  # from the initial global weights
+    assert site.optimizer_state["optimizer"]["state"][0]["step"].item() == 4  # the moments were carried on
+    for k in bn:  # round 3 started from the site's own statistics of round 2
+        np.testing.assert_array_equal(starts[1][k].numpy(), w1[k])
+        assert not np.array_equal(w1[k], site.reference[k])
+    saved, groups = site.state_arrays()  # what a new ClientApp process gets back from Flower's Context.state
+    saved = {k: v.reshape(1) if k.endswith("/step") else v for k, v in saved.items()}  # Flower's 0-d as (1,)
+    before = site.optimizer_state["optimizer"]
+    site.optimizer_state, site.bn_state = {}, {}
+    site.load_state_arrays(saved, groups)
+    after = site.optimizer_state["optimizer"]
+    assert after["param_groups"] == json.loads(json.dumps(before["param_groups"])) and set(site.bn_state) == bn
+    for idx, st in before["state"].items():
+        for k, v in st.items():
+            assert after["state"][idx][k].shape == v.shape and torch.equal(after["state"][idx][k], v)
+    kept = site.bn_state
+    site.fit(site.reference, 1, **fit_kwargs({"server-round": 1, "local-epochs": 1, "mu": 0.0}))  # an older server
+    assert site.optimizer_state["optimizer"]["state"][0]["step"].item() == 4 and site.bn_state is kept  # reset, global
+    for k in bn:
+        np.testing.assert_array_equal(starts[2][k].numpy(), site.reference[k])
+
+
+def test_schedule_across_rounds_is_the_training_recipes_schedule():
+    """Round by round, the rates chain without restarts and follow make_schedule's warm-up + cosine over the
+    whole run (rounds x local epochs) at every round boundary."""
+    import torch
+
+    from medpipe.config import make_config
+    from medpipe.train.factories import make_schedule
+    from medpipe.fl.strategy import round_lr
+
+    cfg = make_config({"epochs": 12, "lr": 1e-3, "warmup_epochs": 2}).validate()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched, steps, torch_lr = make_schedule(opt, cfg, 50), 50, {}
+    for step in range(12 * steps + 1):
+        if step % steps == 0:
+            torch_lr[step // steps] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    rates = [round_lr(r, 6, 2, cfg.lr, cfg.warmup_epochs) for r in range(1, 7)]  # 6 rounds of 2 local epochs
+    assert rates[0][0] == pytest.approx(1e-3 / 20) and rates[0][1] == pytest.approx(1e-3)
+    for r, (start, end) in enumerate(rates, start=1):
+        assert end == pytest.approx(torch_lr[2 * r], rel=2e-2, abs=1e-7)
+        if r > 1:
+            assert start == rates[r - 2][1]
+    assert rates[-1][1] == pytest.approx(1e-5)
+
+
 # ----------------------------------------------------------------------------------------- deployments
 
 def _flower_missing() -> str | None:
@@ -243,7 +326,7 @@ def _site(fed, name: str, port: int, log: Path, *extra: str) -> subprocess.Popen
     # the ClientApp runs in Flower's own process: tests/faults.py must be importable there
     return _spawn(["fl", "site", "--data", str(fed["root"] / "sites" / name), "--server", f"127.0.0.1:{port}",
                    "--ca", str(c / "ca.crt"), "--key", str(c / "sites" / name), "--runtime-port", str(_port()),
-                   "--threads", "1", *extra], log, {"PYTHONPATH": str(ROOT)})
+                   "--threads", "1", *extra], log, {"PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"})
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pytest
 
 from medpipe.fl.aggregate import (BINS, METHODS, Guard, aggregate, aggregate_round, check_evaluation,
                                   pool_evaluations, pooled_metrics, site_statistics, update_ratio)
+from medpipe.fl.strategy import ServerOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
@@ -111,6 +112,21 @@ def test_sample_counts_and_metrics_are_schema_checked():
     assert result.kept
 
 
+def test_integer_buffers_may_only_count_the_steps_a_site_can_take():
+    g = _global()  # num_batches_tracked 7; a site of 20 images, 2 local epochs: at most 40 steps
+    counter = "bn.num_batches_tracked"
+    cases = {"honest": 7 + 40, "still": 7, "backwards": 6, "far": 7 + 41, "huge": 2**62, "wrap": -2**63}
+    replies = {name: (dict(_honest(g, 1), **{counter: np.array(v, np.int64)}), {"num-examples": 20, "train_loss": 0.3})
+               for name, v in cases.items()}
+    result = aggregate_round(g, replies, Guard(local_epochs=2))
+    assert set(result.used) == {"honest", "still"}
+    assert "moved by -1 in one round" in result.excluded["backwards"]
+    assert "moved by 41" in result.excluded["far"] and "at most 40 steps" in result.excluded["far"]
+    assert f"moved by {2**62 - 7}" in result.excluded["huge"] and "moved by" in result.excluded["wrap"]
+    assert int(result.arrays[counter]) == 47  # the honest sites' counters alone
+    assert Guard.from_config({"local_epochs": 3}).local_epochs == 3
+
+
 def test_update_ratio_is_computed_without_overflow():
     g = {"w": np.ones(4, np.float32)}
     assert update_ratio({"w": np.full(4, 3.0, np.float32)}, g) == pytest.approx(2.0)
@@ -188,6 +204,74 @@ print(json.dumps(out))
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["median"] < 1e-6 and out["trimmed-mean"] < 1e-6, out
     assert out["median_dtype"] == out["trimmed-mean_dtype"] == "float32"
+
+
+def test_server_optimizers_equal_flowers_own_strategies():
+    """Three rounds of FedAvgM / FedAdam / FedYogi: medpipe's ServerOptimizer after the weighted mean gives
+    the tensors Flower's own strategies (flwr.server.strategy, in the Flower venv) give for the same
+    site updates."""
+    fl_python = Path(os.environ.get("MEDPIPE_FL_VENV", ROOT / ".venv-fl")) / "bin" / "python"
+    if not fl_python.is_file():
+        pytest.skip(f"Flower venv {fl_python.parent.parent} not installed (make fl)")
+    script = r"""
+import json
+import numpy as np
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy import FedAdam, FedAvgM, FedYogi
+from medpipe.fl.aggregate import weighted_average
+from medpipe.fl.strategy import ServerOptimizer
+rng = np.random.default_rng(5)
+keys = ["w", "b"]
+init = {"w": rng.normal(size=(5, 4)).astype(np.float32), "b": rng.normal(size=6).astype(np.float32)}
+out = {}
+for name, theirs in (("fedavgm", FedAvgM(server_learning_rate=1.0, server_momentum=0.5,
+                                         initial_parameters=ndarrays_to_parameters([init[k] for k in keys]))),
+                     ("fedadam", FedAdam(eta=0.01, initial_parameters=ndarrays_to_parameters([init[k] for k in keys]))),
+                     ("fedyogi", FedYogi(eta=0.01, initial_parameters=ndarrays_to_parameters([init[k] for k in keys])))):
+    ours = ServerOptimizer(name, frozenset(keys), lr=1.0 if name == "fedavgm" else 0.01,
+                           momentum=0.5 if name == "fedavgm" else None)
+    g, worst = dict(init), 0.0
+    for rnd in (1, 2, 3):
+        ups = [({k: (v + 0.05 * rng.normal(size=v.shape)).astype(np.float32) for k, v in g.items()}, 10 + 7 * i)
+               for i in range(3)]
+        res = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([u[k] for k in keys]), n, {})) for u, n in ups]
+        params, _ = theirs.aggregate_fit(rnd, res, [])
+        t = dict(zip(keys, parameters_to_ndarrays(params)))
+        g = ours.apply(g, weighted_average(ups))
+        worst = max(worst, max(float(np.max(np.abs(g[k] - np.asarray(t[k], np.float64)))) for k in keys))
+        g = {k: np.asarray(t[k], np.float32) for k in keys}  # both continue from the same global model
+    out[name] = worst
+print(json.dumps(out))
+"""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    res = subprocess.run([str(fl_python), "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(out) == {"fedavgm", "fedadam", "fedyogi"} and max(out.values()) < 1e-5, out
+
+
+def test_server_optimizer_steps_parameters_only_and_keeps_its_state(tmp_path):
+    """Buffers (BatchNorm statistics, counters) take the aggregate; the optimiser's moments survive a restart."""
+    g = {"conv.weight": np.ones((2, 2), np.float32), "bn.running_var": np.ones(2, np.float32),
+         "bn.num_batches_tracked": np.array(4, np.int64)}
+    agg = {"conv.weight": np.full((2, 2), 0.5, np.float32), "bn.running_var": np.full(2, 0.25, np.float32),
+           "bn.num_batches_tracked": np.array(9, np.int64)}
+    opt = ServerOptimizer("fedavgm", frozenset({"conv.weight"}), lr=1.0, momentum=0.5)
+    first = opt.apply(g, agg)
+    np.testing.assert_allclose(first["conv.weight"], 0.5)  # the first step is the aggregate itself
+    assert first["bn.running_var"] is agg["bn.running_var"] and int(first["bn.num_batches_tracked"]) == 9
+    restored = ServerOptimizer("fedavgm", frozenset({"conv.weight"}), lr=1.0, momentum=0.5)
+    from medpipe.fl.server import load_arrays, save_arrays  # the server's checkpoint format (safetensors)
+
+    digest = save_arrays(tmp_path / "server_optimizer.safetensors", opt.state_arrays(), {"round": 1})
+    restored.load_state_arrays(load_arrays(tmp_path / "server_optimizer.safetensors", digest))
+    assert restored.step == 1 and set(restored.m) == {"conv.weight"}
+    again = {"conv.weight": np.full((2, 2), 0.25, np.float32)}
+    np.testing.assert_allclose(restored.apply(first, dict(agg, **again))["conv.weight"], 0.25 - 0.5 * 0.5)
+    np.testing.assert_allclose(opt.apply(first, dict(agg, **again))["conv.weight"], 0.0)  # momentum: 0.5 - (0.25 + 0.25)
+    assert ServerOptimizer("fedavg").apply(g, agg) == agg
+    with pytest.raises(ValueError, match="unknown server optimiser"):
+        ServerOptimizer("fedsgd")
 
 
 def test_server_options_reach_the_run_configuration(tmp_path):

@@ -9,6 +9,7 @@ and the tar of SM_MODEL_DIR that SageMaker does after a job. One training job an
 start are shared by the tests of this module.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -95,7 +96,7 @@ def _calls(sdk: dict, block: int, name: str) -> list[dict]:
 
 
 def test_readme_objects_are_valid_for_sdk2(sdk):
-    assert sdk["sdk_version"].startswith("2.") and len(sdk["blocks"]) == 4
+    assert sdk["sdk_version"].startswith("2.") and len(sdk["blocks"]) == 5
     train = _calls(sdk, 1, "train")[0]
     assert train["image_uri"].endswith("pytorch-training:2.8.0-gpu-py312")
     assert train["checkpoint_s3_uri"].endswith("/medpipe/checkpoints")
@@ -113,6 +114,24 @@ def test_readme_objects_are_valid_for_sdk2(sdk):
     ddp = _calls(sdk, 4, "train")[0]
     assert ddp["hyperparameters"]["sagemaker_torch_distributed_enabled"] == "true"
     assert ddp["resource_config"]["InstanceCount"] == 2
+
+
+def test_async_deploy_block_is_valid_for_sdk2(sdk):
+    """docs/examples/sagemaker_5_async.py: the SDK's AsyncInferenceConfig reaches the endpoint config, the
+    model's environment raises TorchServe's limits, and predict_async invokes the asynchronous API."""
+    from medpipe.serve.profiles import ASYNC_MAX_CONCURRENT_INVOCATIONS, ASYNC_MAX_PAYLOAD_MB
+
+    model = _calls(sdk, 5, "create_model")[0]["container_defs"]
+    env = model["Environment"]
+    assert env["MEDPIPE_SERVE_PROFILE"] == "async" and env["SAGEMAKER_PROGRAM"] == "inference.py"
+    assert int(env["TS_MAX_REQUEST_SIZE"]) == ASYNC_MAX_PAYLOAD_MB * 1024 * 1024
+    assert int(env["TS_DEFAULT_RESPONSE_TIMEOUT"]) == 3600
+    assert model["ModelDataUrl"].endswith("/output/model.tar.gz") and not _calls(sdk, 5, "s3_upload")
+    config = _calls(sdk, 5, "endpoint_from_production_variants")[0]["async_inference_config_dict"]
+    assert config["OutputConfig"]["S3OutputPath"].endswith("/medpipe/async-out")
+    assert config["ClientConfig"]["MaxConcurrentInvocationsPerInstance"] == ASYNC_MAX_CONCURRENT_INVOCATIONS
+    invoke = _calls(sdk, 5, "invoke_endpoint_async")[0]
+    assert invoke["InputLocation"].startswith("s3://") and invoke["Accept"] == "application/json"
 
 
 @pytest.fixture(scope="module")
@@ -172,23 +191,26 @@ serving.main()
 """
 
 
-@pytest.fixture(scope="module")
-def endpoint(job, sdk, tmp_path_factory):
-    """SM_MODEL_DIR tarred as SageMaker does, extracted fresh, served by the inference toolkit's start-up."""
+@contextlib.contextmanager
+def _toolkit_endpoint(job, model_env: dict, work: Path):
+    """SM_MODEL_DIR tarred as SageMaker does, extracted fresh, served by the inference toolkit's start-up with
+    the model's environment (``Model(env=...)``) on loopback ports."""
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs a Java runtime (.ci/run installs default-jre-headless)")
     if job["rc"] != 0:
         pytest.skip("the training job failed (see test_training_toolkit_runs_the_job)")
-    work = tmp_path_factory.mktemp("endpoint")
+    work.mkdir(parents=True, exist_ok=True)
     with tarfile.open(work / "model.tar.gz", "w:gz") as tf:
         for p in sorted((job["base"] / "model").iterdir()):
             tf.add(p, arcname=p.name)
     base = work / "opt_ml"
     with tarfile.open(work / "model.tar.gz") as tf:
         tf.extractall(base / "model", filter="data")
-    port, mport, metrics = _free_port(), _free_port(), _free_port()
-    model_env = _calls(sdk, 2, "create_model")[0]["container_defs"]["Environment"]
-    env = _env(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
+    port, mport, metrics, grpc, grpc_m = (_free_port() for _ in range(5))
+    # one pid file (in $TMPDIR) and one pair of gRPC ports (7070/7071 by default) per endpoint: two can run at once
+    (work / "tmp").mkdir()
+    env = _env(TMPDIR=str(work / "tmp"), TS_GRPC_INFERENCE_PORT=str(grpc), TS_GRPC_MANAGEMENT_PORT=str(grpc_m),
+               SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(port), SAGEMAKER_MODEL_SERVER_WORKERS="1",
                TS_INFERENCE_ADDRESS=f"http://127.0.0.1:{port}", TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{mport}",
                TS_METRICS_ADDRESS=f"http://127.0.0.1:{metrics}", **model_env)
     torch_before = subprocess.run([str(SMPY), "-m", "pip", "show", "torch"], capture_output=True, text=True).stdout
@@ -218,7 +240,8 @@ def endpoint(job, sdk, tmp_path_factory):
         assert status == 200, f"TorchServe did not come up:\n{logs[-6000:]}"
         addresses = re.findall(r"(?:Inference|Management|Metrics) address: (\S+)", logs)
         assert addresses and all("//127.0.0.1:" in a for a in addresses), addresses  # loopback only
-        yield {"url": url, "work": work, "base": base, "torch_before": torch_before}
+        yield {"url": url, "work": work, "base": base, "torch_before": torch_before, "session": proc.pid,
+               "management": f"http://127.0.0.1:{mport}"}
     finally:
         subprocess.run(["torchserve", "--stop"], env=env, cwd=work, capture_output=True, timeout=60)
         try:
@@ -230,6 +253,14 @@ def endpoint(job, sdk, tmp_path_factory):
             except ProcessLookupError:
                 pass
         log.close()
+
+
+@pytest.fixture(scope="module")
+def endpoint(job, sdk, tmp_path_factory):
+    """The deploy block's model (real-time endpoint), served by the toolkit."""
+    with _toolkit_endpoint(job, _calls(sdk, 2, "create_model")[0]["container_defs"]["Environment"],
+                           tmp_path_factory.mktemp("endpoint")) as ep:
+        yield ep
 
 
 def _assert_clean(body: bytes):
@@ -275,3 +306,88 @@ def test_endpoint_client_errors_are_json_without_traceback(endpoint, clean_src):
         err = json.loads(out)
         assert set(err) >= {"error", "message"} and rtype.startswith("application/json")
         _assert_clean(out)
+
+
+def big_camera_jpeg(noise: int = 16, w: int = 6000, h: int = 4000) -> bytes:
+    """A 24 MP camera-like JPEG of about 55 MB: smooth shading plus sensor noise, quality 100, no chroma
+    subsampling (what a dermatoscope's 'fine' setting writes)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(60, 190, (h // 100, w // 100, 3), dtype=np.uint8))
+    arr = np.asarray(small.resize((w, h), Image.Resampling.BILINEAR)).copy()
+    tile = rng.integers(0, 2 * noise + 1, (509, 511, 3), dtype=np.uint8)
+    arr += np.tile(tile, (h // 509 + 1, w // 511 + 1, 1))[:h, :w]
+    arr -= noise
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=100, subsampling=0)
+    return buf.getvalue()
+
+
+def _declared_status(url: str, length: int) -> int:
+    """The status a server answers to a POST /invocations that declares ``length`` bytes, before any is sent
+    (sending them to a server that already refused would end in a connection reset)."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+                  f"Content-Length: {length}\r\n\r\n".encode())
+        return int(s.recv(4096).split(b" ", 2)[1])
+
+
+def _worker_peak_mb(session: int) -> dict[int, float]:
+    """VmHWM (peak resident MB) of each TorchServe Python worker of the endpoint's process session."""
+    peaks = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or os.getsid(int(proc.name)) != session:
+                continue
+            if b"model_service_worker" not in (proc / "cmdline").read_bytes():
+                continue
+            hwm = re.search(r"VmHWM:\s+(\d+) kB", (proc / "status").read_text())
+            peaks[int(proc.name)] = int(hwm.group(1)) / 1024
+        except (OSError, AttributeError):
+            continue
+    return peaks
+
+
+def test_async_endpoint_answers_a_55mb_24mp_jpeg(job, sdk, endpoint, tmp_path, capsys):
+    """The async deploy block's model environment, served by the real toolkit and TorchServe: TorchServe's
+    body limit raised by TS_MAX_REQUEST_SIZE, a 24 MP JPEG of ~55 MB is answered like `medpipe predict` answers
+    it, within a stated peak memory of the worker; the real-time endpoint (TorchServe's 6.5 MB default) refuses
+    it 413, and a bomb of the same bytes (its header declaring 65000x65000) is refused 413 from the header."""
+    from medpipe.cli import main
+    from tests.test_large_images import jpeg_declaring
+
+    big = big_camera_jpeg()
+    assert len(big) > 50 * 1024 * 1024
+    headers = {"Content-Type": "image/jpeg", "Accept": "application/json"}
+    assert _declared_status(endpoint["url"], len(big)) == 413  # TorchServe's 6.5 MB default, from the header
+    model_env = _calls(sdk, 5, "create_model")[0]["container_defs"]["Environment"]
+    with _toolkit_endpoint(job, model_env, tmp_path / "async") as ep:
+        described = json.loads(_http(ep["management"] + "/models/model")[2])[0]
+        assert described["responseTimeout"] == 3600, described  # TS_DEFAULT_RESPONSE_TIMEOUT reached TorchServe
+        small = big_camera_jpeg(w=600, h=400)  # the worker loads the model on its first request: then measure
+        assert _http(ep["url"] + "/invocations", small, headers)[0] == 200
+        before = _worker_peak_mb(ep["session"])
+        st, ctype, body = _http(ep["url"] + "/invocations", big, headers, timeout=300)
+        assert st == 200 and ctype.startswith("application/json"), body[:500]
+        after = _worker_peak_mb(ep["session"])
+        st_bomb, _, bomb_body = _http(ep["url"] + "/invocations", jpeg_declaring(big, 65000, 65000), headers)
+    assert before and after.keys() == before.keys()
+    grew = max(after[p] - before[p] for p in after)
+    # measured: +107 MB for the 54.7 MB body (463 -> 570 MB): the body's copies between TorchServe's socket, the
+    # toolkit and the handler; the image itself is decoded at 750x500 (a full 24 MP decode alone is 69 MB more)
+    assert grew < 5 * len(big) / 2**20, grew
+    assert st_bomb == 413 and json.loads(bomb_body)["error"] == "image_too_large", bomb_body[:300]
+    served = json.loads(body)["predictions"][0]
+    (tmp_path / "big.jpg").write_bytes(big)
+    model = str(job["base"] / "model")
+    assert main(["predict", "--model", model, "--json", "--device", "cpu", str(tmp_path / "big.jpg")]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert served["label"] == cli["label"]
+    assert max(abs(served["probabilities"][c] - cli["probabilities"][c]) for c in cli["probabilities"]) < 1e-4
+    print(f"worker peak RSS {max(before.values()):.0f} -> {max(after.values()):.0f} MB for a {len(big) / 1e6:.1f} MB "
+          f"body (+{grew:.0f} MB)")

@@ -10,6 +10,9 @@ round with the reason (by site name in the round's log and record); it never abo
   ``max_update_ratio`` times the global model's norm: ``||update - global|| <= ratio * ||global||``
   over all floating tensors, in float64 (:func:`update_ratio`; the default
   :data:`MAX_UPDATE_RATIO` is far above what honest sites send, see docs/federated-security.md).
+  Integer tensors are counters (BatchNorm's ``num_batches_tracked``): each may only grow, by at most
+  the optimisation steps the site can have taken, ``num-examples * local_epochs`` (a step uses at
+  least one image; :func:`check_counters`), so a site cannot push a counter backwards or to 2**62.
   ``num-examples`` must be a positive integer no larger than the site's registered image count
   (``--site-examples``; ``fl simulate`` registers each site folder's size) or else the
   ``--max-examples`` cap; the reported count is recorded per round, accepted or not.
@@ -62,12 +65,14 @@ class Guard:
     max_update_ratio: float = MAX_UPDATE_RATIO
     max_examples: int = MAX_EXAMPLES
     site_examples: Mapping[str, int] = field(default_factory=dict)  # site name -> registered image count
+    local_epochs: int = 1  # bounds how far a site's integer counters may move in one round (check_counters)
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> Guard:
         return cls(max_update_ratio=float(cfg.get("max_update_ratio", MAX_UPDATE_RATIO)),
                    max_examples=int(cfg.get("max_examples", MAX_EXAMPLES)),
-                   site_examples={str(k): int(v) for k, v in (cfg.get("site_examples") or {}).items()})
+                   site_examples={str(k): int(v) for k, v in (cfg.get("site_examples") or {}).items()},
+                   local_epochs=int(cfg.get("local_epochs", 1)))
 
     def bound(self, site: str) -> tuple[int, str]:
         """The most examples ``site`` may report, and where that bound comes from."""
@@ -154,6 +159,21 @@ def check_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]
     return None
 
 
+def check_counters(update: dict[str, np.ndarray], reference: dict[str, np.ndarray], max_steps: int) -> str | None:
+    """The reason an integer tensor of ``update`` is not an honest counter, or None: every integer
+    tensor (``num_batches_tracked``) may grow by 0 to ``max_steps`` over the global model's value, and
+    nothing else. Compared exactly (Python integers: no int64 overflow for values near 2**63).
+    Assumes :func:`check_update`'s structure checks passed."""
+    for name, ref in reference.items():
+        if np.issubdtype(ref.dtype, np.integer):
+            moved = [int(u) - int(r) for u, r in zip(update[name].ravel().tolist(), ref.ravel().tolist())]
+            worst = min(moved, default=0) if min(moved, default=0) < 0 else max(moved, default=0)
+            if not 0 <= worst <= max_steps:
+                return (f"integer tensor {name} moved by {worst} in one round (a counter may only grow, by at most "
+                        f"{max_steps} steps: num-examples x local epochs)")
+    return None
+
+
 def _ratio_reason(ratio: float, limit: float) -> str | None:
     if ratio <= limit:
         return None
@@ -193,6 +213,8 @@ def check_train_reply(site: str, update: dict[str, np.ndarray], metrics: Mapping
     if v.reason is None and not _is_number(metrics["train_loss"]):
         v.reason = f"train_loss {metrics['train_loss']!r} is not a number"
     v.reason = v.reason or check_update(update, global_arrays)
+    if v.reason is None:
+        v.reason = check_counters(update, global_arrays, n * max(1, guard.local_epochs))
     if v.reason is None:
         v.update_ratio = update_ratio(update, global_arrays)
         v.reason = _ratio_reason(v.update_ratio, guard.max_update_ratio)

@@ -19,10 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 from medpipe.fl.records import arrays_to_record, record_to_arrays
 from medpipe.fl.server import Coordinator
 from medpipe.fl.site import Site
+from medpipe.fl.strategy import fit_kwargs
 
 server_app = ServerApp()
 client_app = ClientApp()
 _SITES: dict = {}  # one Site per (data dir, config) for the life of this ClientApp process
+SITE_STATE = "medpipe-site-state"  # Context.state key: a site's optimiser / BatchNorm state between rounds
 
 
 def _logging() -> None:
@@ -62,7 +64,17 @@ def client_train(message: Message, context: Context) -> Message:
     rnd = int(cfg["server-round"])
     log.info("site %s: round %d local training started (%d epochs, mu=%g)", site.name, rnd,
              int(cfg["local-epochs"]), float(cfg["mu"]))
-    arrays, m = site.fit(record_to_arrays(message.content["arrays"]), rnd, int(cfg["local-epochs"]), float(cfg["mu"]))
+    kw = fit_kwargs(cfg)
+    stateful = kw["local_optimizer"] == "keep" or kw["batchnorm"] == "local"
+    if stateful and not (site.optimizer_state or site.bn_state) and SITE_STATE in context.state:
+        # a new ClientApp process: the site's own state from its previous round, kept by its SuperNode
+        site.load_state_arrays(record_to_arrays(context.state[SITE_STATE]),
+                               str(context.state[SITE_STATE + "-groups"]["param-groups"]))
+    arrays, m = site.fit(record_to_arrays(message.content["arrays"]), rnd, **kw)
+    if stateful:
+        state, groups = site.state_arrays()
+        context.state[SITE_STATE] = arrays_to_record(state)
+        context.state[SITE_STATE + "-groups"] = ConfigRecord({"param-groups": groups})
     log.info("site %s: round %d local training done (train_loss %.4f)", site.name, rnd, m["train_loss"])
     content = RecordDict({"arrays": arrays_to_record(arrays),
                           "metrics": MetricRecord({"num-examples": m["n_train"], "train_loss": m["train_loss"]}),

@@ -10,6 +10,7 @@ from medpipe.errors import MedpipeError
 from medpipe.fl.aggregate import MAX_EXAMPLES, MAX_UPDATE_RATIO, METHODS, TRIM_FRACTION
 from medpipe.fl.certs import make_certs
 from medpipe.fl.partition import partition
+from medpipe.fl.strategy import BATCHNORM, DEFAULTS, LOCAL_OPTIMIZER, LR_SCHEDULES, SERVER_OPTIMIZERS
 
 
 def _train_overrides(args) -> dict:
@@ -46,7 +47,10 @@ def _server_kwargs(args) -> dict:
                 train_config=_train_overrides(args), round_timeout=args.round_timeout,
                 straggler_wait=args.straggler_wait, wait_for_sites=args.wait_for_sites, host=args.host, port=args.port,
                 aggregation=args.aggregation, trim=args.trim, max_update_ratio=args.max_update_ratio,
-                max_examples=args.max_examples, site_examples=_site_examples(args.site_examples))
+                max_examples=args.max_examples, site_examples=_site_examples(args.site_examples),
+                algorithm={"lr_schedule": args.lr_schedule, "local_optimizer": args.local_optimizer,
+                           "batchnorm": args.batchnorm, "server_optimizer": args.server_optimizer,
+                           "server_lr": args.server_lr, "server_momentum": args.server_momentum})
 
 
 def _site_examples(specs: list[str]) -> dict[str, int]:
@@ -116,6 +120,21 @@ def add_server_options(s: argparse.ArgumentParser, add_config_options) -> None:
     s.add_argument("--site-examples", action="append", default=[], metavar="NAME=N",
                    help="a site's registered image count: its num-examples may not exceed it (repeat per site)")
     s.add_argument("--local-epochs", type=int, default=1, help="local epochs per round at each site")
+    s.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=DEFAULTS["lr_schedule"],
+                   help="rounds: the training recipe's warm-up + cosine laid across all rounds, the server sets each "
+                        "round's rate; local: a fresh warm-up + cosine inside every round")
+    s.add_argument("--local-optimizer", choices=list(LOCAL_OPTIMIZER), default=DEFAULTS["local_optimizer"],
+                   help="reset: a fresh AdamW at each site every round; keep: each site keeps its AdamW state")
+    s.add_argument("--batchnorm", choices=list(BATCHNORM), default=DEFAULTS["batchnorm"],
+                   help="global: BatchNorm statistics averaged like the weights; local: each site trains with its own "
+                        "(SiloBN), the package carries the averaged ones")
+    s.add_argument("--server-optimizer", choices=list(SERVER_OPTIMIZERS), default=DEFAULTS["server_optimizer"],
+                   help="the server's step from the aggregate: fedavg (take it), fedavgm (server momentum, the "
+                        "default), fedadam or fedyogi (Flower's)")
+    s.add_argument("--server-lr", type=float,
+                   help="server optimiser learning rate (default Flower's: 1 fedavgm, 0.1 fedadam, 0.01 fedyogi)")
+    s.add_argument("--server-momentum", type=float,
+                   help="fedavgm's momentum, fedadam/fedyogi's beta_1 (default 0.5 for fedavgm, 0.9 for the others)")
     s.add_argument("--classes", help="the run's class vocabulary, comma-separated (default the 7 HAM10000 classes)")
     s.add_argument("--round-timeout", type=float, default=3600.0, help="seconds a round waits for sites at most")
     s.add_argument("--straggler-wait", type=float, default=120.0,

@@ -37,6 +37,7 @@ from medpipe.fl.aggregate import MAX_EXAMPLES, MAX_UPDATE_RATIO, METHODS, TRIM_F
 from medpipe.fl.certs import check_site_name, make_certs
 from medpipe.fl.partition import partition
 from medpipe.fl.server import CONFIG_FILE, SITES_FILE, STATE_FILE
+from medpipe.fl.strategy import algorithm_config
 from medpipe.pipeline import load_handler
 from medpipe.utils import atomic_write_text
 
@@ -151,14 +152,21 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
                round_timeout: float = 3600.0, straggler_wait: float = 120.0, wait_for_sites: float = 600.0,
                insecure: bool = False, round_callbacks: list[str] | None = None, aggregation: str = "mean",
                trim: float = TRIM_FRACTION, max_update_ratio: float = MAX_UPDATE_RATIO,
-               max_examples: int = MAX_EXAMPLES, site_examples: dict[str, int] | None = None) -> dict:
+               max_examples: int = MAX_EXAMPLES, site_examples: dict[str, int] | None = None,
+               algorithm: dict | None = None) -> dict:
     """Run a federated training to the end (or resume one); returns the final state summary.
+    ``algorithm``: the keys of :func:`medpipe.fl.strategy.algorithm_config` (learning rate across rounds,
+    local optimiser and BatchNorm policies, server optimiser; the defaults where left out).
     ``aggregation``/``trim``, ``max_update_ratio``, ``max_examples`` and ``site_examples`` (site name ->
     registered image count) are the server's checks of site replies (``medpipe.fl.aggregate``)."""
 
     if strategy not in ("fedavg", "fedprox"):
         raise MedpipeError(f"--strategy must be fedavg or fedprox, got {strategy!r}")
     guard = guard_config(aggregation, trim, max_update_ratio, max_examples, site_examples, site_keys)
+    try:
+        algo = algorithm_config(**(algorithm or {}))
+    except ValueError as exc:
+        raise MedpipeError(str(exc)) from None
     if rounds < 1 or min_sites < 1 or not 0 < fraction <= 1 or local_epochs < 1:
         raise MedpipeError("--rounds, --min-sites and --local-epochs must be >= 1 and --fraction in (0, 1]")
     run_dir = Path(run_dir).resolve()
@@ -167,7 +175,7 @@ def run_server(run_dir: str | os.PathLike, *, certs: str | os.PathLike | None, s
     cfg = {"rounds": rounds, "min_sites": min_sites, "fraction": fraction, "strategy": strategy, "mu": mu,
            "local_epochs": local_epochs, "classes": list(classes or HAM_CLASSES), "train_config": tc.to_dict(),
            "round_timeout": round_timeout, "straggler_wait": straggler_wait, "wait_for_sites": wait_for_sites,
-           "round_callbacks": list(round_callbacks or []), "engine": "flower", **guard}
+           "round_callbacks": list(round_callbacks or []), "engine": "flower", **guard, **algo}
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(cfg, indent=2))
     certs, ca, keys = _server_credentials(certs, site_keys, insecure)
 

@@ -11,7 +11,8 @@ Each round, top to bottom:
     within the site's registered count or ``max_examples``); a bad one is excluded with its reason,
     logged by site name and kept in the round record, and never reaches the aggregate;
  4. aggregate the valid updates by ``aggregation``: ``mean`` (FedAvg/FedProx, weighted by sample
-    counts), ``median`` or ``trimmed-mean`` (robust, unweighted); fewer than ``min_sites`` valid
+    counts), ``median`` or ``trimmed-mean`` (robust, unweighted), then the server optimiser's step
+    (``server_optimizer``: fedavg, fedavgm, fedadam, fedyogi; ``medpipe.fl.strategy``); fewer than ``min_sites`` valid
     updates (every site excluded, say) keep the previous global model, log it, and repeat the round
     (at most 3 tries, then the run fails with the reason);
  5. every connected site evaluates the new global model on its own validation split (an EVALUATE
@@ -45,13 +46,15 @@ from medpipe.fl.aggregate import (METHODS, TRIM_FRACTION, Guard, Verdict, check_
                                   pool_evaluations, restore_scalars)
 from medpipe.fl.records import arrays_to_record, record_to_arrays
 from medpipe.fl.site import to_numpy, to_torch
+from medpipe.fl.strategy import from_config as server_optimizer, round_config
 from medpipe.models import create_model
 from medpipe.package import IntendedUse, save_package
 from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
 
 CONFIG_FILE, STATE_FILE, SITES_FILE, LOG_FILE = "fl_config.json", "fl_state.json", "sites.json", "fl_server.log"
 OWNER_FILE = ".fl_owner"
-RESUME_KEYS = ("classes", "strategy", "mu", "local_epochs", "train_config")
+RESUME_KEYS = ("classes", "strategy", "mu", "local_epochs", "train_config", "lr_schedule", "local_optimizer",
+               "batchnorm", "server_optimizer", "server_lr", "server_momentum")
 log = logging.getLogger("medpipe.fl.server")
 
 
@@ -180,6 +183,9 @@ class Coordinator:
         ck = self.run_dir / "checkpoints"
         ck.mkdir(exist_ok=True)
         state["global_sha256"] = save_arrays(ck / "global.safetensors", arrays, {"round": state["round"]})
+        if self.opt.name != "fedavg":  # the server optimiser's moments, for a resumed server
+            state["server_optimizer_sha256"] = save_arrays(ck / "server_optimizer.safetensors",
+                                                           self.opt.state_arrays(), {"round": state["round"]})
         if improved or not (ck / "best.safetensors").is_file():
             state["best_sha256"] = save_arrays(ck / "best.safetensors", arrays, {"round": state["round"]})
         atomic_write_text(self.run_dir / STATE_FILE, to_json(state, indent=2))
@@ -193,17 +199,18 @@ class Coordinator:
         classes, rounds, min_sites = list(cfg["classes"]), int(cfg["rounds"]), int(cfg["min_sites"])
         tc = make_config(cfg["train_config"]).validate()
         torch.manual_seed(tc.seed)
-        reference = to_numpy(create_model(tc.model, len(classes), init_weights=tc.init_weights).state_dict())
+        model = create_model(tc.model, len(classes), init_weights=tc.init_weights)
+        reference = to_numpy(model.state_dict())
+        self.opt = server_optimizer(cfg, [n for n, _ in model.named_parameters()])
         state, arrays = self._begin(reference, classes, rounds, min_sites)
-        mu = float(cfg["mu"]) if cfg["strategy"] == "fedprox" else 0.0
         train_cfg = json.dumps(tc.to_dict())
         rng = random.Random(tc.seed)
 
         def config(rnd: int):
             from flwr.app import ConfigRecord
 
-            return ConfigRecord({"server-round": rnd, "local-epochs": int(cfg["local_epochs"]), "mu": mu,
-                                 "classes": classes, "train-config": train_cfg})
+            return ConfigRecord({**round_config(cfg, rnd, tc.lr, tc.warmup_epochs), "classes": classes,
+                                 "train-config": train_cfg})
 
         rnd, tries = state["round"] + 1, 0
         while rnd <= rounds:
@@ -216,11 +223,12 @@ class Coordinator:
                     atomic_write_text(self.run_dir / STATE_FILE, to_json(state, indent=2))
                     raise MedpipeError(f"round {rnd} failed 3 times: {result.note}")
                 continue
-            arrays = result.arrays
-            log.info("round %d: %s (%s); samples %s", rnd, result.note, cfg["strategy"],
-                     {k: v["n_train"] for k, v in result.used.items()})
+            arrays = self.opt.apply(arrays, result.arrays)
+            log.info("round %d: %s (%s, server optimiser %s); samples %s", rnd, result.note, cfg["strategy"],
+                     self.opt.describe(), {k: v["n_train"] for k, v in result.used.items()})
             per_site, pooled, ev_dropped, ev_excluded = self._evaluate_round(rnd, arrays, config, min_sites, classes)
-            rec = {"round": rnd, "strategy": cfg["strategy"], "aggregation": self.method, "trained": result.used,
+            rec = {"round": rnd, "strategy": cfg["strategy"], "aggregation": self.method,
+                   "server_optimizer": self.opt.name, "trained": result.used,
                    "excluded": result.excluded, "num_examples": result.num_examples, "eval_excluded": ev_excluded,
                    "dropped": {self.name(n): r for n, r in {**dropped, **ev_dropped}.items()},
                    "val_sites": per_site, "val_pooled": pooled,
@@ -252,6 +260,9 @@ class Coordinator:
         if wrong:
             raise MedpipeError(f"{self.run_dir / 'checkpoints' / 'global.safetensors'} does not fit this run's model: "
                                f"{wrong}")
+        opt_path = self.run_dir / "checkpoints" / "server_optimizer.safetensors"
+        if self.opt.name != "fedavg" and state.get("server_optimizer_sha256"):
+            self.opt.load_state_arrays(load_arrays(opt_path, state["server_optimizer_sha256"]))
         state["status"] = "running"
         log.info("resuming from the round %d checkpoint (%s)", state["round"],
                  self.run_dir / "checkpoints" / "global.safetensors")
@@ -371,7 +382,12 @@ class Coordinator:
             "mu": float(cfg["mu"]) if cfg["strategy"] == "fedprox" else 0.0, "rounds": int(cfg["rounds"]),
             "local_epochs": int(cfg["local_epochs"]), "min_sites": int(cfg["min_sites"]),
             "fraction": float(cfg["fraction"]), "best_round": state["best_round"],
-            "batchnorm": "aggregated: running statistics averaged like the weights (one model for every site)",
+            "lr_schedule": cfg.get("lr_schedule", "local"), "local_optimizer": cfg.get("local_optimizer", "reset"),
+            "server_optimizer": server_optimizer(cfg, ()).describe(),
+            "batchnorm": ("aggregated: running statistics averaged like the weights (one model for every site)"
+                          if cfg.get("batchnorm", "global") == "global" else
+                          "local at the sites during training (SiloBN); this package carries the sites' averaged "
+                          "running statistics, the global fallback for any site"),
             "pooled_auc": "summed per-site histograms of predicted probabilities (1000 bins); no images moved",
             "calibration": "none (temperature 1.0): validation images stay at the sites",
             "decision": ("prior from the pooled validation class counts (no per-image fit)" if decision

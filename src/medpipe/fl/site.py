@@ -4,12 +4,16 @@ The site's data folder is an ordinary ingested folder (``medpipe ingest`` + ``me
 lesion-grouped split is the site's own and the pixel cache sits in it, so each round's process only
 memory-maps it. Local training is one call of the training engine, "k epochs from these weights on
 this site's data" with the run's recipe (imbalance handling and batch mixing over the site's own
-labels), with FedProx's proximal term added to the loss when the strategy asks for it.
+labels), with FedProx's proximal term added to the loss when the strategy asks for it, at the rates
+the server sets for the round (``lr_range``), and with the run's optimiser-state and BatchNorm policies
+(``medpipe.fl.strategy``): a site that keeps its optimiser or its BatchNorm statistics keeps them in
+this object, for the life of its process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import warnings
@@ -24,6 +28,7 @@ from medpipe.errors import ConfigError, MedpipeError
 from medpipe.fl.aggregate import restore_scalars, site_statistics
 from medpipe.train.data import open_source
 from medpipe.fl.losses import proximal_term
+from medpipe.fl.strategy import is_bn_buffer
 from medpipe.train.engine import local_fit, predict_logits
 from medpipe.data.sources import load_records
 from medpipe.metrics import compute_metrics
@@ -65,14 +70,25 @@ class Site:
         self.source = open_source(self.data_dir, cfg)
 
         self.reference = to_numpy(create_model(cfg.model, len(self.classes)).state_dict())
+        self.optimizer_state: dict = {}  # AdamW's state between rounds (local_optimizer: keep)
+        self.bn_state: dict[str, torch.Tensor] = {}  # own BatchNorm running statistics (batchnorm: local)
         self.n_train = int(np.sum(self.source.class_counts))
         absent = [c for c, n in zip(self.classes, self.source.class_counts) if n == 0]
         if absent:
             log.warning("site %s has no training images of %s; it still trains on the others", name, absent)
 
-    def fit(self, arrays: dict[str, np.ndarray], server_round: int, epochs: int, mu: float = 0.0) -> tuple[dict, dict]:
-        """Local training from the global weights; returns (weights, metrics incl. ``n_train``)."""
+    def fit(self, arrays: dict[str, np.ndarray], server_round: int, epochs: int, mu: float = 0.0, *,
+            lr_range: tuple[float, float] | None = None, local_optimizer: str = "reset",
+            batchnorm: str = "global") -> tuple[dict, dict]:
+        """Local training from the global weights; returns (weights, metrics incl. ``n_train``).
+
+        ``lr_range``: the round's (start, end) rates from the server (None: a warm-up + cosine of its own);
+        ``local_optimizer``: ``reset`` or ``keep`` (AdamW's moments from this site's previous round);
+        ``batchnorm``: ``global`` (train from the global running statistics) or ``local`` (from this
+        site's own, kept from its previous round; the update still carries them, for the global fallback)."""
         weights = to_torch(restore_scalars(arrays, self.reference))
+        if batchnorm == "local":
+            weights.update({k: v.clone() for k, v in self.bn_state.items() if k in weights})
         terms = [proximal_term(weights, mu)] if mu > 0 else []
 
         cfg = dataclasses.replace(self.cfg, epochs=epochs)
@@ -82,10 +98,37 @@ class Site:
         new, records = local_fit(cfg, self.source, epochs=epochs, weights=weights, device=self.cfg.device
                                  if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
                                  loss_terms=terms, handlers=[*mixing, *(load_handler(h) for h in self.handlers)],
-                                 epoch_offset=(server_round - 1) * epochs)
+                                 epoch_offset=(server_round - 1) * epochs, lr_range=lr_range,
+                                 optimizer_state=self.optimizer_state if local_optimizer == "keep" else None)
+        if batchnorm == "local":
+            self.bn_state = {k: v.clone() for k, v in new.items() if is_bn_buffer(k)}
         out = to_numpy(new)
         last = records[-1] if records else {}
         return out, {"n_train": self.n_train, "train_loss": float(last.get("train_loss", float("nan")))}
+
+    def state_arrays(self) -> tuple[dict[str, np.ndarray], str]:
+        """What this site keeps between rounds (its AdamW state, its BatchNorm statistics) as named arrays, and
+        the optimiser's parameter groups as JSON: for a ClientApp that Flower starts as a new process for each
+        message, kept in the run's ``Context.state`` on the site's own machine (:meth:`load_state_arrays`)."""
+        arrays = {f"bn/{k}": v.detach().cpu().numpy() for k, v in self.bn_state.items()}
+        opt = self.optimizer_state.get("optimizer")
+        if not opt:
+            return arrays, "[]"
+        for idx, st in opt["state"].items():
+            for k, v in st.items():
+                arrays[f"opt/{idx}/{k}"] = torch.as_tensor(v).detach().cpu().numpy()
+        return arrays, json.dumps(opt["param_groups"])
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray], param_groups: str) -> None:
+        """Inverse of :meth:`state_arrays`."""
+        self.bn_state = {k[3:]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("bn/")}
+        state: dict[int, dict] = {}
+        for k, v in arrays.items():
+            if k.startswith("opt/"):
+                _, idx, name = k.split("/", 2)
+                v = np.array(v).reshape(()) if name == "step" else np.array(v)  # a 0-d step may come back as (1,)
+                state.setdefault(int(idx), {})[name] = torch.from_numpy(v)
+        self.optimizer_state = {"optimizer": {"state": state, "param_groups": json.loads(param_groups)}} if state else {}
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         """The global model on this site's validation split: site metrics and the pooling statistics."""

@@ -9,6 +9,7 @@ Routes (exactly these; anything else is a JSON 404/405):
     GET  /ping                   200, empty body, once the model is loaded and warmed up
     POST /invocations            image bytes, .npy, JSON of base64 images or DICOM -> JSON or CSV
     POST /explain                one image -> prediction + Grad-CAM heatmap (used by the page)
+    POST /endpoints/{name}/invocations   /invocations in the SageMaker Runtime API's shape (runtime_api.py)
     GET  /execution-parameters   SageMaker batch transform settings
     GET  /metrics                Prometheus text
     /v2/...                      the Open Inference Protocol (KServe v2), see medpipe.serve.oip
@@ -65,6 +66,7 @@ from medpipe.data.decodepool import DecodePool, DecodeSpec
 from medpipe.serve.oip import add_routes, metric_route
 from medpipe.serve.guard import BearerAuth, Upload, UploadGate, access_policy
 from medpipe.serve.profiles import PROFILES, body_too_large
+from medpipe.serve.runtime_api import RUNTIME_ROUTE, add_runtime_routes, runtime_metric_route
 from medpipe.serve.spool import SpooledBody
 from medpipe.infer.protocol import (
     CSV_T,
@@ -88,7 +90,7 @@ from medpipe.serve.render import heatmap_png, png_data_url
 log = logging.getLogger("medpipe.serve")
 
 ROUTES = {("GET", "/"), ("GET", "/ping"), ("POST", "/invocations"), ("POST", "/explain"),
-          ("GET", "/execution-parameters"), ("GET", "/metrics")}
+          ("GET", "/execution-parameters"), ("GET", "/metrics"), ("POST", RUNTIME_ROUTE)}
 CLOSE = {"Connection": "close"}  # the rest of an unread body must not be parsed as the next request
 
 
@@ -416,7 +418,7 @@ def create_app(predictor, cfg: ServeConfig, auth: BearerAuth | None = None, per_
     app.state.service = svc
     _add_error_handlers(app)
     _add_info_routes(app, svc, cfg)
-    _add_prediction_routes(app, svc, cfg, predictor)
+    add_runtime_routes(app, _add_prediction_routes(app, svc, cfg, predictor))
 
     add_routes(app, svc)  # the Open Inference Protocol (KServe v2) routes, under the same limits
     return RequestEnvelope(app, svc)
@@ -476,8 +478,8 @@ def _add_info_routes(app, svc, cfg: ServeConfig) -> None:
             "X-Content-Type-Options": "nosniff"})
 
 
-def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
-    """/invocations (SageMaker) and /explain (the web page's heat map)."""
+def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor):
+    """/invocations (SageMaker) and /explain (the web page's heat map); returns the /invocations handler."""
     from fastapi import Request
     from starlette.responses import JSONResponse, PlainTextResponse
 
@@ -532,6 +534,8 @@ def _add_prediction_routes(app, svc, cfg: ServeConfig, predictor) -> None:
         return JSONResponse({"model": predictor.name, "version": predictor.version, **pred.as_dict(),
                              "image": png_data_url(pixels), "heatmap": heatmap_png(cam)})
 
+    return invocations
+
 
 class RequestEnvelope:
     """Outermost ASGI layer: request id, metrics, request-level limits, and a last-resort JSON error.
@@ -554,7 +558,8 @@ class RequestEnvelope:
             return await self.app(scope, receive, send)
         rid = uuid.uuid4().hex[:16]
         scope["medpipe.rid"] = rid
-        route = scope["path"] if (scope["method"], scope["path"]) in ROUTES else metric_route(scope["path"])
+        route = (scope["path"] if (scope["method"], scope["path"]) in ROUTES
+                 else runtime_metric_route(scope["path"]) or metric_route(scope["path"]))
         started, status, t0 = False, 500, time.perf_counter()
 
         async def send_wrapped(msg):

@@ -467,11 +467,12 @@ class Engine:
 
 def local_fit(cfg: TrainConfig, source: CachedSource | ShardSource, *, epochs: int, weights: dict | None = None,
               device: str | torch.device = "cpu", loss_terms: Iterable[Callable[[torch.nn.Module], torch.Tensor]] = (),
-              handlers: Iterable[Any] = (), epoch_offset: int = 0) -> tuple[dict, list[dict]]:
+              handlers: Iterable[Any] = (), epoch_offset: int = 0, lr_range: tuple[float, float] | None = None,
+              optimizer_state: dict | None = None) -> tuple[dict, list[dict]]:
     """Train ``epochs`` epochs from ``weights`` on ``source`` (this site's data); return (weights, metrics).
 
-    A fresh optimiser and warm-up+cosine schedule over these epochs each call (FedAvg's local training).
-    Writes nothing to disk.
+    By default a fresh optimiser and warm-up+cosine schedule over these epochs each call; a federated
+    schedule across rounds passes the round's rates instead (``lr_range``). Writes nothing to disk.
 
     Args:
         cfg: the run's config.
@@ -483,6 +484,10 @@ def local_fit(cfg: TrainConfig, source: CachedSource | ShardSource, *, epochs: i
         handlers: handler objects to attach (e.g. the recipe's batch mixing).
         epoch_offset: the number of the first epoch (e.g. round * epochs), so each round draws new orders
             and augmentations.
+        lr_range: (rate at the first step, rate after the last): a linear ramp over these epochs' steps, no
+            warm-up (the server's schedule across rounds, :func:`medpipe.fl.strategy.round_lr`).
+        optimizer_state: a dict carried from call to call (an optimiser kept between rounds): the AdamW
+            state in it, if any, is loaded before training and replaced by the new state after.
 
     Returns:
         ``(weights, metrics)``: the trained state dict (CPU tensors) and one record per epoch, each also
@@ -490,6 +495,13 @@ def local_fit(cfg: TrainConfig, source: CachedSource | ShardSource, *, epochs: i
     device = torch.device(device)
     engine = Engine.create(cfg, source, device, weights=weights, epochs=epochs)
     engine.state.epoch, engine.state.max_epochs = epoch_offset, epoch_offset + epochs
+    if optimizer_state:
+        engine.optimizer.load_state_dict(optimizer_state["optimizer"])  # the moments; the rates are set anew below
+        for group in engine.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = cfg.lr
+        engine.scheduler = make_schedule(engine.optimizer, cfg, source.steps_per_epoch, epochs)
+    if lr_range is not None:
+        engine.scheduler = ramp_schedule(engine.optimizer, lr_range, max(1, epochs * source.steps_per_epoch))
     for term in loss_terms:
         engine.add_loss_term(term)
     engine.attach(*handlers)
@@ -497,4 +509,16 @@ def local_fit(cfg: TrainConfig, source: CachedSource | ShardSource, *, epochs: i
     n_train = int(np.sum(source.class_counts))
     engine.on(Events.VALIDATION_COMPLETED, lambda e: records.append({**e.state.metrics, "n_train": n_train}))
     engine.fit()
+    if optimizer_state is not None:
+        optimizer_state["optimizer"] = engine.optimizer.state_dict()
     return {k: v.detach().cpu().clone() for k, v in engine.net.state_dict().items()}, records
+
+
+def ramp_schedule(optimizer: torch.optim.Optimizer, lr_range: tuple[float, float],
+                  steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """A linear ramp of the learning rate from ``lr_range[0]`` at the first step to ``lr_range[1]`` after
+    ``steps`` steps (every parameter group)."""
+    start, end = (float(v) for v in lr_range)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = 1.0  # the lambda gives the rate itself
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: start + (end - start) * min(step, steps) / steps)

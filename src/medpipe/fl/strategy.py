@@ -1,0 +1,236 @@
+"""The federated algorithm across rounds: each round's learning rate, the site policies, and the server's
+optimiser step. The Flower ServerApp (:class:`medpipe.fl.server.Coordinator`) and the in-process
+simulation (``benchmarks/federated.py``, :func:`simulate_rounds`) both run this code, so they are one
+algorithm.
+
+* **Learning rate across rounds** (:func:`round_lr`, ``lr_schedule: rounds``, the default): the central
+  recipe's schedule (linear warm-up for ``warmup_epochs``, then cosine down to 1% of ``lr``) laid over
+  the whole federated run, ``rounds * local_epochs`` epochs; round ``r`` covers its epochs
+  ``[(r-1)E, rE)`` and the server sends the rate at its start and end. The site ramps linearly between
+  the two over its steps, with no warm-up restart. ``lr_schedule: local`` is the older behaviour: a
+  fresh warm-up + cosine inside every round's local epochs, so the rate never decays across rounds.
+* **Local optimiser state** (``local_optimizer``): ``reset`` (a fresh AdamW each round, stateless
+  sites) or ``keep`` (each site keeps its AdamW moments between rounds, in its own process).
+* **BatchNorm** (``batchnorm``): ``global`` (running statistics averaged like the weights: one model
+  for every site) or ``local`` (SiloBN-style: a site trains with its own running statistics, kept
+  between rounds; the global model and the package carry the averaged statistics, the fallback for
+  sites that never took part).
+* **Server optimiser** (:class:`ServerOptimizer`, ``server_optimizer``): ``fedavg`` (the new global
+  model is the aggregate), or (``fedavgm``, momentum 0.5, is the default) Flower's server-side optimisers on the pseudo-gradient
+  ``aggregate - global`` of the trainable parameters: ``fedavgm`` (server momentum, Hsu et al. 2019),
+  ``fedadam`` and ``fedyogi`` (Reddi et al., Adaptive Federated Optimization, 2021). The formulas are
+  those of Flower's ``FedAvgM`` / ``FedAdam`` / ``FedYogi`` strategies (tests/test_fl_robust.py checks
+  them against Flower's own classes). BatchNorm buffers and integer counters take the aggregate as it
+  is (an Adam step on a running variance could make it negative).
+
+Which choices are the defaults, and their measured effect: docs/guides/federated.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medpipe.fl.aggregate import TRIM_FRACTION, Guard, aggregate_round
+
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+LR_SCHEDULES = ("rounds", "local")
+LOCAL_OPTIMIZER = ("reset", "keep")
+BATCHNORM = ("global", "local")
+# Flower's defaults (server learning rate, momentum / beta_1, beta_2, tau), per server optimiser
+# (FedAvgM's momentum 0.5 is the measured one, docs/guides/federated.md; Flower's own default is 0, a plain FedAvg)
+SERVER_DEFAULTS = {"fedavg": (1.0, 0.0, 0.0, 0.0), "fedavgm": (1.0, 0.5, 0.0, 0.0),
+                   "fedadam": (0.1, 0.9, 0.99, 1e-9), "fedyogi": (0.01, 0.9, 0.99, 1e-3)}
+BN_BUFFERS = ("running_mean", "running_var")
+
+# the default federated recipe (the best measured, docs/guides/federated.md)
+DEFAULTS = {"lr_schedule": "rounds", "local_optimizer": "reset", "batchnorm": "global", "server_optimizer": "fedavgm"}
+
+
+def schedule_lr(epoch: float, total_epochs: float, lr: float, warmup_epochs: float) -> float:
+    """The central recipe's learning rate at ``epoch`` (fractional) of a ``total_epochs`` run: linear
+    warm-up to ``lr`` over ``warmup_epochs``, then cosine down to ``lr / 100`` at the end (as
+    :func:`medpipe.train.factories.make_schedule`, per epoch instead of per step)."""
+    warm = min(max(warmup_epochs, 0.0), max(total_epochs - 1e-9, 0.0))
+    if epoch < warm:
+        return lr * max(epoch, 0.0) / warm
+    span = max(total_epochs - warm, 1e-9)
+    t = min(max((epoch - warm) / span, 0.0), 1.0)
+    floor = lr * 0.01
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def round_lr(rnd: int, rounds: int, local_epochs: int, lr: float, warmup_epochs: float) -> tuple[float, float]:
+    """(rate at the start, rate at the end) of round ``rnd`` (1-based) in the schedule across rounds.
+    The warm-up's first rate is ``lr / (10 * warm-up epochs)``, never 0 (a round of zero rate would be wasted)."""
+    total = float(rounds * local_epochs)
+    start = schedule_lr((rnd - 1) * local_epochs, total, lr, warmup_epochs)
+    if rnd == 1 and warmup_epochs > 0:
+        start = lr / (10.0 * max(warmup_epochs, 1.0))
+    return start, schedule_lr(rnd * local_epochs, total, lr, warmup_epochs)
+
+
+def is_bn_buffer(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in BN_BUFFERS
+
+
+@dataclass
+class ServerOptimizer:
+    """The server's step from the round's aggregate to the new global model (see the module docstring).
+
+    ``params``: the names of the trainable parameters (the only tensors the optimiser steps); everything
+    else takes the aggregate. ``state`` (momentum / first and second moments, the step count) is what a
+    resumed server needs: :meth:`state_arrays` / :meth:`load_state_arrays`."""
+
+    name: str = "fedavg"
+    params: frozenset = field(default_factory=frozenset)
+    lr: float | None = None
+    momentum: float | None = None  # FedAvgM's momentum, FedAdam/FedYogi's beta_1
+    beta_2: float | None = None
+    tau: float | None = None
+    step: int = 0
+    m: dict = field(default_factory=dict)
+    v: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.name not in SERVER_OPTIMIZERS:
+            raise ValueError(f"unknown server optimiser {self.name!r}; expected one of {', '.join(SERVER_OPTIMIZERS)}")
+        lr, mom, b2, tau = SERVER_DEFAULTS[self.name]
+        self.lr = lr if self.lr is None else float(self.lr)
+        self.momentum = mom if self.momentum is None else float(self.momentum)
+        self.beta_2 = b2 if self.beta_2 is None else float(self.beta_2)
+        self.tau = tau if self.tau is None else float(self.tau)
+        self.params = frozenset(self.params)
+
+    def describe(self) -> str:
+        if self.name == "fedavg":
+            return "fedavg (the aggregate is the new global model)"
+        extra = f", beta_2 {self.beta_2:g}, tau {self.tau:g}" if self.name != "fedavgm" else ""
+        return f"{self.name} (server lr {self.lr:g}, {'momentum' if self.name == 'fedavgm' else 'beta_1'} " \
+               f"{self.momentum:g}{extra})"
+
+    def apply(self, global_arrays: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The new global model from the previous one and this round's aggregate (float64 arithmetic,
+        stored in each tensor's own dtype)."""
+        if self.name == "fedavg":
+            return dict(aggregate)
+        self.step += 1
+        out = dict(aggregate)
+        for name in sorted(self.params & set(aggregate)):
+            w = np.asarray(global_arrays[name], np.float64)
+            delta = np.asarray(aggregate[name], np.float64) - w  # Flower's delta_t; FedAvgM's pseudo-gradient is -delta
+            out[name] = self._step(name, w, delta).astype(aggregate[name].dtype)
+        return out
+
+    def _step(self, name: str, w: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        if self.name == "fedavgm":
+            grad = -delta
+            if self.momentum > 0.0:
+                grad = self.momentum * self.m[name] + grad if name in self.m else grad
+                self.m[name] = grad
+            return w - self.lr * grad
+        m = self.m.get(name, np.zeros_like(delta))
+        v = self.v.get(name, np.zeros_like(delta))
+        m = self.momentum * m + (1.0 - self.momentum) * delta
+        d2 = delta * delta
+        if self.name == "fedadam":
+            v = self.beta_2 * v + (1.0 - self.beta_2) * d2
+            # Flower's bias-corrected rate; its server_round is 1-based, and it raises beta to round + 1
+            eta = self.lr * math.sqrt(1.0 - self.beta_2 ** (self.step + 1.0)) / (1.0 - self.momentum ** (self.step + 1.0))
+        else:  # fedyogi
+            v = v - (1.0 - self.beta_2) * d2 * np.sign(v - d2)
+            eta = self.lr
+        self.m[name], self.v[name] = m, v
+        return w + eta * m / (np.sqrt(v) + self.tau)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The optimiser's state as named arrays (a safetensors checkpoint beside the global model)."""
+        out = {f"m/{k}": v for k, v in self.m.items()} | {f"v/{k}": v for k, v in self.v.items()}
+        return {**out, "step": np.array(self.step, np.int64)}
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.step = int(np.asarray(arrays.get("step", 0)).ravel()[0])  # safetensors may give a 0-d value as (1,)
+        self.m = {k[2:]: np.asarray(v, np.float64) for k, v in arrays.items() if k.startswith("m/")}
+        self.v = {k[2:]: np.asarray(v, np.float64) for k, v in arrays.items() if k.startswith("v/")}
+
+
+def from_config(cfg: Mapping, params: Iterable[str]) -> ServerOptimizer:
+    """The run configuration's server optimiser (``server_optimizer``, ``server_lr``, ``server_momentum``;
+    None takes Flower's default for that optimiser)."""
+    return ServerOptimizer(str(cfg.get("server_optimizer") or "fedavg"), frozenset(params),
+                           lr=cfg.get("server_lr"), momentum=cfg.get("server_momentum"))
+
+
+def round_config(cfg: Mapping, rnd: int, train_lr: float, warmup_epochs: float) -> dict:
+    """What a round tells the sites beyond the weights: the local epochs, FedProx's mu, the round's rate
+    (``lr-start``/``lr-end``; 0 and 0 for ``lr_schedule: local``: the site's own warm-up + cosine) and
+    the site policies."""
+    mu = float(cfg.get("mu", 0.0)) if cfg.get("strategy") == "fedprox" else 0.0
+    epochs = int(cfg["local_epochs"])
+    if str(cfg.get("lr_schedule", "local")) == "rounds":  # a run configuration from before the key: as it ran
+        start, end = round_lr(rnd, int(cfg["rounds"]), epochs, train_lr, warmup_epochs)
+    else:
+        start = end = 0.0
+    return {"server-round": rnd, "local-epochs": epochs, "mu": mu, "lr-start": float(start), "lr-end": float(end),
+            "local-optimizer": str(cfg.get("local_optimizer", "reset")), "batchnorm": str(cfg.get("batchnorm", "global"))}
+
+
+def algorithm_config(lr_schedule: str | None = None, local_optimizer: str | None = None, batchnorm: str | None = None,
+                     server_optimizer: str | None = None, server_lr: float | None = None,
+                     server_momentum: float | None = None) -> dict:
+    """The run configuration's algorithm keys, checked (None: the default of :data:`DEFAULTS`, or Flower's
+    default rate and momentum for the server optimiser). Raises ValueError naming the option."""
+    out = {"lr_schedule": lr_schedule or DEFAULTS["lr_schedule"],
+           "local_optimizer": local_optimizer or DEFAULTS["local_optimizer"],
+           "batchnorm": batchnorm or DEFAULTS["batchnorm"],
+           "server_optimizer": server_optimizer or DEFAULTS["server_optimizer"],
+           "server_lr": None if server_lr is None else float(server_lr),
+           "server_momentum": None if server_momentum is None else float(server_momentum)}
+    for key, allowed in (("lr_schedule", LR_SCHEDULES), ("local_optimizer", LOCAL_OPTIMIZER), ("batchnorm", BATCHNORM),
+                         ("server_optimizer", SERVER_OPTIMIZERS)):
+        if out[key] not in allowed:
+            raise ValueError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {out[key]!r}")
+    if out["server_lr"] is not None and not (math.isfinite(out["server_lr"]) and out["server_lr"] > 0):
+        raise ValueError(f"--server-lr must be a positive number, got {server_lr}")
+    if out["server_momentum"] is not None and not 0.0 <= out["server_momentum"] < 1.0:
+        raise ValueError(f"--server-momentum must be in [0, 1), got {server_momentum}")
+    return out
+
+
+def fit_kwargs(rc: Mapping) -> dict:
+    """A site's :meth:`medpipe.fl.site.Site.fit` arguments from a round's configuration (the ClientApp and
+    :func:`simulate_rounds` both use this). ``lr-end`` 0 or absent (an older server): the site's own schedule."""
+    lr_end = float(rc.get("lr-end", 0.0))
+    return {"epochs": int(rc["local-epochs"]), "mu": float(rc.get("mu", 0.0)),
+            "lr_range": (float(rc["lr-start"]), lr_end) if lr_end > 0 else None,
+            "local_optimizer": str(rc.get("local-optimizer", "reset")), "batchnorm": str(rc.get("batchnorm", "global"))}
+
+
+def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, params: Iterable[str], train_lr: float,
+                    warmup_epochs: float, on_round=None, guard=None) -> dict[str, np.ndarray]:
+    """The federated run in one process, with the Coordinator's steps: each round's configuration
+    (:func:`round_config`), every site's local training (``site.fit``), the server's checks and
+    aggregation (:func:`medpipe.fl.aggregate.aggregate_round`, each site registered with its own image
+    count) and the server optimiser's step. ``cfg`` holds the run configuration's keys (``rounds``,
+    ``local_epochs``, ``strategy``, ``mu``, ``aggregation``, the algorithm keys); ``on_round(rnd, arrays,
+    result)`` is called after each round; ``guard`` replaces the server's limits (a
+    :class:`medpipe.fl.aggregate.Guard`; default: each site's own image count). Returns the last global model."""
+    opt = from_config(cfg, params)
+    guard = guard or Guard(site_examples={s.name: s.n_train for s in sites}, local_epochs=int(cfg["local_epochs"]))
+    arrays = dict(init)
+    for rnd in range(1, int(cfg["rounds"]) + 1):
+        kw = fit_kwargs(round_config(cfg, rnd, train_lr, warmup_epochs))
+        replies = {}
+        for site in sites:
+            upd, m = site.fit(arrays, rnd, **kw)
+            replies[site.name] = (upd, {"num-examples": m["n_train"], "train_loss": m["train_loss"]})
+        result = aggregate_round(arrays, replies, guard, str(cfg.get("aggregation", "mean")),
+                                 float(cfg.get("trim", TRIM_FRACTION)))
+        if not result.kept:
+            arrays = opt.apply(arrays, result.arrays)
+        if on_round:
+            on_round(rnd, arrays, result)
+    return arrays
