@@ -270,9 +270,11 @@ def _metrics_lines(run_dir: Path) -> list[dict]:
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except ValueError:
-            pass
+            continue
+        if isinstance(rec, dict) and "epoch" in rec:  # epoch lines, not events (a failure's reason)
+            out.append(rec)
     return out
 
 
