@@ -369,23 +369,27 @@ def test_mlflow_pyfunc_signature_takes_optional_metadata_columns(meta_run, predi
 
     from medpipe.track import log_package
 
+    # set_tracking_uri also sets $MLFLOW_TRACKING_URI, which later tests' `--track` would follow: undo both
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = mlflow.create_experiment("metadata", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns
-    with mlflow.start_run(experiment_id=exp):
-        info = log_package(meta_run / "model")
-    names = [c["name"] for c in json.loads(info.signature.to_dict()["inputs"])]
-    assert names == ["image", "age", "sex", "site"]
-    model = mlflow.pyfunc.load_model(info.model_uri)
-    jpeg = _jpeg(data_dir)
-    out = model.predict(pd.DataFrame({"image": [jpeg, jpeg], "age": [70.0, None], "sex": ["male", None],
-                                      "site": ["face", None]}))
-    for i, values in enumerate((GIVEN, None)):
-        want = predictor.predict_bytes([jpeg], metadata=[values])[0].probabilities
-        assert max(abs(out[c][i] - want[c]) for c in want) < 1e-4
-    out = model.predict(pd.DataFrame({"image": [jpeg]}))  # the image alone still works
-    assert abs(out["nv"][0] - predictor.predict_bytes([jpeg])[0].probabilities["nv"]) < 1e-4
-    with pytest.raises(MetadataError, match="site: 'moon'"):
-        model.predict(pd.DataFrame({"image": [jpeg], "site": ["moon"]}))
+    try:
+        exp = mlflow.create_experiment("metadata", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns
+        with mlflow.start_run(experiment_id=exp):
+            info = log_package(meta_run / "model")
+        names = [c["name"] for c in json.loads(info.signature.to_dict()["inputs"])]
+        assert names == ["image", "age", "sex", "site"]
+        model = mlflow.pyfunc.load_model(info.model_uri)
+        jpeg = _jpeg(data_dir)
+        out = model.predict(pd.DataFrame({"image": [jpeg, jpeg], "age": [70.0, None], "sex": ["male", None],
+                                          "site": ["face", None]}))
+        for i, values in enumerate((GIVEN, None)):
+            want = predictor.predict_bytes([jpeg], metadata=[values])[0].probabilities
+            assert max(abs(out[c][i] - want[c]) for c in want) < 1e-4
+        out = model.predict(pd.DataFrame({"image": [jpeg]}))  # the image alone still works
+        assert abs(out["nv"][0] - predictor.predict_bytes([jpeg])[0].probabilities["nv"]) < 1e-4
+        with pytest.raises(MetadataError, match="site: 'moon'"):
+            model.predict(pd.DataFrame({"image": [jpeg], "site": ["moon"]}))
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_web_page_offers_the_fields_and_explain_takes_them(served, predictor, data_dir):
