@@ -277,7 +277,8 @@ class _NoModel:
 
 def http_routes() -> list[tuple[str, str]]:
     """(method, path) of every route of the app ``medpipe serve`` runs (built without a model, never started)."""
-    from medpipe.serve.app import ServeConfig, create_app
+    from medpipe.serve.app import create_app
+    from medpipe.serve.config import ServeConfig
 
     app = create_app(_NoModel(), ServeConfig())
     app = getattr(app, "app", app)  # the outermost ASGI layer wraps the FastAPI app

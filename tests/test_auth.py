@@ -191,7 +191,7 @@ def test_tls_is_verified_against_the_ca_and_plain_http_gets_nothing(server, pki,
 # -- start-up policy (no server process needed) ------------------------------------------------------
 
 def _cfg(tmp_path, **kw):
-    from medpipe.serve.app import ServeConfig
+    from medpipe.serve.config import ServeConfig
 
     return ServeConfig(model=str(tmp_path / "pkg"), **kw)
 

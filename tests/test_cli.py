@@ -36,7 +36,7 @@ def test_choices_come_from_their_constants():
     from medpipe.data.sources import FORMATS as INGEST_FORMATS
     from medpipe.export import FORMATS as EXPORT_FORMATS
     from medpipe.infer.predictor import BACKENDS
-    from medpipe.serve.app import ServeConfig
+    from medpipe.serve.config import ServeConfig
 
     subs = cli.build_parser().subparsers
 

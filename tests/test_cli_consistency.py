@@ -156,7 +156,7 @@ def test_serve_without_model_outside_sagemaker_says_what_to_pass(tmp_path, monke
 
 def test_one_default_backend():
     subs = cli.build_parser().subparsers
-    from medpipe.serve.app import ServeConfig
+    from medpipe.serve.config import ServeConfig
 
     defaults = {c: subs[c].get_default("backend") or ServeConfig.backend
                 for c in ("predict", "serve", "batch", "evaluate")}

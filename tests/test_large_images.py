@@ -217,7 +217,7 @@ def test_async_profile_serves_a_24mp_jpeg_and_realtime_names_the_option(package,
 
 def test_profiles_fill_only_what_is_not_given():
     from medpipe.errors import ConfigError
-    from medpipe.serve.app import ServeConfig
+    from medpipe.serve.config import ServeConfig
     from medpipe.serve.profiles import ASYNC_MAX_PAYLOAD_MB, apply_profile
 
     cfg = ServeConfig(**apply_profile({"profile": "async", "deadline_s": 600.0}))

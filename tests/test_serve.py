@@ -364,7 +364,8 @@ def test_routes_metrics_and_execution_parameters(server, golden):
 
 def test_route_set_is_exactly_the_documented_one(trained_run):
     from medpipe.infer.predictor import Predictor
-    from medpipe.serve.app import ROUTES, ServeConfig, create_app
+    from medpipe.serve.app import ROUTES, create_app
+    from medpipe.serve.config import ServeConfig
     from medpipe.serve.oip import OIP_ROUTES
 
     app = create_app(Predictor(trained_run / "model"), ServeConfig()).app
@@ -498,7 +499,8 @@ def test_nan_model_is_500_with_code(tmp_path):
     from medpipe.models import create_model
     from medpipe.package import save_package
     from medpipe.infer.predictor import Predictor
-    from medpipe.serve.app import ServeConfig, create_app
+    from medpipe.serve.app import create_app
+    from medpipe.serve.config import ServeConfig
 
     model = create_model("densenet121", 7)
     with torch.no_grad():
@@ -591,7 +593,8 @@ def test_flip_tta_in_serve_batch_and_predict_gives_the_same_answer(trained_run, 
 
     from medpipe.cli import main
     from medpipe.infer.predictor import Predictor
-    from medpipe.serve.app import ServeConfig, create_app
+    from medpipe.serve.app import create_app
+    from medpipe.serve.config import ServeConfig
 
     capsys.readouterr()
     assert main(["predict", "--model", str(trained_run / "model"), "--json", "--tta", str(golden["path"])]) == 0
@@ -637,7 +640,8 @@ def test_fuzz_api_never_500(trained_run):
     from hypothesis import strategies as st
 
     from medpipe.infer.predictor import Predictor
-    from medpipe.serve.app import ServeConfig, create_app
+    from medpipe.serve.app import create_app
+    from medpipe.serve.config import ServeConfig
 
     app = create_app(Predictor(trained_run / "model"), ServeConfig(max_images=4))
     ctypes = st.sampled_from(["image/jpeg", "image/png", "application/x-npy", "application/json",

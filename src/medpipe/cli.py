@@ -62,7 +62,8 @@ from medpipe.package import load_package
 from medpipe.preprocess import INTERPOLATIONS
 from medpipe.sagemaker.env import model_server_dir, serve_port
 from medpipe.sagemaker.layout import download_wheels, package
-from medpipe.serve.app import ServeConfig, serve
+from medpipe.serve.app import serve
+from medpipe.serve.config import ServeConfig
 from medpipe.serve.profiles import PROFILE_ENV, PROFILES, apply_profile
 from medpipe.cli_options import (NON_NEGATIVE, POSITIVE, Parser, SERVE_HELP, WORKERS, _progress, add_config_options,
                                  add_dataclass_options, add_metadata_options, add_pixel_options, add_split_options,
