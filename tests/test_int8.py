@@ -388,9 +388,9 @@ def test_openvino_has_its_own_gate_and_answers_like_fp32_through_predict_batch_s
     assert rep["backend"] == "openvino" and rep["int8_gate"] == g
 
 
-def test_openvino_session_pads_batches_to_static_buckets(int8_run):
-    """One compiled model per bucket (1, 2, 4, ...): a batch of 3 runs padded to 4 and gives each row what
-    a batch of one gives (rows are independent)."""
+def test_openvino_session_splits_batches_into_static_buckets(int8_run):
+    """One compiled model per bucket (1, 2, 4, ...): a batch of 7 runs as chunks of 4, 2 and 1 (never padded)
+    and gives each row what a batch of one gives (rows are independent)."""
     pytest.importorskip("openvino")
     from medpipe.infer.openvino_runtime import OpenVinoSession
     from medpipe.infer.quantize import load_int8
@@ -401,11 +401,13 @@ def test_openvino_session_pads_batches_to_static_buckets(int8_run):
     assert s.buckets == [1, 2, 4]
     x = np.random.default_rng(0).standard_normal((7, 3, 32, 32)).astype(np.float32)
     out = s.run(None, {"image": x})[0]
-    assert out.shape == (7, 7) and set(s._requests) == {4}  # a chunk of 4, then 3 rows padded to 4
+    assert out.shape == (7, 7) and set(s._requests) == {1, 2, 4}  # chunks of 4, 2, 1: compiled on first use
+    assert s.chunks(7) == [4, 2, 1] and s.chunks(8) == [4, 4] and s.chunks(5) == [4, 1] and s.chunks(1) == [1]
     single = np.concatenate([s.run(None, {"image": x[i:i + 1]})[0] for i in range(7)])
-    assert np.allclose(out, single, atol=1e-4) and set(s._requests) == {1, 4}  # compiled on first use
-    s.warm()
-    assert set(s._requests) == {1, 2, 4}
+    assert np.allclose(out, single, atol=1e-4)
+    s2 = OpenVinoSession(data, threads=1, precision="f32", max_batch=4)
+    s2.warm()
+    assert set(s2._requests) == {1, 2, 4}
 
 
 def test_openvino_needs_its_own_gate_and_auto_picks_it_only_when_measured_faster(int8_run, tmp_path, monkeypatch,

@@ -10,8 +10,8 @@ records it in ``int8.json`` under ``openvino``; without that record the backend 
 Static shapes: OpenVINO's CPU plugin ran this graph 3-4x slower with a dynamic batch dimension than
 with a fixed one (benchmarks/int8_openvino.py's machine, batch 1 and 8), so the session compiles one
 model per batch-size bucket (1, 2, 4, ..., max_batch), on first use or all at once with
-:meth:`OpenVinoSession.warm` (the server does that before it answers), and pads a batch up to its
-bucket (rows are independent in eval mode).
+:meth:`OpenVinoSession.warm` (the server does that before it answers), and runs a batch as bucket-sized
+chunks (5 -> 4 + 1; rows are independent in eval mode) rather than padding it up to the next bucket.
 """
 
 from __future__ import annotations
@@ -108,15 +108,25 @@ class OpenVinoSession:
                 raise MedpipeError(f"OpenVINO could not compile the INT8 model for batch {b} "
                                    f"({exc.__class__.__name__}: {exc})") from None
 
+    def chunks(self, n: int) -> list[int]:
+        """A batch of ``n`` rows as bucket-sized chunks, largest first, never padded (7 -> 4, 2, 1).
+
+        Padding a batch up to its bucket computes rows that are thrown away: measured on the 2-core machine
+        (224 px DenseNet121 INT8, benchmarks/results/serve_profile_int8.md), a bucket's images/s hardly grows
+        with its size (batch 1: 18.5, 4: 23, 8: 22), so a batch of 5 padded to 8 ran at 14 images/s, as 4 + 1
+        at about 22."""
+        out, left = [], n
+        while left:
+            size = next(b for b in reversed(self.buckets) if b <= left)
+            out.append(size)
+            left -= size
+        return out
+
     def run(self, _outputs, feed: dict) -> list[np.ndarray]:
         x = np.ascontiguousarray(next(iter(feed.values())), dtype=np.float32)
-        outs, top = [], self.buckets[-1]
-        for i in range(0, len(x), top):
-            chunk = x[i:i + top]
-            n = len(chunk)
-            bucket = next(b for b in self.buckets if b >= n)
-            if n < bucket:
-                chunk = np.concatenate([chunk, np.zeros((bucket - n, *chunk.shape[1:]), np.float32)])
-            result = self._request(bucket).infer({0: chunk})
-            outs.append(np.array(result[0][:n], dtype=np.float32))
-        return [np.concatenate(outs)]
+        outs, start = [], 0
+        for size in self.chunks(len(x)):
+            result = self._request(size).infer({0: x[start:start + size]})
+            outs.append(np.array(result[0], dtype=np.float32))
+            start += size
+        return [np.concatenate(outs) if len(outs) > 1 else outs[0]]
