@@ -27,6 +27,8 @@ runs the same INT8 graph through the same medpipe Predictor and decoder (--ts-in
 compared), the FP32 TorchServe peer (--ts-configs), OpenVINO's benchmark_app on that graph, the forward
 alone through medpipe's Predictor at batch 8, the decode cost per image on one core, and the end-to-end
 limit they imply when decode and forward share the cores: 1 / (decode_s / cores + 1 / forward_images_per_s).
+``--before-src OLD/src`` serves medpipe from an earlier source tree too, first, in the same run ("before").
+Where the served figure's time goes: benchmarks/serve_profile.py (py-spy under the same load).
 """
 
 from __future__ import annotations
@@ -292,9 +294,14 @@ def int8_peer(args, pkg: Path, tmp: Path, images: list[bytes]) -> None:
     limit = 1.0 / (decode_s / cores + 1.0 / forward["images_per_s"])  # decode and forward share the cores
     print(f"decode {1000 * decode_s:.1f} ms/image (one core); forward {forward['images_per_s']:.1f} img/s "
           f"(batch 8, Predictor), benchmark_app {app['images_per_s']}; end-to-end limit {limit:.1f} img/s")
-    port = free_port()
-    med = measure("medpipe/openvino", [sys.executable, "-m", "medpipe", "serve", "--model", str(pkg), "--port",
-                  str(port), "--backend", "openvino", "--device", "cpu"], port, images, args)
+    def medpipe(name: str, src: Path) -> dict:
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
+        return measure(name, [sys.executable, "-m", "medpipe", "serve", "--model", str(pkg), "--port", str(port),
+                              "--backend", "openvino", "--device", "cpu"], port, images, args, env=env)
+
+    before = medpipe("medpipe/openvino (before)", Path(args.before_src).resolve()) if args.before_src else None
+    med = medpipe("medpipe/openvino", ROOT.parent / "src")
     ts_int8 = {c: measure_torchserve(pkg, tmp, Path(args.ts_venv), c, "cpu", images, args, int8=True)
                for c in args.ts_int8_configs.split(",")}
     ts_fp32 = {c: measure_torchserve(pkg, tmp, Path(args.ts_venv), c, "cpu", images, args)
@@ -309,16 +316,22 @@ def int8_peer(args, pkg: Path, tmp: Path, images: list[bytes]) -> None:
         ratios["throughput_vs_torchserve_fp32"] = med["rps"] / fp32["rps"]
         ratios["lone_p50_vs_torchserve_fp32"] = med["lone_p50_ms"] / fp32["lone_p50_ms"]
     print("  ".join(f"{k} {v:.2f}" for k, v in ratios.items()), f"(load average {load})")
+    if before is not None:
+        before = {"source": str(args.before_src), "medpipe": before, "ratios": {
+            "throughput_vs_torchserve_int8": before["rps"] / ts_int8[best]["rps"],
+            "lone_p50_vs_torchserve_int8": before["lone_p50_ms"] / ts_int8[best]["lone_p50_ms"],
+            "served_vs_limit": before["rps"] / limit}}
+        print("before:", "  ".join(f"{k} {v:.2f}" for k, v in before["ratios"].items()))
     path = write_result("serve_load_int8_peer", {
         "settings": vars(args), "load_average": load, "cores": cores, "decode_ms_per_image": 1000 * decode_s,
         "forward_limit": forward, "benchmark_app": app, "end_to_end_limit_images_per_s": limit,
         "medpipe": med, "torchserve_int8": ts_int8, "torchserve_int8_best": best, "torchserve_fp32": ts_fp32,
-        "ratios": ratios, "targets": {"throughput_vs_torchserve_int8": 1.5, "lone_p50_vs_torchserve_int8": 0.8,
+        "ratios": ratios, **({"before": before} if before else {}), "targets": {"throughput_vs_torchserve_int8": 1.5, "lone_p50_vs_torchserve_int8": 0.8,
                                       "served_vs_limit": 0.8}})
     print(f"wrote {path}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=320)
@@ -335,10 +348,17 @@ def main() -> None:
                     help="instead: medpipe's openvino backend against TorchServe running the same INT8 model "
                          "(--ts-int8-configs), the forward limit and decode cost (serve_load_int8_peer.json)")
     ap.add_argument("--ts-int8-configs", default="1x8x10,2x4x10,1x4x5", help="WORKERSxBATCHxDELAY_MS for --int8-peer")
+    ap.add_argument("--before-src", default=None,
+                    help="--int8-peer: also serve with the medpipe of this source tree (an earlier commit's src/, e.g. "
+                         "from git archive), in the same run against the same peers; its figures go under \"before\"")
     ap.add_argument("--ts-openvino", default=str(ROOT.parent / ".bench" / "ts-openvino"),
                     help="folder holding openvino for TorchServe's workers (pip install --target FOLDER --no-deps "
                          "openvino==<the version medpipe uses> openvino-telemetry)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.int8_peer:
         folder = synth_dataset(200)
         images = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:32]]
