@@ -241,7 +241,7 @@ class LocalEngine:
     def submit(self, items: list[Item]):
         return [self.pool.submit(self._decode, it) if it.error is None else None for it in items]
 
-    def _with_metadata(self, it: Item, decoded):
+    def with_metadata(self, it: Item, decoded):
         """Decoded pixels -> (pixels, metadata vector) for a model that takes metadata; the item's MetadataError
         (naming the field) when a value is outside the model's vocabulary or range. An image-only model reads
         no manifest columns (a record table carries age/sex/site for every model)."""
@@ -274,7 +274,7 @@ class LocalEngine:
         return np.concatenate(out) if out else np.zeros((0, len(self.predictor.classes)), np.float32)
 
     def run(self, items: list[Item], futures) -> list[dict]:
-        return self.rows(items, [self._with_metadata(it, f.result()) if f is not None else None
+        return self.rows(items, [self.with_metadata(it, f.result()) if f is not None else None
                                  for it, f in zip(items, futures)])
 
     def rows(self, items: list[Item], decoded: list) -> list[dict]:
@@ -370,7 +370,10 @@ class RemoteEngine:
             if problem is not None:
                 code = "payload_too_large" if "limit" in problem else "unreadable_file"
                 return _row(it, error=(code, problem))
-            data = it.file.read_bytes()
+            try:
+                data = it.file.read_bytes()
+            except OSError as exc:  # as the local engine: a row, not the end of the job
+                return _row(it, error=("unreadable_file", f"cannot read file ({exc.strerror})"))
         answer = self._invoke(it, data)
         if "prediction" in answer:
             self.meta.setdefault("classes", list(answer["prediction"]["probabilities"]))
