@@ -142,12 +142,33 @@ def _func(frame: str) -> str:
     return f"{name} ({'/'.join(parts[-3:])})"
 
 
+GROUPS = (  # (label, process, thread or "", a frame substring or ""): the first that matches a sample counts it
+    ("forward: OpenVINO infer (its own worker threads are native, not sampled)", "server", "medpipe-infer", "InferRequest.infer"),
+    ("forward thread: eval preset (MONAI scale + normalise)", "server", "medpipe-infer", "transforms/"),
+    ("forward thread: the rest (softmax, stacking, hand-over)", "server", "medpipe-infer", ""),
+    ("event loop: HTTP (uvicorn h11)", "server", "MainThread", "protocols/http"),
+    ("event loop: everything else (uvloop, starlette, medpipe routes)", "server", "MainThread", ""),
+    ("server: pebble's task/result/pool threads (pipe I/O, pickling)", "server", "", "pebble/"),
+    ("decode worker: decoding (Pillow open, draft, resize)", "decode worker", "", "decode_item"),
+    ("decode worker: sending the result (pipe write, pebble lock)", "decode worker", "", "Connection._send"),
+    ("decode worker: waiting for/reading a task", "decode worker", "", ""),
+)
+
+
+def _group(proc: str, thread: str, stack: str) -> str:
+    for label, p, t, frame in GROUPS:
+        if p == proc and t in thread and frame in stack:
+            return label
+    return f"{proc}: {thread}: other"
+
+
 def summarize(raw: Path, seconds: float, rate: int, top: int = 25) -> str:
     """raw.txt (``process ...;thread ...;frame;... count`` per line) -> markdown tables: samples per process and
     thread (as a share of all samples and as cores kept busy: samples / (rate * seconds)), then functions."""
     per_thread: collections.Counter = collections.Counter()
     own: collections.Counter = collections.Counter()
     incl: collections.Counter = collections.Counter()
+    groups: collections.Counter = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -158,6 +179,7 @@ def summarize(raw: Path, seconds: float, rate: int, top: int = 25) -> str:
         thread = re.sub(r"\(\d+\)", "", m.group(3)).replace("thread", "").strip(" :") or "?"
         funcs = [_func(f) for f in m.group(4).split(";") if f]
         per_thread[f"{proc}: {thread}"] += n
+        groups[_group(proc, thread, m.group(4))] += n
         total += n
         if funcs:
             own[f"{proc}: {funcs[-1]}"] += n
@@ -170,6 +192,8 @@ def summarize(raw: Path, seconds: float, rate: int, top: int = 25) -> str:
              "| process: thread | samples | % | cores |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {v} | {100 * v / total:.1f} | {v / (rate * seconds):.2f} |"
               for k, v in per_thread.most_common(top)]
+    lines += ["", "| where the time goes | samples | % | cores |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {v} | {100 * v / total:.1f} | {v / (rate * seconds):.2f} |" for k, v in groups.most_common()]
     for title, counter in (("own (innermost frame)", own), ("inclusive (any frame)", incl)):
         lines += ["", f"| top functions, {title} | samples | % |", "|---|---:|---:|"]
         lines += [f"| `{k}` | {v} | {100 * v / total:.1f} |" for k, v in counter.most_common(top)]
