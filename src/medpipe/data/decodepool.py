@@ -93,44 +93,6 @@ def _init_worker(memory_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
-
-
-class _WidePipeContext(multiprocessing.context.SpawnContext):
-    """``spawn`` whose pipes hold up to PIPE_BYTES (where the OS allows) instead of 64 KB.
-
-    pebble sends tasks and results through one pipe each way, a worker holding the pipe's lock while it
-    writes. A decoded 224 px image is 150 KB: with 64 KB pipes a worker blocked in the middle of writing
-    it until the server's result thread ran and read, and the other worker waited for the lock
-    (benchmarks/results/serve_profile_int8.md: the decode workers spent longer sending results than
-    decoding). With 1 MB pipes a result is written at once and the worker takes its next image."""
-
-    def Pipe(self, duplex=True):  # noqa: N802 - multiprocessing's name
-        a, b = super().Pipe(duplex)
-        for conn in (a, b):
-            _widen(conn.fileno())
-        return a, b
-
-
-def _widen(fd: int) -> None:
-    import fcntl
-
-    try:
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
-    except OSError:  # not a pipe (a socket pair) or over the system's pipe-max-size: keep the default
-        pass
-
-
-def pipe_bytes(fd: int) -> int:
-    """The capacity of pipe ``fd`` (Linux), or 0 where it cannot be read."""
-    import fcntl
-
-    try:
-        return fcntl.fcntl(fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))
-    except OSError:
-        return 0
-
-
 class DecodePool:
     """``await pool.decode(kind, payload)`` -> array or ImageError; never blocks the event loop."""
 
@@ -151,7 +113,7 @@ class DecodePool:
         import pebble
 
         return pebble.ProcessPool(max_workers=self.workers, initializer=_init_worker, initargs=(self.memory_mb,),
-                                  context=_WidePipeContext())
+                                  context=multiprocessing.get_context("spawn"))
 
     def _restart(self, why: str) -> None:
         """pebble gives up on a pool whose worker dies between tasks (e.g. out of memory right after
