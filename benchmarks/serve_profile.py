@@ -176,7 +176,7 @@ def summarize(raw: Path, seconds: float, rate: int, top: int = 25) -> str:
         if not m or not count.isdigit():
             continue
         n, proc = int(count), _process_name(m.group(2))
-        thread = re.sub(r"\(\d+\)", "", m.group(3)).replace("thread", "").strip() or "?"
+        thread = re.sub(r"\(\d+\)", "", m.group(3)).replace("thread", "").strip(" :") or "?"
         funcs = [_func(f) for f in m.group(4).split(";") if f]
         per_thread[f"{proc}: {thread}"] += n
         groups[_group(proc, thread, m.group(4))] += n
