@@ -116,6 +116,25 @@ def test_unshifted_windows_pass_and_a_colour_cast_is_flagged(world, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(plots/{name}.png)" in report
 
 
+def _requality(data: bytes, quality: int) -> bytes:
+    """The same image re-encoded at another JPEG quality (a gateway that recompresses, another camera)."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_a_jpeg_quality_drop_is_flagged_as_input_drift(world, tmp_path):
+    base_q = json.loads((world["base"] / "statistics.json").read_text())["inputs"]["jpeg_quality"]
+    assert len(base_q) == 160 and min(base_q) > 70  # the synthetic set's JPEGs
+    _capture(tmp_path / "low", world["predictor"], [_requality(b, 40) for b in world["images"]])
+    code, res = _check(world, tmp_path / "low", tmp_path / "out")
+    assert code == EXIT_VIOLATION
+    for w in res["windows"]:
+        assert w["input_drift"]["jpeg_quality"]["p_holm"] < 0.01
+    found = json.loads((tmp_path / "out" / "constraint_violations.json").read_text())["violations"]
+    assert {v["window"] for v in found if v.get("feature_name") == "jpeg_quality"} == {0, 1}
+
+
 def test_ground_truth_joined_by_event_id_gives_the_direct_accuracy(world, tmp_path):
     from medpipe.monitor.drift import measured_performance
 
