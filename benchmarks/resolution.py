@@ -120,10 +120,38 @@ def quality_part(args) -> dict:
     return payload
 
 
+def _quality_rows(q: dict) -> dict:
+    """Per recipe and seed: the test figures quality.py recorded, plus per-class sensitivity from the run's report."""
+    out = {}
+    for recipe, runs in (q.get("runs") or {}).items():
+        for r in runs:
+            report = WORK / "runs" / f"{recipe}-seed{r['seed']}" / "report" / "report.json"
+            per_class = json.loads(report.read_text())["per_class"] if report.is_file() else {}
+            out[f"{recipe}_seed{r['seed']}"] = {
+                **{k: r.get(k) for k in ("macro_auc", "balanced_accuracy", "mel_sensitivity_at_spec80",
+                                         "mel_sensitivity_at_spec90", "ece", "decision_rule", "epochs", "best_epoch",
+                                         "train_seconds")},
+                "sensitivity": {c: v.get("sensitivity") for c, v in per_class.items()}}
+    return out
+
+
 def summary(args) -> dict:
-    parts = {p.stem.split("_")[-1]: json.loads(p.read_text()) for p in (TIMING_OUT, QUALITY_OUT) if p.is_file()}
+    """benchmarks/results/quality_resolution.json from the two parts' files (.bench/resolution_*.json)."""
     out = {"benchmark": "quality_resolution", "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
-           "data": "HAM10000 dev set (../shared/data/ham10000-dev), split seed 0", **parts}
+           "data": "HAM10000 dev set (../shared/data/ham10000-dev), split seed 0, test split"}
+    if TIMING_OUT.is_file():
+        t = json.loads(TIMING_OUT.read_text())
+        out["timing"] = {"command": t["command"], "threads": t["threads"], "nice": t["nice"], "when": t["when"],
+                         "sizes": {f"{r['image_size']}px_from_{r['cache_size']}": r for r in t["rows"]}}
+    if QUALITY_OUT.is_file():
+        q = json.loads(QUALITY_OUT.read_text())
+        out["quality"] = {"command": q.get("command"), "loadavg_before": q.get("loadavg_before"),
+                          "loadavg_after": q.get("loadavg_after"), "nice": q.get("nice"), "when": q.get("when"),
+                          "recipes": q.get("recipes"), "common": q.get("common"), "runs": _quality_rows(q),
+                          "verdict": {r: {m: {k: v[k] for k in ("difference", "spread", "beats_by_more_than_spread")}
+                                          for m, v in per.items()} for r, per in (q.get("verdict") or {}).items()}}
+    if args.note:
+        out["note"] = args.note
     RESULT.write_text(json.dumps(out, indent=2, default=float))
     print(f"wrote {RESULT}")
     return out
@@ -143,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=1, help="split seeds 0..N-1 (quality)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once (quality)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--note", help="what the figures say, written into the result (summary)")
     args = ap.parse_args(argv)
     return {"timing": timing, "quality": quality_part, "summary": summary}[args.part](args)
 
