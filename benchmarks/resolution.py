@@ -9,12 +9,15 @@ Both parts use the real HAM10000 dev set (../shared/data/ham10000-dev), ingested
 ``benchmarks/quality.py`` into ``.bench/quality/data-all``, and split seed 0 (lesion-grouped 70/15/15).
 
 ``timing``: DenseNet121 (the default model) on one thread, the default recipe, for each training size: the
-real training source (pixel cache at that size -> seeded MONAI train preset) and ``train_step`` for
-``--steps`` batches after two warm-up steps, then the validation pass over the whole validation split. The
-epoch estimate is steps_per_epoch x seconds per step + validation seconds (what ``--budget`` times as the first
-epoch), and the epoch count a 25-minute budget buys is floor(1500 / that), as ``TimeBudget`` decides it.
-A crop from a larger cache costs the same per epoch as its training size (the network sees the training size);
-``--cache-size`` adds a row measuring that.
+real training source (pixel cache at that size -> seeded MONAI train preset, inline) and ``train_step`` for
+``--steps`` batches after two warm-up steps, interleaved across sizes (a change of load falls on every size
+alike), then the validation pass over the whole validation split. Each is timed as wall time and as the
+process's CPU time: on one thread the CPU time is what the step costs on an idle core, whatever else the shared
+machine runs. The epoch estimate is steps_per_epoch x seconds per step + validation seconds (what ``--budget``
+times as the first epoch); the epoch count a 25-minute budget buys at that cost is floor(1500 / it), as
+``TimeBudget`` decides, and ``cost_vs_first`` the ratio to the first size (scale a quiet machine's measured
+epoch count by it). A crop from a larger cache costs the same per step as its training size (the network sees
+the training size); ``--cache-size`` adds a row measuring that.
 
 ``quality``: ``benchmarks/quality.py`` with a fixed epoch count (``--epochs``), split/training seed 0..N-1,
 the default recipe (64 px from the 64 px cache) against the candidate ``cache_size: S`` (64 px random resized
@@ -49,54 +52,75 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def time_size(data: Path, size: int, cache_size: int, steps: int, threads: int) -> dict:
-    """Seconds per training step and for the validation pass of DenseNet121 at ``size`` (split seed 0)."""
+def _setup(data: Path, size: int, cache_size: int, threads: int):
+    """(config, training source, engine, bf16) of DenseNet121 at ``size`` from a ``cache_size`` cache, split seed 0."""
     import torch
 
     from medpipe.config import make_config
     from medpipe.train.data import CachedSource
-    from medpipe.train.engine import Engine, train_step
-    from medpipe.train.predict import predict_logits
+    from medpipe.train.engine import Engine
 
     cfg = make_config({"image_size": size, "cache_size": cache_size, "threads": threads, "workers": 0,
                        "split_seed": 0, "seed": 0})
-    torch.set_num_threads(threads)
     source = CachedSource(data, cfg)
     engine = Engine.create(cfg, source, torch.device("cpu"))
-    bf16 = engine.precision == "bf16"  # what the training run would use (auto: bf16 only where it is faster)
-    batches = source.epoch(0)
-    load0 = _load()
-    for b, (x, y) in enumerate(batches):
-        if b == 2:
-            t0 = time.perf_counter()
-        train_step(engine.model, x, y, engine.loss_fn, engine.optimizer, engine.scheduler, cfg.grad_clip,
-                   engine.device, bf16=bf16)
-        if b == steps + 1:
-            break
-    step_s = (time.perf_counter() - t0) / steps
-    t0 = time.perf_counter()
-    predict_logits(engine.model, source.val.pixels, source.val.rows, cfg.preprocess(), engine.device, bf16=bf16)
-    val_s = time.perf_counter() - t0
-    epoch_s = source.steps_per_epoch * step_s + val_s
-    source.close()
-    return {"image_size": size, "cache_size": cfg.train_cache_size, "steps_timed": steps, "precision": engine.precision,
-            "steps_per_epoch": source.steps_per_epoch, "step_seconds": round(step_s, 3),
-            "val_images": len(source.val), "val_seconds": round(val_s, 2), "epoch_seconds": round(epoch_s, 1),
-            "epochs_in_25m": max(1, math.floor(BUDGET_S / epoch_s)), "loadavg_before": load0, "loadavg_after": _load()}
+    return cfg, source, engine, engine.precision == "bf16"  # what the run would use (auto: bf16 where faster)
+
+
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
 
 
 def timing(args) -> dict:
+    """Per size: seconds per training step (augmentation inline + train_step) and for the validation pass, as
+    wall time and as this process's CPU time (one thread: the CPU time is the cost on an idle core, whatever the
+    load; the wall time is what this loaded machine gave). Steps are interleaved across sizes (one step of each
+    in turn), so a change of load falls on every size alike."""
     import quality
+    import torch
 
+    from medpipe.train.engine import train_step
+    from medpipe.train.predict import predict_logits
+
+    torch.set_num_threads(args.threads)
     data = quality.prepare(args.data or quality.DEV_SET, WORK, None)
-    rows = []
     plan = [(s, 0) for s in args.sizes] + ([(args.sizes[0], args.cache_size)] if args.cache_size else [])
-    for size, cache in plan:
-        r = time_size(data, size, cache, args.steps, args.threads)
+    setups = [_setup(data, size, cache, args.threads) for size, cache in plan]
+    iters = [iter(src.epoch(0)) for _, src, _, _ in setups]
+    wall, cpu = [[] for _ in plan], [[] for _ in plan]
+    load0 = _load()
+    for step in range(args.steps + 2):  # two warm-up steps of each, not counted
+        for i, (cfg, _, engine, bf16) in enumerate(setups):
+            w0, c0 = _clocks()
+            x, y = next(iters[i])
+            train_step(engine.model, x, y, engine.loss_fn, engine.optimizer, engine.scheduler, cfg.grad_clip,
+                       engine.device, bf16=bf16)
+            w1, c1 = _clocks()
+            if step >= 2:
+                wall[i].append(w1 - w0)
+                cpu[i].append(c1 - c0)
+    rows = []
+    for i, ((size, _), (cfg, source, engine, bf16)) in enumerate(zip(plan, setups)):
+        w0, c0 = _clocks()
+        predict_logits(engine.model, source.val.pixels, source.val.rows, cfg.preprocess(), engine.device, bf16=bf16)
+        w1, c1 = _clocks()
+        steps = source.steps_per_epoch
+        epoch_wall = steps * sum(wall[i]) / len(wall[i]) + (w1 - w0)
+        epoch_cpu = steps * sum(cpu[i]) / len(cpu[i]) + (c1 - c0)
+        rows.append({"image_size": size, "cache_size": cfg.train_cache_size, "precision": engine.precision,
+                     "steps_timed": len(wall[i]), "steps_per_epoch": steps,
+                     "step_wall_s": round(sum(wall[i]) / len(wall[i]), 3), "step_cpu_s": round(sum(cpu[i]) / len(cpu[i]), 3),
+                     "val_images": len(source.val), "val_wall_s": round(w1 - w0, 2), "val_cpu_s": round(c1 - c0, 2),
+                     "epoch_wall_s": round(epoch_wall, 1), "epoch_cpu_s": round(epoch_cpu, 1),
+                     "epochs_in_25m_at_cpu_cost": max(1, math.floor(BUDGET_S / epoch_cpu))})
+        source.close()
+    base = rows[0]["epoch_cpu_s"]
+    for r in rows:
+        r["cost_vs_first"] = round(r["epoch_cpu_s"] / base, 2)
         print(json.dumps(r), flush=True)
-        rows.append(r)
     payload = {"part": "timing", "command": "python " + shlex.join(sys.argv), "threads": args.threads,
-               "nice": os.nice(0), "machine": machine(), "rows": rows, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               "nice": os.nice(0), "loadavg_before": load0, "loadavg_after": _load(), "machine": machine(),
+               "rows": rows, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     TIMING_OUT.parent.mkdir(parents=True, exist_ok=True)
     TIMING_OUT.write_text(json.dumps(payload, indent=2))
     return payload
@@ -141,8 +165,9 @@ def summary(args) -> dict:
            "data": "HAM10000 dev set (../shared/data/ham10000-dev), split seed 0, test split"}
     if TIMING_OUT.is_file():
         t = json.loads(TIMING_OUT.read_text())
-        out["timing"] = {"command": t["command"], "threads": t["threads"], "nice": t["nice"], "when": t["when"],
-                         "sizes": {f"{r['image_size']}px_from_{r['cache_size']}": r for r in t["rows"]}}
+        out["timing"] = {k: t.get(k) for k in ("command", "threads", "nice", "loadavg_before", "loadavg_after", "when")}
+        out["timing"].update({
+                         "sizes": {f"{r['image_size']}px_from_{r['cache_size']}": r for r in t["rows"]}})
     if QUALITY_OUT.is_file():
         q = json.loads(QUALITY_OUT.read_text())
         out["quality"] = {"command": q.get("command"), "loadavg_before": q.get("loadavg_before"),
@@ -150,6 +175,8 @@ def summary(args) -> dict:
                           "recipes": q.get("recipes"), "common": q.get("common"), "runs": _quality_rows(q),
                           "verdict": {r: {m: {k: v[k] for k in ("difference", "spread", "beats_by_more_than_spread")}
                                           for m, v in per.items()} for r, per in (q.get("verdict") or {}).items()}}
+    out["command"] = " ; ".join(part["command"] for part in (out.get("timing"), out.get("quality")) if part) + \
+        " ; python benchmarks/resolution.py summary"
     if args.note:
         out["note"] = args.note
     RESULT.write_text(json.dumps(out, indent=2, default=float))
