@@ -25,6 +25,7 @@ class _SessionBackend(Backend):
     def __init__(self, session, record: dict | None = None):
         self.session, self.record = session, record
         names = output_names(session)
+        self._logits_only = names[:1]  # what to fetch while nobody takes the embedding
         self._embedding_at = names.index(EMBEDDING_NAME) if EMBEDDING_NAME in names[1:] else None
         self.feature_sinks: list = []
 
@@ -35,7 +36,8 @@ class _SessionBackend(Backend):
         return shape[-1] if shape and isinstance(shape[-1], int) else -1  # -1: the graph does not say
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x.numpy())})
+        wanted = None if self.feature_sinks else self._logits_only
+        outs = self.session.run(wanted, {INPUT_NAME: np.ascontiguousarray(x.numpy())})
         if self._embedding_at is not None and self.feature_sinks:
             features = torch.from_numpy(outs[self._embedding_at])
             for sink in self.feature_sinks:
