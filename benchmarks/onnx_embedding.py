@@ -12,7 +12,7 @@ of with / without in the same round.
 Agreement, on real HAM10000 dev images decoded as serving does: the embedding of each backend against the
 eager model's (the classifier head's input), raw features and the 32-value projection the capture stores:
 FP32 ONNX Runtime (max absolute difference), INT8 on ONNX Runtime and on OpenVINO in each precision this
-CPU runs (cosine similarity; the INT8 graph is calibrated on other dev images, as ``medpipe quantize`` does).
+CPU runs (cosine similarity; the INT8 graph is calibrated on as many other dev images, as ``medpipe quantize`` does).
 
 Writes benchmarks/results/onnx_embedding.json with the load average it ran under.
 """
@@ -140,7 +140,7 @@ def main() -> None:
     images = _images(folder, n, skip=0)
     if len(images) >= n:
         pixels = [spec.read(p) for p in images]
-        calib = [spec.read(p) for p in _images(folder, 64, skip=n)]
+        calib = [spec.read(p) for p in _images(folder, n, skip=n)]
         result["agreement"] = agreement(model, spec, with_emb, pixels, calib, threads)
     else:
         result["agreement"] = f"skipped: fewer than {n} JPEGs under {folder}"
