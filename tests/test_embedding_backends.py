@@ -20,10 +20,11 @@ pytest.importorskip("onnxruntime.quantization")
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "tests" / "data" / "densenet-test"
-# measured (benchmarks/onnx_embedding.py, DenseNet121 224 px; this test's tiny DenseNet): FP32 ONNX Runtime
-# within 1e-6 of eager; INT8 (ONNX Runtime, OpenVINO f32/bf16) cosine similarity >= 0.999 per image
+# measured: FP32 ONNX Runtime within 2e-6 of eager on DenseNet121's features (benchmarks/results/onnx_embedding.json)
+# and 5e-7 on this tiny model's projected embedding; INT8 (ONNX Runtime, OpenVINO f32/bf16) cosine similarity per
+# image >= 0.9997 on DenseNet121, >= 0.9997 here
 FP32_ATOL = 1e-4
-INT8_MIN_COSINE = 0.99
+INT8_MIN_COSINE = 0.995
 
 
 @pytest.fixture(scope="module")
