@@ -69,5 +69,5 @@ def test_async_profile_answers_24mp_jpeg_within_the_stated_peak_rss(tmp_path):
     assert "Traceback" not in server.log_text()
     grew = sum(after[p] - before.get(p, 0.0) for p in after)
     print(f"peak RSS {sum(before.values()):.0f} -> {sum(after.values()):.0f} MB (+{grew:.1f}; per process "
-          f"{ {p: round(after[p] - before.get(p, 0.0), 1) for p in after} }) for a {len(big) / 2**20:.1f} MB JPEG")
+          f"{ {p: round(after[p] - before.get(p, 0.0), 1) for p in after} }) for a {len(big) / 1e6:.1f} MB JPEG")
     assert grew < BOUND_MB, (before, after)
