@@ -108,6 +108,8 @@ TRAIN_HELP = {
                 "them) or a list such as age,site; dx_type and the label can never be one",
     "metadata_mask": "probability each metadata field is hidden per training image, so predictions without "
                      "metadata fall back to the image",
+    "metadata_fusion": "how the metadata meets the image: concat (its encoding beside the pooled image features) "
+                       "or metablock (it gates the image feature maps; DenseNets only)",
     "crop_scale": "smallest area share of the random resized crop in [0.05, 1] (1 = no crop)",
     "color_jitter": "colour jitter strength in [0, 5] (1 = the default jitter)",
     "mixup_alpha": "mixup of each training batch, Beta(alpha, alpha) blend with soft targets (0 = off)",
