@@ -201,3 +201,19 @@ def test_cli_decision_rule_option_overrides_the_package(tmp_path, data_dir, caps
     capsys.readouterr()
     assert main(["predict", "--model", pkg, "--decision-rule", "prior", str(img)]) != 0
     assert "'prior' is not in this package" in capsys.readouterr().err
+
+
+def test_shrink_offsets_pulls_small_classes_toward_the_prior_rule():
+    from medpipe.decision import shrink_offsets
+
+    bias, prior = np.array([1.0, -1.0, 3.0]), np.array([0.5, 0.5, 2.0])
+    counts = np.array([200.0, 6.0, 0.0])
+    np.testing.assert_allclose(shrink_offsets(bias, prior, counts, 0), bias - bias.mean())
+    np.testing.assert_allclose(shrink_offsets(bias, prior, counts, float("inf")), prior - prior.mean())
+    got = shrink_offsets(bias, prior, counts, 20)
+    w = counts / (counts + 20)
+    np.testing.assert_allclose(got, w * (bias - 1.0) + (1 - w) * (prior - 1.0))
+    assert abs(got[0] - (bias[0] - 1.0)) < abs(got[1] - (bias[1] - 1.0))  # the big class keeps more of its own
+    assert got[2] == pytest.approx(prior[2] - 1.0)  # a class absent from validation is the prior's
+    with pytest.raises(DecisionRuleError, match="k must be >= 0"):
+        shrink_offsets(bias, prior, counts, -1)

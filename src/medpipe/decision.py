@@ -88,6 +88,18 @@ def _fit_class_bias(log_p: np.ndarray, y: np.ndarray, n_classes: int, start: np.
     return b - b.mean(), score  # offsets are defined up to a constant
 
 
+def shrink_offsets(bias, prior, counts, k: float) -> np.ndarray:
+    """``class_bias`` offsets pulled toward ``prior``'s: class ``c`` keeps the weight ``n_c / (n_c + k)`` of its
+    own offset (``counts``: its validation images), so a class seen a few times moves little from the prior
+    rule. ``k`` 0 gives ``class_bias``, infinity ``prior`` (both centred: offsets are defined up to a constant)."""
+    bias, prior = np.asarray(bias, dtype=np.float64), np.asarray(prior, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    if k < 0 or math.isnan(k):
+        raise DecisionRuleError(f"shrinkage k must be >= 0, got {k}")
+    w = np.ones_like(counts) if k == 0 else counts / (counts + k)
+    return w * (bias - bias.mean()) + (1.0 - w) * (prior - prior.mean())
+
+
 def fit_rules(probs: np.ndarray, y: np.ndarray, classes: list[str], default: str = "argmax") -> dict:
     """Fit every rule on validation probabilities (calibrated) and labels; the dict stored in model.json."""
     if default not in RULES:
