@@ -67,6 +67,16 @@ def _fit_prior(log_p: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[float,
     return best[1], -best[1] * log_prior, best[0]
 
 
+def _grid_scores(log_p: np.ndarray, y: np.ndarray, n_classes: int, offsets: np.ndarray) -> np.ndarray:
+    """Balanced accuracy of each row of ``offsets`` (G x C) at once, as :func:`balanced_accuracy`."""
+    pred = (log_p[None, :, :] + offsets[:, None, :]).argmax(axis=2)  # G x N
+    onehot = np.eye(n_classes)[y]  # N x C
+    counts = onehot.sum(axis=0)
+    present = counts > 0
+    recall = ((pred == y[None, :]).astype(np.float64) @ onehot)[:, present] / counts[present]
+    return recall.mean(axis=1)
+
+
 def _fit_class_bias(log_p: np.ndarray, y: np.ndarray, n_classes: int, start: np.ndarray,
                     sweeps: int = 3) -> tuple[np.ndarray, float]:
     b = start.copy()
@@ -74,15 +84,12 @@ def _fit_class_bias(log_p: np.ndarray, y: np.ndarray, n_classes: int, start: np.
     for _ in range(sweeps):
         moved = False
         for k in range(n_classes):
-            best_v, best_s = b[k], score
-            for v in b[k] + BIAS_GRID:
-                trial = b.copy()
-                trial[k] = v
-                s = balanced_accuracy(y, (log_p + trial).argmax(axis=1), n_classes)
-                if s > best_s + 1e-9:  # strictly better only: no drift on plateaus
-                    best_v, best_s = v, s
-            if best_v != b[k]:
-                b[k], score, moved = best_v, best_s, True
+            trials = np.repeat(b[None, :], len(BIAS_GRID), axis=0)
+            trials[:, k] = b[k] + BIAS_GRID
+            scores = _grid_scores(log_p, y, n_classes, trials)
+            best = int(np.argmax(scores))  # the first grid value reaching the best score
+            if scores[best] > score + 1e-9:  # strictly better only: no drift on plateaus
+                b[k], score, moved = trials[best, k], float(scores[best]), True
         if not moved:
             break
     return b - b.mean(), score  # offsets are defined up to a constant
