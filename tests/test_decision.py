@@ -28,7 +28,7 @@ def test_prior_rule_raises_balanced_accuracy_on_held_out_data():
     y_val, p_val = _skewed(1500, 0)
     y_test, p_test = _skewed(1500, 1)
     d = fit_rules(p_val, y_val, CLASSES, default="prior")
-    assert d["default"] == "prior" and set(d["rules"]) == {"argmax", "prior", "class_bias"}
+    assert d["default"] == "prior" and set(d["rules"]) == {"argmax", "prior", "class_bias", "class_bias_bagged"}
     # fitted on val: never worse than argmax there, and the gain carries over to unseen data
     for name in ("prior", "class_bias"):
         assert d["rules"][name]["val_balanced_accuracy"] >= d["rules"]["argmax"]["val_balanced_accuracy"]
@@ -217,3 +217,20 @@ def test_shrink_offsets_pulls_small_classes_toward_the_prior_rule():
     assert got[2] == pytest.approx(prior[2] - 1.0)  # a class absent from validation is the prior's
     with pytest.raises(DecisionRuleError, match="k must be >= 0"):
         shrink_offsets(bias, prior, counts, -1)
+
+
+def test_bagged_class_bias_is_seeded_and_averages_bootstrap_fits():
+    from medpipe.decision import BAGS, _fit_class_bias, _fit_prior
+
+    y, p = _skewed(300, 3)
+    a, b = fit_rules(p, y, CLASSES), fit_rules(p, y, CLASSES)
+    assert a["rules"]["class_bias_bagged"] == b["rules"]["class_bias_bagged"]  # same split, same offsets
+    log_p = np.log(p)
+    rng, fits = np.random.default_rng(0), []
+    for _ in range(BAGS):
+        idx = rng.integers(0, len(y), len(y))
+        fits.append(_fit_class_bias(log_p[idx], y[idx], 7, _fit_prior(log_p[idx], y[idx], 7)[1])[0])
+    np.testing.assert_allclose(a["rules"]["class_bias_bagged"]["offsets"], np.mean(fits, axis=0))
+    assert not np.allclose(a["rules"]["class_bias_bagged"]["offsets"], a["rules"]["class_bias"]["offsets"])
+    bag = a["rules"]["class_bias_bagged"]
+    assert bag["val_balanced_accuracy"] == balanced_accuracy(y, apply_offsets(p, bag["offsets"]), 7)
