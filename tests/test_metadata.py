@@ -291,6 +291,31 @@ def test_batch_reads_manifest_metadata_columns(meta_run, predictor, data_dir, tm
     assert summary["errors"] == 1 and summary["predicted"] == 2  # the job went on past the bad row
 
 
+def test_batch_url_sends_manifest_metadata_to_the_server(served, predictor, data_dir, tmp_path):
+    """`medpipe batch --url`: each row's age/sex/site goes beside its image as JSON; the server's answers equal the
+    in-process ones; a row without metadata gets the image-only fallback; a bad value is an error row naming it."""
+    from medpipe.batch import run_batch
+    from medpipe.data.sources import load_records
+
+    table, _ = load_records(data_dir)
+    imgs = []
+    for p in table["path"][:3]:
+        imgs.append(tmp_path / p.rsplit("/", 1)[-1])
+        shutil.copy(p, imgs[-1])
+    manifest = tmp_path / "in.csv"
+    manifest.write_text("path,age_approx,sex,anatom_site_general,dx_type\n"
+                        f"{imgs[0].name},70,male,face,histo\n{imgs[1].name},,,,histo\n{imgs[2].name},70,male,moon,\n")
+    summary = run_batch(None, str(manifest), str(tmp_path / "out"), url=served.url, retries=1)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    want = predictor.predict_files([imgs[0], imgs[1]], metadata=[GIVEN, None])
+    for row, pred in zip(rows[:2], want):
+        assert max(abs(row["probabilities"][c] - pred.probabilities[c]) for c in predictor.classes) < 1e-4
+    plain = predictor.predict_files([imgs[0]])[0].probabilities  # the metadata moved the answer: it was sent
+    assert max(abs(rows[0]["probabilities"][c] - plain[c]) for c in plain) > 1e-4
+    assert rows[2]["error"] == "invalid_metadata" and "site: 'moon'" in rows[2]["message"]
+    assert summary["errors"] == 1 and summary["predicted"] == 2 and summary["missing"] == 0
+
+
 # -- exports -------------------------------------------------------------------------------------------------
 
 def test_onnx_two_inputs_standalone_client_and_torchscript_equal_in_process(meta_run, predictor, data_dir, tmp_path):

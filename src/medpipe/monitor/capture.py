@@ -18,7 +18,7 @@ Medical images are personal data: by default the input is captured as a **finger
 (``observedContentType`` :data:`FINGERPRINT_TYPE`, encoding JSON): sha256 and byte size of the
 bytes, format, width x height, and pixel statistics of the image resized to :data:`STATS_SIZE`
 (per-channel mean/std, luminance, blur as the variance of the Laplacian, the under/over-exposed
-pixel shares) and, with the eager backend, the model's penultimate-layer embedding compressed to 32
+pixel shares) and, where the backend gives one, the model's penultimate-layer embedding compressed to 32
 float16 values (:mod:`medpipe.monitor.embedding`: ``embedding``, ``embedding_projection``); never
 pixels. ``inputs=True`` captures the request body itself, base64, as SageMaker does.
 
