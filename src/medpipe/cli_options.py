@@ -106,12 +106,15 @@ TRAIN_HELP = {
     "experiment": "MLflow experiment the run is logged under (with --track)",
     "register": "register the logged model in the MLflow model registry under this name (with --track)",
     "decision_rule": "how the package turns probabilities into a label (fitted on validation): argmax, prior "
-                     "(logit adjustment) or class_bias (per-class offsets)",
+                     "(logit adjustment), class_bias (per-class offsets) or class_bias_bagged (class_bias averaged "
+                     "over bootstrap fits)",
     "color_constancy": "colour normalisation in the package's preprocessing (none or shades_of_gray)",
     "metadata": "patient metadata as a second model input: none, auto (age, sex and site where the data has "
                 "them) or a list such as age,site; dx_type and the label can never be one",
     "metadata_mask": "probability each metadata field is hidden per training image, so predictions without "
                      "metadata fall back to the image",
+    "metadata_fusion": "how the metadata meets the image: concat (its encoding beside the pooled image features) "
+                       "or metablock (it gates the image feature maps; DenseNets only)",
     "crop_scale": "smallest area share of the random resized crop in [0.05, 1], 1 = no crop (default: 0.6 with a "
                   "--cache-size larger than --image-size, else 1)",
     "color_jitter": "colour jitter strength in [0, 5] (1 = the default jitter)",

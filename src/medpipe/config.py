@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from medpipe.data.imageio import resample_filter
+from medpipe.data.metadata import FUSIONS as METADATA_FUSIONS
 from medpipe.data.metadata import parse_fields as parse_metadata_fields
 from medpipe.decision import RULES as DECISION_RULES
 from medpipe.errors import ConfigError
@@ -92,6 +93,7 @@ class TrainConfig:
     # patient metadata beside the image (medpipe.data.metadata): none, auto (every input the data has) or a list
     metadata: str = "none"
     metadata_mask: float = 0.25  # probability each metadata field is hidden per training image
+    metadata_fusion: str = "concat"  # how metadata meets the image (medpipe.models): concat or metablock
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -117,6 +119,7 @@ class TrainConfig:
             (0 <= self.mix_prob <= 1, "mix_prob", "in [0, 1]"),
             (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)"),
             (0 <= self.metadata_mask < 1, "metadata_mask", "in [0, 1)"),
+            (self.metadata_fusion in METADATA_FUSIONS, "metadata_fusion", f"one of {METADATA_FUSIONS}"),
             (self.threads >= 0, "threads", ">= 0 (0: all cores)"),
             (self.weight_decay >= 0, "weight_decay", ">= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),

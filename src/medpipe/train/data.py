@@ -283,7 +283,7 @@ def metadata_spec(table, cfg: TrainConfig, where: Path) -> MetadataSpec | None:
     spec = MetadataSpec.fit(records, fields, cfg.metadata_mask)
     train = table[table["split"] == "train"][list(fields)].astype(str).to_dict("records")
     age = MetadataSpec.fit(train, fields) if "age" in fields else spec
-    spec = dataclasses.replace(spec, age_mean=age.age_mean, age_std=age.age_std)
+    spec = dataclasses.replace(spec, age_mean=age.age_mean, age_std=age.age_std, fusion=cfg.metadata_fusion)
     log.info("metadata inputs %s (%d values per image)", ", ".join(spec.fields), spec.dim)
     return spec
 
