@@ -84,17 +84,32 @@ class OpenVinoSession:
         self._lock = threading.Lock()
         self._model, self._shape = None, None
 
+    def _read(self) -> None:
+        """Parse the ONNX graph once (under the lock); each bucket reshapes its own copy."""
+        if self._model is None:
+            self._model = self.core.read_model(self.onnx)
+            shape = self._model.inputs[0].get_partial_shape()
+            self._shape = [int(d.get_length()) for d in list(shape)[1:]]
+
     def _request(self, bucket: int):
         with self._lock:
             if bucket not in self._requests:
-                if self._model is None:  # parsed once; each bucket reshapes its own copy
-                    self._model = self.core.read_model(self.onnx)
-                    shape = self._model.inputs[0].get_partial_shape()
-                    self._shape = [int(d.get_length()) for d in list(shape)[1:]]
+                self._read()
                 model = self._model.clone()
                 model.reshape({0: [bucket, *self._shape]})
                 self._requests[bucket] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
             return self._requests[bucket]
+
+    def get_outputs(self) -> list:
+        """The graph's outputs in order, each with its ``name`` and ``shape`` (None for a dynamic dimension), as
+        ONNX Runtime's session lists them."""
+        from types import SimpleNamespace
+
+        with self._lock:
+            self._read()
+            return [SimpleNamespace(name=o.get_any_name(), shape=[None if d.is_dynamic else d.get_length()
+                                                                  for d in o.get_partial_shape()])
+                    for o in self._model.outputs]
 
     def warm(self, buckets: int | None = None) -> None:
         """Compile the first ``buckets`` buckets (all by default) now, a few seconds each for DenseNet121,
@@ -113,8 +128,8 @@ class OpenVinoSession:
 
         Padding a batch up to its bucket computes rows that are thrown away: measured on the 2-core machine
         (224 px DenseNet121 INT8, benchmarks/results/serve_profile_int8.md), a bucket's images/s hardly grows
-        with its size (batch 1: 18.5, 4: 23, 8: 22), so a batch of 5 padded to 8 ran at 14 images/s, as 4 + 1
-        at about 22."""
+        with its size (batch 1: 18.5, 4: 23, 8: 22), so a batch of 5 padded to 8 ran at 14 images/s where 4 + 1
+        comes to about 21 (from the batch-4 and batch-1 rates)."""
         out, left = [], n
         while left:
             size = next(b for b in reversed(self.buckets) if b <= left)
@@ -123,10 +138,13 @@ class OpenVinoSession:
         return out
 
     def run(self, _outputs, feed: dict) -> list[np.ndarray]:
+        """Every output of the graph for the batch in ``feed`` (its one input), run in bucket-sized chunks."""
         x = np.ascontiguousarray(next(iter(feed.values())), dtype=np.float32)
-        outs, start = [], 0
+        outs: list[list[np.ndarray]] = []
+        start = 0
         for size in self.chunks(len(x)):
             result = self._request(size).infer({0: x[start:start + size]})
-            outs.append(np.array(result[0], dtype=np.float32))
+            # every output, in the graph's order (the logits, then the embedding where the graph has one)
+            outs.append([np.array(result[k], dtype=np.float32) for k in range(len(result))])
             start += size
-        return [np.concatenate(outs) if len(outs) > 1 else outs[0]]
+        return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*outs)]
