@@ -39,6 +39,7 @@ and takes its AUC from an earlier run of that seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -220,26 +221,27 @@ def deploy_run(fl_bin: Path, work: Path, folders: dict, site_names: list[str], t
                   "--local-epochs", str(local_epochs), "--min-sites", str(len(site_names)), "--config", str(yml),
                   "--straggler-wait", "600", "--round-timeout", str(timeout), "--wait-for-sites", "600", *algo]
     logs = work / "deploy"
-    procs = [subprocess.Popen(server_cmd, stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True, env=env)]
-    for s in site_names:
-        procs.append(subprocess.Popen(
-            [med, "fl", "site", "--data", str(folders[s]), "--server", f"127.0.0.1:{port}", "--ca",
-             str(certs / "ca.crt"), "--key", str(certs / "sites" / s), "--runtime-port", str(_free_port()),
-             "--threads", "1"], stdout=open(logs / f"site_{s}.log", "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True, env=env))
-    try:
-        rc = procs[0].wait(timeout)
-    finally:
-        for p in procs[1:]:  # a site runs until stopped (SIGTERM); then anything left in its process group
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(30)
+    site_cmds = {s: [med, "fl", "site", "--data", str(folders[s]), "--server", f"127.0.0.1:{port}", "--ca",
+                     str(certs / "ca.crt"), "--key", str(certs / "sites" / s), "--runtime-port", str(_free_port()),
+                     "--threads", "1"] for s in site_names}
+    with contextlib.ExitStack() as stack:
+        def spawn(cmd, name):
+            out = stack.enter_context(open(logs / f"{name}.log", "wb"))
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+        procs = [spawn(server_cmd, "server"), *(spawn(cmd, f"site_{s}") for s, cmd in site_cmds.items())]
+        try:
+            rc = procs[0].wait(timeout)
+        finally:
+            for p in procs[1:]:  # a site runs until stopped (SIGTERM); then anything left in its process group
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(30)
     if rc != 0:
         raise SystemExit(f"the Flower deployment failed (exit {rc}); see {logs / 'server.log'}:\n"
                          + (logs / "server.log").read_text()[-2000:])
@@ -300,7 +302,7 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
                                 args.local_epochs)
             counts = np.sum([Site(folders[s], s, tc.to_dict(), classes).source.class_counts for s in site_names], axis=0)
             rows.append({"method": f"{args.deploy} (Flower deployment, TLS)", **score(arrays, counts),
-                         "mb_per_round": rows[-1]["mb_per_round"], "wall_s": round(time.perf_counter() - t0, 1)})
+                         "mb_per_round": round(2 * len(site_names) * mb, 2), "wall_s": round(time.perf_counter() - t0, 1)})
             print(seed, rows[-1], flush=True)
         sizes = {s: int((table["site"] == s).sum()) for s in site_names}
         return {"seed": seed, "test_images": int((table["split"] == "test").sum()), "site_images": sizes, "rows": rows}
@@ -345,7 +347,7 @@ def main() -> None:
     ap.add_argument("--central-auc", type=float, help="the centralized AUC to reach, from an earlier run of the "
                     "same seed and split (the centralized row is then not run: it does not depend on --split)")
     ap.add_argument("--work", help="folder for the temporary site folders (default the system's)")
-    ap.add_argument("--deploy", help="a --configs entry to run again, for the first seed, on the real Flower "
+    ap.add_argument("--deploy", help="a configuration to run, for the first seed, on the real Flower "
                     "deployment (SuperLink + SuperNodes with TLS, the --fl-venv's Flower)")
     ap.add_argument("--fl-venv", default=str(Path(__file__).resolve().parents[1] / ".venv-fl"))
     ap.add_argument("--out", default="federated")
@@ -354,8 +356,8 @@ def main() -> None:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         ap.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
-    if args.deploy and args.deploy not in configs:
-        ap.error(f"--deploy {args.deploy}: not among --configs")
+    if args.deploy and args.deploy not in CONFIGS:
+        ap.error(f"--deploy {args.deploy}: unknown; choose from {', '.join(CONFIGS)}")
     if args.split == "age" and not args.data:
         ap.error("--split age needs --data (real images with an age column)")
     raw = Path(args.data).resolve() if args.data else synth_dataset(args.count, seed=0, width=160, height=120)
