@@ -20,17 +20,18 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model: Path, *args: str, env: dict | None = None, log: Path | None = None,
-                 slow_infer_s: float = 0.0, headers: dict | None = None, tls=None):
+                 slow_infer_s: float = 0.0, headers: dict | None = None, tls=None, prefix: list[str] | None = None):
         """``slow_infer_s``: every forward pass sleeps that long first (tests/slow.py; deadlines, queues);
         ``headers``: sent with every request (e.g. the bearer token); ``tls``: an ``ssl.SSLContext`` to
-        talk HTTPS with (the server started with --tls-cert/--tls-key)."""
+        talk HTTPS with (the server started with --tls-cert/--tls-key); ``prefix``: a command the server runs
+        under (it must exec its arguments, e.g. ``unshare``)."""
         self.port = free_port()
         self.headers, self.tls = dict(headers or {}), tls
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "wb") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", *(["tests.slow", "infer", str(slow_infer_s)] if slow_infer_s else ["medpipe"]),
+            [*(prefix or []), sys.executable, "-m", *(["tests.slow", "infer", str(slow_infer_s)] if slow_infer_s else ["medpipe"]),
              "serve", "--model", str(model), "--port", str(self.port), *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],  # tests.slow
             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})

@@ -161,6 +161,12 @@ def test_batch_via_url_matches_local(trained_run, folder50, tmp_path):
         assert main(["batch", "--url", s.url, "--input", str(folder50), "--output", str(out)]) == 0
         state = json.loads((out / "batch.json").read_text())
         assert state["concurrency"] == 4  # from the server's /execution-parameters
+        # a manifest with patient metadata, to a model that takes the image only: the images alone, as locally
+        imgs = sorted(folder50.rglob("*.jpg"))[:2]
+        manifest = folder50 / "with_metadata.csv"
+        manifest.write_text("path,age,sex,site\n" + "".join(f"{p.relative_to(folder50)},70,male,face\n" for p in imgs))
+        assert main(["batch", "--url", s.url, "--input", str(manifest), "--output", str(tmp_path / "md")]) == 0
+        with_md = {r["path"].rsplit("/", 1)[-1]: r for r in _rows(tmp_path / "md")}
     finally:
         s.stop()
     local = tmp_path / "local"
@@ -173,6 +179,10 @@ def test_batch_via_url_matches_local(trained_run, folder50, tmp_path):
         if "label" in a:
             assert a["label"] == b["label"]
             assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-5
+    local_by_name = {r["path"].rsplit("/", 1)[-1]: r for r in local_rows}
+    assert len(with_md) == 2 and all("label" in r for r in with_md.values())
+    for name, r in with_md.items():
+        assert max(abs(r["probabilities"][c] - local_by_name[name]["probabilities"][c]) for c in r["probabilities"]) < 1e-5
 
 
 # -- hostile inputs and a busy server (RELIABILITY "Files, paths and labels", "Batch over HTTP") ----------

@@ -156,6 +156,39 @@ def test_ray_engine_reads_an_s3_prefix(cluster, job, s3_env):
     _assert_same_rows(_rows(job / "from_s3"), [r for r in _rows(job / "local") if r["id"].startswith("site1/")])
 
 
+def test_ray_engine_carries_manifest_metadata_as_the_local_engine(cluster, tmp_path):
+    """A package that takes patient metadata, a CSV manifest with age/sex/site columns: the actors encode each
+    row's values as the local engine does (same rows; a value outside the vocabulary is an error row naming it)."""
+    import torch
+    from PIL import Image
+
+    from medpipe.batch import run_batch
+    from medpipe.batch_ray import run_batch_ray
+    from medpipe.data.metadata import MetadataSpec
+    from medpipe.models import create_model
+    from medpipe.package import save_package
+    from medpipe.preprocess import PreprocessSpec
+
+    spec = MetadataSpec(fields=("age", "sex", "site"), sex=("female", "male"), site=("back", "face"))
+    torch.manual_seed(1)
+    save_package(tmp_path / "pkg", create_model("densenet-test", 3, metadata_dim=spec.dim).eval(), name="ray-md",
+                 arch="densenet-test", classes=["a", "b", "c"], spec=PreprocessSpec(image_size=32), metadata=spec)
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(1)
+    values = ["70,male,face", ",,", "40,female,back", "70,male,moon"]
+    for i in range(len(values)):
+        Image.fromarray(rng.integers(0, 255, (36, 40, 3), np.uint8)).save(tmp_path / "in" / f"m{i}.png")
+    (tmp_path / "in" / "md.csv").write_text("path,age,sex,site\n" + "".join(f"m{i}.png,{v}\n" for i, v in enumerate(values)))
+    common = {"shard_size": 4, "backend": "eager", "device": "cpu"}
+    run_batch(str(tmp_path / "pkg"), str(tmp_path / "in" / "md.csv"), str(tmp_path / "local"), workers=1, **common)
+    run_batch_ray(str(tmp_path / "pkg"), str(tmp_path / "in" / "md.csv"), str(tmp_path / "ray"),
+                  address=cluster.address, actors=1, **common)
+    got, want = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
+    _assert_same_rows(got, want)
+    assert [("error" in r) for r in got] == [False, False, False, True]
+    assert got[3]["error"] == "invalid_metadata" and "site: 'moon'" in got[3]["message"]
+
+
 def test_worker_node_killed_mid_job_answers_every_item_exactly_once(cluster, job, tmp_path):
     """Last in the module: the worker node is gone afterwards."""
     from medpipe.batch_ray import run_batch_ray

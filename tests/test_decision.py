@@ -28,7 +28,7 @@ def test_prior_rule_raises_balanced_accuracy_on_held_out_data():
     y_val, p_val = _skewed(1500, 0)
     y_test, p_test = _skewed(1500, 1)
     d = fit_rules(p_val, y_val, CLASSES, default="prior")
-    assert d["default"] == "prior" and set(d["rules"]) == {"argmax", "prior", "class_bias"}
+    assert d["default"] == "prior" and set(d["rules"]) == {"argmax", "prior", "class_bias", "class_bias_bagged"}
     # fitted on val: never worse than argmax there, and the gain carries over to unseen data
     for name in ("prior", "class_bias"):
         assert d["rules"][name]["val_balanced_accuracy"] >= d["rules"]["argmax"]["val_balanced_accuracy"]
@@ -201,3 +201,36 @@ def test_cli_decision_rule_option_overrides_the_package(tmp_path, data_dir, caps
     capsys.readouterr()
     assert main(["predict", "--model", pkg, "--decision-rule", "prior", str(img)]) != 0
     assert "'prior' is not in this package" in capsys.readouterr().err
+
+
+def test_shrink_offsets_pulls_small_classes_toward_the_prior_rule():
+    from medpipe.decision import shrink_offsets
+
+    bias, prior = np.array([1.0, -1.0, 3.0]), np.array([0.5, 0.5, 2.0])
+    counts = np.array([200.0, 6.0, 0.0])
+    np.testing.assert_allclose(shrink_offsets(bias, prior, counts, 0), bias - bias.mean())
+    np.testing.assert_allclose(shrink_offsets(bias, prior, counts, float("inf")), prior - prior.mean())
+    got = shrink_offsets(bias, prior, counts, 20)
+    w = counts / (counts + 20)
+    np.testing.assert_allclose(got, w * (bias - 1.0) + (1 - w) * (prior - 1.0))
+    assert abs(got[0] - (bias[0] - 1.0)) < abs(got[1] - (bias[1] - 1.0))  # the big class keeps more of its own
+    assert got[2] == pytest.approx(prior[2] - 1.0)  # a class absent from validation is the prior's
+    with pytest.raises(DecisionRuleError, match="k must be >= 0"):
+        shrink_offsets(bias, prior, counts, -1)
+
+
+def test_bagged_class_bias_is_seeded_and_averages_bootstrap_fits():
+    from medpipe.decision import BAGS, _fit_class_bias, _fit_prior
+
+    y, p = _skewed(300, 3)
+    a, b = fit_rules(p, y, CLASSES), fit_rules(p, y, CLASSES)
+    assert a["rules"]["class_bias_bagged"] == b["rules"]["class_bias_bagged"]  # same split, same offsets
+    log_p = np.log(p)
+    rng, fits = np.random.default_rng(0), []
+    for _ in range(BAGS):
+        idx = rng.integers(0, len(y), len(y))
+        fits.append(_fit_class_bias(log_p[idx], y[idx], 7, _fit_prior(log_p[idx], y[idx], 7)[1])[0])
+    np.testing.assert_allclose(a["rules"]["class_bias_bagged"]["offsets"], np.mean(fits, axis=0))
+    assert not np.allclose(a["rules"]["class_bias_bagged"]["offsets"], a["rules"]["class_bias"]["offsets"])
+    bag = a["rules"]["class_bias_bagged"]
+    assert bag["val_balanced_accuracy"] == balanced_accuracy(y, apply_offsets(p, bag["offsets"]), 7)

@@ -54,6 +54,26 @@ def test_training_on_cuda_writes_a_package_that_loads_on_cpu(gpu_run, data_dir):
         assert max(abs(g.probabilities[k] - c.probabilities[k]) for k in c.probabilities) < CROSS_DEVICE_ATOL
 
 
+def test_training_on_cuda_records_gpu_memory_and_utilisation(gpu_run):
+    """The CUDA half of the per-epoch resource metrics (train/handlers.py ResourceMetrics): peak GPU memory of
+    the epoch, and NVML's utilisation where pynvml is installed (absent, not zero, where it is not). The CPU
+    half, and the absence of the GPU fields on CPU, are tests/test_monitor_training.py."""
+    lines = [m for m in map(json.loads, (gpu_run / "metrics.jsonl").read_text().splitlines()) if "epoch" in m]
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        torch.cuda.utilization(0)
+        nvml = True
+    except Exception:  # noqa: BLE001 - no pynvml / NVML here
+        nvml = False
+    for m in lines:
+        assert 0 < m["gpu_memory_gb"] < total_gb, m
+        assert m["rss_mb"] > 50 and m["cpu_percent"] > 0 and m["disk_free_gb"] > 0
+        if nvml:
+            assert 0 <= m["gpu_utilization"] <= 100, m
+        else:
+            assert "gpu_utilization" not in m
+
+
 def test_auto_picks_cuda_and_cuda_graphs(gpu_run):
     from medpipe.infer.predictor import Predictor
 

@@ -291,6 +291,31 @@ def test_batch_reads_manifest_metadata_columns(meta_run, predictor, data_dir, tm
     assert summary["errors"] == 1 and summary["predicted"] == 2  # the job went on past the bad row
 
 
+def test_batch_url_sends_manifest_metadata_to_the_server(served, predictor, data_dir, tmp_path):
+    """`medpipe batch --url`: each row's age/sex/site goes beside its image as JSON; the server's answers equal the
+    in-process ones; a row without metadata gets the image-only fallback; a bad value is an error row naming it."""
+    from medpipe.batch import run_batch
+    from medpipe.data.sources import load_records
+
+    table, _ = load_records(data_dir)
+    imgs = []
+    for p in table["path"][:3]:
+        imgs.append(tmp_path / p.rsplit("/", 1)[-1])
+        shutil.copy(p, imgs[-1])
+    manifest = tmp_path / "in.csv"
+    manifest.write_text("path,age_approx,sex,anatom_site_general,dx_type\n"
+                        f"{imgs[0].name},70,male,face,histo\n{imgs[1].name},,,,histo\n{imgs[2].name},70,male,moon,\n")
+    summary = run_batch(None, str(manifest), str(tmp_path / "out"), url=served.url, retries=1)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    want = predictor.predict_files([imgs[0], imgs[1]], metadata=[GIVEN, None])
+    for row, pred in zip(rows[:2], want):
+        assert max(abs(row["probabilities"][c] - pred.probabilities[c]) for c in predictor.classes) < 1e-4
+    plain = predictor.predict_files([imgs[0]])[0].probabilities  # the metadata moved the answer: it was sent
+    assert max(abs(rows[0]["probabilities"][c] - plain[c]) for c in plain) > 1e-4
+    assert rows[2]["error"] == "invalid_metadata" and "site: 'moon'" in rows[2]["message"]
+    assert summary["errors"] == 1 and summary["predicted"] == 2 and summary["missing"] == 0
+
+
 # -- exports -------------------------------------------------------------------------------------------------
 
 def test_onnx_two_inputs_standalone_client_and_torchscript_equal_in_process(meta_run, predictor, data_dir, tmp_path):
@@ -402,3 +427,47 @@ def test_web_page_offers_the_fields_and_explain_takes_them(served, predictor, da
     assert status == 200 and max(abs(got[c] - want[c]) for c in want) < 1e-4
     status, _, raw = served.request("POST", "/explain?site=moon", _jpeg(data_dir), {"Content-Type": "image/jpeg"})
     assert status == 400 and "site: 'moon'" in json.loads(raw)["message"]
+
+
+# -- MetaBlock fusion ----------------------------------------------------------------------------------------
+
+def test_metablock_package_records_its_fusion_and_onnx_torchscript_equal_in_process(data_dir, tmp_path):
+    """--metadata-fusion metablock: the metadata gates the DenseNet's feature maps; the package's spec says so,
+    and its ONNX (two inputs) and TorchScript exports give the in-process probabilities within 1e-4, with and
+    without metadata. A network without a feature trunk to gate is refused naming the option."""
+    import onnxruntime as ort
+    import torch
+
+    from medpipe.infer.onnx_runtime import INPUT_NAME, METADATA_INPUT_NAME
+    from medpipe.infer.predictor import Predictor
+    from medpipe.models import create_model
+    from medpipe.preprocess import eval_batch
+
+    run = tmp_path / "mb"
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *TINY, "--epochs", "1", "--metadata", "auto",
+                 "--metadata-fusion", "metablock"]) == 0
+    assert json.loads((run / "model" / "model.json").read_text())["metadata"]["fusion"] == "metablock"
+    predictor = Predictor(run / "model", device="cpu")
+    assert type(predictor.model).__name__ == "MetaBlockFusion"
+    img = _image(data_dir)
+    x = eval_batch([predictor.spec.read(img)] * 2, predictor.spec).numpy()
+    m = predictor.metadata_spec.encode_many([GIVEN, None])
+    want = predictor.probabilities([predictor.spec.read(img)] * 2, metadata=[GIVEN, None])
+    assert not np.allclose(want[0], want[1], atol=1e-5)  # the metadata moves the prediction
+    onnx = tmp_path / "mb.onnx"
+    assert main(["export", "--model", str(run / "model"), "--format", "onnx", "--out", str(onnx)]) == 0
+    sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == [INPUT_NAME, METADATA_INPUT_NAME]
+    logits = sess.run(None, {INPUT_NAME: x, METADATA_INPUT_NAME: m})[0]
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits) / predictor.temperature, 1).numpy(), want,
+                               atol=1e-4)
+    ts = tmp_path / "mb.ts"
+    assert main(["export", "--model", str(run / "model"), "--format", "torchscript", "--out", str(ts)]) == 0
+    z = torch.jit.load(str(ts))(torch.from_numpy(x), torch.from_numpy(m))
+    np.testing.assert_allclose(torch.softmax(z / predictor.temperature, 1).detach().numpy(), want, atol=1e-4)
+    with pytest.raises(ConfigError, match="metadata_fusion metablock gates a DenseNet's feature maps"):
+        create_model("resnet18", 7, metadata_dim=4, fusion="metablock")
+    with pytest.raises(ValueError, match="'fusion' must be one of concat, metablock"):
+        MetadataSpec.from_dict({**predictor.metadata_spec.to_dict(), "fusion": "sum"})
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "bad"), *TINY, "--metadata", "auto",
+                 "--metadata-fusion", "sum"]) == 2

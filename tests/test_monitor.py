@@ -116,6 +116,25 @@ def test_unshifted_windows_pass_and_a_colour_cast_is_flagged(world, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(plots/{name}.png)" in report
 
 
+def _requality(data: bytes, quality: int) -> bytes:
+    """The same image re-encoded at another JPEG quality (a gateway that recompresses, another camera)."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_a_jpeg_quality_drop_is_flagged_as_input_drift(world, tmp_path):
+    base_q = json.loads((world["base"] / "statistics.json").read_text())["inputs"]["jpeg_quality"]
+    assert len(base_q) == 160 and min(base_q) > 70  # the synthetic set's JPEGs
+    _capture(tmp_path / "low", world["predictor"], [_requality(b, 40) for b in world["images"]])
+    code, res = _check(world, tmp_path / "low", tmp_path / "out")
+    assert code == EXIT_VIOLATION
+    for w in res["windows"]:
+        assert w["input_drift"]["jpeg_quality"]["p_holm"] < 0.01
+    found = json.loads((tmp_path / "out" / "constraint_violations.json").read_text())["violations"]
+    assert {v["window"] for v in found if v.get("feature_name") == "jpeg_quality"} == {0, 1}
+
+
 def test_ground_truth_joined_by_event_id_gives_the_direct_accuracy(world, tmp_path):
     from medpipe.monitor.drift import measured_performance
 
@@ -171,6 +190,69 @@ def test_bad_lines_other_models_and_a_sagemaker_record_are_counted_never_mixed(w
     rows = read_capture(odd, world["predictor"].classes, SHA, ReadLog())
     assert len(rows.probs) == 1 and rows.inputs[0]["sha256"] and 0 < rows.inputs[0]["mean_r"] < 1
     assert last["n"] == 41
+
+
+# The sample record of the SageMaker developer guide, "Capture data from real-time endpoint", section "View
+# Captured Data" (https://docs.aws.amazon.com/sagemaker/latest/dg/model-monitor-data-capture-endpoint.html),
+# verbatim: an endpoint invoked with text/csv, answering one score. Not a medpipe model's answer.
+SAGEMAKER_DOC_RECORD = (
+    '{"captureData":{"endpointInput":{"observedContentType":"text/csv","mode":"INPUT",'
+    '"data":"69,0,153.7,109,194.0,105,256.1,114,14.1,6,1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,'
+    '0,0,1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1,0,1,0,1,0\\n",'
+    '"encoding":"CSV"},"endpointOutput":{"observedContentType":"text/csv; charset=utf-8","mode":"OUTPUT",'
+    '"data":"0.0254181120544672","encoding":"CSV"}},'
+    '"eventMetadata":{"eventId":"aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee","inferenceTime":"2022-02-14T17:25:49Z"},'
+    '"eventVersion":"0"}')
+
+
+def test_the_documented_sagemaker_record_and_sagemakers_default_base64_output(world, tmp_path):
+    """monitor check reads SageMaker's documented record without mixing it in (counted and named), and reads
+    a medpipe endpoint's record as SageMaker writes it with no CaptureContentTypeHeader: both payloads base64
+    (the API reference of DataCaptureConfig: "If no headers are specified SageMaker AI will by default base64
+    encode when capturing the data")."""
+    cap = tmp_path / "cap"
+    _capture(cap, world["predictor"], world["images"][:40])
+    img, pr = world["images"][40], world["predictor"]
+    answer = _answer(pr, pr.probabilities([pr.decode(img)]))
+    b64 = {"captureData": {"endpointInput": {"observedContentType": "image/jpeg", "mode": "INPUT",
+                                             "data": base64.b64encode(img).decode(), "encoding": "BASE64"},
+                           "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT",
+                                              "data": base64.b64encode(answer).decode(), "encoding": "BASE64"}},
+           "eventMetadata": {"eventId": "4c9e3f0e-2d7b-4f55-9a51-0d1c2b3a4f5e", "inferenceTime": "2030-01-01T00:00:00Z"},
+           "eventVersion": "0"}
+    sm = cap / "2030" / "01" / "01" / "00" / "sm.jsonl"
+    sm.parent.mkdir(parents=True)
+    sm.write_text(SAGEMAKER_DOC_RECORD + "\n" + json.dumps(b64) + "\n")
+    assert json.loads(SAGEMAKER_DOC_RECORD)["eventVersion"] == "0"  # the documented line is valid JSON as written
+    code, res = _check(world, cap, tmp_path / "out")
+    s = res["summary"]
+    assert code == 0 and s["images"] == 41  # 40 of medpipe's records + the base64 one; not the documented one
+    assert s["skipped"] == {"no_predictions": 1, "no_package_hash": 1}
+    assert s["named"]["no_predictions"] == [f"{sm}:1"]
+    assert f"no_predictions: 1 ({sm}:1)" in (tmp_path / "out" / "report.md").read_text()
+    rows = read_capture(sm, pr.classes, SHA, ReadLog())
+    assert rows.event_ids == [b64["eventMetadata"]["eventId"]] and rows.inputs[0]["bytes"] == len(img)
+    np.testing.assert_allclose(rows.probs[0], pr.probabilities([pr.decode(img)])[0], rtol=1e-6)
+
+
+def test_ground_truth_by_event_id_gives_medpipe_evaluates_auc(world, tmp_path):
+    """The traffic images captured and labelled by eventId: monitor check's measured macro AUC, balanced accuracy
+    and accuracy are `medpipe evaluate`'s on the same images (same package, same decoder, no TTA)."""
+    data = world["root"] / "b" / "data"
+    assert main(["evaluate", "--model", str(PKG), "--data", str(data), "--split", "all", "--out",
+                 str(tmp_path / "eval"), "--bootstrap", "0", "--backend", "eager", "--device", "cpu"]) == 0
+    ev = json.loads((tmp_path / "eval" / "report.json").read_text())
+    ids, _ = _capture(tmp_path / "cap", world["predictor"], world["images"])
+    classes = world["predictor"].classes
+    pd.DataFrame({"eventId": ids, "label": [classes[c] for c in world["labels"]]}).to_csv(tmp_path / "gt.csv",
+                                                                                         index=False)
+    main(["monitor", "check", "--baseline", str(world["base"]), "--capture", str(tmp_path / "cap"), "--window",
+          "1000", "--ground-truth", str(tmp_path / "gt.csv"), "--out", str(tmp_path / "out"), "--no-plots"])
+    measured = json.loads((tmp_path / "out" / "windows.json").read_text())["windows"][0]["measured"]
+    assert measured["n"] == ev["n"] == len(world["images"])
+    assert np.isfinite(ev["macro_auc"]) and measured["macro_auc"] == pytest.approx(ev["macro_auc"], abs=1e-9)
+    assert measured["balanced_accuracy"] == pytest.approx(ev["balanced_accuracy"], abs=1e-9)
+    assert measured["accuracy"] == pytest.approx(ev["accuracy"], abs=1e-9)
 
 
 def test_writer_rotates_caps_drops_and_captures_inputs_on_request(world, tmp_path, monkeypatch):
@@ -266,6 +348,54 @@ def test_serve_capture_writes_records_and_a_write_error_does_not_fail_requests(w
         server.stop()
     log = server.log_text()
     assert log.count("could not be written") == 1 and "Traceback" not in log
+
+
+def _small_tmpfs(mount: Path, size_kb: int) -> list[str]:
+    """A command prefix running its arguments with a ``size_kb`` tmpfs mounted at ``mount`` (a private mount
+    namespace of an unprivileged user namespace: no root needed); skips the test where that is not allowed."""
+    import shutil
+    import subprocess
+
+    script = f'mount -t tmpfs -o size={size_kb}k tmpfs "$0" && exec "$@"'
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare to mount a small tmpfs")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(mount), "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here ({probe.stderr.strip()[:120]})")
+    return ["unshare", "-rm", "sh", "-c", script, str(mount)]
+
+
+def test_a_full_disk_during_capture_never_fails_a_request(world, tmp_path):
+    """A real ENOSPC: the capture folder on a 24 KB tmpfs, every record carrying its image (--capture-inputs),
+    so the disk fills after a few records. Every request is answered, the errors are counted and logged once,
+    and monitor check reads what was written, counting the line the full disk cut short."""
+    import shutil
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    server = Server(PKG, "--backend", "eager", "--capture", str(mount / "cap"), "--capture-sample", "1",
+                    "--capture-inputs", log=tmp_path / "server.log", prefix=_small_tmpfs(mount, 24)).wait_ready()
+    try:
+        for i in range(16):
+            assert server.invoke(world["images"][i])[0] == 200
+
+        def counted():
+            text = server.request("GET", "/metrics")[2].decode()
+            done = re.search(r"medpipe_capture_captured_total (\d+)", text), re.search(
+                r"medpipe_capture_write_errors_total (\d+)", text)
+            return done if all(done) and sum(int(m.group(1)) for m in done) == 16 else None
+
+        captured, errors = (int(m.group(1)) for m in _wait(counted))
+        assert captured >= 1 and errors >= 1
+        # the server's view of its mount namespace, copied out before it exits and the tmpfs goes
+        shutil.copytree(f"/proc/{server.proc.pid}/root{mount}/cap", tmp_path / "cap")
+    finally:
+        server.stop()
+    log = server.log_text()
+    assert log.count("could not be written") == 1 and "No space left on device" in log and "Traceback" not in log
+    _, res = _check(world, tmp_path / "cap", tmp_path / "out")
+    assert res["summary"]["images"] == captured
+    assert res["summary"]["skipped"].get("bad_line", 0) >= 1  # a line the full disk cut short: counted, not read
 
 
 def _wait(fn, timeout: float = 20.0):

@@ -29,7 +29,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMVENV = ROOT / ".venv-sm"
 SMPY = SMVENV / "bin" / "python"
-TINY_HPS = {"model": "densenet-test", "epochs": "1", "image-size": "32", "batch-size": "8", "bootstrap": "20", "threads": "1"}
+# the job trains with the patient metadata the HAM10000 download carries: the endpoint then answers requests with
+# and without it (without: the image-only fallback, what the image-only tests below ask)
+TINY_HPS = {"model": "densenet-test", "epochs": "1", "image-size": "32", "batch-size": "8", "bootstrap": "20", "threads": "1",
+            "metadata": "auto"}
 
 
 def _toolkits_missing() -> str | None:
@@ -287,6 +290,38 @@ def test_endpoint_answers_like_medpipe_predict(endpoint, job, clean_src, capsys,
     # code/requirements.txt was installed at start-up and left the container's torch alone
     after = subprocess.run([str(SMPY), "-m", "pip", "show", "torch"], capture_output=True, text=True).stdout
     assert after == endpoint["torch_before"] and "Version: 2.13.0" in after
+
+
+def test_endpoint_takes_metadata_like_the_predictor(endpoint, job, clean_src):
+    """The documented JSON shape, {"images": [base64], "metadata": [{"age", "sex", "site"}]}, through the toolkit
+    and TorchServe: the in-process probabilities within 1e-4; no metadata: the image-only fallback; a value
+    outside the vocabulary or range: 400 naming the image and the field, as JSON without internals."""
+    import base64
+
+    from medpipe.infer.predictor import Predictor
+
+    image = (clean_src / "ISIC_0024306.jpg").read_bytes()
+    predictor = Predictor(job["base"] / "model", device="cpu")
+    assert predictor.metadata_spec is not None and predictor.metadata_spec.fields == ("age", "sex", "site")
+    given = {"age": 70, "sex": "male", "site": "face"}
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+
+    def invoke(metadata):
+        request = {"images": [base64.b64encode(image).decode()], **({"metadata": metadata} if metadata else {})}
+        return _http(endpoint["url"] + "/invocations", json.dumps(request).encode(), headers)
+
+    for metadata, values in (([given], given), (None, None), ([None], None)):
+        st, _, body = invoke(metadata)
+        assert st == 200, body[:500]
+        got = json.loads(body)["predictions"][0]["probabilities"]
+        want = predictor.predict_bytes([image], metadata=[values])[0].probabilities
+        assert max(abs(got[c] - want[c]) for c in want) < 1e-4, (metadata, got, want)
+    for bad, field in (({"site": "moon"}, "site: 'moon'"), ({"age": 400}, "age")):
+        st, ctype, body = invoke([bad])
+        assert st == 400 and ctype.startswith("application/json"), body[:500]
+        err = json.loads(body)
+        assert err["error"] == "invalid_metadata" and f"images[0]: {field}" in err["message"], err
+        _assert_clean(body)
 
 
 def test_endpoint_client_errors_are_json_without_traceback(endpoint, clean_src):

@@ -29,14 +29,19 @@ def _runs(uri: str):
     return client, (client.search_runs([exp.experiment_id]) if exp else [])
 
 
-def test_embedded_store_run_params_metrics_artifacts_model(data_dir, tmp_path, capsys):
+def test_embedded_store_run_params_metrics_artifacts_model(data_dir, tmp_path, capsys, monkeypatch):
     import pandas as pd
 
     from medpipe.infer.predictor import Predictor
+    from medpipe.track import tracking_uri
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    process_uri = mlflow.get_tracking_uri()
     run = tmp_path / "runs" / "r1"
     assert main(["train", "--data", str(data_dir), "--out", str(run), *QUICK, "--track", "--register", "ham"]) == 0
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    # logging the model used the run's store for that call only: the process's tracking URI is as it was
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() == process_uri
     client, runs = _runs(uri)
     assert len(runs) == 1
     r = runs[0]
@@ -55,7 +60,9 @@ def test_embedded_store_run_params_metrics_artifacts_model(data_dir, tmp_path, c
     # the pyfunc model equals medpipe predict, on raw image bytes
     records = pd.read_csv(data_dir / "records.csv")
     paths = list(records["path"][:4])
-    model = mlflow.pyfunc.load_model(f"runs:/{r.info.run_id}/model")
+    with tracking_uri(uri):  # runs:/ resolves against the process's tracking URI
+        model = mlflow.pyfunc.load_model(f"runs:/{r.info.run_id}/model")
+    assert mlflow.get_tracking_uri() == process_uri
     out = model.predict(pd.DataFrame({"image": [Path(p).read_bytes() for p in paths]}))
     ref = Predictor(run / "model").predict_files(paths)
     for i, p in enumerate(ref):
@@ -63,7 +70,8 @@ def test_embedded_store_run_params_metrics_artifacts_model(data_dir, tmp_path, c
         assert np.allclose([out[c][i] for c in p.probabilities], list(p.probabilities.values()), atol=1e-6, rtol=0)
 
     # `mlflow models serve` answers with the same probabilities (JSON: base64 in the binary image column)
-    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{r.info.run_id}/model", dst_path=str(tmp_path / "dl")))
+    with tracking_uri(uri):
+        local = Path(mlflow.artifacts.download_artifacts(f"runs:/{r.info.run_id}/model", dst_path=str(tmp_path / "dl")))
     _served_equals(local, paths[:2], ref[:2])
 
     # the package inside the MLflow model is hash-checked: a changed model.json is refused on load
@@ -83,6 +91,22 @@ def test_embedded_store_run_params_metrics_artifacts_model(data_dir, tmp_path, c
     assert main(["runs", "--track", uri, "--plot", str(tmp_path / "auc.png")]) == 0
     out = capsys.readouterr().out
     assert r.info.run_id in out and "FINISHED" in out and (tmp_path / "auc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_track_leaves_the_process_tracking_uri_and_environment_alone(data_dir, tmp_path, monkeypatch):
+    """`train --track URI` in a process whose $MLFLOW_TRACKING_URI names another store: the run and its model go
+    to URI; afterwards the variable and mlflow.get_tracking_uri() still name the process's own store."""
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    assert mlflow.get_tracking_uri() == elsewhere
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r1"), *QUICK, "--epochs", "1",
+                 "--track", uri]) == 0
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere and mlflow.get_tracking_uri() == elsewhere
+    client, runs = _runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert client.search_logged_models([runs[0].info.experiment_id])  # the model was logged, to URI
+    assert not (tmp_path / "elsewhere.db").exists()  # nothing went to the process's store
 
 
 def _served_equals(model_dir: Path, paths: list, ref: list) -> None:

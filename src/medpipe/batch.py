@@ -17,10 +17,15 @@ With ``--url``, answers that stayed transient after the client's retries (503/42
 are rows marked ``transient``: a rerun asks for exactly those again, and the command exits 75 while
 any remain. ``--per-file`` outputs whose name (from the input path or ``id``) would land outside
 ``OUT/`` are refused per row and reported.
+
+Patient metadata: a CSV manifest's or record table's age/sex/site columns (medpipe.data.metadata's names and
+aliases, never ``dx_type``) go with each image to a model that takes them, locally or, with ``--url``, as
+JSON beside the image; a value outside the model's vocabulary or range is an error row naming the field.
 """
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import hashlib
 import io
@@ -33,7 +38,8 @@ from pathlib import Path, PurePosixPath
 from medpipe.data import s3
 from medpipe.data.metadata import canonical_columns
 from medpipe.data.sources import MAX_FILE_MB, MEDIA_TYPES, S3_MIRROR, inside, regular_file_problem, resolve_ref
-from medpipe.errors import BatchError, MedpipeError, MetadataError, PredictionError, StorageError, UnreadableFileError
+from medpipe.errors import (BatchError, MedpipeError, MetadataError, MetadataNotTakenError, PredictionError, StorageError,
+                            UnreadableFileError)
 from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, read_csv_table, shown_name, to_json
 from medpipe.data import dicom
 from medpipe.data.imageio import ImageError
@@ -120,10 +126,14 @@ def _manifest_rows(text: str, name: str) -> list[tuple]:
 def _s3_items(url: str) -> list[Item]:
     """The items of an ``s3://`` input: the images under a prefix (ids and paths relative to it, as for a folder),
     or the rows of a manifest object (Ground Truth or CSV; a relative reference is a key beside the manifest)."""
+    given = None
     if PurePosixPath(url).suffix.lower() in (".manifest", ".jsonl", ".csv"):
         text = s3.read_bytes(url, MAX_FILE_MB << 20).decode("utf-8", errors="replace")
-        rows = (_csv_rows(read_csv_table(io.StringIO(text)), url) if url.lower().endswith(".csv")
-                else _manifest_rows(text, url))
+        if url.lower().endswith(".csv"):
+            table = read_csv_table(io.StringIO(text))
+            rows, given = _csv_rows(table, url), manifest_metadata(table)
+        else:
+            rows = _manifest_rows(text, url)
         base = url.rsplit("/", 1)[0]
     else:
         base = url.rstrip("/")
@@ -138,7 +148,8 @@ def _s3_items(url: str) -> list[Item]:
         if err is None and not s3.is_s3(ref) and ("://" in ref or rel.is_absolute() or ".." in rel.parts):
             err = ("unsupported_reference", f"{ref}: a manifest on S3 names s3:// objects or keys relative to it")
         target = None if err else ref if s3.is_s3(ref) else s3.join(base, ref)
-        items.append(Item(i, str(iid), ref, None, err, None if err else extra, url=target))
+        items.append(Item(i, str(iid), ref, None, err, None if err else extra, url=target,
+                          metadata=given[i] if given and not err else None))
     return items
 
 
@@ -185,7 +196,7 @@ def list_items(input_path: str | os.PathLike, s3_root: str | os.PathLike | None 
             items.append(Item(i, iid, ref, None, extra["_error"]))
             continue
         if s3.is_s3(ref) and not s3_root:  # read from S3 itself (--s3-root maps buckets onto a local copy)
-            items.append(Item(i, str(iid), ref, None, None, extra, url=ref))
+            items.append(Item(i, str(iid), ref, None, None, extra, url=ref, metadata=given[i] if given else None))
             continue
         f, err = _confine(ref, root, base, Path(s3_root) if s3_root else None)
         items.append(Item(i, str(iid), ref, f, err, extra, metadata=given[i] if given else None))
@@ -230,7 +241,7 @@ class LocalEngine:
     def submit(self, items: list[Item]):
         return [self.pool.submit(self._decode, it) if it.error is None else None for it in items]
 
-    def _with_metadata(self, it: Item, decoded):
+    def with_metadata(self, it: Item, decoded):
         """Decoded pixels -> (pixels, metadata vector) for a model that takes metadata; the item's MetadataError
         (naming the field) when a value is outside the model's vocabulary or range. An image-only model reads
         no manifest columns (a record table carries age/sex/site for every model)."""
@@ -263,7 +274,7 @@ class LocalEngine:
         return np.concatenate(out) if out else np.zeros((0, len(self.predictor.classes)), np.float32)
 
     def run(self, items: list[Item], futures) -> list[dict]:
-        return self.rows(items, [self._with_metadata(it, f.result()) if f is not None else None
+        return self.rows(items, [self.with_metadata(it, f.result()) if f is not None else None
                                  for it, f in zip(items, futures)])
 
     def rows(self, items: list[Item], decoded: list) -> list[dict]:
@@ -323,7 +334,12 @@ def decode_item(decoder, it: Item):
 
 class RemoteEngine:
     """Send each file to a server's /invocations, as SageMaker batch transform does (SplitType None),
-    through the one HTTP client (medpipe.infer.client: retries transient answers with backoff)."""
+    through the one HTTP client (medpipe.infer.client: retries transient answers with backoff).
+
+    An item with patient metadata (the manifest's age/sex/site columns) goes as JSON, ``{"images": [base64],
+    "metadata": [values]}``, as ``medpipe predict --url`` sends it. A server whose model takes the image only
+    refuses that (``metadata_not_taken``): the item is sent again as the image alone, and so is every later
+    one, as the local engine reads no manifest columns for such a model."""
 
     def __init__(self, url: str, concurrency: int | None, retries: int = 6):
         params = {}
@@ -340,6 +356,7 @@ class RemoteEngine:
         self.client = Client(url, connections=self.concurrency, retries=retries)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="medpipe-client")
         self.meta = {"url": self.url, "concurrency": self.concurrency}
+        self.image_only = False  # learnt from the server's first metadata_not_taken answer
 
     def _post(self, it: Item) -> dict:
         if it.url:
@@ -353,12 +370,29 @@ class RemoteEngine:
             if problem is not None:
                 code = "payload_too_large" if "limit" in problem else "unreadable_file"
                 return _row(it, error=(code, problem))
-            data = it.file.read_bytes()
-        answer = self.client.invoke(data, media_type(it.url or it.file))
+            try:
+                data = it.file.read_bytes()
+            except OSError as exc:  # as the local engine: a row, not the end of the job
+                return _row(it, error=("unreadable_file", f"cannot read file ({exc.strerror})"))
+        answer = self._invoke(it, data)
         if "prediction" in answer:
             self.meta.setdefault("classes", list(answer["prediction"]["probabilities"]))
             return _row(it, pred=answer["prediction"])
         return _row(it, error=(answer["error"], answer["message"]), transient=answer["transient"])
+
+    def _invoke(self, it: Item, data: bytes) -> dict:
+        """The server's answer for one item: the image bytes as they are, or JSON with the item's metadata."""
+        if it.metadata and not self.image_only:
+            body = json.dumps({"images": [base64.b64encode(data).decode()], "metadata": [it.metadata]}).encode()
+            if len(body) > self.max_payload:
+                return {"error": "payload_too_large", "transient": False,
+                        "message": f"{len(body)} bytes as JSON with its metadata, over the server's "
+                                   f"{self.max_payload}-byte limit"}
+            answer = self.client.invoke(body, "application/json")
+            if answer.get("error") != MetadataNotTakenError.code:
+                return answer
+            self.image_only = True
+        return self.client.invoke(data, media_type(it.url or it.file))
 
     def submit(self, items: list[Item]):
         return [self.pool.submit(self._post, it) if it.error is None else None for it in items]

@@ -7,7 +7,9 @@ shards are answered elsewhere. A Ray Dataset holds one row per shard still to do
 reads and decodes a shard's images (the same :func:`medpipe.batch.decode_item` as the local engine, with the
 package's preprocessing spec and no model), and an actor pool holding one Predictor per actor (the same
 backends; ``auto`` decided once per actor, on its own node) turns the pixels into rows. The driver writes each
-answered shard atomically as it arrives, so a rerun skips finished shards and no row is written twice. Ray
+answered shard atomically as it arrives, so a rerun skips finished shards and no row is written twice. A row's
+patient metadata (manifest columns) travels with its item to the actor, which encodes it as the local engine
+does (an error row naming the field for a value the model cannot take). Ray
 retries the tasks and restarts the actors of a node that dies, so a job that loses a worker node still
 answers every item exactly once.
 
@@ -53,13 +55,13 @@ def import_ray():
 
 def _item_json(it: Item) -> list:
     return [it.index, it.id, it.path, None if it.file is None else str(it.file),
-            None if it.error is None else list(it.error), it.url]
+            None if it.error is None else list(it.error), it.url, it.metadata]
 
 
 def _item(x: list) -> Item:
-    index, iid, path, file, error, url = x
+    index, iid, path, file, error, url, metadata = x
     return Item(index, iid, path, None if file is None else Path(file), None if error is None else tuple(error),
-                url=url)
+                url=url, metadata=metadata)
 
 
 def _error_json(exc: Exception) -> list:
@@ -132,8 +134,8 @@ class ShardPredictor:
         items = [_item(x) for x in json.loads(row["items"])]
         pixels = iter(row["pixels"])
         decoded = []
-        for it, err in zip(items, json.loads(row["errors"])):
-            decoded.append(None if it.error else _error(err) if err else next(pixels))
+        for it, err in zip(items, json.loads(row["errors"])):  # pixels, with the item's metadata for such a model
+            decoded.append(None if it.error else _error(err) if err else self.engine.with_metadata(it, next(pixels)))
         rows = self.engine.rows(items, decoded)
         return {"shard": row["shard"], "rows": to_json(rows), "backend": self.engine.predictor.backend}
 

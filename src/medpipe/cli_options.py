@@ -67,6 +67,10 @@ FRACTION = number(float, 0, 1, hi_open=True)
 TRAIN_HELP = {
     "model": "network architecture",
     "image_size": "square input side in pixels (>= 16)",
+    "cache_size": "side of the training images' pixel cache (>= --image-size; 0 = --image-size): larger, each "
+                  "training image is a random resized crop of the larger cached image (area share 0.6-1 unless "
+                  "--crop-scale says otherwise) shrunk to --image-size; validation, test and serving resize the "
+                  "whole image to --image-size",
     "interpolation": "resampling filter for resizing",
     "epochs": "training epochs (>= 1)",
     "budget": "training time instead of an epoch count, e.g. 90s, 25m, 2h: the first epoch is timed and the "
@@ -102,13 +106,17 @@ TRAIN_HELP = {
     "experiment": "MLflow experiment the run is logged under (with --track)",
     "register": "register the logged model in the MLflow model registry under this name (with --track)",
     "decision_rule": "how the package turns probabilities into a label (fitted on validation): argmax, prior "
-                     "(logit adjustment) or class_bias (per-class offsets)",
+                     "(logit adjustment), class_bias (per-class offsets) or class_bias_bagged (class_bias averaged "
+                     "over bootstrap fits)",
     "color_constancy": "colour normalisation in the package's preprocessing (none or shades_of_gray)",
     "metadata": "patient metadata as a second model input: none, auto (age, sex and site where the data has "
                 "them) or a list such as age,site; dx_type and the label can never be one",
     "metadata_mask": "probability each metadata field is hidden per training image, so predictions without "
                      "metadata fall back to the image",
-    "crop_scale": "smallest area share of the random resized crop in [0.05, 1] (1 = no crop)",
+    "metadata_fusion": "how the metadata meets the image: concat (its encoding beside the pooled image features) "
+                       "or metablock (it gates the image feature maps; DenseNets only)",
+    "crop_scale": "smallest area share of the random resized crop in [0.05, 1], 1 = no crop (default: 0.6 with a "
+                  "--cache-size larger than --image-size, else 1)",
     "color_jitter": "colour jitter strength in [0, 5] (1 = the default jitter)",
     "mixup_alpha": "mixup of each training batch, Beta(alpha, alpha) blend with soft targets (0 = off)",
     "cutmix_alpha": "CutMix of the training batch (0 = off; with mixup, half the mixed batches each)",

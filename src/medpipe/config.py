@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from medpipe.data.imageio import resample_filter
+from medpipe.data.metadata import FUSIONS as METADATA_FUSIONS
 from medpipe.data.metadata import parse_fields as parse_metadata_fields
 from medpipe.decision import RULES as DECISION_RULES
 from medpipe.errors import ConfigError
@@ -26,6 +27,10 @@ IMBALANCE = ("sampler", "weighted_loss", "focal", "none")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 MONITORS = ("val_auc", "val_bacc", "val_loss")
+# smallest area share of the random resized crop taken from a cache larger than the training size: dermoscopy
+# centres the lesion, so a crop keeps 60-100% of the area (each side 77-100%, aspect ~0.77-1.29) and rarely
+# cuts the lesion's border off, where a natural-image RandomResizedCrop's 8% could
+CROP_SCALE_LARGE_CACHE = 0.6
 
 
 @dataclass
@@ -38,6 +43,9 @@ class TrainConfig:
 
     model: str = "densenet121"
     image_size: int = 64
+    # side of the training images' pixel cache: 0 = image_size; larger, each training sample is a random resized
+    # crop of the larger cached image down to image_size (validation, test and serving resize to image_size)
+    cache_size: int = 0
     interpolation: str = "bicubic"
     epochs: int = 10
     budget: str | None = None  # training time, e.g. 90s, 25m, 2h: sets the epoch count after the first epoch
@@ -76,7 +84,7 @@ class TrainConfig:
     # recipe options: colour constancy is part of the package's preprocessing, crop_scale /
     # color_jitter only of the train preset (preprocess.Augmentation); mixup and EMA are on by default
     color_constancy: str = "none"
-    crop_scale: float = 1.0
+    crop_scale: float | None = None  # None: CROP_SCALE_LARGE_CACHE with a larger cache_size, else 1 (no crop)
     color_jitter: float = 1.0
     mixup_alpha: float = 0.2  # batch mixing (medpipe.recipe): 0 = off
     cutmix_alpha: float = 0.0
@@ -85,6 +93,7 @@ class TrainConfig:
     # patient metadata beside the image (medpipe.data.metadata): none, auto (every input the data has) or a list
     metadata: str = "none"
     metadata_mask: float = 0.25  # probability each metadata field is hidden per training image
+    metadata_fusion: str = "concat"  # how metadata meets the image (medpipe.models): concat or metablock
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -100,13 +109,17 @@ class TrainConfig:
             (self.workers >= -1, "workers", ">= -1 (auto)"),
             (self.decision_rule in DECISION_RULES, "decision_rule", f"one of {DECISION_RULES}"),
             (self.color_constancy in COLOR_CONSTANCY, "color_constancy", f"one of {COLOR_CONSTANCY}"),
-            (0.05 <= self.crop_scale <= 1.0, "crop_scale", "in [0.05, 1] (1 = no random resized crop)"),
+            (self.cache_size == 0 or self.cache_size >= self.image_size, "cache_size",
+             f">= image_size ({self.image_size}), or 0 for the image size"),
+            (self.crop_scale is None or 0.05 <= self.crop_scale <= 1.0, "crop_scale",
+             "in [0.05, 1] (1 = no random resized crop)"),
             (0.0 <= self.color_jitter <= 5.0, "color_jitter", "in [0, 5] (1 = the default jitter)"),
             (self.mixup_alpha >= 0, "mixup_alpha", ">= 0 (0 = off)"),
             (self.cutmix_alpha >= 0, "cutmix_alpha", ">= 0 (0 = off)"),
             (0 <= self.mix_prob <= 1, "mix_prob", "in [0, 1]"),
             (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)"),
             (0 <= self.metadata_mask < 1, "metadata_mask", "in [0, 1)"),
+            (self.metadata_fusion in METADATA_FUSIONS, "metadata_fusion", f"one of {METADATA_FUSIONS}"),
             (self.threads >= 0, "threads", ">= 0 (0: all cores)"),
             (self.weight_decay >= 0, "weight_decay", ">= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
@@ -149,8 +162,18 @@ class TrainConfig:
         return PreprocessSpec(image_size=self.image_size, interpolation=self.interpolation,
                               color_constancy=self.color_constancy)
 
+    @property
+    def train_cache_size(self) -> int:
+        """Side of the pixels the training images are cut from (``cache_size``, 0 meaning ``image_size``)."""
+        return self.cache_size or self.image_size
+
     def augmentation(self) -> Augmentation:
-        return Augmentation(crop_scale=self.crop_scale, color_jitter=self.color_jitter)
+        """The train preset's options; ``crop_scale`` unset means :data:`CROP_SCALE_LARGE_CACHE` when the cache is
+        larger than the training size (a random resized crop of the extra pixels), else 1 (no crop)."""
+        scale = self.crop_scale
+        if scale is None:
+            scale = CROP_SCALE_LARGE_CACHE if self.train_cache_size > self.image_size else 1.0
+        return Augmentation(crop_scale=scale, color_jitter=self.color_jitter, source_size=self.cache_size)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,6 +22,7 @@ body. An error the table does not know (a bug) is an internal error: exit 1, HTT
     NonFiniteLoss             non_finite_loss       2   500  training diverged (names the step and batch)
     PredictionError           prediction_failed     2   500  the model failed on valid input
     MetadataError             invalid_metadata      2   400  a metadata value outside the model's vocabulary/range
+      MetadataNotTakenError   metadata_not_taken    2   400  metadata sent to a model that takes the image only
     TrainingInterrupted       interrupted         143   503  SIGTERM/SIGINT: checkpoint saved, resume later
     ImageError                invalid_image         2   400  bytes that are not an image medpipe will use
       EmptyImageError         empty_image           2   400
@@ -129,6 +130,12 @@ class MetadataError(MedpipeError):
     code = "invalid_metadata"
 
 
+class MetadataNotTakenError(MetadataError):
+    """Metadata sent to a model trained on the image only (a client may resend the image alone)."""
+
+    code = "metadata_not_taken"
+
+
 class TrainingInterrupted(MedpipeError):
     """Training stopped on a signal after saving a checkpoint; the message says how to continue."""
 
@@ -203,6 +210,7 @@ TABLE: dict[type, tuple[int, int]] = {
     NonFiniteLoss: (2, 500),
     PredictionError: (2, 500),
     MetadataError: (2, 400),
+    MetadataNotTakenError: (2, 400),
     TrainingInterrupted: (143, 503),
     ImageError: (2, 400),
     EmptyImageError: (2, 400),

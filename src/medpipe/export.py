@@ -33,8 +33,9 @@ from pathlib import Path
 from medpipe import decision
 from medpipe.decision import apply_offsets
 from medpipe.errors import ExportError, GateError
-from medpipe.infer.onnx_runtime import (INPUT_NAME, METADATA_INPUT_NAME, METADATA_TEXT, ONNX_OPSET,  # noqa: F401
-                                        OUTPUT_NAME, export_about, input_text, onnx_bytes, onnx_session, with_onnx_metadata)
+from medpipe.infer.onnx_runtime import (EMBEDDING_NAME, INPUT_NAME, METADATA_INPUT_NAME, METADATA_TEXT,  # noqa: F401
+                                        ONNX_OPSET, OUTPUT_NAME, export_about, input_text, onnx_bytes, onnx_session,
+                                        output_names, with_embedding, with_onnx_metadata)
 from medpipe.infer.quantize import int8_paths, load_int8, quantize_package
 from medpipe.models import bundle_target
 from medpipe.package import META, WEIGHTS, PackageMeta, load_package, read_meta
@@ -67,6 +68,22 @@ def _random_check(model: torch.nn.Module, run, image_size: int, tol: float = 1e-
         worst = max(worst, float((got - ref).abs().max()))
     if worst > tol:
         raise ExportError(f"exported model differs from eager by {worst:.2e} (> {tol:g})")
+    return worst
+
+
+def _embedding_check(model: torch.nn.Module, sess, x, tol: float = 1e-4) -> float | None:
+    """Max |exported embedding - eager classifier-head input| on ``x`` (the graph's input, numpy); raises over
+    ``tol``. None for a graph without the ``embedding`` output (a model with no linear head)."""
+    import torch
+
+    if EMBEDDING_NAME not in output_names(sess):
+        return None
+    with torch.inference_mode():
+        ref = with_embedding(model)(torch.as_tensor(x))[1].float()
+    got = torch.as_tensor(sess.run(None, {INPUT_NAME: x})[output_names(sess).index(EMBEDDING_NAME)])
+    worst = float((got - ref).abs().max())
+    if worst > tol:
+        raise ExportError(f"the exported embedding output differs from eager by {worst:.2e} (> {tol:g})")
     return worst
 
 
@@ -151,6 +168,7 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
     against FP32 by its accuracy gate; ``int8_options``: data, calibration, see infer/quantize.py).
     ``with_preprocessing`` (ONNX only): the graph takes uint8 RGB N x S x S x 3 pixels, already decoded and
     resized by the package's rule, and does the rest of the eval preset itself."""
+    import numpy as np
     import torch
 
     if with_preprocessing and fmt != "onnx":
@@ -175,6 +193,8 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
         data = onnx_bytes(wrapped, size, torch.zeros(2, size, size, 3, dtype=torch.uint8))
         sess = onnx_session(data)
         result["max_abs_diff"] = _uint8_check(model, spec, lambda x: sess.run(None, {INPUT_NAME: x})[0])
+        pixels = np.random.default_rng(1).integers(0, 256, (3, *spec.size, 3), dtype=np.uint8)
+        result["embedding_max_abs_diff"] = _embedding_check(wrapped, sess, pixels)
         atomic_write_bytes(out_path, with_onnx_metadata(data, meta, with_preprocessing=True))
         atomic_write_text(sidecar_path(out_path), _sidecar(meta, fmt, with_preprocessing=True))
         result["sidecar"] = str(sidecar_path(out_path))
@@ -182,6 +202,8 @@ def export_model(package: str, fmt: str, out: str, force: bool = False, with_pre
         data = onnx_bytes(model, size)
         sess = onnx_session(data)
         result["max_abs_diff"] = _random_check(model, lambda x: sess.run(None, {INPUT_NAME: x.numpy()})[0], size)
+        x = np.random.default_rng(1).standard_normal((3, 3, size, size), dtype=np.float32)
+        result["embedding_max_abs_diff"] = _embedding_check(model, sess, x)
         atomic_write_bytes(out_path, with_onnx_metadata(data, meta))
         atomic_write_text(sidecar_path(out_path), _sidecar(meta, fmt))
         result["sidecar"] = str(sidecar_path(out_path))

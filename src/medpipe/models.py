@@ -7,10 +7,12 @@ DenseNets, ResNets via MedicalNet are 3D-only so not offered, EfficientNet, SE-R
 fails with a message that says how to pass a local file instead. A classifier head whose shape does
 not match ``num_classes`` is left at its fresh initialisation, as timm does.
 
-Metadata (``metadata_dim`` > 0): :class:`MetadataFusion` wraps the registry's network: its classifier layer
-is taken off, so the image gives its pooled features; a small MLP encodes the patient-metadata vector
-(medpipe.data.metadata); the two are concatenated (late fusion) into a linear head. ``forward(x)`` alone
-means "no metadata" (the vector of zeros every missing field encodes to).
+Metadata (``metadata_dim`` > 0), two fusions (config key ``metadata_fusion``, recorded in the package's
+metadata spec): ``concat`` wraps the registry's network with its classifier layer taken off, so the image
+gives its pooled features; a small MLP encodes the patient-metadata vector (medpipe.data.metadata); the two
+are concatenated (late fusion) into a linear head. ``metablock`` (DenseNets) lets the metadata gate the
+image's last feature maps channel by channel before pooling (MetaBlock). ``forward(x)`` alone means "no
+metadata" (the vector of zeros every missing field encodes to).
 """
 
 from __future__ import annotations
@@ -94,9 +96,9 @@ def _build(d: ModelDef, kwargs: dict) -> nn.Module:
 
 
 def create_model(name: str, num_classes: int, *, pretrained: bool = False, init_weights: str | None = None,
-                 dropout: float = 0.0, metadata_dim: int = 0) -> nn.Module:
-    """The registry's network ``name``; with ``metadata_dim`` > 0 wrapped in :class:`MetadataFusion`
-    (pretrained or init weights go into the image network first)."""
+                 dropout: float = 0.0, metadata_dim: int = 0, fusion: str = "concat") -> nn.Module:
+    """The registry's network ``name``; with ``metadata_dim`` > 0 wrapped in the metadata fusion ``fusion``
+    (concat or metablock; pretrained or init weights go into the image network first)."""
     d = model_def(name)
     if pretrained and not d.pretrained_arg:
         raise ConfigError(f"--pretrained is not available for {name}: MONAI's ResNet weights are 3D "
@@ -115,7 +117,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, init_
     if init_weights:
         load_init_weights(model, init_weights)
     if metadata_dim:
-        model = fuse_metadata(model, num_classes, metadata_dim, dropout)
+        model = fuse_metadata(model, num_classes, metadata_dim, dropout, fusion)
     return model
 
 
@@ -136,7 +138,21 @@ def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
     return model.get_submodule(parent_name) if parent_name else model, attr, found[1]
 
 
-def _fusion_class():
+def _feature_trunk(image: nn.Module) -> tuple[nn.Module, int]:
+    """(the part of ``image`` that gives its last feature maps, their channel count) for MetaBlock: the
+    DenseNets' ``features`` and the ReLU their classifier starts with. Other networks pool inside ``forward``,
+    so their maps cannot be gated without rewriting it: ConfigError saying so."""
+    from torch import nn
+
+    layers = getattr(image, "class_layers", None)
+    if not isinstance(getattr(image, "features", None), nn.Module) or not isinstance(layers, nn.Sequential) \
+            or not isinstance(getattr(layers, "out", None), nn.Linear):
+        raise ConfigError(f"metadata_fusion metablock gates a DenseNet's feature maps; {type(image).__name__} "
+                          "has none to gate: use metadata_fusion concat")
+    return nn.Sequential(image.features, nn.ReLU()), layers.out.in_features
+
+
+def _fusion_classes() -> dict[str, type]:
     from torch import nn
     import torch
 
@@ -159,12 +175,38 @@ def _fusion_class():
                 m = f.new_zeros((f.shape[0], self.metadata_dim))
             return self.head(torch.cat([f, self.encoder(m.to(f.dtype))], dim=1))
 
-    return MetadataFusion
+    class MetaBlockFusion(nn.Module):
+        """MetaBlock (Pacheco & Krohling 2021, "An attention-based mechanism to combine images and metadata in
+        deep learning models applied to skin cancer classification"): the metadata gates each channel of the
+        image network's last feature maps, ``F' = sigmoid(tanh(F * f(m)) + g(m))`` with ``f``, ``g`` linear +
+        BatchNorm, then global average pooling and a linear head. ``forward(x, m=None)`` as concat's."""
+
+        def __init__(self, image: nn.Module, num_classes: int, metadata_dim: int, dropout: float = 0.0):
+            super().__init__()
+            self.image, channels = _feature_trunk(image)
+            self.metadata_dim = int(metadata_dim)
+            self.fb = nn.Sequential(nn.Linear(metadata_dim, channels), nn.BatchNorm1d(channels))
+            self.gb = nn.Sequential(nn.Linear(metadata_dim, channels), nn.BatchNorm1d(channels))
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
+
+        def forward(self, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+            f = self.image(x)
+            if m is None:
+                m = f.new_zeros((f.shape[0], self.metadata_dim))
+            m = m.to(f.dtype)
+            gated = torch.sigmoid(torch.tanh(f * self.fb(m)[:, :, None, None]) + self.gb(m)[:, :, None, None])
+            return self.head(gated.mean(dim=(2, 3)))
+
+    return {"concat": MetadataFusion, "metablock": MetaBlockFusion}
 
 
-def fuse_metadata(image: nn.Module, num_classes: int, metadata_dim: int, dropout: float = 0.0) -> nn.Module:
-    """``image`` (a registry network) with its classifier replaced by the metadata fusion head."""
-    return _fusion_class()(image, num_classes, metadata_dim, dropout)
+def fuse_metadata(image: nn.Module, num_classes: int, metadata_dim: int, dropout: float = 0.0,
+                  fusion: str = "concat") -> nn.Module:
+    """``image`` (a registry network) with its classifier replaced by the metadata fusion head ``fusion``."""
+    classes = _fusion_classes()
+    if fusion not in classes:
+        raise ConfigError(f"metadata_fusion must be one of {', '.join(classes)}, got {fusion!r}")
+    return classes[fusion](image, num_classes, metadata_dim, dropout)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

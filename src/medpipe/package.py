@@ -469,7 +469,8 @@ def load_package(pkg_dir: str | Path, device: "str | torch.device" = "cpu") -> t
     except Exception as exc:  # safetensors raises its own error types; none of them unpickles
         raise PackageError(f"{weights}: not a valid safetensors file ({exc.__class__.__name__}); "
                            "medpipe never unpickles weights") from None
-    model = create_model(meta.architecture, meta.num_classes, metadata_dim=meta.metadata.dim if meta.metadata else 0)
+    model = create_model(meta.architecture, meta.num_classes, metadata_dim=meta.metadata.dim if meta.metadata else 0,
+                         fusion=meta.metadata.fusion if meta.metadata else "concat")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

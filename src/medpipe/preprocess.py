@@ -241,19 +241,27 @@ def _clamp01():
 class Augmentation:
     """Options of the train preset only (training config keys; not part of the package's spec).
 
-    ``crop_scale`` < 1: a random resized crop first (each side sqrt(crop_scale)..1 of the image, so the
-    area is crop_scale..1 and the aspect ratio varies, resized back to the input size); 1 = off.
+    ``crop_scale`` < 1: a random resized crop first (MONAI ``RandScaleCropd`` with a random size: each side
+    sqrt(crop_scale)..1 of the image drawn on its own, so the area is crop_scale..1 and the aspect ratio varies,
+    at a random centre), resized to the input size; 1 = off.
+    ``source_size``: the side of the images the preset is given (the training pixel cache, ``cache_size``); 0 or
+    the input size: the images already have the input size. Larger: the crop (or, at ``crop_scale`` 1, the whole
+    image) is resized down to the input size, anti-aliased, so the crop keeps detail a crop of an input-size
+    image would have to invent by upsampling.
     ``color_jitter``: multiplies the strength of the colour, brightness and contrast jitter (1 = the
     default preset, 0 = none, 2 = twice as strong)."""
 
     crop_scale: float = 1.0
     color_jitter: float = 1.0
+    source_size: int = 0
 
     def __post_init__(self):
         if not 0.05 <= self.crop_scale <= 1.0:
             raise ValueError(f"crop_scale must be in [0.05, 1], got {self.crop_scale}")
         if not 0.0 <= self.color_jitter <= 5.0:
             raise ValueError(f"color_jitter must be in [0, 5], got {self.color_jitter}")
+        if self.source_size < 0:
+            raise ValueError(f"source_size must be >= 0, got {self.source_size}")
 
 
 def _augment(spec: PreprocessSpec, aug: Augmentation | None = None) -> list:
@@ -263,11 +271,19 @@ def _augment(spec: PreprocessSpec, aug: Augmentation | None = None) -> list:
 
     aug = aug or Augmentation()
     size = (spec.image_size, spec.image_size)
+    larger = aug.source_size > spec.image_size
     steps = []
     if aug.crop_scale < 1.0:
         side = math.sqrt(aug.crop_scale)
-        steps += [RandScaleCropd(keys=KEY, roi_scale=side, max_roi_scale=1.0, random_center=True, random_size=True),
-                  Resized(keys=KEY, spatial_size=size, mode="bilinear", anti_aliasing=False)]
+        steps.append(RandScaleCropd(keys=KEY, roi_scale=side, max_roi_scale=1.0, random_center=True,
+                                    random_size=True))
+    if aug.crop_scale < 1.0 or larger:
+        # a crop never smaller than the input (from a large enough cache) is shrunk by area averaging (each output
+        # pixel the mean of its footprint: anti-aliased, as Pillow's filters shrink the served images, and ~100x
+        # cheaper than MONAI's Gaussian anti-aliasing); a crop that may be smaller is resized bilinearly
+        shrinks = aug.source_size * math.sqrt(aug.crop_scale) >= spec.image_size
+        steps.append(Resized(keys=KEY, spatial_size=size, mode="area" if larger and shrinks else "bilinear",
+                             anti_aliasing=False))
     steps += [
         RandFlipd(keys=KEY, prob=0.5, spatial_axis=0),
         RandFlipd(keys=KEY, prob=0.5, spatial_axis=1),

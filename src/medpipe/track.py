@@ -30,6 +30,7 @@ on calls are kept in order and retried when training has finished (a few attempt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -289,10 +290,29 @@ class MLflowHandler:
 
     def _log_model(self, model_dir: Path) -> None:
         mlflow = self.tracker.mlflow
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.tracker.run_id):
+        with tracking_uri(self.uri), mlflow.start_run(run_id=self.tracker.run_id):
             log_package(model_dir, registered_model_name=self.register or None)
             # start_run(run_id=...) ends the run FINISHED on exit; the tracker's own end() follows
+
+
+@contextlib.contextmanager
+def tracking_uri(uri: str):
+    """MLflow's fluent API (``log_model``) with ``uri`` as its tracking URI, for the block only.
+    ``mlflow.set_tracking_uri`` changes the process: it also writes $MLFLOW_TRACKING_URI (which later
+    ``--track`` runs and child processes follow); both are put back as they were, set or not."""
+    from mlflow.tracking._tracking_service import utils  # the process-wide URI set_tracking_uri keeps
+
+    mlflow = require_mlflow()
+    before, env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None also unsets $MLFLOW_TRACKING_URI
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def log_package(model_dir: str | Path, *, name: str = "model", registered_model_name: str | None = None):

@@ -41,6 +41,7 @@ FORBIDDEN = ("dx_type", "dx", "diagnosis", "diagnosis_confirm_type", "diagnosis_
              "label", "class_index", "lesion_id", "group_id", "mel_class", "mel_mitotic_index", "mel_thick_mm")
 MISSING = ("", "unknown", "nan", "none", "na", "n/a")
 AGE_RANGE = (0.0, 120.0)
+FUSIONS = ("concat", "metablock")  # how the model combines metadata and image (medpipe.models)
 VALUE_MAX = 64  # characters of a vocabulary word
 
 
@@ -151,6 +152,8 @@ class MetadataSpec:
     sex: tuple[str, ...] = field(default=(), metadata={"doc": "the sex vocabulary (one-hot order)"})
     site: tuple[str, ...] = field(default=(), metadata={"doc": "the anatomical-site vocabulary (one-hot order)"})
     mask_prob: float = field(default=0.25, metadata={"doc": "probability each field was hidden per training image"})
+    fusion: str = field(default="concat", metadata={"doc": "how the model combines metadata and image: concat "
+                                                           "(late fusion) or metablock (gated feature maps)"})
 
     @property
     def dim(self) -> int:
@@ -242,6 +245,7 @@ class MetadataSpec:
     def to_dict(self) -> dict:
         return {"fields": list(self.fields), "age_mean": self.age_mean, "age_std": self.age_std,
                 "sex": list(self.sex), "site": list(self.site), "mask_prob": self.mask_prob, "dim": self.dim,
+                "fusion": self.fusion,
                 "missing": "absent, empty or 'unknown': the field's slots are zero"}
 
     @classmethod
@@ -258,8 +262,11 @@ class MetadataSpec:
         std = d.get("age_std", 17.0)
         if not isinstance(std, (int, float)) or not std > 0:
             raise ValueError("'age_std' must be a number > 0")
+        fusion = d.get("fusion", "concat")  # packages written before the option have concat
+        if fusion not in FUSIONS:
+            raise ValueError(f"'fusion' must be one of {', '.join(FUSIONS)}, got {fusion!r}")
         spec = cls(fields, float(d.get("age_mean", 50.0)), float(std), tuple(d.get("sex", [])),
-                   tuple(d.get("site", [])), float(d.get("mask_prob", 0.25)))
+                   tuple(d.get("site", [])), float(d.get("mask_prob", 0.25)), fusion)
         if "dim" in d and d["dim"] != spec.dim:
             raise ValueError(f"'dim' is {d['dim']} but the fields and vocabularies give {spec.dim}")
         return spec

@@ -49,7 +49,11 @@ class Backend:
     """One inference runtime. Subclasses set ``name`` and implement :meth:`load` and :meth:`run`.
 
     ``record``: the INT8 record (gate figures, temperature) when the backend runs the gated INT8 model;
-    the Predictor then applies that record's temperature and cites its gate."""
+    the Predictor then applies that record's temperature and cites its gate.
+
+    Embeddings (:mod:`medpipe.monitor.embedding`): a backend whose graph also returns the penultimate-layer
+    features says how many per image in :meth:`embedding_size` and hands each :meth:`run`'s features
+    (float32 N x F, CPU) to every callable in ``feature_sinks``; the eager model is read by a hook instead."""
 
     name: ClassVar[str] = ""
     runs_on_torch: ClassVar[bool] = True  # its forward pass uses torch's threads (False: another runtime's)
@@ -62,6 +66,16 @@ class Backend:
     def run(self, x: "torch.Tensor") -> "torch.Tensor":
         """Logits (float32, CPU) for a batch of preprocessed images."""
         raise NotImplementedError
+
+    def embedding_size(self) -> int | None:
+        """Features per image this backend hands to ``feature_sinks`` (None: it gives none)."""
+        return None
+
+    def add_feature_sink(self, sink: Callable[["torch.Tensor"], None]) -> None:
+        """Call ``sink(features)`` after every :meth:`run` (ValueError where :meth:`embedding_size` is None)."""
+        if self.embedding_size() is None:
+            raise ValueError(f"the {self.name} backend gives no embedding")
+        self.__dict__.setdefault("feature_sinks", []).append(sink)
 
     def describe(self) -> dict:
         """What runs: at least ``backend`` and ``runtime``."""

@@ -9,23 +9,40 @@ import numpy as np
 import torch
 
 from medpipe.infer.backends import Backend, LoadContext
-from medpipe.infer.onnx_runtime import INPUT_NAME, onnx_bytes, onnx_session
+from medpipe.infer.onnx_runtime import EMBEDDING_NAME, INPUT_NAME, onnx_bytes, onnx_session, output_names
 from medpipe.infer.quantize import load_int8
 
 log = logging.getLogger(__name__)
 
 
 class _SessionBackend(Backend):
-    """A runtime session with ONNX Runtime's ``run(None, {input: array})`` interface."""
+    """A runtime session with ONNX Runtime's ``run(None, {input: array})`` interface. The logits are the
+    graph's first output; a graph exported with the ``embedding`` output (every graph medpipe has made since
+    it had one; an INT8 model quantized before then has none) also gives the penultimate-layer features."""
 
     runs_on_torch = False
 
     def __init__(self, session, record: dict | None = None):
         self.session, self.record = session, record
+        names = output_names(session)
+        self._logits_only = names[:1]  # what to fetch while nobody takes the embedding
+        self._embedding_at = names.index(EMBEDDING_NAME) if EMBEDDING_NAME in names[1:] else None
+        self.feature_sinks: list = []
+
+    def embedding_size(self) -> int | None:
+        if self._embedding_at is None:
+            return None
+        shape = getattr(self.session.get_outputs()[self._embedding_at], "shape", None)
+        return shape[-1] if shape and isinstance(shape[-1], int) else -1  # -1: the graph does not say
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x.numpy())})[0]
-        return torch.from_numpy(out)
+        wanted = None if self.feature_sinks else self._logits_only
+        outs = self.session.run(wanted, {INPUT_NAME: np.ascontiguousarray(x.numpy())})
+        if self._embedding_at is not None and self.feature_sinks:
+            features = torch.from_numpy(outs[self._embedding_at])
+            for sink in self.feature_sinks:
+                sink(features)
+        return torch.from_numpy(outs[0])
 
     def warm(self) -> None:
         if hasattr(self.session, "warm"):

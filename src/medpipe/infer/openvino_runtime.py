@@ -84,17 +84,32 @@ class OpenVinoSession:
         self._lock = threading.Lock()
         self._model, self._shape = None, None
 
+    def _read(self) -> None:
+        """Parse the ONNX graph once (under the lock); each bucket reshapes its own copy."""
+        if self._model is None:
+            self._model = self.core.read_model(self.onnx)
+            shape = self._model.inputs[0].get_partial_shape()
+            self._shape = [int(d.get_length()) for d in list(shape)[1:]]
+
     def _request(self, bucket: int):
         with self._lock:
             if bucket not in self._requests:
-                if self._model is None:  # parsed once; each bucket reshapes its own copy
-                    self._model = self.core.read_model(self.onnx)
-                    shape = self._model.inputs[0].get_partial_shape()
-                    self._shape = [int(d.get_length()) for d in list(shape)[1:]]
+                self._read()
                 model = self._model.clone()
                 model.reshape({0: [bucket, *self._shape]})
                 self._requests[bucket] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
             return self._requests[bucket]
+
+    def get_outputs(self) -> list:
+        """The graph's outputs in order, each with its ``name`` and ``shape`` (None for a dynamic dimension), as
+        ONNX Runtime's session lists them."""
+        from types import SimpleNamespace
+
+        with self._lock:
+            self._read()
+            return [SimpleNamespace(name=o.get_any_name(), shape=[None if d.is_dynamic else d.get_length()
+                                                                  for d in o.get_partial_shape()])
+                    for o in self._model.outputs]
 
     def warm(self, buckets: int | None = None) -> None:
         """Compile the first ``buckets`` buckets (all by default) now, a few seconds each for DenseNet121,
@@ -109,8 +124,10 @@ class OpenVinoSession:
                                    f"({exc.__class__.__name__}: {exc})") from None
 
     def run(self, _outputs, feed: dict) -> list[np.ndarray]:
+        """Every output of the graph for the batch in ``feed`` (its one input), padded to buckets and cut back."""
         x = np.ascontiguousarray(next(iter(feed.values())), dtype=np.float32)
-        outs, top = [], self.buckets[-1]
+        outs: list[list[np.ndarray]] = []
+        top = self.buckets[-1]
         for i in range(0, len(x), top):
             chunk = x[i:i + top]
             n = len(chunk)
@@ -118,5 +135,6 @@ class OpenVinoSession:
             if n < bucket:
                 chunk = np.concatenate([chunk, np.zeros((bucket - n, *chunk.shape[1:]), np.float32)])
             result = self._request(bucket).infer({0: chunk})
-            outs.append(np.array(result[0][:n], dtype=np.float32))
-        return [np.concatenate(outs)]
+            # every output, in the graph's order (the logits, then the embedding where the graph has one)
+            outs.append([np.array(result[k][:n], dtype=np.float32) for k in range(len(result))])
+        return [np.concatenate(parts) for parts in zip(*outs)]

@@ -22,7 +22,7 @@ import torch
 
 from medpipe import decision
 from medpipe.data import imageio
-from medpipe.errors import MedpipeError, MetadataError, PredictionError
+from medpipe.errors import MedpipeError, MetadataError, MetadataNotTakenError, PredictionError
 from medpipe.infer.auto import open_backend, resolve_backend  # noqa: F401  (resolve_backend: the choice alone)
 from medpipe.infer.backends import BACKENDS, LoadContext  # noqa: F401  (BACKENDS: the names --backend offers)
 from medpipe.package import load_package
@@ -133,8 +133,8 @@ class Predictor:
         and the image for a bad value, or for metadata sent to an image-only package."""
         if self.metadata_spec is None:
             if items is not None and any(v for v in items):
-                raise MetadataError("metadata: this model takes the image only (it was trained without patient "
-                                    "metadata); send none")
+                raise MetadataNotTakenError("metadata: this model takes the image only (it was trained without "
+                                            "patient metadata); send none")
             return None
         if items is None:
             return torch.zeros((n, self.metadata_spec.dim))

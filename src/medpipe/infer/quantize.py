@@ -11,6 +11,8 @@ form, convolutions and matrix products only (``QUANT_DEFAULTS``): uint8 activati
 from the calibration images, int8 per-channel weights (the U8S8 form ONNX Runtime's VNNI/AMX kernels run). The calibration images are the validation
 split of the package's run (``RUN/splits.csv``, else ``DATA/splits.csv``), or a folder given with
 ``--calibration``.
+The FP32 graph's second output, ``embedding`` (the penultimate-layer features, for monitoring), stays an
+output of the INT8 graph, after the logits; the gate below compares the logits only.
 
 The gate compares INT8 with FP32 on the validation split, each with its own temperature (INT8 gets
 its own, fitted on the same split): macro ROC AUC within ``MAX_AUC_DIFF``, top-1 agreement at least
@@ -217,7 +219,8 @@ def format_speed(speed: dict) -> str:
 
 def _float_nodes(path: Path) -> list[str]:
     """Nodes kept in FP32, as is usual for post-training quantization: the first convolution (it sees raw
-    normalised pixels) and the node(s) producing the logits (uint8 logits would be coarse steps)."""
+    normalised pixels) and the node(s) producing the outputs (uint8 logits would be coarse steps; the
+    ``embedding`` output's node is a Flatten, which is not quantized anyway)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph

@@ -1,11 +1,14 @@
 """The model's penultimate-layer embedding, compressed, for the capture fingerprint and the embedding-drift test.
 
-Where it comes from: a forward pre-hook on the model's last ``nn.Linear`` (the classifier head) sees
-its input, the pooled feature vector (1024 values for DenseNet121), during the forward pass that
-answers the request; no second pass. Only the eager PyTorch backend runs that module: ONNX Runtime,
-OpenVINO and CUDA graphs run a compiled graph with no hook, so their records carry no embedding
-(``medpipe serve --backend eager`` captures it; the baseline always computes it, with the eager model
-when its backend is another). With flip TTA the embedding is the mean over the four passes.
+Where it comes from: the pooled feature vector the model's classifier head (its last ``nn.Linear``)
+receives (1024 values for DenseNet121), taken from the forward pass that answers the request; no second
+pass. On the eager PyTorch backend a forward pre-hook on the head reads it. The ONNX Runtime (FP32 and
+INT8) and OpenVINO backends run a graph exported with a second output, ``embedding``, holding the same
+vector (:mod:`medpipe.infer.onnx_runtime`), and hand it over after each run
+(:meth:`medpipe.infer.backends.Backend.add_feature_sink`). An INT8 graph quantized before that output
+existed, and CUDA graphs, give none: their records carry no embedding (a log line at start says why);
+``medpipe quantize`` again, or ``--backend eager``, gives them. With flip TTA the embedding is the mean
+over the four passes.
 
 Compression: a fixed Gaussian random projection to :data:`DIM` dimensions (entries N(0, 1/DIM) drawn
 from :data:`SEED`; by Johnson-Lindenstrauss, distances between embeddings are kept up to a small
@@ -74,14 +77,33 @@ class Embedder:
         self.features = linears[-1].in_features
         self.id = projection_id(self.features)
         self._proj = torch.from_numpy(projection(self.features))
-        self.live = predictor.backend == "eager"  # the serving pass runs the hooked module
         self._local = threading.local()
-        linears[-1].register_forward_pre_hook(self._hook)
+        linears[-1].register_forward_pre_hook(self._hook)  # the eager model: live, and the baseline's embed()
+        self.live, self.why = self._attach(predictor)
+
+    def _attach(self, predictor) -> tuple[bool, str]:
+        """Whether the serving pass gives embeddings (and why not): eager runs the hooked module; another
+        backend hands over its graph's ``embedding`` output where the graph has one of this model's size."""
+        if predictor.backend == "eager":
+            return True, ""
+        runtime = predictor.runtime
+        size = runtime.embedding_size()
+        if size is None:
+            hint = ("its INT8 graph was quantized before medpipe exported embeddings; run 'medpipe quantize' again"
+                    if predictor.backend in ("int8", "openvino") else "its graph has no embedding output")
+            return False, f"the {predictor.backend} backend gives none: {hint}"
+        if size not in (-1, self.features):
+            return False, f"the {predictor.backend} graph's embedding has {size} values, the model's head {self.features}"
+        runtime.add_feature_sink(self._sink)
+        return True, ""
 
     def _hook(self, _module, args) -> None:
+        self._sink(args[0])
+
+    def _sink(self, features) -> None:
         feats = getattr(self._local, "feats", None)
         if feats is not None:
-            feats.append(args[0].detach().float().reshape(args[0].shape[0], -1).cpu())
+            feats.append(features.detach().float().reshape(features.shape[0], -1).cpu())
 
     def _collect(self, run, n: int) -> tuple[object, np.ndarray | None]:
         """``run()`` with the hook recording; its result and the (n, DIM) projected mean of what it saw."""
@@ -98,13 +120,14 @@ class Embedder:
         return out, (torch.stack(feats).mean(0) @ self._proj).numpy()
 
     def probabilities(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """The predictor's probabilities and the embeddings of the same forward pass (None unless eager)."""
+        """The predictor's probabilities and the embeddings of the same forward pass (None where the backend
+        gives none, see the module docstring)."""
         if not self.live:
             return self.predictor.probabilities(pixels), None
         return self._collect(lambda: self.predictor.probabilities(pixels), len(pixels))
 
     def rows(self, pixels: list[np.ndarray]) -> np.ndarray:
-        """One row per image: the probabilities, then (eager backend) the DIM embedding values."""
+        """One row per image: the probabilities, then (where the backend gives them) the DIM embedding values."""
         probs, emb = self.probabilities(pixels)
         return probs if emb is None else np.hstack([probs, emb.astype(probs.dtype)])
 
@@ -137,6 +160,5 @@ def open_embedder(cfg, predictor) -> Embedder | None:
         return None
     embedder = Embedder(predictor)
     if not embedder.live:
-        log.info("monitoring: no embeddings (the %s backend runs no PyTorch module to read them from; "
-                 "--backend eager gives them)", predictor.backend)
+        log.info("monitoring: no embeddings (%s; --backend eager gives them)", embedder.why)
     return embedder

@@ -2,8 +2,9 @@
 endpoint's ``DataCaptureConfig`` alike, one row per image.
 
 A capture line that is not a record (truncated, not JSON, missing ``captureData``/``eventMetadata``,
-an output that is not medpipe's prediction JSON or CSV) and a record of another model (its
-``medpipe.package_sha256`` differs from the baseline's) are counted and named in :class:`ReadLog`,
+an output that is not medpipe's prediction JSON or CSV), a record whose output holds no prediction in
+medpipe's form (``no_predictions``: e.g. another endpoint's single-score CSV) and a record of another model
+(its ``medpipe.package_sha256`` differs from the baseline's) are counted and named in :class:`ReadLog`,
 never mixed in. A record with no package hash (SageMaker writes none) is used and counted.
 
 Ground truth (:func:`read_ground_truth`): a CSV with columns ``eventId,label`` (an ``index`` column
@@ -137,6 +138,9 @@ def read_capture(root: str | Path, classes: list[str], package_sha256: str | Non
                     preds = _predictions(rec["captureData"]["endpointOutput"], classes)
                 except (ValueError, KeyError, TypeError, AttributeError):
                     log.add("bad_line", where)
+                    continue
+                if not preds:  # a record, but no prediction in medpipe's form (another kind of model's answer)
+                    log.add("no_predictions", where)
                     continue
                 sha = (rec.get("medpipe") or {}).get("package_sha256")
                 if sha is None:

@@ -215,23 +215,29 @@ class CachedSource:
                             "test": float(cfg.test_fraction), "records_sha256": self.records_sha256}
         table = table.assign(split=table["image_id"].map(dict(zip(splits["image_id"], splits["split"]))))
         spec = cfg.preprocess()
-        cache = build_cache(table, data_dir / "cache", (spec.image_size, spec.image_size), spec.interpolation,
-                            progress=progress)
+        # validation and test: pixels at the model's input size, decoded as serving decodes them (the eval path)
+        cache = build_cache(table, data_dir / "cache", spec.size, spec.interpolation, progress=progress)
+        # training: the same, or a larger cache that the train preset cuts random resized crops from
+        side = cfg.train_cache_size
+        big = cache if side == spec.image_size else build_cache(table, data_dir / "cache", (side, side),
+                                                                spec.interpolation, progress=progress)
         self.metadata = metadata_spec(table, cfg, data_dir)
         parts = {}
         for name in ("train", "val", "test"):
             t = table[table["split"] == name]
-            parts[name] = Split(cache.pixels, cache.rows(t["image_id"]), t["class_index"].to_numpy().astype(np.int64),
+            px = big if name == "train" else cache
+            parts[name] = Split(px.pixels, px.rows(t["image_id"]), t["class_index"].to_numpy().astype(np.int64),
                                 list(t["image_id"]), list(t["label"]), encode_table(self.metadata, t))
         self.train, self.val, self.test = parts["train"], parts["val"], parts["test"]
         if not len(self.train):
             raise MedpipeError(f"{data_dir}: the training split is empty")
         self.class_counts = np.bincount(self.train.labels, minlength=len(self.classes))
-        self._loader = BatchLoader(BatchSource(cache.pixels, self.train.rows, self.train.labels,
+        self._loader = BatchLoader(BatchSource(big.pixels, self.train.rows, self.train.labels,
                                                train_batch_preset(spec, cfg.augmentation()), cfg.seed,
                                                self.train.metadata, self.metadata), cfg.workers, pin=pin)
-        log.info("train %d / val %d / test %d images; split %s; cache %s", len(self.train), len(self.val),
-                 len(self.test), "reused" if reused else "new", cache.folder.name)
+        log.info("train %d / val %d / test %d images; split %s; cache %s%s", len(self.train), len(self.val),
+                 len(self.test), "reused" if reused else "new", cache.folder.name,
+                 f"; training crops from the {side}x{side} cache {big.folder.name}" if big is not cache else "")
 
     def write_provenance(self, run_dir: Path) -> None:
         """The split this run used (``splits.csv`` + ``splits.json``), written into the run folder."""
@@ -277,7 +283,7 @@ def metadata_spec(table, cfg: TrainConfig, where: Path) -> MetadataSpec | None:
     spec = MetadataSpec.fit(records, fields, cfg.metadata_mask)
     train = table[table["split"] == "train"][list(fields)].astype(str).to_dict("records")
     age = MetadataSpec.fit(train, fields) if "age" in fields else spec
-    spec = dataclasses.replace(spec, age_mean=age.age_mean, age_std=age.age_std)
+    spec = dataclasses.replace(spec, age_mean=age.age_mean, age_std=age.age_std, fusion=cfg.metadata_fusion)
     log.info("metadata inputs %s (%d values per image)", ", ".join(spec.fields), spec.dim)
     return spec
 
@@ -368,6 +374,10 @@ class ShardSource:
 
 def _check_shards_match(root: str, index: dict, cfg: TrainConfig) -> None:
     """A shard set holds pixels at one size and one split: training with other settings is refused."""
+    if cfg.train_cache_size != cfg.image_size:
+        raise ConfigError(f"{root}: a shard set holds pixels at one size ({index['image_size']}x{index['image_size']}); "
+                          f"--cache-size {cfg.cache_size} (training crops from larger pixels) needs the ingested "
+                          "data folder")
     if index["image_size"] != cfg.image_size or index["interpolation"] != cfg.interpolation:
         raise ConfigError(f"{root} holds {index['image_size']}x{index['image_size']} {index['interpolation']} "
                           f"pixels; train with --image-size {index['image_size']} --interpolation "

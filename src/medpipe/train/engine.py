@@ -229,7 +229,8 @@ class Engine:
         spec = getattr(source, "metadata", None)
         model = create_model(cfg.model, len(source.classes), pretrained=cfg.pretrained and weights is None,
                              init_weights=None if weights is not None else cfg.init_weights, dropout=cfg.dropout,
-                             metadata_dim=spec.dim if spec is not None else 0)
+                             metadata_dim=spec.dim if spec is not None else 0,
+                             fusion=spec.fusion if spec is not None else "concat")
         if weights is not None:
             model.load_state_dict(weights)
         model = model.to(device).to(memory_format=torch.channels_last)
