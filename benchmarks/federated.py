@@ -10,7 +10,9 @@ or real HAM10000 images (``--data``, the dev set; ``--max-images`` subsamples). 
 dealt to ``--sites`` sites by a per-class Dirichlet(alpha) split (different class mixes), or by age
 band (``--split age``: under 45, 45-59, 60 and over; a natural split with very different class
 mixes). One lesion-grouped test split over all sites is held out; every row trains on the rest and is
-scored on it (macro AUC, balanced accuracy of the argmax):
+scored on it (macro AUC; balanced accuracy of the argmax, and under the ``prior`` rule a federated
+package gets, :func:`medpipe.decision.prior_from_counts` with tau 1 from the row's training class
+counts: pooled for centralized and federated rows, the site's own for a site alone):
 
 * ``centralized``: all sites' training data pooled, one run of ``rounds * local_epochs`` epochs with
   the training recipe (one warm-up + cosine);
@@ -25,11 +27,19 @@ Each federated row also gives the rounds it took to reach the centralized macro 
 scored on the test split after every round; None: never) and the MB per round per site (global
 weights down + update up). Results: benchmarks/results/OUT.json, one entry per seed plus the means
 and spreads. The machine and its load (1-minute load average at the start and end) are recorded.
+
+``--deploy CONFIG`` runs that configuration again for the first seed on the real Flower deployment
+(``medpipe fl certs``, ``fl server``: a SuperLink with TLS and site authentication, one ``fl site``
+SuperNode per site folder, all from ``--fl-venv``) with the same site folders, training config, seed
+and rounds, and scores its final global model beside the in-process row. ``--central-auc`` skips the
+centralized run (it does not depend on ``--split``: the test split and the pooled folder are the same)
+and takes its AUC from an earlier run of that seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -56,6 +66,14 @@ CONFIGS = {  # name -> run configuration keys on top of the common ones
     "rounds-lr+fedadam": dict(ROUNDS_LR, server_optimizer="fedadam", server_lr=0.01),
     "rounds-lr+fedyogi": dict(ROUNDS_LR, server_optimizer="fedyogi", server_lr=0.01),
     "default": {},  # medpipe.fl.strategy.DEFAULTS
+    # around the server momentum (FedAvgM, momentum 0.5 at server lr 1 was the previous default)
+    "fedavgm-0.9": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr=1.0, server_momentum=0.9),
+    "fedavgm-lr2": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr=2.0, server_momentum=0.5),
+    "fedavgm+prox": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr=1.0, server_momentum=0.5,
+                         strategy="fedprox", mu=0.01),
+    "fedavgm+local-bn": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr=1.0, server_momentum=0.5,
+                             batchnorm="local"),
+    "fedadam-0.003": dict(ROUNDS_LR, server_optimizer="fedadam", server_lr=0.003),
 }
 
 
@@ -142,19 +160,92 @@ class Scorer:
         self.cache = build_cache(self.test, work / "test_cache", (spec.image_size, spec.image_size), spec.interpolation)
         self.model = create_model(cfg.model, len(classes))
 
-    def __call__(self, arrays) -> dict:
+    def __call__(self, arrays, counts=None) -> dict:
+        """``counts``: the training class counts the model's ``prior`` rule is taken from (tau 1, as a
+        federated package's :func:`medpipe.decision.prior_from_counts`); None: no prior-rule figure."""
         import torch
 
+        from medpipe.decision import apply_offsets, balanced_accuracy, prior_from_counts
         from medpipe.evaluate import compute_metrics
         from medpipe.fl.site import predict_logits, to_torch
 
         self.model.load_state_dict(to_torch(arrays))
         logits = predict_logits(self.model.to(memory_format=torch.channels_last), self.cache.pixels,
                                 self.cache.rows(self.test["image_id"]), self.spec, torch.device("cpu"))
-        m = compute_metrics(self.test["class_index"].to_numpy(), torch.softmax(logits, 1).numpy(), self.classes,
-                            bootstrap=0)
-        return {"macro_auc": round(float(m["macro_auc"]), 4),
-                "balanced_accuracy": round(float(m["balanced_accuracy"]), 4)}
+        y, probs = self.test["class_index"].to_numpy(), torch.softmax(logits, 1).numpy()
+        m = compute_metrics(y, probs, self.classes, bootstrap=0)
+        out = {"macro_auc": round(float(m["macro_auc"]), 4), "balanced_accuracy": round(float(m["balanced_accuracy"]), 4)}
+        if counts is not None:
+            offsets = prior_from_counts(counts, self.classes, "prior", tau=1.0)["rules"]["prior"]["offsets"]
+            out["balanced_accuracy_prior"] = round(balanced_accuracy(y, apply_offsets(probs, offsets), len(self.classes)), 4)
+        return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy_run(fl_bin: Path, work: Path, folders: dict, site_names: list[str], tc, config: str, rounds: int,
+               local_epochs: int, timeout: float = 3600.0) -> dict:
+    """The same federated run on the real Flower deployment: ``medpipe fl certs``, ``medpipe fl server`` (a
+    SuperLink with TLS and site authentication) and one ``medpipe fl site`` (a SuperNode) per site folder,
+    with the in-process run's training config, seed, site folders (their splits and caches) and algorithm.
+    Returns the final global model (``checkpoints/global.safetensors``) as arrays."""
+    import signal
+    import subprocess
+
+    import yaml
+    from safetensors.numpy import load_file
+
+    cfg = {**CONFIGS[config]}
+    (work / "deploy").mkdir(parents=True, exist_ok=True)
+    certs, run, yml = work / "deploy" / "certs", work / "deploy" / "run", work / "deploy" / "train.yaml"
+    yml.write_text(yaml.safe_dump({k: v for k, v in tc.to_dict().items() if v is not None}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    med = str(fl_bin / "medpipe")
+    subprocess.run([med, "fl", "certs", "--out", str(certs), "--sites", ",".join(site_names)], check=True,
+                   capture_output=True, env=env)
+    port = _free_port()
+    algo = []
+    for key in ("lr_schedule", "local_optimizer", "batchnorm", "server_optimizer", "server_lr", "server_momentum"):
+        if cfg.get(key) is not None:
+            algo += [f"--{key.replace('_', '-')}", str(cfg[key])]
+    if cfg.get("strategy") == "fedprox":
+        algo += ["--strategy", "fedprox", "--mu", str(cfg["mu"])]
+    server_cmd = [med, "fl", "server", "--out", str(run), "--certs", str(certs), "--port", str(port),
+                  "--site-keys", *[str(certs / "sites" / f"{s}.pub") for s in site_names], "--rounds", str(rounds),
+                  "--local-epochs", str(local_epochs), "--min-sites", str(len(site_names)), "--config", str(yml),
+                  "--straggler-wait", "600", "--round-timeout", str(timeout), "--wait-for-sites", "600", *algo]
+    logs = work / "deploy"
+    site_cmds = {s: [med, "fl", "site", "--data", str(folders[s]), "--server", f"127.0.0.1:{port}", "--ca",
+                     str(certs / "ca.crt"), "--key", str(certs / "sites" / s), "--runtime-port", str(_free_port()),
+                     "--threads", "1"] for s in site_names}
+    with contextlib.ExitStack() as stack:
+        def spawn(cmd, name):
+            out = stack.enter_context(open(logs / f"{name}.log", "wb"))
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+        procs = [spawn(server_cmd, "server"), *(spawn(cmd, f"site_{s}") for s, cmd in site_cmds.items())]
+        try:
+            rc = procs[0].wait(timeout)
+        finally:
+            for p in procs[1:]:  # a site runs until stopped (SIGTERM); then anything left in its process group
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(30)
+    if rc != 0:
+        raise SystemExit(f"the Flower deployment failed (exit {rc}); see {logs / 'server.log'}:\n"
+                         + (logs / "server.log").read_text()[-2000:])
+    return load_file(str(run / "checkpoints" / "global.safetensors"))
 
 
 def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dict:
@@ -182,14 +273,15 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
         init, params = to_numpy(model.state_dict()), [n for n, _ in model.named_parameters()]
         mb = sum(v.nbytes for v in init.values()) / 2**20
 
-        for name in ["pooled", *site_names] if args.baselines else []:  # one continuous run each: the training recipe
+        baselines = ([] if args.central_auc is not None else ["pooled"]) + site_names if args.baselines else []
+        for name in baselines:  # one continuous run each: the training recipe
             t0 = time.perf_counter()
             site = Site(folders[name], name, tc.to_dict(), classes)
             arrays, _ = site.fit(init, 1, epochs)
             rows.append({"method": "centralized" if name == "pooled" else f"{name} alone", "train_images": site.n_train,
-                         **score(arrays), "mb_per_round": 0.0, "wall_s": round(time.perf_counter() - t0, 1)})
+                         **score(arrays, site.source.class_counts), "mb_per_round": 0.0, "wall_s": round(time.perf_counter() - t0, 1)})
             print(seed, rows[-1], flush=True)
-        central = rows[0]["macro_auc"] if rows else args.central_auc
+        central = rows[0]["macro_auc"] if rows and rows[0]["method"] == "centralized" else args.central_auc
         for config in configs:
             cfg = {"rounds": args.rounds, "local_epochs": args.local_epochs, "strategy": "fedavg", "mu": 0.0,
                    "aggregation": "mean", **DEFAULTS, **CONFIGS[config]}
@@ -198,11 +290,20 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
             arrays = simulate_rounds(sites, init, cfg, params, tc.lr, tc.warmup_epochs,
                                      on_round=lambda rnd, a, result: curve.append(score(a)["macro_auc"]))
             reach = next((i + 1 for i, auc in enumerate(curve) if central is not None and auc >= central), None)
-            rows.append({"method": config, "train_images": sum(s.n_train for s in sites), **score(arrays),
+            counts = np.sum([s.source.class_counts for s in sites], axis=0)
+            rows.append({"method": config, "train_images": sum(s.n_train for s in sites), **score(arrays, counts),
                          "rounds_to_central": reach, "auc_per_round": curve,
                          "mb_per_round": round(2 * len(sites) * mb, 2), "wall_s": round(time.perf_counter() - t0, 1),
                          "config": {k: v for k, v in cfg.items() if k not in ("rounds", "local_epochs")}})
             print(seed, {k: v for k, v in rows[-1].items() if k != "config"}, flush=True)
+        if args.deploy and seed == int(args.seeds.split(",")[0]):  # the first seed, on the real processes
+            t0 = time.perf_counter()
+            arrays = deploy_run(Path(args.fl_venv) / "bin", work, folders, site_names, tc, args.deploy, args.rounds,
+                                args.local_epochs)
+            counts = np.sum([Site(folders[s], s, tc.to_dict(), classes).source.class_counts for s in site_names], axis=0)
+            rows.append({"method": f"{args.deploy} (Flower deployment, TLS)", **score(arrays, counts),
+                         "mb_per_round": round(2 * len(site_names) * mb, 2), "wall_s": round(time.perf_counter() - t0, 1)})
+            print(seed, rows[-1], flush=True)
         sizes = {s: int((table["site"] == s).sum()) for s in site_names}
         return {"seed": seed, "test_images": int((table["split"] == "test").sum()), "site_images": sizes, "rows": rows}
 
@@ -213,7 +314,9 @@ def summarise(per_seed: list[dict]) -> list[dict]:
     for method in [r["method"] for r in per_seed[0]["rows"]]:
         rs = [r for s in per_seed for r in s["rows"] if r["method"] == method]
         row = {"method": method, "seeds": len(rs)}
-        for key in ("macro_auc", "balanced_accuracy"):
+        for key in ("macro_auc", "balanced_accuracy", "balanced_accuracy_prior"):
+            if any(key not in r for r in rs):
+                continue
             v = np.array([r[key] for r in rs], float)
             row[key] = round(float(v.mean()), 4)
             row[f"{key}_range"] = [round(float(v.min()), 4), round(float(v.max()), 4)]
@@ -241,14 +344,20 @@ def main() -> None:
     ap.add_argument("--configs", default="fedavg,fedprox,default", help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                     help="the centralized and site-alone rows (--no-baselines: federated rows only)")
-    ap.add_argument("--central-auc", type=float, help="with --no-baselines: the centralized AUC to reach")
+    ap.add_argument("--central-auc", type=float, help="the centralized AUC to reach, from an earlier run of the "
+                    "same seed and split (the centralized row is then not run: it does not depend on --split)")
     ap.add_argument("--work", help="folder for the temporary site folders (default the system's)")
+    ap.add_argument("--deploy", help="a configuration to run, for the first seed, on the real Flower "
+                    "deployment (SuperLink + SuperNodes with TLS, the --fl-venv's Flower)")
+    ap.add_argument("--fl-venv", default=str(Path(__file__).resolve().parents[1] / ".venv-fl"))
     ap.add_argument("--out", default="federated")
     args = ap.parse_args()
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         ap.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.deploy and args.deploy not in CONFIGS:
+        ap.error(f"--deploy {args.deploy}: unknown; choose from {', '.join(CONFIGS)}")
     if args.split == "age" and not args.data:
         ap.error("--split age needs --data (real images with an age column)")
     raw = Path(args.data).resolve() if args.data else synth_dataset(args.count, seed=0, width=160, height=120)
@@ -265,9 +374,10 @@ def main() -> None:
                 "wall_s": round(time.perf_counter() - t0, 1)}
         path = write_result(args.out, {"command": "python benchmarks/federated.py " + " ".join(sys.argv[1:]),
                                        "args": vars(args), **size, "summary": summary, "per_seed": per_seed})
-    print(f"\n{'method':<22}{'macro AUC':>10}{'bal acc':>9}{'MB/round':>10}  rounds to central")
+    print(f"\n{'method':<22}{'macro AUC':>10}{'bal acc':>9}{'prior':>7}{'MB/round':>10}  rounds to central")
     for r in summary:
-        print(f"{r['method']:<22}{r['macro_auc']:>10.4f}{r['balanced_accuracy']:>9.4f}{r['mb_per_round']:>10.2f}  "
+        print(f"{r['method']:<22}{r['macro_auc']:>10.4f}{r['balanced_accuracy']:>9.4f}"
+              f"{r.get('balanced_accuracy_prior', float('nan')):>7.4f}{r['mb_per_round']:>10.2f}  "
               f"{r['rounds_to_central']}")
     print(f"wrote {path}")
 
