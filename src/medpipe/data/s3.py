@@ -199,8 +199,8 @@ class Staged:
 def fetch_all(pairs: list[tuple[str, Path]], max_bytes: int | None = None,
               workers: int = 8) -> dict[str, StorageError]:
     """:func:`download` each ``(url, dest)`` in parallel; ``{url: error}`` for the objects that cannot be had
-    (no such key, access denied, over the limit: the error's ``kind``). An unreachable endpoint stops the rest and raises (transient):
-    what was fetched is kept, so a rerun fetches only what is missing."""
+    (no such key, access denied, over the limit: the error's ``kind``). An unreachable endpoint stops the rest
+    and raises (transient): what was fetched is kept, so a rerun fetches only what is missing."""
     failed: dict[str, StorageError] = {}
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="medpipe-s3")
     try:
