@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,8 @@ def test_bf16_run_resumes_exactly_from_a_bf16_checkpoint(data_dir, tmp_path):
     code = f"from tests.test_precision import _bf16_runs; _bf16_runs({str(data_dir)!r}, {str(tmp_path)!r})"
     r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": path}, timeout=600)
-    assert r.returncode == 0, f"the bf16 runs' process ended with {r.returncode}:\n{r.stderr[-4000:]}"
+    how = signal.Signals(-r.returncode).name if r.returncode < 0 else f"exit status {r.returncode}"
+    assert r.returncode == 0, f"the bf16 runs' process ended with {how}:\n{r.stderr[-4000:]}"
     assert "SIGTERM received" in r.stderr
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["precision"] for m in lines] == ["bf16", "bf16"] and all(torch.isfinite(torch.tensor(m["train_loss"]))
