@@ -65,7 +65,7 @@ def supported(precision: str) -> bool:
     return precision == "f32" or "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-# streams when none are asked for (and at least this many threads): 1.6x the images/s of one stream, 2 cores
+# streams when none are asked for (and at least this many threads): 1.13x the served images/s of one, 2 cores
 AUTO_STREAMS = 2
 
 
@@ -76,8 +76,9 @@ class OpenVinoSession:
     throughput with N streams sharing the threads (OpenVINO's THROUGHPUT hint with NUM_STREAMS=N) and one infer
     request per stream, and :meth:`run` splits a batch's rows across the streams, which run at once (OpenVINO
     releases the GIL while it infers). 0 (the default, :data:`AUTO_STREAMS`): 2 where there are at least two
-    threads, else 1. Measured on 2 cores (224 px DenseNet121 INT8, batch 8, same run; docs/guides/serving.md):
-    2 streams gave about 1.6x the images/s of 1, and a lone image the same latency.
+    threads, else 1. Measured on 2 cores (224 px DenseNet121 INT8, benchmarks/serve_load.py --int8-peer
+    --streams 1,2; docs/guides/serving.md): 2 streams served 1.13x the images/s of 1 (forward alone at batch 8:
+    1.09x), a lone image 3 ms slower.
     A session must not run two batches at once (the Predictor's lock serialises them)."""
 
     def __init__(self, onnx: bytes, *, threads: int | None = None, precision: str = "f32", max_batch: int = 16,
