@@ -13,7 +13,7 @@ evaluates the package on that seed's test split. Per recipe it prints mean and S
 macro AUC, balanced accuracy (under the package's decision rule and under every rule the package
 holds), melanoma sensitivity at 80% and 90% specificity and ECE, then whether ``default`` beats
 ``old_default`` (and each candidate beats ``default``) on mean macro AUC and mean balanced accuracy by
-more than their spread (SD), and whether it reaches the issue's target (AUC >= 0.94, balanced accuracy
+more than their spread (SD), and whether it reaches the issue's target (AUC >= 0.945, balanced accuracy
 >= 0.65).
 
 Results (every run and the summary) go to ``--out`` after each run, so a run cut short keeps its
@@ -74,7 +74,7 @@ CANDIDATE = {
     "tta": True,                          # flip TTA in the test evaluation
 }
 METRICS = ("macro_auc", "balanced_accuracy", "mel_sensitivity_at_spec80", "mel_sensitivity_at_spec90", "ece")
-TARGET = {"macro_auc": 0.94, "balanced_accuracy": 0.65}
+TARGET = {"macro_auc": 0.945, "balanced_accuracy": 0.65}  # on the dev set, mean of 3 split seeds
 
 
 def subset_dataset(src: Path, dest: Path, n: int, seed: int = 0) -> Path:
