@@ -115,8 +115,9 @@ def init_package(training_config: dict) -> dict | None:
     source = training_config.get("init_weights")
     if not source:
         return None
+    folder = Path(source).parent if Path(source).is_file() else Path(source)  # weights.safetensors of a package
     try:
-        start = read_meta(source)
+        start = read_meta(folder)
     except PackageError as exc:  # a bare safetensors file, or a package no longer on disk
         return {"path": str(source), "package": f"not readable: {exc}"}
     cfg = dict(start.training_config)
