@@ -1,15 +1,56 @@
-"""Shared helpers for benchmarks: a reusable synthetic dataset, timing, and result files."""
+"""Shared helpers for benchmarks: the options several take, the package one measures, a reusable synthetic
+dataset, timing, and result files."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
+# the shared HAM10000 dev images beside the checkout (a worktree one level deeper finds them too)
+DEV_IMAGES = next((p / "shared" / "data" / "ham10000-dev" for p in (ROOT.parents[1], ROOT.parents[2])
+                   if (p / "shared" / "data" / "ham10000-dev").is_dir()), ROOT.parents[1] / "shared" / "data" / "ham10000-dev")
+
+# the options several benchmarks take: one spelling and one help text each (name -> type, help)
+OPTIONS = {
+    "size": (int, "image side in pixels (of the seeded model; a --run package keeps its own)"),
+    "batch": (int, "images per batch"),
+    "rounds": (int, "interleaved timing rounds"),
+    "warmup": (int, "untimed rounds before them"),
+    "threads": (int, "intra-op threads (0: ONNX Runtime's default)"),
+    "images": (str, "a folder of real HAM10000 dev JPEGs"),
+    "run": (str, "a trained run folder (its model/ package) instead of seeded random weights"),
+    "count": (int, "synthetic images"),
+    "seed": (int, "random seed"),
+    "seeds": (int, "seeds to run, 0 to N-1"),
+    "epochs": (int, "training epochs per run"),
+}
+
+
+def parser(doc: str | None, **defaults) -> argparse.ArgumentParser:
+    """A benchmark's parser: its module docstring as the ``--help`` text and, for each keyword, the shared option
+    of that name (:data:`OPTIONS`) with that default; the script adds its own options to it."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in defaults.items():
+        kind, text = OPTIONS[name]
+        ap.add_argument(f"--{name}", type=kind, default=default, help=text)
+    return ap
+
+
+def bench_package(run: str | None, size: int, prefix: str) -> Path:
+    """The model package to measure: ``RUN/model``, else DenseNet121 with seeded random weights (weights do not
+    change speed; serve_load.py's ``make_package``) at ``size`` in a new temporary folder."""
+    if run:
+        return Path(run) / "model"
+    from serve_load import make_package
+
+    return make_package(Path(tempfile.mkdtemp(prefix=prefix)) / "pkg", size)
 
 
 def synth_dataset(count: int, seed: int = 0, width: int = 600, height: int = 450) -> Path:
@@ -48,10 +89,13 @@ def _tracked(path: Path) -> bool:
         return True  # without git, assume the README cites it: never overwrite by accident
 
 
-def write_result(name: str, payload: dict) -> Path:
+def write_result(name: str, payload: dict, load_before: tuple[float, ...] | None = None) -> Path:
     """benchmarks/results/NAME.json; a tracked result (one the README cites) is replaced only when
-    MEDPIPE_BENCH_OVERWRITE=1, else the run goes to NAME.local.json (ignored by git)."""
+    MEDPIPE_BENCH_OVERWRITE=1, else the run goes to NAME.local.json (ignored by git). ``load_before``: the
+    load average (``os.getloadavg()``) when the run began; ``loadavg`` then holds it and the one now."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if load_before is not None:
+        payload = {**payload, "loadavg": {"before": list(load_before), "after": list(os.getloadavg())}}
     payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **payload}
     path = RESULTS / f"{name}.json"
     if path.exists() and _tracked(path) and os.environ.get("MEDPIPE_BENCH_OVERWRITE") != "1":

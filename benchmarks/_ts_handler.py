@@ -4,21 +4,20 @@ A good TorchServe deployment of the package, not a straw man: TorchServe batches
 (``batch_size``/``max_batch_delay`` at registration), the handler decodes each image with the
 package's own decoder (JPEG draft mode, the same resize), runs the eval preset on the whole batch
 and one eager forward (channels_last, ``inference_mode``), applies the temperature and returns one
-JSON object per request. The model archive carries ``weights.safetensors`` and ``model.json``.
+JSON object per request. The model archive carries ``weights.safetensors``, ``model.json`` and
+``_ts_common.py`` (the entry point both handlers share).
 """
 
 import json
 import logging
 
 import torch
+from _ts_common import Handler, entry, request_bodies
 
 log = logging.getLogger(__name__)
 
 
-class MedpipeHandler:
-    def __init__(self):
-        self.initialized = False
-
+class MedpipeHandler(Handler):
     def initialize(self, context):
         from medpipe.package import load_package, package_spec
 
@@ -31,12 +30,11 @@ class MedpipeHandler:
         self.classes = list(self.meta.classes)
         self.temperature = self.meta.temperature
         log.info("medpipe handler on %s, torch threads %d", self.device, torch.get_num_threads())
-        self.initialized = True
 
     def handle(self, data, context):
         from medpipe.preprocess import eval_batch
 
-        pixels = [self.spec.decode(bytes(row.get("data") or row.get("body"))) for row in data]
+        pixels = [self.spec.decode(body) for body in request_bodies(data)]
         x = eval_batch(pixels, self.spec).to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             probs = torch.softmax(self.model(x).float() / self.temperature, dim=1).cpu().numpy()
@@ -48,12 +46,4 @@ class MedpipeHandler:
         return out
 
 
-_service = MedpipeHandler()
-
-
-def handle(data, context):
-    if not _service.initialized:
-        _service.initialize(context)
-    if data is None:
-        return None
-    return _service.handle(data, context)
+handle = entry(MedpipeHandler())

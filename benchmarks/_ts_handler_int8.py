@@ -5,21 +5,21 @@ Each worker opens a medpipe Predictor with ``backend="openvino"`` (the same ONNX
 runtime, precision, gate temperature and static-shape buckets as ``medpipe serve --backend openvino``) and
 decodes each request with the package's own decoder (JPEG draft mode, the same resize); TorchServe batches
 requests (``batch_size``/``max_batch_delay`` at registration). The answer is medpipe's per-image JSON. The
-model archive carries ``weights.safetensors``, ``model.json`` and the INT8 files; OpenVINO comes from the
-folder serve_load.py puts on the workers' PYTHONPATH (the toolkit venv has none of its own).
+model archive carries ``weights.safetensors``, ``model.json``, the INT8 files and ``_ts_common.py`` (the entry
+point both handlers share); OpenVINO comes from the folder serve_load.py puts on the workers' PYTHONPATH (the
+toolkit venv has none of its own).
 """
 
 import json
 import logging
 import os
 
+from _ts_common import Handler, entry, request_bodies
+
 log = logging.getLogger(__name__)
 
 
-class Int8Handler:
-    def __init__(self):
-        self.initialized = False
-
+class Int8Handler(Handler):
     def initialize(self, context):
         import torch
 
@@ -34,20 +34,11 @@ class Int8Handler:
                                    max_batch=int(os.environ.get("MEDPIPE_TS_MAX_BATCH", "16")))
         self.predictor.warm()  # every batch bucket compiled before the first request
         log.info("medpipe INT8 handler: backend %s, OpenVINO threads %s", self.predictor.backend, threads or "all")
-        self.initialized = True
 
     def handle(self, data, context):
-        pixels = [self.predictor.decode(bytes(row.get("data") or row.get("body"))) for row in data]
+        pixels = [self.predictor.decode(body) for body in request_bodies(data)]
         probs = self.predictor.probabilities(pixels)
         return [json.dumps(p.as_dict()) for p in self.predictor.to_predictions(probs)]
 
 
-_service = Int8Handler()
-
-
-def handle(data, context):
-    if not _service.initialized:
-        _service.initialize(context)
-    if data is None:
-        return None
-    return _service.handle(data, context)
+handle = entry(Int8Handler())

@@ -13,27 +13,23 @@ benchmarks/results/NAME.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import synth_dataset, write_result  # noqa: E402
+from _common import parser, synth_dataset, write_result  # noqa: E402
 from federated import build  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--count", type=int, default=1200)
-    ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--local-epochs", type=int, default=1)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--model", default="densenet121")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = parser(__doc__, count=1200, size=64, seed=0)
+    ap.add_argument("--sites", type=int, default=3, help="federated sites")
+    ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the class split")
+    ap.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    ap.add_argument("--local-epochs", type=int, default=1, help="epochs each site trains per round")
+    ap.add_argument("--model", default="densenet121", help="model architecture")
     ap.add_argument("--out", help="also write benchmarks/results/OUT.json")
     args = ap.parse_args()
 

@@ -11,7 +11,6 @@ replaced the recipe (``imbalance: none`` with the ``prior`` decision rule, mixup
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -19,17 +18,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import synth_dataset, write_result  # noqa: E402
+from _common import parser, synth_dataset, write_result  # noqa: E402
 
 MODES = ("sampler", "weighted_loss", "focal", "none")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--count", type=int, default=800)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--seeds", type=int, default=4)
+    ap = parser(__doc__, count=800, epochs=6, size=64, seeds=4)
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     args = ap.parse_args()
 

@@ -18,18 +18,14 @@ Writes benchmarks/results/int8_variants_cpu.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from _common import DEV_IMAGES, bench_package, parser, write_result  # noqa: E402
 
 # name -> (quantize_onnx options over medpipe's QUANT_DEFAULTS, session options for the INT8 session and its
 # FP32 reference)
@@ -98,13 +94,8 @@ def interleaved(sessions: dict, batches: tuple[int, ...], size: int, rounds: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    ap = parser(__doc__, size=224, rounds=10, warmup=2, threads=0, images=str(DEV_IMAGES))
     ap.add_argument("--calibration", type=int, default=64, help="dev images to calibrate on")
-    ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "ham10000-dev"))
     ap.add_argument("--run", help="a trained run folder: adds the accuracy gate per variant (needs --data)")
     ap.add_argument("--data", help="the ingested data folder of --run")
     ap.add_argument("--only", help="comma-separated substrings: measure only the variants whose name has one")
@@ -116,14 +107,7 @@ def main() -> None:
     from medpipe.infer.quantize import cpu_description, gate, quantize_onnx
     from medpipe.package import load_package, package_spec
 
-    tmp = Path(tempfile.mkdtemp(prefix="int8_variants_"))
-    if args.run:
-        pkg = Path(args.run) / "model"
-    else:
-        from serve_load import make_package
-
-        pkg = make_package(tmp / "pkg", args.size)
-    model, meta = load_package(pkg)
+    model, meta = load_package(bench_package(args.run, args.size, "int8_variants_"))
     spec = package_spec(meta)
     size = spec.image_size
     threads = args.threads or None

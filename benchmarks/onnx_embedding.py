@@ -19,22 +19,15 @@ Writes benchmarks/results/onnx_embedding.json with the load average it ran under
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-# the shared dev images beside the checkout (a worktree one level deeper finds them too)
-DEV = next((p / "shared" / "data" / "ham10000-dev" for p in (ROOT.parent, ROOT.parent.parent)
-            if (p / "shared" / "data" / "ham10000-dev").is_dir()), ROOT.parent / "shared" / "data" / "ham10000-dev")
+from _common import DEV_IMAGES, bench_package, parser, write_result  # noqa: E402
 
 
 def _images(folder: Path, n: int, skip: int = 0) -> list[Path]:
@@ -102,28 +95,16 @@ def agreement(model, spec, fp32: bytes, pixels: list, calib: list, threads: int 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (0: ONNX Runtime's default)")
-    ap.add_argument("--agreement-images", type=int, default=64)
-    ap.add_argument("--images", default=str(DEV))
-    ap.add_argument("--run", help="a trained run folder (its model/ package) instead of seeded random weights")
-    ap.add_argument("--name", default="onnx_embedding")
+    ap = parser(__doc__, size=224, batch=8, rounds=30, warmup=3, threads=1, images=str(DEV_IMAGES), run=None)
+    ap.add_argument("--agreement-images", type=int, default=64, help="dev images the embeddings are compared on")
+    ap.add_argument("--name", default="onnx_embedding", help="writes benchmarks/results/NAME.json")
     args = ap.parse_args()
 
     from medpipe.infer.onnx_runtime import onnx_bytes
     from medpipe.package import load_package
     from medpipe.preprocess import eval_batch
 
-    if args.run:
-        pkg = Path(args.run) / "model"
-    else:
-        from serve_load import make_package
-
-        pkg = make_package(Path(tempfile.mkdtemp(prefix="onnx_embedding_")) / "pkg", args.size)
+    pkg = bench_package(args.run, args.size, "onnx_embedding_")
     model, meta = load_package(pkg)
     spec = meta.preprocessing
     threads = args.threads or None
@@ -144,8 +125,7 @@ def main() -> None:
         result["agreement"] = agreement(model, spec, with_emb, pixels, calib, threads)
     else:
         result["agreement"] = f"skipped: fewer than {n} JPEGs under {folder}"
-    result["loadavg"] = {"before": list(load_before), "after": list(os.getloadavg())}
-    print(write_result(args.name, result))
+    print(write_result(args.name, result, load_before))
     import json
 
     print(json.dumps(result, indent=2))

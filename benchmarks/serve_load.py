@@ -186,7 +186,8 @@ def measure_torchserve(pkg: Path, tmp: Path, venv: Path, config: str, device: st
     kind = "int8" if int8 else "fp32"
     store = tmp / f"ts_store_{kind}_{config}"
     store.mkdir()
-    files = [pkg / "weights.safetensors", pkg / "model.json"] + ([pkg / INT8_FILE, pkg / INT8_META] if int8 else [])
+    files = [pkg / "weights.safetensors", pkg / "model.json", ROOT / "_ts_common.py"] + \
+        ([pkg / INT8_FILE, pkg / INT8_META] if int8 else [])
     handler = ROOT / ("_ts_handler_int8.py" if int8 else "_ts_handler.py")
     subprocess.run([str(venv / "bin" / "torch-model-archiver"), "--model-name", "medpipe", "--version", "1.0",
                     "--handler", str(handler), "--extra-files", ",".join(map(str, files)), "--export-path", str(store),

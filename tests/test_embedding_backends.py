@@ -78,6 +78,30 @@ def test_every_cpu_backend_gives_the_eager_embedding(pkg):
                                Embedder(Predictor(pkg["model"], device="cpu", tta=True)).embed(pixels), atol=FP32_ATOL)
 
 
+def test_openvino_session_returns_only_the_outputs_asked_for(pkg):
+    """As ONNX Runtime's ``run(names, feed)``: the logits alone unless the embedding is asked for too."""
+    from medpipe.errors import MedpipeError
+    from medpipe.infer import openvino_runtime as ovr
+    from medpipe.infer.onnx_runtime import EMBEDDING_NAME, INPUT_NAME
+    from medpipe.infer.quantize import load_int8
+    from medpipe.package import read_meta
+
+    if not ovr.available():
+        pytest.skip("OpenVINO is not installed")
+    data, _ = load_int8(read_meta(pkg["model"]))
+    s = ovr.OpenVinoSession(data, threads=1, precision="f32", max_batch=2)
+    logits_name = s.get_outputs()[0].name
+    feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)}
+    every = s.run(None, feed)
+    assert len(every) == 2
+    only = s.run([logits_name], feed)
+    assert len(only) == 1 and np.array_equal(only[0], every[0])
+    swapped = s.run([EMBEDDING_NAME, logits_name], feed)
+    assert np.array_equal(swapped[0], every[1]) and np.array_equal(swapped[1], every[0])
+    with pytest.raises(MedpipeError, match="no output 'nope'"):
+        s.run(["nope"], feed)
+
+
 def test_int8_graph_keeps_the_logits_first_and_the_embedding_second(pkg):
     import onnx
 

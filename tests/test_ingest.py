@@ -282,6 +282,27 @@ def test_fifo_sparse_and_device_files_skipped_with_a_reason(synth_dir, tmp_path)
     assert rep["records"] == 2
 
 
+def test_error_codes_come_from_the_error_not_its_wording(tmp_path):
+    """An S3 object ingest could not copy is a missing or an unreadable file by the error's kind, and a batch
+    reference refused for leaving its root by the exception's type: rewording a message changes no code."""
+    from medpipe.batch import _confine
+    from medpipe.data.sources import Candidates, _new_existing_file
+    from medpipe.errors import StorageError
+
+    cand = Candidates(rows=[])
+    for kind in ("missing", "denied", "too_large", None):
+        error = StorageError("s3://b/k.jpg: worded in any way", kind=kind)
+        assert not _new_existing_file(cand, set(), "line", f"id-{kind}", tmp_path / "absent.jpg", "s3://b/k.jpg",
+                                      error)
+    assert [d.reason for d in cand.defects] == ["missing_file"] + ["unreadable_file"] * 3
+    assert all(d.detail == "s3://b/k.jpg: worded in any way" for d in cand.defects)
+    s3_root = tmp_path / "s3"
+    s3_root.mkdir()
+    assert _confine("s3://b/%2E%2E/x.jpg", tmp_path, tmp_path, s3_root)[1][0] == "outside_input_root"
+    assert _confine("s3://b/x.jpg", tmp_path, tmp_path, None)[1][0] == "unsupported_reference"  # no --s3-root
+    assert _confine("http://host/x.jpg", tmp_path, tmp_path, s3_root)[1][0] == "unsupported_reference"
+
+
 def test_streamed_hash_with_a_cap(tmp_path):
     from medpipe.utils import sha256_file
 

@@ -471,3 +471,27 @@ def test_metablock_package_records_its_fusion_and_onnx_torchscript_equal_in_proc
         MetadataSpec.from_dict({**predictor.metadata_spec.to_dict(), "fusion": "sum"})
     assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "bad"), *TINY, "--metadata", "auto",
                  "--metadata-fusion", "sum"]) == 2
+
+
+def test_evaluate_reads_missing_table_cells_as_not_given():
+    """NaN, None and pandas' NA in the record table are missing values (the field's slots zero), not words
+    checked against the vocabulary; a given value is encoded as it is anywhere else."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from medpipe.evaluate import table_metadata
+
+    spec = MetadataSpec.fit([{"age": "40", "sex": "male", "site": "face"}, {"age": "60", "sex": "female",
+                                                                            "site": "back"}], ("age", "sex", "site"))
+    table = pd.DataFrame({"image_id": ["a", "b", "c", "d"],
+                          "age": pd.array([70, None, pd.NA, 50], dtype="Int64"),
+                          "sex": pd.array(["male", pd.NA, None, float("nan")], dtype="object"),
+                          "site": pd.array(["face", "back", pd.NA, None], dtype="string")})
+    got = table_metadata(SimpleNamespace(metadata_spec=spec), table)
+    want = [spec.encode(v) for v in ({"age": "70", "sex": "male", "site": "face"}, {"site": "back"}, {},
+                                     {"age": "50"})]
+    np.testing.assert_array_equal(got, np.stack(want))
+    assert not got[2].any()
+    with pytest.raises(MetadataError, match="d.*sex"):  # a real word outside the vocabulary is still refused
+        table_metadata(SimpleNamespace(metadata_spec=spec), table.assign(sex=["male", "male", "male", "other"]))

@@ -51,6 +51,8 @@ def test_embedded_store_run_params_metrics_artifacts_model(data_dir, tmp_path, c
     history = client.get_metric_history(r.info.run_id, "val_auc")
     assert sorted(m.step for m in history) == [1, 2]  # one step per epoch
     assert {"train_loss", "val_bacc", "lr", "images_per_s", "best_epoch", "test_macro_auc"} <= set(r.data.metrics)
+    # the epoch's resource figures under the names metrics.jsonl gives them (gpu_memory_gb on CUDA), once each
+    assert {"data_wait_share", "disk_free_gb"} <= set(r.data.metrics) and "gpu_max_memory_gb" not in r.data.metrics
     files = {a.path for a in client.list_artifacts(r.info.run_id, "report")}
     assert {"report/report.md", "report/report.json", "report/roc.png"} <= files
     assert "run/metrics.jsonl" in {a.path for a in client.list_artifacts(r.info.run_id, "run")}

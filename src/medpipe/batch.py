@@ -37,7 +37,8 @@ from pathlib import Path, PurePosixPath
 
 from medpipe.data import s3
 from medpipe.data.metadata import canonical_columns
-from medpipe.data.sources import MAX_FILE_MB, MEDIA_TYPES, S3_MIRROR, inside, regular_file_problem, resolve_ref
+from medpipe.data.sources import (MAX_FILE_MB, MEDIA_TYPES, S3_MIRROR, RefusedReference, file_problem, inside,
+                                  regular_file_problem, resolve_ref)
 from medpipe.errors import (BatchError, MedpipeError, MetadataError, MetadataNotTakenError, PredictionError, StorageError,
                             UnreadableFileError)
 from medpipe.utils import atomic_write_json, atomic_write_text, csv_text, read_csv_table, shown_name, to_json
@@ -73,7 +74,7 @@ def _confine(ref: str, root: Path, base: Path, s3_root: Path | None = None) -> t
     try:
         p = resolve_ref(ref, base, s3_root)
     except ValueError as exc:
-        reason = "outside_input_root" if "refused" in str(exc) else "unsupported_reference"
+        reason = "outside_input_root" if isinstance(exc, RefusedReference) else "unsupported_reference"
         return None, (reason, str(exc))
     real = Path(os.path.realpath(p))
     if not real.is_relative_to(Path(os.path.realpath(s3_root)) if ref.startswith("s3://") else root):
@@ -363,13 +364,13 @@ class RemoteEngine:
             try:
                 data = s3.read_bytes(it.url, self.max_payload)
             except StorageError as exc:
-                code = "payload_too_large" if "limit" in str(exc) else "unreadable_file"
+                code = "payload_too_large" if exc.kind == "too_large" else "unreadable_file"
                 return _row(it, error=(code, str(exc)), transient=exc.transient)
         else:
-            problem = regular_file_problem(it.file, self.max_payload)
+            problem = file_problem(it.file, self.max_payload)
             if problem is not None:
-                code = "payload_too_large" if "limit" in problem else "unreadable_file"
-                return _row(it, error=(code, problem))
+                code = "payload_too_large" if problem.code == "file_too_large" else "unreadable_file"
+                return _row(it, error=(code, problem.reason))
             try:
                 data = it.file.read_bytes()
             except OSError as exc:  # as the local engine: a row, not the end of the job

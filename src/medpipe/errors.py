@@ -81,13 +81,15 @@ class ShardError(MedpipeError):
 
 class StorageError(MedpipeError):
     """An ``s3://`` URL cannot be read or written; the message names the URL and the reason. ``transient``: the
-    endpoint could not be reached (a rerun may succeed), as opposed to a missing bucket, key or permission."""
+    endpoint could not be reached (a rerun may succeed), as opposed to a missing bucket, key or permission.
+    ``kind``: what callers choose their own codes by, never the message: ``missing`` (no such bucket or key),
+    ``denied``, ``too_large`` (over a byte limit), or None (anything else)."""
 
     code = "storage_failed"
 
-    def __init__(self, message: str, transient: bool = False):
+    def __init__(self, message: str, transient: bool = False, kind: str | None = None):
         super().__init__(message)
-        self.transient = transient
+        self.transient, self.kind = transient, kind
 
 
 class CheckpointError(MedpipeError):

@@ -208,13 +208,16 @@ def evaluate_package(model_dir: str | Path, data_dir: str | Path, out_dir: str |
 
 def table_metadata(predictor, table) -> np.ndarray | None:
     """The record table's patient metadata encoded for a package that takes it (the columns it lacks count as
-    not given); None for an image-only package. A value outside the package's vocabulary or range is a
-    MetadataError naming the image and the field."""
+    not given, and so does a missing cell: NaN, None or pandas' NA); None for an image-only package. A value
+    outside the package's vocabulary or range is a MetadataError naming the image and the field."""
+    import pandas as pd
+
     spec = getattr(predictor, "metadata_spec", None)
     if spec is None:
         return None
     cols = [f for f in spec.fields if f in table.columns]
-    rows = table[cols].astype(str).to_dict("records") if cols else [{} for _ in range(len(table))]
+    rows = [{c: None if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v) for c, v in r.items()}
+            for r in table[cols].to_dict("records")] if cols else [{} for _ in range(len(table))]
     return spec.encode_many(rows, list(table["image_id"]))
 
 

@@ -9,8 +9,9 @@
 What is logged (rank 0 only, so a torchrun job is one MLflow run): the resolved config as params;
 dataset identity (record-table hash, class counts, split seed and sizes) as params; every epoch's
 metrics with the epoch as step (train/val loss, val macro and per-class AUC, balanced accuracy, lr,
-images/s, epoch time, GPU memory on CUDA); the best epoch; the test report (JSON, markdown, plots) and
-the run's config/metrics files as artifacts; the git commit of the code when it is a checkout; the
+images/s, epoch time, and the resource figures of train.handlers.ResourceMetrics: ``gpu_memory_gb`` on
+CUDA...); the best epoch; the test report (JSON, markdown, plots) and the run's config/metrics files as
+artifacts; the git commit of the code when it is a checkout; the
 outcome as run status (FINISHED, FAILED with the reason, KILLED on SIGTERM/SIGINT). The model package is
 logged as an MLflow pyfunc model (:mod:`medpipe.mlflow_model`, models-from-code: no pickle) that carries
 ``weights.safetensors`` + ``model.json`` unchanged and checks their hash on load; ``--register NAME``
@@ -248,10 +249,7 @@ class MLflowHandler:
         m = dict(engine.state.metrics)
         per_class = m.pop("val_auc_per_class", {}) or {}
         m.update({f"val_auc_{c}": v for c, v in per_class.items()})
-        if engine.device.type == "cuda":
-            import torch
-
-            m["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
+        # the epoch's resource figures (gpu_memory_gb on CUDA...) are in m already: train.handlers.ResourceMetrics
         self.tracker.metrics({k: v for k, v in m.items() if k != "epoch"}, step=int(m["epoch"]))
 
     def best(self, engine: Engine) -> None:

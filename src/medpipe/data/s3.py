@@ -64,17 +64,23 @@ def filesystem():
 
 def reason(exc: BaseException) -> tuple[str, bool]:
     """(what went wrong in words, whether it is transient) for an exception raised by s3fs/botocore/aiohttp."""
+    why, transient, _ = classify(exc)
+    return why, transient
+
+
+def classify(exc: BaseException) -> tuple[str, bool, str | None]:
+    """:func:`reason` and the :attr:`StorageError.kind <medpipe.errors.StorageError>` it makes."""
     names = {c.__name__ for c in type(exc).__mro__}
     text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
     if names & _NETWORK:
-        return f"cannot reach the S3 endpoint {endpoint()} ({exc.__class__.__name__}: {text})", True
+        return f"cannot reach the S3 endpoint {endpoint()} ({exc.__class__.__name__}: {text})", True, None
     if "NoCredentialsError" in names or "PartialCredentialsError" in names:
-        return ("no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)", False)
-    if isinstance(exc, FileNotFoundError):
-        return ("no such bucket" if "bucket" in text.lower() else "no such key"), False
+        return "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)", False, None
+    if isinstance(exc, FileNotFoundError):  # s3fs says which in its message only
+        return ("no such bucket" if "bucket" in text.lower() else "no such key"), False, "missing"
     if isinstance(exc, PermissionError):
-        return f"access denied ({text})", False
-    return f"{exc.__class__.__name__}: {text}", False
+        return f"access denied ({text})", False, "denied"
+    return f"{exc.__class__.__name__}: {text}", False, None
 
 
 def is_storage_error(exc: BaseException) -> bool:
@@ -92,8 +98,8 @@ def guard(url: str, doing: str = "read"):
     except Exception as exc:
         if not is_storage_error(exc):
             raise
-        why, transient = reason(exc)
-        raise StorageError(f"{url}: cannot {doing}: {why}", transient=transient) from None
+        why, transient, kind = classify(exc)
+        raise StorageError(f"{url}: cannot {doing}: {why}", transient=transient, kind=kind) from None
 
 
 def read_bytes(url: str, max_bytes: int | None = None) -> bytes:
@@ -109,7 +115,7 @@ def read_bytes(url: str, max_bytes: int | None = None) -> bytes:
                 raise
             data = b""
     if len(data) > max_bytes:
-        raise StorageError(f"{url}: over the {max_bytes}-byte file limit")
+        raise StorageError(f"{url}: over the {max_bytes}-byte file limit", kind="too_large")
     return data
 
 
@@ -141,7 +147,7 @@ def download(url: str, dest: Path, max_bytes: int | None = None) -> None:
     with guard(url):
         size = fs.size(url)
         if max_bytes is not None and size > max_bytes:
-            raise StorageError(f"{url}: {size} bytes is over the {max_bytes}-byte file limit")
+            raise StorageError(f"{url}: {size} bytes is over the {max_bytes}-byte file limit", kind="too_large")
         if dest.is_file() and dest.stat().st_size == size:
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -190,11 +196,12 @@ class Staged:
         self._tmp.cleanup()
 
 
-def fetch_all(pairs: list[tuple[str, Path]], max_bytes: int | None = None, workers: int = 8) -> dict[str, str]:
-    """:func:`download` each ``(url, dest)`` in parallel; ``{url: reason}`` for the objects that cannot be had
-    (no such key, access denied, over the limit). An unreachable endpoint stops the rest and raises (transient):
-    what was fetched is kept, so a rerun fetches only what is missing."""
-    failed: dict[str, str] = {}
+def fetch_all(pairs: list[tuple[str, Path]], max_bytes: int | None = None,
+              workers: int = 8) -> dict[str, StorageError]:
+    """:func:`download` each ``(url, dest)`` in parallel; ``{url: error}`` for the objects that cannot be had
+    (no such key, access denied, over the limit: the error's ``kind``). An unreachable endpoint stops the rest
+    and raises (transient): what was fetched is kept, so a rerun fetches only what is missing."""
+    failed: dict[str, StorageError] = {}
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="medpipe-s3")
     try:
         futures = {pool.submit(download, url, dest, max_bytes): url for url, dest in pairs}
@@ -204,7 +211,7 @@ def fetch_all(pairs: list[tuple[str, Path]], max_bytes: int | None = None, worke
             except StorageError as exc:
                 if exc.transient:
                     raise
-                failed[futures[fut]] = str(exc)
+                failed[futures[fut]] = exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return failed

@@ -42,6 +42,7 @@ import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
@@ -113,20 +114,38 @@ def class_name_problem(name: str) -> str | None:
     return None
 
 
-def regular_file_problem(path: str | os.PathLike, max_bytes: int | None = None) -> str | None:
+class FileProblem(NamedTuple):
+    """Why a file must not be opened: ``code`` (``unreadable_file``, ``not_a_regular_file``, ``file_too_large``)
+    and ``reason`` (words for the user)."""
+
+    code: str
+    reason: str
+
+
+class RefusedReference(ValueError):
+    """A manifest reference that would lead outside its root (``..``, absolute parts, a symlink elsewhere)."""
+
+
+def file_problem(path: str | os.PathLike, max_bytes: int | None = None) -> FileProblem | None:
     """Why ``path`` must not be opened as an input file (not a regular file: a FIFO would block the
     reader forever; over the size cap), or None. Follows symlinks, never opens the file."""
     try:
         st = os.stat(path)
     except OSError as exc:
-        return f"cannot read file ({exc.strerror})"
+        return FileProblem("unreadable_file", f"cannot read file ({exc.strerror})")
     if not stat.S_ISREG(st.st_mode):
         kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
                 else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a file")
-        return f"{kind}, not a regular file; skipped"
+        return FileProblem("not_a_regular_file", f"{kind}, not a regular file; skipped")
     if max_bytes is not None and st.st_size > max_bytes:
-        return f"{st.st_size} bytes is over the {max_bytes}-byte file limit"
+        return FileProblem("file_too_large", f"{st.st_size} bytes is over the {max_bytes}-byte file limit")
     return None
+
+
+def regular_file_problem(path: str | os.PathLike, max_bytes: int | None = None) -> str | None:
+    """:func:`file_problem`'s reason, or None."""
+    problem = file_problem(path, max_bytes)
+    return None if problem is None else problem.reason
 
 
 def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
@@ -288,19 +307,20 @@ def read_folders(root: Path) -> Candidates:
 def s3_path(ref: str, s3_root: Path | None) -> Path:
     """``s3://bucket/key`` -> ``s3_root/bucket/key``, confined to ``s3_root``: the key is URL-decoded
     first (``%2F`` is a slash, ``%2E%2E`` is ``..``), then absolute keys, ``..`` and empty parts are
-    refused, and the resolved file (symlinks followed) must still lie under ``s3_root``."""
+    refused, and the resolved file (symlinks followed) must still lie under ``s3_root`` (both
+    :class:`RefusedReference`; a ValueError without ``s3_root``)."""
     if s3_root is None:
         raise ValueError(f"{ref}: s3:// reference but no --s3-root given to map buckets onto a local folder")
     parsed = urlparse(ref)
     bucket, key = unquote(parsed.netloc), unquote(parsed.path)[1:]
     parts = [bucket, *key.split("/")]
     if "\\" in bucket + key or "\0" in bucket + key or any(x in ("", ".", "..") for x in parts) or "/" in bucket:
-        raise ValueError(f"{ref}: the bucket/key must be a plain relative path (no '..', '.', empty or "
-                         "absolute parts, also when URL-encoded); refused")
+        raise RefusedReference(f"{ref}: the bucket/key must be a plain relative path (no '..', '.', empty or "
+                               "absolute parts, also when URL-encoded); refused")
     root = Path(os.path.realpath(s3_root))
     path = root.joinpath(*parts)
     if not Path(os.path.realpath(path)).is_relative_to(root):
-        raise ValueError(f"{ref}: resolves outside --s3-root (a symlink under it points elsewhere); refused")
+        raise RefusedReference(f"{ref}: resolves outside --s3-root (a symlink under it points elsewhere); refused")
     return path
 
 
@@ -346,7 +366,7 @@ def choose_label_attribute(manifest: Path, label_attribute: str | None) -> str |
 
 
 def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str | None,
-                     unfetched: dict[str, str] | None = None) -> Candidates:
+                     unfetched: dict[str, StorageError] | None = None) -> Candidates:
     """Candidates of a Ground Truth manifest; ``unfetched``: why an object could not be copied from S3, per
     reference (:func:`fetch_groundtruth`)."""
     label_attribute = choose_label_attribute(manifest, label_attribute)
@@ -410,7 +430,7 @@ def read_groundtruth(manifest: Path, s3_root: Path | None, label_attribute: str 
 
 
 def _new_existing_file(cand: Candidates, seen: set[str], where: str, image_id: str, path: Path, ref: str,
-                       unfetched: str | None = None) -> bool:
+                       unfetched: StorageError | None = None) -> bool:
     """A manifest row's id not listed before and its file there; otherwise the defect is recorded (``unfetched``:
     why the object could not be copied from S3)."""
     if image_id in seen:
@@ -418,8 +438,8 @@ def _new_existing_file(cand: Candidates, seen: set[str], where: str, image_id: s
         return False
     seen.add(image_id)
     if not path.is_file():
-        code = "missing_file" if unfetched is None or "no such" in unfetched else "unreadable_file"
-        cand.defects.append(Defect(where, code, unfetched or f"{ref} not found"))
+        code = "missing_file" if unfetched is None or unfetched.kind == "missing" else "unreadable_file"
+        cand.defects.append(Defect(where, code, str(unfetched) if unfetched else f"{ref} not found"))
         return False
     return True
 
@@ -474,10 +494,9 @@ def _check_file(args: tuple[str, int, int]) -> tuple[str | None, int, int, str |
     """Worker: check what the file is (never opening a FIFO or an oversized file), read once, hash,
     fully decode. Returns (sha256, width, height, error_code, reason)."""
     path, max_pixels, max_bytes = args
-    problem = regular_file_problem(path, max_bytes)
+    problem = file_problem(path, max_bytes)
     if problem is not None:
-        return None, 0, 0, ("file_too_large" if "limit" in problem else "not_a_regular_file"
-                            if "regular" in problem else "unreadable_file"), problem
+        return None, 0, 0, problem.code, problem.reason
     try:
         with open(path, "rb") as fh:
             data = fh.read(max_bytes + 1)
@@ -523,17 +542,17 @@ def _read_source(source: Path | str, out: Path, fmt: str, s3_root: str | None, l
         return read_folders(source)
     if fmt == "csv":
         return read_csv_manifest(source)
-    failed: dict[str, str] = {}
+    failed: dict[str, StorageError] = {}
     if s3.is_s3(source) or not s3_root:  # s3:// objects are read from S3 itself, into OUT/s3
         source, failed = fetch_groundtruth(source, out, max_bytes)
         s3_root = str(out / S3_MIRROR)
     return read_groundtruth(source, Path(s3_root), label_attribute, failed)
 
 
-def fetch_groundtruth(source: str | Path, out: Path, max_bytes: int) -> tuple[Path, dict[str, str]]:
+def fetch_groundtruth(source: str | Path, out: Path, max_bytes: int) -> tuple[Path, dict[str, StorageError]]:
     """Copy an ``s3://`` Ground Truth manifest and every object it names (``s3://`` references, and keys
     relative to an ``s3://`` manifest) into ``OUT/s3/<bucket>/<key>``, confined there as ``--s3-root`` is.
-    Returns the local manifest and ``{reference: reason}`` for the objects that cannot be had (no such key,
+    Returns the local manifest and ``{reference: StorageError}`` for the objects that cannot be had (no such key,
     access denied). An unreachable endpoint stops ingest; what was fetched is kept, a rerun fetches the rest."""
     mirror, base = out / S3_MIRROR, None
     if s3.is_s3(source):

@@ -82,7 +82,7 @@ class OpenVinoSession:
         self.buckets = sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
         self._requests: dict[int, object] = {}
         self._lock = threading.Lock()
-        self._model, self._shape = None, None
+        self._model, self._shape, self._names = None, None, []
 
     def _read(self) -> None:
         """Parse the ONNX graph once (under the lock); each bucket reshapes its own copy."""
@@ -90,6 +90,7 @@ class OpenVinoSession:
             self._model = self.core.read_model(self.onnx)
             shape = self._model.inputs[0].get_partial_shape()
             self._shape = [int(d.get_length()) for d in list(shape)[1:]]
+            self._names = [o.get_any_name() for o in self._model.outputs]
 
     def _request(self, bucket: int):
         with self._lock:
@@ -137,14 +138,29 @@ class OpenVinoSession:
             left -= size
         return out
 
-    def run(self, _outputs, feed: dict) -> list[np.ndarray]:
-        """Every output of the graph for the batch in ``feed`` (its one input), run in bucket-sized chunks."""
+    def run(self, output_names: list[str] | None, feed: dict) -> list[np.ndarray]:
+        """The outputs named in ``output_names`` (None: every output, in the graph's order: the logits, then the
+        embedding where the graph has one) for the batch in ``feed`` (its one input), run in bucket-sized
+        chunks; only those outputs are copied out of OpenVINO's buffers, as ONNX Runtime fetches only those."""
+        at = self._output_indices(output_names)
         x = np.ascontiguousarray(next(iter(feed.values())), dtype=np.float32)
         outs: list[list[np.ndarray]] = []
         start = 0
         for size in self.chunks(len(x)):
             result = self._request(size).infer({0: x[start:start + size]})
-            # every output, in the graph's order (the logits, then the embedding where the graph has one)
-            outs.append([np.array(result[k], dtype=np.float32) for k in range(len(result))])
+            outs.append([np.array(result[k], dtype=np.float32) for k in at])
             start += size
         return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*outs)]
+
+    def _output_indices(self, output_names: list[str] | None) -> list[int]:
+        """The graph's output positions of ``output_names`` (None: all); an unknown name is a MedpipeError."""
+        if self._model is None:
+            with self._lock:
+                self._read()
+        names = self._names
+        if output_names is None:
+            return list(range(len(names)))
+        unknown = [n for n in output_names if n not in names]
+        if unknown:
+            raise MedpipeError(f"OpenVINO model has no output {', '.join(map(repr, unknown))} (it has {names})")
+        return [names.index(n) for n in output_names]
