@@ -61,7 +61,7 @@ demo: $(VENV)/.serve
 	bash scripts/demo.sh $(VENV)/bin/medpipe $(DEMO)
 
 test: $(VENV)/.dev $(SMVENV)/.done $(FLVENV)/.done
-	$(PY) -m pytest -q
+	$(PY) -X faulthandler -m pytest -q
 
 docs: $(VENV)/.dev
 	$(VENV)/bin/mkdocs build --strict --site-dir site

@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a Python child a test starts prints its traceback if it crashes
+
+pytest_plugins = ["tests.crashlog"]  # faulthandler stays armed in this process even after a library resets it
 
 
 @pytest.fixture(scope="session")

@@ -410,6 +410,41 @@ def test_openvino_session_splits_batches_into_static_buckets(int8_run):
     assert set(s2._requests) == {1, 2, 4}
 
 
+def test_openvino_streams_split_a_batch_and_give_the_one_stream_answer(int8_run):
+    """2 streams (the automatic choice with 2 threads) compile for throughput with one request per stream and deals a batch's rows to the streams
+    (7 rows: 4 | 2 + 1), run at once; every row equals the one-stream session's. ``names`` picks outputs as
+    ONNX Runtime's run does, and an unknown name is a MedpipeError naming it."""
+    pytest.importorskip("openvino")
+    from medpipe.errors import MedpipeError
+    from medpipe.infer.openvino_runtime import OpenVinoSession
+    from medpipe.infer.quantize import load_int8
+    from medpipe.package import read_meta
+
+    data, _ = load_int8(read_meta(int8_run["model"]))
+    one = OpenVinoSession(data, threads=2, precision="f32", max_batch=4, streams=1)
+    two = OpenVinoSession(data, threads=2, precision="f32", max_batch=4)  # automatic: 2 streams on 2 threads
+    assert one.config["PERFORMANCE_HINT"] == "LATENCY" and OpenVinoSession(data, threads=1).streams == 1
+    assert two.config["PERFORMANCE_HINT"] == "THROUGHPUT" and two.config["NUM_STREAMS"] == 2
+    assert two.shares(7) == [[(0, 4)], [(4, 2), (6, 1)]] and two.shares(1) == [[(0, 1)]]
+    assert two.shares(8) == [[(0, 4)], [(4, 4)]] and one.shares(3) == [[(0, 2), (2, 1)]]
+    x = np.random.default_rng(1).standard_normal((7, 3, 32, 32)).astype(np.float32)
+    ref, got = one.run(None, {"image": x}), two.run(None, {"image": x})
+    assert len(got) == len(ref) and all(np.allclose(a, b, atol=1e-4) for a, b in zip(ref, got))
+    assert len(two._requests[4]) == 2  # one infer request per stream
+    names = [o.name for o in two.get_outputs()]
+    first = two.run(names[:1], {"image": x[:3]})
+    assert len(first) == 1 and np.allclose(first[0], ref[0][:3], atol=1e-4)
+    with pytest.raises(MedpipeError, match="no output 'nope'"):
+        two.run(["nope"], {"image": x[:1]})
+    with pytest.raises(MedpipeError, match="streams must be >= 0"):
+        OpenVinoSession(data, streams=-1)
+    from medpipe.errors import ConfigError
+    from medpipe.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match="--streams must be >= 0"):
+        ServeConfig(streams=-1)
+
+
 def test_openvino_needs_its_own_gate_and_auto_picks_it_only_when_measured_faster(int8_run, tmp_path, monkeypatch,
                                                                                   caplog):
     pytest.importorskip("openvino")

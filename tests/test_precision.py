@@ -1,13 +1,19 @@
-"""bf16 training on CPU (issue 16 item 3): a bf16 run trains, records its precision, and resumes exactly."""
+"""bf16 training on CPU: a bf16 run trains, records its precision, and resumes exactly; the rules of
+``--precision auto``."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(**kw):
@@ -18,32 +24,51 @@ def _cfg(**kw):
                         "precision": "bf16", **kw})
 
 
-def test_bf16_run_resumes_exactly_from_a_bf16_checkpoint(data_dir, tmp_path):
-    from safetensors.torch import load_file
-
+def _bf16_runs(data_dir: str, out: str) -> None:
+    """The runs of the test below, in its child process: bf16 straight (a), bf16 stopped by SIGTERM after step 4
+    (b, its checkpoint's fields written to interrupted.json) then resumed, and the same recipe in fp32 (c)."""
     from medpipe.pipeline import run
     from medpipe.train.checkpoint import load_checkpoint
     from medpipe.train.engine import TrainingInterrupted
+    from tests.faults import SigtermAtStep
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from faults import SigtermAtStep
+    data, out = Path(data_dir), Path(out)
+    run(data, out / "a", _cfg(), evaluate_test=False)
+    try:
+        run(data, out / "b", _cfg(), evaluate_test=False, handlers=[SigtermAtStep(4)])
+    except TrainingInterrupted:  # stopped mid-epoch 2: the checkpoint is a bf16 run's
+        snap = load_checkpoint(out / "b" / "checkpoints" / "last.pt")
+        fields = {k: snap[k] for k in ("precision", "global_step", "batch_in_epoch")}
+        (out / "interrupted.json").write_text(json.dumps(fields))
+    else:
+        raise SystemExit("the SIGTERM after step 4 did not stop run b")
+    run(data, out / "b", _cfg(), evaluate_test=False, resume=True)
+    run(data, out / "c", _cfg(precision="fp32"), evaluate_test=False)
 
-    straight = run(data_dir, tmp_path / "a", _cfg(), evaluate_test=False)
+
+def test_bf16_run_resumes_exactly_from_a_bf16_checkpoint(data_dir, tmp_path):
+    """The training runs (bf16 CPU kernels, a SIGTERM the process sends itself) go in a child process: a native
+    crash there fails this test with the child's traceback instead of killing the whole pytest process."""
+    from safetensors.torch import load_file
+
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    code = f"from tests.test_precision import _bf16_runs; _bf16_runs({str(data_dir)!r}, {str(tmp_path)!r})"
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": path}, timeout=600)
+    how = signal.Signals(-r.returncode).name if r.returncode < 0 else f"exit status {r.returncode}"
+    assert r.returncode == 0, f"the bf16 runs' process ended with {how}:\n{r.stderr[-4000:]}"
+    assert "SIGTERM received" in r.stderr
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["precision"] for m in lines] == ["bf16", "bf16"] and all(torch.isfinite(torch.tensor(m["train_loss"]))
                                                                         for m in lines)
-    with pytest.raises(TrainingInterrupted):  # stopped mid-epoch 2: the checkpoint is a bf16 run's
-        run(data_dir, tmp_path / "b", _cfg(), evaluate_test=False, handlers=[SigtermAtStep(4)])
-    snap = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert snap["precision"] == "bf16" and snap["global_step"] == 4 and snap["batch_in_epoch"] == 1
-    run(data_dir, tmp_path / "b", _cfg(), evaluate_test=False, resume=True)
-    a = load_file(Path(straight["model_dir"]) / "weights.safetensors")
+    snap = json.loads((tmp_path / "interrupted.json").read_text())
+    assert snap == {"precision": "bf16", "global_step": 4, "batch_in_epoch": 1}
+    a = load_file(tmp_path / "a" / "model" / "weights.safetensors")
     b = load_file(tmp_path / "b" / "model" / "weights.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
     # bf16 really changed the arithmetic: the same recipe in fp32 ends elsewhere
-    fp32 = run(data_dir, tmp_path / "c", _cfg(precision="fp32"), evaluate_test=False)
-    c = load_file(Path(fp32["model_dir"]) / "weights.safetensors")
+    c = load_file(tmp_path / "c" / "model" / "weights.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 

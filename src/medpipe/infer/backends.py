@@ -43,6 +43,7 @@ class LoadContext:
     threads: int | None = None
     max_batch: int = 16
     fp32_onnx: Callable[[], bytes] | None = None
+    streams: int = 0  # the openvino backend's parallel infer streams (OpenVinoSession; 0: automatic)
 
 
 class Backend:

@@ -31,10 +31,12 @@ class OpenVinoBackend(_SessionBackend):
         ok, why = openvino_verdict(info, host)
         if not ok:
             log.warning("the OpenVINO run of the INT8 model FAILED its accuracy gate: %s", why)
-        session = OpenVinoSession(data, threads=ctx.threads, precision=rec["precision"], max_batch=ctx.max_batch)
+        session = OpenVinoSession(data, threads=ctx.threads, precision=rec["precision"], max_batch=ctx.max_batch,
+                                  streams=ctx.streams)
         session.warm(buckets=1)  # compile now: a model OpenVINO cannot compile fails here, not mid-request
         return cls(session, {**info, "gate": rec["gate"], "temperature": rec["temperature"], "runtime": "openvino"})
 
     def describe(self) -> dict:
         return {"backend": self.name, "runtime": f"openvino {version()}", "precision": self.session.precision,
+                "streams": self.session.streams,
                 "gate_passed": bool(self.record["gate"].get("passed"))}

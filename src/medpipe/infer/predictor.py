@@ -54,12 +54,14 @@ class Predictor:
     of the eager model on CUDA) or ``auto`` (medpipe.infer.auto); None (the default): eager.
     ``decision_rule``: the rule that picks each label (medpipe.decision; None: the package's default); the
     probabilities are the same under every rule.
+    ``streams``: the openvino backend's parallel infer streams, a batch split across them (0: automatic;
+    medpipe.infer.openvino_runtime.OpenVinoSession); the other backends ignore it.
     ``tta``: by default average the logits over the image and its horizontal, vertical and double flips
     (four forward passes per image; a call may still ask for or against it)."""
 
     def __init__(self, package: str | Path, device: str = "auto", max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
                  backend: str | None = None, threads: int | None = None, max_batch: int = 16,
-                 decision_rule: str | None = None, tta: bool = False):
+                 decision_rule: str | None = None, tta: bool = False, streams: int = 0):
         use_plain_tensors()
         self.device = resolve_device(device)
         self.tta = bool(tta)
@@ -73,7 +75,7 @@ class Predictor:
         if self.metadata_spec is not None:
             backend = "eager"
         self._fp32_onnx: bytes | None = None
-        ctx = LoadContext(self.model, self.meta, self.device, threads, max_batch, self._onnx_fp32)
+        ctx = LoadContext(self.model, self.meta, self.device, threads, max_batch, self._onnx_fp32, streams)
         self.runtime, self.backend, self.backend_reason = open_backend(backend or "eager", ctx)
         if backend is None:  # nobody asked: say so rather than "asked for"
             self.backend_reason = "the library's default (backend='auto' lets medpipe choose)"

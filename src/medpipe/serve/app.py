@@ -652,7 +652,7 @@ def serve(cfg: ServeConfig) -> int:
     torch.set_num_threads(threads)
     predictor = Predictor(cfg.model, device=cfg.device, max_pixels=cfg.max_pixels, backend=cfg.backend,
                           threads=threads, max_batch=cfg.max_batch, decision_rule=cfg.decision_rule,
-                          tta=cfg.tta)
+                          tta=cfg.tta, streams=cfg.streams)
     predictor.warm()  # every batch size the batcher will form, before the port answers (OpenVINO compiles per size)
     if not getattr(predictor.runtime, "runs_on_torch", True):
         torch.set_num_threads(1)  # torch only runs the eval preset and Grad-CAM: leave the cores to ORT

@@ -22,6 +22,7 @@ class ServeConfig:
     tta: bool = False              # average each image's logits over its four flips (4 forward passes)
     device: str = "auto"           # auto | cpu | cuda (auto: CUDA when available)
     threads: int = 0               # inference threads; 0 = all cores
+    streams: int = 0               # openvino backend: parallel infer streams a batch is split across; 0 = automatic
     profile: str = "realtime"      # realtime | async: the limits of medpipe/serve/profiles.py under the options given
     max_body_mb: float = 6.0       # SageMaker's real-time payload limit
     spool_mb: float = 8.0          # a body larger than this goes to a temporary file, not memory
@@ -70,7 +71,8 @@ class ServeConfig:
                               f"about 120 MB before it decodes anything), got {self.decode_memory_mb}")
         if self.max_jpeg_scans < 0 or self.memory_ceiling_mb < 0:
             raise ConfigError("--max-jpeg-scans and --memory-ceiling-mb must be >= 0 (0: no limit / automatic)")
-        for name in ("min_upload_kbps", "upload_grace_s", "max_uploads_per_client", "max_connections_per_client"):
+        for name in ("streams", "min_upload_kbps", "upload_grace_s", "max_uploads_per_client",
+                     "max_connections_per_client"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.upload_buffer_mb >= self.max_body_mb:
