@@ -17,7 +17,8 @@ step $PY benchmarks/train_throughput.py --device cuda --size 224 --steps 20
 step $PY benchmarks/batch.py --device cuda
 step $PY benchmarks/serve_load.py --device cuda
 step $PY benchmarks/scaling.py
-# the INT8 gate at 224 px on a fully trained model (the CPU record, int8_gate_real_224.json, is short-trained):
+# the INT8 gate at 224 px on a fully trained model (the CPU record, int8_gate_real_224.json, is a short 64 px
+# training fine-tuned briefly at 224 px):
 # DenseNet121 trained on CUDA at 224 px on the real dev set (split seed 0), then quantized and gated on this CPU
 step $PY benchmarks/int8_gate.py --data "${HAM_DEV:-../shared/data/ham10000-dev}" --size 224 --epochs 90 \
   --threads 0 --precision auto --work "$LOG/int8_gate" --out int8_gate_real_224_gpu_trained

@@ -1,12 +1,14 @@
 """The INT8 accuracy gate on real images: `medpipe quantize` on a DenseNet121 trained on the real dev set.
 
     python benchmarks/int8_gate.py [--data ../shared/data/ham10000-dev] [--size 224] [--epochs 3]
-                                   [--warmup-epochs 1] [--run RUN] [--work DIR] [--threads 2]
-                                   [--out int8_gate_real_224]
+                                   [--warmup-epochs 1] [--lr 0.001] [--init-weights PKG] [--run RUN]
+                                   [--work DIR] [--threads 2] [--out int8_gate_real_224]
+                                   [--note TEXT] [--keep-previous KEY]
 
 Ingests the real HAM10000 dev images (split seed 0, as benchmarks/quality.py does), trains DenseNet121
-with `medpipe train` at ``--size`` px for a fixed ``--epochs`` (or reuses ``--run``, a run folder trained
-on that ingested data), then runs `medpipe quantize`'s code path (ONNX Runtime static QDQ INT8,
+with `medpipe train` at ``--size`` px for a fixed ``--epochs`` (from ``--init-weights`` when given, e.g.
+a package trained at 64 px and fine-tuned here at 224: DenseNet121 pools globally, so its weights load
+at any size), or reuses ``--run``, a run folder trained on that ingested data, then runs `medpipe quantize`'s code path (ONNX Runtime static QDQ INT8,
 calibrated on the run's validation split) and installs the INT8 model in the package. Recorded:
 
 - the gate on the validation split, as `medpipe quantize` checks it: macro AUC FP32 vs INT8, top-1
@@ -14,11 +16,13 @@ calibrated on the run's validation split) and installs the INT8 model in the pac
   INT8 graph (when openvino is installed);
 - the same figures on the held-out test split, with the temperatures fitted on validation (the test
   labels fit nothing);
-- the FP32 model's own quality (the run's test metrics) and how long it trained, so a short-trained
-  model is visible as such;
+- the FP32 model's own quality (the run's test metrics) and how long it trained (summed epoch times
+  when ``--run`` is given), and the quality of the package it started from (``init_weights``), so a
+  short-trained model is visible as such;
 - the INT8/OpenVINO speed-up over FP32 ONNX that `medpipe quantize` times, and the load average.
 
-A gate that fails is recorded, not forced silently. Writes benchmarks/results/OUT.json.
+A gate that fails is recorded, not forced silently. Writes benchmarks/results/OUT.json;
+``--keep-previous KEY`` keeps the headline figures of the result it replaces under KEY.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result
+from _common import RESULTS, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,10 +94,50 @@ def train(data: Path, run: Path, args) -> float:
     from medpipe.cli import main as medpipe
 
     t = time.perf_counter()
+    extra = ["--init-weights", args.init_weights] if args.init_weights else []
     assert medpipe(["train", "--data", str(data), "--out", str(run), "--image-size", str(args.size),
-                    "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs), "--threads", str(args.threads), "--precision", args.precision,
-                    "--split-seed", "0", "--seed", "0", "--bootstrap", "200"]) == 0
+                    "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs), "--lr", str(args.lr),
+                    "--threads", str(args.threads), "--precision", args.precision,
+                    "--split-seed", "0", "--seed", "0", "--bootstrap", "200", *extra]) == 0
     return time.perf_counter() - t
+
+
+def quality(metrics: dict) -> dict:
+    """Macro AUC and balanced accuracy of a package's validation and test metrics."""
+    keys = ("n", "macro_auc", "macro_auc_ci95", "balanced_accuracy")
+    return {split: {k: (metrics.get(split) or {}).get(k) for k in keys} for split in ("val", "test")}
+
+
+def init_package(training_config: dict) -> dict | None:
+    """What the run started from: the ``init_weights`` package's size, training settings and quality."""
+    from medpipe.package import PackageError, read_meta
+
+    source = training_config.get("init_weights")
+    if not source:
+        return None
+    folder = Path(source).parent if Path(source).is_file() else Path(source)  # weights.safetensors of a package
+    try:
+        start = read_meta(folder)
+    except PackageError as exc:  # a bare safetensors file, or a package no longer on disk
+        return {"path": str(source), "package": f"not readable: {exc}"}
+    cfg = dict(start.training_config)
+    return {"path": str(source), "image_size": start.preprocessing.image_size,
+            "training_config": {k: cfg.get(k) for k in ("model", "image_size", "epochs", "batch_size", "lr",
+                                                        "warmup_epochs", "seed", "split_seed", "precision")},
+            "quality": quality(json.loads(json.dumps(dict(start.metrics), default=str)))}
+
+
+def previous_figures(name: str) -> dict | None:
+    """The headline figures of the result file NAME.json about to be replaced (None if there is none)."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    fp32, int8 = old.get("fp32_model") or {}, old.get("int8") or {}
+    return {"when": old.get("when"), "note": old.get("note"), "load_average": old.get("load_average"),
+            "fp32_quality": quality(fp32.get("metrics") or {}), "gate": int8.get("gate"),
+            "openvino_gate": (int8.get("openvino") or {}).get("gate"),
+            "speed_batches": (int8.get("speed") or {}).get("batches"), "test_split": old.get("test_split")}
 
 
 def main() -> None:
@@ -104,10 +148,14 @@ def main() -> None:
     ap.add_argument("--warmup-epochs", type=float, default=1.0, help="below 1 for a one- or two-epoch run")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of the training (0 = all cores)")
     ap.add_argument("--precision", default="auto", help="training precision (bf16 on an AMX CPU is faster)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the training")
+    ap.add_argument("--init-weights", help="package or safetensors the training starts from (any image size)")
     ap.add_argument("--run", help="an existing run folder (trained on --work's ingested data) to quantize")
     ap.add_argument("--work", default=str(ROOT / ".bench" / "int8_gate"), help="ingested data and the run")
     ap.add_argument("--out", default=None, help="results name (default int8_gate_real_SIZE)")
     ap.add_argument("--note", default="", help="a sentence recorded with the result (how the run was trained)")
+    ap.add_argument("--keep-previous", metavar="KEY",
+                    help="keep the headline figures of the result file this run replaces under KEY")
     args = ap.parse_args()
     load_start = os.getloadavg()
 
@@ -124,6 +172,8 @@ def main() -> None:
     data = work / "data"
     if not (data / "records.csv").is_file():
         assert medpipe(["ingest", args.data, "--out", str(data)]) == 0
+    out = args.out or f"int8_gate_real_{args.size}"
+    previous = previous_figures(out) if args.keep_previous else None
     run, train_s = (Path(args.run), None) if args.run else (work / "run", None)
     if not args.run:
         train_s = train(data, run, args)
@@ -141,12 +191,15 @@ def main() -> None:
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
               if line.strip() and "epoch" in json.loads(line) and "event" not in json.loads(line)] \
         if (run / "metrics.jsonl").is_file() else []
-    path = write_result(args.out or f"int8_gate_real_{args.size}", {
+    training_config = json.loads(json.dumps(dict(meta.training_config), default=str))
+    logged_s = sum(e.get("epoch_seconds") or 0 for e in epochs) or None
+    path = write_result(out, {
         "settings": vars(args), "load_average": {"start": load_start, "end": os.getloadavg()}, "note": args.note,
         "fp32_model": {"architecture": meta.architecture, "image_size": meta.preprocessing.image_size,
-                       "training_config": json.loads(json.dumps(dict(meta.training_config), default=str)),
-                       "epochs_logged": epochs, "train_seconds": train_s, "metrics": json.loads(json.dumps(dict(meta.metrics), default=str))},
-        "int8": info, "test_split": test})
+                       "training_config": training_config, "epochs_logged": epochs, "train_seconds": train_s,
+                       "epoch_seconds_sum": logged_s, "init": init_package(training_config),
+                       "metrics": json.loads(json.dumps(dict(meta.metrics), default=str))},
+        "int8": info, "test_split": test, **({args.keep_previous: previous} if previous else {})})
     print(f"wrote {path} (run folder {run})")
 
 
