@@ -154,6 +154,13 @@ def test_init_weights_safetensors_and_pickle_refusal(tmp_path):
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
     dst = create_model("resnet18", 7, init_weights=str(tmp_path / "w.safetensors"))
     torch.testing.assert_close(dst.state_dict()["conv1.weight"], src.state_dict()["conv1.weight"])
+    pkg = tmp_path / "pkg"  # a model package folder: its weights.safetensors
+    pkg.mkdir()
+    (tmp_path / "w.safetensors").rename(pkg / "weights.safetensors")
+    dst = create_model("resnet18", 7, init_weights=str(pkg))
+    torch.testing.assert_close(dst.state_dict()["conv1.weight"], src.state_dict()["conv1.weight"])
+    with pytest.raises(ConfigError, match="not a model package"):
+        create_model("resnet18", 7, init_weights=str(tmp_path))
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     _write_evil_pickle(evil, marker)

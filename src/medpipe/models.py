@@ -209,8 +209,18 @@ def fuse_metadata(image: nn.Module, num_classes: int, metadata_dim: int, dropout
     return classes[fusion](image, num_classes, metadata_dim, dropout)
 
 
+# the weights file of a model package (medpipe.package), which --init-weights also takes as a folder
+PACKAGE_WEIGHTS = "weights.safetensors"
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, a weights-only torch state dict, or a model package folder (its
+    ``weights.safetensors``)."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / PACKAGE_WEIGHTS).is_file():
+            raise ConfigError(f"--init-weights: folder {path} holds no {PACKAGE_WEIGHTS} (not a model package)")
+        path = path / PACKAGE_WEIGHTS
     if not path.is_file():
         raise ConfigError(f"--init-weights: file {path} not found")
     if path.suffix == ".safetensors":

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 from medpipe.data.metadata import MetadataSpec
 from medpipe.data.sources import class_name_problem
 from medpipe.errors import PackageError
-from medpipe.models import MODEL_NAMES, create_model
+from medpipe.models import MODEL_NAMES, PACKAGE_WEIGHTS, create_model
 from medpipe.preprocess import INTERPOLATIONS, PreprocessSpec
 from medpipe.utils import atomic_write_bytes, atomic_write_json, sha256_file, versions
 
@@ -37,7 +37,7 @@ if typing.TYPE_CHECKING:  # annotations only: reading model.json loads no torch 
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "weights.safetensors"
+WEIGHTS = PACKAGE_WEIGHTS
 META = "model.json"
 PACKAGE_FORMAT = "medpipe-package-2"
 
