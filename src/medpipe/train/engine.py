@@ -295,7 +295,7 @@ class Engine:
                 :func:`medpipe.fl.losses.proximal_term`)."""
         self.loss_terms.append(term)
 
-    def set_logit_offset(self, offset) -> None:
+    def set_logit_offset(self, offset: "list[float] | None") -> None:
         """Add ``offset`` (one value per class) to the logits inside every step's loss, not to the model's
         outputs: a federated site's logit calibration (:func:`medpipe.fl.strategy.site_logit_offset`)."""
         self.logit_offset = None if offset is None else torch.as_tensor(offset, dtype=torch.float32, device=self.device)
@@ -476,7 +476,8 @@ class Engine:
 def local_fit(cfg: TrainConfig, source: CachedSource | ShardSource, *, epochs: int, weights: dict | None = None,
               device: str | torch.device = "cpu", loss_terms: Iterable[Callable[[torch.nn.Module], torch.Tensor]] = (),
               handlers: Iterable[Any] = (), epoch_offset: int = 0, lr_range: tuple[float, float] | None = None,
-              optimizer_state: dict | None = None, logit_offset=None) -> tuple[dict, list[dict]]:
+              optimizer_state: dict | None = None,
+              logit_offset: "list[float] | None" = None) -> tuple[dict, list[dict]]:
     """Train ``epochs`` epochs from ``weights`` on ``source`` (this site's data); return (weights, metrics).
 
     By default a fresh optimiser and warm-up+cosine schedule over these epochs each call; a federated
