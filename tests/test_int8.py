@@ -476,11 +476,6 @@ def test_openvino_streams_split_a_batch_and_give_the_one_stream_answer(int8_run)
         two.run(["nope"], {"image": x[:1]})
     with pytest.raises(MedpipeError, match="streams must be >= 0"):
         OpenVinoSession(data, streams=-1)
-    from medpipe.errors import ConfigError
-    from medpipe.serve.config import ServeConfig
-
-    with pytest.raises(ConfigError, match="--streams must be >= 0"):
-        ServeConfig(streams=-1)
 
 
 def test_openvino_needs_its_own_gate_and_auto_picks_it_only_when_measured_faster(int8_run, tmp_path, monkeypatch,
