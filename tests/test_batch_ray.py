@@ -283,14 +283,27 @@ for before in (mine, signal.SIG_DFL):
     engine = br.RayEngine("pkg")
     assert list(engine.results([(0, [])])) == [] and not engine.ray.up
     print(signal.getsignal(signal.SIGTERM) is before, caught(signal.SIGTERM))
+
+class Failing(FakeRay):
+    def init(self, **kw):
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))
+        raise Exception("The current node timed out during startup.")  # what Ray raises on a loaded machine
+
+br.import_ray = Failing
+try:
+    list(br.RayEngine("pkg").results([(0, [])]))
+except br.BatchError as exc:
+    print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "timed out during startup" in str(exc))
 """
 
 
 def test_ray_engine_puts_back_the_sigterm_handler_it_found():
     """After the engine's own ray.shutdown(), SIGTERM is handled as before ray.init, in Python's table and in the
     process (a training run's GracefulStop restoring it afterwards then restores that, not Ray's handler). A child
-    process with a stand-in for Ray's driver: this process never starts Ray."""
+    process with a stand-in for Ray's driver: this process never starts Ray. Ray failing to start (a bare
+    Exception) puts them back too and is a BatchError naming the cause."""
     r = subprocess.run([sys.executable, "-c", _FAKE_RAY_ENGINE], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["True", "True", "True", "False"]  # (restored, caught): a handler, then SIG_DFL
+    # (restored, caught): a handler, then SIG_DFL; then Ray failing to start: restored, and a BatchError saying why
+    assert r.stdout.split() == ["True", "True", "True", "False", "True", "True"]

@@ -201,7 +201,7 @@ class RayEngine:
         try:
             self.ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=True,
                           include_dashboard=False if self.address is None else None)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its own node times out starting
             restore_signal_handlers(self._handlers)
             where = self.address or "a local instance"
             raise BatchError(f"--ray-address {where}: cannot connect to Ray ({str(exc).splitlines()[0][:200]})") from None
