@@ -23,6 +23,10 @@ counts: pooled for centralized and federated rows, the site's own for a site alo
   process. ``fedavg`` is the old recipe (a fresh warm-up + cosine in every round); the others change
   one thing at a time; ``default`` is the recipe ``medpipe fl`` uses now.
 
+Every row is scored as it would ship: a centralized or site-alone run by its best validation epoch (what
+``medpipe train`` packages; ``best_epoch``), a federated run by its best round under the ServerApp's rule
+(the sites' validation figures pooled each round, the highest pooled macro AUC; ``best_round``); each row
+also holds its last epoch's / round's figures under ``last``.
 Each federated row also gives the rounds it took to reach the centralized macro AUC (the global model
 scored on the test split after every round; None: never) and the MB per round per site (global
 weights down + update up). Results: benchmarks/results/OUT.json, one entry per seed plus the means
@@ -74,6 +78,10 @@ CONFIGS = {  # name -> run configuration keys on top of the common ones
     "fedavgm+local-bn": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr=1.0, server_momentum=0.5,
                              batchnorm="local"),
     "fedadam-0.003": dict(ROUNDS_LR, server_optimizer="fedadam", server_lr=0.003),
+    # the server step from the sites' image counts (N^2 / sum n_k^2 each round) instead of a constant
+    "fedavgm-auto": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr="auto", server_momentum=0.5),
+    "fedavgm-lr3": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr=3.0, server_momentum=0.5),
+    "fedavg-auto": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr="auto", server_momentum=0.0),
 }
 
 
@@ -181,6 +189,24 @@ class Scorer:
         return out
 
 
+class BestWeights:
+    """Engine handler: the weights of the epoch the monitored validation metric last improved, which is what
+    ``medpipe train`` packages (the baselines are scored as they would ship, like the federated rows' best round)."""
+
+    def __init__(self):
+        self.state, self.epoch = None, 0
+
+    def attach(self, engine) -> None:
+        from medpipe.train.engine import Events
+
+        engine.on(Events.BEST_IMPROVED, self._keep)
+
+    def _keep(self, engine) -> None:
+        # copies: a CPU tensor's numpy view would follow the weights as training goes on
+        self.state = {k: v.detach().cpu().numpy().copy() for k, v in engine.net.state_dict().items()}
+        self.epoch = int(engine.state.best_epoch)
+
+
 def _free_port() -> int:
     import socket
 
@@ -254,7 +280,7 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
 
     from medpipe.config import make_config
     from medpipe.fl.site import Site, to_numpy
-    from medpipe.fl.strategy import DEFAULTS, simulate_rounds
+    from medpipe.fl.strategy import DEFAULTS, BestRound, simulate_rounds
     from medpipe.models import create_model
 
     epochs = args.rounds * args.local_epochs
@@ -276,23 +302,28 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
         baselines = ([] if args.central_auc is not None else ["pooled"]) + site_names if args.baselines else []
         for name in baselines:  # one continuous run each: the training recipe
             t0 = time.perf_counter()
-            site = Site(folders[name], name, tc.to_dict(), classes)
-            arrays, _ = site.fit(init, 1, epochs)
+            site, keep = Site(folders[name], name, tc.to_dict(), classes), BestWeights()
+            arrays, _ = site.fit(init, 1, epochs, extra_handlers=(keep,))
+            counts = site.source.class_counts
             rows.append({"method": "centralized" if name == "pooled" else f"{name} alone", "train_images": site.n_train,
-                         **score(arrays, site.source.class_counts), "mb_per_round": 0.0, "wall_s": round(time.perf_counter() - t0, 1)})
+                         **score(keep.state if keep.state is not None else arrays, counts), "best_epoch": keep.epoch,
+                         "last": score(arrays, counts), "mb_per_round": 0.0,
+                         "wall_s": round(time.perf_counter() - t0, 1)})
             print(seed, rows[-1], flush=True)
         central = rows[0]["macro_auc"] if rows and rows[0]["method"] == "centralized" else args.central_auc
         for config in configs:
             cfg = {"rounds": args.rounds, "local_epochs": args.local_epochs, "strategy": "fedavg", "mu": 0.0,
                    "aggregation": "mean", **DEFAULTS, **CONFIGS[config]}
-            t0, curve = time.perf_counter(), []
+            t0, curve, best = time.perf_counter(), [], BestRound()
             sites = [Site(folders[s], s, tc.to_dict(), classes) for s in site_names]
-            arrays = simulate_rounds(sites, init, cfg, params, tc.lr, tc.warmup_epochs,
+            arrays = simulate_rounds(sites, init, cfg, params, tc.lr, tc.warmup_epochs, best=best,
                                      on_round=lambda rnd, a, result: curve.append(score(a)["macro_auc"]))
             reach = next((i + 1 for i, auc in enumerate(curve) if central is not None and auc >= central), None)
             counts = np.sum([s.source.class_counts for s in sites], axis=0)
-            rows.append({"method": config, "train_images": sum(s.n_train for s in sites), **score(arrays, counts),
-                         "rounds_to_central": reach, "auc_per_round": curve,
+            rows.append({"method": config, "train_images": sum(s.n_train for s in sites),
+                         **score(best.arrays if best.arrays is not None else arrays, counts), "best_round": best.round,
+                         "last": score(arrays, counts), "rounds_to_central": reach, "auc_per_round": curve,
+                         "pooled_val_auc_per_round": [round(float(a), 4) for a in best.pooled],
                          "mb_per_round": round(2 * len(sites) * mb, 2), "wall_s": round(time.perf_counter() - t0, 1),
                          "config": {k: v for k, v in cfg.items() if k not in ("rounds", "local_epochs")}})
             print(seed, {k: v for k, v in rows[-1].items() if k != "config"}, flush=True)
@@ -314,10 +345,12 @@ def summarise(per_seed: list[dict]) -> list[dict]:
     for method in [r["method"] for r in per_seed[0]["rows"]]:
         rs = [r for s in per_seed for r in s["rows"] if r["method"] == method]
         row = {"method": method, "seeds": len(rs)}
-        for key in ("macro_auc", "balanced_accuracy", "balanced_accuracy_prior"):
-            if any(key not in r for r in rs):
+        for key in ("macro_auc", "balanced_accuracy", "balanced_accuracy_prior", "last_macro_auc",
+                    "last_balanced_accuracy_prior"):
+            get = (lambda r, k=key: r["last"][k[5:]]) if key.startswith("last_") else (lambda r, k=key: r[k])
+            if any(key not in r and (not key.startswith("last_") or key[5:] not in r.get("last", {})) for r in rs):
                 continue
-            v = np.array([r[key] for r in rs], float)
+            v = np.array([get(r) for r in rs], float)
             row[key] = round(float(v.mean()), 4)
             row[f"{key}_range"] = [round(float(v.min()), 4), round(float(v.max()), 4)]
         reach = [r.get("rounds_to_central") for r in rs]

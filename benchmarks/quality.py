@@ -132,6 +132,8 @@ def train_run(data: Path, run_dir: Path, overrides: dict, resume: bool = False) 
     out["decision_rule"] = report.get("decision_rule", "argmax")
     out["balanced_accuracy_by_rule"] = {r: v["balanced_accuracy"] for r, v in report.get("decision_rules", {}).items()}
     out["support"] = {c: v["support"] for c, v in report["per_class"].items()}
+    # per-class sensitivity under the package's rule (their mean is the balanced accuracy above)
+    out["sensitivity"] = {c: v.get("sensitivity") for c, v in report["per_class"].items()}
     epochs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     out.update(best_epoch=summary.get("best_epoch"), epochs=len(epochs), seconds=round(seconds, 1),
                train_seconds=round(sum(e.get("epoch_seconds", 0.0) for e in epochs), 1),
@@ -156,6 +158,9 @@ def summarise(runs: dict) -> dict:
         rules = sorted({k for r in rs for k in r["balanced_accuracy_by_rule"]})
         s["balanced_accuracy_by_rule"] = {k: _stats([r["balanced_accuracy_by_rule"].get(k) for r in rs]) for k in rules}
         s["epochs"] = _stats([r["epochs"] for r in rs])
+        classes = sorted({c for r in rs for c in r.get("sensitivity", {})})
+        if classes:  # runs recorded before per-class sensitivity was kept have none
+            s["sensitivity"] = {c: _stats([r.get("sensitivity", {}).get(c) for r in rs]) for c in classes}
         out[recipe] = s
     return out
 
@@ -485,6 +490,10 @@ def merge(items: list[str], out: Path, keep: list[str] | None = None) -> dict:
 
 def report(payload: dict) -> None:
     print_table(payload["summary"])
+    for name, summ in payload["summary"].items():
+        if summ.get("sensitivity"):
+            print(f"{name} sensitivity per class (mean over seeds): " + ", ".join(
+                f"{c} {v['mean']:.2f}" for c, v in summ["sensitivity"].items() if v["mean"] is not None))
     for name, per_metric in payload["verdict"].items():
         for m, v in per_metric.items():
             base = v.get("against", "default")

@@ -207,6 +207,34 @@ def test_site_follows_the_round_rates_and_keeps_its_optimiser_and_batchnorm_when
         np.testing.assert_array_equal(starts[2][k].numpy(), site.reference[k])
 
 
+def test_simulated_rounds_pick_the_round_the_server_packages(data_dir):
+    """simulate_rounds with ``best``: every round each site's evaluation reply (the ClientApp's metrics) passes the
+    server's checks and is pooled; the kept round is the highest pooled validation macro AUC (strictly; NaN never),
+    with that round's global model, as the ServerApp packages."""
+    from medpipe.fl.aggregate import pool_evaluations
+    from medpipe.fl.site import Site
+    from medpipe.fl.strategy import DEFAULTS, BestRound, improves, simulate_rounds
+
+    tc = {"model": "densenet-test", "image_size": 32, "batch_size": 8, "threads": 1, "workers": 0,
+          "max_steps_per_epoch": 2, "deterministic": True}
+    sites = [Site(data_dir, name, tc, HAM) for name in ("a", "b")]
+    seen: list = []
+    cfg = {"rounds": 3, "local_epochs": 1, "strategy": "fedavg", "mu": 0.0, "aggregation": "mean", **DEFAULTS}
+    best = BestRound()
+    last = simulate_rounds(sites, sites[0].reference, cfg, [n for n in sites[0].reference if "running" not in n
+                                                              and "num_batches" not in n], 1e-3, 1.0, best=best,
+                           on_round=lambda rnd, arrays, result: seen.append(arrays))
+    assert len(best.pooled) == 3 and all(0.0 <= a <= 1.0 for a in best.pooled)
+    assert best.round == 1 + int(np.argmax(best.pooled)) and best.auc == max(best.pooled)
+    chosen = seen[best.round - 1]
+    assert all(np.array_equal(best.arrays[k], chosen[k]) for k in chosen)
+    assert all(np.array_equal(last[k], seen[-1][k]) for k in last)
+    reply = sites[0].evaluation_reply(chosen)
+    per_site, pooled, excluded = pool_evaluations({"a": reply}, HAM)
+    assert not excluded and per_site["a"]["n_val"] == reply["num-examples"]
+    assert improves(None, 0.5) and improves(0.5, 0.6) and not improves(0.6, 0.6) and not improves(0.5, float("nan"))
+
+
 def test_schedule_across_rounds_is_the_training_recipes_schedule():
     """Round by round, the rates chain without restarts and follow make_schedule's warm-up + cosine over the
     whole run (rounds x local epochs) at every round boundary."""

@@ -304,3 +304,31 @@ def test_server_options_reach_the_run_configuration(tmp_path):
     assert main(["fl", "server", "--out", str(tmp_path / "r"), "--insecure", "--aggregation", "median",
                  "--max-update-ratio", "0"]) == 2
     assert not (tmp_path / "r" / "fl_config.json").exists()
+
+
+def test_server_lr_auto_scales_each_round_by_the_sites_image_counts():
+    """``--server-lr auto``: N^2 / sum(n_k^2) from the round's aggregated sites (1 for one site, K for K equal
+    sites), applied as FedAvgM's rate that round; refused for the adaptive optimisers and for bad values."""
+    from medpipe.fl.strategy import algorithm_config, auto_server_lr
+
+    assert auto_server_lr([500]) == pytest.approx(1.0)
+    assert auto_server_lr([100, 100, 100, 100]) == pytest.approx(4.0)
+    assert auto_server_lr([278, 964, 190]) == pytest.approx(1432 ** 2 / (278 ** 2 + 964 ** 2 + 190 ** 2))
+    g = {"w": np.zeros(3, np.float32)}
+    agg = {"w": np.ones(3, np.float32)}
+    opt = ServerOptimizer("fedavgm", frozenset({"w"}), lr="auto", momentum=0.0)
+    np.testing.assert_allclose(opt.apply(g, agg, [100, 100, 100])["w"], 3.0)  # delta 1 times lr 3
+    np.testing.assert_allclose(opt.apply(g, agg, [300])["w"], 1.0)  # next round, one site left: lr 1
+    assert "auto = 1" in opt.describe()
+    with pytest.raises(ValueError, match="image counts"):
+        opt.apply(g, agg)
+    with pytest.raises(ValueError, match="positive"):
+        auto_server_lr([10, 0])
+    assert algorithm_config(server_lr="AUTO")["server_lr"] == "auto"
+    assert algorithm_config(server_lr="1.5")["server_lr"] == 1.5
+    with pytest.raises(ValueError, match="fedavgm"):
+        algorithm_config(server_optimizer="fedadam", server_lr="auto")
+    with pytest.raises(ValueError, match="positive number or auto"):
+        algorithm_config(server_lr="fast")
+    with pytest.raises(ValueError, match="fedavgm"):
+        ServerOptimizer("fedyogi", frozenset({"w"}), lr="auto")

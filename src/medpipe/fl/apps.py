@@ -86,10 +86,8 @@ def client_train(message: Message, context: Context) -> Message:
 def client_evaluate(message: Message, context: Context) -> Message:
     _logging()
     site, cfg = _site(message, context)
-    r = site.evaluate(record_to_arrays(message.content["arrays"]))
-    metrics = {"num-examples": r["n_val"], "val_loss": r["val_loss"], "macro_auc": r["macro_auc"],
-               "balanced_accuracy": r["balanced_accuracy"], "hist_pos": r["hist_pos"], "hist_neg": r["hist_neg"],
-               "confusion": r["confusion"]}
+    metrics = site.evaluation_reply(record_to_arrays(message.content["arrays"]))
+    nan_classes = metrics.pop("nan_classes")
     content = RecordDict({"metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({"name": site.name, "nan_classes": r["nan_classes"] or [""]})})
+                          "site": ConfigRecord({"name": site.name, "nan_classes": nan_classes or [""]})})
     return Message(content, reply_to=message)

@@ -131,8 +131,9 @@ def add_server_options(s: argparse.ArgumentParser, add_config_options) -> None:
     s.add_argument("--server-optimizer", choices=list(SERVER_OPTIMIZERS), default=DEFAULTS["server_optimizer"],
                    help="the server's step from the aggregate: fedavg (take it), fedavgm (server momentum, the "
                         "default), fedadam or fedyogi (Flower's)")
-    s.add_argument("--server-lr", type=float,
-                   help="server optimiser learning rate (default 2 for fedavgm, measured; Flower's 0.1 fedadam, 0.01 fedyogi)")
+    s.add_argument("--server-lr",
+                   help="server optimiser learning rate: a number, or auto (fedavgm only: N^2/sum(n_k^2) of each "
+                        "round's site image counts); default 2 for fedavgm, measured; Flower's 0.1 fedadam, 0.01 fedyogi")
     s.add_argument("--server-momentum", type=float,
                    help="fedavgm's momentum, fedadam/fedyogi's beta_1 (default 0.5 for fedavgm, 0.9 for the others)")
     s.add_argument("--classes", help="the run's class vocabulary, comma-separated (default the 7 HAM10000 classes)")

@@ -46,7 +46,7 @@ from medpipe.fl.aggregate import (METHODS, TRIM_FRACTION, Guard, Verdict, check_
                                   pool_evaluations, restore_scalars)
 from medpipe.fl.records import arrays_to_record, record_to_arrays
 from medpipe.fl.site import to_numpy, to_torch
-from medpipe.fl.strategy import from_config as server_optimizer, round_config
+from medpipe.fl.strategy import from_config as server_optimizer, improves, round_config
 from medpipe.models import create_model
 from medpipe.package import IntendedUse, save_package
 from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
@@ -223,7 +223,7 @@ class Coordinator:
                     atomic_write_text(self.run_dir / STATE_FILE, to_json(state, indent=2))
                     raise MedpipeError(f"round {rnd} failed 3 times: {result.note}")
                 continue
-            arrays = self.opt.apply(arrays, result.arrays)
+            arrays = self.opt.apply(arrays, result.arrays, [v["n_train"] for v in result.used.values()])
             log.info("round %d: %s (%s, server optimiser %s); samples %s", rnd, result.note, cfg["strategy"],
                      self.opt.describe(), {k: v["n_train"] for k, v in result.used.items()})
             per_site, pooled, ev_dropped, ev_excluded = self._evaluate_round(rnd, arrays, config, min_sites, classes)
@@ -336,8 +336,7 @@ class Coordinator:
     def _record_round(self, state: dict, rec: dict, arrays: dict) -> None:
         """Update the run state with a finished round, checkpoint, append metrics.jsonl, call the callbacks."""
         rnd, pooled = rec["round"], rec["val_pooled"]
-        improved = not math.isnan(pooled["macro_auc"]) and (state["best_pooled_auc"] is None or
-                                                            pooled["macro_auc"] > state["best_pooled_auc"])
+        improved = improves(state["best_pooled_auc"], pooled["macro_auc"])
         if improved:
             state["best_round"], state["best_pooled_auc"] = rnd, pooled["macro_auc"]
         for name, u in rec["trained"].items():

@@ -79,13 +79,14 @@ class Site:
 
     def fit(self, arrays: dict[str, np.ndarray], server_round: int, epochs: int, mu: float = 0.0, *,
             lr_range: tuple[float, float] | None = None, local_optimizer: str = "reset",
-            batchnorm: str = "global") -> tuple[dict, dict]:
+            batchnorm: str = "global", extra_handlers: tuple = ()) -> tuple[dict, dict]:
         """Local training from the global weights; returns (weights, metrics incl. ``n_train``).
 
         ``lr_range``: the round's (start, end) rates from the server (None: a warm-up + cosine of its own);
         ``local_optimizer``: ``reset`` or ``keep`` (AdamW's moments from this site's previous round);
         ``batchnorm``: ``global`` (train from the global running statistics) or ``local`` (from this
-        site's own, kept from its previous round; the update still carries them, for the global fallback)."""
+        site's own, kept from its previous round; the update still carries them, for the global fallback);
+        ``extra_handlers``: engine handler objects attached besides the run's (e.g. a benchmark's)."""
         weights = to_torch(restore_scalars(arrays, self.reference))
         if batchnorm == "local":
             weights.update({k: v.clone() for k, v in self.bn_state.items() if k in weights})
@@ -97,7 +98,8 @@ class Site:
         mixing = batch_handlers(cfg, len(self.classes), stream=zlib.crc32(self.name.encode()) * 100_003 + server_round)
         new, records = local_fit(cfg, self.source, epochs=epochs, weights=weights, device=self.cfg.device
                                  if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
-                                 loss_terms=terms, handlers=[*mixing, *(load_handler(h) for h in self.handlers)],
+                                 loss_terms=terms, handlers=[*mixing, *(load_handler(h) for h in self.handlers),
+                                                                     *extra_handlers],
                                  epoch_offset=(server_round - 1) * epochs, lr_range=lr_range,
                                  optimizer_state=self.optimizer_state if local_optimizer == "keep" else None)
         if batchnorm == "local":
@@ -129,6 +131,13 @@ class Site:
                 v = np.array(v).reshape(()) if name == "step" else np.array(v)  # a 0-d step may come back as (1,)
                 state.setdefault(int(idx), {})[name] = torch.from_numpy(v)
         self.optimizer_state = {"optimizer": {"state": state, "param_groups": json.loads(param_groups)}} if state else {}
+
+    def evaluation_reply(self, arrays: dict[str, np.ndarray]) -> dict:
+        """The metrics an evaluation reply carries to the server (:meth:`evaluate`'s figures and statistics)."""
+        r = self.evaluate(arrays)
+        return {"num-examples": r["n_val"], "val_loss": r["val_loss"], "macro_auc": r["macro_auc"],
+                "balanced_accuracy": r["balanced_accuracy"], "hist_pos": r["hist_pos"], "hist_neg": r["hist_neg"],
+                "confusion": r["confusion"], "nan_classes": r["nan_classes"]}
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict:
         """The global model on this site's validation split: site metrics and the pooling statistics."""

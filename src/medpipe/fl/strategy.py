@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medpipe.fl.aggregate import TRIM_FRACTION, Guard, aggregate_round
+from medpipe.fl.aggregate import TRIM_FRACTION, Guard, aggregate_round, pool_evaluations
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 LR_SCHEDULES = ("rounds", "local")
@@ -89,7 +89,7 @@ class ServerOptimizer:
 
     name: str = "fedavg"
     params: frozenset = field(default_factory=frozenset)
-    lr: float | None = None
+    lr: float | str | None = None  # a number, or "auto": N^2 / sum(n_k^2) of each round's sites (auto_server_lr)
     momentum: float | None = None  # FedAvgM's momentum, FedAdam/FedYogi's beta_1
     beta_2: float | None = None
     tau: float | None = None
@@ -101,7 +101,11 @@ class ServerOptimizer:
         if self.name not in SERVER_OPTIMIZERS:
             raise ValueError(f"unknown server optimiser {self.name!r}; expected one of {', '.join(SERVER_OPTIMIZERS)}")
         lr, mom, b2, tau = SERVER_DEFAULTS[self.name]
-        self.lr = lr if self.lr is None else float(self.lr)
+        self.auto = isinstance(self.lr, str) and self.lr == "auto"
+        if self.auto and self.name != "fedavgm":
+            raise ValueError(f"--server-lr auto is for fedavgm (a step scale on the averaged update), not {self.name}")
+        self.lr = lr if self.lr is None else (1.0 if self.auto else float(self.lr))
+        self.last_lr = self.lr
         self.momentum = mom if self.momentum is None else float(self.momentum)
         self.beta_2 = b2 if self.beta_2 is None else float(self.beta_2)
         self.tau = tau if self.tau is None else float(self.tau)
@@ -111,14 +115,21 @@ class ServerOptimizer:
         if self.name == "fedavg":
             return "fedavg (the aggregate is the new global model)"
         extra = f", beta_2 {self.beta_2:g}, tau {self.tau:g}" if self.name != "fedavgm" else ""
-        return f"{self.name} (server lr {self.lr:g}, {'momentum' if self.name == 'fedavgm' else 'beta_1'} " \
+        lr = f"auto = {self.last_lr:.3g} this round" if self.auto else f"{self.lr:g}"
+        return f"{self.name} (server lr {lr}, {'momentum' if self.name == 'fedavgm' else 'beta_1'} " \
                f"{self.momentum:g}{extra})"
 
-    def apply(self, global_arrays: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def apply(self, global_arrays: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray],
+              examples: Iterable[int] | None = None) -> dict[str, np.ndarray]:
         """The new global model from the previous one and this round's aggregate (float64 arithmetic,
-        stored in each tensor's own dtype)."""
+        stored in each tensor's own dtype). ``examples``: the image counts of the sites aggregated this
+        round (the weights of the mean), which ``server lr auto`` is set from (:func:`auto_server_lr`)."""
         if self.name == "fedavg":
             return dict(aggregate)
+        if self.auto:
+            if examples is None:
+                raise ValueError("server lr auto needs the round's per-site image counts")
+            self.lr = self.last_lr = auto_server_lr(examples)
         self.step += 1
         out = dict(aggregate)
         for name in sorted(self.params & set(aggregate)):
@@ -159,6 +170,18 @@ class ServerOptimizer:
         self.v = {k[2:]: np.asarray(v, np.float64) for k, v in arrays.items() if k.startswith("v/")}
 
 
+def auto_server_lr(examples: Iterable[int]) -> float:
+    """The server step that makes a round of local epochs move the global model about as far as one central
+    epoch: ``N^2 / sum(n_k^2)`` for sites of ``n_k`` images (``N`` their sum). A site's epoch takes ``n_k / B``
+    steps and the weighted mean takes ``n_k / N`` of it, so when every step moves the weights alike a round
+    advances ``sum(n_k^2) / N^2`` of a central epoch's ``N / B`` steps: 1 for a single site, ``K`` for ``K``
+    equal sites. Sites whose updates disagree move less than that, which server momentum does not undo."""
+    n = np.asarray([int(x) for x in examples], np.float64)
+    if n.size == 0 or (n <= 0).any():
+        raise ValueError(f"server lr auto needs positive per-site image counts, got {n.tolist()}")
+    return float(n.sum() ** 2 / (n * n).sum())
+
+
 def from_config(cfg: Mapping, params: Iterable[str]) -> ServerOptimizer:
     """The run configuration's server optimiser (``server_optimizer``, ``server_lr``, ``server_momentum``;
     None takes Flower's default for that optimiser)."""
@@ -185,18 +208,28 @@ def algorithm_config(lr_schedule: str | None = None, local_optimizer: str | None
                      server_momentum: float | None = None) -> dict:
     """The run configuration's algorithm keys, checked (None: the default of :data:`DEFAULTS`, or Flower's
     default rate and momentum for the server optimiser). Raises ValueError naming the option."""
+    if isinstance(server_lr, str) and server_lr.strip().lower() == "auto":
+        server_lr = "auto"
+    elif server_lr is not None:
+        try:
+            server_lr = float(server_lr)
+        except (TypeError, ValueError):
+            raise ValueError(f"--server-lr must be a positive number or auto, got {server_lr!r}") from None
     out = {"lr_schedule": lr_schedule or DEFAULTS["lr_schedule"],
            "local_optimizer": local_optimizer or DEFAULTS["local_optimizer"],
            "batchnorm": batchnorm or DEFAULTS["batchnorm"],
            "server_optimizer": server_optimizer or DEFAULTS["server_optimizer"],
-           "server_lr": None if server_lr is None else float(server_lr),
+           "server_lr": server_lr,
            "server_momentum": None if server_momentum is None else float(server_momentum)}
     for key, allowed in (("lr_schedule", LR_SCHEDULES), ("local_optimizer", LOCAL_OPTIMIZER), ("batchnorm", BATCHNORM),
                          ("server_optimizer", SERVER_OPTIMIZERS)):
         if out[key] not in allowed:
             raise ValueError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {out[key]!r}")
-    if out["server_lr"] is not None and not (math.isfinite(out["server_lr"]) and out["server_lr"] > 0):
-        raise ValueError(f"--server-lr must be a positive number, got {server_lr}")
+    if out["server_lr"] == "auto":
+        if out["server_optimizer"] != "fedavgm":
+            raise ValueError(f"--server-lr auto is for --server-optimizer fedavgm, not {out['server_optimizer']}")
+    elif out["server_lr"] is not None and not (math.isfinite(out["server_lr"]) and out["server_lr"] > 0):
+        raise ValueError(f"--server-lr must be a positive number or auto, got {server_lr}")
     if out["server_momentum"] is not None and not 0.0 <= out["server_momentum"] < 1.0:
         raise ValueError(f"--server-momentum must be in [0, 1), got {server_momentum}")
     return out
@@ -211,12 +244,38 @@ def fit_kwargs(rc: Mapping) -> dict:
             "local_optimizer": str(rc.get("local-optimizer", "reset")), "batchnorm": str(rc.get("batchnorm", "global"))}
 
 
+def improves(best_auc: float | None, auc: float) -> bool:
+    """The rule for the round a federated run packages: its pooled validation macro AUC is strictly higher
+    than the best so far (NaN never is)."""
+    return not math.isnan(auc) and (best_auc is None or auc > best_auc)
+
+
+@dataclass
+class BestRound:
+    """The round the ServerApp packages (:func:`improves` on the pooled validation macro AUC), its figures and
+    its global model, as :func:`simulate_rounds` tracks it."""
+
+    round: int = 0
+    auc: float | None = None
+    arrays: dict | None = None
+    pooled: list = field(default_factory=list)  # each round's pooled validation macro AUC
+
+    def update(self, rnd: int, arrays: dict[str, np.ndarray], auc: float) -> bool:
+        self.pooled.append(auc)
+        if not improves(self.auc, auc):
+            return False
+        self.round, self.auc, self.arrays = rnd, auc, dict(arrays)
+        return True
+
+
 def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, params: Iterable[str], train_lr: float,
-                    warmup_epochs: float, on_round=None, guard=None) -> dict[str, np.ndarray]:
+                    warmup_epochs: float, on_round=None, guard=None, best: BestRound | None = None) -> dict[str, np.ndarray]:
     """The federated run in one process, with the Coordinator's steps: each round's configuration
     (:func:`round_config`), every site's local training (``site.fit``), the server's checks and
     aggregation (:func:`medpipe.fl.aggregate.aggregate_round`, each site registered with its own image
-    count) and the server optimiser's step. ``cfg`` holds the run configuration's keys (``rounds``,
+    count) and the server optimiser's step; with ``best``, also the ServerApp's evaluation round: every site's
+    evaluation reply (``site.evaluation_reply``) pooled as the server pools them, and the round it would
+    package tracked in ``best``. ``cfg`` holds the run configuration's keys (``rounds``,
     ``local_epochs``, ``strategy``, ``mu``, ``aggregation``, the algorithm keys); ``on_round(rnd, arrays,
     result)`` is called after each round; ``guard`` replaces the server's limits (a
     :class:`medpipe.fl.aggregate.Guard`; default: each site's own image count). Returns the last global model."""
@@ -232,7 +291,11 @@ def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, para
         result = aggregate_round(arrays, replies, guard, str(cfg.get("aggregation", "mean")),
                                  float(cfg.get("trim", TRIM_FRACTION)))
         if not result.kept:
-            arrays = opt.apply(arrays, result.arrays)
+            arrays = opt.apply(arrays, result.arrays, [v["n_train"] for v in result.used.values()])
+            if best is not None:
+                _, pooled, _ = pool_evaluations({s.name: s.evaluation_reply(arrays) for s in sites}, sites[0].classes,
+                                                guard)
+                best.update(rnd, arrays, pooled["macro_auc"])
         if on_round:
             on_round(rnd, arrays, result)
     return arrays
