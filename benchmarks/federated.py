@@ -82,6 +82,8 @@ CONFIGS = {  # name -> run configuration keys on top of the common ones
     "fedavgm-auto": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr="auto", server_momentum=0.5),
     "fedavgm-lr3": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr=3.0, server_momentum=0.5),
     "fedavg-auto": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr="auto", server_momentum=0.0),
+    # label skew: each site's loss sees its logits + log(site / federation class frequencies) (FedLC-style)
+    "default+calibrate": {"label_skew": "calibrate"},
 }
 
 
@@ -237,7 +239,8 @@ def deploy_run(fl_bin: Path, work: Path, folders: dict, site_names: list[str], t
                    capture_output=True, env=env)
     port = _free_port()
     algo = []
-    for key in ("lr_schedule", "local_optimizer", "batchnorm", "server_optimizer", "server_lr", "server_momentum"):
+    for key in ("lr_schedule", "local_optimizer", "batchnorm", "server_optimizer", "server_lr", "server_momentum",
+                "label_skew"):
         if cfg.get(key) is not None:
             algo += [f"--{key.replace('_', '-')}", str(cfg[key])]
     if cfg.get("strategy") == "fedprox":

@@ -235,6 +235,49 @@ def test_simulated_rounds_pick_the_round_the_server_packages(data_dir):
     assert improves(None, 0.5) and improves(0.5, 0.6) and not improves(0.6, 0.6) and not improves(0.5, float("nan"))
 
 
+def test_site_training_loss_sees_the_calibration_offset(data_dir, monkeypatch):
+    """Site.fit passes the offset from the round's class prior to the training engine, and the engine adds it to
+    the logits inside the loss only (the model's outputs are untouched)."""
+    import torch
+
+    import medpipe.fl.site as site_mod
+    from medpipe.train.engine import Events
+
+    seen: dict = {}
+    real = site_mod.local_fit
+
+    def spy(cfg, source, **kw):
+        seen["offset"] = kw["logit_offset"]
+
+        class Peek:
+            def attach(self, engine):
+                engine.on(Events.ITERATION_COMPLETED, lambda e: seen.setdefault("engine", e.logit_offset))
+        kw["handlers"] = [*kw["handlers"], Peek()]
+        return real(cfg, source, **kw)
+
+    monkeypatch.setattr(site_mod, "local_fit", spy)
+    tc = {"model": "densenet-test", "image_size": 32, "batch_size": 8, "threads": 1, "workers": 0,
+          "max_steps_per_epoch": 1, "deterministic": True, "mixup_alpha": 0}
+    site = site_mod.Site(data_dir, "a", tc, HAM)
+    prior = [1 / len(HAM)] * len(HAM)
+    _, m = site.fit(site.reference, 1, 1, class_prior=prior)
+    assert m["class_counts"] == [int(c) for c in site.source.class_counts] and sum(m["class_counts"]) == m["n_train"]
+    assert seen["offset"] == pytest.approx(site_mod.site_logit_offset(site.source.class_counts, prior))
+    assert torch.allclose(seen["engine"], torch.tensor(seen["offset"], dtype=torch.float32))
+    seen.clear()
+    site.fit(site.reference, 1, 1)
+    assert seen["offset"] is None and seen["engine"] is None
+    from medpipe.train.engine import Engine
+
+    logits, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    eng = Engine.__new__(Engine)
+    eng._base_loss, eng.loss_terms, eng.logit_offset, eng.device = (
+        lambda lg, t: torch.nn.functional.cross_entropy(lg, t)), [], None, torch.device("cpu")
+    plain = eng.loss_fn(logits, y)
+    eng.set_logit_offset([0.0, 0.0, 5.0])
+    assert eng.loss_fn(logits, y) > plain + 1.0  # class 2 raised inside the loss: the true classes lose mass
+
+
 def test_schedule_across_rounds_is_the_training_recipes_schedule():
     """Round by round, the rates chain without restarts and follow make_schedule's warm-up + cosine over the
     whole run (rounds x local epochs) at every round boundary."""
@@ -365,7 +408,7 @@ def deployment(federation):
     fed, run = federation, federation["root"] / "run_tls"
     port = _port()
     server = _spawn(_server_args(fed, run, port, "--strategy", "fedprox", "--aggregation", "median", "--min-sites", "2",
-                                 "--straggler-wait", "60"),
+                                 "--straggler-wait", "60", "--label-skew", "calibrate"),
                     fed["root"] / "server.log")
     bad = fed["sites"][2]
     # the third site's updates are malicious: test handlers on its local training (one local epoch per round)
@@ -402,6 +445,11 @@ def test_deployment_with_tls_writes_a_package_that_predicts(deployment, capsys):
     assert set(fed["sites"]) == set(deployment["sites"])  # the malicious one validated but never got into a round
     assert all(v["train_samples"] > 0 for s, v in fed["sites"].items() if s != deployment["bad"])
     assert fed["sites"][deployment["bad"]]["rounds"] == 0 and "train_samples" not in fed["sites"][deployment["bad"]]
+    # label skew: the honest sites' training class counts reached the server (for round 2's class prior)
+    assert fed["label_skew"].startswith("calibrate")
+    counts = json.loads((run / "fl_state.json").read_text())["class_counts"]
+    assert set(counts) == set(deployment["sites"]) - {deployment["bad"]}
+    assert all(len(c) == len(HAM) and sum(c) == fed["sites"][s]["train_samples"] for s, c in counts.items())
     # the run's rule (prior, the default) from the pooled validation class counts of the best round
     best = meta["metrics"]["val"]
     assert meta["decision"]["default"] == "prior" and meta["decision"]["n_val"] == sum(best["support"]) > 0

@@ -332,3 +332,36 @@ def test_server_lr_auto_scales_each_round_by_the_sites_image_counts():
         algorithm_config(server_lr="fast")
     with pytest.raises(ValueError, match="fedavgm"):
         ServerOptimizer("fedyogi", frozenset({"w"}), lr="auto")
+
+
+def test_label_skew_calibration_offsets_counts_and_round_configuration():
+    """label_skew calibrate: a site's offset is log(its class frequencies / the federation's) (smoothed, finite
+    for a class it lacks); sites' class counts are checked (non-negative integers adding up to num-examples);
+    the round configuration carries the federation's frequencies only when asked and once counts exist."""
+    from medpipe.fl.aggregate import check_class_counts
+    from medpipe.fl.strategy import (algorithm_config, class_prior_from_counts, fit_kwargs, round_config,
+                                     site_logit_offset)
+
+    prior = class_prior_from_counts({"a": [10, 0, 30], "b": [30, 20, 10]}, smoothing=0.0)
+    assert prior == pytest.approx([40 / 100, 20 / 100, 40 / 100])
+    assert class_prior_from_counts({}) is None
+    off = site_logit_offset([10, 0, 30], prior)
+    assert off[0] == pytest.approx(np.log(10.5 / 41.5) - np.log(0.4))
+    assert np.isfinite(off).all() and off[1] == pytest.approx(np.log(0.5 / 41.5) - np.log(0.2))  # the class the site lacks: strongly negative, finite
+    assert site_logit_offset([20, 10, 20], [0.4, 0.2, 0.4]) == pytest.approx([0.0, 0.0, 0.0], abs=0.02)
+    with pytest.raises(ValueError, match="one value per class"):
+        site_logit_offset([1, 2], [0.5, 0.3, 0.2])
+    assert check_class_counts([3, 0, 2], 5) == ([3, 0, 2], None)
+    assert "add up to 4" in check_class_counts([2, 2], 5)[1]
+    assert "non-negative integers" in check_class_counts([2, -1, 4], 5)[1]
+    assert "non-negative integers" in check_class_counts("3,2", 5)[1]
+    cfg = {"rounds": 4, "local_epochs": 1, "lr_schedule": "rounds", "label_skew": "calibrate"}
+    assert "class-prior" not in round_config(cfg, 1, 1e-3, 1.0, None)  # round 1: no counts yet
+    rc = round_config(cfg, 2, 1e-3, 1.0, prior)
+    assert rc["class-prior"] == pytest.approx(prior) and fit_kwargs(rc)["class_prior"] == pytest.approx(prior)
+    assert "class-prior" not in round_config({**cfg, "label_skew": "none"}, 2, 1e-3, 1.0, prior)
+    assert fit_kwargs({"server-round": 1, "local-epochs": 1})["class_prior"] is None  # an older server
+    assert algorithm_config()["label_skew"] == "none"
+    with pytest.raises(ValueError, match="--label-skew must be one of"):
+        algorithm_config(label_skew="balance")
+

@@ -93,6 +93,7 @@ class Verdict:
     update_ratio: float | None = None
     reported: object = None  # num-examples as the site sent it (recorded even when refused)
     bound: int | None = None
+    class_counts: list | None = None  # the site's training images per class, when it sent them
 
 
 @dataclass
@@ -218,9 +219,22 @@ def check_train_reply(site: str, update: dict[str, np.ndarray], metrics: Mapping
     if v.reason is None:
         v.update_ratio = update_ratio(update, global_arrays)
         v.reason = _ratio_reason(v.update_ratio, guard.max_update_ratio)
+    if v.reason is None and metrics.get("class-counts") is not None:
+        v.class_counts, v.reason = check_class_counts(metrics["class-counts"], n)
     if v.reason is None:
         v.arrays, v.n_train, v.train_loss = update, n, float(metrics["train_loss"])
     return v
+
+
+def check_class_counts(value, n: int) -> tuple[list[int] | None, str | None]:
+    """A training reply's optional ``class-counts``: non-negative integers (one per class) that add up to its
+    ``num-examples`` ``n``; (counts, None) or (None, the reason)."""
+    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(x) and int(x) >= 0 for x in value):
+        return None, f"class-counts must be a list of non-negative integers, got {str(value)[:80]}"
+    counts = [int(x) for x in value]
+    if sum(counts) != n:
+        return None, f"class-counts add up to {sum(counts)}, not num-examples {n}"
+    return counts, None
 
 
 def weighted_average(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
@@ -273,7 +287,8 @@ def combine(global_arrays: dict[str, np.ndarray], verdicts: Mapping[str, Verdict
     """Aggregate the usable verdicts into the new global model; with fewer than ``min_updates`` of them
     the previous global model is kept (``kept``) and ``note`` says why."""
     used = {s: {"n_train": v.n_train, "train_loss": v.train_loss, "update_ratio": v.update_ratio,
-                "examples_bound": v.bound} for s, v in sorted(verdicts.items()) if v.reason is None}
+                "examples_bound": v.bound, **({"class_counts": v.class_counts} if v.class_counts else {})}
+            for s, v in sorted(verdicts.items()) if v.reason is None}
     excluded = {s: v.reason for s, v in sorted(verdicts.items()) if v.reason is not None}
     reported = {s: int(v.reported) if _is_int(v.reported) else repr(v.reported) for s, v in sorted(verdicts.items())}
     if len(used) < max(1, min_updates):

@@ -77,7 +77,8 @@ def client_train(message: Message, context: Context) -> Message:
         context.state[SITE_STATE + "-groups"] = ConfigRecord({"param-groups": groups})
     log.info("site %s: round %d local training done (train_loss %.4f)", site.name, rnd, m["train_loss"])
     content = RecordDict({"arrays": arrays_to_record(arrays),
-                          "metrics": MetricRecord({"num-examples": m["n_train"], "train_loss": m["train_loss"]}),
+                          "metrics": MetricRecord({"num-examples": m["n_train"], "train_loss": m["train_loss"],
+                                                   "class-counts": m["class_counts"]}),
                           "site": ConfigRecord({"name": site.name})})
     return Message(content, reply_to=message)
 

@@ -10,7 +10,7 @@ from medpipe.errors import MedpipeError
 from medpipe.fl.aggregate import MAX_EXAMPLES, MAX_UPDATE_RATIO, METHODS, TRIM_FRACTION
 from medpipe.fl.certs import make_certs
 from medpipe.fl.partition import partition
-from medpipe.fl.strategy import BATCHNORM, DEFAULTS, LOCAL_OPTIMIZER, LR_SCHEDULES, SERVER_OPTIMIZERS
+from medpipe.fl.strategy import BATCHNORM, DEFAULTS, LABEL_SKEW, LOCAL_OPTIMIZER, LR_SCHEDULES, SERVER_OPTIMIZERS
 
 
 def _train_overrides(args) -> dict:
@@ -50,7 +50,8 @@ def _server_kwargs(args) -> dict:
                 max_examples=args.max_examples, site_examples=_site_examples(args.site_examples),
                 algorithm={"lr_schedule": args.lr_schedule, "local_optimizer": args.local_optimizer,
                            "batchnorm": args.batchnorm, "server_optimizer": args.server_optimizer,
-                           "server_lr": args.server_lr, "server_momentum": args.server_momentum})
+                           "server_lr": args.server_lr, "server_momentum": args.server_momentum,
+                           "label_skew": args.label_skew})
 
 
 def _site_examples(specs: list[str]) -> dict[str, int]:
@@ -131,6 +132,10 @@ def add_server_options(s: argparse.ArgumentParser, add_config_options) -> None:
     s.add_argument("--server-optimizer", choices=list(SERVER_OPTIMIZERS), default=DEFAULTS["server_optimizer"],
                    help="the server's step from the aggregate: fedavg (take it), fedavgm (server momentum, the "
                         "default), fedadam or fedyogi (Flower's)")
+    s.add_argument("--label-skew", choices=list(LABEL_SKEW), default=DEFAULTS["label_skew"],
+                   help="calibrate: each site's training loss adds log(its class frequencies / the federation's) to "
+                        "the logits (FedLC-style logit calibration; sites report their training class counts); "
+                        "none: each site fits its own class mix")
     s.add_argument("--server-lr",
                    help="server optimiser learning rate: a number, or auto (fedavgm only: N^2/sum(n_k^2) of each "
                         "round's site image counts); default 2 for fedavgm, measured; Flower's 0.1 fedadam, 0.01 fedyogi")

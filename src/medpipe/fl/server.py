@@ -46,7 +46,7 @@ from medpipe.fl.aggregate import (METHODS, TRIM_FRACTION, Guard, Verdict, check_
                                   pool_evaluations, restore_scalars)
 from medpipe.fl.records import arrays_to_record, record_to_arrays
 from medpipe.fl.site import to_numpy, to_torch
-from medpipe.fl.strategy import from_config as server_optimizer, improves, round_config
+from medpipe.fl.strategy import class_prior_from_counts, from_config as server_optimizer, improves, round_config
 from medpipe.models import create_model
 from medpipe.package import IntendedUse, save_package
 from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
@@ -54,7 +54,7 @@ from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
 CONFIG_FILE, STATE_FILE, SITES_FILE, LOG_FILE = "fl_config.json", "fl_state.json", "sites.json", "fl_server.log"
 OWNER_FILE = ".fl_owner"
 RESUME_KEYS = ("classes", "strategy", "mu", "local_epochs", "train_config", "lr_schedule", "local_optimizer",
-               "batchnorm", "server_optimizer", "server_lr", "server_momentum")
+               "batchnorm", "server_optimizer", "server_lr", "server_momentum", "label_skew")
 log = logging.getLogger("medpipe.fl.server")
 
 
@@ -209,8 +209,9 @@ class Coordinator:
         def config(rnd: int):
             from flwr.app import ConfigRecord
 
-            return ConfigRecord({**round_config(cfg, rnd, tc.lr, tc.warmup_epochs), "classes": classes,
-                                 "train-config": train_cfg})
+            counts = {k: v for k, v in state.get("class_counts", {}).items() if len(v) == len(classes)}
+            return ConfigRecord({**round_config(cfg, rnd, tc.lr, tc.warmup_epochs, class_prior_from_counts(counts)),
+                                 "classes": classes, "train-config": train_cfg})
 
         rnd, tries = state["round"] + 1, 0
         while rnd <= rounds:
@@ -224,6 +225,9 @@ class Coordinator:
                     raise MedpipeError(f"round {rnd} failed 3 times: {result.note}")
                 continue
             arrays = self.opt.apply(arrays, result.arrays, [v["n_train"] for v in result.used.values()])
+            # each site's latest training class counts: the federation's class frequencies (label_skew: calibrate)
+            state.setdefault("class_counts", {}).update(
+                {name: u["class_counts"] for name, u in result.used.items() if u.get("class_counts")})
             log.info("round %d: %s (%s, server optimiser %s); samples %s", rnd, result.note, cfg["strategy"],
                      self.opt.describe(), {k: v["n_train"] for k, v in result.used.items()})
             per_site, pooled, ev_dropped, ev_excluded = self._evaluate_round(rnd, arrays, config, min_sites, classes)
@@ -382,6 +386,9 @@ class Coordinator:
             "local_epochs": int(cfg["local_epochs"]), "min_sites": int(cfg["min_sites"]),
             "fraction": float(cfg["fraction"]), "best_round": state["best_round"],
             "lr_schedule": cfg.get("lr_schedule", "local"), "local_optimizer": cfg.get("local_optimizer", "reset"),
+            "label_skew": ("calibrate: each site's training loss saw its logits plus log(site / federation class "
+                           "frequencies); the model predicts at the federation's frequencies"
+                           if cfg.get("label_skew") == "calibrate" else "none"),
             "server_optimizer": server_optimizer(cfg, ()).describe(),
             "batchnorm": ("aggregated: running statistics averaged like the weights (one model for every site)"
                           if cfg.get("batchnorm", "global") == "global" else

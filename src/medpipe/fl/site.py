@@ -28,7 +28,7 @@ from medpipe.errors import ConfigError, MedpipeError
 from medpipe.fl.aggregate import restore_scalars, site_statistics
 from medpipe.train.data import open_source
 from medpipe.fl.losses import proximal_term
-from medpipe.fl.strategy import is_bn_buffer
+from medpipe.fl.strategy import is_bn_buffer, site_logit_offset
 from medpipe.train.engine import local_fit, predict_logits
 from medpipe.data.sources import load_records
 from medpipe.metrics import compute_metrics
@@ -79,14 +79,17 @@ class Site:
 
     def fit(self, arrays: dict[str, np.ndarray], server_round: int, epochs: int, mu: float = 0.0, *,
             lr_range: tuple[float, float] | None = None, local_optimizer: str = "reset",
-            batchnorm: str = "global", extra_handlers: tuple = ()) -> tuple[dict, dict]:
+            batchnorm: str = "global", extra_handlers: tuple = (),
+            class_prior: list[float] | None = None) -> tuple[dict, dict]:
         """Local training from the global weights; returns (weights, metrics incl. ``n_train``).
 
         ``lr_range``: the round's (start, end) rates from the server (None: a warm-up + cosine of its own);
         ``local_optimizer``: ``reset`` or ``keep`` (AdamW's moments from this site's previous round);
         ``batchnorm``: ``global`` (train from the global running statistics) or ``local`` (from this
         site's own, kept from its previous round; the update still carries them, for the global fallback);
-        ``extra_handlers``: engine handler objects attached besides the run's (e.g. a benchmark's)."""
+        ``extra_handlers``: engine handler objects attached besides the run's (e.g. a benchmark's);
+        ``class_prior``: the federation's class frequencies (``label_skew: calibrate``): the training loss sees
+        the logits plus log(this site's frequencies / those), :func:`medpipe.fl.strategy.site_logit_offset`."""
         weights = to_torch(restore_scalars(arrays, self.reference))
         if batchnorm == "local":
             weights.update({k: v.clone() for k, v in self.bn_state.items() if k in weights})
@@ -101,12 +104,15 @@ class Site:
                                  loss_terms=terms, handlers=[*mixing, *(load_handler(h) for h in self.handlers),
                                                                      *extra_handlers],
                                  epoch_offset=(server_round - 1) * epochs, lr_range=lr_range,
-                                 optimizer_state=self.optimizer_state if local_optimizer == "keep" else None)
+                                 optimizer_state=self.optimizer_state if local_optimizer == "keep" else None,
+                                 logit_offset=None if class_prior is None else
+                                 site_logit_offset(self.source.class_counts, class_prior))
         if batchnorm == "local":
             self.bn_state = {k: v.clone() for k, v in new.items() if is_bn_buffer(k)}
         out = to_numpy(new)
         last = records[-1] if records else {}
-        return out, {"n_train": self.n_train, "train_loss": float(last.get("train_loss", float("nan")))}
+        return out, {"n_train": self.n_train, "train_loss": float(last.get("train_loss", float("nan"))),
+                     "class_counts": [int(c) for c in self.source.class_counts]}
 
     def state_arrays(self) -> tuple[dict[str, np.ndarray], str]:
         """What this site keeps between rounds (its AdamW state, its BatchNorm statistics) as named arrays, and

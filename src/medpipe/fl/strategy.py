@@ -15,6 +15,11 @@ algorithm.
   for every site) or ``local`` (SiloBN-style: a site trains with its own running statistics, kept
   between rounds; the global model and the package carry the averaged statistics, the fallback for
   sites that never took part).
+* **Label skew** (``label_skew``): ``none``, or ``calibrate``: every site reports its training class counts
+  with its update, the server sends the federation's class frequencies with the next round, and each site's
+  training loss sees its logits plus ``log(site frequency / federation frequency)`` (:func:`site_logit_offset`,
+  logit calibration as in FedLC), so a site with a skewed class mix fits the federation's frequencies, the
+  central recipe's objective; the first round, before any counts, trains uncalibrated.
 * **Server optimiser** (:class:`ServerOptimizer`, ``server_optimizer``): ``fedavg`` (the new global
   model is the aggregate), or (``fedavgm``, momentum 0.5 and server lr 2, is the default) Flower's server-side optimisers on the pseudo-gradient
   ``aggregate - global`` of the trainable parameters: ``fedavgm`` (server momentum, Hsu et al. 2019),
@@ -40,6 +45,7 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 LR_SCHEDULES = ("rounds", "local")
 LOCAL_OPTIMIZER = ("reset", "keep")
 BATCHNORM = ("global", "local")
+LABEL_SKEW = ("none", "calibrate")
 # Server learning rate, momentum / beta_1, beta_2, tau per server optimiser: Flower's defaults except FedAvgM's, which
 # are the best measured (docs/guides/federated.md, 3 seeds on 3 splits): momentum 0.5 (0.9 overshoots; Flower's own
 # default is 0, a plain FedAvg) and server lr 2 (Flower's 1: a round of sites moves the model less than a central
@@ -49,7 +55,8 @@ SERVER_DEFAULTS = {"fedavg": (1.0, 0.0, 0.0, 0.0), "fedavgm": (2.0, 0.5, 0.0, 0.
 BN_BUFFERS = ("running_mean", "running_var")
 
 # the default federated recipe (the best measured, docs/guides/federated.md)
-DEFAULTS = {"lr_schedule": "rounds", "local_optimizer": "reset", "batchnorm": "global", "server_optimizer": "fedavgm"}
+DEFAULTS = {"lr_schedule": "rounds", "local_optimizer": "reset", "batchnorm": "global", "server_optimizer": "fedavgm",
+            "label_skew": "none"}
 
 
 def schedule_lr(epoch: float, total_epochs: float, lr: float, warmup_epochs: float) -> float:
@@ -73,6 +80,27 @@ def round_lr(rnd: int, rounds: int, local_epochs: int, lr: float, warmup_epochs:
     if rnd == 1 and warmup_epochs > 0:
         start = lr / (10.0 * max(warmup_epochs, 1.0))
     return start, schedule_lr(rnd * local_epochs, total, lr, warmup_epochs)
+
+
+def site_logit_offset(site_counts, class_prior, smoothing: float = 0.5) -> list[float]:
+    """``log(site frequency / federation frequency)`` per class, the offset a site adds to its logits inside the
+    training loss under ``label_skew: calibrate`` (logit calibration for label skew, as FedLC, Zhang et al.
+    2022): a site whose images are mostly of one class then fits the federation's class frequencies instead of
+    its own, so every site optimises the central recipe's objective. ``smoothing`` images per class keep a
+    class the site lacks finite (a large negative offset: the site's loss barely pushes that class down)."""
+    n = np.asarray(site_counts, np.float64) + smoothing
+    p = np.asarray(class_prior, np.float64)
+    if n.shape != p.shape or not (p > 0).all():
+        raise ValueError(f"class prior {p.tolist()} must be positive, one value per class of {n.size}")
+    return (np.log(n / n.sum()) - np.log(p / p.sum())).tolist()
+
+
+def class_prior_from_counts(counts: Mapping[str, Iterable[int]], smoothing: float = 0.5) -> list[float] | None:
+    """The federation's class frequencies from each site's latest training class counts (None: none yet)."""
+    if not counts:
+        return None
+    total = np.sum([np.asarray(list(c), np.float64) for c in counts.values()], axis=0) + smoothing
+    return (total / total.sum()).tolist()
 
 
 def is_bn_buffer(name: str) -> bool:
@@ -189,7 +217,8 @@ def from_config(cfg: Mapping, params: Iterable[str]) -> ServerOptimizer:
                            lr=cfg.get("server_lr"), momentum=cfg.get("server_momentum"))
 
 
-def round_config(cfg: Mapping, rnd: int, train_lr: float, warmup_epochs: float) -> dict:
+def round_config(cfg: Mapping, rnd: int, train_lr: float, warmup_epochs: float,
+                 class_prior: list[float] | None = None) -> dict:
     """What a round tells the sites beyond the weights: the local epochs, FedProx's mu, the round's rate
     (``lr-start``/``lr-end``; 0 and 0 for ``lr_schedule: local``: the site's own warm-up + cosine) and
     the site policies."""
@@ -199,13 +228,16 @@ def round_config(cfg: Mapping, rnd: int, train_lr: float, warmup_epochs: float) 
         start, end = round_lr(rnd, int(cfg["rounds"]), epochs, train_lr, warmup_epochs)
     else:
         start = end = 0.0
-    return {"server-round": rnd, "local-epochs": epochs, "mu": mu, "lr-start": float(start), "lr-end": float(end),
-            "local-optimizer": str(cfg.get("local_optimizer", "reset")), "batchnorm": str(cfg.get("batchnorm", "global"))}
+    out = {"server-round": rnd, "local-epochs": epochs, "mu": mu, "lr-start": float(start), "lr-end": float(end),
+           "local-optimizer": str(cfg.get("local_optimizer", "reset")), "batchnorm": str(cfg.get("batchnorm", "global"))}
+    if str(cfg.get("label_skew", "none")) == "calibrate" and class_prior is not None:
+        out["class-prior"] = [float(x) for x in class_prior]
+    return out
 
 
 def algorithm_config(lr_schedule: str | None = None, local_optimizer: str | None = None, batchnorm: str | None = None,
                      server_optimizer: str | None = None, server_lr: float | None = None,
-                     server_momentum: float | None = None) -> dict:
+                     server_momentum: float | None = None, label_skew: str | None = None) -> dict:
     """The run configuration's algorithm keys, checked (None: the default of :data:`DEFAULTS`, or Flower's
     default rate and momentum for the server optimiser). Raises ValueError naming the option."""
     if isinstance(server_lr, str) and server_lr.strip().lower() == "auto":
@@ -220,9 +252,10 @@ def algorithm_config(lr_schedule: str | None = None, local_optimizer: str | None
            "batchnorm": batchnorm or DEFAULTS["batchnorm"],
            "server_optimizer": server_optimizer or DEFAULTS["server_optimizer"],
            "server_lr": server_lr,
-           "server_momentum": None if server_momentum is None else float(server_momentum)}
+           "server_momentum": None if server_momentum is None else float(server_momentum),
+           "label_skew": label_skew or DEFAULTS["label_skew"]}
     for key, allowed in (("lr_schedule", LR_SCHEDULES), ("local_optimizer", LOCAL_OPTIMIZER), ("batchnorm", BATCHNORM),
-                         ("server_optimizer", SERVER_OPTIMIZERS)):
+                         ("server_optimizer", SERVER_OPTIMIZERS), ("label_skew", LABEL_SKEW)):
         if out[key] not in allowed:
             raise ValueError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {out[key]!r}")
     if out["server_lr"] == "auto":
@@ -241,7 +274,8 @@ def fit_kwargs(rc: Mapping) -> dict:
     lr_end = float(rc.get("lr-end", 0.0))
     return {"epochs": int(rc["local-epochs"]), "mu": float(rc.get("mu", 0.0)),
             "lr_range": (float(rc["lr-start"]), lr_end) if lr_end > 0 else None,
-            "local_optimizer": str(rc.get("local-optimizer", "reset")), "batchnorm": str(rc.get("batchnorm", "global"))}
+            "local_optimizer": str(rc.get("local-optimizer", "reset")), "batchnorm": str(rc.get("batchnorm", "global")),
+            "class_prior": [float(x) for x in rc["class-prior"]] if rc.get("class-prior") else None}
 
 
 def improves(best_auc: float | None, auc: float) -> bool:
@@ -281,15 +315,17 @@ def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, para
     :class:`medpipe.fl.aggregate.Guard`; default: each site's own image count). Returns the last global model."""
     opt = from_config(cfg, params)
     guard = guard or Guard(site_examples={s.name: s.n_train for s in sites}, local_epochs=int(cfg["local_epochs"]))
-    arrays = dict(init)
+    arrays, counts = dict(init), {}
     for rnd in range(1, int(cfg["rounds"]) + 1):
-        kw = fit_kwargs(round_config(cfg, rnd, train_lr, warmup_epochs))
+        kw = fit_kwargs(round_config(cfg, rnd, train_lr, warmup_epochs, class_prior_from_counts(counts)))
         replies = {}
         for site in sites:
             upd, m = site.fit(arrays, rnd, **kw)
-            replies[site.name] = (upd, {"num-examples": m["n_train"], "train_loss": m["train_loss"]})
+            replies[site.name] = (upd, {"num-examples": m["n_train"], "train_loss": m["train_loss"],
+                                        "class-counts": m["class_counts"]})
         result = aggregate_round(arrays, replies, guard, str(cfg.get("aggregation", "mean")),
                                  float(cfg.get("trim", TRIM_FRACTION)))
+        counts.update({name: u["class_counts"] for name, u in result.used.items() if u.get("class_counts")})
         if not result.kept:
             arrays = opt.apply(arrays, result.arrays, [v["n_train"] for v in result.used.values()])
             if best is not None:

@@ -199,6 +199,7 @@ class Engine:
 
             self.model = DDP(model, device_ids=[self.dd.local_rank] if device.type == "cuda" else None)
         self._base_loss, self.loss_terms = loss_fn, []
+        self.logit_offset: torch.Tensor | None = None  # added to the logits inside the training loss (set_logit_offset)
         self.classes = list(source.classes)
         self.spec = cfg.preprocess()
         self.sign = -1.0 if cfg.monitor == "val_loss" else 1.0
@@ -294,6 +295,11 @@ class Engine:
                 :func:`medpipe.fl.losses.proximal_term`)."""
         self.loss_terms.append(term)
 
+    def set_logit_offset(self, offset) -> None:
+        """Add ``offset`` (one value per class) to the logits inside every step's loss, not to the model's
+        outputs: a federated site's logit calibration (:func:`medpipe.fl.strategy.site_logit_offset`)."""
+        self.logit_offset = None if offset is None else torch.as_tensor(offset, dtype=torch.float32, device=self.device)
+
     def terminate(self, reason: str) -> None:
         """Stop after the current epoch (early stopping).
 
@@ -302,8 +308,9 @@ class Engine:
         self.state.should_terminate, self.state.stop_reason = True, reason
 
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The base loss of ``logits`` against ``y`` plus every added loss term (the step's loss)."""
-        loss = self._base_loss(logits, y)
+        """The base loss of ``logits`` (plus the logit offset, if one is set) against ``y`` plus every added loss
+        term (the step's loss)."""
+        loss = self._base_loss(logits if self.logit_offset is None else logits + self.logit_offset, y)
         for term in self.loss_terms:
             loss = loss + term(self.net)
         return loss
@@ -469,7 +476,7 @@ class Engine:
 def local_fit(cfg: TrainConfig, source: CachedSource | ShardSource, *, epochs: int, weights: dict | None = None,
               device: str | torch.device = "cpu", loss_terms: Iterable[Callable[[torch.nn.Module], torch.Tensor]] = (),
               handlers: Iterable[Any] = (), epoch_offset: int = 0, lr_range: tuple[float, float] | None = None,
-              optimizer_state: dict | None = None) -> tuple[dict, list[dict]]:
+              optimizer_state: dict | None = None, logit_offset=None) -> tuple[dict, list[dict]]:
     """Train ``epochs`` epochs from ``weights`` on ``source`` (this site's data); return (weights, metrics).
 
     By default a fresh optimiser and warm-up+cosine schedule over these epochs each call; a federated
@@ -489,6 +496,8 @@ def local_fit(cfg: TrainConfig, source: CachedSource | ShardSource, *, epochs: i
             warm-up (the server's schedule across rounds, :func:`medpipe.fl.strategy.round_lr`).
         optimizer_state: a dict carried from call to call (an optimiser kept between rounds): the AdamW
             state in it, if any, is loaded before training and replaced by the new state after.
+        logit_offset: one value per class added to the logits inside the training loss
+            (:meth:`Engine.set_logit_offset`); None: none.
 
     Returns:
         ``(weights, metrics)``: the trained state dict (CPU tensors) and one record per epoch, each also
@@ -505,6 +514,7 @@ def local_fit(cfg: TrainConfig, source: CachedSource | ShardSource, *, epochs: i
         engine.scheduler = ramp_schedule(engine.optimizer, lr_range, max(1, epochs * source.steps_per_epoch))
     for term in loss_terms:
         engine.add_loss_term(term)
+    engine.set_logit_offset(logit_offset)
     engine.attach(*handlers)
     records: list[dict] = []
     n_train = int(np.sum(source.class_counts))
