@@ -53,6 +53,39 @@ def bench_package(run: str | None, size: int, prefix: str) -> Path:
     return make_package(Path(tempfile.mkdtemp(prefix=prefix)) / "pkg", size)
 
 
+def int8_package(size: int) -> Path:
+    """The benchmarks' INT8 package at ``size`` px, one folder for all (.bench/int8_pkg{size}/pkg): serve_load.py's
+    ``make_package`` (DenseNet121, seeded random weights) with the INT8 model of its ``add_int8_model`` (quantized
+    with force=True on the validation split of a synthetic 200-image dataset). Built once and reused while its
+    INT8 record verifies against its weights and, where OpenVINO is installed, holds an OpenVINO gate of this
+    OpenVINO release line (the openvino backend refuses another); built in a sibling folder and moved into place,
+    so an interrupted build is never taken for a finished one."""
+    import shutil
+
+    from serve_load import add_int8_model, make_package
+
+    from medpipe.errors import MedpipeError
+    from medpipe.infer import openvino_runtime as ovr
+    from medpipe.infer.quantize import load_int8
+    from medpipe.package import read_meta
+
+    work = ROOT.parent / ".bench" / f"int8_pkg{size}"
+    pkg = work / "pkg"
+    try:
+        _, info = load_int8(read_meta(pkg))
+        ov = info.get("openvino") if isinstance(info.get("openvino"), dict) else {}
+        if not ovr.available() or ovr.release(str(ov.get("version", ""))) == ovr.release(ovr.version()):
+            return pkg
+    except (MedpipeError, OSError):
+        pass
+    shutil.rmtree(work, ignore_errors=True)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f"int8_pkg{size}-", dir=work.parent))
+    add_int8_model(make_package(build / "pkg", size), build)
+    build.rename(work)
+    return pkg
+
+
 def synth_dataset(count: int, seed: int = 0, width: int = 600, height: int = 450) -> Path:
     """Synthesise (once) a HAM10000-layout dataset under .bench/ and return its folder."""
     from medpipe.data.synthetic import SynthSpec, write_synthetic

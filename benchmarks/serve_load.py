@@ -16,7 +16,8 @@ SageMaker PyTorch inference toolkit uses, from the `.venv-sm` venv that `make te
 JRE, which .ci/run installs) runs benchmarks/_ts_handler.py: the same decoder, eval preset and eager
 model, batched by TorchServe; --ts-configs lists WORKERSxBATCHxDELAY_MS settings (best one compared).
 The int8 and openvino backends need an INT8 model: the benchmark's package is untrained (speed does not
-depend on the weights), so its INT8 model is made with force=True on a synthetic validation split; its
+depend on the weights), so its INT8 model is made with force=True on a synthetic validation split (once,
+under .bench/int8_pkg{size}/, shared with serve_profile.py: _common.int8_package); its
 gate figures mean nothing here (README: gate figures on real data). openvino (OpenVINO running that
 INT8 graph) is measured when OpenVINO is installed (medpipe-imaging[openvino]). Ratios come from one run.
 
@@ -46,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, synth_dataset, write_result  # noqa: E402
+from _common import free_port, int8_package, synth_dataset, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -379,9 +380,7 @@ def main() -> None:
         folder = synth_dataset(200)
         images = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:32]]
         with tempfile.TemporaryDirectory() as tmp:
-            pkg = make_package(Path(tmp) / "pkg", args.size)
-            add_int8_model(pkg, Path(tmp))
-            int8_peer(args, pkg, Path(tmp), images)
+            int8_peer(args, int8_package(args.size), Path(tmp), images)
         return
 
     from medpipe.utils import resolve_device
@@ -398,9 +397,8 @@ def main() -> None:
     ts_rows, ts_skipped = {}, None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pkg = make_package(tmp / "pkg", args.size)
-        if {"int8", "openvino"} & set(args.backends.split(",")):
-            add_int8_model(pkg, tmp)
+        pkg = (int8_package(args.size) if {"int8", "openvino"} & set(args.backends.split(","))
+               else make_package(tmp / "pkg", args.size))
         port = free_port()
         naive = measure("naive", [sys.executable, str(ROOT / "_naive_server.py"), str(pkg), str(port), device],
                         port, images, args)

@@ -6,8 +6,8 @@ while serve_load.py's clients drive it, and the samples are summed into a top-N 
     python benchmarks/serve_profile.py --rounds 3 -- --decode-workers 1  # no profiler: req/s of a setting
 
 The server is the one serve_load.py --int8-peer measures: the untrained 224 px DenseNet121 package with its
-INT8 model (built once under .bench/serve_profile/), ``medpipe serve --backend openvino``; arguments after
-``--`` go to ``medpipe serve`` (one setting at a time). Clients: --clients keep-alive connections sending
+INT8 model (_common.int8_package: built once under .bench/int8_pkg224/, shared with serve_load.py),
+``medpipe serve --backend openvino``; arguments after ``--`` go to ``medpipe serve`` (one setting at a time). Clients: --clients keep-alive connections sending
 600x450 JPEGs, --requests in total. ``--py-spy DIR`` runs the server under ``py-spy record --idle --threads
 --subprocesses --format raw`` and writes DIR/raw.txt (collapsed stacks) and DIR/TABLE.md: samples per
 process and thread (and the cores they kept busy), then the top functions by own samples (innermost frame)
@@ -30,23 +30,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, synth_dataset  # noqa: E402
-from serve_load import add_int8_model, drive, make_package, wait_ready  # noqa: E402
+from _common import free_port, int8_package, synth_dataset  # noqa: E402
+from serve_load import drive, wait_ready  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-WORK = ROOT.parent / ".bench" / "serve_profile"
-
-
-def package(size: int) -> Path:
-    """The benchmark package with its INT8 model, built once."""
-    from medpipe.infer.quantize import INT8_FILE
-
-    pkg = WORK / f"pkg{size}"
-    if not (pkg / INT8_FILE).is_file():
-        shutil.rmtree(pkg, ignore_errors=True)
-        make_package(pkg, size)
-        add_int8_model(pkg, WORK)
-    return pkg
 
 
 def server_cmd(pkg: Path, port: int, extra: list[str]) -> list[str]:
@@ -217,7 +204,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("serve_args", nargs="*", help="after --: medpipe serve arguments of the setting measured")
     args = ap.parse_args()
-    pkg = package(args.size)
+    pkg = int8_package(args.size)
     images = [p.read_bytes() for p in sorted(synth_dataset(200).rglob("*.jpg"))[:32]]
     if args.spy:
         spy = Path(args.spy)

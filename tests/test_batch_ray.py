@@ -239,3 +239,71 @@ def test_ray_options_need_the_ray_engine(job, tmp_path, capsys):
     assert main(["batch", "--engine", "ray", "--url", "http://127.0.0.1:9", "--input", str(job / "images"),
                  "--output", str(tmp_path / "o")]) != 0
     assert "--engine ray runs a local --model" in capsys.readouterr().err
+
+
+# Ray 2.60's driver as far as SIGTERM goes (seen in a child process: `ray.init`, `ray.shutdown`, then
+# signal.getsignal and /proc/self/status): init installs a Python handler, shutdown resets the disposition in C,
+# so Python's table still names Ray's handler while the process no longer catches SIGTERM
+_FAKE_RAY_ENGINE = r"""
+import ctypes, signal, sys
+from types import SimpleNamespace
+import medpipe.batch_ray as br
+
+libc = ctypes.CDLL(None)
+libc.signal.restype, libc.signal.argtypes = ctypes.c_void_p, [ctypes.c_int, ctypes.c_void_p]
+
+def caught(sig):
+    line = next(l for l in open("/proc/self/status") if l.startswith("SigCgt"))
+    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+
+class Data:
+    ActorPoolStrategy = staticmethod(lambda **kw: None)
+    def from_items(self, rows, **kw): return self
+    def map(self, *a, **kw): return self
+    def iter_rows(self): return iter(())
+
+class FakeRay:
+    data, up = Data(), False
+    def is_initialized(self): return self.up
+    def init(self, **kw):
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))
+        self.up = True
+    def shutdown(self):
+        libc.signal(signal.SIGTERM, 0)  # SIG_DFL, behind Python's back
+        self.up = False
+    def nodes(self): return [{"Alive": True, "Resources": {"CPU": 1.0}}]
+    def cluster_resources(self): return {"CPU": 1.0}
+    def put(self, x): return x
+
+br.import_ray, br.package_files = FakeRay, lambda d: {}
+br.read_meta = lambda m: SimpleNamespace(preprocessing=None, dir=m, name="m", version="1", classes=["a"])
+mine = lambda *a: None
+for before in (mine, signal.SIG_DFL):
+    signal.signal(signal.SIGTERM, before)
+    engine = br.RayEngine("pkg")
+    assert list(engine.results([(0, [])])) == [] and not engine.ray.up
+    print(signal.getsignal(signal.SIGTERM) is before, caught(signal.SIGTERM))
+
+class Failing(FakeRay):
+    def init(self, **kw):
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))
+        raise Exception("The current node timed out during startup.")  # what Ray raises on a loaded machine
+
+br.import_ray = Failing
+try:
+    list(br.RayEngine("pkg").results([(0, [])]))
+except br.BatchError as exc:
+    print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "timed out during startup" in str(exc))
+"""
+
+
+def test_ray_engine_puts_back_the_sigterm_handler_it_found():
+    """After the engine's own ray.shutdown(), SIGTERM is handled as before ray.init, in Python's table and in the
+    process (a training run's GracefulStop restoring it afterwards then restores that, not Ray's handler). A child
+    process with a stand-in for Ray's driver: this process never starts Ray. Ray failing to start (a bare
+    Exception) puts them back too and is a BatchError naming the cause."""
+    r = subprocess.run([sys.executable, "-c", _FAKE_RAY_ENGINE], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])})
+    assert r.returncode == 0, r.stderr[-2000:]
+    # (restored, caught): a handler, then SIG_DFL; then Ray failing to start: restored, and a BatchError saying why
+    assert r.stdout.split() == ["True", "True", "True", "False", "True", "True"]

@@ -335,6 +335,43 @@ def test_measure_speedup_times_both_graphs(int8_run):
     assert all(v["fp32_ms"] > 0 and v["int8_ms"] > 0 and v["speedup"] > 0 for v in r["batches"].values())
 
 
+def _tiny_graph(size: int = 8) -> bytes:
+    """A few-op FP32 ONNX graph (convolution, pooling, linear head: logits and embedding), built in well under
+    a second: the timing function's mechanics need no trained model."""
+    import torch
+
+    from medpipe.export import onnx_bytes
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 7))
+    return onnx_bytes(net, size)
+
+
+def test_measure_speedup_times_openvino_on_one_stream_and_records_it(monkeypatch):
+    """The OpenVINO figure `auto` decides on (and int8.json keeps) is one batch's latency on a one-stream
+    session with every thread, as ONNX Runtime's: not the automatic 2 streams a server on >= 2 threads gets,
+    where a batch of 1 runs on one stream's share of the threads. The stream count is recorded."""
+    pytest.importorskip("openvino")
+    from medpipe.infer import openvino_runtime as ovr
+    from medpipe.infer import quantize as q
+
+    built = []
+    real = ovr.OpenVinoSession
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(q, "OpenVinoSession", spy)
+    graph = _tiny_graph()
+    r = q.measure_speedup(graph, graph, 8, batches=(1, 2), threads=2, warmup=1, rounds=1, openvino="f32")
+    assert real(graph, threads=2).streams == ovr.AUTO_STREAMS > 1  # what the server would get here
+    assert [s.streams for s in built] == [1] and built[0].config["PERFORMANCE_HINT"] == "LATENCY"
+    assert r["openvino_streams"] == 1 and r["openvino_precision"] == "f32"
+    assert all(v["openvino_ms"] > 0 for v in r["batches"].values())
+
+
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     from medpipe.infer.quantize import cpu_int8_flags
 
@@ -364,6 +401,7 @@ def test_openvino_has_its_own_gate_and_answers_like_fp32_through_predict_batch_s
     assert g["passed"] and g["agreement"] >= MIN_AGREEMENT and g["auc_diff"] <= MAX_AUC_DIFF and g["n"] >= 10
     assert rec["precision"] in ("bf16", "f32") and rec["temperature"] > 0 and rec["version"]
     assert info["speed"]["openvino_precision"] == rec["precision"] and info["speed"]["openvino_speedup"] > 0
+    assert info["speed"]["openvino_streams"] == 1  # latency on one stream, as ONNX Runtime's figures
     assert all(b["openvino_ms"] > 0 for b in info["speed"]["batches"].values())
 
     images = int8_run["images"][::4]
@@ -438,11 +476,6 @@ def test_openvino_streams_split_a_batch_and_give_the_one_stream_answer(int8_run)
         two.run(["nope"], {"image": x[:1]})
     with pytest.raises(MedpipeError, match="streams must be >= 0"):
         OpenVinoSession(data, streams=-1)
-    from medpipe.errors import ConfigError
-    from medpipe.serve.config import ServeConfig
-
-    with pytest.raises(ConfigError, match="--streams must be >= 0"):
-        ServeConfig(streams=-1)
 
 
 def test_openvino_needs_its_own_gate_and_auto_picks_it_only_when_measured_faster(int8_run, tmp_path, monkeypatch,

@@ -515,6 +515,23 @@ def test_nan_model_is_500_with_code(tmp_path):
         assert r.status_code == 500 and r.json()["error"] == "prediction_failed" and "nan" not in r.text.lower()
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("streams", -1, "--streams must be >= 0, got -1"),
+    ("max_batch", 0, "--max-batch must be > 0, got 0"),
+    ("decode_memory_mb", 100, "--decode-memory-mb must be 0 (no limit) or at least 256"),
+    ("tls_cert", "c.pem", "--tls-cert and --tls-key go together"),
+])
+def test_serve_config_refuses_out_of_range_options(field, value, says):
+    """A bad serve option is a ConfigError naming the option and the value, before anything starts; the
+    valid neighbours pass (streams 0 is automatic)."""
+    from medpipe.errors import ConfigError
+    from medpipe.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        ServeConfig(**{field: value})
+    assert ServeConfig(streams=0).streams == 0 and ServeConfig(streams=2).streams == 2
+
+
 def test_batcher_gathers_concurrent_requests():
     from medpipe.serve.batcher import Batcher
 

@@ -23,7 +23,9 @@ import json
 import logging
 import math
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from medpipe.batch import Item, LocalEngine, decode_item, run_batch
@@ -149,6 +151,27 @@ def package_files(folder: Path) -> dict[str, bytes]:
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
+# Ray's driver replaces the Python SIGTERM handler (ray.init) and its shutdown resets the process's SIGTERM
+# disposition to the default in C, leaving Python's table naming Ray's handler: code that saves and restores
+# SIGTERM afterwards (a training run's GracefulStop) would put Ray's handler back. The engine that starts Ray
+# puts back what it found.
+KEPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def python_signal_handlers() -> dict:
+    """The Python handlers of :data:`KEPT_SIGNALS` now (none off the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: h for sig in KEPT_SIGNALS if (h := signal.getsignal(sig)) is not None}
+
+
+def restore_signal_handlers(handlers: dict) -> None:
+    """Install ``handlers`` again (Python's table and the process's disposition agree afterwards)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 # -- the engine ----------------------------------------------------------------------------------
 
 class RayEngine:
@@ -166,6 +189,7 @@ class RayEngine:
                         "decision_rule": decision_rule, "tta": bool(tta)}
         self.actors = actors
         self.address = address
+        self._handlers: dict = {}  # the signal handlers found before this engine started Ray
         self.meta = {"model": pkg.name, "version": pkg.version, "classes": list(pkg.classes), "backend": backend,
                      "tta": bool(tta), "engine": "ray"}
 
@@ -173,13 +197,19 @@ class RayEngine:
         """Connect (or start a local instance); True when this engine did, and so disconnects at the end."""
         if self.ray.is_initialized():
             return False
+        self._handlers = python_signal_handlers()
         try:
             self.ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=True,
                           include_dashboard=False if self.address is None else None)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its own node times out starting
+            restore_signal_handlers(self._handlers)
             where = self.address or "a local instance"
             raise BatchError(f"--ray-address {where}: cannot connect to Ray ({str(exc).splitlines()[0][:200]})") from None
         return True
+
+    def _disconnect(self) -> None:
+        self.ray.shutdown()
+        restore_signal_handlers(self._handlers)
 
     def _plan(self) -> tuple[int, int, float]:
         """(actors, torch threads per actor, GPUs per actor) from the cluster's alive nodes."""
@@ -216,7 +246,7 @@ class RayEngine:
                 yield int(r["shard"]), json.loads(r["rows"])
         finally:
             if started:
-                ray.shutdown()
+                self._disconnect()
 
 
 def run_batch_ray(model: str, input_path: str, output: str, *, address: str | None = None, actors: int | None = None,

@@ -101,7 +101,7 @@ class OpenVinoSession:
         self._requests: dict[int, list] = {}
         self._lock = threading.Lock()
         self._model, self._shape = None, None
-        self._names: list[str] | None = None  # the graph's output names, read once
+        self._index: dict[str, int] | None = None  # the graph's output names -> their indices, read once
         self._pool = None  # threads that run the streams' shares of a batch at once (streams > 1)
 
     def _read(self) -> None:
@@ -174,11 +174,11 @@ class OpenVinoSession:
 
     def _output_indices(self, names) -> list[int]:
         """Indices of the graph outputs named in ``names`` (None: all, in the graph's order)."""
-        if self._names is None:
-            self._names = [o.name for o in self.get_outputs()]
+        if self._index is None:
+            self._index = {o.name: i for i, o in enumerate(self.get_outputs())}
+        index = self._index
         if names is None:
-            return list(range(len(self._names)))
-        index = {name: i for i, name in enumerate(self._names)}
+            return list(range(len(index)))
         missing = [n for n in names if n not in index]
         if missing:
             raise MedpipeError(f"the OpenVINO model has no output {missing[0]!r} (it has {', '.join(index)})")

@@ -137,6 +137,10 @@ _INT8_DIGESTS: dict[tuple, str] = {}  # verified INT8 files of this process: (pa
 
 MIN_SPEEDUP = 1.1  # auto picks INT8 only where it measured at least this much faster than FP32 ONNX
 SPEED_BATCHES = (1, 8)  # batch 1 (a lone request) and the batch the server forms under load
+# OpenVINO is timed as ONNX Runtime is, one batch at a time on one infer request using every thread (latency):
+# with N streams a batch of 1 would run on one stream's share of the threads, and the ratio against ONNX
+# Runtime would mix the engine with the server's throughput setting (--streams, measured in serving.md)
+OPENVINO_TIMING_STREAMS = 1
 
 
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
@@ -167,7 +171,9 @@ def measure_speedup(fp32: bytes, int8: bytes, image_size: int, *, batches: tuple
     drift in the machine's load hits all) at each batch size on random inputs. Returns per batch the
     median milliseconds and the median of the per-round FP32/INT8 ratios, and ``speedup``: the smallest
     of those ratios (INT8 must win at every batch size). ``openvino``: also time OpenVINO running the
-    INT8 graph in that precision (``bf16``/``f32``), reported as ``openvino_ms``/``openvino_speedup``.
+    INT8 graph in that precision (``bf16``/``f32``), reported as ``openvino_ms``/``openvino_speedup``, with
+    ``openvino_streams``: the session is timed with :data:`OPENVINO_TIMING_STREAMS` stream(s), whatever the
+    server's ``--streams``, so every figure is one batch's latency on one session using all the threads.
     ``sessions``: the caller's ONNX Runtime sessions of these two graphs (``{"fp32": ..., "int8": ...}``,
     built by ``onnx_session`` with these ``threads``), instead of building them again."""
     import time
@@ -175,7 +181,8 @@ def measure_speedup(fp32: bytes, int8: bytes, image_size: int, *, batches: tuple
     sessions = dict(sessions) if sessions else {"fp32": onnx_session(fp32, threads=threads),
                                                 "int8": onnx_session(int8, threads=threads)}
     if openvino:
-        sessions["openvino"] = OpenVinoSession(int8, threads=threads, precision=openvino, max_batch=max(batches))
+        sessions["openvino"] = OpenVinoSession(int8, threads=threads, precision=openvino, max_batch=max(batches),
+                                               streams=OPENVINO_TIMING_STREAMS)
     names = list(sessions)
     rng = np.random.default_rng(0)
     out: dict = {}
@@ -200,7 +207,8 @@ def measure_speedup(fp32: bytes, int8: bytes, image_size: int, *, batches: tuple
     result = {"batches": out, "speedup": min(v["speedup"] for v in out.values()), "threads": threads,
               "warmup": warmup, "rounds": rounds}
     if openvino:
-        result.update(openvino_speedup=min(v["openvino_speedup"] for v in out.values()), openvino_precision=openvino)
+        result.update(openvino_speedup=min(v["openvino_speedup"] for v in out.values()), openvino_precision=openvino,
+                      openvino_streams=sessions["openvino"].streams)
     return result
 
 
