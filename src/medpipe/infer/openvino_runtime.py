@@ -120,6 +120,9 @@ class OpenVinoSession:
                 model.reshape({0: [bucket, *self._shape]})
                 compiled = self.core.compile_model(model, "CPU", self.config)
                 self._requests[bucket] = [compiled.create_infer_request() for _ in range(self.streams)]
+                # first use of the bindings' numpy API here, under the lock: pybind11 initialises it in a
+                # call_once that deadlocked when two stream threads reached it at once (seen in the test suite)
+                self._requests[bucket][0].get_input_tensor(0).data
             return self._requests[bucket][stream]
 
     def get_outputs(self) -> list:
