@@ -34,6 +34,26 @@ ROGUE_REFUSED = "Failed to activate SuperNode"
 # ----------------------------------------------------------------------------------------- pure parts
 
 
+def spy_local_fit(monkeypatch, event, fn, on_call=None) -> None:
+    """Wrap ``medpipe.fl.site.local_fit`` for the test: each local training run gets one more engine handler that
+    calls ``fn(engine)`` on ``event``; ``on_call(kw)``, when given, first sees the run's keyword arguments."""
+    import medpipe.fl.site as site_mod
+
+    real = site_mod.local_fit
+
+    class Spy:
+        def attach(self, engine):
+            engine.on(event, fn)
+
+    def spy(cfg, source, **kw):
+        if on_call is not None:
+            on_call(dict(kw))
+        kw["handlers"] = [*kw["handlers"], Spy()]
+        return real(cfg, source, **kw)
+
+    monkeypatch.setattr(site_mod, "local_fit", spy)
+
+
 def test_check_update_names_the_problem():
     ref = {"w": np.zeros((2, 3), np.float32), "n": np.zeros((), np.int64)}
     assert check_update({"w": np.ones((2, 3), np.float32), "n": np.ones((), np.int64)}, ref) is None
@@ -116,19 +136,10 @@ def test_site_local_training_mixes_batches_like_train(data_dir, monkeypatch):
     from medpipe.train.engine import Events
 
     seen: list = []
-    real = site_mod.local_fit
-
-    def spy(cfg, source, **kw):
-        mixers = [h for h in kw["handlers"] if isinstance(h, MixBatches)]
-
-        class Shapes:
-            def attach(self, engine):
-                engine.on(Events.ITERATION_STARTED, lambda e: seen.append((len(mixers), e.state.batch[1].ndim,
-                                                                              e.state.batch[0].clone())))
-        kw["handlers"] = [*kw["handlers"], Shapes()]
-        return real(cfg, source, **kw)
-
-    monkeypatch.setattr(site_mod, "local_fit", spy)
+    mixers: list = []  # per local run: how many batch mixers it was given
+    spy_local_fit(monkeypatch, Events.ITERATION_STARTED,
+                  lambda e: seen.append((mixers[-1], e.state.batch[1].ndim, e.state.batch[0].clone())),
+                  on_call=lambda kw: mixers.append(sum(isinstance(h, MixBatches) for h in kw["handlers"])))
     tc = {"model": "densenet-test", "image_size": 32, "batch_size": 8, "threads": 1, "workers": 0,
           "max_steps_per_epoch": 2, "deterministic": True}
     site = site_mod.Site(data_dir, "a", tc, HAM)
@@ -162,17 +173,8 @@ def test_site_follows_the_round_rates_and_keeps_its_optimiser_and_batchnorm_when
 
     lrs: list = []
     starts: list = []
-    real = site_mod.local_fit
-
-    def spy(cfg, source, **kw):
-        class Rates:
-            def attach(self, engine):
-                engine.on(Events.ITERATION_STARTED, lambda e: lrs.append(e.optimizer.param_groups[0]["lr"]))
-        starts.append({k: v.clone() for k, v in kw["weights"].items()})
-        kw["handlers"] = [*kw["handlers"], Rates()]
-        return real(cfg, source, **kw)
-
-    monkeypatch.setattr(site_mod, "local_fit", spy)
+    spy_local_fit(monkeypatch, Events.ITERATION_STARTED, lambda e: lrs.append(e.optimizer.param_groups[0]["lr"]),
+                  on_call=lambda kw: starts.append({k: v.clone() for k, v in kw["weights"].items()}))
     tc = {"model": "densenet-test", "image_size": 32, "batch_size": 8, "threads": 1, "workers": 0,
           "max_steps_per_epoch": 2, "deterministic": True, "mixup_alpha": 0}
     site = site_mod.Site(data_dir, "a", tc, HAM)
@@ -244,18 +246,8 @@ def test_site_training_loss_sees_the_calibration_offset(data_dir, monkeypatch):
     from medpipe.train.engine import Events
 
     seen: dict = {}
-    real = site_mod.local_fit
-
-    def spy(cfg, source, **kw):
-        seen["offset"] = kw["logit_offset"]
-
-        class Peek:
-            def attach(self, engine):
-                engine.on(Events.ITERATION_COMPLETED, lambda e: seen.setdefault("engine", e.logit_offset))
-        kw["handlers"] = [*kw["handlers"], Peek()]
-        return real(cfg, source, **kw)
-
-    monkeypatch.setattr(site_mod, "local_fit", spy)
+    spy_local_fit(monkeypatch, Events.ITERATION_COMPLETED, lambda e: seen.setdefault("engine", e.logit_offset),
+                  on_call=lambda kw: seen.__setitem__("offset", kw["logit_offset"]))
     tc = {"model": "densenet-test", "image_size": 32, "batch_size": 8, "threads": 1, "workers": 0,
           "max_steps_per_epoch": 1, "deterministic": True, "mixup_alpha": 0}
     site = site_mod.Site(data_dir, "a", tc, HAM)
