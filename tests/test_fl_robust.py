@@ -345,6 +345,8 @@ def test_label_skew_calibration_offsets_counts_and_round_configuration():
     prior = class_prior_from_counts({"a": [10, 0, 30], "b": [30, 20, 10]}, smoothing=0.0)
     assert prior == pytest.approx([40 / 100, 20 / 100, 40 / 100])
     assert class_prior_from_counts({}) is None
+    alone = [10, 0, 30]  # one site is the federation: the same smoothing on both sides leaves no offset
+    assert site_logit_offset(alone, class_prior_from_counts({"a": alone})) == pytest.approx([0.0, 0.0, 0.0], abs=1e-12)
     off = site_logit_offset([10, 0, 30], prior)
     assert off[0] == pytest.approx(np.log(10.5 / 41.5) - np.log(0.4))
     assert np.isfinite(off).all() and off[1] == pytest.approx(np.log(0.5 / 41.5) - np.log(0.2))  # the class the site lacks: strongly negative, finite

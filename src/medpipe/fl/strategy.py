@@ -53,6 +53,9 @@ LABEL_SKEW = ("none", "calibrate")
 SERVER_DEFAULTS = {"fedavg": (1.0, 0.0, 0.0, 0.0), "fedavgm": (2.0, 0.5, 0.0, 0.0),
                    "fedadam": (0.1, 0.9, 0.99, 1e-9), "fedyogi": (0.01, 0.9, 0.99, 1e-3)}
 BN_BUFFERS = ("running_mean", "running_var")
+# images added to every class count before class frequencies are taken (label_skew: calibrate), in the site's offset
+# and in the federation's prior alike: a class a site (or every site) lacks keeps a finite, small frequency
+COUNT_SMOOTHING = 0.5
 
 # the default federated recipe (the best measured, docs/guides/federated.md)
 DEFAULTS = {"lr_schedule": "rounds", "local_optimizer": "reset", "batchnorm": "global", "server_optimizer": "fedavgm",
@@ -82,7 +85,7 @@ def round_lr(rnd: int, rounds: int, local_epochs: int, lr: float, warmup_epochs:
     return start, schedule_lr(rnd * local_epochs, total, lr, warmup_epochs)
 
 
-def site_logit_offset(site_counts, class_prior, smoothing: float = 0.5) -> list[float]:
+def site_logit_offset(site_counts, class_prior, smoothing: float = COUNT_SMOOTHING) -> list[float]:
     """``log(site frequency / federation frequency)`` per class, the offset a site adds to its logits inside the
     training loss under ``label_skew: calibrate`` (logit calibration for label skew, as FedLC, Zhang et al.
     2022): a site whose images are mostly of one class then fits the federation's class frequencies instead of
@@ -95,7 +98,7 @@ def site_logit_offset(site_counts, class_prior, smoothing: float = 0.5) -> list[
     return (np.log(n / n.sum()) - np.log(p / p.sum())).tolist()
 
 
-def class_prior_from_counts(counts: Mapping[str, Iterable[int]], smoothing: float = 0.5) -> list[float] | None:
+def class_prior_from_counts(counts: Mapping[str, Iterable[int]], smoothing: float = COUNT_SMOOTHING) -> list[float] | None:
     """The federation's class frequencies from each site's latest training class counts (None: none yet)."""
     if not counts:
         return None
