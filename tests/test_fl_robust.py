@@ -127,6 +127,21 @@ def test_integer_buffers_may_only_count_the_steps_a_site_can_take():
     assert Guard.from_config({"local_epochs": 3}).local_epochs == 3
 
 
+def test_class_counts_of_another_vocabulary_length_are_excluded_with_the_reason():
+    """A training reply's class-counts must hold one count per class of the run (the vocabulary in the run
+    configuration): a list of another length is refused where the reply is checked, so the federation's class
+    prior is never built from it."""
+    g = _global()
+    replies = {name: (_honest(g, i), {"num-examples": 20, "train_loss": 0.3, "class-counts": counts})
+               for i, (name, counts) in enumerate({"right": [5, 0, 15], "short": [5, 15], "long": [5, 0, 15, 0]}.items())}
+    guard = Guard.from_config({"classes": CLASSES})
+    assert guard.n_classes == 3 and Guard.from_config({}).n_classes is None
+    result = aggregate_round(g, replies, guard)
+    assert set(result.used) == {"right"} and result.used["right"]["class_counts"] == [5, 0, 15]
+    assert result.excluded["short"] == "class-counts has 2 values, not one per class of the run's 3"
+    assert result.excluded["long"] == "class-counts has 4 values, not one per class of the run's 3"
+
+
 def test_update_ratio_is_computed_without_overflow():
     g = {"w": np.ones(4, np.float32)}
     assert update_ratio({"w": np.full(4, 3.0, np.float32)}, g) == pytest.approx(2.0)
@@ -353,10 +368,10 @@ def test_label_skew_calibration_offsets_counts_and_round_configuration():
     assert site_logit_offset([20, 10, 20], [0.4, 0.2, 0.4]) == pytest.approx([0.0, 0.0, 0.0], abs=0.02)
     with pytest.raises(ValueError, match="one value per class"):
         site_logit_offset([1, 2], [0.5, 0.3, 0.2])
-    assert check_class_counts([3, 0, 2], 5) == ([3, 0, 2], None)
-    assert "add up to 4" in check_class_counts([2, 2], 5)[1]
-    assert "non-negative integers" in check_class_counts([2, -1, 4], 5)[1]
-    assert "non-negative integers" in check_class_counts("3,2", 5)[1]
+    assert check_class_counts([3, 0, 2], 5, 3) == ([3, 0, 2], None)
+    assert "add up to 4" in check_class_counts([2, 2], 5, 2)[1]
+    assert "non-negative integers" in check_class_counts([2, -1, 4], 5, 3)[1]
+    assert "non-negative integers" in check_class_counts("3,2", 5, 2)[1]
     cfg = {"rounds": 4, "local_epochs": 1, "lr_schedule": "rounds", "label_skew": "calibrate"}
     assert "class-prior" not in round_config(cfg, 1, 1e-3, 1.0, None)  # round 1: no counts yet
     rc = round_config(cfg, 2, 1e-3, 1.0, prior)

@@ -15,7 +15,9 @@ round with the reason (by site name in the round's log and record); it never abo
   least one image; :func:`check_counters`), so a site cannot push a counter backwards or to 2**62.
   ``num-examples`` must be a positive integer no larger than the site's registered image count
   (``--site-examples``; ``fl simulate`` registers each site folder's size) or else the
-  ``--max-examples`` cap; the reported count is recorded per round, accepted or not.
+  ``--max-examples`` cap; the reported count is recorded per round, accepted or not. The optional
+  ``class-counts`` (the site's training images per class) must hold one non-negative integer per
+  class of the run, adding up to ``num-examples`` (:func:`check_class_counts`).
 * **Aggregation** (:func:`aggregate`): ``mean`` (FedAvg / FedProx: every floating tensor is the
   average of the sites' tensors weighted by their sample counts; FedProx differs only in the sites'
   local loss), or a robust choice that ignores the sample counts: ``median`` (coordinate-wise
@@ -66,13 +68,15 @@ class Guard:
     max_examples: int = MAX_EXAMPLES
     site_examples: Mapping[str, int] = field(default_factory=dict)  # site name -> registered image count
     local_epochs: int = 1  # bounds how far a site's integer counters may move in one round (check_counters)
+    n_classes: int | None = None  # the run's vocabulary: a reply's class-counts hold one per class (None: unchecked)
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> Guard:
         return cls(max_update_ratio=float(cfg.get("max_update_ratio", MAX_UPDATE_RATIO)),
                    max_examples=int(cfg.get("max_examples", MAX_EXAMPLES)),
                    site_examples={str(k): int(v) for k, v in (cfg.get("site_examples") or {}).items()},
-                   local_epochs=int(cfg.get("local_epochs", 1)))
+                   local_epochs=int(cfg.get("local_epochs", 1)),
+                   n_classes=len(cfg["classes"]) if cfg.get("classes") else None)
 
     def bound(self, site: str) -> tuple[int, str]:
         """The most examples ``site`` may report, and where that bound comes from."""
@@ -220,17 +224,20 @@ def check_train_reply(site: str, update: dict[str, np.ndarray], metrics: Mapping
         v.update_ratio = update_ratio(update, global_arrays)
         v.reason = _ratio_reason(v.update_ratio, guard.max_update_ratio)
     if v.reason is None and metrics.get("class-counts") is not None:
-        v.class_counts, v.reason = check_class_counts(metrics["class-counts"], n)
+        v.class_counts, v.reason = check_class_counts(metrics["class-counts"], n, guard.n_classes)
     if v.reason is None:
         v.arrays, v.n_train, v.train_loss = update, n, float(metrics["train_loss"])
     return v
 
 
-def check_class_counts(value, n: int) -> tuple[list[int] | None, str | None]:
-    """A training reply's optional ``class-counts``: non-negative integers (one per class) that add up to its
-    ``num-examples`` ``n``; (counts, None) or (None, the reason)."""
+def check_class_counts(value, n: int, n_classes: int | None) -> tuple[list[int] | None, str | None]:
+    """A training reply's optional ``class-counts``: ``n_classes`` non-negative integers (one per class of the
+    run's vocabulary; None: any length) that add up to its ``num-examples`` ``n``; (counts, None) or (None, the
+    reason). The server keeps only accepted counts, so the federation's class prior is always one per class."""
     if not isinstance(value, (list, tuple)) or not value or not all(_is_int(x) and int(x) >= 0 for x in value):
         return None, f"class-counts must be a list of non-negative integers, got {str(value)[:80]}"
+    if n_classes is not None and len(value) != n_classes:
+        return None, f"class-counts has {len(value)} values, not one per class of the run's {n_classes}"
     counts = [int(x) for x in value]
     if sum(counts) != n:
         return None, f"class-counts add up to {sum(counts)}, not num-examples {n}"

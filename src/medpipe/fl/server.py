@@ -209,7 +209,7 @@ class Coordinator:
         def config(rnd: int):
             from flwr.app import ConfigRecord
 
-            counts = {k: v for k, v in state.get("class_counts", {}).items() if len(v) == len(classes)}
+            counts = state.get("class_counts", {})  # accepted counts only: one per class (check_class_counts)
             return ConfigRecord({**round_config(cfg, rnd, tc.lr, tc.warmup_epochs, class_prior_from_counts(counts)),
                                  "classes": classes, "train-config": train_cfg})
 

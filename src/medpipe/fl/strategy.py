@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -318,6 +318,7 @@ def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, para
     :class:`medpipe.fl.aggregate.Guard`; default: each site's own image count). Returns the last global model."""
     opt = from_config(cfg, params)
     guard = guard or Guard(site_examples={s.name: s.n_train for s in sites}, local_epochs=int(cfg["local_epochs"]))
+    guard = guard if guard.n_classes is not None else replace(guard, n_classes=len(sites[0].classes))
     arrays, counts = dict(init), {}
     for rnd in range(1, int(cfg["rounds"]) + 1):
         kw = fit_kwargs(round_config(cfg, rnd, train_lr, warmup_epochs, class_prior_from_counts(counts)))
