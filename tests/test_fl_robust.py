@@ -189,6 +189,21 @@ def test_malformed_evaluation_replies_are_excluded_and_pooling_uses_the_honest_o
     assert BINS == 1000
 
 
+def test_evaluation_round_pools_the_checked_replies_and_names_every_excluded_site():
+    """The ServerApp and simulate_rounds take a round's evaluation from one function: the checked replies pooled,
+    and beside the checks' reasons the sites whose reply could not be read (``failed``)."""
+    from medpipe.fl.strategy import evaluation_round
+
+    honest = {f"site{i}": _eval_reply(i) for i in range(2)}
+    replies = {**honest, "auc": dict(_eval_reply(5), macro_auc=7.0)}
+    ev = evaluation_round(replies, CLASSES, Guard(), failed={"down": "the site could not evaluate: out of memory"})
+    assert set(ev.per_site) == set(honest) and ev.pooled == pooled_metrics(list(honest.values()), CLASSES)
+    assert set(ev.excluded) == {"auc", "down"} and "outside [0, 1]" in ev.excluded["auc"]
+    assert ev.excluded["down"] == "the site could not evaluate: out of memory"
+    per_site, pooled, excluded = evaluation_round(honest, CLASSES, Guard())  # unpacks as the server takes it
+    assert per_site == ev.per_site and pooled == ev.pooled and excluded == {}
+
+
 def test_robust_aggregation_equals_flowers_own_functions():
     """Flower's FedMedian / FedTrimmedAvg maths (flwr.server.strategy.aggregate), run in the Flower venv,
     gives the same tensors as medpipe's aggregate() on the same updates (7 sites: the trim drops one each end)."""

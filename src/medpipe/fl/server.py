@@ -43,10 +43,11 @@ from medpipe.config import make_config
 from medpipe.decision import prior_from_counts
 from medpipe.errors import MedpipeError
 from medpipe.fl.aggregate import (METHODS, TRIM_FRACTION, Guard, Verdict, check_train_reply, check_update, combine,
-                                  pool_evaluations, restore_scalars)
+                                  restore_scalars)
 from medpipe.fl.records import arrays_to_record, record_to_arrays
 from medpipe.fl.site import to_numpy, to_torch
-from medpipe.fl.strategy import class_prior_from_counts, from_config as server_optimizer, improves, round_config
+from medpipe.fl.strategy import (class_prior_from_counts, evaluation_round, from_config as server_optimizer, improves,
+                                 round_config)
 from medpipe.models import create_model
 from medpipe.package import IntendedUse, save_package
 from medpipe.utils import atomic_write_bytes, atomic_write_text, to_json
@@ -326,8 +327,7 @@ class Coordinator:
                 metrics[self.name(n)] = dict(msg.content["metrics"])
             except (KeyError, TypeError, ValueError) as exc:
                 failed[self.name(n)] = f"malformed evaluation reply ({exc.__class__.__name__}: {exc})"
-        per_site, pooled, excluded = pool_evaluations(metrics, classes, self.guard)
-        excluded = {**failed, **excluded}
+        per_site, pooled, excluded = evaluation_round(metrics, classes, self.guard, failed)
         for name, reason in sorted(excluded.items()):
             log.warning("round %d: evaluation from site %s excluded: %s", rnd, name, reason)
         for name, m in per_site.items():

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -287,6 +288,24 @@ def improves(best_auc: float | None, auc: float) -> bool:
     return not math.isnan(auc) and (best_auc is None or auc > best_auc)
 
 
+class EvaluationRound(NamedTuple):
+    """One round's federated evaluation as the server takes it (:func:`evaluation_round`)."""
+
+    per_site: dict  # site -> its figures (n_val, macro_auc, balanced_accuracy, val_loss), well-formed replies only
+    pooled: dict  # the pooled figures over those sites' summed statistics (macro_auc: the round the run packages)
+    excluded: dict  # site -> why its reply was left out
+
+
+def evaluation_round(replies: Mapping[str, Mapping], classes: list[str], guard: Guard,
+                     failed: Mapping[str, str] | None = None) -> EvaluationRound:
+    """The server's evaluation round from the sites' replies ``{site: evaluation metrics}``: each reply checked and
+    the well-formed ones pooled (:func:`medpipe.fl.aggregate.pool_evaluations`); ``failed`` names the sites whose
+    reply could not be read (an error, a malformed message) with the reason, excluded beside the checks' own.
+    The ServerApp (``Coordinator._evaluate_round``) and :func:`simulate_rounds` both take their figures from here."""
+    per_site, pooled, excluded = pool_evaluations(replies, classes, guard)
+    return EvaluationRound(per_site, pooled, {**(failed or {}), **excluded})
+
+
 @dataclass
 class BestRound:
     """The round the ServerApp packages (:func:`improves` on the pooled validation macro AUC), its figures and
@@ -311,7 +330,7 @@ def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, para
     (:func:`round_config`), every site's local training (``site.fit``), the server's checks and
     aggregation (:func:`medpipe.fl.aggregate.aggregate_round`, each site registered with its own image
     count) and the server optimiser's step; with ``best``, also the ServerApp's evaluation round: every site's
-    evaluation reply (``site.evaluation_reply``) pooled as the server pools them, and the round it would
+    evaluation reply (``site.evaluation_reply``) pooled as the server pools them (:func:`evaluation_round`), and the round it would
     package tracked in ``best``. ``cfg`` holds the run configuration's keys (``rounds``,
     ``local_epochs``, ``strategy``, ``mu``, ``aggregation``, the algorithm keys); ``on_round(rnd, arrays,
     result)`` is called after each round; ``guard`` replaces the server's limits (a
@@ -333,9 +352,8 @@ def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, para
         if not result.kept:
             arrays = opt.apply(arrays, result.arrays, [v["n_train"] for v in result.used.values()])
             if best is not None:
-                _, pooled, _ = pool_evaluations({s.name: s.evaluation_reply(arrays) for s in sites}, sites[0].classes,
-                                                guard)
-                best.update(rnd, arrays, pooled["macro_auc"])
+                ev = evaluation_round({s.name: s.evaluation_reply(arrays) for s in sites}, sites[0].classes, guard)
+                best.update(rnd, arrays, ev.pooled["macro_auc"])
         if on_round:
             on_round(rnd, arrays, result)
     return arrays
