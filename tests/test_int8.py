@@ -372,6 +372,35 @@ def test_measure_speedup_times_openvino_on_one_stream_and_records_it(monkeypatch
     assert all(v["openvino_ms"] > 0 for v in r["batches"].values())
 
 
+def test_openvino_bindings_numpy_api_is_first_used_once_per_process(monkeypatch):
+    """The first use of OpenVINO's numpy API (pybind11's one-time initialisation, which deadlocked when two stream
+    threads reached it at once) is made once in a process, by the first bucket compiled, whatever the session;
+    sessions on two streams then run batches split across the streams."""
+    from types import SimpleNamespace
+
+    from medpipe.infer import openvino_runtime as ovr
+
+    touched: list = []
+
+    class Request:
+        def get_input_tensor(self, index):
+            touched.append(index)
+            return SimpleNamespace(data=np.zeros(1, np.float32))
+
+    monkeypatch.setattr(ovr, "_numpy_api_ready", False)
+    for _ in range(3):
+        ovr._first_numpy_use(Request())
+    assert touched == [0] and ovr._numpy_api_ready
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(ovr, "_numpy_api_ready", False)
+    graph = _tiny_graph()
+    x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    a, b = (ovr.OpenVinoSession(graph, threads=2, streams=2, max_batch=2) for _ in range(2))
+    out_a = a.run(None, {"x": x})[0]
+    assert ovr._numpy_api_ready and out_a.shape == (3, 7)
+    np.testing.assert_allclose(b.run(None, {"x": x})[0], out_a, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     from medpipe.infer.quantize import cpu_int8_flags
 

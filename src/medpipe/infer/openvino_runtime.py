@@ -68,6 +68,22 @@ def supported(precision: str) -> bool:
 # streams when none are asked for (and at least this many threads): 1.13x the served images/s of one, 2 cores
 AUTO_STREAMS = 2
 
+# pybind11 initialises the bindings' numpy API once per process, in a call_once that deadlocked when two stream
+# threads reached it at once (seen in the test suite). The first bucket compiled in this process makes that first
+# use, alone (under _NUMPY_API_LOCK, taken inside the session's lock), before any stream thread can run; once done
+# for the process it is never repeated, whatever the session or bucket
+_NUMPY_API_LOCK = threading.Lock()
+_numpy_api_ready = False
+
+
+def _first_numpy_use(request) -> None:
+    """Initialise the bindings' numpy API on ``request`` if nothing in this process has yet (see above)."""
+    global _numpy_api_ready
+    with _NUMPY_API_LOCK:
+        if not _numpy_api_ready:
+            request.get_input_tensor(0).data
+            _numpy_api_ready = True
+
 
 class OpenVinoSession:
     """ONNX Runtime's ``run(names, {name: x})`` interface over OpenVINO static-shape models per bucket.
@@ -120,9 +136,7 @@ class OpenVinoSession:
                 model.reshape({0: [bucket, *self._shape]})
                 compiled = self.core.compile_model(model, "CPU", self.config)
                 self._requests[bucket] = [compiled.create_infer_request() for _ in range(self.streams)]
-                # first use of the bindings' numpy API here, under the lock: pybind11 initialises it in a
-                # call_once that deadlocked when two stream threads reached it at once (seen in the test suite)
-                self._requests[bucket][0].get_input_tensor(0).data
+                _first_numpy_use(self._requests[bucket][0])  # once per process, before any stream thread runs
             return self._requests[bucket][stream]
 
     def get_outputs(self) -> list:
