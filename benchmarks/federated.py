@@ -84,6 +84,9 @@ CONFIGS = {  # name -> run configuration keys on top of the common ones
     "fedavg-auto": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr="auto", server_momentum=0.0),
     # label skew: each site's loss sees its logits + log(site / federation class frequencies) (FedLC-style)
     "default+calibrate": {"label_skew": "calibrate"},
+    # BatchNorm statistics averaged like the weights (the default before `batchnorm: recompute`)
+    "bn-averaged": {"batchnorm": "global"},
+    "bn-averaged+calibrate": {"batchnorm": "global", "label_skew": "calibrate"},
 }
 
 

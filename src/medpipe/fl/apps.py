@@ -92,3 +92,16 @@ def client_evaluate(message: Message, context: Context) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics),
                           "site": ConfigRecord({"name": site.name, "nan_classes": nan_classes or [""]})})
     return Message(content, reply_to=message)
+
+
+@client_app.query()
+def client_statistics(message: Message, context: Context) -> Message:
+    """``batchnorm: recompute``: the global model's BatchNorm statistics on this site's training images."""
+    _logging()
+    site, cfg = _site(message, context)
+    stats, n = site.bn_statistics(record_to_arrays(message.content["arrays"]))
+    logging.getLogger("medpipe.fl").info("site %s: round %d BatchNorm statistics measured on %d images", site.name,
+                                         int(cfg["server-round"]), n)
+    content = RecordDict({"arrays": arrays_to_record(stats), "metrics": MetricRecord({"num-examples": n}),
+                          "site": ConfigRecord({"name": site.name})})
+    return Message(content, reply_to=message)

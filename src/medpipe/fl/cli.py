@@ -127,8 +127,10 @@ def add_server_options(s: argparse.ArgumentParser, add_config_options) -> None:
     s.add_argument("--local-optimizer", choices=list(LOCAL_OPTIMIZER), default=DEFAULTS["local_optimizer"],
                    help="reset: a fresh AdamW at each site every round; keep: each site keeps its AdamW state")
     s.add_argument("--batchnorm", choices=list(BATCHNORM), default=DEFAULTS["batchnorm"],
-                   help="global: BatchNorm statistics averaged like the weights; local: each site trains with its own "
-                        "(SiloBN), the package carries the averaged ones")
+                   help="recompute: after each server step the sites measure the global model's BatchNorm "
+                        "statistics on their training images and the server pools them (one more message per round; "
+                        "the best measured); global: statistics averaged like the weights; local: each site trains "
+                        "with its own (SiloBN), the package carries the averaged ones")
     s.add_argument("--server-optimizer", choices=list(SERVER_OPTIMIZERS), default=DEFAULTS["server_optimizer"],
                    help="the server's step from the aggregate: fedavg (take it), fedavgm (server momentum, the "
                         "default), fedadam or fedyogi (Flower's)")

@@ -44,6 +44,7 @@ from medpipe.decision import prior_from_counts
 from medpipe.errors import MedpipeError
 from medpipe.fl.aggregate import (METHODS, TRIM_FRACTION, Guard, Verdict, check_train_reply, check_update, combine,
                                   restore_scalars)
+from medpipe.fl.bnstats import statistics_round
 from medpipe.fl.records import arrays_to_record, record_to_arrays
 from medpipe.fl.site import to_numpy, to_torch
 from medpipe.fl.strategy import (class_prior_from_counts, evaluation_round, from_config as server_optimizer, improves,
@@ -57,6 +58,14 @@ OWNER_FILE = ".fl_owner"
 RESUME_KEYS = ("classes", "strategy", "mu", "local_epochs", "train_config", "lr_schedule", "local_optimizer",
                "batchnorm", "server_optimizer", "server_lr", "server_momentum", "label_skew")
 log = logging.getLogger("medpipe.fl.server")
+
+
+BN_DESCRIPTION = {  # model.json["federated"]["batchnorm"] per batchnorm policy
+    "recompute": "recomputed: after each server step the sites measured the global model's running statistics on "
+                 "their training images and the server pooled them (one model for every site)",
+    "global": "aggregated: running statistics averaged like the weights (one model for every site)",
+    "local": "local at the sites during training (SiloBN); this package carries the sites' averaged running "
+             "statistics, the global fallback for any site"}
 
 
 def config_digest(cfg: dict) -> str:
@@ -231,11 +240,15 @@ class Coordinator:
                 {name: u["class_counts"] for name, u in result.used.items() if u.get("class_counts")})
             log.info("round %d: %s (%s, server optimiser %s); samples %s", rnd, result.note, cfg["strategy"],
                      self.opt.describe(), {k: v["n_train"] for k, v in result.used.items()})
+            bn = None
+            if cfg.get("batchnorm", "global") == "recompute":
+                arrays, bn = self._statistics_round(rnd, arrays, config, min_sites)
             per_site, pooled, ev_dropped, ev_excluded = self._evaluate_round(rnd, arrays, config, min_sites, classes)
             rec = {"round": rnd, "strategy": cfg["strategy"], "aggregation": self.method,
                    "server_optimizer": self.opt.name, "trained": result.used,
                    "excluded": result.excluded, "num_examples": result.num_examples, "eval_excluded": ev_excluded,
                    "dropped": {self.name(n): r for n, r in {**dropped, **ev_dropped}.items()},
+                   **({"bn_statistics": bn} if bn is not None else {}),
                    "val_sites": per_site, "val_pooled": pooled,
                    "bytes_per_site": int(sum(v.nbytes for v in arrays.values()))}
             self._record_round(state, rec, arrays)
@@ -308,6 +321,38 @@ class Coordinator:
         for name, reason in result.excluded.items():
             log.warning("round %d: update from site %s excluded: %s", rnd, name, reason)
         return result, dropped
+
+    def _statistics_round(self, rnd: int, arrays: dict, config, min_sites: int) -> tuple[dict, dict]:
+        """``batchnorm: recompute``: every connected site measures the new global model's BatchNorm statistics on
+        its training images (a query message); the checked replies are pooled into the model
+        (:func:`medpipe.fl.bnstats.statistics_round`). Returns the model and the round's record of it."""
+        from flwr.app import MessageType, RecordDict
+
+        record = arrays_to_record(arrays)
+        nodes = sorted(self.grid.get_node_ids())
+        got, bn_dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
+                                         nodes, MessageType.QUERY, rnd, min(min_sites, len(nodes)))
+        replies, failed = {}, {}
+        for n, msg in sorted(got.items()):
+            if msg.has_error():
+                failed[self.name(n)] = f"the site could not measure: {msg.error.reason}"
+                continue
+            try:
+                replies[self.name(n)] = (restore_scalars(record_to_arrays(msg.content["arrays"]), arrays),
+                                         dict(msg.content["metrics"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                failed[self.name(n)] = f"malformed statistics reply ({exc.__class__.__name__}: {exc})"
+        arrays, used, excluded = statistics_round(arrays, replies, self.guard, self.method, self.trim)
+        excluded = {**failed, **excluded}
+        for name, reason in sorted(excluded.items()):
+            log.warning("round %d: BatchNorm statistics from site %s excluded: %s", rnd, name, reason)
+        if used:
+            log.info("round %d: BatchNorm statistics of the global model from %d site(s): %s", rnd, len(used),
+                     {k: v for k, v in used.items()})
+        else:
+            log.warning("round %d: no BatchNorm statistics arrived; the global model keeps the aggregated ones", rnd)
+        return arrays, {"sites": used, "excluded": excluded,
+                        "dropped": {self.name(n): r for n, r in bn_dropped.items()}}
 
     def _evaluate_round(self, rnd: int, arrays: dict, config, min_sites: int, classes: list[str]):
         """Federated evaluation of the new global model on every connected site's validation split:
@@ -390,10 +435,7 @@ class Coordinator:
                            "frequencies); the model predicts at the federation's frequencies"
                            if cfg.get("label_skew") == "calibrate" else "none"),
             "server_optimizer": server_optimizer(cfg, ()).describe(),
-            "batchnorm": ("aggregated: running statistics averaged like the weights (one model for every site)"
-                          if cfg.get("batchnorm", "global") == "global" else
-                          "local at the sites during training (SiloBN); this package carries the sites' averaged "
-                          "running statistics, the global fallback for any site"),
+            "batchnorm": BN_DESCRIPTION[cfg.get("batchnorm", "global")],
             "pooled_auc": "summed per-site histograms of predicted probabilities (1000 bins); no images moved",
             "calibration": "none (temperature 1.0): validation images stay at the sites",
             "decision": ("prior from the pooled validation class counts (no per-image fit)" if decision

@@ -26,10 +26,12 @@ import torch
 from medpipe.config import TrainConfig, make_config
 from medpipe.errors import ConfigError, MedpipeError
 from medpipe.fl.aggregate import restore_scalars, site_statistics
+from medpipe.fl.bnstats import measure
 from medpipe.train.data import open_source
 from medpipe.fl.losses import proximal_term
 from medpipe.fl.strategy import is_bn_buffer, site_logit_offset
 from medpipe.train.engine import local_fit, predict_logits
+from medpipe.train.predict import eval_batch
 from medpipe.data.sources import load_records
 from medpipe.metrics import compute_metrics
 from medpipe.models import create_model
@@ -137,6 +139,18 @@ class Site:
                 v = np.array(v).reshape(()) if name == "step" else np.array(v)  # a 0-d step may come back as (1,)
                 state.setdefault(int(idx), {})[name] = torch.from_numpy(v)
         self.optimizer_state = {"optimizer": {"state": state, "param_groups": json.loads(param_groups)}} if state else {}
+
+    def bn_statistics(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """The global model's BatchNorm running statistics measured on this site's training images (the eval
+        preprocessing, the run's batch size; :func:`medpipe.fl.bnstats.measure`) and the number of images."""
+        model = create_model(self.cfg.model, len(self.classes))
+        model.load_state_dict(to_torch(restore_scalars(arrays, self.reference)))
+        train, spec, size = self.source.train, self.cfg.preprocess(), max(2, int(self.cfg.batch_size))
+        rows = train.rows
+        # a last batch of one image has no batch variance: it joins the batch before it
+        cuts = [i for i in range(0, len(rows), size) if len(rows) - i > 1 or i == 0]
+        batches = (eval_batch(train.pixels[rows[a:b]], spec) for a, b in zip(cuts, [*cuts[1:], len(rows)]))
+        return measure(model, batches), len(rows)
 
     def evaluation_reply(self, arrays: dict[str, np.ndarray]) -> dict:
         """The metrics an evaluation reply carries to the server (:meth:`evaluate`'s figures and statistics)."""

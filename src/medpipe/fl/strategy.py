@@ -11,10 +11,12 @@ algorithm.
   fresh warm-up + cosine inside every round's local epochs, so the rate never decays across rounds.
 * **Local optimiser state** (``local_optimizer``): ``reset`` (a fresh AdamW each round, stateless
   sites) or ``keep`` (each site keeps its AdamW moments between rounds, in its own process).
-* **BatchNorm** (``batchnorm``): ``global`` (running statistics averaged like the weights: one model
-  for every site) or ``local`` (SiloBN-style: a site trains with its own running statistics, kept
-  between rounds; the global model and the package carry the averaged statistics, the fallback for
-  sites that never took part).
+* **BatchNorm** (``batchnorm``): ``recompute`` (the default: after each server step the sites measure the
+  new global model's running statistics on their training images and the server pools them,
+  :mod:`medpipe.fl.bnstats`), ``global`` (running statistics averaged like the weights) or ``local``
+  (SiloBN-style: a site trains with its own running statistics, kept between rounds; the global model and
+  the package carry the averaged statistics, the fallback for sites that never took part). Each gives one
+  model for every site.
 * **Label skew** (``label_skew``): ``none``, or ``calibrate``: every site reports its training class counts
   with its update, the server sends the federation's class frequencies with the next round, and each site's
   training loss sees its logits plus ``log(site frequency / federation frequency)`` (:func:`site_logit_offset`,
@@ -41,11 +43,12 @@ from typing import NamedTuple
 import numpy as np
 
 from medpipe.fl.aggregate import TRIM_FRACTION, Guard, aggregate_round, pool_evaluations
+from medpipe.fl.bnstats import statistics_round
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 LR_SCHEDULES = ("rounds", "local")
 LOCAL_OPTIMIZER = ("reset", "keep")
-BATCHNORM = ("global", "local")
+BATCHNORM = ("recompute", "global", "local")
 LABEL_SKEW = ("none", "calibrate")
 # Server learning rate, momentum / beta_1, beta_2, tau per server optimiser: Flower's defaults except FedAvgM's, which
 # are the best measured (docs/guides/federated.md, 3 seeds on 3 splits): momentum 0.5 (0.9 overshoots; Flower's own
@@ -59,7 +62,7 @@ BN_BUFFERS = ("running_mean", "running_var")
 COUNT_SMOOTHING = 0.5
 
 # the default federated recipe (the best measured, docs/guides/federated.md)
-DEFAULTS = {"lr_schedule": "rounds", "local_optimizer": "reset", "batchnorm": "global", "server_optimizer": "fedavgm",
+DEFAULTS = {"lr_schedule": "rounds", "local_optimizer": "reset", "batchnorm": "recompute", "server_optimizer": "fedavgm",
             "label_skew": "none"}
 
 
@@ -329,8 +332,10 @@ def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, para
     """The federated run in one process, with the Coordinator's steps: each round's configuration
     (:func:`round_config`), every site's local training (``site.fit``), the server's checks and
     aggregation (:func:`medpipe.fl.aggregate.aggregate_round`, each site registered with its own image
-    count) and the server optimiser's step; with ``best``, also the ServerApp's evaluation round: every site's
-    evaluation reply (``site.evaluation_reply``) pooled as the server pools them (:func:`evaluation_round`), and the round it would
+    count), the server optimiser's step and (``batchnorm: recompute``) the global model's BatchNorm statistics
+    from every site (``site.bn_statistics``, :func:`medpipe.fl.bnstats.statistics_round`); with ``best``, also
+    the ServerApp's evaluation round: every site's evaluation reply (``site.evaluation_reply``) pooled as the
+    server pools them (:func:`evaluation_round`), and the round it would
     package tracked in ``best``. ``cfg`` holds the run configuration's keys (``rounds``,
     ``local_epochs``, ``strategy``, ``mu``, ``aggregation``, the algorithm keys); ``on_round(rnd, arrays,
     result)`` is called after each round; ``guard`` replaces the server's limits (a
@@ -339,6 +344,7 @@ def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, para
     guard = guard or Guard(site_examples={s.name: s.n_train for s in sites}, local_epochs=int(cfg["local_epochs"]))
     guard = guard if guard.n_classes is not None else replace(guard, n_classes=len(sites[0].classes))
     arrays, counts = dict(init), {}
+    method, trim = str(cfg.get("aggregation", "mean")), float(cfg.get("trim", TRIM_FRACTION))
     for rnd in range(1, int(cfg["rounds"]) + 1):
         kw = fit_kwargs(round_config(cfg, rnd, train_lr, warmup_epochs, class_prior_from_counts(counts)))
         replies = {}
@@ -346,11 +352,14 @@ def simulate_rounds(sites: list, init: dict[str, np.ndarray], cfg: Mapping, para
             upd, m = site.fit(arrays, rnd, **kw)
             replies[site.name] = (upd, {"num-examples": m["n_train"], "train_loss": m["train_loss"],
                                         "class-counts": m["class_counts"]})
-        result = aggregate_round(arrays, replies, guard, str(cfg.get("aggregation", "mean")),
-                                 float(cfg.get("trim", TRIM_FRACTION)))
+        result = aggregate_round(arrays, replies, guard, method, trim)
         counts.update({name: u["class_counts"] for name, u in result.used.items() if u.get("class_counts")})
         if not result.kept:
             arrays = opt.apply(arrays, result.arrays, [v["n_train"] for v in result.used.values()])
+            if str(cfg.get("batchnorm", "global")) == "recompute":
+                measured = {s.name: s.bn_statistics(arrays) for s in sites}
+                replies_bn = {k: (st, {"num-examples": n}) for k, (st, n) in measured.items()}
+                arrays = statistics_round(arrays, replies_bn, guard, method, trim)[0]
             if best is not None:
                 ev = evaluation_round({s.name: s.evaluation_reply(arrays) for s in sites}, sites[0].classes, guard)
                 best.update(rnd, arrays, ev.pooled["macro_auc"])
