@@ -395,8 +395,8 @@ def _site(fed, name: str, port: int, log: Path, *extra: str) -> subprocess.Popen
 @pytest.fixture(scope="module")
 def deployment(federation):
     """One server and three sites with TLS and site authentication, two FedProx rounds aggregated by the
-    coordinate-wise median; the third site is malicious: a float16 update for float32 tensors in round 1,
-    NaN weights in round 2."""
+    coordinate-wise median; the third site is malicious: a float16 update for float32 tensors in round 1, NaN
+    weights in round 2."""
     fed, run = federation, federation["root"] / "run_tls"
     port = _port()
     server = _spawn(_server_args(fed, run, port, "--strategy", "fedprox", "--aggregation", "median", "--min-sites", "2",
@@ -414,7 +414,7 @@ def deployment(federation):
                     f"127.0.0.1:{port}", "--ca", str(fed["certs"] / "ca.crt"), "--key", str(rogue_certs / "sites" / "rogue"),
                     "--runtime-port", str(_port()), "--threads", "1"], fed["root"] / "site_rogue.log")
     try:
-        server.wait(420)
+        server.wait(600)
     finally:
         for p in [server, *sites, rogue]:
             _kill(p)
@@ -447,6 +447,11 @@ def test_deployment_with_tls_writes_a_package_that_predicts(deployment, capsys):
     assert meta["decision"]["default"] == "prior" and meta["decision"]["n_val"] == sum(best["support"]) > 0
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
+    # batchnorm recompute (the default): every site measured each round's global model's statistics (a query
+    # message; the malicious site's attacks are on its training), and the package says so
+    assert fed["batchnorm"].startswith("recomputed")
+    assert all(set(r["bn_statistics"]["sites"]) == set(deployment["sites"]) and not r["bn_statistics"]["excluded"]
+               for r in rounds)
     assert all(set(r["val_sites"]) == set(deployment["sites"]) and 0 <= r["val_pooled"]["macro_auc"] <= 1
                for r in rounds)
     image = next((deployment["root"] / "raw").rglob("*.jpg"))
