@@ -28,8 +28,9 @@ Every row is scored as it would ship: a centralized or site-alone run by its bes
 (the sites' validation figures pooled each round, the highest pooled macro AUC; ``best_round``); each row
 also holds its last epoch's / round's figures under ``last``.
 Each federated row also gives the rounds it took to reach the centralized macro AUC (the global model
-scored on the test split after every round; None: never) and the MB per round per site (global
-weights down + update up). Results: benchmarks/results/OUT.json, one entry per seed plus the means
+scored on the test split after every round; None: never) and the MB moved per round, all sites together
+(global weights down + update up; with ``batchnorm: recompute`` also the weights down again and the BatchNorm
+statistics up). Results: benchmarks/results/OUT.json, one entry per seed plus the means
 and spreads. The machine and its load (1-minute load average at the start and end) are recorded.
 
 ``--deploy CONFIG`` runs that configuration again for the first seed on the real Flower deployment
@@ -304,6 +305,10 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
         model = create_model(tc.model, len(classes))
         init, params = to_numpy(model.state_dict()), [n for n, _ in model.named_parameters()]
         mb = sum(v.nbytes for v in init.values()) / 2**20
+        bn_mb = sum(v.nbytes for k, v in init.items() if k.rsplit(".", 1)[-1] in ("running_mean", "running_var")) / 2**20
+
+        def traffic(cfg: dict) -> float:  # per round: weights down + update up (+ weights down + statistics up)
+            return round(len(site_names) * (2 * mb + (mb + bn_mb if cfg.get("batchnorm") == "recompute" else 0)), 2)
 
         baselines = ([] if args.central_auc is not None else ["pooled"]) + site_names if args.baselines else []
         for name in baselines:  # one continuous run each: the training recipe
@@ -330,7 +335,7 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
                          **score(best.arrays if best.arrays is not None else arrays, counts), "best_round": best.round,
                          "last": score(arrays, counts), "rounds_to_central": reach, "auc_per_round": curve,
                          "pooled_val_auc_per_round": [round(float(a), 4) for a in best.pooled],
-                         "mb_per_round": round(2 * len(sites) * mb, 2), "wall_s": round(time.perf_counter() - t0, 1),
+                         "mb_per_round": traffic(cfg), "wall_s": round(time.perf_counter() - t0, 1),
                          "config": {k: v for k, v in cfg.items() if k not in ("rounds", "local_epochs")}})
             print(seed, {k: v for k, v in rows[-1].items() if k != "config"}, flush=True)
         if args.deploy and seed == int(args.seeds.split(",")[0]):  # the first seed, on the real processes
@@ -339,7 +344,8 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
                                 args.local_epochs)
             counts = np.sum([Site(folders[s], s, tc.to_dict(), classes).source.class_counts for s in site_names], axis=0)
             rows.append({"method": f"{args.deploy} (Flower deployment, TLS)", **score(arrays, counts),
-                         "mb_per_round": round(2 * len(site_names) * mb, 2), "wall_s": round(time.perf_counter() - t0, 1)})
+                         "mb_per_round": traffic({**DEFAULTS, **CONFIGS[args.deploy]}),
+                         "wall_s": round(time.perf_counter() - t0, 1)})
             print(seed, rows[-1], flush=True)
         sizes = {s: int((table["site"] == s).sum()) for s in site_names}
         return {"seed": seed, "test_images": int((table["split"] == "test").sum()), "site_images": sizes, "rows": rows}
