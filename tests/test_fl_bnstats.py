@@ -101,3 +101,19 @@ def test_simulated_rounds_recompute_only_the_statistics(data_dir):
     for name, value in want.items():
         np.testing.assert_allclose(new[name], value, rtol=1e-6, atol=1e-7)
     assert max(float(np.abs(old[k] - new[k]).max()) for k in want) > 1e-3
+
+
+def test_resuming_a_run_names_the_option_that_changed():
+    """A run folder started with the former default (averaged statistics) is refused by a server with the new one,
+    naming the option, both values and how to resume; a folder from before the record still gets the generic
+    reason; an unchanged configuration resumes."""
+    from medpipe.fl.server import config_digest, resume_refusal
+
+    old = {"classes": ["a", "b"], "strategy": "fedavg", "mu": 0.0, "local_epochs": 1, "train_config": {"lr": 1e-3},
+           "batchnorm": "global", "server_optimizer": "fedavgm"}
+    new = {**old, "batchnorm": "recompute"}
+    state = {"config_digest": config_digest(old), "resume_config": dict(old)}
+    assert resume_refusal(state, old) is None
+    why = resume_refusal(state, new)
+    assert "batchnorm was global, now recompute (pass --batchnorm global to resume)" in why and "strategy" not in why
+    assert "must match" in resume_refusal({"config_digest": config_digest(old)}, new)

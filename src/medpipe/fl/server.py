@@ -57,6 +57,7 @@ CONFIG_FILE, STATE_FILE, SITES_FILE, LOG_FILE = "fl_config.json", "fl_state.json
 OWNER_FILE = ".fl_owner"
 RESUME_KEYS = ("classes", "strategy", "mu", "local_epochs", "train_config", "lr_schedule", "local_optimizer",
                "batchnorm", "server_optimizer", "server_lr", "server_momentum", "label_skew")
+ALGORITHM_KEYS = ("lr_schedule", "local_optimizer", "batchnorm", "label_skew")  # resume hints name these options
 log = logging.getLogger("medpipe.fl.server")
 
 
@@ -70,6 +71,23 @@ BN_DESCRIPTION = {  # model.json["federated"]["batchnorm"] per batchnorm policy
 
 def config_digest(cfg: dict) -> str:
     return hashlib.sha256(json.dumps({k: cfg.get(k) for k in RESUME_KEYS}, sort_keys=True).encode()).hexdigest()
+
+
+def resume_refusal(state: dict, cfg: dict) -> str | None:
+    """Why a run folder's saved state cannot be resumed with ``cfg`` (None: it can): the options that differ,
+    with the run's value and the new one, where the state recorded them (``resume_config``)."""
+    if state.get("config_digest") == config_digest(cfg):
+        return None
+    saved = state.get("resume_config")
+    if not isinstance(saved, dict):
+        return f"this run folder was started with a different configuration ({', '.join(RESUME_KEYS)} must match)"
+    diffs = []
+    for key in RESUME_KEYS:
+        if saved.get(key) != cfg.get(key):
+            was, now = (str(v)[:60] for v in (saved.get(key), cfg.get(key)))
+            diffs.append(f"{key} was {was}, now {now}" + (f" (pass --{key.replace('_', '-')} {was} to resume)"
+                                                          if key in ALGORITHM_KEYS else ""))
+    return "this run folder was started with a different configuration: " + "; ".join(diffs)
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> str:
@@ -182,9 +200,9 @@ class Coordinator:
         if not path.is_file():
             return None
         state = json.loads(path.read_text())
-        if state.get("config_digest") != config_digest(self.cfg):
-            raise MedpipeError(f"{path}: this run folder was started with a different configuration "
-                               f"({', '.join(RESUME_KEYS)} must match to resume); use a new --out")
+        refusal = resume_refusal(state, self.cfg)
+        if refusal:
+            raise MedpipeError(f"{path}: {refusal}; or use a new --out")
         return state
 
     def _checkpoint(self, state: dict, arrays: dict, improved: bool) -> None:
@@ -265,7 +283,8 @@ class Coordinator:
         """A fresh run's state and starting weights, or the saved state and global checkpoint to resume."""
         state = self._state()
         if state is None:
-            state = {"config_digest": config_digest(self.cfg), "round": 0, "status": "running", "history": [],
+            state = {"config_digest": config_digest(self.cfg), "resume_config": {k: self.cfg.get(k) for k in RESUME_KEYS},
+                     "round": 0, "status": "running", "history": [],
                      "best_round": 0, "best_pooled_auc": None, "sites": {}}
             log.info("federated run: %d rounds, strategy %s, aggregation %s, at least %d sites, classes %s; updates "
                      "limited to %g times the global norm, num-examples to %s", rounds, self.cfg["strategy"],
