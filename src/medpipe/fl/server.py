@@ -157,6 +157,7 @@ class Coordinator:
         """Send one message per node, gather replies; returns (replies {node: Message}, dropped {node: reason}).
         ``quorum`` counts the replies for which ``valid(node, message)`` is true (all, by default)."""
         from flwr.app import Message
+        from flwr.common.constant import ErrorCode
 
         msgs = [Message(content_for(n), dst_node_id=n, message_type=message_type) for n in nodes]
         ids = list(self.grid.push_messages(msgs))
@@ -167,7 +168,10 @@ class Coordinator:
         while pending:
             for m in self.grid.pull_messages(list(pending)):
                 n = pending.pop(m.metadata.reply_to_message_id, None)
-                if n is not None:
+                if n is not None and m.has_error() and m.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    # the SuperLink's own reply for a node that stopped sending heartbeats: the site went away
+                    dropped[n] = "disconnected (the SuperLink reports no heartbeat from it)"
+                elif n is not None:
                     replies[n] = m
                     n_valid += 1 if valid is None or valid(n, m) else 0
             if not pending:
