@@ -59,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import synth_dataset, write_result  # noqa: E402
 
 CASTS = [(1.0, 1.0, 1.0), (1.18, 0.96, 0.80), (0.82, 0.97, 1.16), (1.05, 1.12, 0.88)]
-LEGACY = {"lr_schedule": "local", "local_optimizer": "reset", "batchnorm": "global", "server_optimizer": "fedavg"}
+LEGACY = {"lr_schedule": "local", "local_optimizer": "reset", "batchnorm": "global", "server_optimizer": "fedavg",
+          "label_skew": "none"}
 ROUNDS_LR = dict(LEGACY, lr_schedule="rounds")
 CONFIGS = {  # name -> run configuration keys on top of the common ones
     "fedavg": LEGACY,  # the old recipe: fresh AdamW + warm-up/cosine inside every round
@@ -83,10 +84,11 @@ CONFIGS = {  # name -> run configuration keys on top of the common ones
     "fedavgm-auto": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr="auto", server_momentum=0.5),
     "fedavgm-lr3": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr=3.0, server_momentum=0.5),
     "fedavg-auto": dict(ROUNDS_LR, server_optimizer="fedavgm", server_lr="auto", server_momentum=0.0),
-    # label skew: each site's loss sees its logits + log(site / federation class frequencies) (FedLC-style)
-    "default+calibrate": {"label_skew": "calibrate"},
-    # BatchNorm statistics averaged like the weights (the default before `batchnorm: recompute`)
-    "bn-averaged": {"batchnorm": "global"},
+    # label skew: each site's loss sees its logits + log(site / federation class frequencies) (FedLC-style, the
+    # default); without it
+    "no-calibrate": {"label_skew": "none"},
+    # BatchNorm statistics averaged like the weights, no calibration: the default before this release
+    "bn-averaged": {"batchnorm": "global", "label_skew": "none"},
     "bn-averaged+calibrate": {"batchnorm": "global", "label_skew": "calibrate"},
 }
 

@@ -393,7 +393,7 @@ def test_label_skew_calibration_offsets_counts_and_round_configuration():
     assert rc["class-prior"] == pytest.approx(prior) and fit_kwargs(rc)["class_prior"] == pytest.approx(prior)
     assert "class-prior" not in round_config({**cfg, "label_skew": "none"}, 2, 1e-3, 1.0, prior)
     assert fit_kwargs({"server-round": 1, "local-epochs": 1})["class_prior"] is None  # an older server
-    assert algorithm_config()["label_skew"] == "none"
+    assert algorithm_config()["label_skew"] == "calibrate"
     with pytest.raises(ValueError, match="--label-skew must be one of"):
         algorithm_config(label_skew="balance")
 

@@ -127,17 +127,17 @@ def add_server_options(s: argparse.ArgumentParser, add_config_options) -> None:
     s.add_argument("--local-optimizer", choices=list(LOCAL_OPTIMIZER), default=DEFAULTS["local_optimizer"],
                    help="reset: a fresh AdamW at each site every round; keep: each site keeps its AdamW state")
     s.add_argument("--batchnorm", choices=list(BATCHNORM), default=DEFAULTS["batchnorm"],
-                   help="recompute: after each server step the sites measure the global model's BatchNorm "
-                        "statistics on their training images and the server pools them (one more message per round; "
-                        "the best measured); global: statistics averaged like the weights; local: each site trains "
-                        "with its own (SiloBN), the package carries the averaged ones")
+                   help="recompute (the default, the best measured): after each server step the sites measure the "
+                        "global model's BatchNorm statistics on their training images and the server pools them (one "
+                        "more message per round); global: statistics averaged like the weights; local: each site "
+                        "trains with its own (SiloBN), the package carries the averaged ones")
     s.add_argument("--server-optimizer", choices=list(SERVER_OPTIMIZERS), default=DEFAULTS["server_optimizer"],
                    help="the server's step from the aggregate: fedavg (take it), fedavgm (server momentum, the "
                         "default), fedadam or fedyogi (Flower's)")
     s.add_argument("--label-skew", choices=list(LABEL_SKEW), default=DEFAULTS["label_skew"],
-                   help="calibrate: each site's training loss adds log(its class frequencies / the federation's) to "
-                        "the logits (FedLC-style logit calibration; sites report their training class counts); "
-                        "none: each site fits its own class mix")
+                   help="calibrate (the default, the best measured): each site's training loss adds log(its class "
+                        "frequencies / the federation's) to the logits (FedLC-style logit calibration; sites report "
+                        "their training class counts to the server); none: each site fits its own class mix")
     s.add_argument("--server-lr",
                    help="server optimiser learning rate: a number, or auto (fedavgm only: N^2/sum(n_k^2) of each "
                         "round's site image counts); default 2 for fedavgm, measured; Flower's 0.1 fedadam, 0.01 fedyogi")

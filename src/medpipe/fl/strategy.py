@@ -17,7 +17,7 @@ algorithm.
   (SiloBN-style: a site trains with its own running statistics, kept between rounds; the global model and
   the package carry the averaged statistics, the fallback for sites that never took part). Each gives one
   model for every site.
-* **Label skew** (``label_skew``): ``none``, or ``calibrate``: every site reports its training class counts
+* **Label skew** (``label_skew``): ``calibrate`` (the default) or ``none``: with ``calibrate`` every site reports its training class counts
   with its update, the server sends the federation's class frequencies with the next round, and each site's
   training loss sees its logits plus ``log(site frequency / federation frequency)`` (:func:`site_logit_offset`,
   logit calibration as in FedLC), so a site with a skewed class mix fits the federation's frequencies, the
@@ -63,7 +63,7 @@ COUNT_SMOOTHING = 0.5
 
 # the default federated recipe (the best measured, docs/guides/federated.md)
 DEFAULTS = {"lr_schedule": "rounds", "local_optimizer": "reset", "batchnorm": "recompute", "server_optimizer": "fedavgm",
-            "label_skew": "none"}
+            "label_skew": "calibrate"}
 
 
 def schedule_lr(epoch: float, total_epochs: float, lr: float, warmup_epochs: float) -> float:
