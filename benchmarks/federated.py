@@ -288,6 +288,7 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
     import torch
 
     from medpipe.config import make_config
+    from medpipe.fl.bnstats import statistic_names
     from medpipe.fl.site import Site, to_numpy
     from medpipe.fl.strategy import DEFAULTS, BestRound, simulate_rounds
     from medpipe.models import create_model
@@ -307,7 +308,7 @@ def run_seed(args, seed: int, raw: Path, casts: bool, configs: list[str]) -> dic
         model = create_model(tc.model, len(classes))
         init, params = to_numpy(model.state_dict()), [n for n, _ in model.named_parameters()]
         mb = sum(v.nbytes for v in init.values()) / 2**20
-        bn_mb = sum(v.nbytes for k, v in init.items() if k.rsplit(".", 1)[-1] in ("running_mean", "running_var")) / 2**20
+        bn_mb = sum(init[k].nbytes for k in statistic_names(init)) / 2**20
 
         def traffic(cfg: dict) -> float:  # per round: weights down + update up (+ weights down + statistics up)
             return round(len(site_names) * (2 * mb + (mb + bn_mb if cfg.get("batchnorm") == "recompute" else 0)), 2)

@@ -22,12 +22,16 @@ import numpy as np
 
 from medpipe.fl.aggregate import TRIM_FRACTION, Guard, aggregate, check_count
 
-STATISTICS = ("running_mean", "running_var")
+BN_BUFFERS = ("running_mean", "running_var")
+
+
+def is_bn_buffer(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in BN_BUFFERS
 
 
 def statistic_names(arrays: Iterable[str]) -> list[str]:
     """The BatchNorm running means and variances among a model's tensor names, in order."""
-    return sorted(n for n in arrays if n.rsplit(".", 1)[-1] in STATISTICS)
+    return sorted(n for n in arrays if is_bn_buffer(n))
 
 
 def measure(model, batches: Iterable) -> dict[str, np.ndarray]:

@@ -345,26 +345,38 @@ class Coordinator:
             log.warning("round %d: update from site %s excluded: %s", rnd, name, reason)
         return result, dropped
 
+    def _broadcast(self, rnd: int, arrays: dict, config, min_sites: int, message_type: str, what: tuple[str, str],
+                   parse):
+        """Send the global model to every connected site as ``message_type`` and read each reply with
+        ``parse(message)``; ``what``: (verb, noun) for the reasons. Returns ({site: parsed reply}, {site: why its
+        reply failed}, {node: why it dropped})."""
+        from flwr.app import RecordDict
+
+        record = arrays_to_record(arrays)
+        nodes = sorted(self.grid.get_node_ids())
+        got, dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
+                                      nodes, message_type, rnd, min(min_sites, len(nodes)))
+        parsed, failed = {}, {}
+        for n, msg in sorted(got.items()):
+            if msg.has_error():
+                failed[self.name(n)] = f"the site could not {what[0]}: {msg.error.reason}"
+                continue
+            try:
+                parsed[self.name(n)] = parse(msg)
+            except (KeyError, TypeError, ValueError) as exc:
+                failed[self.name(n)] = f"malformed {what[1]} reply ({exc.__class__.__name__}: {exc})"
+        return parsed, failed, dropped
+
     def _statistics_round(self, rnd: int, arrays: dict, config, min_sites: int) -> tuple[dict, dict]:
         """``batchnorm: recompute``: every connected site measures the new global model's BatchNorm statistics on
         its training images (a query message); the checked replies are pooled into the model
         (:func:`medpipe.fl.bnstats.statistics_round`). Returns the model and the round's record of it."""
-        from flwr.app import MessageType, RecordDict
+        from flwr.app import MessageType
 
-        record = arrays_to_record(arrays)
-        nodes = sorted(self.grid.get_node_ids())
-        got, bn_dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
-                                         nodes, MessageType.QUERY, rnd, min(min_sites, len(nodes)))
-        replies, failed = {}, {}
-        for n, msg in sorted(got.items()):
-            if msg.has_error():
-                failed[self.name(n)] = f"the site could not measure: {msg.error.reason}"
-                continue
-            try:
-                replies[self.name(n)] = (restore_scalars(record_to_arrays(msg.content["arrays"]), arrays),
-                                         dict(msg.content["metrics"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                failed[self.name(n)] = f"malformed statistics reply ({exc.__class__.__name__}: {exc})"
+        replies, failed, bn_dropped = self._broadcast(
+            rnd, arrays, config, min_sites, MessageType.QUERY, ("measure", "statistics"),
+            lambda msg: (restore_scalars(record_to_arrays(msg.content["arrays"]), arrays),
+                         dict(msg.content["metrics"])))
         arrays, used, excluded = statistics_round(arrays, replies, self.guard, self.method, self.trim)
         excluded = {**failed, **excluded}
         for name, reason in sorted(excluded.items()):
@@ -380,21 +392,11 @@ class Coordinator:
     def _evaluate_round(self, rnd: int, arrays: dict, config, min_sites: int, classes: list[str]):
         """Federated evaluation of the new global model on every connected site's validation split:
         per-site figures, the pooled figures, the sites that dropped out and the replies excluded."""
-        from flwr.app import MessageType, RecordDict
+        from flwr.app import MessageType
 
-        record = arrays_to_record(arrays)
-        ev_nodes = sorted(self.grid.get_node_ids())
-        ev, ev_dropped = self._exchange(lambda n: RecordDict({"arrays": record, "config": config(rnd)}),
-                                        ev_nodes, MessageType.EVALUATE, rnd, min(min_sites, len(ev_nodes)))
-        metrics, failed = {}, {}
-        for n, msg in sorted(ev.items()):
-            if msg.has_error():
-                failed[self.name(n)] = f"the site could not evaluate: {msg.error.reason}"
-                continue
-            try:
-                metrics[self.name(n)] = dict(msg.content["metrics"])
-            except (KeyError, TypeError, ValueError) as exc:
-                failed[self.name(n)] = f"malformed evaluation reply ({exc.__class__.__name__}: {exc})"
+        metrics, failed, ev_dropped = self._broadcast(rnd, arrays, config, min_sites, MessageType.EVALUATE,
+                                                      ("evaluate", "evaluation"),
+                                                      lambda msg: dict(msg.content["metrics"]))
         per_site, pooled, excluded = evaluation_round(metrics, classes, self.guard, failed)
         for name, reason in sorted(excluded.items()):
             log.warning("round %d: evaluation from site %s excluded: %s", rnd, name, reason)

@@ -26,10 +26,10 @@ import torch
 from medpipe.config import TrainConfig, make_config
 from medpipe.errors import ConfigError, MedpipeError
 from medpipe.fl.aggregate import restore_scalars, site_statistics
-from medpipe.fl.bnstats import measure
+from medpipe.fl.bnstats import is_bn_buffer, measure
 from medpipe.train.data import open_source
 from medpipe.fl.losses import proximal_term
-from medpipe.fl.strategy import is_bn_buffer, site_logit_offset
+from medpipe.fl.strategy import site_logit_offset
 from medpipe.train.engine import local_fit, predict_logits
 from medpipe.train.predict import eval_batch
 from medpipe.data.sources import load_records

@@ -56,7 +56,6 @@ LABEL_SKEW = ("none", "calibrate")
 # epoch; lr 2 beat lr 1 on every split's 3-seed mean of balanced accuracy and on 2 of 3 in macro AUC, the third equal)
 SERVER_DEFAULTS = {"fedavg": (1.0, 0.0, 0.0, 0.0), "fedavgm": (2.0, 0.5, 0.0, 0.0),
                    "fedadam": (0.1, 0.9, 0.99, 1e-9), "fedyogi": (0.01, 0.9, 0.99, 1e-3)}
-BN_BUFFERS = ("running_mean", "running_var")
 # images added to every class count before class frequencies are taken (label_skew: calibrate), in the site's offset
 # and in the federation's prior alike: a class a site (or every site) lacks keeps a finite, small frequency
 COUNT_SMOOTHING = 0.5
@@ -108,10 +107,6 @@ def class_prior_from_counts(counts: Mapping[str, Iterable[int]], smoothing: floa
         return None
     total = np.sum([np.asarray(list(c), np.float64) for c in counts.values()], axis=0) + smoothing
     return (total / total.sum()).tolist()
-
-
-def is_bn_buffer(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in BN_BUFFERS
 
 
 @dataclass
